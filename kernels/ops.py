@@ -1,0 +1,43 @@
+"""Kernel dispatch: Triton on CUDA tensors, the torch references elsewhere.
+
+``SPLITSERVE_KERNELS=triton`` forces Triton (with ``TRITON_INTERPRET=1`` it runs on CPU);
+``SPLITSERVE_KERNELS=torch`` forces the references. The engine asks once, at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton")
+
+
+def select_backend(device: torch.device | str) -> str:
+    """The backend for tensors on ``device``, honouring ``SPLITSERVE_KERNELS``."""
+    forced = os.environ.get("SPLITSERVE_KERNELS", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"SPLITSERVE_KERNELS must be one of {BACKENDS}, got {forced!r}")
+        return forced
+    return "triton" if torch.device(device).type == "cuda" and _triton_available() else "torch"
+
+
+def get_ops(device: torch.device | str) -> ModuleType:
+    """The module whose functions implement every kernel for ``device``."""
+    if select_backend(device) == "triton":
+        from splitserve.kernels import triton_ops
+
+        return triton_ops
+    from splitserve.kernels import reference
+
+    return reference
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

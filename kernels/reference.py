@@ -1,0 +1,279 @@
+"""Pure-torch reference of every kernel: the engine's CPU path and the kernels' test oracle.
+
+Each function here has the signature of its Triton twin (one file per kernel in
+this folder). They favour clarity, but they run the engine on CPU, so the hot
+ones (decode attention, store_kv) are batched rather than looped per sequence.
+
+KV cache layout (one tensor per layer), as moved by the transfer layer:
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
+A slot is ``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- norms, activations
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """RMSNorm with optional fused residual add.
+
+    x, residual: [T, H]; weight: [H]. With a residual, ``x + residual`` is both
+    normalized and returned as the new residual (the pre-norm Llama pattern).
+    The statistics are computed in float32 whatever the dtype.
+    """
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    out = (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+    return out, residual
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """SwiGLU activation: x [T, 2*I] = [gate | up] -> silu(gate) * up, [T, I]."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def rope_cos_sin_cache(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None = None,
+    rotary_dim: int | None = None,
+) -> Tensor:
+    """Table of [cos | sin] per position: [max_position, rotary_dim] float32.
+
+    ``rope_scaling`` supports Llama-3 frequency scaling
+    (``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``) and linear scaling.
+    """
+    rotary_dim = rotary_dim or head_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    positions = torch.arange(max_position, dtype=torch.float64)
+    if rope_type == "llama3":
+        inv_freq = _llama3_scale(inv_freq, rope_scaling or {})
+    elif rope_type == "linear":
+        positions = positions / float((rope_scaling or {})["factor"])
+    elif rope_type not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
+    freqs = torch.outer(positions, inv_freq)  # [max_position, rotary_dim / 2]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def _llama3_scale(inv_freq: Tensor, cfg: dict) -> Tensor:
+    factor = float(cfg["factor"])
+    low, high = float(cfg.get("low_freq_factor", 1.0)), float(cfg.get("high_freq_factor", 4.0))
+    old_len = float(cfg.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotary_embedding(
+    positions: Tensor, query: Tensor, key: Tensor, cos_sin_cache: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Neox-style rotary embedding (rotate halves), out of place.
+
+    positions: [T] int64; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim];
+    cos_sin_cache: [max_position, rotary_dim] float32 with rotary_dim <= head_dim.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
+    half = cos_sin.shape[-1] // 2
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rot = cos.shape[-1] * 2
+    xr = x[..., :rot].float()
+    x1, x2 = xr[..., : rot // 2], xr[..., rot // 2 :]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    if rot == x.shape[-1]:
+        return out
+    return torch.cat([out, x[..., rot:]], dim=-1)
+
+
+# --------------------------------------------------------------------------- paged KV cache
+
+
+def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write new K/V rows into the paged cache, in place.
+
+    key, value: [T, num_kv_heads, head_dim]; kv_cache: [2, num_blocks, block_size, kv_heads,
+    head_dim]; slot_mapping: [T] int64, ``-1`` skips the token (padding).
+    """
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def _window_mask(
+    q_pos: Tensor, k_pos: Tensor, context_len: Tensor, sliding_window: int | None
+) -> Tensor:
+    """True where query position may attend key position (causal, in context, in window)."""
+    allowed = (k_pos <= q_pos) & (k_pos < context_len)
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    return allowed
+
+
+def _softmax_attend(scores: Tensor, allowed: Tensor, soft_cap: float | None) -> Tensor:
+    """Probabilities from raw scores; rows with nothing allowed get all zeros."""
+    scores = scores.float()
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def paged_decode_attention(
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> Tensor:
+    """Attention of one new query token per sequence over its paged context.
+
+    query: [B, num_heads, head_dim]; block_tables: [B, max_blocks] int32 (unused entries any
+    valid id); context_lens: [B] int32, tokens in context including the query's own
+    (already stored). Returns [B, num_heads, head_dim]; a sequence with no context gets zeros.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    if num_seqs == 0:
+        return query.new_zeros(query.shape)
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    max_len = int(context_lens.max())
+    num_cols = max(1, -(-max_len // block_size))
+    tables = block_tables[:, :num_cols].long()
+    length = num_cols * block_size
+    # [B, L, kv_heads, head_dim] -> [B, kv_heads, head_dim, L] / [B, kv_heads, L, head_dim]
+    keys = kv_cache[0][tables].view(num_seqs, length, num_kv_heads, head_dim).permute(0, 2, 3, 1)
+    values = kv_cache[1][tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
+    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(keys.dtype)
+    scores = torch.matmul(q, keys) * scale  # [B, kv_heads, group, L]
+    k_pos = torch.arange(length, device=query.device)[None, :]
+    q_pos = (context_lens.long() - 1)[:, None]
+    allowed = _window_mask(q_pos, k_pos, context_lens.long()[:, None], sliding_window)
+    probs = _softmax_attend(scores, allowed[:, None, None, :], soft_cap)
+    out = torch.matmul(probs.to(values.dtype), values)  # [B, kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+
+def prefill_attention(
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    query_start_loc: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+) -> Tensor:
+    """Causal attention of a varlen batch of query chunks over each sequence's paged cache.
+
+    query: [T, num_heads, head_dim], the chunks of S sequences back to back;
+    query_start_loc: [S + 1] int32 (chunk s is rows ``start[s]:start[s+1]``);
+    context_lens: [S] int32, tokens in context after this chunk (cached prefix + chunk, all
+    already stored). Chunk token i of sequence s sits at position
+    ``context_lens[s] - q_len + i`` and attends to every position up to its own.
+    Returns [T, num_heads, head_dim].
+    """
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    for s, ctx in enumerate(lens):
+        lo, hi = starts[s], starts[s + 1]
+        if hi > lo:
+            out[lo:hi] = _prefill_one(
+                query[lo:hi], kv_cache, block_tables[s], ctx, scale, sliding_window, soft_cap
+            )
+    return out
+
+
+def _prefill_one(
+    q: Tensor,
+    kv_cache: Tensor,
+    block_table: Tensor,
+    ctx: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> Tensor:
+    q_len, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    blocks = block_table[: -(-ctx // block_size)].long()
+    keys = kv_cache[0][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]  # [ctx, kv_heads, hd]
+    values = kv_cache[1][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
+    qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+    if soft_cap is None and sliding_window is None and q.dtype == keys.dtype:
+        if ctx == q_len:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)
+    group = num_heads // num_kv_heads
+    kt = kt.repeat_interleave(group, dim=0).to(q.dtype)  # [num_heads, ctx, hd]
+    vt = vt.repeat_interleave(group, dim=0)
+    scores = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [num_heads, q_len, ctx]
+    q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+    k_pos = torch.arange(ctx, device=q.device)[None, :]
+    allowed = _window_mask(q_pos, k_pos, torch.tensor(ctx), sliding_window)
+    probs = _softmax_attend(scores, allowed[None], soft_cap)
+    return torch.matmul(probs.to(vt.dtype), vt).transpose(0, 1).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- block copies
+
+
+def gather_blocks(kv_caches: list[Tensor], block_ids: Tensor, out: Tensor | None = None) -> Tensor:
+    """Pack blocks of every layer into one contiguous staging buffer.
+
+    kv_caches: per layer [2, num_blocks, block_size, kv_heads, head_dim]; block_ids: [n] int64.
+    Returns (or fills) out: [num_layers, 2, n, block_size, kv_heads, head_dim].
+    """
+    ids = block_ids.long()
+    if out is None:
+        shape = (len(kv_caches), 2, ids.numel(), *kv_caches[0].shape[2:])
+        out = torch.empty(shape, dtype=kv_caches[0].dtype, device=kv_caches[0].device)
+    for layer, cache in enumerate(kv_caches):
+        torch.index_select(cache, 1, ids, out=out[layer])
+    return out
+
+
+def scatter_blocks(staging: Tensor, kv_caches: list[Tensor], block_ids: Tensor) -> None:
+    """Unpack a staging buffer (see gather_blocks) into ``block_ids`` of every layer, in place."""
+    ids = block_ids.long()
+    for layer, cache in enumerate(kv_caches):
+        cache.index_copy_(1, ids, staging[layer])

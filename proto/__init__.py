@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC stubs (a leaf: generated at build, never hand-edited)."""

@@ -1,0 +1,1 @@
+"""One engine instance: block pool, KV cache manager, scheduler, model runner, sampler."""

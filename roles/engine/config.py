@@ -1,0 +1,80 @@
+"""Engine configuration: frozen dataclasses validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitserve.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one step may carry."""
+
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+    enable_chunked_prefill: bool = True
+    """Split prompts longer than the remaining budget across steps."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine instance needs to start."""
+
+    model: str | None = None
+    """Hugging Face folder, .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
+    dtype: str = "float32"
+    """Weights, activations and KV cache dtype: float32, bfloat16 or float16."""
+    device: str = "cpu"
+    """Torch device of the model and the KV cache."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_bytes: int = 1 << 30
+    """Bytes of KV cache to allocate (all layers, K and V)."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks (overrides kv_cache_memory_bytes; tests use it)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); defaults to the model's context length."""
+    enable_prefix_caching: bool = True
+    """Reuse KV of identical prompt prefixes by chained block hash."""
+    max_num_seqs: int = 128
+    """Most requests running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps."""
+    seed: int = 0
+    """Seed for requests that give none (their per-request seed is drawn from it)."""
+    num_threads: int | None = None
+    """Torch intra-op threads on CPU (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory_bytes < 1:
+            raise ConfigError("kv_cache_memory_bytes must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill
+        )

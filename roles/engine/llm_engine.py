@@ -1,0 +1,268 @@
+"""LLMEngine: one engine instance (prefill and decode in one process).
+
+Owns request intake (tokenize, validate, fan out ``n`` samples), the step loop
+(schedule -> execute -> update) and turning finished work into RequestOutput
+deltas with text. Not thread-safe: AsyncEngine and the workers drive it from one
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.errors import InvalidRequestError, KVCacheCapacityError
+from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
+from splitserve.request import RequestStatus
+from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.engine.detokenizer import IncrementalDetokenizer
+from splitserve.roles.engine.kv_cache_manager import KVCacheManager
+from splitserve.roles.engine.model_runner import ModelRunner
+from splitserve.roles.engine.request import Request
+from splitserve.roles.engine.sampler import SampleResult, draw_seed
+from splitserve.roles.engine.scheduler import Scheduler
+from splitserve.roles.models.loader import load_model
+from splitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PromptType = str | Sequence[int]
+
+
+@dataclass
+class _Tracked:
+    """Engine-side bookkeeping of one child request (one of the ``n`` samples)."""
+
+    parent_id: str
+    index: int
+    prompt: str | None
+    detok: IncrementalDetokenizer
+    num_sent_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Tokenize, schedule, run and detokenize requests on one model instance."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = _DTYPES[config.dtype]
+        loaded = load_model(config.model, self.dtype)
+        self.model_id = loaded.model_id
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(
+            config.max_model_len or loaded.config.max_position_embeddings,
+            loaded.config.max_position_embeddings,
+        )
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.runner = ModelRunner(
+            loaded.config, loaded.weights, self.num_blocks, config.block_size, self.dtype,
+            torch.device(config.device),
+        )
+        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
+        self._tracked: dict[str, _Tracked] = {}
+        self._children: dict[str, list[str]] = {}
+        self._pending: list[RequestOutput] = []
+        self._rng = random.Random(config.seed)
+
+    def _blocks_for_budget(self) -> int:
+        per_block = self.model_config.kv_bytes_per_token * self.config.block_size
+        per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        blocks = self.config.kv_cache_memory_bytes // per_block
+        if blocks < 1:
+            raise KVCacheCapacityError(
+                f"kv_cache_memory_bytes={self.config.kv_cache_memory_bytes} is smaller than one "
+                f"KV block ({per_block} bytes)",
+                field="kv_cache_memory_bytes",
+            )
+        return int(blocks)
+
+    # ------------------------------------------------------------------ intake
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> list[int]:
+        """Queue a request; returns its prompt token ids. Raises InvalidRequestError."""
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
+        if request_id in self._children:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        token_ids = self.tokenize_prompt(prompt)
+        max_tokens = self._check_lengths(token_ids, params)
+        text = prompt if isinstance(prompt, str) else None
+        arrival = arrival_time if arrival_time is not None else time.time()
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        children = [request_id if params.n == 1 else f"{i}_{request_id}" for i in range(params.n)]
+        for i, child_id in enumerate(children):
+            seed = base_seed if i == 0 else draw_seed(base_seed, -i)
+            req = Request(
+                child_id, token_ids, params, seed=seed, max_tokens=max_tokens,
+                eos_token_ids=self.tokenizer.eos_token_ids, block_size=self.config.block_size,
+                arrival_time=arrival,
+            )
+            self._tracked[child_id] = _Tracked(
+                request_id, i, text, IncrementalDetokenizer(self.tokenizer, params),
+                metrics={"arrival_time": arrival},
+            )
+            self.scheduler.add_request(req)
+        self._children[request_id] = children
+        return token_ids
+
+    def tokenize_prompt(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", field="prompt")
+            return self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", field="prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab})", field="prompt_token_ids"
+            )
+        return token_ids
+
+    def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> int:
+        """The request's effective max_tokens, after checking it can ever run."""
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {n} tokens; the model's context length (max_model_len) is "
+                f"{self.max_model_len}, which leaves no room to generate",
+                field="prompt",
+            )
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        capacity = self.num_blocks * self.config.block_size
+        if n + max_tokens > capacity:
+            culprit = "prompt" if n >= capacity else "max_tokens"
+            raise KVCacheCapacityError(
+                f"the request needs KV for {n + max_tokens} tokens ({n} prompt + {max_tokens} "
+                f"max_tokens) but the KV cache holds only {capacity} tokens; lower {culprit} or "
+                "raise kv_cache_memory_bytes",
+                field=culprit,
+            )
+        return max_tokens
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests wherever they are and free their KV; emits a final 'abort' output."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            for child in self._children.get(request_id, []):
+                req = self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                if req is not None:
+                    self._pending.append(self._output_for(req, [], None))
+                    self._forget(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._children)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns delta outputs of the requests that progressed."""
+        out = self.scheduler.schedule()
+        if not out.is_empty:
+            result = self.runner.execute(out)
+            tokens = {rid: r.token_id for rid, r in result.sampled.items()}
+            updated = self.scheduler.update(out, tokens)
+            self._pending.extend(self._process(updated, result.sampled))
+        outputs, self._pending = self._pending, []
+        return outputs
+
+    def _process(self, updated: list[Request], sampled: dict[str, SampleResult]) -> list[RequestOutput]:
+        outputs = []
+        now = time.time()
+        for req in updated:
+            tracked = self._tracked[req.request_id]
+            tracked.metrics.setdefault("first_token_time", now)
+            new_tokens = req.output_token_ids[tracked.num_sent_tokens :]
+            tracked.num_sent_tokens = req.num_output_tokens
+            stop = tracked.detok.update(new_tokens)
+            if stop is not None and not req.is_finished:
+                self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            if stop is not None:
+                req.stop_reason = stop
+            outputs.append(self._output_for(req, new_tokens, sampled.get(req.request_id)))
+            if req.is_finished:
+                tracked.metrics["finished_time"] = now
+                self._forget(req)
+        return outputs
+
+    def _output_for(
+        self, req: Request, new_tokens: list[int], sample: SampleResult | None
+    ) -> RequestOutput:
+        tracked = self._tracked[req.request_id]
+        finished = req.is_finished
+        logprobs = None
+        if req.sampling_params.logprobs is not None and sample is not None and sample.top_logprobs:
+            tracked.cumulative_logprob += sample.logprob or 0.0
+            logprobs = [self._decode_logprobs(sample.top_logprobs)]
+        completion = CompletionOutput(
+            index=tracked.index,
+            text=tracked.detok.take_delta(finished),
+            token_ids=list(new_tokens),
+            finish_reason=req.status.finish_reason if finished else None,
+            stop_reason=req.stop_reason if finished else None,
+            cumulative_logprob=tracked.cumulative_logprob if logprobs is not None else None,
+            logprobs=logprobs,
+        )
+        siblings = self._children.get(tracked.parent_id, [])
+        parent_done = finished and all(
+            c == req.request_id or c not in self._tracked for c in siblings
+        )
+        return RequestOutput(
+            request_id=tracked.parent_id,
+            prompt=tracked.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=parent_done,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            metrics=dict(tracked.metrics),
+        )
+
+    def _decode_logprobs(self, top: dict[int, Logprob]) -> dict[int, Logprob]:
+        for token_id, lp in top.items():
+            lp.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return top
+
+    def _forget(self, req: Request) -> None:
+        tracked = self._tracked.pop(req.request_id)
+        siblings = self._children.get(tracked.parent_id, [])
+        if not any(c in self._tracked for c in siblings):
+            self._children.pop(tracked.parent_id, None)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, float]:
+        kv = self.kv
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": kv.usage,
+            "num_free_blocks": kv.pool.num_free_blocks,
+            "num_blocks": kv.num_blocks,
+            "prefix_cache_queries": kv.num_prefix_queries,
+            "prefix_cache_hits": kv.num_prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,120 @@
+"""ModelRunner: owns the model and the paged KV cache; executes one scheduled step.
+
+Turns a SchedulerOutput into flat tensors (token ids, positions, slot mapping,
+block tables, context lengths), runs the model, computes logits only for the
+rows that sample, and samples. Single-token rows (decodes) go first so they
+share one batched attention call; prefill chunks follow.
+
+KV cache, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.kernels.ops import get_ops
+from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
+from splitserve.roles.engine.scheduler import ScheduledRequest, SchedulerOutput
+from splitserve.roles.models.config import ModelConfig
+from splitserve.roles.models.llama import AttentionMetadata, LlamaModel
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class RunnerOutput:
+    """Sampled tokens of the rows that reached the end of their sequence."""
+
+    sampled: dict[str, SampleResult]
+
+
+class ModelRunner:
+    """Runs the model over the paged KV cache of one worker."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict[str, Tensor],
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = model_config
+        self.block_size = block_size
+        self.device = device
+        self.ops = get_ops(device)
+        self.model = LlamaModel(model_config, weights, self.ops, device)
+        shape = (2, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        input_ids, positions, slots = self._flatten(items)
+        meta = self._metadata(items, slots)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        rows, last = self._sampling_rows(items)
+        if not rows:
+            return RunnerOutput({})
+        logits = self.model.compute_logits(hidden[last])
+        results = sample(logits, [r for _, r in rows])
+        return RunnerOutput({rid: res for (rid, _), res in zip(rows, results, strict=True)})
+
+    # ------------------------------------------------------------------ inputs
+
+    def _flatten(self, items: list[ScheduledRequest]) -> tuple[Tensor, Tensor, Tensor]:
+        ids: list[int] = []
+        pos: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        bs = self.block_size
+        for s in items:
+            ids.extend(s.request.all_token_ids[s.start : s.start + s.num_new_tokens])
+            p = np.arange(s.start, s.start + s.num_new_tokens, dtype=np.int64)
+            table = np.asarray(s.block_ids, dtype=np.int64)
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+        as_tensor = lambda a: torch.from_numpy(np.concatenate(a)).to(self.device)  # noqa: E731
+        return torch.tensor(ids, device=self.device), as_tensor(pos), as_tensor(slots)
+
+    def _metadata(self, items: list[ScheduledRequest], slots: Tensor) -> AttentionMetadata:
+        decodes = [s for s in items if s.num_new_tokens == 1]
+        prefills = items[len(decodes) :]
+        starts = np.cumsum([0] + [s.num_new_tokens for s in prefills])
+        return AttentionMetadata(
+            slot_mapping=slots,
+            num_decode=len(decodes),
+            decode_block_tables=self._block_tables(decodes),
+            decode_context_lens=self._int32([s.start + 1 for s in decodes]),
+            prefill_block_tables=self._block_tables(prefills),
+            prefill_query_start_loc=self._int32(starts.tolist()),
+            prefill_context_lens=self._int32([s.start + s.num_new_tokens for s in prefills]),
+        )
+
+    def _block_tables(self, items: list[ScheduledRequest]) -> Tensor:
+        """[len(items), max_blocks] int32, padded with block 0 (never read: beyond context)."""
+        width = max((len(s.block_ids) for s in items), default=0)
+        table = np.zeros((len(items), max(width, 1)), dtype=np.int32)
+        for i, s in enumerate(items):
+            table[i, : len(s.block_ids)] = s.block_ids
+        return torch.from_numpy(table).to(self.device)
+
+    def _int32(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+    def _sampling_rows(
+        self, items: list[ScheduledRequest]
+    ) -> tuple[list[tuple[str, SampleRequest]], Tensor]:
+        rows, last, offset = [], [], 0
+        for s in items:
+            offset += s.num_new_tokens
+            if s.samples:
+                req = s.request
+                rows.append((req.request_id, SampleRequest(req.sampling_params, req.seed, req.num_tokens)))
+                last.append(offset - 1)
+        return rows, torch.tensor(last, dtype=torch.long, device=self.device)

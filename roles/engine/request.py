@@ -1,0 +1,104 @@
+"""Request: one sequence's state inside an engine (tokens, progress, blocks' hashes).
+
+Owned by the scheduler; the KV manager reads its block hashes, the runner its
+tokens and positions. Text and stop strings live in the detokenizer, not here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from splitserve.hashing import NONE_HASH, hash_block_tokens
+from splitserve.request import RequestStatus
+from splitserve.sampling_params import SamplingParams
+
+
+class Request:
+    """A sequence being generated: prompt + output tokens and how far KV is computed."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        *,
+        seed: int,
+        max_tokens: int,
+        eos_token_ids: frozenset[int] = frozenset(),
+        block_size: int = 16,
+        arrival_time: float | None = None,
+        output_token_ids: Sequence[int] = (),
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.seed = seed
+        """Resolved seed: draws depend only on (seed, position), so replays continue identically."""
+        self.max_tokens = max_tokens
+        self.eos_token_ids = eos_token_ids
+        self.block_size = block_size
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.all_token_ids = self.prompt_token_ids + list(output_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1
+        """Prompt tokens found in the prefix cache at first scheduling (-1: not yet looked up)."""
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        self.block_hashes: list[int] = []
+        self._update_block_hashes()
+
+    # ------------------------------------------------------------------ tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        self._update_block_hashes()
+
+    def _update_block_hashes(self) -> None:
+        """Extend the chained hashes to every full block of the token sequence."""
+        done = len(self.block_hashes)
+        start = done * self.block_size
+        parent = self.block_hashes[-1] if self.block_hashes else NONE_HASH
+        self.block_hashes.extend(
+            hash_block_tokens(self.all_token_ids[start:], self.block_size, parent_hash=parent)
+        )
+
+    # ------------------------------------------------------------------ stopping
+
+    def check_stop(self, max_model_len: int) -> RequestStatus | None:
+        """Finished state implied by the last token (EOS, stop id, length), or None."""
+        last = self.all_token_ids[-1]
+        params = self.sampling_params
+        if self.num_output_tokens >= max(params.min_tokens, 1):
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"tokens={self.num_tokens}, computed={self.num_computed_tokens})"
+        )

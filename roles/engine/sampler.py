@@ -1,0 +1,93 @@
+"""Sampler: next tokens from logits, per request, reproducibly.
+
+Each random draw depends only on (request seed, position of the token being
+drawn): a fresh generator seeded from both picks the token by the exponential
+race ``argmax(p / q)``, ``q ~ Exp(1)``, which samples exactly from ``p``. So a
+request replayed on another worker from its prompt plus the tokens generated so
+far continues with the same tokens. It owns no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.hashing import hash_block
+from splitserve.outputs import Logprob
+from splitserve.sampling_params import SamplingParams
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SampleRequest:
+    """What the sampler needs of one row."""
+
+    params: SamplingParams
+    seed: int
+    position: int
+    """Position in the sequence of the token being drawn."""
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    """Log-probability of the sampled token under the raw model distribution."""
+    top_logprobs: dict[int, Logprob] | None = None
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The generator seed of the draw at ``position`` (63 bits, stable everywhere)."""
+    return hash_block(seed & (2**64 - 1), [position]) >> 1
+
+
+def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
+    """logits: [N, V] float32, one row per request. Returns one result per row."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if not row.params.greedy:
+            tokens[i] = _sample_row(logits[i], row)
+    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    return [_result(tokens[i], rows[i], logprobs, i) for i in range(len(rows))]
+
+
+def _sample_row(logits: Tensor, row: SampleRequest) -> int:
+    p = row.params
+    x = logits / p.temperature
+    if p.top_k > 0 and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    if p.top_p < 1.0:
+        probs = _top_p(probs, p.top_p)
+    gen = torch.Generator(device=logits.device).manual_seed(draw_seed(row.seed, row.position))
+    q = torch.empty_like(probs).exponential_(generator=gen)
+    return int(torch.argmax(probs / q))
+
+
+def _top_p(probs: Tensor, top_p: float) -> Tensor:
+    """Zero every token outside the smallest set whose mass reaches top_p."""
+    sorted_p, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly better tokens
+    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+
+
+def _result(token: int, row: SampleRequest, logprobs: Tensor | None, i: int) -> SampleResult:
+    n = row.params.logprobs
+    if logprobs is None or n is None:
+        return SampleResult(token)
+    lp = logprobs[i]
+    chosen = float(lp[token])
+    rank = int((lp > chosen).sum()) + 1
+    top: dict[int, Logprob] = {token: Logprob(chosen, rank)}
+    if n > 0:
+        values, ids = torch.topk(lp, n)
+        for r, (tid, val) in enumerate(zip(ids.tolist(), values.tolist(), strict=True), start=1):
+            top.setdefault(tid, Logprob(val, r))
+    return SampleResult(token, chosen, top)

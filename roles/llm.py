@@ -1,0 +1,132 @@
+"""LLM: the offline, synchronous API in vLLM's shape (generate, chat) over one engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from splitserve.errors import InvalidRequestError
+from splitserve.outputs import CompletionOutput, RequestOutput
+from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
+from splitserve.sampling_params import SamplingParams
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate with one in-process engine.
+
+    ``LLM()`` loads the embedded SmolLM2-135M-Instruct; ``model`` also takes a Hugging
+    Face folder or a ``.gguf`` file. Other keyword arguments are EngineConfig fields.
+    """
+
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType] | dict[str, Any],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params)
+
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts: list[PromptType] = [
+            tok.apply_chat_template(list(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
+        ]
+        return self._run(prompts, _as_params_list(sampling_params, len(prompts)))
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[RequestOutput]:
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        added: list[str] = []
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+                self.engine.add_request(request_id, prompt, p)
+                added.append(request_id)
+        except Exception:
+            self.engine.abort_request(added)
+            self.engine.step()  # drain the abort outputs so the engine is clean
+            raise
+        return self._collect(ids)
+
+    def _collect(self, ids: list[str]) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                if delta.request_id in wanted:
+                    _merge(results, delta)
+        for delta in self.engine.step():  # outputs produced by the last update
+            if delta.request_id in wanted:
+                _merge(results, delta)
+        return [results[i] for i in ids]
+
+
+def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
+    acc = results.get(delta.request_id)
+    if acc is None:
+        acc = results[delta.request_id] = RequestOutput(
+            delta.request_id, delta.prompt, delta.prompt_token_ids, [], False,
+            delta.num_cached_tokens, {},
+        )
+    for c in delta.outputs:
+        while len(acc.outputs) <= c.index:
+            acc.outputs.append(CompletionOutput(len(acc.outputs), "", []))
+        target = acc.outputs[c.index]
+        target.text += c.text
+        target.token_ids.extend(c.token_ids)
+        target.finish_reason = c.finish_reason
+        target.stop_reason = c.stop_reason
+        if c.logprobs is not None:
+            target.logprobs = (target.logprobs or []) + c.logprobs
+            target.cumulative_logprob = c.cumulative_logprob
+    acc.finished = delta.finished
+    acc.metrics.update(delta.metrics)
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, str | dict):
+        prompts = [prompts]
+    elif isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes) or not prompts:
+        raise InvalidRequestError("prompts must be a non-empty string or list", field="prompt")
+    out: list[PromptType] = []
+    for p in prompts:
+        if isinstance(p, dict):
+            p = p.get("prompt_token_ids", p.get("prompt"))
+        if not isinstance(p, str | Sequence):
+            raise InvalidRequestError("each prompt must be a string or token ids", field="prompt")
+        out.append(p)
+    return out
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError(
+            f"got {len(params)} sampling params for {n} prompts", field="sampling_params"
+        )
+    return list(params)

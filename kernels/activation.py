@@ -1,0 +1,59 @@
+"""SiLU-and-mul (SwiGLU): ``silu(gate) * up`` for x = [gate | up].
+
+Owns ``_silu_and_mul_kernel`` (one program per row and chunk of the intermediate size) and its
+typed launcher. Same rounding as ``reference.silu_and_mul``: silu is computed in float32 and
+rounded to the input dtype before the multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from splitserve.kernels.checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_runnable,
+    next_power_of_2,
+    require,
+)
+
+Tensor = torch.Tensor
+
+MAX_BLOCK = 1024  # intermediate elements per program
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    x_ptr,  # [T, 2 * I]
+    out_ptr,  # [T, I]
+    stride_x,
+    intermediate,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0)
+    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = act * up.to(tl.float32)
+    tl.store(out_ptr + row * intermediate + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """Triton twin of ``reference.silu_and_mul``: x [T, 2*I] -> [T, I]."""
+    require(x.dim() == 2, f"x must be [T, 2*I], got {tuple(x.shape)}")
+    require(x.shape[1] % 2 == 0, f"x's last dim must be even ([gate | up]), got {x.shape[1]}")
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_runnable("x", x)
+    require(x.shape[1] <= 1 or x.stride(1) == 1, "x must be contiguous in its last dim")
+    num_rows, intermediate = x.shape[0], x.shape[1] // 2
+    out = torch.empty((num_rows, intermediate), dtype=x.dtype, device=x.device)
+    if num_rows == 0 or intermediate == 0:
+        return out
+    block = min(MAX_BLOCK, next_power_of_2(intermediate))
+    _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate, block))](
+        x, out, x.stride(0), intermediate, BLOCK=block, num_warps=4
+    )
+    return out

@@ -1,0 +1,166 @@
+"""Launcher-side validation shared by the Triton kernel files.
+
+Every launcher checks its inputs here before it launches: shapes, dtypes, devices and strides
+(free, host-side metadata), and index values (block tables, slot mappings, positions), which
+costs one small device-to-host read per call. ``SPLITSERVE_KERNEL_CHECKS=0`` turns the value
+checks off (metadata checks always run) for callers that have validated their indices already,
+e.g. under CUDA graphs. This module owns no kernels and never touches tensor contents beyond
+those reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from splitserve.errors import SplitserveError
+
+Tensor = torch.Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class KernelInputError(SplitserveError, ValueError):
+    """A kernel launcher refused its inputs; nothing was launched."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``KernelInputError(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise KernelInputError(message)
+
+
+def check_dtype(name: str, tensor: Tensor, allowed: Sequence[torch.dtype]) -> None:
+    require(
+        tensor.dtype in allowed, f"{name} must have dtype in {list(allowed)}, got {tensor.dtype}"
+    )
+
+
+def check_same_dtype(**tensors: Tensor) -> None:
+    """All named tensors share one dtype (the kernels never convert silently)."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    require(len(set(dtypes.values())) == 1, f"dtypes must match, got {dtypes}")
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    devices = {name: str(t.device) for name, t in tensors.items()}
+    require(len(set(devices.values())) == 1, f"tensors must share one device, got {devices}")
+
+
+def check_ndim(name: str, tensor: Tensor, ndim: int) -> None:
+    require(tensor.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+
+
+def check_shape(name: str, tensor: Tensor, shape: Sequence[int | None]) -> None:
+    """``tensor.shape`` equals ``shape``, where ``None`` matches any size."""
+    ok = tensor.dim() == len(shape) and all(
+        want is None or got == want for got, want in zip(tensor.shape, shape, strict=False)
+    )
+    require(ok, f"{name} must have shape {tuple(shape)} (None = any), got {tuple(tensor.shape)}")
+
+
+def check_contiguous(name: str, tensor: Tensor) -> None:
+    require(tensor.is_contiguous(), f"{name} must be contiguous (strides {tensor.stride()})")
+
+
+def check_inner_contiguous(name: str, tensor: Tensor, num_inner: int) -> None:
+    """The last ``num_inner`` dims are packed (row stride of the outer dims is free)."""
+    expected = 1
+    for dim in range(tensor.dim() - 1, tensor.dim() - 1 - num_inner, -1):
+        if tensor.shape[dim] > 1:
+            require(
+                tensor.stride(dim) == expected,
+                f"{name} must be contiguous in its last {num_inner} dims "
+                f"(shape {tuple(tensor.shape)}, strides {tensor.stride()})",
+            )
+        expected *= tensor.shape[dim]
+
+
+def check_divisible(num_heads: int, num_kv_heads: int) -> None:
+    require(
+        num_kv_heads > 0 and num_heads % num_kv_heads == 0,
+        f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})",
+    )
+
+
+def values_checked() -> bool:
+    """Whether launchers read index tensors back to validate them (default: yes)."""
+    return os.environ.get("SPLITSERVE_KERNEL_CHECKS", "1").strip() != "0"
+
+
+def check_range(name: str, values: Tensor, low: int, high: int, mask: Tensor | None = None) -> None:
+    """Every value (where ``mask`` is true) lies in ``[low, high)``: one device read."""
+    if not values_checked() or values.numel() == 0:
+        return
+    bad = (values < low) | (values >= high)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        first = values[bad][0].item()
+        raise KernelInputError(f"{name} holds {first}, outside [{low}, {high})")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether kernels must feed ``tl.dot`` float32: the interpreter mis-reads bfloat16 dots."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def check_runnable(name: str, tensor: Tensor) -> None:
+    """Triton runs CUDA tensors, or CPU tensors only under ``TRITON_INTERPRET=1``."""
+    require(
+        tensor.device.type == "cuda" or interpreting(),
+        f"{name} is on {tensor.device}: Triton kernels need CUDA tensors "
+        "(or TRITON_INTERPRET=1, set before importing the kernels, to run them on the CPU)",
+    )
+
+
+def check_kv_cache(name: str, kv_cache: Tensor) -> None:
+    """One layer's cache: contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    require(
+        kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+        f"{name} must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+        f"got {tuple(kv_cache.shape)}",
+    )
+    check_dtype(name, kv_cache, FLOAT_DTYPES)
+    check_contiguous(name, kv_cache)
+    check_runnable(name, kv_cache)
+
+
+def check_block_tables(
+    block_tables: Tensor, context_lens: Tensor, num_blocks: int, block_size: int
+) -> None:
+    """Context lengths fit the tables and every block a context covers exists: one device read."""
+    if not values_checked() or block_tables.shape[0] == 0:
+        return
+    max_blocks = block_tables.shape[1]
+    ctx = context_lens.long()
+    bad_ctx = (ctx < 0) | (ctx > max_blocks * block_size)
+    used_cols = (ctx.clamp(min=0) + block_size - 1) // block_size  # [B]
+    cols = torch.arange(max_blocks, device=block_tables.device)
+    used = cols[None, :] < used_cols[:, None]
+    bad_ids = ((block_tables < 0) | (block_tables >= num_blocks)) & used
+    if not bool(bad_ctx.any() | bad_ids.any()):
+        return
+    if bool(bad_ctx.any()):
+        seq = int(bad_ctx.nonzero()[0, 0])
+        raise KernelInputError(
+            f"context_lens[{seq}] = {int(ctx[seq])} is outside [0, {max_blocks * block_size}] "
+            f"(block_tables has {max_blocks} columns of {block_size} tokens)"
+        )
+    seq, col = (int(i) for i in bad_ids.nonzero()[0])
+    raise KernelInputError(
+        f"block_tables[{seq}, {col}] = {int(block_tables[seq, col])} points past the cache "
+        f"(num_blocks = {num_blocks})"
+    )

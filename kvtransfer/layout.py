@@ -1,0 +1,218 @@
+"""KV cache layout as the transfer layer sees it: shapes, bytes, compatibility, checksums.
+
+Owns ``KvLayout`` (where each (layer, block) lives in the per-layer KV tensors of
+DESIGN.md), its ``compatibility_hash``, the field-by-field handshake check, and the
+per-(layer, block) checksum that the sender computes and the receiver verifies.
+
+It must not move bytes between processes, hold leases, or import ``splitserve.roles``.
+
+KV cache (one tensor per layer): ``[2, num_blocks, block_size, num_kv_heads, head_dim]``,
+0 = K, 1 = V. A staging buffer of ``n`` blocks over ``L`` layers is
+``[L, 2, n, block_size, num_kv_heads, head_dim]`` (see ``kernels.reference.gather_blocks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from splitserve.errors import IncompatibleKVLayoutError
+from splitserve.hashing import HASH_SEED, hash_bytes
+
+LAYOUT_VERSION = 1
+"""Bumped whenever the byte order of a block in the KV tensors or in staging changes."""
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+
+# Fields compared at handshake, in the order a mismatch is reported.
+_COMPAT_FIELDS = (
+    "layout_version",
+    "model_id",
+    "dtype",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "block_size",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class KvLayout:
+    """Shape and dtype of one engine's paged KV cache, as agreed between peers."""
+
+    model_id: str
+    """Model identity (name or content hash): KV of different weights must never mix."""
+    dtype: str
+    """Element type of the KV tensors, a torch dtype name such as ``"float32"``."""
+    num_layers: int
+    """Attention layers, one KV tensor each."""
+    num_kv_heads: int
+    """KV heads per layer (after any tensor-parallel split)."""
+    head_dim: int
+    """Elements per head."""
+    block_size: int
+    """Tokens per block."""
+    num_blocks: int = 0
+    """Blocks in this engine's cache; local only, not part of compatibility."""
+    layout_version: int = LAYOUT_VERSION
+    """Version of the byte layout described in this module's docstring."""
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ValueError("KvLayout.model_id must be a non-empty string")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"KvLayout.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KvLayout.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 0:
+            raise ValueError(f"KvLayout.num_blocks must be >= 0, got {self.num_blocks}")
+
+    @classmethod
+    def from_kv_caches(cls, kv_caches: Sequence[torch.Tensor], model_id: str) -> KvLayout:
+        """The layout of existing per-layer KV tensors (all of one shape and dtype)."""
+        if not kv_caches:
+            raise ValueError("kv_caches is empty: need one tensor per layer")
+        first = kv_caches[0]
+        if first.dim() != 5 or first.shape[0] != 2:
+            raise ValueError(
+                "each KV cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                f"got {tuple(first.shape)}"
+            )
+        for i, cache in enumerate(kv_caches):
+            if cache.shape != first.shape or cache.dtype != first.dtype:
+                raise ValueError(f"layer {i} KV cache {tuple(cache.shape)} {cache.dtype} differs "
+                                 f"from layer 0 {tuple(first.shape)} {first.dtype}")
+            if not cache.is_contiguous():
+                raise ValueError(f"layer {i} KV cache must be contiguous")
+        _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+        return cls(model_id=model_id, dtype=dtype_name(first.dtype), num_layers=len(kv_caches),
+                   num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+                   num_blocks=num_blocks)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def bytes_per_block_half(self) -> int:
+        """Bytes of K (or of V) of one block in one layer: one contiguous run in the cache."""
+        return self.block_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def bytes_per_layer_block(self) -> int:
+        """Bytes of K and V of one block in one layer."""
+        return 2 * self.bytes_per_block_half
+
+    def staging_shape(self, num_layers: int, num_blocks: int) -> tuple[int, ...]:
+        """Shape of a staging buffer holding ``num_blocks`` blocks of ``num_layers`` layers."""
+        return (num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def staging_nbytes(self, num_layers: int, num_blocks: int) -> int:
+        return num_layers * num_blocks * self.bytes_per_layer_block
+
+    def block_offset(self, layer: int, kv: int, block_id: int) -> int:
+        """Byte offset of block ``block_id``'s K (kv=0) or V (kv=1) inside layer ``layer``'s tensor."""
+        self._check_index(layer, block_id)
+        if kv not in (0, 1):
+            raise ValueError(f"kv must be 0 (K) or 1 (V), got {kv}")
+        return (kv * self.num_blocks + block_id) * self.bytes_per_block_half
+
+    def _check_index(self, layer: int, block_id: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
+        if not 0 <= block_id < self.num_blocks:
+            raise IndexError(f"block id {block_id} out of range [0, {self.num_blocks})")
+
+    def check_block_ids(self, block_ids: Sequence[int]) -> None:
+        """Raise ``ValueError`` naming the first block id outside this cache."""
+        for block_id in block_ids:
+            if not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"block id {block_id} out of range [0, {self.num_blocks})")
+
+    def compat_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _COMPAT_FIELDS}
+
+    def compatibility_hash(self) -> int:
+        """64-bit hash of every field two peers must agree on (not ``num_blocks``)."""
+        text = "|".join(f"{name}={value}" for name, value in self.compat_fields().items())
+        return hash_bytes(text.encode())
+
+    def to_wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> KvLayout:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check_compatible(self, peer: KvLayout | Mapping[str, Any]) -> None:
+        """Raise ``IncompatibleKVLayoutError`` naming the first field that differs from ``peer``."""
+        theirs = peer.compat_fields() if isinstance(peer, KvLayout) else dict(peer)
+        for name, mine in self.compat_fields().items():
+            if theirs.get(name) != mine:
+                raise IncompatibleKVLayoutError(
+                    f"KV layout mismatch in field {name!r}: local {mine!r}, "
+                    f"peer {theirs.get(name)!r}",
+                    field=name,
+                )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (``torch.float16`` -> ``"float16"``)."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}")
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy bytes of a contiguous CPU tensor (any dtype, bf16 included)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"byte_view needs a CPU tensor, got {tensor.device}")
+    if not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous tensor")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _pair_checksum(k: torch.Tensor, v: torch.Tensor) -> int:
+    """Checksum of one block in one layer: xxhash64 of V seeded by xxhash64 of K."""
+    return hash_bytes(byte_view(v), seed=hash_bytes(byte_view(k), seed=HASH_SEED))
+
+
+def staging_checksums(staging: torch.Tensor) -> list[list[int]]:
+    """Checksums ``[layer][block]`` of a staging buffer ``[L, 2, n, bs, heads, head_dim]``."""
+    if staging.dim() != 6 or staging.shape[1] != 2:
+        raise ValueError(f"staging must be [L, 2, n, bs, heads, head_dim], got {tuple(staging.shape)}")
+    cpu = staging if staging.device.type == "cpu" else staging.cpu()
+    return [[_pair_checksum(layer[0, i], layer[1, i]) for i in range(layer.shape[1])]
+            for layer in cpu]
+
+
+def cache_checksums(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -> list[list[int]]:
+    """Checksums ``[layer][i]`` of ``block_ids`` read in place from the KV tensors.
+
+    Equal to ``staging_checksums(gather_blocks(kv_caches, block_ids))`` without the copy
+    on CPU (each block's K and V are contiguous runs of the cache).
+    """
+    rows: list[list[int]] = []
+    for cache in kv_caches:
+        cpu = cache if cache.device.type == "cpu" else cache[:, list(block_ids)].cpu()
+        ids = block_ids if cache.device.type == "cpu" else range(len(block_ids))
+        rows.append([_pair_checksum(cpu[0, b], cpu[1, b]) for b in ids])
+    return rows

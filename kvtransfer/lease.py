@@ -1,0 +1,182 @@
+"""Leases on the serving (prefill) side: which request's blocks are held, until when, for whom.
+
+Owns ``LeaseManager``: grant a lease when a request's KV is offered, renew it on the
+reader's heartbeats and reads, end it on release, abort or expiry, and hand the ended
+leases to the owner's ``on_release`` callback so that it frees the blocks.
+
+Threading: any thread may grant, renew, pin, release or abort (the transport's thread
+answers reads and heartbeats); callbacks run only inside ``poll()``, on the caller's
+thread (the engine's), so the block pool is only ever touched by its owner. A lease that
+is pinned (a read is gathering its blocks right now) is finalized only after the unpin.
+
+It must not import the engine (``splitserve.roles``) nor touch tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from splitserve.errors import KVTransferError, RequestAbortedError
+
+DEFAULT_LEASE_TTL_S = 30.0
+"""How long offered KV is held without a heartbeat or read from the reader."""
+
+
+class LeaseEnd(enum.StrEnum):
+    """Why a lease ended (the ``reason`` given to ``on_release``)."""
+
+    RELEASED = "released"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+
+
+@dataclasses.dataclass
+class Lease:
+    """One request's held blocks. Mutated only by ``LeaseManager`` under its lock."""
+
+    request_id: str
+    lease_id: int
+    block_ids: tuple[int, ...]
+    ttl_s: float
+    expires_at: float
+    pins: int = 0
+    """Reads gathering from these blocks right now; the blocks are not freed while > 0."""
+    ended: LeaseEnd | None = None
+
+
+class LeaseExpiredError(KVTransferError):
+    """The lease named by a read or heartbeat has expired, been released, or never existed."""
+
+
+ReleaseCallback = Callable[[str, LeaseEnd], None]
+
+
+class LeaseManager:
+    """Holds offered blocks under leases; thread-safe; callbacks only from ``poll()``."""
+
+    def __init__(
+        self,
+        on_release: ReleaseCallback | None = None,
+        default_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if default_ttl_s <= 0:
+            raise ValueError(f"default_ttl_s must be > 0, got {default_ttl_s}")
+        self._on_release = on_release
+        self.default_ttl_s = default_ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[str, Lease] = {}
+
+    # ------------------------------------------------------------------ granting side (owner)
+
+    def grant(
+        self, request_id: str, block_ids: Sequence[int], ttl_s: float | None = None
+    ) -> Lease:
+        """Hold ``block_ids`` for ``request_id``; raises if the request already holds a lease."""
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise ValueError(f"lease ttl_s must be > 0, got {ttl}")
+        if not block_ids:
+            raise ValueError(f"request {request_id!r}: cannot lease zero blocks")
+        with self._lock:
+            if request_id in self._leases:
+                raise ValueError(f"request {request_id!r} already holds a lease")
+            lease = Lease(request_id, secrets.randbits(63), tuple(block_ids), ttl,
+                          self._clock() + ttl)
+            self._leases[request_id] = lease
+            return dataclasses.replace(lease)
+
+    def poll(self) -> list[tuple[str, LeaseEnd]]:
+        """Expire overdue leases, then call ``on_release`` for every ended, unpinned lease."""
+        with self._lock:
+            now = self._clock()
+            done = [lease for lease in self._leases.values() if self._finalizable(lease, now)]
+            for lease in done:
+                del self._leases[lease.request_id]
+        ended = [(lease.request_id, lease.ended or LeaseEnd.EXPIRED) for lease in done]
+        if self._on_release is not None:
+            for request_id, reason in ended:
+                self._on_release(request_id, reason)
+        return ended
+
+    def _finalizable(self, lease: Lease, now: float) -> bool:
+        if lease.ended is None and now >= lease.expires_at:
+            lease.ended = LeaseEnd.EXPIRED
+        return lease.ended is not None and lease.pins == 0
+
+    # ------------------------------------------------------------------ reader side (any thread)
+
+    def renew(self, request_id: str, lease_id: int) -> float:
+        """Push the expiry one ttl into the future; returns the seconds left."""
+        with self._lock:
+            lease = self._live(request_id, lease_id)
+            lease.expires_at = self._clock() + lease.ttl_s
+            return lease.ttl_s
+
+    def pin(self, request_id: str, lease_id: int, block_ids: Sequence[int]) -> None:
+        """Start a read of ``block_ids`` (which must be leased); renews the lease."""
+        with self._lock:
+            lease = self._live(request_id, lease_id)
+            stray = set(block_ids) - set(lease.block_ids)
+            if stray:
+                raise KVTransferError(
+                    f"request {request_id!r}: blocks {sorted(stray)} are not under its lease"
+                )
+            lease.pins += 1
+            lease.expires_at = self._clock() + lease.ttl_s
+
+    def unpin(self, request_id: str) -> None:
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is not None and lease.pins > 0:
+                lease.pins -= 1
+
+    def release(self, request_id: str, lease_id: int | None = None) -> bool:
+        """The reader has what it needs; free at the next ``poll()``. False if no live lease."""
+        return self._end(request_id, lease_id, LeaseEnd.RELEASED)
+
+    def abort(self, request_id: str, lease_id: int | None = None) -> bool:
+        """Give the blocks up now (either side aborted). False if no live lease."""
+        return self._end(request_id, lease_id, LeaseEnd.ABORTED)
+
+    def _end(self, request_id: str, lease_id: int | None, reason: LeaseEnd) -> bool:
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.ended is not None:
+                return False
+            if lease_id is not None and lease.lease_id != lease_id:
+                return False
+            lease.ended = reason
+            return True
+
+    def _live(self, request_id: str, lease_id: int) -> Lease:
+        lease = self._leases.get(request_id)
+        if lease is None or lease.lease_id != lease_id:
+            raise LeaseExpiredError(f"request {request_id!r}: no lease {lease_id} (expired or freed)")
+        if lease.ended is None and self._clock() >= lease.expires_at:
+            lease.ended = LeaseEnd.EXPIRED
+        if lease.ended is LeaseEnd.ABORTED:
+            raise RequestAbortedError(f"request {request_id!r} was aborted on the serving side")
+        if lease.ended is not None:
+            raise LeaseExpiredError(f"request {request_id!r}: lease {lease.ended.value}")
+        return lease
+
+    # ------------------------------------------------------------------ introspection
+
+    def get(self, request_id: str) -> Lease | None:
+        """A copy of the request's lease (ended or not), or None."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            return None if lease is None else dataclasses.replace(lease)
+
+    @property
+    def num_leases(self) -> int:
+        """Leases not yet finalized by ``poll()`` (live or ended)."""
+        with self._lock:
+            return len(self._leases)

@@ -1,0 +1,434 @@
+"""KV transport on UCX (the ``ucxx`` package): TCP, shared memory, and CUDA memory where present.
+
+Owns ``UcxTransport``: a listener that answers peers' reads, a pool of client endpoints
+(one per peer, reused across requests, replaced when broken), and the background thread
+that runs ucxx's asyncio event loop so that synchronous engine code can call in.
+
+Protocol (ucxx has no one-sided RMA in Python, so a read is two-sided):
+  control messages are msgpack (params.py) over active messages; the connecting side
+  sends ``Hello`` first and the serving side refuses a layout mismatch, naming the field.
+  A ``ReadRequest`` is answered by a ``Reply`` (ok + nbytes, or an error code), then the
+  staged bytes as one tagged message whose tag is the read's ``xfer_id``. The reader posts
+  its receive straight into the caller's staging buffer; the server sends straight from
+  the staging buffer its connector gathered: no copy beyond the gather.
+
+It must not verify checksums, hold leases or touch the KV cache: the connector does.
+Every ucxx object is created and used on the loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import torch
+from splitserve.kvtransfer.layout import KvLayout
+from splitserve.kvtransfer.params import (
+    Control,
+    Hello,
+    ReadRequest,
+    Reply,
+    WireMessage,
+    decode_message,
+)
+from splitserve.kvtransfer.transport import (
+    DEFAULT_TIMEOUT_S,
+    Completion,
+    FaultInjector,
+    KvTransport,
+    ServeHandler,
+    TransportConnectionError,
+    check_dest,
+    error_reply,
+    reply_error,
+    split_address,
+)
+
+from splitserve.errors import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+
+# ====================================================================== event loop thread
+
+
+class _LoopThread:
+    """The process's one asyncio loop for ucxx (ucxx keeps one context per process)."""
+
+    _instance: _LoopThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ucx-loop", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def get(cls) -> _LoopThread:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
+        return self.submit(coro).result(timeout_s)
+
+
+def _wire_bytes(tensor: torch.Tensor) -> Any:
+    """A flat uint8 view of a contiguous tensor that ucxx can send from or receive into."""
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def _msg_bytes(message: WireMessage) -> Any:
+    import numpy as np
+
+    return np.frombuffer(message.encode(), dtype=np.uint8)
+
+
+def _is_ucx_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("ucxx") or isinstance(error, ConnectionError)
+
+
+# ====================================================================== client connections
+
+
+class _Connection:
+    """One endpoint to one serving peer, shared by every read to it. Loop thread only."""
+
+    def __init__(self, ep: Any, peer: str) -> None:
+        self.ep = ep
+        self.peer = peer
+        self.broken = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def request(self, message: WireMessage, xfer_id: int) -> Reply:
+        """Send a control or read message; its reply."""
+        if self.broken:
+            raise TransportConnectionError(f"connection to {self.peer} is broken")
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[xfer_id] = future
+        try:
+            await self.ep.am_send(_msg_bytes(message))
+            return await future
+        except Exception as e:
+            raise self.fail(e) from e
+        finally:
+            self._pending.pop(xfer_id, None)
+
+    async def recv_into(self, dest: torch.Tensor, xfer_id: int) -> None:
+        try:
+            await self.ep.recv(_wire_bytes(dest), tag=xfer_id)
+        except Exception as e:
+            raise self.fail(e) from e
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                reply = decode_message(await self.ep.am_recv())
+                if not isinstance(reply, Reply):
+                    raise KVTransferError(f"unexpected {reply.TYPE!r} from {self.peer}")
+                future = self._pending.get(reply.xfer_id)
+                if future is not None and not future.done():
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # the endpoint broke: fail every waiter
+            self.fail(e)
+
+    def fail(self, error: BaseException) -> BaseException:
+        """Mark broken, fail waiters, drop the endpoint; the error to raise to the caller."""
+        if isinstance(error, KVTransferError) and not _is_ucx_error(error):
+            return error
+        wrapped = TransportConnectionError(f"connection to {self.peer} failed: {error!r}")
+        self._break(wrapped)
+        return wrapped
+
+    def abort(self) -> None:
+        self._break(TransportConnectionError(f"connection to {self.peer} was closed"))
+
+    def _break(self, error: TransportConnectionError) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        if asyncio.current_task() is not self._reader:
+            self._reader.cancel()
+        try:
+            self.ep.abort()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+# ====================================================================== the transport
+
+
+@dataclasses.dataclass
+class _Serving:
+    """Server-side state of one accepted endpoint."""
+
+    ep: Any
+    greeted: bool = False
+    tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+
+
+class UcxTransport(KvTransport):
+    """KV transport over UCX between processes and machines. Thread-safe."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        fault: FaultInjector | None = None,
+        connect_timeout_s: float = 5.0,
+        engine_id: str = "",
+    ) -> None:
+        self._host = host
+        self._port = port
+        self.fault = fault
+        self._connect_timeout_s = connect_timeout_s
+        self._engine_id = engine_id
+        self._layout: KvLayout | None = None
+        self._server: ServeHandler | None = None
+        self._loop = _LoopThread.get()
+        self._listener: Any = None
+        self._accepted: dict[int, _Serving] = {}
+        self._pool: dict[str, _Connection] = {}
+        self._pool_locks: dict[str, asyncio.Lock] = {}
+        self._handles = itertools.count(1)
+        self._ops: dict[int, concurrent.futures.Future[Any]] = {}
+        self._ops_lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ KvTransport
+
+    @property
+    def address(self) -> str:
+        if self._listener is None:
+            raise RuntimeError("this UcxTransport serves no reads (register_memory without server)")
+        return f"ucx://{self._host}:{self._port}"
+
+    def register_memory(self, layout: KvLayout, server: ServeHandler | None = None) -> None:
+        if self._layout is not None:
+            raise RuntimeError("register_memory was already called")
+        self._layout, self._server = layout, server
+        if server is not None:
+            self._port = self._loop.call(self._listen(), self._connect_timeout_s)
+
+    def read_blocks(
+        self, address: str, read: ReadRequest, dest: torch.Tensor, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> int:
+        check_dest(self._require_layout(), read, dest)
+        return self._start(self._read(address, read, dest), timeout_s)
+
+    def send_control(
+        self, address: str, control: Control, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> int:
+        self._require_layout()
+        return self._start(self._control(address, control), timeout_s)
+
+    def poll(self, handle: int) -> Completion | None:
+        with self._ops_lock:
+            future = self._ops.get(handle)
+            if future is None:
+                raise KeyError(f"unknown or already polled transfer handle {handle}")
+            if not future.done():
+                return None
+            del self._ops[handle]
+        error = future.exception() if not future.cancelled() else KVTransferError("cancelled")
+        return Completion(handle, error)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.call(self._shutdown(), 10.0)
+        except (concurrent.futures.TimeoutError, RuntimeError) as e:
+            logger.warning("UcxTransport.close: %r", e)
+
+    # ------------------------------------------------------------------ client side
+
+    def _start(self, coro: Coroutine[Any, Any, None], timeout_s: float) -> int:
+        if self._closed:
+            coro.close()
+            raise KVTransferError("transport is closed")
+        handle = next(self._handles)
+        future = self._loop.submit(self._with_timeout(coro, timeout_s))
+        with self._ops_lock:
+            self._ops[handle] = future
+        return handle
+
+    async def _with_timeout(self, coro: Coroutine[Any, Any, None], timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await coro
+        except TimeoutError as e:
+            raise TransportConnectionError(f"KV transfer timed out after {timeout_s} s") from e
+
+    async def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
+        conn = await self._connection(address)
+        xfer_id = conn.next_id()
+        try:
+            reply = await conn.request(dataclasses.replace(read, xfer_id=xfer_id), xfer_id)
+            if not reply.ok:
+                raise reply_error(reply, address)
+            if reply.nbytes != dest.numel() * dest.element_size():
+                raise KVTransferError(f"{address} offers {reply.nbytes} bytes, expected "
+                                      f"{dest.numel() * dest.element_size()}")
+            await conn.recv_into(dest, xfer_id)
+        except asyncio.CancelledError:
+            conn.abort()  # a receive may be posted into dest: cancel it with the endpoint
+            self._pool.pop(address, None)
+            raise
+
+    async def _control(self, address: str, control: Control) -> None:
+        conn = await self._connection(address)
+        xfer_id = conn.next_id()
+        reply = await conn.request(dataclasses.replace(control, xfer_id=xfer_id), xfer_id)
+        if not reply.ok:
+            raise reply_error(reply, address)
+
+    async def _connection(self, address: str) -> _Connection:
+        """The pooled connection to ``address``, (re)connecting and greeting as needed."""
+        lock = self._pool_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            conn = self._pool.get(address)
+            if conn is not None and not conn.broken and not conn.ep.closed:
+                return conn
+            self._pool.pop(address, None)
+            conn = await self._connect(address)
+            self._pool[address] = conn
+            return conn
+
+    async def _connect(self, address: str) -> _Connection:
+        import ucxx
+
+        scheme, where = split_address(address)
+        host, _, port = where.rpartition(":")
+        if scheme != "ucx" or not host or not port.isdigit():
+            raise KVTransferError(f"not a UCX address: {address!r} (want ucx://host:port)")
+        try:
+            ep = await ucxx.create_endpoint(host, int(port),
+                                            connect_timeout=self._connect_timeout_s)
+        except Exception as e:
+            raise TransportConnectionError(f"cannot connect to {address}: {e!r}") from e
+        conn = _Connection(ep, address)
+        layout = self._require_layout()
+        hello = Hello(engine_id=self._engine_id, layout=layout.to_wire(),
+                      compat_hash=layout.compatibility_hash())
+        reply = await conn.request(hello, 0)
+        if not reply.ok:
+            conn.abort()
+            raise reply_error(reply, address)
+        return conn
+
+    # ------------------------------------------------------------------ serving side
+
+    async def _listen(self) -> int:
+        import ucxx
+
+        self._listener = ucxx.create_listener(self._serve, port=self._port or None)
+        return int(self._listener.port)
+
+    async def _serve(self, ep: Any) -> None:
+        state = _Serving(ep)
+        self._accepted[id(state)] = state
+        try:
+            while not self._closed:
+                message = decode_message(await ep.am_recv())
+                await self._dispatch(state, message)
+        except Exception as e:  # noqa: BLE001 - the peer went away or spoke nonsense
+            logger.debug("UCX serving endpoint ended: %r", e)
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            self._accepted.pop(id(state), None)
+            try:
+                ep.abort()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _dispatch(self, state: _Serving, message: WireMessage) -> None:
+        if isinstance(message, Hello):
+            await self._answer(state.ep, self._greet(state, message))
+        elif not state.greeted:
+            raise KVTransferError("peer sent a request before its hello")
+        elif isinstance(message, ReadRequest):
+            task = asyncio.get_running_loop().create_task(self._serve_read(state.ep, message))
+            state.tasks.add(task)
+            task.add_done_callback(state.tasks.discard)
+        elif isinstance(message, Control):
+            await self._answer(state.ep, self._serve_control(message))
+        else:
+            raise KVTransferError(f"unexpected {message.TYPE!r} message")
+
+    def _greet(self, state: _Serving, hello: Hello) -> Reply:
+        try:
+            self._require_layout().check_compatible(hello.layout)
+        except KVTransferError as e:
+            return error_reply(0, e)
+        state.greeted = True
+        return Reply(xfer_id=0, ok=True)
+
+    def _serve_control(self, control: Control) -> Reply:
+        try:
+            assert self._server is not None
+            self._server.on_control(control)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            return error_reply(control.xfer_id, e)
+        return Reply(xfer_id=control.xfer_id, ok=True)
+
+    async def _serve_read(self, ep: Any, read: ReadRequest) -> None:
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
+        try:
+            staging = await loop.run_in_executor(None, self._server.stage, read)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            await self._answer(ep, error_reply(read.xfer_id, e))
+            return
+        if self.fault is not None:
+            await asyncio.sleep(self.fault.delay())
+            staging = self.fault.before_send(staging)
+        nbytes = staging.numel() * staging.element_size()
+        await self._answer(ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
+        await ep.send(_wire_bytes(staging), tag=read.xfer_id)
+
+    async def _answer(self, ep: Any, reply: Reply) -> None:
+        await ep.am_send(_msg_bytes(reply))
+
+    async def _shutdown(self) -> None:
+        for conn in self._pool.values():
+            conn.abort()
+        self._pool.clear()
+        for state in list(self._accepted.values()):
+            for task in state.tasks:
+                task.cancel()
+            try:
+                state.ep.abort()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._listener is not None:
+            self._listener.close()
+        await asyncio.sleep(0)
+
+    def _require_layout(self) -> KvLayout:
+        if self._layout is None:
+            raise RuntimeError("call register_memory(layout) before using the transport")
+        return self._layout

@@ -1,0 +1,110 @@
+"""How long simulated instances take to prefill and decode: a small calibrated formula.
+
+Owns: the cost model (coefficients, their JSON file, the default GPU profile).
+Must not: simulate queues or caches (``simulator`` does) or import torch; the
+calibration script (``bench/router_calibrate.py``) measures and fits, this module
+only evaluates and loads.
+
+Prefill of ``n`` new tokens after ``c`` cached ones costs::
+
+    overhead + per_token * n + per_token_pair * n * (c + n / 2)
+
+the linear term being the weight matmuls and the pair term causal attention
+(each new token attends to the cached tokens and half the new ones on average).
+A decode step of a batch costs ``step_overhead + per_kv_token * tokens in the batch``.
+
+Default profile ``a100-80gb/llama-3-8b/bf16`` (documented, not measured here):
+8.0e9 parameters -> 16 GFLOP per token; A100 bf16 dense peak 312 TFLOP/s at 55%
+prefill efficiency -> 93 us/token (about 10.7k tokens/s on short prompts).
+Attention: 4 * 32 layers * 4096 = 524,288 FLOP per (query, key) pair -> 3.06 ns.
+A 10k-token prompt then takes about 1.1 s, a 40k-token one 6.2 s. KV per token
+is 128 KiB (32 layers, 8 KV heads x 128, K and V, bf16), so 512-token blocks are
+64 MiB and the about 58 GB of HBM left beside weights and activations hold 900 of
+them. A decode step: 8 ms to stream the weights at about 2 TB/s, plus 64 ns per
+token of KV read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitserve.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Coefficients of the prefill and decode time formulas (seconds)."""
+
+    name: str = "a100-80gb/llama-3-8b/bf16"
+    """What hardware and model the coefficients describe."""
+    prefill_overhead_s: float = 0.015
+    """Fixed cost of one prefill (scheduling, launches, sampling the first token)."""
+    prefill_s_per_token: float = 9.3e-5
+    """Cost per new prompt token (weight matmuls)."""
+    prefill_s_per_token_pair: float = 3.06e-9
+    """Cost per (new token, attended token) pair (attention)."""
+    decode_step_overhead_s: float = 0.008
+    """Cost of one decode step of any batch (streaming the weights)."""
+    decode_s_per_kv_token: float = 6.4e-8
+    """Cost per KV token read in a decode step."""
+    kv_capacity_blocks: int = 900
+    """Prefix-cache capacity of one instance, in 512-token blocks."""
+    block_size: int = 512
+    """Tokens per block of ``kv_capacity_blocks``."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "name":
+                if not isinstance(value, str) or not value:
+                    raise ConfigError("cost model 'name' must be a non-empty string")
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"cost model field {f.name!r} must be a finite number, got {value!r}")
+            if value < 0 or (value == 0 and f.name in _POSITIVE):
+                raise ConfigError(f"cost model field {f.name!r} must be positive, got {value!r}")
+
+    def prefill_time(self, new_tokens: int, cached_tokens: int = 0) -> float:
+        """Seconds to prefill ``new_tokens`` after ``cached_tokens`` already in the KV cache.
+
+        A fully cached prompt still computes its last token to sample the first output token.
+        """
+        n = max(1, new_tokens)
+        pairs = n * (cached_tokens + n / 2)
+        return self.prefill_overhead_s + self.prefill_s_per_token * n + self.prefill_s_per_token_pair * pairs
+
+    def decode_step_time(self, batch_kv_tokens: int) -> float:
+        """Seconds for one decode step over a batch holding ``batch_kv_tokens`` KV tokens."""
+        return self.decode_step_overhead_s + self.decode_s_per_kv_token * batch_kv_tokens
+
+    def nominal_prefill_rate_tps(self, prompt_len: int = 8192) -> float:
+        """Tokens/s on an uncached prompt of ``prompt_len`` tokens (the router's starting estimate)."""
+        return prompt_len / self.prefill_time(prompt_len)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        """Read a JSON file written by ``save`` (or the calibration script); names bad fields."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read cost model {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"cost model {path} must hold a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"cost model {path}: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+_POSITIVE = {"prefill_s_per_token", "kv_capacity_blocks", "block_size"}

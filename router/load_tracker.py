@@ -1,0 +1,250 @@
+"""Per-instance load as the router sees it: what it placed, what started, what finished.
+
+Owns: queued prefill tokens (FIFO of requests not yet started), the prefill in
+progress, running requests, decode KV reservations, and each instance's measured
+prefill rate. Updated only at the request events (add, prefill start, prefill
+done, finish), migrations and instance add/remove. Must not: know about prefixes
+(the ``PrefixIndex`` does) or choose instances (the policies do).
+
+Predicted TTFT of ``n`` new uncached tokens at an instance is
+``(queued tokens + what is left of the prefill in progress + n) / measured rate``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from splitserve.router.errors import UnknownInstanceError
+
+
+@dataclass(slots=True)
+class InstanceLoad:
+    """One instance's load. Mutated only by ``LoadTracker``."""
+
+    instance_id: str
+    prefill_rate_tps: float
+    """Moving average of measured prefill tokens per second (uncached tokens only)."""
+    kv_capacity_blocks: int
+    num_queued_prefill_tokens: int = 0
+    """Uncached prompt tokens of requests placed here whose prefill has not started."""
+    num_running_requests: int = 0
+    """Requests placed here (as prefill or decode) that have not finished."""
+    num_active_prefill_blocks: int = 0
+    """Prompt blocks (cached or not) of requests queued or prefilling here (Dynamo's active blocks)."""
+    num_reserved_kv_blocks: int = 0
+    """Decode KV blocks reserved by requests placed here to decode."""
+    num_reported_kv_blocks: int = 0
+    """KV blocks in use as last reported by the instance itself."""
+    num_prefilled_tokens: int = 0
+    """Uncached prompt tokens this instance has finished prefilling (for imbalance figures)."""
+    queue: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    """Requests placed here and not started, in placement order: request_id -> uncached tokens."""
+    prefill_started_at: float = 0.0
+    """Clock time the prefill in progress started (valid while ``prefill_tokens_in_progress``)."""
+    prefill_tokens_in_progress: int = 0
+    """Uncached tokens of the prefill(s) in progress."""
+
+    def pending_prefill_tokens(self, now: float) -> float:
+        """Tokens still to prefill before a newly queued request could start."""
+        progress = self.prefill_rate_tps * max(0.0, now - self.prefill_started_at)
+        remaining = max(0.0, self.prefill_tokens_in_progress - progress)
+        return self.num_queued_prefill_tokens + remaining
+
+    def predicted_ttft(self, new_tokens: float, now: float) -> float:
+        """Seconds until ``new_tokens`` appended now would finish prefilling here."""
+        return (self.pending_prefill_tokens(now) + new_tokens) / self.prefill_rate_tps
+
+    @property
+    def kv_pressure(self) -> float:
+        """Fraction of KV capacity in use or reserved for decode (may exceed 1 when oversubscribed)."""
+        used = max(self.num_reserved_kv_blocks, self.num_reported_kv_blocks)
+        return used / self.kv_capacity_blocks
+
+
+@dataclass(slots=True)
+class _Tracked:
+    prefill_instance: str | None
+    decode_instance: str | None
+    prefill_tokens: int
+    prompt_blocks: int
+    kv_blocks: int
+    started_at: float | None = None
+    prefill_done: bool = False
+
+
+class LoadTracker:
+    """Loads of every known instance, keyed by instance id."""
+
+    def __init__(self, default_prefill_rate_tps: float, default_kv_capacity_blocks: int,
+                 rate_ewma_alpha: float = 0.2) -> None:
+        self.default_prefill_rate_tps = default_prefill_rate_tps
+        self.default_kv_capacity_blocks = default_kv_capacity_blocks
+        self.rate_ewma_alpha = rate_ewma_alpha
+        self.loads: dict[str, InstanceLoad] = {}
+        self._requests: dict[str, _Tracked] = {}
+
+    # -- instances -----------------------------------------------------------------------------
+
+    def add_instance(self, instance_id: str, prefill_rate_tps: float | None = None,
+                     kv_capacity_blocks: int | None = None) -> InstanceLoad:
+        if instance_id in self.loads:
+            raise ValueError(f"instance {instance_id!r} is already tracked")
+        rate = prefill_rate_tps if prefill_rate_tps is not None else self.default_prefill_rate_tps
+        capacity = kv_capacity_blocks if kv_capacity_blocks is not None else self.default_kv_capacity_blocks
+        if not rate > 0:
+            raise ValueError(f"prefill_rate_tps must be positive, got {rate}")
+        if not capacity > 0:
+            raise ValueError(f"kv_capacity_blocks must be positive, got {capacity}")
+        load = InstanceLoad(instance_id, float(rate), int(capacity))
+        self.loads[instance_id] = load
+        return load
+
+    def remove_instance(self, instance_id: str) -> list[str]:
+        """Stop tracking an instance; returns the unfinished requests placed on it (to re-place).
+
+        Those requests are forgotten everywhere, so their loads on other instances are released too.
+        """
+        self._load(instance_id)
+        orphans = [rid for rid, t in self._requests.items()
+                   if instance_id in (t.prefill_instance, t.decode_instance)]
+        for request_id in orphans:
+            self.on_finish(request_id)
+        del self.loads[instance_id]
+        return orphans
+
+    def get(self, instance_id: str) -> InstanceLoad:
+        return self._load(instance_id)
+
+    def report_kv_usage(self, instance_id: str, used_blocks: int) -> None:
+        """The instance's own count of KV blocks in use (from its metrics)."""
+        self._load(instance_id).num_reported_kv_blocks = max(0, used_blocks)
+
+    # -- request events ------------------------------------------------------------------------
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def on_add(self, request_id: str, prefill_instance: str | None, decode_instance: str | None,
+               prefill_tokens: int, prompt_blocks: int, kv_blocks: int) -> None:
+        """A request was placed: charge its prefill work and its decode KV reservation."""
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already placed")
+        tracked = _Tracked(prefill_instance, decode_instance, prefill_tokens, prompt_blocks, kv_blocks)
+        for instance_id in {prefill_instance, decode_instance} - {None}:
+            self._load(instance_id)  # unknown instances fail before anything is charged
+        if prefill_instance is not None:
+            self._queue_prefill(self.loads[prefill_instance], request_id, tracked)
+        if decode_instance is not None:
+            self.loads[decode_instance].num_reserved_kv_blocks += kv_blocks
+        for instance_id in _members(tracked):
+            self.loads[instance_id].num_running_requests += 1
+        self._requests[request_id] = tracked
+
+    def on_prefill_start(self, request_id: str, now: float) -> None:
+        """The prefill instance started the request: it can no longer migrate."""
+        tracked = self._requests.get(request_id)
+        if tracked is None or tracked.prefill_instance is None or tracked.started_at is not None:
+            return
+        load = self.loads[tracked.prefill_instance]
+        load.queue.pop(request_id, None)
+        load.num_queued_prefill_tokens -= tracked.prefill_tokens
+        # Fold what is left of an earlier prefill in progress into the new one.
+        remaining = load.pending_prefill_tokens(now) - load.num_queued_prefill_tokens
+        load.prefill_tokens_in_progress = int(remaining) + tracked.prefill_tokens
+        load.prefill_started_at = now
+        tracked.started_at = now
+
+    def on_prefill_done(self, request_id: str, now: float) -> None:
+        """Prefill finished: release the prefill work and learn the instance's rate from it."""
+        tracked = self._requests.get(request_id)
+        if tracked is None or tracked.prefill_done or tracked.prefill_instance is None:
+            return
+        if tracked.started_at is None:
+            self.on_prefill_start(request_id, now)
+        load = self.loads[tracked.prefill_instance]
+        self._learn_rate(load, tracked.prefill_tokens, now - (tracked.started_at or now))
+        load.prefill_tokens_in_progress = max(0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
+        load.prefill_started_at = now
+        load.num_active_prefill_blocks -= tracked.prompt_blocks
+        load.num_prefilled_tokens += tracked.prefill_tokens
+        if tracked.decode_instance != tracked.prefill_instance:
+            load.num_running_requests -= 1
+        tracked.prefill_done = True
+
+    def on_finish(self, request_id: str) -> None:
+        """The request finished or was aborted: release everything it still holds (idempotent)."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            return
+        members = _members(tracked)
+        if tracked.prefill_instance is not None and not tracked.prefill_done:
+            self._release_prefill(self.loads[tracked.prefill_instance], request_id, tracked)
+        if tracked.decode_instance is not None:
+            self.loads[tracked.decode_instance].num_reserved_kv_blocks -= tracked.kv_blocks
+        for instance_id in members:
+            self.loads[instance_id].num_running_requests -= 1
+
+    def move_queued(self, request_id: str, target: str, prefill_tokens: int) -> None:
+        """Move a request that has not started prefill to ``target`` with its new uncached tokens."""
+        tracked = self._requests.get(request_id)
+        if tracked is None or tracked.prefill_instance is None or tracked.started_at is not None:
+            raise ValueError(f"request {request_id!r} is not queued for prefill; it cannot migrate")
+        self._load(target)
+        before = _members(tracked)
+        self._release_prefill(self.loads[tracked.prefill_instance], request_id, tracked)
+        tracked.prefill_instance = target
+        tracked.prefill_tokens = prefill_tokens
+        self._queue_prefill(self.loads[target], request_id, tracked)
+        after = _members(tracked)
+        for instance_id in before - after:
+            self.loads[instance_id].num_running_requests -= 1
+        for instance_id in after - before:
+            self.loads[instance_id].num_running_requests += 1
+
+    def prefill_instance_of(self, request_id: str) -> str | None:
+        tracked = self._requests.get(request_id)
+        return tracked.prefill_instance if tracked else None
+
+    def queued_tokens_of(self, request_id: str) -> int:
+        tracked = self._requests.get(request_id)
+        return tracked.prefill_tokens if tracked else 0
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _load(self, instance_id: str) -> InstanceLoad:
+        load = self.loads.get(instance_id)
+        if load is None:
+            raise UnknownInstanceError(instance_id)
+        return load
+
+    def _release_prefill(self, load: InstanceLoad, request_id: str, tracked: _Tracked) -> None:
+        if tracked.started_at is None:
+            load.queue.pop(request_id, None)
+            load.num_queued_prefill_tokens -= tracked.prefill_tokens
+        else:
+            load.prefill_tokens_in_progress = max(
+                0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
+        load.num_active_prefill_blocks -= tracked.prompt_blocks
+
+    @staticmethod
+    def _queue_prefill(load: InstanceLoad, request_id: str, tracked: _Tracked) -> None:
+        load.queue[request_id] = tracked.prefill_tokens
+        load.num_queued_prefill_tokens += tracked.prefill_tokens
+        load.num_active_prefill_blocks += tracked.prompt_blocks
+
+    def _learn_rate(self, load: InstanceLoad, tokens: int, elapsed_s: float) -> None:
+        # Tiny prefills are dominated by fixed overheads and would understate the rate.
+        if tokens < 256 or elapsed_s <= 0:
+            return
+        measured = tokens / elapsed_s
+        alpha = self.rate_ewma_alpha
+        load.prefill_rate_tps = (1 - alpha) * load.prefill_rate_tps + alpha * measured
+
+
+def _members(tracked: _Tracked) -> set[str]:
+    """Instances a request currently occupies: its decode instance, and prefill until done."""
+    members = {tracked.decode_instance} if tracked.decode_instance is not None else set()
+    if tracked.prefill_instance is not None and not tracked.prefill_done:
+        members.add(tracked.prefill_instance)
+    return members

@@ -1,0 +1,65 @@
+"""A read-only view of the router's state that policies decide on.
+
+Owns: nothing; it bundles the ``PrefixIndex``, the ``LoadTracker``, the healthy
+prefill instances and the clock, and derives per-request figures (cached tokens,
+predicted TTFT). Must not: mutate the index or the loads; policies get only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from splitserve.router.load_tracker import InstanceLoad, LoadTracker
+from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.schema import RouterConfig, RouteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """What a policy may look at while it places one request."""
+
+    config: RouterConfig
+    index: PrefixIndex
+    loads: LoadTracker
+    prefill_instances: Sequence[str]
+    """Healthy prefill instances, in the order they joined."""
+    now: float
+    """The router's clock at decision time (seconds)."""
+    queued_requests: Mapping[str, RouteRequest]
+    """Placed requests whose prefill has not started (what rebalancing may move)."""
+
+    def load(self, instance_id: str) -> InstanceLoad:
+        return self.loads.loads[instance_id]
+
+    def cached_tokens(self, request: RouteRequest, matched_blocks: int) -> int:
+        """Prompt tokens covered by ``matched_blocks`` leading blocks."""
+        return min(matched_blocks * self.config.block_size, request.prompt_len)
+
+    def uncached_tokens(self, request: RouteRequest, matched_blocks: int) -> int:
+        return request.prompt_len - self.cached_tokens(request, matched_blocks)
+
+    def predicted_ttft(self, instance_id: str, request: RouteRequest, matched_blocks: int) -> float:
+        """Seconds until the request would finish prefilling at ``instance_id`` if placed now."""
+        return self.load(instance_id).predicted_ttft(
+            self.uncached_tokens(request, matched_blocks), self.now)
+
+    def best_predicted_ttft(
+        self, request: RouteRequest, matches: dict[str, int], exclude: str | None = None
+    ) -> tuple[str, float]:
+        """The healthy prefill instance with the lowest predicted TTFT (ties: earliest joined).
+
+        Returns ``("", inf)`` when no instance other than ``exclude`` exists.
+        """
+        best_id, best_ttft = "", float("inf")
+        loads = self.loads.loads
+        prompt_len, block_size, now = request.prompt_len, self.config.block_size, self.now
+        for instance_id in self.prefill_instances:
+            if instance_id == exclude:
+                continue
+            load = loads[instance_id]
+            cached = min(matches.get(instance_id, 0) * block_size, prompt_len)
+            ttft = load.predicted_ttft(prompt_len - cached, now)
+            if ttft < best_ttft:
+                best_id, best_ttft = instance_id, ttft
+        return best_id, best_ttft

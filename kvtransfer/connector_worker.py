@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from splitserve.kernels.ops import get_ops
+from splitserve.kvtransfer.connector_scheduler import FinishedTransfers, KvConnectorMeta
 from splitserve.kvtransfer.layout import KvLayout, cache_checksums, staging_checksums
 from splitserve.kvtransfer.lease import DEFAULT_LEASE_TTL_S, LeaseEnd, LeaseManager
 from splitserve.kvtransfer.params import Control, KvTransferParams, ReadRequest
@@ -58,18 +59,6 @@ class TransferConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0 or None, got {value}")
-
-
-@dataclasses.dataclass
-class FinishedTransfers:
-    """What ended since the last ``get_finished``; each request id appears once, ever."""
-
-    finished_sending: dict[str, LeaseEnd] = dataclasses.field(default_factory=dict)
-    """Serving side: leases that ended (released, aborted, expired); free their blocks."""
-    finished_recving: set[str] = dataclasses.field(default_factory=set)
-    """Reading side: KV verified and in the local blocks; the request may run."""
-    failed_recving: dict[str, BaseException] = dataclasses.field(default_factory=dict)
-    """Reading side: loads that failed for good; free their blocks, fail (or recompute) them."""
 
 
 @dataclasses.dataclass
@@ -224,6 +213,13 @@ class KvConnectorWorker:
         chunk.handle = self.transport.read_blocks(params.address, read, chunk.dest,
                                                   self.config.read_timeout_s)
 
+    def apply(self, meta: KvConnectorMeta) -> None:
+        """Carry out what the scheduler half decided this step: aborts first, then loads."""
+        for spec in meta.aborts:
+            self.abort(spec.request_id, spec.params)
+        for spec in meta.loads:
+            self.start_load(spec.request_id, spec.params, spec.local_block_ids)
+
     def abort_load(self, request_id: str) -> bool:
         """Stop a load (the engine aborted the request); tells the serving side. Not reported."""
         load = self._loads.pop(request_id, None)
@@ -232,9 +228,13 @@ class KvConnectorWorker:
         self._drop(load, "abort")
         return True
 
-    def abort(self, request_id: str) -> None:
-        """Abort the request on whichever side(s) this engine plays for it."""
-        self.abort_load(request_id)
+    def abort(self, request_id: str, params: KvTransferParams | None = None) -> None:
+        """Abort the request on whichever side(s) this engine plays for it.
+
+        With ``params`` of a load not yet started, the serving side is told too.
+        """
+        if not self.abort_load(request_id) and params is not None:
+            self._tell(params, "abort")
         self.leases.abort(request_id)
 
     def _drop(self, load: _Load, kind: str) -> None:
@@ -242,10 +242,13 @@ class KvConnectorWorker:
         for chunk in load.chunks:
             if chunk.handle is not None:
                 self._orphans.add(chunk.handle)
-        control = Control(xfer_id=0, kind=kind, request_id=load.request_id,
-                          lease_id=load.params.lease_id)
+        self._tell(load.params, kind)
+
+    def _tell(self, params: KvTransferParams, kind: str) -> None:
+        control = Control(xfer_id=0, kind=kind, request_id=params.request_id,
+                          lease_id=params.lease_id)
         try:
-            self._orphans.add(self.transport.send_control(load.params.address, control,
+            self._orphans.add(self.transport.send_control(params.address, control,
                                                           self.config.read_timeout_s))
         except KVTransferError:
             pass  # best effort: the lease expires on its own

@@ -19,12 +19,16 @@ import enum
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from splitserve.errors import KVTransferError, RequestAbortedError
 
 DEFAULT_LEASE_TTL_S = 30.0
 """How long offered KV is held without a heartbeat or read from the reader."""
+
+_NUM_TOMBSTONES = 4096
+"""Ended leases remembered so that a late reader learns why (aborted vs expired)."""
 
 
 class LeaseEnd(enum.StrEnum):
@@ -72,6 +76,7 @@ class LeaseManager:
         self._clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
+        self._ended: OrderedDict[int, LeaseEnd] = OrderedDict()  # lease_id -> why, bounded
 
     # ------------------------------------------------------------------ granting side (owner)
 
@@ -99,11 +104,17 @@ class LeaseManager:
             done = [lease for lease in self._leases.values() if self._finalizable(lease, now)]
             for lease in done:
                 del self._leases[lease.request_id]
+                self._remember(lease)
         ended = [(lease.request_id, lease.ended or LeaseEnd.EXPIRED) for lease in done]
         if self._on_release is not None:
             for request_id, reason in ended:
                 self._on_release(request_id, reason)
         return ended
+
+    def _remember(self, lease: Lease) -> None:
+        self._ended[lease.lease_id] = lease.ended or LeaseEnd.EXPIRED
+        while len(self._ended) > _NUM_TOMBSTONES:
+            self._ended.popitem(last=False)
 
     def _finalizable(self, lease: Lease, now: float) -> bool:
         if lease.ended is None and now >= lease.expires_at:
@@ -158,14 +169,18 @@ class LeaseManager:
     def _live(self, request_id: str, lease_id: int) -> Lease:
         lease = self._leases.get(request_id)
         if lease is None or lease.lease_id != lease_id:
-            raise LeaseExpiredError(f"request {request_id!r}: no lease {lease_id} (expired or freed)")
-        if lease.ended is None and self._clock() >= lease.expires_at:
-            lease.ended = LeaseEnd.EXPIRED
-        if lease.ended is LeaseEnd.ABORTED:
+            ended = self._ended.get(lease_id)
+            if ended is None:
+                raise LeaseExpiredError(f"request {request_id!r}: no lease {lease_id} here")
+        else:
+            if lease.ended is None and self._clock() >= lease.expires_at:
+                lease.ended = LeaseEnd.EXPIRED
+            if lease.ended is None:
+                return lease
+            ended = lease.ended
+        if ended is LeaseEnd.ABORTED:
             raise RequestAbortedError(f"request {request_id!r} was aborted on the serving side")
-        if lease.ended is not None:
-            raise LeaseExpiredError(f"request {request_id!r}: lease {lease.ended.value}")
-        return lease
+        raise LeaseExpiredError(f"request {request_id!r}: lease {ended.value}, blocks freed")
 
     # ------------------------------------------------------------------ introspection
 

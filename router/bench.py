@@ -1,0 +1,257 @@
+"""The router benchmark: effective capacity of every policy under one TTFT SLO, in simulation.
+
+Owns: ``splitserve bench router`` (``main(argv)``; the cluster CLI delegates to it and
+``bench/router_sim.py`` runs it), the capacity search, the table, the JSON file, the PNG
+of SLO attainment against request rate, and the decision-latency measurement at 1,000
+instances. Must not: place requests itself (the simulator drives the real router).
+
+Effective capacity: the highest arrival rate (trace rate x time scale) at which at least
+``--attainment`` of requests (default 90%) meet the TTFT SLO, found by doubling then
+bisection on the time scale. Without ``--ttft-slo`` the SLO is 5x the idle TTFT of the
+trace's median-length request under the cost model (DistServe's SLO-scale convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from splitserve.router.cost_model import CostModel
+from splitserve.router.policies import create_policy
+from splitserve.router.schema import RouterConfig
+from splitserve.router.simulator import SimConfig, SimRequest, SimResult, prepare_requests, simulate
+from splitserve.router.trace import load_trace
+
+from splitserve.errors import ConfigError
+
+BASELINES = ("round_robin", "least_loaded", "prefix_affinity", "kv_overlap_cost")
+DEFAULT_POLICIES = ("dualmap", *BASELINES)
+SLO_SCALE = 5.0
+"""SLO = SLO_SCALE x idle TTFT of the median request, when no SLO is given."""
+
+
+@dataclass(slots=True)
+class CapacityResult:
+    """A policy's capacity and the run at that rate (``None``: no scale met the target)."""
+
+    policy: str
+    capacity_rps: float
+    at_capacity: SimResult | None
+    probes: list[SimResult] = field(default_factory=list)
+
+
+def default_slo(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
+    """5x the idle TTFT of the median-length request."""
+    median_len = int(statistics.median(r.prompt_len for r in requests))
+    return SLO_SCALE * cost_model.prefill_time(median_len)
+
+
+def find_capacity(
+    run: Callable[[float], SimResult], attainment: float = 0.9, rel_tol: float = 0.02,
+    max_scale: float = 1024.0, min_scale: float = 1 / 1024,
+) -> tuple[float, SimResult | None, list[SimResult]]:
+    """Highest time scale whose run meets ``attainment``: double/halve, then bisect.
+
+    Returns (scale, the run at that scale, every probe). Scale 0 when even ``min_scale`` fails.
+    """
+    probes: list[SimResult] = []
+
+    def ok(scale: float) -> bool:
+        result = run(scale)
+        probes.append(result)
+        return result.slo_attainment >= attainment
+
+    lo, hi = _bracket(ok, max_scale, min_scale)
+    if lo == 0.0:
+        return 0.0, None, probes
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    best = max((p for p in probes if p.time_scale == lo), key=lambda p: p.time_scale)
+    return lo, best, probes
+
+
+def _bracket(ok: Callable[[float], bool], max_scale: float, min_scale: float) -> tuple[float, float]:
+    scale = 1.0
+    if ok(scale):
+        while scale * 2 <= max_scale and ok(scale * 2):
+            scale *= 2
+        return scale, scale * 2
+    while scale / 2 >= min_scale:
+        scale /= 2
+        if ok(scale):
+            return scale, scale * 2
+    return 0.0, min_scale
+
+
+def measure_capacity(policy: str, requests: Sequence[SimRequest], base: SimConfig,
+                     attainment: float) -> CapacityResult:
+    def run(scale: float) -> SimResult:
+        return simulate(replace(base, policy=policy, time_scale=scale), requests)
+
+    scale, at, probes = find_capacity(run, attainment)
+    rate = at.request_rate_rps if at is not None else 0.0
+    return CapacityResult(policy, rate if scale > 0 else 0.0, at, probes)
+
+
+def decision_latency(policy: str, requests: Sequence[SimRequest], base: SimConfig,
+                     num_instances: int, time_scale: float) -> np.ndarray:
+    """Per-``route`` wall times (s) with ``num_instances`` prefill and as many decode instances."""
+    config = replace(base, policy=policy, num_instances=num_instances,
+                     num_decode_instances=num_instances, time_scale=time_scale,
+                     measure_decisions=True)
+    return simulate(config, requests).decision_latencies_s
+
+
+def format_table(results: Sequence[CapacityResult]) -> str:
+    by_name = {r.policy: r for r in results}
+    rr = by_name.get("round_robin")
+    best_base = max((r.capacity_rps for r in results if r.policy in BASELINES), default=0.0)
+    header = (f"{'policy':<16} {'capacity_rps':>12} {'vs_rr':>7} {'vs_best_base':>12} {'hit_rate':>8}"
+              f" {'ttft_p50_s':>10} {'ttft_p90_s':>10} {'ttft_p99_s':>10} {'imbalance':>9}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        at = r.at_capacity
+        lines.append(
+            f"{r.policy:<16} {r.capacity_rps:>12.2f} {_ratio(r.capacity_rps, rr.capacity_rps if rr else 0):>7}"
+            f" {_ratio(r.capacity_rps, best_base):>12}"
+            + (f" {at.hit_rate:>8.3f} {at.ttft_percentile(50):>10.2f} {at.ttft_percentile(90):>10.2f}"
+               f" {at.ttft_percentile(99):>10.2f} {at.load_imbalance:>9.2f}" if at else "  (no rate met the SLO target)"))
+    return "\n".join(lines)
+
+
+def _ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference > 0 else "n/a"
+
+
+def to_json(results: Sequence[CapacityResult], slo: float, cost_model: CostModel,
+            latency: dict[str, float] | None, args: argparse.Namespace) -> dict[str, object]:
+    policies: dict[str, object] = {}
+    for r in results:
+        at = r.at_capacity
+        policies[r.policy] = {
+            "capacity_rps": r.capacity_rps,
+            "hit_rate": at.hit_rate if at else None,
+            "ttft_p50_s": at.ttft_percentile(50) if at else None,
+            "ttft_p90_s": at.ttft_percentile(90) if at else None,
+            "ttft_p99_s": at.ttft_percentile(99) if at else None,
+            "load_imbalance": at.load_imbalance if at else None,
+            "slo_attainment": at.slo_attainment if at else None,
+            "curve": [{"rate_rps": p.request_rate_rps, "attainment": p.slo_attainment}
+                      for p in sorted(r.probes, key=lambda p: p.time_scale)],
+        }
+    return {
+        "trace": str(args.trace), "instances": args.instances, "ttft_slo_s": slo,
+        "attainment_target": args.attainment, "cost_model": cost_model.name,
+        "policies": policies, "decision_latency": latency,
+    }
+
+
+def plot(results: Sequence[CapacityResult], slo: float, attainment: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        probes = sorted(r.probes, key=lambda p: p.request_rate_rps)
+        ax.plot([p.request_rate_rps for p in probes], [p.slo_attainment for p in probes],
+                marker="o", markersize=3, label=r.policy)
+    ax.axhline(attainment, color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(f"fraction of requests with TTFT <= {slo:.2f} s")
+    ax.set_title("SLO attainment against request rate (simulated)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve bench router", description=__doc__.split("\n")[0])
+    p.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL trace")
+    p.add_argument("--instances", type=int, default=32, help="prefill instances (and decode instances)")
+    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policy names")
+    p.add_argument("--ttft-slo", type=float, default=None, help="TTFT SLO in seconds (default: 5x idle median)")
+    p.add_argument("--cost-model", type=Path, default=None, help="cost model JSON (default: built-in A100 profile)")
+    p.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLO")
+    p.add_argument("--prefix-key-blocks", type=int, default=RouterConfig().prefix_key_blocks)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
+    p.add_argument("--latency-instances", type=int, default=1000, help="instances for the decision-latency run (0: skip)")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--plot", type=Path, default=None, help="write the SLO-attainment PNG here")
+    return p
+
+
+def parse_policies(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--policies names no policy")
+    for name in names:
+        create_policy(name)  # raises UnknownPolicyError naming the known ones
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    policies = parse_policies(args.policies)
+    if args.instances < 1:
+        raise ConfigError(f"--instances must be >= 1, got {args.instances}")
+    if args.ttft_slo is not None and not args.ttft_slo > 0:
+        raise ConfigError(f"--ttft-slo must be a positive number of seconds, got {args.ttft_slo}")
+    if not 0 < args.attainment <= 1:
+        raise ConfigError(f"--attainment must be in (0, 1], got {args.attainment}")
+    cost_model = CostModel.load(args.cost_model) if args.cost_model else CostModel()
+    requests = prepare_requests(load_trace(args.trace, args.limit))
+    slo = args.ttft_slo if args.ttft_slo is not None else default_slo(requests, cost_model)
+    base = SimConfig(policy=policies[0], num_instances=args.instances,
+                     num_decode_instances=args.instances, cost_model=cost_model,
+                     router_config=RouterConfig(ttft_slo_s=slo, prefix_key_blocks=args.prefix_key_blocks,
+                                                default_prefill_rate_tps=cost_model.nominal_prefill_rate_tps(),
+                                                block_size=cost_model.block_size))
+    print(f"trace {args.trace}: {len(requests)} requests; {args.instances} instances; "
+          f"cost model {cost_model.name}; TTFT SLO {slo:.2f} s; target {args.attainment:.0%}")
+    results = []
+    for name in policies:
+        t0 = time.perf_counter()
+        results.append(measure_capacity(name, requests, base, args.attainment))
+        print(f"  {name}: {results[-1].capacity_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    print(format_table(results))
+    latency = _latency_figures(policies, requests, base, args, results)
+    if args.json:
+        args.json.write_text(json.dumps(to_json(results, slo, cost_model, latency, args), indent=2) + "\n")
+    if args.plot:
+        plot(results, slo, args.attainment, args.plot)
+    return 0
+
+
+def _latency_figures(policies: Sequence[str], requests: Sequence[SimRequest], base: SimConfig,
+                     args: argparse.Namespace, results: Sequence[CapacityResult]) -> dict[str, float] | None:
+    if args.latency_instances <= 0:
+        return None
+    figures: dict[str, float] = {}
+    print(f"placement decision latency with {args.latency_instances} prefill + "
+          f"{args.latency_instances} decode instances:")
+    for r in results:
+        # Load the big fleet as the small one was at capacity, scaled by the fleet size.
+        at_scale = r.at_capacity.time_scale if r.at_capacity else 1.0
+        scale = at_scale * args.latency_instances / args.instances
+        lat = decision_latency(r.policy, requests, base, args.latency_instances, scale)
+        p50, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 99))
+        figures[f"{r.policy}_p50_ms"], figures[f"{r.policy}_p99_ms"] = p50, p99
+        print(f"  {r.policy:<16} p50 {p50:.3f} ms  p99 {p99:.3f} ms")
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(main())

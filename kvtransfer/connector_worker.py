@@ -147,6 +147,10 @@ class KvConnectorWorker:
         finally:
             self.leases.unpin(read.request_id)
 
+    def check_lease(self, read: ReadRequest) -> None:
+        """ServeHandler: the request may have been aborted or expired while its read was staged."""
+        self.leases.renew(read.request_id, read.lease_id)
+
     def on_control(self, control: Control) -> None:
         """ServeHandler: a reader's heartbeat, release or abort."""
         if control.kind == "heartbeat":

@@ -99,6 +99,7 @@ class LoopbackTransport(KvTransport):
         if peer.fault is not None:
             time.sleep(peer.fault.delay())
             staging = peer.fault.before_send(staging)
+        server.check_lease(read)
         dest.copy_(staging)
 
     def _serving_peer(self, address: str) -> ServeHandler:

@@ -71,6 +71,10 @@ class ServeHandler(Protocol):
         """
         ...
 
+    def check_lease(self, read: ReadRequest) -> None:
+        """Raise unless ``read``'s lease is still live (called again just before bytes go out)."""
+        ...
+
     def on_control(self, control: Control) -> None:
         """Apply a heartbeat, release or abort; raises ``KVTransferError`` for a dead lease."""
         ...

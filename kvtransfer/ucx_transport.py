@@ -396,19 +396,34 @@ class UcxTransport(KvTransport):
         return Reply(xfer_id=control.xfer_id, ok=True)
 
     async def _serve_read(self, ep: Any, read: ReadRequest) -> None:
+        try:
+            staging = await self._stage(read)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            await self._answer_quietly(ep, error_reply(read.xfer_id, e))
+            return
+        nbytes = staging.numel() * staging.element_size()
+        try:
+            await self._answer(ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
+            await ep.send(_wire_bytes(staging), tag=read.xfer_id)
+        except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
+            logger.debug("UCX send of %s failed: %r", read.request_id, e)
+
+    async def _stage(self, read: ReadRequest) -> torch.Tensor:
+        """Gather off the loop thread, apply test faults, re-check the lease last."""
         assert self._server is not None
         loop = asyncio.get_running_loop()
-        try:
-            staging = await loop.run_in_executor(None, self._server.stage, read)
-        except Exception as e:  # noqa: BLE001 - reported to the peer
-            await self._answer(ep, error_reply(read.xfer_id, e))
-            return
+        staging = await loop.run_in_executor(None, self._server.stage, read)
         if self.fault is not None:
             await asyncio.sleep(self.fault.delay())
             staging = self.fault.before_send(staging)
-        nbytes = staging.numel() * staging.element_size()
-        await self._answer(ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
-        await ep.send(_wire_bytes(staging), tag=read.xfer_id)
+        self._server.check_lease(read)
+        return staging
+
+    async def _answer_quietly(self, ep: Any, reply: Reply) -> None:
+        try:
+            await self._answer(ep, reply)
+        except Exception as e:  # noqa: BLE001 - the reader went away
+            logger.debug("UCX reply failed: %r", e)
 
     async def _answer(self, ep: Any, reply: Reply) -> None:
         await ep.am_send(_msg_bytes(reply))

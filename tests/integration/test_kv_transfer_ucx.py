@@ -1,0 +1,340 @@
+"""KV transfer over real UCX between OS processes, and the faults it must survive.
+
+Each engine process (``_engine_main``) owns a deterministic KV cache, the engine's
+``BlockPool``, a ``UcxTransport`` and a ``KvConnectorWorker``, and obeys commands from
+the test over a pipe (test plumbing only; the KV path is UCX). Every test ends with
+both pools back to full.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ucx
+
+NUM_BLOCKS = 32
+LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 16, 2, 32
+MODEL = "tiny-random"
+
+
+def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim)
+    return [torch.randn(shape, generator=g) for _ in range(LAYERS)]
+
+
+# ====================================================================== engine process
+
+
+class _Peer:
+    """The engine side of one process: pool, caches, connector; answers commands."""
+
+    def __init__(self, seed: int, read_timeout_s: float) -> None:
+        from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
+        from splitserve.kvtransfer.transport import FaultInjector, create_transport
+        from splitserve.roles.engine.block_pool import BlockPool
+
+        self.pool = BlockPool(NUM_BLOCKS)
+        self.caches = _caches(seed)
+        self.fault = FaultInjector()
+        config = TransferConfig(read_timeout_s=read_timeout_s, load_timeout_s=3 * read_timeout_s,
+                                layers_per_chunk=2, blocks_per_chunk=4)
+        self.worker = KvConnectorWorker(f"engine-{seed}", self.caches,
+                                        create_transport("ucx", fault=self.fault), MODEL, config)
+        self.held: dict[str, list[Any]] = {}
+        self.results: dict[str, tuple[str, Any]] = {}
+
+    def step(self) -> None:
+        finished = self.worker.get_finished()
+        for request_id in finished.finished_sending:
+            self._free(request_id)
+        for request_id in finished.finished_recving:
+            ids = [b.block_id for b in self.held[request_id]]
+            self.results[request_id] = ("ok", [c[:, ids].clone() for c in self.caches])
+            self._free(request_id)
+        for request_id, error in finished.failed_recving.items():
+            self.results[request_id] = ("error", (type(error).__name__, str(error)))
+            self._free(request_id)
+
+    def _free(self, request_id: str) -> None:
+        blocks = self.held.pop(request_id, None)
+        if blocks is not None:
+            self.pool.free_blocks(blocks)
+
+    def _allocate(self, request_id: str, n: int) -> list[int]:
+        blocks = self.pool.get_new_blocks(n)
+        assert blocks is not None
+        self.held[request_id] = blocks
+        return [b.block_id for b in blocks]
+
+    # ------------------------------------------------------------------ commands
+
+    def cmd_address(self) -> str:
+        return self.worker.transport.address
+
+    def cmd_offer(self, request_id: str, n: int, ttl_s: float = 30.0) -> dict[str, Any]:
+        self._allocate(request_id, 1)  # skew ids so that local and remote ids differ
+        ids = self._allocate(request_id + "/", n)
+        self.pool.free_blocks(self.held.pop(request_id))
+        self.held[request_id] = self.held.pop(request_id + "/")
+        params = self.worker.offer(request_id, ids, num_tokens=n * BLOCK_SIZE, ttl_s=ttl_s)
+        return params.to_dict()
+
+    def cmd_load(self, params: dict[str, Any]) -> list[int]:
+        from splitserve.kvtransfer.params import KvTransferParams
+
+        p = KvTransferParams.decode_any(params)
+        ids = self._allocate(p.request_id, len(p.block_ids))
+        self.worker.start_load(p.request_id, p, ids)
+        return ids
+
+    def cmd_result(self, request_id: str) -> tuple[str, Any] | None:
+        return self.results.pop(request_id, None)
+
+    def cmd_abort(self, request_id: str) -> None:
+        self.worker.abort(request_id)
+        self._free(request_id)  # the engine frees an aborted request's blocks itself
+
+    def cmd_fault(self, corrupt_sends: int = 0, delay_send_s: float = 0.0) -> None:
+        self.fault.corrupt_sends, self.fault.delay_send_s = corrupt_sends, delay_send_s
+
+    def cmd_free(self) -> int:
+        return self.pool.num_free_blocks
+
+
+def _engine_main(conn: Connection, seed: int, read_timeout_s: float) -> None:
+    os.environ.setdefault("UCX_TLS", "tcp,self")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    torch.set_num_threads(1)
+    peer = _Peer(seed, read_timeout_s)
+    conn.send(("ready", os.getpid()))
+    while True:
+        if conn.poll(0.002):
+            name, args = conn.recv()
+            if name == "exit":
+                break
+            try:
+                conn.send(("ok", getattr(peer, "cmd_" + name)(*args)))
+            except Exception:  # noqa: BLE001 - shipped to the test
+                conn.send(("raise", traceback.format_exc()))
+        peer.step()
+    peer.worker.close()
+    conn.send(("ok", None))
+
+
+# ====================================================================== test side
+
+
+class Engine:
+    """Handle on an engine process."""
+
+    def __init__(self, seed: int, read_timeout_s: float = 3.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_main, args=(child, seed, read_timeout_s),
+                                daemon=True)
+        self.proc.start()
+        assert self.conn.poll(60), "engine process did not start"
+        assert self.conn.recv()[0] == "ready"
+        self.seed = seed
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            self.conn.send((name, args))
+            assert self.conn.poll(30), f"engine did not answer {name}"
+            status, value = self.conn.recv()
+            if status == "raise":
+                raise RuntimeError(f"engine {name} failed:\n{value}")
+            return value
+
+        return call
+
+    def wait_result(self, request_id: str, timeout_s: float = 15.0) -> tuple[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            result = self.result(request_id)
+            if result is not None:
+                return result
+            time.sleep(0.01)
+        raise AssertionError(f"{request_id}: no result within {timeout_s} s")
+
+    def wait_free(self, expected: int = NUM_BLOCKS, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.free() != expected:
+            assert time.monotonic() < deadline, f"pool stuck at {self.free()} free blocks"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("exit", ()))
+                self.conn.poll(10)
+            except (BrokenPipeError, EOFError, OSError):
+                pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Engine, Engine]]:
+    prefill, decode = Engine(1), Engine(2)
+    yield prefill, decode
+    decode.stop()
+    prefill.stop()
+
+
+@pytest.fixture(autouse=True)
+def _pools_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "pair" in request.fixturenames:
+        for engine in request.getfixturevalue("pair"):
+            engine.fault(0, 0.0)
+            engine.wait_free()
+
+
+def _expected(seed: int, block_ids: list[int]) -> list[torch.Tensor]:
+    return [c[:, block_ids] for c in _caches(seed)]
+
+
+def test_blocks_arrive_byte_for_byte(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    for i, n in enumerate((1, 7, 13)):
+        params = prefill.offer(f"r{i}", n)
+        local = decode.load(params)
+        assert local != params["block_ids"]
+        status, blocks = decode.wait_result(f"r{i}")
+        assert status == "ok", blocks
+        for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
+            assert torch.equal(got, want)
+        prefill.wait_free()  # released by the reader
+
+
+def test_concurrent_loads_share_one_endpoint(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    params = [prefill.offer(f"c{i}", 3) for i in range(4)]
+    for p in params:
+        decode.load(p)
+    for p in params:
+        status, blocks = decode.wait_result(p["request_id"])
+        assert status == "ok"
+        assert torch.equal(blocks[3], _expected(prefill.seed, p["block_ids"])[3])
+
+
+def test_corruption_in_flight_is_refetched_then_refused(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    prefill.fault(1)
+    params = prefill.offer("once", 4)
+    decode.load(params)
+    status, blocks = decode.wait_result("once")
+    assert status == "ok"
+    assert torch.equal(blocks[0], _expected(prefill.seed, params["block_ids"])[0])
+    prefill.fault(10_000)
+    decode.load(prefill.offer("always", 4))
+    status, (kind, message) = decode.wait_result("always")
+    assert status == "error" and kind == "KVChecksumError", message
+
+
+def test_lease_expires_before_the_read(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    params = prefill.offer("late", 2, 0.3)
+    prefill.wait_free(timeout_s=5.0)  # expired and freed without any reader
+    decode.load(params)
+    status, (kind, message) = decode.wait_result("late")
+    assert status == "error" and kind == "LeaseExpiredError", message
+
+
+def test_heartbeats_keep_a_slow_transfer_alive(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    prefill.fault(0, 1.5)  # every send stalls longer than the lease
+    params = prefill.offer("slow", 2, 0.9)
+    decode.load(params)
+    status, _ = decode.wait_result("slow")
+    assert status == "ok"
+
+
+def test_abort_on_prefill_side_mid_transfer(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    prefill.fault(0, 1.0)
+    decode.load(prefill.offer("pa", 3))
+    time.sleep(0.4)
+    prefill.abort("pa")
+    status, (kind, message) = decode.wait_result("pa")
+    assert status == "error" and kind == "RequestAbortedError", message
+
+
+def test_abort_on_decode_side_mid_transfer(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    prefill.fault(0, 1.0)
+    decode.load(prefill.offer("da", 3))
+    time.sleep(0.4)
+    decode.abort("da")
+    prefill.wait_free(timeout_s=5.0)  # lease aborted by the reader, not expired (ttl is 30 s)
+    assert decode.result("da") is None
+
+
+def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) -> None:
+    from splitserve.errors import IncompatibleKVLayoutError
+    from splitserve.kvtransfer.connector_worker import KvConnectorWorker
+    from splitserve.kvtransfer.params import KvTransferParams
+    from splitserve.kvtransfer.ucx_transport import UcxTransport
+
+    prefill, _ = pair
+    params = KvTransferParams.decode_any(prefill.offer("mm", 2))
+    worker = KvConnectorWorker("odd", _caches(3, head_dim=HEAD_DIM * 2), UcxTransport(), MODEL)
+    try:
+        worker.start_load("mm", params, [0, 1])
+        deadline = time.monotonic() + 10
+        while not (finished := worker.get_finished()).failed_recving:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        error = finished.failed_recving["mm"]
+        assert isinstance(error, IncompatibleKVLayoutError) and error.field == "head_dim"
+        assert "head_dim" in str(error)
+    finally:
+        worker.close()
+    prefill.abort("mm")
+
+
+def test_prefill_killed_mid_transfer() -> None:
+    prefill, decode = Engine(5), Engine(6, read_timeout_s=2.0)
+    try:
+        prefill.fault(0, 30.0)
+        decode.load(prefill.offer("k1", 3))
+        time.sleep(0.5)
+        prefill.kill()
+        started = time.monotonic()
+        status, (kind, message) = decode.wait_result("k1", timeout_s=12.0)
+        assert status == "error" and "Error" in kind, message
+        assert time.monotonic() - started < 12.0
+        decode.wait_free()
+    finally:
+        prefill.kill()
+        decode.stop()
+
+
+def test_decode_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
+    prefill, _ = pair
+    decode = Engine(7)
+    try:
+        prefill.fault(0, 1.0)
+        decode.load(prefill.offer("k2", 3, 1.0))
+        time.sleep(0.3)
+        decode.kill()
+        prefill.wait_free(timeout_s=8.0)  # heartbeats stopped: the lease expires
+    finally:
+        decode.kill()

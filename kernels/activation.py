@@ -14,9 +14,11 @@ from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     check_dtype,
     check_runnable,
+    emulate_rtne,
     next_power_of_2,
     require,
 )
+from splitserve.kernels.rounding import downcast
 
 Tensor = torch.Tensor
 
@@ -30,15 +32,21 @@ def _silu_and_mul_kernel(
     stride_x,
     intermediate,
     BLOCK: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0)
-    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    act = downcast(gate * tl.sigmoid(gate), out_ptr.dtype.element_ty, EMULATE_RTNE)
+    act = act.to(tl.float32)
     out = act * up.to(tl.float32)
-    tl.store(out_ptr + row * intermediate + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + row * intermediate + cols,
+        downcast(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=mask,
+    )
 
 
 def silu_and_mul(x: Tensor) -> Tensor:
@@ -54,6 +62,12 @@ def silu_and_mul(x: Tensor) -> Tensor:
         return out
     block = min(MAX_BLOCK, next_power_of_2(intermediate))
     _silu_and_mul_kernel[(num_rows, triton.cdiv(intermediate, block))](
-        x, out, x.stride(0), intermediate, BLOCK=block, num_warps=4
+        x,
+        out,
+        x.stride(0),
+        intermediate,
+        BLOCK=block,
+        EMULATE_RTNE=emulate_rtne(x.dtype),
+        num_warps=4,
     )
     return out

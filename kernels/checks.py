@@ -164,3 +164,8 @@ def check_block_tables(
         f"block_tables[{seq}, {col}] = {int(block_tables[seq, col])} points past the cache "
         f"(num_blocks = {num_blocks})"
     )
+
+
+def emulate_rtne(dtype: torch.dtype) -> bool:
+    """Whether kernels must round float32 -> bfloat16 by hand (the interpreter truncates)."""
+    return interpreting() and dtype == torch.bfloat16

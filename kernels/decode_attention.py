@@ -22,6 +22,7 @@ from splitserve.kernels.checks import (
     check_same_device,
     check_same_dtype,
     check_shape,
+    emulate_rtne,
     next_power_of_2,
     require,
     upcast_dot,
@@ -32,6 +33,7 @@ from splitserve.kernels.paged import (
     soft_cap_logits,
     tile_dot,
 )
+from splitserve.kernels.rounding import downcast
 
 Tensor = torch.Tensor
 
@@ -72,6 +74,7 @@ def _paged_decode_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -108,7 +111,9 @@ def _paged_decode_attention_kernel(
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(cache_ptr + stride_kv + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, UPCAST_DOT, IEEE_DOT)
+        acc = acc * alpha[:, None] + tile_dot(
+            downcast(p, v.dtype, EMULATE_RTNE), v, UPCAST_DOT, IEEE_DOT
+        )
 
     o_mask = g_mask[:, None] & d_mask[None, :]
     if USE_SPLIT:
@@ -119,7 +124,9 @@ def _paged_decode_attention_kernel(
     else:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_offs = (seq * num_heads + heads[:, None]) * head_dim + d[None, :]
-        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(
+            out_ptr + o_offs, downcast(out, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=o_mask
+        )
 
 
 @triton.jit
@@ -132,6 +139,7 @@ def _paged_decode_reduce_kernel(
     head_dim,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # seq * num_heads + head
     s = tl.arange(0, BLOCK_S)
@@ -145,7 +153,11 @@ def _paged_decode_reduce_kernel(
     part = tl.load(partial_ptr + offs, mask=s_mask[:, None] & (d < head_dim)[None, :], other=0.0)
     total = tl.sum(l_part * weight, 0)
     out = tl.sum(part * weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + row * head_dim + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+    tl.store(
+        out_ptr + row * head_dim + d,
+        downcast(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=d < head_dim,
+    )
 
 
 def paged_decode_attention(
@@ -304,6 +316,7 @@ def _launch(
         USE_SOFTCAP=soft_cap is not None,
         UPCAST_DOT=upcast_dot(query.dtype),
         IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
+        EMULATE_RTNE=emulate_rtne(query.dtype),
         num_warps=4,
     )
     if out is not None:
@@ -316,5 +329,6 @@ def _launch(
             head_dim,
             BLOCK_S=next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            EMULATE_RTNE=emulate_rtne(query.dtype),
             num_warps=4,
         )

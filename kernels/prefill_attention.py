@@ -24,6 +24,7 @@ from splitserve.kernels.checks import (
     check_same_device,
     check_same_dtype,
     check_shape,
+    emulate_rtne,
     next_power_of_2,
     require,
     upcast_dot,
@@ -35,6 +36,7 @@ from splitserve.kernels.paged import (
     soft_cap_logits,
     tile_dot,
 )
+from splitserve.kernels.rounding import downcast
 
 Tensor = torch.Tensor
 
@@ -71,6 +73,7 @@ def _prefill_attention_kernel(
     USE_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -119,12 +122,16 @@ def _prefill_attention_kernel(
         s = tl.where(allowed, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(cache_ptr + stride_kv + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, UPCAST_DOT, IEEE_DOT)
+        acc = acc * alpha[:, None] + tile_dot(
+            downcast(p, v.dtype, EMULATE_RTNE), v, UPCAST_DOT, IEEE_DOT
+        )
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_offs = (tok[:, None] * num_heads + head) * head_dim + d[None, :]
     tl.store(
-        out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :]
+        out_ptr + o_offs,
+        downcast(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=r_mask[:, None] & d_mask[None, :],
     )
 
 
@@ -182,6 +189,7 @@ def prefill_attention(
         USE_SOFTCAP=soft_cap is not None,
         UPCAST_DOT=upcast_dot(query.dtype),
         IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
+        EMULATE_RTNE=emulate_rtne(query.dtype),
         num_warps=4,
     )
     return out

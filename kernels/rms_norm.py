@@ -18,9 +18,11 @@ from splitserve.kernels.checks import (
     check_same_device,
     check_same_dtype,
     check_shape,
+    emulate_rtne,
     next_power_of_2,
     require,
 )
+from splitserve.kernels.rounding import downcast
 
 Tensor = torch.Tensor
 
@@ -38,6 +40,7 @@ def _rms_norm_kernel(
     eps,
     BLOCK_H: tl.constexpr,
     USE_RESIDUAL: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
@@ -45,14 +48,17 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if USE_RESIDUAL:
         res = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
-        x = (x + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        x = downcast(x + res.to(tl.float32), out_ptr.dtype.element_ty, EMULATE_RTNE)
         tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
         x = x.to(tl.float32)
     variance = tl.sum(x * x, 0) / hidden
-    normed = (x * tl.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    normed = downcast(x * tl.rsqrt(variance + eps), out_ptr.dtype.element_ty, EMULATE_RTNE)
+    normed = normed.to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(
-        out_ptr + row * hidden + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask
+        out_ptr + row * hidden + cols,
+        downcast(normed * weight, out_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=mask,
     )
 
 
@@ -79,6 +85,7 @@ def rms_norm(
         float(eps),
         BLOCK_H=block_h,
         USE_RESIDUAL=residual is not None,
+        EMULATE_RTNE=emulate_rtne(x.dtype),
         num_warps=min(16, max(1, block_h // 256)),
     )
     return out, new_residual

@@ -21,9 +21,11 @@ from splitserve.kernels.checks import (
     check_same_device,
     check_same_dtype,
     check_shape,
+    emulate_rtne,
     next_power_of_2,
     require,
 )
+from splitserve.kernels.rounding import downcast
 
 Tensor = torch.Tensor
 
@@ -42,6 +44,7 @@ def _rotate_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
     USE_TAIL: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     h = tl.arange(0, BLOCK_HEADS)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -50,9 +53,15 @@ def _rotate_heads(
     dst = dst_ptr + h * head_dim + d
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(dst_ptr.dtype.element_ty), mask=mask)
     tl.store(
-        dst + half, (x2 * cos[None, :] + x1 * sin[None, :]).to(dst_ptr.dtype.element_ty), mask=mask
+        dst,
+        downcast(x1 * cos[None, :] - x2 * sin[None, :], dst_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=mask,
+    )
+    tl.store(
+        dst + half,
+        downcast(x2 * cos[None, :] + x1 * sin[None, :], dst_ptr.dtype.element_ty, EMULATE_RTNE),
+        mask=mask,
     )
     if USE_TAIL:
         t = 2 * half + tl.arange(0, BLOCK_TAIL)[None, :]
@@ -83,6 +92,7 @@ def _rotary_embedding_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
     USE_TAIL: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
@@ -102,6 +112,7 @@ def _rotary_embedding_kernel(
         BLOCK_HALF,
         BLOCK_TAIL,
         USE_TAIL,
+        EMULATE_RTNE,
     )
     _rotate_heads(
         key_ptr + tok * stride_kt,
@@ -116,6 +127,7 @@ def _rotary_embedding_kernel(
         BLOCK_HALF,
         BLOCK_TAIL,
         USE_TAIL,
+        EMULATE_RTNE,
     )
 
 
@@ -153,6 +165,7 @@ def rotary_embedding(
         BLOCK_HALF=next_power_of_2(half),
         BLOCK_TAIL=next_power_of_2(max(tail, 1)),
         USE_TAIL=tail > 0,
+        EMULATE_RTNE=emulate_rtne(query.dtype),
         num_warps=4,
     )
     return query_out, key_out

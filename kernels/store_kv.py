@@ -42,13 +42,14 @@ def _store_kv_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (cols < row_size) & (slot >= 0)
-    key = tl.load(key_ptr + tok * stride_key + cols, mask=mask)
-    value = tl.load(value_ptr + tok * stride_value + cols, mask=mask)
-    dst = cache_ptr + slot * row_size + cols  # int64: slots * row_size passes 2**31
-    tl.store(dst, key, mask=mask)
-    tl.store(dst + stride_kv, value, mask=mask)
+    if slot >= 0:  # -1: a padding token, nothing to store
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < row_size
+        key = tl.load(key_ptr + tok * stride_key + cols, mask=mask)
+        value = tl.load(value_ptr + tok * stride_value + cols, mask=mask)
+        dst = cache_ptr + slot * row_size + cols  # int64: slots * row_size passes 2**31
+        tl.store(dst, key, mask=mask)
+        tl.store(dst + stride_kv, value, mask=mask)
 
 
 def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:

@@ -106,8 +106,7 @@ class LoadTracker:
         Those requests are forgotten everywhere, so their loads on other instances are released too.
         """
         self._load(instance_id)
-        orphans = [rid for rid, t in self._requests.items()
-                   if instance_id in (t.prefill_instance, t.decode_instance)]
+        orphans = [rid for rid, t in self._requests.items() if instance_id in _members(t)]
         for request_id in orphans:
             self.on_finish(request_id)
         del self.loads[instance_id]
@@ -163,7 +162,8 @@ class LoadTracker:
         if tracked.started_at is None:
             self.on_prefill_start(request_id, now)
         load = self.loads[tracked.prefill_instance]
-        self._learn_rate(load, tracked.prefill_tokens, now - (tracked.started_at or now))
+        started_at = tracked.started_at if tracked.started_at is not None else now
+        self._learn_rate(load, tracked.prefill_tokens, now - started_at)
         load.prefill_tokens_in_progress = max(0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
         load.prefill_started_at = now
         load.num_active_prefill_blocks -= tracked.prompt_blocks
@@ -205,6 +205,11 @@ class LoadTracker:
     def prefill_instance_of(self, request_id: str) -> str | None:
         tracked = self._requests.get(request_id)
         return tracked.prefill_instance if tracked else None
+
+    def instances_of(self, request_id: str) -> tuple[str | None, str | None]:
+        """(prefill instance, decode instance) of a tracked request; (None, None) if unknown."""
+        tracked = self._requests.get(request_id)
+        return (tracked.prefill_instance, tracked.decode_instance) if tracked else (None, None)
 
     def queued_tokens_of(self, request_id: str) -> int:
         tracked = self._requests.get(request_id)

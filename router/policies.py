@@ -126,12 +126,11 @@ class LeastLoaded(Policy):
     name = "least_loaded"
 
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
-        loads, now = view.loads.loads, view.now
-        best = min(
-            view.prefill_instances,
-            key=lambda i: (loads[i].predicted_ttft(0, now), loads[i].num_running_requests),
-        )
-        return Choice(best)
+        now = view.now
+        best = min(view.prefill_loads,
+                   key=lambda load: (load.pending_prefill_tokens(now) / load.prefill_rate_tps,
+                                     load.num_running_requests))
+        return Choice(best.instance_id)
 
 
 @register_policy
@@ -166,10 +165,10 @@ class KvOverlapCost(Policy):
 
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
         num_blocks = math.ceil(request.prompt_len / self.config.block_size)
-        loads, weight = view.loads.loads, self.overlap_weight
+        weight = self.overlap_weight
         best_id, best_cost = "", math.inf
-        for instance_id in view.prefill_instances:
-            load = loads[instance_id]
+        for load in view.prefill_loads:
+            instance_id = load.instance_id
             to_prefill = num_blocks - min(matches.get(instance_id, 0), num_blocks)
             active = load.num_active_prefill_blocks + load.num_reserved_kv_blocks
             cost = weight * to_prefill + active

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from splitserve.router.errors import NoInstanceAvailable, UnknownInstanceError
 from splitserve.router.hash_ring import HashRing
-from splitserve.router.load_tracker import LoadTracker
+from splitserve.router.least_pressure import LeastPressure
+from splitserve.router.load_tracker import InstanceLoad, LoadTracker
 from splitserve.router.policies import Policy, create_policy
 from splitserve.router.prefix_index import PrefixIndex
 from splitserve.router.schema import InstanceRole, Migration, Placement, RouterConfig, RouteRequest
@@ -75,6 +76,8 @@ class Router:
         )
         self._instances: dict[str, _Instance] = {}
         self._healthy: dict[InstanceRole, list[str]] = {role: [] for role in InstanceRole}
+        self._prefill_loads: list[InstanceLoad] = []  # parallel to the healthy prefill list
+        self._decode = LeastPressure(self._decode_key)
         self._encode_ring = HashRing(ENCODE_RING_SEED, self.config.virtual_nodes)
         self._queued: dict[str, RouteRequest] = {}  # placed, prefill not started
 
@@ -111,6 +114,7 @@ class Router:
         orphans = self.loads.remove_instance(instance_id)
         for request_id in orphans:
             self._queued.pop(request_id, None)
+        self._touch(*self._healthy[InstanceRole.DECODE])  # orphans released loads anywhere
         return orphans
 
     def set_healthy(self, instance_id: str, healthy: bool) -> None:
@@ -133,11 +137,11 @@ class Router:
         view = self._view()
         if not view.prefill_instances:
             raise NoInstanceAvailable(InstanceRole.PREFILL.value)
-        if not self._healthy[InstanceRole.DECODE]:
+        if not len(self._decode):
             raise NoInstanceAvailable(InstanceRole.DECODE.value)
         encode = self._place_images(request)
         matches = self.index.match(request.block_hashes)
-        decode = self._pick_decode(matches)
+        decode = self._decode.least()
         decode_cached = view.cached_tokens(request, matches.get(decode, 0))
         if request.prompt_len - decode_cached <= self.config.local_prefill_max_tokens:
             return self._commit_local(request, decode, decode_cached, encode)
@@ -158,6 +162,7 @@ class Router:
         self.loads.on_add(request.request_id, choice.instance_id, decode, prefill_tokens,
                           len(request.block_hashes), self._kv_blocks(request))
         self._queued[request.request_id] = request
+        self._touch(choice.instance_id, decode)
         return placement
 
     def rebalance(self) -> list[Migration]:
@@ -175,6 +180,7 @@ class Router:
             matched = self.index.matched_blocks(migration.target, request.block_hashes)
             tokens = request.prompt_len - min(matched * self.config.block_size, request.prompt_len)
             self.loads.move_queued(migration.request_id, migration.target, tokens)
+            self._touch(migration.source, migration.target)
             migrations.append(migration)
 
         self.policy.rebalance(self._view(), move)
@@ -204,28 +210,34 @@ class Router:
         if instance_id is not None and instance_id != self.loads.prefill_instance_of(request_id):
             matched = self.index.matched_blocks(self._instance_id(instance_id), request.block_hashes)
             tokens = request.prompt_len - min(matched * self.config.block_size, request.prompt_len)
+            previous = self.loads.prefill_instance_of(request_id)
             self.loads.move_queued(request_id, instance_id, tokens)
+            self._touch(previous, instance_id)
         self.loads.on_prefill_start(request_id, self.clock())
 
     def on_prefill_done(self, request_id: str) -> None:
         """The request's prefill finished (its first token exists)."""
         self._queued.pop(request_id, None)
         self.loads.on_prefill_done(request_id, self.clock())
+        self._touch(*self.loads.instances_of(request_id))
 
     def on_finish(self, request_id: str) -> None:
         """The request finished or was aborted; releases its loads (idempotent)."""
         self._queued.pop(request_id, None)
+        instances = self.loads.instances_of(request_id)
         self.loads.on_finish(request_id)
+        self._touch(*instances)
 
     def report_kv_usage(self, instance_id: str, used_blocks: int) -> None:
         """The instance's own count of KV blocks in use (``config.block_size`` blocks)."""
         self.loads.report_kv_usage(self._instance_id(instance_id), used_blocks)
+        self._touch(instance_id)
 
     # -- helpers -------------------------------------------------------------------------------
 
     def _view(self) -> ClusterView:
         return ClusterView(self.config, self.index, self.loads, self._healthy[InstanceRole.PREFILL],
-                           self.clock(), self._queued)
+                           self._prefill_loads, self.clock(), self._queued)
 
     def _validate(self, request: RouteRequest) -> None:
         if request.request_id in self.loads:
@@ -239,13 +251,15 @@ class Router:
                 field="block_hashes",
             )
 
-    def _pick_decode(self, matches: dict[str, int]) -> str:
-        """Least KV pressure; ties: the longer cached prefix, then fewer running requests."""
-        loads = self.loads.loads
-        return min(
-            self._healthy[InstanceRole.DECODE],
-            key=lambda i: (loads[i].kv_pressure, -matches.get(i, 0), loads[i].num_running_requests),
-        )
+    def _decode_key(self, instance_id: str) -> tuple[float, int]:
+        """Decode instances are ordered by KV pressure, then running requests, then join order."""
+        load = self.loads.loads[instance_id]
+        return load.kv_pressure, load.num_running_requests
+
+    def _touch(self, *instance_ids: str | None) -> None:
+        for instance_id in instance_ids:
+            if instance_id is not None:
+                self._decode.touch(instance_id)
 
     def _place_images(self, request: RouteRequest) -> tuple[str, ...]:
         if not request.image_hashes:
@@ -258,6 +272,7 @@ class Router:
                       encode: tuple[str, ...]) -> Placement:
         self.loads.on_add(request.request_id, None, decode, 0, len(request.block_hashes),
                           self._kv_blocks(request))
+        self._touch(decode)
         return Placement(request.request_id, None, decode, True, encode, cached, 0.0)
 
     def _kv_blocks(self, request: RouteRequest) -> int:
@@ -284,6 +299,9 @@ class Router:
                 members.append(instance_id)
             else:
                 members.remove(instance_id)
+        if InstanceRole.DECODE in instance.roles:
+            (self._decode.add if healthy else self._decode.remove)(instance_id)
+        self._prefill_loads[:] = [self.loads.loads[i] for i in self._healthy[InstanceRole.PREFILL]]
         if InstanceRole.PREFILL in instance.roles:
             (self.policy.add_instance if healthy else self.policy.remove_instance)(instance_id)
         if InstanceRole.ENCODE in instance.roles:

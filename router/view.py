@@ -24,6 +24,8 @@ class ClusterView:
     loads: LoadTracker
     prefill_instances: Sequence[str]
     """Healthy prefill instances, in the order they joined."""
+    prefill_loads: Sequence[InstanceLoad]
+    """Their loads, in the same order."""
     now: float
     """The router's clock at decision time (seconds)."""
     queued_requests: Mapping[str, RouteRequest]
@@ -52,14 +54,18 @@ class ClusterView:
         Returns ``("", inf)`` when no instance other than ``exclude`` exists.
         """
         best_id, best_ttft = "", float("inf")
-        loads = self.loads.loads
         prompt_len, block_size, now = request.prompt_len, self.config.block_size, self.now
-        for instance_id in self.prefill_instances:
+        # Hot path (every fallback, every rebalance move): InstanceLoad.predicted_ttft inlined.
+        for load in self.prefill_loads:
+            instance_id = load.instance_id
             if instance_id == exclude:
                 continue
-            load = loads[instance_id]
-            cached = min(matches.get(instance_id, 0) * block_size, prompt_len)
-            ttft = load.predicted_ttft(prompt_len - cached, now)
+            rate = load.prefill_rate_tps
+            remaining = load.prefill_tokens_in_progress - rate * (now - load.prefill_started_at)
+            pending = load.num_queued_prefill_tokens + (remaining if remaining > 0 else 0)
+            matched = matches.get(instance_id)
+            cached = min(matched * block_size, prompt_len) if matched else 0
+            ttft = (pending + prompt_len - cached) / rate
             if ttft < best_ttft:
                 best_id, best_ttft = instance_id, ttft
         return best_id, best_ttft

@@ -1,0 +1,178 @@
+"""Policies: exact choices, DualMap's SLO fallback and rebalancing at the threshold, registry."""
+
+from __future__ import annotations
+
+import pytest
+from splitserve.router.errors import UnknownPolicyError
+from splitserve.router.policies import DualMap, available_policies, create_policy, routing_key
+from splitserve.router.router import Router
+from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest
+
+from splitserve.errors import ConfigError
+
+PREFILL = {InstanceRole.PREFILL}
+SLO = 2.0
+RATE = 1000.0  # tokens/s, so 1000 queued tokens = 1 s of predicted TTFT
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_router(policy: str, n: int = 4, **config: object) -> Router:
+    cfg = RouterConfig(ttft_slo_s=SLO, block_size=4, prefix_key_blocks=1, **config)
+    router = Router(policy, cfg, clock=Clock())
+    for i in range(n):
+        router.add_instance(f"p{i}", PREFILL, prefill_rate_tps=RATE)
+    router.add_instance("d0", {InstanceRole.DECODE}, kv_capacity_blocks=1000)
+    return router
+
+
+def req(rid: str, prompt_len: int, blocks: tuple[int, ...] = ()) -> RouteRequest:
+    return RouteRequest(rid, prompt_len, blocks)
+
+
+def load_instance(router: Router, instance: str, tokens: int, tag: str) -> None:
+    """Queue ``tokens`` uncached tokens on ``instance`` as a not-started request."""
+    router.loads.on_add(f"fill-{tag}", instance, None, tokens, 0, 0)
+
+
+def test_registry_and_unknown_names() -> None:
+    assert available_policies() == sorted(
+        ["dualmap", "kv_overlap_cost", "least_loaded", "prefix_affinity", "round_robin"])
+    with pytest.raises(UnknownPolicyError, match=r"'nope'.*dualmap, kv_overlap_cost"):
+        create_policy("nope")
+    with pytest.raises(UnknownPolicyError):
+        Router("dual_map")
+    with pytest.raises(ConfigError, match="ttft_slo_s must be a positive"):
+        RouterConfig(ttft_slo_s=0)
+    with pytest.raises(ConfigError, match="ttft_slo_s must be a positive"):
+        RouterConfig(ttft_slo_s=-1.5)
+
+
+def test_round_robin_cycles_in_join_order() -> None:
+    router = make_router("round_robin", 3)
+    got = [router.route(req(f"r{i}", 10)).prefill_instance for i in range(7)]
+    assert got == ["p0", "p1", "p2", "p0", "p1", "p2", "p0"]
+
+
+def test_least_loaded_picks_smallest_backlog() -> None:
+    router = make_router("least_loaded", 3)
+    load_instance(router, "p0", 500, "a")
+    load_instance(router, "p1", 100, "b")
+    load_instance(router, "p2", 300, "c")
+    assert router.route(req("r", 10)).prefill_instance == "p1"
+
+
+def test_prefix_affinity_ignores_load() -> None:
+    router = make_router("prefix_affinity", 4)
+    first = router.route(req("r0", 8, (11, 12))).prefill_instance
+    load_instance(router, first, 10_000, "x")
+    assert router.route(req("r1", 8, (11, 12))).prefill_instance == first
+
+
+def test_kv_overlap_cost_is_weighted_prefill_blocks_plus_active_blocks() -> None:
+    router = make_router("kv_overlap_cost", 3)
+    router.on_kv_stored("p1", [1, 2, 3])  # p1 holds 3 of the request's 4 blocks
+    router.loads.on_add("busy", "p1", None, 0, 2, 0)  # 2 active blocks on p1
+    placement = router.route(req("r", 16, (1, 2, 3, 4)))
+    # costs: p0 = 4 + 0, p1 = 1 + 2, p2 = 4 + 0 -> p1
+    assert placement.prefill_instance == "p1" and placement.cached_tokens == 12
+    router.loads.on_add("busier", "p1", None, 0, 2, 0)  # p1 now 1 + 4 + 4 (r's own) = 9
+    assert router.route(req("r2", 16, (1, 2, 3, 4))).prefill_instance == "p0"
+
+
+def dualmap_setup() -> tuple[Router, RouteRequest, tuple[str, ...]]:
+    router = make_router("dualmap", 6)
+    request = req("probe", 400, (77,))
+    policy = router.policy
+    assert isinstance(policy, DualMap)
+    candidates = policy.candidates(request)
+    assert len(candidates) == 2
+    assert candidates == policy.rings.candidates(routing_key(request, 1))
+    return router, request, candidates
+
+
+def test_dualmap_picks_the_candidate_with_lower_predicted_ttft() -> None:
+    router, request, (a, b) = dualmap_setup()
+    load_instance(router, a, 600, "a")  # a: (600 + 400) / 1000 = 1.0 s
+    load_instance(router, b, 300, "b")  # b: 0.7 s
+    placement = router.route(request)
+    assert placement.prefill_instance == b and not placement.fallback
+    assert placement.predicted_ttft_s == pytest.approx(0.7)
+    assert placement.candidates == (a, b)
+
+
+def test_dualmap_counts_the_candidates_cache_hit() -> None:
+    router = make_router("dualmap", 6)
+    request = req("probe", 400, tuple(range(1, 101)))  # 100 blocks of 4 tokens
+    a, b = router.policy.candidates(request)  # type: ignore[attr-defined]
+    load_instance(router, a, 600, "a")  # a: (600 + 400) / 1000 = 1.0 s uncached
+    load_instance(router, b, 300, "b")  # b: 0.7 s
+    router.on_kv_stored(a, range(1, 76))  # a holds 75 blocks = 300 tokens: 0.7 s; tie -> a
+    placement = router.route(request)
+    assert placement.prefill_instance == a and placement.cached_tokens == 300
+    assert placement.predicted_ttft_s == pytest.approx(0.7)
+
+
+def test_dualmap_slo_fallback_triggers_exactly_past_the_slo() -> None:
+    router, request, (a, b) = dualmap_setup()
+    # At the SLO: both candidates predict exactly 2.0 s -> stay with a candidate.
+    load_instance(router, a, 1600, "a")
+    load_instance(router, b, 1600, "b")
+    at_slo = router.route(request)
+    assert at_slo.prefill_instance == a and not at_slo.fallback
+    router.on_finish("probe")
+    # One token more on each: 2.001 s > SLO -> the globally lowest predicted TTFT.
+    load_instance(router, a, 1, "a2")
+    load_instance(router, b, 1, "b2")
+    past = router.route(RouteRequest("probe2", 400, (77,)))
+    others = [i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b)]
+    assert past.fallback and past.prefill_instance == others[0]  # all idle: first joined
+    assert past.predicted_ttft_s == pytest.approx(0.4)
+
+
+def test_dualmap_rebalance_moves_queued_work_only_past_the_slo() -> None:
+    router = make_router("dualmap", 2)
+    # p0 holds 3 queued requests of 700 tokens: 2.1 s > SLO; p1 idle.
+    for i in range(3):
+        router.loads.on_add(f"q{i}", "p0", None, 700, 0, 0)
+        router._queued[f"q{i}"] = req(f"q{i}", 700)
+    migrations = router.rebalance()
+    assert [(m.request_id, m.source, m.target) for m in migrations] == [("q2", "p0", "p1")]
+    assert migrations[0].predicted_ttft_s == pytest.approx(0.7)
+    assert router.loads.get("p0").num_queued_prefill_tokens == 1400
+    assert router.loads.get("p1").num_queued_prefill_tokens == 700
+    assert router.rebalance() == []  # p0 now predicts 1.4 s: at or under the SLO, nothing moves
+
+
+def test_dualmap_rebalance_does_not_trigger_at_exactly_the_slo() -> None:
+    router = make_router("dualmap", 2)
+    for i in range(2):
+        router.loads.on_add(f"q{i}", "p0", None, 1000, 0, 0)  # exactly 2.0 s
+        router._queued[f"q{i}"] = req(f"q{i}", 1000)
+    assert router.rebalance() == []
+    router.loads.on_add("q2", "p0", None, 1, 0, 0)  # 2.001 s
+    router._queued["q2"] = req("q2", 1)
+    assert [m.request_id for m in router.rebalance()] == ["q2"]
+
+
+def test_dualmap_rebalance_never_moves_started_requests() -> None:
+    router = make_router("dualmap", 2)
+    placement = router.route(req("big", 4000))
+    router.on_prefill_start("big")
+    assert router.loads.get(placement.prefill_instance or "").queue == {}
+    assert router.rebalance() == []
+
+
+def test_baselines_do_not_rebalance() -> None:
+    for name in ("round_robin", "least_loaded", "prefix_affinity", "kv_overlap_cost"):
+        router = make_router(name, 2)
+        for i in range(5):
+            router.loads.on_add(f"q{i}", "p0", None, 1000, 0, 0)
+            router._queued[f"q{i}"] = req(f"q{i}", 1000)
+        assert router.rebalance() == []

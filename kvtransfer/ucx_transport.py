@@ -111,7 +111,10 @@ class _Connection:
         self.broken = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_replies())
+        # UCX calls this from its progress thread when the peer goes away: fail fast.
+        ep.set_close_callback(lambda: loop.call_soon_threadsafe(self._peer_lost))
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -160,6 +163,9 @@ class _Connection:
 
     def abort(self) -> None:
         self._break(TransportConnectionError(f"connection to {self.peer} was closed"))
+
+    def _peer_lost(self) -> None:
+        self._break(TransportConnectionError(f"lost the connection to {self.peer}"))
 
     def _break(self, error: TransportConnectionError) -> None:
         if self.broken:

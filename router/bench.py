@@ -14,6 +14,7 @@ trace's median-length request under the cost model (DistServe's SLO-scale conven
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -47,10 +48,13 @@ class CapacityResult:
     probes: list[SimResult] = field(default_factory=list)
 
 
+def median_prompt_len(requests: Sequence[SimRequest]) -> int:
+    return int(statistics.median(r.prompt_len for r in requests))
+
+
 def default_slo(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
     """5x the idle TTFT of the median-length request."""
-    median_len = int(statistics.median(r.prompt_len for r in requests))
-    return SLO_SCALE * cost_model.prefill_time(median_len)
+    return SLO_SCALE * cost_model.prefill_time(median_prompt_len(requests))
 
 
 def find_capacity(
@@ -131,8 +135,8 @@ def _ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference > 0 else "n/a"
 
 
-def to_json(results: Sequence[CapacityResult], slo: float, cost_model: CostModel,
-            latency: dict[str, float] | None, args: argparse.Namespace) -> dict[str, object]:
+def to_json(results: Sequence[CapacityResult], header: dict[str, object],
+            latency: dict[str, float] | None) -> dict[str, object]:
     policies: dict[str, object] = {}
     for r in results:
         at = r.at_capacity
@@ -147,11 +151,7 @@ def to_json(results: Sequence[CapacityResult], slo: float, cost_model: CostModel
             "curve": [{"rate_rps": p.request_rate_rps, "attainment": p.slo_attainment}
                       for p in sorted(r.probes, key=lambda p: p.time_scale)],
         }
-    return {
-        "trace": str(args.trace), "instances": args.instances, "ttft_slo_s": slo,
-        "attainment_target": args.attainment, "cost_model": cost_model.name,
-        "policies": policies, "decision_latency": latency,
-    }
+    return {**header, "policies": policies, "decision_latency": latency}
 
 
 def plot(results: Sequence[CapacityResult], slo: float, attainment: float, path: Path) -> None:
@@ -229,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(results))
     latency = _latency_figures(policies, requests, base, args, results)
     if args.json:
-        args.json.write_text(json.dumps(to_json(results, slo, cost_model, latency, args), indent=2) + "\n")
+        header = {"trace": str(args.trace), "num_requests": len(requests),
+                  "instances": args.instances, "ttft_slo_s": slo,
+                  "median_prompt_len": median_prompt_len(requests),
+                  "attainment_target": args.attainment, "cost_model": dataclasses.asdict(cost_model)}
+        args.json.write_text(json.dumps(to_json(results, header, latency), indent=2) + "\n")
     if args.plot:
         plot(results, slo, args.attainment, args.plot)
     return 0

@@ -1,0 +1,107 @@
+"""Simulator and benchmark on a small trace slice: conservation, determinism, CLI outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from splitserve.router.bench import find_capacity, main
+from splitserve.router.cost_model import CostModel
+from splitserve.router.errors import UnknownPolicyError
+from splitserve.router.schema import RouterConfig
+from splitserve.router.simulator import SimConfig, Simulator, prepare_requests, simulate
+from splitserve.router.trace import load_trace
+
+from splitserve.errors import ConfigError
+
+SLICE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
+
+
+@pytest.fixture(scope="module")
+def requests() -> list:
+    return prepare_requests(load_trace(SLICE))
+
+
+def config(policy: str, scale: float = 2.0) -> SimConfig:
+    return SimConfig(policy, num_instances=8, num_decode_instances=4, time_scale=scale,
+                     router_config=RouterConfig(ttft_slo_s=6.0))
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity",
+                                    "kv_overlap_cost", "dualmap"])
+def test_every_request_completes_and_loads_return_to_zero(policy: str, requests: list) -> None:
+    sim = Simulator(config(policy), requests)
+    result = sim.run()
+    assert not np.isnan(result.ttfts_s).any() and (result.ttfts_s > 0).all()
+    assert 0.0 <= result.hit_rate <= 1.0 and result.load_imbalance >= 1.0
+    for load in sim.router.loads.loads.values():
+        assert (load.num_queued_prefill_tokens, load.num_running_requests,
+                load.num_reserved_kv_blocks, load.num_active_prefill_blocks) == (0, 0, 0, 0)
+        assert not load.queue
+    # The router's index mirrors the simulated caches exactly (KV events are complete).
+    for instance_id, instance in sim.prefill.items():
+        assert sim.router.index.blocks_of(instance_id) == set(instance.cache)
+    assert sum(len(i.cache) for i in sim.prefill.values()) > 0
+
+
+def test_simulation_is_deterministic_and_affinity_beats_round_robin(requests: list) -> None:
+    first, second = simulate(config("dualmap"), requests), simulate(config("dualmap"), requests)
+    assert np.array_equal(first.ttfts_s, second.ttfts_s)
+    rr = simulate(config("round_robin"), requests)
+    assert first.hit_rate > 2 * rr.hit_rate
+    assert first.request_rate_rps == pytest.approx(2 * rr.request_rate_rps / 2)
+
+
+def test_find_capacity_bisects_to_the_threshold() -> None:
+    class Fake:
+        def __init__(self, scale: float) -> None:
+            self.time_scale, self.slo_attainment = scale, 1.0 if scale <= 5.3 else 0.5
+
+    scale, at, probes = find_capacity(Fake, attainment=0.9, rel_tol=0.01)  # type: ignore[arg-type]
+    assert 5.3 * 0.99 <= scale <= 5.3 and at is not None and at.time_scale == scale
+    assert [p.time_scale for p in probes][:4] == [1.0, 2.0, 4.0, 8.0]
+    zero, none, _ = find_capacity(lambda s: Fake(s * 1e9), min_scale=0.25)  # type: ignore[arg-type, return-value]
+    assert zero == 0.0 and none is None
+
+
+def test_bench_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = main(["--trace", str(SLICE), "--instances", "4", "--policies", "dualmap,round_robin",
+               "--latency-instances", "20", "--limit", "120", "--json", str(out), "--plot", str(png)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data["policies"]) == {"dualmap", "round_robin"}
+    for figures in data["policies"].values():
+        assert {"capacity_rps", "hit_rate", "ttft_p90_s", "ttft_p99_s"} <= set(figures)
+        assert figures["capacity_rps"] > 0
+    assert data["ttft_slo_s"] == pytest.approx(5 * CostModel().prefill_time(data["median_prompt_len"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "capacity_rps" in printed and "p99" in printed
+
+
+def test_bench_cli_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(UnknownPolicyError, match="'dual'"):
+        main(["--trace", str(SLICE), "--policies", "dual"])
+    with pytest.raises(ConfigError, match="--ttft-slo must be a positive"):
+        main(["--trace", str(SLICE), "--ttft-slo", "0"])
+    with pytest.raises(ConfigError, match="--instances"):
+        main(["--trace", str(SLICE), "--instances", "0"])
+    bad = tmp_path / "cm.json"
+    bad.write_text('{"prefill_s_per_token": -1}')
+    with pytest.raises(ConfigError, match="'prefill_s_per_token' must be positive"):
+        main(["--trace", str(SLICE), "--cost-model", str(bad)])
+    bad.write_text('{"warp": 9}')
+    with pytest.raises(ConfigError, match=r"unknown fields \['warp'\]"):
+        CostModel.load(bad)
+
+
+def test_cost_model_round_trips_and_has_the_documented_shape(tmp_path: Path) -> None:
+    model = CostModel()
+    assert model.prefill_time(10_000) == pytest.approx(0.015 + 0.93 + 3.06e-9 * 10_000 * 5_000)
+    assert model.prefill_time(0, 5000) == model.prefill_time(1, 5000)
+    path = tmp_path / "m.json"
+    model.save(path)
+    assert CostModel.load(path) == model

@@ -9,6 +9,8 @@ whose first token sits at ``context_len - q_len``. It never writes the cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,11 +39,23 @@ from splitserve.kernels.paged import (
     tile_dot,
 )
 from splitserve.kernels.rounding import downcast
+from triton.runtime.errors import OutOfResources
 
 Tensor = torch.Tensor
 
-BLOCK_M = 64  # query rows per program
-BLOCK_N = 64  # context tokens per loop iteration
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch shape of one prefill launch."""
+
+    block_m: int  # query rows per program
+    block_n: int  # context tokens per loop iteration
+    num_warps: int
+    num_stages: int
+
+
+# Always fits: the interpreter's tile, and the fallback when a GPU tile runs out of resources.
+SAFE_CONFIG = TileConfig(64, 64, 4, 2)
 
 
 @triton.jit
@@ -159,39 +173,37 @@ def prefill_attention(
     max_q_len = _max_query_len(query_start_loc, context_lens, num_tokens)
     if num_seqs == 0 or max_q_len == 0:
         return out
-    group = num_heads // kv_cache.shape[3]
-    grid = (triton.cdiv(max_q_len, BLOCK_M), num_heads, num_seqs)
-    _prefill_attention_kernel[grid](
-        query,
-        kv_cache,
-        block_tables,
-        query_start_loc,
-        context_lens,
-        out,
-        query.stride(0),
-        query.stride(1),
-        block_tables.stride(0),
-        kv_cache.stride(0),
-        kv_cache.stride(1),
-        kv_cache.stride(2),
-        kv_cache.stride(3),
-        num_heads,
-        group,
-        head_dim,
-        float(scale),
-        float(soft_cap or 1.0),
-        int(sliding_window or 0),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_D=max(16, next_power_of_2(head_dim)),
-        BLOCK_SIZE=kv_cache.shape[2],
-        USE_WINDOW=sliding_window is not None,
-        USE_SOFTCAP=soft_cap is not None,
-        UPCAST_DOT=upcast_dot(query.dtype),
-        IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
-        EMULATE_RTNE=emulate_rtne(query.dtype),
-        num_warps=4,
-    )
+    config = _tile_config(query.dtype, head_dim, query.device.type)
+    try:
+        _launch(
+            query,
+            kv_cache,
+            block_tables,
+            query_start_loc,
+            context_lens,
+            out,
+            scale,
+            sliding_window,
+            soft_cap,
+            max_q_len,
+            config,
+        )
+    except OutOfResources:
+        if config == SAFE_CONFIG:
+            raise
+        _launch(
+            query,
+            kv_cache,
+            block_tables,
+            query_start_loc,
+            context_lens,
+            out,
+            scale,
+            sliding_window,
+            soft_cap,
+            max_q_len,
+            SAFE_CONFIG,
+        )
     return out
 
 
@@ -264,3 +276,61 @@ def _max_query_len(query_start_loc: Tensor, context_lens: Tensor, num_tokens: in
             f"chunk lengths {q_lens.tolist()}, context_lens {context_lens.tolist()}"
         )
     return int(max_q_len)
+
+
+def _tile_config(dtype: torch.dtype, head_dim: int, device_type: str) -> TileConfig:
+    """Tiles for tensor cores on a GPU (float32 needs smaller, IEEE products); small elsewhere."""
+    if device_type != "cuda":
+        return SAFE_CONFIG
+    if dtype == torch.float32:
+        return TileConfig(64, 32, 4, 2)
+    return TileConfig(128, 64, 8 if head_dim > 64 else 4, 3)
+
+
+def _launch(
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    query_start_loc: Tensor,
+    context_lens: Tensor,
+    out: Tensor,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    max_q_len: int,
+    config: TileConfig,
+) -> None:
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    grid = (triton.cdiv(max_q_len, config.block_m), num_heads, context_lens.shape[0])
+    _prefill_attention_kernel[grid](
+        query,
+        kv_cache,
+        block_tables,
+        query_start_loc,
+        context_lens,
+        out,
+        query.stride(0),
+        query.stride(1),
+        block_tables.stride(0),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        num_heads,
+        num_heads // kv_cache.shape[3],
+        head_dim,
+        float(scale),
+        float(soft_cap or 1.0),
+        int(sliding_window or 0),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_D=max(16, next_power_of_2(head_dim)),
+        BLOCK_SIZE=kv_cache.shape[2],
+        USE_WINDOW=sliding_window is not None,
+        USE_SOFTCAP=soft_cap is not None,
+        UPCAST_DOT=upcast_dot(query.dtype),
+        IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
+        EMULATE_RTNE=emulate_rtne(query.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
-from splitserve.kernels.prefill_attention import prefill_attention
+from splitserve.kernels.prefill_attention import TileConfig, _launch, prefill_attention
 
 from tests.kernels.cases import assert_close, grid_params, int_tensor, randn, random_block_tables
 
@@ -55,6 +55,15 @@ def test_window_and_softcap(dtype: torch.dtype, window: int | None, soft_cap: fl
     args = _inputs(dtype, 64, 3, 16, [(1, 1), (70, 70), (23, 90)], seed=5)
     out = prefill_attention(*args, 0.2, window, soft_cap)
     assert_close(out, reference.prefill_attention(*args, 0.2, window, soft_cap), attention=True)
+
+
+@pytest.mark.parametrize("config", [TileConfig(16, 16, 4, 2), TileConfig(128, 32, 8, 3)])
+def test_other_tile_sizes(config: TileConfig) -> None:
+    """The GPU's tiles differ from the interpreter's; the result must not depend on them."""
+    query, cache, tables, starts, lens = _inputs(torch.float16, 64, 3, 16, SMALL_CHUNKS, seed=4)
+    out = torch.zeros_like(query)
+    _launch(query, cache, tables, starts, lens, out, 0.2, None, None, 37, config)
+    assert_close(out, reference.prefill_attention(query, cache, tables, starts, lens, 0.2), True)
 
 
 def test_int64_indices_and_strided_query() -> None:

@@ -1,0 +1,38 @@
+"""``triton_ops`` is a drop-in for ``reference``: same names, same signatures, picked by ops."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from splitserve.kernels import ops, reference, triton_ops
+
+PUBLIC = [
+    name
+    for name, fn in vars(reference).items()
+    if inspect.isfunction(fn) and not name.startswith("_") and fn.__module__ == reference.__name__
+]
+
+
+def test_every_reference_function_has_a_twin() -> None:
+    assert set(PUBLIC) == set(triton_ops.__all__)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_signatures_match_the_reference(name: str) -> None:
+    ours, theirs = getattr(triton_ops, name), getattr(reference, name)
+    assert inspect.signature(ours) == inspect.signature(theirs)
+
+
+def test_kernel_files_own_their_launchers() -> None:
+    assert triton_ops.rope_cos_sin_cache is reference.rope_cos_sin_cache
+    for name in PUBLIC:
+        if name != "rope_cos_sin_cache":
+            assert getattr(triton_ops, name).__module__ != reference.__name__
+
+
+def test_ops_selects_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "triton")
+    assert ops.get_ops("cpu") is triton_ops
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "torch")
+    assert ops.get_ops("cpu") is reference

@@ -146,6 +146,8 @@ class Hello(WireMessage):
     engine_id: str
     layout: dict[str, Any]
     compat_hash: int
+    data_address: bytes = b""
+    """Transport-specific address for a separate bulk-data lane (UCX worker address), or empty."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,8 @@ class ReadRequest(WireMessage):
     """Serving side's block ids, a subset of the leased ones."""
     layer_start: int
     layer_end: int
+    data_tag: int = 0
+    """Non-zero: send the data on the bulk-data lane under this tag (see ``Hello``)."""
 
     def __post_init__(self) -> None:
         _require(_is_int_list(self.block_ids) and len(self.block_ids) > 0,

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import secrets
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -97,6 +98,35 @@ def _msg_bytes(message: WireMessage) -> Any:
 
 def _is_ucx_error(error: BaseException) -> bool:
     return type(error).__module__.startswith("ucxx") or isinstance(error, ConnectionError)
+
+
+async def _data_endpoint(worker_address: bytes) -> Any:
+    """An endpoint to a reader's worker for bulk data; no peer-failure handling, so that UCX
+    may use shared memory (it refuses sm lanes on endpoints that need peer-failure handling)."""
+    import ucxx
+
+    address = ucxx.get_ucx_address_from_buffer(worker_address)
+    return await ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=False)
+
+
+async def _recv_on_worker(dest: torch.Tensor, tag: int, conn: _Connection) -> None:
+    """Receive a bulk-data message sent with ``force_tag`` to this worker.
+
+    Probes first and posts the receive only once the message is there, so that a timeout
+    or a dead peer never leaves a receive posted into ``dest`` (a worker-level receive
+    cannot be cancelled on its own).
+    """
+    import ucxx
+    from ucxx.types import Tag
+
+    worker = ucxx.core._get_ctx().worker
+    delay = 0.00005
+    while not (probe := worker.tag_probe(Tag(tag), remove=True)).matched:
+        if conn.broken:
+            raise TransportConnectionError(f"connection to {conn.peer} broke before its data")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.001)
+    await ucxx.core._get_ctx().recv_with_handle(_wire_bytes(dest), probe)
 
 
 # ====================================================================== client connections
@@ -191,6 +221,8 @@ class _Serving:
 
     ep: Any
     greeted: bool = False
+    data_ep: Any = None
+    """Endpoint to the reader's worker address, for the bulk-data lane (shared memory)."""
     tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
 
 
@@ -204,7 +236,13 @@ class UcxTransport(KvTransport):
         fault: FaultInjector | None = None,
         connect_timeout_s: float = 5.0,
         engine_id: str = "",
+        shared_memory: bool = False,
     ) -> None:
+        """``shared_memory``: move bulk data on a second endpoint without UCX peer-failure
+        handling, which is what lets UCX pick shared memory (cma/posix) between processes of
+        one host (set ``UCX_TLS`` to include ``sm`` and ``tcp``). Control messages stay on the
+        TCP endpoint, which still detects a dead peer."""
+        self._shared_memory = shared_memory
         self._host = host
         self._port = port
         self.fault = fault
@@ -291,14 +329,19 @@ class UcxTransport(KvTransport):
     async def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
         conn = await self._connection(address)
         xfer_id = conn.next_id()
+        data_tag = secrets.randbits(63) | 1 if self._shared_memory else 0
+        read = dataclasses.replace(read, xfer_id=xfer_id, data_tag=data_tag)
         try:
-            reply = await conn.request(dataclasses.replace(read, xfer_id=xfer_id), xfer_id)
+            reply = await conn.request(read, xfer_id)
             if not reply.ok:
                 raise reply_error(reply, address)
             if reply.nbytes != dest.numel() * dest.element_size():
                 raise KVTransferError(f"{address} offers {reply.nbytes} bytes, expected "
                                       f"{dest.numel() * dest.element_size()}")
-            await conn.recv_into(dest, xfer_id)
+            if data_tag:
+                await _recv_on_worker(dest, data_tag, conn)
+            else:
+                await conn.recv_into(dest, xfer_id)
         except asyncio.CancelledError:
             conn.abort()  # a receive may be posted into dest: cancel it with the endpoint
             self._pool.pop(address, None)
@@ -337,8 +380,9 @@ class UcxTransport(KvTransport):
             raise TransportConnectionError(f"cannot connect to {address}: {e!r}") from e
         conn = _Connection(ep, address)
         layout = self._require_layout()
+        data_address = bytes(ucxx.get_worker_address()) if self._shared_memory else b""
         hello = Hello(engine_id=self._engine_id, layout=layout.to_wire(),
-                      compat_hash=layout.compatibility_hash())
+                      compat_hash=layout.compatibility_hash(), data_address=data_address)
         reply = await conn.request(hello, 0)
         if not reply.ok:
             conn.abort()
@@ -366,18 +410,23 @@ class UcxTransport(KvTransport):
             for task in state.tasks:
                 task.cancel()
             self._accepted.pop(id(state), None)
-            try:
-                ep.abort()
-            except Exception:  # noqa: BLE001
-                pass
+            for lane in (ep, state.data_ep):
+                try:
+                    if lane is not None:
+                        lane.abort()
+                except Exception:  # noqa: BLE001
+                    pass
 
     async def _dispatch(self, state: _Serving, message: WireMessage) -> None:
         if isinstance(message, Hello):
-            await self._answer(state.ep, self._greet(state, message))
+            reply = self._greet(state, message)
+            if reply.ok and message.data_address:
+                state.data_ep = await _data_endpoint(message.data_address)
+            await self._answer(state.ep, reply)
         elif not state.greeted:
             raise KVTransferError("peer sent a request before its hello")
         elif isinstance(message, ReadRequest):
-            task = asyncio.get_running_loop().create_task(self._serve_read(state.ep, message))
+            task = asyncio.get_running_loop().create_task(self._serve_read(state, message))
             state.tasks.add(task)
             task.add_done_callback(state.tasks.discard)
         elif isinstance(message, Control):
@@ -401,7 +450,8 @@ class UcxTransport(KvTransport):
             return error_reply(control.xfer_id, e)
         return Reply(xfer_id=control.xfer_id, ok=True)
 
-    async def _serve_read(self, ep: Any, read: ReadRequest) -> None:
+    async def _serve_read(self, state: _Serving, read: ReadRequest) -> None:
+        ep = state.ep
         try:
             staging = await self._stage(read)
         except Exception as e:  # noqa: BLE001 - reported to the peer
@@ -410,7 +460,10 @@ class UcxTransport(KvTransport):
         nbytes = staging.numel() * staging.element_size()
         try:
             await self._answer(ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
-            await ep.send(_wire_bytes(staging), tag=read.xfer_id)
+            if read.data_tag and state.data_ep is not None:
+                await state.data_ep.send(_wire_bytes(staging), tag=read.data_tag, force_tag=True)
+            else:
+                await ep.send(_wire_bytes(staging), tag=read.xfer_id)
         except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
             logger.debug("UCX send of %s failed: %r", read.request_id, e)
 
@@ -441,10 +494,12 @@ class UcxTransport(KvTransport):
         for state in list(self._accepted.values()):
             for task in state.tasks:
                 task.cancel()
-            try:
-                state.ep.abort()
-            except Exception:  # noqa: BLE001
-                pass
+            for ep in (state.ep, state.data_ep):
+                try:
+                    if ep is not None:
+                        ep.abort()
+                except Exception:  # noqa: BLE001
+                    pass
         if self._listener is not None:
             self._listener.close()
         await asyncio.sleep(0)

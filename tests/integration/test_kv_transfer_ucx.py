@@ -38,7 +38,7 @@ def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
 class _Peer:
     """The engine side of one process: pool, caches, connector; answers commands."""
 
-    def __init__(self, seed: int, read_timeout_s: float) -> None:
+    def __init__(self, seed: int, read_timeout_s: float, shared_memory: bool) -> None:
         from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
         from splitserve.kvtransfer.transport import FaultInjector, create_transport
         from splitserve.roles.engine.block_pool import BlockPool
@@ -49,7 +49,8 @@ class _Peer:
         config = TransferConfig(read_timeout_s=read_timeout_s, load_timeout_s=3 * read_timeout_s,
                                 layers_per_chunk=2, blocks_per_chunk=4)
         self.worker = KvConnectorWorker(f"engine-{seed}", self.caches,
-                                        create_transport("ucx", fault=self.fault), MODEL, config)
+                                        create_transport("ucx", fault=self.fault,
+                                                         shared_memory=shared_memory), MODEL, config)
         self.held: dict[str, list[Any]] = {}
         self.results: dict[str, tuple[str, Any]] = {}
 
@@ -111,11 +112,11 @@ class _Peer:
         return self.pool.num_free_blocks
 
 
-def _engine_main(conn: Connection, seed: int, read_timeout_s: float) -> None:
-    os.environ.setdefault("UCX_TLS", "tcp,self")
+def _engine_main(conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str) -> None:
+    os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     torch.set_num_threads(1)
-    peer = _Peer(seed, read_timeout_s)
+    peer = _Peer(seed, read_timeout_s, shared_memory="sm" in ucx_tls.split(","))
     conn.send(("ready", os.getpid()))
     while True:
         if conn.poll(0.002):
@@ -137,11 +138,11 @@ def _engine_main(conn: Connection, seed: int, read_timeout_s: float) -> None:
 class Engine:
     """Handle on an engine process."""
 
-    def __init__(self, seed: int, read_timeout_s: float = 3.0) -> None:
+    def __init__(self, seed: int, read_timeout_s: float = 3.0, ucx_tls: str = "tcp,self") -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_main, args=(child, seed, read_timeout_s),
-                                daemon=True)
+        self.proc = ctx.Process(target=_engine_main,
+                                args=(child, seed, read_timeout_s, ucx_tls), daemon=True)
         self.proc.start()
         assert self.conn.poll(60), "engine process did not start"
         assert self.conn.recv()[0] == "ready"
@@ -339,3 +340,20 @@ def test_decode_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
         prefill.wait_free(timeout_s=8.0)  # heartbeats stopped: the lease expires
     finally:
         decode.kill()
+
+
+def test_shared_memory_lane_moves_bytes_exactly() -> None:
+    """``UCX_TLS=sm,tcp,self`` + ``shared_memory=True``: control on TCP, data on shared memory."""
+    prefill, decode = Engine(8, ucx_tls="sm,tcp,self"), Engine(9, ucx_tls="sm,tcp,self")
+    try:
+        params = prefill.offer("sm1", 9)
+        decode.load(params)
+        status, blocks = decode.wait_result("sm1")
+        assert status == "ok", blocks
+        for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
+            assert torch.equal(got, want)
+        prefill.wait_free()
+        decode.wait_free()
+    finally:
+        decode.stop()
+        prefill.stop()

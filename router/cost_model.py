@@ -108,3 +108,40 @@ class CostModel:
 
 
 _POSITIVE = {"prefill_s_per_token", "kv_capacity_blocks", "block_size"}
+
+
+def fit_cost_model(
+    prefill_samples: list[tuple[int, int, float]],
+    decode_samples: list[tuple[int, float]],
+    name: str,
+    kv_capacity_blocks: int,
+    block_size: int = 512,
+) -> CostModel:
+    """Least-squares fit of the formulas above to measured timings.
+
+    ``prefill_samples``: (new tokens, cached tokens, seconds); ``decode_samples``:
+    (KV tokens in the batch, seconds per step). Coefficients are clipped at zero (a
+    negative fit means that term is lost in the noise); the per-token one must stay positive.
+    """
+    import numpy as np
+
+    if len(prefill_samples) < 3 or len(decode_samples) < 2:
+        raise ConfigError("fitting needs at least 3 prefill and 2 decode samples")
+    p = np.array(prefill_samples, dtype=float)
+    n, c, t = p[:, 0], p[:, 1], p[:, 2]
+    design = np.stack([np.ones_like(n), n, n * (c + n / 2)], axis=1)
+    # Relative error matters (small prefills are the common case): weight rows by 1/t.
+    coef, *_ = np.linalg.lstsq(design / t[:, None], np.ones_like(t), rcond=None)
+    d = np.array(decode_samples, dtype=float)
+    dcoef, *_ = np.linalg.lstsq(np.stack([np.ones(len(d)), d[:, 0]], axis=1), d[:, 1], rcond=None)
+    overhead, per_token, per_pair = (max(0.0, float(x)) for x in coef)
+    return CostModel(
+        name=name,
+        prefill_overhead_s=overhead,
+        prefill_s_per_token=per_token,
+        prefill_s_per_token_pair=per_pair,
+        decode_step_overhead_s=max(0.0, float(dcoef[0])),
+        decode_s_per_kv_token=max(0.0, float(dcoef[1])),
+        kv_capacity_blocks=kv_capacity_blocks,
+        block_size=block_size,
+    )

@@ -105,3 +105,19 @@ def test_cost_model_round_trips_and_has_the_documented_shape(tmp_path: Path) -> 
     path = tmp_path / "m.json"
     model.save(path)
     assert CostModel.load(path) == model
+
+
+def test_fit_cost_model_recovers_known_coefficients() -> None:
+    from splitserve.router.cost_model import fit_cost_model
+
+    truth = CostModel(prefill_overhead_s=0.01, prefill_s_per_token=2e-5,
+                      prefill_s_per_token_pair=3e-9, decode_step_overhead_s=0.02,
+                      decode_s_per_kv_token=4e-8)
+    prefill = [(n, c, truth.prefill_time(n, c)) for c in (0, 4096) for n in (512, 2048, 8192)]
+    decode = [(k, truth.decode_step_time(k)) for k in (1000, 50_000)]
+    fitted = fit_cost_model(prefill, decode, name="t", kv_capacity_blocks=100)
+    assert fitted.prefill_s_per_token == pytest.approx(2e-5, rel=1e-6)
+    assert fitted.prefill_s_per_token_pair == pytest.approx(3e-9, rel=1e-6)
+    assert fitted.decode_s_per_kv_token == pytest.approx(4e-8, rel=1e-6)
+    with pytest.raises(ConfigError, match="at least 3 prefill"):
+        fit_cost_model(prefill[:2], decode, name="t", kv_capacity_blocks=100)

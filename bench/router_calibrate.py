@@ -1,0 +1,137 @@
+"""Calibrate the router simulator's cost model on measured prefill and decode timings.
+
+Two steps, so that the measuring (GPU, torch) and the fitting (anywhere) are apart:
+
+1. ``--measure OUT.jsonl`` (needs torch with CUDA and transformers): builds a
+   Llama-3-8B-shaped model (32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336)
+   with random bf16 weights (no weights can be downloaded; timings do not depend on the
+   values), times prefills of ``new`` tokens after ``cached`` tokens already in a KV
+   cache, and decode steps at several batch sizes, and writes one JSON line per sample.
+2. ``--fit IN.jsonl --out MODEL.json``: least-squares fit of
+   ``splitserve.router.cost_model`` (``CostModel``) to those samples.
+
+The timings are of Hugging Face transformers' Llama with SDPA attention, not of the
+splitserve engine (not yet runnable on a GPU); a tuned engine (vLLM-class kernels, CUDA
+graphs) is faster, so treat the fitted model as a conservative profile of the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+PREFILL_GRID = [(n, c) for c in (0, 4096, 16384) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+DECODE_GRID = [(1, 2048), (8, 2048), (16, 4096), (32, 2048)]  # (batch, context per sequence)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=65536)
+KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads x 128, bf16
+
+
+def measure(out: Path) -> None:
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = LlamaModel(config).to(torch.bfloat16).eval()
+    samples: list[dict[str, object]] = []
+    sink = out.open("w")  # one line per sample as it comes, so a crash keeps what was measured
+
+    def record(sample: dict[str, object]) -> None:
+        samples.append(sample)
+        sink.write(json.dumps(sample) + "\n")
+        sink.flush()
+        print(json.dumps(sample), flush=True)
+
+    props = torch.cuda.get_device_properties(0)
+    record({"kind": "device", "name": props.name, "total_memory": props.total_memory,
+            "torch": torch.__version__})
+
+    def timed(fn) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def prefill(n: int, c: int) -> float:
+        cache = DynamicCache(config=config)
+        if c:
+            model(input_ids=torch.randint(0, 32000, (1, c), device="cuda"), past_key_values=cache,
+                  use_cache=True)
+        ids = torch.randint(0, 32000, (1, n), device="cuda")
+        pos = torch.arange(c, c + n, device="cuda")[None]
+        return timed(lambda: model(input_ids=ids, past_key_values=cache, position_ids=pos,
+                                   use_cache=True))
+
+    def decode(batch: int, context: int) -> float:
+        cache = DynamicCache(config=config)
+        model(input_ids=torch.randint(0, 32000, (batch, context), device="cuda"),
+              past_key_values=cache, use_cache=True)
+        ids = torch.randint(0, 32000, (batch, 1), device="cuda")
+        pos = torch.full((batch, 1), context, device="cuda")
+        steps = [timed(lambda: model(input_ids=ids, past_key_values=cache, position_ids=pos,
+                                     use_cache=True)) for _ in range(3)]
+        return min(steps)
+
+    with torch.inference_mode():
+        prefill(2048, 0)  # warm-up: kernels, allocator
+        for n, c in PREFILL_GRID:
+            t = min(prefill(n, c) for _ in range(2))
+            record({"kind": "prefill", "new": n, "cached": c, "seconds": t})
+            torch.cuda.empty_cache()
+        for batch, context in DECODE_GRID:
+            t = decode(batch, context)
+            record({"kind": "decode", "batch": batch, "context": context,
+                    "kv_tokens": batch * context, "seconds": t})
+            torch.cuda.empty_cache()
+    sink.close()
+
+
+def fit(timings: Path, out: Path) -> None:
+    from splitserve.router.cost_model import fit_cost_model
+
+    rows = [json.loads(line) for line in timings.read_text().splitlines() if line.strip()]
+    device = next((r for r in rows if r["kind"] == "device"), None)
+    if device is None:
+        raise SystemExit(f"{timings}: no device line; was it written by --measure?")
+    weights_bytes = 8.03e9 * 2
+    free = 0.9 * device["total_memory"] - weights_bytes - 4e9  # 4 GB for activations
+    model = fit_cost_model(
+        [(r["new"], r["cached"], r["seconds"]) for r in rows if r["kind"] == "prefill"],
+        [(r["kv_tokens"], r["seconds"]) for r in rows if r["kind"] == "decode"],
+        name=f"{device['name']}/llama-3-8b-shape/bf16/hf-transformers-sdpa (measured)",
+        kv_capacity_blocks=int(free // (KV_BYTES_PER_TOKEN * 512)),
+    )
+    model.save(out)
+    print(model.to_json())
+    for r in rows:
+        if r["kind"] == "prefill":
+            predicted = model.prefill_time(r["new"], r["cached"])
+            print(f"prefill new={r['new']:>6} cached={r['cached']:>6}: measured {r['seconds']:.4f} s,"
+                  f" model {predicted:.4f} s ({predicted / r['seconds'] - 1:+.1%})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--measure", type=Path, help="write timings (JSONL) here; needs a CUDA GPU")
+    group.add_argument("--fit", type=Path, help="fit a cost model to these timings")
+    parser.add_argument("--out", type=Path, help="cost model JSON to write (with --fit)")
+    args = parser.parse_args(argv)
+    if args.measure:
+        measure(args.measure)
+    else:
+        if args.out is None:
+            parser.error("--fit needs --out")
+        fit(args.fit, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,10 +1,11 @@
-"""GPU check for the Triton kernels: the ``gpu`` tests, then each kernel timed against torch.
+"""GPU check for the Triton kernels: their tests on the GPU, then each timed against torch.
 
 One command, sized to finish inside 10 minutes on one GPU:
 
     python bench/kernels_gpu.py [--json PATH] [--skip-tests] [--test-timeout S]
 
-1. runs ``pytest -m gpu tests/kernels`` (full-size grids and a cache past 2**31 elements);
+1. runs every kernel test natively on the GPU: the ``gpu`` ones (full-size grids and a cache
+   past 2**31 elements) and the default ones (features, odd shapes, bad input);
 2. measures the device: copy bandwidth (bytes read + written by a 1 GiB device-to-device copy)
    and the bfloat16 matmul rate (8192^3);
 3. times every kernel and its torch reference on the same inputs (CUDA events, median of
@@ -346,13 +347,13 @@ def bench_rotary(tri: ModuleType, ref: ModuleType, bw: float) -> Row:
 
 
 def run_gpu_tests(timeout_s: int) -> dict[str, object]:
-    """``pytest -m gpu tests/kernels`` in a child process (xdist when installed)."""
+    """All kernel tests, ``gpu`` ones included, in a child process (xdist when installed)."""
     cmd = [
         sys.executable,
         "-m",
         "pytest",
         "-m",
-        "gpu",
+        "not slow",
         "tests/kernels",
         "-q",
         "-rf",
@@ -360,7 +361,7 @@ def run_gpu_tests(timeout_s: int) -> dict[str, object]:
         "addopts=-p no:cacheprovider",
     ]
     if importlib.util.find_spec("xdist") is not None:
-        cmd += ["-n", "4"]
+        cmd += ["-n", "8"]
     started = time.perf_counter()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -406,7 +407,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--skip-tests", action="store_true", help="time only")
-    parser.add_argument("--test-timeout", type=int, default=330, help="seconds for pytest")
+    parser.add_argument("--test-timeout", type=int, default=240, help="seconds for pytest")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -423,6 +424,7 @@ def main() -> int:
     _map_checkout()
     import triton
 
+    print(f"{device_name()}: torch {torch.__version__}, triton {triton.__version__}", flush=True)
     tests = {"skipped": True} if args.skip_tests else run_gpu_tests(args.test_timeout)
     device = measure_device()
     rows = bench_all(device)

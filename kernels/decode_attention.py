@@ -60,7 +60,7 @@ def _paged_decode_attention_kernel(
     num_heads,
     num_splits,
     group,
-    head_dim,
+    head_dim: tl.constexpr,  # == BLOCK_D for powers of two: the d mask folds away
     scale,
     soft_cap,
     sliding_window,
@@ -136,7 +136,7 @@ def _paged_decode_reduce_kernel(
     sum_ptr,  # [B, num_heads, num_splits] float32
     out_ptr,  # [B, num_heads, head_dim]
     num_splits,
-    head_dim,
+    head_dim: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,

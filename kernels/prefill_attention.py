@@ -75,7 +75,7 @@ def _prefill_attention_kernel(
     stride_head,
     num_heads,
     group,
-    head_dim,
+    head_dim: tl.constexpr,  # == BLOCK_D for powers of two: the d mask folds away
     scale,
     soft_cap,
     sliding_window,
@@ -94,8 +94,6 @@ def _prefill_attention_kernel(
     seq = tl.program_id(2).to(tl.int64)
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
-    if tile * BLOCK_M >= q_len:
-        return
     ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
     first_pos = ctx - q_len  # position of the chunk's first token
 
@@ -110,6 +108,7 @@ def _prefill_attention_kernel(
 
     # Causal: this tile's last row sees up to its own position; the window bounds the first row.
     hi = tl.minimum(ctx, first_pos + (tile + 1) * BLOCK_M)
+    hi = tl.where(tile * BLOCK_M < q_len, hi, 0)  # tiles past a short chunk do nothing
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(0, first_pos + tile * BLOCK_M - sliding_window + 1)

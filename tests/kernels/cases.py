@@ -47,8 +47,9 @@ def generator(seed: int) -> torch.Generator:
 
 
 def randn(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> Tensor:
-    """Random normal values made on the CPU (reproducible everywhere), moved to DEVICE."""
-    return torch.randn(shape, generator=generator(seed)).to(device=DEVICE, dtype=dtype)
+    """Seeded random normal values, made on DEVICE (full-size GPU cases are large)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=DEVICE).to(dtype)
 
 
 def random_block_tables(

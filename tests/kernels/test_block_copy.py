@@ -52,7 +52,7 @@ def test_gather_then_scatter_exact(
     full: bool,
     one_allocation: bool,
 ) -> None:
-    num_layers, num_blocks, n = (8, 512, 129) if full else (3, 7, 3)
+    num_layers, num_blocks, n = (8, 160, 129) if full else (3, 7, 3)
     caches = _caches(dtype, head_dim, ratio, block_size, num_layers, num_blocks, one_allocation, 0)
     ids = _ids(num_blocks, n, seed=ratio)
     staging = gather_blocks(caches, ids)

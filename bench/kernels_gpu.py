@@ -357,6 +357,7 @@ def run_gpu_tests(timeout_s: int) -> dict[str, object]:
         "tests/kernels",
         "-q",
         "-rf",
+        "--durations=8",
         "-o",
         "addopts=-p no:cacheprovider",
     ]
@@ -367,7 +368,8 @@ def run_gpu_tests(timeout_s: int) -> dict[str, object]:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
         rc, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, output = -1, f"timed out after {timeout_s} s\n{exc.stdout or ''}"
+        partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        rc, output = -1, f"{partial}\ntimed out after {timeout_s} s"
     lines = [line for line in output.splitlines() if line.strip()]
     print("\n".join(lines[-25:]))
     return {

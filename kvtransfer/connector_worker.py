@@ -28,6 +28,7 @@ from splitserve.kvtransfer.connector_scheduler import FinishedTransfers, KvConne
 from splitserve.kvtransfer.layout import KvLayout, cache_checksums, staging_checksums
 from splitserve.kvtransfer.lease import DEFAULT_LEASE_TTL_S, LeaseEnd, LeaseManager
 from splitserve.kvtransfer.params import Control, KvTransferParams, ReadRequest
+from splitserve.kvtransfer.staging import StagingPool
 from splitserve.kvtransfer.transport import KvTransport, TransportConnectionError
 
 from splitserve.errors import KVChecksumError, KVTransferError
@@ -108,6 +109,7 @@ class KvConnectorWorker:
         self._clock = clock
         self._on_release = on_release
         self.leases = LeaseManager(self._lease_ended, lease_ttl_s, clock)
+        self.staging = StagingPool()
         self._loads: dict[str, _Load] = {}
         self._orphans: set[int] = set()  # handles whose outcome no longer matters
         self._heartbeats: dict[int, str] = {}
@@ -141,11 +143,18 @@ class KvConnectorWorker:
                                   f"this engine has {self.layout.num_layers}")
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
         try:
-            ids = torch.tensor(read.block_ids, dtype=torch.long, device=self.kv_caches[0].device)
+            device = self.kv_caches[0].device
+            ids = torch.tensor(read.block_ids, dtype=torch.long, device=device)
             caches = self.kv_caches[read.layer_start : read.layer_end]
-            return self._ops.gather_blocks(caches, ids)  # [layers, 2, n, bs, kv_heads, hd]
+            shape = self.layout.staging_shape(read.num_layers, len(read.block_ids))
+            out = self.staging.take(shape, self.layout.torch_dtype, device)
+            return self._ops.gather_blocks(caches, ids, out=out)  # [layers, 2, n, bs, heads, hd]
         finally:
             self.leases.unpin(read.request_id)
+
+    def release_staging(self, staging: torch.Tensor) -> None:
+        """ServeHandler: the transport is done with a buffer from ``stage``."""
+        self.staging.give(staging)
 
     def check_lease(self, read: ReadRequest) -> None:
         """ServeHandler: the request may have been aborted or expired while its read was staged."""
@@ -209,8 +218,8 @@ class KvConnectorWorker:
         block_ids = params.block_ids[chunk.blocks]
         if chunk.dest is None:
             shape = self.layout.staging_shape(len(chunk.layers), len(block_ids))
-            chunk.dest = torch.empty(shape, dtype=self.layout.torch_dtype,
-                                     device=self.kv_caches[0].device)
+            chunk.dest = self.staging.take(shape, self.layout.torch_dtype,
+                                           self.kv_caches[0].device)
         read = ReadRequest(xfer_id=0, request_id=load.request_id, lease_id=params.lease_id,
                            block_ids=block_ids, layer_start=chunk.layers.start,
                            layer_end=chunk.layers.stop)
@@ -245,7 +254,10 @@ class KvConnectorWorker:
         """Forget a load: orphan its reads in flight, tell the serving side ``kind``."""
         for chunk in load.chunks:
             if chunk.handle is not None:
-                self._orphans.add(chunk.handle)
+                self._orphans.add(chunk.handle)  # its buffer may still be written: not reused
+            elif chunk.dest is not None:
+                self.staging.give(chunk.dest)
+            chunk.dest = None
         self._tell(load.params, kind)
 
     def _tell(self, params: KvTransferParams, kind: str) -> None:
@@ -348,6 +360,7 @@ class KvConnectorWorker:
         assert chunk.dest is not None
         caches = self.kv_caches[chunk.layers.start : chunk.layers.stop]
         self._ops.scatter_blocks(chunk.dest, caches, load.local_ids[chunk.blocks])
+        self.staging.give(chunk.dest)
         chunk.dest, chunk.done = None, True
 
     def _maybe_heartbeat(self, load: _Load) -> None:

@@ -190,29 +190,39 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _pair_checksum(k: torch.Tensor, v: torch.Tensor) -> int:
+def _pair_checksum(k: memoryview, v: memoryview) -> int:
     """Checksum of one block in one layer: xxhash64 of V seeded by xxhash64 of K."""
-    return hash_bytes(byte_view(v), seed=hash_bytes(byte_view(k), seed=HASH_SEED))
+    return hash_bytes(v, seed=hash_bytes(k, seed=HASH_SEED))
+
+
+def _rows(tensor: torch.Tensor) -> Any:
+    """``tensor`` [..., *block] as a numpy uint8 array [..., bytes per block] (no copy on CPU)."""
+    cpu = tensor if tensor.device.type == "cpu" else tensor.cpu()
+    flat = cpu.contiguous().view(torch.uint8).numpy()
+    return flat.reshape(*cpu.shape[:-3], -1)
 
 
 def staging_checksums(staging: torch.Tensor) -> list[list[int]]:
     """Checksums ``[layer][block]`` of a staging buffer ``[L, 2, n, bs, heads, head_dim]``."""
     if staging.dim() != 6 or staging.shape[1] != 2:
         raise ValueError(f"staging must be [L, 2, n, bs, heads, head_dim], got {tuple(staging.shape)}")
-    cpu = staging if staging.device.type == "cpu" else staging.cpu()
-    return [[_pair_checksum(layer[0, i], layer[1, i]) for i in range(layer.shape[1])]
-            for layer in cpu]
+    rows = _rows(staging)  # [L, 2, n, block bytes]
+    return [[_pair_checksum(layer[0, i].data, layer[1, i].data) for i in range(layer.shape[1])]
+            for layer in rows]
 
 
 def cache_checksums(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -> list[list[int]]:
     """Checksums ``[layer][i]`` of ``block_ids`` read in place from the KV tensors.
 
-    Equal to ``staging_checksums(gather_blocks(kv_caches, block_ids))`` without the copy
-    on CPU (each block's K and V are contiguous runs of the cache).
+    Equal to ``staging_checksums(gather_blocks(kv_caches, block_ids))``; on CPU without
+    the copy (each block's K and V are contiguous runs of the cache).
     """
-    rows: list[list[int]] = []
+    result: list[list[int]] = []
     for cache in kv_caches:
-        cpu = cache if cache.device.type == "cpu" else cache[:, list(block_ids)].cpu()
-        ids = block_ids if cache.device.type == "cpu" else range(len(block_ids))
-        rows.append([_pair_checksum(cpu[0, b], cpu[1, b]) for b in ids])
-    return rows
+        if cache.device.type != "cpu":
+            cache, ids = cache[:, list(block_ids)], range(len(block_ids))
+        else:
+            ids = block_ids
+        rows = _rows(cache)  # [2, num_blocks, block bytes]
+        result.append([_pair_checksum(rows[0, b].data, rows[1, b].data) for b in ids])
+    return result

@@ -95,12 +95,15 @@ class LoopbackTransport(KvTransport):
     def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
         server = self._serving_peer(address)
         staging = server.stage(read)
-        peer = self._peer(address)
-        if peer.fault is not None:
-            time.sleep(peer.fault.delay())
-            staging = peer.fault.before_send(staging)
-        server.check_lease(read)
-        dest.copy_(staging)
+        try:
+            peer = self._peer(address)
+            if peer.fault is not None:
+                time.sleep(peer.fault.delay())
+                staging = peer.fault.before_send(staging)
+            server.check_lease(read)
+            dest.copy_(staging)
+        finally:
+            server.release_staging(staging)
 
     def _serving_peer(self, address: str) -> ServeHandler:
         peer = self._peer(address)

@@ -71,6 +71,10 @@ class ServeHandler(Protocol):
         """
         ...
 
+    def release_staging(self, staging: torch.Tensor) -> None:
+        """The bytes of ``staging`` (from ``stage``) are sent or dropped; it may be reused."""
+        ...
+
     def check_lease(self, read: ReadRequest) -> None:
         """Raise unless ``read``'s lease is still live (called again just before bytes go out)."""
         ...

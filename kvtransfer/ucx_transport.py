@@ -451,32 +451,38 @@ class UcxTransport(KvTransport):
         return Reply(xfer_id=control.xfer_id, ok=True)
 
     async def _serve_read(self, state: _Serving, read: ReadRequest) -> None:
-        ep = state.ep
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
         try:
-            staging = await self._stage(read)
+            staging = await loop.run_in_executor(None, self._server.stage, read)
         except Exception as e:  # noqa: BLE001 - reported to the peer
-            await self._answer_quietly(ep, error_reply(read.xfer_id, e))
+            await self._answer_quietly(state.ep, error_reply(read.xfer_id, e))
+            return
+        try:
+            await self._send_staged(state, read, staging)
+        finally:
+            self._server.release_staging(staging)
+
+    async def _send_staged(self, state: _Serving, read: ReadRequest, staging: torch.Tensor) -> None:
+        """Apply test faults, re-check the lease last, then reply and send the bytes."""
+        assert self._server is not None
+        try:
+            if self.fault is not None:
+                await asyncio.sleep(self.fault.delay())
+                staging = self.fault.before_send(staging)
+            self._server.check_lease(read)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            await self._answer_quietly(state.ep, error_reply(read.xfer_id, e))
             return
         nbytes = staging.numel() * staging.element_size()
         try:
-            await self._answer(ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
+            await self._answer(state.ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
             if read.data_tag and state.data_ep is not None:
                 await state.data_ep.send(_wire_bytes(staging), tag=read.data_tag, force_tag=True)
             else:
-                await ep.send(_wire_bytes(staging), tag=read.xfer_id)
+                await state.ep.send(_wire_bytes(staging), tag=read.xfer_id)
         except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
             logger.debug("UCX send of %s failed: %r", read.request_id, e)
-
-    async def _stage(self, read: ReadRequest) -> torch.Tensor:
-        """Gather off the loop thread, apply test faults, re-check the lease last."""
-        assert self._server is not None
-        loop = asyncio.get_running_loop()
-        staging = await loop.run_in_executor(None, self._server.stage, read)
-        if self.fault is not None:
-            await asyncio.sleep(self.fault.delay())
-            staging = self.fault.before_send(staging)
-        self._server.check_lease(read)
-        return staging
 
     async def _answer_quietly(self, ep: Any, reply: Reply) -> None:
         try:

@@ -83,3 +83,18 @@ def test_cache_and_staging_checksums_agree_and_detect_one_flipped_byte(dtype: to
     bad = staging_checksums(staging)
     diffs = [(layer, i) for layer in range(3) for i in range(3) if bad[layer][i] != sums[layer][i]]
     assert len(diffs) == 1
+
+
+def test_staging_pool_reuses_buffers_within_budget() -> None:
+    from splitserve.kvtransfer.staging import StagingPool
+
+    pool = StagingPool(max_cached_bytes=4096)
+    a = pool.take((2, 4, 8), torch.float32, torch.device("cpu"))
+    assert a.shape == (2, 4, 8) and a.is_contiguous()
+    pool.give(a)
+    b = pool.take((8, 8), torch.float32, torch.device("cpu"))  # same bytes, other shape
+    assert b.data_ptr() == a.data_ptr() and pool.cached_bytes == 0
+    pool.give(b)
+    big = pool.take((4096,), torch.float32, torch.device("cpu"))
+    pool.give(big)  # over budget: dropped
+    assert pool.cached_bytes == 256

@@ -1,0 +1,275 @@
+"""Benchmark: KV blocks between two processes through UCX (shared memory, TCP) and Ray.
+
+Moves 1 MB, 16 MB and 256 MB of paged KV blocks from a serving process to a reading
+process, and times an in-process copy of the same bytes (the limit of this machine):
+
+* ``ucx_sm``  - ``UcxTransport(shared_memory=True)`` with ``UCX_TLS=sm,tcp,self``
+* ``ucx_tcp`` - ``UcxTransport()`` with ``UCX_TLS=tcp,self``
+* ``ray``     - a Ray actor gathers the blocks and returns them through the object store;
+                the driver copies them into its own buffer
+* ``memcpy``  - ``dst.copy_(src)`` of a contiguous buffer of the same size, in process
+
+Every path but memcpy includes the serving side's gather of the blocks into a staging
+buffer (part of moving paged KV); ``*_wire_gbps`` subtracts the gather the server timed.
+Each figure is the best of several runs (the machine is shared). Not a test: prints GB/s
+and ratios; ``--json PATH`` writes them.
+
+    .venv/bin/python bench/kv_transfer.py [--json out.json] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+SIZES_MB = (1, 16, 256)
+LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 8, 16, 8, 64
+DTYPE = torch.float16
+BLOCK_BYTES = LAYERS * 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2  # all layers, K and V
+NUM_BLOCKS = (256 << 20) // BLOCK_BYTES + 16
+MODEL = "bench"
+
+
+def _caches(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    return [torch.randn(shape, generator=g).to(DTYPE) for _ in range(LAYERS)]
+
+
+def _num_blocks(size_mb: int) -> int:
+    return (size_mb << 20) // BLOCK_BYTES
+
+
+def _block_ids(n: int) -> list[int]:
+    return [(7 * i) % NUM_BLOCKS for i in range(n)]  # scattered, as in a real pool
+
+
+# ====================================================================== UCX processes
+
+
+def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
+    os.environ["UCX_TLS"] = ucx_tls
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    from splitserve.kvtransfer.connector_worker import KvConnectorWorker
+    from splitserve.kvtransfer.ucx_transport import UcxTransport
+
+    worker = KvConnectorWorker("bench-prefill", _caches(1),
+                               UcxTransport(shared_memory=shared_memory), MODEL,
+                               lease_ttl_s=3600.0)
+    stage_s: list[float] = []
+    original = worker.stage
+
+    def timed_stage(read: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = original(read)
+        stage_s.append(time.perf_counter() - t0)
+        return out
+
+    worker.stage = timed_stage  # type: ignore[method-assign]
+    offers = {}
+    for size in SIZES_MB:
+        n = _num_blocks(size)
+        params = worker.offer(f"r{size}", _block_ids(n), num_tokens=n * BLOCK_SIZE)
+        offers[size] = params.to_dict()
+    conn.send(offers)
+    while True:
+        message = conn.recv()
+        if message == "stage_times":
+            conn.send(list(stage_s))
+            stage_s.clear()
+        elif message == "exit":
+            break
+    worker.close()
+
+
+def _ucx_client(conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict,
+                reps: int) -> None:
+    os.environ["UCX_TLS"] = ucx_tls
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    from splitserve.kvtransfer.layout import KvLayout
+    from splitserve.kvtransfer.params import KvTransferParams, ReadRequest
+    from splitserve.kvtransfer.ucx_transport import UcxTransport
+
+    layout = KvLayout(model_id=MODEL, dtype="float16", num_layers=LAYERS, num_kv_heads=KV_HEADS,
+                      head_dim=HEAD_DIM, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+    transport = UcxTransport(shared_memory=shared_memory)
+    transport.register_memory(layout)
+    results = {}
+    for size in SIZES_MB:
+        params = KvTransferParams.decode_any(offers[size])
+        read = ReadRequest(xfer_id=0, request_id=params.request_id, lease_id=params.lease_id,
+                           block_ids=params.block_ids, layer_start=0, layer_end=LAYERS)
+        dest = torch.empty(layout.staging_shape(LAYERS, len(params.block_ids)), dtype=DTYPE)
+        dest.fill_(0)  # fault the pages in before timing
+        times = []
+        for _ in range(reps + 1):  # the first one also connects: a warm-up
+            t0 = time.perf_counter()
+            done = transport.wait(transport.read_blocks(params.address, read, dest, 60.0), 60.0)
+            times.append(time.perf_counter() - t0)
+            if not done.ok:
+                raise RuntimeError(f"UCX read failed: {done.error!r}")
+        results[size] = times[1:]
+    transport.close()
+    conn.send(results)
+
+
+def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[str, float]]:
+    ctx = mp.get_context("spawn")
+    server_conn, server_child = ctx.Pipe()
+    server = ctx.Process(target=_ucx_server, args=(server_child, ucx_tls, shared_memory))
+    server.start()
+    try:
+        offers = server_conn.recv()
+        client_conn, client_child = ctx.Pipe()
+        client = ctx.Process(target=_ucx_client,
+                             args=(client_child, ucx_tls, shared_memory, offers, reps))
+        client.start()
+        times = client_conn.recv()
+        client.join(30)
+        server_conn.send("stage_times")
+        stage = server_conn.recv()
+        server_conn.send("exit")
+    finally:
+        server.join(30)
+        if server.is_alive():
+            server.kill()
+    return _ucx_figures(times, stage, reps)
+
+
+def _ucx_figures(times: dict[int, list[float]], stage: list[float],
+                 reps: int) -> dict[int, dict[str, float]]:
+    figures = {}
+    for i, size in enumerate(SIZES_MB):
+        per_read = stage[i * (reps + 1) + 1 : (i + 1) * (reps + 1)]  # drop the warm-up
+        nbytes = _num_blocks(size) * BLOCK_BYTES
+        best = min(times[size])
+        wire = min(t - s for t, s in zip(times[size], per_read, strict=True))
+        figures[size] = {"gbps": nbytes / best / 1e9, "wire_gbps": nbytes / max(wire, 1e-9) / 1e9}
+    return figures
+
+
+# ====================================================================== Ray and memcpy
+
+
+def bench_ray(reps: int) -> dict[int, dict[str, float]]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import numpy as np
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        producer = ray.remote(num_cpus=0)(_RayProducer).remote()
+        ray.get(producer.ready.remote())
+        figures = {}
+        for size in SIZES_MB:
+            n = _num_blocks(size)
+            dest = np.zeros(n * BLOCK_BYTES // 2, dtype=np.float16)
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                staged = ray.get(producer.stage.remote(n))
+                np.copyto(dest, staged.reshape(-1))
+                times.append(time.perf_counter() - t0)
+                del staged
+            figures[size] = {"gbps": n * BLOCK_BYTES / min(times[1:]) / 1e9}
+        return figures
+    finally:
+        ray.shutdown()
+
+
+class _RayProducer:
+    """Holds a KV cache; returns gathered blocks (through the object store)."""
+
+    def __init__(self) -> None:
+        from splitserve.kernels.reference import gather_blocks
+
+        self._gather = gather_blocks
+        self.caches = _caches(1)
+
+    def ready(self) -> bool:
+        return True
+
+    def stage(self, n: int) -> Any:
+        return self._gather(self.caches, torch.tensor(_block_ids(n))).numpy()
+
+
+def bench_memcpy(reps: int) -> dict[int, dict[str, float]]:
+    figures = {}
+    for size in SIZES_MB:
+        nbytes = _num_blocks(size) * BLOCK_BYTES
+        src = torch.randn(nbytes // 2).to(DTYPE)
+        dst = torch.zeros_like(src)
+        times = []
+        for _ in range(reps + 2):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        figures[size] = {"gbps": nbytes / min(times[1:]) / 1e9}
+    return figures
+
+
+# ====================================================================== report
+
+
+def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
+    header = f"{'size':>7} " + " ".join(f"{name:>12}" for name in results) + \
+        f" {'sm/memcpy':>10} {'ucx/ray':>8}"
+    print(f"KV blocks: {LAYERS} layers x [2, {BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}] fp16 "
+          f"= {BLOCK_BYTES // 1024} KiB per block; GB/s, best run")
+    print(header)
+    by_size: dict[str, Any] = {}
+    for size in SIZES_MB:
+        row = {name: fig[size]["gbps"] for name, fig in results.items()}
+        best_ucx = max(row["ucx_sm"], row["ucx_tcp"])
+        row["ucx_sm_wire"] = results["ucx_sm"][size]["wire_gbps"]
+        row["ucx_tcp_wire"] = results["ucx_tcp"][size]["wire_gbps"]
+        ratios = {"ucx_sm_vs_memcpy": row["ucx_sm"] / row["memcpy"],
+                  "ucx_vs_ray": best_ucx / row["ray"]}
+        by_size[f"{size}MB"] = {**{f"{k}_gbps": v for k, v in row.items()}, **ratios}
+        print(f"{size:>5}MB " + " ".join(f"{row[name]:>12.2f}" for name in results)
+              + f" {ratios['ucx_sm_vs_memcpy']:>10.2f} {ratios['ucx_vs_ray']:>8.2f}")
+    wire = " ".join(f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_wire_gbps']:.2f} / tcp "
+                    f"{by_size[f'{s}MB']['ucx_tcp_wire_gbps']:.2f}" for s in SIZES_MB)
+    print(f"UCX without the serving side's gather (GB/s): {wire}")
+    top = by_size[f"{SIZES_MB[-1]}MB"]
+    return {
+        "ucx_sm_gbps": top["ucx_sm_gbps"],
+        "ucx_tcp_gbps": top["ucx_tcp_gbps"],
+        "ray_gbps": top["ray_gbps"],
+        "memcpy_gbps": top["memcpy_gbps"],
+        "ucx_sm_vs_memcpy": top["ucx_sm_vs_memcpy"],
+        "ucx_vs_ray": top["ucx_vs_ray"],
+        "ucx_sm_wire_gbps": top["ucx_sm_wire_gbps"],
+        "size_mb": SIZES_MB[-1],
+        "by_size": by_size,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the figures to this path")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per size (best is kept)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {
+        "memcpy": bench_memcpy(args.reps),
+        "ucx_sm": bench_ucx("sm,tcp,self", True, args.reps),
+        "ucx_tcp": bench_ucx("tcp,self", False, args.reps),
+        "ray": bench_ray(args.reps),
+    }
+    summary = report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

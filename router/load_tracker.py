@@ -6,8 +6,14 @@ prefill rate. Updated only at the request events (add, prefill start, prefill
 done, finish), migrations and instance add/remove. Must not: know about prefixes
 (the ``PrefixIndex`` does) or choose instances (the policies do).
 
-Predicted TTFT of ``n`` new uncached tokens at an instance is
-``(queued tokens + what is left of the prefill in progress + n) / measured rate``.
+Predicted TTFT of a request at an instance is
+``(queued work + what is left of the prefill in progress + the request's work) / measured rate``,
+where the work of ``n`` uncached tokens after ``c`` cached ones is ``n + kappa * n * (c + n / 2)``
+token-equivalents: the tokens themselves plus causal attention over the context.
+``kappa`` is learned online from the prefills' measured times (least squares over all
+instances, with forgetting); until enough long prefills were seen it is 0, and the
+prediction is plain queued tokens over measured tokens/s. The measured rate is per
+instance (token-equivalents/s), so slow and fast instances are told apart.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class InstanceLoad:
     kv_capacity_blocks: int
     num_queued_prefill_tokens: int = 0
     """Uncached prompt tokens of requests placed here whose prefill has not started."""
+    queued_prefill_work: float = 0.0
+    """Their work in token-equivalents (see the module docstring)."""
     num_running_requests: int = 0
     """Requests placed here (as prefill or decode) that have not finished."""
     num_active_prefill_blocks: int = 0
@@ -44,16 +52,18 @@ class InstanceLoad:
     """Clock time the prefill in progress started (valid while ``prefill_tokens_in_progress``)."""
     prefill_tokens_in_progress: int = 0
     """Uncached tokens of the prefill(s) in progress."""
+    prefill_work_in_progress: float = 0.0
+    """Their work in token-equivalents."""
 
-    def pending_prefill_tokens(self, now: float) -> float:
-        """Tokens still to prefill before a newly queued request could start."""
+    def pending_prefill_work(self, now: float) -> float:
+        """Work (token-equivalents) still to do before a newly queued request could start."""
         progress = self.prefill_rate_tps * max(0.0, now - self.prefill_started_at)
-        remaining = max(0.0, self.prefill_tokens_in_progress - progress)
-        return self.num_queued_prefill_tokens + remaining
+        remaining = max(0.0, self.prefill_work_in_progress - progress)
+        return self.queued_prefill_work + remaining
 
-    def predicted_ttft(self, new_tokens: float, now: float) -> float:
-        """Seconds until ``new_tokens`` appended now would finish prefilling here."""
-        return (self.pending_prefill_tokens(now) + new_tokens) / self.prefill_rate_tps
+    def predicted_ttft(self, new_work: float, now: float) -> float:
+        """Seconds until ``new_work`` token-equivalents appended now would finish prefilling here."""
+        return (self.pending_prefill_work(now) + new_work) / self.prefill_rate_tps
 
     @property
     def kv_pressure(self) -> float:
@@ -67,6 +77,8 @@ class _Tracked:
     prefill_instance: str | None
     decode_instance: str | None
     prefill_tokens: int
+    prefill_work: float
+    cached_tokens: int
     prompt_blocks: int
     kv_blocks: int
     started_at: float | None = None
@@ -83,6 +95,13 @@ class LoadTracker:
         self.rate_ewma_alpha = rate_ewma_alpha
         self.loads: dict[str, InstanceLoad] = {}
         self._requests: dict[str, _Tracked] = {}
+        self.attention_coeff = 0.0
+        """kappa: token-equivalents of attention per (new token, context token) pair."""
+        self._fit = _AttentionFit()
+
+    def prefill_work(self, new_tokens: int, cached_tokens: int) -> float:
+        """Token-equivalents of prefilling ``new_tokens`` after ``cached_tokens``."""
+        return new_tokens + self.attention_coeff * new_tokens * (cached_tokens + new_tokens / 2)
 
     # -- instances -----------------------------------------------------------------------------
 
@@ -125,11 +144,17 @@ class LoadTracker:
         return request_id in self._requests
 
     def on_add(self, request_id: str, prefill_instance: str | None, decode_instance: str | None,
-               prefill_tokens: int, prompt_blocks: int, kv_blocks: int) -> None:
-        """A request was placed: charge its prefill work and its decode KV reservation."""
+               prefill_tokens: int, prompt_blocks: int, kv_blocks: int,
+               cached_tokens: int = 0) -> None:
+        """A request was placed: charge its prefill work and its decode KV reservation.
+
+        ``prefill_tokens`` are the uncached tokens to prefill, after ``cached_tokens`` hits.
+        """
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already placed")
-        tracked = _Tracked(prefill_instance, decode_instance, prefill_tokens, prompt_blocks, kv_blocks)
+        work = self.prefill_work(prefill_tokens, cached_tokens)
+        tracked = _Tracked(prefill_instance, decode_instance, prefill_tokens, work, cached_tokens,
+                           prompt_blocks, kv_blocks)
         for instance_id in {prefill_instance, decode_instance} - {None}:
             self._load(instance_id)  # unknown instances fail before anything is charged
         if prefill_instance is not None:
@@ -148,9 +173,11 @@ class LoadTracker:
         load = self.loads[tracked.prefill_instance]
         load.queue.pop(request_id, None)
         load.num_queued_prefill_tokens -= tracked.prefill_tokens
+        load.queued_prefill_work -= tracked.prefill_work
         # Fold what is left of an earlier prefill in progress into the new one.
-        remaining = load.pending_prefill_tokens(now) - load.num_queued_prefill_tokens
-        load.prefill_tokens_in_progress = int(remaining) + tracked.prefill_tokens
+        remaining = load.pending_prefill_work(now) - load.queued_prefill_work
+        load.prefill_work_in_progress = max(0.0, remaining) + tracked.prefill_work
+        load.prefill_tokens_in_progress += tracked.prefill_tokens
         load.prefill_started_at = now
         tracked.started_at = now
 
@@ -163,8 +190,9 @@ class LoadTracker:
             self.on_prefill_start(request_id, now)
         load = self.loads[tracked.prefill_instance]
         started_at = tracked.started_at if tracked.started_at is not None else now
-        self._learn_rate(load, tracked.prefill_tokens, now - started_at)
+        self._learn(load, tracked, now - started_at)
         load.prefill_tokens_in_progress = max(0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
+        load.prefill_work_in_progress = max(0.0, load.prefill_work_in_progress - tracked.prefill_work)
         load.prefill_started_at = now
         load.num_active_prefill_blocks -= tracked.prompt_blocks
         load.num_prefilled_tokens += tracked.prefill_tokens
@@ -185,7 +213,8 @@ class LoadTracker:
         for instance_id in members:
             self.loads[instance_id].num_running_requests -= 1
 
-    def move_queued(self, request_id: str, target: str, prefill_tokens: int) -> None:
+    def move_queued(self, request_id: str, target: str, prefill_tokens: int,
+                    cached_tokens: int = 0) -> None:
         """Move a request that has not started prefill to ``target`` with its new uncached tokens."""
         tracked = self._requests.get(request_id)
         if tracked is None or tracked.prefill_instance is None or tracked.started_at is not None:
@@ -195,6 +224,8 @@ class LoadTracker:
         self._release_prefill(self.loads[tracked.prefill_instance], request_id, tracked)
         tracked.prefill_instance = target
         tracked.prefill_tokens = prefill_tokens
+        tracked.cached_tokens = cached_tokens
+        tracked.prefill_work = self.prefill_work(prefill_tokens, cached_tokens)
         self._queue_prefill(self.loads[target], request_id, tracked)
         after = _members(tracked)
         for instance_id in before - after:
@@ -227,25 +258,32 @@ class LoadTracker:
         if tracked.started_at is None:
             load.queue.pop(request_id, None)
             load.num_queued_prefill_tokens -= tracked.prefill_tokens
+            load.queued_prefill_work -= tracked.prefill_work
         else:
             load.prefill_tokens_in_progress = max(
                 0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
+            load.prefill_work_in_progress = max(
+                0.0, load.prefill_work_in_progress - tracked.prefill_work)
         load.num_active_prefill_blocks -= tracked.prompt_blocks
 
     @staticmethod
     def _queue_prefill(load: InstanceLoad, request_id: str, tracked: _Tracked) -> None:
         load.queue[request_id] = tracked.prefill_tokens
         load.num_queued_prefill_tokens += tracked.prefill_tokens
+        load.queued_prefill_work += tracked.prefill_work
         load.num_active_prefill_blocks += tracked.prompt_blocks
 
-    def _learn_rate(self, load: InstanceLoad, tokens: int, elapsed_s: float) -> None:
+    def _learn(self, load: InstanceLoad, tracked: _Tracked, elapsed_s: float) -> None:
         # Tiny prefills are dominated by fixed overheads and would understate the rate.
-        if tokens < 256 or elapsed_s <= 0:
+        n = tracked.prefill_tokens
+        if n < MIN_LEARN_TOKENS or elapsed_s <= 0:
             return
-        measured = tokens / elapsed_s
+        kappa = self._fit.observe(n, n * (tracked.cached_tokens + n / 2), elapsed_s)
+        if kappa is not None:
+            self.attention_coeff = kappa
+        measured = self.prefill_work(n, tracked.cached_tokens) / elapsed_s
         alpha = self.rate_ewma_alpha
         load.prefill_rate_tps = (1 - alpha) * load.prefill_rate_tps + alpha * measured
-
 
 def _members(tracked: _Tracked) -> set[str]:
     """Instances a request currently occupies: its decode instance, and prefill until done."""
@@ -253,3 +291,36 @@ def _members(tracked: _Tracked) -> set[str]:
     if tracked.prefill_instance is not None and not tracked.prefill_done:
         members.add(tracked.prefill_instance)
     return members
+
+
+MIN_LEARN_TOKENS = 256
+"""Prefills shorter than this teach neither the rate nor kappa (overheads dominate them)."""
+
+
+class _AttentionFit:
+    """Online least squares of ``seconds ~ a * tokens + b * pairs`` with forgetting; kappa = b / a."""
+
+    FORGET = 0.995
+    MIN_SAMPLES = 16
+
+    def __init__(self) -> None:
+        self.snn = self.snp = self.spp = self.snt = self.spt = 0.0
+        self.count = 0
+
+    def observe(self, tokens: float, pairs: float, seconds: float) -> float | None:
+        """Add a sample; returns the new kappa, or None while it is not yet determined."""
+        f = self.FORGET
+        self.snn = f * self.snn + tokens * tokens
+        self.snp = f * self.snp + tokens * pairs
+        self.spp = f * self.spp + pairs * pairs
+        self.snt = f * self.snt + tokens * seconds
+        self.spt = f * self.spt + pairs * seconds
+        self.count += 1
+        det = self.snn * self.spp - self.snp * self.snp
+        if self.count < self.MIN_SAMPLES or det <= 1e-9 * self.snn * self.spp:
+            return None
+        a = (self.snt * self.spp - self.spt * self.snp) / det
+        b = (self.snn * self.spt - self.snp * self.snt) / det
+        if a <= 0:
+            return None
+        return max(0.0, b / a)

@@ -128,7 +128,7 @@ class LeastLoaded(Policy):
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
         now = view.now
         best = min(view.prefill_loads,
-                   key=lambda load: (load.pending_prefill_tokens(now) / load.prefill_rate_tps,
+                   key=lambda load: (load.pending_prefill_work(now) / load.prefill_rate_tps,
                                      load.num_running_requests))
         return Choice(best.instance_id)
 

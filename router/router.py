@@ -160,7 +160,8 @@ class Router:
             fallback=choice.fallback,
         )
         self.loads.on_add(request.request_id, choice.instance_id, decode, prefill_tokens,
-                          len(request.block_hashes), self._kv_blocks(request))
+                          len(request.block_hashes), self._kv_blocks(request),
+                          cached_tokens=request.prompt_len - prefill_tokens)
         self._queued[request.request_id] = request
         self._touch(choice.instance_id, decode)
         return placement
@@ -176,10 +177,7 @@ class Router:
         migrations: list[Migration] = []
 
         def move(migration: Migration) -> None:
-            request = self._queued[migration.request_id]
-            matched = self.index.matched_blocks(migration.target, request.block_hashes)
-            tokens = request.prompt_len - min(matched * self.config.block_size, request.prompt_len)
-            self.loads.move_queued(migration.request_id, migration.target, tokens)
+            self._move_queued(migration.request_id, migration.target)
             self._touch(migration.source, migration.target)
             migrations.append(migration)
 
@@ -208,10 +206,10 @@ class Router:
         if request is None:
             return
         if instance_id is not None and instance_id != self.loads.prefill_instance_of(request_id):
-            matched = self.index.matched_blocks(self._instance_id(instance_id), request.block_hashes)
-            tokens = request.prompt_len - min(matched * self.config.block_size, request.prompt_len)
             previous = self.loads.prefill_instance_of(request_id)
-            self.loads.move_queued(request_id, instance_id, tokens)
+            self._queued[request_id] = request
+            self._move_queued(request_id, self._instance_id(instance_id))
+            del self._queued[request_id]
             self._touch(previous, instance_id)
         self.loads.on_prefill_start(request_id, self.clock())
 
@@ -250,6 +248,12 @@ class Router:
                 f" at most {max_blocks} full blocks of {self.config.block_size} tokens",
                 field="block_hashes",
             )
+
+    def _move_queued(self, request_id: str, target: str) -> None:
+        request = self._queued[request_id]
+        matched = self.index.matched_blocks(target, request.block_hashes)
+        cached = min(matched * self.config.block_size, request.prompt_len)
+        self.loads.move_queued(request_id, target, request.prompt_len - cached, cached)
 
     def _decode_key(self, instance_id: str) -> tuple[float, int]:
         """Decode instances are ordered by KV pressure, then running requests, then join order."""

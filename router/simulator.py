@@ -173,19 +173,23 @@ class Simulator:
         self._num_fallbacks = 0
         self._latencies: list[float] = []
         self._outstanding = 0
+        self._t0 = min(r.arrival_s for r in requests)
 
     # -- driver --------------------------------------------------------------------------------
 
     def run(self) -> SimResult:
-        scale = self.config.time_scale
         for request in self.requests:
-            self._push(request.arrival_s / scale, self._ARRIVE, request)
+            self._push(self._arrival(request), self._ARRIVE, request)
         self._push(self.config.rebalance_interval_s, self._REBALANCE, None)
         handlers = (self._arrive, self._prefill_done, self._finish, self._rebalance)
         while self._events:
             self.now, _, kind, payload = heapq.heappop(self._events)
             handlers[kind](payload)
         return self._result()
+
+    def _arrival(self, request: SimRequest) -> float:
+        """Simulated arrival time: trace time from the first request, divided by the time scale."""
+        return (request.arrival_s - self._t0) / self.config.time_scale
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         heapq.heappush(self._events, (at, next(self._seq), kind, payload))
@@ -234,7 +238,7 @@ class Simulator:
 
     def _prefill_done(self, payload: tuple[_PrefillInstance | None, SimRequest]) -> None:
         instance, request = payload
-        self._ttft[self._index[request.request_id]] = self.now - request.arrival_s / self.config.time_scale
+        self._ttft[self._index[request.request_id]] = self.now - self._arrival(request)
         self.router.on_prefill_done(request.request_id)
         if instance is not None:
             stored, evicted = instance.store(request.block_hashes)
@@ -274,7 +278,7 @@ class Simulator:
 
     def _result(self) -> SimResult:
         busy = np.array([p.busy_time_s for p in self.prefill.values()])
-        duration = (self.requests[-1].arrival_s - self.requests[0].arrival_s) / self.config.time_scale
+        duration = max(self._arrival(r) for r in self.requests)
         rate = len(self.requests) / duration if duration > 0 else math.inf
         return SimResult(
             policy=self.config.policy,

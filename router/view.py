@@ -41,10 +41,15 @@ class ClusterView:
     def uncached_tokens(self, request: RouteRequest, matched_blocks: int) -> int:
         return request.prompt_len - self.cached_tokens(request, matched_blocks)
 
+    def prefill_work(self, request: RouteRequest, matched_blocks: int) -> float:
+        """Token-equivalents of prefilling the request after ``matched_blocks`` cached blocks."""
+        cached = self.cached_tokens(request, matched_blocks)
+        return self.loads.prefill_work(request.prompt_len - cached, cached)
+
     def predicted_ttft(self, instance_id: str, request: RouteRequest, matched_blocks: int) -> float:
         """Seconds until the request would finish prefilling at ``instance_id`` if placed now."""
         return self.load(instance_id).predicted_ttft(
-            self.uncached_tokens(request, matched_blocks), self.now)
+            self.prefill_work(request, matched_blocks), self.now)
 
     def best_predicted_ttft(
         self, request: RouteRequest, matches: dict[str, int], exclude: str | None = None
@@ -55,17 +60,19 @@ class ClusterView:
         """
         best_id, best_ttft = "", float("inf")
         prompt_len, block_size, now = request.prompt_len, self.config.block_size, self.now
+        kappa = self.loads.attention_coeff
         # Hot path (every fallback, every rebalance move): InstanceLoad.predicted_ttft inlined.
         for load in self.prefill_loads:
             instance_id = load.instance_id
             if instance_id == exclude:
                 continue
             rate = load.prefill_rate_tps
-            remaining = load.prefill_tokens_in_progress - rate * (now - load.prefill_started_at)
-            pending = load.num_queued_prefill_tokens + (remaining if remaining > 0 else 0)
+            remaining = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
+            pending = load.queued_prefill_work + (remaining if remaining > 0 else 0)
             matched = matches.get(instance_id)
             cached = min(matched * block_size, prompt_len) if matched else 0
-            ttft = (pending + prompt_len - cached) / rate
+            new = prompt_len - cached
+            ttft = (pending + new + kappa * new * (cached + new / 2)) / rate
             if ttft < best_ttft:
                 best_id, best_ttft = instance_id, ttft
         return best_id, best_ttft

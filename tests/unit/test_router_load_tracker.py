@@ -25,7 +25,7 @@ def test_lifecycle_counters_are_exact() -> None:
     assert p0.predicted_ttft(100, now=0.0) == pytest.approx(0.6)
     loads.on_prefill_start("a", now=1.0)
     assert list(p0.queue) == ["b"] and p0.num_queued_prefill_tokens == 200
-    assert p0.pending_prefill_tokens(now=1.1) == pytest.approx(200 + 300 - 100)
+    assert p0.pending_prefill_work(now=1.1) == pytest.approx(200 + 300 - 100)
     loads.on_prefill_done("a", now=1.3)  # 300 tokens in 0.3 s = 1000 tok/s
     assert p0.prefill_rate_tps == pytest.approx(1000.0)
     assert (p0.num_active_prefill_blocks, p0.num_running_requests, p0.num_prefilled_tokens) == (1, 1, 300)

@@ -77,7 +77,7 @@ def test_placement_charges_loads_and_events_release_them() -> None:
     router.on_prefill_start("r1")
     assert load.num_queued_prefill_tokens == 0 and load.prefill_tokens_in_progress == 64
     clock.now = 0.032
-    assert load.pending_prefill_tokens(clock.now) == pytest.approx(32)
+    assert load.pending_prefill_work(clock.now) == pytest.approx(32)
     clock.now = 0.128  # 500 tok/s, but prefills under 256 tokens are overhead: not learned
     router.on_prefill_done("r1")
     assert load.prefill_rate_tps == 1000

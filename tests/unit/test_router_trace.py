@@ -16,9 +16,9 @@ SLICE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
 def test_slice_loads_sorted_with_seconds() -> None:
     records = load_trace(SLICE)
     assert len(records) == 300
-    assert records[0].input_length == 40160 and records[0].output_length == 6
-    assert records[0].hash_ids[:3] == (0, 1, 2) and len(records[0].hash_ids) == 79
-    assert records[3].arrival_s == pytest.approx(0.277)
+    assert records[0].input_length == 33822 and records[0].output_length == 9
+    assert records[0].hash_ids[:3] == (10854, 10855, 10856) and len(records[0].hash_ids) == 67
+    assert records[3].arrival_s == pytest.approx(930.725)
     assert all(a.arrival_s <= b.arrival_s for a, b in zip(records, records[1:], strict=False))
     assert len(load_trace(SLICE, limit=10)) == 10
 

@@ -282,6 +282,8 @@ class LoadTracker:
         if kappa is not None:
             self.attention_coeff = kappa
         measured = self.prefill_work(n, tracked.cached_tokens) / elapsed_s
+        # One odd sample (a stall, a hit the router did not know of) must not swing the rate.
+        measured = min(max(measured, load.prefill_rate_tps / RATE_CLAMP), load.prefill_rate_tps * RATE_CLAMP)
         alpha = self.rate_ewma_alpha
         load.prefill_rate_tps = (1 - alpha) * load.prefill_rate_tps + alpha * measured
 
@@ -292,6 +294,9 @@ def _members(tracked: _Tracked) -> set[str]:
         members.add(tracked.prefill_instance)
     return members
 
+
+RATE_CLAMP = 4.0
+"""A single measurement moves the rate estimate towards at most 4x (or 1/4x) its value."""
 
 MIN_LEARN_TOKENS = 256
 """Prefills shorter than this teach neither the rate nor kappa (overheads dominate them)."""

@@ -202,15 +202,17 @@ class Router:
         ``instance_id``: where it actually started, if that differs from the router's record
         (a migration the cluster could not apply); the router then moves its record there.
         """
-        request = self._queued.pop(request_id, None)
-        if request is None:
+        if request_id not in self._queued:
             return
-        if instance_id is not None and instance_id != self.loads.prefill_instance_of(request_id):
-            previous = self.loads.prefill_instance_of(request_id)
-            self._queued[request_id] = request
-            self._move_queued(request_id, self._instance_id(instance_id))
-            del self._queued[request_id]
-            self._touch(previous, instance_id)
+        previous = self.loads.prefill_instance_of(request_id)
+        target = self._instance_id(instance_id) if instance_id is not None else previous
+        if target is None:  # placed without remote prefill: nothing is queued anywhere
+            return
+        # Re-charge with the cache as it is now: blocks stored since placement are hits
+        # (this keeps the in-progress estimate and the learned rate honest).
+        self._move_queued(request_id, target)
+        del self._queued[request_id]
+        self._touch(previous, target)
         self.loads.on_prefill_start(request_id, self.clock())
 
     def on_prefill_done(self, request_id: str) -> None:

@@ -358,6 +358,8 @@ def run_gpu_tests(timeout_s: int) -> dict[str, object]:
         "-q",
         "-rf",
         "--durations=8",
+        "-p",
+        "no:benchmark",
         "-o",
         "addopts=-p no:cacheprovider",
     ]
@@ -370,13 +372,18 @@ def run_gpu_tests(timeout_s: int) -> dict[str, object]:
     except subprocess.TimeoutExpired as exc:
         partial = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         rc, output = -1, f"{partial}\ntimed out after {timeout_s} s"
-    lines = [line for line in output.splitlines() if line.strip()]
+    lines = [line for line in output.splitlines() if line.strip() and "Warning" not in line]
     print("\n".join(lines[-25:]))
     return {
         "returncode": rc,
         "seconds": round(time.perf_counter() - started, 1),
-        "summary": lines[-1] if lines else "",
+        "summary": next((line for line in reversed(lines) if _is_summary(line)), ""),
     }
+
+
+def _is_summary(line: str) -> bool:
+    """pytest's closing line, e.g. ``1 failed, 334 passed, 1 skipped in 23.78s``."""
+    return " in " in line and any(word in line for word in ("passed", "failed", "error"))
 
 
 def print_table(device: dict[str, float], rows: list[Row]) -> None:

@@ -34,7 +34,7 @@ from splitserve.kernels.checks import (
 
 Tensor = torch.Tensor
 
-MAX_BLOCK = 4096  # elements per program
+MAX_BLOCK = 16384  # elements per program: a whole 16 x 8 x 128 block, so its id is read once
 
 
 @triton.jit
@@ -156,5 +156,5 @@ def _launch(
         block_elems,
         BLOCK=block,
         USE_SCATTER=scatter,
-        num_warps=4,
+        num_warps=8 if block >= 8192 else 4,
     )

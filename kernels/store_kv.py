@@ -1,7 +1,7 @@
 """store_kv: write new K/V rows into the paged cache by slot mapping.
 
-Owns ``_store_kv_kernel`` (one program per token and chunk of its ``num_kv_heads * head_dim``
-row, K and V together) and its typed launcher. Same contract as ``reference.store_kv``: in
+Owns ``_store_kv_kernel`` (one program per tile of tokens x ``num_kv_heads * head_dim``
+columns, K and V together) and its typed launcher. Same contract as ``reference.store_kv``: in
 place, slot ``-1`` skips the token. The copy is exact; dtypes must already match the cache.
 """
 
@@ -26,6 +26,7 @@ from splitserve.kernels.checks import (
 Tensor = torch.Tensor
 
 MAX_BLOCK = 4096  # row elements per program
+TILE_ELEMS = 8192  # elements of K (and of V) per program: several tokens when rows are short
 
 
 @triton.jit
@@ -34,22 +35,24 @@ def _store_kv_kernel(
     value_ptr,  # [T, num_kv_heads, head_dim]
     cache_ptr,  # [2, num_blocks * block_size, num_kv_heads * head_dim]
     slot_mapping_ptr,  # [T]
+    num_tokens,
     stride_key,
     stride_value,
     stride_kv,
     row_size,
+    BLOCK_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    if slot >= 0:  # -1: a padding token, nothing to store
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < row_size
-        key = tl.load(key_ptr + tok * stride_key + cols, mask=mask)
-        value = tl.load(value_ptr + tok * stride_value + cols, mask=mask)
-        dst = cache_ptr + slot * row_size + cols  # int64: slots * row_size passes 2**31
-        tl.store(dst, key, mask=mask)
-        tl.store(dst + stride_kv, value, mask=mask)
+    toks = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # -1 (padding) and rows past T store nothing
+    slots = tl.load(slot_mapping_ptr + toks, mask=toks < num_tokens, other=-1).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (slots >= 0)[:, None] & (cols < row_size)[None, :]  # [BLOCK_T, BLOCK]
+    key = tl.load(key_ptr + toks[:, None] * stride_key + cols[None, :], mask=mask)
+    value = tl.load(value_ptr + toks[:, None] * stride_value + cols[None, :], mask=mask)
+    dst = cache_ptr + slots[:, None] * row_size + cols[None, :]  # int64: slot * row passes 2**31
+    tl.store(dst, key, mask=mask)
+    tl.store(dst + stride_kv, value, mask=mask)
 
 
 def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -60,18 +63,21 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
         return
     row_size = kv_cache.shape[3] * kv_cache.shape[4]
     block = min(MAX_BLOCK, next_power_of_2(row_size))
-    grid = (num_tokens, triton.cdiv(row_size, block))
+    block_t = max(1, min(TILE_ELEMS // block, next_power_of_2(num_tokens)))
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(row_size, block))
     _store_kv_kernel[grid](
         key,
         value,
         kv_cache,
         slot_mapping,
+        num_tokens,
         key.stride(0),
         value.stride(0),
         kv_cache.stride(0),
         row_size,
+        BLOCK_T=block_t,
         BLOCK=block,
-        num_warps=4,
+        num_warps=8 if block_t * block >= TILE_ELEMS else 4,
     )
 
 

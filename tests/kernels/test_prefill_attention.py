@@ -109,9 +109,9 @@ def test_rejects_heads_that_do_not_divide() -> None:
 
 def test_rejects_non_contiguous_head_dim() -> None:
     query, *rest = _good()
-    strided = torch.empty(query.shape[0], query.shape[1], 128)[..., ::2]
+    strided = torch.empty(query.shape[0], query.shape[1], 128, device=query.device)[..., ::2]
     with pytest.raises(KernelInputError, match="contiguous in its last 1 dims"):
-        prefill_attention(strided.to(query.device), *rest, 1.0)
+        prefill_attention(strided, *rest, 1.0)
 
 
 def test_rejects_bad_chunk_boundaries() -> None:

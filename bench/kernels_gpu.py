@@ -15,7 +15,9 @@ One command, sized to finish inside 10 minutes on one GPU:
    reference.
 
 Kernels are timed with ``SPLITSERVE_KERNEL_CHECKS=0`` (no index read-back); the column
-``checked`` repeats the timing with the launchers' value checks on. Works from a bare checkout
+``checked`` repeats the timing with the launchers' value checks on, called again and again on
+the same index tensors, i.e. what every layer after the first pays in an engine step (a check
+that passed is remembered until the tensor changes). Works from a bare checkout
 (the package need not be installed). Owns no kernels; prints and writes JSON only.
 """
 

@@ -27,6 +27,7 @@ from splitserve.kernels.checks import (
     check_same_device,
     check_same_dtype,
     check_shape,
+    memoized,
     next_power_of_2,
     require,
     values_checked,
@@ -107,7 +108,12 @@ def _check_staging(name: str, staging: Tensor, cache: Tensor, shape: tuple[int, 
 
 
 def _check_distinct(block_ids: Tensor) -> None:
-    if values_checked() and torch.unique(block_ids).numel() != block_ids.numel():
+    if values_checked():
+        memoized("distinct_block_ids", [block_ids], (), lambda: _read_distinct(block_ids))
+
+
+def _read_distinct(block_ids: Tensor) -> None:
+    if torch.unique(block_ids).numel() != block_ids.numel():
         raise KernelInputError(f"block_ids must be distinct to scatter, got {block_ids.tolist()}")
 
 

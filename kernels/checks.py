@@ -2,22 +2,27 @@
 
 Every launcher checks its inputs here before it launches: shapes, dtypes, devices and strides
 (free, host-side metadata), and index values (block tables, slot mappings, positions), which
-costs one small device-to-host read per call. ``SPLITSERVE_KERNEL_CHECKS=0`` turns the value
-checks off (metadata checks always run) for callers that have validated their indices already,
-e.g. under CUDA graphs. This module owns no kernels and never touches tensor contents beyond
-those reads.
+costs a device-to-host read. The engine calls each kernel once per layer with the same index
+tensors, so a value check that passed is remembered for those exact tensors (by identity and
+in-place version counter, through weak references) and the other layers skip the read.
+``SPLITSERVE_KERNEL_CHECKS=0`` turns the value checks off (metadata checks always run) for
+callers that validate their indices themselves, e.g. under CUDA graph capture. This module owns
+no kernels and never touches tensor contents beyond those reads.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from splitserve.errors import SplitserveError
 
 Tensor = torch.Tensor
+T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -91,16 +96,61 @@ def values_checked() -> bool:
     return os.environ.get("SPLITSERVE_KERNEL_CHECKS", "1").strip() != "0"
 
 
-def check_range(name: str, values: Tensor, low: int, high: int, mask: Tensor | None = None) -> None:
-    """Every value (where ``mask`` is true) lies in ``[low, high)``: one device read."""
+def check_range(name: str, values: Tensor, low: int, high: int) -> None:
+    """Every value lies in ``[low, high)``: one device read, skipped for unchanged tensors."""
     if not values_checked() or values.numel() == 0:
         return
+    memoized(f"range:{name}", [values], (low, high), lambda: _check_range(name, values, low, high))
+
+
+def _check_range(name: str, values: Tensor, low: int, high: int) -> None:
     bad = (values < low) | (values >= high)
-    if mask is not None:
-        bad &= mask
     if bool(bad.any()):
         first = values[bad][0].item()
         raise KernelInputError(f"{name} holds {first}, outside [{low}, {high})")
+
+
+# check kind -> (identities of the tensors it passed for, extra key, its result)
+_PASSED: dict[str, tuple[list[tuple[Any, ...]], tuple[Any, ...], Any]] = {}
+
+
+def memoized(
+    kind: str, tensors: Sequence[Tensor], extra: tuple[Any, ...], check: Callable[[], T]
+) -> T:
+    """``check()``, unless it last passed (returned) for these very tensors, unchanged since.
+
+    One entry per ``kind``. A tensor matches only while it is alive, at the same storage, shape
+    and strides, with the same in-place version counter; inference-mode tensors keep no version
+    counter and are checked every time. A check that raises is never remembered.
+    """
+    maybe = [_identity(t) for t in tensors]
+    identities = [i for i in maybe if i is not None]
+    if len(identities) < len(maybe):
+        return check()
+    entry = _PASSED.get(kind)
+    if entry is not None and entry[1] == extra and _same(entry[0], identities):
+        return entry[2]
+    result = check()
+    _PASSED[kind] = (identities, extra, result)
+    return result
+
+
+def _identity(tensor: Tensor) -> tuple[Any, ...] | None:
+    """What must stay equal for a check of ``tensor`` to still hold (None: cannot tell)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference-mode tensors track no version
+        return None
+    base = tensor._base if tensor._base is not None else tensor
+    return (weakref.ref(base), tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), version)
+
+
+def _same(old: list[tuple[Any, ...]], new: list[tuple[Any, ...]]) -> bool:
+    # compare referents by identity: == on tensors is elementwise
+    return len(old) == len(new) and all(
+        a[0]() is not None and a[0]() is b[0]() and a[1:] == b[1:]
+        for a, b in zip(old, new, strict=True)
+    )
 
 
 def interpreting() -> bool:
@@ -141,9 +191,21 @@ def check_kv_cache(name: str, kv_cache: Tensor) -> None:
 def check_block_tables(
     block_tables: Tensor, context_lens: Tensor, num_blocks: int, block_size: int
 ) -> None:
-    """Context lengths fit the tables and every block a context covers exists: one device read."""
+    """Context lengths fit the tables and every block a context covers exists: one device read
+    (skipped for unchanged tensors)."""
     if not values_checked() or block_tables.shape[0] == 0:
         return
+    memoized(
+        "block_tables",
+        [block_tables, context_lens],
+        (num_blocks, block_size),
+        lambda: _check_block_tables(block_tables, context_lens, num_blocks, block_size),
+    )
+
+
+def _check_block_tables(
+    block_tables: Tensor, context_lens: Tensor, num_blocks: int, block_size: int
+) -> None:
     max_blocks = block_tables.shape[1]
     ctx = context_lens.long()
     bad_ctx = (ctx < 0) | (ctx > max_blocks * block_size)

@@ -27,6 +27,7 @@ from splitserve.kernels.checks import (
     check_same_dtype,
     check_shape,
     emulate_rtne,
+    memoized,
     next_power_of_2,
     require,
     upcast_dot,
@@ -247,7 +248,16 @@ def _check_inputs(
 
 
 def _max_query_len(query_start_loc: Tensor, context_lens: Tensor, num_tokens: int) -> int:
-    """Longest chunk (the grid's extent), after checking the chunk boundaries: one device read."""
+    """Longest chunk (the grid's extent), chunk boundaries checked: one device read per step."""
+    return memoized(
+        "prefill_chunks",
+        [query_start_loc, context_lens],
+        (num_tokens, values_checked()),
+        lambda: _read_chunks(query_start_loc, context_lens, num_tokens),
+    )
+
+
+def _read_chunks(query_start_loc: Tensor, context_lens: Tensor, num_tokens: int) -> int:
     starts = query_start_loc.long()
     q_lens = starts[1:] - starts[:-1]
     if q_lens.numel() == 0:

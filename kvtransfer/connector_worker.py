@@ -394,6 +394,17 @@ class KvConnectorWorker:
     def is_loading(self, request_id: str) -> bool:
         return request_id in self._loads
 
+    def num_layers_ready(self, request_id: str) -> int:
+        """Leading layers whose every chunk is verified and in place (for layer-wise overlap).
+
+        A finished load reports nothing here: it is in ``finished_recving`` instead.
+        """
+        load = self._loads.get(request_id)
+        if load is None:
+            return 0
+        pending = [c.layers.start for c in load.chunks if not c.done]
+        return min(pending, default=self.layout.num_layers)
+
     def close(self) -> None:
         """Abort every load, then close the transport."""
         for request_id in list(self._loads):

@@ -204,8 +204,9 @@ class _Connection:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        if asyncio.current_task() is not self._reader:
-            self._reader.cancel()
+        # The reader is not cancelled: closing the endpoint cancels its pending receive.
+        # (Cancelling the task would orphan the receive inside ucxx, and a later endpoint
+        # that reuses the handle would lose its first message to it.)
         try:
             self.ep.abort()
         except Exception:  # noqa: BLE001 - already gone
@@ -297,6 +298,29 @@ class UcxTransport(KvTransport):
             del self._ops[handle]
         error = future.exception() if not future.cancelled() else KVTransferError("cancelled")
         return Completion(handle, error)
+
+    def drop_peers(self) -> None:
+        """Abort every endpoint peers opened to this transport (drain, or a fault in tests).
+
+        Readers see their connection break and reconnect on their next read.
+        """
+        self._loop.call(self._drop_accepted(), self._connect_timeout_s)
+
+    async def _drop_accepted(self) -> None:
+        for state in list(self._accepted.values()):
+            for task in state.tasks:
+                task.cancel()
+            for ep in (state.ep, state.data_ep):
+                try:
+                    if ep is not None:
+                        ep.abort()
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+
+    @property
+    def num_connections(self) -> int:
+        """Pooled client endpoints that are up (one per serving peer when healthy)."""
+        return sum(not conn.broken for conn in list(self._pool.values()))
 
     def close(self) -> None:
         if self._closed:
@@ -497,15 +521,7 @@ class UcxTransport(KvTransport):
         for conn in self._pool.values():
             conn.abort()
         self._pool.clear()
-        for state in list(self._accepted.values()):
-            for task in state.tasks:
-                task.cancel()
-            for ep in (state.ep, state.data_ep):
-                try:
-                    if ep is not None:
-                        ep.abort()
-                except Exception:  # noqa: BLE001
-                    pass
+        await self._drop_accepted()
         if self._listener is not None:
             self._listener.close()
         await asyncio.sleep(0)

@@ -38,7 +38,7 @@ def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
 class _Peer:
     """The engine side of one process: pool, caches, connector; answers commands."""
 
-    def __init__(self, seed: int, read_timeout_s: float, shared_memory: bool) -> None:
+    def __init__(self, seed: int, read_timeout_s: float, shared_memory: bool, port: int) -> None:
         from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
         from splitserve.kvtransfer.transport import FaultInjector, create_transport
         from splitserve.roles.engine.block_pool import BlockPool
@@ -49,7 +49,7 @@ class _Peer:
         config = TransferConfig(read_timeout_s=read_timeout_s, load_timeout_s=3 * read_timeout_s,
                                 layers_per_chunk=2, blocks_per_chunk=4)
         self.worker = KvConnectorWorker(f"engine-{seed}", self.caches,
-                                        create_transport("ucx", fault=self.fault,
+                                        create_transport("ucx", fault=self.fault, port=port,
                                                          shared_memory=shared_memory), MODEL, config)
         self.held: dict[str, list[Any]] = {}
         self.results: dict[str, tuple[str, Any]] = {}
@@ -111,12 +111,20 @@ class _Peer:
     def cmd_free(self) -> int:
         return self.pool.num_free_blocks
 
+    def cmd_drop_peers(self) -> None:
+        self.worker.transport.drop_peers()  # type: ignore[attr-defined]
 
-def _engine_main(conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str) -> None:
+    def cmd_connections(self) -> int:
+        return self.worker.transport.num_connections  # type: ignore[attr-defined]
+
+
+def _engine_main(
+    conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int
+) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     torch.set_num_threads(1)
-    peer = _Peer(seed, read_timeout_s, shared_memory="sm" in ucx_tls.split(","))
+    peer = _Peer(seed, read_timeout_s, "sm" in ucx_tls.split(","), port)
     conn.send(("ready", os.getpid()))
     while True:
         if conn.poll(0.002):
@@ -138,13 +146,18 @@ def _engine_main(conn: Connection, seed: int, read_timeout_s: float, ucx_tls: st
 class Engine:
     """Handle on an engine process."""
 
-    def __init__(self, seed: int, read_timeout_s: float = 3.0, ucx_tls: str = "tcp,self") -> None:
+    def __init__(
+        self, seed: int, read_timeout_s: float = 3.0, ucx_tls: str = "tcp,self", port: int = 0
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_engine_main,
-                                args=(child, seed, read_timeout_s, ucx_tls), daemon=True)
+                                args=(child, seed, read_timeout_s, ucx_tls, port), daemon=True)
         self.proc.start()
-        assert self.conn.poll(60), "engine process did not start"
+        deadline = time.monotonic() + 60
+        while not self.conn.poll(0.1):
+            assert self.proc.is_alive(), f"engine process died (exit code {self.proc.exitcode})"
+            assert time.monotonic() < deadline, "engine process did not start"
         assert self.conn.recv()[0] == "ready"
         self.seed = seed
 
@@ -234,6 +247,7 @@ def test_concurrent_loads_share_one_endpoint(pair: tuple[Engine, Engine]) -> Non
         status, blocks = decode.wait_result(p["request_id"])
         assert status == "ok"
         assert torch.equal(blocks[3], _expected(prefill.seed, p["block_ids"])[3])
+    assert decode.connections() == 1  # one pooled endpoint served every load
 
 
 def test_corruption_in_flight_is_refetched_then_refused(pair: tuple[Engine, Engine]) -> None:
@@ -312,21 +326,44 @@ def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) ->
     prefill.abort("mm")
 
 
+def _kill_prefill_mid_transfer(prefill: Engine, decode: Engine, request_id: str) -> None:
+    prefill.fault(0, 30.0)
+    decode.load(prefill.offer(request_id, 3))
+    time.sleep(0.5)
+    prefill.kill()
+    started = time.monotonic()
+    status, (kind, message) = decode.wait_result(request_id, timeout_s=12.0)
+    assert status == "error" and kind == "TransportConnectionError", message
+    assert time.monotonic() - started < 12.0
+    decode.wait_free()
+
+
 def test_prefill_killed_mid_transfer() -> None:
     prefill, decode = Engine(5), Engine(6, read_timeout_s=2.0)
     try:
-        prefill.fault(0, 30.0)
-        decode.load(prefill.offer("k1", 3))
-        time.sleep(0.5)
-        prefill.kill()
-        started = time.monotonic()
-        status, (kind, message) = decode.wait_result("k1", timeout_s=12.0)
-        assert status == "error" and "Error" in kind, message
-        assert time.monotonic() - started < 12.0
-        decode.wait_free()
+        _kill_prefill_mid_transfer(prefill, decode, "k1")
+        assert decode.connections() == 0  # the broken endpoint left the pool
     finally:
         prefill.kill()
         decode.stop()
+
+
+def test_broken_endpoint_is_reestablished(pair: tuple[Engine, Engine]) -> None:
+    prefill, decode = pair
+    decode.load(prefill.offer("e1", 2))
+    assert decode.wait_result("e1")[0] == "ok"
+    assert decode.connections() == 1
+    prefill.drop_peers()  # the serving side cuts every connection
+    deadline = time.monotonic() + 5
+    while decode.connections() != 0:
+        assert time.monotonic() < deadline, "the reader never noticed its endpoint broke"
+        time.sleep(0.02)
+    params = prefill.offer("e2", 2)
+    decode.load(params)
+    status, blocks = decode.wait_result("e2")
+    assert status == "ok", blocks
+    assert torch.equal(blocks[1], _expected(prefill.seed, params["block_ids"])[1])
+    assert decode.connections() == 1
 
 
 def test_decode_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
@@ -354,6 +391,7 @@ def test_shared_memory_lane_moves_bytes_exactly() -> None:
             assert torch.equal(got, want)
         prefill.wait_free()
         decode.wait_free()
+        _kill_prefill_mid_transfer(prefill, decode, "sm2")  # data lane has no failure handler
     finally:
         decode.stop()
-        prefill.stop()
+        prefill.kill()

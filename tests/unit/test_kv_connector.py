@@ -212,3 +212,20 @@ def test_bad_loads_are_refused_up_front() -> None:
         decode.worker.start_load("r2", params, [0, 1])
     with pytest.raises(ValueError, match="do not fit"):
         prefill.worker.offer("r9", [1], num_tokens=5)
+
+
+def test_layer_by_layer_load_reports_layers_as_they_land() -> None:
+    clock = Clock()
+    prefill = make_engine(1, clock)
+    decode = make_engine(2, clock, config=TransferConfig(layers_per_chunk=1))
+    params = offer(prefill, "r1", 2)
+    local = admit(decode, "r1", params)
+    decode.worker.apply(decode.sched.build_meta())
+    assert decode.worker.num_layers_ready("r1") == 0  # reads issued, none checked yet
+    chunks = decode.worker._loads["r1"].chunks
+    decode.worker._check_chunk(decode.worker._loads["r1"], chunks[0])
+    assert decode.worker.num_layers_ready("r1") == 1
+    assert torch.equal(decode.caches[0][:, local], prefill.caches[0][:, params.block_ids])
+    assert not torch.equal(decode.caches[1][:, local], prefill.caches[1][:, params.block_ids])
+    assert decode.run("r1").ready == ["r1"]
+    assert_blocks_equal(decode, local, prefill, params.block_ids)

@@ -86,7 +86,7 @@ def rms_norm(
         BLOCK_H=block_h,
         USE_RESIDUAL=residual is not None,
         EMULATE_RTNE=emulate_rtne(x.dtype),
-        num_warps=min(8, max(1, block_h // 1024)),
+        num_warps=min(16, max(1, block_h // 256)),  # measured best on an H200 (hidden 4096)
     )
     return out, new_residual
 

@@ -52,6 +52,9 @@ class Policy(ABC):
     """
 
     name: ClassVar[str]
+    uses_forecast: ClassVar[bool] = False
+    """True: ``matches`` count blocks that prefills already queued will store (the router's
+    forecast); False: only blocks the KV events reported, as the routers we compare with do."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
@@ -182,6 +185,7 @@ class DualMap(Policy):
     """Two hash candidates, the better by predicted TTFT; SLO fallback; hotspot migration."""
 
     name = "dualmap"
+    uses_forecast = True
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
@@ -229,7 +233,7 @@ def _shed(view: ClusterView, source: str, move: MoveFn, budget: int) -> int:
         request = view.queued_requests.get(request_id)
         if request is None:
             continue
-        matches = view.index.match(request.block_hashes)
+        matches = view.match(request)
         target, ttft = view.best_predicted_ttft(request, matches, exclude=source)
         if target and ttft <= slo and ttft < waits:
             move(Migration(request_id, source, target, ttft))

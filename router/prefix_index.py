@@ -109,3 +109,72 @@ class PrefixIndex:
         holders.discard(instance_id)
         if not holders:
             del self._holders[block_hash]
+
+
+class PendingPrefixes:
+    """Blocks that placed, unfinished prefills will store: the router's own forecast.
+
+    Owned and fed by the router from its placements (not by KV events), so that a request
+    placed behind a queued one with the same prefix, on the same instance, counts those
+    blocks as hits: prefills on one instance run in order, so they will be cached by then.
+    Entries go when the prefill finishes (the ``stored`` event takes over), is aborted, or
+    moves (a migration moves them with it).
+    """
+
+    def __init__(self) -> None:
+        self._by_request: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._holders: dict[int, dict[str, int]] = {}  # block -> instance -> refcount
+
+    def __len__(self) -> int:
+        return len(self._by_request)
+
+    def add(self, request_id: str, instance_id: str, block_hashes: Sequence[int]) -> None:
+        self.remove(request_id)
+        self._by_request[request_id] = (instance_id, tuple(block_hashes))
+        for block_hash in block_hashes:
+            counts = self._holders.setdefault(block_hash, {})
+            counts[instance_id] = counts.get(instance_id, 0) + 1
+
+    def remove(self, request_id: str) -> None:
+        entry = self._by_request.pop(request_id, None)
+        if entry is None:
+            return
+        instance_id, block_hashes = entry
+        for block_hash in block_hashes:
+            counts = self._holders[block_hash]
+            counts[instance_id] -= 1
+            if not counts[instance_id]:
+                del counts[instance_id]
+                if not counts:
+                    del self._holders[block_hash]
+
+    def move(self, request_id: str, instance_id: str) -> None:
+        entry = self._by_request.get(request_id)
+        if entry is not None:
+            self.add(request_id, instance_id, entry[1])
+
+    def holders(self, block_hash: int) -> dict[str, int] | None:
+        """Instances (with how many pending prefills) that will store ``block_hash``."""
+        return self._holders.get(block_hash)
+
+
+def match_with_pending(index: PrefixIndex, pending: PendingPrefixes,
+                       block_hashes: Sequence[int]) -> dict[str, int]:
+    """Like ``PrefixIndex.match``, counting blocks that pending prefills will store as held."""
+    matched: dict[str, int] = {}
+    alive: set[str] | None = None
+    for depth, block_hash in enumerate(block_hashes, start=1):
+        held = index._holders.get(block_hash)
+        coming = pending.holders(block_hash)
+        if coming:
+            holders = set(coming) | held if held else set(coming)
+        elif held:
+            holders = held
+        else:
+            break
+        alive = set(holders) if alive is None else alive & holders
+        if not alive:
+            break
+        for instance_id in alive:
+            matched[instance_id] = depth
+    return matched

@@ -35,7 +35,7 @@ from splitserve.router.hash_ring import HashRing
 from splitserve.router.least_pressure import LeastPressure
 from splitserve.router.load_tracker import InstanceLoad, LoadTracker
 from splitserve.router.policies import Policy, create_policy
-from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.prefix_index import PendingPrefixes, PrefixIndex, match_with_pending
 from splitserve.router.schema import InstanceRole, Migration, Placement, RouterConfig, RouteRequest
 from splitserve.router.view import ClusterView
 
@@ -69,6 +69,7 @@ class Router:
         self.policy = create_policy(policy, self.config) if isinstance(policy, str) else policy
         self.clock = clock
         self.index = PrefixIndex()
+        self.pending = PendingPrefixes()
         self.loads = LoadTracker(
             self.config.default_prefill_rate_tps,
             self.config.default_kv_capacity_blocks,
@@ -114,6 +115,7 @@ class Router:
         orphans = self.loads.remove_instance(instance_id)
         for request_id in orphans:
             self._queued.pop(request_id, None)
+            self.pending.remove(request_id)
         self._touch(*self._healthy[InstanceRole.DECODE])  # orphans released loads anywhere
         return orphans
 
@@ -140,13 +142,14 @@ class Router:
         if not len(self._decode):
             raise NoInstanceAvailable(InstanceRole.DECODE.value)
         encode = self._place_images(request)
-        matches = self.index.match(request.block_hashes)
+        forecast = match_with_pending(self.index, self.pending, request.block_hashes)
         decode = self._decode.least()
-        decode_cached = view.cached_tokens(request, matches.get(decode, 0))
+        decode_cached = view.cached_tokens(request, forecast.get(decode, 0))
         if request.prompt_len - decode_cached <= self.config.local_prefill_max_tokens:
             return self._commit_local(request, decode, decode_cached, encode)
-        choice = self.policy.choose(request, view, matches)
-        matched = matches.get(choice.instance_id, 0)
+        seen = forecast if self.policy.uses_forecast else self.index.match(request.block_hashes)
+        choice = self.policy.choose(request, view, seen)
+        matched = forecast.get(choice.instance_id, 0)  # the load is charged on the best estimate
         prefill_tokens = view.uncached_tokens(request, matched)
         placement = Placement(
             request_id=request.request_id,
@@ -163,6 +166,7 @@ class Router:
                           len(request.block_hashes), self._kv_blocks(request),
                           cached_tokens=request.prompt_len - prefill_tokens)
         self._queued[request.request_id] = request
+        self.pending.add(request.request_id, choice.instance_id, request.block_hashes)
         self._touch(choice.instance_id, decode)
         return placement
 
@@ -210,7 +214,7 @@ class Router:
             return
         # Re-charge with the cache as it is now: blocks stored since placement are hits
         # (this keeps the in-progress estimate and the learned rate honest).
-        self._move_queued(request_id, target)
+        self._move_queued(request_id, target, with_pending=False)
         del self._queued[request_id]
         self._touch(previous, target)
         self.loads.on_prefill_start(request_id, self.clock())
@@ -218,12 +222,14 @@ class Router:
     def on_prefill_done(self, request_id: str) -> None:
         """The request's prefill finished (its first token exists)."""
         self._queued.pop(request_id, None)
+        self.pending.remove(request_id)
         self.loads.on_prefill_done(request_id, self.clock())
         self._touch(*self.loads.instances_of(request_id))
 
     def on_finish(self, request_id: str) -> None:
         """The request finished or was aborted; releases its loads (idempotent)."""
         self._queued.pop(request_id, None)
+        self.pending.remove(request_id)
         instances = self.loads.instances_of(request_id)
         self.loads.on_finish(request_id)
         self._touch(*instances)
@@ -237,7 +243,7 @@ class Router:
 
     def _view(self) -> ClusterView:
         return ClusterView(self.config, self.index, self.loads, self._healthy[InstanceRole.PREFILL],
-                           self._prefill_loads, self.clock(), self._queued)
+                           self._prefill_loads, self.clock(), self.pending, self._queued)
 
     def _validate(self, request: RouteRequest) -> None:
         if request.request_id in self.loads:
@@ -251,9 +257,19 @@ class Router:
                 field="block_hashes",
             )
 
-    def _move_queued(self, request_id: str, target: str) -> None:
+    def _move_queued(self, request_id: str, target: str, with_pending: bool = True) -> None:
+        """Re-charge a queued request at ``target`` with the cache it finds there.
+
+        ``with_pending``: count blocks that prefills queued at ``target`` will store (for moves
+        decided now); without it, only what the target holds already (at prefill start).
+        """
         request = self._queued[request_id]
-        matched = self.index.matched_blocks(target, request.block_hashes)
+        self.pending.remove(request_id)  # its own blocks are no hit for itself
+        if with_pending:
+            matched = match_with_pending(self.index, self.pending, request.block_hashes).get(target, 0)
+        else:
+            matched = self.index.matched_blocks(target, request.block_hashes)
+        self.pending.add(request_id, target, request.block_hashes)
         cached = min(matched * self.config.block_size, request.prompt_len)
         self.loads.move_queued(request_id, target, request.prompt_len - cached, cached)
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from splitserve.router.load_tracker import InstanceLoad, LoadTracker
-from splitserve.router.prefix_index import PrefixIndex
+from splitserve.router.prefix_index import PendingPrefixes, PrefixIndex, match_with_pending
 from splitserve.router.schema import RouterConfig, RouteRequest
 
 
@@ -28,8 +28,14 @@ class ClusterView:
     """Their loads, in the same order."""
     now: float
     """The router's clock at decision time (seconds)."""
+    pending: PendingPrefixes
+    """Blocks that queued prefills will store (the router's forecast of the caches)."""
     queued_requests: Mapping[str, RouteRequest]
     """Placed requests whose prefill has not started (what rebalancing may move)."""
+
+    def match(self, request: RouteRequest) -> dict[str, int]:
+        """Leading blocks each instance holds or will hold (pending prefills), for one request."""
+        return match_with_pending(self.index, self.pending, request.block_hashes)
 
     def load(self, instance_id: str) -> InstanceLoad:
         return self.loads.loads[instance_id]

@@ -176,3 +176,23 @@ def test_baselines_do_not_rebalance() -> None:
             router.loads.on_add(f"q{i}", "p0", None, 1000, 0, 0)
             router._queued[f"q{i}"] = req(f"q{i}", 1000)
         assert router.rebalance() == []
+
+
+def test_dualmap_counts_blocks_a_queued_prefill_will_store_baselines_do_not() -> None:
+    router = make_router("dualmap", 6)
+    turn1 = req("turn1", 400, tuple(range(1, 101)))
+    turn2 = req("turn2", 440, tuple(range(1, 111)))  # same conversation, 10 blocks longer
+    first = router.route(turn1)
+    a = first.prefill_instance
+    second = router.route(turn2)  # turn1 is still queued at a: its 400 tokens will be cached
+    assert second.prefill_instance == a and second.cached_tokens == 400
+    assert router.loads.get(a or "").queued_prefill_work == pytest.approx(400 + 40)
+    router.on_finish("turn1")  # aborted before their prefills: the forecast goes with them
+    router.on_finish("turn2")
+    third = router.route(req("turn3", 440, tuple(range(1, 111))))
+    assert third.cached_tokens == 0
+
+    kv = make_router("kv_overlap_cost", 2)
+    kv.route(turn1)
+    assert not kv.policy.uses_forecast
+    assert kv.route(turn2).prefill_instance == "p1"  # events only: p0 looks busy, not cached

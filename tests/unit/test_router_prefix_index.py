@@ -81,3 +81,23 @@ def test_index_matches_a_plain_model_under_any_events(
         if n:
             expected_match[name] = n
     assert index.match(query) == expected_match
+
+
+def test_pending_prefixes_count_as_held_until_removed() -> None:
+    from splitserve.router.prefix_index import PendingPrefixes, match_with_pending
+
+    index, pending = PrefixIndex(), PendingPrefixes()
+    index.apply_stored("a", [1, 2])
+    pending.add("r1", "a", [1, 2, 3, 4])  # a will also hold 3 and 4 once r1 is prefilled
+    pending.add("r2", "b", [1, 2, 3])
+    pending.add("r3", "b", [1, 2])  # refcounted: r3 leaving keeps r2's blocks
+    assert match_with_pending(index, pending, [1, 2, 3, 4, 5]) == {"a": 4, "b": 3}
+    pending.remove("r3")
+    assert match_with_pending(index, pending, [1, 2, 3]) == {"a": 3, "b": 3}
+    pending.move("r2", "c")
+    assert match_with_pending(index, pending, [1, 2, 3]) == {"a": 3, "c": 3}
+    pending.remove("r1")
+    pending.remove("r2")
+    pending.remove("r2")  # idempotent
+    assert match_with_pending(index, pending, [1, 2, 3]) == index.match([1, 2, 3]) == {"a": 2}
+    assert len(pending) == 0 and pending.holders(1) is None

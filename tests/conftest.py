@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet, deterministic environment for every test process."""
+"""Shared test set-up: quiet environment, tiny random models, the embedded model (once)."""
 
 from __future__ import annotations
 
@@ -8,3 +8,30 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("UCX_TLS", "tcp,self")
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.utils import smollm_tokenizer_dir
+
+    return smollm_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama (GQA 4:2) on disk as a Hugging Face folder."""
+    from tests.utils import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded SmolLM2-135M-Instruct engine, loaded once per test session."""
+    from splitserve import LLM
+
+    return LLM(kv_cache_memory_bytes=1 << 30)

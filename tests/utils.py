@@ -1,0 +1,93 @@
+"""Helpers for tests: tiny random Llama models on disk and reference generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+_TOKENIZER_DIR: Path | None = None
+
+
+def smollm_tokenizer_dir(tmp_root: Path) -> Path:
+    """A Hugging Face tokenizer folder made from the embedded SmolLM2 GGUF (cached per session)."""
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None:
+        from transformers import AutoTokenizer
+
+        from splitserve.roles.models.loader import default_model_path
+
+        gguf = default_model_path()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        out = tmp_root / "smollm2-tokenizer"
+        tok.save_pretrained(str(out))
+        _TOKENIZER_DIR = out
+    return _TOKENIZER_DIR
+
+
+def make_tiny_llama(
+    path: Path,
+    tokenizer_dir: Path,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 49152,
+    max_pos: int = 2048,
+    seed: int = 0,
+    rope_scaling: dict | None = None,
+    tie: bool = False,
+) -> Path:
+    """Write a random Llama (config.json, model.safetensors, tokenizer files) to ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    head_dim = hidden // heads
+
+    def rnd(*shape: int, std: float = 0.08) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    w: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": rnd(vocab, hidden, std=1.0),
+        "model.norm.weight": 1 + rnd(hidden, std=0.1),
+    }
+    if not tie:
+        w["lm_head.weight"] = rnd(vocab, hidden, std=0.5)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = 1 + rnd(hidden, std=0.1)
+        w[p + "post_attention_layernorm.weight"] = 1 + rnd(hidden, std=0.1)
+        w[p + "self_attn.q_proj.weight"] = rnd(heads * head_dim, hidden, std=0.3)
+        w[p + "self_attn.k_proj.weight"] = rnd(kv_heads * head_dim, hidden, std=0.3)
+        w[p + "self_attn.v_proj.weight"] = rnd(kv_heads * head_dim, hidden)
+        w[p + "self_attn.o_proj.weight"] = rnd(hidden, heads * head_dim)
+        w[p + "mlp.gate_proj.weight"] = rnd(intermediate, hidden)
+        w[p + "mlp.up_proj.weight"] = rnd(intermediate, hidden)
+        w[p + "mlp.down_proj.weight"] = rnd(hidden, intermediate)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(path / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": max_pos,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    for f in tokenizer_dir.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    return path

@@ -63,6 +63,8 @@ class KvConnectorMeta:
 
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     aborts: list[AbortSpec] = dataclasses.field(default_factory=list)
+    keepalive: list[KvTransferParams] = dataclasses.field(default_factory=list)
+    """Requests still waiting for blocks: their leases need heartbeats too (rate-limited)."""
 
 
 @dataclasses.dataclass
@@ -170,6 +172,8 @@ class KvConnectorScheduler:
     def build_meta(self) -> KvConnectorMeta:
         """The loads to start and aborts to apply this step (each once)."""
         meta, self._meta = self._meta, KvConnectorMeta()
+        meta.keepalive = [state.params for state in self._remote.values()
+                          if not state.issued and state.status == RequestStatus.WAITING_FOR_REMOTE_KV]
         return meta
 
     def update_from_worker(self, finished: FinishedTransfers) -> SchedulerUpdate:

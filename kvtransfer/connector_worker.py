@@ -113,6 +113,7 @@ class KvConnectorWorker:
         self._loads: dict[str, _Load] = {}
         self._orphans: set[int] = set()  # handles whose outcome no longer matters
         self._heartbeats: dict[int, str] = {}
+        self._kept_alive: dict[str, float] = {}  # request id -> last keep-alive (not loading)
         self._finished = FinishedTransfers()
         transport.register_memory(self.layout, server=self)
 
@@ -181,6 +182,7 @@ class KvConnectorWorker:
     ) -> None:
         """Start pulling ``params``' blocks into ``local_block_ids`` (same count, token order)."""
         self._check_load(request_id, params, local_block_ids)
+        self._kept_alive.pop(request_id, None)
         now = self._clock()
         every = self.config.heartbeat_interval_s or params.lease_ttl_s / 3
         load = _Load(request_id, params, torch.tensor(list(local_block_ids), dtype=torch.long),
@@ -232,6 +234,17 @@ class KvConnectorWorker:
             self.abort(spec.request_id, spec.params)
         for spec in meta.loads:
             self.start_load(spec.request_id, spec.params, spec.local_block_ids)
+        for params in meta.keepalive:
+            self.keep_alive(params)
+
+    def keep_alive(self, params: KvTransferParams) -> None:
+        """Renew the lease of a request not loading yet (waiting for blocks); rate-limited."""
+        now = self._clock()
+        every = self.config.heartbeat_interval_s or params.lease_ttl_s / 3
+        if now - self._kept_alive.get(params.request_id, -float("inf")) < every:
+            return
+        self._kept_alive[params.request_id] = now
+        self._tell(params, "heartbeat")
 
     def abort_load(self, request_id: str) -> bool:
         """Stop a load (the engine aborted the request); tells the serving side. Not reported."""
@@ -246,6 +259,7 @@ class KvConnectorWorker:
 
         With ``params`` of a load not yet started, the serving side is told too.
         """
+        self._kept_alive.pop(request_id, None)
         if not self.abort_load(request_id) and params is not None:
             self._tell(params, "abort")
         self.leases.abort(request_id)

@@ -71,7 +71,9 @@ class LoopbackTransport(KvTransport):
 
     def poll(self, handle: int) -> Completion | None:
         with self._lock:
-            return self._done.pop(handle, None)
+            if handle not in self._done:
+                raise KeyError(f"unknown or already polled transfer handle {handle}")
+            return self._done.pop(handle)
 
     def close(self) -> None:
         self._closed = True

@@ -355,20 +355,23 @@ class UcxTransport(KvTransport):
         xfer_id = conn.next_id()
         data_tag = secrets.randbits(63) | 1 if self._shared_memory else 0
         read = dataclasses.replace(read, xfer_id=xfer_id, data_tag=data_tag)
+        reply = await conn.request(read, xfer_id)
+        if not reply.ok:
+            raise reply_error(reply, address)
+        if reply.nbytes != dest.numel() * dest.element_size():
+            raise KVTransferError(f"{address} offers {reply.nbytes} bytes, expected "
+                                  f"{dest.numel() * dest.element_size()}")
         try:
-            reply = await conn.request(read, xfer_id)
-            if not reply.ok:
-                raise reply_error(reply, address)
-            if reply.nbytes != dest.numel() * dest.element_size():
-                raise KVTransferError(f"{address} offers {reply.nbytes} bytes, expected "
-                                      f"{dest.numel() * dest.element_size()}")
             if data_tag:
                 await _recv_on_worker(dest, data_tag, conn)
             else:
                 await conn.recv_into(dest, xfer_id)
         except asyncio.CancelledError:
-            conn.abort()  # a receive may be posted into dest: cancel it with the endpoint
-            self._pool.pop(address, None)
+            # A receive may be posted into dest, and ucxx cannot cancel one receive:
+            # closing the endpoint cancels it (other reads on it fail and are retried).
+            conn.abort()
+            if self._pool.get(address) is conn:
+                del self._pool[address]
             raise
 
     async def _control(self, address: str, control: Control) -> None:

@@ -229,3 +229,19 @@ def test_layer_by_layer_load_reports_layers_as_they_land() -> None:
     assert not torch.equal(decode.caches[1][:, local], prefill.caches[1][:, params.block_ids])
     assert decode.run("r1").ready == ["r1"]
     assert_blocks_equal(decode, local, prefill, params.block_ids)
+
+
+def test_lease_of_a_request_waiting_for_blocks_is_kept_alive() -> None:
+    clock = Clock()
+    prefill, decode = make_engine(1, clock, ttl=6.0), make_engine(2, clock)
+    params = offer(prefill, "r1", 2)
+    decode.sched.add_remote_request("r1", params)  # no blocks yet: the decode pool is busy
+    for _ in range(6):  # 12 s of waiting, twice the lease
+        clock.now += 2.0
+        decode.step()
+        assert prefill.step().free_held == []
+    blocks = decode.allocate(2)
+    decode.held["r1"] = blocks
+    decode.sched.on_blocks_allocated("r1", [b.block_id for b in blocks])
+    assert decode.run("r1").ready == ["r1"]
+    assert prefill.step().free_held == ["r1"]

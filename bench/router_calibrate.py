@@ -25,9 +25,15 @@ from pathlib import Path
 
 PREFILL_GRID = [(n, c) for c in (0, 4096, 16384) for n in (512, 1024, 2048, 4096, 8192, 16384)]
 DECODE_GRID = [(1, 2048), (8, 2048), (16, 4096), (32, 2048)]  # (batch, context per sequence)
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                 max_position_embeddings=65536)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=65536,
+)
 KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads x 128, bf16
 
 
@@ -49,8 +55,14 @@ def measure(out: Path) -> None:
         print(json.dumps(sample), flush=True)
 
     props = torch.cuda.get_device_properties(0)
-    record({"kind": "device", "name": props.name, "total_memory": props.total_memory,
-            "torch": torch.__version__})
+    record(
+        {
+            "kind": "device",
+            "name": props.name,
+            "total_memory": props.total_memory,
+            "torch": torch.__version__,
+        }
+    )
 
     def timed(fn) -> float:
         torch.cuda.synchronize()
@@ -62,21 +74,34 @@ def measure(out: Path) -> None:
     def prefill(n: int, c: int) -> float:
         cache = DynamicCache(config=config)
         if c:
-            model(input_ids=torch.randint(0, 32000, (1, c), device="cuda"), past_key_values=cache,
-                  use_cache=True)
+            model(
+                input_ids=torch.randint(0, 32000, (1, c), device="cuda"),
+                past_key_values=cache,
+                use_cache=True,
+            )
         ids = torch.randint(0, 32000, (1, n), device="cuda")
         pos = torch.arange(c, c + n, device="cuda")[None]
-        return timed(lambda: model(input_ids=ids, past_key_values=cache, position_ids=pos,
-                                   use_cache=True))
+        return timed(
+            lambda: model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        )
 
     def decode(batch: int, context: int) -> float:
         cache = DynamicCache(config=config)
-        model(input_ids=torch.randint(0, 32000, (batch, context), device="cuda"),
-              past_key_values=cache, use_cache=True)
+        model(
+            input_ids=torch.randint(0, 32000, (batch, context), device="cuda"),
+            past_key_values=cache,
+            use_cache=True,
+        )
         ids = torch.randint(0, 32000, (batch, 1), device="cuda")
         pos = torch.full((batch, 1), context, device="cuda")
-        steps = [timed(lambda: model(input_ids=ids, past_key_values=cache, position_ids=pos,
-                                     use_cache=True)) for _ in range(3)]
+        steps = [
+            timed(
+                lambda: model(
+                    input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True
+                )
+            )
+            for _ in range(3)
+        ]
         return min(steps)
 
     with torch.inference_mode():
@@ -87,8 +112,15 @@ def measure(out: Path) -> None:
             torch.cuda.empty_cache()
         for batch, context in DECODE_GRID:
             t = decode(batch, context)
-            record({"kind": "decode", "batch": batch, "context": context,
-                    "kv_tokens": batch * context, "seconds": t})
+            record(
+                {
+                    "kind": "decode",
+                    "batch": batch,
+                    "context": context,
+                    "kv_tokens": batch * context,
+                    "seconds": t,
+                }
+            )
             torch.cuda.empty_cache()
     sink.close()
 
@@ -113,8 +145,10 @@ def fit(timings: Path, out: Path) -> None:
     for r in rows:
         if r["kind"] == "prefill":
             predicted = model.prefill_time(r["new"], r["cached"])
-            print(f"prefill new={r['new']:>6} cached={r['cached']:>6}: measured {r['seconds']:.4f} s,"
-                  f" model {predicted:.4f} s ({predicted / r['seconds'] - 1:+.1%})")
+            print(
+                f"prefill new={r['new']:>6} cached={r['cached']:>6}: measured {r['seconds']:.4f} s,"
+                f" model {predicted:.4f} s ({predicted / r['seconds'] - 1:+.1%})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,8 +58,11 @@ def default_slo(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
 
 
 def find_capacity(
-    run: Callable[[float], SimResult], attainment: float = 0.9, rel_tol: float = 0.02,
-    max_scale: float = 1024.0, min_scale: float = 1 / 1024,
+    run: Callable[[float], SimResult],
+    attainment: float = 0.9,
+    rel_tol: float = 0.02,
+    max_scale: float = 1024.0,
+    min_scale: float = 1 / 1024,
 ) -> tuple[float, SimResult | None, list[SimResult]]:
     """Highest time scale whose run meets ``attainment``: double/halve, then bisect.
 
@@ -82,7 +85,9 @@ def find_capacity(
     return lo, best, probes
 
 
-def _bracket(ok: Callable[[float], bool], max_scale: float, min_scale: float) -> tuple[float, float]:
+def _bracket(
+    ok: Callable[[float], bool], max_scale: float, min_scale: float
+) -> tuple[float, float]:
     scale = 1.0
     if ok(scale):
         while scale * 2 <= max_scale and ok(scale * 2):
@@ -95,8 +100,9 @@ def _bracket(ok: Callable[[float], bool], max_scale: float, min_scale: float) ->
     return 0.0, min_scale
 
 
-def measure_capacity(policy: str, requests: Sequence[SimRequest], base: SimConfig,
-                     attainment: float) -> CapacityResult:
+def measure_capacity(
+    policy: str, requests: Sequence[SimRequest], base: SimConfig, attainment: float
+) -> CapacityResult:
     def run(scale: float) -> SimResult:
         return simulate(replace(base, policy=policy, time_scale=scale), requests)
 
@@ -105,12 +111,22 @@ def measure_capacity(policy: str, requests: Sequence[SimRequest], base: SimConfi
     return CapacityResult(policy, rate if scale > 0 else 0.0, at, probes)
 
 
-def decision_latency(policy: str, requests: Sequence[SimRequest], base: SimConfig,
-                     num_instances: int, time_scale: float) -> np.ndarray:
+def decision_latency(
+    policy: str,
+    requests: Sequence[SimRequest],
+    base: SimConfig,
+    num_instances: int,
+    time_scale: float,
+) -> np.ndarray:
     """Per-``route`` wall times (s) with ``num_instances`` prefill and as many decode instances."""
-    config = replace(base, policy=policy, num_instances=num_instances,
-                     num_decode_instances=num_instances, time_scale=time_scale,
-                     measure_decisions=True)
+    config = replace(
+        base,
+        policy=policy,
+        num_instances=num_instances,
+        num_decode_instances=num_instances,
+        time_scale=time_scale,
+        measure_decisions=True,
+    )
     return simulate(config, requests).decision_latencies_s
 
 
@@ -118,25 +134,32 @@ def format_table(results: Sequence[CapacityResult]) -> str:
     by_name = {r.policy: r for r in results}
     rr = by_name.get("round_robin")
     best_base = max((r.capacity_rps for r in results if r.policy in BASELINES), default=0.0)
-    header = (f"{'policy':<16} {'capacity_rps':>12} {'vs_rr':>7} {'vs_best_base':>12} {'hit_rate':>8}"
-              f" {'ttft_p50_s':>10} {'ttft_p90_s':>10} {'ttft_p99_s':>10} {'imbalance':>9}")
+    header = (
+        f"{'policy':<16} {'capacity_rps':>12} {'vs_rr':>7} {'vs_best_base':>12} {'hit_rate':>8}"
+        f" {'ttft_p50_s':>10} {'ttft_p90_s':>10} {'ttft_p99_s':>10} {'imbalance':>9}"
+    )
     lines = [header, "-" * len(header)]
+    rr_capacity = rr.capacity_rps if rr else 0.0
     for r in results:
-        at = r.at_capacity
-        lines.append(
-            f"{r.policy:<16} {r.capacity_rps:>12.2f} {_ratio(r.capacity_rps, rr.capacity_rps if rr else 0):>7}"
-            f" {_ratio(r.capacity_rps, best_base):>12}"
-            + (f" {at.hit_rate:>8.3f} {at.ttft_percentile(50):>10.2f} {at.ttft_percentile(90):>10.2f}"
-               f" {at.ttft_percentile(99):>10.2f} {at.load_imbalance:>9.2f}" if at else "  (no rate met the SLO target)"))
+        ratios = f"{_ratio(r.capacity_rps, rr_capacity):>7} {_ratio(r.capacity_rps, best_base):>12}"
+        lines.append(f"{r.policy:<16} {r.capacity_rps:>12.2f} {ratios}{_figures(r.at_capacity)}")
     return "\n".join(lines)
+
+
+def _figures(at: SimResult | None) -> str:
+    if at is None:
+        return "  (no rate met the SLO target)"
+    percentiles = " ".join(f"{at.ttft_percentile(q):>10.2f}" for q in (50, 90, 99))
+    return f" {at.hit_rate:>8.3f} {percentiles} {at.load_imbalance:>9.2f}"
 
 
 def _ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference > 0 else "n/a"
 
 
-def to_json(results: Sequence[CapacityResult], header: dict[str, object],
-            latency: dict[str, float] | None) -> dict[str, object]:
+def to_json(
+    results: Sequence[CapacityResult], header: dict[str, object], latency: dict[str, float] | None
+) -> dict[str, object]:
     policies: dict[str, object] = {}
     for r in results:
         at = r.at_capacity
@@ -148,8 +171,10 @@ def to_json(results: Sequence[CapacityResult], header: dict[str, object],
             "ttft_p99_s": at.ttft_percentile(99) if at else None,
             "load_imbalance": at.load_imbalance if at else None,
             "slo_attainment": at.slo_attainment if at else None,
-            "curve": [{"rate_rps": p.request_rate_rps, "attainment": p.slo_attainment}
-                      for p in sorted(r.probes, key=lambda p: p.time_scale)],
+            "curve": [
+                {"rate_rps": p.request_rate_rps, "attainment": p.slo_attainment}
+                for p in sorted(r.probes, key=lambda p: p.time_scale)
+            ],
         }
     return {**header, "policies": policies, "decision_latency": latency}
 
@@ -163,8 +188,13 @@ def plot(results: Sequence[CapacityResult], slo: float, attainment: float, path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         probes = sorted(r.probes, key=lambda p: p.request_rate_rps)
-        ax.plot([p.request_rate_rps for p in probes], [p.slo_attainment for p in probes],
-                marker="o", markersize=3, label=r.policy)
+        ax.plot(
+            [p.request_rate_rps for p in probes],
+            [p.slo_attainment for p in probes],
+            marker="o",
+            markersize=3,
+            label=r.policy,
+        )
     ax.axhline(attainment, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlabel("request rate (req/s)")
@@ -179,14 +209,32 @@ def plot(results: Sequence[CapacityResult], slo: float, attainment: float, path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve bench router", description=__doc__.split("\n")[0])
     p.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL trace")
-    p.add_argument("--instances", type=int, default=32, help="prefill instances (and decode instances)")
-    p.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policy names")
-    p.add_argument("--ttft-slo", type=float, default=None, help="TTFT SLO in seconds (default: 5x idle median)")
-    p.add_argument("--cost-model", type=Path, default=None, help="cost model JSON (default: built-in A100 profile)")
-    p.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLO")
+    p.add_argument(
+        "--instances", type=int, default=32, help="prefill instances (and decode instances)"
+    )
+    p.add_argument(
+        "--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policy names"
+    )
+    p.add_argument(
+        "--ttft-slo", type=float, default=None, help="TTFT SLO in seconds (default: 5x idle median)"
+    )
+    p.add_argument(
+        "--cost-model",
+        type=Path,
+        default=None,
+        help="cost model JSON (default: built-in A100 profile)",
+    )
+    p.add_argument(
+        "--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLO"
+    )
     p.add_argument("--prefix-key-blocks", type=int, default=RouterConfig().prefix_key_blocks)
     p.add_argument("--limit", type=int, default=None, help="use only the first N requests")
-    p.add_argument("--latency-instances", type=int, default=1000, help="instances for the decision-latency run (0: skip)")
+    p.add_argument(
+        "--latency-instances",
+        type=int,
+        default=1000,
+        help="instances for the decision-latency run (0: skip)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--plot", type=Path, default=None, help="write the SLO-attainment PNG here")
     return p
@@ -213,39 +261,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost_model = CostModel.load(args.cost_model) if args.cost_model else CostModel()
     requests = prepare_requests(load_trace(args.trace, args.limit))
     slo = args.ttft_slo if args.ttft_slo is not None else default_slo(requests, cost_model)
-    base = SimConfig(policy=policies[0], num_instances=args.instances,
-                     num_decode_instances=args.instances, cost_model=cost_model,
-                     router_config=RouterConfig(ttft_slo_s=slo, prefix_key_blocks=args.prefix_key_blocks,
-                                                default_prefill_rate_tps=cost_model.nominal_prefill_rate_tps(),
-                                                block_size=cost_model.block_size))
-    print(f"trace {args.trace}: {len(requests)} requests; {args.instances} instances; "
-          f"cost model {cost_model.name}; TTFT SLO {slo:.2f} s; target {args.attainment:.0%}")
+    base = SimConfig(
+        policy=policies[0],
+        num_instances=args.instances,
+        num_decode_instances=args.instances,
+        cost_model=cost_model,
+        router_config=RouterConfig(
+            ttft_slo_s=slo,
+            prefix_key_blocks=args.prefix_key_blocks,
+            default_prefill_rate_tps=cost_model.nominal_prefill_rate_tps(),
+            block_size=cost_model.block_size,
+        ),
+    )
+    print(
+        f"trace {args.trace}: {len(requests)} requests; {args.instances} instances; "
+        f"cost model {cost_model.name}; TTFT SLO {slo:.2f} s; target {args.attainment:.0%}"
+    )
     results = []
     for name in policies:
         t0 = time.perf_counter()
         results.append(measure_capacity(name, requests, base, args.attainment))
-        print(f"  {name}: {results[-1].capacity_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)",
-              flush=True)
+        print(
+            f"  {name}: {results[-1].capacity_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     print(format_table(results))
     latency = _latency_figures(policies, requests, base, args, results)
     if args.json:
-        header = {"trace": str(args.trace), "num_requests": len(requests),
-                  "instances": args.instances, "ttft_slo_s": slo,
-                  "median_prompt_len": median_prompt_len(requests),
-                  "attainment_target": args.attainment, "cost_model": dataclasses.asdict(cost_model)}
+        header = {
+            "trace": str(args.trace),
+            "num_requests": len(requests),
+            "instances": args.instances,
+            "ttft_slo_s": slo,
+            "median_prompt_len": median_prompt_len(requests),
+            "attainment_target": args.attainment,
+            "cost_model": dataclasses.asdict(cost_model),
+        }
         args.json.write_text(json.dumps(to_json(results, header, latency), indent=2) + "\n")
     if args.plot:
         plot(results, slo, args.attainment, args.plot)
     return 0
 
 
-def _latency_figures(policies: Sequence[str], requests: Sequence[SimRequest], base: SimConfig,
-                     args: argparse.Namespace, results: Sequence[CapacityResult]) -> dict[str, float] | None:
+def _latency_figures(
+    policies: Sequence[str],
+    requests: Sequence[SimRequest],
+    base: SimConfig,
+    args: argparse.Namespace,
+    results: Sequence[CapacityResult],
+) -> dict[str, float] | None:
     if args.latency_instances <= 0:
         return None
     figures: dict[str, float] = {}
-    print(f"placement decision latency with {args.latency_instances} prefill + "
-          f"{args.latency_instances} decode instances:")
+    print(
+        f"placement decision latency with {args.latency_instances} prefill + "
+        f"{args.latency_instances} decode instances:"
+    )
     for r in results:
         # Load the big fleet as the small one was at capacity, scaled by the fleet size.
         at_scale = r.at_capacity.time_scale if r.at_capacity else 1.0

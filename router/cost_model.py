@@ -63,8 +63,14 @@ class CostModel:
                 if not isinstance(value, str) or not value:
                     raise ConfigError("cost model 'name' must be a non-empty string")
                 continue
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise ConfigError(f"cost model field {f.name!r} must be a finite number, got {value!r}")
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(
+                    f"cost model field {f.name!r} must be a finite number, got {value!r}"
+                )
             if value < 0 or (value == 0 and f.name in _POSITIVE):
                 raise ConfigError(f"cost model field {f.name!r} must be positive, got {value!r}")
 
@@ -75,14 +81,18 @@ class CostModel:
         """
         n = max(1, new_tokens)
         pairs = n * (cached_tokens + n / 2)
-        return self.prefill_overhead_s + self.prefill_s_per_token * n + self.prefill_s_per_token_pair * pairs
+        return (
+            self.prefill_overhead_s
+            + self.prefill_s_per_token * n
+            + self.prefill_s_per_token_pair * pairs
+        )
 
     def decode_step_time(self, batch_kv_tokens: int) -> float:
         """Seconds for one decode step over a batch holding ``batch_kv_tokens`` KV tokens."""
         return self.decode_step_overhead_s + self.decode_s_per_kv_token * batch_kv_tokens
 
     def nominal_prefill_rate_tps(self, prompt_len: int = 8192) -> float:
-        """Tokens/s on an uncached prompt of ``prompt_len`` tokens (the router's starting estimate)."""
+        """Tokens/s on an uncached ``prompt_len``-token prompt (a router's starting estimate)."""
         return prompt_len / self.prefill_time(prompt_len)
 
     def to_json(self) -> str:
@@ -103,7 +113,9 @@ class CostModel:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"cost model {path}: unknown fields {unknown}; known: {sorted(known)}")
+            raise ConfigError(
+                f"cost model {path}: unknown fields {unknown}; known: {sorted(known)}"
+            )
         return cls(**data)
 
 

@@ -64,7 +64,9 @@ class HashRing:
             i = bisect.bisect_left(self._points, point)
             # 64-bit collisions are astronomically rare; order them by owner so the
             # ring stays a pure function of its member set.
-            while i < len(self._points) and self._points[i] == point and self._owners[i] < instance_id:
+            while (
+                i < len(self._points) and self._points[i] == point and self._owners[i] < instance_id
+            ):
                 i += 1
             self._points.insert(i, point)
             self._owners.insert(i, instance_id)

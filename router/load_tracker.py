@@ -39,7 +39,7 @@ class InstanceLoad:
     num_running_requests: int = 0
     """Requests placed here (as prefill or decode) that have not finished."""
     num_active_prefill_blocks: int = 0
-    """Prompt blocks (cached or not) of requests queued or prefilling here (Dynamo's active blocks)."""
+    """Prompt blocks, cached or not, of requests queued or prefilling here (Dynamo's active)."""
     num_reserved_kv_blocks: int = 0
     """Decode KV blocks reserved by requests placed here to decode."""
     num_reported_kv_blocks: int = 0
@@ -62,12 +62,12 @@ class InstanceLoad:
         return self.queued_prefill_work + remaining
 
     def predicted_ttft(self, new_work: float, now: float) -> float:
-        """Seconds until ``new_work`` token-equivalents appended now would finish prefilling here."""
+        """Seconds until ``new_work`` token-equivalents queued now would finish prefilling."""
         return (self.pending_prefill_work(now) + new_work) / self.prefill_rate_tps
 
     @property
     def kv_pressure(self) -> float:
-        """Fraction of KV capacity in use or reserved for decode (may exceed 1 when oversubscribed)."""
+        """Fraction of KV capacity used or reserved for decode (above 1 when oversubscribed)."""
         used = max(self.num_reserved_kv_blocks, self.num_reported_kv_blocks)
         return used / self.kv_capacity_blocks
 
@@ -88,8 +88,12 @@ class _Tracked:
 class LoadTracker:
     """Loads of every known instance, keyed by instance id."""
 
-    def __init__(self, default_prefill_rate_tps: float, default_kv_capacity_blocks: int,
-                 rate_ewma_alpha: float = 0.2) -> None:
+    def __init__(
+        self,
+        default_prefill_rate_tps: float,
+        default_kv_capacity_blocks: int,
+        rate_ewma_alpha: float = 0.2,
+    ) -> None:
         self.default_prefill_rate_tps = default_prefill_rate_tps
         self.default_kv_capacity_blocks = default_kv_capacity_blocks
         self.rate_ewma_alpha = rate_ewma_alpha
@@ -105,12 +109,20 @@ class LoadTracker:
 
     # -- instances -----------------------------------------------------------------------------
 
-    def add_instance(self, instance_id: str, prefill_rate_tps: float | None = None,
-                     kv_capacity_blocks: int | None = None) -> InstanceLoad:
+    def add_instance(
+        self,
+        instance_id: str,
+        prefill_rate_tps: float | None = None,
+        kv_capacity_blocks: int | None = None,
+    ) -> InstanceLoad:
         if instance_id in self.loads:
             raise ValueError(f"instance {instance_id!r} is already tracked")
         rate = prefill_rate_tps if prefill_rate_tps is not None else self.default_prefill_rate_tps
-        capacity = kv_capacity_blocks if kv_capacity_blocks is not None else self.default_kv_capacity_blocks
+        capacity = (
+            kv_capacity_blocks
+            if kv_capacity_blocks is not None
+            else self.default_kv_capacity_blocks
+        )
         if not rate > 0:
             raise ValueError(f"prefill_rate_tps must be positive, got {rate}")
         if not capacity > 0:
@@ -143,9 +155,16 @@ class LoadTracker:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
-    def on_add(self, request_id: str, prefill_instance: str | None, decode_instance: str | None,
-               prefill_tokens: int, prompt_blocks: int, kv_blocks: int,
-               cached_tokens: int = 0) -> None:
+    def on_add(
+        self,
+        request_id: str,
+        prefill_instance: str | None,
+        decode_instance: str | None,
+        prefill_tokens: int,
+        prompt_blocks: int,
+        kv_blocks: int,
+        cached_tokens: int = 0,
+    ) -> None:
         """A request was placed: charge its prefill work and its decode KV reservation.
 
         ``prefill_tokens`` are the uncached tokens to prefill, after ``cached_tokens`` hits.
@@ -153,8 +172,15 @@ class LoadTracker:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already placed")
         work = self.prefill_work(prefill_tokens, cached_tokens)
-        tracked = _Tracked(prefill_instance, decode_instance, prefill_tokens, work, cached_tokens,
-                           prompt_blocks, kv_blocks)
+        tracked = _Tracked(
+            prefill_instance,
+            decode_instance,
+            prefill_tokens,
+            work,
+            cached_tokens,
+            prompt_blocks,
+            kv_blocks,
+        )
         for instance_id in {prefill_instance, decode_instance} - {None}:
             self._load(instance_id)  # unknown instances fail before anything is charged
         if prefill_instance is not None:
@@ -191,8 +217,12 @@ class LoadTracker:
         load = self.loads[tracked.prefill_instance]
         started_at = tracked.started_at if tracked.started_at is not None else now
         self._learn(load, tracked, now - started_at)
-        load.prefill_tokens_in_progress = max(0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
-        load.prefill_work_in_progress = max(0.0, load.prefill_work_in_progress - tracked.prefill_work)
+        load.prefill_tokens_in_progress = max(
+            0, load.prefill_tokens_in_progress - tracked.prefill_tokens
+        )
+        load.prefill_work_in_progress = max(
+            0.0, load.prefill_work_in_progress - tracked.prefill_work
+        )
         load.prefill_started_at = now
         load.num_active_prefill_blocks -= tracked.prompt_blocks
         load.num_prefilled_tokens += tracked.prefill_tokens
@@ -213,9 +243,10 @@ class LoadTracker:
         for instance_id in members:
             self.loads[instance_id].num_running_requests -= 1
 
-    def move_queued(self, request_id: str, target: str, prefill_tokens: int,
-                    cached_tokens: int = 0) -> None:
-        """Move a request that has not started prefill to ``target`` with its new uncached tokens."""
+    def move_queued(
+        self, request_id: str, target: str, prefill_tokens: int, cached_tokens: int = 0
+    ) -> None:
+        """Move a not-yet-started request to ``target``, with its new uncached tokens there."""
         tracked = self._requests.get(request_id)
         if tracked is None or tracked.prefill_instance is None or tracked.started_at is not None:
             raise ValueError(f"request {request_id!r} is not queued for prefill; it cannot migrate")
@@ -261,9 +292,11 @@ class LoadTracker:
             load.queued_prefill_work -= tracked.prefill_work
         else:
             load.prefill_tokens_in_progress = max(
-                0, load.prefill_tokens_in_progress - tracked.prefill_tokens)
+                0, load.prefill_tokens_in_progress - tracked.prefill_tokens
+            )
             load.prefill_work_in_progress = max(
-                0.0, load.prefill_work_in_progress - tracked.prefill_work)
+                0.0, load.prefill_work_in_progress - tracked.prefill_work
+            )
         load.num_active_prefill_blocks -= tracked.prompt_blocks
 
     @staticmethod
@@ -283,9 +316,12 @@ class LoadTracker:
             self.attention_coeff = kappa
         measured = self.prefill_work(n, tracked.cached_tokens) / elapsed_s
         # One odd sample (a stall, a hit the router did not know of) must not swing the rate.
-        measured = min(max(measured, load.prefill_rate_tps / RATE_CLAMP), load.prefill_rate_tps * RATE_CLAMP)
+        measured = min(
+            max(measured, load.prefill_rate_tps / RATE_CLAMP), load.prefill_rate_tps * RATE_CLAMP
+        )
         alpha = self.rate_ewma_alpha
         load.prefill_rate_tps = (1 - alpha) * load.prefill_rate_tps + alpha * measured
+
 
 def _members(tracked: _Tracked) -> set[str]:
     """Instances a request currently occupies: its decode instance, and prefill until done."""
@@ -303,7 +339,7 @@ MIN_LEARN_TOKENS = 256
 
 
 class _AttentionFit:
-    """Online least squares of ``seconds ~ a * tokens + b * pairs`` with forgetting; kappa = b / a."""
+    """Online least squares of ``seconds ~ a * tokens + b * pairs``, forgetting; kappa = b / a."""
 
     FORGET = 0.995
     MIN_SAMPLES = 16

@@ -130,9 +130,13 @@ class LeastLoaded(Policy):
 
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
         now = view.now
-        best = min(view.prefill_loads,
-                   key=lambda load: (load.pending_prefill_work(now) / load.prefill_rate_tps,
-                                     load.num_running_requests))
+        best = min(
+            view.prefill_loads,
+            key=lambda load: (
+                load.pending_prefill_work(now) / load.prefill_rate_tps,
+                load.num_running_requests,
+            ),
+        )
         return Choice(best.instance_id)
 
 

@@ -158,8 +158,9 @@ class PendingPrefixes:
         return self._holders.get(block_hash)
 
 
-def match_with_pending(index: PrefixIndex, pending: PendingPrefixes,
-                       block_hashes: Sequence[int]) -> dict[str, int]:
+def match_with_pending(
+    index: PrefixIndex, pending: PendingPrefixes, block_hashes: Sequence[int]
+) -> dict[str, int]:
     """Like ``PrefixIndex.match``, counting blocks that pending prefills will store as held."""
     matched: dict[str, int] = {}
     alive: set[str] | None = None

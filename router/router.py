@@ -91,7 +91,7 @@ class Router:
         prefill_rate_tps: float | None = None,
         kv_capacity_blocks: int | None = None,
     ) -> None:
-        """Register a healthy instance. ``kv_capacity_blocks`` counts ``config.block_size`` blocks."""
+        """Register a healthy instance (``kv_capacity_blocks``: in ``config.block_size`` blocks)."""
         if not instance_id:
             raise ValueError("instance_id must be a non-empty string")
         if instance_id in self._instances:
@@ -123,13 +123,18 @@ class Router:
         """Mark an instance (un)healthy: unhealthy ones get no new placements; state is kept."""
         self._set_serving(instance_id, healthy)
 
-    def instances(self, role: InstanceRole | str | None = None, healthy_only: bool = True) -> list[str]:
+    def instances(
+        self, role: InstanceRole | str | None = None, healthy_only: bool = True
+    ) -> list[str]:
         """Registered instance ids (of a role), in join order."""
         if role is not None and healthy_only:
             return list(self._healthy[InstanceRole(role)])
-        return [i for i, inst in self._instances.items()
-                if (role is None or InstanceRole(role) in inst.roles)
-                and (inst.healthy or not healthy_only)]
+        return [
+            i
+            for i, inst in self._instances.items()
+            if (role is None or InstanceRole(role) in inst.roles)
+            and (inst.healthy or not healthy_only)
+        ]
 
     # -- placement -----------------------------------------------------------------------------
 
@@ -162,9 +167,15 @@ class Router:
             candidates=choice.candidates,
             fallback=choice.fallback,
         )
-        self.loads.on_add(request.request_id, choice.instance_id, decode, prefill_tokens,
-                          len(request.block_hashes), self._kv_blocks(request),
-                          cached_tokens=request.prompt_len - prefill_tokens)
+        self.loads.on_add(
+            request.request_id,
+            choice.instance_id,
+            decode,
+            prefill_tokens,
+            len(request.block_hashes),
+            self._kv_blocks(request),
+            cached_tokens=request.prompt_len - prefill_tokens,
+        )
         self._queued[request.request_id] = request
         self.pending.add(request.request_id, choice.instance_id, request.block_hashes)
         self._touch(choice.instance_id, decode)
@@ -242,13 +253,22 @@ class Router:
     # -- helpers -------------------------------------------------------------------------------
 
     def _view(self) -> ClusterView:
-        return ClusterView(self.config, self.index, self.loads, self._healthy[InstanceRole.PREFILL],
-                           self._prefill_loads, self.clock(), self.pending, self._queued)
+        return ClusterView(
+            self.config,
+            self.index,
+            self.loads,
+            self._healthy[InstanceRole.PREFILL],
+            self._prefill_loads,
+            self.clock(),
+            self.pending,
+            self._queued,
+        )
 
     def _validate(self, request: RouteRequest) -> None:
         if request.request_id in self.loads:
             raise InvalidRequestError(
-                f"request {request.request_id!r} is already placed", field="request_id")
+                f"request {request.request_id!r} is already placed", field="request_id"
+            )
         max_blocks = request.prompt_len // self.config.block_size
         if len(request.block_hashes) > max_blocks:
             raise InvalidRequestError(
@@ -266,7 +286,9 @@ class Router:
         request = self._queued[request_id]
         self.pending.remove(request_id)  # its own blocks are no hit for itself
         if with_pending:
-            matched = match_with_pending(self.index, self.pending, request.block_hashes).get(target, 0)
+            matched = match_with_pending(self.index, self.pending, request.block_hashes).get(
+                target, 0
+            )
         else:
             matched = self.index.matched_blocks(target, request.block_hashes)
         self.pending.add(request_id, target, request.block_hashes)
@@ -290,10 +312,12 @@ class Router:
             raise NoInstanceAvailable(InstanceRole.ENCODE.value, "the request has images")
         return tuple(self._encode_ring.lookup(h) for h in request.image_hashes)
 
-    def _commit_local(self, request: RouteRequest, decode: str, cached: int,
-                      encode: tuple[str, ...]) -> Placement:
-        self.loads.on_add(request.request_id, None, decode, 0, len(request.block_hashes),
-                          self._kv_blocks(request))
+    def _commit_local(
+        self, request: RouteRequest, decode: str, cached: int, encode: tuple[str, ...]
+    ) -> Placement:
+        self.loads.on_add(
+            request.request_id, None, decode, 0, len(request.block_hashes), self._kv_blocks(request)
+        )
         self._touch(decode)
         return Placement(request.request_id, None, decode, True, encode, cached, 0.0)
 

@@ -28,7 +28,7 @@ class RouterConfig:
     """Settings shared by the router and its policies."""
 
     ttft_slo_s: float = 5.0
-    """Time-to-first-token SLO in seconds; DualMap falls back to load when both candidates exceed it."""
+    """TTFT SLO in seconds; DualMap falls back to load when both candidates would exceed it."""
     block_size: int = 512
     """Tokens per prefix block in the block hashes the router receives."""
     prefix_key_blocks: int = 2
@@ -40,7 +40,7 @@ class RouterConfig:
     rate_ewma_alpha: float = 0.2
     """Weight of the newest measurement in the prefill-rate moving average."""
     local_prefill_max_tokens: int = 0
-    """Skip remote prefill when the decode instance's uncached prompt is at most this long (0: never)."""
+    """Skip remote prefill when the decode instance's uncached prompt is at most this (0: never)."""
     default_kv_capacity_blocks: int = 1_000
     """KV capacity (in blocks) assumed for an instance added without one."""
     max_migrations_per_rebalance: int = 64
@@ -48,7 +48,9 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         if not (self.ttft_slo_s > 0 and math.isfinite(self.ttft_slo_s)):
-            raise ConfigError(f"ttft_slo_s must be a positive number of seconds, got {self.ttft_slo_s}")
+            raise ConfigError(
+                f"ttft_slo_s must be a positive number of seconds, got {self.ttft_slo_s}"
+            )
         _require_positive("block_size", self.block_size)
         _require_positive("prefix_key_blocks", self.prefix_key_blocks)
         _require_positive("virtual_nodes", self.virtual_nodes)
@@ -62,7 +64,8 @@ class RouterConfig:
             )
         if self.max_migrations_per_rebalance < 0:
             raise ConfigError(
-                f"max_migrations_per_rebalance must be >= 0, got {self.max_migrations_per_rebalance}"
+                "max_migrations_per_rebalance must be >= 0, got "
+                f"{self.max_migrations_per_rebalance}"
             )
 
 
@@ -82,7 +85,7 @@ class RouteRequest:
     block_hashes: Sequence[int] = ()
     """Chained hashes of the prompt's full blocks (``splitserve.hashing.hash_block_tokens``)."""
     image_hashes: Sequence[int] = ()
-    """Content hashes of the request's images (``splitserve.hashing.hash_bytes``); empty: text only."""
+    """Content hashes of its images (``splitserve.hashing.hash_bytes``); empty: text only."""
     max_output_tokens: int = 0
     """Output budget, used to reserve decode KV (0: prompt only)."""
 

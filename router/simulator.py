@@ -41,13 +41,15 @@ class SimRequest:
     block_hashes: tuple[int, ...]
 
 
-def prepare_requests(records: Sequence[TraceRecord], synth: PromptSynthesizer | None = None
-                     ) -> list[SimRequest]:
+def prepare_requests(
+    records: Sequence[TraceRecord], synth: PromptSynthesizer | None = None
+) -> list[SimRequest]:
     """Hash every record's prompt once; the result can be replayed at any time scale."""
     synth = synth or PromptSynthesizer()
     return [
-        SimRequest(f"req-{i}", r.arrival_s, r.input_length, r.output_length,
-                   tuple(synth.block_hashes(r)))
+        SimRequest(
+            f"req-{i}", r.arrival_s, r.input_length, r.output_length, tuple(synth.block_hashes(r))
+        )
         for i, r in enumerate(records)
     ]
 
@@ -77,7 +79,9 @@ class SimConfig:
         if not self.time_scale > 0:
             raise ValueError(f"time_scale must be positive, got {self.time_scale}")
         if not self.rebalance_interval_s > 0:
-            raise ValueError(f"rebalance_interval_s must be positive, got {self.rebalance_interval_s}")
+            raise ValueError(
+                f"rebalance_interval_s must be positive, got {self.rebalance_interval_s}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +157,18 @@ class Simulator:
         self.now = 0.0
         self.router = Router(config.policy, config.router_config, clock=lambda: self.now)
         rate = config.cost_model.nominal_prefill_rate_tps()
-        self.prefill = {f"p{i}": _PrefillInstance(f"p{i}", config.cost_model.kv_capacity_blocks)
-                        for i in range(config.num_instances)}
+        self.prefill = {
+            f"p{i}": _PrefillInstance(f"p{i}", config.cost_model.kv_capacity_blocks)
+            for i in range(config.num_instances)
+        }
         for instance_id in self.prefill:
             self.router.add_instance(instance_id, {InstanceRole.PREFILL}, prefill_rate_tps=rate)
         decode_blocks = config.cost_model.kv_capacity_blocks
         self.decode_kv_tokens = {f"d{i}": 0 for i in range(config.num_decode_instances)}
         for instance_id in self.decode_kv_tokens:
-            self.router.add_instance(instance_id, {InstanceRole.DECODE},
-                                     kv_capacity_blocks=decode_blocks)
+            self.router.add_instance(
+                instance_id, {InstanceRole.DECODE}, kv_capacity_blocks=decode_blocks
+            )
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._ttft = np.full(len(requests), np.nan)
@@ -197,8 +204,12 @@ class Simulator:
     # -- events --------------------------------------------------------------------------------
 
     def _arrive(self, request: SimRequest) -> None:
-        route_request = RouteRequest(request.request_id, request.prompt_len, request.block_hashes,
-                                     max_output_tokens=request.output_len)
+        route_request = RouteRequest(
+            request.request_id,
+            request.prompt_len,
+            request.block_hashes,
+            max_output_tokens=request.output_len,
+        )
         if self.config.measure_decisions:
             t0 = time.perf_counter()
             placement = self.router.route(route_request)

@@ -54,7 +54,9 @@ def parse_trace_line(line: str, path: str = "<trace>", line_number: int = 1) -> 
         raise TraceFormatError(path, line_number, f"missing field(s) {', '.join(missing)}")
     timestamp = data["timestamp"]
     if not _is_number(timestamp) or timestamp < 0:
-        raise TraceFormatError(path, line_number, f"'timestamp' must be a number >= 0, got {timestamp!r}")
+        raise TraceFormatError(
+            path, line_number, f"'timestamp' must be a number >= 0, got {timestamp!r}"
+        )
     input_length = _count(data, "input_length", path, line_number)
     output_length = _count(data, "output_length", path, line_number)
     hash_ids = data["hash_ids"]
@@ -63,9 +65,11 @@ def parse_trace_line(line: str, path: str = "<trace>", line_number: int = 1) -> 
     max_blocks = math.ceil(input_length / TRACE_BLOCK_SIZE)
     if len(hash_ids) > max_blocks:
         raise TraceFormatError(
-            path, line_number,
+            path,
+            line_number,
             f"{len(hash_ids)} hash_ids for input_length {input_length}: at most {max_blocks}"
-            f" blocks of {TRACE_BLOCK_SIZE} tokens")
+            f" blocks of {TRACE_BLOCK_SIZE} tokens",
+        )
     return TraceRecord(timestamp / 1000.0, input_length, output_length, tuple(hash_ids))
 
 
@@ -102,7 +106,9 @@ class PromptSynthesizer:
 
     def __init__(self, block_size: int = TRACE_BLOCK_SIZE) -> None:
         if block_size != TRACE_BLOCK_SIZE:
-            raise ValueError(f"Mooncake traces use {TRACE_BLOCK_SIZE}-token blocks, got {block_size}")
+            raise ValueError(
+                f"Mooncake traces use {TRACE_BLOCK_SIZE}-token blocks, got {block_size}"
+            )
         self.block_size = block_size
         self._tokens: dict[int, list[int]] = {}
         self._chain: dict[tuple[int, int], int] = {}

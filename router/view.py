@@ -55,7 +55,8 @@ class ClusterView:
     def predicted_ttft(self, instance_id: str, request: RouteRequest, matched_blocks: int) -> float:
         """Seconds until the request would finish prefilling at ``instance_id`` if placed now."""
         return self.load(instance_id).predicted_ttft(
-            self.prefill_work(request, matched_blocks), self.now)
+            self.prefill_work(request, matched_blocks), self.now
+        )
 
     def best_predicted_ttft(
         self, request: RouteRequest, matches: dict[str, int], exclude: str | None = None

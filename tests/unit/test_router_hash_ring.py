@@ -32,8 +32,9 @@ def test_candidates_are_stable_across_processes() -> None:
         "print([r.candidates(k) for k in (0, 1, 12345, 2**63 + 7)])\n"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == str(list(GOLDEN.values()))
 
 
@@ -114,8 +115,9 @@ ops = st.lists(st.tuples(st.booleans(), st.integers(0, 11)), max_size=40)
 
 @settings(max_examples=60, deadline=None)
 @given(ops=ops, keys=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=30))
-def test_ring_joins_and_leaves_lose_and_duplicate_no_key(ops: list[tuple[bool, int]],
-                                                          keys: list[int]) -> None:
+def test_ring_joins_and_leaves_lose_and_duplicate_no_key(
+    ops: list[tuple[bool, int]], keys: list[int]
+) -> None:
     ring, live = HashRing(RING_SEEDS[0], 8), set()
     for join, i in ops:
         name = f"i{i}"

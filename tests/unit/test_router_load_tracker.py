@@ -19,7 +19,11 @@ def test_lifecycle_counters_are_exact() -> None:
     loads.on_add("a", "p0", "d0", prefill_tokens=300, prompt_blocks=2, kv_blocks=4)
     loads.on_add("b", "p0", "d0", prefill_tokens=200, prompt_blocks=1, kv_blocks=3)
     p0, d0 = loads.get("p0"), loads.get("d0")
-    assert (p0.num_queued_prefill_tokens, p0.num_active_prefill_blocks, p0.num_running_requests) == (500, 3, 2)
+    assert (
+        p0.num_queued_prefill_tokens,
+        p0.num_active_prefill_blocks,
+        p0.num_running_requests,
+    ) == (500, 3, 2)
     assert (d0.num_reserved_kv_blocks, d0.num_running_requests) == (7, 2)
     assert d0.kv_pressure == pytest.approx(0.7)
     assert p0.predicted_ttft(100, now=0.0) == pytest.approx(0.6)
@@ -28,11 +32,19 @@ def test_lifecycle_counters_are_exact() -> None:
     assert p0.pending_prefill_work(now=1.1) == pytest.approx(200 + 300 - 100)
     loads.on_prefill_done("a", now=1.3)  # 300 tokens in 0.3 s = 1000 tok/s
     assert p0.prefill_rate_tps == pytest.approx(1000.0)
-    assert (p0.num_active_prefill_blocks, p0.num_running_requests, p0.num_prefilled_tokens) == (1, 1, 300)
+    assert (p0.num_active_prefill_blocks, p0.num_running_requests, p0.num_prefilled_tokens) == (
+        1,
+        1,
+        300,
+    )
     loads.on_finish("a")
     assert (d0.num_reserved_kv_blocks, d0.num_running_requests) == (3, 1)
     loads.on_finish("b")  # aborted before its prefill started
-    assert (p0.num_queued_prefill_tokens, p0.num_active_prefill_blocks, p0.num_running_requests) == (0, 0, 0)
+    assert (
+        p0.num_queued_prefill_tokens,
+        p0.num_active_prefill_blocks,
+        p0.num_running_requests,
+    ) == (0, 0, 0)
     assert (d0.num_reserved_kv_blocks, d0.num_running_requests) == (0, 0)
 
 
@@ -40,7 +52,9 @@ def test_move_queued_moves_work_and_refuses_started_requests() -> None:
     loads = tracker()
     loads.on_add("a", "p0", "d0", 300, 2, 4)
     loads.move_queued("a", "p1", prefill_tokens=100)  # p1 holds part of its prefix
-    assert loads.get("p0").num_queued_prefill_tokens == 0 and loads.get("p0").num_running_requests == 0
+    assert (
+        loads.get("p0").num_queued_prefill_tokens == 0 and loads.get("p0").num_running_requests == 0
+    )
     assert loads.get("p1").num_queued_prefill_tokens == 100 and list(loads.get("p1").queue) == ["a"]
     loads.on_prefill_start("a", now=0.0)
     with pytest.raises(ValueError, match="cannot migrate"):

@@ -43,7 +43,8 @@ def load_instance(router: Router, instance: str, tokens: int, tag: str) -> None:
 
 def test_registry_and_unknown_names() -> None:
     assert available_policies() == sorted(
-        ["dualmap", "kv_overlap_cost", "least_loaded", "prefix_affinity", "round_robin"])
+        ["dualmap", "kv_overlap_cost", "least_loaded", "prefix_affinity", "round_robin"]
+    )
     with pytest.raises(UnknownPolicyError, match=r"'nope'.*dualmap, kv_overlap_cost"):
         create_policy("nope")
     with pytest.raises(UnknownPolicyError):

@@ -42,8 +42,11 @@ def test_events_are_idempotent_and_removal_forgets_everything() -> None:
 
 
 events = st.lists(
-    st.tuples(st.sampled_from(["stored", "removed", "leave"]), st.integers(0, 4),
-              st.lists(st.integers(0, 15), max_size=6)),
+    st.tuples(
+        st.sampled_from(["stored", "removed", "leave"]),
+        st.integers(0, 4),
+        st.lists(st.integers(0, 15), max_size=6),
+    ),
     max_size=60,
 )
 

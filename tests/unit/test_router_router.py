@@ -36,7 +36,9 @@ def cluster(policy: str = "dualmap", **config: object) -> tuple[Router, Clock]:
     return router, clock
 
 
-def request(rid: str, n_tokens: int = 64, offset: int = 0, images: tuple[int, ...] = ()) -> RouteRequest:
+def request(
+    rid: str, n_tokens: int = 64, offset: int = 0, images: tuple[int, ...] = ()
+) -> RouteRequest:
     ids = [offset + t for t in range(n_tokens)]
     return RouteRequest(rid, n_tokens, hash_block_tokens(ids, 16), images, max_output_tokens=16)
 

@@ -25,20 +25,30 @@ def requests() -> list:
 
 
 def config(policy: str, scale: float = 0.5) -> SimConfig:
-    return SimConfig(policy, num_instances=8, num_decode_instances=4, time_scale=scale,
-                     router_config=RouterConfig(ttft_slo_s=6.0))
+    return SimConfig(
+        policy,
+        num_instances=8,
+        num_decode_instances=4,
+        time_scale=scale,
+        router_config=RouterConfig(ttft_slo_s=6.0),
+    )
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_affinity",
-                                    "kv_overlap_cost", "dualmap"])
+@pytest.mark.parametrize(
+    "policy", ["round_robin", "least_loaded", "prefix_affinity", "kv_overlap_cost", "dualmap"]
+)
 def test_every_request_completes_and_loads_return_to_zero(policy: str, requests: list) -> None:
     sim = Simulator(config(policy), requests)
     result = sim.run()
     assert not np.isnan(result.ttfts_s).any() and (result.ttfts_s > 0).all()
     assert 0.0 <= result.hit_rate <= 1.0 and result.load_imbalance >= 1.0
     for load in sim.router.loads.loads.values():
-        assert (load.num_queued_prefill_tokens, load.num_running_requests,
-                load.num_reserved_kv_blocks, load.num_active_prefill_blocks) == (0, 0, 0, 0)
+        assert (
+            load.num_queued_prefill_tokens,
+            load.num_running_requests,
+            load.num_reserved_kv_blocks,
+            load.num_active_prefill_blocks,
+        ) == (0, 0, 0, 0)
         assert not load.queue
     # The router's index mirrors the simulated caches exactly (KV events are complete).
     for instance_id, instance in sim.prefill.items():
@@ -71,15 +81,33 @@ def test_find_capacity_bisects_to_the_threshold() -> None:
 
 def test_bench_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["--trace", str(SLICE), "--instances", "4", "--policies", "dualmap,round_robin",
-               "--latency-instances", "20", "--limit", "120", "--json", str(out), "--plot", str(png)])
+    rc = main(
+        [
+            "--trace",
+            str(SLICE),
+            "--instances",
+            "4",
+            "--policies",
+            "dualmap,round_robin",
+            "--latency-instances",
+            "20",
+            "--limit",
+            "120",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert set(data["policies"]) == {"dualmap", "round_robin"}
     for figures in data["policies"].values():
         assert {"capacity_rps", "hit_rate", "ttft_p90_s", "ttft_p99_s"} <= set(figures)
         assert figures["capacity_rps"] > 0
-    assert data["ttft_slo_s"] == pytest.approx(5 * CostModel().prefill_time(data["median_prompt_len"]))
+    assert data["ttft_slo_s"] == pytest.approx(
+        5 * CostModel().prefill_time(data["median_prompt_len"])
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "capacity_rps" in printed and "p99" in printed
@@ -113,9 +141,13 @@ def test_cost_model_round_trips_and_has_the_documented_shape(tmp_path: Path) -> 
 def test_fit_cost_model_recovers_known_coefficients() -> None:
     from splitserve.router.cost_model import fit_cost_model
 
-    truth = CostModel(prefill_overhead_s=0.01, prefill_s_per_token=2e-5,
-                      prefill_s_per_token_pair=3e-9, decode_step_overhead_s=0.02,
-                      decode_s_per_kv_token=4e-8)
+    truth = CostModel(
+        prefill_overhead_s=0.01,
+        prefill_s_per_token=2e-5,
+        prefill_s_per_token_pair=3e-9,
+        decode_step_overhead_s=0.02,
+        decode_s_per_kv_token=4e-8,
+    )
     prefill = [(n, c, truth.prefill_time(n, c)) for c in (0, 4096) for n in (512, 2048, 8192)]
     decode = [(k, truth.decode_step_time(k)) for k in (1000, 50_000)]
     fitted = fit_cost_model(prefill, decode, name="t", kv_capacity_blocks=100)

@@ -29,15 +29,26 @@ def test_slice_loads_sorted_with_seconds() -> None:
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
         ('{"timestamp": 1, "input_length": 5, "output_length": 1}', "missing field(s) hash_ids"),
-        ('{"timestamp": -1, "input_length": 5, "output_length": 1, "hash_ids": [1]}', "'timestamp'"),
-        ('{"timestamp": 0, "input_length": "5", "output_length": 1, "hash_ids": [1]}',
-         "'input_length' must be an integer"),
-        ('{"timestamp": 0, "input_length": 5, "output_length": true, "hash_ids": [1]}',
-         "'output_length' must be an integer"),
-        ('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1.5]}',
-         "'hash_ids' must be a list of integers"),
-        ('{"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [1, 2, 3]}',
-         "3 hash_ids for input_length 600: at most 2 blocks"),
+        (
+            '{"timestamp": -1, "input_length": 5, "output_length": 1, "hash_ids": [1]}',
+            "'timestamp'",
+        ),
+        (
+            '{"timestamp": 0, "input_length": "5", "output_length": 1, "hash_ids": [1]}',
+            "'input_length' must be an integer",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 5, "output_length": true, "hash_ids": [1]}',
+            "'output_length' must be an integer",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1.5]}',
+            "'hash_ids' must be a list of integers",
+        ),
+        (
+            '{"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [1, 2, 3]}',
+            "3 hash_ids for input_length 600: at most 2 blocks",
+        ),
     ],
 )
 def test_malformed_lines_name_file_line_and_problem(line: str, problem: str) -> None:
@@ -61,9 +72,15 @@ def test_malformed_line_in_a_file_reports_its_number(tmp_path: Path) -> None:
 
 
 def test_equal_hash_ids_give_equal_tokens_and_block_hashes() -> None:
-    a = parse_trace_line('{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [7, 8, 9]}')
-    b = parse_trace_line('{"timestamp": 0, "input_length": 1300, "output_length": 1, "hash_ids": [7, 8, 5]}')
-    c = parse_trace_line('{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [4, 8, 9]}')
+    a = parse_trace_line(
+        '{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [7, 8, 9]}'
+    )
+    b = parse_trace_line(
+        '{"timestamp": 0, "input_length": 1300, "output_length": 1, "hash_ids": [7, 8, 5]}'
+    )
+    c = parse_trace_line(
+        '{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [4, 8, 9]}'
+    )
     synth = PromptSynthesizer()
     ta, tb, tc = synth.token_ids(a), synth.token_ids(b), synth.token_ids(c)
     assert len(ta) == 1100 and len(tb) == 1300

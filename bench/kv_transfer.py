@@ -60,9 +60,13 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
     from splitserve.kvtransfer.ucx_transport import UcxTransport
 
-    worker = KvConnectorWorker("bench-prefill", _caches(1),
-                               UcxTransport(shared_memory=shared_memory), MODEL,
-                               lease_ttl_s=3600.0)
+    worker = KvConnectorWorker(
+        "bench-prefill",
+        _caches(1),
+        UcxTransport(shared_memory=shared_memory),
+        MODEL,
+        lease_ttl_s=3600.0,
+    )
     stage_s: list[float] = []
     original = worker.stage
 
@@ -89,23 +93,37 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
     worker.close()
 
 
-def _ucx_client(conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict,
-                reps: int) -> None:
+def _ucx_client(
+    conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict, reps: int
+) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     from splitserve.kvtransfer.layout import KvLayout
     from splitserve.kvtransfer.params import KvTransferParams, ReadRequest
     from splitserve.kvtransfer.ucx_transport import UcxTransport
 
-    layout = KvLayout(model_id=MODEL, dtype="float16", num_layers=LAYERS, num_kv_heads=KV_HEADS,
-                      head_dim=HEAD_DIM, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+    layout = KvLayout(
+        model_id=MODEL,
+        dtype="float16",
+        num_layers=LAYERS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        block_size=BLOCK_SIZE,
+        num_blocks=NUM_BLOCKS,
+    )
     transport = UcxTransport(shared_memory=shared_memory)
     transport.register_memory(layout)
     results = {}
     for size in SIZES_MB:
         params = KvTransferParams.decode_any(offers[size])
-        read = ReadRequest(xfer_id=0, request_id=params.request_id, lease_id=params.lease_id,
-                           block_ids=params.block_ids, layer_start=0, layer_end=LAYERS)
+        read = ReadRequest(
+            xfer_id=0,
+            request_id=params.request_id,
+            lease_id=params.lease_id,
+            block_ids=params.block_ids,
+            layer_start=0,
+            layer_end=LAYERS,
+        )
         dest = torch.empty(layout.staging_shape(LAYERS, len(params.block_ids)), dtype=DTYPE)
         dest.fill_(0)  # fault the pages in before timing
         times = []
@@ -128,8 +146,9 @@ def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[st
     try:
         offers = server_conn.recv()
         client_conn, client_child = ctx.Pipe()
-        client = ctx.Process(target=_ucx_client,
-                             args=(client_child, ucx_tls, shared_memory, offers, reps))
+        client = ctx.Process(
+            target=_ucx_client, args=(client_child, ucx_tls, shared_memory, offers, reps)
+        )
         client.start()
         times = client_conn.recv()
         client.join(30)
@@ -143,8 +162,9 @@ def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[st
     return _ucx_figures(times, stage, reps)
 
 
-def _ucx_figures(times: dict[int, list[float]], stage: list[float],
-                 reps: int) -> dict[int, dict[str, float]]:
+def _ucx_figures(
+    times: dict[int, list[float]], stage: list[float], reps: int
+) -> dict[int, dict[str, float]]:
     figures = {}
     for i, size in enumerate(SIZES_MB):
         per_read = stage[i * (reps + 1) + 1 : (i + 1) * (reps + 1)]  # drop the warm-up
@@ -219,10 +239,15 @@ def bench_memcpy(reps: int) -> dict[int, dict[str, float]]:
 
 
 def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
-    header = f"{'size':>7} " + " ".join(f"{name:>12}" for name in results) + \
-        f" {'sm/memcpy':>10} {'ucx/ray':>8}"
-    print(f"KV blocks: {LAYERS} layers x [2, {BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}] fp16 "
-          f"= {BLOCK_BYTES // 1024} KiB per block; GB/s, best run")
+    header = (
+        f"{'size':>7} "
+        + " ".join(f"{name:>12}" for name in results)
+        + f" {'sm/memcpy':>10} {'ucx/ray':>8}"
+    )
+    print(
+        f"KV blocks: {LAYERS} layers x [2, {BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}] fp16 "
+        f"= {BLOCK_BYTES // 1024} KiB per block; GB/s, best run"
+    )
     print(header)
     by_size: dict[str, Any] = {}
     for size in SIZES_MB:
@@ -230,13 +255,21 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         best_ucx = max(row["ucx_sm"], row["ucx_tcp"])
         row["ucx_sm_wire"] = results["ucx_sm"][size]["wire_gbps"]
         row["ucx_tcp_wire"] = results["ucx_tcp"][size]["wire_gbps"]
-        ratios = {"ucx_sm_vs_memcpy": row["ucx_sm"] / row["memcpy"],
-                  "ucx_vs_ray": best_ucx / row["ray"]}
+        ratios = {
+            "ucx_sm_vs_memcpy": row["ucx_sm"] / row["memcpy"],
+            "ucx_vs_ray": best_ucx / row["ray"],
+        }
         by_size[f"{size}MB"] = {**{f"{k}_gbps": v for k, v in row.items()}, **ratios}
-        print(f"{size:>5}MB " + " ".join(f"{row[name]:>12.2f}" for name in results)
-              + f" {ratios['ucx_sm_vs_memcpy']:>10.2f} {ratios['ucx_vs_ray']:>8.2f}")
-    wire = " ".join(f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_wire_gbps']:.2f} / tcp "
-                    f"{by_size[f'{s}MB']['ucx_tcp_wire_gbps']:.2f}" for s in SIZES_MB)
+        print(
+            f"{size:>5}MB "
+            + " ".join(f"{row[name]:>12.2f}" for name in results)
+            + f" {ratios['ucx_sm_vs_memcpy']:>10.2f} {ratios['ucx_vs_ray']:>8.2f}"
+        )
+    wire = " ".join(
+        f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_wire_gbps']:.2f} / tcp "
+        f"{by_size[f'{s}MB']['ucx_tcp_wire_gbps']:.2f}"
+        for s in SIZES_MB
+    )
     print(f"UCX without the serving side's gather (GB/s): {wire}")
     top = by_size[f"{SIZES_MB[-1]}MB"]
     return {

@@ -119,8 +119,10 @@ class KvConnectorScheduler:
         """The scheduler allocated the blocks; the load goes out with the next ``build_meta``."""
         state = self._get(request_id)
         if len(local_block_ids) != len(state.params.block_ids):
-            raise ValueError(f"request {request_id!r} needs {len(state.params.block_ids)} "
-                             f"blocks, got {len(local_block_ids)}")
+            raise ValueError(
+                f"request {request_id!r} needs {len(state.params.block_ids)} "
+                f"blocks, got {len(local_block_ids)}"
+            )
         if state.issued:
             raise ValueError(f"request {request_id!r} already has its blocks")
         state.local_block_ids, state.issued = tuple(local_block_ids), True
@@ -172,8 +174,11 @@ class KvConnectorScheduler:
     def build_meta(self) -> KvConnectorMeta:
         """The loads to start and aborts to apply this step (each once)."""
         meta, self._meta = self._meta, KvConnectorMeta()
-        meta.keepalive = [state.params for state in self._remote.values()
-                          if not state.issued and state.status == RequestStatus.WAITING_FOR_REMOTE_KV]
+        meta.keepalive = [
+            state.params
+            for state in self._remote.values()
+            if not state.issued and state.status == RequestStatus.WAITING_FOR_REMOTE_KV
+        ]
         return meta
 
     def update_from_worker(self, finished: FinishedTransfers) -> SchedulerUpdate:
@@ -183,8 +188,11 @@ class KvConnectorScheduler:
             if self._set(request_id, RequestStatus.RUNNING, None):
                 update.ready.append(request_id)
         for request_id, error in finished.failed_recving.items():
-            status = (RequestStatus.FINISHED_ABORTED if isinstance(error, RequestAbortedError)
-                      else RequestStatus.FINISHED_ERROR)
+            status = (
+                RequestStatus.FINISHED_ABORTED
+                if isinstance(error, RequestAbortedError)
+                else RequestStatus.FINISHED_ERROR
+            )
             if self._set(request_id, status, error):
                 update.failed[request_id] = error
         for request_id in finished.finished_sending:

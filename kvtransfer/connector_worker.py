@@ -131,17 +131,24 @@ class KvConnectorWorker:
         checksums = cache_checksums(self.kv_caches, block_ids)
         lease = self.leases.grant(request_id, block_ids, ttl_s)
         return KvTransferParams(
-            request_id=request_id, engine_id=self.engine_id, address=self.transport.address,
-            block_ids=list(block_ids), num_tokens=num_tokens, lease_id=lease.lease_id,
-            lease_ttl_s=lease.ttl_s, checksums=checksums,
+            request_id=request_id,
+            engine_id=self.engine_id,
+            address=self.transport.address,
+            block_ids=list(block_ids),
+            num_tokens=num_tokens,
+            lease_id=lease.lease_id,
+            lease_ttl_s=lease.ttl_s,
+            checksums=checksums,
             compat_hash=self.layout.compatibility_hash(),
         )
 
     def stage(self, read: ReadRequest) -> torch.Tensor:
         """ServeHandler: gather the asked blocks into a new staging buffer, under the lease."""
         if read.layer_end > self.layout.num_layers:
-            raise KVTransferError(f"read asks for layers up to {read.layer_end}, "
-                                  f"this engine has {self.layout.num_layers}")
+            raise KVTransferError(
+                f"read asks for layers up to {read.layer_end}, "
+                f"this engine has {self.layout.num_layers}"
+            )
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
         try:
             device = self.kv_caches[0].device
@@ -185,9 +192,15 @@ class KvConnectorWorker:
         self._kept_alive.pop(request_id, None)
         now = self._clock()
         every = self.config.heartbeat_interval_s or params.lease_ttl_s / 3
-        load = _Load(request_id, params, torch.tensor(list(local_block_ids), dtype=torch.long),
-                     self._plan_chunks(len(local_block_ids)), now + self.config.load_timeout_s,
-                     every, now)
+        load = _Load(
+            request_id,
+            params,
+            torch.tensor(list(local_block_ids), dtype=torch.long),
+            self._plan_chunks(len(local_block_ids)),
+            now + self.config.load_timeout_s,
+            every,
+            now,
+        )
         self._loads[request_id] = load
         for chunk in load.chunks:
             self._issue(load, chunk)
@@ -200,33 +213,46 @@ class KvConnectorWorker:
         if params.request_id != request_id:
             raise ValueError(f"params are for {params.request_id!r}, not {request_id!r}")
         if len(local_block_ids) != len(params.block_ids):
-            raise ValueError(f"request {request_id!r}: {len(local_block_ids)} local blocks for "
-                             f"{len(params.block_ids)} remote blocks")
+            raise ValueError(
+                f"request {request_id!r}: {len(local_block_ids)} local blocks for "
+                f"{len(params.block_ids)} remote blocks"
+            )
         if params.num_layers != self.layout.num_layers:
-            raise ValueError(f"params carry checksums for {params.num_layers} layers, "
-                             f"this engine has {self.layout.num_layers}")
+            raise ValueError(
+                f"params carry checksums for {params.num_layers} layers, "
+                f"this engine has {self.layout.num_layers}"
+            )
         self.layout.check_block_ids(local_block_ids)
 
     def _plan_chunks(self, num_blocks: int) -> list[_Chunk]:
         lpc = self.config.layers_per_chunk or self.layout.num_layers
         bpc = self.config.blocks_per_chunk or num_blocks
-        return [_Chunk(range(l0, min(l0 + lpc, self.layout.num_layers)),
-                       slice(b0, min(b0 + bpc, num_blocks)))
-                for l0 in range(0, self.layout.num_layers, lpc)
-                for b0 in range(0, num_blocks, bpc)]
+        return [
+            _Chunk(
+                range(l0, min(l0 + lpc, self.layout.num_layers)),
+                slice(b0, min(b0 + bpc, num_blocks)),
+            )
+            for l0 in range(0, self.layout.num_layers, lpc)
+            for b0 in range(0, num_blocks, bpc)
+        ]
 
     def _issue(self, load: _Load, chunk: _Chunk) -> None:
         params = load.params
         block_ids = params.block_ids[chunk.blocks]
         if chunk.dest is None:
             shape = self.layout.staging_shape(len(chunk.layers), len(block_ids))
-            chunk.dest = self.staging.take(shape, self.layout.torch_dtype,
-                                           self.kv_caches[0].device)
-        read = ReadRequest(xfer_id=0, request_id=load.request_id, lease_id=params.lease_id,
-                           block_ids=block_ids, layer_start=chunk.layers.start,
-                           layer_end=chunk.layers.stop)
-        chunk.handle = self.transport.read_blocks(params.address, read, chunk.dest,
-                                                  self.config.read_timeout_s)
+            chunk.dest = self.staging.take(shape, self.layout.torch_dtype, self.kv_caches[0].device)
+        read = ReadRequest(
+            xfer_id=0,
+            request_id=load.request_id,
+            lease_id=params.lease_id,
+            block_ids=block_ids,
+            layer_start=chunk.layers.start,
+            layer_end=chunk.layers.stop,
+        )
+        chunk.handle = self.transport.read_blocks(
+            params.address, read, chunk.dest, self.config.read_timeout_s
+        )
 
     def apply(self, meta: KvConnectorMeta) -> None:
         """Carry out what the scheduler half decided this step: aborts first, then loads."""
@@ -275,11 +301,13 @@ class KvConnectorWorker:
         self._tell(load.params, kind)
 
     def _tell(self, params: KvTransferParams, kind: str) -> None:
-        control = Control(xfer_id=0, kind=kind, request_id=params.request_id,
-                          lease_id=params.lease_id)
+        control = Control(
+            xfer_id=0, kind=kind, request_id=params.request_id, lease_id=params.lease_id
+        )
         try:
-            self._orphans.add(self.transport.send_control(params.address, control,
-                                                          self.config.read_timeout_s))
+            self._orphans.add(
+                self.transport.send_control(params.address, control, self.config.read_timeout_s)
+            )
         except KVTransferError:
             pass  # best effort: the lease expires on its own
 
@@ -307,8 +335,10 @@ class KvConnectorWorker:
                 continue
             del self._heartbeats[handle]
             load = self._loads.get(request_id)
-            if load is not None and done.error is not None and not isinstance(
-                done.error, TransportConnectionError
+            if (
+                load is not None
+                and done.error is not None
+                and not isinstance(done.error, TransportConnectionError)
             ):
                 self._fail(load, done.error)
 
@@ -323,9 +353,13 @@ class KvConnectorWorker:
         if all(chunk.done for chunk in load.chunks):
             self._succeed(load)
         elif self._clock() >= load.deadline:
-            self._fail(load, KVTransferError(
-                f"request {load.request_id!r}: KV load timed out after "
-                f"{self.config.load_timeout_s} s"))
+            self._fail(
+                load,
+                KVTransferError(
+                    f"request {load.request_id!r}: KV load timed out after "
+                    f"{self.config.load_timeout_s} s"
+                ),
+            )
         else:
             self._maybe_heartbeat(load)
 
@@ -382,10 +416,12 @@ class KvConnectorWorker:
         if now - load.last_heartbeat < load.heartbeat_every:
             return
         load.last_heartbeat = now
-        control = Control(xfer_id=0, kind="heartbeat", request_id=load.request_id,
-                          lease_id=load.params.lease_id)
-        handle = self.transport.send_control(load.params.address, control,
-                                             self.config.read_timeout_s)
+        control = Control(
+            xfer_id=0, kind="heartbeat", request_id=load.request_id, lease_id=load.params.lease_id
+        )
+        handle = self.transport.send_control(
+            load.params.address, control, self.config.read_timeout_s
+        )
         self._heartbeats[handle] = load.request_id
 
     def _succeed(self, load: _Load) -> None:

@@ -92,14 +92,22 @@ class KvLayout:
             )
         for i, cache in enumerate(kv_caches):
             if cache.shape != first.shape or cache.dtype != first.dtype:
-                raise ValueError(f"layer {i} KV cache {tuple(cache.shape)} {cache.dtype} differs "
-                                 f"from layer 0 {tuple(first.shape)} {first.dtype}")
+                raise ValueError(
+                    f"layer {i} KV cache {tuple(cache.shape)} {cache.dtype} differs "
+                    f"from layer 0 {tuple(first.shape)} {first.dtype}"
+                )
             if not cache.is_contiguous():
                 raise ValueError(f"layer {i} KV cache must be contiguous")
         _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
-        return cls(model_id=model_id, dtype=dtype_name(first.dtype), num_layers=len(kv_caches),
-                   num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-                   num_blocks=num_blocks)
+        return cls(
+            model_id=model_id,
+            dtype=dtype_name(first.dtype),
+            num_layers=len(kv_caches),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            block_size=block_size,
+            num_blocks=num_blocks,
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -187,7 +195,7 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
         raise ValueError(f"byte_view needs a CPU tensor, got {tensor.device}")
     if not tensor.is_contiguous():
         raise ValueError("byte_view needs a contiguous tensor")
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return tensor.reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def _pair_checksum(k: memoryview, v: memoryview) -> int:
@@ -205,10 +213,14 @@ def _rows(tensor: torch.Tensor) -> Any:
 def staging_checksums(staging: torch.Tensor) -> list[list[int]]:
     """Checksums ``[layer][block]`` of a staging buffer ``[L, 2, n, bs, heads, head_dim]``."""
     if staging.dim() != 6 or staging.shape[1] != 2:
-        raise ValueError(f"staging must be [L, 2, n, bs, heads, head_dim], got {tuple(staging.shape)}")
+        raise ValueError(
+            f"staging must be [L, 2, n, bs, heads, head_dim], got {tuple(staging.shape)}"
+        )
     rows = _rows(staging)  # [L, 2, n, block bytes]
-    return [[_pair_checksum(layer[0, i].data, layer[1, i].data) for i in range(layer.shape[1])]
-            for layer in rows]
+    return [
+        [_pair_checksum(layer[0, i].data, layer[1, i].data) for i in range(layer.shape[1])]
+        for layer in rows
+    ]
 
 
 def cache_checksums(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int]) -> list[list[int]]:
@@ -219,10 +231,9 @@ def cache_checksums(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int])
     """
     result: list[list[int]] = []
     for cache in kv_caches:
+        ids: Sequence[int] = block_ids
         if cache.device.type != "cpu":
             cache, ids = cache[:, list(block_ids)], range(len(block_ids))
-        else:
-            ids = block_ids
         rows = _rows(cache)  # [2, num_blocks, block bytes]
         result.append([_pair_checksum(rows[0, b].data, rows[1, b].data) for b in ids])
     return result

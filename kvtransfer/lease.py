@@ -80,9 +80,7 @@ class LeaseManager:
 
     # ------------------------------------------------------------------ granting side (owner)
 
-    def grant(
-        self, request_id: str, block_ids: Sequence[int], ttl_s: float | None = None
-    ) -> Lease:
+    def grant(self, request_id: str, block_ids: Sequence[int], ttl_s: float | None = None) -> Lease:
         """Hold ``block_ids`` for ``request_id``; raises if the request already holds a lease."""
         ttl = self.default_ttl_s if ttl_s is None else ttl_s
         if ttl <= 0:
@@ -92,8 +90,9 @@ class LeaseManager:
         with self._lock:
             if request_id in self._leases:
                 raise ValueError(f"request {request_id!r} already holds a lease")
-            lease = Lease(request_id, secrets.randbits(63), tuple(block_ids), ttl,
-                          self._clock() + ttl)
+            lease = Lease(
+                request_id, secrets.randbits(63), tuple(block_ids), ttl, self._clock() + ttl
+            )
             self._leases[request_id] = lease
             return dataclasses.replace(lease)
 

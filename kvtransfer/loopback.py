@@ -57,7 +57,11 @@ class LoopbackTransport(KvTransport):
             _REGISTRY[self._name] = self
 
     def read_blocks(
-        self, address: str, read: ReadRequest, dest: torch.Tensor, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        address: str,
+        read: ReadRequest,
+        dest: torch.Tensor,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> int:
         layout = self._require_layout()
         check_dest(layout, read, dest)

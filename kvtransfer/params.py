@@ -111,20 +111,34 @@ class KvTransferParams(WireMessage):
     """``KvLayout.compatibility_hash()`` of the prefill side."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.request_id, str) and bool(self.request_id),
-                 "request_id must be a non-empty string")
-        _require(isinstance(self.address, str) and "://" in self.address,
-                 f"address must look like scheme://where, got {self.address!r}")
-        _require(_is_int_list(self.block_ids) and len(self.block_ids) > 0,
-                 "block_ids must be a non-empty list of ints")
-        _require(isinstance(self.num_tokens, int) and self.num_tokens > 0,
-                 f"num_tokens must be a positive int, got {self.num_tokens!r}")
-        _require(isinstance(self.lease_ttl_s, int | float) and self.lease_ttl_s > 0,
-                 f"lease_ttl_s must be > 0, got {self.lease_ttl_s!r}")
-        _require(isinstance(self.checksums, list) and len(self.checksums) > 0
-                 and all(_is_int_list(row) and len(row) == len(self.block_ids)
-                         for row in self.checksums),
-                 "checksums must be one list per layer with one int per block")
+        _require(
+            isinstance(self.request_id, str) and bool(self.request_id),
+            "request_id must be a non-empty string",
+        )
+        _require(
+            isinstance(self.address, str) and "://" in self.address,
+            f"address must look like scheme://where, got {self.address!r}",
+        )
+        _require(
+            _is_int_list(self.block_ids) and len(self.block_ids) > 0,
+            "block_ids must be a non-empty list of ints",
+        )
+        _require(
+            isinstance(self.num_tokens, int) and self.num_tokens > 0,
+            f"num_tokens must be a positive int, got {self.num_tokens!r}",
+        )
+        _require(
+            isinstance(self.lease_ttl_s, int | float) and self.lease_ttl_s > 0,
+            f"lease_ttl_s must be > 0, got {self.lease_ttl_s!r}",
+        )
+        _require(
+            isinstance(self.checksums, list)
+            and len(self.checksums) > 0
+            and all(
+                _is_int_list(row) and len(row) == len(self.block_ids) for row in self.checksums
+            ),
+            "checksums must be one list per layer with one int per block",
+        )
 
     @property
     def num_layers(self) -> int:
@@ -167,10 +181,14 @@ class ReadRequest(WireMessage):
     """Non-zero: send the data on the bulk-data lane under this tag (see ``Hello``)."""
 
     def __post_init__(self) -> None:
-        _require(_is_int_list(self.block_ids) and len(self.block_ids) > 0,
-                 "block_ids must be a non-empty list of ints")
-        _require(0 <= self.layer_start < self.layer_end,
-                 f"need 0 <= layer_start < layer_end, got [{self.layer_start}, {self.layer_end})")
+        _require(
+            _is_int_list(self.block_ids) and len(self.block_ids) > 0,
+            "block_ids must be a non-empty list of ints",
+        )
+        _require(
+            0 <= self.layer_start < self.layer_end,
+            f"need 0 <= layer_start < layer_end, got [{self.layer_start}, {self.layer_end})",
+        )
 
     @property
     def num_layers(self) -> int:

@@ -31,7 +31,9 @@ class StagingPool:
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """A contiguous tensor of ``shape``; its contents are garbage."""
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         key = (nbytes, str(device))

@@ -149,7 +149,11 @@ class KvTransport(abc.ABC):
 
     @abc.abstractmethod
     def read_blocks(
-        self, address: str, read: ReadRequest, dest: torch.Tensor, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        address: str,
+        read: ReadRequest,
+        dest: torch.Tensor,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> int:
         """Start filling ``dest`` (contiguous, ``layout.staging_shape(...)``) from a peer; a handle.
 

@@ -277,7 +277,11 @@ class UcxTransport(KvTransport):
             self._port = self._loop.call(self._listen(), self._connect_timeout_s)
 
     def read_blocks(
-        self, address: str, read: ReadRequest, dest: torch.Tensor, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        address: str,
+        read: ReadRequest,
+        dest: torch.Tensor,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> int:
         check_dest(self._require_layout(), read, dest)
         return self._start(self._read(address, read, dest), timeout_s)
@@ -359,8 +363,10 @@ class UcxTransport(KvTransport):
         if not reply.ok:
             raise reply_error(reply, address)
         if reply.nbytes != dest.numel() * dest.element_size():
-            raise KVTransferError(f"{address} offers {reply.nbytes} bytes, expected "
-                                  f"{dest.numel() * dest.element_size()}")
+            raise KVTransferError(
+                f"{address} offers {reply.nbytes} bytes, expected "
+                f"{dest.numel() * dest.element_size()}"
+            )
         try:
             if data_tag:
                 await _recv_on_worker(dest, data_tag, conn)
@@ -401,15 +407,20 @@ class UcxTransport(KvTransport):
         if scheme != "ucx" or not host or not port.isdigit():
             raise KVTransferError(f"not a UCX address: {address!r} (want ucx://host:port)")
         try:
-            ep = await ucxx.create_endpoint(host, int(port),
-                                            connect_timeout=self._connect_timeout_s)
+            ep = await ucxx.create_endpoint(
+                host, int(port), connect_timeout=self._connect_timeout_s
+            )
         except Exception as e:
             raise TransportConnectionError(f"cannot connect to {address}: {e!r}") from e
         conn = _Connection(ep, address)
         layout = self._require_layout()
         data_address = bytes(ucxx.get_worker_address()) if self._shared_memory else b""
-        hello = Hello(engine_id=self._engine_id, layout=layout.to_wire(),
-                      compat_hash=layout.compatibility_hash(), data_address=data_address)
+        hello = Hello(
+            engine_id=self._engine_id,
+            layout=layout.to_wire(),
+            compat_hash=layout.compatibility_hash(),
+            data_address=data_address,
+        )
         reply = await conn.request(hello, 0)
         if not reply.ok:
             conn.abort()

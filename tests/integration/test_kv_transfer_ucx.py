@@ -46,11 +46,19 @@ class _Peer:
         self.pool = BlockPool(NUM_BLOCKS)
         self.caches = _caches(seed)
         self.fault = FaultInjector()
-        config = TransferConfig(read_timeout_s=read_timeout_s, load_timeout_s=3 * read_timeout_s,
-                                layers_per_chunk=2, blocks_per_chunk=4)
-        self.worker = KvConnectorWorker(f"engine-{seed}", self.caches,
-                                        create_transport("ucx", fault=self.fault, port=port,
-                                                         shared_memory=shared_memory), MODEL, config)
+        config = TransferConfig(
+            read_timeout_s=read_timeout_s,
+            load_timeout_s=3 * read_timeout_s,
+            layers_per_chunk=2,
+            blocks_per_chunk=4,
+        )
+        self.worker = KvConnectorWorker(
+            f"engine-{seed}",
+            self.caches,
+            create_transport("ucx", fault=self.fault, port=port, shared_memory=shared_memory),
+            MODEL,
+            config,
+        )
         self.held: dict[str, list[Any]] = {}
         self.results: dict[str, tuple[str, Any]] = {}
 
@@ -151,8 +159,9 @@ class Engine:
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_main,
-                                args=(child, seed, read_timeout_s, ucx_tls, port), daemon=True)
+        self.proc = ctx.Process(
+            target=_engine_main, args=(child, seed, read_timeout_s, ucx_tls, port), daemon=True
+        )
         self.proc.start()
         deadline = time.monotonic() + 60
         while not self.conn.poll(0.1):

@@ -64,14 +64,20 @@ class Engine:
         raise AssertionError(f"load of {request_id} did not end in {max_steps} steps")
 
 
-def make_engine(seed: int, clock: Clock, head_dim: int = 8, ttl: float = 30.0,
-                config: TransferConfig | None = None) -> Engine:
+def make_engine(
+    seed: int,
+    clock: Clock,
+    head_dim: int = 8,
+    ttl: float = 30.0,
+    config: TransferConfig | None = None,
+) -> Engine:
     g = torch.Generator().manual_seed(seed)
     caches = [torch.randn(2, NUM_BLOCKS, 4, 2, head_dim, generator=g) for _ in range(3)]
     fault = FaultInjector()
     transport = LoopbackTransport(f"kv-unit-{next(_names)}", fault=fault)
-    worker = KvConnectorWorker(f"e{seed}", caches, transport, "tiny", config=config,
-                               lease_ttl_s=ttl, clock=clock)
+    worker = KvConnectorWorker(
+        f"e{seed}", caches, transport, "tiny", config=config, lease_ttl_s=ttl, clock=clock
+    )
     return Engine(BlockPool(NUM_BLOCKS), caches, worker, KvConnectorScheduler(), fault, {})
 
 
@@ -83,7 +89,9 @@ def offer(engine: Engine, request_id: str, n: int) -> object:
 
 
 def admit(engine: Engine, request_id: str, params: object) -> list[int]:
-    assert engine.sched.add_remote_request(request_id, params) == RequestStatus.WAITING_FOR_REMOTE_KV
+    assert (
+        engine.sched.add_remote_request(request_id, params) == RequestStatus.WAITING_FOR_REMOTE_KV
+    )
     blocks = engine.allocate(engine.sched.num_blocks_needed(request_id))
     engine.held[request_id] = blocks
     ids = [b.block_id for b in blocks]
@@ -102,11 +110,14 @@ def finish(engine: Engine, request_id: str) -> None:
 
 
 @pytest.mark.parametrize("layers, blocks", [(None, None), (1, None), (None, 2), (2, 3)])
-def test_pull_moves_bytes_exactly_and_frees_both_pools(layers: int | None, blocks: int | None) -> None:
+def test_pull_moves_bytes_exactly_and_frees_both_pools(
+    layers: int | None, blocks: int | None
+) -> None:
     clock = Clock()
     prefill = make_engine(1, clock)
-    decode = make_engine(2, clock, config=TransferConfig(layers_per_chunk=layers,
-                                                         blocks_per_chunk=blocks))
+    decode = make_engine(
+        2, clock, config=TransferConfig(layers_per_chunk=layers, blocks_per_chunk=blocks)
+    )
     decode.allocate(1)  # so local ids differ from remote ids
     params = offer(prefill, "r1", 5)
     local = admit(decode, "r1", params)

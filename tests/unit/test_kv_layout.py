@@ -16,8 +16,15 @@ from splitserve.kvtransfer.layout import (
 
 from splitserve.errors import IncompatibleKVLayoutError
 
-BASE = KvLayout(model_id="tiny", dtype="float32", num_layers=3, num_kv_heads=2, head_dim=8,
-                block_size=4, num_blocks=10)
+BASE = KvLayout(
+    model_id="tiny",
+    dtype="float32",
+    num_layers=3,
+    num_kv_heads=2,
+    head_dim=8,
+    block_size=4,
+    num_blocks=10,
+)
 
 
 def _caches(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
@@ -43,8 +50,15 @@ def test_block_offset_matches_tensor_memory() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("model_id", "other"), ("dtype", "float16"), ("num_layers", 4), ("num_kv_heads", 1),
-     ("head_dim", 16), ("block_size", 16), ("layout_version", 2)],
+    [
+        ("model_id", "other"),
+        ("dtype", "float16"),
+        ("num_layers", 4),
+        ("num_kv_heads", 1),
+        ("head_dim", 16),
+        ("block_size", 16),
+        ("layout_version", 2),
+    ],
 )
 def test_mismatch_names_the_field(field: str, value: object) -> None:
     other = dataclasses.replace(BASE, **{field: value})

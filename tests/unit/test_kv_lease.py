@@ -21,8 +21,11 @@ class Clock:
 def _manager() -> tuple[LeaseManager, Clock, list[tuple[str, LeaseEnd, str]]]:
     clock = Clock()
     calls: list[tuple[str, LeaseEnd, str]] = []
-    mgr = LeaseManager(lambda r, why: calls.append((r, why, threading.current_thread().name)),
-                       default_ttl_s=30.0, clock=clock)
+    mgr = LeaseManager(
+        lambda r, why: calls.append((r, why, threading.current_thread().name)),
+        default_ttl_s=30.0,
+        clock=clock,
+    )
     return mgr, clock, calls
 
 

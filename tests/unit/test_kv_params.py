@@ -18,9 +18,17 @@ from splitserve.errors import KVTransferError
 
 
 def _params(**over: object) -> KvTransferParams:
-    fields: dict = dict(request_id="r1", engine_id="prefill-0", address="ucx://10.0.0.1:4000",
-                        block_ids=[4, 9], num_tokens=20, lease_id=2**62 + 5, lease_ttl_s=30.0,
-                        checksums=[[2**64 - 1, 7], [1, 2]], compat_hash=2**63 + 1)
+    fields: dict = dict(
+        request_id="r1",
+        engine_id="prefill-0",
+        address="ucx://10.0.0.1:4000",
+        block_ids=[4, 9],
+        num_tokens=20,
+        lease_id=2**62 + 5,
+        lease_ttl_s=30.0,
+        checksums=[[2**64 - 1, 7], [1, 2]],
+        compat_hash=2**63 + 1,
+    )
     fields.update(over)
     return KvTransferParams(**fields)
 
@@ -37,11 +45,14 @@ def test_params_round_trip_bytes_and_dict() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [Hello(engine_id="d", layout={"model_id": "m"}, compat_hash=3),
-     ReadRequest(xfer_id=1, request_id="r", lease_id=5, block_ids=[1, 2], layer_start=0,
-                 layer_end=3),
-     Control(xfer_id=2, kind="heartbeat", request_id="r", lease_id=5),
-     Reply(xfer_id=3, ok=False, error="gone", code="lease")],
+    [
+        Hello(engine_id="d", layout={"model_id": "m"}, compat_hash=3),
+        ReadRequest(
+            xfer_id=1, request_id="r", lease_id=5, block_ids=[1, 2], layer_start=0, layer_end=3
+        ),
+        Control(xfer_id=2, kind="heartbeat", request_id="r", lease_id=5),
+        Reply(xfer_id=3, ok=False, error="gone", code="lease"),
+    ],
 )
 def test_messages_round_trip(message: object) -> None:
     assert decode_message(message.encode()) == message  # type: ignore[attr-defined]

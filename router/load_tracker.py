@@ -181,8 +181,9 @@ class LoadTracker:
             prompt_blocks,
             kv_blocks,
         )
-        for instance_id in {prefill_instance, decode_instance} - {None}:
-            self._load(instance_id)  # unknown instances fail before anything is charged
+        for instance_id in (prefill_instance, decode_instance):
+            if instance_id is not None:
+                self._load(instance_id)  # unknown instances fail before anything is charged
         if prefill_instance is not None:
             self._queue_prefill(self.loads[prefill_instance], request_id, tracked)
         if decode_instance is not None:

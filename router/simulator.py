@@ -20,8 +20,9 @@ import itertools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from splitserve.router.cost_model import CostModel
@@ -188,7 +189,12 @@ class Simulator:
         for request in self.requests:
             self._push(self._arrival(request), self._ARRIVE, request)
         self._push(self.config.rebalance_interval_s, self._REBALANCE, None)
-        handlers = (self._arrive, self._prefill_done, self._finish, self._rebalance)
+        handlers: tuple[Callable[[Any], None], ...] = (
+            self._arrive,
+            self._prefill_done,
+            self._finish,
+            self._rebalance,
+        )
         while self._events:
             self.now, _, kind, payload = heapq.heappop(self._events)
             handlers[kind](payload)

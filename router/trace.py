@@ -153,9 +153,9 @@ def _filler(record: TraceRecord, n: int) -> list[int]:
 
 def _count(data: dict[str, object], key: str, path: str, line_number: int) -> int:
     value = data[key]
-    if not _is_int(value) or value < 0:  # type: ignore[operator]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise TraceFormatError(path, line_number, f"{key!r} must be an integer >= 0, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    return value
 
 
 def _is_int(value: object) -> bool:

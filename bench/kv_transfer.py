@@ -10,7 +10,8 @@ process, and times an in-process copy of the same bytes (the limit of this machi
 * ``memcpy``  - ``dst.copy_(src)`` of a contiguous buffer of the same size, in process
 
 Every path but memcpy includes the serving side's gather of the blocks into a staging
-buffer (part of moving paged KV); ``*_wire_gbps`` subtracts the gather the server timed.
+buffer (part of moving paged KV); ``*_wire_gbps`` subtracts the gather the server timed;
+``*_pull_gbps`` is a full ``KvConnectorWorker`` pull (read, verify every checksum, scatter).
 Each figure is the best of several runs (the machine is shared). Not a test: prints GB/s
 and ratios; ``--json PATH`` writes them.
 
@@ -35,6 +36,7 @@ DTYPE = torch.float16
 BLOCK_BYTES = LAYERS * 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2  # all layers, K and V
 NUM_BLOCKS = (256 << 20) // BLOCK_BYTES + 16
 MODEL = "bench"
+PULL_REPS = 2
 
 
 def _caches(seed: int) -> list[torch.Tensor]:
@@ -77,13 +79,19 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
         return out
 
     worker.stage = timed_stage  # type: ignore[method-assign]
-    offers = {}
+    offers: dict[Any, Any] = {}
     for size in SIZES_MB:
         n = _num_blocks(size)
         params = worker.offer(f"r{size}", _block_ids(n), num_tokens=n * BLOCK_SIZE)
         offers[size] = params.to_dict()
+        for k in range(PULL_REPS + 1):  # a pull releases its lease: one offer per pull
+            params = worker.offer(f"p{size}-{k}", _block_ids(n), num_tokens=n * BLOCK_SIZE)
+            offers[("pull", size, k)] = params.to_dict()
     conn.send(offers)
     while True:
+        if not conn.poll(0.005):
+            worker.get_finished()  # frees released leases, as an engine step would
+            continue
         message = conn.recv()
         if message == "stage_times":
             conn.send(list(stage_s))
@@ -136,6 +144,37 @@ def _ucx_client(
         results[size] = times[1:]
     transport.close()
     conn.send(results)
+    if conn.recv() == "pull":
+        conn.send(_pulls(offers, shared_memory))
+
+
+def _pulls(offers: dict, shared_memory: bool) -> dict[int, float]:
+    """Best GB/s of full connector pulls: read, verify every checksum, scatter into the cache."""
+    from splitserve.kvtransfer.connector_worker import KvConnectorWorker
+    from splitserve.kvtransfer.params import KvTransferParams
+    from splitserve.kvtransfer.ucx_transport import UcxTransport
+
+    worker = KvConnectorWorker(
+        "bench-decode", _caches(2), UcxTransport(shared_memory=shared_memory), MODEL
+    )
+    figures = {}
+    for size in SIZES_MB:
+        times = []
+        for k in range(PULL_REPS + 1):
+            params = KvTransferParams.decode_any(offers[("pull", size, k)])
+            t0 = time.perf_counter()
+            worker.start_load(params.request_id, params, _block_ids(len(params.block_ids)))
+            while True:
+                finished = worker.get_finished()
+                if finished.failed_recving:
+                    raise RuntimeError(f"pull failed: {finished.failed_recving}")
+                if finished.finished_recving:
+                    break
+                time.sleep(0.0002)
+            times.append(time.perf_counter() - t0)
+        figures[size] = _num_blocks(size) * BLOCK_BYTES / min(times[1:]) / 1e9
+    worker.close()
+    return figures
 
 
 def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[str, float]]:
@@ -151,15 +190,20 @@ def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[st
         )
         client.start()
         times = client_conn.recv()
-        client.join(30)
         server_conn.send("stage_times")
         stage = server_conn.recv()
+        client_conn.send("pull")
+        pulls = client_conn.recv()
+        client.join(30)
         server_conn.send("exit")
     finally:
         server.join(30)
         if server.is_alive():
             server.kill()
-    return _ucx_figures(times, stage, reps)
+    figures = _ucx_figures(times, stage, reps)
+    for size, gbps in pulls.items():
+        figures[size]["pull_gbps"] = gbps
+    return figures
 
 
 def _ucx_figures(
@@ -255,6 +299,8 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         best_ucx = max(row["ucx_sm"], row["ucx_tcp"])
         row["ucx_sm_wire"] = results["ucx_sm"][size]["wire_gbps"]
         row["ucx_tcp_wire"] = results["ucx_tcp"][size]["wire_gbps"]
+        row["ucx_sm_pull"] = results["ucx_sm"][size]["pull_gbps"]
+        row["ucx_tcp_pull"] = results["ucx_tcp"][size]["pull_gbps"]
         ratios = {
             "ucx_sm_vs_memcpy": row["ucx_sm"] / row["memcpy"],
             "ucx_vs_ray": best_ucx / row["ray"],
@@ -271,6 +317,12 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         for s in SIZES_MB
     )
     print(f"UCX without the serving side's gather (GB/s): {wire}")
+    pull = " ".join(
+        f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_pull_gbps']:.2f} / tcp "
+        f"{by_size[f'{s}MB']['ucx_tcp_pull_gbps']:.2f}"
+        for s in SIZES_MB
+    )
+    print(f"UCX full connector pull, checksums verified and scattered (GB/s): {pull}")
     top = by_size[f"{SIZES_MB[-1]}MB"]
     return {
         "ucx_sm_gbps": top["ucx_sm_gbps"],
@@ -280,6 +332,8 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         "ucx_sm_vs_memcpy": top["ucx_sm_vs_memcpy"],
         "ucx_vs_ray": top["ucx_vs_ray"],
         "ucx_sm_wire_gbps": top["ucx_sm_wire_gbps"],
+        "ucx_sm_pull_gbps": top["ucx_sm_pull_gbps"],
+        "ucx_tcp_pull_gbps": top["ucx_tcp_pull_gbps"],
         "size_mb": SIZES_MB[-1],
         "by_size": by_size,
     }

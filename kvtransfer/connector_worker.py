@@ -195,15 +195,18 @@ class KvConnectorWorker:
         load = _Load(
             request_id,
             params,
-            torch.tensor(list(local_block_ids), dtype=torch.long),
+            torch.tensor(list(local_block_ids), dtype=torch.long, device=self.kv_caches[0].device),
             self._plan_chunks(len(local_block_ids)),
             now + self.config.load_timeout_s,
             every,
             now,
         )
         self._loads[request_id] = load
-        for chunk in load.chunks:
-            self._issue(load, chunk)
+        try:
+            for chunk in load.chunks:
+                self._issue(load, chunk)
+        except KVTransferError as error:  # e.g. the transport is closed: report, do not raise
+            self._fail(load, error)
 
     def _check_load(
         self, request_id: str, params: KvTransferParams, local_block_ids: Sequence[int]

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Coroutine
@@ -66,6 +67,7 @@ class _LoopThread:
     _lock = threading.Lock()
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="ucx-loop", daemon=True)
         self.thread.start()
@@ -73,7 +75,8 @@ class _LoopThread:
     @classmethod
     def get(cls) -> _LoopThread:
         with cls._lock:
-            if cls._instance is None:
+            # A forked child inherits the object but not the thread: start its own.
+            if cls._instance is None or cls._instance.pid != os.getpid():
                 cls._instance = cls()
             return cls._instance
 

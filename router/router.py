@@ -78,6 +78,7 @@ class Router:
         self._instances: dict[str, _Instance] = {}
         self._healthy: dict[InstanceRole, list[str]] = {role: [] for role in InstanceRole}
         self._prefill_loads: list[InstanceLoad] = []  # parallel to the healthy prefill list
+        self._prefill_set: set[str] = set()
         self._decode = LeastPressure(self._decode_key)
         self._encode_ring = HashRing(ENCODE_RING_SEED, self.config.virtual_nodes)
         self._queued: dict[str, RouteRequest] = {}  # placed, prefill not started
@@ -259,6 +260,7 @@ class Router:
             self.loads,
             self._healthy[InstanceRole.PREFILL],
             self._prefill_loads,
+            self._prefill_set,
             self.clock(),
             self.pending,
             self._queued,
@@ -348,6 +350,8 @@ class Router:
         if InstanceRole.DECODE in instance.roles:
             (self._decode.add if healthy else self._decode.remove)(instance_id)
         self._prefill_loads[:] = [self.loads.loads[i] for i in self._healthy[InstanceRole.PREFILL]]
+        self._prefill_set.clear()
+        self._prefill_set.update(self._healthy[InstanceRole.PREFILL])
         if InstanceRole.PREFILL in instance.roles:
             (self.policy.add_instance if healthy else self.policy.remove_instance)(instance_id)
         if InstanceRole.ENCODE in instance.roles:

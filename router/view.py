@@ -8,6 +8,7 @@ predicted TTFT). Must not: mutate the index or the loads; policies get only this
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from splitserve.router.load_tracker import InstanceLoad, LoadTracker
@@ -26,6 +27,8 @@ class ClusterView:
     """Healthy prefill instances, in the order they joined."""
     prefill_loads: Sequence[InstanceLoad]
     """Their loads, in the same order."""
+    prefill_set: AbstractSet[str]
+    """The same instances as a set (membership tests on the hot path)."""
     now: float
     """The router's clock at decision time (seconds)."""
     pending: PendingPrefixes
@@ -65,21 +68,42 @@ class ClusterView:
 
         Returns ``("", inf)`` when no instance other than ``exclude`` exists.
         """
-        best_id, best_ttft = "", float("inf")
-        prompt_len, block_size, now = request.prompt_len, self.config.block_size, self.now
-        kappa = self.loads.attention_coeff
-        # Hot path (every fallback, every rebalance move): InstanceLoad.predicted_ttft inlined.
+        # Hot path (every fallback, every rebalance move): one pass with the uncached work,
+        # InstanceLoad.predicted_ttft inlined; then the few instances holding a prefix.
+        now, full_work = self.now, self.loads.prefill_work(request.prompt_len, 0)
+        best_load, best_ttft = None, float("inf")
         for load in self.prefill_loads:
-            instance_id = load.instance_id
-            if instance_id == exclude:
-                continue
             rate = load.prefill_rate_tps
             remaining = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
-            pending = load.queued_prefill_work + (remaining if remaining > 0 else 0)
-            matched = matches.get(instance_id)
-            cached = min(matched * block_size, prompt_len) if matched else 0
+            ttft = (
+                load.queued_prefill_work + (remaining if remaining > 0 else 0) + full_work
+            ) / rate
+            if ttft < best_ttft and load.instance_id != exclude:
+                best_load, best_ttft = load, ttft
+        best_id = best_load.instance_id if best_load is not None else ""
+        loads, kappa, block_size = (
+            self.loads.loads,
+            self.loads.attention_coeff,
+            self.config.block_size,
+        )
+        prompt_len = request.prompt_len
+        for instance_id, matched in matches.items():
+            if not matched or instance_id == exclude or instance_id not in self.prefill_set:
+                continue
+            load = loads[instance_id]
+            rate = load.prefill_rate_tps
+            remaining = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
+            cached = min(matched * block_size, prompt_len)
             new = prompt_len - cached
-            ttft = (pending + new + kappa * new * (cached + new / 2)) / rate
-            if ttft < best_ttft:
+            work = new + kappa * new * (cached + new / 2)
+            ttft = (load.queued_prefill_work + (remaining if remaining > 0 else 0) + work) / rate
+            if ttft < best_ttft or (
+                ttft == best_ttft and self._joined_before(instance_id, best_id)
+            ):
                 best_id, best_ttft = instance_id, ttft
         return best_id, best_ttft
+
+    def _joined_before(self, a: str, b: str) -> bool:
+        """Tie-break in join order (rare: only on exactly equal predictions)."""
+        order = self.prefill_instances
+        return order.index(a) < order.index(b)

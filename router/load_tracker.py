@@ -57,9 +57,20 @@ class InstanceLoad:
 
     def pending_prefill_work(self, now: float) -> float:
         """Work (token-equivalents) still to do before a newly queued request could start."""
-        progress = self.prefill_rate_tps * max(0.0, now - self.prefill_started_at)
-        remaining = max(0.0, self.prefill_work_in_progress - progress)
-        return self.queued_prefill_work + remaining
+        return self.queued_prefill_work + self.remaining_work_in_progress(now)
+
+    def remaining_work_in_progress(self, now: float) -> float:
+        """What is left of the prefill in progress, from its expected speed.
+
+        Past its expected end the prefill is overdue (a stall, a slow instance): it is then
+        assumed to need as long again as it has overrun, so a stuck instance looks ever
+        busier instead of idle, and new work and migrations go elsewhere.
+        """
+        if self.prefill_tokens_in_progress <= 0:
+            return 0.0
+        return abs(
+            self.prefill_work_in_progress - self.prefill_rate_tps * (now - self.prefill_started_at)
+        )
 
     def predicted_ttft(self, new_work: float, now: float) -> float:
         """Seconds until ``new_work`` token-equivalents queued now would finish prefilling."""

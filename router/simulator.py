@@ -69,6 +69,8 @@ class SimConfig:
     """Arrival-rate multiplier: arrivals happen at ``trace time / time_scale``."""
     rebalance_interval_s: float = 0.5
     """How often the simulated cluster asks the router to rebalance."""
+    slowdowns: tuple[tuple[str, float, float], ...] = ()
+    """Stragglers: (prefill instance id, from simulated time s, factor on its prefill times)."""
     measure_decisions: bool = False
     """Time every ``route`` call, in wall clock and thread CPU time (decision-latency figure)."""
 
@@ -204,6 +206,13 @@ class Simulator:
             handlers[kind](payload)
         return self._result()
 
+    def _slowdown(self, instance_id: str) -> float:
+        factor = 1.0
+        for slow_id, since_s, slow_factor in self.config.slowdowns:
+            if slow_id == instance_id and self.now >= since_s:
+                factor = slow_factor
+        return factor
+
     def _arrival(self, request: SimRequest) -> float:
         """Simulated arrival time: trace time from the first request, divided by the time scale."""
         return (request.arrival_s - self._t0) / self.config.time_scale
@@ -254,6 +263,7 @@ class Simulator:
         self._num_hit_tokens += cached
         self._num_prompt_tokens += request.prompt_len
         duration = self.config.cost_model.prefill_time(request.prompt_len - cached, cached)
+        duration *= self._slowdown(instance.instance_id)
         instance.busy = True
         instance.busy_time_s += duration
         self._push(self.now + duration, self._PREFILL_DONE, (instance, request))

@@ -74,10 +74,10 @@ class ClusterView:
         best_load, best_ttft = None, float("inf")
         for load in self.prefill_loads:
             rate = load.prefill_rate_tps
-            remaining = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
-            ttft = (
-                load.queued_prefill_work + (remaining if remaining > 0 else 0) + full_work
-            ) / rate
+            left = 0.0  # InstanceLoad.remaining_work_in_progress, inlined
+            if load.prefill_tokens_in_progress > 0:
+                left = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
+            ttft = (load.queued_prefill_work + (left if left > 0 else -left) + full_work) / rate
             if ttft < best_ttft and load.instance_id != exclude:
                 best_load, best_ttft = load, ttft
         best_id = best_load.instance_id if best_load is not None else ""
@@ -92,11 +92,13 @@ class ClusterView:
                 continue
             load = loads[instance_id]
             rate = load.prefill_rate_tps
-            remaining = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
+            left = 0.0
+            if load.prefill_tokens_in_progress > 0:
+                left = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
             cached = min(matched * block_size, prompt_len)
             new = prompt_len - cached
             work = new + kappa * new * (cached + new / 2)
-            ttft = (load.queued_prefill_work + (remaining if remaining > 0 else 0) + work) / rate
+            ttft = (load.queued_prefill_work + (left if left > 0 else -left) + work) / rate
             if ttft < best_ttft or (
                 ttft == best_ttft and self._joined_before(instance_id, best_id)
             ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,15 @@ def test_fit_cost_model_recovers_known_coefficients() -> None:
     assert fitted.decode_s_per_kv_token == pytest.approx(4e-8, rel=1e-6)
     with pytest.raises(ConfigError, match="at least 3 prefill"):
         fit_cost_model(prefill[:2], decode, name="t", kv_capacity_blocks=100)
+
+
+def test_a_stalled_instance_stops_attracting_work(requests: list) -> None:
+    # p0 becomes 100x slower 20 s in. Its overdue prefill makes it look ever busier, so new
+    # requests avoid it and only what had already started there suffers.
+    healthy = simulate(config("dualmap"), requests)
+    stalled_config = replace(config("dualmap"), slowdowns=(("p0", 20.0, 100.0),))
+    sim = Simulator(stalled_config, requests)
+    stalled = sim.run()
+    assert int((stalled.ttfts_s > 60).sum()) <= int((healthy.ttfts_s > 60).sum()) + 1
+    assert stalled.slo_attainment >= healthy.slo_attainment - 0.03
+    assert sim.prefill["p0"].busy_time_s > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -44,3 +45,5 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Timestamps (time.time()) such as arrival, first_token, finished."""
+    kv_transfer_params: dict[str, Any] | None = None
+    """Set by a prefill engine that handed the request off: where a decode engine pulls its KV."""

@@ -110,6 +110,9 @@ class AsyncEngine:
         while True:
             with self._wake:
                 while not self._stopped and not self._commands and not self._busy():
+                    if self.engine.has_pending_transfers():  # KV moving: poll, gently
+                        self._wake.wait(timeout=0.002)
+                        break
                     self._wake.wait()
                 if self._stopped:
                     return

@@ -26,6 +26,11 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._emitted = 0
 
+    def prime(self, token_ids: list[int]) -> None:
+        """Tokens generated (and their text sent) elsewhere: decode them, emit nothing."""
+        self.update(token_ids)
+        self._emitted = len(self.text)
+
     def update(self, new_token_ids: list[int]) -> str | None:
         """Add tokens; return the stop string they completed (text is then truncated)."""
         start = max(0, len(self.text) - self.params.max_stop_len + 1)

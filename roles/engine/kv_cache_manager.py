@@ -66,12 +66,15 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         new_computed_blocks: list[KVBlock] | None = None,
+        cache: bool = True,
     ) -> list[KVBlock] | None:
         """Make room for ``num_new_tokens`` after the request's computed tokens.
 
         ``new_computed_blocks`` are prefix-cache hits found for a request being
         admitted. Returns the newly allocated blocks, or None (nothing changed)
-        when the pool cannot supply them.
+        when the pool cannot supply them. With ``cache=False`` the new full blocks
+        are not published in the prefix cache (their KV comes from a remote load
+        that may still fail: ``cache_blocks`` publishes them once it is verified).
         """
         computed = new_computed_blocks or []
         held = self.req_to_blocks.get(request.request_id, [])
@@ -86,8 +89,13 @@ class KVCacheManager:
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         blocks.extend(computed)
         blocks.extend(new_blocks)
-        self._cache_full_blocks(request, num_computed + num_new_tokens)
+        if cache:
+            self._cache_full_blocks(request, num_computed + num_new_tokens)
         return new_blocks
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Publish the request's full blocks up to ``num_tokens`` in the prefix cache."""
+        self._cache_full_blocks(request, num_tokens)
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that will be full once ``num_tokens`` tokens are computed."""

@@ -13,10 +13,12 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from splitserve.errors import InvalidRequestError, KVCacheCapacityError
+from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
 from splitserve.roles.engine.config import EngineConfig
@@ -75,6 +77,8 @@ class LLMEngine:
         self._children: dict[str, list[str]] = {}
         self._pending: list[RequestOutput] = []
         self._rng = random.Random(config.seed)
+        self.kv_worker: Any = None
+        """Worker half of the KV connector once ``attach_kv_connector`` made this a P/D role."""
 
     def _blocks_for_budget(self) -> int:
         per_block = self.model_config.kv_bytes_per_token * self.config.block_size
@@ -96,15 +100,26 @@ class LLMEngine:
         prompt: PromptType,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+        resume_token_ids: Sequence[int] = (),
     ) -> list[int]:
-        """Queue a request; returns its prompt token ids. Raises InvalidRequestError."""
+        """Queue a request; returns its prompt token ids. Raises InvalidRequestError.
+
+        ``kv_transfer_params``: ``{"do_remote_decode": True}`` makes this engine a prefill
+        role for the request (it stops after the first token and hands its KV off); a
+        ``KvTransferParams`` dict makes it a decode role (it pulls the prompt's KV first).
+        ``resume_token_ids``: output tokens already generated (and streamed) elsewhere; the
+        request continues after them, with the same draws it would have made there.
+        """
         params = params or SamplingParams()
+        remote_params, remote_decode = self._transfer_role(kv_transfer_params, params)
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
         if request_id in self._children:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         token_ids = self.tokenize_prompt(prompt)
         max_tokens = self._check_lengths(token_ids, params)
+        resume = self._check_resume(resume_token_ids, max_tokens)
         text = prompt if isinstance(prompt, str) else None
         arrival = arrival_time if arrival_time is not None else time.time()
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -114,15 +129,49 @@ class LLMEngine:
             req = Request(
                 child_id, token_ids, params, seed=seed, max_tokens=max_tokens,
                 eos_token_ids=self.tokenizer.eos_token_ids, block_size=self.config.block_size,
-                arrival_time=arrival,
+                arrival_time=arrival, output_token_ids=resume, remote_params=remote_params,
+                remote_decode=remote_decode,
             )
+            detok = IncrementalDetokenizer(self.tokenizer, params)
+            detok.prime(resume)
             self._tracked[child_id] = _Tracked(
-                request_id, i, text, IncrementalDetokenizer(self.tokenizer, params),
+                request_id, i, text, detok, num_sent_tokens=len(resume),
                 metrics={"arrival_time": arrival},
             )
             self.scheduler.add_request(req)
         self._children[request_id] = children
         return token_ids
+
+    def _transfer_role(
+        self, kv_transfer_params: dict[str, Any] | None, params: SamplingParams
+    ) -> tuple[Any, bool]:
+        """(remote params to pull, hand off after the first token) from a request's params."""
+        if not kv_transfer_params:
+            return None, False
+        if self.kv_worker is None:
+            raise InvalidRequestError(
+                "this engine has no KV connector (attach_kv_connector)", field="kv_transfer_params"
+            )
+        if params.n != 1:
+            raise InvalidRequestError("disaggregated requests must have n == 1", field="n")
+        if kv_transfer_params.get("do_remote_decode"):
+            return None, True
+        try:
+            return KvTransferParams.decode_any(kv_transfer_params), False
+        except (ValueError, TypeError, KeyError) as e:
+            raise InvalidRequestError(f"bad kv_transfer_params: {e}", "kv_transfer_params") from e
+
+    def _check_resume(self, resume: Sequence[int], max_tokens: int) -> list[int]:
+        resume = list(resume)
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resume):
+            raise InvalidRequestError("resume token ids out of range", field="resume_token_ids")
+        if len(resume) >= max_tokens:
+            raise InvalidRequestError(
+                f"{len(resume)} resumed tokens leave nothing to generate (max_tokens "
+                f"{max_tokens})", field="resume_token_ids",
+            )
+        return resume
 
     def tokenize_prompt(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
@@ -182,13 +231,53 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns delta outputs of the requests that progressed."""
         out = self.scheduler.schedule()
+        if self.kv_worker is not None and out.kv_meta is not None:
+            self.kv_worker.apply(out.kv_meta)
         if not out.is_empty:
             result = self.runner.execute(out)
             tokens = {rid: r.token_id for rid, r in result.sampled.items()}
             updated = self.scheduler.update(out, tokens)
             self._pending.extend(self._process(updated, result.sampled))
+        if self.kv_worker is not None:
+            for req in self.scheduler.update_transfers(self.kv_worker.get_finished()):
+                self._pending.append(self._output_for(req, [], None))
+                self._forget(req)
         outputs, self._pending = self._pending, []
         return outputs
+
+    # ------------------------------------------------------------------ disaggregation
+
+    def attach_kv_connector(
+        self, transport: Any, engine_id: str, lease_ttl_s: float = 30.0,
+        transfer_config: Any = None,
+    ) -> Any:
+        """Make this engine a disaggregated role: serve and pull KV blocks through ``transport``."""
+        from splitserve.kvtransfer.connector_scheduler import KvConnectorScheduler
+        from splitserve.kvtransfer.connector_worker import KvConnectorWorker
+
+        self.kv_worker = KvConnectorWorker(
+            engine_id, self.runner.kv_caches, transport, self.model_id, transfer_config,
+            lease_ttl_s=lease_ttl_s,
+        )
+        self.scheduler.connector = KvConnectorScheduler()
+        return self.kv_worker
+
+    def has_pending_transfers(self) -> bool:
+        """Loads in flight or blocks held for readers: the engine must keep stepping."""
+        return self.scheduler.has_transfers()
+
+    def _hand_off(self, req: Request) -> dict[str, Any] | None:
+        """Prefill side: hold the request's prompt blocks under a lease for the decode role."""
+        assert self.kv_worker is not None
+        self.scheduler.hand_off(req.request_id)
+        num_tokens = req.num_prompt_tokens
+        block_ids = self.kv.get_block_ids(req.request_id)[: self.kv.blocks_for(num_tokens)]
+        try:
+            return self.kv_worker.offer(req.request_id, block_ids, num_tokens).to_dict()
+        except Exception:
+            logger.exception("could not offer KV of %s", req.request_id)
+            self.scheduler.release_held(req.request_id)
+            return None
 
     def _process(self, updated: list[Request], sampled: dict[str, SampleResult]) -> list[RequestOutput]:
         outputs = []
@@ -203,7 +292,16 @@ class LLMEngine:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             if stop is not None:
                 req.stop_reason = stop
-            outputs.append(self._output_for(req, new_tokens, sampled.get(req.request_id)))
+            handoff = None
+            if req.remote_decode and not req.is_finished:
+                handoff = self._hand_off(req)
+                if handoff is None:
+                    req.status = RequestStatus.FINISHED_ERROR
+            output = self._output_for(req, new_tokens, sampled.get(req.request_id))
+            if handoff is not None:
+                output.kv_transfer_params = handoff
+                output.outputs[0].finish_reason = None  # the decode role continues it
+            outputs.append(output)
             if req.is_finished:
                 tracked.metrics["finished_time"] = now
                 self._forget(req)
@@ -265,4 +363,7 @@ class LLMEngine:
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_loading_kv": len(self.scheduler.loading),
+            "num_held_kv": len(self.scheduler.held),
+            "num_remote_fallbacks": self.scheduler.num_remote_fallbacks,
         }

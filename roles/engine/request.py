@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from splitserve.hashing import NONE_HASH, hash_block_tokens
 from splitserve.request import RequestStatus
@@ -29,6 +30,8 @@ class Request:
         block_size: int = 16,
         arrival_time: float | None = None,
         output_token_ids: Sequence[int] = (),
+        remote_params: Any = None,
+        remote_decode: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -49,6 +52,10 @@ class Request:
         self.stop_reason: int | str | None = None
         self.block_hashes: list[int] = []
         self._update_block_hashes()
+        self.remote_params = remote_params
+        """Decode side: KvTransferParams of the prompt KV to pull before running (else None)."""
+        self.remote_decode = remote_decode
+        """Prefill side: hand the request off after its first token, holding its blocks."""
 
     # ------------------------------------------------------------------ tokens
 

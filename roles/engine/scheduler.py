@@ -12,6 +12,12 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from splitserve.errors import RequestAbortedError
+from splitserve.kvtransfer.connector_scheduler import (
+    FinishedTransfers,
+    KvConnectorMeta,
+    KvConnectorScheduler,
+)
 from splitserve.request import RequestStatus
 from splitserve.roles.engine.config import SchedulerConfig
 from splitserve.roles.engine.kv_cache_manager import KVCacheManager
@@ -43,6 +49,8 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    kv_meta: KvConnectorMeta | None = None
+    """Loads and aborts for the KV connector's worker half (disaggregated roles only)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -64,6 +72,13 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.connector: KvConnectorScheduler | None = None
+        """Scheduler half of the KV connector; None for a standalone engine."""
+        self.loading: dict[str, Request] = {}
+        """Decode side: requests whose prompt KV is being pulled (WAITING_FOR_REMOTE_KV)."""
+        self.held: dict[str, Request] = {}
+        """Prefill side: handed-off requests whose blocks stay leased to a reader."""
+        self.num_remote_fallbacks = 0
 
     # ------------------------------------------------------------------ queue
 
@@ -72,7 +87,10 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    def has_transfers(self) -> bool:
+        return bool(self.loading or self.held)
 
     @property
     def num_waiting(self) -> int:
@@ -89,6 +107,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if self.connector is not None:
+            out.kv_meta = self.connector.build_meta()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -113,8 +133,12 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.remote_params is not None:
+                if not self._admit_remote(req):
+                    return
+                continue
             hits, num_hit = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if num_new > budget and not self.config.enable_chunked_prefill:
@@ -126,6 +150,108 @@ class Scheduler:
             self._admit(req, num_hit)
             out.scheduled.append(self._plan(req, num_new))
             budget -= num_new
+
+    @property
+    def _num_seqs(self) -> int:
+        return len(self.running) + len(self.loading)
+
+    def _admit_remote(self, req: Request) -> bool:
+        """Allocate blocks for a request's remote prompt KV and start pulling what is not cached.
+
+        Local prefix hits are kept (prefix caching works on the decode role too); only the
+        rest is pulled. The pulled blocks are published in the prefix cache once verified.
+        """
+        params = req.remote_params
+        hits, num_hit = self.kv.get_computed_blocks(req)
+        num_hit = min(num_hit, (params.num_tokens // self.kv.block_size) * self.kv.block_size)
+        hits = hits[: num_hit // self.kv.block_size]
+        if self.kv.allocate_slots(req, params.num_tokens - num_hit, hits, cache=False) is None:
+            return False
+        self.waiting.popleft()
+        req.num_cached_tokens = num_hit
+        self.kv.record_prefix_lookup(req.num_tokens, num_hit)
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.loading[req.request_id] = req
+        assert self.connector is not None
+        skip = len(hits)
+        if num_hit == params.num_tokens:  # all of it is cached here: release the remote copy
+            self.connector.add_remote_request(req.request_id, params)
+            self.connector.abort(req.request_id)
+            self.loading[req.request_id] = req
+            self._remote_ready(req.request_id)
+            return True
+        remote = params if skip == 0 else _skip_blocks(params, skip, self.kv.block_size)
+        self.connector.add_remote_request(req.request_id, remote)
+        self.connector.on_blocks_allocated(
+            req.request_id, self.kv.get_block_ids(req.request_id)[skip:]
+        )
+        return True
+
+    def update_transfers(self, finished: FinishedTransfers) -> list[Request]:
+        """Fold in finished KV transfers. Returns requests that failed for good (aborted)."""
+        if self.connector is None:
+            return []
+        update = self.connector.update_from_worker(finished)
+        for request_id in update.ready:
+            self._remote_ready(request_id)
+        failed = []
+        for request_id, error in update.failed.items():
+            req = self._remote_failed(request_id, error)
+            if req is not None:
+                failed.append(req)
+        for request_id in update.free_held:
+            held = self.held.pop(request_id, None)
+            if held is not None:
+                self.kv.free(held)
+        return failed
+
+    def _remote_ready(self, request_id: str) -> None:
+        req = self.loading.pop(request_id, None)
+        if req is None:
+            return
+        assert self.connector is not None
+        self.connector.forget(request_id)
+        req.num_computed_tokens = req.remote_params.num_tokens
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+        req.remote_params = None
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+
+    def _remote_failed(self, request_id: str, error: BaseException) -> Request | None:
+        """A load failed: an abort ends the request; anything else recomputes it locally."""
+        req = self.loading.pop(request_id, None)
+        if req is None:
+            return None
+        assert self.connector is not None
+        self.connector.forget(request_id)
+        if isinstance(error, RequestAbortedError):
+            self.loading[request_id] = req  # finish() expects to find it
+            return self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        self.kv.free(req)  # nothing of the failed load was published in the prefix cache
+        req.remote_params = None
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        self.num_remote_fallbacks += 1
+        self.waiting.appendleft(req)
+        return None
+
+    def hand_off(self, request_id: str) -> Request | None:
+        """Prefill side: finish the request but keep its blocks for a remote reader."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.running.remove(req)
+        req.status = RequestStatus.FINISHED_LENGTH
+        self.held[request_id] = req
+        assert self.connector is not None
+        self.connector.request_finished(request_id, True)
+        return req
+
+    def release_held(self, request_id: str) -> None:
+        """Free a held request's blocks now (its hand-off could not be offered)."""
+        held = self.held.pop(request_id, None)
+        if held is not None:
+            self.kv.free(held)
 
     def _admit(self, req: Request, num_hit: int) -> None:
         if req.num_cached_tokens < 0:
@@ -178,8 +304,27 @@ class Scheduler:
             return None
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif self.loading.pop(request_id, None) is not None:
+            assert self.connector is not None
+            self.connector.abort(request_id)
         elif req in self.waiting:
             self.waiting.remove(req)
+            if req.remote_params is not None and self.connector is not None:
+                # never admitted: still tell the prefill side to end its lease now
+                self.connector.add_remote_request(request_id, req.remote_params)
+                self.connector.abort(request_id)
         req.status = status
         self.kv.free(req)
         return req
+
+
+def _skip_blocks(params, skip: int, block_size: int):  # type: ignore[no-untyped-def]
+    """The same transfer without its first ``skip`` blocks (they are cached locally)."""
+    import dataclasses
+
+    return dataclasses.replace(
+        params,
+        block_ids=params.block_ids[skip:],
+        num_tokens=params.num_tokens - skip * block_size,
+        checksums=[row[skip:] for row in params.checksums],
+    )

@@ -1,0 +1,184 @@
+"""Backend: what the frontends (HTTP, gRPC) need from whatever serves tokens behind them.
+
+The frontends validate, translate and stream; a ``Backend`` runs requests. Today the one
+implementation is ``EngineBackend`` (one in-process ``AsyncEngine``); the cluster will add a
+``ClusterBackend`` (router + prefill/decode workers) with the same contract, and the frontends
+must not be able to tell them apart. This module must not import FastAPI or gRPC.
+
+A backend must provide:
+
+- ``model_id`` / ``max_model_len`` / ``tokenizer``: the served model, its context length, and a
+  tokenizer with ``encode``, ``decode``, ``apply_chat_template(messages, add_generation_prompt)
+  -> ids``, ``has_chat_template`` and ``eos_token_ids`` (``splitserve.roles.models.tokenizer``).
+- ``generate(prompt, params, request_id)``: an async iterator of ``RequestOutput`` *deltas*
+  (``outputs[i].text`` / ``.token_ids`` are the new part, ``outputs[i].index`` tells which of the
+  ``n`` completions, ``finish_reason`` is set on each completion's last delta,
+  ``RequestOutput.finished`` on the very last one; ``num_cached_tokens`` and ``metrics``
+  timestamps ``arrival_time`` / ``first_token_time`` / ``finished_time`` are filled where known).
+  Bad requests raise ``InvalidRequestError`` (with ``field``) from the iterator, before any
+  delta; ``NoHealthyWorkerError`` and ``OverloadedError`` likewise. Closing the iterator early
+  (client gone, deadline) must abort the request and free its KV everywhere.
+- ``abort(request_id)``: stop a request from outside its stream; unknown ids are ignored.
+- ``health()``: a ``BackendHealth`` (healthy, and how many live workers of each role).
+- ``loads()``: one ``WorkerLoad`` per worker (queue, running, KV use, prefix-cache and
+  preemption counters), read by ``/metrics`` and gRPC ``GetLoads``.
+- ``close()``: release everything it started; called once, after the frontends drained.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.outputs import RequestOutput
+from splitserve.sampling_params import SamplingParams
+
+PromptInput = str | Sequence[int]
+"""Text (tokenized by the backend) or prompt token ids (chat templates are applied upstream)."""
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """Whether the backend can serve, and its live workers per role."""
+
+    healthy: bool
+    """True when every role a request needs has at least one healthy worker."""
+    workers: dict[str, int] = field(default_factory=dict)
+    """Role name (``engine``, ``prefill``, ``decode``, ``encode``) -> healthy worker count."""
+    message: str = ""
+    """Why it is unhealthy (empty when healthy)."""
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A snapshot of one worker's load and cumulative counters."""
+
+    worker_id: str
+    """Stable id of the worker (label ``worker`` in metrics)."""
+    role: str
+    """Role of the worker (label ``role`` in metrics)."""
+    num_running: int = 0
+    """Requests scheduled (prefilling or decoding)."""
+    num_waiting: int = 0
+    """Requests queued, not yet scheduled."""
+    kv_usage: float = 0.0
+    """Fraction of KV blocks in use, in [0, 1]."""
+    num_free_blocks: int = 0
+    """Free KV blocks (cached but unreferenced blocks count as free)."""
+    num_blocks: int = 0
+    """All KV blocks."""
+    prefix_cache_queries: int = 0
+    """Cumulative prompt tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Cumulative prompt tokens found in the prefix cache."""
+    num_preemptions: int = 0
+    """Cumulative preemptions."""
+
+
+class Backend(abc.ABC):
+    """The contract between the frontends and whatever runs requests (see the module doc)."""
+
+    @property
+    @abc.abstractmethod
+    def model_id(self) -> str:
+        """Served model name."""
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Longest prompt + output, in tokens."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (``splitserve.roles.models.tokenizer.Tokenizer`` interface)."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's deltas; closing the iterator early aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by id (no-op when unknown or finished)."""
+
+    @abc.abstractmethod
+    async def health(self) -> BackendHealth:
+        """Health and live worker counts per role."""
+
+    @abc.abstractmethod
+    async def loads(self) -> list[WorkerLoad]:
+        """Per-worker load snapshot."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop everything the backend started."""
+
+
+class EngineBackend(Backend):
+    """One in-process ``AsyncEngine`` serving everything (role ``engine``, worker ``0``)."""
+
+    role = "engine"
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, **engine_kwargs: Any) -> EngineBackend:
+        """Start an AsyncEngine from ``EngineConfig`` fields (``model=...`` etc.)."""
+        from splitserve.roles.engine.async_engine import AsyncEngine
+
+        return cls(AsyncEngine(**engine_kwargs))
+
+    @property
+    def model_id(self) -> str:
+        return str(self.engine.model_id)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.engine.max_model_len)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if isinstance(prompt, str):
+            return self.engine.generate(prompt, params, request_id=request_id)
+        return self.engine.generate(list(prompt), params, request_id=request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def health(self) -> BackendHealth:
+        alive = not self._closed and self.engine._thread.is_alive()
+        message = "" if alive else "the engine thread is not running"
+        return BackendHealth(alive, {self.role: int(alive)}, message)
+
+    async def loads(self) -> list[WorkerLoad]:
+        s = self.engine.stats()
+        return [
+            WorkerLoad(
+                worker_id="0",
+                role=self.role,
+                num_running=int(s["num_running"]),
+                num_waiting=int(s["num_waiting"]),
+                kv_usage=float(s["kv_usage"]),
+                num_free_blocks=int(s["num_free_blocks"]),
+                num_blocks=int(s["num_blocks"]),
+                prefix_cache_queries=int(s["prefix_cache_queries"]),
+                prefix_cache_hits=int(s["prefix_cache_hits"]),
+                num_preemptions=int(s["num_preemptions"]),
+            )
+        ]
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()

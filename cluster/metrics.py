@@ -1,0 +1,206 @@
+"""Prometheus metrics of the frontends, in vLLM's names under the ``splitserve:`` prefix.
+
+Owns one ``CollectorRegistry`` per server (so several servers can live in one process, as in
+tests): request-level histograms and counters that the frontends record as deltas stream out
+(``RequestRecorder``), and per-worker gauges / counters read from the backend's ``loads()``
+snapshot at scrape time. Must not run requests or talk to workers itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from splitserve.cluster.backend import WorkerLoad
+
+from splitserve.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_P = "splitserve:"
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class _LoadCollector(Collector):
+    """Per-worker gauges and counters from the latest ``loads()`` snapshot."""
+
+    def __init__(self) -> None:
+        self.loads: Sequence[WorkerLoad] = ()
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["role", "worker"]
+        specs = [
+            (GaugeMetricFamily, "num_requests_running", "Requests running.", "num_running"),
+            (GaugeMetricFamily, "num_requests_waiting", "Requests waiting.", "num_waiting"),
+            (GaugeMetricFamily, "kv_cache_usage_perc", "KV cache usage (1 = full).", "kv_usage"),
+            (GaugeMetricFamily, "num_free_kv_blocks", "Free KV blocks.", "num_free_blocks"),
+            (
+                CounterMetricFamily,
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                "prefix_cache_queries",
+            ),
+            (
+                CounterMetricFamily,
+                "prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                "prefix_cache_hits",
+            ),
+            (CounterMetricFamily, "num_preemptions", "Preemptions.", "num_preemptions"),
+        ]
+        for family, name, doc, attr in specs:
+            metric = family(_P + name, doc, labels=labels)
+            for load in self.loads:
+                metric.add_metric([load.role, load.worker_id], float(getattr(load, attr)))
+            yield metric
+        rate = GaugeMetricFamily(
+            _P + "prefix_cache_hit_rate", "Prefix-cache hits / queries since start.", labels=labels
+        )
+        for load in self.loads:
+            hit_rate = load.prefix_cache_hits / max(load.prefix_cache_queries, 1)
+            rate.add_metric([load.role, load.worker_id], hit_rate)
+        yield rate
+
+
+class ServerMetrics:
+    """All metrics of one server; ``render(loads)`` gives the ``/metrics`` body."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self._loads = _LoadCollector()
+        self.registry.register(self._loads)
+        lbl = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(
+            _P + "time_to_first_token_seconds",
+            "Time to first token.",
+            lbl,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            _P + "inter_token_latency_seconds",
+            "Time between output deltas.",
+            lbl,
+            registry=r,
+            buckets=_ITL_BUCKETS,
+        )
+        self.e2e = Histogram(
+            _P + "e2e_request_latency_seconds",
+            "Request latency, end to end.",
+            lbl,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            _P + "prompt_tokens", "Prompt tokens processed.", lbl, registry=r
+        )
+        self.generation_tokens = Counter(
+            _P + "generation_tokens", "Tokens generated.", lbl, registry=r
+        )
+        self.success = Counter(
+            _P + "request_success",
+            "Finished requests by finish reason.",
+            lbl + ["finished_reason"],
+            registry=r,
+        )
+        self.failures = Counter(
+            _P + "request_failure",
+            "Requests refused or failed, by reason.",
+            lbl + ["reason"],
+            registry=r,
+        )
+
+    def recorder(self) -> RequestRecorder:
+        return RequestRecorder(self)
+
+    def record_failure(self, reason: str) -> None:
+        self.failures.labels(self.model_name, reason).inc()
+
+    def render(self, loads: Sequence[WorkerLoad]) -> bytes:
+        self._loads.loads = tuple(loads)
+        return generate_latest(self.registry)
+
+
+class RequestRecorder:
+    """Records one request's latencies and token counts as its deltas pass by."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.num_generated = 0
+
+    def observe(self, delta: RequestOutput) -> None:
+        """Call once per delta the backend yields."""
+        new_tokens = sum(len(c.token_ids) for c in delta.outputs)
+        if new_tokens == 0:
+            return
+        now = time.monotonic()
+        m, name = self.metrics, self.metrics.model_name
+        if self.first_token is None:
+            self.first_token = now
+            m.ttft.labels(name).observe(now - self.start)
+        elif self.last_token is not None:
+            m.itl.labels(name).observe(now - self.last_token)
+        self.last_token = now
+        self.num_generated += new_tokens
+
+    def finish(self, num_prompt_tokens: int, finish_reasons: Iterable[str | None]) -> None:
+        """Call once when the request finished (normally or aborted)."""
+        m, name = self.metrics, self.metrics.model_name
+        m.e2e.labels(name).observe(time.monotonic() - self.start)
+        m.prompt_tokens.labels(name).inc(num_prompt_tokens)
+        m.generation_tokens.labels(name).inc(self.num_generated)
+        for reason in finish_reasons:
+            m.success.labels(name, reason or "abort").inc()
+
+    def timing(self) -> dict[str, float]:
+        """Seconds so far: ``ttft``, ``decode`` (first to last token), ``e2e``."""
+        now = time.monotonic()
+        ttft = (self.first_token or now) - self.start
+        decode = (self.last_token or now) - (self.first_token or now)
+        return {"ttft": ttft, "decode": decode, "e2e": now - self.start}

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-
 from splitserve.cluster.backend import Backend
 from splitserve.cluster.metrics import ServerMetrics
 
@@ -78,11 +77,18 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
     from splitserve.cluster.http_server import build_app
 
     metrics = ServerMetrics(opts.served_model_name or backend.model_id)
-    app = build_app(backend, api_key=opts.api_key, served_model_name=opts.served_model_name,
-                    metrics=metrics)
+    app = build_app(
+        backend, api_key=opts.api_key, served_model_name=opts.served_model_name, metrics=metrics
+    )
     port = opts.port or _free_port(opts.host)
-    config = uvicorn.Config(app, host=opts.host, port=port, log_level=opts.log_level,
-                            timeout_graceful_shutdown=max(int(opts.grace_s), 1), lifespan="off")
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=port,
+        log_level=opts.log_level,
+        timeout_graceful_shutdown=max(int(opts.grace_s), 1),
+        lifespan="off",
+    )
     http = _Uvicorn(config)
     task = asyncio.create_task(http.serve())
     while not http.started:
@@ -95,8 +101,12 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
         from splitserve.cluster.grpc_server import start_grpc_server
 
         grpc_server, grpc_port = await start_grpc_server(
-            backend, opts.host, opts.grpc_port, api_key=opts.api_key,
-            served_model_name=opts.served_model_name, metrics=metrics,
+            backend,
+            opts.host,
+            opts.grpc_port,
+            api_key=opts.api_key,
+            served_model_name=opts.served_model_name,
+            metrics=metrics,
         )
         servers.grpc = grpc_server
         servers.grpc_target = f"{_host_for_url(opts.host)}:{grpc_port}"

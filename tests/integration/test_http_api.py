@@ -1,0 +1,325 @@
+"""The OpenAI HTTP API through the official ``openai`` client, against a live uvicorn server.
+
+One server (tiny random Llama, API key on) serves the whole module. Checks: greedy output
+equals ``LLM.generate``; streaming adds up to the whole answer and ends with ``[DONE]``;
+usage; ``n``; stop strings; seeds; logprobs in OpenAI's shapes; every bad input is a 4xx with
+an OpenAI error body naming the field (never a 500) and the server keeps serving; 401 on a
+wrong key; a client that disconnects gets its request aborted and its KV freed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from splitserve.cluster.backend import EngineBackend
+from splitserve.cluster.serve import BackgroundServer, ServeOptions
+
+from splitserve import LLM, SamplingParams
+
+KEY = "test-key"
+MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir) -> Iterator[BackgroundServer]:
+    backend = EngineBackend.from_config(
+        model=str(tiny_model_dir), num_kv_blocks=256, max_model_len=MAX_MODEL_LEN
+    )
+    opts = ServeOptions(port=0, grpc_port=None, api_key=KEY, served_model_name="tiny")
+    with BackgroundServer(backend, opts) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server: BackgroundServer) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.http_url, headers=headers, timeout=60) as c:
+        yield c
+
+
+def _engine_idle(server: BackgroundServer) -> bool:
+    stats = server.backend.engine.stats()  # type: ignore[attr-defined]
+    return (
+        stats["num_running"] == 0
+        and stats["num_waiting"] == 0
+        and stats["num_free_blocks"] == stats["num_blocks"]
+    )
+
+
+def _wait_idle(server: BackgroundServer, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _engine_idle(server):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_models_health_openapi(client: openai.OpenAI, http: httpx.Client) -> None:
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert http.get("/health").json()["workers"] == {"engine": 1}
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize"} <= set(paths)
+
+
+def test_greedy_completion_equals_llm_generate(client: openai.OpenAI, tiny_model_dir) -> None:
+    prompt = "The capital of France is"
+    res = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert res.choices[0].text == ref.text
+    assert res.choices[0].finish_reason == ref.finish_reason
+    u = res.usage
+    assert u.completion_tokens == len(ref.token_ids)
+    assert u.prompt_tokens == len(llm.engine.tokenizer.encode(prompt))
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens == 0
+
+
+def test_prefix_cache_shows_in_usage(client: openai.OpenAI) -> None:
+    prompt = list(range(300, 300 + 40))  # 2 full blocks of 16 are cacheable
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    res = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    assert res.usage.prompt_tokens == 40
+    assert res.usage.prompt_tokens_details.cached_tokens == 32
+
+
+def test_stream_adds_up_and_reports_usage(client: openai.OpenAI) -> None:
+    kwargs = dict(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0)
+    whole = client.completions.create(**kwargs)
+    chunks = list(
+        client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_stream_ends_with_done(http: httpx.Client) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][len("data: ") :])
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_chat_n_and_usage(client: openai.OpenAI) -> None:
+    res = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        n=2,
+        max_completion_tokens=8,
+        temperature=1.0,
+        seed=7,
+    )
+    assert [c.index for c in res.choices] == [0, 1]
+    assert all(c.message.role == "assistant" for c in res.choices)
+    assert res.usage.completion_tokens == 16
+    streamed = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        n=2,
+        max_completion_tokens=8,
+        temperature=1.0,
+        seed=7,
+        stream=True,
+    )
+    texts = {0: "", 1: ""}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == {c.index: c.message.content for c in res.choices}
+
+
+def test_stop_string(client: openai.OpenAI) -> None:
+    kwargs = dict(model="tiny", prompt="A B C", max_tokens=16, temperature=0)
+    full = client.completions.create(**kwargs).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_seed_reproducible(client: openai.OpenAI) -> None:
+    kwargs = dict(model="tiny", prompt="Random words:", max_tokens=12, temperature=1.0)
+    a = client.completions.create(**kwargs, seed=123).choices[0].text
+    b = client.completions.create(**kwargs, seed=123).choices[0].text
+    c = client.completions.create(**kwargs, seed=124).choices[0].text
+    assert a == b != c
+
+
+def test_completion_logprobs_shape(client: openai.OpenAI) -> None:
+    res = client.completions.create(
+        model="tiny", prompt="x y", max_tokens=4, temperature=0, logprobs=3
+    )
+    lp = res.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == res.choices[0].text
+    assert lp.text_offset[0] == 0
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) >= 3 and top[token] == pytest.approx(value)
+        assert value == pytest.approx(max(top.values()))  # greedy picks the best
+
+
+def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
+    res = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = res.choices[0].logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.bytes == list(entry.token.encode())
+
+
+def test_tokenize_detokenize(http: httpx.Client) -> None:
+    ids = http.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "hello world"
+    chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] == len(chat["tokens"]) > 3 and chat["max_model_len"] == MAX_MODEL_LEN
+
+
+GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+BAD_CASES = [
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": 5}, 400, "temperature"),
+    ("/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD, "logprobs": 30}, 400, "logprobs"),
+    ("/v1/completions", {**GOOD, "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("/v1/completions", {**GOOD, "stop": ["", "x"]}, 400, "stop"),
+    ("/v1/completions", {**GOOD, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [10] * MAX_MODEL_LEN}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [10, 10**9]}, 400, "prompt_token_ids"),
+    ("/v1/completions", {**GOOD, "model": "gpt-9"}, 404, "model"),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": [IMAGE]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    ("/detokenize", {"tokens": [-5]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_CASES)
+def test_bad_input_names_the_field(http: httpx.Client, path, body, status, param) -> None:
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:
+    headers = {"content-type": "application/json"}
+    cases = [
+        b'{"model": "tiny", "prompt": ',  # not JSON
+        b'{"model": "tiny", "prompt": "\xff\xfe"}',  # not UTF-8
+        b"[]",
+        b'{"model": "tiny", "prompt": "' + b"a" * (10 << 20) + b'"}',  # 10 MB
+    ]
+    for raw in cases:
+        r = http.post("/v1/completions", content=raw, headers=headers)
+        assert 400 <= r.status_code < 500, (raw[:40], r.status_code, r.text[:200])
+        assert "error" in r.json()
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def test_streaming_bad_input_is_a_plain_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=[10] * MAX_MODEL_LEN, stream=True)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_api_key(server: BackgroundServer) -> None:
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.post(server.http_url + "/v1/completions", json=GOOD, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=server.http_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(server.http_url + "/health").status_code == 200
+
+
+def test_stream_disconnect_aborts_and_frees_kv(
+    server: BackgroundServer, http: httpx.Client
+) -> None:
+    assert _wait_idle(server)
+    body = {
+        **GOOD,
+        "prompt": list(range(1000, 1100)),
+        "max_tokens": 800,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert not _engine_idle(server)
+    assert _wait_idle(server), server.backend.engine.stats()  # type: ignore[attr-defined]
+
+
+def test_whole_request_disconnect_aborts(server: BackgroundServer) -> None:
+    assert _wait_idle(server)
+    body = {**GOOD, "prompt": list(range(2000, 2100)), "max_tokens": 800, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.http_url + "/v1/completions", json=body, headers=headers, timeout=0.3)
+    assert _wait_idle(server), server.backend.engine.stats()  # type: ignore[attr-defined]
+
+
+def test_metrics(http: httpx.Client) -> None:
+    http.post("/v1/completions", json=GOOD)
+    text = http.get("/metrics").text
+    for name in (
+        "splitserve:time_to_first_token_seconds_count",
+        "splitserve:inter_token_latency_seconds_count",
+        "splitserve:e2e_request_latency_seconds_count",
+        'splitserve:num_requests_running{role="engine",worker="0"}',
+        "splitserve:kv_cache_usage_perc",
+        "splitserve:prefix_cache_hits_total",
+        "splitserve:prefix_cache_hit_rate",
+        "splitserve:generation_tokens_total",
+        'splitserve:request_success_total{finished_reason="length",model_name="tiny"}',
+    ):
+        assert name in text, name

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import msgpack
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from splitserve.errors import ConfigError, SplitserveError
@@ -525,26 +525,42 @@ def _decode(raw: dict[str, str]) -> WorkerRecord:
 
 
 def _connect(url: str, connect_timeout_s: float) -> redis.Redis:
-    """A client that has answered PING; an unreachable server is a ``ConfigError`` in seconds."""
-    client = redis.Redis.from_url(
+    """A client for a server that has answered PING within ``connect_timeout_s``.
+
+    An unreachable, silent or non-Redis server is a ``ConfigError`` naming the setting.
+    """
+    _probe(url, connect_timeout_s)
+    return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=max(connect_timeout_s, 5.0),
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=1),
     )
+
+
+def _probe(url: str, timeout_s: float) -> None:
+    """PING once, no retries, every socket operation bounded by ``timeout_s``."""
+    probe = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=0),
+    )
     try:
-        client.ping()
+        probe.ping()
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as err:
-        client.close()
         raise ConfigError(
             f"registry: cannot reach Redis at {_redact(url)} ({err}); start redis-server "
             "there or set registry: memory"
         ) from None
-    except redis.exceptions.ResponseError as err:
-        client.close()
-        raise ConfigError(f"registry: Redis at {_redact(url)} refused PING: {err}") from None
-    return client
+    except redis.exceptions.RedisError as err:
+        raise ConfigError(
+            f"registry: the server at {_redact(url)} did not answer PING as Redis does "
+            f"({type(err).__name__}: {err})"
+        ) from None
+    finally:
+        probe.close()
 
 
 def create_registry(

@@ -33,15 +33,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgpack
-import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 from splitserve.errors import ConfigError, SplitserveError
+
+if TYPE_CHECKING:  # redis-py is imported only by RedisRegistry (the cluster extra ships it)
+    import redis
 
 ROLES: tuple[str, ...] = ("encode", "prefill", "decode")
 """Roles a worker may register under."""
@@ -529,6 +529,10 @@ def _connect(url: str, connect_timeout_s: float) -> redis.Redis:
 
     An unreachable, silent or non-Redis server is a ``ConfigError`` naming the setting.
     """
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
     _probe(url, connect_timeout_s)
     return redis.Redis.from_url(
         url,
@@ -541,6 +545,10 @@ def _connect(url: str, connect_timeout_s: float) -> redis.Redis:
 
 def _probe(url: str, timeout_s: float) -> None:
     """PING once, no retries, every socket operation bounded by ``timeout_s``."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     probe = redis.Redis.from_url(
         url,
         socket_connect_timeout=timeout_s,

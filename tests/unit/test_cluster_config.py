@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,18 @@ def test_router_threshold_maps_to_the_routers_inclusive_bound() -> None:
     assert ClusterConfig().router.local_prefill_max_tokens == 63
     config = ClusterConfig.from_yaml_text("router: {local_prefill_threshold: 0}")
     assert config.router.local_prefill_max_tokens == 0
+
+
+def test_public_export_and_light_imports() -> None:
+    """``from splitserve import ClusterConfig`` works and loads neither torch, Ray nor redis."""
+    code = (
+        "import sys\n"
+        "from splitserve import ClusterConfig\n"
+        "import splitserve.cluster.registry\n"
+        "ClusterConfig.local()\n"
+        "print(sorted(m for m in ('torch', 'ray', 'redis') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

@@ -468,6 +468,8 @@ def _check_local_resources(config: ClusterConfig) -> None:
         return
     needs: dict[str, float] = {}
     for name, role in config.roles.items():
+        if role.replicas == 0:
+            continue  # scaling it up later is checked against the running Ray by the launcher
         for resource, amount in role.resources.items():
             if resource not in ray.resources:
                 raise _SettingError(
@@ -508,9 +510,10 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Sections merge key by key; a ``resources`` mapping is a value and replaces the base's."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+        if key != "resources" and isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value

@@ -96,6 +96,18 @@ def test_local_is_cpu_mode_for_two_cores() -> None:
     assert config.ray.resources[LOCAL_CPU_WORKER_RESOURCE] >= 6  # room to scale up
 
 
+def test_local_overrides_merge_sections_and_replace_resources() -> None:
+    config = ClusterConfig.local(roles={"decode": {"max_num_seqs": 8, "resources": {}}})
+    assert config.roles.decode.max_num_seqs == 8 and config.roles.decode.replicas == 1
+    assert config.roles.decode.resources == {}
+    assert config.roles.prefill.resources == {LOCAL_CPU_WORKER_RESOURCE: 1}
+    plain = {"resources": {}}
+    config = ClusterConfig.local(roles={"prefill": plain, "decode": plain}, ray=plain)
+    assert config.ray.resources == {}  # for a Ray that was started without the custom resource
+    with pytest.raises(ClusterConfigError, match=r"roles\.prefill\.resources\.splitserve_cpu"):
+        ClusterConfig.local(ray={"resources": {}})  # prefill still asks for the slot
+
+
 def test_local_overrides_are_validated() -> None:
     with pytest.raises(ClusterConfigError, match=r"slo\.ttft_ms: must be > 0"):
         ClusterConfig.local(slo={"ttft_ms": 0})

@@ -10,7 +10,7 @@ export UCX_TLS ?= tcp,self
 export UCX_WARN_UNUSED_ENV_VARS := n
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-all bench-engine lint clean
+.PHONY: setup run test test-all bench-engine lint clean proto
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-all: setup
 
 bench-engine: setup
 	$(PY) bench/engine_throughput.py
+
+# gRPC stubs from proto/splitserve/v1/*.proto (grpcio-tools pinned with protobuf in pyproject).
+proto: setup
+	$(PY) -m splitserve.cluster.protogen
 
 lint: setup
 	$(VENV)/bin/ruff check .

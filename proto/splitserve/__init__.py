@@ -1,0 +1,1 @@
+"""splitserve gRPC API packages (generated stubs live in versioned subpackages)."""

@@ -1,0 +1,206 @@
+"""The gRPC API through the generated stubs and the Python client, against a live grpc.aio server.
+
+Checks: streaming generate adds up (text, token ids, n, chat and token-id inputs) and equals
+``LLM.generate`` when greedy; bad requests are INVALID_ARGUMENT naming the field (NOT_FOUND for
+an unknown model) and the server keeps serving; UNAUTHENTICATED without the key; the standard
+health service reports SERVING; reflection lists the service; Abort, client cancellation and
+deadlines all abort the request and free its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from splitserve.cluster.backend import EngineBackend
+from splitserve.cluster.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    UnauthenticatedError,
+)
+from splitserve.cluster.grpc_server import SERVICE_NAME
+from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.proto.splitserve.v1 import inference_pb2 as pb
+from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
+
+from splitserve import LLM, SamplingParams
+
+KEY = "grpc-key"
+MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir) -> Iterator[BackgroundServer]:
+    backend = EngineBackend.from_config(
+        model=str(tiny_model_dir), num_kv_blocks=256, max_model_len=MAX_MODEL_LEN
+    )
+    opts = ServeOptions(port=0, grpc_port=0, api_key=KEY, served_model_name="tiny")
+    with BackgroundServer(backend, opts) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Iterator[Client]:
+    with Client(server.grpc_target, api_key=KEY, timeout=60) as c:
+        yield c
+
+
+def _wait_idle(server: BackgroundServer, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = server.backend.engine.stats()  # type: ignore[attr-defined]
+        if s["num_running"] == s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_blocks"]:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_info_rpcs(client: Client) -> None:
+    assert [m.id for m in client.models()] == ["tiny"]
+    info = client.server_info()
+    assert info.healthy and dict(info.workers) == {"engine": 1}
+    assert info.backend == "EngineBackend" and info.max_model_len == MAX_MODEL_LEN
+    (load,) = client.loads()
+    assert load.role == "engine" and load.num_blocks == 256
+    ids = client.tokenize("hello world")
+    assert client.detokenize(ids) == "hello world"
+    assert len(client.tokenize(messages=[{"role": "user", "content": "hi"}])) > 3
+
+
+def test_greedy_generate_equals_llm(client: Client, tiny_model_dir) -> None:
+    prompt = "The capital of France is"
+    res = client.generate(prompt, max_tokens=10, temperature=0.0)
+    ref = LLM(str(tiny_model_dir), num_kv_blocks=64).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=10)
+    )[0]
+    assert res.text == ref.outputs[0].text
+    assert res.completions[0].token_ids == ref.outputs[0].token_ids
+    assert res.completions[0].finish_reason == "length"
+    assert res.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert (
+        res.usage.completion_tokens == 10 and res.usage.total_tokens == res.usage.prompt_tokens + 10
+    )
+    assert res.timing.e2e >= res.timing.ttft > 0
+
+
+def test_stream_chunks_then_complete(client: Client) -> None:
+    responses = list(
+        client.stream(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, n=2, seed=3, logprobs=2)
+    )
+    kinds = [r.WhichOneof("response") for r in responses]
+    assert kinds[-1] == "complete" and set(kinds[:-1]) == {"chunk"}
+    done = responses[-1].complete
+    assert [c.index for c in done.completions] == [0, 1]
+    assert all(c.num_tokens == 6 for c in done.completions)
+    for r in responses[:-1]:
+        assert len(r.chunk.logprobs) == len(r.chunk.token_ids)
+        for lp in r.chunk.logprobs:
+            assert len(lp.top_logprobs) >= 2 and lp.rank == 1  # greedy: sampled is the best
+
+
+def test_chat_input_and_seed(client: Client) -> None:
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    a = client.generate(messages=msgs, max_tokens=8, temperature=1.0, seed=11)
+    b = client.generate(messages=msgs, max_tokens=8, temperature=1.0, seed=11)
+    assert a.text == b.text and a.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"text": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"text": "hi", "temperature": -1.0}, "temperature"),
+        ({"text": "hi", "top_p": 0.0}, "top_p"),
+        ({"text": "hi", "n": 0}, "n"),
+        ({"text": "hi", "logprobs": 99}, "logprobs"),
+        ({"text": ""}, "prompt"),
+        ({"token_ids": [1, 10**8]}, "prompt_token_ids"),
+        ({"token_ids": [7] * MAX_MODEL_LEN}, "prompt"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ],
+)
+def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:
+    text = kwargs.pop("text", None)
+    with pytest.raises(InvalidArgumentError) as e:
+        client.generate(text, **kwargs)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.message
+    assert client.generate("still serving", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_no_input_and_unknown_model(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        md = (("authorization", f"Bearer {KEY}"),)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(), metadata=md))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(pb.GenerateRequest(text="x", model="gpt-9"), metadata=md))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "model" in e.value.details()
+
+
+def test_api_key_required(server: BackgroundServer) -> None:
+    for key in (None, "wrong"):
+        with Client(server.grpc_target, api_key=key) as c:
+            with pytest.raises(UnauthenticatedError):
+                c.models()
+            with pytest.raises(UnauthenticatedError):
+                c.generate("hi", max_tokens=2)
+            assert c.health()  # health stays open for probes
+
+
+def test_standard_health_and_reflection(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", SERVICE_NAME):
+            res = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert res.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        (res,) = list(refl.ServerReflectionInfo(iter([req]), timeout=5))
+        names = {s.name for s in res.list_services_response.service}
+    assert {"splitserve.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+LONG = {"token_ids": list(range(500, 540)), "max_tokens": 900, "ignore_eos": True}
+
+
+def test_abort_mid_stream_frees_blocks(server: BackgroundServer, client: Client) -> None:
+    assert _wait_idle(server)
+    stream = client.stream(request_id="abort-me", **LONG)
+    for _ in range(3):
+        assert next(stream).WhichOneof("response") == "chunk"
+    client.abort("abort-me")
+    last = list(stream)[-1]
+    assert last.complete.completions[0].finish_reason == "abort"
+    assert _wait_idle(server)
+
+
+def test_deadline_exceeded_aborts(server: BackgroundServer, client: Client) -> None:
+    assert _wait_idle(server)
+    with pytest.raises(DeadlineExceededError):
+        client.generate(timeout=0.3, **LONG)
+    assert _wait_idle(server)
+
+
+async def test_async_client_cancel_aborts(server: BackgroundServer) -> None:
+    assert _wait_idle(server)
+    async with AsyncClient(server.grpc_target, api_key=KEY) as c:
+        assert await c.health()
+        count = 0
+        async for _ in c.stream(**LONG):
+            count += 1
+            if count == 3:
+                break
+        await asyncio.sleep(0)
+        res = await c.generate("after cancel", max_tokens=3)
+        assert res.usage.completion_tokens == 3
+    assert await asyncio.to_thread(_wait_idle, server)

@@ -29,11 +29,12 @@ from __future__ import annotations
 import abc
 import builtins
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import msgpack
@@ -73,6 +74,10 @@ class UnknownWorkerError(SplitserveError, LookupError):
         super().__init__(message)
         self.worker_id = worker_id
         self.expired = expired
+
+
+class RegistryError(SplitserveError):
+    """The registry's store failed (Redis went away, timed out or answered an error)."""
 
 
 # --------------------------------------------------------------------------- the record
@@ -175,7 +180,8 @@ class Registry(abc.ABC):
 
     Mutators: ``register`` (insert or replace the record, heartbeat now), ``heartbeat``
     (refresh time and load), ``set_status``, ``deregister``. Readers never mutate except
-    to forget records long dead (``retain_expired_s`` after their timeout).
+    to forget records long dead (``retain_expired_s`` after their timeout). A store that
+    fails (Redis gone) raises ``RegistryError``; bad arguments raise ``ValueError``.
     """
 
     def __init__(self, heartbeat_timeout_s: float, retain_expired_s: float | None = None) -> None:
@@ -392,6 +398,29 @@ def _redact(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _store_errors(
+    method: Callable[Concatenate[RedisRegistry, _P], _T],
+) -> Callable[Concatenate[RedisRegistry, _P], _T]:
+    """Turn redis-py's errors into ``RegistryError`` naming the (password-free) URL."""
+
+    @functools.wraps(method)
+    def wrapper(self: RedisRegistry, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        from redis.exceptions import RedisError
+
+        try:
+            return method(self, *args, **kwargs)
+        except RedisError as err:
+            raise RegistryError(
+                f"registry: Redis at {_redact(self.url)} failed in {method.__name__}: {err}"
+            ) from err
+
+    return wrapper
+
+
 class RedisRegistry(Registry):
     """Records in ``redis-server``: a hash per worker whose key expires with the worker.
 
@@ -418,6 +447,7 @@ class RedisRegistry(Registry):
 
     # ---- mutators
 
+    @_store_errors
     def register(self, record: WorkerRecord) -> WorkerRecord:
         fields = record.to_dict()
         del fields["last_heartbeat"]
@@ -426,13 +456,16 @@ class RedisRegistry(Registry):
         now = self._register(keys=keys, args=[self._ttl_ms, record.role, record.worker_id, *pairs])
         return dataclasses.replace(record, last_heartbeat=float(now))
 
+    @_store_errors
     def heartbeat(self, worker_id: str, **load: int | float) -> None:
         self._apply(worker_id, _check_load(load), refresh=True)
 
+    @_store_errors
     def set_status(self, worker_id: str, status: str) -> None:
         _check_status(status)
         self._apply(worker_id, {"status": status}, refresh=False)
 
+    @_store_errors
     def deregister(self, worker_id: str) -> bool:
         pipe = self._client.pipeline()
         pipe.delete(self._worker_key(worker_id))
@@ -442,6 +475,7 @@ class RedisRegistry(Registry):
 
     # ---- readers
 
+    @_store_errors
     def get(self, worker_id: str, include_expired: bool = False) -> WorkerRecord | None:
         pipe = self._client.pipeline()
         pipe.time()
@@ -453,6 +487,7 @@ class RedisRegistry(Registry):
         expired = record.is_expired(seconds + micros / 1e6, self.heartbeat_timeout_s)
         return record if include_expired or not expired else None
 
+    @_store_errors
     def list(
         self, role: str | None = None, include_expired: bool = False
     ) -> builtins.list[WorkerRecord]:

@@ -8,6 +8,7 @@ unreachable server fails fast with a ConfigError naming the setting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
@@ -24,6 +25,7 @@ from splitserve.cluster.registry import (
     InMemoryRegistry,
     RedisRegistry,
     Registry,
+    RegistryError,
     UnknownWorkerError,
     WorkerRecord,
     create_registry,
@@ -41,8 +43,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
+@contextlib.contextmanager
+def running_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A throwaway ``redis-server`` (no persistence) on a free port, stopped afterwards."""
     binary = shutil.which("redis-server")
     if binary is None:
@@ -57,10 +59,16 @@ def redis_url() -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         _wait_until_up(url, proc)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with running_redis() as (url, _):
+        yield url
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -315,6 +323,20 @@ def test_redis_key_expires_and_index_entry_is_dropped(redis_url: str) -> None:
             registry.heartbeat("d0")  # no partial record is recreated
         assert raw.exists(f"{prefix}:worker:d0") == 0
         raw.close()
+
+
+@pytest.mark.redis
+def test_redis_going_away_is_a_registry_error() -> None:
+    with running_redis() as (url, proc), RedisRegistry(url, heartbeat_timeout_s=5.0) as registry:
+        registry.register(record("d0"))
+        proc.terminate()
+        proc.wait(timeout=10)
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match=rf"registry: Redis at {url} failed in heartbeat"):
+            registry.heartbeat("d0", num_running=1)
+        with pytest.raises(RegistryError, match="failed in list"):
+            registry.list()
+        assert time.monotonic() - start < 5.0
 
 
 def test_unreachable_redis_fails_fast_naming_the_setting() -> None:

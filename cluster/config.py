@@ -101,6 +101,8 @@ ByteSize = Annotated[int, BeforeValidator(parse_byte_size), Field(ge=1)]
 
 
 class _Section(BaseModel):
+    """A YAML section: unknown keys are errors, NaN and infinity are not numbers."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -131,7 +133,7 @@ class RoleConfig(_Section):
     @field_validator("resources")
     @classmethod
     def _check_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        return _check_names(resources)
+        return _check_custom_resources(resources)
 
     @model_validator(mode="after")
     def _check_bounds(self) -> RoleConfig:
@@ -146,7 +148,7 @@ class RoleConfig(_Section):
         return self
 
 
-def _check_names(resources: dict[str, float]) -> dict[str, float]:
+def _check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
     for name, amount in resources.items():
         if name in ("CPU", "GPU", "memory", "object_store_memory"):
             raise _SettingError(name, "a built-in Ray resource; use num_cpus / num_gpus instead")
@@ -253,7 +255,7 @@ class RayConfig(_Section):
     @field_validator("resources")
     @classmethod
     def _check_resources(cls, resources: dict[str, float]) -> dict[str, float]:
-        return _check_names(resources)
+        return _check_custom_resources(resources)
 
     @model_validator(mode="after")
     def _local_only(self) -> RayConfig:
@@ -369,8 +371,10 @@ class ClusterConfig(_Section):
         **overrides: Any,
     ) -> ClusterConfig:
         """A CPU-mode cluster on this machine (2 cores are enough): a local Ray with 2 CPUs,
-        workers reserving no CPU, float32, UCX over TCP. ``overrides`` are settings merged
-        into it, nested as in YAML (``slo={"ttft_ms": 500}``, ``registry="redis://..."``).
+        workers reserving no CPU but one ``splitserve_cpu_worker`` slot each (the node has
+        ``max(8, 2 * workers)``), float32, UCX over TCP. ``overrides`` are settings merged in,
+        nested as in YAML (``slo={"ttft_ms": 500}``, ``registry="redis://..."``); a
+        ``resources`` mapping replaces the default one (``{}`` for a Ray started without it).
         """
         role = {"num_cpus": 0, "num_gpus": 0, "resources": {LOCAL_CPU_WORKER_RESOURCE: 1}}
         total = encode + prefill + decode
@@ -466,25 +470,30 @@ def _check_local_resources(config: ClusterConfig) -> None:
     ray = config.ray
     if ray.address is not None:
         return
-    needs: dict[str, float] = {}
-    for name, role in config.roles.items():
-        if role.replicas == 0:
-            continue  # scaling it up later is checked against the running Ray by the launcher
-        for resource, amount in role.resources.items():
-            if resource not in ray.resources:
-                raise _SettingError(
-                    f"roles.{name}.resources.{resource}",
-                    f"a local Ray start provides no {resource!r}; add it to ray.resources",
-                )
-            needs[resource] = needs.get(resource, 0.0) + amount * role.replicas
-        needs["num_gpus"] = needs.get("num_gpus", 0.0) + role.num_gpus * role.replicas
-    for resource, amount in needs.items():
+    for resource, amount in _initial_needs(config).items():
         have = ray.num_gpus if resource == "num_gpus" else ray.resources.get(resource)
         if have is not None and amount > have + 1e-9:
             setting = "ray.num_gpus" if resource == "num_gpus" else f"ray.resources.{resource}"
             raise _SettingError(
                 setting, f"{have:g} is less than the roles' initial replicas need ({amount:g})"
             )
+
+
+def _initial_needs(config: ClusterConfig) -> dict[str, float]:
+    """Custom resources (and ``num_gpus``) the initial replicas ask of a local Ray."""
+    needs: dict[str, float] = {"num_gpus": 0.0}
+    for name, role in config.roles.items():
+        if role.replicas == 0:
+            continue  # scaling it up later is checked against the running Ray by the launcher
+        for resource, amount in role.resources.items():
+            if resource not in config.ray.resources:
+                raise _SettingError(
+                    f"roles.{name}.resources.{resource}",
+                    f"a local Ray start provides no {resource!r}; add it to ray.resources",
+                )
+            needs[resource] = needs.get(resource, 0.0) + amount * role.replicas
+        needs["num_gpus"] += role.num_gpus * role.replicas
+    return needs
 
 
 def is_multimodal_model(model: str | None) -> bool:

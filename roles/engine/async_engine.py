@@ -13,11 +13,14 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.errors import InvalidRequestError
 from splitserve.outputs import RequestOutput
+from splitserve.roles.engine.block_pool import KVEvent
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
 from splitserve.sampling_params import SamplingParams
@@ -36,8 +39,17 @@ class _Stream:
 class AsyncEngine:
     """Streaming front of one engine; safe to call from any asyncio loop."""
 
-    def __init__(self, config: EngineConfig | None = None, **engine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        on_start: Callable[[LLMEngine], None] | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        """``on_start`` runs on the new engine before its thread starts (attach a connector)."""
         self.engine = LLMEngine(config or EngineConfig(**engine_kwargs))
+        if on_start is not None:
+            on_start(self.engine)
+        self._kv_events: deque[KVEvent] = deque(maxlen=100_000)
         self._commands: list[tuple[str, Any]] = []
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Condition()
@@ -61,12 +73,20 @@ class AsyncEngine:
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        **request_kwargs: Any,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield delta outputs until the request finishes; abort it if the caller stops early."""
+        """Yield delta outputs until the request finishes; abort it if the caller stops early.
+
+        ``request_kwargs`` go to ``LLMEngine.add_request`` (``kv_transfer_params``,
+        ``resume_token_ids``).
+        """
         request_id = request_id or f"async-{next(self._ids)}"
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._send("add", (request_id, prompt, sampling_params or SamplingParams()))
+        params = sampling_params or SamplingParams()
+        self._send("add", (request_id, prompt, params, request_kwargs))
         finished = False
         try:
             while True:
@@ -92,6 +112,13 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache events (stored / removed block hashes) since the last call."""
+        events = []
+        while self._kv_events:
+            events.append(self._kv_events.popleft())
+        return events
 
     def shutdown(self) -> None:
         with self._wake:
@@ -125,6 +152,7 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._fail_all(e)
                 continue
+            self._kv_events.extend(self.engine.kv.pool.take_events())
             for out in outputs:
                 self._deliver(out.request_id, out)
 
@@ -135,9 +163,9 @@ class AsyncEngine:
         if kind == "abort":
             self.engine.abort_request(payload)
             return
-        request_id, prompt, params = payload
+        request_id, prompt, params, kwargs = payload
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, **kwargs)
         except Exception as e:
             self._deliver(request_id, e)
 

@@ -75,6 +75,21 @@ def load_model(model: str | os.PathLike[str] | None, dtype: torch.dtype) -> Load
     raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
 
 
+def load_tokenizer(model: str | os.PathLike[str] | None) -> tuple[str, ModelConfig, Tokenizer]:
+    """(model id, config, tokenizer) without the weights: what a frontend needs."""
+    model_id, path = resolve_model(model)
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelLoadError(f"{path}: config.json is missing", path=str(cfg_file))
+        config = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+        return model_id, config, _hf_tokenizer(path, config)
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
+    config = _gguf_config(_open_gguf(path), path)
+    return model_id, config, _hf_tokenizer(path.parent, config, gguf_file=path.name)
+
+
 # --------------------------------------------------------------------------- Hugging Face folder
 
 

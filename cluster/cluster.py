@@ -1,0 +1,547 @@
+"""Cluster: the disaggregated deployment behind one Python object.
+
+Owns the frontend side of a request's way through (DESIGN.md): tokenize, validate,
+resolve the seed, place with the router, prefill on a prefill worker (which leases the
+prompt's KV), decode on a decode worker (which pulls it), stream the deltas, and replay
+the request elsewhere from its prompt plus the tokens already streamed when a worker dies.
+It also owns the workers' membership (registry, health loop, router instances) and
+scaling. Ray and the actors' lives are the launcher's.
+
+Public API (``from splitserve import Cluster``)::
+
+    with Cluster.local(prefill=1, decode=1) as cluster:
+        outs = cluster.generate(["Hello"], SamplingParams(max_tokens=8))
+        for delta in cluster.stream("Hi", SamplingParams(max_tokens=8)): ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.launcher import Launcher, WorkerHandle
+from splitserve.cluster.registry import Registry, WorkerRecord, create_registry
+from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
+from splitserve.hashing import hash_block_tokens
+from splitserve.outputs import RequestOutput
+from splitserve.roles.engine.sampler import draw_seed
+from splitserve.roles.llm import _as_params_list, _as_prompt_list, _merge
+from splitserve.roles.models.loader import load_tokenizer
+from splitserve.router.errors import NoInstanceAvailable
+from splitserve.router.router import Router
+from splitserve.router.schema import RouterConfig, RouteRequest
+from splitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_WORKER_LOST = (RayActorError, ActorUnavailableError)
+
+
+class WorkerLost(Exception):
+    """The worker serving a request died; the request is placed again."""
+
+
+@dataclasses.dataclass
+class _Flight:
+    """A request in the cluster: where it runs and what it has streamed so far."""
+
+    request_id: str
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    workers: set[str] = dataclasses.field(default_factory=set)
+    aborted: bool = False
+    replays: int = 0
+
+
+class Cluster:
+    """Prefill and decode workers on Ray, a router, a registry; generate / stream / abort."""
+
+    def __init__(self, config: ClusterConfig | None = None) -> None:
+        self.config = config or ClusterConfig.local()
+        self.workers: dict[str, WorkerHandle] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random()
+        self._closed = False
+        self.launcher: Launcher | None = None
+        self.registry: Registry | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="splitserve-cluster",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @classmethod
+    def local(
+        cls, prefill: int = 1, decode: int = 1, encode: int = 0, model: str | None = None,
+        **overrides: Any,
+    ) -> Cluster:
+        """A CPU-mode cluster on this machine (local Ray, workers on custom resources)."""
+        return cls(ClusterConfig.local(prefill, decode, encode, model, **overrides))
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.model_id, self.model_config, self.tokenizer = load_tokenizer(cfg.model)
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.registry = create_registry(cfg.registry.url, cfg.registry.heartbeat_timeout_s)
+        self.router = Router(cfg.router.policy, RouterConfig(
+            ttft_slo_s=cfg.slo.ttft_ms / 1000.0,
+            block_size=cfg.block_size,
+            prefix_key_blocks=cfg.router.prefix_key_blocks,
+            virtual_nodes=cfg.router.virtual_nodes,
+            local_prefill_max_tokens=cfg.router.local_prefill_max_tokens,
+            default_prefill_rate_tps=1_000.0,
+            max_migrations_per_rebalance=cfg.router.max_migrations_per_rebalance,
+        ))
+        self.launcher = Launcher(cfg)
+        counts = {role: rc.replicas for role, rc in cfg.roles.items() if rc.replicas > 0}
+        self.launcher.check_resources(counts)
+        handles = [self.launcher.start(role) for role, n in counts.items() for _ in range(n)]
+        self.launcher.wait_ready(handles)
+        for handle in handles:
+            self._add_worker(handle)
+        self._health = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
+
+    def _add_worker(self, handle: WorkerHandle) -> None:
+        self.workers[handle.worker_id] = handle
+        self.router.add_instance(handle.worker_id, roles={handle.role},
+                                 kv_capacity_blocks=handle.info.get("num_blocks"))
+        assert self.registry is not None
+        self.registry.register(WorkerRecord(
+            worker_id=handle.worker_id, role=handle.role,
+            actor_name=f"splitserve-{handle.worker_id}", namespace=self.config.ray.namespace,
+            node_id=str(handle.info.get("host", "")), kv_address=handle.info.get("kv_address", ""),
+            engine_id=handle.worker_id, status="ready",
+        ))
+
+    def shutdown(self) -> None:
+        """Stop every worker this cluster started (and Ray, if it started it)."""
+        if self._closed:
+            return
+        self._closed = True
+        health = getattr(self, "_health", None)
+        if health is not None:
+            health.cancel()
+        for handle in list(self.workers.values()):
+            if self.launcher is not None:
+                self.launcher.stop(handle)
+        self.workers.clear()
+        if self.registry is not None:
+            self.registry.close()
+        if self.launcher is not None:
+            self.launcher.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One finished RequestOutput per prompt, in order (as ``LLM.generate``)."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        ids = [f"cluster-{next(self._ids)}" for _ in prompt_list]
+        for p in prompt_list:  # validate all before starting any
+            self._prepare(p)
+        return self._run(self._generate_all(ids, prompt_list, params))
+
+    def stream(
+        self, prompt: Any, sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield token deltas of one request as they arrive."""
+        agen = self.astream(prompt, sampling_params, request_id)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    async def astream(
+        self, prompt: Any, sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Async twin of ``stream`` for frontends; must run on any loop (bridged to ours)."""
+        request_id = request_id or f"cluster-{next(self._ids)}"
+        prompt_ids = self._prepare(prompt)
+        params = sampling_params or SamplingParams()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        caller = asyncio.get_running_loop()
+
+        async def pump() -> None:
+            try:
+                async for out in self._stream_request(request_id, prompt_ids, params):
+                    caller.call_soon_threadsafe(queue.put_nowait, out)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                caller.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                caller.call_soon_threadsafe(queue.put_nowait, None)
+
+        task = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it runs; its workers free its KV blocks."""
+        asyncio.run_coroutine_threadsafe(self._abort(request_id), self._loop)
+
+    def status(self) -> dict[str, Any]:
+        """Workers (role, health, KV usage, queues) and healthy counts per role."""
+        return self._run(self._status())
+
+    def scale(self, role: str, n: int, drain_timeout_s: float = 60.0) -> None:
+        """Grow or shrink a role to ``n`` workers; removed workers are drained first."""
+        floor, ceiling = self.config.replica_bounds(role)
+        if n < floor or (ceiling is not None and n > ceiling):
+            raise ConfigError(
+                f"roles.{role}: cannot scale to {n}; allowed {floor}..{ceiling or 'unbounded'}"
+            )
+        live = [h for h in self.workers.values() if h.role == role and not h.draining]
+        if n > len(live):
+            assert self.launcher is not None
+            handles = [self.launcher.start(role) for _ in range(n - len(live))]
+            self.launcher.wait_ready(handles)
+            for h in handles:
+                self._run(self._async(self._add_worker, h))
+        for victim in live[n:][::-1]:
+            self._run(self._drain(victim, drain_timeout_s))
+
+    # ------------------------------------------------------------------ request path
+
+    def _prepare(self, prompt: Any) -> list[int]:
+        """Tokenize and check a prompt the way an engine would, before placing it."""
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", field="prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt or [])
+            vocab = self.model_config.vocab_size
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty", field="prompt")
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {vocab})", field="prompt_token_ids"
+                )
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}", "prompt"
+            )
+        return ids
+
+    async def _generate_all(
+        self, ids: list[str], prompts: list[Any], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        async def one(rid: str, prompt: Any, p: SamplingParams) -> RequestOutput:
+            results: dict[str, RequestOutput] = {}
+            async for delta in self._stream_request(rid, self._prepare(prompt), p):
+                _merge(results, delta)
+            return results[rid]
+
+        return list(await asyncio.gather(*(one(*a) for a in zip(ids, prompts, params, strict=True))))
+
+    async def _stream_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """All ``n`` samples of a request, merged into one stream of deltas."""
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        if params.n == 1:
+            child = dataclasses.replace(params, seed=seed)
+            async for out in self._stream_one(request_id, prompt_ids, child):
+                yield out
+            return
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        children = [f"{i}_{request_id}" for i in range(params.n)]
+
+        async def run(i: int, child_id: str) -> None:
+            child = dataclasses.replace(params, n=1, seed=seed if i == 0 else draw_seed(seed, -i))
+            try:
+                async for out in self._stream_one(child_id, prompt_ids, child):
+                    out.outputs[0].index = i
+                    await queue.put(out)
+            finally:
+                await queue.put(i)
+
+        tasks = [asyncio.ensure_future(run(i, c)) for i, c in enumerate(children)]
+        done = 0
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if isinstance(item, int):
+                    done += 1
+                    if tasks[item].exception() is not None:
+                        raise tasks[item].exception()  # type: ignore[misc]
+                    continue
+                item.request_id = request_id
+                item.finished = item.finished and done == len(tasks) - 1
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _stream_one(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """One sample through prefill then decode, replayed on another worker if one dies."""
+        flight = self._flights[request_id] = _Flight(request_id)
+        finished = False
+        try:
+            placement = self._place(request_id, prompt_ids, params)
+            handoff: dict[str, Any] | None = None
+            if not placement.skip_remote_prefill and placement.prefill_instance is not None:
+                self.router.on_prefill_start(request_id, placement.prefill_instance)
+                try:
+                    async for out in self._call(placement.prefill_instance, flight, prompt_ids,
+                                                params, {"do_remote_decode": True}):
+                        handoff = out.kv_transfer_params
+                        out.kv_transfer_params = None
+                        if handoff is not None:
+                            out.finished = False
+                        finished = out.finished
+                        yield out
+                except WorkerLost:
+                    handoff = None  # the decode worker prefills (prompt + tokens so far) itself
+                self.router.on_prefill_done(request_id)
+            if finished or flight.aborted:
+                return
+            decode = placement.decode_instance
+            while True:
+                try:
+                    async for out in self._call(decode, flight, prompt_ids, params, handoff):
+                        finished = out.finished
+                        yield out
+                    return
+                except WorkerLost:
+                    handoff = None
+                    flight.replays += 1
+                    decode = self._replacement("decode", flight)
+        finally:
+            self._flights.pop(request_id, None)
+            self.router.on_finish(request_id)
+            if not finished and not flight.aborted:
+                await self._abort_flight(flight)
+
+    def _place(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Any:
+        hashes = hash_block_tokens(prompt_ids, self.config.block_size)
+        try:
+            return self.router.route(RouteRequest(
+                request_id, len(prompt_ids), hashes, max_output_tokens=params.max_tokens or 0,
+            ))
+        except NoInstanceAvailable as e:
+            raise NoHealthyWorkerError(f"no healthy worker: {e}") from e
+
+    async def _call(
+        self, worker_id: str, flight: _Flight, prompt_ids: list[int], params: SamplingParams,
+        kv_transfer_params: dict[str, Any] | None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one worker's deltas for the flight; raises WorkerLost if it dies."""
+        handle = self.workers.get(worker_id)
+        if handle is None or not handle.healthy:
+            raise WorkerLost(worker_id)
+        flight.workers.add(worker_id)
+        gen = handle.actor.generate.remote(
+            flight.request_id, prompt_ids, params, kv_transfer_params, list(flight.tokens)
+        )
+        try:
+            async for ref in gen:
+                out: RequestOutput = await ref
+                flight.tokens.extend(out.outputs[0].token_ids)
+                yield out
+        except _WORKER_LOST as e:
+            logger.warning("worker %s lost during %s: %s", worker_id, flight.request_id, e)
+            self._mark_dead(worker_id)
+            raise WorkerLost(worker_id) from e
+        finally:
+            flight.workers.discard(worker_id)
+
+    def _replacement(self, role: str, flight: _Flight) -> str:
+        healthy = [h.worker_id for h in self.workers.values()
+                   if h.role == role and h.healthy and not h.draining]
+        if not healthy or flight.replays > 8:
+            raise NoHealthyWorkerError(f"no healthy {role} worker left for {flight.request_id}")
+        return min(healthy, key=lambda w: sum(w in f.workers for f in self._flights.values()))
+
+    async def _abort(self, request_id: str) -> None:
+        ids = [request_id] + [r for r in self._flights if r.endswith(f"_{request_id}")]
+        for rid in ids:
+            flight = self._flights.get(rid)
+            if flight is not None:
+                flight.aborted = True
+                await self._abort_flight(flight)
+
+    async def _abort_flight(self, flight: _Flight) -> None:
+        for worker_id in list(flight.workers) or list(self.workers):
+            handle = self.workers.get(worker_id)
+            if handle is not None and handle.healthy:
+                with contextlib.suppress(Exception):
+                    await handle.actor.abort.remote(flight.request_id)
+
+    # ------------------------------------------------------------------ membership
+
+    def _mark_dead(self, worker_id: str) -> None:
+        handle = self.workers.get(worker_id)
+        if handle is None or not handle.healthy:
+            return
+        handle.healthy = False
+        with contextlib.suppress(Exception):
+            ray.kill(handle.actor, no_restart=True)  # a half-dead actor must not linger
+        with contextlib.suppress(Exception):
+            self.router.remove_instance(worker_id)
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                self.registry.deregister(worker_id)
+
+    async def _health_loop(self) -> None:
+        interval = self.config.registry.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            for handle in list(self.workers.values()):
+                if handle.healthy:
+                    await self._check(handle)
+
+    async def _check(self, handle: WorkerHandle) -> None:
+        timeout = self.config.registry.heartbeat_timeout_s
+        try:
+            stats = await asyncio.wait_for(_aref(handle.actor.stats.remote()), timeout)
+            events = await asyncio.wait_for(_aref(handle.actor.kv_events.remote()), timeout)
+        except _WORKER_LOST:
+            self._mark_dead(handle.worker_id)
+            return
+        except TimeoutError:
+            self._suspect(handle)
+            return
+        if handle.suspect_since is not None:  # busy, not dead: place on it again
+            handle.suspect_since = None
+            with contextlib.suppress(Exception):
+                self.router.set_healthy(handle.worker_id, not handle.draining)
+        handle.info["stats"] = stats
+        for kind, hashes in events:
+            with contextlib.suppress(Exception):
+                if kind == "stored":
+                    self.router.on_kv_stored(handle.worker_id, hashes)
+                else:
+                    self.router.on_kv_removed(handle.worker_id, hashes)
+        with contextlib.suppress(Exception):
+            used = int(stats["num_blocks"] - stats["num_free_blocks"])
+            self.router.report_kv_usage(handle.worker_id, used)
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                self.registry.heartbeat(
+                    handle.worker_id, num_waiting=int(stats["num_waiting"]),
+                    num_running=int(stats["num_running"]), kv_usage=float(stats["kv_usage"]),
+                    num_free_blocks=int(stats["num_free_blocks"]),
+                )
+
+    def _suspect(self, handle: WorkerHandle) -> None:
+        """A missed heartbeat: no new placements; dead after three timeouts in a row.
+
+        A worker busy with a long step can miss one; a dead process is usually reported by
+        Ray at once (RayActorError), so this only catches hangs.
+        """
+        now = time.monotonic()
+        if handle.suspect_since is None:
+            logger.warning("worker %s missed its heartbeat", handle.worker_id)
+            handle.suspect_since = now
+            with contextlib.suppress(Exception):
+                self.router.set_healthy(handle.worker_id, False)
+        elif now - handle.suspect_since > 3 * self.config.registry.heartbeat_timeout_s:
+            logger.error("worker %s unresponsive: declared dead", handle.worker_id)
+            self._mark_dead(handle.worker_id)
+
+    async def _drain(self, handle: WorkerHandle, timeout_s: float) -> None:
+        """Stop placing on a worker, wait for its requests and leases, then stop it."""
+        handle.draining = True
+        with contextlib.suppress(Exception):
+            self.router.set_healthy(handle.worker_id, False)
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                self.registry.set_status(handle.worker_id, "draining")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = any(handle.worker_id in f.workers for f in self._flights.values())
+            try:
+                stats = await asyncio.wait_for(_aref(handle.actor.stats.remote()), 5.0)
+            except Exception:  # noqa: BLE001 - dead: nothing left to drain
+                break
+            if not busy and stats["num_running"] == 0 and stats["num_waiting"] == 0 \
+                    and stats["num_held_kv"] == 0 and stats["num_loading_kv"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        self._mark_dead(handle.worker_id)
+        self.workers.pop(handle.worker_id, None)
+        assert self.launcher is not None
+        await asyncio.get_running_loop().run_in_executor(None, self.launcher.stop, handle)
+
+    async def _status(self) -> dict[str, Any]:
+        workers = []
+        for h in list(self.workers.values()):
+            stats: dict[str, Any] = {}
+            if h.healthy:
+                with contextlib.suppress(Exception):
+                    stats = await asyncio.wait_for(_aref(h.actor.stats.remote()), 5.0)
+            workers.append({
+                "worker_id": h.worker_id, "role": h.role, "healthy": h.healthy,
+                "draining": h.draining, "kv_address": h.info.get("kv_address", ""), **stats,
+            })
+        roles: dict[str, int] = {}
+        for w in workers:
+            if w["healthy"] and not w["draining"]:
+                roles[w["role"]] = roles.get(w["role"], 0) + 1
+        return {"model": self.model_id, "workers": workers, "roles": roles,
+                "num_requests": len(self._flights)}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _run(self, coro: Any) -> Any:
+        if self._closed:
+            raise RuntimeError("the cluster is shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @staticmethod
+    async def _async(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+
+async def _aref(ref: Any) -> Any:
+    return await ref

@@ -1,0 +1,175 @@
+"""Launcher: Ray start/connect and the role actors' life (start, wait ready, stop).
+
+Owns the Ray side of the cluster: whether this process started Ray (and so stops it),
+placement groups per worker, actor options (resources, restarts, no task retries) and
+turning a failed start into a ConfigError that names the setting. It does not route or
+track requests (cluster.py does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from splitserve.cluster.config import ClusterConfig
+from splitserve.errors import ConfigError
+from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.workers import WORKER_CLASSES
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass
+class WorkerHandle:
+    """A started worker: its actor, its placement group and what it reported at start."""
+
+    worker_id: str
+    role: str
+    actor: Any
+    placement_group: PlacementGroup | None
+    info: dict[str, Any] = field(default_factory=dict)
+    healthy: bool = True
+    draining: bool = False
+    suspect_since: float | None = None
+    """When the worker first missed a heartbeat (None: answering)."""
+
+
+class Launcher:
+    """Starts and stops role workers on a Ray cluster described by a ClusterConfig."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.started_ray = False
+        self._ids = itertools.count()
+        self._start_ray()
+
+    # ------------------------------------------------------------------ Ray
+
+    def _start_ray(self) -> None:
+        ray_cfg = self.config.ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if ray.is_initialized():
+            return
+        env = {"env_vars": {k: v for k, v in os.environ.items()
+                            if k.startswith(("UCX_", "SPLITSERVE_", "TRITON_"))}}
+        if ray_cfg.address:
+            ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, runtime_env=env,
+                     log_to_driver=False)
+        else:
+            ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
+                     resources=dict(ray_cfg.resources), namespace=ray_cfg.namespace,
+                     include_dashboard=ray_cfg.include_dashboard, runtime_env=env,
+                     log_to_driver=False)
+            self.started_ray = True
+
+    def check_resources(self, counts: dict[str, int]) -> None:
+        """Fail early, naming the setting, when the Ray cluster cannot hold the workers."""
+        available = ray.cluster_resources()
+        needed: dict[str, float] = {}
+        for role, n in counts.items():
+            for key, amount in self._bundle(role).items():
+                needed[key] = needed.get(key, 0.0) + amount * n
+        for key, amount in needed.items():
+            if available.get(key, 0.0) + 1e-9 < amount:
+                raise ConfigError(
+                    f"roles: the workers need {amount:g} of Ray resource {key!r} but the Ray "
+                    f"cluster has {available.get(key, 0.0):g} (check roles.*.num_cpus / "
+                    "num_gpus / resources and ray.resources)"
+                )
+
+    def _bundle(self, role: str) -> dict[str, float]:
+        rc = self.config.role(role)
+        bundle = {k: v for k, v in rc.resources.items() if v > 0}
+        if rc.num_cpus > 0:
+            bundle["CPU"] = rc.num_cpus
+        if rc.num_gpus > 0:
+            bundle["GPU"] = rc.num_gpus
+        return bundle
+
+    # ------------------------------------------------------------------ workers
+
+    def engine_config(self, role: str) -> EngineConfig:
+        cfg, rc = self.config, self.config.role(role)
+        return EngineConfig(
+            model=cfg.model, dtype=cfg.dtype, device="cuda" if rc.num_gpus > 0 else "cpu",
+            block_size=cfg.block_size, kv_cache_memory_bytes=int(cfg.kv_cache_memory_bytes),
+            max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
+            max_num_seqs=rc.max_num_seqs, max_num_batched_tokens=rc.max_num_batched_tokens,
+            seed=cfg.seed, num_threads=rc.num_threads,
+        )
+
+    def start(self, role: str) -> WorkerHandle:
+        """Create one worker actor (not yet waited for: see ``wait_ready``)."""
+        if role not in WORKER_CLASSES:
+            raise ConfigError(f"roles.{role}: this role has no worker implementation yet")
+        worker_id = f"{role}-{next(self._ids)}-{os.urandom(2).hex()}"
+        rc = self.config.role(role)
+        bundle = self._bundle(role)
+        pg = placement_group([bundle], strategy="PACK") if bundle else None
+        options: dict[str, Any] = {
+            "name": f"splitserve-{worker_id}",
+            "num_cpus": rc.num_cpus,
+            "num_gpus": rc.num_gpus,
+            "resources": dict(rc.resources),
+            "max_restarts": rc.max_restarts,
+            "max_task_retries": 0,  # a request is replayed by the cluster, never re-run blindly
+            "max_concurrency": 1000,
+        }
+        if pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
+        actor_cls = ray.remote(WORKER_CLASSES[role]).options(**options)
+        actor = actor_cls.remote(
+            worker_id, self.engine_config(role), self.config.kv_transfer.transport,
+            self.config.kv_transfer.lease_s,
+        )
+        return WorkerHandle(worker_id, role, actor, pg)
+
+    def wait_ready(self, handles: list[WorkerHandle], timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Wait for every worker's engine to load; on failure stop them and raise ConfigError."""
+        refs = [h.actor.info.remote() for h in handles]
+        try:
+            infos = ray.get(refs, timeout=timeout_s)
+        except Exception as e:
+            for h in handles:
+                self.stop(h)
+            raise ConfigError(f"model: workers failed to start: {_root_cause(e)}") from e
+        for h, info in zip(handles, infos, strict=True):
+            h.info = info
+
+    def stop(self, handle: WorkerHandle) -> None:
+        try:
+            ray.get(handle.actor.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - it may be dead already
+            pass
+        try:
+            ray.kill(handle.actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        if handle.placement_group is not None:
+            try:
+                remove_placement_group(handle.placement_group)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def shutdown(self) -> None:
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error message of a Ray actor failure."""
+    cause = getattr(error, "cause", None) or error.__cause__
+    seen = 0
+    while cause is not None and seen < 5:
+        error, cause, seen = cause, getattr(cause, "cause", None) or cause.__cause__, seen + 1
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

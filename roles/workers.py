@@ -1,0 +1,132 @@
+"""Role workers: one engine each, run as Ray actors (prefill, decode; encode comes later).
+
+A worker owns its engine (an AsyncEngine: the engine steps on its own thread), its KV
+transport and connector, and nothing else: placement is the router's, membership the
+registry's, and the request's end-to-end path the cluster's. Every method is async so
+Ray runs them concurrently on the actor's event loop; ``generate`` is a streaming
+generator (one RequestOutput delta per item).
+
+The classes are plain; ``cluster/launcher.py`` wraps them with ``ray.remote`` and the
+role's resources, so this module does not import Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from splitserve.outputs import RequestOutput
+from splitserve.roles.engine.async_engine import AsyncEngine
+from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.engine.llm_engine import LLMEngine
+from splitserve.sampling_params import SamplingParams
+
+
+class EngineWorker:
+    """Base of the role actors: an engine with a KV connector on a transport."""
+
+    role = "engine"
+
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transport: str = "ucx",
+        lease_s: float = 30.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.worker_id = worker_id
+        self.started_at = time.time()
+        self._transport_kind = transport
+        self._lease_s = lease_s
+        self._host = host
+        self.engine = AsyncEngine(engine_config, on_start=self._attach)
+
+    def _attach(self, engine: LLMEngine) -> None:
+        from splitserve.kvtransfer.transport import create_transport
+
+        kwargs: dict[str, Any] = {"name": self.worker_id}
+        if self._transport_kind == "ucx":
+            kwargs = {"host": self._host, "engine_id": self.worker_id}
+        transport = create_transport(self._transport_kind, **kwargs)
+        engine.attach_kv_connector(transport, self.worker_id, lease_ttl_s=self._lease_s)
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        kv_transfer_params: dict[str, Any] | None = None,
+        resume_token_ids: Sequence[int] = (),
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's deltas; the last one has ``finished`` (and, on a prefill
+        role, ``kv_transfer_params`` for the decode role)."""
+        async for out in self.engine.generate(
+            prompt, params, request_id,
+            kv_transfer_params=kv_transfer_params, resume_token_ids=list(resume_token_ids),
+        ):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    # ------------------------------------------------------------------ state
+
+    async def info(self) -> dict[str, Any]:
+        eng = self.engine.engine
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "kv_address": eng.kv_worker.transport.address if eng.kv_worker else "",
+            "model_id": eng.model_id,
+            "num_blocks": eng.num_blocks,
+            "block_size": eng.config.block_size,
+            "max_model_len": eng.max_model_len,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(self.engine.stats())
+
+    async def kv_events(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Prefix-cache changes since the last call, for the router's prefix index."""
+        return [(e.kind, e.block_hashes) for e in self.engine.take_kv_events()]
+
+    async def ping(self) -> bool:
+        return True
+
+    def die(self) -> None:
+        """Fault injection: end this worker's process at once (tests only)."""
+        os._exit(1)
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+        eng = self.engine.engine
+        if eng.kv_worker is not None:
+            eng.kv_worker.close()
+
+
+class PrefillWorker(EngineWorker):
+    """Runs prompts (chunked, prefix-cached), samples the first token, leases the KV."""
+
+    role = "prefill"
+
+
+class DecodeWorker(EngineWorker):
+    """Pulls prompt KV from prefill workers and decodes with continuous batching; prefills
+    short prompts itself (conditional disaggregation) and replays requests of dead workers."""
+
+    role = "decode"
+
+
+WORKER_CLASSES: dict[str, type[EngineWorker]] = {
+    "prefill": PrefillWorker,
+    "decode": DecodeWorker,
+}

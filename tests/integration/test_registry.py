@@ -1,7 +1,7 @@
 """Worker registry: in memory and on a real redis-server (started here on a free port).
 
 The same behaviour is asserted on both stores: register, heartbeat, status, expiry after
-the heartbeat timeout (0.5 s here), re-registration, deregistration. Redis-only: two
+the heartbeat timeout (1 s here), re-registration, deregistration. Redis-only: two
 registry handles see the same workers, expired index entries are cleaned up, and an
 unreachable server fails fast with a ConfigError naming the setting.
 """
@@ -33,8 +33,8 @@ from splitserve.cluster.registry import (
 
 from splitserve.errors import ConfigError
 
-TIMEOUT_S = 0.5
-"""Heartbeat timeout of the registries under test."""
+TIMEOUT_S = 1.0
+"""Heartbeat timeout of the registries under test (short, with room for a loaded machine)."""
 
 
 def free_port() -> int:
@@ -212,7 +212,10 @@ def test_silent_worker_expires_and_must_reregister(make_registry: Factory) -> No
     registry.register(record("silent"))
     deadline = time.monotonic() + TIMEOUT_S + 0.3
     while time.monotonic() < deadline:  # one worker heartbeats, the other is silent
-        registry.heartbeat("alive", num_running=1)
+        try:
+            registry.heartbeat("alive", num_running=1)
+        except UnknownWorkerError:  # this process stalled past the timeout: do as workers do
+            registry.register(record("alive"))
         time.sleep(0.1)
     registry.heartbeat("alive", num_running=1)  # fresh, even if this machine is loaded
     assert ids(registry.list()) == ["alive"]

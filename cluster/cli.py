@@ -48,7 +48,63 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(func=_generate)
+    _add_serve_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from splitserve.cluster.backend import EngineBackend
+    from splitserve.cluster.serve import ServeOptions, run_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    backend = EngineBackend.from_config(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
+    )
+    opts = ServeOptions(
+        host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
+        api_key=args.api_key, served_model_name=args.served_model_name, grace_s=args.grace,
+        log_level=args.log_level,
+    )
+    asyncio.run(run_forever(backend, opts, announce=lambda line: print(line, flush=True)))
+    return 0
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs (one engine for now)")
+    srv.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2)")
+    srv.add_argument("--served-model-name", default=None, help="name clients use (default: id)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
+    srv.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (-1: no gRPC)")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    srv.add_argument("--grace", type=float, default=10.0, help="drain seconds on Ctrl-C/SIGTERM")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
+    srv.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    srv.add_argument("--log-level", default="warning", help="uvicorn log level")
+    srv.set_defaults(func=_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from splitserve.cluster.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    from splitserve.cluster.bench import add_arguments
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (loopback)")
+    add_arguments(serve)
+    serve.set_defaults(func=_bench_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

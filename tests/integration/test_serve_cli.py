@@ -1,0 +1,139 @@
+"""``splitserve serve`` as a real process, ``splitserve bench serve`` against it, and a clean stop.
+
+The server (tiny random Llama) prints both addresses; the bench smoke run completes every
+request and reports vLLM-named percentiles and goodput; SIGTERM lets an in-flight streaming
+request finish (drain) and the process exits 0 without leaving children behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from splitserve.cluster.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitserve.cluster.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--max-model-len",
+        "512",
+        "--grace",
+        "20",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    addrs: dict[str, str] = {}
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while len(addrs) < 2 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if m := re.search(r"HTTP API on (\S+)/v1", line):
+            addrs["http"] = m.group(1)
+        if m := re.search(r"gRPC InferenceService on (\S+)", line):
+            addrs["grpc"] = m.group(1)
+    assert len(addrs) == 2, f"server did not announce its addresses (rc={proc.poll()})"
+    yield proc, addrs
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_bench_smoke(served, tmp_path: Path) -> None:
+    _, addrs = served
+    out = tmp_path / "bench.json"
+    rc = cli_main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            addrs["http"],
+            "--num-prompts",
+            "8",
+            "--random-input-len",
+            "24",
+            "--random-output-len",
+            "6",
+            "--ignore-eos",
+            "--request-rate",
+            "20",
+            "--max-concurrency",
+            "4",
+            "--goodput",
+            "ttft:60000",
+            "tpot:60000",
+            "--json",
+            str(out),
+            "--disable-tqdm",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 8 and report["failed"] == 0
+    assert report["total_output_tokens"] == 8 * 6 and report["total_input_tokens"] == 8 * 24
+    for key in (
+        "p99_ttft_ms",
+        "median_tpot_ms",
+        "p90_itl_ms",
+        "mean_e2el_ms",
+        "request_throughput",
+        "output_throughput",
+    ):
+        assert report[key] > 0, key
+    assert report["request_goodput"] == pytest.approx(report["request_throughput"])
+
+
+def test_bench_refuses_non_loopback() -> None:
+    with pytest.raises(SystemExit, match="loopback"):
+        cli_main(["bench", "serve", "--base-url", "http://192.0.2.1:8000", "--num-prompts", "1"])
+
+
+def test_sigterm_drains_in_flight_then_exits(served) -> None:
+    proc, addrs = served
+    body = {
+        "prompt": list(range(100, 120)),
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", addrs["http"] + "/v1/completions", json=body, timeout=60) as r:
+            lines.extend(ln for ln in r.iter_lines() if ln)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.5)  # the request is in flight
+    proc.send_signal(signal.SIGTERM)
+    reader.join(60)
+    assert proc.wait(60) == 0
+    assert lines[-1] == "data: [DONE]"
+    usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
+    assert usage["completion_tokens"] == 200  # finished, not cut off
+    assert proc.stdout is not None and "stopped" in proc.stdout.read()

@@ -187,6 +187,8 @@ class Registry(abc.ABC):
     def __init__(self, heartbeat_timeout_s: float, retain_expired_s: float | None = None) -> None:
         if not heartbeat_timeout_s > 0:
             raise ConfigError(f"heartbeat_timeout_s must be > 0, got {heartbeat_timeout_s}")
+        if retain_expired_s is not None and retain_expired_s < 0:
+            raise ConfigError(f"retain_expired_s must be >= 0, got {retain_expired_s}")
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
         self.retain_expired_s = (
             max(30.0, 6 * self.heartbeat_timeout_s)
@@ -229,7 +231,8 @@ class Registry(abc.ABC):
         """Release connections; the registry is unusable afterwards."""
 
     def is_expired(self, record: WorkerRecord, now: float | None = None) -> bool:
-        """Whether ``record`` missed this registry's heartbeat timeout."""
+        """Whether ``record`` missed this registry's heartbeat timeout at ``now`` (default:
+        this host's clock; Redis records carry the Redis server's clock)."""
         return record.is_expired(time.time() if now is None else now, self.heartbeat_timeout_s)
 
     def __enter__(self) -> Registry:

@@ -23,6 +23,9 @@ A backend must provide:
 - ``loads()``: one ``WorkerLoad`` per worker (queue, running, KV use, prefix-cache and
   preemption counters), read by ``/metrics`` and gRPC ``GetLoads``.
 - ``close()``: release everything it started; called once, after the frontends drained.
+
+``AdmissionBackend`` wraps any backend with a bound on requests in flight (overload is
+refused with ``OverloadedError``, never queued without limit).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.errors import OverloadedError
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
@@ -94,6 +98,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def tokenizer(self) -> Any:
         """The model's tokenizer (``splitserve.roles.models.tokenizer.Tokenizer`` interface)."""
+
+    @property
+    def kind(self) -> str:
+        """What serves requests, for GetServerInfo (e.g. ``EngineBackend``)."""
+        return type(self).__name__
 
     @abc.abstractmethod
     def generate(
@@ -182,3 +191,69 @@ class EngineBackend(Backend):
         if not self._closed:
             self._closed = True
             self.engine.shutdown()
+
+
+class AdmissionBackend(Backend):
+    """Admission control in front of any backend: at most ``max_in_flight`` requests at once.
+
+    Beyond the bound ``generate`` raises ``OverloadedError`` before starting anything (HTTP
+    429 with Retry-After, gRPC RESOURCE_EXHAUSTED), so queued work can never grow without
+    bound. Counts live on the event loop that runs the frontends (no locks needed).
+    """
+
+    def __init__(self, inner: Backend, max_in_flight: int) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.inner = inner
+        self.max_in_flight = max_in_flight
+        self.num_in_flight = 0
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self.inner.max_model_len
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer
+
+    @property
+    def kind(self) -> str:
+        return self.inner.kind
+
+    def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        return self._admitted(prompt, params, request_id)
+
+    async def _admitted(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self.num_in_flight >= self.max_in_flight:
+            raise OverloadedError(
+                f"server busy: {self.num_in_flight} requests in flight (limit "
+                f"{self.max_in_flight}); retry later"
+            )
+        self.num_in_flight += 1
+        inner = self.inner.generate(prompt, params, request_id)
+        try:
+            async for delta in inner:
+                yield delta
+        finally:
+            self.num_in_flight -= 1
+            await inner.aclose()  # type: ignore[attr-defined]
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(request_id)
+
+    async def health(self) -> BackendHealth:
+        return await self.inner.health()
+
+    async def loads(self) -> list[WorkerLoad]:
+        return await self.inner.loads()
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, served_model_name=args.served_model_name, grace_s=args.grace,
-        log_level=args.log_level,
+        log_level=args.log_level, max_in_flight=args.max_in_flight or None,
     )
     asyncio.run(run_forever(backend, opts, announce=lambda line: print(line, flush=True)))
     return 0
@@ -87,6 +87,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     srv.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    srv.add_argument("--max-in-flight", type=int, default=512,
+                     help="requests admitted at once, beyond: 429 / RESOURCE_EXHAUSTED (0: no limit)")
     srv.add_argument("--log-level", default="warning", help="uvicorn log level")
     srv.set_defaults(func=_serve)
 

@@ -219,7 +219,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             max_model_len=self.backend.max_model_len,
             healthy=h.healthy,
             workers=h.workers,
-            backend=type(self.backend).__name__,
+            backend=self.backend.kind,
         )
 
     async def GetLoads(  # noqa: N802

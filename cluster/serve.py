@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from splitserve.cluster.backend import Backend
+from splitserve.cluster.backend import AdmissionBackend, Backend
 from splitserve.cluster.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class ServeOptions:
     """Required as ``Authorization: Bearer <key>`` (HTTP) / ``authorization`` metadata (gRPC)."""
     served_model_name: str | None = None
     """Model name clients use (default: the backend's model id)."""
+    max_in_flight: int | None = 512
+    """Requests admitted at once across both APIs (None: unbounded); beyond it 429 /
+    RESOURCE_EXHAUSTED."""
     grace_s: float = 10.0
     """How long in-flight requests may run on after a stop was asked for."""
     log_level: str = "warning"
@@ -76,6 +79,8 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
     """Bind and start both frontends; returns once they accept connections."""
     from splitserve.cluster.http_server import build_app
 
+    if opts.max_in_flight is not None:
+        backend = AdmissionBackend(backend, opts.max_in_flight)
     metrics = ServerMetrics(opts.served_model_name or backend.model_id)
     app = build_app(
         backend, api_key=opts.api_key, served_model_name=opts.served_model_name, metrics=metrics

@@ -24,6 +24,7 @@ from splitserve.cluster.client import (
     DeadlineExceededError,
     InvalidArgumentError,
     UnauthenticatedError,
+    UnavailableError,
 )
 from splitserve.cluster.grpc_server import SERVICE_NAME
 from splitserve.cluster.serve import BackgroundServer, ServeOptions
@@ -41,7 +42,7 @@ def server(tiny_model_dir) -> Iterator[BackgroundServer]:
     backend = EngineBackend.from_config(
         model=str(tiny_model_dir), num_kv_blocks=256, max_model_len=MAX_MODEL_LEN
     )
-    opts = ServeOptions(port=0, grpc_port=0, api_key=KEY, served_model_name="tiny")
+    opts = ServeOptions(port=0, grpc_port=0, api_key=KEY, served_model_name="tiny", max_in_flight=3)
     with BackgroundServer(backend, opts) as srv:
         yield srv
 
@@ -204,3 +205,18 @@ async def test_async_client_cancel_aborts(server: BackgroundServer) -> None:
         res = await c.generate("after cancel", max_tokens=3)
         assert res.usage.completion_tokens == 3
     assert await asyncio.to_thread(_wait_idle, server)
+
+
+def test_overload_is_resource_exhausted(server: BackgroundServer, client: Client) -> None:
+    assert _wait_idle(server)
+    params = {"token_ids": list(range(700, 720)), "max_tokens": 150, "ignore_eos": True}
+    streams = [client.stream(**params) for _ in range(3)]
+    for s in streams:
+        assert next(s).WhichOneof("response") == "chunk"  # admitted
+    with pytest.raises(UnavailableError) as e:
+        client.generate("one too many", max_tokens=2)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for s in streams:
+        last = list(s)[-1]
+        assert last.complete.completions[0].finish_reason == "length"
+    assert client.generate("after the burst", max_tokens=2).usage.completion_tokens == 2

@@ -9,6 +9,7 @@ wrong key; a client that disconnects gets its request aborted and its KV freed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -30,7 +31,9 @@ def server(tiny_model_dir) -> Iterator[BackgroundServer]:
     backend = EngineBackend.from_config(
         model=str(tiny_model_dir), num_kv_blocks=256, max_model_len=MAX_MODEL_LEN
     )
-    opts = ServeOptions(port=0, grpc_port=None, api_key=KEY, served_model_name="tiny")
+    opts = ServeOptions(
+        port=0, grpc_port=None, api_key=KEY, served_model_name="tiny", max_in_flight=3
+    )
     with BackgroundServer(backend, opts) as srv:
         yield srv
 
@@ -323,3 +326,37 @@ def test_metrics(http: httpx.Client) -> None:
         'splitserve:request_success_total{finished_reason="length",model_name="tiny"}',
     ):
         assert name in text, name
+
+
+def test_batch_of_prompts(client: openai.OpenAI) -> None:
+    res = client.completions.create(
+        model="tiny", prompt=["one", "two two"], n=2, max_tokens=3, temperature=0
+    )
+    assert [c.index for c in res.choices] == [0, 1, 2, 3]
+    assert res.choices[0].text == res.choices[1].text  # greedy: both samples agree
+    single = client.completions.create(model="tiny", prompt="two two", max_tokens=3, temperature=0)
+    assert res.choices[2].text == single.choices[0].text
+    assert res.usage.completion_tokens == 12
+
+
+def test_overload_is_429_and_accepted_requests_complete(http: httpx.Client) -> None:
+    body = {
+        **GOOD,
+        "prompt": list(range(3000, 3020)),
+        "max_tokens": 150,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with contextlib.ExitStack() as stack:
+        streams = [
+            stack.enter_context(http.stream("POST", "/v1/completions", json=body)) for _ in range(3)
+        ]
+        assert all(s.status_code == 200 for s in streams)
+        refused = http.post("/v1/completions", json=GOOD)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+        for s in streams:
+            lines = [ln for ln in s.iter_lines() if ln]
+            assert lines[-1] == "data: [DONE]"
+            assert json.loads(lines[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
+    assert http.post("/v1/completions", json=GOOD).status_code == 200

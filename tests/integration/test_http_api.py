@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from splitserve.cluster.backend import EngineBackend
 from splitserve.cluster.serve import BackgroundServer, ServeOptions
 
@@ -360,3 +362,60 @@ def test_overload_is_429_and_accepted_requests_complete(http: httpx.Client) -> N
             assert lines[-1] == "data: [DONE]"
             assert json.loads(lines[-2][len("data: ") :])["choices"][0]["finish_reason"] == "length"
     assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+_json_scalars = (
+    st.none() | st.booleans() | st.integers(-3, 8) | st.floats(allow_nan=True) | st.text(max_size=8)
+)
+_json = st.recursive(
+    _json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "echo",
+    "max_completion_tokens",
+]
+_bodies = st.fixed_dictionaries(
+    {"max_tokens": st.integers(-2, 6) | st.text(max_size=3) | st.just(None)},
+    optional={name: _json for name in _FIELDS},
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]),
+    body=_bodies | _json,
+)
+def test_fuzzed_bodies_never_5xx(http: httpx.Client, path: str, body: object) -> None:
+    if isinstance(body, dict) and body.get("max_tokens") is None:
+        body.pop("max_tokens", None)
+        body["max_completion_tokens"] = 4  # keep chat requests short on a CPU
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code < 500, (path, body, r.text[:300])
+    if r.status_code >= 400:
+        assert r.json()["error"]["message"]

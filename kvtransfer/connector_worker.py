@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 from splitserve.kernels.ops import get_ops
@@ -144,19 +144,38 @@ class KvConnectorWorker:
 
     def stage(self, read: ReadRequest) -> torch.Tensor:
         """ServeHandler: gather the asked blocks into a new staging buffer, under the lease."""
+        parts = self.stage_parts(read, read.num_layers)
+        try:
+            return next(parts)
+        finally:
+            parts.close()
+
+    def stage_parts(
+        self, read: ReadRequest, layers_per_part: int
+    ) -> Generator[torch.Tensor, None, None]:
+        """ServeHandler: ``stage`` in layer groups, pinned until the iterator is closed.
+
+        Lets the transport send part k while part k+1 is gathered.
+        """
         if read.layer_end > self.layout.num_layers:
             raise KVTransferError(
                 f"read asks for layers up to {read.layer_end}, "
                 f"this engine has {self.layout.num_layers}"
             )
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
+        return self._gather_parts(read, layers_per_part)
+
+    def _gather_parts(
+        self, read: ReadRequest, layers_per_part: int
+    ) -> Generator[torch.Tensor, None, None]:
         try:
             device = self.kv_caches[0].device
             ids = torch.tensor(read.block_ids, dtype=torch.long, device=device)
-            caches = self.kv_caches[read.layer_start : read.layer_end]
-            shape = self.layout.staging_shape(read.num_layers, len(read.block_ids))
-            out = self.staging.take(shape, self.layout.torch_dtype, device)
-            return self._ops.gather_blocks(caches, ids, out=out)  # [layers, 2, n, bs, heads, hd]
+            for l0 in range(read.layer_start, read.layer_end, layers_per_part):
+                l1 = min(l0 + layers_per_part, read.layer_end)
+                shape = self.layout.staging_shape(l1 - l0, len(read.block_ids))
+                out = self.staging.take(shape, self.layout.torch_dtype, device)
+                yield self._ops.gather_blocks(self.kv_caches[l0:l1], ids, out=out)
         finally:
             self.leases.unpin(read.request_id)
 

@@ -225,7 +225,11 @@ class Reply(WireMessage):
     """Machine-readable reason: ``layout`` (field in ``field``), ``lease``, ``aborted``, ``bad``."""
     field: str = ""
     nbytes: int = 0
-    """For a read: size of the data message that follows."""
+    """For a read: total size of the data that follows."""
+    part_layers: int = 0
+    """For a read: the data comes as one message per this many layers (0: one message).
+    Part k lands in layers ``[k * part_layers, (k + 1) * part_layers)`` of the reader's
+    staging buffer, under the read's tag plus k (see ucx_transport.py)."""
 
 
 MESSAGE_TYPES: dict[str, type[WireMessage]] = {

@@ -19,6 +19,7 @@ import abc
 import dataclasses
 import threading
 import time
+from collections.abc import Generator
 from typing import Any, Protocol
 
 import torch
@@ -68,6 +69,16 @@ class ServeHandler(Protocol):
         """Check the lease, gather the blocks into a fresh contiguous staging buffer, return it.
 
         Raises ``KVTransferError`` (bad lease or blocks) or ``RequestAbortedError``.
+        """
+        ...
+
+    def stage_parts(
+        self, read: ReadRequest, layers_per_part: int
+    ) -> Generator[torch.Tensor, None, None]:
+        """``stage`` in groups of ``layers_per_part`` layers, for pipelined sends.
+
+        Checks the lease at once (raising like ``stage``), then holds it pinned until the
+        iterator is exhausted or closed; every part goes back through ``release_staging``.
         """
         ...
 

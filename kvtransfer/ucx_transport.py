@@ -5,12 +5,15 @@ Owns ``UcxTransport``: a listener that answers peers' reads, a pool of client en
 that runs ucxx's asyncio event loop so that synchronous engine code can call in.
 
 Protocol (ucxx has no one-sided RMA in Python, so a read is two-sided):
-  control messages are msgpack (params.py) over active messages; the connecting side
-  sends ``Hello`` first and the serving side refuses a layout mismatch, naming the field.
-  A ``ReadRequest`` is answered by a ``Reply`` (ok + nbytes, or an error code), then the
-  staged bytes as one tagged message whose tag is the read's ``xfer_id``. The reader posts
-  its receive straight into the caller's staging buffer; the server sends straight from
-  the staging buffer its connector gathered: no copy beyond the gather.
+  control messages are msgpack (params.py) in length-prefixed tagged frames on the
+  endpoint's own tag. The connecting side sends ``Hello`` first and the serving side
+  refuses a layout mismatch, naming the field. A ``ReadRequest`` is answered by a
+  ``Reply`` (ok, nbytes, part_layers; or an error code), then the staged bytes as one
+  tagged message per group of layers (part k under the read's tag plus k), so that the
+  server gathers part k+1 while part k is on the wire. The reader receives straight into
+  the caller's staging buffer, the server sends straight from the buffers its connector
+  gathered: no copy beyond the gather. With ``shared_memory=True`` the data goes over a
+  second endpoint without peer-failure handling, which lets UCX use shared memory.
 
 It must not verify checksums, hold leases or touch the KV cache: the connector does.
 Every ucxx object is created and used on the loop thread only.
@@ -26,7 +29,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import torch
@@ -87,16 +90,61 @@ class _LoopThread:
         return self.submit(coro).result(timeout_s)
 
 
+_PART_BITS = 12
+_MAX_PARTS = 1 << _PART_BITS
+DEFAULT_PART_BYTES = 8 << 20
+"""Reads bigger than this go out in layer groups of about this size, gathered while sent."""
+
+
+def _part_layers(layout: KvLayout, read: ReadRequest, part_bytes: int) -> int:
+    """Layers per data message: whole layers, about ``part_bytes`` each."""
+    per_layer = layout.staging_nbytes(1, len(read.block_ids))
+    wanted = max(1, -(-part_bytes // per_layer))
+    return max(min(wanted, read.num_layers), -(-read.num_layers // _MAX_PARTS))
+
+
+def _part_tag(xfer_id: int, index: int) -> int:
+    """Tag of part ``index`` of read ``xfer_id`` on the control endpoint (hashed with its tag)."""
+    return (xfer_id << _PART_BITS) | index
+
+
 def _wire_bytes(tensor: torch.Tensor) -> Any:
     """A flat uint8 view of a contiguous tensor that ucxx can send from or receive into."""
     flat = tensor.reshape(-1).view(torch.uint8)
     return flat if flat.is_cuda else flat.numpy()
 
 
-def _msg_bytes(message: WireMessage) -> Any:
+_MAX_FRAME_BYTES = 64 << 20
+"""Largest control message accepted (a read of a million blocks stays well below)."""
+
+
+async def _send_frame(ep: Any, lock: asyncio.Lock, message: WireMessage) -> None:
+    """Send one control message as two tagged messages: its length, then its bytes.
+
+    Tagged messages on the endpoint's own tag, not active messages: ucxx files active
+    messages by endpoint handle, and a handle reused by a new endpoint can hand the new
+    peer's first message to a receive left over from the old one.
+    """
     import numpy as np
 
-    return np.frombuffer(message.encode(), dtype=np.uint8)
+    payload = np.frombuffer(message.encode(), dtype=np.uint8)
+    async with lock:  # the two parts of concurrent sends must not interleave
+        await ep.send(np.array([payload.size], dtype=np.uint64))
+        await ep.send(payload)
+
+
+async def _recv_frame(ep: Any) -> WireMessage:
+    """Receive one control message sent by ``_send_frame`` (one reader per endpoint)."""
+    import numpy as np
+
+    size = np.zeros(1, dtype=np.uint64)
+    await ep.recv(size)
+    nbytes = int(size[0])
+    if not 0 < nbytes <= _MAX_FRAME_BYTES:
+        raise KVTransferError(f"control message of {nbytes} bytes refused")
+    payload = np.empty(nbytes, dtype=np.uint8)
+    await ep.recv(payload)
+    return decode_message(payload.tobytes())
 
 
 def _is_ucx_error(error: BaseException) -> bool:
@@ -144,10 +192,10 @@ class _Connection:
         self.broken = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
-        loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read_replies())
-        # UCX calls this from its progress thread when the peer goes away: fail fast.
-        ep.set_close_callback(lambda: loop.call_soon_threadsafe(self._peer_lost))
+        self._send_lock = asyncio.Lock()
+        # Peer loss shows up as this reader's receive failing. (No ucxx close callback: it
+        # runs on UCX's progress thread and raced endpoint teardown into crashes here.)
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -159,7 +207,7 @@ class _Connection:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[xfer_id] = future
         try:
-            await self.ep.am_send(_msg_bytes(message))
+            await _send_frame(self.ep, self._send_lock, message)
             return await future
         except Exception as e:
             raise self.fail(e) from e
@@ -175,7 +223,7 @@ class _Connection:
     async def _read_replies(self) -> None:
         try:
             while True:
-                reply = decode_message(await self.ep.am_recv())
+                reply = await _recv_frame(self.ep)
                 if not isinstance(reply, Reply):
                     raise KVTransferError(f"unexpected {reply.TYPE!r} from {self.peer}")
                 future = self._pending.get(reply.xfer_id)
@@ -196,9 +244,6 @@ class _Connection:
 
     def abort(self) -> None:
         self._break(TransportConnectionError(f"connection to {self.peer} was closed"))
-
-    def _peer_lost(self) -> None:
-        self._break(TransportConnectionError(f"lost the connection to {self.peer}"))
 
     def _break(self, error: TransportConnectionError) -> None:
         if self.broken:
@@ -225,6 +270,7 @@ class _Serving:
 
     ep: Any
     greeted: bool = False
+    send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     data_ep: Any = None
     """Endpoint to the reader's worker address, for the bulk-data lane (shared memory)."""
     tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
@@ -241,12 +287,16 @@ class UcxTransport(KvTransport):
         connect_timeout_s: float = 5.0,
         engine_id: str = "",
         shared_memory: bool = False,
+        part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
         """``shared_memory``: move bulk data on a second endpoint without UCX peer-failure
         handling, which is what lets UCX pick shared memory (cma/posix) between processes of
         one host (set ``UCX_TLS`` to include ``sm`` and ``tcp``). Control messages stay on the
         TCP endpoint, which still detects a dead peer."""
+        if part_bytes < 1:
+            raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
         self._shared_memory = shared_memory
+        self._part_bytes = part_bytes
         self._host = host
         self._port = port
         self.fault = fault
@@ -360,7 +410,7 @@ class UcxTransport(KvTransport):
     async def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
         conn = await self._connection(address)
         xfer_id = conn.next_id()
-        data_tag = secrets.randbits(63) | 1 if self._shared_memory else 0
+        data_tag = secrets.randbits(48) << _PART_BITS if self._shared_memory else 0
         read = dataclasses.replace(read, xfer_id=xfer_id, data_tag=data_tag)
         reply = await conn.request(read, xfer_id)
         if not reply.ok:
@@ -371,10 +421,9 @@ class UcxTransport(KvTransport):
                 f"{dest.numel() * dest.element_size()}"
             )
         try:
-            if data_tag:
-                await _recv_on_worker(dest, data_tag, conn)
-            else:
-                await conn.recv_into(dest, xfer_id)
+            await self._recv_parts(
+                conn, dest, reply.part_layers or read.num_layers, xfer_id, data_tag
+            )
         except asyncio.CancelledError:
             # A receive may be posted into dest, and ucxx cannot cancel one receive:
             # closing the endpoint cancels it (other reads on it fail and are retried).
@@ -382,6 +431,21 @@ class UcxTransport(KvTransport):
             if self._pool.get(address) is conn:
                 del self._pool[address]
             raise
+
+    async def _recv_parts(
+        self, conn: _Connection, dest: torch.Tensor, part_layers: int, xfer_id: int, data_tag: int
+    ) -> None:
+        """Receive each part into its layers of ``dest`` (contiguous along dim 0)."""
+        views = [dest[l0 : l0 + part_layers] for l0 in range(0, dest.shape[0], part_layers)]
+        if len(views) > _MAX_PARTS:
+            raise KVTransferError(f"{conn.peer} splits a read into {len(views)} parts")
+        if data_tag:  # probed one by one: never a receive posted that cannot be cancelled
+            for index, view in enumerate(views):
+                await _recv_on_worker(view, data_tag + index, conn)
+            return
+        await asyncio.gather(
+            *(conn.recv_into(view, _part_tag(xfer_id, i)) for i, view in enumerate(views))
+        )
 
     async def _control(self, address: str, control: Control) -> None:
         conn = await self._connection(address)
@@ -443,7 +507,7 @@ class UcxTransport(KvTransport):
         self._accepted[id(state)] = state
         try:
             while not self._closed:
-                message = decode_message(await ep.am_recv())
+                message = await _recv_frame(ep)
                 await self._dispatch(state, message)
         except Exception as e:  # noqa: BLE001 - the peer went away or spoke nonsense
             logger.debug("UCX serving endpoint ended: %r", e)
@@ -463,7 +527,7 @@ class UcxTransport(KvTransport):
             reply = self._greet(state, message)
             if reply.ok and message.data_address:
                 state.data_ep = await _data_endpoint(message.data_address)
-            await self._answer(state.ep, reply)
+            await self._answer(state, reply)
         elif not state.greeted:
             raise KVTransferError("peer sent a request before its hello")
         elif isinstance(message, ReadRequest):
@@ -471,7 +535,7 @@ class UcxTransport(KvTransport):
             state.tasks.add(task)
             task.add_done_callback(state.tasks.discard)
         elif isinstance(message, Control):
-            await self._answer(state.ep, self._serve_control(message))
+            await self._answer(state, self._serve_control(message))
         else:
             raise KVTransferError(f"unexpected {message.TYPE!r} message")
 
@@ -492,47 +556,86 @@ class UcxTransport(KvTransport):
         return Reply(xfer_id=control.xfer_id, ok=True)
 
     async def _serve_read(self, state: _Serving, read: ReadRequest) -> None:
+        """Gather part k+1 (on a worker thread) while part k is on the wire."""
         assert self._server is not None
         loop = asyncio.get_running_loop()
+        part_layers = _part_layers(self._require_layout(), read, self._part_bytes)
         try:
-            staging = await loop.run_in_executor(None, self._server.stage, read)
+            parts = self._server.stage_parts(read, part_layers)
+            staging = await loop.run_in_executor(None, next, parts)
         except Exception as e:  # noqa: BLE001 - reported to the peer
-            await self._answer_quietly(state.ep, error_reply(read.xfer_id, e))
+            await self._answer_quietly(state, error_reply(read.xfer_id, e))
             return
         try:
-            await self._send_staged(state, read, staging)
+            if await self._begin_send(state, read, staging, part_layers):
+                await self._send_parts(state, read, staging, parts)
+            else:
+                self._server.release_staging(staging)
         finally:
-            self._server.release_staging(staging)
+            await loop.run_in_executor(None, parts.close)  # unpins the lease
 
-    async def _send_staged(self, state: _Serving, read: ReadRequest, staging: torch.Tensor) -> None:
-        """Apply test faults, re-check the lease last, then reply and send the bytes."""
+    async def _begin_send(
+        self, state: _Serving, read: ReadRequest, first: torch.Tensor, part_layers: int
+    ) -> bool:
+        """Apply test faults, re-check the lease last, then say ok; False if not sending."""
         assert self._server is not None
         try:
             if self.fault is not None:
                 await asyncio.sleep(self.fault.delay())
-                staging = self.fault.before_send(staging)
+                self.fault.before_send(first)
             self._server.check_lease(read)
         except Exception as e:  # noqa: BLE001 - reported to the peer
-            await self._answer_quietly(state.ep, error_reply(read.xfer_id, e))
-            return
-        nbytes = staging.numel() * staging.element_size()
+            await self._answer_quietly(state, error_reply(read.xfer_id, e))
+            return False
+        layout = self._require_layout()
+        nbytes = layout.staging_nbytes(read.num_layers, len(read.block_ids))
+        reply = Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes, part_layers=part_layers)
+        return await self._answer_quietly(state, reply)
+
+    async def _send_parts(
+        self,
+        state: _Serving,
+        read: ReadRequest,
+        staging: torch.Tensor,
+        parts: Generator[torch.Tensor, None, None],
+    ) -> None:
+        assert self._server is not None
+        loop = asyncio.get_running_loop()
+        part: torch.Tensor | None = staging
+        index = 0
+        while part is not None:
+            sending = loop.create_task(self._send_part(state, read, index, part))
+            try:
+                part = await loop.run_in_executor(None, next, parts, None)
+            finally:
+                await sending
+            index += 1
+
+    async def _send_part(
+        self, state: _Serving, read: ReadRequest, index: int, staging: torch.Tensor
+    ) -> None:
+        assert self._server is not None
         try:
-            await self._answer(state.ep, Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes))
             if read.data_tag and state.data_ep is not None:
-                await state.data_ep.send(_wire_bytes(staging), tag=read.data_tag, force_tag=True)
+                tag = read.data_tag + index
+                await state.data_ep.send(_wire_bytes(staging), tag=tag, force_tag=True)
             else:
-                await state.ep.send(_wire_bytes(staging), tag=read.xfer_id)
+                await state.ep.send(_wire_bytes(staging), tag=_part_tag(read.xfer_id, index))
         except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
             logger.debug("UCX send of %s failed: %r", read.request_id, e)
+        finally:
+            self._server.release_staging(staging)
 
-    async def _answer_quietly(self, ep: Any, reply: Reply) -> None:
+    async def _answer_quietly(self, state: _Serving, reply: Reply) -> bool:
         try:
-            await self._answer(ep, reply)
+            await self._answer(state, reply)
         except Exception as e:  # noqa: BLE001 - the reader went away
             logger.debug("UCX reply failed: %r", e)
+            return False
+        return True
 
-    async def _answer(self, ep: Any, reply: Reply) -> None:
-        await ep.am_send(_msg_bytes(reply))
+    async def _answer(self, state: _Serving, reply: Reply) -> None:
+        await _send_frame(state.ep, state.send_lock, reply)
 
     async def _shutdown(self) -> None:
         for conn in self._pool.values():

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.ucx
 NUM_BLOCKS = 32
 LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 16, 2, 32
 MODEL = "tiny-random"
+PART = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 4 * 4  # one layer of 4 blocks: reads go in parts
 
 
 def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
@@ -55,7 +56,9 @@ class _Peer:
         self.worker = KvConnectorWorker(
             f"engine-{seed}",
             self.caches,
-            create_transport("ucx", fault=self.fault, port=port, shared_memory=shared_memory),
+            create_transport(
+                "ucx", fault=self.fault, port=port, shared_memory=shared_memory, part_bytes=PART
+            ),
             MODEL,
             config,
         )
@@ -118,6 +121,10 @@ class _Peer:
 
     def cmd_free(self) -> int:
         return self.pool.num_free_blocks
+
+    def cmd_pinned(self, request_id: str) -> bool:
+        lease = self.worker.leases.get(request_id)
+        return lease is not None and lease.pins > 0
 
     def cmd_drop_peers(self) -> None:
         self.worker.transport.drop_peers()  # type: ignore[attr-defined]
@@ -338,7 +345,10 @@ def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) ->
 def _kill_prefill_mid_transfer(prefill: Engine, decode: Engine, request_id: str) -> None:
     prefill.fault(0, 30.0)
     decode.load(prefill.offer(request_id, 3))
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while not prefill.pinned(request_id):  # the read is being served (stalled by the fault)
+        assert time.monotonic() < deadline, "the read never reached the serving side"
+        time.sleep(0.02)
     num_connections = decode.connections()
     prefill.kill()
     started = time.monotonic()

@@ -10,7 +10,7 @@ export UCX_TLS ?= tcp,self
 export UCX_WARN_UNUSED_ENV_VARS := n
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-all bench-engine lint clean proto
+.PHONY: setup run serve test test-all bench-engine lint clean proto
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(VENV)/bin/splitserve generate --chat --max-tokens 64 \
 		--prompt "What is the capital of France? Answer in one sentence."
+
+# OpenAI HTTP API on :8000 and gRPC on :50051 (one engine for now; Ctrl-C drains and stops).
+serve: setup
+	$(VENV)/bin/splitserve serve
 
 test: setup
 	$(PY) -m pytest -q

@@ -146,7 +146,7 @@ def check_loopback(base_url: str) -> None:
     """Refuse anything but a loopback host (this benchmark is for local servers)."""
     host = urlparse(base_url).hostname or ""
     try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addrs = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as e:
         raise SystemExit(f"bench: cannot resolve {host!r}: {e}") from None
     if not addrs or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs):

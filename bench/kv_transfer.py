@@ -9,8 +9,8 @@ process, and times an in-process copy of the same bytes (the limit of this machi
                 the driver copies them into its own buffer
 * ``memcpy``  - ``dst.copy_(src)`` of a contiguous buffer of the same size, in process
 
-Every path but memcpy includes the serving side's gather of the blocks into a staging
-buffer (part of moving paged KV); ``*_wire_gbps`` subtracts the gather the server timed;
+Every path but memcpy includes the serving side's gather of the blocks into staging
+buffers (part of moving paged KV; UCX overlaps it with the sends, 8 MB parts);
 ``*_pull_gbps`` is a full ``KvConnectorWorker`` pull (read, verify every checksum, scatter).
 Each figure is the best of several runs (the machine is shared). Not a test: prints GB/s
 and ratios; ``--json PATH`` writes them.
@@ -69,16 +69,6 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
         MODEL,
         lease_ttl_s=3600.0,
     )
-    stage_s: list[float] = []
-    original = worker.stage
-
-    def timed_stage(read: Any) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = original(read)
-        stage_s.append(time.perf_counter() - t0)
-        return out
-
-    worker.stage = timed_stage  # type: ignore[method-assign]
     offers: dict[Any, Any] = {}
     for size in SIZES_MB:
         n = _num_blocks(size)
@@ -92,11 +82,7 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
         if not conn.poll(0.005):
             worker.get_finished()  # frees released leases, as an engine step would
             continue
-        message = conn.recv()
-        if message == "stage_times":
-            conn.send(list(stage_s))
-            stage_s.clear()
-        elif message == "exit":
+        if conn.recv() == "exit":
             break
     worker.close()
 
@@ -190,8 +176,6 @@ def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[st
         )
         client.start()
         times = client_conn.recv()
-        server_conn.send("stage_times")
-        stage = server_conn.recv()
         client_conn.send("pull")
         pulls = client_conn.recv()
         client.join(30)
@@ -200,23 +184,17 @@ def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[st
         server.join(30)
         if server.is_alive():
             server.kill()
-    figures = _ucx_figures(times, stage, reps)
+    figures = _ucx_figures(times)
     for size, gbps in pulls.items():
         figures[size]["pull_gbps"] = gbps
     return figures
 
 
-def _ucx_figures(
-    times: dict[int, list[float]], stage: list[float], reps: int
-) -> dict[int, dict[str, float]]:
-    figures = {}
-    for i, size in enumerate(SIZES_MB):
-        per_read = stage[i * (reps + 1) + 1 : (i + 1) * (reps + 1)]  # drop the warm-up
-        nbytes = _num_blocks(size) * BLOCK_BYTES
-        best = min(times[size])
-        wire = min(t - s for t, s in zip(times[size], per_read, strict=True))
-        figures[size] = {"gbps": nbytes / best / 1e9, "wire_gbps": nbytes / max(wire, 1e-9) / 1e9}
-    return figures
+def _ucx_figures(times: dict[int, list[float]]) -> dict[int, dict[str, float]]:
+    return {
+        size: {"gbps": _num_blocks(size) * BLOCK_BYTES / min(times[size]) / 1e9}
+        for size in SIZES_MB
+    }
 
 
 # ====================================================================== Ray and memcpy
@@ -297,8 +275,6 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
     for size in SIZES_MB:
         row = {name: fig[size]["gbps"] for name, fig in results.items()}
         best_ucx = max(row["ucx_sm"], row["ucx_tcp"])
-        row["ucx_sm_wire"] = results["ucx_sm"][size]["wire_gbps"]
-        row["ucx_tcp_wire"] = results["ucx_tcp"][size]["wire_gbps"]
         row["ucx_sm_pull"] = results["ucx_sm"][size]["pull_gbps"]
         row["ucx_tcp_pull"] = results["ucx_tcp"][size]["pull_gbps"]
         ratios = {
@@ -311,12 +287,6 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
             + " ".join(f"{row[name]:>12.2f}" for name in results)
             + f" {ratios['ucx_sm_vs_memcpy']:>10.2f} {ratios['ucx_vs_ray']:>8.2f}"
         )
-    wire = " ".join(
-        f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_wire_gbps']:.2f} / tcp "
-        f"{by_size[f'{s}MB']['ucx_tcp_wire_gbps']:.2f}"
-        for s in SIZES_MB
-    )
-    print(f"UCX without the serving side's gather (GB/s): {wire}")
     pull = " ".join(
         f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_pull_gbps']:.2f} / tcp "
         f"{by_size[f'{s}MB']['ucx_tcp_pull_gbps']:.2f}"
@@ -331,7 +301,6 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         "memcpy_gbps": top["memcpy_gbps"],
         "ucx_sm_vs_memcpy": top["ucx_sm_vs_memcpy"],
         "ucx_vs_ray": top["ucx_vs_ray"],
-        "ucx_sm_wire_gbps": top["ucx_sm_wire_gbps"],
         "ucx_sm_pull_gbps": top["ucx_sm_pull_gbps"],
         "ucx_tcp_pull_gbps": top["ucx_tcp_pull_gbps"],
         "size_mb": SIZES_MB[-1],

@@ -256,3 +256,27 @@ def test_lease_of_a_request_waiting_for_blocks_is_kept_alive() -> None:
     decode.sched.on_blocks_allocated("r1", [b.block_id for b in blocks])
     assert decode.run("r1").ready == ["r1"]
     assert prefill.step().free_held == ["r1"]
+
+
+def test_stage_parts_match_one_gather_and_pin_until_closed() -> None:
+    from splitserve.kvtransfer.params import ReadRequest
+
+    clock = Clock()
+    prefill = make_engine(1, clock)
+    params = offer(prefill, "r1", 3)
+    read = ReadRequest(
+        xfer_id=1,
+        request_id="r1",
+        lease_id=params.lease_id,
+        block_ids=params.block_ids,
+        layer_start=0,
+        layer_end=3,
+    )
+    whole = prefill.worker.stage(read)
+    parts = prefill.worker.stage_parts(read, 2)
+    first = next(parts)
+    assert prefill.worker.leases.get("r1").pins == 1
+    assert prefill.worker.leases.abort("r1")
+    assert prefill.worker.get_finished().finished_sending == {}  # pinned: not freed yet
+    assert torch.equal(torch.cat([first, *parts]), whole)  # exhausting the parts unpins
+    assert prefill.worker.get_finished().finished_sending == {"r1": LeaseEnd.ABORTED}

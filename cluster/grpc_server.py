@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from splitserve.cluster.backend import Backend, PromptInput
-from splitserve.cluster.metrics import ServerMetrics
+from splitserve.cluster.metrics import RequestRecorder, ServerMetrics
 from splitserve.cluster.prompts import chat_prompt_ids, new_request_id
 from splitserve.cluster.streams import Accumulator, ChoiceDelta, merge, open_streams
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
@@ -127,6 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id or new_request_id("grpc")
+        recorder = self.metrics.recorder()  # starts the clock before the first token
         try:
             self._check_model(request.model)
             prompt = self._prompt(request)
@@ -137,13 +138,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         except Exception as e:
             self.metrics.record_failure(status_for(e)[0].name)
             await _abort(context, e)
-        async for response in self._stream(rid, params, streams):
+        async for response in self._stream(rid, params, streams, recorder):
             yield response
 
     async def _stream(
-        self, rid: str, params: SamplingParams, streams: list[Any]
+        self, rid: str, params: SamplingParams, streams: list[Any], recorder: RequestRecorder
     ) -> AsyncIterator[pb.GenerateResponse]:
-        acc, recorder = Accumulator(params.n), self.metrics.recorder()
+        acc = Accumulator(params.n)
         stream = merge(streams)
         try:
             async for i, delta in stream:

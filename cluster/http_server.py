@@ -190,6 +190,22 @@ def build_app(
 # ---------------------------------------------------------------------- errors and auth
 
 
+def _param_of(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 0, "role")`` -> ``messages.0.role``; union branches such as
+    ``"list[int]"`` (pydantic names them after the type) end the path."""
+    parts: list[str] = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (not p.isidentifier() or p in _TYPE_NAMES):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or "body"
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -215,8 +231,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def _validation_error(errors: Sequence[Any]) -> APIError:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or "body"
+    param = _param_of(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {first.get('msg')}", param="body")
     message = f"{param}: {first.get('msg')}"

@@ -143,8 +143,25 @@ class ChatCompletionRequest(_SamplingFields):
     """Most likely alternatives per token (needs logprobs=true)."""
     add_generation_prompt: bool = True
     """vLLM extra: end the prompt with the assistant turn's header."""
+    tools: list[dict[str, Any]] | None = None
+    """Refused for now (no tool-call parser yet) rather than silently ignored."""
+    tool_choice: str | dict[str, Any] | None = None
+    """Only ``"none"`` (or unset) is accepted."""
+    response_format: dict[str, Any] | None = None
+    """Only ``{"type": "text"}`` (or unset) is accepted: no guided decoding yet."""
+
+    def _check_unsupported(self) -> None:
+        if self.tools:
+            raise InvalidRequestError("tools are not supported yet", field="tools")
+        if self.tool_choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice is not supported yet", field="tool_choice")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequestError(
+                "response_format other than text is not supported yet", field="response_format"
+            )
 
     def to_sampling_params(self) -> SamplingParams:
+        self._check_unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

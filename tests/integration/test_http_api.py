@@ -242,6 +242,22 @@ BAD_CASES = [
         "messages[0].content[0]",
     ),
     ("/detokenize", {"tokens": [-5]}, 400, "tokens"),
+    ("/v1/completions", {**GOOD, "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": [[1, "a"]]}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "stop": 5}, 400, "stop"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages.0.content",
+    ),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
 ]
 
 

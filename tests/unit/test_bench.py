@@ -1,0 +1,88 @@
+"""The bench's workloads, arrivals and report, without a server."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from splitserve.cluster.bench import (
+    RequestResult,
+    arrival_offsets,
+    check_loopback,
+    format_report,
+    mooncake_dataset,
+    parse_goodput,
+    prefix_repetition_dataset,
+    random_dataset,
+    summarize,
+)
+
+TRACE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
+
+
+def test_random_dataset_lengths() -> None:
+    reqs = random_dataset(20, 50, 10, 0.5, random.Random(0))
+    assert all(25 <= len(r.prompt) <= 75 and 5 <= r.output_len <= 15 for r in reqs)
+    assert (
+        random_dataset(3, 8, 2, 0.0, random.Random(1))[0].prompt
+        == random_dataset(3, 8, 2, 0.0, random.Random(1))[0].prompt
+    )
+
+
+def test_prefix_repetition_shares_prefixes() -> None:
+    reqs = prefix_repetition_dataset(12, 16, 4, 3, 5, random.Random(0))
+    assert len({tuple(r.prompt[:16]) for r in reqs}) == 3
+    assert all(len(r.prompt) == 20 for r in reqs)
+
+
+def test_mooncake_trace_keeps_prefix_sharing_and_times() -> None:
+    reqs = mooncake_dataset(
+        TRACE, 50, block_tokens=4, max_input_len=10_000, max_output_len=64, speedup=2.0
+    )
+    rows = [json.loads(line) for line in TRACE.read_text().splitlines()[:50]]
+    assert reqs[0].arrival_s == 0.0
+    assert reqs[1].arrival_s == pytest.approx((rows[1]["timestamp"] - rows[0]["timestamp"]) / 2000)
+    for req, row in zip(reqs, rows, strict=True):
+        scaled = max(1, row["input_length"] * 4 // 512)
+        assert len(req.prompt) == min(scaled, len(row["hash_ids"]) * 4)
+        assert req.output_len == min(row["output_length"], 64)
+    # two rows that start with the same hash block start with the same tokens
+    first = {}
+    for req, row in zip(reqs, rows, strict=True):
+        key = row["hash_ids"][0]
+        if key in first and len(req.prompt) >= 4 and len(first[key]) >= 4:
+            assert req.prompt[:4] == first[key][:4]
+        first.setdefault(key, req.prompt)
+
+
+def test_gamma_arrivals_have_the_requested_rate() -> None:
+    offsets = arrival_offsets(4000, rate=10.0, burstiness=0.5, rng=np.random.default_rng(0))
+    assert offsets[0] == 0.0 and all(b >= a for a, b in zip(offsets, offsets[1:], strict=False))
+    assert offsets[-1] / len(offsets) == pytest.approx(0.1, rel=0.1)
+    assert arrival_offsets(3, float("inf"), 1.0, np.random.default_rng(0)) == [0.0, 0.0, 0.0]
+
+
+def test_summary_tpot_and_goodput() -> None:
+    results = [
+        RequestResult(True, 10, output_len=5, ttft=0.1, e2e=0.5, itl=[0.1] * 4),
+        RequestResult(True, 10, output_len=5, ttft=1.0, e2e=3.0, itl=[0.5] * 4),
+        RequestResult(False, 10, error="HTTP 500"),
+    ]
+    report = summarize(results, 2.0, [50, 99], parse_goodput(["ttft:500", "tpot:200"]))
+    assert report["completed"] == 2 and report["failed"] == 1
+    assert report["mean_tpot_ms"] == pytest.approx((100 + 500) / 2)
+    assert report["request_goodput"] == pytest.approx(0.5)  # only the first meets both SLOs
+    assert report["output_throughput"] == pytest.approx(5.0)
+    assert "P99 TTFT (ms):" in format_report(report)
+
+
+def test_only_loopback_targets() -> None:
+    check_loopback("http://127.0.0.1:8000")
+    check_loopback("http://localhost:8000")
+    with pytest.raises(SystemExit, match="loopback"):
+        check_loopback("http://10.1.2.3:8000")
+    with pytest.raises(SystemExit):
+        parse_goodput(["latency:5"])

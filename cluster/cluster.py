@@ -29,19 +29,24 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
-
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.launcher import Launcher, WorkerHandle
-from splitserve.cluster.registry import Registry, WorkerRecord, create_registry
-from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
-from splitserve.hashing import hash_block_tokens
-from splitserve.outputs import RequestOutput
+from splitserve.cluster.registry import (
+    Registry,
+    UnknownWorkerError,
+    WorkerRecord,
+    create_registry,
+)
 from splitserve.roles.engine.sampler import draw_seed
 from splitserve.roles.llm import _as_params_list, _as_prompt_list, _merge
 from splitserve.roles.models.loader import load_tokenizer
 from splitserve.router.errors import NoInstanceAvailable
 from splitserve.router.router import Router
 from splitserve.router.schema import RouterConfig, RouteRequest
+
+from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
+from splitserve.hashing import hash_block_tokens
+from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,6 +65,9 @@ class _Flight:
     request_id: str
     tokens: list[int] = dataclasses.field(default_factory=list)
     workers: set[str] = dataclasses.field(default_factory=set)
+    """Workers streaming it right now."""
+    placed: set[str] = dataclasses.field(default_factory=set)
+    """Workers it was placed on (a draining worker waits for these too)."""
     aborted: bool = False
     replays: int = 0
 
@@ -107,7 +115,8 @@ class Cluster:
         self.model_id, self.model_config, self.tokenizer = load_tokenizer(cfg.model)
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.registry = create_registry(cfg.registry.url, cfg.registry.heartbeat_timeout_s)
+        self.registry = create_registry(cfg.registry.url, cfg.registry.heartbeat_timeout_s,
+                                        prefix=cfg.ray.namespace)
         self.router = Router(cfg.router.policy, RouterConfig(
             ttft_slo_s=cfg.slo.ttft_ms / 1000.0,
             block_size=cfg.block_size,
@@ -130,6 +139,9 @@ class Cluster:
         self.workers[handle.worker_id] = handle
         self.router.add_instance(handle.worker_id, roles={handle.role},
                                  kv_capacity_blocks=handle.info.get("num_blocks"))
+        self._register(handle)
+
+    def _register(self, handle: WorkerHandle) -> None:
         assert self.registry is not None
         self.registry.register(WorkerRecord(
             worker_id=handle.worker_id, role=handle.role,
@@ -235,7 +247,8 @@ class Cluster:
             raise ConfigError(
                 f"roles.{role}: cannot scale to {n}; allowed {floor}..{ceiling or 'unbounded'}"
             )
-        live = [h for h in self.workers.values() if h.role == role and not h.draining]
+        live = [h for h in self.workers.values()
+                if h.role == role and h.healthy and not h.draining]
         if n > len(live):
             assert self.launcher is not None
             handles = [self.launcher.start(role) for _ in range(n - len(live))]
@@ -328,6 +341,7 @@ class Cluster:
         finished = False
         try:
             placement = self._place(request_id, prompt_ids, params)
+            flight.placed = {placement.decode_instance, placement.prefill_instance or ""}
             handoff: dict[str, Any] | None = None
             if not placement.skip_remote_prefill and placement.prefill_instance is not None:
                 self.router.on_prefill_start(request_id, placement.prefill_instance)
@@ -343,7 +357,11 @@ class Cluster:
                 except WorkerLost:
                     handoff = None  # the decode worker prefills (prompt + tokens so far) itself
                 self.router.on_prefill_done(request_id)
-            if finished or flight.aborted:
+            if finished:
+                return
+            if flight.aborted:  # aborted between hand-off and decode
+                finished = True
+                yield _abort_output(request_id, prompt_ids)
                 return
             decode = placement.decode_instance
             while True:
@@ -465,13 +483,21 @@ class Cluster:
         with contextlib.suppress(Exception):
             used = int(stats["num_blocks"] - stats["num_free_blocks"])
             self.router.report_kv_usage(handle.worker_id, used)
-        if self.registry is not None:
-            with contextlib.suppress(Exception):
-                self.registry.heartbeat(
-                    handle.worker_id, num_waiting=int(stats["num_waiting"]),
-                    num_running=int(stats["num_running"]), kv_usage=float(stats["kv_usage"]),
-                    num_free_blocks=int(stats["num_free_blocks"]),
-                )
+        self._heartbeat(handle, stats)
+
+    def _heartbeat(self, handle: WorkerHandle, stats: dict[str, Any]) -> None:
+        """Refresh the worker's registry record; re-register it if the registry dropped it."""
+        if self.registry is None:
+            return
+        load = {"num_waiting": int(stats["num_waiting"]), "num_running": int(stats["num_running"]),
+                "kv_usage": float(stats["kv_usage"]),
+                "num_free_blocks": int(stats["num_free_blocks"])}
+        try:
+            self.registry.heartbeat(handle.worker_id, **load)
+        except UnknownWorkerError:
+            self._register(handle)
+        except Exception:  # noqa: BLE001 - a registry hiccup must not stop the health loop
+            logger.exception("registry heartbeat failed for %s", handle.worker_id)
 
     def _suspect(self, handle: WorkerHandle) -> None:
         """A missed heartbeat: no new placements; dead after three timeouts in a row.
@@ -499,11 +525,11 @@ class Cluster:
                 self.registry.set_status(handle.worker_id, "draining")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            busy = any(handle.worker_id in f.workers for f in self._flights.values())
             try:
                 stats = await asyncio.wait_for(_aref(handle.actor.stats.remote()), 5.0)
             except Exception:  # noqa: BLE001 - dead: nothing left to drain
                 break
+            busy = any(handle.worker_id in f.workers | f.placed for f in self._flights.values())
             if not busy and stats["num_running"] == 0 and stats["num_waiting"] == 0 \
                     and stats["num_held_kv"] == 0 and stats["num_loading_kv"] == 0:
                 break
@@ -541,6 +567,13 @@ class Cluster:
     @staticmethod
     async def _async(fn: Any, *args: Any) -> Any:
         return fn(*args)
+
+
+def _abort_output(request_id: str, prompt_ids: list[int]) -> RequestOutput:
+    from splitserve.outputs import CompletionOutput
+
+    return RequestOutput(request_id, None, prompt_ids,
+                         [CompletionOutput(0, "", [], finish_reason="abort")], True)
 
 
 async def _aref(ref: Any) -> Any:

@@ -214,6 +214,8 @@ class LLMEngine:
         """Stop requests wherever they are and free their KV; emits a final 'abort' output."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
+            if request_id in self.scheduler.held and self.kv_worker is not None:
+                self.kv_worker.abort(request_id)  # ends the lease; blocks freed next step
             for child in self._children.get(request_id, []):
                 req = self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 if req is not None:

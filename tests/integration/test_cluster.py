@@ -1,0 +1,172 @@
+"""The disaggregated cluster on real Ray and UCX (tiny model): equal to the single engine.
+
+One cluster serves the module (Ray starts once); tests run in file order: P/D equality,
+streaming, conditional disaggregation, abort, bad input, scale up, a decode worker killed
+under 8 streams, scale down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from splitserve import LLM, Cluster, SamplingParams
+from splitserve.errors import InvalidRequestError
+
+pytestmark = [pytest.mark.ray, pytest.mark.ucx]
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _prompts(n: int, seed: int, lo: int = 20, hi: int = 120) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir), num_kv_blocks=1024)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
+                       kv_cache_memory_bytes=16 << 20,
+                       router={"local_prefill_threshold": 16}, kv_transfer={"lease_s": 8.0},
+                       registry={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 5.0}) as c:
+        yield c
+
+
+def _free_everywhere(cluster: Cluster, timeout_s: float = 30.0) -> list[dict]:
+    """Worker stats once every block is free again (a lost release ends by lease expiry)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = [w for w in cluster.status()["workers"] if w["healthy"]]
+        if all(w["num_free_blocks"] == w["num_blocks"] for w in workers):
+            return workers
+        if time.monotonic() > deadline:
+            return workers
+        time.sleep(0.1)
+
+
+def test_pd_equals_single_engine(cluster: Cluster, single: LLM) -> None:
+    prompts = _prompts(16, seed=0)
+    got = [o.outputs[0].token_ids for o in cluster.generate(prompts, GREEDY)]
+    assert got == [o.outputs[0].token_ids for o in single.generate(prompts, GREEDY)]
+    status = cluster.status()
+    prefill = next(w for w in status["workers"] if w["role"] == "prefill")
+    assert prefill["prefix_cache_queries"] > 0  # the prompts went through the prefill worker
+    for w in _free_everywhere(cluster):
+        assert w["num_free_blocks"] == w["num_blocks"] and w["num_held_kv"] == 0
+
+
+def test_seeded_sampling_and_n(cluster: Cluster, single: LLM) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=11, max_tokens=10, ignore_eos=True)
+    prompt = _prompts(1, seed=1)[0]
+    assert (cluster.generate([prompt], params)[0].outputs[0].token_ids
+            == single.generate([prompt], params)[0].outputs[0].token_ids)
+    multi = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    out = cluster.generate([prompt], multi)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in out.outputs] == [
+        c.token_ids for c in single.generate([prompt], multi)[0].outputs]
+
+
+def test_stream_deltas_add_up(cluster: Cluster, single: LLM) -> None:
+    prompt = _prompts(1, seed=2)[0]
+    deltas = list(cluster.stream(prompt, GREEDY))
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == \
+        single.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert deltas[-1].outputs[0].finish_reason == "length"
+
+
+def test_short_prompt_prefills_on_decode(cluster: Cluster, single: LLM) -> None:
+    before = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
+    prompt = [5, 6, 7, 8, 9]  # shorter than local_prefill_threshold
+    out = cluster.generate([prompt], GREEDY)[0]
+    assert out.outputs[0].token_ids == single.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    after = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
+    assert after["prefill"] == before["prefill"] and after["decode"] > before["decode"]
+
+
+def test_abort_mid_stream_frees_both_workers(cluster: Cluster) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    stream = cluster.stream(_prompts(1, seed=3)[0], params, request_id="abort-me")
+    first = next(stream)
+    assert first.outputs[0].token_ids
+    cluster.abort("abort-me")
+    rest = list(stream)
+    assert rest and rest[-1].outputs[0].finish_reason == "abort"
+    for w in _free_everywhere(cluster):
+        assert w["num_free_blocks"] == w["num_blocks"]
+
+
+def test_bad_request_fails_alone(cluster: Cluster) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        cluster.generate([[1, 2, 3], []], GREEDY)
+    assert err.value.field == "prompt"
+    assert len(cluster.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids) == 12
+
+
+def test_scale_up_adds_a_worker_that_gets_traffic(cluster: Cluster) -> None:
+    cluster.scale("decode", 2)
+    decodes = [w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]]
+    assert len(decodes) == 2
+    cluster.generate(_prompts(12, seed=4), GREEDY)
+    decodes = [w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]]
+    assert all(w["prefix_cache_queries"] > 0 for w in decodes)
+
+
+def test_decode_worker_killed_under_8_streams(cluster: Cluster, single: LLM) -> None:
+    prompts = _prompts(8, seed=5, lo=30, hi=60)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in single.generate(prompts, params)]
+
+    async def run() -> list[list[int]]:
+        got: list[list[int]] = [[] for _ in prompts]
+        started = asyncio.Event()
+
+        async def one(i: int) -> None:
+            async for d in cluster.astream(prompts[i], params):
+                got[i] += d.outputs[0].token_ids
+                if len(got[i]) >= 3:
+                    started.set()
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+        await started.wait()
+        victim = max(
+            (h for h in cluster.workers.values() if h.role == "decode" and h.healthy),
+            key=lambda h: cluster.status()["workers"] and 0,
+        )
+        victim.actor.die.remote()
+        await asyncio.gather(*tasks)
+        return got
+
+    assert asyncio.run(run()) == want
+    assert sum(1 for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]) == 1
+    for w in _free_everywhere(cluster):
+        assert w["num_free_blocks"] == w["num_blocks"]
+
+
+def test_scale_down_drains_first(cluster: Cluster, single: LLM) -> None:
+    cluster.scale("decode", 2)
+    prompts = _prompts(4, seed=6)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    outs: list = []
+
+    import threading
+
+    t = threading.Thread(target=lambda: outs.extend(cluster.generate(prompts, params)))
+    t.start()
+    time.sleep(0.5)
+    cluster.scale("decode", 1)  # drains the newest decode worker while requests run
+    t.join(timeout=120)
+    assert [o.outputs[0].token_ids for o in outs] == \
+        [o.outputs[0].token_ids for o in single.generate(prompts, params)]
+    assert cluster.status()["roles"] == {"prefill": 1, "decode": 1}
+    with pytest.raises(Exception, match="roles.decode"):
+        cluster.scale("decode", 0)

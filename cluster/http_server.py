@@ -429,6 +429,7 @@ class _Job:
             "model": self.front.model_name,
             "choices": [self._full_choice(c) for c in self.acc.ordered()],
             "usage": self.acc.usage(),
+            "timing": self.recorder.timing(),
         }
         return JSONResponse(
             body, headers={"x-request-id": self.id, "server-timing": _server_timing(self.recorder)}
@@ -465,7 +466,8 @@ class _Job:
                     yield _event(self._chunk([self._delta_choice(cd, offsets)]))
             self._finish()
             if self.body.include_usage:
-                yield _event(self._chunk([], usage=self.acc.usage()))
+                timing = self.recorder.timing()
+                yield _event({**self._chunk([], usage=self.acc.usage()), "timing": timing})
         except Exception as e:  # after headers went out, the error travels in the stream
             yield _event(to_api_error(e).body())
         finally:

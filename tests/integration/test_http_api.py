@@ -109,6 +109,9 @@ def test_stream_adds_up_and_reports_usage(client: openai.OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert all(c.usage is None for c in chunks[:-1])
+    timing = chunks[-1].model_extra["timing"]  # per-request breakdown, seconds
+    assert timing["e2e"] >= timing["ttft"] > 0 and timing["decode"] >= 0
+    assert whole.model_extra["timing"]["e2e"] > 0
 
 
 def test_chat_stream_ends_with_done(http: httpx.Client) -> None:

@@ -64,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend = EngineBackend.from_config(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
+        device=args.device,
     )
     opts = ServeOptions(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
@@ -84,6 +85,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     srv.add_argument("--grace", type=float, default=10.0, help="drain seconds on Ctrl-C/SIGTERM")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--device", default="cpu", help="torch device of the engine (cpu, cuda)")
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     srv.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")

@@ -162,7 +162,7 @@ class Engine:
     """Handle on an engine process."""
 
     def __init__(
-        self, seed: int, read_timeout_s: float = 3.0, ucx_tls: str = "tcp,self", port: int = 0
+        self, seed: int, read_timeout_s: float = 5.0, ucx_tls: str = "tcp,self", port: int = 0
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -291,8 +291,8 @@ def test_lease_expires_before_the_read(pair: tuple[Engine, Engine]) -> None:
 
 def test_heartbeats_keep_a_slow_transfer_alive(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
-    prefill.fault(0, 1.5)  # every send stalls longer than the lease
-    params = prefill.offer("slow", 2, 0.9)
+    prefill.fault(0, 2.5)  # every send stalls longer than the lease
+    params = prefill.offer("slow", 2, 1.5)
     decode.load(params)
     status, _ = decode.wait_result("slow")
     assert status == "ok"

@@ -137,3 +137,40 @@ def test_sigterm_drains_in_flight_then_exits(served) -> None:
     usage = json.loads(lines[-2].removeprefix("data: "))["usage"]
     assert usage["completion_tokens"] == 200  # finished, not cut off
     assert proc.stdout is not None and "stopped" in proc.stdout.read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGINT])
+def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals) -> None:
+    psutil = pytest.importorskip("psutil")
+    cmd = [
+        sys.executable,
+        "-m",
+        "splitserve.cluster.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--grace",
+        "5",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "gRPC InferenceService on" in line:
+            break
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(sig)
+    assert proc.wait(60) == 0
+    time.sleep(0.5)
+    assert not [
+        p
+        for p in family
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]

@@ -10,7 +10,7 @@ export UCX_TLS ?= tcp,self
 export UCX_WARN_UNUSED_ENV_VARS := n
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run serve test test-all bench-engine lint clean proto
+.PHONY: setup run serve test test-all bench-engine bench-cluster lint clean proto
 
 setup: $(STAMP)
 
@@ -30,9 +30,10 @@ run: setup
 	$(VENV)/bin/splitserve generate --chat --max-tokens 64 \
 		--prompt "What is the capital of France? Answer in one sentence."
 
-# OpenAI HTTP API on :8000 and gRPC on :50051 (one engine for now; Ctrl-C drains and stops).
+# The main job: a local cluster (1 prefill + 1 decode worker on Ray, KV over UCX) serving the
+# embedded SmolLM2 with the OpenAI HTTP API on :8000 and gRPC on :50051. Ctrl-C drains and stops.
 serve: setup
-	$(VENV)/bin/splitserve serve
+	$(VENV)/bin/splitserve serve $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
@@ -42,6 +43,9 @@ test-all: setup
 
 bench-engine: setup
 	$(PY) bench/engine_throughput.py
+
+bench-cluster: setup
+	$(PY) bench/cluster_vs_colocated.py
 
 # gRPC stubs from proto/splitserve/v1/*.proto (grpcio-tools pinned with protobuf in pyproject).
 proto: setup

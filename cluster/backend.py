@@ -257,3 +257,77 @@ class AdmissionBackend(Backend):
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class ClusterBackend(Backend):
+    """The disaggregated cluster (router + prefill/decode workers on Ray) behind the frontends."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ClusterBackend:
+        from splitserve.cluster.cluster import Cluster
+
+        return cls(Cluster(config))
+
+    @property
+    def model_id(self) -> str:
+        return str(self.cluster.model_id)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.cluster.max_model_len)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.cluster.tokenizer
+
+    def generate(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        return self.cluster.astream(prompt if isinstance(prompt, str) else list(prompt),
+                                    params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.cluster.abort(request_id)
+
+    async def health(self) -> BackendHealth:
+        if self._closed:
+            return BackendHealth(False, {}, "the cluster is shut down")
+        status = await self._status()
+        roles = dict(status["roles"])
+        needed = [r for r, rc in self.cluster.config.roles.items() if rc.replicas > 0]
+        missing = [r for r in needed if roles.get(r, 0) == 0]
+        message = f"no healthy {', '.join(missing)} worker" if missing else ""
+        return BackendHealth(not missing, roles, message)
+
+    async def loads(self) -> list[WorkerLoad]:
+        status = await self._status()
+        return [
+            WorkerLoad(
+                worker_id=w["worker_id"], role=w["role"],
+                num_running=int(w.get("num_running", 0)),
+                num_waiting=int(w.get("num_waiting", 0)),
+                kv_usage=float(w.get("kv_usage", 0.0)),
+                num_free_blocks=int(w.get("num_free_blocks", 0)),
+                num_blocks=int(w.get("num_blocks", 0)),
+                prefix_cache_queries=int(w.get("prefix_cache_queries", 0)),
+                prefix_cache_hits=int(w.get("prefix_cache_hits", 0)),
+                num_preemptions=int(w.get("num_preemptions", 0)),
+            )
+            for w in status["workers"] if w["healthy"]
+        ]
+
+    async def _status(self) -> dict[str, Any]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self.cluster.status)
+
+    async def close(self) -> None:
+        import asyncio
+
+        if not self._closed:
+            self._closed = True
+            await asyncio.get_running_loop().run_in_executor(None, self.cluster.shutdown)

@@ -57,15 +57,20 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from splitserve.cluster.backend import EngineBackend
+    from splitserve.cluster.backend import Backend, ClusterBackend, EngineBackend
     from splitserve.cluster.serve import ServeOptions, run_forever
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    backend = EngineBackend.from_config(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
-        device=args.device,
-    )
+    backend: Backend
+    if args.single_engine:
+        backend = EngineBackend.from_config(
+            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
+            device=args.device,
+        )
+    else:
+        backend = ClusterBackend.from_config(_cluster_config(args))
+        print(f"cluster: {backend.cluster.status()['roles']} workers on Ray", flush=True)
     opts = ServeOptions(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=args.api_key, served_model_name=args.served_model_name, grace_s=args.grace,
@@ -75,9 +80,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """``--config`` YAML (or the local 1 prefill + 1 decode default), with CLI overrides."""
+    from splitserve.cluster.config import ClusterConfig
+
+    overrides = {"dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
+    if args.max_model_len is not None:
+        overrides["max_model_len"] = args.max_model_len
+    if args.config is None:
+        return ClusterConfig.local(prefill=1, decode=1, model=args.model, **overrides)
+    config = ClusterConfig.from_yaml(args.config)
+    if args.model is not None:
+        config = config.model_copy(update={"model": args.model})
+    return config
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs (one engine for now)")
     srv.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2)")
+    srv.add_argument("--config", default=None,
+                     help="cluster YAML (default: 1 prefill + 1 decode worker on this machine)")
+    srv.add_argument("--single-engine", action="store_true",
+                     help="serve from one in-process engine instead of the cluster")
     srv.add_argument("--served-model-name", default=None, help="name clients use (default: id)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")

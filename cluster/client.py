@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from splitserve.proto.splitserve.v1 import inference_pb2 as pb
-from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 
 from splitserve.errors import SplitserveError
+from splitserve.proto.splitserve.v1 import inference_pb2 as pb
+from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SCALAR_SAMPLING = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name) - {

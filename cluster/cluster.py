@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
+
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.launcher import Launcher, WorkerHandle
 from splitserve.cluster.registry import (
@@ -37,16 +38,15 @@ from splitserve.cluster.registry import (
     WorkerRecord,
     create_registry,
 )
+from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
+from splitserve.hashing import hash_block_tokens
+from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.sampler import draw_seed
 from splitserve.roles.llm import _as_params_list, _as_prompt_list, _merge
 from splitserve.roles.models.loader import load_tokenizer
 from splitserve.router.errors import NoInstanceAvailable
 from splitserve.router.router import Router
 from splitserve.router.schema import RouterConfig, RouteRequest
-
-from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
-from splitserve.hashing import hash_block_tokens
-from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

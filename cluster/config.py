@@ -36,8 +36,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from splitserve.cluster.registry import check_registry_url
 
+from splitserve.cluster.registry import check_registry_url
 from splitserve.errors import ConfigError
 
 ROLE_NAMES: tuple[str, ...] = ("encode", "prefill", "decode")

@@ -19,20 +19,20 @@ from typing import Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from splitserve import __version__
 from splitserve.cluster.backend import Backend, PromptInput
 from splitserve.cluster.metrics import RequestRecorder, ServerMetrics
 from splitserve.cluster.prompts import chat_prompt_ids, new_request_id
 from splitserve.cluster.streams import Accumulator, ChoiceDelta, merge, open_streams
-from splitserve.proto.splitserve.v1 import inference_pb2 as pb
-from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
-
-from splitserve import __version__
 from splitserve.errors import (
     InvalidRequestError,
     NoHealthyWorkerError,
     OverloadedError,
 )
 from splitserve.outputs import Logprob
+from splitserve.proto.splitserve.v1 import inference_pb2 as pb
+from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from splitserve import __version__
 from splitserve.cluster.backend import Backend, PromptInput
 from splitserve.cluster.metrics import CONTENT_TYPE, RequestRecorder, ServerMetrics
 from splitserve.cluster.openai_protocol import (
@@ -28,10 +32,6 @@ from splitserve.cluster.openai_protocol import (
 )
 from splitserve.cluster.prompts import chat_prompt_ids, new_request_id
 from splitserve.cluster.streams import Accumulator, ChoiceDelta, merge, open_streams
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from splitserve import __version__
 from splitserve.errors import (
     InvalidRequestError,
     NoHealthyWorkerError,

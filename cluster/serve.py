@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+
 from splitserve.cluster.backend import AdmissionBackend, Backend
 from splitserve.cluster.metrics import ServerMetrics
 

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from splitserve.cluster.backend import Backend, PromptInput
-
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.sampling_params import SamplingParams
 

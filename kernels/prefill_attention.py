@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
 from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -40,7 +42,6 @@ from splitserve.kernels.paged import (
     tile_dot,
 )
 from splitserve.kernels.rounding import downcast
-from triton.runtime.errors import OutOfResources
 
 Tensor = torch.Tensor
 

@@ -279,4 +279,5 @@ def scatter_blocks(staging: Tensor, kv_caches: list[Tensor], block_ids: Tensor) 
     """Unpack a staging buffer (see gather_blocks) into ``block_ids`` of every layer, in place."""
     ids = block_ids.long()
     for layer, cache in enumerate(kv_caches):
-        cache.index_copy_(1, ids, staging[layer])
+        for kv in range(2):  # index_copy_ along dim 1 would touch the whole cache
+            cache[kv].index_copy_(0, ids, staging[layer, kv])

@@ -21,10 +21,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from splitserve.errors import RequestAbortedError
 from splitserve.kvtransfer.lease import LeaseEnd
 from splitserve.kvtransfer.params import KvTransferParams
-
-from splitserve.errors import RequestAbortedError
 from splitserve.request import RequestStatus
 
 

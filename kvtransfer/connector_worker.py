@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Generator, Sequence
 
 import torch
+
+from splitserve.errors import KVChecksumError, KVTransferError
 from splitserve.kernels.ops import get_ops
 from splitserve.kvtransfer.connector_scheduler import FinishedTransfers, KvConnectorMeta
 from splitserve.kvtransfer.layout import KvLayout, cache_checksums, staging_checksums
@@ -30,8 +32,6 @@ from splitserve.kvtransfer.lease import DEFAULT_LEASE_TTL_S, LeaseEnd, LeaseMana
 from splitserve.kvtransfer.params import Control, KvTransferParams, ReadRequest
 from splitserve.kvtransfer.staging import StagingPool
 from splitserve.kvtransfer.transport import KvTransport, TransportConnectionError
-
-from splitserve.errors import KVChecksumError, KVTransferError
 
 
 @dataclasses.dataclass(frozen=True)

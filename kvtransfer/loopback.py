@@ -13,6 +13,8 @@ import threading
 import time
 
 import torch
+
+from splitserve.errors import KVTransferError
 from splitserve.kvtransfer.layout import KvLayout
 from splitserve.kvtransfer.params import Control, ReadRequest
 from splitserve.kvtransfer.transport import (
@@ -24,8 +26,6 @@ from splitserve.kvtransfer.transport import (
     check_dest,
     split_address,
 )
-
-from splitserve.errors import KVTransferError
 
 _REGISTRY: dict[str, LoopbackTransport] = {}
 _REGISTRY_LOCK = threading.Lock()

@@ -23,11 +23,11 @@ from collections.abc import Generator
 from typing import Any, Protocol
 
 import torch
+
+from splitserve.errors import IncompatibleKVLayoutError, KVTransferError, RequestAbortedError
 from splitserve.kvtransfer.layout import KvLayout
 from splitserve.kvtransfer.lease import LeaseExpiredError
 from splitserve.kvtransfer.params import Control, ReadRequest, Reply
-
-from splitserve.errors import IncompatibleKVLayoutError, KVTransferError, RequestAbortedError
 
 DEFAULT_TIMEOUT_S = 10.0
 """Deadline of one read or control round trip, connection set-up included."""

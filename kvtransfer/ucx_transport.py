@@ -33,6 +33,8 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 import torch
+
+from splitserve.errors import KVTransferError
 from splitserve.kvtransfer.layout import KvLayout
 from splitserve.kvtransfer.params import (
     Control,
@@ -54,8 +56,6 @@ from splitserve.kvtransfer.transport import (
     reply_error,
     split_address,
 )
-
-from splitserve.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 

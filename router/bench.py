@@ -24,13 +24,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from splitserve.errors import ConfigError
 from splitserve.router.cost_model import CostModel
 from splitserve.router.policies import create_policy
 from splitserve.router.schema import RouterConfig
 from splitserve.router.simulator import SimConfig, SimRequest, SimResult, prepare_requests, simulate
 from splitserve.router.trace import load_trace
-
-from splitserve.errors import ConfigError
 
 BASELINES = ("round_robin", "least_loaded", "prefix_affinity", "kv_overlap_cost")
 DEFAULT_POLICIES = ("dualmap", *BASELINES)

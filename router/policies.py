@@ -22,12 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from splitserve.hashing import hash_bytes, prefix_key
 from splitserve.router.errors import UnknownPolicyError
 from splitserve.router.hash_ring import RING_SEEDS, DualHashRing, HashRing
 from splitserve.router.schema import Migration, RouterConfig, RouteRequest
 from splitserve.router.view import ClusterView
-
-from splitserve.hashing import hash_bytes, prefix_key
 
 MoveFn = Callable[[Migration], None]
 """Applies one migration to the router's state (supplied by the router to ``rebalance``)."""

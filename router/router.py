@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from splitserve.errors import InvalidRequestError
 from splitserve.router.errors import NoInstanceAvailable, UnknownInstanceError
 from splitserve.router.hash_ring import HashRing
 from splitserve.router.least_pressure import LeastPressure
@@ -38,8 +39,6 @@ from splitserve.router.policies import Policy, create_policy
 from splitserve.router.prefix_index import PendingPrefixes, PrefixIndex, match_with_pending
 from splitserve.router.schema import InstanceRole, Migration, Placement, RouterConfig, RouteRequest
 from splitserve.router.view import ClusterView
-
-from splitserve.errors import InvalidRequestError
 
 ENCODE_RING_SEED = 0xE4C0_0003
 """Seed of the ring that maps image content hashes to encode instances."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from splitserve.router.cost_model import CostModel
 from splitserve.router.router import Router
 from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest

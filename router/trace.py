@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from splitserve.router.errors import TraceFormatError
 
 from splitserve.hashing import NONE_HASH, hash_block
+from splitserve.router.errors import TraceFormatError
 
 TRACE_BLOCK_SIZE = 512
 """Tokens per hash id in Mooncake traces."""

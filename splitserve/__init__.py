@@ -28,12 +28,12 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from splitserve.outputs import CompletionOutput, RequestOutput
-    from splitserve.request import RequestStatus
-    from splitserve.roles.engine.async_engine import AsyncEngine
-    from splitserve.roles.engine.config import EngineConfig
-    from splitserve.roles.llm import LLM
-    from splitserve.sampling_params import SamplingParams
+    from splitserve.outputs import CompletionOutput, RequestOutput  # noqa: F401
+    from splitserve.request import RequestStatus  # noqa: F401
+    from splitserve.roles.engine.async_engine import AsyncEngine  # noqa: F401
+    from splitserve.roles.engine.config import EngineConfig  # noqa: F401
+    from splitserve.roles.llm import LLM  # noqa: F401
+    from splitserve.sampling_params import SamplingParams  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -14,10 +14,10 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from splitserve.cluster.backend import Backend, BackendHealth, PromptInput, WorkerLoad
 from splitserve.cluster.client import Client, UnavailableError
 from splitserve.cluster.serve import BackgroundServer, ServeOptions
-
 from splitserve.errors import NoHealthyWorkerError, OverloadedError
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams

@@ -17,6 +17,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from splitserve import LLM, SamplingParams
 from splitserve.cluster.backend import EngineBackend
 from splitserve.cluster.client import (
     AsyncClient,
@@ -30,8 +32,6 @@ from splitserve.cluster.grpc_server import SERVICE_NAME
 from splitserve.cluster.serve import BackgroundServer, ServeOptions
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
-
-from splitserve import LLM, SamplingParams
 
 KEY = "grpc-key"
 MAX_MODEL_LEN = 1024

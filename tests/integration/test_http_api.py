@@ -19,10 +19,10 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
 
 from splitserve import LLM, SamplingParams
+from splitserve.cluster.backend import EngineBackend
+from splitserve.cluster.serve import BackgroundServer, ServeOptions
 
 KEY = "test-key"
 MAX_MODEL_LEN = 1024

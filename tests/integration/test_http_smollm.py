@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import openai
 import pytest
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
 
 from splitserve import SamplingParams
+from splitserve.cluster.backend import EngineBackend
+from splitserve.cluster.serve import BackgroundServer, ServeOptions
 
 pytestmark = pytest.mark.slow
 

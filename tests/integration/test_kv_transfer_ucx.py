@@ -319,11 +319,10 @@ def test_abort_on_decode_side_mid_transfer(pair: tuple[Engine, Engine]) -> None:
 
 
 def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) -> None:
+    from splitserve.errors import IncompatibleKVLayoutError
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
     from splitserve.kvtransfer.params import KvTransferParams
     from splitserve.kvtransfer.ucx_transport import UcxTransport
-
-    from splitserve.errors import IncompatibleKVLayoutError
 
     prefill, _ = pair
     params = KvTransferParams.decode_any(prefill.offer("mm", 2))

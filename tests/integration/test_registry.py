@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+
 from splitserve.cluster.registry import (
     InMemoryRegistry,
     RedisRegistry,
@@ -30,7 +31,6 @@ from splitserve.cluster.registry import (
     WorkerRecord,
     create_registry,
 )
-
 from splitserve.errors import ConfigError
 
 TIMEOUT_S = 1.0

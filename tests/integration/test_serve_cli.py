@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from splitserve.cluster.cli import main as cli_main
 
 

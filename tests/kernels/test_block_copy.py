@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+
 from splitserve.kernels import block_copy, reference
 from splitserve.kernels.block_copy import gather_blocks, scatter_blocks
 from splitserve.kernels.checks import KernelInputError
-
 from tests.kernels.cases import DEVICE, generator, grid_params, randn
 
 Tensor = torch.Tensor

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitserve.kernels.checks import KernelInputError, check_block_tables, memoized
 from splitserve.kernels.decode_attention import paged_decode_attention
-
 from tests.kernels.cases import DEVICE, int_tensor, randn
 
 

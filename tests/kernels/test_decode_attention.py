@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.decode_attention import (
     decode_attention_partitioned,
     paged_decode_attention,
 )
-
 from tests.kernels.cases import (
     DEVICE,
     assert_close,

@@ -10,12 +10,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from splitserve.kernels import reference
 from splitserve.kernels.block_copy import gather_blocks, scatter_blocks
 from splitserve.kernels.decode_attention import paged_decode_attention
 from splitserve.kernels.prefill_attention import prefill_attention
 from splitserve.kernels.store_kv import store_kv
-
 from tests.kernels.cases import assert_close
 
 pytestmark = pytest.mark.gpu

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitserve.kernels import reference
 from splitserve.kernels.activation import silu_and_mul
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.rms_norm import rms_norm
 from splitserve.kernels.rotary import rotary_embedding
-
 from tests.kernels.cases import DEVICE, DTYPES, assert_close, generator, randn
 
 Tensor = torch.Tensor

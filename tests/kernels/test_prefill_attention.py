@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.prefill_attention import TileConfig, _launch, prefill_attention
-
 from tests.kernels.cases import assert_close, grid_params, int_tensor, randn, random_block_tables
 
 Tensor = torch.Tensor

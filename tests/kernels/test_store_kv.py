@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.store_kv import store_kv
-
 from tests.kernels.cases import DEVICE, generator, grid_params, randn
 
 Tensor = torch.Tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+
 from splitserve.kernels import ops, reference, triton_ops
 
 PUBLIC = [

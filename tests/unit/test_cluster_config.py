@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from splitserve.cluster.config import (
     LOCAL_CPU_WORKER_RESOURCE,
     ClusterConfig,
     ClusterConfigError,
     parse_byte_size,
 )
-
 from splitserve.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

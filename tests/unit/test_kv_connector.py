@@ -10,15 +10,15 @@ import itertools
 
 import pytest
 import torch
+
+from splitserve.errors import IncompatibleKVLayoutError, KVChecksumError, RequestAbortedError
 from splitserve.kvtransfer.connector_scheduler import KvConnectorScheduler, SchedulerUpdate
 from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
 from splitserve.kvtransfer.lease import LeaseEnd, LeaseExpiredError
 from splitserve.kvtransfer.loopback import LoopbackTransport
 from splitserve.kvtransfer.transport import FaultInjector
-from splitserve.roles.engine.block_pool import BlockPool
-
-from splitserve.errors import IncompatibleKVLayoutError, KVChecksumError, RequestAbortedError
 from splitserve.request import RequestStatus
+from splitserve.roles.engine.block_pool import BlockPool
 
 NUM_BLOCKS = 12
 _names = itertools.count()

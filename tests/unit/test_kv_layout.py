@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+
+from splitserve.errors import IncompatibleKVLayoutError
 from splitserve.kernels.reference import gather_blocks
 from splitserve.kvtransfer.layout import (
     KvLayout,
@@ -13,8 +15,6 @@ from splitserve.kvtransfer.layout import (
     cache_checksums,
     staging_checksums,
 )
-
-from splitserve.errors import IncompatibleKVLayoutError
 
 BASE = KvLayout(
     model_id="tiny",

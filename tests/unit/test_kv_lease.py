@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from splitserve.kvtransfer.lease import LeaseEnd, LeaseExpiredError, LeaseManager
 
 from splitserve.errors import RequestAbortedError
+from splitserve.kvtransfer.lease import LeaseEnd, LeaseExpiredError, LeaseManager
 
 
 class Clock:

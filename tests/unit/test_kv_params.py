@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+
+from splitserve.errors import KVTransferError
 from splitserve.kvtransfer.params import (
     WIRE_VERSION,
     Control,
@@ -13,8 +15,6 @@ from splitserve.kvtransfer.params import (
     Reply,
     decode_message,
 )
-
-from splitserve.errors import KVTransferError
 
 
 def _params(**over: object) -> KvTransferParams:

@@ -99,3 +99,10 @@ def test_cli_bad_input_is_a_clear_error(tiny_model_dir) -> None:
          "--prompt", "hi"], capture_output=True, text=True, timeout=300, check=False,
     )
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_ruff_clean() -> None:
+    ruff = Path(sys.executable).parent / "ruff"
+    res = subprocess.run([str(ruff), "check", str(ROOT)], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 0, res.stdout[-3000:]

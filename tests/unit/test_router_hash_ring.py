@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from splitserve.router.hash_ring import RING_SEEDS, DualHashRing, HashRing
 
 KEYS = [k * 0x9E3779B97F4A7C15 % 2**64 for k in range(10_000)]

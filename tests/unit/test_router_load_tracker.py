@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from splitserve.router.errors import UnknownInstanceError
 from splitserve.router.load_tracker import LoadTracker
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+
+from splitserve.errors import ConfigError
 from splitserve.router.errors import UnknownPolicyError
 from splitserve.router.policies import DualMap, available_policies, create_policy, routing_key
 from splitserve.router.router import Router
 from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest
-
-from splitserve.errors import ConfigError
 
 PREFILL = {InstanceRole.PREFILL}
 SLO = 2.0

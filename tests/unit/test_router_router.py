@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
+from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
+from splitserve.hashing import hash_block_tokens, hash_bytes
 from splitserve.router import (
     InstanceRole,
     NoInstanceAvailable,
@@ -11,9 +14,6 @@ from splitserve.router import (
     RouteRequest,
     UnknownInstanceError,
 )
-
-from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
-from splitserve.hashing import hash_block_tokens, hash_bytes
 
 P, D, E = InstanceRole.PREFILL, InstanceRole.DECODE, InstanceRole.ENCODE
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from splitserve.errors import ConfigError
 from splitserve.router.bench import find_capacity, main
 from splitserve.router.cost_model import CostModel
 from splitserve.router.errors import UnknownPolicyError
 from splitserve.router.schema import RouterConfig
 from splitserve.router.simulator import SimConfig, Simulator, prepare_requests, simulate
 from splitserve.router.trace import load_trace
-
-from splitserve.errors import ConfigError
 
 SLICE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
 

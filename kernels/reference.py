@@ -169,27 +169,65 @@ def paged_decode_attention(
     query: [B, num_heads, head_dim]; block_tables: [B, max_blocks] int32 (unused entries any
     valid id); context_lens: [B] int32, tokens in context including the query's own
     (already stored). Returns [B, num_heads, head_dim]; a sequence with no context gets zeros.
+
+    Sequences are grouped by their context length rounded up to ``_decode_granule``: each
+    group gathers its blocks once and runs two batched matmuls per KV head. A sequence's
+    padded length depends on its own length only, so its result does not depend on what it
+    is batched with (batch invariance), and padding stays under one granule.
     """
-    num_seqs, num_heads, head_dim = query.shape
+    num_seqs = query.shape[0]
     if num_seqs == 0:
         return query.new_zeros(query.shape)
+    granule = _decode_granule(kv_cache.shape[2])
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(context_lens.tolist()):
+        groups.setdefault(max(1, -(-n // granule)) * granule, []).append(i)
+    if len(groups) == 1:
+        ((padded, _),) = groups.items()
+        return _decode_group(query, kv_cache, block_tables, context_lens, padded, scale,
+                             sliding_window, soft_cap)
+    out = torch.empty_like(query)
+    for padded, idx in groups.items():
+        rows = torch.tensor(idx, device=query.device)
+        out[rows] = _decode_group(query[rows], kv_cache, block_tables[rows], context_lens[rows],
+                                  padded, scale, sliding_window, soft_cap)
+    return out
+
+
+def _decode_granule(block_size: int) -> int:
+    return max(64, block_size)
+
+
+def _decode_group(
+    query: Tensor,  # [b, num_heads, head_dim]
+    kv_cache: Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
+    block_tables: Tensor,  # [b, max_blocks]
+    context_lens: Tensor,  # [b]
+    padded: int,
+    scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> Tensor:
+    b, num_heads, head_dim = query.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    max_len = int(context_lens.max())
-    num_cols = max(1, -(-max_len // block_size))
-    tables = block_tables[:, :num_cols].long()
-    length = num_cols * block_size
-    # [B, L, kv_heads, head_dim] -> [B, kv_heads, head_dim, L] / [B, kv_heads, L, head_dim]
-    keys = kv_cache[0][tables].view(num_seqs, length, num_kv_heads, head_dim).permute(0, 2, 3, 1)
-    values = kv_cache[1][tables].view(num_seqs, length, num_kv_heads, head_dim).transpose(1, 2)
-    q = query.view(num_seqs, num_kv_heads, group, head_dim).to(keys.dtype)
-    scores = torch.matmul(q, keys) * scale  # [B, kv_heads, group, L]
-    k_pos = torch.arange(length, device=query.device)[None, :]
-    q_pos = (context_lens.long() - 1)[:, None]
-    allowed = _window_mask(q_pos, k_pos, context_lens.long()[:, None], sliding_window)
-    probs = _softmax_attend(scores, allowed[:, None, None, :], soft_cap)
-    out = torch.matmul(probs.to(values.dtype), values)  # [B, kv_heads, group, head_dim]
-    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+    cols = padded // block_size
+    tables = block_tables[:, :cols].long()
+    if tables.shape[1] < cols:  # same padded width whatever the batch: pad with block 0
+        tables = F.pad(tables, (0, cols - tables.shape[1]))
+    length = cols * block_size
+    kv = kv_cache[:, tables].view(2, b, length, num_kv_heads, head_dim)  # one gather, K and V
+    k_pos = torch.arange(length, device=query.device)[None, None, :]
+    ctx = context_lens.long()[:, None, None]
+    allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
+    q = query.to(kv.dtype)
+    out = torch.empty(b, num_kv_heads, group, head_dim, dtype=kv.dtype, device=query.device)
+    for h in range(num_kv_heads):
+        keys, values = kv[0, :, :, h], kv[1, :, :, h]  # [b, L, head_dim] (strided views)
+        scores = torch.bmm(q[:, h * group : (h + 1) * group], keys.transpose(1, 2)) * scale
+        probs = _softmax_attend(scores, allowed, soft_cap)  # [b, group, L] float32
+        out[:, h] = torch.bmm(probs.to(values.dtype), values)
+    return out.view(b, num_heads, head_dim).to(query.dtype)
 
 
 def prefill_attention(

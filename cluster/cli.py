@@ -133,9 +133,16 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (loopback)")
     add_arguments(serve)
     serve.set_defaults(func=_bench_serve)
+    # `bench router` is parsed by the simulator's own parser (main() hands argv over)
+    bench_sub.add_parser("router", help="router policies in the cluster simulator")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "router"]:
+        from splitserve.router.sim.bench import main as router_main
+
+        return int(router_main(argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

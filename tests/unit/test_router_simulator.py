@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from splitserve.errors import ConfigError
-from splitserve.router.bench import find_capacity, main
-from splitserve.router.cost_model import CostModel
 from splitserve.router.errors import UnknownPolicyError
 from splitserve.router.schema import RouterConfig
-from splitserve.router.simulator import SimConfig, Simulator, prepare_requests, simulate
-from splitserve.router.trace import load_trace
+from splitserve.router.sim.bench import find_capacity, main
+from splitserve.router.sim.cost_model import CostModel
+from splitserve.router.sim.simulator import SimConfig, Simulator, prepare_requests, simulate
+from splitserve.router.sim.trace import load_trace
 
 SLICE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
 
@@ -81,9 +81,13 @@ def test_find_capacity_bisects_to_the_threshold() -> None:
 
 
 def test_bench_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from splitserve.cluster.cli import main as splitserve_cli
+
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(
+    rc = splitserve_cli(  # `splitserve bench router ...`
         [
+            "bench",
+            "router",
             "--trace",
             str(SLICE),
             "--instances",
@@ -140,7 +144,7 @@ def test_cost_model_round_trips_and_has_the_documented_shape(tmp_path: Path) -> 
 
 
 def test_fit_cost_model_recovers_known_coefficients() -> None:
-    from splitserve.router.cost_model import fit_cost_model
+    from splitserve.router.sim.cost_model import fit_cost_model
 
     truth = CostModel(
         prefill_overhead_s=0.01,

@@ -26,11 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from splitserve.errors import ConfigError
-from splitserve.router.cost_model import CostModel
 from splitserve.router.policies import create_policy
 from splitserve.router.schema import RouterConfig
-from splitserve.router.simulator import SimConfig, SimRequest, SimResult, prepare_requests, simulate
-from splitserve.router.trace import load_trace
+from splitserve.router.sim.cost_model import CostModel
+from splitserve.router.sim.simulator import (
+    SimConfig,
+    SimRequest,
+    SimResult,
+    prepare_requests,
+    simulate,
+)
+from splitserve.router.sim.trace import load_trace
 
 BASELINES = ("round_robin", "least_loaded", "prefix_affinity", "kv_overlap_cost")
 DEFAULT_POLICIES = ("dualmap", *BASELINES)

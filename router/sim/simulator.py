@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from splitserve.router.cost_model import CostModel
 from splitserve.router.router import Router
 from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest
-from splitserve.router.trace import PromptSynthesizer, TraceRecord
+from splitserve.router.sim.cost_model import CostModel
+from splitserve.router.sim.trace import PromptSynthesizer, TraceRecord
 
 
 @dataclass(frozen=True, slots=True)

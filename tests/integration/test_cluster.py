@@ -170,3 +170,36 @@ def test_scale_down_drains_first(cluster: Cluster, single: LLM) -> None:
     assert cluster.status()["roles"] == {"prefill": 1, "decode": 1}
     with pytest.raises(Exception, match="roles.decode"):
         cluster.scale("decode", 0)
+
+
+def test_200_requests_with_random_aborts_leave_nothing_behind(cluster: Cluster) -> None:
+    prompts = _prompts(200, seed=7, lo=5, hi=60)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    to_abort = set(random.Random(7).sample(range(200), 20))
+
+    async def run() -> dict[int, str | None]:
+        reasons: dict[int, str | None] = {}
+
+        async def one(i: int) -> None:
+            aborted = False
+            async for d in cluster.astream(prompts[i], params, request_id=f"many-{i}"):
+                if i in to_abort and not aborted:
+                    cluster.abort(f"many-{i}")
+                    aborted = True
+                reasons[i] = d.outputs[0].finish_reason
+        await asyncio.gather(*(one(i) for i in range(200)))
+        return reasons
+
+    reasons = asyncio.run(run())
+    assert all(reasons[i] == "length" for i in range(200) if i not in to_abort)
+    assert all(reasons[i] in ("abort", "length") for i in to_abort)
+    assert sum(reasons[i] == "abort" for i in to_abort) >= 10
+    for w in _free_everywhere(cluster):
+        assert w["num_free_blocks"] == w["num_blocks"]
+        assert w["num_held_kv"] == 0 and w["num_loading_kv"] == 0  # no lease left
+        assert w["num_running"] == 0 and w["num_waiting"] == 0
+    import ray
+
+    named = [n for n in ray.util.list_named_actors() if n.startswith("splitserve-")]
+    healthy = {f"splitserve-{h.worker_id}" for h in cluster.workers.values() if h.healthy}
+    assert set(named) == healthy  # no worker actor left behind (dead ones were killed)

@@ -8,7 +8,7 @@ Two steps, so that the measuring (GPU, torch) and the fitting (anywhere) are apa
    values), times prefills of ``new`` tokens after ``cached`` tokens already in a KV
    cache, and decode steps at several batch sizes, and writes one JSON line per sample.
 2. ``--fit IN.jsonl --out MODEL.json``: least-squares fit of
-   ``splitserve.router.cost_model`` (``CostModel``) to those samples.
+   ``splitserve.router.sim.cost_model`` (``CostModel``) to those samples.
 
 The timings are of Hugging Face transformers' Llama with SDPA attention, not of the
 splitserve engine (not yet runnable on a GPU); a tuned engine (vLLM-class kernels, CUDA
@@ -126,7 +126,7 @@ def measure(out: Path) -> None:
 
 
 def fit(timings: Path, out: Path) -> None:
-    from splitserve.router.cost_model import fit_cost_model
+    from splitserve.router.sim.cost_model import fit_cost_model
 
     rows = [json.loads(line) for line in timings.read_text().splitlines() if line.strip()]
     device = next((r for r in rows if r["kind"] == "device"), None)

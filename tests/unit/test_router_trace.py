@@ -8,7 +8,7 @@ import pytest
 
 from splitserve.hashing import hash_block_tokens
 from splitserve.router.errors import TraceFormatError
-from splitserve.router.trace import PromptSynthesizer, load_trace, parse_trace_line
+from splitserve.router.sim.trace import PromptSynthesizer, load_trace, parse_trace_line
 
 SLICE = Path(__file__).resolve().parents[1] / "data" / "mooncake_slice.jsonl"
 

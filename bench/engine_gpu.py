@@ -62,6 +62,32 @@ def run(folder: Path, backend: str, dtype: str, prompts: list[list[int]], out_le
     return [o.outputs[0].token_ids for o in outs], len(prompts) * out_len / elapsed
 
 
+def diagnose(folder: Path, dtype: str) -> dict[str, float]:
+    """Top-5 log-probabilities of the first 3 tokens of a few prompts, torch vs Triton."""
+    from splitserve import LLM, SamplingParams
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 49000) for _ in range(n)] for n in (5, 100, 600, 1500)]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=5)
+    runs = {}
+    for backend in ("torch", "triton"):
+        os.environ["SPLITSERVE_KERNELS"] = backend
+        llm = LLM(str(folder), device=DEVICE, dtype=dtype, kv_cache_memory_bytes=2 << 30)
+        runs[backend] = llm.generate(prompts, params)
+        del llm
+    worst, same = 0.0, 0
+    for a, b in zip(runs["torch"], runs["triton"], strict=True):
+        ca, cb = a.outputs[0], b.outputs[0]
+        same += ca.token_ids == cb.token_ids
+        for step_a, step_b in zip(ca.logprobs, cb.logprobs, strict=True):
+            for tok, lp in step_a.items():
+                if tok in step_b:
+                    worst = max(worst, abs(lp.logprob - step_b[tok].logprob))
+    print(f"diagnose {dtype}: {same}/4 prompts with equal first 3 tokens; "
+          f"max |logprob diff| {worst:.2e}", flush=True)
+    return {f"{dtype}_diag_equal": same, f"{dtype}_diag_max_logprob_diff": worst}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True)
@@ -85,6 +111,8 @@ def main() -> None:
     print(f"device {name}, torch {torch.__version__}, "
           f"{len(prompts)} requests x {args.output_len} tokens", flush=True)
     result: dict[str, float] = {}
+    for dtype in ("float32", "bfloat16"):
+        result.update(diagnose(folder, dtype))
     rows = []
     for dtype in ("float32", "bfloat16"):
         toks_t, rate_t = run(folder, "torch", dtype, prompts, args.output_len, checks=False)

@@ -217,16 +217,17 @@ def _decode_group(
         tables = F.pad(tables, (0, cols - tables.shape[1]))
     length = cols * block_size
     kv = kv_cache[:, tables].view(2, b, length, num_kv_heads, head_dim)  # one gather, K and V
+    kv = kv.float()  # scores and sums in float32 whatever the cache dtype (no-op in float32)
     k_pos = torch.arange(length, device=query.device)[None, None, :]
     ctx = context_lens.long()[:, None, None]
     allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
-    q = query.to(kv.dtype)
+    q = query.float()
     out = torch.empty(b, num_kv_heads, group, head_dim, dtype=kv.dtype, device=query.device)
     for h in range(num_kv_heads):
         keys, values = kv[0, :, :, h], kv[1, :, :, h]  # [b, L, head_dim] (strided views)
         scores = torch.bmm(q[:, h * group : (h + 1) * group], keys.transpose(1, 2)) * scale
         probs = _softmax_attend(scores, allowed, soft_cap)  # [b, group, L] float32
-        out[:, h] = torch.bmm(probs.to(values.dtype), values)
+        out[:, h] = torch.bmm(probs, values)
     return out.view(b, num_heads, head_dim).to(query.dtype)
 
 

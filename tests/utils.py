@@ -50,6 +50,8 @@ def make_tiny_llama(
     def rnd(*shape: int, std: float = 0.08) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
+    width = (64 / hidden) ** 0.5  # keeps activations in range as the model widens
+
     w: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": rnd(vocab, hidden, std=1.0),
         "model.norm.weight": 1 + rnd(hidden, std=0.1),
@@ -60,13 +62,13 @@ def make_tiny_llama(
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = 1 + rnd(hidden, std=0.1)
         w[p + "post_attention_layernorm.weight"] = 1 + rnd(hidden, std=0.1)
-        w[p + "self_attn.q_proj.weight"] = rnd(heads * head_dim, hidden, std=0.3)
-        w[p + "self_attn.k_proj.weight"] = rnd(kv_heads * head_dim, hidden, std=0.3)
-        w[p + "self_attn.v_proj.weight"] = rnd(kv_heads * head_dim, hidden)
-        w[p + "self_attn.o_proj.weight"] = rnd(hidden, heads * head_dim)
-        w[p + "mlp.gate_proj.weight"] = rnd(intermediate, hidden)
-        w[p + "mlp.up_proj.weight"] = rnd(intermediate, hidden)
-        w[p + "mlp.down_proj.weight"] = rnd(hidden, intermediate)
+        w[p + "self_attn.q_proj.weight"] = width * rnd(heads * head_dim, hidden, std=0.3)
+        w[p + "self_attn.k_proj.weight"] = width * rnd(kv_heads * head_dim, hidden, std=0.3)
+        w[p + "self_attn.v_proj.weight"] = width * rnd(kv_heads * head_dim, hidden)
+        w[p + "self_attn.o_proj.weight"] = width * rnd(hidden, heads * head_dim)
+        w[p + "mlp.gate_proj.weight"] = width * rnd(intermediate, hidden)
+        w[p + "mlp.up_proj.weight"] = width * rnd(intermediate, hidden)
+        w[p + "mlp.down_proj.weight"] = width * rnd(hidden, intermediate)
     save_file({k: v.contiguous() for k, v in w.items()}, str(path / "model.safetensors"))
     config = {
         "architectures": ["LlamaForCausalLM"],

@@ -75,8 +75,12 @@ class _Flight:
 class Cluster:
     """Prefill and decode workers on Ray, a router, a registry; generate / stream / abort."""
 
-    def __init__(self, config: ClusterConfig | None = None) -> None:
+    def __init__(self, config: ClusterConfig | None = None, *, attach: bool = False) -> None:
+        """Start the cluster described by ``config``; with ``attach``, connect to the workers
+        that another handle started (see ``connect``)."""
         self.config = config or ClusterConfig.local()
+        self.owner = not attach
+        """Whether this handle started (and so stops) the workers."""
         self.workers: dict[str, WorkerHandle] = {}
         self._flights: dict[str, _Flight] = {}
         self._ids = itertools.count()
@@ -93,6 +97,14 @@ class Cluster:
         except BaseException:
             self.shutdown()
             raise
+
+    @classmethod
+    def connect(cls, config: ClusterConfig) -> Cluster:
+        """A second handle on a running cluster: its workers come from the shared (Redis)
+        registry and the same Ray cluster. Closing it leaves the workers running."""
+        if not config.registry.url.startswith(("redis://", "rediss://")):
+            raise ConfigError("registry: connecting to a running cluster needs a redis:// registry")
+        return cls(config, attach=True)
 
     @classmethod
     def local(
@@ -127,6 +139,10 @@ class Cluster:
             max_migrations_per_rebalance=cfg.router.max_migrations_per_rebalance,
         ))
         self.launcher = Launcher(cfg)
+        if not self.owner:
+            self._attach_workers()
+            self._health = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
+            return
         counts = {role: rc.replicas for role, rc in cfg.roles.items() if rc.replicas > 0}
         self.launcher.check_resources(counts)
         handles = [self.launcher.start(role) for role, n in counts.items() for _ in range(n)]
@@ -134,6 +150,22 @@ class Cluster:
         for handle in handles:
             self._add_worker(handle)
         self._health = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
+
+    def _attach_workers(self) -> None:
+        """Handles on the workers the registry lists (started by another Cluster handle)."""
+        assert self.registry is not None
+        records = self.registry.list()
+        if not records:
+            raise NoHealthyWorkerError(
+                f"registry {self.config.registry.url}: no live worker to connect to"
+            )
+        for record in records:
+            actor = ray.get_actor(record.actor_name, namespace=record.namespace)
+            handle = WorkerHandle(record.worker_id, record.role, actor, None)
+            handle.info = ray.get(actor.info.remote(), timeout=30)
+            self.workers[handle.worker_id] = handle
+            self.router.add_instance(handle.worker_id, roles={handle.role},
+                                     kv_capacity_blocks=handle.info.get("num_blocks"))
 
     def _add_worker(self, handle: WorkerHandle) -> None:
         self.workers[handle.worker_id] = handle
@@ -159,8 +191,11 @@ class Cluster:
         if health is not None:
             health.cancel()
         for handle in list(self.workers.values()):
-            if self.launcher is not None:
+            if self.launcher is not None and self.owner:
                 self.launcher.stop(handle)
+                if self.registry is not None:
+                    with contextlib.suppress(Exception):
+                        self.registry.deregister(handle.worker_id)
         self.workers.clear()
         if self.registry is not None:
             self.registry.close()

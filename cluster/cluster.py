@@ -178,7 +178,8 @@ class Cluster:
         self.registry.register(WorkerRecord(
             worker_id=handle.worker_id, role=handle.role,
             actor_name=f"splitserve-{handle.worker_id}", namespace=self.config.ray.namespace,
-            node_id=str(handle.info.get("host", "")), kv_address=handle.info.get("kv_address", ""),
+            node_id=str(handle.info.get("node_id") or handle.info.get("host", "")),
+            kv_address=handle.info.get("kv_address", ""),
             engine_id=handle.worker_id, status="ready",
         ))
 
@@ -583,7 +584,8 @@ class Cluster:
                     stats = await asyncio.wait_for(_aref(h.actor.stats.remote()), 5.0)
             workers.append({
                 "worker_id": h.worker_id, "role": h.role, "healthy": h.healthy,
-                "draining": h.draining, "kv_address": h.info.get("kv_address", ""), **stats,
+                "draining": h.draining, "kv_address": h.info.get("kv_address", ""),
+                "node_id": h.info.get("node_id", ""), **stats,
             })
         roles: dict[str, int] = {}
         for w in workers:

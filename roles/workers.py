@@ -7,7 +7,7 @@ Ray runs them concurrently on the actor's event loop; ``generate`` is a streamin
 generator (one RequestOutput delta per item).
 
 The classes are plain; ``cluster/launcher.py`` wraps them with ``ray.remote`` and the
-role's resources, so this module does not import Ray.
+role's resources, so importing this module does not import Ray.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class EngineWorker:
             "max_model_len": eng.max_model_len,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "node_id": _ray_node_id(),
             "started_at": self.started_at,
         }
 
@@ -124,6 +125,16 @@ class DecodeWorker(EngineWorker):
     short prompts itself (conditional disaggregation) and replays requests of dead workers."""
 
     role = "decode"
+
+
+def _ray_node_id() -> str:
+    """The Ray node this worker runs on ('' outside Ray)."""
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return ""
 
 
 WORKER_CLASSES: dict[str, type[EngineWorker]] = {

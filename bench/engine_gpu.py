@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--diagnose-only", action="store_true", help="logprob comparison only")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -113,6 +114,10 @@ def main() -> None:
     result: dict[str, float] = {}
     for dtype in ("float32", "bfloat16"):
         result.update(diagnose(folder, dtype))
+    if args.diagnose_only:
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     rows = []
     for dtype in ("float32", "bfloat16"):
         toks_t, rate_t = run(folder, "torch", dtype, prompts, args.output_len, checks=False)

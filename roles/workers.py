@@ -51,6 +51,11 @@ class EngineWorker:
         kwargs: dict[str, Any] = {"name": self.worker_id}
         if self._transport_kind == "ucx":
             kwargs = {"host": self._host, "engine_id": self.worker_id}
+        delay = float(os.environ.get("SPLITSERVE_TEST_KV_SEND_DELAY_S", "0") or 0)
+        if delay > 0:  # fault injection for tests: slow KV sends so a peer can die mid-transfer
+            from splitserve.kvtransfer.transport import FaultInjector
+
+            kwargs["fault"] = FaultInjector(delay_send_s=delay)
         transport = create_transport(self._transport_kind, **kwargs)
         engine.attach_kv_connector(transport, self.worker_id, lease_ttl_s=self._lease_s)
 

@@ -1,0 +1,37 @@
+"""A prefill worker killed while the decode worker pulls its KV: the request still completes,
+prefilled again (on the decode worker), with the tokens of a fault-free run."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from splitserve import LLM, Cluster, SamplingParams
+
+pytestmark = [pytest.mark.ray, pytest.mark.ucx]
+
+
+def test_prefill_killed_mid_transfer(tiny_model_dir, monkeypatch) -> None:
+    monkeypatch.setenv("SPLITSERVE_TEST_KV_SEND_DELAY_S", "3")  # workers see it (runtime env)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompt = list(range(300, 420))
+    want = LLM(str(tiny_model_dir)).generate([prompt], params)[0].outputs[0].token_ids
+    with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
+                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_threshold": 1},
+                       kv_transfer={"lease_s": 10.0}) as cluster:
+        prefill = next(h for h in cluster.workers.values() if h.role == "prefill")
+        decode = next(h for h in cluster.workers.values() if h.role == "decode")
+        stream = cluster.stream(prompt, params)
+        tokens = list(next(stream).outputs[0].token_ids)  # the first token, from prefill
+        time.sleep(0.5)  # the decode worker is now pulling; the prefill side sleeps in send
+        prefill.actor.die.remote()
+        for delta in stream:
+            tokens += delta.outputs[0].token_ids
+        stats = cluster.status()
+        decode_stats = next(w for w in stats["workers"] if w["worker_id"] == decode.worker_id)
+    assert tokens == want
+    assert decode_stats["num_remote_fallbacks"] == 1
+    assert decode_stats["num_free_blocks"] == decode_stats["num_blocks"]
+    assert os.environ["SPLITSERVE_TEST_KV_SEND_DELAY_S"] == "3"

@@ -81,6 +81,22 @@ class WorkerLoad:
     """Cumulative preemptions."""
 
 
+def load_from_stats(worker_id: str, role: str, stats: dict[str, Any]) -> WorkerLoad:
+    """A WorkerLoad from an engine's ``stats()`` dict (missing counters read as 0)."""
+    return WorkerLoad(
+        worker_id=worker_id,
+        role=role,
+        num_running=int(stats.get("num_running", 0)),
+        num_waiting=int(stats.get("num_waiting", 0)),
+        kv_usage=float(stats.get("kv_usage", 0.0)),
+        num_free_blocks=int(stats.get("num_free_blocks", 0)),
+        num_blocks=int(stats.get("num_blocks", 0)),
+        prefix_cache_queries=int(stats.get("prefix_cache_queries", 0)),
+        prefix_cache_hits=int(stats.get("prefix_cache_hits", 0)),
+        num_preemptions=int(stats.get("num_preemptions", 0)),
+    )
+
+
 class Backend(abc.ABC):
     """The contract between the frontends and whatever runs requests (see the module doc)."""
 
@@ -171,21 +187,7 @@ class EngineBackend(Backend):
         return BackendHealth(alive, {self.role: int(alive)}, message)
 
     async def loads(self) -> list[WorkerLoad]:
-        s = self.engine.stats()
-        return [
-            WorkerLoad(
-                worker_id="0",
-                role=self.role,
-                num_running=int(s["num_running"]),
-                num_waiting=int(s["num_waiting"]),
-                kv_usage=float(s["kv_usage"]),
-                num_free_blocks=int(s["num_free_blocks"]),
-                num_blocks=int(s["num_blocks"]),
-                prefix_cache_queries=int(s["prefix_cache_queries"]),
-                prefix_cache_hits=int(s["prefix_cache_hits"]),
-                num_preemptions=int(s["num_preemptions"]),
-            )
-        ]
+        return [load_from_stats("0", self.role, self.engine.stats())]
 
     async def close(self) -> None:
         if not self._closed:
@@ -306,17 +308,7 @@ class ClusterBackend(Backend):
     async def loads(self) -> list[WorkerLoad]:
         status = await self._status()
         return [
-            WorkerLoad(
-                worker_id=w["worker_id"], role=w["role"],
-                num_running=int(w.get("num_running", 0)),
-                num_waiting=int(w.get("num_waiting", 0)),
-                kv_usage=float(w.get("kv_usage", 0.0)),
-                num_free_blocks=int(w.get("num_free_blocks", 0)),
-                num_blocks=int(w.get("num_blocks", 0)),
-                prefix_cache_queries=int(w.get("prefix_cache_queries", 0)),
-                prefix_cache_hits=int(w.get("prefix_cache_hits", 0)),
-                num_preemptions=int(w.get("num_preemptions", 0)),
-            )
+            load_from_stats(w["worker_id"], w["role"], w)
             for w in status["workers"] if w["healthy"]
         ]
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from splitserve.cluster.backend import Backend, PromptInput
+from splitserve.errors import InvalidRequestError
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.sampling_params import SamplingParams
 
@@ -26,6 +27,8 @@ async def open_streams(
 
     Raises the first error (InvalidRequestError, ...) after closing every started stream.
     """
+    for prompt in prompts:
+        _check_context(backend, prompt, params)
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [backend.generate(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]
     try:
@@ -34,6 +37,27 @@ async def open_streams(
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)  # type: ignore[attr-defined]
         raise
     return [_prepend(first, g) for first, g in zip(firsts, gens, strict=True)]
+
+
+def _check_context(backend: Backend, prompt: PromptInput, params: SamplingParams) -> None:
+    """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400)."""
+    if params.max_tokens is None:
+        return
+    if isinstance(prompt, str):
+        encode = getattr(backend.tokenizer, "encode", None)
+        if encode is None:
+            return  # the backend validates what it cannot be told here
+        num = len(encode(prompt))
+    else:
+        num = len(prompt)
+    limit = backend.max_model_len
+    if num < limit and num + params.max_tokens > limit:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num + params.max_tokens} tokens ({num} in the prompt, {params.max_tokens} in the "
+            "completion). Please reduce the prompt or max_tokens.",
+            field="max_tokens",
+        )
 
 
 async def _prepend(

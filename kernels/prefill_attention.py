@@ -175,36 +175,14 @@ def prefill_attention(
     if num_seqs == 0 or max_q_len == 0:
         return out
     config = _tile_config(query.dtype, head_dim, query.device.type)
+    args = (query, kv_cache, block_tables, query_start_loc, context_lens, out, scale,
+            sliding_window, soft_cap, max_q_len)
     try:
-        _launch(
-            query,
-            kv_cache,
-            block_tables,
-            query_start_loc,
-            context_lens,
-            out,
-            scale,
-            sliding_window,
-            soft_cap,
-            max_q_len,
-            config,
-        )
-    except OutOfResources:
+        _launch(*args, config)
+    except OutOfResources:  # this GPU cannot hold the big tiles: fall back to the safe ones
         if config == SAFE_CONFIG:
             raise
-        _launch(
-            query,
-            kv_cache,
-            block_tables,
-            query_start_loc,
-            context_lens,
-            out,
-            scale,
-            sliding_window,
-            soft_cap,
-            max_q_len,
-            SAFE_CONFIG,
-        )
+        _launch(*args, SAFE_CONFIG)
     return out
 
 

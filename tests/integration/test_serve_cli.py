@@ -24,28 +24,18 @@ import pytest
 from splitserve.cluster.cli import main as cli_main
 
 
+def _start_serve(model_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    """`splitserve serve` on free ports in a subprocess (stdout and stderr merged, unbuffered)."""
+    cmd = [sys.executable, "-m", "splitserve.cluster.cli", "serve", "--model", str(model_dir),
+           "--port", "0", "--grpc-port", "0", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model_dir) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "splitserve.cluster.cli",
-        "serve",
-        "--model",
-        str(tiny_model_dir),
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--max-model-len",
-        "512",
-        "--grace",
-        "20",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = _start_serve(tiny_model_dir, "--max-model-len", "512", "--grace", "20")
     addrs: dict[str, str] = {}
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
@@ -144,24 +134,7 @@ def test_sigterm_drains_in_flight_then_exits(served) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGINT])
 def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals) -> None:
     psutil = pytest.importorskip("psutil")
-    cmd = [
-        sys.executable,
-        "-m",
-        "splitserve.cluster.cli",
-        "serve",
-        "--model",
-        str(tiny_model_dir),
-        "--port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--grace",
-        "5",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    proc = _start_serve(tiny_model_dir, "--grace", "5")
     assert proc.stdout is not None
     for line in proc.stdout:
         if "gRPC InferenceService on" in line:

@@ -80,6 +80,10 @@ class EngineWorker:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
+    async def withdraw(self, request_id: str) -> bool:
+        """Give up a request still queued here untouched, so it can run elsewhere."""
+        return await self.engine.withdraw(request_id)
+
     # ------------------------------------------------------------------ state
 
     async def info(self) -> dict[str, Any]:

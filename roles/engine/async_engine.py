@@ -110,6 +110,13 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    async def withdraw(self, request_id: str) -> bool:
+        """Abort the request only if it is still queued untouched (see ``withdraw_request``)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._send("withdraw", (request_id, loop, done))
+        return await done
+
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
@@ -162,6 +169,11 @@ class AsyncEngine:
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "abort":
             self.engine.abort_request(payload)
+            return
+        if kind == "withdraw":
+            request_id, loop, done = payload
+            ok = self.engine.withdraw_request(request_id)
+            loop.call_soon_threadsafe(done.set_result, ok)
             return
         request_id, prompt, params, kwargs = payload
         try:

@@ -27,7 +27,7 @@ from splitserve.roles.engine.kv_cache_manager import KVCacheManager
 from splitserve.roles.engine.model_runner import ModelRunner
 from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.sampler import SampleResult, draw_seed
-from splitserve.roles.engine.scheduler import Scheduler
+from splitserve.roles.engine.scheduler import Scheduler, SchedulerOutput
 from splitserve.roles.models.loader import load_model
 from splitserve.sampling_params import SamplingParams
 
@@ -222,6 +222,22 @@ class LLMEngine:
                     self._pending.append(self._output_for(req, [], None))
                     self._forget(req)
 
+    def withdraw_request(self, request_id: str) -> bool:
+        """Abort a request only if no step has touched it yet (queued-request migration).
+
+        True when every sample is still waiting with nothing computed: the request is
+        aborted here (final 'abort' output) and the caller may run it elsewhere. False
+        when it started (or is unknown): it stays where it is.
+        """
+        children = self._children.get(request_id, [])
+        waiting = {r.request_id: r for r in self.scheduler.waiting}
+        if not children or any(
+            c not in waiting or waiting[c].num_computed_tokens > 0 for c in children
+        ):
+            return False
+        self.abort_request(request_id)
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -233,6 +249,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns delta outputs of the requests that progressed."""
         out = self.scheduler.schedule()
+        self._stamp(out)
         if self.kv_worker is not None and out.kv_meta is not None:
             self.kv_worker.apply(out.kv_meta)
         if not out.is_empty:
@@ -241,11 +258,28 @@ class LLMEngine:
             updated = self.scheduler.update(out, tokens)
             self._pending.extend(self._process(updated, result.sampled))
         if self.kv_worker is not None:
+            loading = set(self.scheduler.loading)
             for req in self.scheduler.update_transfers(self.kv_worker.get_finished()):
                 self._pending.append(self._output_for(req, [], None))
                 self._forget(req)
+            now = time.time()
+            for rid in loading.difference(self.scheduler.loading):
+                if rid in self._tracked:
+                    self._tracked[rid].metrics.setdefault("kv_load_end_time", now)
         outputs, self._pending = self._pending, []
         return outputs
+
+    def _stamp(self, out: SchedulerOutput) -> None:
+        """Per-stage timestamps: first scheduled (queue ends), KV load start (decode role)."""
+        now = time.time()
+        for s in out.scheduled:
+            tracked = self._tracked.get(s.request.request_id)
+            if tracked is not None:
+                tracked.metrics.setdefault("first_scheduled_time", now)
+        for rid in self.scheduler.loading:
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.metrics.setdefault("kv_load_start_time", now)
 
     # ------------------------------------------------------------------ disaggregation
 
@@ -299,13 +333,14 @@ class LLMEngine:
                 handoff = self._hand_off(req)
                 if handoff is None:
                     req.status = RequestStatus.FINISHED_ERROR
+            if req.is_finished:
+                tracked.metrics["finished_time"] = now
             output = self._output_for(req, new_tokens, sampled.get(req.request_id))
             if handoff is not None:
                 output.kv_transfer_params = handoff
                 output.outputs[0].finish_reason = None  # the decode role continues it
             outputs.append(output)
             if req.is_finished:
-                tracked.metrics["finished_time"] = now
                 self._forget(req)
         return outputs
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Sequence
 
 import torch
 
-from splitserve.errors import KVChecksumError, KVTransferError
+from splitserve.errors import KVChecksumError, KVTransferError, RequestAbortedError
 from splitserve.kernels.ops import get_ops
 from splitserve.kvtransfer.connector_scheduler import FinishedTransfers, KvConnectorMeta
 from splitserve.kvtransfer.layout import KvLayout, cache_checksums, staging_checksums
@@ -84,6 +84,7 @@ class _Load:
     deadline: float
     heartbeat_every: float
     last_heartbeat: float
+    started: float = 0.0
 
 
 class KvConnectorWorker:
@@ -115,6 +116,9 @@ class KvConnectorWorker:
         self._heartbeats: dict[int, str] = {}
         self._kept_alive: dict[str, float] = {}  # request id -> last keep-alive (not loading)
         self._finished = FinishedTransfers()
+        self.counters = {"kv_transfer_bytes": 0, "kv_transfer_seconds": 0.0,
+                         "kv_transfers": 0, "kv_transfer_failures": 0}
+        """Pulls of this engine (decode side): verified bytes, seconds, count, failed loads."""
         transport.register_memory(self.layout, server=self)
 
     # ================================================================== serving side
@@ -219,6 +223,7 @@ class KvConnectorWorker:
             now + self.config.load_timeout_s,
             every,
             now,
+            started=now,
         )
         self._loads[request_id] = load
         try:
@@ -450,12 +455,20 @@ class KvConnectorWorker:
         del self._loads[load.request_id]
         self._drop(load, "release")
         self._finished.finished_recving.add(load.request_id)
+        c = self.counters
+        c["kv_transfers"] += 1
+        c["kv_transfer_seconds"] += self._clock() - load.started
+        c["kv_transfer_bytes"] += self.layout.staging_nbytes(
+            self.layout.num_layers, len(load.local_ids)
+        )
 
     def _fail(self, load: _Load, error: BaseException) -> None:
         if self._loads.pop(load.request_id, None) is None:
             return
         self._drop(load, "abort")
         self._finished.failed_recving[load.request_id] = error
+        if not isinstance(error, RequestAbortedError):
+            self.counters["kv_transfer_failures"] += 1
 
     # ================================================================== introspection
 

@@ -403,4 +403,5 @@ class LLMEngine:
             "num_loading_kv": len(self.scheduler.loading),
             "num_held_kv": len(self.scheduler.held),
             "num_remote_fallbacks": self.scheduler.num_remote_fallbacks,
+            **(self.kv_worker.counters if self.kv_worker is not None else {}),
         }

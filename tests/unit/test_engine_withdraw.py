@@ -43,3 +43,18 @@ def test_outputs_carry_stage_timestamps(tiny_model_dir) -> None:
     assert m["arrival_time"] <= m["first_scheduled_time"] <= m["first_token_time"]
     assert m["first_token_time"] <= m["finished_time"]
     assert "kv_load_start_time" not in m  # no remote KV on a colocated engine
+
+
+def test_kv_transfer_counters_in_stats(tiny_model_dir) -> None:
+    from tests.unit.test_disagg_engine import _drive, _engines
+
+    prefill, decode = _engines(tiny_model_dir, blocks=64)
+    prompts = [list(range(10, 10 + n)) for n in (20, 40, 70)]
+    _drive(prefill, decode, prompts, PARAMS)
+    stats = decode.stats()
+    layout = decode.kv_worker.layout
+    blocks = sum(-(-len(p) // decode.config.block_size) for p in prompts)
+    assert stats["kv_transfers"] == 3 and stats["kv_transfer_failures"] == 0
+    assert stats["kv_transfer_bytes"] == layout.staging_nbytes(layout.num_layers, blocks)
+    assert stats["kv_transfer_seconds"] > 0
+    assert prefill.stats()["kv_transfers"] == 0  # pulls are counted by the reader

@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {"splitserve": 0, "proto": 0, "kernels": 1, "kvtransfer": 1, "router": 1,
           "roles": 2, "cluster": 3}
 SUBPACKAGE = {"splitserve." + k: k for k in LAYERS if k != "splitserve"}
+# Public entry points of the root namespace that name upper layers on purpose: each loads them
+# only when used (lazily, inside a function or module __getattr__), so importing the root
+# vocabulary still loads nothing above it. Anything else in splitserve/ must not look upward.
+ENTRY_SHIMS = {ROOT / "splitserve" / name for name in ("__init__.py", "batch.py", "client.py")}
 
 
 def _run(code: str) -> str:
@@ -55,8 +59,8 @@ def test_no_import_runs_upward() -> None:
     bad = []
     for folder, rank in LAYERS.items():
         for path in (ROOT / folder).rglob("*.py"):
-            if path == ROOT / "splitserve" / "__init__.py":
-                continue  # the lazy public API names everything, loading it on first use only
+            if path in ENTRY_SHIMS:
+                continue
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 names = []

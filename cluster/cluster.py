@@ -17,6 +17,7 @@ Public API (``from splitserve import Cluster``)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -70,6 +71,12 @@ class _Flight:
     """Workers it was placed on (a draining worker waits for these too)."""
     aborted: bool = False
     replays: int = 0
+    prefill: str | None = None
+    """The prefill worker it is queued or running on (None once prefilled)."""
+    migrate_to: str | None = None
+    """Set while the router moves it off a hotspot: its prefill stream ends by 'withdraw'."""
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Seconds per stage (queue, prefill, transfer, decode), from the workers' timestamps."""
 
 
 class Cluster:
@@ -86,6 +93,9 @@ class Cluster:
         self._ids = itertools.count()
         self._rng = random.Random()
         self._closed = False
+        self._replacing: set[asyncio.Future[None]] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+        """Router decisions by outcome, migrations, replaced workers (for status and metrics)."""
         self.launcher: Launcher | None = None
         self.registry: Registry | None = None
         self._loop = asyncio.new_event_loop()
@@ -142,6 +152,7 @@ class Cluster:
         if not self.owner:
             self._attach_workers()
             self._health = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
+            self._rebalancer = asyncio.run_coroutine_threadsafe(self._rebalance_loop(), self._loop)
             return
         counts = {role: rc.replicas for role, rc in cfg.roles.items() if rc.replicas > 0}
         self.launcher.check_resources(counts)
@@ -150,6 +161,7 @@ class Cluster:
         for handle in handles:
             self._add_worker(handle)
         self._health = asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop)
+        self._rebalancer = asyncio.run_coroutine_threadsafe(self._rebalance_loop(), self._loop)
 
     def _attach_workers(self) -> None:
         """Handles on the workers the registry lists (started by another Cluster handle)."""
@@ -188,9 +200,14 @@ class Cluster:
         if self._closed:
             return
         self._closed = True
-        health = getattr(self, "_health", None)
-        if health is not None:
-            health.cancel()
+        for task in (getattr(self, "_health", None), getattr(self, "_rebalancer", None)):
+            if task is not None:
+                task.cancel()
+        if self._replacing:  # a worker being started must not outlive the cluster
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(
+                    asyncio.wait(set(self._replacing)), self._loop  # type: ignore[arg-type]
+                ).result(timeout=120)
         for handle in list(self.workers.values()):
             if self.launcher is not None and self.owner:
                 self.launcher.stop(handle)
@@ -380,18 +397,30 @@ class Cluster:
             flight.placed = {placement.decode_instance, placement.prefill_instance or ""}
             handoff: dict[str, Any] | None = None
             if not placement.skip_remote_prefill and placement.prefill_instance is not None:
-                self.router.on_prefill_start(request_id, placement.prefill_instance)
-                try:
-                    async for out in self._call(placement.prefill_instance, flight, prompt_ids,
-                                                params, {"do_remote_decode": True}):
-                        handoff = out.kv_transfer_params
-                        out.kv_transfer_params = None
-                        if handoff is not None:
-                            out.finished = False
-                        finished = out.finished
-                        yield out
-                except WorkerLost:
-                    handoff = None  # the decode worker prefills (prompt + tokens so far) itself
+                flight.prefill = placement.prefill_instance
+                while flight.prefill is not None:
+                    moved = False
+                    try:
+                        async for out in self._call(flight.prefill, flight, prompt_ids, params,
+                                                    {"do_remote_decode": True}):
+                            if _withdrawn(flight, out):
+                                moved = True  # re-queued on migrate_to below; not the client's
+                                break
+                            handoff = out.kv_transfer_params
+                            out.kv_transfer_params = None
+                            if handoff is not None:
+                                out.finished = False
+                            if handoff is not None or out.finished:
+                                _prefill_timing(flight.timing, out.metrics)
+                            if out.finished:  # done at prefill (e.g. max_tokens=1)
+                                out.metrics = {**out.metrics, **_stage_keys(flight.timing)}
+                            finished = out.finished
+                            yield out
+                    except WorkerLost:
+                        handoff = None  # the decode worker prefills (prompt + tokens so far)
+                    flight.prefill, flight.migrate_to = (flight.migrate_to if moved else None), None
+                    if flight.prefill is not None:
+                        flight.placed.add(flight.prefill)
                 self.router.on_prefill_done(request_id)
             if finished:
                 return
@@ -404,6 +433,9 @@ class Cluster:
                 try:
                     async for out in self._call(decode, flight, prompt_ids, params, handoff):
                         finished = out.finished
+                        if finished:
+                            _decode_timing(flight.timing, out.metrics, local=handoff is None)
+                            out.metrics = {**out.metrics, **_stage_keys(flight.timing)}
                         yield out
                     return
                 except WorkerLost:
@@ -419,11 +451,51 @@ class Cluster:
     def _place(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Any:
         hashes = hash_block_tokens(prompt_ids, self.config.block_size)
         try:
-            return self.router.route(RouteRequest(
+            placement = self.router.route(RouteRequest(
                 request_id, len(prompt_ids), hashes, max_output_tokens=params.max_tokens or 0,
             ))
         except NoInstanceAvailable as e:
+            self.counters["route:no_instance"] += 1
             raise NoHealthyWorkerError(f"no healthy worker: {e}") from e
+        self.counters[f"route:{_outcome(placement)}"] += 1
+        return placement
+
+    # ------------------------------------------------------------------ migration
+
+    async def _rebalance_loop(self) -> None:
+        """Move queued, not-started requests off hotspots, as the router decides."""
+        while True:
+            await asyncio.sleep(self.config.router.rebalance_interval_s)
+            try:
+                migrations = self.router.rebalance() if self._flights else []
+            except Exception:  # noqa: BLE001 - a router bug must not stop serving
+                logger.exception("rebalance failed")
+                continue
+            for m in migrations:
+                await self._migrate(m)
+
+    async def _migrate(self, m: Any) -> None:
+        """Withdraw the request from ``m.source`` if it is still untouched there; its prefill
+        loop then re-issues it on ``m.target``. Otherwise it stays, and the router is told."""
+        flight = self._flights.get(m.request_id)
+        source = self.workers.get(m.source)
+        target = self.workers.get(m.target)
+        ok = False
+        if (flight is not None and flight.prefill == m.source and flight.migrate_to is None
+                and not flight.aborted and source is not None and source.healthy
+                and target is not None and target.healthy and not target.draining):
+            flight.migrate_to = m.target
+            try:
+                ok = bool(await source.actor.withdraw.remote(m.request_id))
+            except Exception:  # noqa: BLE001 - a dead source is handled by the stream
+                ok = False
+            if not ok and flight.migrate_to == m.target:
+                flight.migrate_to = None
+        if ok:
+            self.counters["route:migrated"] += 1
+            return
+        with contextlib.suppress(Exception):
+            self.router.on_prefill_start(m.request_id, m.source)  # started there: it stays
 
     async def _call(
         self, worker_id: str, flight: _Flight, prompt_ids: list[int], params: SamplingParams,
@@ -485,6 +557,38 @@ class Cluster:
         if self.registry is not None:
             with contextlib.suppress(Exception):
                 self.registry.deregister(worker_id)
+        if self.owner and not self._closed and not handle.draining \
+                and self.config.role(handle.role).replace_failed:
+            task = asyncio.ensure_future(self._replace(handle))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, dead: WorkerHandle) -> None:
+        """Start a new worker for one that died, so the role keeps its replica count."""
+        assert self.launcher is not None
+        launcher = self.launcher
+
+        def start() -> WorkerHandle:
+            handle = launcher.start(dead.role)
+            try:
+                launcher.wait_ready([handle])
+            except BaseException:
+                launcher.stop(handle)
+                raise
+            return handle
+
+        try:
+            handle = await asyncio.get_running_loop().run_in_executor(None, start)
+        except Exception:  # noqa: BLE001 - e.g. no resources left: serve with fewer workers
+            logger.exception("could not replace %s worker %s", dead.role, dead.worker_id)
+            return
+        if self._closed:
+            launcher.stop(handle)
+            return
+        self._add_worker(handle)
+        self.counters["workers_replaced"] += 1
+        logger.warning("replaced dead %s worker %s by %s", dead.role, dead.worker_id,
+                       handle.worker_id)
 
     async def _health_loop(self) -> None:
         interval = self.config.registry.heartbeat_interval_s
@@ -592,7 +696,8 @@ class Cluster:
             if w["healthy"] and not w["draining"]:
                 roles[w["role"]] = roles.get(w["role"], 0) + 1
         return {"model": self.model_id, "workers": workers, "roles": roles,
-                "num_requests": len(self._flights)}
+                "num_requests": len(self._flights), "policy": self.config.router.policy,
+                "counters": dict(self.counters)}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -615,3 +720,45 @@ def _abort_output(request_id: str, prompt_ids: list[int]) -> RequestOutput:
 
 async def _aref(ref: Any) -> Any:
     return await ref
+
+
+def _outcome(placement: Any) -> str:
+    """How the router placed a request, for ``router_decisions_total{outcome}``."""
+    if placement.skip_remote_prefill:
+        return "local_prefill"
+    if placement.fallback:
+        return "load_fallback"
+    return "prefix_hit" if placement.cached_tokens > 0 else "prefix_miss"
+
+
+def _withdrawn(flight: _Flight, out: RequestOutput) -> bool:
+    """The prefill stream ended because the request was withdrawn for a migration."""
+    return (flight.migrate_to is not None and not flight.aborted and out.finished
+            and out.outputs[0].finish_reason == "abort")
+
+
+def _prefill_timing(timing: dict[str, float], m: dict[str, float]) -> None:
+    """Queue and prefill seconds from the prefill worker's timestamps (its own clock)."""
+    if "first_scheduled_time" in m:
+        timing["queue"] = m["first_scheduled_time"] - m["arrival_time"]
+        timing["prefill"] = m.get("first_token_time", m["first_scheduled_time"]) \
+            - m["first_scheduled_time"]
+
+
+def _decode_timing(timing: dict[str, float], m: dict[str, float], local: bool) -> None:
+    """Transfer and decode seconds from the decode worker's timestamps; with ``local`` the
+    decode worker also prefilled (conditional disaggregation, or a recompute after a fault)."""
+    if "kv_load_start_time" in m and "kv_load_end_time" in m:
+        timing["transfer"] = m["kv_load_end_time"] - m["kv_load_start_time"]
+    start = m.get("kv_load_end_time", m.get("first_scheduled_time", m["arrival_time"]))
+    if local and "first_scheduled_time" in m:
+        timing.setdefault("queue", 0.0)
+        timing["queue"] += m["first_scheduled_time"] - m["arrival_time"]
+        start = m.get("first_token_time", m["first_scheduled_time"])
+        timing["prefill"] = timing.get("prefill", 0.0) + start - m["first_scheduled_time"]
+    timing["decode"] = max(m.get("finished_time", start) - start, 0.0)
+
+
+def _stage_keys(timing: dict[str, float]) -> dict[str, float]:
+    """Stage seconds as output metrics keys (``queue_s``, ``prefill_s``, ...)."""
+    return {f"{k}_s": v for k, v in timing.items()}

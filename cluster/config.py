@@ -123,6 +123,8 @@ class RoleConfig(_Section):
     """Custom Ray resources per worker, e.g. ``{splitserve_cpu_worker: 1}`` in CPU mode."""
     max_restarts: int = Field(default=3, ge=-1)
     """Times Ray restarts a crashed worker actor (-1: forever, 0: never)."""
+    replace_failed: bool = True
+    """Start a new worker when one is declared dead, so the role keeps ``replicas`` live."""
     max_num_seqs: int = Field(default=128, ge=1)
     """Most requests running at once in one worker's engine."""
     max_num_batched_tokens: int = Field(default=2048, ge=1)

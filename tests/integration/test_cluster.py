@@ -2,7 +2,7 @@
 
 One cluster serves the module (Ray starts once); tests run in file order: P/D equality,
 streaming, conditional disaggregation, abort, bad input, scale up, a decode worker killed
-under 8 streams, scale down.
+under 8 streams (and replaced), scale down.
 """
 
 from __future__ import annotations
@@ -146,8 +146,23 @@ def test_decode_worker_killed_under_8_streams(cluster: Cluster, single: LLM) -> 
         await asyncio.gather(*tasks)
         return got
 
+    before = {h.worker_id for h in cluster.workers.values() if h.role == "decode" and h.healthy}
     assert asyncio.run(run()) == want
-    assert sum(1 for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]) == 1
+    dead = [h for h in cluster.workers.values() if h.role == "decode" and not h.healthy]
+    assert len(dead) == 1 and dead[0].worker_id in before
+    # the role keeps its replica count: a new worker replaces the dead one and gets traffic
+    deadline = time.monotonic() + 120
+    while True:
+        decodes = [w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]]
+        if len(decodes) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    new = {w["worker_id"] for w in decodes} - before
+    assert len(decodes) == 2 and len(new) == 1
+    assert cluster.status()["counters"]["workers_replaced"] == 1
+    cluster.generate(_prompts(12, seed=8), GREEDY)
+    fresh = next(w for w in cluster.status()["workers"] if w["worker_id"] in new)
+    assert fresh["prefix_cache_queries"] > 0
     for w in _free_everywhere(cluster):
         assert w["num_free_blocks"] == w["num_blocks"]
 

@@ -34,8 +34,12 @@ class LLM:
         prompts: PromptType | Sequence[PromptType] | dict[str, Any],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One finished RequestOutput per prompt, in input order."""
-        prompt_list = _as_prompt_list(prompts)
+        """One finished RequestOutput per prompt, in input order.
+
+        A prompt is text, token ids, or vLLM's dict ``{"prompt" | "prompt_token_ids",
+        "multi_modal_data": {"image": img | [imgs]}}`` for a multimodal model.
+        """
+        prompt_list = _as_prompt_inputs(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params)
 
@@ -48,12 +52,14 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts: list[PromptType] = [
+        prompts: list[PromptType | dict[str, Any]] = [
             tok.apply_chat_template(list(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
         ]
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)))
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[PromptType | dict[str, Any]], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         added: list[str] = []
         try:
@@ -99,6 +105,17 @@ def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
             target.cumulative_logprob = c.cumulative_logprob
     acc.finished = delta.finished
     acc.metrics.update(delta.metrics)
+
+
+def _as_prompt_inputs(prompts: Any) -> list[PromptType | dict[str, Any]]:
+    """Like ``_as_prompt_list``, but dict prompts that carry ``multi_modal_data`` stay dicts
+    (the engine reads them)."""
+    items = [prompts] if isinstance(prompts, dict) else prompts
+    if isinstance(items, list | tuple) and any(
+        isinstance(p, dict) and p.get("multi_modal_data") for p in items
+    ):
+        return [p if isinstance(p, dict) else _as_prompt_list([p])[0] for p in items]
+    return list(_as_prompt_list(prompts))
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

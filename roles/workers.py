@@ -1,4 +1,5 @@
-"""Role workers: one engine each, run as Ray actors (prefill, decode; encode comes later).
+"""Role workers, run as Ray actors: prefill and decode (one engine each) and encode (a vision
+tower with an embedding cache, no engine).
 
 A worker owns its engine (an AsyncEngine: the engine steps on its own thread), its KV
 transport and connector, and nothing else: placement is the router's, membership the
@@ -68,12 +69,19 @@ class EngineWorker:
         params: SamplingParams,
         kv_transfer_params: dict[str, Any] | None = None,
         resume_token_ids: Sequence[int] = (),
+        multi_modal_data: dict[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas; the last one has ``finished`` (and, on a prefill
-        role, ``kv_transfer_params`` for the decode role)."""
+        role, ``kv_transfer_params`` for the decode role).
+
+        ``multi_modal_data`` of a multimodal request: the encode worker's output as
+        ``{"image_embeds": [...], "image_hashes": [...]}``; prefill and decode workers get the
+        same, so both compute the same block hashes and either can (re)compute the prompt.
+        """
         async for out in self.engine.generate(
             prompt, params, request_id,
             kv_transfer_params=kv_transfer_params, resume_token_ids=list(resume_token_ids),
+            multi_modal_data=multi_modal_data,
         ):
             yield out
 
@@ -134,6 +142,97 @@ class DecodeWorker(EngineWorker):
     short prompts itself (conditional disaggregation) and replays requests of dead workers."""
 
     role = "decode"
+
+
+class EncodeWorker:
+    """Images -> embeddings for prefill workers: vision tower + projector only (the language
+    model is never loaded), with an LRU embedding cache by image content hash.
+
+    Takes the same constructor arguments as the engine workers (the launcher starts every
+    role alike); it moves no KV, so the transport arguments are unused.
+    """
+
+    role = "encode"
+
+    def __init__(
+        self,
+        worker_id: str,
+        engine_config: EngineConfig,
+        transport: str = "ucx",
+        lease_s: float = 30.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        import torch
+
+        from splitserve.roles.encoder import ImageEncoder
+        from splitserve.roles.models.loader import resolve_model
+
+        self.worker_id = worker_id
+        self.started_at = time.time()
+        self.config = engine_config
+        if engine_config.num_threads:
+            torch.set_num_threads(engine_config.num_threads)
+        self.model_id, path = resolve_model(engine_config.model)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[engine_config.dtype]
+        self.encoder = ImageEncoder.from_folder(
+            path, dtype, engine_config.device, engine_config.encoder_cache_bytes
+        )
+        self.num_running = 0
+        self.num_images = 0
+
+    async def encode(self, images: list[Any]) -> list[dict[str, Any]]:
+        """Per image (PNG/JPEG bytes, base64, data URL or PIL image), in order:
+        ``{"hash": content hash, "embeds": float32 array [num_image_tokens, hidden]}``.
+        Malformed images raise InvalidRequestError (field ``multi_modal_data.image``)."""
+        import asyncio
+
+        self.num_running += 1
+        try:
+            results = await asyncio.to_thread(self.encoder.encode, list(images))
+        finally:
+            self.num_running -= 1
+        self.num_images += len(results)
+        return [{"hash": h, "embeds": e.float().cpu().numpy()} for h, e in results]
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "kv_address": "",
+            "model_id": self.model_id,
+            "num_blocks": 0,
+            "block_size": self.config.block_size,
+            "num_image_tokens": self.encoder.num_image_tokens,
+            "hidden_size": self.encoder.model.hidden_size,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": _ray_node_id(),
+            "started_at": self.started_at,
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": self.num_running,
+            "num_waiting": 0,
+            "kv_usage": 0.0,
+            "num_images_encoded": self.num_images,
+            **self.encoder.stats(),
+        }
+
+    async def kv_events(self) -> list[tuple[str, tuple[int, ...]]]:
+        """No KV cache: nothing for the prefix index (kept so health loops treat roles alike)."""
+        return []
+
+    async def ping(self) -> bool:
+        return True
+
+    def die(self) -> None:
+        """Fault injection: end this worker's process at once (tests only)."""
+        os._exit(1)
+
+    async def shutdown(self) -> None:
+        self.encoder.cache.clear()
 
 
 def _ray_node_id() -> str:

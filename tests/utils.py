@@ -93,3 +93,80 @@ def make_tiny_llama(
     for f in tokenizer_dir.iterdir():
         (path / f.name).write_bytes(f.read_bytes())
     return path
+
+
+def make_tiny_llava(
+    path: Path,
+    tokenizer_dir: Path,
+    *,
+    image_size: int = 32,
+    patch: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    hidden: int = 64,
+    layers: int = 2,
+    feature_layer: int | list[int] = -2,
+    strategy: str = "default",
+    seed: int = 0,
+) -> Path:
+    """Write a random LLaVA (CLIP vision tower + projector + Llama) as transformers saves it.
+
+    The tokenizer gets an ``<image>`` special token (id 49152 after SmolLM2's 49152 tokens,
+    inside the text vocabulary), as llava-hf folders have. Weights are redrawn with wider
+    scales than transformers' init so that images move the logits and greedy margins are
+    wide (a reference check must not hinge on float noise).
+    """
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+        patch_size=patch, projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token,
+        vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(_tiny_init(name, p, g))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(str(path))
+    return path
+
+
+def _tiny_init(name: str, p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(p.shape, generator=g)
+    if "norm" in name and name.endswith("weight"):
+        return 1 + 0.1 * noise
+    if name.endswith("bias"):
+        return 0.02 * noise
+    if "embed_tokens" in name:
+        return noise
+    if "lm_head" in name:
+        return 0.5 * noise
+    if p.ndim == 1 or "position_embedding" in name:
+        return 0.5 * noise  # class / position embeddings
+    fan_in = p[0].numel()
+    return noise / fan_in**0.5

@@ -59,6 +59,8 @@ class EngineConfig:
     """Seed for requests that give none (their per-request seed is drawn from it)."""
     num_threads: int | None = None
     """Torch intra-op threads on CPU (None: torch's default)."""
+    encoder_cache_bytes: int = 256 << 20
+    """Image-embedding cache of a multimodal model's vision tower, by content hash."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

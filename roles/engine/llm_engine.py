@@ -21,14 +21,24 @@ from splitserve.errors import InvalidRequestError, KVCacheCapacityError
 from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
+from splitserve.roles.encoder import ImageEncoder
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.detokenizer import IncrementalDetokenizer
 from splitserve.roles.engine.kv_cache_manager import KVCacheManager
 from splitserve.roles.engine.model_runner import ModelRunner
+from splitserve.roles.engine.multimodal import (
+    FIELD,
+    ImagePlaceholder,
+    MultiModalInputs,
+    check_data,
+    check_embeds,
+    expand_placeholders,
+    split_prompt,
+)
 from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.sampler import SampleResult, draw_seed
 from splitserve.roles.engine.scheduler import Scheduler, SchedulerOutput
-from splitserve.roles.models.loader import load_model
+from splitserve.roles.models.loader import LoadedModel, load_model
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -71,6 +81,8 @@ class LLMEngine:
             loaded.config, loaded.weights, self.num_blocks, config.block_size, self.dtype,
             torch.device(config.device),
         )
+        self.image_encoder = self._image_encoder(loaded)
+        """Vision tower + projector of a LLaVA model (None for text-only models)."""
         self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
         self._tracked: dict[str, _Tracked] = {}
@@ -79,6 +91,15 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.kv_worker: Any = None
         """Worker half of the KV connector once ``attach_kv_connector`` made this a P/D role."""
+
+    def _image_encoder(self, loaded: LoadedModel) -> ImageEncoder | None:
+        llava = loaded.config.llava
+        if llava is None:
+            return None
+        return ImageEncoder.from_weights(
+            llava, loaded.weights, loaded.path, torch.device(self.config.device),
+            self.config.encoder_cache_bytes,
+        )
 
     def _blocks_for_budget(self) -> int:
         per_block = self.model_config.kv_bytes_per_token * self.config.block_size
@@ -97,13 +118,20 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptType,
+        prompt: PromptType | dict[str, Any],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
         resume_token_ids: Sequence[int] = (),
+        multi_modal_data: dict[str, Any] | None = None,
     ) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises InvalidRequestError.
+
+        ``prompt`` may be vLLM's dict form (``{"prompt" | "prompt_token_ids",
+        "multi_modal_data"}``). ``multi_modal_data``: ``{"image": img | [imgs]}`` (one
+        placeholder token per image in the prompt; this engine runs the vision tower) or
+        ``{"image_embeds": [[T, H] arrays], "image_hashes": [int]}`` (an encode worker's
+        output). The returned ids have each placeholder expanded to its image's tokens.
 
         ``kv_transfer_params``: ``{"do_remote_decode": True}`` makes this engine a prefill
         role for the request (it stops after the first token and hands its KV off); a
@@ -117,7 +145,11 @@ class LLMEngine:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
         if request_id in self._children:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        prompt, multi_modal_data = split_prompt(prompt, multi_modal_data)
         token_ids = self.tokenize_prompt(prompt)
+        mm = None
+        if multi_modal_data:
+            token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)
         max_tokens = self._check_lengths(token_ids, params)
         resume = self._check_resume(resume_token_ids, max_tokens)
         text = prompt if isinstance(prompt, str) else None
@@ -130,7 +162,7 @@ class LLMEngine:
                 child_id, token_ids, params, seed=seed, max_tokens=max_tokens,
                 eos_token_ids=self.tokenizer.eos_token_ids, block_size=self.config.block_size,
                 arrival_time=arrival, output_token_ids=resume, remote_params=remote_params,
-                remote_decode=remote_decode,
+                remote_decode=remote_decode, mm=mm,
             )
             detok = IncrementalDetokenizer(self.tokenizer, params)
             detok.prime(resume)
@@ -160,6 +192,30 @@ class LLMEngine:
             return KvTransferParams.decode_any(kv_transfer_params), False
         except (ValueError, TypeError, KeyError) as e:
             raise InvalidRequestError(f"bad kv_transfer_params: {e}", "kv_transfer_params") from e
+
+    def _multimodal_inputs(
+        self, token_ids: list[int], data: Any
+    ) -> tuple[list[int], MultiModalInputs]:
+        """Expand the image placeholders and gather the images' embeddings (encoding raw
+        images here: this engine is monolithic for them)."""
+        llava = self.model_config.llava
+        if llava is None or self.image_encoder is None:
+            raise InvalidRequestError(
+                f"the model {self.model_id!r} is text-only; it takes no multi_modal_data",
+                field=FIELD,
+            )
+        kind, items = check_data(data)
+        if kind == "image":
+            lengths = [llava.num_image_tokens] * len(items)
+        else:
+            embeds, hashes = check_embeds(items, data.get("image_hashes"), self.model_config.hidden_size)
+            lengths = [e.shape[0] for e in embeds]
+        token_ids, offsets = expand_placeholders(token_ids, llava.image_token_id, lengths)
+        if kind == "image":
+            encoded = self.image_encoder.encode(items, field=f"{FIELD}.image")
+            hashes, embeds = [h for h, _ in encoded], [e for _, e in encoded]
+        places = [ImagePlaceholder(o, n, h) for o, n, h in zip(offsets, lengths, hashes, strict=True)]
+        return token_ids, MultiModalInputs(places, embeds)
 
     def _check_resume(self, resume: Sequence[int], max_tokens: int) -> list[int]:
         resume = list(resume)

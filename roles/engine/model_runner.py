@@ -58,7 +58,8 @@ class ModelRunner:
         items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
         input_ids, positions, slots = self._flatten(items)
         meta = self._metadata(items, slots)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        embeds = self._input_embeds(items, input_ids)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, embeds)
         rows, last = self._sampling_rows(items)
         if not rows:
             return RunnerOutput({})
@@ -81,6 +82,28 @@ class ModelRunner:
             slots.append(table[p // bs] * bs + p % bs)
         as_tensor = lambda a: torch.from_numpy(np.concatenate(a)).to(self.device)  # noqa: E731
         return torch.tensor(ids, device=self.device), as_tensor(pos), as_tensor(slots)
+
+    def _input_embeds(self, items: list[ScheduledRequest], input_ids: Tensor) -> Tensor | None:
+        """Token embeddings with image rows spliced in at placeholder positions, or None
+        when no image position is in this step (text runs the plain embedding lookup).
+
+        Each chunk takes only the rows of its own positions, so a chunk that starts or ends
+        inside an image's span, or follows a cached prefix that covers one, gets exactly
+        the rows it computes.
+        """
+        splices: list[tuple[int, Tensor]] = []
+        offset = 0
+        for s in items:
+            if s.request.mm is not None:
+                rows = s.request.mm.rows_in(s.start, s.start + s.num_new_tokens)
+                splices.extend((offset + at, r) for at, r in rows)
+            offset += s.num_new_tokens
+        if not splices:
+            return None
+        embeds = self.model.embed_tokens(input_ids)  # [T, H]
+        for at, rows in splices:
+            embeds[at : at + rows.shape[0]] = rows.to(embeds.device, embeds.dtype)
+        return embeds
 
     def _metadata(self, items: list[ScheduledRequest], slots: Tensor) -> AttentionMetadata:
         decodes = [s for s in items if s.num_new_tokens == 1]

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from splitserve.hashing import NONE_HASH, hash_block_tokens
 from splitserve.request import RequestStatus
 from splitserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # multimodal imports torch; the scheduler side stays torch-free
+    from splitserve.roles.engine.multimodal import MultiModalInputs
 
 
 class Request:
@@ -32,6 +35,7 @@ class Request:
         output_token_ids: Sequence[int] = (),
         remote_params: Any = None,
         remote_decode: bool = False,
+        mm: MultiModalInputs | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -50,6 +54,8 @@ class Request:
         """Prompt tokens found in the prefix cache at first scheduling (-1: not yet looked up)."""
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.mm = mm
+        """Images of the prompt (placeholder ranges, content hashes, embeddings), or None."""
         self.block_hashes: list[int] = []
         self._update_block_hashes()
         self.remote_params = remote_params
@@ -84,8 +90,14 @@ class Request:
         done = len(self.block_hashes)
         start = done * self.block_size
         parent = self.block_hashes[-1] if self.block_hashes else NONE_HASH
+        extra = None
+        if self.mm is not None:  # blocks over an image also key on its content hash
+            num_new = len(self.all_token_ids) // self.block_size - done
+            extra = self.mm.block_extra_keys(done, num_new, self.block_size)
         self.block_hashes.extend(
-            hash_block_tokens(self.all_token_ids[start:], self.block_size, parent_hash=parent)
+            hash_block_tokens(
+                self.all_token_ids[start:], self.block_size, parent_hash=parent, extra_keys=extra
+            )
         )
 
     # ------------------------------------------------------------------ stopping

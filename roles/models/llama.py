@@ -136,13 +136,18 @@ class LlamaModel:
         positions: Tensor,  # [T]
         kv_caches: list[Tensor],  # per layer [2, num_blocks, block_size, nkv, hd]
         meta: AttentionMetadata,
+        inputs_embeds: Tensor | None = None,  # [T, H]: given when images replace some rows
     ) -> Tensor:
-        hidden = F.embedding(input_ids, self.embed)  # [T, H]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual: Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer.forward(positions, hidden, residual, kv_cache, self.cos_sin, meta)
         hidden, _ = self.ops.rms_norm(hidden, self.norm, self.cfg.rms_norm_eps, residual)
         return hidden  # [T, H]
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """[T] -> [T, H]."""
+        return F.embedding(input_ids, self.embed)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> [N, V] float32 logits."""

@@ -3,7 +3,11 @@
 Owns turning a path into (ModelConfig, weights under Hugging Face names, Tokenizer).
 GGUF weights are dequantized to float at load with the ``gguf`` package, and the
 Q/K rows that llama.cpp's converter permuted are put back in Hugging Face order,
-so one model definition serves both. It must not build modules or touch KV caches.
+so one model definition serves both. LLaVA folders are loaded with every tensor renamed to
+one scheme (``model.*`` / ``lm_head.*`` for the language model, ``vision_tower.*`` and
+``multi_modal_projector.*`` for the vision side), whichever transformers version wrote them;
+``load_vision_weights`` reads only the vision side (the encode worker needs nothing else).
+It must not build modules or touch KV caches.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +84,7 @@ def load_tokenizer(model: str | os.PathLike[str] | None) -> tuple[str, ModelConf
     """(model id, config, tokenizer) without the weights: what a frontend needs."""
     model_id, path = resolve_model(model)
     if path.is_dir():
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"{path}: config.json is missing", path=str(cfg_file))
-        config = ModelConfig.from_hf_dict(json.loads(cfg_file.read_text()))
+        config = _hf_config(path)
         return model_id, config, _hf_tokenizer(path, config)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
@@ -94,9 +96,30 @@ def load_tokenizer(model: str | os.PathLike[str] | None) -> tuple[str, ModelConf
 
 
 def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    config = _hf_config(path)
+    weights = _read_safetensors(path, dtype, keep=lambda name: True)
+    if config.llava is not None:
+        weights = {_llava_name(k): v for k, v in weights.items()}
+    return LoadedModel(model_id, str(path), config, weights, _hf_tokenizer(path, config))
 
+
+def load_vision_weights(
+    model: str | os.PathLike[str], dtype: torch.dtype
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, vision tower + projector weights) of a LLaVA folder; the language model is
+    never read."""
+    _, path = resolve_model(model)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: a LLaVA model must be a Hugging Face folder", path=str(path))
+    config = _hf_config(path)
+    if config.llava is None:
+        raise ModelLoadError(f"{path}: not a multimodal (LLaVA) model", path=str(path))
+    keep = lambda name: _llava_name(name).startswith(_VISION_PREFIXES)  # noqa: E731
+    weights = _read_safetensors(path, dtype, keep)
+    return config, {_llava_name(k): v for k, v in weights.items()}
+
+
+def _hf_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path}: config.json is missing", path=str(cfg_file))
@@ -104,18 +127,46 @@ def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype) -> LoadedMode
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})", path=str(cfg_file)) from e
-    config = ModelConfig.from_hf_dict(cfg)
+    return ModelConfig.from_hf_dict(cfg)
+
+
+def _read_safetensors(
+    path: Path, dtype: torch.dtype, keep: Callable[[str], bool]
+) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weight files", path=str(path))
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            shard = load_file(str(f))
+            with safe_open(str(f), framework="pt") as shard:
+                for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    if keep(name):
+                        weights[name] = shard.get_tensor(name).to(dtype)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})", path=str(f)) from e
-        weights.update({k: v.to(dtype) for k, v in shard.items()})
-    return LoadedModel(model_id, str(path), config, weights, _hf_tokenizer(path, config))
+    return weights
+
+
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+_LLAVA_RENAMES = (  # (prefix as written, our prefix); the first match wins
+    ("model.language_model.", "model."),  # transformers >= 4.52 module tree
+    ("language_model.model.", "model."),  # llava-hf checkpoints, transformers 5 save_pretrained
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def _llava_name(name: str) -> str:
+    for prefix, ours in _LLAVA_RENAMES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix) :]
+    return name
 
 
 def _hf_tokenizer(path: Path, config: ModelConfig, gguf_file: str | None = None) -> Tokenizer:

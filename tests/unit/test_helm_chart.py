@@ -21,6 +21,8 @@ import copy
 import difflib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -366,6 +368,30 @@ def test_worker_pods_are_ray_nodes_only(
             v["name"] == shm["name"] and v["emptyDir"]["medium"] == "Memory"
             for v in spec["volumes"]
         )
+
+
+def test_worker_command_hands_ray_start_the_role_resources_as_json(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """KubeRay pastes rayStartParams into `ray start --key=value` ($KUBERAY_GEN_RAY_START_CMD);
+    run the worker pod's real command with `ray` swapped for an argv printer and check that
+    --resources arrives as the role's JSON."""
+    printer = f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+    for role, group in groups(rendered["values-cpu.yaml"]).items():
+        container = group["template"]["spec"]["containers"][0]
+        params = " ".join(f"--{k}={v}" for k, v in group["rayStartParams"].items())
+        generated = f"{printer} --address=head:6379 {params} --block"
+        result = subprocess.run(
+            [*container["command"], *container["args"]],
+            env={"KUBERAY_GEN_RAY_START_CMD": generated, "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        argv = json.loads(result.stdout)
+        (resources,) = [a.removeprefix("--resources=") for a in argv if a.startswith("--resources")]
+        assert json.loads(resources) == {role: 1}
 
 
 def test_api_key_secret_reaches_the_frontends(chart: helm.Chart) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from splitserve.errors import InvalidRequestError
 from splitserve.hashing import hash_bytes
@@ -75,7 +75,12 @@ def _open(data: bytes, field: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated file fails here, not in the vision tower
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBomb...
+    except UnidentifiedImageError as e:
+        raise InvalidRequestError(
+            f"{len(data)} bytes that are not an image in a known format (PNG, JPEG, ...)",
+            field=field,
+        ) from e
+    except Exception as e:  # PIL raises OSError (truncated), DecompressionBombError...
         raise InvalidRequestError(
             f"cannot decode image ({len(data)} bytes): {e}", field=field
         ) from e

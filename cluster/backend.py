@@ -79,6 +79,18 @@ class WorkerLoad:
     """Cumulative prompt tokens found in the prefix cache."""
     num_preemptions: int = 0
     """Cumulative preemptions."""
+    kv_transfer_bytes: int = 0
+    """Cumulative KV bytes this worker pulled (decode role), verified."""
+    kv_transfer_seconds: float = 0.0
+    """Cumulative seconds of those pulls (start to verified and in place)."""
+    kv_transfers: int = 0
+    """Pulls that completed."""
+    kv_transfer_failures: int = 0
+    """Pulls that failed (checksum, lost peer, timeout); the request was recomputed."""
+    encoder_cache_hits: int = 0
+    """Images whose embeddings came from the encode worker's cache."""
+    encoder_cache_misses: int = 0
+    """Images the encode worker had to run its vision tower on."""
 
 
 def load_from_stats(worker_id: str, role: str, stats: dict[str, Any]) -> WorkerLoad:
@@ -94,7 +106,28 @@ def load_from_stats(worker_id: str, role: str, stats: dict[str, Any]) -> WorkerL
         prefix_cache_queries=int(stats.get("prefix_cache_queries", 0)),
         prefix_cache_hits=int(stats.get("prefix_cache_hits", 0)),
         num_preemptions=int(stats.get("num_preemptions", 0)),
+        kv_transfer_bytes=int(stats.get("kv_transfer_bytes", 0)),
+        kv_transfer_seconds=float(stats.get("kv_transfer_seconds", 0.0)),
+        kv_transfers=int(stats.get("kv_transfers", 0)),
+        kv_transfer_failures=int(stats.get("kv_transfer_failures", 0)),
+        encoder_cache_hits=int(stats.get("encoder_cache_hits", 0)),
+        encoder_cache_misses=int(stats.get("encoder_cache_misses", 0)),
     )
+
+
+def stage_seconds(metrics: dict[str, float]) -> dict[str, float]:
+    """Per-stage seconds of a finished request (queue, encode, prefill, transfer, decode).
+
+    The cluster puts them in the final output as ``<stage>_s``; a colocated engine's output
+    has only timestamps, from which they follow (no transfer, no separate encode).
+    """
+    stages = {k[:-2]: v for k, v in metrics.items() if k.endswith("_s")}
+    if stages or "first_scheduled_time" not in metrics:
+        return stages
+    scheduled = metrics["first_scheduled_time"]
+    first = metrics.get("first_token_time", scheduled)
+    return {"queue": scheduled - metrics["arrival_time"], "prefill": first - scheduled,
+            "transfer": 0.0, "decode": metrics.get("finished_time", first) - first}
 
 
 class Backend(abc.ABC):
@@ -141,6 +174,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop everything the backend started."""
+
+    async def counters(self) -> tuple[str, dict[str, int]]:
+        """(placement policy, cumulative counters such as ``route:<outcome>``); none here."""
+        return "none", {}
 
 
 class EngineBackend(Backend):
@@ -257,6 +294,9 @@ class AdmissionBackend(Backend):
     async def loads(self) -> list[WorkerLoad]:
         return await self.inner.loads()
 
+    async def counters(self) -> tuple[str, dict[str, int]]:
+        return await self.inner.counters()
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -311,6 +351,9 @@ class ClusterBackend(Backend):
             load_from_stats(w["worker_id"], w["role"], w)
             for w in status["workers"] if w["healthy"]
         ]
+
+    async def counters(self) -> tuple[str, dict[str, int]]:
+        return str(self.cluster.config.router.policy), dict(self.cluster.counters)
 
     async def _status(self) -> dict[str, Any]:
         import asyncio

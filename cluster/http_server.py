@@ -287,7 +287,8 @@ def _add_info_routes(app: FastAPI, front: _Frontend) -> None:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         loads = await front.backend.loads()
-        return Response(front.metrics.render(loads), media_type=CONTENT_TYPE)
+        counters = await front.backend.counters()
+        return Response(front.metrics.render(loads, counters), media_type=CONTENT_TYPE)
 
 
 def _model_card(front: _Frontend) -> dict[str, Any]:

@@ -12,10 +12,15 @@ import time
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
-from splitserve.cluster.backend import WorkerLoad
+from splitserve.cluster.backend import WorkerLoad, stage_seconds
 from splitserve.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -67,6 +72,8 @@ class _LoadCollector(Collector):
 
     def __init__(self) -> None:
         self.loads: Sequence[WorkerLoad] = ()
+        self.policy = "none"
+        self.counters: dict[str, int] = {}
 
     def collect(self) -> Iterable[Metric]:
         labels = ["role", "worker"]
@@ -88,6 +95,14 @@ class _LoadCollector(Collector):
                 "prefix_cache_hits",
             ),
             (CounterMetricFamily, "num_preemptions", "Preemptions.", "num_preemptions"),
+            (CounterMetricFamily, "kv_transfer_bytes", "KV bytes pulled and verified.",
+             "kv_transfer_bytes"),
+            (CounterMetricFamily, "kv_transfer_failures",
+             "KV pulls that failed (the request was recomputed).", "kv_transfer_failures"),
+            (CounterMetricFamily, "encoder_cache_hits",
+             "Images served from the embedding cache.", "encoder_cache_hits"),
+            (CounterMetricFamily, "encoder_cache_misses",
+             "Images run through the vision tower.", "encoder_cache_misses"),
         ]
         for family, name, doc, attr in specs:
             metric = family(_P + name, doc, labels=labels)
@@ -101,6 +116,21 @@ class _LoadCollector(Collector):
             hit_rate = load.prefix_cache_hits / max(load.prefix_cache_queries, 1)
             rate.add_metric([load.role, load.worker_id], hit_rate)
         yield rate
+        seconds = SummaryMetricFamily(
+            _P + "kv_transfer_seconds", "KV pulls: seconds from start to verified.", labels=labels
+        )
+        for load in self.loads:
+            seconds.add_metric([load.role, load.worker_id], load.kv_transfers,
+                               load.kv_transfer_seconds)
+        yield seconds
+        decisions = CounterMetricFamily(
+            _P + "router_decisions", "Placements by outcome (prefix_hit, prefix_miss, "
+            "local_prefill, load_fallback, migrated, no_instance).", labels=["policy", "outcome"],
+        )
+        for key, n in sorted(self.counters.items()):
+            if key.startswith("route:"):
+                decisions.add_metric([self.policy, key[len("route:"):]], float(n))
+        yield decisions
 
 
 class ServerMetrics:
@@ -134,6 +164,18 @@ class ServerMetrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
+        self.stage_seconds = {
+            stage: Histogram(
+                _P + f"request_{stage}_time_seconds", doc, lbl, registry=r,
+                buckets=_LATENCY_BUCKETS,
+            )
+            for stage, doc in (
+                ("queue", "Time waiting for a prefill slot."),
+                ("prefill", "Time computing the prompt, to the first token."),
+                ("transfer", "Time pulling the prompt's KV from prefill to decode."),
+                ("decode", "Time generating after the first token."),
+            )
+        }
         self.prompt_tokens = Counter(
             _P + "prompt_tokens", "Prompt tokens processed.", lbl, registry=r
         )
@@ -159,8 +201,11 @@ class ServerMetrics:
     def record_failure(self, reason: str) -> None:
         self.failures.labels(self.model_name, reason).inc()
 
-    def render(self, loads: Sequence[WorkerLoad]) -> bytes:
+    def render(
+        self, loads: Sequence[WorkerLoad], counters: tuple[str, dict[str, int]] = ("none", {})
+    ) -> bytes:
         self._loads.loads = tuple(loads)
+        self._loads.policy, self._loads.counters = counters
         return generate_latest(self.registry)
 
 
@@ -173,9 +218,13 @@ class RequestRecorder:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.num_generated = 0
+        self.stages: dict[str, float] = {}
 
     def observe(self, delta: RequestOutput) -> None:
         """Call once per delta the backend yields."""
+        if delta.metrics and any(c.finished for c in delta.outputs):
+            for stage, secs in stage_seconds(delta.metrics).items():  # n > 1: the slowest
+                self.stages[stage] = max(self.stages.get(stage, 0.0), secs)
         new_tokens = sum(len(c.token_ids) for c in delta.outputs)
         if new_tokens == 0:
             return
@@ -193,14 +242,20 @@ class RequestRecorder:
         """Call once when the request finished (normally or aborted)."""
         m, name = self.metrics, self.metrics.model_name
         m.e2e.labels(name).observe(time.monotonic() - self.start)
+        for stage, hist in m.stage_seconds.items():
+            if stage in self.stages:
+                hist.labels(name).observe(self.stages[stage])
         m.prompt_tokens.labels(name).inc(num_prompt_tokens)
         m.generation_tokens.labels(name).inc(self.num_generated)
         for reason in finish_reasons:
             m.success.labels(name, reason or "abort").inc()
 
     def timing(self) -> dict[str, float]:
-        """Seconds so far: ``ttft``, ``decode`` (first to last token), ``e2e``."""
+        """Seconds so far: ``ttft``, ``e2e`` and, once the workers reported them, the
+        stages ``queue``, ``encode``, ``prefill``, ``transfer`` and ``decode`` (the
+        frontend's first-to-last-token time until then), so a slow request can be explained."""
         now = time.monotonic()
         ttft = (self.first_token or now) - self.start
         decode = (self.last_token or now) - (self.first_token or now)
-        return {"ttft": ttft, "decode": decode, "e2e": now - self.start}
+        return {"ttft": ttft, "e2e": now - self.start, "queue": 0.0, "encode": 0.0,
+                "prefill": 0.0, "transfer": 0.0, "decode": decode, **self.stages}

@@ -59,10 +59,13 @@ def test_queued_request_migrates_and_output_is_unchanged(cluster: Cluster, tiny_
     source = max(workers, key=lambda w: len(by_worker[w]))
     target = next(w for w in workers if w != source)
     last = by_worker[source][-1]  # queued behind the others on the source: untouched
-    first = by_worker[source][0]  # running (or done) on the source: must stay
-    cluster._run(cluster._migrate(Migration(first, source, target, 0.0)))
+    # a stale decision (the request is not at that worker) is not applied
+    cluster._run(cluster._migrate(Migration(last, target, source, 0.0)))
     assert cluster.counters["route:migrated"] == 0
-    cluster._run(cluster._migrate(Migration(last, source, target, 0.0)))
+    for rid in reversed(by_worker[source]):  # the newest is queued behind the others
+        cluster._run(cluster._migrate(Migration(rid, source, target, 0.0)))
+        if cluster.counters["route:migrated"]:
+            break
     assert cluster.counters["route:migrated"] == 1
     runner.join(timeout=300)
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -87,3 +90,30 @@ def test_outputs_carry_a_stage_breakdown(cluster: Cluster) -> None:
     decode = next(w for w in cluster.status()["workers"] if w["role"] == "decode")
     assert decode["kv_transfers"] >= 12 and decode["kv_transfer_bytes"] > 0
     assert decode["kv_transfer_failures"] == 0
+
+
+def test_http_metrics_and_timing_through_the_cluster(cluster: Cluster) -> None:
+    """Last in the module: closing the server closes the backend, i.e. this cluster."""
+    import httpx
+
+    from splitserve.cluster.backend import ClusterBackend
+    from splitserve.cluster.serve import BackgroundServer, ServeOptions
+
+    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny")
+    with BackgroundServer(ClusterBackend(cluster), opts) as srv, \
+            httpx.Client(base_url=srv.http_url, timeout=120) as http:
+        body = {"model": "tiny", "prompt": _prompts(1, seed=3)[0], "max_tokens": 6,
+                "temperature": 0, "ignore_eos": True}
+        res = http.post("/v1/completions", json=body)
+        assert res.status_code == 200, res.text
+        timing = res.json()["timing"]
+        assert timing["transfer"] > 0 and timing["prefill"] > 0 and timing["decode"] > 0
+        assert "transfer;dur=" in res.headers["server-timing"]
+        text = http.get("/metrics").text
+    for name in ('splitserve:router_decisions_total{outcome="prefix_miss",policy="dualmap"}',
+                 'splitserve:router_decisions_total{outcome="migrated",policy="dualmap"} 1.0',
+                 'splitserve:kv_transfer_bytes_total{role="decode"',
+                 'splitserve:kv_transfer_seconds_count{role="decode"',
+                 'splitserve:kv_transfer_failures_total{role="decode"',
+                 'splitserve:request_transfer_time_seconds_count{model_name="tiny"} 1.0'):
+        assert name in text, name

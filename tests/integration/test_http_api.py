@@ -111,6 +111,7 @@ def test_stream_adds_up_and_reports_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks[:-1])
     timing = chunks[-1].model_extra["timing"]  # per-request breakdown, seconds
     assert timing["e2e"] >= timing["ttft"] > 0 and timing["decode"] >= 0
+    assert timing["queue"] >= 0 and timing["prefill"] > 0 and timing["transfer"] == 0
     assert whole.model_extra["timing"]["e2e"] > 0
 
 
@@ -348,6 +349,11 @@ def test_metrics(http: httpx.Client) -> None:
         "splitserve:prefix_cache_hit_rate",
         "splitserve:generation_tokens_total",
         'splitserve:request_success_total{finished_reason="length",model_name="tiny"}',
+        'splitserve:request_queue_time_seconds_count{model_name="tiny"}',
+        'splitserve:request_decode_time_seconds_count{model_name="tiny"}',
+        'splitserve:kv_transfer_bytes_total{role="engine",worker="0"} 0.0',
+        'splitserve:encoder_cache_hits_total{role="engine",worker="0"} 0.0',
+        "# TYPE splitserve:router_decisions_total counter",
     ):
         assert name in text, name
 

@@ -131,14 +131,22 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("ttft", "decode", "e2e")
+    __slots__ = ("ttft", "decode", "e2e", "queue", "encode", "prefill", "transfer")
     TTFT_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     E2E_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     ttft: float
     decode: float
     e2e: float
-    def __init__(self, ttft: _Optional[float] = ..., decode: _Optional[float] = ..., e2e: _Optional[float] = ...) -> None: ...
+    queue: float
+    encode: float
+    prefill: float
+    transfer: float
+    def __init__(self, ttft: _Optional[float] = ..., decode: _Optional[float] = ..., e2e: _Optional[float] = ..., queue: _Optional[float] = ..., encode: _Optional[float] = ..., prefill: _Optional[float] = ..., transfer: _Optional[float] = ...) -> None: ...
 
 class CompletionResult(_message.Message):
     __slots__ = ("index", "finish_reason", "stop_reason", "num_tokens")
@@ -268,7 +276,7 @@ class GetLoadsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+    __slots__ = ("worker_id", "role", "num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures", "encoder_cache_hits", "encoder_cache_misses")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +287,12 @@ class WorkerLoad(_message.Message):
     PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_running: int
@@ -289,7 +303,13 @@ class WorkerLoad(_message.Message):
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ...) -> None: ...
+    kv_transfer_bytes: int
+    kv_transfer_seconds: float
+    kv_transfers: int
+    kv_transfer_failures: int
+    encoder_cache_hits: int
+    encoder_cache_misses: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ..., encoder_cache_hits: _Optional[int] = ..., encoder_cache_misses: _Optional[int] = ...) -> None: ...
 
 class GetLoadsResponse(_message.Message):
     __slots__ = ("loads",)

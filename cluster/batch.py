@@ -401,6 +401,11 @@ def cluster_config(args: argparse.Namespace) -> Any:
     if address and data["ray"]["address"] is None:
         # An existing Ray's resources were set where it started; local-start settings go.
         data["ray"].update(address=address, num_cpus=None, num_gpus=None, resources={})
+    if data["ray"]["address"] is not None:
+        # Inside a job, the launcher's ray.init(runtime_env=UCX_*...) would clash with the same
+        # variables in the job's --runtime-env-json; both come from this process's environment,
+        # so letting ray.init's win changes no value.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     return ClusterConfig.from_dict(data, source=args.config or "splitserve.batch")
 
 

@@ -460,4 +460,5 @@ class LLMEngine:
             "num_held_kv": len(self.scheduler.held),
             "num_remote_fallbacks": self.scheduler.num_remote_fallbacks,
             **(self.kv_worker.counters if self.kv_worker is not None else {}),
+            **(self.image_encoder.stats() if self.image_encoder is not None else {}),
         }

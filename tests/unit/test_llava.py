@@ -166,8 +166,11 @@ def test_prefix_cache_hit_over_image(llm, hf_llava, image_token) -> None:
     ids = [1, 2, 3, image_token] + list(range(100, 130))  # 49 tokens: image at [3, 19)
     prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": img}}
     first = llm.generate(prompt, GREEDY)[0]
+    hits = llm.engine.stats()["encoder_cache_hits"]
     again = llm.generate(prompt, GREEDY)[0]
     assert again.num_cached_tokens == 48  # three full blocks, the image among them
+    # the second request did not run the vision tower either
+    assert llm.engine.stats()["encoder_cache_hits"] == hits + 1
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     assert first.outputs[0].token_ids == _hf_greedy(hf_llava, _expanded(ids, image_token), [img], 6)
 

@@ -467,9 +467,10 @@ async def _run_until_signal(backend: Backend, args: argparse.Namespace) -> Batch
     return await task
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m splitserve.batch") -> int:
+    """Exit code: 0 done, 2 unusable files or config, 130 interrupted (rerun with --resume)."""
     parser = argparse.ArgumentParser(
-        prog="python -m splitserve.batch",
+        prog=prog,
         description="Run an OpenAI batch file (JSONL) through splitserve; resumable.")
     add_arguments(parser)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     _add_serve_parser(sub)
     _add_bench_parser(sub)
+    # `batch` is parsed by the batch runner's own parser (main() hands argv over)
+    sub.add_parser("batch", help="run an OpenAI batch file (same as python -m splitserve.batch)")
     return parser
 
 
@@ -139,6 +141,10 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["batch"]:
+        from splitserve.cluster.batch import main as batch_main
+
+        return batch_main(argv[1:], prog="splitserve batch")
     if argv[:2] == ["bench", "router"]:
         from splitserve.router.sim.bench import main as router_main
 

@@ -145,6 +145,15 @@ def test_existing_output_without_resume_is_refused(tmp_path: Path, capsys) -> No
     assert out.read_text() == "precious\n"
 
 
+def test_cli_subcommand_refuses_too(tmp_path: Path, capsys) -> None:
+    from splitserve.cluster.cli import main as cli_main
+
+    inp = _write_jsonl(tmp_path / "in.jsonl", [_cmpl("a", "x")])
+    (tmp_path / "out.jsonl").write_text("")
+    rc = cli_main(["batch", "--input", str(inp), "--output", str(tmp_path / "out.jsonl")])
+    assert rc == 2 and "exists; pass --resume" in capsys.readouterr().err
+
+
 def test_missing_input_is_exit_2(tmp_path: Path, capsys) -> None:
     rc = main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                "--single-engine"])

@@ -19,8 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.client import (
+from splitserve.client import (
     AsyncClient,
     Client,
     DeadlineExceededError,
@@ -28,6 +27,7 @@ from splitserve.cluster.client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from splitserve.cluster.backend import EngineBackend
 from splitserve.cluster.grpc_server import SERVICE_NAME
 from splitserve.cluster.serve import BackgroundServer, ServeOptions
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb

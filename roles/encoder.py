@@ -137,13 +137,13 @@ class ImageEncoder:
         hashes = [image_hash(im) for im in decoded]
         with self._lock:
             found = {h: self.cache.get(h) for h in dict.fromkeys(hashes)}
-            missing = [h for h, e in found.items() if e is None]
+            missing = [h for h, cached in found.items() if cached is None]
             if missing:
-                first = {h: im for h, im in zip(hashes, decoded, strict=True)}
-                embeds = self.model.encode(self.processor([first[h] for h in missing]))
-                for h, e in zip(missing, embeds, strict=True):
-                    found[h] = e = e.clone()  # its own storage: the cache counts its bytes
-                    self.cache.put(h, e)
+                by_hash = dict(zip(hashes, decoded, strict=True))
+                batch = self.model.encode(self.processor([by_hash[h] for h in missing]))
+                for h, rows in zip(missing, batch, strict=True):
+                    found[h] = rows.clone()  # its own storage: the cache counts its bytes
+                    self.cache.put(h, found[h])  # type: ignore[arg-type]
         return [(h, found[h]) for h in hashes]  # type: ignore[misc]
 
     def stats(self) -> dict[str, int]:

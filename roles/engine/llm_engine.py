@@ -145,14 +145,14 @@ class LLMEngine:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
         if request_id in self._children:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
-        prompt, multi_modal_data = split_prompt(prompt, multi_modal_data)
-        token_ids = self.tokenize_prompt(prompt)
+        inner, multi_modal_data = split_prompt(prompt, multi_modal_data)
+        token_ids = self.tokenize_prompt(inner)
         mm = None
         if multi_modal_data:
             token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)
         max_tokens = self._check_lengths(token_ids, params)
         resume = self._check_resume(resume_token_ids, max_tokens)
-        text = prompt if isinstance(prompt, str) else None
+        text = inner if isinstance(inner, str) else None
         arrival = arrival_time if arrival_time is not None else time.time()
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         children = [request_id if params.n == 1 else f"{i}_{request_id}" for i in range(params.n)]

@@ -454,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         asyncio.run(backend.close())
     print(f"batch: wrote {summary.written} lines ({summary.failed} failed) to {args.output} "
-          f"in {summary.elapsed_s:.1f}s", file=sys.stderr)
+          f"in {summary.elapsed_s:.2f}s", file=sys.stderr)
     return 0
 
 

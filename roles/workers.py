@@ -245,7 +245,8 @@ def _ray_node_id() -> str:
         return ""
 
 
-WORKER_CLASSES: dict[str, type[EngineWorker]] = {
+WORKER_CLASSES: dict[str, type[EngineWorker] | type[EncodeWorker]] = {
+    "encode": EncodeWorker,
     "prefill": PrefillWorker,
     "decode": DecodeWorker,
 }

@@ -42,8 +42,16 @@ from splitserve.cluster.registry import (
 from splitserve.errors import ConfigError, InvalidRequestError, NoHealthyWorkerError
 from splitserve.hashing import hash_block_tokens
 from splitserve.outputs import RequestOutput
+from splitserve.roles.engine.multimodal import (
+    ImagePlaceholder,
+    MultiModalInputs,
+    check_data,
+    expand_placeholders,
+    split_prompt,
+)
 from splitserve.roles.engine.sampler import draw_seed
-from splitserve.roles.llm import _as_params_list, _as_prompt_list, _merge
+from splitserve.roles.llm import _as_params_list, _as_prompt_inputs, _merge
+from splitserve.roles.models.image import image_hash, load_image
 from splitserve.roles.models.loader import load_tokenizer
 from splitserve.router.errors import NoInstanceAvailable
 from splitserve.router.router import Router
@@ -57,6 +65,19 @@ _WORKER_LOST = (RayActorError, ActorUnavailableError)
 
 class WorkerLost(Exception):
     """The worker serving a request died; the request is placed again."""
+
+
+@dataclasses.dataclass
+class _Input:
+    """A validated prompt: token ids (image placeholders expanded) and its images."""
+
+    ids: list[int]
+    images: list[Any] = dataclasses.field(default_factory=list)
+    """The images as given (bytes, base64, data URL, PIL); the encode worker decodes them."""
+    image_hashes: list[int] = dataclasses.field(default_factory=list)
+    """Content hashes (of the decoded pixels, as the engines compute them)."""
+    extra_keys: list[list[int]] | None = None
+    """Per full block, the image hashes mixed into its block hash (routing = engines' hashes)."""
 
 
 @dataclasses.dataclass
@@ -77,6 +98,8 @@ class _Flight:
     """Set while the router moves it off a hotspot: its prefill stream ends by 'withdraw'."""
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
     """Seconds per stage (queue, prefill, transfer, decode), from the workers' timestamps."""
+    mm: dict[str, Any] | None = None
+    """Image embeddings and hashes from the encode workers, for every worker it runs on."""
 
 
 class Cluster:
@@ -177,12 +200,12 @@ class Cluster:
             handle.info = ray.get(actor.info.remote(), timeout=30)
             self.workers[handle.worker_id] = handle
             self.router.add_instance(handle.worker_id, roles={handle.role},
-                                     kv_capacity_blocks=handle.info.get("num_blocks"))
+                                     kv_capacity_blocks=handle.info.get("num_blocks") or None)
 
     def _add_worker(self, handle: WorkerHandle) -> None:
         self.workers[handle.worker_id] = handle
         self.router.add_instance(handle.worker_id, roles={handle.role},
-                                 kv_capacity_blocks=handle.info.get("num_blocks"))
+                                 kv_capacity_blocks=handle.info.get("num_blocks") or None)
         self._register(handle)
 
     def _register(self, handle: WorkerHandle) -> None:
@@ -230,7 +253,7 @@ class Cluster:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in order (as ``LLM.generate``)."""
-        prompt_list = _as_prompt_list(prompts)
+        prompt_list = _as_prompt_inputs(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         ids = [f"cluster-{next(self._ids)}" for _ in prompt_list]
         for p in prompt_list:  # validate all before starting any
@@ -258,14 +281,14 @@ class Cluster:
     ) -> AsyncIterator[RequestOutput]:
         """Async twin of ``stream`` for frontends; must run on any loop (bridged to ours)."""
         request_id = request_id or f"cluster-{next(self._ids)}"
-        prompt_ids = self._prepare(prompt)
+        inp = self._prepare(prompt)
         params = sampling_params or SamplingParams()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         caller = asyncio.get_running_loop()
 
         async def pump() -> None:
             try:
-                async for out in self._stream_request(request_id, prompt_ids, params):
+                async for out in self._stream_request(request_id, inp, params):
                     caller.call_soon_threadsafe(queue.put_nowait, out)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 caller.call_soon_threadsafe(queue.put_nowait, e)
@@ -313,10 +336,11 @@ class Cluster:
 
     # ------------------------------------------------------------------ request path
 
-    def _prepare(self, prompt: Any) -> list[int]:
+    def _prepare(self, prompt: Any) -> _Input:
         """Tokenize and check a prompt the way an engine would, before placing it."""
+        data = None
         if isinstance(prompt, dict):
-            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+            prompt, data = split_prompt(prompt, None)
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty", field="prompt")
@@ -330,11 +354,36 @@ class Cluster:
                 raise InvalidRequestError(
                     f"prompt token ids must be integers in [0, {vocab})", field="prompt_token_ids"
                 )
-        if len(ids) >= self.max_model_len:
+        inp = _Input(ids) if data is None else self._prepare_images(ids, data)
+        if len(inp.ids) >= self.max_model_len:
             raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}", "prompt"
+                f"prompt has {len(inp.ids)} tokens; max_model_len is {self.max_model_len}",
+                "prompt",
             )
-        return ids
+        return inp
+
+    def _prepare_images(self, ids: list[int], data: Any) -> _Input:
+        """Check and hash a multimodal prompt's images on the frontend (a malformed image
+        fails here, before anything is placed) and expand its placeholders."""
+        llava = self.model_config.llava
+        if llava is None:
+            raise InvalidRequestError(
+                f"the model {self.model_id!r} is text-only; it takes no images",
+                field="multi_modal_data",
+            )
+        kind, items = check_data(data)
+        if kind != "image":
+            raise InvalidRequestError(
+                "the cluster takes images; its encode workers compute the embeddings",
+                field="multi_modal_data.image_embeds",
+            )
+        hashes = [image_hash(load_image(x)) for x in items]
+        n = llava.num_image_tokens
+        ids, offsets = expand_placeholders(ids, llava.image_token_id, [n] * len(items))
+        places = [ImagePlaceholder(o, n, h) for o, h in zip(offsets, hashes, strict=True)]
+        bs = self.config.block_size
+        extra = MultiModalInputs(places, []).block_extra_keys(0, len(ids) // bs, bs)
+        return _Input(ids, list(items), hashes, extra)
 
     async def _generate_all(
         self, ids: list[str], prompts: list[Any], params: list[SamplingParams]
@@ -348,13 +397,13 @@ class Cluster:
         return list(await asyncio.gather(*(one(*a) for a in zip(ids, prompts, params, strict=True))))
 
     async def _stream_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, inp: _Input, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """All ``n`` samples of a request, merged into one stream of deltas."""
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         if params.n == 1:
             child = dataclasses.replace(params, seed=seed)
-            async for out in self._stream_one(request_id, prompt_ids, child):
+            async for out in self._stream_one(request_id, inp, child):
                 yield out
             return
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -363,7 +412,7 @@ class Cluster:
         async def run(i: int, child_id: str) -> None:
             child = dataclasses.replace(params, n=1, seed=seed if i == 0 else draw_seed(seed, -i))
             try:
-                async for out in self._stream_one(child_id, prompt_ids, child):
+                async for out in self._stream_one(child_id, inp, child):
                     out.outputs[0].index = i
                     await queue.put(out)
             finally:
@@ -387,14 +436,16 @@ class Cluster:
                 t.cancel()
 
     async def _stream_one(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, inp: _Input, params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """One sample through prefill then decode, replayed on another worker if one dies."""
+        """One sample through (encode,) prefill then decode, replayed on another worker if one dies."""
         flight = self._flights[request_id] = _Flight(request_id)
         finished = False
         try:
-            placement = self._place(request_id, prompt_ids, params)
+            placement = self._place(request_id, inp, params)
             flight.placed = {placement.decode_instance, placement.prefill_instance or ""}
+            prompt_ids = inp.ids
+            flight.mm = await self._encode(flight, inp, placement.encode_instances)
             handoff: dict[str, Any] | None = None
             if not placement.skip_remote_prefill and placement.prefill_instance is not None:
                 flight.prefill = placement.prefill_instance
@@ -448,17 +499,53 @@ class Cluster:
             if not finished and not flight.aborted:
                 await self._abort_flight(flight)
 
-    def _place(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Any:
-        hashes = hash_block_tokens(prompt_ids, self.config.block_size)
+    def _place(self, request_id: str, inp: _Input, params: SamplingParams) -> Any:
+        hashes = hash_block_tokens(inp.ids, self.config.block_size, extra_keys=inp.extra_keys)
         try:
             placement = self.router.route(RouteRequest(
-                request_id, len(prompt_ids), hashes, max_output_tokens=params.max_tokens or 0,
+                request_id, len(inp.ids), hashes, image_hashes=tuple(inp.image_hashes),
+                max_output_tokens=params.max_tokens or 0,
             ))
         except NoInstanceAvailable as e:
             self.counters["route:no_instance"] += 1
             raise NoHealthyWorkerError(f"no healthy worker: {e}") from e
         self.counters[f"route:{_outcome(placement)}"] += 1
         return placement
+
+    async def _encode(
+        self, flight: _Flight, inp: _Input, instances: Sequence[str]
+    ) -> dict[str, Any] | None:
+        """Run the images through the encode workers the router chose (by content hash, so
+        a repeated image hits that worker's embedding cache); None for a text prompt."""
+        if not inp.images:
+            return None
+        start = time.monotonic()
+        groups: dict[str, list[int]] = {}
+        for i, worker_id in enumerate(instances):
+            groups.setdefault(worker_id, []).append(i)
+        outs = await asyncio.gather(*(
+            self._encode_on(w, [inp.images[i] for i in idx], flight) for w, idx in groups.items()
+        ))
+        results: list[Any] = [None] * len(inp.images)
+        for idx, out in zip(groups.values(), outs, strict=True):
+            for i, r in zip(idx, out, strict=True):
+                results[i] = r
+        flight.timing["encode"] = time.monotonic() - start
+        return {"image_embeds": [r["embeds"] for r in results],
+                "image_hashes": [int(r["hash"]) for r in results]}
+
+    async def _encode_on(self, worker_id: str, images: list[Any], flight: _Flight) -> list[Any]:
+        """One encode worker's results; another encode worker takes over if it dies."""
+        while True:
+            handle = self.workers.get(worker_id)
+            if handle is not None and handle.healthy:
+                try:
+                    return list(await handle.actor.encode.remote(images))
+                except _WORKER_LOST as e:
+                    logger.warning("encode worker %s lost: %s", worker_id, e)
+                    self._mark_dead(worker_id)
+            flight.replays += 1
+            worker_id = self._replacement("encode", flight)
 
     # ------------------------------------------------------------------ migration
 
@@ -507,7 +594,8 @@ class Cluster:
             raise WorkerLost(worker_id)
         flight.workers.add(worker_id)
         gen = handle.actor.generate.remote(
-            flight.request_id, prompt_ids, params, kv_transfer_params, list(flight.tokens)
+            flight.request_id, prompt_ids, params, kv_transfer_params, list(flight.tokens),
+            flight.mm,
         )
         try:
             async for ref in gen:
@@ -629,9 +717,10 @@ class Cluster:
         """Refresh the worker's registry record; re-register it if the registry dropped it."""
         if self.registry is None:
             return
-        load = {"num_waiting": int(stats["num_waiting"]), "num_running": int(stats["num_running"]),
-                "kv_usage": float(stats["kv_usage"]),
-                "num_free_blocks": int(stats["num_free_blocks"])}
+        load = {"num_waiting": int(stats.get("num_waiting", 0)),
+                "num_running": int(stats.get("num_running", 0)),
+                "kv_usage": float(stats.get("kv_usage", 0.0)),
+                "num_free_blocks": int(stats.get("num_free_blocks", 0))}
         try:
             self.registry.heartbeat(handle.worker_id, **load)
         except UnknownWorkerError:
@@ -670,8 +759,8 @@ class Cluster:
             except Exception:  # noqa: BLE001 - dead: nothing left to drain
                 break
             busy = any(handle.worker_id in f.workers | f.placed for f in self._flights.values())
-            if not busy and stats["num_running"] == 0 and stats["num_waiting"] == 0 \
-                    and stats["num_held_kv"] == 0 and stats["num_loading_kv"] == 0:
+            if not busy and all(stats.get(k, 0) == 0 for k in (
+                    "num_running", "num_waiting", "num_held_kv", "num_loading_kv")):
                 break
             await asyncio.sleep(0.1)
         self._mark_dead(handle.worker_id)

@@ -39,8 +39,9 @@ from splitserve.errors import OverloadedError
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
 
-PromptInput = str | Sequence[int]
-"""Text (tokenized by the backend) or prompt token ids (chat templates are applied upstream)."""
+PromptInput = str | Sequence[int] | dict[str, Any]
+"""Text (tokenized by the backend), prompt token ids (chat templates are applied upstream), or
+vLLM's multimodal dict ``{"prompt_token_ids": [...], "multi_modal_data": {"image": [...]}}``."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,15 @@ class Backend(abc.ABC):
         """What serves requests, for GetServerInfo (e.g. ``EngineBackend``)."""
         return type(self).__name__
 
+    @property
+    def image_token(self) -> str | None:
+        """The model's image placeholder text (``<image>``); None for a text-only model."""
+        config = getattr(self, "model_config", None)
+        llava = getattr(config, "llava", None)
+        if llava is None:
+            return None
+        return str(self.tokenizer.decode([llava.image_token_id], skip_special_tokens=False))
+
     @abc.abstractmethod
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
@@ -211,9 +221,13 @@ class EngineBackend(Backend):
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        if isinstance(prompt, str):
+        if isinstance(prompt, str | dict):
             return self.engine.generate(prompt, params, request_id=request_id)
         return self.engine.generate(list(prompt), params, request_id=request_id)
+
+    @property
+    def model_config(self) -> Any:
+        return self.engine.engine.model_config
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -262,6 +276,10 @@ class AdmissionBackend(Backend):
     @property
     def kind(self) -> str:
         return self.inner.kind
+
+    @property
+    def image_token(self) -> str | None:
+        return self.inner.image_token
 
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
@@ -329,8 +347,13 @@ class ClusterBackend(Backend):
     def generate(
         self, prompt: PromptInput, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        return self.cluster.astream(prompt if isinstance(prompt, str) else list(prompt),
-                                    params, request_id)
+        return self.cluster.astream(
+            prompt if isinstance(prompt, str | dict) else list(prompt), params, request_id
+        )
+
+    @property
+    def model_config(self) -> Any:
+        return self.cluster.model_config
 
     async def abort(self, request_id: str) -> None:
         self.cluster.abort(request_id)

@@ -83,14 +83,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _cluster_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """``--config`` YAML (or the local 1 prefill + 1 decode default), with CLI overrides."""
-    from splitserve.cluster.config import ClusterConfig
+    """``--config`` YAML (or the local default: 1 prefill + 1 decode, plus 1 encode worker
+    for a multimodal model), with CLI overrides."""
+    from splitserve.cluster.config import ClusterConfig, is_multimodal_model
 
     overrides = {"dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes}
     if args.max_model_len is not None:
         overrides["max_model_len"] = args.max_model_len
     if args.config is None:
-        return ClusterConfig.local(prefill=1, decode=1, model=args.model, **overrides)
+        encode = 1 if is_multimodal_model(args.model) else 0  # a vision tower: 1E + 1P + 1D
+        return ClusterConfig.local(prefill=1, decode=1, encode=encode, model=args.model,
+                                   **overrides)
     config = ClusterConfig.from_yaml(args.config)
     if args.model is not None:
         config = config.model_copy(update={"model": args.model})

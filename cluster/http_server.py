@@ -30,7 +30,7 @@ from splitserve.cluster.openai_protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from splitserve.cluster.prompts import chat_prompt_ids, new_request_id
+from splitserve.cluster.prompts import chat_prompt, chat_prompt_ids, new_request_id
 from splitserve.cluster.streams import Accumulator, ChoiceDelta, merge, open_streams
 from splitserve.errors import (
     InvalidRequestError,
@@ -311,7 +311,7 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
             msgs = [m.model_dump() for m in body.messages]
-            ids = chat_prompt_ids(tok, msgs, body.add_generation_prompt)
+            ids = chat_prompt_ids(tok, msgs, body.add_generation_prompt, front.backend.image_token)
         else:
             ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
@@ -340,9 +340,13 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         front.check_model(body.model)
         msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = chat_prompt_ids(front.backend.tokenizer, msgs, body.add_generation_prompt)
+        ids, images = chat_prompt(front.backend.tokenizer, msgs, body.add_generation_prompt,
+                                  front.backend.image_token)
+        prompt: PromptInput = ids
+        if images:
+            prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
         job = _Job(front, "chatcmpl", "chat.completion", body.to_sampling_params(), body)
-        return await _cancel_on_disconnect(request, job.run([ids]))
+        return await _cancel_on_disconnect(request, job.run([prompt]))
 
 
 def _completion_prompts(prompt: Any) -> list[PromptInput]:

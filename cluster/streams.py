@@ -48,6 +48,8 @@ def _check_context(backend: Backend, prompt: PromptInput, params: SamplingParams
         if encode is None:
             return  # the backend validates what it cannot be told here
         num = len(encode(prompt))
+    elif isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
+        num = len(prompt.get("prompt_token_ids", ()))
     else:
         num = len(prompt)
     limit = backend.max_model_len

@@ -106,3 +106,27 @@ def test_bad_images_fail_alone(cluster, image_token):
             cluster.generate([good, bad], GREEDY)
         assert err.value.field == field
     assert len(cluster.generate([good], GREEDY)[0].outputs[0].token_ids) == 8
+
+
+def test_http_image_chat_through_the_cluster(cluster, image_token) -> None:
+    """Last in the module: closing the server closes the backend, i.e. this cluster."""
+    import httpx
+
+    from splitserve.cluster.backend import ClusterBackend
+    from splitserve.cluster.serve import BackgroundServer, ServeOptions
+
+    url = "data:image/png;base64," + base64.b64encode(_png(7)).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny")
+    with BackgroundServer(ClusterBackend(cluster), opts) as srv, \
+            httpx.Client(base_url=srv.http_url, timeout=120) as http:
+        first = http.post("/v1/chat/completions", json=body)
+        again = http.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200, first.text
+        assert first.json()["choices"][0]["message"] == again.json()["choices"][0]["message"]
+        assert first.json()["timing"]["encode"] > 0
+        text = http.get("/metrics").text
+    assert 'splitserve:encoder_cache_hits_total{role="encode"' in text

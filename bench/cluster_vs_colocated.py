@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from splitserve import SamplingParams
+from splitserve.cluster.backend import stage_seconds
+
+STAGES = ("queue", "prefill", "transfer", "decode")
 
 
 def make_workload(n: int, long_every: int, long_len: int, short_len: int, seed: int = 0
@@ -36,6 +39,7 @@ async def drive(backend: Any, prompts: list[list[int]], out_len: int, rate: floa
     ttft: list[float] = []
     tpot: list[float] = []
     itl: list[float] = []
+    stages: dict[str, list[float]] = {}
 
     async def one(i: int, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -43,6 +47,9 @@ async def drive(backend: Any, prompts: list[list[int]], out_len: int, rate: floa
         stamps: list[float] = []
         async for delta in backend.generate(prompts[i], params, f"bench-{i}"):
             stamps += [time.perf_counter()] * max(len(delta.outputs[0].token_ids), 1)
+            if delta.finished:
+                for stage, secs in stage_seconds(delta.metrics).items():
+                    stages.setdefault(stage, []).append(secs)
         ttft.append(stamps[0] - start)
         if len(stamps) > 1:
             tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
@@ -59,6 +66,8 @@ async def drive(backend: Any, prompts: list[list[int]], out_len: int, rate: floa
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl)):
         for q in (50, 90, 99):
             out[f"{name}_p{q}_ms"] = 1000 * _percentile(values, q)
+    for stage in STAGES:  # where the time went (the workers' own timestamps)
+        out[f"{stage}_p50_ms"] = 1000 * _percentile(stages.get(stage, []), 50)
     return out
 
 
@@ -119,7 +128,7 @@ def main() -> None:
     results = {"disaggregated": asyncio.run(run_cluster(args, prompts)),
                "colocated": asyncio.run(run_colocated(args, prompts))}
     keys = ["throughput_tok_s"] + [f"{m}_p{q}_ms" for m in ("ttft", "tpot", "itl")
-                                   for q in (50, 90, 99)]
+                                   for q in (50, 90, 99)] + [f"{s}_p50_ms" for s in STAGES]
     print("\n| metric | 1P+1D (1 core each) | colocated (2 cores) |\n|---|---|---|")
     for k in keys:
         print(f"| {k} | {results['disaggregated'][k]:.1f} | {results['colocated'][k]:.1f} |")

@@ -154,10 +154,15 @@ def test_cli_subcommand_refuses_too(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "exists; pass --resume" in capsys.readouterr().err
 
 
-def test_missing_input_is_exit_2(tmp_path: Path, capsys) -> None:
-    rc = main(["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o.jsonl"),
-               "--single-engine"])
-    assert rc == 2 and "no such file" in capsys.readouterr().err
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--input", "nope.jsonl"], "no such file"),
+    (["--input", "in.jsonl", "--max-concurrency", "0"], "--max-concurrency must be >= 1"),
+])
+def test_unusable_arguments_are_exit_2(tmp_path: Path, capsys, extra, message) -> None:
+    _write_jsonl(tmp_path / "in.jsonl", [_cmpl("a", "x")])
+    extra = [str(tmp_path / a) if a.endswith(".jsonl") else a for a in extra]
+    rc = main([*extra, "--output", str(tmp_path / "o.jsonl"), "--single-engine"])
+    assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
 

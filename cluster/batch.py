@@ -304,8 +304,8 @@ def check_args(input_path: Path, output_path: Path, resume: bool, max_concurrenc
     if output_path.exists() and not resume:
         raise BatchFileError(f"--output {output_path} exists; pass --resume to continue it, or "
                              "choose another path (results are never overwritten)")
-    if output_path.is_dir():
-        raise BatchFileError(f"--output {output_path} is a directory")
+    if output_path.is_dir() or not output_path.parent.is_dir():
+        raise BatchFileError(f"--output {output_path}: not a file in an existing directory")
     if not input_path.is_file():
         raise BatchFileError(f"--input {input_path}: no such file")
     if max_concurrency < 1:

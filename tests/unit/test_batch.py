@@ -288,3 +288,10 @@ def test_entry_shim_is_lazy() -> None:
     res = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          check=True)
     assert res.stdout.strip() == "[]"
+
+
+def test_output_in_a_missing_directory_is_exit_2(tmp_path: Path, capsys) -> None:
+    inp = _write_jsonl(tmp_path / "in.jsonl", [_cmpl("a", "x")])
+    rc = main(["--input", str(inp), "--output", str(tmp_path / "no" / "o.jsonl"),
+               "--single-engine"])
+    assert rc == 2 and "existing directory" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         params = sampling_params or SamplingParams()
+        # arrival = now, not when the engine thread takes the command after its current step:
+        # that wait is queueing too
+        request_kwargs.setdefault("arrival_time", time.time())
         self._send("add", (request_id, prompt, params, request_kwargs))
         finished = False
         try:

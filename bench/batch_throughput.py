@@ -51,10 +51,11 @@ def make_requests(n: int, max_tokens: int, seed: int = 0) -> list[dict[str, Any]
     return rows
 
 
-def run_llm(model: str | None, rows: list[dict[str, Any]], max_tokens: int) -> dict[str, float]:
+def run_llm(model: str | None, rows: list[dict[str, Any]], max_tokens: int,
+            num_threads: int | None = None) -> dict[str, float]:
     """LLM.generate on the chat-templated prompts; the clock starts after the model load and
     one warm-up request."""
-    llm = LLM(model)
+    llm = LLM(model, num_threads=num_threads)
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template(r["body"]["messages"], True) for r in rows]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -161,12 +162,15 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-concurrency", type=int, default=64, help="of the batch job")
+    ap.add_argument("--llm-num-threads", type=int, default=None,
+                    help="torch threads of the LLM.generate baseline (default: torch's, 2 here; "
+                         "Ray runs each worker with OMP_NUM_THREADS=1)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     rows = make_requests(args.num_requests, args.max_tokens)
     print(f"{len(rows)} chat requests, {args.max_tokens} tokens out each, model "
           f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}", flush=True)
-    llm = run_llm(args.model, rows, args.max_tokens)
+    llm = run_llm(args.model, rows, args.max_tokens, args.llm_num_threads)
     print(f"LLM.generate (one process): {llm['req_s']:.2f} req/s, {llm['tok_s']:.1f} tok/s "
           f"({llm['elapsed_s']}s)", flush=True)
     with tempfile.TemporaryDirectory(prefix="batch-bench-") as work:
@@ -178,7 +182,8 @@ def main() -> None:
               f"{r['tok_s']:.1f} tok/s ({r['elapsed_s']}s) = {ratio:.2f}x LLM.generate")
     results = {"num_requests": len(rows), "max_tokens": args.max_tokens,
                "model": args.model or "SmolLM2-135M-Instruct", "max_concurrency":
-               args.max_concurrency, "llm_generate": llm, "ray_job": job}
+               args.max_concurrency, "llm_num_threads": args.llm_num_threads,
+               "llm_generate": llm, "ray_job": job}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -295,3 +296,31 @@ def test_output_in_a_missing_directory_is_exit_2(tmp_path: Path, capsys) -> None
     rc = main(["--input", str(inp), "--output", str(tmp_path / "no" / "o.jsonl"),
                "--single-engine"])
     assert rc == 2 and "existing directory" in capsys.readouterr().err
+
+
+def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) -> None:
+    """Under ``ray job submit`` (RAY_ADDRESS set) the cluster joins that Ray: no local start
+    settings, workers still asking the default config's resources."""
+    import argparse
+
+    from splitserve.cluster.batch import cluster_config
+
+    args = argparse.Namespace(config=None, model="/m", kv_cache_memory_bytes=1 << 20,
+                              address=None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", raising=False)  # restored afterwards
+    local = cluster_config(args)
+    assert local.ray.address is None and local.ray.num_cpus == 2
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    joined = cluster_config(args)
+    assert joined.ray.address == "10.0.0.1:6379" and joined.ray.resources == {}
+    assert joined.ray.num_cpus is None and joined.model == "/m"
+    assert joined.roles.decode.resources == local.roles.decode.resources
+    assert joined.kv_cache_memory_bytes == 1 << 20
+    assert os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # job env_vars may repeat UCX_*
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("ray:\n  num_cpus: 4\nroles:\n  decode:\n    replicas: 2\n")
+    from_yaml = cluster_config(argparse.Namespace(config=str(yaml_file), model=None,
+                                                  kv_cache_memory_bytes=None, address="auto"))
+    assert from_yaml.ray.address == "auto" and from_yaml.ray.num_cpus is None
+    assert from_yaml.roles.decode.replicas == 2

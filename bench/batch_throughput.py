@@ -20,6 +20,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,7 @@ class RayHead:
     (it stops its node's processes), never ``ray stop`` (which would stop any Ray here)."""
 
     def __init__(self, temp_dir: str) -> None:
+        self.temp_dir = temp_dir
         gcs, dash, agent, client, metrics = _free_ports(5)
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.env = {**os.environ, "RAY_AUTH_MODE": "token",
@@ -114,6 +116,7 @@ class RayHead:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _free_ports(n: int) -> list[int]:

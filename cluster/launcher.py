@@ -59,8 +59,10 @@ class Launcher:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if ray.is_initialized():
             return
+        job_env = _job_env_vars()  # a `ray job submit` driver: its actors get these already
         env = {"env_vars": {k: v for k, v in os.environ.items()
-                            if k.startswith(("UCX_", "SPLITSERVE_", "TRITON_"))}}
+                            if k.startswith(("UCX_", "SPLITSERVE_", "TRITON_"))
+                            and k not in job_env}}
         if ray_cfg.address:
             ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, runtime_env=env,
                      log_to_driver=False)
@@ -163,6 +165,18 @@ class Launcher:
     def shutdown(self) -> None:
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _job_env_vars() -> dict[str, str]:
+    """Env vars of the runtime env of the Ray job this driver runs in (``ray job submit
+    --runtime-env-json``); Ray refuses a driver runtime env that sets any of them again."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def _root_cause(error: BaseException) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -374,12 +375,16 @@ class ClusterConfig(_Section):
     ) -> ClusterConfig:
         """A CPU-mode cluster on this machine (2 cores are enough): a local Ray with 2 CPUs,
         workers reserving no CPU but one ``splitserve_cpu_worker`` slot each (the node has
-        ``max(8, 2 * workers)``), float32, UCX over TCP. ``overrides`` are settings merged in,
+        ``max(8, 2 * workers)``), the machine's cores split between the workers' torch
+        threads, float32, UCX over TCP. ``overrides`` are settings merged in,
         nested as in YAML (``slo={"ttft_ms": 500}``, ``registry="redis://..."``); a
         ``resources`` mapping replaces the default one (``{}`` for a Ray started without it).
         """
-        role = {"num_cpus": 0, "num_gpus": 0, "resources": {LOCAL_CPU_WORKER_RESOURCE: 1}}
         total = encode + prefill + decode
+        # one machine's cores split between the workers (torch would give each all of them)
+        threads = max(1, (os.cpu_count() or 1) // max(total, 1))
+        role = {"num_cpus": 0, "num_gpus": 0, "resources": {LOCAL_CPU_WORKER_RESOURCE: 1},
+                "num_threads": threads}
         base: dict[str, Any] = {
             "model": model,
             "dtype": "float32",

@@ -149,3 +149,41 @@ def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals)
         for p in family
         if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
+
+
+def test_serve_a_multimodal_model_starts_an_encode_worker(tmp_path, tokenizer_dir) -> None:
+    """`serve --model <LLaVA>` runs 1 encode + 1 prefill + 1 decode and answers image chats."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.utils import make_tiny_llava
+
+    model = make_tiny_llava(tmp_path / "tiny-llava", tokenizer_dir)
+    proc = _start_serve(model, "--grpc-port", "-1", "--grace", "5")
+    try:
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if m := re.search(r"HTTP API on (\S+)/v1", line):
+                url = m.group(1)
+                break
+        assert url is not None, f"no HTTP address (rc={proc.poll()})"
+        health = httpx.get(url + "/health", timeout=30).json()
+        assert health["workers"] == {"encode": 1, "prefill": 1, "decode": 1}, health
+        pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": image}},
+        ]}], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        res = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert res.status_code == 200, res.text
+        assert res.json()["usage"]["completion_tokens"] == 4
+        assert res.json()["timing"]["encode"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

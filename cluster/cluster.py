@@ -61,6 +61,8 @@ from splitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _WORKER_LOST = (RayActorError, ActorUnavailableError)
+REPLACEMENT_WAIT_S = 120.0
+"""How long a request whose role has no live worker left waits for a replacement to start."""
 
 
 class WorkerLost(Exception):
@@ -492,7 +494,7 @@ class Cluster:
                 except WorkerLost:
                     handoff = None
                     flight.replays += 1
-                    decode = self._replacement("decode", flight)
+                    decode = await self._replacement("decode", flight)
         finally:
             self._flights.pop(request_id, None)
             self.router.on_finish(request_id)
@@ -545,7 +547,7 @@ class Cluster:
                     logger.warning("encode worker %s lost: %s", worker_id, e)
                     self._mark_dead(worker_id)
             flight.replays += 1
-            worker_id = self._replacement("encode", flight)
+            worker_id = await self._replacement("encode", flight)
 
     # ------------------------------------------------------------------ migration
 
@@ -609,12 +611,21 @@ class Cluster:
         finally:
             flight.workers.discard(worker_id)
 
-    def _replacement(self, role: str, flight: _Flight) -> str:
-        healthy = [h.worker_id for h in self.workers.values()
-                   if h.role == role and h.healthy and not h.draining]
-        if not healthy or flight.replays > 8:
-            raise NoHealthyWorkerError(f"no healthy {role} worker left for {flight.request_id}")
-        return min(healthy, key=lambda w: sum(w in f.workers for f in self._flights.values()))
+    async def _replacement(self, role: str, flight: _Flight) -> str:
+        """Another healthy worker of ``role`` for a request whose worker died; when none is
+        left but a replacement is starting (``replace_failed``), the request waits for it."""
+        deadline = time.monotonic() + REPLACEMENT_WAIT_S
+        while flight.replays <= 8 and not flight.aborted:
+            healthy = [h.worker_id for h in self.workers.values()
+                       if h.role == role and h.healthy and not h.draining]
+            if healthy:
+                return min(healthy,
+                           key=lambda w: sum(w in f.workers for f in self._flights.values()))
+            left = deadline - time.monotonic()
+            if not self._replacing or left <= 0:
+                break
+            await asyncio.wait(set(self._replacing), timeout=left)
+        raise NoHealthyWorkerError(f"no healthy {role} worker left for {flight.request_id}")
 
     async def _abort(self, request_id: str) -> None:
         ids = [request_id] + [r for r in self._flights if r.endswith(f"_{request_id}")]

@@ -2,7 +2,8 @@
 
 Checks: greedy outputs of image prompts equal the monolithic multimodal engine token for token;
 a repeated image is an embedding-cache hit on the encode worker; images reach decode too (a
-short prompt prefilled locally on decode); bad images fail alone; the stage timing has encode.
+short prompt prefilled locally on decode); bad images fail alone; the stage timing has encode;
+a killed encode worker is replaced and the request waits for it; image chats over HTTP.
 """
 
 from __future__ import annotations
@@ -106,6 +107,20 @@ def test_bad_images_fail_alone(cluster, image_token):
             cluster.generate([good, bad], GREEDY)
         assert err.value.field == field
     assert len(cluster.generate([good], GREEDY)[0].outputs[0].token_ids) == 8
+
+
+def test_encode_worker_killed_is_replaced_and_requests_wait_for_it(cluster, llava_dir,
+                                                                  image_token) -> None:
+    encode = next(h for h in cluster.workers.values() if h.role == "encode" and h.healthy)
+    encode.actor.die.remote()
+    prompt = {"prompt_token_ids": [7, image_token, 8, 9] + list(range(400, 430)),
+              "multi_modal_data": {"image": _png(8)}}
+    got = cluster.generate([prompt], GREEDY)[0]  # waits for the new encode worker
+    want = LLM(str(llava_dir)).generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert got.outputs[0].token_ids == want
+    live = [w for w in cluster.status()["workers"] if w["role"] == "encode" and w["healthy"]]
+    assert len(live) == 1 and live[0]["worker_id"] != encode.worker_id
+    assert cluster.counters["workers_replaced"] == 1
 
 
 def test_http_image_chat_through_the_cluster(cluster, image_token) -> None:

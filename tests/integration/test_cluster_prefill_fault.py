@@ -1,5 +1,6 @@
 """A prefill worker killed while the decode worker pulls its KV: the request still completes,
-prefilled again (on the decode worker), with the tokens of a fault-free run."""
+prefilled again (on the decode worker), with the tokens of a fault-free run. The only decode
+worker killed mid-stream: the stream waits for its replacement and ends equal too."""
 
 from __future__ import annotations
 
@@ -35,3 +36,23 @@ def test_prefill_killed_mid_transfer(tiny_model_dir, monkeypatch) -> None:
     assert decode_stats["num_remote_fallbacks"] == 1
     assert decode_stats["num_free_blocks"] == decode_stats["num_blocks"]
     assert os.environ["SPLITSERVE_TEST_KV_SEND_DELAY_S"] == "3"
+
+
+def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)  # outlives the kill
+    prompt = list(range(500, 560))
+    want = LLM(str(tiny_model_dir)).generate([prompt], params)[0].outputs[0].token_ids
+    with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
+                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_threshold": 1}
+                       ) as cluster:
+        decode = next(h for h in cluster.workers.values() if h.role == "decode")
+        tokens: list[int] = []
+        for delta in cluster.stream(prompt, params):
+            tokens += delta.outputs[0].token_ids
+            if len(tokens) == 5:
+                decode.actor.die.remote()  # the role has no other worker
+        status = cluster.status()
+    assert tokens == want
+    live = [w for w in status["workers"] if w["role"] == "decode" and w["healthy"]]
+    assert len(live) == 1 and live[0]["worker_id"] != decode.worker_id
+    assert status["counters"]["workers_replaced"] == 1

@@ -99,9 +99,11 @@ def build_request(
     messages: Sequence[dict[str, str]] | None = None,
     model: str = "",
     request_id: str = "",
+    images: Sequence[bytes] = (),
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from exactly one input and vLLM-named sampling keywords."""
+    """A GenerateRequest from exactly one input and vLLM-named sampling keywords; ``images``
+    (PNG/JPEG bytes) fill the input's ``<image>`` placeholders in order (multimodal models)."""
     inputs = [x is not None for x in (text, token_ids, messages)]
     if sum(inputs) != 1:
         raise ValueError("give exactly one of text, token_ids or messages")
@@ -113,6 +115,7 @@ def build_request(
     params.stop.extend([stop] if isinstance(stop, str) else list(stop or []))
     params.stop_token_ids.extend(sampling.get("stop_token_ids") or [])
     req = pb.GenerateRequest(model=model, request_id=request_id, sampling_params=params)
+    req.images.extend(images)
     if text is not None:
         req.text = text
     elif token_ids is not None:

@@ -33,6 +33,7 @@ from splitserve.errors import (
 from splitserve.outputs import Logprob
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
+from splitserve.roles.models.image import load_image
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics or ServerMetrics(self.model_name)
 
     def _prompt(self, request: pb.GenerateRequest) -> PromptInput:
+        prompt = self._input(request)
+        if not request.images:
+            return prompt
+        if self.backend.image_token is None:
+            raise InvalidRequestError(
+                "images: the served model is text-only; it takes no images", "images"
+            )
+        images = list(request.images)
+        for i, data in enumerate(images):  # a malformed image is this request's error
+            load_image(data, field=f"images[{i}]")
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        return {key: prompt, "multi_modal_data": {"image": images}}
+
+    def _input(self, request: pb.GenerateRequest) -> str | list[int]:
         kind = request.WhichOneof("input")
         if kind == "text":
             return request.text

@@ -126,6 +126,7 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"token_ids": [1, 10**8]}, "prompt_token_ids"),
         ({"token_ids": [7] * MAX_MODEL_LEN}, "prompt"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"text": "hi", "images": [b"\x89PNG"]}, "images"),  # a text-only model
     ],
 )
 def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:

@@ -1,6 +1,7 @@
-"""Image inputs over the OpenAI HTTP API (tiny random LLaVA behind one engine): ``image_url``
-content parts with data URLs, through the official ``openai`` client; bad images are 400s that
-name the part, and the server keeps serving."""
+"""Image inputs over both frontends (tiny random LLaVA behind one engine): HTTP ``image_url``
+content parts with data URLs through the official ``openai`` client, gRPC ``images`` through
+the generated client; bad images are 400s / INVALID_ARGUMENT naming the part, and the server
+keeps serving."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def llava_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="module")
 def server(llava_dir) -> Iterator[BackgroundServer]:
     backend = EngineBackend.from_config(model=str(llava_dir), num_kv_blocks=256)
-    with BackgroundServer(backend, ServeOptions(port=0, grpc_port=None,
+    with BackgroundServer(backend, ServeOptions(port=0, grpc_port=0,
                                                 served_model_name="llava")) as srv:
         yield srv
 
@@ -85,3 +86,30 @@ def test_bad_images_are_400_naming_the_part(server: BackgroundServer, url: str, 
     ok = httpx.post(server.http_url + "/v1/chat/completions", timeout=60,
                     json={**body, "messages": _messages(_data_url(3))})
     assert ok.status_code == 200
+
+
+def _png(seed: int) -> bytes:
+    return base64.b64decode(_data_url(seed).split(",", 1)[1])
+
+
+def test_grpc_images_equal_the_engine_and_bad_ones_are_invalid_argument(
+    server: BackgroundServer, llava_dir
+) -> None:
+    from splitserve.client import Client, InvalidArgumentError
+
+    tok_ids = [11, 12, 49152, 13, 14]  # 49152: <image> in the tiny LLaVA's tokenizer
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = LLM(str(llava_dir)).generate(
+        {"prompt_token_ids": tok_ids, "multi_modal_data": {"image": _png(4)}}, params
+    )[0].outputs[0].token_ids
+    with Client(server.grpc_target, timeout=60) as client:
+        got = client.generate(token_ids=tok_ids, images=[_png(4)], max_tokens=6, temperature=0,
+                              ignore_eos=True)
+        assert got.completions[0].token_ids == want
+        with pytest.raises(InvalidArgumentError, match=r"images\[0\]"):
+            client.generate(token_ids=tok_ids, images=[b"not a png"], max_tokens=2)
+        with pytest.raises(InvalidArgumentError, match="placeholder"):
+            client.generate(token_ids=[11, 12], images=[_png(4)], max_tokens=2)
+        again = client.generate(token_ids=tok_ids, images=[_png(4)], max_tokens=6,
+                                temperature=0, ignore_eos=True)
+        assert again.completions[0].token_ids == want

@@ -22,7 +22,7 @@ from typing import Any
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.async_engine import AsyncEngine
 from splitserve.roles.engine.config import EngineConfig
-from splitserve.roles.engine.llm_engine import LLMEngine
+from splitserve.roles.engine.llm_engine import TORCH_DTYPES, LLMEngine
 from splitserve.sampling_params import SamplingParams
 
 
@@ -173,10 +173,9 @@ class EncodeWorker:
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         self.model_id, path = resolve_model(engine_config.model)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[engine_config.dtype]
         self.encoder = ImageEncoder.from_folder(
-            path, dtype, engine_config.device, engine_config.encoder_cache_bytes
+            path, TORCH_DTYPES[engine_config.dtype], engine_config.device,
+            engine_config.encoder_cache_bytes,
         )
         self.num_running = 0
         self.num_images = 0

@@ -43,7 +43,8 @@ from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``EngineConfig.dtype`` names -> torch dtypes (every role that loads weights uses these)."""
 PromptType = str | Sequence[int]
 
 
@@ -67,7 +68,7 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = TORCH_DTYPES[config.dtype]
         loaded = load_model(config.model, self.dtype)
         self.model_id = loaded.model_id
         self.model_config = loaded.config

@@ -258,9 +258,8 @@ class Cluster:
         prompt_list = _as_prompt_inputs(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         ids = [f"cluster-{next(self._ids)}" for _ in prompt_list]
-        for p in prompt_list:  # validate all before starting any
-            self._prepare(p)
-        return self._run(self._generate_all(ids, prompt_list, params))
+        inputs = [self._prepare(p) for p in prompt_list]  # validate all before starting any
+        return self._run(self._generate_all(ids, inputs, params))
 
     def stream(
         self, prompt: Any, sampling_params: SamplingParams | None = None,
@@ -388,15 +387,15 @@ class Cluster:
         return _Input(ids, list(items), hashes, extra)
 
     async def _generate_all(
-        self, ids: list[str], prompts: list[Any], params: list[SamplingParams]
+        self, ids: list[str], inputs: list[_Input], params: list[SamplingParams]
     ) -> list[RequestOutput]:
-        async def one(rid: str, prompt: Any, p: SamplingParams) -> RequestOutput:
+        async def one(rid: str, inp: _Input, p: SamplingParams) -> RequestOutput:
             results: dict[str, RequestOutput] = {}
-            async for delta in self._stream_request(rid, self._prepare(prompt), p):
+            async for delta in self._stream_request(rid, inp, p):
                 _merge(results, delta)
             return results[rid]
 
-        return list(await asyncio.gather(*(one(*a) for a in zip(ids, prompts, params, strict=True))))
+        return list(await asyncio.gather(*(one(*a) for a in zip(ids, inputs, params, strict=True))))
 
     async def _stream_request(
         self, request_id: str, inp: _Input, params: SamplingParams

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels.linear import Linear
 from splitserve.roles.models.config import ModelConfig
 
 Tensor = torch.Tensor
@@ -50,13 +51,14 @@ class LlamaLayer:
         self.cfg, self.ops = cfg, ops
         self.input_norm = w["input_layernorm.weight"]
         self.post_norm = w["post_attention_layernorm.weight"]
-        self.qkv = torch.cat([w["self_attn.q_proj.weight"], w["self_attn.k_proj.weight"],
-                              w["self_attn.v_proj.weight"]])  # [(nh + 2 nkv) * hd, H]
         biases = [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"]
-        self.qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        self.o_proj = w["self_attn.o_proj.weight"]
-        self.gate_up = torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]])
-        self.down = w["mlp.down_proj.weight"]
+        self.qkv = Linear(  # [(nh + 2 nkv) * hd, H]
+            torch.cat([w[f"self_attn.{p}_proj.weight"] for p in "qkv"]),
+            torch.cat(biases) if all(b is not None for b in biases) else None,  # type: ignore[misc]
+        )
+        self.o_proj = Linear(w["self_attn.o_proj.weight"])
+        self.gate_up = Linear(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))
+        self.down = Linear(w["mlp.down_proj.weight"])
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
@@ -78,7 +80,7 @@ class LlamaLayer:
             hidden, residual = ops.rms_norm(hidden, self.input_norm, eps, residual)
         hidden = self._attention(positions, hidden, kv_cache, cos_sin, meta)
         hidden, residual = ops.rms_norm(hidden, self.post_norm, eps, residual)
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up)), self.down)
+        hidden = self.down(ops.silu_and_mul(self.gate_up(hidden)))
         return hidden, residual  # type: ignore[return-value]
 
     def _attention(
@@ -87,7 +89,7 @@ class LlamaLayer:
     ) -> Tensor:
         cfg, ops = self.cfg, self.ops
         num_tokens = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv, self.qkv_bias)
+        qkv = self.qkv(hidden)
         q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, -1)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, -1)
@@ -105,7 +107,7 @@ class LlamaLayer:
                 q[d:], kv_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
                 meta.prefill_context_lens, self.scale, cfg.sliding_window,
             )
-        return F.linear(out.view(num_tokens, self.q_size), self.o_proj)
+        return self.o_proj(out.view(num_tokens, self.q_size))
 
 
 class LlamaModel:
@@ -118,7 +120,7 @@ class LlamaModel:
         w = {k: v.to(device) for k, v in weights.items()}
         self.embed = w["model.embed_tokens.weight"]  # [V, H]
         self.norm = w["model.norm.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"])
         self.layers = [
             LlamaLayer(cfg, _layer_weights(w, i), ops) for i in range(cfg.num_layers)
         ]
@@ -151,7 +153,7 @@ class LlamaModel:
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> [N, V] float32 logits."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
 
 def _layer_weights(w: dict[str, Tensor], i: int) -> dict[str, Tensor]:

@@ -198,6 +198,10 @@ def _decode_granule(block_size: int) -> int:
     return max(64, block_size)
 
 
+_BLOCK_DIAGONAL_MAX_KV_HEADS = 4
+"""Up to this many KV heads, decode scores come from one bmm over all heads (see below)."""
+
+
 def _decode_group(
     query: Tensor,  # [b, num_heads, head_dim]
     kv_cache: Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
@@ -209,26 +213,44 @@ def _decode_group(
     soft_cap: float | None,
 ) -> Tensor:
     b, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    num_blocks, block_size, num_kv_heads = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
     cols = padded // block_size
     tables = block_tables[:, :cols].long()
     if tables.shape[1] < cols:  # same padded width whatever the batch: pad with block 0
         tables = F.pad(tables, (0, cols - tables.shape[1]))
-    length = cols * block_size
-    kv = kv_cache[:, tables].view(2, b, length, num_kv_heads, head_dim)  # one gather, K and V
-    kv = kv.float()  # scores and sums in float32 whatever the cache dtype (no-op in float32)
+    length, width = cols * block_size, num_kv_heads * head_dim
+    ids = tables.reshape(-1)
+    # A block is one row of [num_blocks, block_size * width]: index_select copies whole rows,
+    # several times faster than advanced indexing of the 5-D cache. Scores and sums in
+    # float32 whatever the cache dtype (no-op in float32).
+    keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, ids).view(b, length, width).float()
+    values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, ids).view(b, length, width).float()
     k_pos = torch.arange(length, device=query.device)[None, None, :]
     ctx = context_lens.long()[:, None, None]
     allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
-    q = query.float()
-    out = torch.empty(b, num_kv_heads, group, head_dim, dtype=kv.dtype, device=query.device)
-    for h in range(num_kv_heads):
-        keys, values = kv[0, :, :, h], kv[1, :, :, h]  # [b, L, head_dim] (strided views)
-        scores = torch.bmm(q[:, h * group : (h + 1) * group], keys.transpose(1, 2)) * scale
-        probs = _softmax_attend(scores, allowed, soft_cap)  # [b, group, L] float32
-        out[:, h] = torch.bmm(probs, values)
-    return out.view(b, num_heads, head_dim).to(query.dtype)
+    q = query.float().view(b, num_kv_heads, group, head_dim)
+    if num_kv_heads <= _BLOCK_DIAGONAL_MAX_KV_HEADS:
+        # Block-diagonal queries: query head h*group+j holds its vector in KV head h's columns
+        # and zeros elsewhere, so one bmm per product runs over contiguous keys and values of
+        # all heads (num_kv_heads x the FLOPs of per-head bmms over strided views, but far
+        # faster at these shapes on CPU); the off-diagonal products are discarded.
+        blocks = q.new_zeros(b, num_kv_heads, group, num_kv_heads, head_dim)
+        for h in range(num_kv_heads):
+            blocks[:, h, :, h] = q[:, h]
+        scores = torch.bmm(blocks.view(b, num_heads, width), keys.transpose(1, 2)) * scale
+        probs = _softmax_attend(scores, allowed, soft_cap)  # [b, num_heads, L] float32
+        full = torch.bmm(probs, values).view(b, num_kv_heads, group, num_kv_heads, head_dim)
+        out = torch.stack([full[:, h, :, h] for h in range(num_kv_heads)], dim=1)
+    else:
+        out = q.new_empty(b, num_kv_heads, group, head_dim)
+        keys_h = keys.view(b, length, num_kv_heads, head_dim)
+        values_h = values.view(b, length, num_kv_heads, head_dim)
+        for h in range(num_kv_heads):
+            scores = torch.bmm(q[:, h], keys_h[:, :, h].transpose(1, 2)) * scale
+            probs = _softmax_attend(scores, allowed, soft_cap)  # [b, group, L] float32
+            out[:, h] = torch.bmm(probs, values_h[:, :, h])
+    return out.reshape(b, num_heads, head_dim).to(query.dtype)
 
 
 def prefill_attention(
@@ -278,13 +300,16 @@ def _prefill_one(
     values = kv_cache[1][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
     qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
     if soft_cap is None and sliding_window is None and q.dtype == keys.dtype:
+        # 4-D operands (a batch of one): torch's fused CPU flash kernel takes only those;
+        # 3-D ones fall to the unfused math path, 2-3x slower.
+        qt, kt, vt = qt[None], kt[None], vt[None]
         if ctx == q_len:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         else:
             q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
     group = num_heads // num_kv_heads
     kt = kt.repeat_interleave(group, dim=0).to(q.dtype)  # [num_heads, ctx, hd]
     vt = vt.repeat_interleave(group, dim=0)

@@ -12,8 +12,9 @@ process, and times an in-process copy of the same bytes (the limit of this machi
 Every path but memcpy includes the serving side's gather of the blocks into staging
 buffers (part of moving paged KV; UCX overlaps it with the sends, 8 MB parts);
 ``*_pull_gbps`` is a full ``KvConnectorWorker`` pull (read, verify every checksum, scatter).
-Each figure is the best of several runs (the machine is shared). Not a test: prints GB/s
-and ratios; ``--json PATH`` writes them.
+Each figure is the best of several runs (the machine is shared). Also prints what bounds
+a copy-based path here (``gather_gbps``, ``concurrent_copy_gbps``: see ``bench_bounds``).
+Not a test: prints GB/s and ratios; ``--json PATH`` writes them.
 
     .venv/bin/python bench/kv_transfer.py [--json out.json] [--reps 3]
 """
@@ -257,6 +258,48 @@ def bench_memcpy(reps: int) -> dict[int, dict[str, float]]:
     return figures
 
 
+def bench_bounds(reps: int) -> dict[str, float]:
+    """What bounds a copy-based transfer here, at the largest size (one torch thread each):
+
+    * ``gather_gbps``: the serving side's gather of the blocks alone (the copy every path
+      but memcpy makes before the bytes move);
+    * ``concurrent_copy_gbps``: two plain copies at once, one per core, summed: the machine's
+      aggregate copy rate. Where it is not much above ``memcpy_gbps``, one core already
+      saturates memory, and a path that copies the bytes twice (gather, then UCX's
+      cross-process read) cannot pass about half of memcpy however well they overlap.
+    """
+    import threading
+
+    from splitserve.kernels.reference import gather_blocks
+
+    size = SIZES_MB[-1]
+    n = _num_blocks(size)
+    caches = _caches(1)
+    ids = torch.tensor(_block_ids(n))
+    out = gather_blocks(caches, ids)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        gather_blocks(caches, ids, out=out)
+        times.append(time.perf_counter() - t0)
+    gather = n * BLOCK_BYTES / min(times[1:]) / 1e9
+    del caches, out
+
+    nbytes = n * BLOCK_BYTES
+    pairs = [(torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8))
+             for _ in range(2)]
+    best = 0.0
+    for _ in range(reps):
+        threads = [threading.Thread(target=dst.copy_, args=(src,)) for src, dst in pairs]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, 2 * nbytes / (time.perf_counter() - t0) / 1e9)
+    return {"gather_gbps": gather, "concurrent_copy_gbps": best}
+
+
 # ====================================================================== report
 
 
@@ -320,7 +363,16 @@ def main() -> None:
         "ucx_tcp": bench_ucx("tcp,self", False, args.reps),
         "ray": bench_ray(args.reps),
     }
+    bounds = bench_bounds(args.reps)
     summary = report(results)
+    memcpy = summary["memcpy_gbps"]
+    print(
+        f"Bounds at {SIZES_MB[-1]} MB: gather alone {bounds['gather_gbps']:.2f} GB/s; two concurrent "
+        f"copies {bounds['concurrent_copy_gbps']:.2f} GB/s in all ({bounds['concurrent_copy_gbps'] / memcpy:.2f}x "
+        f"one copy). Two copies in turn (gather, then a read at memcpy speed) would give "
+        f"{1 / (1 / bounds['gather_gbps'] + 1 / memcpy):.2f} GB/s"
+    )
+    summary.update(bounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

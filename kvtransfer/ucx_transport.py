@@ -213,6 +213,8 @@ class _Connection:
             raise self.fail(e) from e
         finally:
             self._pending.pop(xfer_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by _break while the send was still going: seen
 
     async def recv_into(self, dest: torch.Tensor, xfer_id: int) -> None:
         try:

@@ -79,8 +79,11 @@ def test_epd_equals_monolithic_and_hits_the_embedding_cache(cluster, llava_dir, 
     assert again[0].outputs[0].token_ids == want[0]
     encode = next(w for w in cluster.status()["workers"] if w["role"] == "encode")
     assert encode["encoder_cache_hits"] == 2
-    prefill = next(w for w in cluster.status()["workers"] if w["role"] == "prefill")
-    assert prefill["prefix_cache_hits"] > 0  # same image, same tokens: the KV was reused
+    # same image, same tokens: the KV was reused, on the prefill worker or, when the router
+    # already knew the decode worker holds the prefix (the rest is under the local-prefill
+    # threshold), on the decode worker
+    hits = {w["role"]: w.get("prefix_cache_hits", 0) for w in cluster.status()["workers"]}
+    assert hits["prefill"] + hits["decode"] > 0, hits
 
 
 def test_short_image_prompt_prefilled_on_decode(cluster, llava_dir, image_token):

@@ -12,11 +12,47 @@ A slot is ``block_id * block_size + offset``.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- per-step memo
+
+_memo = threading.local()
+
+
+def _step_memo(
+    name: str, tensors: tuple[Tensor, ...], extra: tuple, build: Callable[[], T], same: tuple = ()
+) -> T:
+    """``build()``, reused while called again with tensors equal to these, the same ``extra``
+    and the very objects in ``same`` (held, so no other object can take their identity).
+
+    Every layer of a step passes the same metadata (block tables, context lengths, positions),
+    so what is derived from it alone is computed once per step; comparing a few small index
+    tensors costs far less than the derivation. Keyed by content (a snapshot), so a tensor
+    changed in place or a new one at a freed one's address is never mistaken for the old.
+    One entry per name and thread (engines on different threads never share one).
+    """
+    entry = getattr(_memo, name, None)
+    if entry is not None:
+        held, held_extra, held_same, value = entry
+        if held_extra == extra and len(held_same) == len(same) and all(
+            a is b for a, b in zip(held_same, same, strict=True)
+        ) and all(
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+            for a, b in zip(held, tensors, strict=True)
+        ):
+            return value
+    value = build()
+    setattr(_memo, name, (tuple(t.clone() for t in tensors), extra, same, value))
+    return value
 
 
 # --------------------------------------------------------------------------- norms, activations
@@ -99,14 +135,21 @@ def rotary_embedding(
     positions: [T] int64; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim];
     cos_sin_cache: [max_position, rotary_dim] float32 with rotary_dim <= head_dim.
     """
+    cos2, sin2 = _step_memo(
+        "rotary", (positions,), (), lambda: _rotary_tables(positions, cos_sin_cache),
+        same=(cos_sin_cache,),
+    )
+    return _rotate(query, cos2, sin2), _rotate(key, cos2, sin2)
+
+
+def _rotary_tables(positions: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
+    """[cos | cos] and [-sin | sin] at each position, [T, 1, rotary_dim]: with them,
+    x * [cos | cos] + [x2 | x1] * [-sin | sin] is, element for element, the textbook
+    [x1 cos - x2 sin | x2 cos + x1 sin] (same products, same sums), in fewer ops."""
     cos_sin = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    # x * [cos | cos] + [x2 | x1] * [-sin | sin] is, element for element, the textbook
-    # [x1 cos - x2 sin | x2 cos + x1 sin] (same products, same sums), in fewer ops.
-    cos2 = torch.cat([cos, cos], dim=-1)
-    sin2 = torch.cat([-sin, sin], dim=-1)
-    return _rotate(query, cos2, sin2), _rotate(key, cos2, sin2)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def _rotate(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
@@ -174,27 +217,63 @@ def paged_decode_attention(
     (already stored). Returns [B, num_heads, head_dim]; a sequence with no context gets zeros.
 
     Sequences are grouped by their context length rounded up to ``_decode_granule``: each
-    group gathers its blocks once and runs two batched matmuls per KV head. A sequence's
-    padded length depends on its own length only, so its result does not depend on what it
-    is batched with (batch invariance), and padding stays under one granule.
+    group gathers its blocks once, padded to that length. A sequence's padded length depends
+    on its own length only, so its result does not depend on what it is batched with (batch
+    invariance), and padding stays under one granule. The grouping, block ids and masks
+    depend only on the metadata, so every layer of a step shares them (``_step_memo``).
     """
-    num_seqs = query.shape[0]
-    if num_seqs == 0:
+    if query.shape[0] == 0:
         return query.new_zeros(query.shape)
-    granule = _decode_granule(kv_cache.shape[2])
+    block_size = kv_cache.shape[2]
+    plan = _step_memo(
+        "decode", (block_tables, context_lens), (block_size, sliding_window),
+        lambda: _decode_plan(block_tables, context_lens, block_size, sliding_window),
+    )
+    if len(plan) == 1:
+        return _decode_group(query, kv_cache, plan[0], scale, soft_cap)
+    out = torch.empty_like(query)
+    for group in plan:
+        out[group.rows] = _decode_group(query[group.rows], kv_cache, group, scale, soft_cap)
+    return out
+
+
+class _DecodeGroup:
+    """Sequences of one padded length: their rows, block ids and mask, as the layers use them."""
+
+    def __init__(
+        self, rows: Tensor | None, tables: Tensor, context_lens: Tensor, padded: int,
+        block_size: int, sliding_window: int | None,
+    ) -> None:
+        cols = padded // block_size
+        tables = tables[:, :cols].long()
+        if tables.shape[1] < cols:  # same padded width whatever the batch: pad with block 0
+            tables = F.pad(tables, (0, cols - tables.shape[1]))
+        self.rows = rows
+        self.batch, self.length = tables.shape[0], padded
+        self.ids = tables.reshape(-1)
+        k_pos = torch.arange(padded, device=tables.device)[None, None, :]
+        ctx = context_lens.long()[:, None, None]
+        self.allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
+        empty = context_lens <= 0
+        self.empty = empty if bool(empty.any()) else None
+
+
+def _decode_plan(
+    block_tables: Tensor, context_lens: Tensor, block_size: int, sliding_window: int | None
+) -> list[_DecodeGroup]:
+    granule = _decode_granule(block_size)
     groups: dict[int, list[int]] = {}
     for i, n in enumerate(context_lens.tolist()):
         groups.setdefault(max(1, -(-n // granule)) * granule, []).append(i)
     if len(groups) == 1:
         ((padded, _),) = groups.items()
-        return _decode_group(query, kv_cache, block_tables, context_lens, padded, scale,
-                             sliding_window, soft_cap)
-    out = torch.empty_like(query)
+        return [_DecodeGroup(None, block_tables, context_lens, padded, block_size, sliding_window)]
+    plan = []
     for padded, idx in groups.items():
-        rows = torch.tensor(idx, device=query.device)
-        out[rows] = _decode_group(query[rows], kv_cache, block_tables[rows], context_lens[rows],
-                                  padded, scale, sliding_window, soft_cap)
-    return out
+        rows = torch.tensor(idx, device=block_tables.device)
+        plan.append(_DecodeGroup(rows, block_tables[rows], context_lens[rows], padded, block_size,
+                                 sliding_window))
+    return plan
 
 
 def _decode_granule(block_size: int) -> int:
@@ -204,45 +283,34 @@ def _decode_granule(block_size: int) -> int:
 def _decode_group(
     query: Tensor,  # [b, num_heads, head_dim]
     kv_cache: Tensor,  # [2, num_blocks, block_size, kv_heads, head_dim]
-    block_tables: Tensor,  # [b, max_blocks]
-    context_lens: Tensor,  # [b]
-    padded: int,
+    group: _DecodeGroup,
     scale: float,
-    sliding_window: int | None,
     soft_cap: float | None,
 ) -> Tensor:
     b, num_heads, head_dim = query.shape
-    num_blocks, block_size, num_kv_heads = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
-    group = num_heads // num_kv_heads
-    cols = padded // block_size
-    tables = block_tables[:, :cols].long()
-    if tables.shape[1] < cols:  # same padded width whatever the batch: pad with block 0
-        tables = F.pad(tables, (0, cols - tables.shape[1]))
-    length = cols * block_size
-    ids = tables.reshape(-1)
+    num_blocks, num_kv_heads = kv_cache.shape[1], kv_cache.shape[3]
+    heads_per_kv = num_heads // num_kv_heads
     # A block is one row of [num_blocks, block_elems]: index_select copies whole rows, several
     # times faster than advanced indexing of the 5-D cache. Scores and sums in float32
     # whatever the cache dtype (no-op in float32).
-    shape = (b, length, num_kv_heads, head_dim)
-    keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, ids).view(shape).float()
-    values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, ids).view(shape).float()
-    k_pos = torch.arange(length, device=query.device)[None, None, :]
-    ctx = context_lens.long()[:, None, None]
-    allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
-    q = query.float().view(b, num_kv_heads, group, head_dim)
+    shape = (b, group.length, num_kv_heads, head_dim)
+    keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, group.ids).view(shape).float()
+    values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, group.ids).view(shape).float()
+    q = query.float().view(b, num_kv_heads, heads_per_kv, head_dim)
     if soft_cap is None:
-        # A KV head's group of query heads is a group-long query sequence with no causal
-        # mask: torch's fused CPU kernel reads the strided keys and values in place.
+        # A KV head's query heads are a short query sequence with no causal mask: torch's
+        # fused CPU kernel reads the strided keys and values in place.
         out = F.scaled_dot_product_attention(
-            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None], scale=scale
+            q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.allowed[:, None],
+            scale=scale,
         )
-        if bool((context_lens <= 0).any()):  # no key at all: zeros, as documented
-            out[context_lens <= 0] = 0.0
+        if group.empty is not None:  # no key at all: zeros, as documented
+            out[group.empty] = 0.0
     else:
-        out = q.new_empty(b, num_kv_heads, group, head_dim)
+        out = q.new_empty(b, num_kv_heads, heads_per_kv, head_dim)
         for h in range(num_kv_heads):
             scores = torch.bmm(q[:, h], keys[:, :, h].transpose(1, 2)) * scale
-            probs = _softmax_attend(scores, allowed, soft_cap)  # [b, group, L] float32
+            probs = _softmax_attend(scores, group.allowed, soft_cap)  # [b, heads, L] float32
             out[:, h] = torch.bmm(probs, values[:, :, h])
     return out.reshape(b, num_heads, head_dim).to(query.dtype)
 

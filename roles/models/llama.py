@@ -95,18 +95,23 @@ class LlamaLayer:
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, -1)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin)
         ops.store_kv(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(q)  # [T, nh, hd]
         d = meta.num_decode
+        if d == num_tokens:  # decodes only (the common step): no staging copy
+            out = ops.paged_decode_attention(
+                q, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
+                self.scale, cfg.sliding_window,
+            )
+            return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = torch.empty_like(q)  # [T, nh, hd]
         if d:
             out[:d] = ops.paged_decode_attention(
                 q[:d], kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                 self.scale, cfg.sliding_window,
             )
-        if num_tokens > d:
-            out[d:] = ops.prefill_attention(
-                q[d:], kv_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-                meta.prefill_context_lens, self.scale, cfg.sliding_window,
-            )
+        out[d:] = ops.prefill_attention(
+            q[d:], kv_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+            meta.prefill_context_lens, self.scale, cfg.sliding_window,
+        )
         return self.o_proj(out.view(num_tokens, self.q_size))
 
 

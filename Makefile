@@ -10,7 +10,7 @@ export UCX_TLS ?= tcp,self
 export UCX_WARN_UNUSED_ENV_VARS := n
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run serve test test-all bench-engine bench-cluster lint clean proto
+.PHONY: setup run serve test test-all bench-engine bench-cluster bench-spec soak lint clean proto
 
 setup: $(STAMP)
 
@@ -30,7 +30,8 @@ run: setup
 	$(VENV)/bin/splitserve generate --chat --max-tokens 64 \
 		--prompt "What is the capital of France? Answer in one sentence."
 
-# The main job: a local cluster (1 prefill + 1 decode worker on Ray, KV over UCX) serving the
+# The main job: a local Ray cluster (1 prefill + 1 decode worker with KV over UCX when the
+# machine has a device per role, else 1 decode worker that prefills every prompt) serving the
 # embedded SmolLM2 with the OpenAI HTTP API on :8000 and gRPC on :50051. Ctrl-C drains and stops.
 serve: setup
 	$(VENV)/bin/splitserve serve $(SERVE_ARGS)
@@ -47,9 +48,19 @@ bench-engine: setup
 bench-cluster: setup
 	$(PY) bench/cluster_vs_colocated.py
 
+# Speculative decoding (n-gram / suffix) vs plain decoding, same engine, same run.
+bench-spec: setup
+	$(PY) bench/spec_decode.py $(BENCH_ARGS)
+
+# Soak / chaos: a local cluster (1 prefill + 2 decode) under a mixed workload while a random
+# worker is SIGKILLed every 6 s; compares every answer with a fault-free engine, checks
+# integrity. SOAK_ARGS="--duration 90 --multimodal" etc.; exits non-zero on any defect.
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
 # gRPC stubs from proto/splitserve/v1/*.proto (grpcio-tools pinned with protobuf in pyproject).
 proto: setup
-	$(PY) -m splitserve.cluster.protogen
+	$(PY) -m splitserve.cluster.tools.protogen
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from splitserve import SamplingParams
-from splitserve.cluster.backend import stage_seconds
+from splitserve.cluster.frontends.backend import stage_seconds
 
 STAGES = ("queue", "prefill", "transfer", "decode")
 
@@ -81,13 +81,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def run_cluster(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
-    from splitserve.cluster.backend import ClusterBackend
     from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.frontends.backend import ClusterBackend
 
     config = ClusterConfig.local(
         prefill=1, decode=1, model=args.model, kv_cache_memory_bytes=args.kv_bytes,
         roles={"prefill": {"num_threads": 1}, "decode": {"num_threads": 1}},
-        router={"local_prefill_threshold": 1},
+        router={"local_prefill_max_tokens": 0},
     )
     backend = ClusterBackend.from_config(config)
     try:
@@ -98,7 +98,7 @@ async def run_cluster(args: argparse.Namespace, prompts: list[list[int]]) -> dic
 
 
 async def run_colocated(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
-    from splitserve.cluster.backend import EngineBackend
+    from splitserve.cluster.frontends.backend import EngineBackend
 
     backend = EngineBackend.from_config(model=args.model, kv_cache_memory_bytes=args.kv_bytes,
                                         num_threads=2)

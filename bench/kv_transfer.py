@@ -8,8 +8,14 @@ process, and times an in-process copy of the same bytes (the limit of this machi
 * ``ray``     - a Ray actor gathers the blocks and returns them through the object store;
                 the driver copies them into its own buffer
 * ``memcpy``  - ``dst.copy_(src)`` of a contiguous buffer of the same size, in process
+* ``ucx_sm_zc``, ``ucx_tcp_zc`` - the same two UCX lanes, zero-copy: both sides hold a
+                block-major pool (kernels/kv_cache.py), the read names runs of consecutive
+                blocks and each run goes as one message from the serving pool straight into
+                the reader's blocks (no gather, no staging, no scatter). The block ids are
+                the same scattered ones as the staged paths use, so every block is its own
+                run: the worst case for message count.
 
-Every path but memcpy includes the serving side's gather of the blocks into staging
+Every staged path includes the serving side's gather of the blocks into staging
 buffers (part of moving paged KV; UCX overlaps it with the sends, 8 MB parts);
 ``*_pull_gbps`` is a full ``KvConnectorWorker`` pull (read, verify every checksum, scatter).
 Each figure is the best of several runs (the machine is shared). Also prints what bounds
@@ -40,10 +46,21 @@ MODEL = "bench"
 PULL_REPS = 2
 
 
-def _caches(seed: int) -> list[torch.Tensor]:
+def _caches(seed: int, kind: str = "layer_major") -> list[torch.Tensor]:
+    from splitserve.kernels.kv_cache import allocate_kv_caches
+
     g = torch.Generator().manual_seed(seed)
     shape = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
-    return [torch.randn(shape, generator=g).to(DTYPE) for _ in range(LAYERS)]
+    caches = allocate_kv_caches(
+        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, DTYPE, "cpu", kind
+    )
+    for cache in caches:
+        cache.copy_(torch.randn(shape, generator=g).to(DTYPE))
+    return caches
+
+
+def _kind(zero_copy: bool) -> str:
+    return "block_major" if zero_copy else "layer_major"
 
 
 def _num_blocks(size_mb: int) -> int:
@@ -57,7 +74,7 @@ def _block_ids(n: int) -> list[int]:
 # ====================================================================== UCX processes
 
 
-def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
+def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool, zero_copy: bool) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
@@ -65,7 +82,7 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
 
     worker = KvConnectorWorker(
         "bench-prefill",
-        _caches(1),
+        _caches(1, _kind(zero_copy)),
         UcxTransport(shared_memory=shared_memory),
         MODEL,
         lease_ttl_s=3600.0,
@@ -89,11 +106,13 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool) -> None:
 
 
 def _ucx_client(
-    conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict, reps: int
+    conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict, reps: int,
+    zero_copy: bool,
 ) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    from splitserve.kvtransfer.layout import KvLayout
+    from splitserve.kernels.kv_cache import kv_pool
+    from splitserve.kvtransfer.layout import KvLayout, block_regions, merge_runs
     from splitserve.kvtransfer.params import KvTransferParams, ReadRequest
     from splitserve.kvtransfer.ucx_transport import UcxTransport
 
@@ -105,12 +124,16 @@ def _ucx_client(
         head_dim=HEAD_DIM,
         block_size=BLOCK_SIZE,
         num_blocks=NUM_BLOCKS,
+        layout_kind=_kind(zero_copy),
     )
+    pool = kv_pool(_caches(2, "block_major")) if zero_copy else None
     transport = UcxTransport(shared_memory=shared_memory)
     transport.register_memory(layout)
     results = {}
     for size in SIZES_MB:
         params = KvTransferParams.decode_any(offers[size])
+        local = _block_ids(len(params.block_ids))
+        runs = merge_runs(params.block_ids, local) if zero_copy else []
         read = ReadRequest(
             xfer_id=0,
             request_id=params.request_id,
@@ -118,9 +141,15 @@ def _ucx_client(
             block_ids=params.block_ids,
             layer_start=0,
             layer_end=LAYERS,
+            secret=params.secret,
+            runs=runs,
         )
-        dest = torch.empty(layout.staging_shape(LAYERS, len(params.block_ids)), dtype=DTYPE)
-        dest.fill_(0)  # fault the pages in before timing
+        dest: Any
+        if pool is not None:  # straight into this process's own pool (pages already touched)
+            dest = block_regions(pool, local, runs)
+        else:
+            dest = torch.empty(layout.staging_shape(LAYERS, len(params.block_ids)), dtype=DTYPE)
+            dest.fill_(0)  # fault the pages in before timing
         times = []
         for _ in range(reps + 1):  # the first one also connects: a warm-up
             t0 = time.perf_counter()
@@ -132,17 +161,18 @@ def _ucx_client(
     transport.close()
     conn.send(results)
     if conn.recv() == "pull":
-        conn.send(_pulls(offers, shared_memory))
+        conn.send(_pulls(offers, shared_memory, zero_copy))
 
 
-def _pulls(offers: dict, shared_memory: bool) -> dict[int, float]:
+def _pulls(offers: dict, shared_memory: bool, zero_copy: bool) -> dict[int, float]:
     """Best GB/s of full connector pulls: read, verify every checksum, scatter into the cache."""
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
     from splitserve.kvtransfer.params import KvTransferParams
     from splitserve.kvtransfer.ucx_transport import UcxTransport
 
     worker = KvConnectorWorker(
-        "bench-decode", _caches(2), UcxTransport(shared_memory=shared_memory), MODEL
+        "bench-decode", _caches(2, _kind(zero_copy)), UcxTransport(shared_memory=shared_memory),
+        MODEL,
     )
     figures = {}
     for size in SIZES_MB:
@@ -164,16 +194,21 @@ def _pulls(offers: dict, shared_memory: bool) -> dict[int, float]:
     return figures
 
 
-def bench_ucx(ucx_tls: str, shared_memory: bool, reps: int) -> dict[int, dict[str, float]]:
+def bench_ucx(
+    ucx_tls: str, shared_memory: bool, reps: int, zero_copy: bool = False
+) -> dict[int, dict[str, float]]:
     ctx = mp.get_context("spawn")
     server_conn, server_child = ctx.Pipe()
-    server = ctx.Process(target=_ucx_server, args=(server_child, ucx_tls, shared_memory))
+    server = ctx.Process(
+        target=_ucx_server, args=(server_child, ucx_tls, shared_memory, zero_copy)
+    )
     server.start()
     try:
         offers = server_conn.recv()
         client_conn, client_child = ctx.Pipe()
         client = ctx.Process(
-            target=_ucx_client, args=(client_child, ucx_tls, shared_memory, offers, reps)
+            target=_ucx_client,
+            args=(client_child, ucx_tls, shared_memory, offers, reps, zero_copy),
         )
         client.start()
         times = client_conn.recv()
@@ -307,7 +342,7 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
     header = (
         f"{'size':>7} "
         + " ".join(f"{name:>12}" for name in results)
-        + f" {'sm/memcpy':>10} {'ucx/ray':>8}"
+        + f" {'sm/memcpy':>10} {'ucx/ray':>8} {'zc_sm/memcpy':>12} {'zc/ray':>7}"
     )
     print(
         f"KV blocks: {LAYERS} layers x [2, {BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}] fp16 "
@@ -318,24 +353,31 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
     for size in SIZES_MB:
         row = {name: fig[size]["gbps"] for name, fig in results.items()}
         best_ucx = max(row["ucx_sm"], row["ucx_tcp"])
-        row["ucx_sm_pull"] = results["ucx_sm"][size]["pull_gbps"]
-        row["ucx_tcp_pull"] = results["ucx_tcp"][size]["pull_gbps"]
+        best_zc = max(row["ucx_sm_zc"], row["ucx_tcp_zc"])
+        for lane in ("ucx_sm", "ucx_tcp", "ucx_sm_zc", "ucx_tcp_zc"):
+            row[f"{lane}_pull"] = results[lane][size]["pull_gbps"]
         ratios = {
             "ucx_sm_vs_memcpy": row["ucx_sm"] / row["memcpy"],
             "ucx_vs_ray": best_ucx / row["ray"],
+            "ucx_sm_zc_vs_memcpy": row["ucx_sm_zc"] / row["memcpy"],
+            "ucx_zc_vs_ray": best_zc / row["ray"],
+            "ucx_sm_zc_vs_staged": row["ucx_sm_zc"] / row["ucx_sm"],
         }
         by_size[f"{size}MB"] = {**{f"{k}_gbps": v for k, v in row.items()}, **ratios}
         print(
             f"{size:>5}MB "
             + " ".join(f"{row[name]:>12.2f}" for name in results)
             + f" {ratios['ucx_sm_vs_memcpy']:>10.2f} {ratios['ucx_vs_ray']:>8.2f}"
+            + f" {ratios['ucx_sm_zc_vs_memcpy']:>12.2f} {ratios['ucx_zc_vs_ray']:>7.2f}"
         )
-    pull = " ".join(
-        f"{s}MB sm {by_size[f'{s}MB']['ucx_sm_pull_gbps']:.2f} / tcp "
-        f"{by_size[f'{s}MB']['ucx_tcp_pull_gbps']:.2f}"
-        for s in SIZES_MB
-    )
-    print(f"UCX full connector pull, checksums verified and scattered (GB/s): {pull}")
+    for suffix, what in (("", "staged: checksums verified and scattered"),
+                         ("_zc", "zero-copy: checksums verified in place")):
+        pull = " ".join(
+            f"{s}MB sm {by_size[f'{s}MB'][f'ucx_sm{suffix}_pull_gbps']:.2f} / tcp "
+            f"{by_size[f'{s}MB'][f'ucx_tcp{suffix}_pull_gbps']:.2f}"
+            for s in SIZES_MB
+        )
+        print(f"UCX full connector pull, {what} (GB/s): {pull}")
     top = by_size[f"{SIZES_MB[-1]}MB"]
     return {
         "ucx_sm_gbps": top["ucx_sm_gbps"],
@@ -346,6 +388,12 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
         "ucx_vs_ray": top["ucx_vs_ray"],
         "ucx_sm_pull_gbps": top["ucx_sm_pull_gbps"],
         "ucx_tcp_pull_gbps": top["ucx_tcp_pull_gbps"],
+        "ucx_sm_zc_gbps": top["ucx_sm_zc_gbps"],
+        "ucx_tcp_zc_gbps": top["ucx_tcp_zc_gbps"],
+        "ucx_sm_zc_vs_memcpy": top["ucx_sm_zc_vs_memcpy"],
+        "ucx_zc_vs_ray": top["ucx_zc_vs_ray"],
+        "ucx_sm_zc_pull_gbps": top["ucx_sm_zc_pull_gbps"],
+        "ucx_tcp_zc_pull_gbps": top["ucx_tcp_zc_pull_gbps"],
         "size_mb": SIZES_MB[-1],
         "by_size": by_size,
     }
@@ -362,6 +410,8 @@ def main() -> None:
         "ucx_sm": bench_ucx("sm,tcp,self", True, args.reps),
         "ucx_tcp": bench_ucx("tcp,self", False, args.reps),
         "ray": bench_ray(args.reps),
+        "ucx_sm_zc": bench_ucx("sm,tcp,self", True, args.reps, zero_copy=True),
+        "ucx_tcp_zc": bench_ucx("tcp,self", False, args.reps, zero_copy=True),
     }
     bounds = bench_bounds(args.reps)
     summary = report(results)

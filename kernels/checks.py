@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from splitserve import env
 from splitserve.errors import SplitserveError
 
 Tensor = torch.Tensor
@@ -93,7 +94,7 @@ def check_divisible(num_heads: int, num_kv_heads: int) -> None:
 
 def values_checked() -> bool:
     """Whether launchers read index tensors back to validate them (default: yes)."""
-    return os.environ.get("SPLITSERVE_KERNEL_CHECKS", "1").strip() != "0"
+    return env.SPLITSERVE_KERNEL_CHECKS.get()
 
 
 def check_range(name: str, values: Tensor, low: int, high: int) -> None:
@@ -177,14 +178,22 @@ def check_runnable(name: str, tensor: Tensor) -> None:
 
 
 def check_kv_cache(name: str, kv_cache: Tensor) -> None:
-    """One layer's cache: contiguous [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """One layer's cache: [2, num_blocks, block_size, num_kv_heads, head_dim], read through its
+    strides (a view of the block-major pool, see kernels/kv_cache.py, or a contiguous tensor);
+    each block's [block_size, num_kv_heads, head_dim] rows must be packed."""
     require(
         kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
         f"{name} must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
         f"got {tuple(kv_cache.shape)}",
     )
     check_dtype(name, kv_cache, FLOAT_DTYPES)
-    check_contiguous(name, kv_cache)
+    check_inner_contiguous(name, kv_cache, 3)
+    block_elems = kv_cache.shape[2] * kv_cache.shape[3] * kv_cache.shape[4]
+    require(
+        kv_cache.stride(0) > 0 and kv_cache.stride(1) >= block_elems,
+        f"{name} must have positive K/V strides and blocks that do not overlap, "
+        f"got strides {kv_cache.stride()}",
+    )
     check_runnable(name, kv_cache)
 
 

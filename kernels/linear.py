@@ -1,34 +1,53 @@
-"""Dense projections with weights prepared once at load: oneDNN-packed on CPU, plain elsewhere.
+"""Projections with their weight format chosen at load: float (oneDNN-packed on CPU), int8, int4.
 
-On CPU, ``F.linear`` goes to MKL's sgemm, which on this class of machine (AMD, AVX-512)
-runs a generic path: ~16 GB/s of weight streaming at one token (one core, whatever the
-thread count) and ~220 GFLOP/s when batched. oneDNN's inner product over a weight
-reordered once into its blocked layout streams at memory bandwidth on every core
-(~60 GB/s at one token) and reaches ~480 GFLOP/s batched, 2-4x faster at every batch
-size (``bench/engine_throughput.py``). The result equals ``F.linear`` to float32
-rounding (different summation order), so it is used for float32 only.
+``Linear(weight, bias)`` takes a float tensor or a ``kernels.quant.QuantizedWeight`` and
+lays it out once for its device; the model code calls ``proj(x)`` the same way for every
+format. What each format runs (measured in ``bench/engine_throughput.py``):
 
-``SPLITSERVE_CPU_LINEAR=dense`` keeps plain ``F.linear`` (the reference).
+- float32 on CPU: oneDNN's inner product over a weight reordered once into its blocked
+  layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
+  equal to ``F.linear`` to float32 rounding. ``SPLITSERVE_CPU_LINEAR=dense`` opts out.
+- bfloat16 / float16 / other devices: ``F.linear``.
+- int4 (GGUF Q4_0 / Q4_1 / Q4_K, RTN int4): torch's packed int4 weight-only matmul
+  (``_convert_weight_to_int4pack_for_cpu`` once, ``_weight_int4pack_mm_for_cpu`` per call),
+  bfloat16 activations, scale and zero per group; on CUDA the Triton int4 GEMM
+  (``kernels/int4_gemm.py``) over the same codes.
+- int8 per channel (RTN int8): torch's ``_weight_int8pack_mm``, bfloat16 activations.
+- int8 in groups (GGUF Q8_0): each code ``q = 16 * hi + lo`` is split into two 4-bit halves
+  served as one int4 matmul over twice the rows (``hi`` rows with scale ``16 * d``, ``lo``
+  rows with zero ``8 * d``) whose two halves are added: the file's values, no re-rounding
+  of codes.
 
-    proj = Linear(weight, bias)   # weight [N, K], bias [N] or None
+The quantized matmuls take bfloat16 activations whatever the model's dtype (their float32
+kernels are scalar code); inputs are cast in and the result cast back. Off CPU a quantized
+int8 weight is dequantized once at load (with a warning) until a device kernel serves it.
+
+    proj = Linear(weight, bias)   # weight [N, K] (tensor or QuantizedWeight), bias [N] or None
     y = proj(x)                   # x [T, K] -> [T, N]
 """
 
 from __future__ import annotations
 
-import os
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from splitserve import env
+from splitserve.kernels.quant import QuantizedWeight, int4_packable, pack_int4_codes
+
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
 _PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; fastest at every T measured
+_PACK_ROWS = 4096  # int4 packing runs over this many rows at a time (bounds the int32 copy)
+_QUANT_ACT = torch.bfloat16  # activation dtype of the packed quantized kernels
 
 
 def packed_linear_available(weight: Tensor) -> bool:
-    """True when ``weight`` will be served by the oneDNN-packed path."""
-    if os.environ.get("SPLITSERVE_CPU_LINEAR", "").strip().lower() == "dense":
+    """True when a float ``weight`` will be served by the oneDNN-packed path."""
+    if env.SPLITSERVE_CPU_LINEAR.get().lower() == "dense":
         return False
     return (
         weight.device.type == "cpu"
@@ -42,7 +61,7 @@ def packed_linear_available(weight: Tensor) -> bool:
 class Linear:
     """``y = x @ weight.T + bias`` with the weight laid out for the device once."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"Linear weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
         if bias is not None and bias.shape != (weight.shape[0],):
@@ -52,6 +71,20 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.dtype, self.device = weight.dtype, weight.device
         self.bias = bias
+        self.packed = False
+        self.weight: Tensor | None = None
+        if isinstance(weight, QuantizedWeight) and weight.device.type != "cpu":
+            if weight.kind == "int4" and weight.device.type == "cuda":
+                self.format = f"int4:{weight.source}:triton"
+                self._quantized = TritonInt4Matmul(weight)
+                return
+            logger.warning("no %s kernel on %s yet: dequantizing", weight.kind, weight.device)
+            weight = weight.dequantize()
+        if isinstance(weight, QuantizedWeight):
+            self.format = weight.kind if weight.source == "rtn" else f"{weight.kind}:{weight.source}"
+            self._quantized = quantized_matmul(weight)
+            return
+        self.format = str(weight.dtype).removeprefix("torch.")
         self.packed = packed_linear_available(weight)
         if self.packed:
             with torch.no_grad():
@@ -61,17 +94,121 @@ class Linear:
         else:
             self.weight = weight
 
+    @property
+    def quantized(self) -> bool:
+        return self.weight is None
+
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects {self.in_features} input features, got {x.shape[-1]}")
-        if not self.packed:
+        if not self.packed and not self.quantized:
             return F.linear(x, self.weight, self.bias)
-        if x.dtype != self.dtype:
+        if self.packed and x.dtype != self.dtype:
             raise TypeError(f"Linear input dtype {x.dtype} does not match weight dtype {self.dtype}")
         if x.shape[0] == 0 or x.dim() != 2:
             lead = x.shape[:-1]
             out = self(x.reshape(-1, self.in_features)) if x.numel() else x.new_empty(0, self.out_features)
             return out.reshape(*lead, self.out_features)
+        if self.quantized:
+            y = self._quantized(x)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )
+
+
+# --------------------------------------------------------------------------- quantized matmuls
+
+Matmul = Callable[[Tensor], Tensor]
+"""x [T, K] -> [T, N] in x's dtype."""
+
+
+def quantized_matmul(qw: QuantizedWeight) -> Matmul:
+    """The packed CPU matmul serving ``qw``; a shape the packed op cannot take raises
+    ValueError saying why."""
+    if qw.kind == "int4":
+        return Int4Matmul(qw)
+    if qw.group_size == qw.shape[1]:
+        return Int8ChannelMatmul(qw)
+    return Int8GroupMatmul(qw)
+
+
+def _to_act(x: Tensor) -> Tensor:
+    return x.contiguous() if x.dtype == _QUANT_ACT else x.to(_QUANT_ACT).contiguous()
+
+
+class Int4Matmul:
+    """torch's packed int4 weight-only matmul (tinygemm layout, bfloat16 scales and zeros)."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        why = int4_packable(qw.shape, qw.group_size)
+        if why is not None:
+            raise ValueError(f"int4 weight {tuple(qw.shape)} cannot be packed: {why}")
+        assert qw.zeros is not None
+        self.group_size = qw.group_size
+        codes = qw.codes()
+        self.packed = torch.cat([  # uint8, packing of each row block is independent
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes[i : i + _PACK_ROWS].to(torch.int32), 1
+            )
+            for i in range(0, codes.shape[0], _PACK_ROWS)
+        ])
+        # [K / g, N, 2]: (scale, zero) of each group and output row
+        self.scale_zeros = torch.stack([qw.scales, qw.zeros], -1).transpose(0, 1).to(_QUANT_ACT)
+        self.scale_zeros = self.scale_zeros.contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            _to_act(x), self.packed, self.group_size, self.scale_zeros
+        )
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class Int8ChannelMatmul:
+    """torch's int8 weight-only matmul: int8 [N, K] codes, one scale per output row."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        self.codes = qw.qdata.contiguous()  # int8 [N, K]
+        self.scales = qw.scales.reshape(-1).to(_QUANT_ACT)  # [N]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(_to_act(x), self.codes, self.scales)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+class Int8GroupMatmul:
+    """Grouped int8 (GGUF Q8_0) as one int4 matmul over [hi; lo] halves of each code."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        n = qw.shape[0]
+        q = qw.qdata.to(torch.int16)  # [N, K], in [-128, 127]
+        hi, lo = (q >> 4) + 8, q & 0x0F  # q = 16 * (hi - 8) + lo; both in [0, 15]
+        halves = QuantizedWeight(
+            "int4",
+            pack_int4_codes(torch.cat([hi, lo])),
+            torch.cat([qw.scales * 16, qw.scales]),
+            torch.cat([torch.zeros_like(qw.scales), qw.scales * 8]),
+            qw.group_size, qw.dtype, qw.source,
+        )
+        self.rows = n
+        self.inner = Int4Matmul(halves)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # [T, 2N]: hi rows, then lo rows
+            _to_act(x), self.inner.packed, self.inner.group_size, self.inner.scale_zeros
+        ).float()
+        return (y[:, : self.rows] + y[:, self.rows :]).to(x.dtype)
+
+
+class TritonInt4Matmul:
+    """int4 codes on a GPU through ``kernels/int4_gemm.py`` (codes stay packed, 2 per byte)."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        assert qw.zeros is not None
+        self.qdata, self.scales, self.zeros = qw.qdata, qw.scales.float(), qw.zeros.float()
+        self.group_size = qw.group_size
+
+    def __call__(self, x: Tensor) -> Tensor:
+        from splitserve.kernels.int4_gemm import int4_weight_only_mm
+
+        return int4_weight_only_mm(x, self.qdata, self.scales, self.zeros, self.group_size)

@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
+
+from splitserve import env
 
 BACKENDS = ("torch", "triton")
 
 
 def select_backend(device: torch.device | str) -> str:
     """The backend for tensors on ``device``, honouring ``SPLITSERVE_KERNELS``."""
-    forced = os.environ.get("SPLITSERVE_KERNELS", "").strip().lower()
+    forced = env.SPLITSERVE_KERNELS.get().lower()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"SPLITSERVE_KERNELS must be one of {BACKENDS}, got {forced!r}")

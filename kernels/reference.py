@@ -6,6 +6,8 @@ ones (decode attention, store_kv) are batched rather than looped per sequence.
 
 KV cache layout (one tensor per layer), as moved by the transfer layer:
     kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
+read through its strides: the engine's caches are views of one block-major pool
+(kernels/kv_cache.py), so only each block's [block_size, num_kv_heads, head_dim] is packed.
 A slot is ``block_id * block_size + offset``.
 """
 
@@ -84,6 +86,12 @@ def silu_and_mul(x: Tensor) -> Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+def gelu_tanh_and_mul(x: Tensor) -> Tensor:
+    """GeGLU activation (Gemma): x [T, 2*I] = [gate | up] -> gelu_tanh(gate) * up, [T, I]."""
+    d = x.shape[-1] // 2
+    return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
+
+
 # --------------------------------------------------------------------------- rotary embedding
 
 
@@ -98,20 +106,45 @@ def rope_cos_sin_cache(
 
     ``rope_scaling`` supports Llama-3 frequency scaling
     (``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"}``) and linear scaling.
+    "original_max_position_embeddings"}``), linear scaling (``factor``) and Phi-3's LongRoPE
+    (``{"rope_type": "longrope", "short_factor", "long_factor",
+    "original_max_position_embeddings", "max_position_embeddings"}``: positions below the
+    original length use the short factors, the rest the long ones, both scaled by the
+    attention factor).
     """
     rotary_dim = rotary_dim or head_dim
     inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    cfg = rope_scaling or {}
+    rope_type = cfg.get("rope_type", cfg.get("type"))
     positions = torch.arange(max_position, dtype=torch.float64)
+    if rope_type == "longrope":
+        return _longrope_table(inv_freq, positions, cfg)
     if rope_type == "llama3":
-        inv_freq = _llama3_scale(inv_freq, rope_scaling or {})
+        inv_freq = _llama3_scale(inv_freq, cfg)
     elif rope_type == "linear":
-        positions = positions / float((rope_scaling or {})["factor"])
+        positions = positions / float(cfg["factor"])
     elif rope_type not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}")
     freqs = torch.outer(positions, inv_freq)  # [max_position, rotary_dim / 2]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def _longrope_table(inv_freq: Tensor, positions: Tensor, cfg: dict) -> Tensor:
+    original = int(cfg["original_max_position_embeddings"])
+    factor = cfg.get("factor") or float(cfg.get("max_position_embeddings", original)) / original
+    attention = cfg.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    short = torch.tensor(cfg["short_factor"], dtype=torch.float64)
+    long = torch.tensor(cfg["long_factor"], dtype=torch.float64)
+    if short.shape != inv_freq.shape or long.shape != inv_freq.shape:
+        raise ValueError(
+            f"longrope short_factor / long_factor must have {inv_freq.numel()} entries "
+            f"(rotary_dim / 2), got {short.numel()} / {long.numel()}"
+        )
+    ext = torch.where(positions[:, None] < original, short[None, :], long[None, :])
+    freqs = positions[:, None] * (inv_freq[None, :] / ext)  # [max_position, rotary_dim / 2]
+    return (torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention).float()
 
 
 def _llama3_scale(inv_freq: Tensor, cfg: dict) -> Tensor:
@@ -172,12 +205,19 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     head_dim]; slot_mapping: [T] int64, ``-1`` skips the token (padding).
     """
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    if kv_cache.stride(1) == block_size * kv_cache.stride(2):  # blocks back to back
+        flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+        flat[0].index_copy_(0, slot_mapping, key)
+        flat[1].index_copy_(0, slot_mapping, value)
+        return
+    # strided blocks (a view of the block-major pool): address (block, offset) pairs
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    kv_cache[0].index_put_((blocks, offsets), key)
+    kv_cache[1].index_put_((blocks, offsets), value)
 
 
 def _window_mask(
@@ -190,15 +230,18 @@ def _window_mask(
     return allowed
 
 
-def _softmax_attend(scores: Tensor, allowed: Tensor, soft_cap: float | None) -> Tensor:
-    """Probabilities from raw scores; rows with nothing allowed get all zeros."""
-    scores = scores.float()
+def _masked_softmax(
+    scores: Tensor, scale: float, soft_cap: float | None, allowed: Tensor
+) -> Tensor:
+    """``softmax(cap * tanh(scores * scale / cap))`` (no cap: ``scores * scale``) over the
+    allowed keys, in place on the float32 ``scores``: one buffer for the whole chain (these
+    are a step's largest tensors). Same ops in the same order as transformers' eager
+    attention. Every row must allow at least one key (a query always sees itself)."""
+    scores.mul_(scale)
     if soft_cap is not None:
-        scores = soft_cap * torch.tanh(scores / soft_cap)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    empty = ~allowed.any(dim=-1, keepdim=True)  # rows with no key at all: zeros, not NaN
-    return probs.masked_fill(empty, 0.0) if bool(empty.any()) else probs
+        scores.div_(soft_cap).tanh_().mul_(soft_cap)
+    scores.masked_fill_(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def paged_decode_attention(
@@ -306,12 +349,12 @@ def _decode_group(
         )
         if group.empty is not None:  # no key at all: zeros, as documented
             out[group.empty] = 0.0
-    else:
-        out = q.new_empty(b, num_kv_heads, heads_per_kv, head_dim)
-        for h in range(num_kv_heads):
-            scores = torch.bmm(q[:, h], keys[:, :, h].transpose(1, 2)) * scale
-            probs = _softmax_attend(scores, group.allowed, soft_cap)  # [b, heads, L] float32
-            out[:, h] = torch.bmm(probs, values[:, :, h])
+    else:  # soft-capped scores (Gemma 2): no fused kernel takes them; all KV heads at once
+        scores = torch.matmul(q, keys.permute(0, 2, 3, 1))  # [b, kv_heads, heads_per_kv, L]
+        probs = _masked_softmax(scores, scale, soft_cap, group.allowed[:, None])
+        out = torch.matmul(probs, values.transpose(1, 2))  # [b, kv_heads, heads_per_kv, hd]
+        if group.empty is not None:
+            out[group.empty] = 0.0
     return out.reshape(b, num_heads, head_dim).to(query.dtype)
 
 
@@ -361,26 +404,100 @@ def _prefill_one(
     keys = kv_cache[0][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]  # [ctx, kv_heads, hd]
     values = kv_cache[1][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
     qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
-    if soft_cap is None and sliding_window is None and q.dtype == keys.dtype:
+    if soft_cap is None and q.dtype == keys.dtype:
         # 4-D operands (a batch of one): torch's fused CPU flash kernel takes only those;
         # 3-D ones fall to the unfused math path, 2-3x slower.
         qt, kt, vt = qt[None], kt[None], vt[None]
-        if ctx == q_len:
+        if ctx == q_len and sliding_window is None:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-        else:
+        else:  # a query always sees itself, so no row of the mask is empty
             q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
-            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos
+            k_pos = torch.arange(ctx, device=q.device)[None, :]
+            mask = _window_mask(q_pos, k_pos, torch.tensor(ctx), sliding_window)
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
         return o[0].transpose(0, 1)
+    # Each KV head's query heads as one row block: [kv_heads, group * q_len, hd] against
+    # [kv_heads, hd, ctx], no repeated keys.
     group = num_heads // num_kv_heads
-    kt = kt.repeat_interleave(group, dim=0).to(q.dtype)  # [num_heads, ctx, hd]
-    vt = vt.repeat_interleave(group, dim=0)
-    scores = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [num_heads, q_len, ctx]
+    qg = qt.reshape(num_kv_heads, group * q_len, head_dim).float()
+    scores = torch.bmm(qg, kt.float().transpose(1, 2))  # [kv_heads, group * q_len, ctx]
     q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
     k_pos = torch.arange(ctx, device=q.device)[None, :]
-    allowed = _window_mask(q_pos, k_pos, torch.tensor(ctx), sliding_window)
-    probs = _softmax_attend(scores, allowed[None], soft_cap)
-    return torch.matmul(probs.to(vt.dtype), vt).transpose(0, 1).to(q.dtype)
+    allowed = _window_mask(q_pos, k_pos, torch.tensor(ctx), sliding_window)  # [q_len, ctx]
+    probs = _masked_softmax(scores.view(num_kv_heads, group, q_len, ctx), scale, soft_cap, allowed)
+    out = torch.bmm(probs.view(num_kv_heads, group * q_len, ctx), vt.float())
+    return out.view(num_heads, q_len, head_dim).transpose(0, 1).to(q.dtype)
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+def moe_route(
+    router_logits: Tensor, top_k: int, renormalize: bool
+) -> tuple[Tensor, Tensor]:
+    """Softmax routing: router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64).
+
+    Softmax in float32 over all experts, then the top-k; ``renormalize`` rescales the k
+    weights to sum to one (Mixtral always, Qwen3-MoE under ``norm_topk_prob``).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def moe_groups(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, list[int]]:
+    """Rows of the routed (token, slot) pairs grouped by expert.
+
+    topk_ids: [T, k]. Returns (order [T*k]: flat pair indices sorted by expert, stable;
+    counts: pairs per expert). Pair ``p`` is token ``p // k``, slot ``p % k``.
+    """
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return order, counts
+
+
+def fused_moe(
+    hidden: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    activation: str = "silu",
+) -> Tensor:
+    """Experts of a mixture-of-experts layer as grouped matmuls over the tokens routed to each.
+
+    hidden: [T, H]; w13: [E, 2*I, H] ([gate | up] rows of each expert); w2: [E, H, I];
+    topk_weights: [T, k] float32; topk_ids: [T, k]. Returns [T, H]: for each token the sum
+    over its k experts of ``weight * w2 @ act(gate) * up``. Tokens are sorted by expert so
+    each expert runs one matmul over its rows (no loop per token).
+    """
+    k = topk_ids.shape[1]
+    act = gelu_tanh_and_mul if activation.startswith("gelu") else silu_and_mul
+    order, counts = moe_groups(topk_ids, w13.shape[0])
+    routed = hidden[order // k]  # [T * k, H], grouped by expert
+    ys, start = [], 0
+    for expert, n in enumerate(counts):
+        if n:
+            ys.append(act(routed[start : start + n] @ w13[expert].T) @ w2[expert].T)  # [n, H]
+            start += n
+    return moe_combine(torch.cat(ys), topk_weights, order).to(hidden.dtype)
+
+
+def moe_combine(expert_out: Tensor, topk_weights: Tensor, order: Tensor) -> Tensor:
+    """Each token's weighted sum of its k experts' outputs, float32 [T, H].
+
+    expert_out: [T * k, H], the routed pairs in ``order`` (grouped by expert, as
+    ``moe_groups`` sorts them); topk_weights: [T, k] float32. The pairs go back to token
+    order and each token sums its k slots in slot order, as transformers' grouped experts
+    do (no scatter-add: deterministic and independent of how the batch was grouped).
+    """
+    num_tokens, k = topk_weights.shape
+    weighted = expert_out.float() * topk_weights.reshape(-1)[order, None]  # [T * k, H]
+    pairs = torch.empty_like(weighted).index_copy_(0, order, weighted)  # token-major
+    return pairs.view(num_tokens, k, -1).sum(dim=1)
 
 
 # --------------------------------------------------------------------------- block copies
@@ -407,3 +524,16 @@ def scatter_blocks(staging: Tensor, kv_caches: list[Tensor], block_ids: Tensor) 
     for layer, cache in enumerate(kv_caches):
         for kv in range(2):  # index_copy_ along dim 1 would touch the whole cache
             cache[kv].index_copy_(0, ids, staging[layer, kv])
+
+
+def int4_weight_only_mm(
+    x: Tensor, qdata: Tensor, scales: Tensor, zeros: Tensor, group_size: int
+) -> Tensor:
+    """Reference of ``kernels/int4_gemm.py``: x [M, K] @ W.T -> [M, N] in x's dtype, with
+    ``W[n, k] = (q[n, k] - 8) * scales[n, k // G] + zeros[n, k // G]`` and qdata uint8
+    [N, K // 2] holding column 2j in the low nibble, 2j + 1 in the high one."""
+    n = qdata.shape[0]
+    codes = torch.stack([qdata & 0x0F, qdata >> 4], dim=-1).reshape(n, -1).float()  # [N, K]
+    k = codes.shape[1]
+    w = (codes.view(n, k // group_size, group_size) - 8) * scales[..., None] + zeros[..., None]
+    return (x.float() @ w.reshape(n, k).T).to(x.dtype)

@@ -35,13 +35,15 @@ TILE_ELEMS = 1024  # per program: one token per program from 1024-element rows u
 def _store_kv_kernel(
     key_ptr,  # [T, num_kv_heads, head_dim]
     value_ptr,  # [T, num_kv_heads, head_dim]
-    cache_ptr,  # [2, num_blocks * block_size, num_kv_heads * head_dim]
+    cache_ptr,  # [2, num_blocks, block_size, num_kv_heads * head_dim], strided K/V and blocks
     slot_mapping_ptr,  # [T]
     num_tokens,
     stride_key,
     stride_value,
     stride_kv,
+    stride_block,
     row_size,
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -52,7 +54,9 @@ def _store_kv_kernel(
     mask = (slots >= 0)[:, None] & (cols < row_size)[None, :]  # [BLOCK_T, BLOCK]
     key = tl.load(key_ptr + toks[:, None] * stride_key + cols[None, :], mask=mask)
     value = tl.load(value_ptr + toks[:, None] * stride_value + cols[None, :], mask=mask)
-    dst = cache_ptr + slots[:, None] * row_size + cols[None, :]  # int64: slot * row passes 2**31
+    # int64: block * stride_block passes 2**31 in large caches
+    rows = (slots // BLOCK_SIZE) * stride_block + (slots % BLOCK_SIZE) * row_size
+    dst = cache_ptr + rows[:, None] + cols[None, :]
     tl.store(dst, key, mask=mask)
     tl.store(dst + stride_kv, value, mask=mask)
 
@@ -76,7 +80,9 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
         key.stride(0),
         value.stride(0),
         kv_cache.stride(0),
+        kv_cache.stride(1),
         row_size,
+        BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_T=block_t,
         BLOCK=block,
         num_warps=4,

@@ -10,7 +10,7 @@ Module map (one box of the design per file):
 * ``params.py``              versioned msgpack wire formats: ``KvTransferParams`` and messages
 * ``lease.py``               ``LeaseManager``: offered blocks held until release/abort/expiry
 * ``staging.py``             ``StagingPool``: reusable contiguous buffers blocks travel in
-* ``connector_scheduler.py`` scheduler half: what to fetch, when a request may run
+* ``connector_scheduler.py`` scheduler half: every P/D decision of the engine's scheduler
 * ``connector_worker.py``    worker half: offer, serve, pull, verify, scatter, report
 * ``transport.py``           ``KvTransport`` ABC, ``create_transport``, ``FaultInjector``
 * ``ucx_transport.py``       ``UcxTransport`` on ucxx (TCP; shared memory lane; CUDA buffers)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hmac
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from splitserve.errors import KVTransferError, RequestAbortedError
+from splitserve.integrity import IntegrityReport
 
 DEFAULT_LEASE_TTL_S = 30.0
 """How long offered KV is held without a heartbeat or read from the reader."""
@@ -48,6 +50,8 @@ class Lease:
     block_ids: tuple[int, ...]
     ttl_s: float
     expires_at: float
+    secret: str = dataclasses.field(default="", repr=False)
+    """The transfer's 128-bit random secret (hex); readers must present it (``authenticate``)."""
     pins: int = 0
     """Reads gathering from these blocks right now; the blocks are not freed while > 0."""
     ended: LeaseEnd | None = None
@@ -55,6 +59,10 @@ class Lease:
 
 class LeaseExpiredError(KVTransferError):
     """The lease named by a read or heartbeat has expired, been released, or never existed."""
+
+
+class TransferSecretError(KVTransferError):
+    """A read or control presented the wrong secret for a live lease: refused, counted."""
 
 
 ReleaseCallback = Callable[[str, LeaseEnd], None]
@@ -77,6 +85,8 @@ class LeaseManager:
         self._lock = threading.Lock()
         self._leases: dict[str, Lease] = {}
         self._ended: OrderedDict[int, LeaseEnd] = OrderedDict()  # lease_id -> why, bounded
+        self.num_refused = 0
+        """Reads and controls refused for a wrong secret (``authenticate``)."""
 
     # ------------------------------------------------------------------ granting side (owner)
 
@@ -91,7 +101,12 @@ class LeaseManager:
             if request_id in self._leases:
                 raise ValueError(f"request {request_id!r} already holds a lease")
             lease = Lease(
-                request_id, secrets.randbits(63), tuple(block_ids), ttl, self._clock() + ttl
+                request_id,
+                secrets.randbits(63),
+                tuple(block_ids),
+                ttl,
+                self._clock() + ttl,
+                secret=secrets.token_hex(16),
             )
             self._leases[request_id] = lease
             return dataclasses.replace(lease)
@@ -121,6 +136,20 @@ class LeaseManager:
         return lease.ended is not None and lease.pins == 0
 
     # ------------------------------------------------------------------ reader side (any thread)
+
+    def authenticate(self, request_id: str, lease_id: int, secret: str) -> None:
+        """Refuse (``TransferSecretError``, counted in ``num_refused``) a reader whose secret
+        is not the live lease's, compared in constant time. A lease that is not live is
+        left to the call that follows (it raises expired / aborted, revealing no data)."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None or lease.lease_id != lease_id:
+                return
+            given = secret.encode() if isinstance(secret, str) else b""
+            if hmac.compare_digest(given, lease.secret.encode()):
+                return
+            self.num_refused += 1
+        raise TransferSecretError(f"request {request_id!r}: wrong transfer secret, refused")
 
     def renew(self, request_id: str, lease_id: int) -> float:
         """Push the expiry one ttl into the future; returns the seconds left."""
@@ -188,6 +217,33 @@ class LeaseManager:
         with self._lock:
             lease = self._leases.get(request_id)
             return None if lease is None else dataclasses.replace(lease)
+
+    def leases(self) -> list[Lease]:
+        """Copies of every lease not yet finalized."""
+        with self._lock:
+            return [dataclasses.replace(lease) for lease in self._leases.values()]
+
+    def check_integrity(
+        self, live_request_ids: Collection[str] | None = None, grace_s: float | None = None
+    ) -> IntegrityReport:
+        """No lease without a live request (given ``live_request_ids``: the owner's requests
+        whose blocks are held) and none past its deadline by more than ``grace_s`` (default:
+        the lease's ttl) without being finalized: each is a stranded lease."""
+        now = self._clock()
+        report = IntegrityReport()
+        for lease in self.leases():
+            grace = lease.ttl_s if grace_s is None else grace_s
+            if live_request_ids is not None and lease.request_id not in live_request_ids:
+                report.add(f"lease {lease.lease_id} of {lease.request_id!r}: no live request")
+            elif now > lease.expires_at + grace:
+                report.add(
+                    f"lease {lease.lease_id} of {lease.request_id!r} ran out "
+                    f"{now - lease.expires_at:.1f}s ago and is not finalized (pins {lease.pins})"
+                )
+            else:
+                continue
+            report.stranded_leases += 1
+        return report
 
     @property
     def num_leases(self) -> int:

@@ -2,7 +2,8 @@
 
 Owns ``LoopbackTransport``. A read runs synchronously inside ``read_blocks`` (handshake,
 the server's ``stage``, the fault hook, one copy into ``dest``) and its completion waits
-for ``poll``. It goes through the same handshake, lease and fault paths as UCX, so the
+for ``poll``; a read of a streamed transfer whose layers are not computed yet stays
+pending and is tried again by each ``poll`` (both engines may step on one thread). It goes through the same handshake, lease and fault paths as UCX, so the
 connector is tested against the real semantics without sockets. Not for production.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +21,9 @@ from splitserve.kvtransfer.layout import KvLayout
 from splitserve.kvtransfer.params import Control, ReadRequest
 from splitserve.kvtransfer.transport import (
     DEFAULT_TIMEOUT_S,
+    STREAM_WAIT_S,
     Completion,
+    Dest,
     FaultInjector,
     KvTransport,
     ServeHandler,
@@ -42,6 +46,8 @@ class LoopbackTransport(KvTransport):
         self._server: ServeHandler | None = None
         self._handles = itertools.count(1)
         self._done: dict[int, Completion] = {}
+        self._waiting: dict[int, tuple[str, ReadRequest, Dest, float]] = {}
+        """Reads of streamed transfers whose layers are not computed yet (and deadlines)."""
         self._lock = threading.Lock()
         self._closed = False
 
@@ -60,12 +66,42 @@ class LoopbackTransport(KvTransport):
         self,
         address: str,
         read: ReadRequest,
-        dest: torch.Tensor,
+        dest: Dest,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> int:
         layout = self._require_layout()
         check_dest(layout, read, dest)
-        return self._complete(lambda: self._read(address, read, dest))
+        handle = next(self._handles)
+        with self._lock:
+            self._waiting[handle] = (address, read, dest, time.monotonic() + STREAM_WAIT_S)
+        self._try_read(handle)
+        return handle
+
+    def _try_read(self, handle: int) -> None:
+        """Run a waiting read if its layers are computed (or fail it past its deadline)."""
+        with self._lock:
+            address, read, dest, deadline = self._waiting.pop(handle)
+        checksums: list[list[int]] | None = None
+        error: BaseException | None = None
+        try:
+            checksums = self._serving_peer(address).layers_ready(read)
+            if checksums is None and time.monotonic() < deadline:
+                with self._lock:
+                    self._waiting[handle] = (address, read, dest, deadline)
+                return
+            if checksums is None:
+                raise KVTransferError(f"layers of {read.request_id!r} were never computed")
+            self._read(address, read, dest)
+        except Exception as e:  # every failure is reported through poll, as over a network
+            error = e
+        with self._lock:
+            self._done[handle] = Completion(handle, error, (checksums or None) if not error else None)
+
+    def cancel(self, handle: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """A waiting read is dropped (completed as cancelled); others already finished."""
+        with self._lock:
+            if self._waiting.pop(handle, None) is not None:
+                self._done[handle] = Completion(handle, KVTransferError("cancelled"))
 
     def send_control(
         self, address: str, control: Control, timeout_s: float = DEFAULT_TIMEOUT_S
@@ -75,6 +111,12 @@ class LoopbackTransport(KvTransport):
 
     def poll(self, handle: int) -> Completion | None:
         with self._lock:
+            waiting = handle in self._waiting
+        if waiting:
+            self._try_read(handle)
+        with self._lock:
+            if handle in self._waiting:
+                return None
             if handle not in self._done:
                 raise KeyError(f"unknown or already polled transfer handle {handle}")
             return self._done.pop(handle)
@@ -98,7 +140,12 @@ class LoopbackTransport(KvTransport):
             self._done[handle] = Completion(handle, error)
         return handle
 
-    def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
+    def _read(self, address: str, read: ReadRequest, dest: Dest) -> None:
+        if read.runs:
+            assert not isinstance(dest, torch.Tensor)
+            self._read_regions(address, read, dest)
+            return
+        assert isinstance(dest, torch.Tensor)
         server = self._serving_peer(address)
         staging = server.stage(read)
         try:
@@ -110,6 +157,23 @@ class LoopbackTransport(KvTransport):
             dest.copy_(staging)
         finally:
             server.release_staging(staging)
+
+    def _read_regions(
+        self, address: str, read: ReadRequest, dest: Sequence[torch.Tensor]
+    ) -> None:
+        """Zero-copy read: one copy per run, pool region to pool region (as UCX sends it)."""
+        server = self._serving_peer(address)
+        regions, unpin = server.serve_regions(read)
+        try:
+            peer = self._peer(address)
+            if peer.fault is not None:
+                time.sleep(peer.fault.delay())
+                regions = peer.fault.before_send_regions(regions)
+            server.check_lease(read)
+            for src, dst in zip(regions, dest, strict=True):
+                dst.view(-1).view(torch.uint8).copy_(src.reshape(-1).view(torch.uint8))
+        finally:
+            unpin()
 
     def _serving_peer(self, address: str) -> ServeHandler:
         peer = self._peer(address)

@@ -20,8 +20,13 @@ import msgpack
 
 from splitserve.errors import KVTransferError
 
-WIRE_VERSION = 1
-"""Version of every message below; a peer that speaks another version is refused."""
+WIRE_VERSION = 4
+"""Version of every message below; a peer that speaks another version is refused.
+2: the per-transfer ``secret`` in params, reads and controls. 3: zero-copy reads (``runs``).
+4: layer-wise streamed transfers (``stream_layers`` in params, ``checksums`` in replies)."""
+
+SECRET_HEX_CHARS = 32
+"""A transfer secret: 128 random bits as lowercase hex."""
 
 T = TypeVar("T", bound="WireMessage")
 
@@ -82,6 +87,14 @@ def _require(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_secret(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == SECRET_HEX_CHARS
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
 def _is_int_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(x, int) for x in value)
 
@@ -109,12 +122,33 @@ class KvTransferParams(WireMessage):
     """``checksums[layer][i]``: checksum of ``block_ids[i]`` in ``layer`` (layout.py)."""
     compat_hash: int
     """``KvLayout.compatibility_hash()`` of the prefill side."""
+    secret: str = dataclasses.field(repr=False)
+    """The transfer's 128-bit random secret (hex): every read and control must present it.
+    Travels only inside these params (router / control plane), never printed."""
+    stream_layers: int = 0
+    """> 0: a layer-wise streamed transfer, offered before the prefill forward that computes
+    the KV ran: reads go in groups of this many layers, the serving side answers each once
+    its layers are computed, and the group's checksums come with its reply (``checksums``
+    is then empty). 0: the KV was complete when offered."""
+    num_stream_layers: int = 0
+    """Layers of a streamed transfer (``checksums`` carries them otherwise)."""
 
     def __post_init__(self) -> None:
         _require(
             isinstance(self.request_id, str) and bool(self.request_id),
             "request_id must be a non-empty string",
         )
+        _require(
+            isinstance(self.stream_layers, int) and self.stream_layers >= 0,
+            f"stream_layers must be an int >= 0, got {self.stream_layers!r}",
+        )
+        if self.stream_layers:
+            _require(
+                isinstance(self.num_stream_layers, int) and self.num_stream_layers > 0,
+                "a streamed transfer needs num_stream_layers > 0",
+            )
+            _require(self.checksums == [], "a streamed transfer's checksums come per read")
+        _require(_is_secret(self.secret), "secret must be 32 lowercase hex characters")
         _require(
             isinstance(self.address, str) and "://" in self.address,
             f"address must look like scheme://where, got {self.address!r}",
@@ -133,7 +167,7 @@ class KvTransferParams(WireMessage):
         )
         _require(
             isinstance(self.checksums, list)
-            and len(self.checksums) > 0
+            and (len(self.checksums) > 0 or self.stream_layers > 0)
             and all(
                 _is_int_list(row) and len(row) == len(self.block_ids) for row in self.checksums
             ),
@@ -142,7 +176,7 @@ class KvTransferParams(WireMessage):
 
     @property
     def num_layers(self) -> int:
-        return len(self.checksums)
+        return self.num_stream_layers if self.stream_layers else len(self.checksums)
 
     @classmethod
     def decode_any(cls, payload: bytes | Mapping[str, Any]) -> KvTransferParams:
@@ -177,13 +211,28 @@ class ReadRequest(WireMessage):
     """Serving side's block ids, a subset of the leased ones."""
     layer_start: int
     layer_end: int
+    secret: str = dataclasses.field(repr=False)
+    """The transfer's secret from its ``KvTransferParams``; the server refuses a wrong one."""
     data_tag: int = 0
     """Non-zero: send the data on the bulk-data lane under this tag (see ``Hello``)."""
+    runs: list[int] = dataclasses.field(default_factory=list)
+    """Non-empty: a zero-copy read of every layer. ``block_ids`` split into runs of these
+    lengths, each run of consecutive serving-side ids; each run goes as one message straight
+    from the serving side's block-major KV pool (``[n, num_layers, 2, block_size, heads,
+    head_dim]`` bytes) into the reader's destination blocks. Empty: staged (``part_layers``)."""
 
     def __post_init__(self) -> None:
         _require(
             _is_int_list(self.block_ids) and len(self.block_ids) > 0,
             "block_ids must be a non-empty list of ints",
+        )
+        _require(
+            _is_int_list(self.runs) and all(n > 0 for n in self.runs),
+            "runs must be a list of positive ints",
+        )
+        _require(
+            not self.runs or sum(self.runs) == len(self.block_ids),
+            f"runs cover {sum(self.runs)} blocks, block_ids has {len(self.block_ids)}",
         )
         _require(
             0 <= self.layer_start < self.layer_end,
@@ -207,9 +256,12 @@ class Control(WireMessage):
     kind: str
     request_id: str
     lease_id: int
+    secret: str = dataclasses.field(repr=False)
+    """The transfer's secret from its ``KvTransferParams``; the server refuses a wrong one."""
 
     def __post_init__(self) -> None:
         _require(self.kind in CONTROL_KINDS, f"control kind must be one of {CONTROL_KINDS}")
+        _require(isinstance(self.secret, str), "secret must be a string")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +274,8 @@ class Reply(WireMessage):
     error: str = ""
     """Why not ok, in words."""
     code: str = ""
-    """Machine-readable reason: ``layout`` (field in ``field``), ``lease``, ``aborted``, ``bad``."""
+    """Machine-readable reason: ``layout`` (field in ``field``), ``lease``, ``aborted``,
+    ``secret`` (refused: wrong transfer secret), ``bad``."""
     field: str = ""
     nbytes: int = 0
     """For a read: total size of the data that follows."""
@@ -230,6 +283,9 @@ class Reply(WireMessage):
     """For a read: the data comes as one message per this many layers (0: one message).
     Part k lands in layers ``[k * part_layers, (k + 1) * part_layers)`` of the reader's
     staging buffer, under the read's tag plus k (see ucx_transport.py)."""
+    checksums: list[list[int]] = dataclasses.field(default_factory=list)
+    """For a read of a streamed transfer: ``[layer][i]`` checksums of the read's layers and
+    blocks, computed when those layers were (empty otherwise: they came with the params)."""
 
 
 MESSAGE_TYPES: dict[str, type[WireMessage]] = {

@@ -19,18 +19,21 @@ import abc
 import dataclasses
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from splitserve.errors import IncompatibleKVLayoutError, KVTransferError, RequestAbortedError
 from splitserve.kvtransfer.layout import KvLayout
-from splitserve.kvtransfer.lease import LeaseExpiredError
+from splitserve.kvtransfer.lease import LeaseExpiredError, TransferSecretError
 from splitserve.kvtransfer.params import Control, ReadRequest, Reply
 
 DEFAULT_TIMEOUT_S = 10.0
 """Deadline of one read or control round trip, connection set-up included."""
+STREAM_WAIT_S = 60.0
+"""Longest a read of a streamed transfer waits on the serving side for its layers to be
+computed before it is refused (the reader then recomputes the prompt)."""
 
 
 class TransportConnectionError(KVTransferError):
@@ -46,6 +49,8 @@ def error_reply(xfer_id: int, error: BaseException) -> Reply:
         code = "aborted"
     elif isinstance(error, LeaseExpiredError):
         code = "lease"
+    elif isinstance(error, TransferSecretError):
+        code = "secret"
     field = getattr(error, "field", None) or ""
     return Reply(xfer_id=xfer_id, ok=False, error=str(error), code=code, field=field)
 
@@ -59,6 +64,8 @@ def reply_error(reply: Reply, peer: str) -> BaseException:
         return RequestAbortedError(message)
     if reply.code == "lease":
         return LeaseExpiredError(message)
+    if reply.code == "secret":
+        return TransferSecretError(message)
     return KVTransferError(message)
 
 
@@ -82,8 +89,24 @@ class ServeHandler(Protocol):
         """
         ...
 
+    def serve_regions(
+        self, read: ReadRequest
+    ) -> tuple[list[torch.Tensor], Callable[[], None]]:
+        """Zero-copy read (``read.runs``): check the lease and the runs, pin the blocks, and
+        return the regions of the KV pool to send (one per run, no copy) with the ``unpin``
+        to call (idempotent) once they are sent or dropped. Raises like ``stage``, or
+        ``KVTransferError`` for a bad run."""
+        ...
+
     def release_staging(self, staging: torch.Tensor) -> None:
         """The bytes of ``staging`` (from ``stage``) are sent or dropped; it may be reused."""
+        ...
+
+    def layers_ready(self, read: ReadRequest) -> list[list[int]] | None:
+        """Layer-wise streaming: None while ``read``'s layers are still being computed (the
+        transport asks again, up to ``STREAM_WAIT_S``); then the checksums to send with
+        the reply (``[]`` for a transfer that was complete when offered). Raises like
+        ``stage`` once the lease is gone (aborted, expired)."""
         ...
 
     def check_lease(self, read: ReadRequest) -> None:
@@ -101,6 +124,9 @@ class Completion:
 
     handle: int
     error: BaseException | None = None
+    checksums: list[list[int]] | None = None
+    """A read of a streamed transfer: the served group's ``[layer][i]`` checksums (from the
+    reply), to verify the bytes against; None otherwise."""
 
     @property
     def ok(self) -> bool:
@@ -132,6 +158,17 @@ class FaultInjector:
             flat = staging.reshape(-1).view(torch.uint8)
             flat[flat.numel() // 2] ^= 0xFF
         return staging
+
+    def before_send_regions(self, regions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``before_send`` for a zero-copy send: a corrupted send goes from a copy of the
+        first region, so the KV pool itself is never touched."""
+        with self._lock:
+            corrupt = self.corrupt_sends > 0
+        if not corrupt or not regions:
+            with self._lock:
+                self.num_sends += 1
+            return regions
+        return [self.before_send(regions[0].clone()), *regions[1:]]
 
     def delay(self) -> float:
         return self.delay_send_s
@@ -185,6 +222,13 @@ class KvTransport(abc.ABC):
     def close(self) -> None:
         """Stop serving, drop every connection, fail every operation in flight. Idempotent."""
 
+    def cancel(self, handle: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Stop ``handle`` and return only once nothing writes into its ``dest`` any more
+        (zero-copy reads land in KV blocks the engine is about to free). Its completion is
+        still collected through ``poll``. Default: nothing to stop (synchronous transports
+        finish every read inside ``read_blocks``)."""
+        return None
+
     def wait(self, handle: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> Completion:
         """Block until ``handle`` completes (tests, benchmarks and synchronous callers)."""
         deadline = time.monotonic() + timeout_s
@@ -197,8 +241,18 @@ class KvTransport(abc.ABC):
             time.sleep(0.0005)
 
 
-def check_dest(layout: KvLayout, read: ReadRequest, dest: torch.Tensor) -> None:
+Dest = torch.Tensor | Sequence[torch.Tensor]
+"""Where a read lands: a staging buffer, or (zero-copy, ``read.runs``) one contiguous
+region of the reader's block-major pool per run."""
+
+
+def check_dest(layout: KvLayout, read: ReadRequest, dest: Dest) -> None:
     """Raise ``ValueError`` unless ``dest`` can hold what ``read`` asks for."""
+    if read.runs:
+        _check_regions(layout, read, dest)
+        return
+    if not isinstance(dest, torch.Tensor):
+        raise ValueError("a staged read (no runs) needs one staging tensor as dest")
     shape = layout.staging_shape(read.num_layers, len(read.block_ids))
     if tuple(dest.shape) != shape or dest.dtype != layout.torch_dtype:
         raise ValueError(
@@ -206,6 +260,19 @@ def check_dest(layout: KvLayout, read: ReadRequest, dest: torch.Tensor) -> None:
         )
     if not dest.is_contiguous():
         raise ValueError("dest must be contiguous")
+
+
+def _check_regions(layout: KvLayout, read: ReadRequest, dest: Dest) -> None:
+    if isinstance(dest, torch.Tensor) or len(dest) != len(read.runs):
+        raise ValueError(f"a zero-copy read needs {len(read.runs)} destination regions")
+    every_layer = read.num_layers == layout.num_layers
+    if not every_layer and any(n != 1 for n in read.runs):
+        raise ValueError("a zero-copy read of some layers goes one block per run")
+    for n, region in zip(read.runs, dest, strict=True):
+        want = n * read.num_layers * layout.bytes_per_layer_block
+        got = region.numel() * region.element_size()
+        if got != want or not region.is_contiguous():
+            raise ValueError(f"region for a run of {n} blocks must be {want} contiguous bytes")
 
 
 def split_address(address: str) -> tuple[str, str]:

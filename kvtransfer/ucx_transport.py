@@ -13,7 +13,9 @@ Protocol (ucxx has no one-sided RMA in Python, so a read is two-sided):
   server gathers part k+1 while part k is on the wire. The reader receives straight into
   the caller's staging buffer, the server sends straight from the buffers its connector
   gathered: no copy beyond the gather. With ``shared_memory=True`` the data goes over a
-  second endpoint without peer-failure handling, which lets UCX use shared memory.
+  second endpoint without peer-failure handling, which lets UCX use shared memory. A read
+  of a layer-wise streamed transfer is answered only once the serving engine's forward has
+  computed its layers (polled, at most ``STREAM_WAIT_S``); its reply carries their checksums.
 
 It must not verify checksums, hold leases or touch the KV cache: the connector does.
 Every ucxx object is created and used on the loop thread only.
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from splitserve.errors import KVTransferError
-from splitserve.kvtransfer.layout import KvLayout
+from splitserve.kvtransfer.layout import KvLayout, regions_nbytes
 from splitserve.kvtransfer.params import (
     Control,
     Hello,
@@ -46,7 +48,9 @@ from splitserve.kvtransfer.params import (
 )
 from splitserve.kvtransfer.transport import (
     DEFAULT_TIMEOUT_S,
+    STREAM_WAIT_S,
     Completion,
+    Dest,
     FaultInjector,
     KvTransport,
     ServeHandler,
@@ -313,6 +317,7 @@ class UcxTransport(KvTransport):
         self._pool_locks: dict[str, asyncio.Lock] = {}
         self._handles = itertools.count(1)
         self._ops: dict[int, concurrent.futures.Future[Any]] = {}
+        self._settled: dict[int, threading.Event] = {}
         self._ops_lock = threading.Lock()
         self._closed = False
 
@@ -335,11 +340,24 @@ class UcxTransport(KvTransport):
         self,
         address: str,
         read: ReadRequest,
-        dest: torch.Tensor,
+        dest: Dest,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> int:
         check_dest(self._require_layout(), read, dest)
-        return self._start(self._read(address, read, dest), timeout_s)
+        regions = [dest] if isinstance(dest, torch.Tensor) else list(dest)
+        return self._start(self._read(address, read, regions), timeout_s)
+
+    def cancel(self, handle: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Cancel the read's task (its receives are cancelled with its endpoint, see
+        ``_read``) and wait until it has unwound, so nothing lands in its ``dest`` later."""
+        with self._ops_lock:
+            future = self._ops.get(handle)
+            done = self._settled.get(handle)
+        if future is None or done is None:
+            return
+        future.cancel()
+        if not done.wait(timeout_s):
+            logger.warning("UCX read %d did not unwind within %s s of its cancel", handle, timeout_s)
 
     def send_control(
         self, address: str, control: Control, timeout_s: float = DEFAULT_TIMEOUT_S
@@ -355,8 +373,10 @@ class UcxTransport(KvTransport):
             if not future.done():
                 return None
             del self._ops[handle]
+            self._settled.pop(handle, None)
         error = future.exception() if not future.cancelled() else KVTransferError("cancelled")
-        return Completion(handle, error)
+        checksums = future.result() if error is None else None
+        return Completion(handle, error, checksums if isinstance(checksums, list) else None)
 
     def drop_peers(self) -> None:
         """Abort every endpoint peers opened to this transport (drain, or a fault in tests).
@@ -392,24 +412,32 @@ class UcxTransport(KvTransport):
 
     # ------------------------------------------------------------------ client side
 
-    def _start(self, coro: Coroutine[Any, Any, None], timeout_s: float) -> int:
+    def _start(self, coro: Coroutine[Any, Any, Any], timeout_s: float) -> int:
         if self._closed:
             coro.close()
             raise KVTransferError("transport is closed")
         handle = next(self._handles)
-        future = self._loop.submit(self._with_timeout(coro, timeout_s))
+        settled = threading.Event()
         with self._ops_lock:
-            self._ops[handle] = future
+            self._settled[handle] = settled
+            self._ops[handle] = self._loop.submit(self._with_timeout(coro, timeout_s, settled))
         return handle
 
-    async def _with_timeout(self, coro: Coroutine[Any, Any, None], timeout_s: float) -> None:
+    async def _with_timeout(
+        self, coro: Coroutine[Any, Any, Any], timeout_s: float, settled: threading.Event
+    ) -> Any:
         try:
             async with asyncio.timeout(timeout_s):
-                await coro
+                return await coro
         except TimeoutError as e:
             raise TransportConnectionError(f"KV transfer timed out after {timeout_s} s") from e
+        finally:
+            settled.set()  # the coroutine has unwound: nothing of it writes any more
 
-    async def _read(self, address: str, read: ReadRequest, dest: torch.Tensor) -> None:
+    async def _read(
+        self, address: str, read: ReadRequest, dest: list[torch.Tensor]
+    ) -> list[list[int]] | None:
+        """Send the read, receive its data; the checksums its reply carried (streamed)."""
         conn = await self._connection(address)
         xfer_id = conn.next_id()
         data_tag = secrets.randbits(48) << _PART_BITS if self._shared_memory else 0
@@ -417,15 +445,18 @@ class UcxTransport(KvTransport):
         reply = await conn.request(read, xfer_id)
         if not reply.ok:
             raise reply_error(reply, address)
-        if reply.nbytes != dest.numel() * dest.element_size():
+        if reply.nbytes != regions_nbytes(dest):
             raise KVTransferError(
-                f"{address} offers {reply.nbytes} bytes, expected "
-                f"{dest.numel() * dest.element_size()}"
+                f"{address} offers {reply.nbytes} bytes, expected {regions_nbytes(dest)}"
             )
+        if read.runs:
+            views = dest  # zero-copy: one message per run, straight into the blocks
+        else:
+            staging, step = dest[0], reply.part_layers or read.num_layers
+            views = [staging[l0 : l0 + step] for l0 in range(0, staging.shape[0], step)]
         try:
-            await self._recv_parts(
-                conn, dest, reply.part_layers or read.num_layers, xfer_id, data_tag
-            )
+            await self._recv_parts(conn, views, xfer_id, data_tag)
+            return reply.checksums or None
         except asyncio.CancelledError:
             # A receive may be posted into dest, and ucxx cannot cancel one receive:
             # closing the endpoint cancels it (other reads on it fail and are retried).
@@ -435,10 +466,10 @@ class UcxTransport(KvTransport):
             raise
 
     async def _recv_parts(
-        self, conn: _Connection, dest: torch.Tensor, part_layers: int, xfer_id: int, data_tag: int
+        self, conn: _Connection, views: list[torch.Tensor], xfer_id: int, data_tag: int
     ) -> None:
-        """Receive each part into its layers of ``dest`` (contiguous along dim 0)."""
-        views = [dest[l0 : l0 + part_layers] for l0 in range(0, dest.shape[0], part_layers)]
+        """Receive part k into ``views[k]``: layer groups of a staging buffer, or runs of
+        blocks of the pool (many receives in flight on the endpoint lane)."""
         if len(views) > _MAX_PARTS:
             raise KVTransferError(f"{conn.peer} splits a read into {len(views)} parts")
         if data_tag:  # probed one by one: never a receive posted that cannot be cancelled
@@ -560,6 +591,12 @@ class UcxTransport(KvTransport):
     async def _serve_read(self, state: _Serving, read: ReadRequest) -> None:
         """Gather part k+1 (on a worker thread) while part k is on the wire."""
         assert self._server is not None
+        checksums = await self._await_layers(state, read)
+        if checksums is None:
+            return
+        if read.runs:
+            await self._serve_regions(state, read, checksums)
+            return
         loop = asyncio.get_running_loop()
         part_layers = _part_layers(self._require_layout(), read, self._part_bytes)
         try:
@@ -569,29 +606,94 @@ class UcxTransport(KvTransport):
             await self._answer_quietly(state, error_reply(read.xfer_id, e))
             return
         try:
-            if await self._begin_send(state, read, staging, part_layers):
+            if await self._begin_send(state, read, staging, part_layers, checksums):
                 await self._send_parts(state, read, staging, parts)
             else:
                 self._server.release_staging(staging)
         finally:
             await loop.run_in_executor(None, parts.close)  # unpins the lease
 
+    async def _await_layers(self, state: _Serving, read: ReadRequest) -> list[list[int]] | None:
+        """Layer-wise streaming: wait (polling, at most ``STREAM_WAIT_S``) until the serving
+        engine's forward computed the read's layers; their checksums. None when the read was
+        refused (answered here): the lease ended, or the layers never came."""
+        assert self._server is not None
+        deadline = asyncio.get_running_loop().time() + STREAM_WAIT_S
+        delay = 0.0002
+        try:
+            while (checksums := self._server.layers_ready(read)) is None:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise KVTransferError(
+                        f"layers [{read.layer_start}, {read.layer_end}) of "
+                        f"{read.request_id!r} were not computed within {STREAM_WAIT_S} s"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.002)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            await self._answer_quietly(state, error_reply(read.xfer_id, e))
+            return None
+        return checksums
+
+    async def _serve_regions(
+        self, state: _Serving, read: ReadRequest, checksums: list[list[int]]
+    ) -> None:
+        """Zero-copy: every run goes out at once, straight from the pinned KV pool."""
+        assert self._server is not None
+        if len(read.runs) > _MAX_PARTS:
+            error = KVTransferError(f"a read of {len(read.runs)} runs exceeds {_MAX_PARTS}")
+            await self._answer_quietly(state, error_reply(read.xfer_id, error))
+            return
+        try:
+            regions, unpin = self._server.serve_regions(read)
+        except Exception as e:  # noqa: BLE001 - reported to the peer
+            await self._answer_quietly(state, error_reply(read.xfer_id, e))
+            return
+        try:
+            if self.fault is not None:
+                regions = self.fault.before_send_regions(regions)
+            if await self._begin_send(state, read, None, 0, checksums):
+                await asyncio.gather(
+                    *(self._send_region(state, read, i, r) for i, r in enumerate(regions))
+                )
+        finally:
+            unpin()
+
+    async def _send_region(
+        self, state: _Serving, read: ReadRequest, index: int, region: torch.Tensor
+    ) -> None:
+        try:
+            await self._send_bytes(state, read, index, region)
+        except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
+            logger.debug("UCX send of %s failed: %r", read.request_id, e)
+
+    async def _send_bytes(
+        self, state: _Serving, read: ReadRequest, index: int, tensor: torch.Tensor
+    ) -> None:
+        if read.data_tag and state.data_ep is not None:
+            tag = read.data_tag + index
+            await state.data_ep.send(_wire_bytes(tensor), tag=tag, force_tag=True)
+        else:
+            await state.ep.send(_wire_bytes(tensor), tag=_part_tag(read.xfer_id, index))
+
     async def _begin_send(
-        self, state: _Serving, read: ReadRequest, first: torch.Tensor, part_layers: int
+        self, state: _Serving, read: ReadRequest, first: torch.Tensor | None, part_layers: int,
+        checksums: list[list[int]],
     ) -> bool:
         """Apply test faults, re-check the lease last, then say ok; False if not sending."""
         assert self._server is not None
         try:
             if self.fault is not None:
                 await asyncio.sleep(self.fault.delay())
-                self.fault.before_send(first)
+                if first is not None:
+                    self.fault.before_send(first)
             self._server.check_lease(read)
         except Exception as e:  # noqa: BLE001 - reported to the peer
             await self._answer_quietly(state, error_reply(read.xfer_id, e))
             return False
         layout = self._require_layout()
         nbytes = layout.staging_nbytes(read.num_layers, len(read.block_ids))
-        reply = Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes, part_layers=part_layers)
+        reply = Reply(xfer_id=read.xfer_id, ok=True, nbytes=nbytes, part_layers=part_layers,
+                      checksums=checksums)
         return await self._answer_quietly(state, reply)
 
     async def _send_parts(
@@ -618,11 +720,7 @@ class UcxTransport(KvTransport):
     ) -> None:
         assert self._server is not None
         try:
-            if read.data_tag and state.data_ep is not None:
-                tag = read.data_tag + index
-                await state.data_ep.send(_wire_bytes(staging), tag=tag, force_tag=True)
-            else:
-                await state.ep.send(_wire_bytes(staging), tag=_part_tag(read.xfer_id, index))
+            await self._send_bytes(state, read, index, staging)
         except Exception as e:  # noqa: BLE001 - the reader went away; its lease will expire
             logger.debug("UCX send of %s failed: %r", read.request_id, e)
         finally:

@@ -13,17 +13,32 @@ role's resources, so importing this module does not import Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from splitserve import env
+from splitserve.integrity import IntegrityReport
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.async_engine import AsyncEngine
 from splitserve.roles.engine.config import EngineConfig
-from splitserve.roles.engine.llm_engine import TORCH_DTYPES, LLMEngine
+from splitserve.roles.engine.kv_events import KVEventBatch
+from splitserve.roles.engine.llm_engine import LLMEngine
+from splitserve.roles.engine.precision import resolve_dtype
 from splitserve.sampling_params import SamplingParams
+
+
+def _node_ip() -> str:
+    """This node's IP as Ray knows it (what peers on other nodes reach), else loopback."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # noqa: BLE001 - not under Ray (a worker built directly in a test)
+        return "127.0.0.1"
 
 
 class EngineWorker:
@@ -37,13 +52,19 @@ class EngineWorker:
         engine_config: EngineConfig,
         transport: str = "ucx",
         lease_s: float = 30.0,
-        host: str = "127.0.0.1",
+        host: str | None = None,
+        transfer_timeout_s: float | None = None,
     ) -> None:
+        """``host``: the address this worker's KV listener advertises (None: the node's IP).
+        ``transfer_timeout_s`` (``kv_transfer.timeout_s``): longest wait for one pull of a
+        request's KV (and for each of its reads) before it fails and the prompt is computed
+        here instead; None keeps ``TransferConfig``'s defaults."""
         self.worker_id = worker_id
         self.started_at = time.time()
         self._transport_kind = transport
         self._lease_s = lease_s
         self._host = host
+        self._transfer_timeout_s = transfer_timeout_s
         self.engine = AsyncEngine(engine_config, on_start=self._attach)
 
     def _attach(self, engine: LLMEngine) -> None:
@@ -51,14 +72,25 @@ class EngineWorker:
 
         kwargs: dict[str, Any] = {"name": self.worker_id}
         if self._transport_kind == "ucx":
-            kwargs = {"host": self._host, "engine_id": self.worker_id}
-        delay = float(os.environ.get("SPLITSERVE_TEST_KV_SEND_DELAY_S", "0") or 0)
+            kwargs = {"host": self._host or _node_ip(), "engine_id": self.worker_id}
+        delay = env.SPLITSERVE_TEST_KV_SEND_DELAY_S.get()
         if delay > 0:  # fault injection for tests: slow KV sends so a peer can die mid-transfer
             from splitserve.kvtransfer.transport import FaultInjector
 
             kwargs["fault"] = FaultInjector(delay_send_s=delay)
         transport = create_transport(self._transport_kind, **kwargs)
-        engine.attach_kv_connector(transport, self.worker_id, lease_ttl_s=self._lease_s)
+        engine.attach_kv_connector(transport, self.worker_id, lease_ttl_s=self._lease_s,
+                                   transfer_config=self._transfer_config())
+
+    def _transfer_config(self) -> Any:
+        from splitserve.kvtransfer.connector_worker import TransferConfig
+
+        timeout = self._transfer_timeout_s
+        if timeout is None:
+            return None
+        return TransferConfig(
+            load_timeout_s=timeout, read_timeout_s=min(TransferConfig.read_timeout_s, timeout)
+        )
 
     # ------------------------------------------------------------------ requests
 
@@ -70,9 +102,13 @@ class EngineWorker:
         kv_transfer_params: dict[str, Any] | None = None,
         resume_token_ids: Sequence[int] = (),
         multi_modal_data: dict[str, Any] | None = None,
+        group_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's deltas; the last one has ``finished`` (and, on a prefill
         role, ``kv_transfer_params`` for the decode role).
+
+        ``group_id``: the client request this one is a sample of (the cluster fans ``n``
+        out into one request per sample); the engine shares sequence slots fairly by group.
 
         ``multi_modal_data`` of a multimodal request: the encode worker's output as
         ``{"image_embeds": [...], "image_hashes": [...]}``; prefill and decode workers get the
@@ -81,12 +117,19 @@ class EngineWorker:
         async for out in self.engine.generate(
             prompt, params, request_id,
             kv_transfer_params=kv_transfer_params, resume_token_ids=list(resume_token_ids),
-            multi_modal_data=multi_modal_data,
+            multi_modal_data=multi_modal_data, group_id=group_id,
         ):
             yield out
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
+
+    async def resume(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Layer-wise streaming (decode role): the first token of a request admitted with
+        streamed KV params, from its prefill worker; ``[]`` when that worker died before
+        producing it (the request then computes its prompt here)."""
+        tokens = list(token_ids)
+        await self.engine.call(lambda engine: engine.resume_remote(request_id, tokens))
 
     async def withdraw(self, request_id: str) -> bool:
         """Give up a request still queued here untouched, so it can run elsewhere."""
@@ -111,11 +154,26 @@ class EngineWorker:
         }
 
     async def stats(self) -> dict[str, Any]:
+        """Engine stats, with ``healthy`` / ``error`` (see ``health``) for the health loop."""
         return dict(self.engine.stats())
 
-    async def kv_events(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Prefix-cache changes since the last call, for the router's prefix index."""
-        return [(e.kind, e.block_hashes) for e in self.engine.take_kv_events()]
+    async def health(self) -> dict[str, Any]:
+        """``{"healthy", "error", "num_step_failures"}``: False once the engine's steps keep
+        failing (it then refuses requests) or its thread ended; the cluster replaces it."""
+        return self.engine.health()
+
+    async def check_integrity(self) -> dict[str, Any]:
+        """``IntegrityReport.to_dict()`` of the engine (block pool, KV manager, scheduler,
+        leases and loads), taken on the engine thread between steps."""
+        return (await self.engine.check_integrity()).to_dict()
+
+    async def kv_events(
+        self, epoch: str | None = None, since: int = 0, max_events: int = 10_000
+    ) -> dict[str, Any]:
+        """Prefix-cache changes from the caller's cursor (``epoch``, ``since``), or a snapshot
+        of every cached hash when the cursor is new, stale or fell out of the log (see
+        ``KVEventBatch``). Reading consumes nothing: each router keeps its own cursor."""
+        return self.engine.kv_events.read(epoch, since, max_events).to_wire()
 
     async def ping(self) -> bool:
         return True
@@ -123,6 +181,15 @@ class EngineWorker:
     def die(self) -> None:
         """Fault injection: end this worker's process at once (tests only)."""
         os._exit(1)
+
+    def fail_engine(self) -> None:
+        """Fault injection (tests only): every engine step from now on raises, so the engine
+        fails its open requests and then reports itself unhealthy."""
+
+        def broken_step() -> Any:
+            raise RuntimeError("injected fault: the engine step failed")
+
+        self.engine.engine.step = broken_step  # type: ignore[method-assign]
 
     async def shutdown(self) -> None:
         self.engine.shutdown()
@@ -160,7 +227,8 @@ class EncodeWorker:
         engine_config: EngineConfig,
         transport: str = "ucx",
         lease_s: float = 30.0,
-        host: str = "127.0.0.1",
+        host: str | None = None,
+        transfer_timeout_s: float | None = None,
     ) -> None:
         import torch
 
@@ -174,7 +242,8 @@ class EncodeWorker:
             torch.set_num_threads(engine_config.num_threads)
         self.model_id, path = resolve_model(engine_config.model)
         self.encoder = ImageEncoder.from_folder(
-            path, TORCH_DTYPES[engine_config.dtype], engine_config.device,
+            path, resolve_dtype(engine_config.dtype, engine_config.device).dtype,
+            engine_config.device,
             engine_config.encoder_cache_bytes,
         )
         self.num_running = 0
@@ -219,9 +288,22 @@ class EncodeWorker:
             **self.encoder.stats(),
         }
 
-    async def kv_events(self) -> list[tuple[str, tuple[int, ...]]]:
+    async def check_integrity(self) -> dict[str, Any]:
+        """No KV cache, no leases: always intact (kept so teardown checks treat roles alike)."""
+        return IntegrityReport().to_dict()
+
+    async def health(self) -> dict[str, Any]:
+        """No engine thread: healthy while the process answers."""
+        return {"healthy": True, "error": "", "num_step_failures": 0}
+
+    async def kv_events(
+        self, epoch: str | None = None, since: int = 0, max_events: int = 10_000
+    ) -> dict[str, Any]:
         """No KV cache: nothing for the prefix index (kept so health loops treat roles alike)."""
-        return []
+        empty = KVEventBatch("no-kv-cache", 0)  # a new reader gets the empty snapshot once
+        if epoch != empty.epoch:
+            empty = dataclasses.replace(empty, snapshot=())
+        return empty.to_wire()
 
     async def ping(self) -> bool:
         return True

@@ -14,6 +14,13 @@ token-equivalents: the tokens themselves plus causal attention over the context.
 instances, with forgetting); until enough long prefills were seen it is 0, and the
 prediction is plain queued tokens over measured tokens/s. The measured rate is per
 instance (token-equivalents/s), so slow and fast instances are told apart.
+
+An engine batches prefills (chunked prefill packs several prompts into one step), so a
+request's own start-to-done time also holds its batch-mates' work. The rate is therefore
+learned from the instance's completions: each one is charged the time since the previous
+completion there (or since its own start, if later), and completions at the same moment
+(within ``GROUP_S``) are one sample of their summed work, so the samples partition the busy
+time and their mean is the instance's throughput.
 """
 
 from __future__ import annotations
@@ -54,6 +61,16 @@ class InstanceLoad:
     """Uncached tokens of the prefill(s) in progress."""
     prefill_work_in_progress: float = 0.0
     """Their work in token-equivalents."""
+    last_prefill_done_at: float = float("-inf")
+    """When the last prefill here finished (rate samples are charged time from there)."""
+    rate_before_sample: float = 0.0
+    """The rate before the last sample (a completion at the same moment re-does that sample)."""
+    sample_work: float = 0.0
+    """Work of the completions in the last sample."""
+    sample_tokens: int = 0
+    """Their uncached tokens."""
+    sample_elapsed_s: float = 0.0
+    """Seconds the last sample was charged."""
 
     def pending_prefill_work(self, now: float) -> float:
         """Work (token-equivalents) still to do before a newly queued request could start."""
@@ -227,8 +244,7 @@ class LoadTracker:
         if tracked.started_at is None:
             self.on_prefill_start(request_id, now)
         load = self.loads[tracked.prefill_instance]
-        started_at = tracked.started_at if tracked.started_at is not None else now
-        self._learn(load, tracked, now - started_at)
+        self._learn(load, tracked, now)
         load.prefill_tokens_in_progress = max(
             0, load.prefill_tokens_in_progress - tracked.prefill_tokens
         )
@@ -318,21 +334,38 @@ class LoadTracker:
         load.queued_prefill_work += tracked.prefill_work
         load.num_active_prefill_blocks += tracked.prompt_blocks
 
-    def _learn(self, load: InstanceLoad, tracked: _Tracked, elapsed_s: float) -> None:
-        # Tiny prefills are dominated by fixed overheads and would understate the rate.
+    def _learn(self, load: InstanceLoad, tracked: _Tracked, now: float) -> None:
+        """One completion's rate sample (grouped with completions at the same moment)."""
+        started_at = tracked.started_at if tracked.started_at is not None else now
+        grouped = now - load.last_prefill_done_at <= GROUP_S and load.sample_elapsed_s > 0
+        elapsed = now - max(load.last_prefill_done_at, started_at)
+        load.last_prefill_done_at = now
         n = tracked.prefill_tokens
-        if n < MIN_LEARN_TOKENS or elapsed_s <= 0:
+        if grouped:  # a batch-mate finished with the last sample: re-do it with both
+            load.sample_tokens += n
+            load.sample_work += self.prefill_work(n, tracked.cached_tokens)
+        elif elapsed > 0:
+            if n >= MIN_LEARN_TOKENS and now - started_at <= elapsed + GROUP_S:
+                # It ran alone: a clean sample for the attention coefficient.
+                kappa = self._fit.observe(n, n * (tracked.cached_tokens + n / 2), elapsed)
+                if kappa is not None:
+                    self.attention_coeff = kappa
+            load.rate_before_sample = load.prefill_rate_tps
+            load.sample_tokens, load.sample_elapsed_s = n, elapsed
+            load.sample_work = self.prefill_work(n, tracked.cached_tokens)
+        else:
+            load.sample_elapsed_s = 0.0
             return
-        kappa = self._fit.observe(n, n * (tracked.cached_tokens + n / 2), elapsed_s)
-        if kappa is not None:
-            self.attention_coeff = kappa
-        measured = self.prefill_work(n, tracked.cached_tokens) / elapsed_s
+        if load.sample_tokens >= MIN_LEARN_TOKENS:  # overheads dominate tiny prefills
+            self._update_rate(load, load.sample_work / load.sample_elapsed_s)
+
+    def _update_rate(self, load: InstanceLoad, measured: float) -> None:
+        """EWMA from the rate before the current sample (so a re-done sample replaces it)."""
+        before = load.rate_before_sample
         # One odd sample (a stall, a hit the router did not know of) must not swing the rate.
-        measured = min(
-            max(measured, load.prefill_rate_tps / RATE_CLAMP), load.prefill_rate_tps * RATE_CLAMP
-        )
+        measured = min(max(measured, before / RATE_CLAMP), before * RATE_CLAMP)
         alpha = self.rate_ewma_alpha
-        load.prefill_rate_tps = (1 - alpha) * load.prefill_rate_tps + alpha * measured
+        load.prefill_rate_tps = (1 - alpha) * before + alpha * measured
 
 
 def _members(tracked: _Tracked) -> set[str]:
@@ -348,6 +381,9 @@ RATE_CLAMP = 4.0
 
 MIN_LEARN_TOKENS = 256
 """Prefills shorter than this teach neither the rate nor kappa (overheads dominate them)."""
+
+GROUP_S = 1e-3
+"""Completions on one instance this close together came from one engine step: one sample."""
 
 
 class _AttentionFit:

@@ -10,15 +10,21 @@ router applies what they return. Pick one by name with ``create_policy``.
 - ``prefix_affinity``: consistent hash of the prefix key on one ring; no load check.
 - ``kv_overlap_cost``: Dynamo's KV router cost, ``weight * blocks_to_prefill + active_blocks``.
 - ``dualmap``: two candidates from two independent hash rings, the lower predicted TTFT
-  wins; when both exceed the SLO, the globally lowest predicted TTFT; hot instances shed
-  queued requests (DualMap, ICLR'26).
+  (cache hit included) wins while it is within half the SLO and spends at most a quarter of
+  the headroom the request has at the globally fastest instance; otherwise that instance; hot instances shed queued
+  requests (DualMap, ICLR'26). The hash key skips hot shared prefixes (a system
+  prompt most requests start with): it is the chained hash of the first K blocks after the
+  leading blocks that many recent requests share, so the sessions behind one hot prompt
+  spread over the rings instead of piling onto its two candidates, while each session's own
+  history keeps its affinity (``HotPrefixes``).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -183,16 +189,94 @@ class KvOverlapCost(Policy):
         return Choice(best_id)
 
 
+class HotPrefixes:
+    """Which leading prefixes many recent requests share *and fan out from*.
+
+    Over the last ``window`` requests it counts, per leading block (chained hashes, so a
+    block stands for its whole prefix), the requests that start with it and the distinct
+    blocks that follow it. A hot shared prompt (a system prompt) is one that many requests
+    share and then diverge after, into at least ``min_fanout`` continuations; the turns of one
+    long conversation also share a prefix, but continue it one way, so they are not hot (their
+    affinity is what the cache wants). Looks at the first ``max_depth`` blocks of a prompt.
+    """
+
+    _END = -1
+
+    def __init__(
+        self,
+        window: int = 1024,
+        share: float = 0.05,
+        min_count: int = 8,
+        min_fanout: int = 4,
+        max_depth: int = 64,
+    ) -> None:
+        self.window, self.share, self.min_count = window, share, min_count
+        self.min_fanout, self.max_depth = min_fanout, max_depth
+        self.counts: dict[int, int] = {}
+        self.fanout: dict[int, int] = {}
+        self._pairs: dict[tuple[int, int], int] = {}
+        self._recent: deque[tuple[int, ...]] = deque()
+
+    def observe(self, block_hashes: Sequence[int]) -> None:
+        prefix = tuple(block_hashes[: self.max_depth])
+        self._recent.append(prefix)
+        self._count(prefix, 1)
+        if len(self._recent) > self.window:
+            self._count(self._recent.popleft(), -1)
+
+    def _count(self, prefix: tuple[int, ...], step: int) -> None:
+        counts, pairs, fanout = self.counts, self._pairs, self.fanout
+        for i, h in enumerate(prefix):
+            n = counts.get(h, 0) + step
+            if n:
+                counts[h] = n
+            else:
+                del counts[h]
+            pair = (h, prefix[i + 1] if i + 1 < len(prefix) else self._END)
+            m = pairs.get(pair, 0) + step
+            if m:
+                pairs[pair] = m
+            else:
+                del pairs[pair]
+            if (step > 0 and m == 1) or (step < 0 and m == 0):
+                f = fanout.get(h, 0) + step
+                if f:
+                    fanout[h] = f
+                else:
+                    del fanout[h]
+
+    def hot_depth(self, block_hashes: Sequence[int]) -> int:
+        """Leading blocks up to the deepest shared block many requests fan out from."""
+        threshold = max(self.min_count, self.share * len(self._recent))
+        depth, counts, fanout = 0, self.counts, self.fanout
+        for i, h in enumerate(block_hashes[: self.max_depth]):
+            if counts.get(h, 0) < threshold:
+                break
+            if fanout.get(h, 0) >= self.min_fanout:
+                depth = i + 1
+        return depth
+
+
+SLO_FRACTION = 0.5
+"""DualMap keeps a hash candidate only while its predicted TTFT is within this part of the SLO."""
+HEADROOM_SHARE = 0.25
+"""... and spends at most this part of the headroom (SLO - the globally lowest predicted TTFT)."""
+
+
 @register_policy
 class DualMap(Policy):
-    """Two hash candidates, the better by predicted TTFT; SLO fallback; hotspot migration."""
+    """Two hash candidates, the better by predicted TTFT unless the global best is clearly
+    faster (``acceptable_ttft``); hotspot migration."""
 
     name = "dualmap"
     uses_forecast = True
+    slo_fraction: float = SLO_FRACTION
+    headroom_share: float = HEADROOM_SHARE
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
         self.rings = DualHashRing(config.virtual_nodes)
+        self.hot = HotPrefixes()
 
     def add_instance(self, instance_id: str) -> None:
         self.rings.add(instance_id)
@@ -200,18 +284,42 @@ class DualMap(Policy):
     def remove_instance(self, instance_id: str) -> None:
         self.rings.remove(instance_id)
 
+    def key(self, request: RouteRequest) -> int:
+        """The routing key: the first K blocks past the hot shared prefix; a prompt that is
+        all hot prefix keys on its id (the hot prefix is cached widely anyway)."""
+        hot = self.hot.hot_depth(request.block_hashes)
+        if hot and hot >= len(request.block_hashes):
+            return hash_bytes(request.request_id.encode())
+        return routing_key(request, hot + self.config.prefix_key_blocks)
+
     def candidates(self, request: RouteRequest) -> tuple[str, ...]:
         """The request's two candidates (one when a single instance exists)."""
-        return self.rings.candidates(routing_key(request, self.config.prefix_key_blocks))
+        return self.rings.candidates(self.key(request))
 
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
         candidates = self.candidates(request)
+        self.hot.observe(request.block_hashes)
         ttfts = [view.predicted_ttft(c, request, matches.get(c, 0)) for c in candidates]
         best = min(range(len(candidates)), key=ttfts.__getitem__)  # ties: the ring-0 candidate
-        if ttfts[best] <= self.config.ttft_slo_s:
+        slo = slo_of(request, self.config)
+        fallback, fallback_ttft = view.best_predicted_ttft(request, matches)
+        if ttfts[best] <= self.acceptable_ttft(slo, fallback_ttft):
             return Choice(candidates[best], candidates)
-        fallback, _ = view.best_predicted_ttft(request, matches)
         return Choice(fallback, candidates, fallback=fallback not in candidates)
+
+    def acceptable_ttft(self, slo: float, best_ttft: float) -> float:
+        """The highest predicted TTFT at which a hash candidate still wins over the global best.
+
+        A candidate keeps the request only while it leaves ``1 - slo_fraction`` of the SLO as
+        margin against misprediction and spends at most ``headroom_share`` of the headroom the
+        request would have at the instance predicted fastest (cache hits included): a short
+        prompt with a loose SLO may wait a little for its cache, a long one that barely fits
+        goes where it starts first. Taking every candidate within the SLO (the original rule) lets
+        the two candidates' queues fill up to the SLO while other instances idle; a long prompt
+        that only just fits then misses on any error, and one behind it inherits the wait.
+        """
+        headroom = max(0.0, slo - best_ttft)
+        return min(self.slo_fraction * slo, best_ttft + self.headroom_share * headroom)
 
     def rebalance(self, view: ClusterView, move: MoveFn) -> None:
         """Shed queued requests, newest first, from every instance predicted past the SLO.
@@ -226,15 +334,25 @@ class DualMap(Policy):
                 return
 
 
+def slo_of(request: RouteRequest, config: RouterConfig) -> float:
+    """The request's TTFT SLO: its own when it carries one, else the configured one."""
+    return request.ttft_slo_s if request.ttft_slo_s is not None else config.ttft_slo_s
+
+
 def _shed(view: ClusterView, source: str, move: MoveFn, budget: int) -> int:
     """Move queued requests off ``source`` while it is predicted past the SLO; returns how many."""
-    slo, load, moved = view.config.ttft_slo_s, view.load(source), 0
+    load, moved = view.load(source), 0
     for request_id in reversed(list(load.queue)):
         waits = load.predicted_ttft(0, view.now)  # the tail request finishes when the queue drains
-        if waits <= slo or moved >= budget:
+        if moved >= budget:
             break
         request = view.queued_requests.get(request_id)
         if request is None:
+            continue
+        slo = slo_of(request, view.config)
+        if waits <= slo:
+            if request.ttft_slo_s is None:
+                break  # one SLO for all: nothing queued before it is late either
             continue
         matches = view.match(request)
         target, ttft = view.best_predicted_ttft(request, matches, exclude=source)

@@ -50,6 +50,13 @@ class PrefixIndex:
                 held.discard(block_hash)
                 self._drop_holder(block_hash, instance_id)
 
+    def replace(self, instance_id: str, block_hashes: Iterable[int]) -> None:
+        """The instance holds exactly these blocks (a resync from its snapshot)."""
+        new = set(block_hashes)
+        held = self._blocks.setdefault(instance_id, set())
+        self.apply_removed(instance_id, held - new)
+        self.apply_stored(instance_id, new - held)
+
     def remove_instance(self, instance_id: str) -> int:
         """Forget everything an instance held (it left or died); returns how many blocks."""
         held = self._blocks.pop(instance_id, set())

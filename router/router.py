@@ -81,6 +81,9 @@ class Router:
         self._decode = LeastPressure(self._decode_key)
         self._encode_ring = HashRing(ENCODE_RING_SEED, self.config.virtual_nodes)
         self._queued: dict[str, RouteRequest] = {}  # placed, prefill not started
+        self.observers: list[Callable[[RouteRequest, Placement], None]] = []
+        """Called with every placement ``route`` returns (e.g. the planner's metrics window);
+        they must not call back into the router."""
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -140,9 +143,16 @@ class Router:
 
     def route(self, request: RouteRequest) -> Placement:
         """Choose prefill, decode and encode instances for a new request and charge their loads."""
+        placement = self._route(request)
+        for observer in self.observers:
+            observer(request, placement)
+        return placement
+
+    def _route(self, request: RouteRequest) -> Placement:
         self._validate(request)
         view = self._view()
-        if not view.prefill_instances:
+        if not view.prefill_instances and request.prompt_len > self.config.local_prefill_max_tokens:
+            # (a prompt within local_prefill_max_tokens prefills on decode: no prefill needed)
             raise NoInstanceAvailable(InstanceRole.PREFILL.value)
         if not len(self._decode):
             raise NoInstanceAvailable(InstanceRole.DECODE.value)
@@ -210,6 +220,11 @@ class Router:
         """KV event: the instance evicted these blocks."""
         self._instance(instance_id)
         self.index.apply_removed(instance_id, block_hashes)
+
+    def on_kv_snapshot(self, instance_id: str, block_hashes: Iterable[int]) -> None:
+        """KV resync: the instance holds exactly these blocks (its events had a gap)."""
+        self._instance(instance_id)
+        self.index.replace(instance_id, block_hashes)
 
     def on_prefill_start(self, request_id: str, instance_id: str | None = None) -> None:
         """A prefill instance started the request (it will no longer migrate).

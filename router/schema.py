@@ -88,6 +88,8 @@ class RouteRequest:
     """Content hashes of its images (``splitserve.hashing.hash_bytes``); empty: text only."""
     max_output_tokens: int = 0
     """Output budget, used to reserve decode KV (0: prompt only)."""
+    ttft_slo_s: float | None = None
+    """This request's own TTFT SLO (e.g. scaled with its prompt length); None: the config's."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -100,6 +102,13 @@ class RouteRequest:
             raise InvalidRequestError(
                 f"max_output_tokens must be >= 0, got {self.max_output_tokens}",
                 field="max_output_tokens",
+            )
+        if self.ttft_slo_s is not None and not (
+            self.ttft_slo_s > 0 and math.isfinite(self.ttft_slo_s)
+        ):
+            raise InvalidRequestError(
+                f"ttft_slo_s must be a positive number of seconds, got {self.ttft_slo_s}",
+                field="ttft_slo_s",
             )
 
 

@@ -2,7 +2,7 @@
 
 A thin shim, so that the documented command (``ray job submit -- python -m splitserve.batch
 ...``) lives in the root namespace while the root layer imports nothing above it: the
-implementation, ``splitserve.cluster.batch``, is loaded only when ``main`` runs (the same lazy
+implementation, ``splitserve.cluster.tools.batch``, is loaded only when ``main`` runs (the same lazy
 pattern as the public API in ``splitserve/__init__.py``).
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``splitserve.cluster.batch.main``; see ``--help`` for the options."""
-    return int(importlib.import_module("splitserve.cluster.batch").main(argv))
+    """Run ``splitserve.cluster.tools.batch.main``; see ``--help`` for the options."""
+    return int(importlib.import_module("splitserve.cluster.tools.batch").main(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """``from splitserve.client import Client, AsyncClient``: the gRPC client of ``splitserve serve``.
 
 A thin shim, so that the documented import lives in the root namespace while the root layer
-imports nothing above it: the implementation, ``splitserve.cluster.client`` (grpcio and the
+imports nothing above it: the implementation, ``splitserve.cluster.frontends.client`` (grpcio and the
 generated stubs), loads on first attribute access, as the public API in ``__init__`` does.
 """
 
@@ -11,13 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _NAMES = (
-    "Client", "AsyncClient", "GenerateResult", "Completion", "ClientError",
+    "Client", "AsyncClient", "Tls", "GenerateResult", "Completion", "ClientError",
     "InvalidArgumentError", "UnauthenticatedError", "UnavailableError", "DeadlineExceededError",
 )
 __all__ = list(_NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from splitserve.cluster.client import (  # noqa: F401
+    from splitserve.cluster.frontends.client import (  # noqa: F401
         AsyncClient,
         Client,
         ClientError,
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
         DeadlineExceededError,
         GenerateResult,
         InvalidArgumentError,
+        Tls,
         UnauthenticatedError,
         UnavailableError,
     )
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name not in _NAMES:
         raise AttributeError(f"module 'splitserve.client' has no attribute {name!r}")
-    value = getattr(importlib.import_module("splitserve.cluster.client"), name)
+    value = getattr(importlib.import_module("splitserve.cluster.frontends.client"), name)
     globals()[name] = value
     return value
 

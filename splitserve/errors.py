@@ -57,8 +57,22 @@ class IncompatibleKVLayoutError(KVTransferError):
         self.field = field
 
 
+class DuplicateRequestError(SplitserveError):
+    """A client's request id is already in use by a live request (HTTP 409, gRPC
+    ALREADY_EXISTS); ``field`` names where the id came from."""
+
+    def __init__(self, message: str, field: str = "request_id") -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class NoHealthyWorkerError(SplitserveError):
     """No healthy worker of a needed role is available."""
+
+
+class EngineFailedError(SplitserveError):
+    """An engine step failed: the request was aborted (retry it elsewhere); an engine whose
+    steps keep failing is unhealthy and refuses new requests until its worker is replaced."""
 
 
 class OverloadedError(SplitserveError):

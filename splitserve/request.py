@@ -6,7 +6,8 @@ import enum
 
 
 class RequestStatus(enum.IntEnum):
-    """Where a request is in its life. Finished states compare greater than the others."""
+    """Where a request is in its life. Finished states (done on this engine, handed-off ones
+    included) compare greater than the others."""
 
     WAITING = enum.auto()
     WAITING_FOR_REMOTE_KV = enum.auto()
@@ -16,6 +17,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
     FINISHED_ERROR = enum.auto()
+    HANDED_OFF = enum.auto()
+    """KV-source (prefill) side: done here after the first token, its blocks held for the
+    remote KV sink (decode) that continues it; no finish reason, the request goes on there."""
 
     @property
     def is_finished(self) -> bool:

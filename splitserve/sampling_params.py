@@ -1,10 +1,105 @@
-"""SamplingParams: how to pick tokens and when to stop, in vLLM's names and defaults."""
+"""SamplingParams: how to pick tokens and when to stop, in vLLM's names and defaults.
+
+``StructuredOutputsParams`` (vLLM's ``structured_outputs``) says which grammar the output must
+follow; it is checked for shape here and compiled by ``roles/engine/structured.py``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json as _json
 from dataclasses import dataclass, field
+from typing import Any
 
 from splitserve.errors import InvalidRequestError
+
+_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One output constraint (exactly one of the fields), in vLLM's names.
+
+    Travels inside ``SamplingParams`` to every worker that touches the request; each compiles
+    it (cached by ``content_hash``), so no extra state crosses the wire.
+    """
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema (dict or JSON text) the output must validate against."""
+    regex: str | None = None
+    """A regular expression the whole output must match."""
+    choice: tuple[str, ...] | list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar in EBNF (GBNF style: ``root ::= ...``)."""
+    json_object: bool = False
+    """Any JSON object (OpenAI ``response_format: {"type": "json_object"}``)."""
+    disable_any_whitespace: bool = True
+    """JSON without free whitespace (compact separators). Default true here, unlike vLLM:
+    small models otherwise loop on whitespace; false allows any whitespace."""
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        set_kinds = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise InvalidRequestError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, "
+                f"json_object; got {set_kinds or 'none'}", field="structured_outputs",
+            )
+        self._check_types()
+
+    def _check_types(self) -> None:
+        where = f"structured_outputs.{self.kind}"
+        if self.json is not None and not isinstance(self.json, str | dict):
+            raise InvalidRequestError(f"{where} must be a JSON schema object", field=where)
+        if isinstance(self.json, str):
+            try:
+                loaded = _json.loads(self.json)
+            except ValueError as e:
+                raise InvalidRequestError(f"{where} is not valid JSON: {e}", field=where) from e
+            if not isinstance(loaded, dict | bool):
+                raise InvalidRequestError(f"{where} must be a JSON schema object", field=where)
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise InvalidRequestError(f"{where} must be a non-empty string", field=where)
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise InvalidRequestError(f"{where} must be a non-empty string", field=where)
+        if self.choice is not None and (
+            not self.choice or any(not isinstance(c, str) or not c for c in self.choice)
+        ):
+            raise InvalidRequestError(f"{where} must be a list of non-empty strings", field=where)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: json, regex, choice, grammar or json_object."""
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def field(self) -> str:
+        """The request field to name in errors about this constraint."""
+        return f"structured_outputs.{self.kind}"
+
+    @property
+    def schema(self) -> Any:
+        """The JSON schema as a Python object (json kind only)."""
+        return _json.loads(self.json) if isinstance(self.json, str) else self.json
+
+    @property
+    def spec(self) -> str:
+        """The constraint's canonical text (what the grammar is compiled from)."""
+        if self.kind == "json":
+            return _json.dumps(self.schema, separators=(",", ":"))  # key order matters
+        if self.kind == "choice":
+            return _json.dumps(list(self.choice or ()))
+        if self.kind == "json_object":
+            return ""
+        return str(getattr(self, self.kind))
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of kind, whitespace mode and spec: the compiled-grammar cache key."""
+        text = f"{self.kind}\0{int(self.disable_any_whitespace)}\0{self.spec}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
 _MAX_LOGPROBS = 20
 
@@ -41,11 +136,15 @@ class SamplingParams:
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the text."""
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar (a dict is converted)."""
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = _structured_from_dict(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -80,6 +179,9 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
 
     @property
     def greedy(self) -> bool:
@@ -92,3 +194,14 @@ class SamplingParams:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+def _structured_from_dict(data: dict[str, Any]) -> StructuredOutputsParams:
+    known = set(_KINDS) | {"disable_any_whitespace"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidRequestError(
+            f"structured_outputs has unknown field(s) {unknown}; known: {sorted(known)}",
+            field=f"structured_outputs.{unknown[0]}",
+        )
+    return StructuredOutputsParams(**data)

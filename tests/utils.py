@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -170,3 +174,56 @@ def _tiny_init(name: str, p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return 0.5 * noise  # class / position embeddings
     fan_in = p[0].numel()
     return noise / fan_in**0.5
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Wait until ``condition()`` holds (polled every few ms); fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.005)
+
+
+def wait_until(
+    condition: Callable[[], bool], what: str, timeout_s: float = 60.0, poll_s: float = 0.02
+) -> None:
+    """Block until ``condition()`` holds; fail the test naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+
+
+def assert_workers_intact(workers: Iterable[Any], timeout_s: float = 60.0) -> None:
+    """Teardown check for integration tests: every worker's ``check_integrity()`` (block pool,
+    KV manager, scheduler, leases and loads) is clean. ``workers``: Ray actor handles, or
+    objects with an ``actor`` attribute (``WorkerHandle``); dead workers are skipped."""
+    import ray
+
+    from splitserve.integrity import IntegrityReport
+
+    actors = [getattr(w, "actor", w) for w in workers]
+    refs = [a.check_integrity.remote() for a in actors]
+    failed = []
+    for ref in refs:
+        try:
+            report = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            continue  # killed by the test: nothing left to leak
+        if not report["ok"]:
+            failed.append(IntegrityReport(report["problems"], report["leaked_blocks"],
+                                          report["stranded_leases"]))
+    merged = IntegrityReport()
+    for report in failed:
+        merged.merge(report)
+    merged.raise_if_bad("worker integrity check")
+
+
+def random_prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
+    """``n`` prompts of random token ids (3..48999), each ``lo``..``hi`` tokens, from ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

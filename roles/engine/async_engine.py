@@ -14,21 +14,25 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from splitserve.errors import InvalidRequestError
+from splitserve import env
+from splitserve.errors import EngineFailedError, InvalidRequestError
+from splitserve.integrity import IntegrityReport
 from splitserve.outputs import RequestOutput
-from splitserve.roles.engine.block_pool import KVEvent
 from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.engine.kv_events import KVEventLog
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _FINISHED = object()
+T = TypeVar("T")
+MAX_STEP_FAILURES = 3
+"""Failed steps without a good step between after which the engine is unhealthy for good."""
 
 
 @dataclass
@@ -50,12 +54,27 @@ class AsyncEngine:
         self.engine = LLMEngine(config or EngineConfig(**engine_kwargs))
         if on_start is not None:
             on_start(self.engine)
-        self._kv_events: deque[KVEvent] = deque(maxlen=100_000)
         self._commands: list[tuple[str, Any]] = []
         self._streams: dict[str, _Stream] = {}
+        # a layer-wise streamed offer leaves mid-step, before the forward that computes its KV
+        self.engine.on_early_output = lambda out: self._deliver(out.request_id, out)
         self._wake = threading.Condition()
         self._stopped = False
         self._ids = itertools.count()
+        self._check_when_idle = env.SPLITSERVE_CHECK_INTEGRITY.get()
+        self._idle_checked = True
+        self.num_integrity_checks = 0
+        self.num_integrity_failures = 0
+        self.last_integrity_report: IntegrityReport | None = None
+        """The latest idle check's report (``SPLITSERVE_CHECK_INTEGRITY=1``), None before."""
+        self.error: str | None = None
+        """Why the engine is unhealthy (steps keep failing, or its thread crashed); None
+        while healthy. An unhealthy engine refuses requests; its worker must be replaced."""
+        self.num_step_failures = 0
+        self._failures_in_a_row = 0
+        self._stats: dict[str, Any] = self.engine.stats()
+        """The engine's stats as of its last step, taken on the engine thread (callers on other
+        threads read this snapshot, never the scheduler's live state)."""
         self._thread = threading.Thread(target=self._loop, name="splitserve-engine", daemon=True)
         self._thread.start()
 
@@ -82,11 +101,15 @@ class AsyncEngine:
         ``resume_token_ids``).
         """
         request_id = request_id or f"async-{next(self._ids)}"
+        if self.error is not None:
+            raise EngineFailedError(f"the engine is unhealthy: {self.error}")
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        params = sampling_params or SamplingParams()
+        if params.structured_outputs is not None:  # compile off the engine thread (cached there)
+            await asyncio.to_thread(self.engine.structured.compile, params)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        params = sampling_params or SamplingParams()
         # arrival = now, not when the engine thread takes the command after its current step:
         # that wait is queueing too
         request_kwargs.setdefault("arrival_time", time.time())
@@ -121,15 +144,45 @@ class AsyncEngine:
         self._send("withdraw", (request_id, loop, done))
         return await done
 
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between two steps; its result or error."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+        self._send("call", (fn, loop, done))
+        return await done
 
-    def take_kv_events(self) -> list[KVEvent]:
-        """Prefix-cache events (stored / removed block hashes) since the last call."""
-        events = []
-        while self._kv_events:
-            events.append(self._kv_events.popleft())
-        return events
+    async def check_integrity(self) -> IntegrityReport:
+        """The engine's ``check_integrity()``, taken on the engine thread between steps."""
+        return await self.call(lambda engine: engine.check_integrity())
+
+    @property
+    def healthy(self) -> bool:
+        """False once steps keep failing or the engine thread ended on its own."""
+        return self.error is None and (self._thread.is_alive() or self._stopped)
+
+    def health(self) -> dict[str, Any]:
+        """``{"healthy", "error", "num_step_failures"}``: what a worker reports to the cluster."""
+        error = self.error
+        if error is None and not self.healthy:
+            error = "the engine thread is not running"
+        return {"healthy": error is None, "error": error or "",
+                "num_step_failures": self.num_step_failures}
+
+    def stats(self) -> dict[str, Any]:
+        """The snapshot of the engine's stats taken after its last step (any thread)."""
+        return {
+            **self._stats,
+            "num_integrity_checks": self.num_integrity_checks,
+            "num_integrity_failures": self.num_integrity_failures,
+            **self.health(),
+        }
+
+    @property
+    def kv_events(self) -> KVEventLog:
+        """The prefix-cache event log (written by the engine thread; readers keep cursors)."""
+        return self.engine.kv.pool.events
 
     def shutdown(self) -> None:
         with self._wake:
@@ -145,53 +198,157 @@ class AsyncEngine:
             self._wake.notify()
 
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopped and not self._commands and not self._busy():
-                    if self.engine.has_pending_transfers():  # KV moving: poll, gently
-                        self._wake.wait(timeout=0.002)
-                        break
-                    self._wake.wait()
-                if self._stopped:
-                    return
-                commands, self._commands = self._commands, []
-            for kind, payload in commands:
-                self._apply(kind, payload)
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug in a step must not hang every stream
-                logger.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            self._kv_events.extend(self.engine.kv.pool.take_events())
-            for out in outputs:
-                self._deliver(out.request_id, out)
+        """Take commands, step, deliver; never ends silently: a failed step fails the open
+        requests (``_on_step_failure``), and whatever else escapes marks the engine
+        unhealthy and ends every stream before the thread ends."""
+        try:
+            while (commands := self._next_commands()) is not None:
+                try:
+                    self._iterate(commands)
+                except Exception as e:  # a bug in a step must not hang every stream
+                    self._on_step_failure(e)
+        except BaseException as e:
+            logger.critical("engine thread crashed", exc_info=True)
+            self._mark_unhealthy(EngineFailedError(f"engine thread crashed: {_describe(e)}"))
+            raise
+        finally:
+            self._fail_streams(EngineFailedError(self.error or "the engine was shut down"))
+
+    def _next_commands(self) -> list[tuple[str, Any]] | None:
+        """Wait for commands or work; None once shut down."""
+        with self._wake:
+            while not self._stopped and not self._commands and not self._has_work():
+                if self.error is None and self.engine.has_pending_transfers():
+                    self._wake.wait(timeout=0.002)  # KV moving: poll, gently
+                    break
+                self._wake.wait()
+            if self._stopped:
+                return None
+            commands, self._commands = self._commands, []
+            return commands
+
+    def _has_work(self) -> bool:
+        """Something to compute. Requests that only wait for their KV (a layer-wise streamed
+        load spans the whole remote prefill) are polled every 2 ms instead of by a busy loop
+        that would take a core from the prefill it waits for."""
+        return self.error is None and self.engine.has_runnable_requests()
+
+    def _iterate(self, commands: list[tuple[str, Any]]) -> None:
+        for kind, payload in commands:
+            self._apply(kind, payload)
+        if self.error is not None:
+            return  # unhealthy: answer commands, never step again
+        outputs = self.engine.step()
+        self._stats = self.engine.stats()  # one reference swap: readers see one whole step
+        if outputs:
+            self._failures_in_a_row = 0
+        for out in outputs:
+            self._deliver(out.request_id, out)
+        if self._check_when_idle:
+            self._check_if_idle()
+
+    def _on_step_failure(self, error: Exception) -> None:
+        """Clear the engine's requests and step once more to prove it still works; if that
+        fails too, or steps keep failing (``MAX_STEP_FAILURES`` without a good step between),
+        the engine is unhealthy. Then every open request fails with a clear error."""
+        logger.exception("engine step failed")
+        self.num_step_failures += 1
+        self._failures_in_a_row += 1
+        try:
+            self.engine.abort_all_requests()
+            self.engine.step()  # frees what the aborts released, serves lease control
+        except Exception as again:
+            logger.exception("engine could not recover from a failed step")
+            self._mark_unhealthy(EngineFailedError(
+                f"engine steps keep failing ({_describe(error)}, then {_describe(again)})"
+            ))
+        if self._failures_in_a_row >= MAX_STEP_FAILURES:
+            self._mark_unhealthy(EngineFailedError(
+                f"{self._failures_in_a_row} engine steps failed in a row, the last with "
+                f"{_describe(error)}"
+            ))
+        self._fail_streams(EngineFailedError(
+            f"the engine failed while running this request ({_describe(error)}); it was aborted"
+        ))
+
+    def _mark_unhealthy(self, error: EngineFailedError) -> None:
+        """From now on the engine refuses requests; the worker reports itself unhealthy."""
+        if self.error is None:
+            self.error = str(error)
+            logger.error("engine unhealthy: %s", self.error)
+        self._fail_streams(error)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
 
     def _busy(self) -> bool:
         return self.engine.has_unfinished_requests()
 
+    def _check_if_idle(self) -> None:
+        """Check integrity once each time the engine falls idle (no request, no transfer)."""
+        if self._busy() or self.engine.has_pending_transfers():
+            self._idle_checked = False
+            return
+        if self._idle_checked:
+            return
+        self._idle_checked = True
+        report = self.engine.check_integrity()
+        self.num_integrity_checks += 1
+        self.last_integrity_report = report
+        if not report.ok:
+            self.num_integrity_failures += 1
+            logger.error("integrity check failed when idle: %s", "; ".join(report.problems))
+
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "abort":
-            self.engine.abort_request(payload)
+            if self.error is None:
+                self.engine.abort_request(payload)
             return
         if kind == "withdraw":
             request_id, loop, done = payload
-            ok = self.engine.withdraw_request(request_id)
-            loop.call_soon_threadsafe(done.set_result, ok)
+            ok = self.error is None and self.engine.withdraw_request(request_id)
+            loop.call_soon_threadsafe(_settle, done, ok, None)
+            return
+        if kind == "call":
+            self._run_call(*payload)
             return
         request_id, prompt, params, kwargs = payload
+        if self.error is not None:
+            self._deliver(request_id, EngineFailedError(f"the engine is unhealthy: {self.error}"))
+            return
         try:
             self.engine.add_request(request_id, prompt, params, **kwargs)
         except Exception as e:
             self._deliver(request_id, e)
 
+    def _run_call(
+        self, fn: Callable[[LLMEngine], Any], loop: asyncio.AbstractEventLoop, done: asyncio.Future
+    ) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # the caller gets it; the engine thread goes on
+            loop.call_soon_threadsafe(_settle, done, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
     def _deliver(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None:
+        if stream is None:
+            return
+        try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._streams.pop(request_id, None)
 
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self._streams):
-            self.engine.abort_request(request_id)
-            self._deliver(request_id, error)
-        self.engine.step()
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _settle(done: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if done.done():
+        return  # the caller gave up (cancelled)
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)

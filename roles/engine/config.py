@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitserve.errors import ConfigError
+from splitserve.roles.engine.speculative import SpeculativeConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTIZATIONS = ("auto", "none", "int4", "int8")
+_INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -14,7 +17,8 @@ class SchedulerConfig:
     """How much work one step may carry."""
 
     max_num_seqs: int = 128
-    """Most requests running at once."""
+    """Most sequences (each of a request's ``n`` samples is one) in one step; groups of
+    samples share them fairly while others wait."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
     enable_chunked_prefill: bool = True
@@ -36,7 +40,13 @@ class EngineConfig:
     model: str | None = None
     """Hugging Face folder, .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
     dtype: str = "float32"
-    """Weights, activations and KV cache dtype: float32, bfloat16 or float16."""
+    """Activations, float weights and KV cache: float32, bfloat16, float16, or auto (bfloat16
+    on a CPU with native bf16 (flags + a matmul probe) or a GPU, float32 otherwise)."""
+    quantization: str = "none"
+    """Weight format: none (float), auto (a GGUF's own Q4/Q8 codes; HF folders stay float),
+    int4 or int8 (projections quantized at load; see roles/models/quantize.py)."""
+    int4_group_size: int = 32
+    """Columns per scale when quantizing float weights to int4 (32 or 128 usually)."""
     device: str = "cpu"
     """Torch device of the model and the KV cache."""
     block_size: int = 16
@@ -50,9 +60,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse KV of identical prompt prefixes by chained block hash."""
     max_num_seqs: int = 128
-    """Most requests running at once."""
+    """Most sequences in one step (each of a request's ``n`` samples is one)."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step."""
+    max_n: int = 16
+    """Most samples (``n``) one request may ask for; more is refused (field ``n``)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps."""
     seed: int = 0
@@ -61,10 +73,21 @@ class EngineConfig:
     """Torch intra-op threads on CPU (None: torch's default)."""
     encoder_cache_bytes: int = 256 << 20
     """Image-embedding cache of a multimodal model's vision tower, by content hash."""
+    speculative_config: SpeculativeConfig | None = None
+    """Draft-free speculative decoding, vLLM's dict form accepted
+    (``{"method": "ngram" | "suffix", "num_speculative_tokens": k, ...}``); None: off."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.int4_group_size not in _INT4_GROUP_SIZES:
+            raise ConfigError(
+                f"int4_group_size must be one of {_INT4_GROUP_SIZES}, got {self.int4_group_size}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory_bytes < 1:
@@ -73,7 +96,11 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_n < 1:
+            raise ConfigError(f"max_n must be >= 1, got {self.max_n}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates
+        spec = SpeculativeConfig.from_any(self.speculative_config)  # a dict becomes a config
+        object.__setattr__(self, "speculative_config", spec)
 
     @property
     def scheduler_config(self) -> SchedulerConfig:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from splitserve.errors import InvalidRequestError, KVCacheCapacityError
+from splitserve.errors import InvalidRequestError, KVCacheCapacityError, ModelLoadError
+from splitserve.integrity import IntegrityReport
 from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
@@ -35,17 +36,27 @@ from splitserve.roles.engine.multimodal import (
     expand_placeholders,
     split_prompt,
 )
+from splitserve.roles.engine.precision import (
+    TORCH_DTYPES,  # noqa: F401 - re-exported: roles import the name map from here
+    DtypeChoice,
+    resolve_dtype,
+    weight_summary,
+)
 from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.sampler import SampleResult, draw_seed
 from splitserve.roles.engine.scheduler import Scheduler, SchedulerOutput
+from splitserve.roles.engine.speculative import Speculator
+from splitserve.roles.engine.structured import StructuredOutputManager
 from splitserve.roles.models.loader import LoadedModel, load_model
+from splitserve.roles.models.quantize import WeightFormat
 from splitserve.sampling_params import SamplingParams
+from splitserve.validation import check_n, check_prompt_length, prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""``EngineConfig.dtype`` names -> torch dtypes (every role that loads weights uses these)."""
 PromptType = str | Sequence[int]
+MAX_EARLY_TOKENS = 1024
+"""First tokens kept for requests not (or no longer) here (``resume_remote``)."""
 
 
 @dataclass
@@ -68,8 +79,15 @@ class LLMEngine:
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.dtype = TORCH_DTYPES[config.dtype]
-        loaded = load_model(config.model, self.dtype)
+        self.dtype_choice: DtypeChoice = resolve_dtype(config.dtype, config.device)
+        self.dtype = self.dtype_choice.dtype
+        fmt = WeightFormat(config.quantization, config.int4_group_size)
+        loaded = load_model(config.model, self.dtype, fmt)
+        self.weights_info = weight_summary(loaded.weights)
+        """Tensor count per storage format and total weight bytes, as loaded."""
+        logger.info("%s: dtype %s (%s), quantization %s, weights %s", loaded.model_id,
+                    self.dtype_choice.name, self.dtype_choice.reason, config.quantization,
+                    self.weights_info)
         self.model_id = loaded.model_id
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -78,20 +96,50 @@ class LLMEngine:
             loaded.config.max_position_embeddings,
         )
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.runner = ModelRunner(
-            loaded.config, loaded.weights, self.num_blocks, config.block_size, self.dtype,
-            torch.device(config.device),
-        )
+        try:
+            self.runner = ModelRunner(
+                loaded.config, loaded.weights, self.num_blocks, config.block_size, self.dtype,
+                torch.device(config.device),
+            )
+        except ModelLoadError as e:  # a missing or mis-shaped tensor: say which checkpoint
+            raise ModelLoadError(f"{loaded.path}: {e}", path=loaded.path) from e
+        self.structured = StructuredOutputManager(self.tokenizer, loaded.config.vocab_size)
+        """Grammars and matchers of constrained requests (structured outputs)."""
+        self.runner.structured = self.structured
         self.image_encoder = self._image_encoder(loaded)
         """Vision tower + projector of a LLaVA model (None for text-only models)."""
-        self.kv = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            self.num_blocks, config.block_size, config.enable_prefix_caching,
+            sliding_window=loaded.config.uniform_window,
+        )
         self.scheduler = Scheduler(config.scheduler_config, self.kv, self.max_model_len)
+        if config.speculative_config is not None:
+            self.scheduler.speculator = Speculator(config.speculative_config)
         self._tracked: dict[str, _Tracked] = {}
         self._children: dict[str, list[str]] = {}
         self._pending: list[RequestOutput] = []
         self._rng = random.Random(config.seed)
         self.kv_worker: Any = None
         """Worker half of the KV connector once ``attach_kv_connector`` made this a P/D role."""
+        self.on_early_output: Callable[[RequestOutput], None] | None = None
+        """Delivers an output in the middle of a step (``AsyncEngine`` sets it): a layer-wise
+        streamed offer must reach the KV sink while the forward runs. None: it goes out
+        with the step's outputs."""
+        self._streamed: dict[str, dict[str, Any]] = {}
+        """KV source side: params of requests offered layer-wise, until their hand-off."""
+        self._early_tokens: dict[str, list[int]] = {}
+        """KV sink side: first tokens that arrived before their request (``resume_remote``)."""
+
+    def info(self) -> dict[str, Any]:
+        """What this engine serves and in which numeric formats (``/version`` shows it)."""
+        return {
+            "model_id": self.model_id,
+            **self.dtype_choice.report(),
+            "quantization": self.config.quantization,
+            "weight_formats": self.weights_info["formats"],
+            "weight_bytes": self.weights_info["weight_bytes"],
+            "kv_cache_blocks": self.num_blocks,
+        }
 
     def _image_encoder(self, loaded: LoadedModel) -> ImageEncoder | None:
         llava = loaded.config.llava
@@ -125,6 +173,7 @@ class LLMEngine:
         kv_transfer_params: dict[str, Any] | None = None,
         resume_token_ids: Sequence[int] = (),
         multi_modal_data: dict[str, Any] | None = None,
+        group_id: str | None = None,
     ) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises InvalidRequestError.
 
@@ -134,14 +183,20 @@ class LLMEngine:
         ``{"image_embeds": [[T, H] arrays], "image_hashes": [int]}`` (an encode worker's
         output). The returned ids have each placeholder expanded to its image's tokens.
 
-        ``kv_transfer_params``: ``{"do_remote_decode": True}`` makes this engine a prefill
-        role for the request (it stops after the first token and hands its KV off); a
-        ``KvTransferParams`` dict makes it a decode role (it pulls the prompt's KV first).
+        ``kv_transfer_params``: ``{"do_remote_decode": True}`` (vLLM's key) makes this engine
+        the request's KV source (prefill role: it stops after the first token and hands the
+        request and its KV off to a remote KV sink); a ``KvTransferParams`` dict makes it the
+        KV sink (decode role: it pulls the prompt's KV from the remote KV source first).
         ``resume_token_ids``: output tokens already generated (and streamed) elsewhere; the
         request continues after them, with the same draws it would have made there.
+        ``group_id``: the request this one is a sample of, when the caller fanned ``n`` out
+        itself (the cluster does); the scheduler shares sequence slots fairly by group. The
+        ``n`` samples of one call form a group by themselves. ``n`` above
+        ``EngineConfig.max_n`` is refused (field ``n``).
         """
         params = params or SamplingParams()
-        remote_params, remote_decode = self._transfer_role(kv_transfer_params, params)
+        check_n(params.n, self.config.max_n)
+        remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
         if request_id in self._children:
@@ -153,6 +208,7 @@ class LLMEngine:
             token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)
         max_tokens = self._check_lengths(token_ids, params)
         resume = self._check_resume(resume_token_ids, max_tokens)
+        grammar = self.structured.compile(params)  # InvalidRequestError: bad or too slow
         text = inner if isinstance(inner, str) else None
         arrival = arrival_time if arrival_time is not None else time.time()
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -162,8 +218,8 @@ class LLMEngine:
             req = Request(
                 child_id, token_ids, params, seed=seed, max_tokens=max_tokens,
                 eos_token_ids=self.tokenizer.eos_token_ids, block_size=self.config.block_size,
-                arrival_time=arrival, output_token_ids=resume, remote_params=remote_params,
-                remote_decode=remote_decode, mm=mm,
+                arrival_time=arrival, output_token_ids=resume, remote_kv_source=remote_kv_source,
+                remote_kv_sink=remote_kv_sink, mm=mm, group_id=group_id or request_id,
             )
             detok = IncrementalDetokenizer(self.tokenizer, params)
             detok.prime(resume)
@@ -171,14 +227,18 @@ class LLMEngine:
                 request_id, i, text, detok, num_sent_tokens=len(resume),
                 metrics={"arrival_time": arrival},
             )
+            self.structured.add(child_id, grammar)
             self.scheduler.add_request(req)
         self._children[request_id] = children
+        early = self._early_tokens.pop(request_id, None)
+        if early is not None:
+            self.resume_remote(request_id, early)
         return token_ids
 
     def _transfer_role(
         self, kv_transfer_params: dict[str, Any] | None, params: SamplingParams
     ) -> tuple[Any, bool]:
-        """(remote params to pull, hand off after the first token) from a request's params."""
+        """(remote KV source to pull from, remote KV sink to hand off to) of a request."""
         if not kv_transfer_params:
             return None, False
         if self.kv_worker is None:
@@ -231,29 +291,13 @@ class LLMEngine:
         return resume
 
     def tokenize_prompt(self, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", field="prompt")
-            return self.tokenizer.encode(prompt)
-        token_ids = list(prompt)
-        if not token_ids:
-            raise InvalidRequestError("prompt must not be empty", field="prompt")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab})", field="prompt_token_ids"
-            )
-        return token_ids
+        """Token ids of a prompt, checked exactly as the cluster checks it (validation.py)."""
+        return prompt_token_ids(prompt, self.tokenizer.encode, self.model_config.vocab_size)
 
     def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> int:
         """The request's effective max_tokens, after checking it can ever run."""
         n = len(token_ids)
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {n} tokens; the model's context length (max_model_len) is "
-                f"{self.max_model_len}, which leaves no room to generate",
-                field="prompt",
-            )
+        check_prompt_length(n, self.max_model_len)
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         capacity = self.num_blocks * self.config.block_size
@@ -271,13 +315,19 @@ class LLMEngine:
         """Stop requests wherever they are and free their KV; emits a final 'abort' output."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
-            if request_id in self.scheduler.held and self.kv_worker is not None:
+            if request_id in self._held() and self.kv_worker is not None:
                 self.kv_worker.abort(request_id)  # ends the lease; blocks freed next step
             for child in self._children.get(request_id, []):
                 req = self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 if req is not None:
-                    self._pending.append(self._output_for(req, [], None))
+                    self._pending.append(self._output_for(req, [], []))
                     self._forget(req)
+
+    def abort_all_requests(self) -> list[str]:
+        """Abort every request (after a failed step); their ids."""
+        request_ids = list(self._children)
+        self.abort_request(request_ids)
+        return request_ids
 
     def withdraw_request(self, request_id: str) -> bool:
         """Abort a request only if no step has touched it yet (queued-request migration).
@@ -298,6 +348,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_runnable_requests(self) -> bool:
+        """Requests a step may compute (queued or running), not only KV loads in flight."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
     def get_num_unfinished_requests(self) -> int:
         return len(self._children)
 
@@ -310,21 +364,86 @@ class LLMEngine:
         if self.kv_worker is not None and out.kv_meta is not None:
             self.kv_worker.apply(out.kv_meta)
         if not out.is_empty:
-            result = self.runner.execute(out)
-            tokens = {rid: r.token_id for rid, r in result.sampled.items()}
+            result = self._execute(out)
+            tokens = {rid: [r.token_id for r in rs] for rid, rs in result.sampled.items()}
             updated = self.scheduler.update(out, tokens)
             self._pending.extend(self._process(updated, result.sampled))
         if self.kv_worker is not None:
-            loading = set(self.scheduler.loading)
+            loading = set(self._loading())
             for req in self.scheduler.update_transfers(self.kv_worker.get_finished()):
-                self._pending.append(self._output_for(req, [], None))
+                self._pending.append(self._output_for(req, [], []))
                 self._forget(req)
             now = time.time()
-            for rid in loading.difference(self.scheduler.loading):
+            for rid in loading.difference(self._loading()):
                 if rid in self._tracked:
                     self._tracked[rid].metrics.setdefault("kv_load_end_time", now)
         outputs, self._pending = self._pending, []
         return outputs
+
+    def _execute(self, out: SchedulerOutput) -> Any:
+        """Run the step; requests whose KV streams layer-wise are offered before it runs."""
+        if not self._offer_streams(out):
+            return self.runner.execute(out)
+        self.runner.on_layer = self.kv_worker.on_layer_computed
+        try:
+            return self.runner.execute(out)
+        finally:
+            self.runner.on_layer = None
+            self.kv_worker.end_forward()
+
+    def _offer_streams(self, out: SchedulerOutput) -> bool:
+        """Layer-wise streaming, KV source side: lease the prompt blocks of every request
+        whose last prompt chunk runs in this step and publish the params at once (an early
+        output, before the forward), so the KV sink pulls each layer group as it is
+        computed. True when this step's forward must report its layers."""
+        if self.kv_worker is None or not self.kv_worker.streaming:
+            return False
+        offered = False
+        for s in out.scheduled:
+            req = s.request
+            if not req.remote_kv_sink or not s.samples or req.request_id in self._streamed:
+                continue
+            num_tokens = req.num_prompt_tokens
+            block_ids = self.kv.get_block_ids(req.request_id)[: self.kv.blocks_for(num_tokens)]
+            try:
+                params = self.kv_worker.offer_stream(req.request_id, block_ids, num_tokens)
+            except Exception:  # noqa: BLE001 - it is offered after its first token instead
+                logger.exception("could not offer KV of %s layer-wise", req.request_id)
+                continue
+            assert self.scheduler.connector is not None
+            self.scheduler.connector.on_stream_offered(req)
+            self._streamed[req.request_id] = params.to_dict()
+            output = self._output_for(req, [], [])
+            output.kv_transfer_params = self._streamed[req.request_id]
+            if self.on_early_output is not None:
+                self.on_early_output(output)
+            else:
+                self._pending.append(output)
+            offered = True
+        return offered
+
+    def resume_remote(self, request_id: str, token_ids: Sequence[int]) -> None:
+        """Layer-wise streaming, KV sink side: the KV source's first token(s) for a request
+        admitted with streamed params, or ``[]`` when the source ended without one (the
+        request then recomputes its prompt here). It runs once its KV is verified too."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            self._early_tokens[request_id] = list(token_ids)  # its add_request may be queued
+            while len(self._early_tokens) > MAX_EARLY_TOKENS:  # or it ended: forget the oldest
+                del self._early_tokens[next(iter(self._early_tokens))]
+            return
+        tokens = self._check_resume(token_ids, req.max_tokens)
+        tracked = self._tracked[request_id]
+        for token in tokens:
+            req.append_token(token)
+        tracked.detok.prime(tokens)
+        tracked.num_sent_tokens = req.num_output_tokens
+        for ended in self.scheduler.first_token(request_id, bool(tokens)):
+            self._pending.append(self._output_for(ended, [], []))
+            self._forget(ended)
+        metrics = self._tracked[request_id].metrics if request_id in self._tracked else {}
+        if "kv_load_start_time" in metrics and request_id not in self._loading():
+            metrics.setdefault("kv_load_end_time", time.time())  # left loading here, not in step
 
     def _stamp(self, out: SchedulerOutput) -> None:
         """Per-stage timestamps: first scheduled (queue ends), KV load start (decode role)."""
@@ -333,7 +452,7 @@ class LLMEngine:
             tracked = self._tracked.get(s.request.request_id)
             if tracked is not None:
                 tracked.metrics.setdefault("first_scheduled_time", now)
-        for rid in self.scheduler.loading:
+        for rid in self._loading():
             tracked = self._tracked.get(rid)
             if tracked is not None:
                 tracked.metrics.setdefault("kv_load_start_time", now)
@@ -350,10 +469,21 @@ class LLMEngine:
 
         self.kv_worker = KvConnectorWorker(
             engine_id, self.runner.kv_caches, transport, self.model_id, transfer_config,
-            lease_ttl_s=lease_ttl_s,
+            lease_ttl_s=lease_ttl_s, layer_windows=self.model_config.kv_layer_windows,
+            model_signature=self.model_config.kv_signature,
         )
-        self.scheduler.connector = KvConnectorScheduler()
+        self.scheduler.connector = KvConnectorScheduler[Request](self.config.block_size)
         return self.kv_worker
+
+    def _loading(self) -> Mapping[str, Request]:
+        """KV sink side: requests pulling their prompt KV (the connector's scheduler half)."""
+        connector = self.scheduler.connector
+        return connector.loading if connector is not None else {}
+
+    def _held(self) -> Mapping[str, Request]:
+        """KV source side: handed-off requests whose blocks are held for a remote reader."""
+        connector = self.scheduler.connector
+        return connector.held if connector is not None else {}
 
     def has_pending_transfers(self) -> bool:
         """Loads in flight or blocks held for readers: the engine must keep stepping."""
@@ -362,7 +492,12 @@ class LLMEngine:
     def _hand_off(self, req: Request) -> dict[str, Any] | None:
         """Prefill side: hold the request's prompt blocks under a lease for the decode role."""
         assert self.kv_worker is not None
+        streamed = self._streamed.pop(req.request_id, None)
         self.scheduler.hand_off(req.request_id)
+        if streamed is not None:  # leased before the forward; its reader may be done already
+            if self.kv_worker.leases.get(req.request_id) is None:
+                self.scheduler.release_held(req.request_id)
+            return streamed
         num_tokens = req.num_prompt_tokens
         block_ids = self.kv.get_block_ids(req.request_id)[: self.kv.blocks_for(num_tokens)]
         try:
@@ -372,44 +507,53 @@ class LLMEngine:
             self.scheduler.release_held(req.request_id)
             return None
 
-    def _process(self, updated: list[Request], sampled: dict[str, SampleResult]) -> list[RequestOutput]:
+    def _process(
+        self, updated: list[Request], sampled: dict[str, list[SampleResult]]
+    ) -> list[RequestOutput]:
         outputs = []
         now = time.time()
         for req in updated:
             tracked = self._tracked[req.request_id]
             tracked.metrics.setdefault("first_token_time", now)
             new_tokens = req.output_token_ids[tracked.num_sent_tokens :]
+            stop, num_kept = _detokenize(tracked.detok, new_tokens)
+            if num_kept < len(new_tokens):  # a stop string ended it before later kept drafts
+                req.truncate(req.num_tokens - (len(new_tokens) - num_kept))
+                new_tokens = new_tokens[:num_kept]
+                if req.is_finished:  # by a later token: the stop string came first
+                    req.status = RequestStatus.FINISHED_STOPPED
             tracked.num_sent_tokens = req.num_output_tokens
-            stop = tracked.detok.update(new_tokens)
             if stop is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
             if stop is not None:
                 req.stop_reason = stop
             handoff = None
-            if req.remote_decode and not req.is_finished:
+            if req.remote_kv_sink and not req.is_finished:
                 handoff = self._hand_off(req)
                 if handoff is None:
                     req.status = RequestStatus.FINISHED_ERROR
             if req.is_finished:
                 tracked.metrics["finished_time"] = now
-            output = self._output_for(req, new_tokens, sampled.get(req.request_id))
+            output = self._output_for(req, new_tokens, sampled.get(req.request_id, []))
             if handoff is not None:
-                output.kv_transfer_params = handoff
-                output.outputs[0].finish_reason = None  # the decode role continues it
+                output.kv_transfer_params = handoff  # HANDED_OFF: no finish reason
             outputs.append(output)
             if req.is_finished:
                 self._forget(req)
         return outputs
 
     def _output_for(
-        self, req: Request, new_tokens: list[int], sample: SampleResult | None
+        self, req: Request, new_tokens: list[int], samples: list[SampleResult]
     ) -> RequestOutput:
+        """``samples``: the sampler's rows of this step (the first ``len(new_tokens)`` are
+        the new tokens'; a verify chunk's rejected rows follow and are ignored)."""
         tracked = self._tracked[req.request_id]
         finished = req.is_finished
         logprobs = None
-        if req.sampling_params.logprobs is not None and sample is not None and sample.top_logprobs:
-            tracked.cumulative_logprob += sample.logprob or 0.0
-            logprobs = [self._decode_logprobs(sample.top_logprobs)]
+        kept = [s for s in samples[: len(new_tokens)] if s.top_logprobs]
+        if req.sampling_params.logprobs is not None and kept:
+            tracked.cumulative_logprob += sum(s.logprob or 0.0 for s in kept)
+            logprobs = [self._decode_logprobs(s.top_logprobs) for s in kept]
         completion = CompletionOutput(
             index=tracked.index,
             text=tracked.detok.take_delta(finished),
@@ -439,10 +583,32 @@ class LLMEngine:
         return top
 
     def _forget(self, req: Request) -> None:
+        self.structured.release(req.request_id)
+        self._streamed.pop(req.request_id, None)
         tracked = self._tracked.pop(req.request_id)
         siblings = self._children.get(tracked.parent_id, [])
         if not any(c in self._tracked for c in siblings):
             self._children.pop(tracked.parent_id, None)
+
+    # ------------------------------------------------------------------ integrity
+
+    def check_integrity(self) -> IntegrityReport:
+        """Every invariant of the scheduler, KV manager, block pool and (on a P/D role) the
+        leases and loads, plus the engine's own request bookkeeping. Call between steps, on
+        the thread that steps the engine; it changes nothing."""
+        report = self.scheduler.check_integrity()
+        for request_id in sorted(set(self._tracked) ^ set(self.scheduler.requests)):
+            report.add(f"request {request_id!r} is tracked by only one of engine and scheduler")
+        for parent, children in self._children.items():
+            if not any(c in self._tracked for c in children):
+                report.add(f"request {parent!r} has no live sample left but is not forgotten")
+        for request_id in self.structured.request_ids() - set(self._tracked):
+            report.add(f"request {request_id!r} left a grammar matcher behind")
+        if self.kv_worker is not None:
+            streaming = self.scheduler.connector.streaming if self.scheduler.connector else ()
+            held = {rid: self.kv.get_block_ids(rid) for rid in {*self._held(), *streaming}}
+            report.merge(self.kv_worker.check_integrity(held, set(self._loading())))
+        return report
 
     # ------------------------------------------------------------------ stats
 
@@ -456,10 +622,26 @@ class LLMEngine:
             "num_blocks": kv.num_blocks,
             "prefix_cache_queries": kv.num_prefix_queries,
             "prefix_cache_hits": kv.num_prefix_hits,
+            "num_window_freed_blocks": kv.num_window_freed,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_loading_kv": len(self.scheduler.loading),
-            "num_held_kv": len(self.scheduler.held),
-            "num_remote_fallbacks": self.scheduler.num_remote_fallbacks,
+            "num_fair_preemptions": self.scheduler.num_fair_preemptions,
+            "num_loading_kv": len(self._loading()),
+            "num_held_kv": len(self._held()),
+            "num_remote_fallbacks": (
+                self.scheduler.connector.num_remote_fallbacks if self.scheduler.connector else 0
+            ),
+            **(spec.stats.as_dict() if (spec := self.scheduler.speculator) is not None else {}),
             **(self.kv_worker.counters if self.kv_worker is not None else {}),
             **(self.image_encoder.stats() if self.image_encoder is not None else {}),
+            **self.structured.stats(),
         }
+
+
+def _detokenize(detok: IncrementalDetokenizer, new_tokens: list[int]) -> tuple[str | None, int]:
+    """Feed tokens one at a time, as decoding one per step would: (the stop string found, or
+    None; how many tokens up to and including the one that completed it)."""
+    for i, token in enumerate(new_tokens):
+        stop = detok.update([token])
+        if stop is not None:
+            return stop, i + 1
+    return None, len(new_tokens)

@@ -5,30 +5,43 @@ block tables, context lengths), runs the model, computes logits only for the
 rows that sample, and samples. Single-token rows (decodes) go first so they
 share one batched attention call; prefill chunks follow.
 
-KV cache, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim].
+A speculative verify chunk (a request's next token + k draft tokens) runs as k + 1 decode
+rows over the request's own cache, row i with context ``start + i + 1``: every layer first
+stores the chunk's K/V, so each row attends to exactly what a plain decode at its position
+would, through the same kernel. Each row's logits are sampled with its own position's draw,
+so verification reproduces, bit for bit, the tokens decoding one by one would produce.
+
+KV cache, one view per layer: [2, num_blocks, block_size, num_kv_heads, head_dim], all views of
+one block-major allocation [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+(kernels/kv_cache.py), so each block is one contiguous region across layers and K/V.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
 from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
 from splitserve.roles.engine.scheduler import ScheduledRequest, SchedulerOutput
+from splitserve.roles.engine.structured import StructuredOutputManager
+from splitserve.roles.models.blocks import AttentionMetadata
 from splitserve.roles.models.config import ModelConfig
-from splitserve.roles.models.llama import AttentionMetadata, LlamaModel
+from splitserve.roles.models.registry import create_model
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class RunnerOutput:
-    """Sampled tokens of the rows that reached the end of their sequence."""
+    """Sampled tokens of the rows that reached the end of their sequence: one per request,
+    or one per row of a verify chunk (k + 1, in position order)."""
 
-    sampled: dict[str, SampleResult]
+    sampled: dict[str, list[SampleResult]]
 
 
 class ModelRunner:
@@ -47,25 +60,41 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.ops = get_ops(device)
-        self.model = LlamaModel(model_config, weights, self.ops, device)
-        shape = (2, num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)
-        ]
+        self.model = create_model(model_config, weights, self.ops, device)
+        # per layer [2, num_blocks, block_size, kv_heads, head_dim]: strided views of one
+        # block-major pool [num_blocks, num_layers, 2, ...] (one region per block, sent in place)
+        self.kv_caches = allocate_kv_caches(
+            model_config.num_layers, num_blocks, block_size, model_config.num_kv_heads,
+            model_config.head_dim, dtype, device,
+        )
+        self.structured: StructuredOutputManager | None = None
+        """Matchers of constrained requests; masks their logits rows before sampling."""
+        self.on_layer: Callable[[int], None] | None = None
+        """Called with each layer's index once it stored its KV, during the next ``execute``
+        (layer-wise KV streaming sets it for the step that computes a streamed prompt)."""
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)  # decodes first
+        items = sorted(out.scheduled, key=lambda s: not s.is_decode)  # decode rows first
         input_ids, positions, slots = self._flatten(items)
         meta = self._metadata(items, slots)
         embeds = self._input_embeds(items, input_ids)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta, embeds)
+        hidden = self.model.forward(
+            input_ids, positions, self.kv_caches, meta, embeds, on_layer=self.on_layer
+        )
         rows, last = self._sampling_rows(items)
         if not rows:
             return RunnerOutput({})
         logits = self.model.compute_logits(hidden[last])
+        if self.structured is not None:
+            self.structured.apply(  # a verify chunk's rows: the mask after each draft prefix
+                logits, [(s.request, s.draft_token_ids) for s in items if s.num_sample_rows]
+            )
         results = sample(logits, [r for _, r in rows])
-        return RunnerOutput({rid: res for (rid, _), res in zip(rows, results, strict=True)})
+        sampled: dict[str, list[SampleResult]] = {}
+        for (rid, _), res in zip(rows, results, strict=True):
+            sampled.setdefault(rid, []).append(res)
+        return RunnerOutput(sampled)
 
     # ------------------------------------------------------------------ inputs
 
@@ -75,7 +104,7 @@ class ModelRunner:
         slots: list[np.ndarray] = []
         bs = self.block_size
         for s in items:
-            ids.extend(s.request.all_token_ids[s.start : s.start + s.num_new_tokens])
+            ids.extend(s.input_token_ids())
             p = np.arange(s.start, s.start + s.num_new_tokens, dtype=np.int64)
             table = np.asarray(s.block_ids, dtype=np.int64)
             pos.append(p)
@@ -106,14 +135,17 @@ class ModelRunner:
         return embeds
 
     def _metadata(self, items: list[ScheduledRequest], slots: Tensor) -> AttentionMetadata:
-        decodes = [s for s in items if s.num_new_tokens == 1]
+        decodes = [s for s in items if s.is_decode]
         prefills = items[len(decodes) :]
         starts = np.cumsum([0] + [s.num_new_tokens for s in prefills])
+        rows = [s for s in decodes for _ in range(s.num_new_tokens)]  # a verify chunk: k + 1
         return AttentionMetadata(
             slot_mapping=slots,
-            num_decode=len(decodes),
-            decode_block_tables=self._block_tables(decodes),
-            decode_context_lens=self._int32([s.start + 1 for s in decodes]),
+            num_decode=len(rows),
+            decode_block_tables=self._block_tables(rows),
+            decode_context_lens=self._int32(
+                [s.start + i + 1 for s in decodes for i in range(s.num_new_tokens)]
+            ),
             prefill_block_tables=self._block_tables(prefills),
             prefill_query_start_loc=self._int32(starts.tolist()),
             prefill_context_lens=self._int32([s.start + s.num_new_tokens for s in prefills]),
@@ -136,8 +168,10 @@ class ModelRunner:
         rows, last, offset = [], [], 0
         for s in items:
             offset += s.num_new_tokens
-            if s.samples:
-                req = s.request
-                rows.append((req.request_id, SampleRequest(req.sampling_params, req.seed, req.num_tokens)))
-                last.append(offset - 1)
+            req = s.request
+            n = s.num_sample_rows  # row i draws the token at position num_tokens + i
+            for i in range(n):
+                params = SampleRequest(req.sampling_params, req.seed, req.num_tokens + i)
+                rows.append((req.request_id, params))
+                last.append(offset - n + i)
         return rows, torch.tensor(last, dtype=torch.long, device=self.device)

@@ -33,11 +33,15 @@ class Request:
         block_size: int = 16,
         arrival_time: float | None = None,
         output_token_ids: Sequence[int] = (),
-        remote_params: Any = None,
-        remote_decode: bool = False,
+        remote_kv_source: Any = None,
+        remote_kv_sink: bool = False,
         mm: MultiModalInputs | None = None,
+        group_id: str | None = None,
     ) -> None:
         self.request_id = request_id
+        self.group_id = group_id if group_id is not None else request_id
+        """The request this sequence is a sample of (its ``n`` siblings share it): the
+        scheduler shares sequence slots fairly between groups, not between sequences."""
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.seed = seed
@@ -58,10 +62,12 @@ class Request:
         """Images of the prompt (placeholder ranges, content hashes, embeddings), or None."""
         self.block_hashes: list[int] = []
         self._update_block_hashes()
-        self.remote_params = remote_params
-        """Decode side: KvTransferParams of the prompt KV to pull before running (else None)."""
-        self.remote_decode = remote_decode
-        """Prefill side: hand the request off after its first token, holding its blocks."""
+        self.remote_kv_source = remote_kv_source
+        """Decode side (this engine is the KV sink): the remote KV source's KvTransferParams,
+        the prompt KV to pull before running; None once pulled, or for a local prompt."""
+        self.remote_kv_sink = remote_kv_sink
+        """Prefill side (this engine is the KV source): a remote KV sink continues the request,
+        so after its first token it is handed off (``HANDED_OFF``), its blocks held for the pull."""
 
     # ------------------------------------------------------------------ tokens
 
@@ -84,6 +90,17 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
         self._update_block_hashes()
+
+    def truncate(self, num_tokens: int) -> None:
+        """Drop the tokens past ``num_tokens`` (output only), with their block hashes.
+
+        Used when a stop string ends the request inside a verify chunk's kept tokens.
+        """
+        if not self.num_prompt_tokens <= num_tokens <= self.num_tokens:
+            raise ValueError(f"cannot truncate {self.request_id} to {num_tokens} tokens")
+        del self.all_token_ids[num_tokens:]
+        del self.block_hashes[num_tokens // self.block_size :]
+        self.num_computed_tokens = min(self.num_computed_tokens, num_tokens)
 
     def _update_block_hashes(self) -> None:
         """Extend the chained hashes to every full block of the token sequence."""

@@ -1,10 +1,13 @@
 """Sampler: next tokens from logits, per request, reproducibly.
 
 Each random draw depends only on (request seed, position of the token being
-drawn): a fresh generator seeded from both picks the token by the exponential
-race ``argmax(p / q)``, ``q ~ Exp(1)``, which samples exactly from ``p``. So a
-request replayed on another worker from its prompt plus the tokens generated so
-far continues with the same tokens. It owns no state.
+drawn): a fresh generator seeded from both draws one uniform ``u`` and the token
+is the first whose cumulative probability (float64) exceeds ``u`` times the total
+(inverse-CDF sampling, exactly ``p``). One draw per row, not one per vocabulary
+entry as an exponential race needs, keeps a sampled sequence's share of a step
+small (an n=128 request must not slow a short request beside it). So a request
+replayed on another worker from its prompt plus the tokens generated so far
+continues with the same tokens. It owns no state.
 """
 
 from __future__ import annotations
@@ -66,8 +69,11 @@ def _sample_row(logits: Tensor, row: SampleRequest) -> int:
     if p.top_p < 1.0:
         probs = _top_p(probs, p.top_p)
     gen = torch.Generator(device=logits.device).manual_seed(draw_seed(row.seed, row.position))
-    q = torch.empty_like(probs).exponential_(generator=gen)
-    return int(torch.argmax(probs / q))
+    u = torch.rand(1, generator=gen, dtype=torch.float64, device=logits.device)
+    cdf = torch.cumsum(probs.to(torch.float64), dim=-1)  # [V]; zero-probability tokens add 0
+    # the first index whose cdf exceeds u * total: a token of probability 0 is never it
+    token = torch.searchsorted(cdf, u * cdf[-1], right=True)
+    return int(token.clamp_(max=cdf.shape[-1] - 1))
 
 
 def _top_p(probs: Tensor, top_p: float) -> Tensor:

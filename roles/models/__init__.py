@@ -1,1 +1,1 @@
-"""Model definitions (Llama family) and loaders (Hugging Face folders, GGUF files)."""
+"""Model registry, shared building blocks, one file per architecture, and loaders (Hugging Face folders, GGUF files)."""

@@ -1,8 +1,12 @@
-"""ModelConfig: the architecture numbers of a Llama-family model, from config.json or GGUF.
+"""ModelConfig: the architecture numbers of a decoder-only model, from config.json or GGUF.
 
-A LLaVA-style config.json (``model_type: "llava"``) nests the language model under
-``text_config`` and the CLIP vision tower under ``vision_config``; ModelConfig describes the
-language model and carries the vision side as ``LlavaConfig``.
+Owns the one frozen description every model file builds from: shapes, norms, rotary tables,
+which layers attend inside a sliding window, soft-caps, mixture-of-experts routing. The
+fields common to every family are read here (``base_fields``); each architecture file adds
+its own (``roles/models/registry.py`` picks the file). A LLaVA-style config.json
+(``model_type: "llava"``) nests the language model under ``text_config`` and the CLIP vision
+tower under ``vision_config``; ModelConfig describes the language model and carries the
+vision side as ``LlavaConfig``. It must not read weights or build modules.
 """
 
 from __future__ import annotations
@@ -12,18 +16,18 @@ from typing import Any
 
 from splitserve.errors import ModelLoadError
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+"""Rotary scaling variants the tables in ``kernels/reference.py`` implement."""
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh")
+"""Gate activations of the gated MLPs (``blocks.GatedMLP``)."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a decoder-only Llama-family transformer."""
+    """Shapes and constants of a decoder-only transformer over a paged KV cache."""
 
     architecture: str
+    """The ``architectures`` entry that chose the model file, e.g. ``"Qwen3ForCausalLM"``."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,20 +38,67 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    """Non-default rotary scaling (``rope_type`` one of ROPE_TYPES), or None."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    """Window of the windowed layers (tokens a query sees, itself included), None if none."""
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     llava: LlavaConfig | None = None
     """Vision tower + projector of a LLaVA-style model; None for text-only models."""
+    hidden_act: str = "silu"
+    """Gate activation of the MLPs (one of ACTIVATIONS)."""
+    layer_windows: tuple[int | None, ...] | None = None
+    """Per layer: its window, or None for global attention. None: every layer uses
+    ``sliding_window``."""
+    rope_local_theta: float | None = None
+    """Rotary base of the windowed layers when it differs from ``rope_theta`` (Gemma 3)."""
+    partial_rotary_factor: float = 1.0
+    """Fraction of each head's dims that rotary rotates (the rest pass through)."""
+    query_pre_attn_scalar: float | None = None
+    """Attention scale is ``query_pre_attn_scalar ** -0.5`` when set, else ``head_dim ** -0.5``."""
+    attn_logit_softcap: float | None = None
+    """``cap * tanh(score / cap)`` on attention scores (Gemma 2)."""
+    final_logit_softcap: float | None = None
+    """``cap * tanh(logit / cap)`` on the output logits (Gemma 2)."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 for dense models."""
+    num_experts_per_tok: int = 0
+    """Experts each token is routed to (top-k)."""
+    moe_intermediate_size: int = 0
+    """Intermediate size of one expert."""
+    norm_topk_prob: bool = True
+    """Renormalize the top-k router probabilities to sum to one."""
+    moe_layers: tuple[bool, ...] | None = None
+    """Per layer: True where the MLP is a mixture of experts. None: every layer when
+    ``num_experts`` > 0."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {list(ACTIVATIONS)}"
+            )
+        for name in ("layer_windows", "moe_layers"):
+            per_layer = getattr(self, name)
+            if per_layer is not None and len(per_layer) != self.num_layers:
+                raise ModelLoadError(
+                    f"{name} has {len(per_layer)} entries for {self.num_layers} layers"
+                )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ModelLoadError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_experts ({self.num_experts})]"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ModelLoadError(
+                f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}"
             )
 
     @property
@@ -59,52 +110,131 @@ class ModelConfig:
     def is_multimodal(self) -> bool:
         return self.llava is not None
 
-    @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
-        if cfg.get("model_type") == "llava" or "vision_config" in cfg:
-            return _from_llava_dict(cfg)
-        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ModelLoadError(
-                f"unsupported architecture {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
-        num_heads = cfg["num_attention_heads"]
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            sliding_window=window,
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, None when it attends globally."""
+        if self.layer_windows is None:
+            return self.sliding_window
+        return self.layer_windows[layer]
+
+    @property
+    def uniform_window(self) -> int | None:
+        """The window every layer attends inside (the largest when they differ): blocks
+        before it can be freed. None when some layer attends globally (mixed models)."""
+        windows = [self.window(i) for i in range(self.num_layers)]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(w for w in windows if w is not None)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        if self.moe_layers is not None:
+            return self.moe_layers[layer]
+        return self.num_experts > 0
+
+    @property
+    def kv_layer_windows(self) -> str:
+        """Each layer's window, comma-separated (0 = global), as the KV layout carries it."""
+        return ",".join(str(self.window(i) or 0) for i in range(self.num_layers))
+
+    @property
+    def kv_signature(self) -> str:
+        """What a peer's KV must agree on beyond the cache shapes and windows: architecture,
+        attention scale and soft-cap, rotary tables, norms on K. Two workers whose caches
+        have equal shapes but differ here would compute different KV for the same tokens."""
+        rope = f"{self.rope_theta}/{self.rope_local_theta}/{self.rotary_dim}/{self.rope_scaling}"
+        return (
+            f"{self.architecture};heads={self.num_heads};scale={self.attention_scale!r};"
+            f"softcap={self.attn_logit_softcap};rope={rope}"
         )
 
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """The config of a config.json; the registry picks the architecture file that reads
+        the family's own fields. Unknown architectures fail listing the supported ones."""
+        if cfg.get("model_type") == "llava" or "vision_config" in cfg:
+            return _from_llava_dict(cfg)
+        from splitserve.roles.models.registry import config_from_hf
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or {}
+        return config_from_hf(cfg)
+
+
+def base_fields(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """The ModelConfig fields every family spells the same way in config.json."""
+    num_heads = _required(cfg, "num_attention_heads")
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return dict(
+        architecture=architecture,
+        vocab_size=_required(cfg, "vocab_size"),
+        hidden_size=_required(cfg, "hidden_size"),
+        intermediate_size=_required(cfg, "intermediate_size"),
+        num_layers=_required(cfg, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or _required(cfg, "hidden_size") // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=rope_theta(cfg),
+        rope_scaling=rope_scaling(cfg),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", False),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
+    )
+
+
+def _required(cfg: dict[str, Any], name: str) -> Any:
+    if cfg.get(name) is None:
+        raise ModelLoadError(f"config.json: required field {name!r} is missing")
+    return cfg[name]
+
+
+def rope_theta(cfg: dict[str, Any], params: dict[str, Any] | None = None) -> float:
+    params = params if params is not None else (cfg.get("rope_parameters") or {})
     return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+def rope_scaling(
+    cfg: dict[str, Any], scaling: dict[str, Any] | None = None, where: str = "rope_scaling"
+) -> dict[str, Any] | None:
+    """The non-default rotary scaling of a config, None for plain RoPE; an unknown type
+    fails naming the field and value."""
+    if scaling is None:
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
     if not scaling:
         return None
     rope_type = scaling.get("rope_type", scaling.get("type"))
-    return None if rope_type in (None, "default") else dict(scaling)
+    if rope_type in ("su", "yarn") and "short_factor" in scaling:  # Phi-3's old names
+        rope_type = "longrope"
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported {where}.rope_type {rope_type!r}; supported: {list(ROPE_TYPES)}"
+        )
+    return {**scaling, "rope_type": rope_type}
+
+
+def layer_windows_from(cfg: dict[str, Any], window: int | None) -> tuple[int | None, ...] | None:
+    """Per-layer windows from ``layer_types`` ("sliding_attention" / "full_attention"), or
+    None when the config has no ``layer_types`` (the family decides)."""
+    types = cfg.get("layer_types")
+    if types is None:
+        return None
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ModelLoadError(f"unsupported layer_types entry {unknown[0]!r}")
+    if window is None and "sliding_attention" in types:
+        raise ModelLoadError("layer_types has sliding_attention layers but sliding_window is null")
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 @dataclass(frozen=True)
@@ -193,3 +323,17 @@ def _from_llava_dict(cfg: dict[str, Any]) -> ModelConfig:
         projector_bias=cfg.get("multimodal_projector_bias", True),
     )
     return replace(config, llava=llava)
+
+
+def qwen_layer_windows(
+    cfg: dict[str, Any], num_layers: int
+) -> tuple[int | None, tuple[int | None, ...] | None]:
+    """(sliding_window, per-layer windows) of the Qwen families: windowed only under
+    ``use_sliding_window``, on layers from ``max_window_layers`` on (unless ``layer_types``
+    says otherwise)."""
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", False) else None
+    windows = layer_windows_from(cfg, window)
+    if windows is None and window is not None:
+        first = cfg.get("max_window_layers", 28)
+        windows = tuple(window if i >= first else None for i in range(num_layers))
+    return window, windows

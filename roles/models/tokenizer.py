@@ -33,14 +33,17 @@ class Tokenizer:
         return bool(getattr(self.hf, "chat_template", None))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template."""
+        """Token ids of ``messages`` rendered with the model's chat template (``tools``: OpenAI
+        tool definitions, for templates that render them; others ignore them)."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template", field="messages")
         _check_messages(messages)
         ids = self.hf.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+            tools=tools or None,
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]

@@ -1,4 +1,4 @@
-"""The router benchmark: effective capacity of every policy under one TTFT SLO, in simulation.
+"""The router benchmark: capacity and goodput of every policy, in whole-cluster simulation.
 
 Owns: ``splitserve bench router`` (``main(argv)``; the cluster CLI delegates to it and
 ``bench/router_sim.py`` runs it), the capacity search, the table, the JSON file, the PNG
@@ -7,8 +7,13 @@ instances. Must not: place requests itself (the simulator drives the real router
 
 Effective capacity: the highest arrival rate (trace rate x time scale) at which at least
 ``--attainment`` of requests (default 90%) meet the TTFT SLO, found by doubling then
-bisection on the time scale. Without ``--ttft-slo`` the SLO is 5x the idle TTFT of the
-trace's median-length request under the cost model (DistServe's SLO-scale convention).
+bisection on the time scale. Goodput (DistServe): the same with requests that meet both
+the TTFT and the TPOT SLO. Without ``--ttft-slo`` the SLO is 5x the idle TTFT of the
+trace's median-length request under the cost model (DistServe's SLO-scale convention);
+with ``--ttft-slo-per-1k-tokens X`` each request's SLO is ``max(fixed, X * prompt / 1000)``
+(``auto``: 5x the idle TTFT per 1k tokens of the median request), so traces whose long
+prompts cannot meet one fixed SLO even when idle still measure something. Without
+``--tpot-slo`` the TPOT SLO is 5x an idle decode step at the median context.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -52,6 +58,8 @@ class CapacityResult:
     capacity_rps: float
     at_capacity: SimResult | None
     probes: list[SimResult] = field(default_factory=list)
+    goodput_rps: float = 0.0
+    at_goodput: SimResult | None = None
 
 
 def median_prompt_len(requests: Sequence[SimRequest]) -> int:
@@ -63,14 +71,27 @@ def default_slo(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
     return SLO_SCALE * cost_model.prefill_time(median_prompt_len(requests))
 
 
+def default_slo_per_1k(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
+    """5x the idle TTFT per 1k prompt tokens of the median-length request."""
+    median = max(1, median_prompt_len(requests))
+    return SLO_SCALE * cost_model.prefill_time(median) * 1000 / median
+
+
+def default_tpot_slo(requests: Sequence[SimRequest], cost_model: CostModel) -> float:
+    """5x one idle decode step of the median request at mid-output."""
+    context = median_prompt_len(requests) + statistics.median(r.output_len for r in requests) / 2
+    return SLO_SCALE * cost_model.decode_step_time(int(context))
+
+
 def find_capacity(
     run: Callable[[float], SimResult],
     attainment: float = 0.9,
     rel_tol: float = 0.02,
     max_scale: float = 1024.0,
     min_scale: float = 1 / 1024,
+    metric: Callable[[SimResult], float] = lambda r: r.slo_attainment,
 ) -> tuple[float, SimResult | None, list[SimResult]]:
-    """Highest time scale whose run meets ``attainment``: double/halve, then bisect.
+    """Highest time scale whose run meets ``attainment`` of ``metric``: double/halve, bisect.
 
     Returns (scale, the run at that scale, every probe). Scale 0 when even ``min_scale`` fails.
     """
@@ -79,7 +100,7 @@ def find_capacity(
     def ok(scale: float) -> bool:
         result = run(scale)
         probes.append(result)
-        return result.slo_attainment >= attainment
+        return metric(result) >= attainment
 
     lo, hi = _bracket(ok, max_scale, min_scale)
     if lo == 0.0:
@@ -107,14 +128,30 @@ def _bracket(
 
 
 def measure_capacity(
-    policy: str, requests: Sequence[SimRequest], base: SimConfig, attainment: float
+    policy: str,
+    requests: Sequence[SimRequest],
+    base: SimConfig,
+    attainment: float,
+    goodput: bool = True,
 ) -> CapacityResult:
-    def run(scale: float) -> SimResult:
-        return simulate(replace(base, policy=policy, time_scale=scale), requests)
+    """Capacity (TTFT SLO only) and, with ``goodput``, goodput (TTFT and TPOT SLOs)."""
+    runs: dict[float, SimResult] = {}
 
-    scale, at, probes = find_capacity(run, attainment)
-    rate = at.request_rate_rps if at is not None else 0.0
-    return CapacityResult(policy, rate if scale > 0 else 0.0, at, probes)
+    def run(scale: float) -> SimResult:
+        if scale not in runs:  # the goodput search re-visits the capacity search's scales
+            runs[scale] = simulate(replace(base, policy=policy, time_scale=scale), requests)
+        return runs[scale]
+
+    scale, at, _ = find_capacity(run, attainment)
+    result = CapacityResult(
+        policy, at.request_rate_rps if at is not None and scale > 0 else 0.0, at
+    )
+    if goodput:
+        gscale, gat, _ = find_capacity(run, attainment, metric=lambda r: r.goodput_attainment)
+        result.goodput_rps = gat.request_rate_rps if gat is not None and gscale > 0 else 0.0
+        result.at_goodput = gat
+    result.probes = [runs[k] for k in sorted(runs)]
+    return result
 
 
 def decision_latency(
@@ -132,22 +169,30 @@ def decision_latency(
         num_decode_instances=num_instances,
         time_scale=time_scale,
         measure_decisions=True,
+        stop_below_attainment=0.0,
     )
     return simulate(config, requests)
 
 
 def format_table(results: Sequence[CapacityResult]) -> str:
+    """Capacity and goodput with ratios, then the breakdown at capacity (why a policy loses)."""
     by_name = {r.policy: r for r in results}
     rr = by_name.get("round_robin")
-    best_base = max((r.capacity_rps for r in results if r.policy in BASELINES), default=0.0)
+    best_cap = max((r.capacity_rps for r in results if r.policy in BASELINES), default=0.0)
+    best_good = max((r.goodput_rps for r in results if r.policy in BASELINES), default=0.0)
     header = (
-        f"{'policy':<16} {'capacity_rps':>12} {'vs_rr':>7} {'vs_best_base':>12} {'hit_rate':>8}"
-        f" {'ttft_p50_s':>10} {'ttft_p90_s':>10} {'ttft_p99_s':>10} {'imbalance':>9}"
+        f"{'policy':<16} {'capacity_rps':>12} {'vs_rr':>7} {'vs_best_base':>12}"
+        f" {'goodput_rps':>11} {'vs_best_base':>12} {'hit_rate':>8} {'ttft_p50_s':>10}"
+        f" {'ttft_p90_s':>10} {'ttft_p99_s':>10} {'tpot_p90_s':>10} {'imbalance':>9}"
+        f" {'queue_s':>8} {'fallbacks':>9} {'migrations':>10}"
     )
     lines = [header, "-" * len(header)]
     rr_capacity = rr.capacity_rps if rr else 0.0
     for r in results:
-        ratios = f"{_ratio(r.capacity_rps, rr_capacity):>7} {_ratio(r.capacity_rps, best_base):>12}"
+        ratios = (
+            f"{_ratio(r.capacity_rps, rr_capacity):>7} {_ratio(r.capacity_rps, best_cap):>12}"
+            f" {r.goodput_rps:>11.2f} {_ratio(r.goodput_rps, best_good):>12}"
+        )
         lines.append(f"{r.policy:<16} {r.capacity_rps:>12.2f} {ratios}{_figures(r.at_capacity)}")
     return "\n".join(lines)
 
@@ -156,11 +201,48 @@ def _figures(at: SimResult | None) -> str:
     if at is None:
         return "  (no rate met the SLO target)"
     percentiles = " ".join(f"{at.ttft_percentile(q):>10.2f}" for q in (50, 90, 99))
-    return f" {at.hit_rate:>8.3f} {percentiles} {at.load_imbalance:>9.2f}"
+    return (
+        f" {at.hit_rate:>8.3f} {percentiles} {at.tpot_percentile(90):>10.4f}"
+        f" {at.load_imbalance:>9.2f} {at.queue_wait_s:>8.3f} {at.num_fallbacks:>9d}"
+        f" {at.num_migrations:>10d}"
+    )
 
 
 def _ratio(value: float, reference: float) -> str:
     return f"{value / reference:.2f}x" if reference > 0 else "n/a"
+
+
+def run_figures(at: SimResult | None) -> dict[str, float | None]:
+    """The breakdown of one run, for JSON."""
+    if at is None:
+        return dict.fromkeys(
+            (
+                "hit_rate",
+                "ttft_p50_s",
+                "ttft_p90_s",
+                "ttft_p99_s",
+                "tpot_p50_s",
+                "tpot_p90_s",
+                "load_imbalance",
+                "slo_attainment",
+                "goodput_attainment",
+                "queue_wait_s",
+                "decode_wait_s",
+            )
+        )
+    return {
+        "hit_rate": at.hit_rate,
+        "ttft_p50_s": at.ttft_percentile(50),
+        "ttft_p90_s": at.ttft_percentile(90),
+        "ttft_p99_s": at.ttft_percentile(99),
+        "tpot_p50_s": at.tpot_percentile(50),
+        "tpot_p90_s": at.tpot_percentile(90),
+        "load_imbalance": at.load_imbalance,
+        "slo_attainment": at.slo_attainment,
+        "goodput_attainment": at.goodput_attainment,
+        "queue_wait_s": at.queue_wait_s,
+        "decode_wait_s": at.decode_wait_s,
+    }
 
 
 def to_json(
@@ -168,45 +250,50 @@ def to_json(
 ) -> dict[str, object]:
     policies: dict[str, object] = {}
     for r in results:
-        at = r.at_capacity
         policies[r.policy] = {
             "capacity_rps": r.capacity_rps,
-            "hit_rate": at.hit_rate if at else None,
-            "ttft_p50_s": at.ttft_percentile(50) if at else None,
-            "ttft_p90_s": at.ttft_percentile(90) if at else None,
-            "ttft_p99_s": at.ttft_percentile(99) if at else None,
-            "load_imbalance": at.load_imbalance if at else None,
-            "slo_attainment": at.slo_attainment if at else None,
+            "goodput_rps": r.goodput_rps,
+            **run_figures(r.at_capacity),
             "curve": [
-                {"rate_rps": p.request_rate_rps, "attainment": p.slo_attainment}
+                {
+                    "rate_rps": p.request_rate_rps,
+                    "attainment": p.slo_attainment,
+                    "goodput_attainment": p.goodput_attainment,
+                }
                 for p in sorted(r.probes, key=lambda p: p.time_scale)
             ],
         }
     return {**header, "policies": policies, "decision_latency": latency}
 
 
-def plot(results: Sequence[CapacityResult], slo: float, attainment: float, path: Path) -> None:
+def plot(results: Sequence[CapacityResult], slo_label: str, attainment: float, path: Path) -> None:
+    """Two panels: TTFT-SLO attainment and goodput attainment against request rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        probes = sorted(r.probes, key=lambda p: p.request_rate_rps)
-        ax.plot(
-            [p.request_rate_rps for p in probes],
-            [p.slo_attainment for p in probes],
-            marker="o",
-            markersize=3,
-            label=r.policy,
-        )
-    ax.axhline(attainment, color="grey", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel(f"fraction of requests with TTFT <= {slo:.2f} s")
-    ax.set_title("SLO attainment against request rate (simulated)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    panels = (
+        (axes[0], lambda p: p.slo_attainment, f"TTFT within SLO ({slo_label})"),
+        (axes[1], lambda p: p.goodput_attainment, "TTFT and TPOT within SLO (goodput)"),
+    )
+    for ax, metric, title in panels:
+        for r in results:
+            probes = sorted(r.probes, key=lambda p: p.request_rate_rps)
+            ax.plot(
+                [p.request_rate_rps for p in probes],
+                [metric(p) for p in probes],
+                marker="o",
+                markersize=3,
+                label=r.policy,
+            )
+        ax.axhline(attainment, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_title(title)
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -221,8 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies", default=",".join(DEFAULT_POLICIES), help="comma-separated policy names"
     )
+    add_slo_arguments(p)
     p.add_argument(
-        "--ttft-slo", type=float, default=None, help="TTFT SLO in seconds (default: 5x idle median)"
+        "--prefill-chunk-tokens",
+        type=int,
+        default=8192,
+        help="tokens per prefill iteration (0: one whole prompt per iteration)",
     )
     p.add_argument(
         "--cost-model",
@@ -255,40 +346,116 @@ def parse_policies(text: str) -> list[str]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class Slos:
+    """The SLOs of a run: fixed TTFT (the floor), per-1k-tokens TTFT (0: off), TPOT."""
+
+    ttft_s: float
+    ttft_per_1k_s: float
+    tpot_s: float
+
+    def describe(self) -> str:
+        ttft = f"TTFT SLO {self.ttft_s:.2f} s"
+        if self.ttft_per_1k_s > 0:
+            ttft = f"TTFT SLO max({self.ttft_s:.2f} s, {self.ttft_per_1k_s:.3f} s per 1k tokens)"
+        return f"{ttft}; TPOT SLO {self.tpot_s * 1e3:.1f} ms"
+
+
+def add_slo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ttft-slo", type=float, default=None, help="TTFT SLO in seconds (default: 5x idle median)"
+    )
+    p.add_argument(
+        "--ttft-slo-per-1k-tokens",
+        default=None,
+        help="per-request TTFT SLO: max(fixed, X s per 1k prompt tokens); 'auto': 5x idle",
+    )
+    p.add_argument(
+        "--tpot-slo", type=float, default=None, help="TPOT SLO in seconds (default: 5x idle step)"
+    )
+
+
+def resolve_slos(
+    args: argparse.Namespace, requests: Sequence[SimRequest], cost_model: CostModel
+) -> Slos:
+    """SLOs from the flags and the trace; bad values raise ``ConfigError`` naming the flag."""
+    if args.ttft_slo is not None and not (args.ttft_slo > 0 and math.isfinite(args.ttft_slo)):
+        raise ConfigError(f"--ttft-slo must be a positive number of seconds, got {args.ttft_slo}")
+    if args.tpot_slo is not None and not (args.tpot_slo > 0 and math.isfinite(args.tpot_slo)):
+        raise ConfigError(f"--tpot-slo must be a positive number of seconds, got {args.tpot_slo}")
+    per_1k = 0.0
+    if args.ttft_slo_per_1k_tokens is not None:
+        text = str(args.ttft_slo_per_1k_tokens)
+        if text == "auto":
+            per_1k = default_slo_per_1k(requests, cost_model)
+        else:
+            try:
+                per_1k = float(text)
+            except ValueError:
+                per_1k = math.nan
+            if not (per_1k > 0 and math.isfinite(per_1k)):
+                raise ConfigError(
+                    "--ttft-slo-per-1k-tokens must be 'auto' or a positive number of seconds, "
+                    f"got {text!r}"
+                )
+    if args.ttft_slo is not None:
+        ttft = args.ttft_slo
+    else:  # per-request mode: a 1k-token floor; fixed mode: 5x the idle median
+        ttft = per_1k if per_1k > 0 else default_slo(requests, cost_model)
+    tpot = args.tpot_slo if args.tpot_slo is not None else default_tpot_slo(requests, cost_model)
+    if cost_model.decode_step_time(1) > tpot:
+        raise ConfigError(
+            f"--tpot-slo {tpot} s cannot be met: one decode step takes "
+            f"{cost_model.decode_step_time(1):.4f} s under cost model {cost_model.name!r}"
+        )
+    return Slos(ttft, per_1k, tpot)
+
+
+def base_config(
+    args: argparse.Namespace, cost_model: CostModel, slos: Slos, policy: str
+) -> SimConfig:
+    if args.prefill_chunk_tokens < 0:
+        raise ConfigError(f"--prefill-chunk-tokens must be >= 0, got {args.prefill_chunk_tokens}")
+    return SimConfig(
+        policy=policy,
+        num_instances=args.instances,
+        num_decode_instances=args.instances,
+        cost_model=cost_model,
+        router_config=RouterConfig(
+            ttft_slo_s=slos.ttft_s,
+            prefix_key_blocks=args.prefix_key_blocks,
+            default_prefill_rate_tps=cost_model.nominal_prefill_rate_tps(),
+            block_size=cost_model.block_size,
+        ),
+        ttft_slo_per_1k_s=slos.ttft_per_1k_s,
+        tpot_slo_s=slos.tpot_s,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
+        stop_below_attainment=args.attainment,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     policies = parse_policies(args.policies)
     if args.instances < 1:
         raise ConfigError(f"--instances must be >= 1, got {args.instances}")
-    if args.ttft_slo is not None and not args.ttft_slo > 0:
-        raise ConfigError(f"--ttft-slo must be a positive number of seconds, got {args.ttft_slo}")
     if not 0 < args.attainment <= 1:
         raise ConfigError(f"--attainment must be in (0, 1], got {args.attainment}")
     cost_model = CostModel.load(args.cost_model) if args.cost_model else CostModel()
     requests = prepare_requests(load_trace(args.trace, args.limit))
-    slo = args.ttft_slo if args.ttft_slo is not None else default_slo(requests, cost_model)
-    base = SimConfig(
-        policy=policies[0],
-        num_instances=args.instances,
-        num_decode_instances=args.instances,
-        cost_model=cost_model,
-        router_config=RouterConfig(
-            ttft_slo_s=slo,
-            prefix_key_blocks=args.prefix_key_blocks,
-            default_prefill_rate_tps=cost_model.nominal_prefill_rate_tps(),
-            block_size=cost_model.block_size,
-        ),
-    )
+    slos = resolve_slos(args, requests, cost_model)
+    base = base_config(args, cost_model, slos, policies[0])
     print(
-        f"trace {args.trace}: {len(requests)} requests; {args.instances} instances; "
-        f"cost model {cost_model.name}; TTFT SLO {slo:.2f} s; target {args.attainment:.0%}"
+        f"trace {args.trace}: {len(requests)} requests; {args.instances}P+{args.instances}D; "
+        f"cost model {cost_model.name}; {slos.describe()}; target {args.attainment:.0%}"
     )
     results = []
     for name in policies:
         t0 = time.perf_counter()
         results.append(measure_capacity(name, requests, base, args.attainment))
         print(
-            f"  {name}: {results[-1].capacity_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)",
+            f"  {name}: capacity {results[-1].capacity_rps:.2f} req/s, goodput "
+            f"{results[-1].goodput_rps:.2f} req/s ({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
     print(format_table(results))
@@ -298,14 +465,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trace": str(args.trace),
             "num_requests": len(requests),
             "instances": args.instances,
-            "ttft_slo_s": slo,
+            "ttft_slo_s": slos.ttft_s,
+            "ttft_slo_per_1k_tokens_s": slos.ttft_per_1k_s or None,
+            "tpot_slo_s": slos.tpot_s,
+            "prefill_chunk_tokens": args.prefill_chunk_tokens,
             "median_prompt_len": median_prompt_len(requests),
             "attainment_target": args.attainment,
             "cost_model": dataclasses.asdict(cost_model),
         }
         args.json.write_text(json.dumps(to_json(results, header, latency), indent=2) + "\n")
     if args.plot:
-        plot(results, slo, args.attainment, args.plot)
+        plot(results, slos.describe(), args.attainment, args.plot)
     return 0
 
 

@@ -12,6 +12,8 @@ Prefill of ``n`` new tokens after ``c`` cached ones costs::
 the linear term being the weight matmuls and the pair term causal attention
 (each new token attends to the cached tokens and half the new ones on average).
 A decode step of a batch costs ``step_overhead + per_kv_token * tokens in the batch``.
+Moving a prompt's KV from a prefill to a decode instance costs
+``kv_transfer_overhead + prompt tokens * kv_bytes_per_token / link_bandwidth``.
 
 Default profile ``a100-80gb/llama-3-8b/bf16`` (documented, not measured here):
 8.0e9 parameters -> 16 GFLOP per token; A100 bf16 dense peak 312 TFLOP/s at 55%
@@ -21,7 +23,8 @@ A 10k-token prompt then takes about 1.1 s, a 40k-token one 6.2 s. KV per token
 is 128 KiB (32 layers, 8 KV heads x 128, K and V, bf16), so 512-token blocks are
 64 MiB and the about 58 GB of HBM left beside weights and activations hold 900 of
 them. A decode step: 8 ms to stream the weights at about 2 TB/s, plus 64 ns per
-token of KV read.
+token of KV read. KV transfer: 128 KiB per token over a 200 Gb/s RDMA link (25 GB/s),
+plus 2 ms to set up the transfer (an 8k-token prompt moves in 45 ms).
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class CostModel:
     """Prefix-cache capacity of one instance, in 512-token blocks."""
     block_size: int = 512
     """Tokens per block of ``kv_capacity_blocks``."""
+    kv_bytes_per_token: float = 131_072.0
+    """Bytes of KV cache per prompt token (all layers, K and V)."""
+    link_bandwidth_bytes_per_s: float = 25e9
+    """Bandwidth of the prefill -> decode KV link."""
+    kv_transfer_overhead_s: float = 0.002
+    """Fixed cost of one KV transfer (handshake, registration)."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -91,6 +100,18 @@ class CostModel:
         """Seconds for one decode step over a batch holding ``batch_kv_tokens`` KV tokens."""
         return self.decode_step_overhead_s + self.decode_s_per_kv_token * batch_kv_tokens
 
+    def kv_transfer_time(self, prompt_tokens: int) -> float:
+        """Seconds to move ``prompt_tokens`` tokens of KV from prefill to decode."""
+        return (
+            self.kv_transfer_overhead_s
+            + prompt_tokens * self.kv_bytes_per_token / self.link_bandwidth_bytes_per_s
+        )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens one instance holds."""
+        return self.kv_capacity_blocks * self.block_size
+
     def nominal_prefill_rate_tps(self, prompt_len: int = 8192) -> float:
         """Tokens/s on an uncached ``prompt_len``-token prompt (a router's starting estimate)."""
         return prompt_len / self.prefill_time(prompt_len)
@@ -119,7 +140,12 @@ class CostModel:
         return cls(**data)
 
 
-_POSITIVE = {"prefill_s_per_token", "kv_capacity_blocks", "block_size"}
+_POSITIVE = {
+    "prefill_s_per_token",
+    "kv_capacity_blocks",
+    "block_size",
+    "link_bandwidth_bytes_per_s",
+}
 
 
 def fit_cost_model(
@@ -128,11 +154,13 @@ def fit_cost_model(
     name: str,
     kv_capacity_blocks: int,
     block_size: int = 512,
+    **extra: float,
 ) -> CostModel:
     """Least-squares fit of the formulas above to measured timings.
 
     ``prefill_samples``: (new tokens, cached tokens, seconds); ``decode_samples``:
-    (KV tokens in the batch, seconds per step). Coefficients are clipped at zero (a
+    (KV tokens in the batch, seconds per step); ``extra``: other fields (KV bytes per token,
+    link bandwidth) taken as given. Coefficients are clipped at zero (a
     negative fit means that term is lost in the noise); the per-token one must stay positive.
     """
     import numpy as np
@@ -156,4 +184,29 @@ def fit_cost_model(
         decode_s_per_kv_token=max(0.0, float(dcoef[1])),
         kv_capacity_blocks=kv_capacity_blocks,
         block_size=block_size,
+        **extra,
     )
+
+
+CPU_SMOLLM2_135M = CostModel(
+    name="cpu-2core-avx512/SmolLM2-135M-Instruct/float32/splitserve (measured at load average ~30)",
+    prefill_overhead_s=0.0427,
+    prefill_s_per_token=6.69e-3,
+    prefill_s_per_token_pair=1.51e-5,
+    decode_step_overhead_s=0.270,
+    decode_s_per_kv_token=4.37e-4,
+    kv_capacity_blocks=45,
+    kv_bytes_per_token=46_080.0,
+    link_bandwidth_bytes_per_s=1e9,
+)
+"""splitserve's own engine (``LLM``, one torch thread) on this 2-core AVX-512 machine with
+the embedded SmolLM2-135M, fitted by ``bench/router_calibrate.py --measure-splitserve`` then
+``--fit`` (``bench/router_cost_cpu_smollm2.json``, timings beside it). Measured while about
+30 other processes shared the two cores, so times are roughly 10-20x an idle machine's; the
+ratios between prefill and decode, which is what the planner uses, are less affected. KV:
+1 GiB per worker at 46,080 B/token (fp32, 30 layers x 3 KV heads x 64); the link is UCX
+over TCP loopback, about 1 GB/s."""
+
+PROFILES: dict[str, CostModel] = {"a100": CostModel(), "cpu": CPU_SMOLLM2_135M}
+"""Built-in profiles by short name (``planner.cost_model``, ``--cost-model``)."""
+

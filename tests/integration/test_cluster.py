@@ -1,20 +1,23 @@
 """The disaggregated cluster on real Ray and UCX (tiny model): equal to the single engine.
 
 One cluster serves the module (Ray starts once); tests run in file order: P/D equality,
-streaming, conditional disaggregation, abort, bad input, scale up, a decode worker killed
-under 8 streams (and replaced), scale down.
+streaming, conditional disaggregation, abort (exactly the client's request), bad input, scale
+up, a decode worker killed under 8 streams (replayed, and replaced), scale down, scale racing
+a replacement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 
 import pytest
 
 from splitserve import LLM, Cluster, SamplingParams
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import DuplicateRequestError, InvalidRequestError
+from tests.utils import assert_workers_intact, random_prompts, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -22,8 +25,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def _prompts(n: int, seed: int, lo: int = 20, hi: int = 120) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    return random_prompts(n, seed, lo, hi)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +37,13 @@ def single(tiny_model_dir) -> LLM:
 def cluster(tiny_model_dir):
     with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
                        kv_cache_memory_bytes=16 << 20,
-                       router={"local_prefill_threshold": 16}, kv_transfer={"lease_s": 8.0},
+                       router={"local_prefill_max_tokens": 15}, kv_transfer={"lease_s": 8.0},
                        registry={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 5.0}) as c:
         yield c
+        assert_workers_intact(h for h in c.workers.values() if h.healthy)
+
+
+_wait = functools.partial(wait_until, timeout_s=120.0)
 
 
 def _free_everywhere(cluster: Cluster, timeout_s: float = 30.0) -> list[dict]:
@@ -52,13 +58,24 @@ def _free_everywhere(cluster: Cluster, timeout_s: float = 30.0) -> list[dict]:
         time.sleep(0.1)
 
 
+def _decode_stats(cluster: Cluster) -> dict:
+    return next(w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"])
+
+
 def test_pd_equals_single_engine(cluster: Cluster, single: LLM) -> None:
     prompts = _prompts(16, seed=0)
+    before = _decode_stats(cluster)
     got = [o.outputs[0].token_ids for o in cluster.generate(prompts, GREEDY)]
     assert got == [o.outputs[0].token_ids for o in single.generate(prompts, GREEDY)]
     status = cluster.status()
     prefill = next(w for w in status["workers"] if w["role"] == "prefill")
     assert prefill["prefix_cache_queries"] > 0  # the prompts went through the prefill worker
+    # the KV really moved: every prompt pulled, bytes arrived, nothing recomputed on decode
+    after = _decode_stats(cluster)
+    assert after["kv_transfers"] - before["kv_transfers"] == len(prompts)
+    assert after["kv_transfer_bytes"] > before["kv_transfer_bytes"]
+    assert after["kv_transfer_failures"] == before["kv_transfer_failures"]
+    assert after["num_remote_fallbacks"] == before["num_remote_fallbacks"]
     for w in _free_everywhere(cluster):
         assert w["num_free_blocks"] == w["num_blocks"] and w["num_held_kv"] == 0
 
@@ -86,7 +103,7 @@ def test_stream_deltas_add_up(cluster: Cluster, single: LLM) -> None:
 
 def test_short_prompt_prefills_on_decode(cluster: Cluster, single: LLM) -> None:
     before = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
-    prompt = [5, 6, 7, 8, 9]  # shorter than local_prefill_threshold
+    prompt = [5, 6, 7, 8, 9]  # within local_prefill_max_tokens
     out = cluster.generate([prompt], GREEDY)[0]
     assert out.outputs[0].token_ids == single.generate([prompt], GREEDY)[0].outputs[0].token_ids
     after = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
@@ -101,6 +118,40 @@ def test_abort_mid_stream_frees_both_workers(cluster: Cluster) -> None:
     cluster.abort("abort-me")
     rest = list(stream)
     assert rest and rest[-1].outputs[0].finish_reason == "abort"
+    for w in _free_everywhere(cluster):
+        assert w["num_free_blocks"] == w["num_blocks"]
+
+
+def test_abort_touches_exactly_that_request(cluster: Cluster) -> None:
+    """Client ids are labels: aborting ``x`` stops ``x`` (all ``n`` children) and nothing
+    whose id merely ends like it (the old suffix match aborted ``1_x`` as x's child)."""
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    multi = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=400, ignore_eos=True)
+    prompt = _prompts(1, seed=9)[0]
+
+    async def run() -> dict[str, list]:
+        outs: dict[str, list] = {"x": [], "1_x": []}
+        victim = cluster.astream(prompt, multi, request_id="x")
+        bystander = cluster.astream(prompt, long, request_id="1_x")
+        outs["x"].append(await anext(victim))
+        outs["1_x"].append(await anext(bystander))
+        with pytest.raises(DuplicateRequestError):  # "x" is live: a second one is refused
+            await anext(cluster.astream(prompt, long, request_id="x"))
+        cluster.abort("x")
+        outs["x"] += [d async for d in victim]
+        outs["1_x"] += [d async for d in bystander]
+        return outs
+
+    outs = asyncio.run(run())
+    finished = [c for d in outs["x"] for c in d.outputs if c.finish_reason]
+    assert sorted(c.index for c in finished) == [0, 1]
+    assert all(c.finish_reason == "abort" for c in finished)
+    assert {d.request_id for d in outs["x"]} == {"x"}  # outputs carry the client's label
+    tokens = [t for d in outs["1_x"] for t in d.outputs[0].token_ids]
+    assert len(tokens) == 40 and outs["1_x"][-1].outputs[0].finish_reason == "length"
+    # the label is free again once its request ended
+    again = list(cluster.stream(prompt, GREEDY, request_id="x"))
+    assert again[-1].outputs[0].finish_reason == "length"
     for w in _free_everywhere(cluster):
         assert w["num_free_blocks"] == w["num_blocks"]
 
@@ -138,20 +189,27 @@ def test_decode_worker_killed_under_8_streams(cluster: Cluster, single: LLM) -> 
 
         tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
         await started.wait()
-        victim = max(
-            (h for h in cluster.workers.values() if h.role == "decode" and h.healthy),
-            key=lambda h: cluster.status()["workers"] and 0,
-        )
+        decodes = [h for h in cluster.workers.values() if h.role == "decode" and h.healthy]
+        streams = {h.worker_id: cluster.flights.num_on(h.worker_id) for h in decodes}
+        victim = max(decodes, key=lambda h: streams[h.worker_id])
+        assert streams[victim.worker_id] > 0  # it holds streams when it dies
+        victims.append(victim)
+        victim_groups.append(victim.placement_group.id.hex())
         victim.actor.die.remote()
         await asyncio.gather(*tasks)
         return got
 
+    victims: list = []
+    victim_groups: list[str] = []
+    replays = cluster.counters["replays"]
     before = {h.worker_id for h in cluster.workers.values() if h.role == "decode" and h.healthy}
     assert asyncio.run(run()) == want
-    dead = [h for h in cluster.workers.values() if h.role == "decode" and not h.healthy]
-    assert len(dead) == 1 and dead[0].worker_id in before
+    assert cluster.counters["replays"] > replays  # its streams were replayed elsewhere
+    dead = victims
+    assert not dead[0].healthy  # declared dead (its handle leaves once it is replaced)
     # the role keeps its replica count: a new worker replaces the dead one and gets traffic
-    deadline = time.monotonic() + 120
+    # (starting it may take minutes on a loaded 2-core machine; the launcher allows 300 s)
+    deadline = time.monotonic() + 300
     while True:
         decodes = [w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"]]
         if len(decodes) == 2 or time.monotonic() > deadline:
@@ -160,6 +218,14 @@ def test_decode_worker_killed_under_8_streams(cluster: Cluster, single: LLM) -> 
     new = {w["worker_id"] for w in decodes} - before
     assert len(decodes) == 2 and len(new) == 1
     assert cluster.status()["counters"]["workers_replaced"] == 1
+    assert dead[0].worker_id not in cluster.workers  # replaced: its handle left the set
+    # the dead worker's placement group gave its resources back (a kept one would block
+    # placing new workers after a few replacements)
+    import ray
+
+    table = ray.util.placement_group_table()
+    assert dead[0].placement_group is None
+    assert table[victim_groups[0]]["state"] == "REMOVED", table[victim_groups[0]]
     cluster.generate(_prompts(12, seed=8), GREEDY)
     fresh = next(w for w in cluster.status()["workers"] if w["worker_id"] in new)
     assert fresh["prefix_cache_queries"] > 0
@@ -177,7 +243,8 @@ def test_scale_down_drains_first(cluster: Cluster, single: LLM) -> None:
 
     t = threading.Thread(target=lambda: outs.extend(cluster.generate(prompts, params)))
     t.start()
-    time.sleep(0.5)
+    _wait(lambda: sum(bool(f.tokens) for f in cluster.flights) == len(prompts),
+          "every request to be streaming")
     cluster.scale("decode", 1)  # drains the newest decode worker while requests run
     t.join(timeout=120)
     assert [o.outputs[0].token_ids for o in outs] == \
@@ -185,6 +252,65 @@ def test_scale_down_drains_first(cluster: Cluster, single: LLM) -> None:
     assert cluster.status()["roles"] == {"prefill": 1, "decode": 1}
     with pytest.raises(Exception, match="roles.decode"):
         cluster.scale("decode", 0)
+
+
+def test_scale_races_a_replacement(cluster: Cluster) -> None:
+    """``scale`` runs while the loop thread replaces a dead worker: the role ends with exactly
+    the asked-for count (the replacement counts), and router, registry and handles agree."""
+    decode = next(h for h in cluster.workers.values() if h.role == "decode" and h.healthy)
+    replaced = cluster.counters["workers_replaced"]
+    decode.actor.die.remote()
+    _wait(lambda: not decode.healthy, "the health loop to declare the worker dead")
+    cluster.scale("decode", 2)  # while its replacement is being started
+    _wait(lambda: cluster.counters["workers_replaced"] > replaced, "the replacement")
+    assert cluster.status()["roles"] == {"prefill": 1, "decode": 2}
+
+    async def views() -> tuple[set[str], set[str], set[str]]:
+        live = {h.worker_id for h in cluster.workers.values() if h.healthy}
+        return live, set(cluster.router.instances()), {r.worker_id for r in
+                                                        cluster.registry.list()}
+
+    live, routed, registered = cluster.run_on_loop(views())
+    assert live == routed == registered and len(live) == 3
+    cluster.scale("decode", 1)
+
+
+def test_failing_engine_is_replaced_and_its_streams_replayed(cluster: Cluster, single: LLM) -> None:
+    """Every step of a decode worker's engine starts failing under live streams: its streams
+    end with EngineFailedError and are replayed elsewhere, equal to a fault-free run; the
+    worker reports itself unhealthy and is replaced."""
+    prompts = _prompts(3, seed=12, lo=30, hi=60)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in single.generate(prompts, params)]
+    unhealthy = cluster.counters["workers_unhealthy"]
+    failures = cluster.counters["engine_failures"]
+
+    async def run() -> list[list[int]]:
+        got: list[list[int]] = [[] for _ in prompts]
+        started = asyncio.Event()
+
+        async def one(i: int) -> None:
+            async for d in cluster.astream(prompts[i], params):
+                got[i] += d.outputs[0].token_ids
+                if len(got[i]) >= 3:
+                    started.set()
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+        await started.wait()
+        decodes = [h for h in cluster.workers.values() if h.role == "decode" and h.healthy]
+        victim = max(decodes, key=lambda h: cluster.flights.num_on(h.worker_id))
+        assert cluster.flights.num_on(victim.worker_id) > 0
+        victims.append(victim)
+        victim.actor.fail_engine.remote()
+        await asyncio.gather(*tasks)
+        return got
+
+    victims: list = []
+    assert asyncio.run(run()) == want
+    assert cluster.counters["engine_failures"] > failures  # streams ended by the failure ...
+    _wait(lambda: cluster.counters["workers_unhealthy"] == unhealthy + 1, "the replacement")
+    assert not victims[0].healthy  # ... and the unhealthy worker was retired and replaced
+    _wait(lambda: cluster.status()["roles"].get("decode") == 1, "a healthy decode worker")
 
 
 def test_200_requests_with_random_aborts_leave_nothing_behind(cluster: Cluster) -> None:

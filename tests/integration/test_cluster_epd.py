@@ -17,7 +17,7 @@ from PIL import Image
 
 from splitserve import LLM, Cluster, SamplingParams
 from splitserve.errors import InvalidRequestError
-from tests.utils import make_tiny_llava
+from tests.utils import assert_workers_intact, make_tiny_llava
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -47,8 +47,9 @@ def image_token(llava_dir) -> int:
 def cluster(llava_dir):
     with Cluster.local(prefill=1, decode=1, encode=1, model=str(llava_dir),
                        kv_cache_memory_bytes=16 << 20,
-                       router={"local_prefill_threshold": 24}) as c:
+                       router={"local_prefill_max_tokens": 23}) as c:
         yield c
+        assert_workers_intact(h for h in c.workers.values() if h.healthy)
 
 
 def _prompts(image_token: int) -> list[dict]:
@@ -130,8 +131,8 @@ def test_http_image_chat_through_the_cluster(cluster, image_token) -> None:
     """Last in the module: closing the server closes the backend, i.e. this cluster."""
     import httpx
 
-    from splitserve.cluster.backend import ClusterBackend
-    from splitserve.cluster.serve import BackgroundServer, ServeOptions
+    from splitserve.cluster.frontends.backend import ClusterBackend
+    from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
     url = "data:image/png;base64," + base64.b64encode(_png(7)).decode()
     messages = [{"role": "user", "content": [

@@ -15,6 +15,7 @@ import pytest
 
 from splitserve import LLM, Cluster, SamplingParams
 from splitserve.router.schema import Migration
+from tests.utils import assert_workers_intact
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -26,8 +27,9 @@ def cluster(tiny_model_dir):
     with Cluster.local(prefill=2, decode=1, model=str(tiny_model_dir),
                        kv_cache_memory_bytes=16 << 20,
                        roles={"prefill": {"max_num_seqs": 1, "max_num_batched_tokens": 16}},
-                       router={"local_prefill_threshold": 0, "rebalance_interval_s": 3600}) as c:
+                       router={"local_prefill_max_tokens": 0, "rebalance_interval_s": 3600}) as c:
         yield c
+        assert_workers_intact(h for h in c.workers.values() if h.healthy)
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -39,7 +41,7 @@ def _queued(cluster: Cluster, n: int, timeout_s: float = 60.0) -> dict[str, str]
     """request id -> prefill worker, once ``n`` requests sit at prefill workers."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        placed = {rid: f.prefill for rid, f in list(cluster._flights.items()) if f.prefill}
+        placed = {f.request_id: f.prefill for f in cluster.flights if f.prefill}
         if len(placed) >= n:
             return placed
         time.sleep(0.01)
@@ -60,10 +62,10 @@ def test_queued_request_migrates_and_output_is_unchanged(cluster: Cluster, tiny_
     target = next(w for w in workers if w != source)
     last = by_worker[source][-1]  # queued behind the others on the source: untouched
     # a stale decision (the request is not at that worker) is not applied
-    cluster._run(cluster._migrate(Migration(last, target, source, 0.0)))
+    cluster.run_on_loop(cluster.rebalancer.migrate(Migration(last, target, source, 0.0)))
     assert cluster.counters["route:migrated"] == 0
     for rid in reversed(by_worker[source]):  # the newest is queued behind the others
-        cluster._run(cluster._migrate(Migration(rid, source, target, 0.0)))
+        cluster.run_on_loop(cluster.rebalancer.migrate(Migration(rid, source, target, 0.0)))
         if cluster.counters["route:migrated"]:
             break
     assert cluster.counters["route:migrated"] == 1
@@ -96,8 +98,8 @@ def test_http_metrics_and_timing_through_the_cluster(cluster: Cluster) -> None:
     """Last in the module: closing the server closes the backend, i.e. this cluster."""
     import httpx
 
-    from splitserve.cluster.backend import ClusterBackend
-    from splitserve.cluster.serve import BackgroundServer, ServeOptions
+    from splitserve.cluster.frontends.backend import ClusterBackend
+    from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
     opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny")
     with BackgroundServer(ClusterBackend(cluster), opts) as srv, \
@@ -115,5 +117,8 @@ def test_http_metrics_and_timing_through_the_cluster(cluster: Cluster) -> None:
                  'splitserve:kv_transfer_bytes_total{role="decode"',
                  'splitserve:kv_transfer_seconds_count{role="decode"',
                  'splitserve:kv_transfer_failures_total{role="decode"',
-                 'splitserve:request_transfer_time_seconds_count{model_name="tiny"} 1.0'):
+                 'splitserve:request_transfer_time_seconds_count{model_name="tiny"} 1.0',
+                 'splitserve:kv_event_resyncs_total{reason="overflow"} 0.0',
+                 'splitserve:health_check_errors_total 0.0',
+                 'splitserve:workers_replaced_total 0.0'):
         assert name in text, name

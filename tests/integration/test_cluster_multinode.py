@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitserve import LLM, Cluster, ClusterConfig, SamplingParams
+from tests.utils import assert_workers_intact
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -26,13 +27,14 @@ def test_prefill_and_decode_on_different_nodes(tiny_model_dir) -> None:
         "model": str(tiny_model_dir), "kv_cache_memory_bytes": 16 << 20,
         "roles": {"prefill": {"replicas": 1, "resources": {"prefill_node": 1}},
                   "decode": {"replicas": 1, "resources": {"decode_node": 1}}},
-        "router": {"local_prefill_threshold": 1},
+        "router": {"local_prefill_max_tokens": 0},
         "ray": {"address": nodes.address},
     })
     try:
         with Cluster(config) as cluster:
             got = [o.outputs[0].token_ids for o in cluster.generate(prompts, params)]
             workers = {w["role"]: w for w in cluster.status()["workers"]}
+            assert_workers_intact(h for h in cluster.workers.values() if h.healthy)
         assert got == want
         assert workers["prefill"]["node_id"] and workers["decode"]["node_id"]
         assert workers["prefill"]["node_id"] != workers["decode"]["node_id"]

@@ -5,11 +5,12 @@ worker killed mid-stream: the stream waits for its replacement and ends equal to
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+import ray
 
 from splitserve import LLM, Cluster, SamplingParams
+from tests.utils import assert_workers_intact, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -20,18 +21,20 @@ def test_prefill_killed_mid_transfer(tiny_model_dir, monkeypatch) -> None:
     prompt = list(range(300, 420))
     want = LLM(str(tiny_model_dir)).generate([prompt], params)[0].outputs[0].token_ids
     with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
-                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_threshold": 1},
+                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_max_tokens": 0},
                        kv_transfer={"lease_s": 10.0}) as cluster:
         prefill = next(h for h in cluster.workers.values() if h.role == "prefill")
         decode = next(h for h in cluster.workers.values() if h.role == "decode")
         stream = cluster.stream(prompt, params)
         tokens = list(next(stream).outputs[0].token_ids)  # the first token, from prefill
-        time.sleep(0.5)  # the decode worker is now pulling; the prefill side sleeps in send
+        wait_until(lambda: ray.get(decode.actor.stats.remote())["num_loading_kv"] == 1,
+              "the decode worker to be pulling (the prefill side sleeps in send)")
         prefill.actor.die.remote()
         for delta in stream:
             tokens += delta.outputs[0].token_ids
         stats = cluster.status()
         decode_stats = next(w for w in stats["workers"] if w["worker_id"] == decode.worker_id)
+        assert_workers_intact(h for h in cluster.workers.values() if h.healthy)
     assert tokens == want
     assert decode_stats["num_remote_fallbacks"] == 1
     assert decode_stats["num_free_blocks"] == decode_stats["num_blocks"]
@@ -43,7 +46,7 @@ def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
     prompt = list(range(500, 560))
     want = LLM(str(tiny_model_dir)).generate([prompt], params)[0].outputs[0].token_ids
     with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
-                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_threshold": 1}
+                       kv_cache_memory_bytes=16 << 20, router={"local_prefill_max_tokens": 0}
                        ) as cluster:
         decode = next(h for h in cluster.workers.values() if h.role == "decode")
         tokens: list[int] = []
@@ -52,7 +55,10 @@ def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
             if len(tokens) == 5:
                 decode.actor.die.remote()  # the role has no other worker
         status = cluster.status()
+        assert_workers_intact(h for h in cluster.workers.values() if h.healthy)
     assert tokens == want
     live = [w for w in status["workers"] if w["role"] == "decode" and w["healthy"]]
     assert len(live) == 1 and live[0]["worker_id"] != decode.worker_id
     assert status["counters"]["workers_replaced"] == 1
+    assert status["counters"]["replays"] == 1  # the stream went on from its tokens so far
+

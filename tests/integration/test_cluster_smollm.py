@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitserve import Cluster, SamplingParams
+from tests.utils import assert_workers_intact
 
 pytestmark = [pytest.mark.ray, pytest.mark.ucx]
 
@@ -25,9 +26,10 @@ def test_smollm_pd_equals_single_engine(smollm) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=12)
     want = [o.outputs[0].token_ids for o in smollm.generate(prompts, params)]
     with Cluster.local(prefill=1, decode=1, kv_cache_memory_bytes=256 << 20,
-                       router={"local_prefill_threshold": 1}) as cluster:
+                       router={"local_prefill_max_tokens": 0}) as cluster:
         got = [o.outputs[0].token_ids for o in cluster.generate(prompts, params)]
         status = cluster.status()
+        assert_workers_intact(h for h in cluster.workers.values() if h.healthy)
     assert got == want
     prefill = next(w for w in status["workers"] if w["role"] == "prefill")
     assert prefill["prefix_cache_queries"] >= sum(len(p) for p in prompts)

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.cluster.backend import Backend, BackendHealth, PromptInput, WorkerLoad
-from splitserve.cluster.client import Client, UnavailableError
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.backend import Backend, BackendHealth, PromptInput, WorkerLoad
+from splitserve.cluster.frontends.client import Client, UnavailableError
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from splitserve.errors import NoHealthyWorkerError, OverloadedError
 from splitserve.outputs import RequestOutput
 from splitserve.sampling_params import SamplingParams
@@ -77,6 +77,7 @@ def test_unhealthy_is_503_and_unavailable(faulty) -> None:
     assert r.status_code == 503 and "prefill" in r.json()["error"]["message"]
     r = httpx.post(server.http_url + "/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    assert r.headers["retry-after"] == "1"  # a replacement is on its way: clients retry soon
     with Client(server.grpc_target) as c:
         with pytest.raises(UnavailableError) as e:
             c.generate("hi")

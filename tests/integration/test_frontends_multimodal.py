@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from tests.utils import make_tiny_llava
 
 

@@ -22,14 +22,15 @@ from splitserve import LLM, SamplingParams
 from splitserve.client import (
     AsyncClient,
     Client,
+    ClientError,
     DeadlineExceededError,
     InvalidArgumentError,
     UnauthenticatedError,
     UnavailableError,
 )
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.grpc_server import SERVICE_NAME
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.grpc_server import SERVICE_NAME
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -121,6 +122,7 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"text": "hi", "temperature": -1.0}, "temperature"),
         ({"text": "hi", "top_p": 0.0}, "top_p"),
         ({"text": "hi", "n": 0}, "n"),
+        ({"text": "hi", "n": 17}, "n"),  # above the server's max_n (16)
         ({"text": "hi", "logprobs": 99}, "logprobs"),
         ({"text": ""}, "prompt"),
         ({"token_ids": [1, 10**8]}, "prompt_token_ids"),
@@ -151,6 +153,14 @@ def test_no_input_and_unknown_model(server: BackgroundServer) -> None:
 
 
 def test_api_key_required(server: BackgroundServer) -> None:
+    with grpc.insecure_channel(server.grpc_target) as ch:  # the scheme in any case
+        stub = pb_grpc.InferenceServiceStub(ch)
+        for scheme in ("bearer", "BEARER"):
+            md = (("authorization", f"{scheme} {KEY}"),)
+            assert stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10).models
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", KEY),), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     for key in (None, "wrong"):
         with Client(server.grpc_target, api_key=key) as c:
             with pytest.raises(UnauthenticatedError):
@@ -184,6 +194,21 @@ def test_abort_mid_stream_frees_blocks(server: BackgroundServer, client: Client)
     client.abort("abort-me")
     last = list(stream)[-1]
     assert last.complete.completions[0].finish_reason == "abort"
+    assert _wait_idle(server)
+
+
+def test_duplicate_live_request_id_is_already_exists(
+    server: BackgroundServer, client: Client
+) -> None:
+    assert _wait_idle(server)
+    stream = client.stream(request_id="dup", **LONG)
+    assert next(stream).WhichOneof("response") == "chunk"
+    with pytest.raises(ClientError) as e:
+        client.generate("again", max_tokens=2, request_id="dup")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "dup" in e.value.message
+    client.abort("dup")
+    assert list(stream)[-1].complete.completions[0].finish_reason == "abort"
+    assert client.generate("reuse", max_tokens=2, request_id="dup").usage.completion_tokens == 2
     assert _wait_idle(server)
 
 

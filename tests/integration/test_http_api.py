@@ -10,7 +10,9 @@ wrong key; a client that disconnects gets its request aborted and its KV freed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -21,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
 KEY = "test-key"
 MAX_MODEL_LEN = 1024
@@ -219,10 +221,17 @@ IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw
 BAD_CASES = [
     ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
     ("/v1/completions", {**GOOD, "max_tokens": "many"}, 400, "max_tokens"),
+    # text the tokenizer drops whole (schemathesis found a 500: an empty prompt hit the engine)
+    ("/v1/completions", {**GOOD, "prompt": ["\u0016"]}, 400, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": "\u0016"}, 400, "prompt"),
     ("/v1/completions", {**GOOD, "max_tokens": -1}, 400, "max_tokens"),
+    # an integer is not a boolean (schemathesis found /tokenize taking 1 for true)
+    ("/tokenize", {"prompt": "hi", "add_generation_prompt": 1}, 400, "add_generation_prompt"),
+    ("/v1/completions", {**GOOD, "stream": 0}, 400, "stream"),
     ("/v1/completions", {**GOOD, "temperature": 5}, 400, "temperature"),
     ("/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),
+    ("/v1/completions", {**GOOD, "n": 17}, 400, "n"),  # above the server's max_n (16)
     ("/v1/completions", {**GOOD, "logprobs": 30}, 400, "logprobs"),
     ("/v1/completions", {**GOOD, "presence_penalty": 1.0}, 400, "presence_penalty"),
     ("/v1/completions", {**GOOD, "stop": ["", "x"]}, 400, "stop"),
@@ -258,13 +267,17 @@ BAD_CASES = [
         400,
         "messages.0.content",
     ),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, 400, "tools.0.function"),
     (
         "/v1/chat/completions",
-        {**CHAT, "response_format": {"type": "json_object"}},
+        {**CHAT, "response_format": {"type": "json_schema"}},
         400,
-        "response_format",
+        "response_format.json_schema",
     ),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400,
+     "response_format.type"),
+    ("/v1/completions", {**GOOD, "structured_outputs": {"regex": "(a"}}, 400,
+     "structured_outputs.regex"),
 ]
 
 
@@ -298,14 +311,24 @@ def test_streaming_bad_input_is_a_plain_400(client: openai.OpenAI) -> None:
 
 
 def test_api_key(server: BackgroundServer) -> None:
-    for key in ("wrong", None):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        r = httpx.post(server.http_url + "/v1/completions", json=GOOD, headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for header in ("Bearer wrong", None, KEY, f"Basic {KEY}", f"Bearer {KEY}x", "Bearer"):
+        headers = {"Authorization": header} if header else {}
+        for path in ("/v1/completions", "/tokenize", "/v1/nowhere"):
+            r = httpx.post(server.http_url + path, json=GOOD, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["www-authenticate"] == 'Bearer realm="splitserve"'
     bad = openai.OpenAI(base_url=server.http_url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    assert httpx.get(server.http_url + "/health").status_code == 200
+    # The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        headers = {"Authorization": f"{scheme} {KEY}"}
+        assert httpx.get(server.http_url + "/v1/models", headers=headers).status_code == 200
+    headers = {"Authorization": f"Bearer {KEY.upper()}"}
+    assert httpx.get(server.http_url + "/v1/models", headers=headers).status_code == 401
+    # Exactly these stay open (docs/serving.md lists them).
+    for path in ("/health", "/version", "/metrics", "/openapi.json", "/docs", "/redoc"):
+        assert httpx.get(server.http_url + path).status_code == 200, path
 
 
 def test_stream_disconnect_aborts_and_frees_kv(
@@ -325,6 +348,86 @@ def test_stream_disconnect_aborts_and_frees_kv(
             next(lines)
         assert not _engine_idle(server)
     assert _wait_idle(server), server.backend.engine.stats()  # type: ignore[attr-defined]
+
+
+def _in_flight(http: httpx.Client) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("splitserve:requests_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("no splitserve:requests_in_flight in /metrics")
+
+
+def _raw_post(server: BackgroundServer, body: dict, read_until: bytes | None) -> None:
+    """POST on a bare socket and hang up: before any answer (None) or once ``read_until``."""
+    host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + data)
+        got = b""
+        while read_until is not None and read_until not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+
+
+def test_disconnects_free_their_admission_slot_without_gc(
+    server: BackgroundServer, http: httpx.Client
+) -> None:
+    """Every way a client can leave gives its slot back at once, not when the garbage collector
+    finds the abandoned stream (the 8 slots of CI's fuzz server stayed taken: every later
+    request got 429). The collector is off meanwhile, so only deterministic closing counts."""
+    assert _wait_idle(server) and _in_flight(http) == 0
+    long = {"model": "tiny", "prompt": list(range(1000, 1100)), "max_tokens": 800,
+            "ignore_eos": True}
+    gc.disable()
+    try:
+        for stream, n, read_until in (
+            (True, 1, b"data: "),  # mid-stream
+            (True, 2, b"data: "),  # mid-stream, two samples merged
+            (True, 1, None),  # before the first byte of the answer
+            (False, 1, None),  # a whole answer never waited for
+            (False, 2, None),
+        ):
+            _raw_post(server, {**long, "stream": stream, "n": n}, read_until)
+            _wait_no_slot_held(server, http, (stream, n, read_until))
+        # More prompts than slots (3): the fourth is refused while the first three start; all
+        # three must end (a gather that returned at the refusal left them running: CI's fuzz)
+        many = {**long, "prompt": [[5, 6, 7, i] for i in range(5)], "max_tokens": 4}
+        for stream in (False, True):
+            r = http.post("/v1/completions", json={**many, "stream": stream})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded", r.text
+            _wait_no_slot_held(server, http, ("five prompts", stream))
+    finally:
+        gc.enable()
+
+
+def _wait_no_slot_held(server: BackgroundServer, http: httpx.Client, case: object) -> None:
+    deadline = time.monotonic() + 10
+    while _in_flight(http) != 0 or not _engine_idle(server):
+        assert time.monotonic() < deadline, (case, _in_flight(http))
+        time.sleep(0.02)
+
+
+def test_duplicate_live_request_id_is_409(server: BackgroundServer, http: httpx.Client) -> None:
+    assert _wait_idle(server)
+    # long enough (4 x 960 tokens) to still run when the second request arrives
+    body = {**GOOD, "prompt": list(range(3000, 3050)), "max_tokens": 960, "n": 4,
+            "ignore_eos": True, "stream": True}
+    mine = {"X-Request-Id": "dup-http"}
+    with http.stream("POST", "/v1/completions", json=body, headers=mine) as r:
+        assert r.headers["x-request-id"] == "dup-http"  # headers come with the first delta
+        again = http.post("/v1/completions", json={**GOOD, "max_tokens": 2}, headers=mine)
+        assert again.status_code == 409, again.text
+        assert again.json()["error"]["param"] == "x-request-id"
+        assert http.post("/v1/completions", json={**GOOD, "max_tokens": 2},
+                         headers={"X-Request-Id": "other"}).status_code == 200
+    assert _wait_idle(server)
+    reused = http.post("/v1/completions", json={**GOOD, "max_tokens": 2}, headers=mine)
+    assert reused.status_code == 200 and reused.json()["id"] == "dup-http"
+    bad = http.post("/v1/completions", json=GOOD, headers={"X-Request-Id": "x" * 129})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-id"
 
 
 def test_whole_request_disconnect_aborts(server: BackgroundServer) -> None:
@@ -447,3 +550,24 @@ def test_fuzzed_bodies_never_5xx(http: httpx.Client, path: str, body: object) ->
     assert r.status_code < 500, (path, body, r.text[:300])
     if r.status_code >= 400:
         assert r.json()["error"]["message"]
+
+
+def test_openapi_declares_what_the_server_answers(server: BackgroundServer) -> None:
+    """405 carries Allow; validation errors are 400 (never 422) in the document and on the
+    wire; protected operations declare Bearer security, open ones do not."""
+    r = httpx.request("DELETE", server.http_url + "/v1/completions",
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert httpx.request("TRACE", server.http_url + "/health").headers["allow"] == "GET"
+    doc = httpx.get(server.http_url + "/openapi.json").json()
+    ops = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert not [k for k, op in ops.items() if "422" in op["responses"]]
+    completions = ops[("/v1/completions", "post")]["responses"]
+    assert {"200", "400", "401", "404", "413", "429", "503"} <= set(completions)
+    assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert ops[("/v1/completions", "post")]["security"] == [{"bearer": []}]
+    assert "security" not in ops[("/health", "get")]
+    assert set(ops[("/metrics", "get")]["responses"]["200"]["content"]) == {"text/plain"}
+    r = httpx.post(server.http_url + "/v1/completions", json={"prompt": 5},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

@@ -6,8 +6,8 @@ import openai
 import pytest
 
 from splitserve import SamplingParams
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
 pytestmark = pytest.mark.slow
 

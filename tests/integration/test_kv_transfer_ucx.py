@@ -27,10 +27,17 @@ MODEL = "tiny-random"
 PART = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 4 * 4  # one layer of 4 blocks: reads go in parts
 
 
-def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
+def _caches(seed: int, head_dim: int = HEAD_DIM, kind: str = "layer_major") -> list[torch.Tensor]:
+    from splitserve.kernels.kv_cache import allocate_kv_caches
+
     g = torch.Generator().manual_seed(seed)
     shape = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim)
-    return [torch.randn(shape, generator=g) for _ in range(LAYERS)]
+    caches = allocate_kv_caches(
+        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim, torch.float32, "cpu", kind
+    )
+    for cache in caches:
+        cache.copy_(torch.randn(shape, generator=g))
+    return caches
 
 
 # ====================================================================== engine process
@@ -39,19 +46,23 @@ def _caches(seed: int, head_dim: int = HEAD_DIM) -> list[torch.Tensor]:
 class _Peer:
     """The engine side of one process: pool, caches, connector; answers commands."""
 
-    def __init__(self, seed: int, read_timeout_s: float, shared_memory: bool, port: int) -> None:
+    def __init__(
+        self, seed: int, read_timeout_s: float, shared_memory: bool, port: int,
+        zero_copy: bool = False,
+    ) -> None:
         from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
         from splitserve.kvtransfer.transport import FaultInjector, create_transport
         from splitserve.roles.engine.block_pool import BlockPool
 
         self.pool = BlockPool(NUM_BLOCKS)
-        self.caches = _caches(seed)
+        # zero-copy: block-major pools, every layer in one read (one message per run)
+        self.caches = _caches(seed, kind="block_major" if zero_copy else "layer_major")
         self.fault = FaultInjector()
         config = TransferConfig(
             read_timeout_s=read_timeout_s,
             load_timeout_s=3 * read_timeout_s,
-            layers_per_chunk=2,
-            blocks_per_chunk=4,
+            layers_per_chunk=None if zero_copy else 2,
+            blocks_per_chunk=None if zero_copy else 4,
         )
         self.worker = KvConnectorWorker(
             f"engine-{seed}",
@@ -129,17 +140,21 @@ class _Peer:
     def cmd_drop_peers(self) -> None:
         self.worker.transport.drop_peers()  # type: ignore[attr-defined]
 
+    def cmd_refused(self) -> int:
+        return int(self.worker.counters["kv_transfer_refused"])
+
     def cmd_connections(self) -> int:
         return self.worker.transport.num_connections  # type: ignore[attr-defined]
 
 
 def _engine_main(
-    conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int
+    conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int,
+    zero_copy: bool = False,
 ) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     torch.set_num_threads(1)
-    peer = _Peer(seed, read_timeout_s, "sm" in ucx_tls.split(","), port)
+    peer = _Peer(seed, read_timeout_s, "sm" in ucx_tls.split(","), port, zero_copy)
     conn.send(("ready", os.getpid()))
     while True:
         if conn.poll(0.002):
@@ -162,12 +177,14 @@ class Engine:
     """Handle on an engine process."""
 
     def __init__(
-        self, seed: int, read_timeout_s: float = 5.0, ucx_tls: str = "tcp,self", port: int = 0
+        self, seed: int, read_timeout_s: float = 5.0, ucx_tls: str = "tcp,self", port: int = 0,
+        zero_copy: bool = False,
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_engine_main, args=(child, seed, read_timeout_s, ucx_tls, port), daemon=True
+            target=_engine_main, args=(child, seed, read_timeout_s, ucx_tls, port, zero_copy),
+            daemon=True,
         )
         self.proc.start()
         deadline = time.monotonic() + 60
@@ -176,6 +193,7 @@ class Engine:
             assert time.monotonic() < deadline, "engine process did not start"
         assert self.conn.recv()[0] == "ready"
         self.seed = seed
+        self.zero_copy = zero_copy
 
     def __getattr__(self, name: str) -> Any:
         def call(*args: Any) -> Any:
@@ -220,9 +238,13 @@ class Engine:
         self.proc.join(5)
 
 
-@pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[Engine, Engine]]:
-    prefill, decode = Engine(1), Engine(2)
+@pytest.fixture(scope="module", params=[pytest.param(False, marks=pytest.mark.slow), True],
+                ids=["staged", "zero-copy"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Engine]]:
+    """Every pair test runs on the zero-copy path (block-major pools, one message per run
+    straight into the blocks) and, under ``-m slow``, on the staged path (layer-major caches,
+    chunked reads; the default suite keeps its shared-memory lane test below)."""
+    prefill, decode = Engine(1, zero_copy=request.param), Engine(2, zero_copy=request.param)
     yield prefill, decode
     decode.stop()
     prefill.stop()
@@ -280,6 +302,29 @@ def test_corruption_in_flight_is_refetched_then_refused(pair: tuple[Engine, Engi
     assert status == "error" and kind == "KVChecksumError", message
 
 
+def test_forged_read_with_a_wrong_secret_is_refused_and_counted(
+    pair: tuple[Engine, Engine],
+) -> None:
+    """A reader that knows the request, lease and blocks but not the transfer's secret reads
+    nothing: its read and its abort are refused and counted; the lease stays intact, and the
+    rightful reader (with the secret) still gets every byte."""
+    import secrets
+
+    prefill, decode = pair
+    params = prefill.offer("forged", 3)
+    refused = prefill.refused()
+    forged = {**params, "secret": secrets.token_hex(16)}
+    decode.load(forged)
+    status, error = decode.wait_result("forged")
+    assert status == "error" and "wrong transfer secret" in error[1], error
+    assert prefill.refused() > refused  # the read (and the reader's abort after it) refused
+    decode.load(params)  # the lease survived the forged abort
+    status, blocks = decode.wait_result("forged")
+    assert status == "ok", blocks
+    for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_lease_expires_before_the_read(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
     params = prefill.offer("late", 2, 0.3)
@@ -298,11 +343,19 @@ def test_heartbeats_keep_a_slow_transfer_alive(pair: tuple[Engine, Engine]) -> N
     assert status == "ok"
 
 
+def _wait_serving(prefill: Engine, request_id: str, timeout_s: float = 10.0) -> None:
+    """Until a read of ``request_id`` is being served (pins its lease; stalled by a fault)."""
+    deadline = time.monotonic() + timeout_s
+    while not prefill.pinned(request_id):
+        assert time.monotonic() < deadline, "the read never reached the serving side"
+        time.sleep(0.02)
+
+
 def test_abort_on_prefill_side_mid_transfer(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
     prefill.fault(0, 1.0)
     decode.load(prefill.offer("pa", 3))
-    time.sleep(0.4)
+    _wait_serving(prefill, "pa")  # mid-transfer: a read is in flight
     prefill.abort("pa")
     status, (kind, message) = decode.wait_result("pa")
     assert status == "error" and kind == "RequestAbortedError", message
@@ -312,7 +365,7 @@ def test_abort_on_decode_side_mid_transfer(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
     prefill.fault(0, 1.0)
     decode.load(prefill.offer("da", 3))
-    time.sleep(0.4)
+    _wait_serving(prefill, "da")
     decode.abort("da")
     prefill.wait_free(timeout_s=5.0)  # lease aborted by the reader, not expired (ttl is 30 s)
     assert decode.result("da") is None
@@ -326,7 +379,10 @@ def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) ->
 
     prefill, _ = pair
     params = KvTransferParams.decode_any(prefill.offer("mm", 2))
-    worker = KvConnectorWorker("odd", _caches(3, head_dim=HEAD_DIM * 2), UcxTransport(), MODEL)
+    kind = "block_major" if prefill.zero_copy else "layer_major"
+    worker = KvConnectorWorker(
+        "odd", _caches(3, head_dim=HEAD_DIM * 2, kind=kind), UcxTransport(), MODEL
+    )
     try:
         worker.start_load("mm", params, [0, 1])
         deadline = time.monotonic() + 10
@@ -344,10 +400,7 @@ def test_layout_mismatch_is_refused_at_handshake(pair: tuple[Engine, Engine]) ->
 def _kill_prefill_mid_transfer(prefill: Engine, decode: Engine, request_id: str) -> None:
     prefill.fault(0, 30.0)
     decode.load(prefill.offer(request_id, 3))
-    deadline = time.monotonic() + 10
-    while not prefill.pinned(request_id):  # the read is being served (stalled by the fault)
-        assert time.monotonic() < deadline, "the read never reached the serving side"
-        time.sleep(0.02)
+    _wait_serving(prefill, request_id)
     num_connections = decode.connections()
     prefill.kill()
     started = time.monotonic()
@@ -360,7 +413,7 @@ def _kill_prefill_mid_transfer(prefill: Engine, decode: Engine, request_id: str)
 
 def test_prefill_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
     _, decode = pair
-    prefill = Engine(5)
+    prefill = Engine(5, zero_copy=decode.zero_copy)
     try:
         _kill_prefill_mid_transfer(prefill, decode, "k1")
     finally:
@@ -387,20 +440,22 @@ def test_broken_endpoint_is_reestablished(pair: tuple[Engine, Engine]) -> None:
 
 def test_decode_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
     prefill, _ = pair
-    decode = Engine(7)
+    decode = Engine(7, zero_copy=prefill.zero_copy)
     try:
         prefill.fault(0, 1.0)
-        decode.load(prefill.offer("k2", 3, 1.0))
-        time.sleep(0.3)
+        decode.load(prefill.offer("k2", 3, 5.0))  # a lease that outlives a slow first connect
+        _wait_serving(prefill, "k2")  # the read is being served when the reader dies
         decode.kill()
-        prefill.wait_free(timeout_s=8.0)  # heartbeats stopped: the lease expires
+        prefill.wait_free(timeout_s=30.0)  # heartbeats stopped: the lease expires
     finally:
         decode.kill()
 
 
-def test_shared_memory_lane_moves_bytes_exactly() -> None:
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["staged", "zero-copy"])
+def test_shared_memory_lane_moves_bytes_exactly(zero_copy: bool) -> None:
     """``UCX_TLS=sm,tcp,self`` + ``shared_memory=True``: control on TCP, data on shared memory."""
-    prefill, decode = Engine(8, ucx_tls="sm,tcp,self"), Engine(9, ucx_tls="sm,tcp,self")
+    prefill = Engine(8, ucx_tls="sm,tcp,self", zero_copy=zero_copy)
+    decode = Engine(9, ucx_tls="sm,tcp,self", zero_copy=zero_copy)
     try:
         params = prefill.offer("sm1", 9)
         decode.load(params)

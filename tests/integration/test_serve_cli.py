@@ -22,12 +22,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from splitserve.cluster.cli import main as cli_main
+from splitserve.cluster.tools.cli import main as cli_main
 
 
 def _start_serve(model_dir: Path, *extra: str) -> subprocess.Popen[str]:
     """`splitserve serve` on free ports in a subprocess (stdout and stderr merged, unbuffered)."""
-    cmd = [sys.executable, "-m", "splitserve.cluster.cli", "serve", "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "splitserve.cluster.tools.cli", "serve", "--model", str(model_dir),
            "--port", "0", "--grpc-port", "0", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -37,18 +37,19 @@ def _start_serve(model_dir: Path, *extra: str) -> subprocess.Popen[str]:
 @pytest.fixture(scope="module")
 def served(tiny_model_dir) -> Iterator[tuple[subprocess.Popen[str], dict[str, str]]]:
     proc = _start_serve(tiny_model_dir, "--max-model-len", "512", "--grace", "20")
-    addrs: dict[str, str] = {}
+    addrs: dict[str, str] = {"startup": ""}
     assert proc.stdout is not None
     deadline = time.monotonic() + 120
-    while len(addrs) < 2 and time.monotonic() < deadline:
+    while len(addrs) < 3 and time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
+        addrs["startup"] += line
         if m := re.search(r"HTTP API on (\S+)/v1", line):
             addrs["http"] = m.group(1)
         if m := re.search(r"gRPC InferenceService on (\S+)", line):
             addrs["grpc"] = m.group(1)
-    assert len(addrs) == 2, f"server did not announce its addresses (rc={proc.poll()})"
+    assert len(addrs) == 3, f"server did not announce its addresses (rc={proc.poll()})"
     yield proc, addrs
     if proc.poll() is None:
         proc.kill()
@@ -99,6 +100,19 @@ def test_bench_smoke(served, tmp_path: Path) -> None:
     assert report["request_goodput"] == pytest.approx(report["request_throughput"])
 
 
+def test_default_layout_is_chosen_for_this_machine_and_shown(served) -> None:
+    """Without --config: one decode worker that prefills every prompt when the machine has
+    fewer devices than roles (this 2-core, 1-NUMA-node CPU), said at startup and in health."""
+    from splitserve.cluster.layout import choose_layout, detect_devices
+
+    _, addrs = served
+    layout = choose_layout(detect_devices("cpu"))
+    assert f"cluster: {layout.reason}" in addrs["startup"]
+    workers = httpx.get(addrs["http"] + "/health", timeout=30).json()["workers"]
+    want = {"decode": 1} if layout.colocated else {"prefill": 1, "decode": 1}
+    assert workers == want
+
+
 def test_bench_refuses_non_loopback() -> None:
     with pytest.raises(SystemExit, match="loopback"):
         cli_main(["bench", "serve", "--base-url", "http://192.0.2.1:8000", "--num-prompts", "1"])
@@ -121,7 +135,10 @@ def test_sigterm_drains_in_flight_then_exits(served) -> None:
 
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.5)  # the request is in flight
+    deadline = time.monotonic() + 60
+    while not lines and time.monotonic() < deadline:  # in flight once its first chunk arrived
+        time.sleep(0.02)
+    assert lines, "the request never started streaming"
     proc.send_signal(signal.SIGTERM)
     reader.join(60)
     assert proc.wait(60) == 0
@@ -143,16 +160,26 @@ def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals)
     family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(sig)
     assert proc.wait(60) == 0
-    time.sleep(0.5)
-    assert not [
-        p
-        for p in family
-        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-    ]
+
+    def alive() -> list[int]:
+        running = []
+        for pid in family:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    running.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return running
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:  # children exit right after the parent
+        time.sleep(0.05)
+    assert not alive()
 
 
 def test_serve_a_multimodal_model_starts_an_encode_worker(tmp_path, tokenizer_dir) -> None:
-    """`serve --model <LLaVA>` runs 1 encode + 1 prefill + 1 decode and answers image chats."""
+    """`serve --model <LLaVA> --prefill-workers 1` runs 1 encode + 1 prefill + 1 decode and
+    answers image chats."""
     import base64
     import io
 
@@ -162,7 +189,7 @@ def test_serve_a_multimodal_model_starts_an_encode_worker(tmp_path, tokenizer_di
     from tests.utils import make_tiny_llava
 
     model = make_tiny_llava(tmp_path / "tiny-llava", tokenizer_dir)
-    proc = _start_serve(model, "--grpc-port", "-1", "--grace", "5")
+    proc = _start_serve(model, "--grpc-port", "-1", "--grace", "5", "--prefill-workers", "1")
     try:
         assert proc.stdout is not None
         url = None

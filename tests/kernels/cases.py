@@ -99,3 +99,19 @@ def case_id(dtype: torch.dtype, head_dim: int, ratio: int, block_size: int) -> s
 
 def dtype_params() -> list:
     return [pytest.param(d, id=str(d).removeprefix("torch.")) for d in DTYPES]
+
+
+def block_major_view(cache: Tensor, num_layers: int = 3, layer: int = 1) -> Tensor:
+    """``cache`` [2, num_blocks, block_size, kv_heads, head_dim] copied into layer ``layer`` of
+    a block-major pool (kernels/kv_cache.py) whose other layers hold other values: the strided
+    view the engine's kernels read."""
+    from splitserve.kernels.kv_cache import allocate_kv_caches
+
+    _, num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    views = allocate_kv_caches(
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim, cache.dtype, cache.device
+    )
+    for i, view in enumerate(views):
+        view.copy_(cache if i == layer else -cache - i)
+    assert not views[layer].is_contiguous()
+    return views[layer]

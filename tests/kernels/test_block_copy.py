@@ -10,6 +10,7 @@ import torch
 from splitserve.kernels import block_copy, reference
 from splitserve.kernels.block_copy import gather_blocks, scatter_blocks
 from splitserve.kernels.checks import KernelInputError
+from splitserve.kernels.kv_cache import allocate_kv_caches
 from tests.kernels.cases import DEVICE, generator, grid_params, randn
 
 Tensor = torch.Tensor
@@ -35,6 +36,19 @@ def _caches(
     flat = randn((offsets[-1] + size,), dtype, seed)
     caches = [flat[o : o + size].view(shape) for o in offsets]
     assert num_layers < 3 or block_copy._layer_stride(caches) is None
+    return caches
+
+
+def _block_major(
+    dtype: torch.dtype, head_dim: int, num_kv_heads: int, block_size: int, num_layers: int,
+    num_blocks: int, seed: int,
+) -> list[Tensor]:
+    """Per-layer views of one block-major pool (kernels/kv_cache.py), random contents."""
+    caches = allocate_kv_caches(
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, DEVICE
+    )
+    for layer, cache in enumerate(caches):
+        cache.copy_(randn(tuple(cache.shape), dtype, seed + layer))
     return caches
 
 
@@ -64,6 +78,27 @@ def test_gather_then_scatter_exact(
     scatter_blocks(staging, targets, dest)
     reference.scatter_blocks(staging, expected, dest)
     for got, want in zip(targets, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_block_major_pool_one_launch_exact(dtype: torch.dtype) -> None:
+    """Views of the block-major pool: evenly spaced (one launch), blocks strided, exact."""
+    caches = _block_major(dtype, 64, 2, 16, 3, 7, seed=1)
+    assert block_copy._layer_stride(caches) == 2 * 16 * 2 * 64
+    ids = _ids(7, 3, seed=2)
+    staging = gather_blocks(caches, ids)
+    assert torch.equal(staging, reference.gather_blocks(caches, ids))
+    targets = _block_major(dtype, 64, 2, 16, 3, 7, seed=5)
+    expected = [t.clone() for t in targets]
+    dest = _ids(7, 3, seed=3)
+    scatter_blocks(staging, targets, dest)
+    reference.scatter_blocks(staging, expected, dest)
+    for got, want in zip(targets, expected, strict=True):
+        assert torch.equal(got, want)
+    refs = _block_major(dtype, 64, 2, 16, 3, 7, seed=5)
+    reference.scatter_blocks(staging, refs, dest)  # the reference on strided views
+    for got, want in zip(refs, expected, strict=True):
         assert torch.equal(got, want)
 
 

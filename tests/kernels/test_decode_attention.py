@@ -14,6 +14,7 @@ from splitserve.kernels.decode_attention import (
 from tests.kernels.cases import (
     DEVICE,
     assert_close,
+    block_major_view,
     grid_params,
     int_tensor,
     randn,
@@ -62,6 +63,18 @@ def test_window_softcap_and_partitions(
     query, cache, tables, lens = _inputs(dtype, 64, 3, 16, contexts, seed=7)
     out = decode_attention_partitioned(query, cache, tables, lens, 0.3, window, soft_cap, partition)
     expected = reference.paged_decode_attention(query, cache, tables, lens, 0.3, window, soft_cap)
+    assert_close(out, expected, attention=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_block_major_view_matches_contiguous(dtype: torch.dtype) -> None:
+    """A layer view of the block-major pool reads exactly what the contiguous cache holds."""
+    query, cache, tables, lens = _inputs(dtype, 64, 3, 16, SMALL_CONTEXTS, seed=11)
+    view = block_major_view(cache)
+    out = paged_decode_attention(query, view, tables, lens, 0.125)
+    assert torch.equal(out, paged_decode_attention(query, cache, tables, lens, 0.125))
+    expected = reference.paged_decode_attention(query, cache, tables, lens, 0.125)
+    assert torch.equal(reference.paged_decode_attention(query, view, tables, lens, 0.125), expected)
     assert_close(out, expected, attention=True)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from splitserve.kernels import reference
-from splitserve.kernels.activation import silu_and_mul
+from splitserve.kernels.activation import gelu_tanh_and_mul, silu_and_mul
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.rms_norm import rms_norm
 from splitserve.kernels.rotary import rotary_embedding
@@ -84,6 +84,17 @@ def test_rms_norm_rejects_bad_input() -> None:
 def test_silu_and_mul(dtype: torch.dtype, num_rows: int, intermediate: int) -> None:
     x = randn((num_rows, 2 * intermediate), dtype, seed=intermediate) * 3
     assert_close(silu_and_mul(x), reference.silu_and_mul(x))
+
+
+@pytest.mark.parametrize(
+    "dtype,num_rows,intermediate", _size_params([(1, 64), (5, 1536), (0, 8)], [(4097, 14336)])
+)
+def test_gelu_tanh_and_mul(dtype: torch.dtype, num_rows: int, intermediate: int) -> None:
+    x = randn((num_rows, 2 * intermediate), dtype, seed=intermediate) * 3
+    out = gelu_tanh_and_mul(x)
+    assert_close(out, reference.gelu_tanh_and_mul(x))
+    if num_rows and dtype == torch.float32:  # the GELU, not the SiLU, was applied
+        assert not torch.allclose(out, reference.silu_and_mul(x), atol=1e-3)
 
 
 def test_silu_and_mul_on_a_row_strided_view() -> None:

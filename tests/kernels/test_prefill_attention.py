@@ -8,7 +8,14 @@ import torch
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.prefill_attention import TileConfig, _launch, prefill_attention
-from tests.kernels.cases import assert_close, grid_params, int_tensor, randn, random_block_tables
+from tests.kernels.cases import (
+    assert_close,
+    block_major_view,
+    grid_params,
+    int_tensor,
+    randn,
+    random_block_tables,
+)
 
 Tensor = torch.Tensor
 
@@ -64,6 +71,18 @@ def test_other_tile_sizes(config: TileConfig) -> None:
     out = torch.zeros_like(query)
     _launch(query, cache, tables, starts, lens, out, 0.2, None, None, 37, config)
     assert_close(out, reference.prefill_attention(query, cache, tables, starts, lens, 0.2), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_block_major_view_matches_contiguous(dtype: torch.dtype) -> None:
+    """A layer view of the block-major pool reads exactly what the contiguous cache holds."""
+    query, cache, tables, starts, lens = _inputs(dtype, 64, 3, 16, SMALL_CHUNKS, seed=12)
+    view = block_major_view(cache)
+    out = prefill_attention(query, view, tables, starts, lens, 0.2)
+    assert torch.equal(out, prefill_attention(query, cache, tables, starts, lens, 0.2))
+    expected = reference.prefill_attention(query, cache, tables, starts, lens, 0.2)
+    assert torch.equal(reference.prefill_attention(query, view, tables, starts, lens, 0.2), expected)
+    assert_close(out, expected, attention=True)
 
 
 def test_int64_indices_and_strided_query() -> None:

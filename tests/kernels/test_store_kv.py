@@ -8,7 +8,7 @@ import torch
 from splitserve.kernels import reference
 from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.store_kv import store_kv
-from tests.kernels.cases import DEVICE, generator, grid_params, randn
+from tests.kernels.cases import DEVICE, block_major_view, generator, grid_params, randn
 
 Tensor = torch.Tensor
 
@@ -48,6 +48,25 @@ def test_matches_reference_exactly(
     kept = slots >= 0
     flat = cache.view(2, -1, num_kv_heads, head_dim)
     assert torch.equal(flat[0][slots[kept]], key[kept])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_block_major_view_matches_contiguous(dtype: torch.dtype) -> None:
+    """A layer view of the block-major pool gets exactly the rows a contiguous cache gets,
+    and the pool's other layers are left alone."""
+    key, value, cache, slots = _inputs(dtype, 64, 2, 16, 37, 9, seed=3)
+    view = block_major_view(cache, num_layers=3, layer=1)
+    pool = view._base  # [num_blocks, 3, 2, block_size, kv_heads, head_dim]
+    assert pool is not None
+    others_before = pool[:, [0, 2]].clone()
+    expected = cache.clone()
+    reference.store_kv(key, value, expected, slots)
+    store_kv(key, value, view, slots)
+    assert torch.equal(view, expected)
+    assert torch.equal(pool[:, [0, 2]], others_before)
+    ref_view = block_major_view(cache)
+    reference.store_kv(key, value, ref_view, slots)  # the reference's strided path
+    assert torch.equal(ref_view, expected)
 
 
 def test_single_and_empty_batches_and_int32_slots() -> None:
@@ -105,5 +124,5 @@ def test_rejects_non_contiguous_rows() -> None:
     transposed = key.transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(KernelInputError, match="key must be contiguous in its last 2 dims"):
         store_kv(transposed, value, cache, slots)
-    with pytest.raises(KernelInputError, match="kv_cache must be contiguous"):
-        store_kv(key, value, cache[:, ::2], slots)
+    with pytest.raises(KernelInputError, match="kv_cache must be contiguous in its last 3 dims"):
+        store_kv(key, value, cache.transpose(3, 4), slots)

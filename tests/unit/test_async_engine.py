@@ -8,6 +8,7 @@ import pytest
 
 from splitserve import LLM, AsyncEngine, SamplingParams
 from splitserve.errors import InvalidRequestError
+from tests.utils import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +42,9 @@ async def test_abort_mid_stream_frees_kv(engine: AsyncEngine) -> None:
         count += 1
         if count == 3:
             break  # dropping the stream aborts the request
-    for _ in range(100):
-        if not engine.engine.has_unfinished_requests():
-            break
-        await asyncio.sleep(0.02)
-    assert engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"]
+    stats = engine.stats  # the engine thread's snapshot after its latest step
+    await wait_for(lambda: stats()["num_free_blocks"] == stats()["num_blocks"])
+    assert stats()["num_running"] == 0 and stats()["num_waiting"] == 0
 
 
 async def test_bad_request_raises_and_engine_continues(engine: AsyncEngine) -> None:
@@ -53,3 +52,26 @@ async def test_bad_request_raises_and_engine_continues(engine: AsyncEngine) -> N
         await _collect(engine, "", SamplingParams())
     deltas = await _collect(engine, [1, 2, 3], SamplingParams(temperature=0, max_tokens=2))
     assert deltas[-1].finished
+
+
+async def test_stats_are_taken_on_the_engine_thread(engine: AsyncEngine) -> None:
+    """Callers on other threads read a snapshot; the scheduler is read by its own thread."""
+    import threading
+
+    callers: set[int] = set()
+    real = engine.engine.stats
+
+    def recording() -> dict:
+        callers.add(threading.get_ident())
+        return real()
+
+    engine.engine.stats = recording
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        seen = []
+        async for _ in engine.generate(list(range(3, 40)), params):
+            seen.append(engine.stats()["num_running"])  # from the event loop's thread
+        assert callers == {engine._thread.ident}
+        assert 1 in seen  # the snapshots followed the request
+    finally:
+        del engine.engine.stats

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.backend import EngineBackend
-from splitserve.cluster.batch import (
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.tools.batch import (
     BatchFileError,
     Finished,
     main,
@@ -147,7 +147,7 @@ def test_existing_output_without_resume_is_refused(tmp_path: Path, capsys) -> No
 
 
 def test_cli_subcommand_refuses_too(tmp_path: Path, capsys) -> None:
-    from splitserve.cluster.cli import main as cli_main
+    from splitserve.cluster.tools.cli import main as cli_main
 
     inp = _write_jsonl(tmp_path / "in.jsonl", [_cmpl("a", "x")])
     (tmp_path / "out.jsonl").write_text("")
@@ -303,7 +303,7 @@ def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) ->
     settings, workers still asking the default config's resources."""
     import argparse
 
-    from splitserve.cluster.batch import cluster_config
+    from splitserve.cluster.tools.batch import cluster_config
 
     args = argparse.Namespace(config=None, model="/m", kv_cache_memory_bytes=1 << 20,
                               address=None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitserve.cluster.bench import (
+from splitserve.cluster.tools.bench import (
     RequestResult,
     arrival_offsets,
     check_loopback,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
         decode=3,
         registry="redis://localhost:6390/2",
         slo={"ttft_ms": 750, "tpot_ms": 40},
-        router={"policy": "kv_overlap_cost", "local_prefill_threshold": 0},
+        router={"policy": "kv_overlap_cost", "local_prefill_max_tokens": 0},
         kv_cache_memory_bytes="256MiB",
     )
     path = tmp_path / "cluster.yaml"
@@ -136,11 +137,39 @@ def test_zero_decode_replicas() -> None:
 def test_zero_prefill_needs_local_prefill_of_every_prompt() -> None:
     err = load_error("roles: {prefill: {replicas: 0}}")
     assert "roles.prefill.replicas: must be >= 1" in str(err)
-    assert "router.local_prefill_threshold" in str(err)
+    assert "router.local_prefill_max_tokens" in str(err)
+    err = load_error(
+        "max_model_len: 512\nrouter: {local_prefill_max_tokens: 510}\nroles: {prefill: {replicas: 0}}"
+    )
+    assert "roles.prefill.replicas: must be >= 1" in str(err)
     config = ClusterConfig.from_yaml_text(
-        "max_model_len: 512\nrouter: {local_prefill_threshold: 512}\nroles: {prefill: {replicas: 0}}"
+        "max_model_len: 512\nrouter: {local_prefill_max_tokens: 511}\nroles: {prefill: {replicas: 0}}"
     )
     assert config.roles.prefill.replicas == 0
+    assert not config.colocated  # a bound, not "all": a prefill worker added later is used
+
+
+def test_local_prefill_all_is_colocated_and_needs_no_prefill_worker() -> None:
+    config = ClusterConfig.from_yaml_text(
+        "router: {local_prefill_max_tokens: all}\nroles: {prefill: {replicas: 0}}"
+    )
+    assert config.colocated and config.roles.prefill.replicas == 0
+    assert ClusterConfig.from_yaml_text(config.to_yaml()) == config
+    err = load_error("router: {local_prefill_max_tokens: most}")
+    assert err.settings and err.settings[0].startswith("router.local_prefill_max_tokens")
+    err = load_error("router: {local_prefill_max_tokens: -1}")
+    assert err.settings[0].startswith("router.local_prefill_max_tokens")
+    err = load_error("router: {local_prefill_max_tokens: all}\nplanner: {enabled: true}")
+    assert "planner.enabled: the planner moves workers between prefill and decode" in str(err)
+
+
+def test_local_without_prefill_workers_prefills_every_prompt_on_decode() -> None:
+    config = ClusterConfig.local(prefill=0, decode=1)
+    assert config.colocated and config.router.local_prefill_max_tokens == "all"
+    assert config.roles.decode.num_threads == max(1, (os.cpu_count() or 1))  # all the cores
+    assert not ClusterConfig.local(prefill=1, decode=1).colocated
+    with pytest.raises(ClusterConfigError, match=r"roles\.prefill\.replicas: must be >= 1"):
+        ClusterConfig.local(prefill=0, router={"local_prefill_max_tokens": 63})
 
 
 def test_encode_needed_for_multimodal_model(tmp_path: Path) -> None:
@@ -214,7 +243,7 @@ def test_unknown_key_lists_the_known_ones() -> None:
     [
         ("router: {policy: random}", "router.policy: input should be 'round_robin'"),
         ("kv_transfer: {transport: tcp}", "kv_transfer.transport: input should be 'ucx'"),
-        ("dtype: float8", "dtype: input should be 'float32'"),
+        ("dtype: float8", "dtype: input should be 'auto', 'float32'"),
         ("block_size: 12", "block_size: must be a power of two"),
         ("kv_cache_memory_bytes: 2XB", "kv_cache_memory_bytes: not a byte size"),
         ("kv_cache_memory_bytes: 0", "kv_cache_memory_bytes: must be >= 1"),
@@ -279,10 +308,12 @@ def test_replica_bounds_and_role_lookup() -> None:
         config.role("verify")
 
 
-def test_router_threshold_maps_to_the_routers_inclusive_bound() -> None:
+def test_local_prefill_bound_is_inclusive_and_the_old_name_says_so() -> None:
     assert ClusterConfig().router.local_prefill_max_tokens == 63
-    config = ClusterConfig.from_yaml_text("router: {local_prefill_threshold: 0}")
+    config = ClusterConfig.from_yaml_text("router: {local_prefill_max_tokens: 0}")
     assert config.router.local_prefill_max_tokens == 0
+    err = load_error("router: {local_prefill_threshold: 64}")
+    assert "router.local_prefill_threshold: renamed to local_prefill_max_tokens" in str(err)
 
 
 def test_public_export_and_light_imports() -> None:

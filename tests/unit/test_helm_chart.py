@@ -394,13 +394,25 @@ def test_worker_command_hands_ray_start_the_role_resources_as_json(
         assert json.loads(resources) == {role: 1}
 
 
-def test_api_key_secret_reaches_the_frontends(chart: helm.Chart) -> None:
+def test_api_key_secret_reaches_the_frontends_as_a_file(chart: helm.Chart) -> None:
+    """The key is a mounted Secret file read by --api-key-file: never an environment variable
+    (the Ray head in the same container, and so every actor, would inherit it) nor an
+    argument (process lists)."""
     docs = objects(render(chart, {"frontend": {"apiKeySecret": {"name": "llm-key"}}}))
     container = head_container(docs)
-    env = next(e for e in container["env"] if e["name"] == "SPLITSERVE_API_KEY")
-    assert env["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "api-key"}
-    assert '--api-key "$SPLITSERVE_API_KEY"' in container["args"][0]
-    assert "--api-key" not in head_container(objects(render(chart, {})))["args"][0]
+    assert not [e for e in container.get("env", []) if "API_KEY" in e["name"]]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-key")
+    assert mount["readOnly"] is True
+    path = f"{mount['mountPath']}/api-key"
+    assert f"--api-key-file {path}" in container["args"][0]
+    assert "--api-key " not in container["args"][0]
+    head = next(d for d in docs if d["kind"] == "RayCluster")["spec"]["headGroupSpec"]
+    volume = next(v for v in head["template"]["spec"]["volumes"] if v["name"] == "api-key")
+    assert volume["secret"]["secretName"] == "llm-key"
+    assert volume["secret"]["items"] == [{"key": "api-key", "path": "api-key"}]
+    plain = head_container(objects(render(chart, {})))
+    assert "--api-key" not in plain["args"][0]
+    assert "api-key" not in [m["name"] for m in plain["volumeMounts"]]
 
 
 # --------------------------------------------------------------------------- redis and autoscaling

@@ -8,6 +8,13 @@ import pytest
 import torch
 
 from splitserve.errors import IncompatibleKVLayoutError
+from splitserve.kernels.kv_cache import (
+    BLOCK_MAJOR,
+    LAYER_MAJOR,
+    allocate_kv_caches,
+    kv_pool,
+    layout_kind,
+)
 from splitserve.kernels.reference import gather_blocks
 from splitserve.kvtransfer.layout import (
     KvLayout,
@@ -27,9 +34,13 @@ BASE = KvLayout(
 )
 
 
-def _caches(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+def _caches(dtype: torch.dtype = torch.float32, kind: str = BLOCK_MAJOR) -> list[torch.Tensor]:
+    """Three layers of random KV, views of one block-major pool or one tensor each."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(2, 10, 4, 2, 8, generator=g).to(dtype) for _ in range(3)]
+    caches = allocate_kv_caches(3, 10, 4, 2, 8, dtype, "cpu", kind)
+    for cache in caches:
+        cache.copy_(torch.randn(2, 10, 4, 2, 8, generator=g).to(dtype))
+    return caches
 
 
 def test_from_kv_caches_and_sizes() -> None:
@@ -40,12 +51,43 @@ def test_from_kv_caches_and_sizes() -> None:
     assert layout.staging_nbytes(3, 5) == gather_blocks(_caches(), torch.arange(5)).nbytes
 
 
+def test_layer_major_caches_name_their_kind() -> None:
+    layout = KvLayout.from_kv_caches(_caches(kind=LAYER_MAJOR), "tiny")
+    assert layout == dataclasses.replace(BASE, layout_kind=LAYER_MAJOR)
+    with pytest.raises(ValueError, match="layout_kind"):
+        dataclasses.replace(BASE, layout_kind="interleaved")
+
+
 def test_block_offset_matches_tensor_memory() -> None:
-    caches = _caches()
+    caches = _caches(kind=LAYER_MAJOR)
+    layout = dataclasses.replace(BASE, layout_kind=LAYER_MAJOR)
     raw = byte_view(caches[1])
-    off = BASE.block_offset(1, 1, 7)
+    off = layout.block_offset(1, 1, 7)
     expected = bytes(byte_view(caches[1][1, 7].contiguous()))
-    assert bytes(raw[off : off + BASE.bytes_per_block_half]) == expected
+    assert bytes(raw[off : off + layout.bytes_per_block_half]) == expected
+
+
+def test_block_major_block_is_one_region_in_the_pool() -> None:
+    """Block b of every layer, K then V, is bytes [b * bytes_per_block, +bytes_per_block) of
+    the pool, and the per-layer views read exactly those bytes."""
+    caches = _caches()
+    assert layout_kind(caches) == BLOCK_MAJOR
+    pool = kv_pool(caches)
+    assert pool is not None and pool.data_ptr() == caches[0].data_ptr()
+    raw = byte_view(pool)
+    block = raw[7 * BASE.bytes_per_block : 8 * BASE.bytes_per_block]
+    want = b"".join(bytes(byte_view(c[kv, 7].contiguous())) for c in caches for kv in (0, 1))
+    assert bytes(block) == want
+    off = BASE.block_offset(2, 1, 7)
+    assert bytes(raw[off : off + BASE.bytes_per_block_half]) == bytes(
+        byte_view(caches[2][1, 7].contiguous())
+    )
+
+
+def test_other_strides_are_refused() -> None:
+    caches = [torch.zeros(2, 10, 4, 2, 8)[:, ::2] for _ in range(3)]
+    with pytest.raises(ValueError, match="layer_major.*block_major"):
+        KvLayout.from_kv_caches(caches, "tiny")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +99,10 @@ def test_block_offset_matches_tensor_memory() -> None:
         ("num_kv_heads", 1),
         ("head_dim", 16),
         ("block_size", 16),
-        ("layout_version", 2),
+        ("layout_version", 99),
+        ("layout_kind", LAYER_MAJOR),
+        ("layer_windows", "4096,0"),
+        ("model_signature", "Gemma2ForCausalLM;softcap=50.0"),
     ],
 )
 def test_mismatch_names_the_field(field: str, value: object) -> None:
@@ -85,9 +130,12 @@ def test_bad_layouts_are_refused() -> None:
         BASE.check_block_ids([3, 10])
 
 
+@pytest.mark.parametrize("kind", [BLOCK_MAJOR, LAYER_MAJOR])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cache_and_staging_checksums_agree_and_detect_one_flipped_byte(dtype: torch.dtype) -> None:
-    caches = _caches(dtype)
+def test_cache_and_staging_checksums_agree_and_detect_one_flipped_byte(
+    dtype: torch.dtype, kind: str
+) -> None:
+    caches = _caches(dtype, kind)
     ids = [7, 2, 5]
     staging = gather_blocks(caches, torch.tensor(ids))
     sums = cache_checksums(caches, ids)

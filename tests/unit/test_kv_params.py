@@ -28,6 +28,7 @@ def _params(**over: object) -> KvTransferParams:
         lease_ttl_s=30.0,
         checksums=[[2**64 - 1, 7], [1, 2]],
         compat_hash=2**63 + 1,
+        secret="0123456789abcdef" * 2,
     )
     fields.update(over)
     return KvTransferParams(**fields)
@@ -48,9 +49,10 @@ def test_params_round_trip_bytes_and_dict() -> None:
     [
         Hello(engine_id="d", layout={"model_id": "m"}, compat_hash=3),
         ReadRequest(
-            xfer_id=1, request_id="r", lease_id=5, block_ids=[1, 2], layer_start=0, layer_end=3
+            xfer_id=1, request_id="r", lease_id=5, block_ids=[1, 2], layer_start=0, layer_end=3,
+            secret="ab" * 16,
         ),
-        Control(xfer_id=2, kind="heartbeat", request_id="r", lease_id=5),
+        Control(xfer_id=2, kind="heartbeat", request_id="r", lease_id=5, secret="ab" * 16),
         Reply(xfer_id=3, ok=False, error="gone", code="lease"),
     ],
 )
@@ -77,6 +79,22 @@ def test_garbage_is_refused(payload: bytes, match: str) -> None:
         decode_message(payload)
 
 
+def test_secret_is_required_well_formed_and_never_printed() -> None:
+    data = _params().to_dict()
+    del data["secret"]
+    with pytest.raises(KVTransferError, match="missing field 'secret'"):
+        KvTransferParams.from_dict(data)
+    for bad in ("", "ab" * 8, "AB" * 16, "zz" * 16, 7):
+        with pytest.raises(ValueError, match="secret"):
+            _params(secret=bad)
+    params = _params()
+    assert params.secret not in repr(params)
+    read = ReadRequest(xfer_id=1, request_id="r", lease_id=5, block_ids=[1], layer_start=0,
+                       layer_end=1, secret=params.secret)
+    assert params.secret not in repr(read)
+    assert WIRE_VERSION == 4  # the secret (2), zero-copy runs (3), layer-wise streaming (4)
+
+
 def test_missing_and_invalid_fields_are_named() -> None:
     data = _params().to_dict()
     del data["lease_id"]
@@ -89,4 +107,4 @@ def test_missing_and_invalid_fields_are_named() -> None:
     with pytest.raises(KVTransferError, match="block_ids"):
         KvTransferParams.from_dict({**_params().to_dict(), "block_ids": ["x", 1]})
     with pytest.raises(ValueError, match="control kind"):
-        Control(xfer_id=1, kind="steal", request_id="r", lease_id=1)
+        Control(xfer_id=1, kind="steal", request_id="r", lease_id=1, secret="")

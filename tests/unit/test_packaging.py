@@ -88,7 +88,7 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
 
 def test_cli_generate_json(tiny_model_dir) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "splitserve.cluster.cli", "generate", "--model", str(tiny_model_dir),
+        [sys.executable, "-m", "splitserve.cluster.tools.cli", "generate", "--model", str(tiny_model_dir),
          "--prompt", "Hello there", "--max-tokens", "5", "--json"],
         capture_output=True, text=True, check=True, timeout=300,
     )
@@ -99,7 +99,7 @@ def test_cli_generate_json(tiny_model_dir) -> None:
 
 def test_cli_bad_input_is_a_clear_error(tiny_model_dir) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "splitserve.cluster.cli", "generate", "--model", "/nonexistent",
+        [sys.executable, "-m", "splitserve.cluster.tools.cli", "generate", "--model", "/nonexistent",
          "--prompt", "hi"], capture_output=True, text=True, timeout=300, check=False,
     )
     assert res.returncode == 2 and "does not exist" in res.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from splitserve.cluster.protogen import PROTO_ROOT, generate
+from splitserve.cluster.tools.protogen import PROTO_ROOT, generate
 
 
 def test_committed_stubs_match_fresh_generation(tmp_path: Path) -> None:

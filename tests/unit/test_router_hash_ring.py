@@ -8,35 +8,63 @@ import sys
 from collections import Counter
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from splitserve.router.hash_ring import RING_SEEDS, DualHashRing, HashRing
 
 KEYS = [k * 0x9E3779B97F4A7C15 % 2**64 for k in range(10_000)]
-GOLDEN = {0: ("p2", "p5"), 1: ("p7", "p5"), 12345: ("p5", "p0"), 2**63 + 7: ("p4", "p5")}
+PROBES = (0, 1, 12345, 2**63 + 7, 2**64 - 1)
 
 
 def members(n: int) -> list[str]:
     return [f"p{i}" for i in range(n)]
 
 
-def test_candidates_are_pinned_values() -> None:
-    rings = DualHashRing(160, members(8))
-    assert {k: rings.candidates(k) for k in GOLDEN} == GOLDEN
+def reference_owner(seed: int, virtual_nodes: int, names: list[str], key: int) -> str:
+    """The ring's definition, computed from scratch: each member's virtual node ``v`` sits at
+    xxh64("<id>#<v>", seed); a key (8 bytes, little-endian) at xxh64(key, seed) belongs to
+    the first point strictly clockwise of it, wrapping past 2**64."""
+    points = sorted(
+        (xxhash.xxh64_intdigest(f"{n}#{v}".encode(), seed=seed), n)
+        for n in names for v in range(virtual_nodes)
+    )
+    position = xxhash.xxh64_intdigest(key.to_bytes(8, "little"), seed=seed)
+    after = [(p, n) for p, n in points if p > position]
+    return (after or points)[0][1]
+
+
+def reference_candidates(names: list[str], key: int) -> tuple[str, str]:
+    """DualMap's pair: the ring-0 owner, and the ring-1 owner or, when that is the same
+    instance, the next distinct one clockwise on ring 1."""
+    first = reference_owner(RING_SEEDS[0], 160, names, key)
+    second = reference_owner(RING_SEEDS[1], 160, names, key)
+    if second == first:
+        second = reference_owner(RING_SEEDS[1], 160, [n for n in names if n != first], key)
+    return first, second
+
+
+@pytest.mark.parametrize("key", PROBES)
+def test_candidates_follow_the_ring_definition(key: int) -> None:
+    names = members(8)
+    assert DualHashRing(160, names).candidates(key) == reference_candidates(names, key)
 
 
 def test_candidates_are_stable_across_processes() -> None:
     code = (
         "from splitserve.router.hash_ring import DualHashRing\n"
         "r = DualHashRing(160, [f'p{i}' for i in range(8)])\n"
-        "print([r.candidates(k) for k in (0, 1, 12345, 2**63 + 7)])\n"
+        f"print([r.candidates(k) for k in {PROBES!r}])\n"
     )
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == str(list(GOLDEN.values()))
+    rings = DualHashRing(160, members(8))
+    here = str([rings.candidates(k) for k in PROBES])
+    for hash_seed in ("1", "12345"):  # Python's own hash() must play no part
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        assert out.strip() == here
 
 
 def test_two_rings_hash_independently() -> None:

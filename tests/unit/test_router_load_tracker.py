@@ -84,3 +84,26 @@ def test_unknown_instances_and_duplicates_are_errors() -> None:
         loads.add_instance("p0")
     with pytest.raises(ValueError, match="kv_capacity_blocks must be positive"):
         loads.add_instance("x", kv_capacity_blocks=0)
+
+
+def test_rate_is_learned_from_throughput_when_prefills_are_batched() -> None:
+    # Two 500-token prompts prefilled in one engine step finishing at t=1.0: the instance did
+    # 1000 tokens in 1 s. Per request (500 tokens / 1 s) it would look half as fast.
+    loads = tracker()
+    for rid in ("a", "b"):
+        loads.on_add(rid, "p0", "d0", prefill_tokens=500, prompt_blocks=1, kv_blocks=1)
+        loads.on_prefill_start(rid, now=0.0)
+    p0 = loads.get("p0")
+    p0.prefill_rate_tps = 1000.0
+    loads.on_prefill_done("a", now=1.0)
+    assert p0.prefill_rate_tps == pytest.approx(0.8 * 1000 + 0.2 * 500)  # alone so far
+    loads.on_prefill_done("b", now=1.0)  # its batch-mate: the sample is re-done with both
+    assert p0.prefill_rate_tps == pytest.approx(1000.0)
+    # A chunked pair: c finishes at 2.5, d (started with it) at 3.0: each is charged the time
+    # since the previous completion, 0.5 s for 500 tokens.
+    for rid in ("c", "d"):
+        loads.on_add(rid, "p0", "d0", prefill_tokens=500, prompt_blocks=1, kv_blocks=1)
+        loads.on_prefill_start(rid, now=2.0)
+    loads.on_prefill_done("c", now=2.5)
+    loads.on_prefill_done("d", now=3.0)
+    assert p0.prefill_rate_tps == pytest.approx(1000.0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from splitserve.errors import ConfigError
 from splitserve.router.errors import UnknownPolicyError
@@ -98,10 +100,18 @@ def dualmap_setup() -> tuple[Router, RouteRequest, tuple[str, ...]]:
     return router, request, candidates
 
 
+def load_others(router: Router, candidates: tuple[str, ...], tokens: int) -> None:
+    """Queue ``tokens`` on every prefill instance that is not a candidate."""
+    for instance in router.instances(InstanceRole.PREFILL):
+        if instance not in candidates:
+            load_instance(router, instance, tokens, f"other-{instance}")
+
+
 def test_dualmap_picks_the_candidate_with_lower_predicted_ttft() -> None:
     router, request, (a, b) = dualmap_setup()
     load_instance(router, a, 600, "a")  # a: (600 + 400) / 1000 = 1.0 s
     load_instance(router, b, 300, "b")  # b: 0.7 s
+    load_others(router, (a, b), 300)  # as fast as b: the affinity costs nothing
     placement = router.route(request)
     assert placement.prefill_instance == b and not placement.fallback
     assert placement.predicted_ttft_s == pytest.approx(0.7)
@@ -114,27 +124,88 @@ def test_dualmap_counts_the_candidates_cache_hit() -> None:
     a, b = router.policy.candidates(request)  # type: ignore[attr-defined]
     load_instance(router, a, 600, "a")  # a: (600 + 400) / 1000 = 1.0 s uncached
     load_instance(router, b, 300, "b")  # b: 0.7 s
+    load_others(router, (a, b), 300)
     router.on_kv_stored(a, range(1, 76))  # a holds 75 blocks = 300 tokens: 0.7 s; tie -> a
     placement = router.route(request)
     assert placement.prefill_instance == a and placement.cached_tokens == 300
     assert placement.predicted_ttft_s == pytest.approx(0.7)
 
 
-def test_dualmap_slo_fallback_triggers_exactly_past_the_slo() -> None:
+def test_dualmap_leaves_its_candidates_exactly_past_the_slo_fraction() -> None:
     router, request, (a, b) = dualmap_setup()
-    # At the SLO: both candidates predict exactly 2.0 s -> stay with a candidate.
-    load_instance(router, a, 1600, "a")
-    load_instance(router, b, 1600, "b")
-    at_slo = router.route(request)
-    assert at_slo.prefill_instance == a and not at_slo.fallback
+    # Others predict 0.95 s; the candidates exactly half the SLO (1.0 s): stay with one.
+    load_others(router, (a, b), 550)
+    load_instance(router, a, 600, "a")
+    load_instance(router, b, 600, "b")
+    at_limit = router.route(request)
+    assert at_limit.prefill_instance == a and not at_limit.fallback
     router.on_finish("probe")
-    # One token more on each: 2.001 s > SLO -> the globally lowest predicted TTFT.
+    # One token more on each: 1.001 s > SLO / 2 -> the globally lowest predicted TTFT.
     load_instance(router, a, 1, "a2")
     load_instance(router, b, 1, "b2")
     past = router.route(RouteRequest("probe2", 400, (77,)))
     others = [i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b)]
-    assert past.fallback and past.prefill_instance == others[0]  # all idle: first joined
+    assert past.fallback and past.prefill_instance == others[0]  # all equal: first joined
+    assert past.predicted_ttft_s == pytest.approx(0.95)
+
+
+def test_dualmap_leaves_its_candidates_exactly_past_a_quarter_of_the_headroom() -> None:
+    router, request, (a, b) = dualmap_setup()
+    # Others idle: 0.4 s, headroom 1.6 s. Candidates at 0.4 + 1.6 / 4 = 0.8 s: they keep it.
+    load_instance(router, a, 400, "a")
+    load_instance(router, b, 400, "b")
+    at_share = router.route(request)
+    assert at_share.prefill_instance == a and not at_share.fallback
+    router.on_finish("probe")
+    load_instance(router, a, 1, "a2")  # 0.801 s: past a quarter of the headroom
+    load_instance(router, b, 1, "b2")
+    past = router.route(RouteRequest("probe2", 400, (77,)))
+    assert past.fallback and past.prefill_instance not in (a, b)
     assert past.predicted_ttft_s == pytest.approx(0.4)
+    # A long prompt that barely fits the SLO anywhere has no headroom to spend on affinity.
+    long_request = RouteRequest("long", 1900, (77,))  # 1.9 s idle: headroom 0.1 s
+    c, d = router.policy.candidates(long_request)  # type: ignore[attr-defined]
+    load_instance(router, c, 100, "c")  # 2.0 s: within the SLO, but 0.1 s > 0.025 s
+    load_instance(router, d, 100, "d")
+    long_placed = router.route(long_request)
+    assert long_placed.prefill_instance not in (c, d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    backlogs=st.lists(st.integers(0, 3000), min_size=6, max_size=6),
+    held=st.lists(st.integers(0, 20), min_size=6, max_size=6),
+    prompt=st.integers(4, 80),
+    slo=st.sampled_from([0.5, 2.0, 8.0]),
+)
+def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
+    backlogs: list[int], held: list[int], prompt: int, slo: float
+) -> None:
+    """Whatever the loads and caches: the chosen instance is a hash candidate whose predicted
+    TTFT is within min(SLO / 2, best + (SLO - best) / 4) with best the global lowest, or else
+    the global best itself."""
+    router = make_router("dualmap", 6)
+    blocks = tuple(range(1, prompt // 4 + 1))
+    for i, (tokens, n) in enumerate(zip(backlogs, held, strict=True)):
+        load_instance(router, f"p{i}", tokens, str(i))
+        router.on_kv_stored(f"p{i}", blocks[:n])
+    request = RouteRequest("probe", prompt, blocks, ttft_slo_s=slo)
+    view = router._view()
+    matches = view.match(request)
+    predicted = {i: view.predicted_ttft(i, request, matches.get(i, 0)) for i in view.prefill_set}
+    best = min(predicted.values())
+    candidates = router.policy.candidates(request)  # type: ignore[attr-defined]
+    placement = router.route(request)
+    chosen = placement.prefill_instance or ""
+    assert placement.predicted_ttft_s == pytest.approx(predicted[chosen])
+    bound = min(slo / 2, best + max(0.0, slo - best) / 4)
+    best_candidate = min(predicted[c] for c in candidates)
+    if best_candidate <= bound:  # the affinity holds: the better candidate keeps it
+        assert chosen in candidates and not placement.fallback
+        assert predicted[chosen] == best_candidate
+    else:  # no candidate is good enough: the fastest instance anywhere
+        assert predicted[chosen] == pytest.approx(best)
+        assert placement.fallback == (chosen not in candidates)
 
 
 def test_dualmap_rebalance_moves_queued_work_only_past_the_slo() -> None:
@@ -227,3 +298,51 @@ def test_fast_fallback_scan_equals_the_plain_minimum() -> None:
             )
         )
         assert fast == (plain[2], pytest.approx(plain[0]))
+
+
+def test_dualmap_keys_past_a_hot_shared_prefix() -> None:
+    from splitserve.router.policies import DualMap, HotPrefixes
+
+    hot = HotPrefixes(window=100, share=0.05, min_count=8)
+    system = (101, 102, 103)  # three blocks every request starts with
+    for i in range(40):
+        hot.observe((*system, 1000 + i, 2000 + i))
+    assert hot.hot_depth((*system, 5000, 5001)) == 3
+    assert hot.hot_depth((101, 999)) == 0  # block 101 is shared but always continues to 102
+    assert hot.hot_depth((7, 8)) == 0
+    for i in range(200):  # the window forgets
+        hot.observe((9000 + i,))
+    assert hot.hot_depth((*system, 5000)) == 0 and 101 not in hot.counts
+
+    router = make_router("dualmap", 16)
+    policy = router.policy
+    assert isinstance(policy, DualMap)
+    owners = set()
+    for i in range(60):  # sessions behind one system prompt: keys spread once it is hot
+        request = req(f"s{i}", 24, (*system, 3000 + i, 4000 + i))
+        placement = router.route(request)
+        if i >= 20:
+            owners.add(placement.candidates)
+        router.on_finish(request.request_id)
+    assert len(owners) > 8
+    # A turn that repeats a session's blocks keys like the session's earlier turn.
+    first = req("t1", 24, (*system, 3000, 4000))
+    later = req("t2", 40, (*system, 3000, 4000, 4500, 4600))
+    assert policy.candidates(first) == policy.candidates(later)
+    # A prompt that is all hot prefix keys on its own id.
+    assert policy.key(req("x", 12, system)) != policy.key(req("y", 12, system))
+
+
+def test_one_long_conversation_is_not_a_hot_prefix() -> None:
+    from splitserve.router.policies import HotPrefixes
+
+    hot = HotPrefixes(window=100, share=0.05, min_count=8, min_fanout=4)
+    history: tuple[int, ...] = (1,)
+    for turn in range(30):  # each turn repeats the last and adds two blocks
+        hot.observe(history)
+        history = (*history, 100 + 2 * turn, 101 + 2 * turn)
+    assert hot.hot_depth(history) == 0  # shared by many requests, but continued one way
+    hot.observe((1, 555))
+    hot.observe((1, 556))
+    hot.observe((1, 557))
+    assert hot.hot_depth((1, 999)) == 1  # block 1 now fans out four ways

@@ -53,6 +53,18 @@ def test_empty_instance_set_raises_typed_error_at_once() -> None:
         router.route(request("r"))
 
 
+def test_decode_only_router_places_prompts_within_the_local_bound() -> None:
+    """No prefill instance (a colocated cluster): prompts that prefill on decode are placed;
+    a longer one still needs a prefill instance."""
+    router = Router("dualmap", RouterConfig(block_size=16, local_prefill_max_tokens=100))
+    router.add_instance("d0", {D}, kv_capacity_blocks=100)
+    placement = router.route(request("r", 100))
+    assert placement.skip_remote_prefill and placement.prefill_instance is None
+    assert placement.decode_instance == "d0"
+    with pytest.raises(NoInstanceAvailable, match="prefill"):
+        router.route(request("long", 101))
+
+
 def test_unhealthy_instances_are_skipped_and_all_unhealthy_raises() -> None:
     router, _ = cluster("round_robin")
     router.set_healthy("p1", False)

@@ -81,7 +81,7 @@ def test_find_capacity_bisects_to_the_threshold() -> None:
 
 
 def test_bench_cli_writes_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from splitserve.cluster.cli import main as splitserve_cli
+    from splitserve.cluster.tools.cli import main as splitserve_cli
 
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = splitserve_cli(  # `splitserve bench router ...`

@@ -1,0 +1,618 @@
+"""Soak / chaos harness: a local cluster under a mixed HTTP workload while workers are SIGKILLed.
+
+Owns the whole experiment and its verdict; it changes nothing in the system under test.
+
+1. Start a local cluster (default 1 prefill + 2 decode; ``--multimodal``: plus 1 encode worker
+   and a tiny LLaVA model, and some requests carry images) behind the real HTTP frontend.
+2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
+   workload (streaming and not, greedy and seeded, short and long prompts, n > 1) in which
+   10% of requests are aborted by the client at a random point and 5% are malformed, while a
+   random worker is SIGKILLed every ``--kill-every`` seconds. A 503 (documented while no worker
+   of a role is alive) is retried by the client, as a real client would.
+3. Stop the kills; wait for the worker set to be restored; run ``check_integrity()`` on every
+   live worker (leaked blocks, stranded leases).
+4. Replay every completed request on a fault-free single engine (same HTTP frontend) and
+   compare text and finish reasons choice by choice.
+
+Prints a JSON summary (``requests, completed, aborted, kills, replacements, mismatches,
+leaked_blocks, stranded_leases, p99_latency_s_faulty, p99_latency_s_quiet`` and more) and exits
+1 on any mismatch, leak, stranded lease, lost request, unexpected status or unrestored worker.
+
+    .venv/bin/python bench/soak.py --duration 600 --kill-every 6      # also: make soak
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import faulthandler
+import io
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # tests.utils makes the tiny models
+    sys.path.insert(0, str(ROOT))
+
+MAX_MODEL_LEN = 512
+MALFORMED_STATUSES = {400, 404, 413}
+RETRY_503_S = 0.2
+REQUEST_TIMEOUT_S = 120.0
+"""A request with no answer after this long is recorded as lost (a hang), not waited for."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout is the JSON summary)."""
+    print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """One soak run."""
+
+    duration_s: float = 600.0
+    """Length of the faulty phase."""
+    kill_every_s: float = 6.0
+    """A random worker is SIGKILLed this often during the faulty phase."""
+    quiet_s: float | None = None
+    """Length of the fault-free phase before it (None: a fifth of the duration, 10-60 s)."""
+    prefill: int = 1
+    decode: int = 2
+    multimodal: bool = False
+    """Add 1 encode worker, serve a tiny LLaVA model and send some images."""
+    concurrency: int = 6
+    """Requests in flight at once."""
+    abort_fraction: float = 0.10
+    malformed_fraction: float = 0.05
+    seed: int = 0
+    model: str | None = None
+    """Model folder (None: a tiny random model made for the run)."""
+    max_503_wait_s: float = 300.0
+    """A request still refused with 503 after this long counts as lost. Replacing a killed
+    worker (a new Ray actor loading the model) takes seconds on a quiet machine but can take
+    over a minute on a loaded one, and the only prefill worker's death means 503s until then;
+    a real client retries for its own deadline, as this one does."""
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.kill_every_s <= 0:
+            raise ValueError("duration and kill_every must be > 0")
+        if not 0 <= self.abort_fraction + self.malformed_fraction < 1:
+            raise ValueError("abort + malformed fractions must be in [0, 1)")
+        if self.prefill < 1 or self.decode < 1 or self.concurrency < 1:
+            raise ValueError("need >= 1 prefill, >= 1 decode worker and concurrency >= 1")
+
+    @property
+    def quiet_phase_s(self) -> float:
+        return self.quiet_s if self.quiet_s is not None else min(max(self.duration_s / 5, 10), 60)
+
+
+# ====================================================================== workload
+
+
+@dataclass
+class Spec:
+    """One request of the workload and what the client will do with it."""
+
+    index: int
+    kind: str
+    """``ok``, ``abort`` or ``malformed``."""
+    path: str
+    body: Any
+    """A JSON-able body, or raw bytes (a malformed one)."""
+    abort_after_chunks: int = 0
+    """For ``abort``: stream events read before the client hangs up (non-streaming: -1,
+    cancel after ``abort_after_s``)."""
+    abort_after_s: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What one request got."""
+
+    spec: Spec
+    phase: str
+    status: int = 0
+    choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """index -> {"text", "finish_reason"} of a completed request."""
+    latency_s: float = 0.0
+    retries_503: int = 0
+    error: str = ""
+
+
+def _png(rng: random.Random) -> str:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (32, 32, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _sampling(rng: random.Random) -> dict[str, Any]:
+    body: dict[str, Any] = {"max_tokens": rng.randint(4, 24), "ignore_eos": rng.random() < 0.7}
+    if rng.random() < 0.5:
+        body["temperature"] = 0.0
+    else:
+        body.update(temperature=0.8, top_p=0.95, seed=rng.randrange(2**31))
+    body["n"] = rng.choice([1, 1, 1, 2, 3])
+    body["stream"] = rng.random() < 0.5
+    return body
+
+
+def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dict[str, Any]]:
+    body = {"model": "soak", **_sampling(rng)}
+    if multimodal and rng.random() < 0.3:
+        content = [{"type": "text", "text": "Describe"},
+                   {"type": "image_url", "image_url": {"url": _png(rng)}}]
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": content}]}
+    long = rng.random() < 0.3
+    length = rng.randint(100, 300) if long else rng.randint(4, 40)
+    shared = [7] * 32 if rng.random() < 0.3 else []  # some prefix reuse for the router
+    prompt = shared + [rng.randrange(3, vocab) for _ in range(length)]
+    if rng.random() < 0.3:
+        messages = [{"role": "user", "content": f"question {rng.randrange(10**6)}"}]
+        return "/v1/chat/completions", {**body, "messages": messages}
+    return "/v1/completions", {**body, "prompt": prompt}
+
+
+_MALFORMED: list[tuple[str, Any]] = [
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", {"model": "soak", "prompt": {"a": 1}}),
+    ("/v1/completions", {"model": "soak", "prompt": [1, 2], "max_tokens": -3}),
+    ("/v1/completions", {"model": "soak", "prompt": [1, 2], "n": 0}),
+    ("/v1/completions", {"model": "soak", "prompt": [1, 2], "temperature": 9}),
+    ("/v1/completions", {"model": "no-such-model", "prompt": [1, 2]}),
+    ("/v1/completions", {"model": "soak", "prompt": [10**9, 2]}),
+    ("/v1/completions", {"model": "soak", "prompt": [5] * (MAX_MODEL_LEN + 8)}),
+    ("/v1/chat/completions", {"model": "soak", "messages": []}),
+    ("/v1/chat/completions", {"model": "soak", "messages": [{"role": "wizard", "content": "x"}]}),
+]
+
+
+def make_spec(index: int, rng: random.Random, cfg: SoakConfig, vocab: int) -> Spec:
+    """The ``index``-th request of the workload (deterministic for a seed)."""
+    draw = rng.random()
+    if draw < cfg.malformed_fraction:
+        path, body = _MALFORMED[rng.randrange(len(_MALFORMED))]
+        return Spec(index, "malformed", path, body)
+    path, body = _ok_body(rng, vocab, cfg.multimodal)
+    if draw < cfg.malformed_fraction + cfg.abort_fraction:
+        chunks = rng.randint(0, 4) if body["stream"] else -1
+        return Spec(index, "abort", path, body, chunks, rng.uniform(0.0, 0.5))
+    return Spec(index, "ok", path, body)
+
+
+# ====================================================================== client
+
+
+async def _read_stream(response: Any, outcome: Outcome, stop_after: int | None) -> bool:
+    """Fold SSE chunks into choices; False if the client hung up (``stop_after`` events)."""
+    seen = 0
+    async for line in response.aiter_lines():
+        if not line.startswith("data: "):
+            continue
+        if stop_after is not None and seen >= stop_after:
+            return False
+        seen += 1
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            return True
+        chunk = json.loads(data)
+        if "error" in chunk:
+            outcome.error = f"stream error: {chunk['error'].get('message')}"
+            continue
+        for c in chunk.get("choices", []):
+            slot = outcome.choices.setdefault(c["index"], {"text": "", "finish_reason": None})
+            slot["text"] += c.get("delta", {}).get("content") or c.get("text") or ""
+            slot["finish_reason"] = c.get("finish_reason") or slot["finish_reason"]
+    return True
+
+
+def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    out = {}
+    for c in payload.get("choices", []):
+        text = c["message"]["content"] if "message" in c else c["text"]
+        out[c["index"]] = {"text": text, "finish_reason": c["finish_reason"]}
+    return out
+
+
+async def _send_once(http: Any, spec: Spec, outcome: Outcome) -> None:
+    body = spec.body
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    if isinstance(body, bytes):
+        kwargs["headers"] = {"content-type": "application/json"}
+    if isinstance(body, dict) and body.get("stream"):
+        stop_after = spec.abort_after_chunks if spec.kind == "abort" else None
+        async with http.stream("POST", spec.path, **kwargs) as r:
+            outcome.status = r.status_code
+            if r.status_code == 200:
+                await _read_stream(r, outcome, stop_after)
+            else:
+                outcome.error = _error_message(await r.aread())
+        return
+    if spec.kind == "abort":
+        try:
+            r = await asyncio.wait_for(http.post(spec.path, **kwargs), spec.abort_after_s)
+        except TimeoutError:
+            outcome.status = 499  # the client gave up: the server must abort it
+            return
+    else:
+        r = await http.post(spec.path, **kwargs)
+    outcome.status = r.status_code
+    if r.status_code == 200:
+        outcome.choices = _whole(r.json())
+    else:
+        outcome.error = _error_message(r.content)
+
+
+def _error_message(body: bytes) -> str:
+    """The OpenAI error body's message (and param), else the raw body."""
+    try:
+        error = json.loads(body)["error"]
+        return f"{error.get('message')} (param {error.get('param')})"
+    except (ValueError, KeyError, TypeError):
+        return body[:300].decode(errors="replace")
+
+
+async def run_request(http: Any, spec: Spec, phase: str, cfg: SoakConfig) -> Outcome:
+    """Send ``spec`` (retrying documented 503s); the outcome."""
+    outcome = Outcome(spec, phase)
+    start = time.monotonic()
+    give_up = start + cfg.max_503_wait_s
+    attempt = 0
+    while True:
+        outcome.choices, outcome.error = {}, ""
+        try:
+            await asyncio.wait_for(_send_once(http, spec, outcome), REQUEST_TIMEOUT_S)
+        except TimeoutError:
+            outcome.status, outcome.error = -1, f"no answer within {REQUEST_TIMEOUT_S:g} s"
+            log(f"request {spec.index} hung: {spec.path} {str(spec.body)[:200]}")
+        except Exception as e:  # noqa: BLE001 - a transport failure is recorded, not raised
+            outcome.status, outcome.error = -1, f"{type(e).__name__}: {e}"
+        if outcome.status != 503 or spec.kind == "malformed" or time.monotonic() > give_up:
+            break
+        attempt += 1
+        outcome.retries_503 = attempt
+        await asyncio.sleep(RETRY_503_S)
+    outcome.latency_s = time.monotonic() - start
+    if spec.kind == "ok" and (outcome.status != 200 or outcome.error):
+        log(f"request {spec.index} lost after {outcome.latency_s:.1f} s, "
+            f"{outcome.retries_503} retried 503s: status {outcome.status} {_ends(outcome.error)}")
+    return outcome
+
+
+async def drive(base_url: str, cfg: SoakConfig, vocab: int, until: float, phase: str,
+                rng: random.Random, start_index: int) -> list[Outcome]:
+    """Keep ``cfg.concurrency`` requests in flight until ``until`` (monotonic); all outcomes."""
+    import httpx
+
+    outcomes: list[Outcome] = []
+    counter = iter(range(start_index, 10**9))
+    timeout = httpx.Timeout(300.0, connect=30.0)
+    limits = httpx.Limits(max_connections=cfg.concurrency * 2)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+
+        async def lane() -> None:
+            while time.monotonic() < until:
+                spec = make_spec(next(counter), rng, cfg, vocab)
+                outcomes.append(await run_request(http, spec, phase, cfg))
+
+        await asyncio.gather(*(lane() for _ in range(cfg.concurrency)))
+    return outcomes
+
+
+# ====================================================================== chaos
+
+
+class Killer:
+    """SIGKILLs a random live worker every ``every_s`` seconds (on its own thread)."""
+
+    def __init__(self, cluster: Any, every_s: float, rng: random.Random) -> None:
+        self.cluster, self.every_s, self.rng = cluster, every_s, rng
+        self.kills: list[dict[str, Any]] = []
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.every_s)
+                return
+            except TimeoutError:
+                self.kill_one()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def kill_one(self) -> None:
+        live = [h for h in list(self.cluster.workers.values())
+                if h.healthy and not h.draining and h.info.get("pid")]
+        if not live:
+            return
+        victim = self.rng.choice(live)
+        try:
+            os.kill(int(victim.info["pid"]), signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.kills.append({"t": time.time(), "worker": victim.worker_id, "role": victim.role})
+        log(f"SIGKILL {victim.worker_id} (pid {victim.info['pid']})")
+
+
+def wait_restored(cluster: Any, wanted: dict[str, int], timeout_s: float,
+                  killed: Sequence[str] = ()) -> bool:
+    """Until every role has its configured number of healthy workers, none is starting, and
+    every killed worker has been noticed as dead (a kill just before the faulty phase ended
+    must not pass for a live worker)."""
+    deadline = time.monotonic() + timeout_s
+    killed = set(killed)
+    while time.monotonic() < deadline:
+        roles: dict[str, int] = {}
+        unnoticed = False
+        for h in list(cluster.workers.values()):
+            if h.healthy and not h.draining:
+                roles[h.role] = roles.get(h.role, 0) + 1
+                unnoticed = unnoticed or h.worker_id in killed
+        if roles == wanted and not cluster.membership.replacing and not unnoticed:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def integrity(cluster: Any, timeout_s: float = 120.0) -> dict[str, Any]:
+    """``check_integrity()`` of every live worker, once each is idle; totals."""
+    import ray
+
+    totals: dict[str, Any] = {"leaked_blocks": 0, "stranded_leases": 0, "problems": []}
+    live = [h for h in list(cluster.workers.values()) if h.healthy and h.role != "encode"]
+    totals["checked_workers"] = [h.worker_id for h in live]
+    for h in live:
+        try:
+            _wait_idle(h.actor, timeout_s)  # in-flight aborts settle first
+            report = ray.get(h.actor.check_integrity.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError as e:
+            totals["problems"].append(f"{h.worker_id}: died during the check: {e}")
+            continue
+        totals["leaked_blocks"] += report["leaked_blocks"]
+        totals["stranded_leases"] += report["stranded_leases"]
+        totals["problems"] += [f"{h.worker_id}: {p}" for p in report["problems"]]
+    return totals
+
+
+def _wait_idle(actor: Any, timeout_s: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = ray.get(actor.stats.remote(), timeout=30)
+        if stats.get("num_running", 0) == 0 and stats.get("num_waiting", 0) == 0:
+            return
+        time.sleep(0.1)
+
+
+# ====================================================================== reference
+
+
+async def reference_choices(base_url: str, specs: Sequence[Spec],
+                            concurrency: int) -> dict[int, dict[int, dict[str, Any]]]:
+    """Each spec's choices from the fault-free server (whole, not streamed)."""
+    import httpx
+
+    results: dict[int, dict[int, dict[str, Any]]] = {}
+    queue = list(specs)
+    async with httpx.AsyncClient(base_url=base_url, timeout=300.0) as http:
+
+        async def lane() -> None:
+            while queue:
+                spec = queue.pop()
+                body = {**spec.body, "stream": False}
+                r = await http.post(spec.path, json=body)
+                r.raise_for_status()
+                results[spec.index] = _whole(r.json())
+
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return results
+
+
+def compare(outcomes: Sequence[Outcome],
+            reference: dict[int, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Requests whose choices differ from the reference (first few details kept)."""
+    mismatches = []
+    for o in outcomes:
+        want = reference.get(o.spec.index)
+        if want is not None and o.choices != want:
+            mismatches.append({"index": o.spec.index, "phase": o.phase, "path": o.spec.path,
+                               "body": o.spec.body, "got": o.choices, "want": want,
+                               "retries_503": o.retries_503})
+    return mismatches
+
+
+# ====================================================================== the run
+
+
+def _models(cfg: SoakConfig, tmp: Path) -> str:
+    if cfg.model is not None:
+        return cfg.model
+    from tests.utils import make_tiny_llama, make_tiny_llava, smollm_tokenizer_dir
+
+    tok = smollm_tokenizer_dir(tmp / "tok")
+    if cfg.multimodal:
+        return str(make_tiny_llava(tmp / "tiny-llava", tok))
+    return str(make_tiny_llama(tmp / "tiny-llama", tok))
+
+
+def _p99(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 4)
+
+
+def _serve(backend: Any) -> Any:
+    from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+
+    opts = ServeOptions(port=0, grpc_port=None, served_model_name="soak", max_in_flight=None)
+    return BackgroundServer(backend, opts)
+
+
+def run_soak(cfg: SoakConfig) -> dict[str, Any]:
+    """Run the whole experiment; the summary (``ok`` says whether it passed)."""
+    from splitserve.cluster.cluster import Cluster
+    from splitserve.cluster.frontends.backend import ClusterBackend, EngineBackend
+
+    rng = random.Random(cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        model = _models(cfg, Path(tmp))
+        encode = 1 if cfg.multimodal else 0
+        cluster = Cluster.local(prefill=cfg.prefill, decode=cfg.decode, encode=encode,
+                                model=model, max_model_len=MAX_MODEL_LEN,
+                                kv_cache_memory_bytes=64 << 20)
+        wanted = {"prefill": cfg.prefill, "decode": cfg.decode, **({"encode": 1} if encode else {})}
+        killer = Killer(cluster, cfg.kill_every_s, rng)
+        with _serve(ClusterBackend(cluster)) as server:
+            vocab = int(cluster.tokenizer.vocab_size)
+            outcomes = _phases(server.http_url, cfg, vocab, rng, killer)
+            log(f"{len(outcomes)} requests sent; waiting for the worker set {wanted}")
+            restored = wait_restored(cluster, wanted, timeout_s=240,
+                                     killed=[k["worker"] for k in killer.kills])
+            log(f"restored={restored}; integrity checks")
+            checks = integrity(cluster)
+            replacements = int(cluster.status()["counters"].get("workers_replaced", 0))
+        cluster.shutdown()
+        log("reference run on a fault-free single engine")
+        completed = [o for o in outcomes if o.spec.kind == "ok" and o.status == 200
+                     and not o.error]
+        reference_backend = EngineBackend.from_config(model=model, max_model_len=MAX_MODEL_LEN,
+                                                      kv_cache_memory_bytes=256 << 20)
+        with _serve(reference_backend) as ref_server:
+            reference = asyncio.run(reference_choices(
+                ref_server.http_url, [o.spec for o in completed], cfg.concurrency))
+    return summarize(cfg, outcomes, killer, replacements, restored, checks,
+                     compare(completed, reference))
+
+
+def _phases(url: str, cfg: SoakConfig, vocab: int, rng: random.Random,
+            killer: Killer) -> list[Outcome]:
+    async def both() -> list[Outcome]:
+        log(f"quiet phase {cfg.quiet_phase_s:g} s")
+        quiet = await drive(url, cfg, vocab, time.monotonic() + cfg.quiet_phase_s, "quiet",
+                            rng, 0)
+        log(f"faulty phase {cfg.duration_s:g} s, a SIGKILL every {cfg.kill_every_s:g} s")
+        chaos = asyncio.create_task(killer.run())
+        try:
+            faulty = await drive(url, cfg, vocab, time.monotonic() + cfg.duration_s, "faulty",
+                                 rng, len(quiet))
+        finally:
+            killer.stop()
+            await chaos
+        return quiet + faulty
+
+    return asyncio.run(both())
+
+
+def summarize(cfg: SoakConfig, outcomes: Sequence[Outcome], killer: Killer, replacements: int,
+              restored: bool, checks: dict[str, Any],
+              mismatches: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.spec.kind == "ok"]
+    completed = [o for o in ok if o.status == 200 and not o.error]
+    lost = [o for o in ok if not (o.status == 200 and not o.error)]
+    malformed = [o for o in outcomes if o.spec.kind == "malformed"]
+    bad_malformed = [o for o in malformed if o.status not in MALFORMED_STATUSES]
+    aborted = [o for o in outcomes if o.spec.kind == "abort"]
+    unexpected = [o for o in aborted if o.status not in (200, 499) or o.status >= 500]
+    server_errors = [o for o in outcomes if o.status >= 500 and o.status != 503]
+    summary: dict[str, Any] = {
+        "requests": len(outcomes),
+        "completed": len(completed),
+        "aborted": len(aborted),
+        "malformed": len(malformed),
+        "kills": len(killer.kills),
+        "replacements": replacements,
+        "mismatches": len(mismatches),
+        "leaked_blocks": checks["leaked_blocks"],
+        "stranded_leases": checks["stranded_leases"],
+        "p99_latency_s_faulty": _p99([o.latency_s for o in completed if o.phase == "faulty"]),
+        "p99_latency_s_quiet": _p99([o.latency_s for o in completed if o.phase == "quiet"]),
+        "lost": len(lost),
+        "server_errors": len(server_errors),
+        "malformed_not_4xx": len(bad_malformed),
+        "aborts_unexpected_status": len(unexpected),
+        "retried_503": sum(o.retries_503 for o in outcomes),
+        "integrity_problems": checks["problems"][:20],
+        "checked_workers": checks.get("checked_workers", []),
+        "workers_restored": restored,
+        "killed_roles": _count(k["role"] for k in killer.kills),
+        "duration_s": cfg.duration_s,
+        "kill_every_s": cfg.kill_every_s,
+        "examples": {
+            "mismatch": mismatches[:3],
+            "lost": [_brief(o) for o in lost[:5]],
+            "server_error": [_brief(o) for o in server_errors[:5]],
+            "malformed_not_4xx": [_brief(o) for o in bad_malformed[:5]],
+            "abort_unexpected_status": [_brief(o) for o in unexpected[:5]],
+        },
+    }
+    summary["ok"] = not (mismatches or lost or server_errors or bad_malformed or unexpected
+                         or checks["leaked_blocks"] or checks["stranded_leases"]
+                         or checks["problems"] or not restored)
+    return summary
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def _ends(error: str) -> str:
+    """An error's head and tail (a worker's error names its exception at the end)."""
+    return error if len(error) <= 900 else f"{error[:300]} ... {error[-600:]}"
+
+
+def _brief(o: Outcome) -> dict[str, Any]:
+    body = o.spec.body if not isinstance(o.spec.body, bytes) else o.spec.body.decode()
+    return {"index": o.spec.index, "status": o.status, "error": _ends(o.error),
+            "path": o.spec.path, "body": str(body)[:300], "retries_503": o.retries_503}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=600.0, help="faulty phase, seconds")
+    parser.add_argument("--kill-every", type=float, default=6.0, help="SIGKILL period, seconds")
+    parser.add_argument("--quiet", type=float, default=None, help="fault-free phase, seconds")
+    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--multimodal", action="store_true",
+                        help="1 encode worker, a tiny LLaVA model, some requests with images")
+    parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model folder (default: tiny random)")
+    parser.add_argument("--json", default=None, help="also write the summary here")
+    args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack on stderr
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("UCX_TLS", "tcp,self")
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    cfg = SoakConfig(duration_s=args.duration, kill_every_s=args.kill_every, quiet_s=args.quiet,
+                     prefill=args.prefill, decode=args.decode, multimodal=args.multimodal,
+                     concurrency=args.concurrency, seed=args.seed, model=args.model)
+    summary = run_soak(cfg)
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""gRPC frontend (grpc.aio): ``splitserve.v1.InferenceService``, health and reflection.
+
+Owns the translation between the protobuf messages of ``proto/splitserve/v1/inference.proto``
+and the Backend, gRPC status codes, the API key (``authorization`` metadata), the standard
+``grpc.health.v1`` service (kept in step with ``Backend.health()``) and server reflection.
+A deadline or a cancelled stream cancels the handler, which closes the backend stream and so
+aborts the request and frees its KV. Must not know what kind of backend it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from splitserve import __version__
+from splitserve.cluster.frontends.auth import ApiKeyCheck
+from splitserve.cluster.frontends.backend import Backend, PromptInput
+from splitserve.cluster.frontends.metrics import RequestRecorder, ServerMetrics
+from splitserve.cluster.frontends.prompts import chat_prompt_ids, new_request_id
+from splitserve.cluster.frontends.streams import (
+    Accumulator,
+    ChoiceDelta,
+    close_all,
+    merge,
+    open_streams,
+)
+from splitserve.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    NoHealthyWorkerError,
+    OverloadedError,
+)
+from splitserve.outputs import Logprob
+from splitserve.proto.splitserve.v1 import inference_pb2 as pb
+from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
+from splitserve.roles.engine.structured import check_structured
+from splitserve.roles.models.image import load_image
+from splitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_HEALTH_POLL_S = 1.0
+_OPTIONAL_SAMPLING = (
+    "n",
+    "max_tokens",
+    "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "ignore_eos",
+    "logprobs",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+
+
+def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message of a backend exception."""
+    if isinstance(e, InvalidRequestError):
+        field = e.field or "request"
+        message = str(e) if field in str(e) else f"{field}: {e}"
+        return grpc.StatusCode.INVALID_ARGUMENT, message
+    if isinstance(e, DuplicateRequestError):
+        return grpc.StatusCode.ALREADY_EXISTS, str(e)
+    if isinstance(e, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e) or "server overloaded"
+    if isinstance(e, NoHealthyWorkerError):
+        return grpc.StatusCode.UNAVAILABLE, str(e) or "no healthy worker"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: BaseException) -> NoReturn:
+    code, message = status_for(e)
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _load_proto(load: Any) -> pb.WorkerLoad:
+    """A WorkerLoad message from the backend's snapshot; counters the proto does not carry
+    (yet) stay out instead of failing the whole RPC."""
+    fields = pb.WorkerLoad.DESCRIPTOR.fields_by_name
+    return pb.WorkerLoad(**{k: v for k, v in vars(load).items() if k in fields})
+
+
+def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Engine parameters from the optional proto fields (unset: vLLM's defaults)."""
+    kwargs: dict[str, Any] = {
+        name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)
+    }
+    if "seed" in kwargs:
+        kwargs["seed"] %= 2**63
+    if msg.stop:
+        kwargs["stop"] = list(msg.stop)
+    if msg.stop_token_ids:
+        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def structured_from_proto(request: pb.GenerateRequest) -> dict[str, Any] | None:
+    """``GenerateRequest.structured_outputs`` as SamplingParams' dict form (None when unset)."""
+    if not request.HasField("structured_outputs"):
+        return None
+    msg = request.structured_outputs
+    kind = msg.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequestError(
+            "structured_outputs: set one of json, json_object, regex, choice, grammar",
+            "structured_outputs",
+        )
+    value: Any = getattr(msg, kind)
+    if kind == "choice":
+        value = list(value.values)
+    out: dict[str, Any] = {kind: value}
+    if msg.HasField("disable_any_whitespace"):
+        out["disable_any_whitespace"] = msg.disable_any_whitespace
+    return out
+
+
+def _messages(msg: pb.ChatMessages) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.content} for m in msg.messages]
+
+
+def _add_generation_prompt(msg: pb.ChatMessages) -> bool:
+    return msg.add_generation_prompt if msg.HasField("add_generation_prompt") else True
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """``splitserve.v1.InferenceService`` over a Backend."""
+
+    def __init__(
+        self, backend: Backend, served_model_name: str | None, metrics: ServerMetrics | None
+    ) -> None:
+        self.backend = backend
+        self.model_name = served_model_name or backend.model_id
+        self.metrics = metrics or ServerMetrics(self.model_name)
+
+    def _prompt(self, request: pb.GenerateRequest) -> PromptInput:
+        prompt = self._input(request)
+        if not request.images:
+            return prompt
+        if self.backend.image_token is None:
+            raise InvalidRequestError(
+                "images: the served model is text-only; it takes no images", "images"
+            )
+        images = list(request.images)
+        for i, data in enumerate(images):  # a malformed image is this request's error
+            load_image(data, field=f"images[{i}]")
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        return {key: prompt, "multi_modal_data": {"image": images}}
+
+    def _input(self, request: pb.GenerateRequest) -> str | list[int]:
+        kind = request.WhichOneof("input")
+        if kind == "text":
+            return request.text
+        if kind == "token_ids":
+            return list(request.token_ids.ids)
+        if kind == "messages":
+            msgs = _messages(request.messages)
+            return chat_prompt_ids(
+                self.backend.tokenizer, msgs, _add_generation_prompt(request.messages)
+            )
+        raise InvalidRequestError("input: set one of text, token_ids or messages", "input")
+
+    def _check_model(self, model: str) -> None:
+        if model and model not in (self.model_name, self.backend.model_id):
+            raise _NotFound(f"model: `{model}` is not served here (serving `{self.model_name}`)")
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request.request_id or new_request_id("grpc")
+        recorder = self.metrics.recorder()  # starts the clock before the first token
+        try:
+            self._check_model(request.model)
+            prompt = self._prompt(request)
+            params = sampling_params_from_proto(request.sampling_params)
+            structured = structured_from_proto(request)
+            if structured is not None:
+                params = dataclasses.replace(params, structured_outputs=structured)
+                check_structured(params.structured_outputs)  # INVALID_ARGUMENT before placement
+            streams = await open_streams(self.backend, [prompt], params, rid)
+        except _NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Exception as e:
+            self.metrics.record_failure(status_for(e)[0].name)
+            await _abort(context, e)
+        try:
+            async for response in self._stream(rid, params, streams, recorder):
+                yield response
+        finally:  # a cancelled call may never resume the generator: end its requests here
+            await close_all(streams)
+
+    async def _stream(
+        self, rid: str, params: SamplingParams, streams: list[Any], recorder: RequestRecorder
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        acc = Accumulator(params.n)
+        stream = merge(streams)
+        try:
+            async for i, delta in stream:
+                recorder.observe(delta)
+                for cd in acc.add(i, delta):
+                    yield pb.GenerateResponse(request_id=rid, chunk=_chunk(cd, params))
+        finally:
+            await stream.aclose()
+        reasons = [c.finish_reason for c in acc.ordered()]
+        recorder.finish(sum(acc.prompt_tokens.values()), reasons)
+        yield pb.GenerateResponse(request_id=rid, complete=_complete(acc, recorder.timing()))
+
+    async def Abort(
+        self,
+        request: pb.AbortRequest,
+        context: grpc.aio.ServicerContext,  # noqa: N802
+    ) -> pb.AbortResponse:
+        for rid in request.request_ids:
+            await self.backend.abort(rid)
+        return pb.AbortResponse()
+
+    async def Tokenize(  # noqa: N802
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        tok = self.backend.tokenizer
+        try:
+            kind = request.WhichOneof("input")
+            if kind == "messages":
+                ids = chat_prompt_ids(
+                    tok, _messages(request.messages), _add_generation_prompt(request.messages)
+                )
+            elif kind == "text":
+                special = (
+                    request.add_special_tokens if request.HasField("add_special_tokens") else True
+                )
+                ids = tok.encode(request.text, add_special_tokens=special)
+            else:
+                raise InvalidRequestError("input: set one of text or messages", "input")
+        except Exception as e:
+            await _abort(context, e)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self.backend.max_model_len)
+
+    async def Detokenize(  # noqa: N802
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        tok = self.backend.tokenizer
+        if any(t >= tok.vocab_size for t in request.token_ids):
+            await _abort(
+                context,
+                InvalidRequestError(f"token_ids must be in [0, {tok.vocab_size})", "token_ids"),
+            )
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=tok.decode(list(request.token_ids), skip))
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        model = pb.ModelInfo(
+            id=self.model_name,
+            root=self.backend.model_id,
+            max_model_len=self.backend.max_model_len,
+            owned_by="splitserve",
+        )
+        return pb.ListModelsResponse(models=[model])
+
+    async def GetServerInfo(  # noqa: N802
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        h = await self.backend.health()
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            model=self.model_name,
+            max_model_len=self.backend.max_model_len,
+            healthy=h.healthy,
+            workers=h.workers,
+            backend=self.backend.kind,
+        )
+
+    async def GetLoads(  # noqa: N802
+        self, request: pb.GetLoadsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetLoadsResponse:
+        loads = await self.backend.loads()
+        return pb.GetLoadsResponse(loads=[_load_proto(load) for load in loads])
+
+
+class _NotFound(Exception):
+    """An unknown model name (NOT_FOUND)."""
+
+
+def _chunk(cd: ChoiceDelta, params: SamplingParams) -> pb.GenerateChunk:
+    logprobs = [_token_logprob(step) for step in cd.logprobs or []]
+    return pb.GenerateChunk(
+        index=cd.index,
+        token_ids=cd.token_ids,
+        text=cd.text,
+        logprobs=logprobs,
+        finish_reason=cd.finish_reason or "",
+    )
+
+
+def _token_logprob(step: dict[int, Logprob]) -> pb.TokenLogprob:
+    (tid, lp), *_ = step.items()  # the engine puts the sampled token first
+    top = [
+        pb.TopLogprob(token_id=t, token=p.decoded_token or "", logprob=p.logprob, rank=p.rank)
+        for t, p in sorted(step.items(), key=lambda kv: kv[1].rank)
+    ]
+    return pb.TokenLogprob(
+        token_id=tid,
+        token=lp.decoded_token or "",
+        logprob=lp.logprob,
+        rank=lp.rank,
+        top_logprobs=top,
+    )
+
+
+def _complete(acc: Accumulator, timing: dict[str, float]) -> pb.GenerateComplete:
+    usage = acc.usage()
+    details = usage["prompt_tokens_details"]
+    assert isinstance(details, dict)
+    results = [
+        pb.CompletionResult(
+            index=c.index,
+            finish_reason=c.finish_reason or "abort",
+            stop_reason="" if c.stop_reason is None else str(c.stop_reason),
+            num_tokens=len(c.token_ids),
+        )
+        for c in acc.ordered()
+    ]
+    return pb.GenerateComplete(
+        completions=results,
+        usage=pb.Usage(
+            prompt_tokens=usage["prompt_tokens"],  # type: ignore[arg-type]
+            completion_tokens=usage["completion_tokens"],  # type: ignore[arg-type]
+            total_tokens=usage["total_tokens"],  # type: ignore[arg-type]
+            cached_tokens=details["cached_tokens"],
+        ),
+        timing=pb.Timing(**timing),
+    )
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless ``authorization: Bearer <key>``; health and reflection stay open."""
+
+    def __init__(self, api_key: str) -> None:
+        self.check = ApiKeyCheck(api_key)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if not details.method.startswith(f"/{SERVICE_NAME}/") or handler is None:
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if self.check.authorized(metadata.get("authorization")):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "invalid or missing API key (metadata authorization: Bearer <key>)"
+
+    async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield None  # pragma: no cover
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
+
+
+async def _track_health(backend: Backend, servicer: health.aio.HealthServicer) -> None:
+    """Mirror ``backend.health()`` into grpc.health.v1 (overall and per service)."""
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    while True:
+        with contextlib.suppress(Exception):
+            status = serving if (await backend.health()).healthy else not_serving
+            for name in ("", SERVICE_NAME):
+                await servicer.set(name, status)
+        await asyncio.sleep(_HEALTH_POLL_S)
+
+
+class GrpcServer:
+    """A running grpc.aio server with its health tracker; ``stop(grace)`` drains it."""
+
+    def __init__(
+        self, server: grpc.aio.Server, health_servicer: Any, tracker: asyncio.Task[None]
+    ) -> None:
+        self.server, self.health, self.tracker = server, health_servicer, tracker
+
+    async def stop(self, grace_s: float) -> None:
+        self.tracker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.tracker
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(
+    backend: Backend,
+    host: str,
+    port: int,
+    *,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    metrics: ServerMetrics | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[GrpcServer, int]:
+    """Start the gRPC frontend on ``host:port`` (0: a free port); returns it and its port.
+    With ``credentials`` it listens with TLS (``add_secure_port``) and nothing else."""
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(backend, served_model_name, metrics), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        SERVICE_NAME,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if credentials is not None:
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    tracker = asyncio.create_task(_track_health(backend, health_servicer))
+    return GrpcServer(server, health_servicer, tracker), bound

@@ -1,0 +1,782 @@
+"""OpenAI-compatible HTTP frontend (FastAPI): completions, chat, models, tokenize, health, metrics.
+
+Owns HTTP concerns only: request bodies and their validation, OpenAI response and error shapes,
+server-sent events, the API key, body size limits, and aborting a request whose client went
+away. Everything that runs a request goes through a ``Backend``; this module must not know
+whether one engine or a cluster is behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from splitserve import __version__
+from splitserve.cluster.frontends import tool_parsers
+from splitserve.cluster.frontends.auth import WWW_AUTHENTICATE, ApiKeyCheck, http_path_is_open
+from splitserve.cluster.frontends.backend import AdmissionBackend, Backend, PromptInput
+from splitserve.cluster.frontends.metrics import CONTENT_TYPE, RequestRecorder, ServerMetrics
+from splitserve.cluster.frontends.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from splitserve.cluster.frontends.prompts import chat_prompt, chat_prompt_ids, new_request_id
+from splitserve.cluster.frontends.streams import (
+    Accumulator,
+    ChoiceDelta,
+    close_all,
+    merge,
+    open_streams,
+)
+from splitserve.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    NoHealthyWorkerError,
+    OverloadedError,
+    RequestAbortedError,
+    SplitserveError,
+)
+from splitserve.outputs import Logprob, RequestOutput
+from splitserve.sampling_params import StructuredOutputsParams
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+MAX_CLIENT_REQUEST_ID_CHARS = 128
+
+
+class APIError(Exception):
+    """An error with an HTTP status and OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """Map backend exceptions to HTTP errors (500 only for bugs)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, InvalidRequestError):
+        return APIError(400, str(e), param=e.field)
+    if isinstance(e, DuplicateRequestError):
+        return APIError(409, str(e), param="x-request-id", code="duplicate_request_id")
+    if isinstance(e, OverloadedError):
+        return APIError(
+            429,
+            str(e) or "server overloaded",
+            "rate_limit_exceeded",
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(e, NoHealthyWorkerError):
+        # a worker of the role is being replaced: worth retrying soon
+        return APIError(503, str(e) or "no healthy worker", "service_unavailable",
+                        headers={"Retry-After": "1"})
+    if isinstance(e, RequestAbortedError):
+        return APIError(503, str(e) or "request aborted", "service_unavailable")
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+
+class _Frontend:
+    """State of one HTTP server: the backend, the served name, metrics, the API key."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        served_model_name: str | None,
+        api_key: str | None,
+        metrics: ServerMetrics | None,
+    ) -> None:
+        self.backend = backend
+        self.model_name = served_model_name or backend.model_id
+        self.auth = ApiKeyCheck(api_key)
+        self.metrics = metrics or ServerMetrics(self.model_name)
+        self.created = int(time.time())
+        self.tool_parser: tool_parsers.ToolParser | None = None
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.model_name, self.backend.model_id):
+            raise APIError(
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+            )
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            err = APIError(413, f"request body over {self.max_bytes} bytes", param="body")
+            await err.response()(scope, receive, send)
+            return
+        await self.app(scope, _limited(receive, self.max_bytes), send)
+
+
+def _limited(receive: Receive, max_bytes: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Any:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > max_bytes:
+            raise APIError(413, f"request body over {max_bytes} bytes", param="body")
+        return message
+
+    return wrapped
+
+
+def build_app(
+    backend: Backend,
+    *,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    metrics: ServerMetrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tool_call_parser: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``backend``; run it with uvicorn. ``tool_call_parser``: how to
+    find tool calls in the model's text for ``tool_choice: auto`` (see ``tool_parsers``)."""
+    app = FastAPI(
+        title="splitserve",
+        version=__version__,
+        description="OpenAI-compatible API of a splitserve deployment.",
+    )
+    front = _Frontend(backend, served_model_name, api_key, metrics)
+    front.tool_parser = tool_parsers.create_parser(tool_call_parser) if tool_call_parser else None
+    app.state.frontend = front
+    _install_error_handlers(app)
+    app.add_middleware(AuthMiddleware, front=front)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    _add_info_routes(app, front)
+    _add_token_routes(app, front)
+    _add_generation_routes(app, front)
+    _install_openapi(app, front)
+    return app
+
+
+# ---------------------------------------------------------------------- errors and auth
+
+
+def _param_of(loc: Sequence[Any]) -> str:
+    """``("body", "messages", 0, "role")`` -> ``messages.0.role``; union branches such as
+    ``"list[int]"`` (pydantic names them after the type) end the path."""
+    parts: list[str] = []
+    for p in loc:
+        if p == "body" and not parts:
+            continue
+        if isinstance(p, str) and (not p.isidentifier() or p in _TYPE_NAMES):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or "body"
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        return _validation_error(e.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        headers = dict(e.headers or {})  # a 405 carries the router's Allow (RFC 9110 15.5.6)
+        return APIError(e.status_code, str(e.detail), type_, headers=headers or None).response()
+
+    @app.exception_handler(SplitserveError)
+    async def _ours(_: Request, e: SplitserveError) -> JSONResponse:
+        return to_api_error(e).response()
+
+    @app.exception_handler(Exception)
+    async def _other(_: Request, e: Exception) -> JSONResponse:
+        return to_api_error(e).response()
+
+
+def _validation_error(errors: Sequence[Any]) -> APIError:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param_of(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {first.get('msg')}", param="body")
+    message = f"{param}: {first.get('msg')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return APIError(400, message, param=param)
+
+
+class AuthMiddleware:
+    """With a key set, 401 (with ``WWW-Authenticate``) on every path but the open ones
+    (auth.OPEN_HTTP_PATHS) unless ``Authorization: Bearer <key>`` matches (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, front: _Frontend) -> None:
+        self.app, self.front = app, front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.front.auth.required
+            and not http_path_is_open(scope["path"])
+        ):
+            header = dict(scope.get("headers", [])).get(b"authorization")
+            if not self.front.auth.authorized(header):
+                err = APIError(
+                    401,
+                    "invalid or missing API key (Authorization: Bearer <key>)",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": WWW_AUTHENTICATE},
+                )
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------- info routes
+
+
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; every non-2xx answer of this server has it."""
+
+    error: _ErrorDetail
+
+
+_ERROR_MEANING = {
+    400: "invalid request: `param` names the field",
+    401: "missing or wrong API key (only when the server has one)",
+    404: "unknown model",
+    409: "the `X-Request-Id` names a request that is still running",
+    413: "request body too large",
+    429: "too many requests in flight; retry after `Retry-After` seconds",
+    503: "no healthy worker for a needed role",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses."""
+    return {c: {"model": ErrorResponse, "description": _ERROR_MEANING[c]} for c in codes}
+
+
+_BODY_ERRORS = (400, 401, 404, 413)
+_GENERATION_ERRORS = (*_BODY_ERRORS, 409, 429, 503)
+_SSE_EVENT = {  # OpenAPI 3.1: the schema of one event
+    "type": "object",
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk, an error body, or [DONE]"},
+        "event": {"type": "string"},
+    },
+    "required": ["data"],
+}
+_SSE = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+              "description": "the answer; server-sent events when `stream` is true"}}
+
+
+def _install_openapi(app: FastAPI, front: _Frontend) -> None:
+    """Make the document say what the server does: validation errors are 400 (never
+    FastAPI's 422), and with a key the protected operations declare Bearer security."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {})
+        if front.auth.required:
+            components.setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer"
+            }
+        for path, item in schema.get("paths", {}).items():
+            for operation in item.values():
+                operation.get("responses", {}).pop("422", None)
+                if front.auth.required and not http_path_is_open(path):
+                    operation["security"] = [{"bearer": []}]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_info_routes(app: FastAPI, front: _Frontend) -> None:
+    @app.get(
+        "/health",
+        summary="200 when every needed role has a healthy worker, else 503",
+        responses=_errors(503),
+    )
+    async def health() -> JSONResponse:
+        h = await front.backend.health()
+        if not h.healthy:
+            return APIError(503, h.message or "no healthy worker", "service_unavailable").response()
+        return JSONResponse({"status": "ok", "workers": h.workers})
+
+    @app.get("/version")
+    async def version() -> dict[str, Any]:
+        """The server's version and the numeric formats it serves (dtype, quantization)."""
+        return {"version": __version__, **await front.backend.formats()}
+
+    @app.get("/v1/models", responses=_errors(401))
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(front)]}
+
+    @app.get("/v1/models/{model:path}", responses=_errors(401, 404))
+    async def model(model: str) -> dict[str, Any]:
+        front.check_model(model)
+        return _model_card(front)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        loads = await front.backend.loads()
+        counters = await front.backend.counters()
+        if isinstance(front.backend, AdmissionBackend):
+            front.metrics.in_flight.set(front.backend.num_in_flight)
+            front.metrics.in_flight_limit.set(front.backend.max_in_flight)
+        return Response(front.metrics.render(loads, counters), media_type=CONTENT_TYPE)
+
+
+def _model_card(front: _Frontend) -> dict[str, Any]:
+    return {
+        "id": front.model_name,
+        "object": "model",
+        "created": front.created,
+        "owned_by": "splitserve",
+        "root": front.backend.model_id,
+        "max_model_len": front.backend.max_model_len,
+    }
+
+
+def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
+    @app.post("/tokenize", responses=_errors(*_BODY_ERRORS))
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        front.check_model(body.model)
+        tok = front.backend.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            msgs = [m.model_dump() for m in body.messages]
+            ids = chat_prompt_ids(tok, msgs, body.add_generation_prompt, front.backend.image_token)
+        else:
+            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
+
+    @app.post("/detokenize", responses=_errors(*_BODY_ERRORS))
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        front.check_model(body.model)
+        tok = front.backend.tokenizer
+        if any(not 0 <= t < tok.vocab_size for t in body.tokens):
+            raise APIError(400, f"tokens must be integers in [0, {tok.vocab_size})", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
+
+# ---------------------------------------------------------------------- generation routes
+
+
+def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
+    @app.post("/v1/completions", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        front.check_model(body.model)
+        prompts = _completion_prompts(body.prompt)
+        job = _Job(front, "cmpl", "text_completion", body.to_sampling_params(), body,
+                   _client_request_id(request))
+        return await _cancel_on_disconnect(request, job.run(prompts))
+
+    @app.post("/v1/chat/completions", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        front.check_model(body.model)
+        msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+        params = body.to_sampling_params()  # 400s of constraints and tools before any work
+        tool_choice = body.effective_tool_choice()
+        if tool_choice == "auto" and front.tool_parser is None:
+            raise APIError(400, "tool_choice auto needs a server started with "
+                           "--tool-call-parser (hermes or llama3_json); or use required or a "
+                           "named function", param="tool_choice")
+        ids, images = chat_prompt(front.backend.tokenizer, msgs, body.add_generation_prompt,
+                                  front.backend.image_token, tools=body.tool_dicts() or None)
+        prompt: PromptInput = ids
+        if images:
+            prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+        job = _Job(front, "chatcmpl", "chat.completion", params, body,
+                   _client_request_id(request))
+        job.tool_choice = tool_choice
+        return await _cancel_on_disconnect(request, job.run([prompt]))
+
+
+def _client_request_id(request: Request) -> str | None:
+    """The client's ``X-Request-Id`` (a label of its request: the response's ``id``), if any."""
+    value = request.headers.get("x-request-id")
+    if value is None:
+        return None
+    if not 0 < len(value) <= MAX_CLIENT_REQUEST_ID_CHARS or not value.isprintable():
+        raise APIError(400, f"X-Request-Id must be 1..{MAX_CLIENT_REQUEST_ID_CHARS} printable "
+                       "characters", param="x-request-id")
+    return value
+
+
+def _completion_prompts(prompt: Any) -> list[PromptInput]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if len(prompt) > 64:
+        raise APIError(400, "at most 64 prompts per request", param="prompt")
+    return list(prompt)
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work``; if the client disconnects first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=499)
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _Job:
+    """One completions / chat request: start its streams, then answer whole or as SSE."""
+
+    def __init__(
+        self,
+        front: _Frontend,
+        prefix: str,
+        object_: str,
+        params: Any,
+        body: CompletionRequest | ChatCompletionRequest,
+        client_id: str | None = None,
+    ) -> None:
+        self.front, self.params, self.body = front, params, body
+        self.chat = object_ == "chat.completion"
+        self.object = object_
+        self.id = client_id or new_request_id(prefix)
+        self.created = int(time.time())
+        self.acc = Accumulator(params.n)
+        self.recorder = front.metrics.recorder()
+        self.tool_choice: str | dict[str, Any] | None = None
+        """Chat with tools: auto, required or a named function (None: plain content)."""
+        self._tool_streams: dict[int, tool_parsers.ToolStream] = {}
+
+    def _tool_stream(self, index: int) -> tool_parsers.ToolStream | None:
+        if self.tool_choice is None:
+            return None
+        if index not in self._tool_streams:
+            forced = None if self.tool_choice == "auto" else self.tool_choice
+            self._tool_streams[index] = tool_parsers.ToolStream(self.front.tool_parser, forced)
+        return self._tool_streams[index]
+
+    def _finish_reason(self, reason: str | None, calls: list[Any]) -> str | None:
+        """OpenAI reports a stop that produced calls as tool_calls (a named choice: stop)."""
+        if calls and reason == "stop" and not isinstance(self.tool_choice, dict):
+            return "tool_calls"
+        return reason
+
+    def _constraint_error(self, e: BaseException) -> BaseException:
+        """An error about the constraint (a compile timeout in the cluster) named by the field
+        the client set (``response_format...``, ``tool_choice``), not our internal form."""
+        so, field = self.params.structured_outputs, self.body.constraint_field()
+        if not isinstance(e, InvalidRequestError) or not isinstance(so, StructuredOutputsParams):
+            return e
+        if field is None or e.field != so.field:
+            return e
+        return InvalidRequestError(str(e).replace(so.field, field, 1), field=field)
+
+    async def run(self, prompts: Sequence[PromptInput]) -> Response:
+        try:
+            streams = await open_streams(self.front.backend, prompts, self.params, self.id)
+        except Exception as e:
+            err = to_api_error(self._constraint_error(e))
+            self.front.metrics.record_failure(str(err.status))
+            raise err from e
+        if self.body.stream:
+            return _ClosingStreamingResponse(
+                self._sse(streams),
+                streams,
+                media_type="text/event-stream",
+                headers={"x-request-id": self.id},
+            )
+        return await self._whole(streams)
+
+    async def _whole(self, streams: list[AsyncIterator[RequestOutput]]) -> Response:
+        stream = merge(streams)
+        try:
+            async for i, delta in stream:
+                self.recorder.observe(delta)
+                self.acc.add(i, delta)
+        finally:
+            await stream.aclose()
+        self._finish()
+        body = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.front.model_name,
+            "choices": [self._full_choice(c) for c in self.acc.ordered()],
+            "usage": self.acc.usage(),
+            "timing": self.recorder.timing(),
+        }
+        return JSONResponse(
+            body, headers={"x-request-id": self.id, "server-timing": _server_timing(self.recorder)}
+        )
+
+    def _finish(self) -> None:
+        reasons = [c.finish_reason for c in self.acc.ordered()]
+        self.recorder.finish(sum(self.acc.prompt_tokens.values()), reasons)
+
+    def _full_choice(self, c: Any) -> dict[str, Any]:
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            calls: list[tool_parsers.ToolCall] = []
+            stream = self._tool_stream(c.index)
+            if stream is not None:
+                stream.text = c.text
+                content, calls = stream.result()
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [call.to_openai() for call in calls]}
+            return {
+                "index": c.index,
+                "message": message,
+                "logprobs": self._chat_logprobs(c.logprobs),
+                "finish_reason": self._finish_reason(c.finish_reason, calls),
+                "stop_reason": c.stop_reason,
+            }
+        return {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": self._cmpl_logprobs(c.logprobs, 0),
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    async def _sse(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        stream = merge(streams)
+        offsets: dict[int, int] = {}
+        try:
+            async for i, delta in stream:
+                self.recorder.observe(delta)
+                for cd in self.acc.add(i, delta):
+                    yield _event(self._chunk([self._delta_choice(cd, offsets)]))
+            self._finish()
+            if self.body.include_usage:
+                timing = self.recorder.timing()
+                yield _event({**self._chunk([], usage=self.acc.usage()), "timing": timing})
+        except Exception as e:  # after headers went out, the error travels in the stream
+            yield _event(to_api_error(e).body())
+        finally:
+            await stream.aclose()
+        yield "data: [DONE]\n\n"
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.front.model_name,
+            "choices": choices,
+        }
+        if self.body.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def _delta_choice(self, cd: ChoiceDelta, offsets: dict[int, int]) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": cd.text}
+            finish_reason = cd.finish_reason
+            stream = self._tool_stream(cd.index)
+            if stream is not None:
+                delta, finish_reason = self._tool_delta(stream, cd)
+            if cd.first:
+                delta["role"] = "assistant"
+            return {
+                "index": cd.index,
+                "delta": delta,
+                "logprobs": self._chat_logprobs(cd.logprobs),
+                "finish_reason": finish_reason,
+            }
+        start = offsets.get(cd.index, 0)
+        offsets[cd.index] = start + len(cd.text)
+        return {
+            "index": cd.index,
+            "text": cd.text,
+            "logprobs": self._cmpl_logprobs(cd.logprobs, start),
+            "finish_reason": cd.finish_reason,
+        }
+
+    def _tool_delta(
+        self, stream: tool_parsers.ToolStream, cd: ChoiceDelta
+    ) -> tuple[dict[str, Any], str | None]:
+        """Content that is surely not a call now; the calls, whole, with the last delta."""
+        delta: dict[str, Any] = {"content": stream.feed(cd.text)}
+        if cd.finish_reason is None:
+            return delta, None
+        rest, calls = stream.finish()
+        delta["content"] = (delta["content"] + rest) or None
+        if calls:
+            delta["tool_calls"] = [call.to_delta(i) for i, call in enumerate(calls)]
+        return delta, self._finish_reason(cd.finish_reason, calls)
+
+    def _cmpl_logprobs(
+        self, lps: list[dict[int, Logprob]] | None, start: int
+    ) -> dict[str, Any] | None:
+        if self.params.logprobs is None:
+            return None
+        return completion_logprobs(lps or [], start)
+
+    def _chat_logprobs(self, lps: list[dict[int, Logprob]] | None) -> dict[str, Any] | None:
+        if self.params.logprobs is None:
+            return None
+        return {"content": chat_logprobs(lps or [], self.params.logprobs)}
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """SSE whose requests end with the response, however it ends.
+
+    Starlette stops iterating the body when the client goes away and neither closes it nor
+    starts it if the client left before the first byte: the requests (their KV blocks and
+    their admission slot) would stay open until garbage collection found the cycle.
+    """
+
+    def __init__(
+        self, body: AsyncIterator[str], streams: list[AsyncIterator[RequestOutput]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(body, **kwargs)
+        self._body, self._streams = body, streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._body.aclose()  # type: ignore[attr-defined]
+        await close_all(self._streams)
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _server_timing(recorder: RequestRecorder) -> str:
+    return ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in recorder.timing().items())
+
+
+def _sampled(step: dict[int, Logprob]) -> tuple[int, Logprob]:
+    """The sampled token of one step: the engine puts it first."""
+    return next(iter(step.items()))
+
+
+def _token_text(token_id: int, lp: Logprob) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else f"<{token_id}>"
+
+
+def completion_logprobs(steps: list[dict[int, Logprob]], start: int) -> dict[str, Any]:
+    """OpenAI completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = start
+    for step in steps:
+        tid, lp = _sampled(step)
+        text = _token_text(tid, lp)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({_token_text(t, p): p.logprob for t, p in _by_rank(step)})
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(steps: list[dict[int, Logprob]], top_n: int) -> list[dict[str, Any]]:
+    """OpenAI chat ``logprobs.content``: one entry per token with its top alternatives."""
+    content = []
+    for step in steps:
+        tid, lp = _sampled(step)
+        top = [_chat_entry(t, p) for t, p in _by_rank(step)[:top_n]]
+        content.append({**_chat_entry(tid, lp), "top_logprobs": top})
+    return content
+
+
+def _chat_entry(token_id: int, lp: Logprob) -> dict[str, Any]:
+    text = _token_text(token_id, lp)
+    return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _by_rank(step: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
+    return sorted(step.items(), key=lambda kv: kv[1].rank)

@@ -1,0 +1,325 @@
+"""OpenAI API request bodies (pydantic) and their translation to SamplingParams.
+
+Owns field names, types, defaults and bounds of ``/v1/completions`` and
+``/v1/chat/completions`` (OpenAI's, plus vLLM's extras such as ``top_k`` and ``ignore_eos``).
+Unknown fields are ignored, as vLLM does. Response bodies are built as plain dicts by the HTTP
+server. Must not run requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from splitserve.cluster.frontends import tool_parsers
+from splitserve.errors import InvalidRequestError
+from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
+
+PromptField = str | list[str] | list[StrictInt] | list[list[StrictInt]]
+
+
+class StreamOptions(BaseModel):
+    """``stream_options`` of a streaming request."""
+
+    include_usage: StrictBool = False
+    """Send a last chunk with ``usage`` (and ``"usage": null`` on every other chunk)."""
+    continuous_usage_stats: StrictBool = False
+    """Accepted for vLLM compatibility; usage is sent in the last chunk only."""
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """The JSON schema the output must validate against."""
+    strict: StrictBool | None = None
+    """Accepted; the schema is always enforced by the grammar."""
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI ``response_format``: text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(BaseModel):
+    """``tools[i].function``."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """JSON schema of the arguments (default: no arguments)."""
+    strict: StrictBool | None = None
+
+
+class ToolParam(BaseModel):
+    """One entry of ``tools``."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+def _checked(so: StructuredOutputsParams, field: str) -> StructuredOutputsParams:
+    """``so`` after a tokenizer-free grammar check whose errors name ``field``."""
+    from splitserve.roles.engine.structured import check_structured
+
+    try:
+        check_structured(so)
+    except InvalidRequestError as e:
+        message = str(e).replace(so.field, field, 1)
+        raise InvalidRequestError(message, field=field) from e
+    return so
+
+
+class _SamplingFields(BaseModel):
+    """Fields the two endpoints share, in OpenAI / vLLM names."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    """Served model name; defaults to the only model served."""
+    n: int = Field(1, ge=1, le=128)
+    """Completions per prompt."""
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    """Softmax temperature (OpenAI range [0, 2]); default 1."""
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    top_k: int | None = Field(None, ge=-1)
+    """vLLM extra: keep the k most likely tokens (-1 disables)."""
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    """vLLM extra: minimum probability relative to the best token."""
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    """Seed of the request's draws (same seed and prompt give the same text)."""
+    stop: str | list[str] | None = None
+    """Strings that end generation (left out of the text)."""
+    stop_token_ids: list[StrictInt] | None = None
+    """vLLM extra: token ids that end generation."""
+    stream: StrictBool = False
+    """Stream server-sent events."""
+    stream_options: StreamOptions | None = None
+    """Options of a streaming response."""
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Accepted only as 0 (the engine has no penalties yet)."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Accepted only as 0 (the engine has no penalties yet)."""
+    ignore_eos: StrictBool = False
+    """vLLM extra: keep generating after EOS."""
+    min_tokens: int = Field(0, ge=0)
+    """vLLM extra: tokens before EOS may end the request."""
+    skip_special_tokens: StrictBool = True
+    """vLLM extra: leave special tokens out of the text."""
+    include_stop_str_in_output: StrictBool = False
+    """vLLM extra: keep the matched stop string."""
+    user: str | None = None
+    """Ignored."""
+    response_format: ResponseFormat | None = None
+    """OpenAI structured output: ``json_object`` or ``json_schema`` (``text``: unconstrained)."""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM extra: one of ``json``, ``regex``, ``choice``, ``grammar`` (plus
+    ``disable_any_whitespace``); exclusive with ``response_format``."""
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The output constraint of ``response_format`` / ``structured_outputs``, checked."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
+            raise InvalidRequestError(
+                "give response_format or structured_outputs, not both", field="response_format"
+            )
+        if self.structured_outputs is not None:
+            so = SamplingParams(structured_outputs=self.structured_outputs).structured_outputs
+            assert isinstance(so, StructuredOutputsParams)
+            return _checked(so, so.field)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise InvalidRequestError(
+                "response_format of type json_schema needs json_schema.schema",
+                field="response_format.json_schema",
+            )
+        so = StructuredOutputsParams(json=fmt.json_schema.schema_)
+        return _checked(so, "response_format.json_schema.schema")
+
+    def constraint_field(self) -> str | None:
+        """The request field the output constraint came from, for errors the cluster raises
+        after the frontend's check (a compile timeout); None: ``structured_outputs.<kind>``."""
+        fmt = self.response_format
+        if self.structured_outputs is not None or fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return "response_format"
+        return "response_format.json_schema.schema"
+
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None,
+        structured: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
+        """Engine parameters; raises InvalidRequestError naming the field."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported yet (use 0)", field=name)
+        kwargs: dict[str, Any] = {
+            "n": self.n,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+            "skip_special_tokens": self.skip_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "seed": None if self.seed is None else self.seed % 2**63,
+            "structured_outputs": structured or self.structured(),
+        }
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return SamplingParams(**kwargs)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: PromptField
+    """Text, token ids, or a batch of either (one choice list entry per prompt and sample)."""
+    max_tokens: int | None = Field(16, ge=1)
+    """Most tokens to generate per completion (OpenAI default 16)."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Top log-probabilities per token (OpenAI allows up to 5; vLLM 20)."""
+    echo: StrictBool = False
+    """Accepted only as false."""
+    suffix: str | None = None
+    """Accepted only as null."""
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.echo:
+            raise InvalidRequestError("echo is not supported", field="echo")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", field="suffix")
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content is a string or a list of OpenAI content parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls (rendered by templates that know tools)."""
+    tool_call_id: str | None = None
+    """A tool turn: the call it answers."""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    """The conversation so far."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Deprecated OpenAI name of max_completion_tokens."""
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """Most tokens to generate per choice (default: up to the context length)."""
+    logprobs: StrictBool = False
+    """Return log-probabilities of the output tokens."""
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    """Most likely alternatives per token (needs logprobs=true)."""
+    add_generation_prompt: StrictBool = True
+    """vLLM extra: end the prompt with the assistant turn's header."""
+    tools: list[ToolParam] | None = Field(None, max_length=128)
+    """Functions the model may call (rendered by the chat template when it knows tools)."""
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """none, auto (default with tools; needs --tool-call-parser), required or a named function;
+    required and named are enforced by a grammar built from the tools' schemas."""
+    parallel_tool_calls: StrictBool = True
+    """With ``required``: false allows exactly one call."""
+
+    def effective_tool_choice(self) -> str | dict[str, Any] | None:
+        """None (no tool calls), "auto", "required" or ``{"type", "function": {"name"}}``."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise InvalidRequestError("tool_choice needs tools", field="tool_choice")
+            return None
+        if choice is None:
+            return "auto"
+        if choice == "none":
+            return None
+        if isinstance(choice, NamedToolChoice):
+            tool_parsers.named_tool(self.tool_dicts(), choice.function.name)
+            return choice.model_dump()
+        return choice
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def _tool_constraint(self, choice: str | dict[str, Any] | None) -> StructuredOutputsParams | None:
+        if choice is None or choice == "auto":
+            return None
+        if self.structured_outputs is not None or (
+            self.response_format is not None and self.response_format.type != "text"
+        ):
+            raise InvalidRequestError(
+                "tool_choice required or a named function cannot be combined with "
+                "response_format or structured_outputs", field="tool_choice",
+            )
+        tools = self.tool_dicts()
+        for i, tool in enumerate(tools):
+            _checked(StructuredOutputsParams(json=tool_parsers.parameters_schema(tool)),
+                     f"tools.{i}.function.parameters")
+        schema = tool_parsers.tool_choice_schema(tools, choice, self.parallel_tool_calls)
+        return _checked(StructuredOutputsParams(json=schema), "tool_choice")
+
+    def constraint_field(self) -> str | None:
+        if self.effective_tool_choice() not in (None, "auto"):
+            return "tool_choice"  # required / named: the grammar built from the tools
+        return super().constraint_field()
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        forced = self._tool_constraint(self.effective_tool_choice())
+        return self.sampling_params(max_tokens, logprobs, forced)
+
+
+class TokenizeRequest(BaseModel):
+    """Body of ``POST /tokenize``: ``prompt`` or ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """Body of ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[StrictInt]

@@ -1,0 +1,247 @@
+"""Tool calling for chat completions: the grammar that enforces a tool choice, and parsers that
+turn the model's tool-call text into OpenAI ``tool_calls`` (whole, or as streamed deltas).
+
+Owns: ``tool_choice_schema`` (``required`` -> a JSON array of ``{"name", "parameters"}`` calls
+over the tools' schemas; a named function -> that function's parameter schema), the parsers
+selected by ``--tool-call-parser`` (``hermes`` for Hermes/Qwen ``<tool_call>{...}</tool_call>``,
+``llama3_json`` for Llama 3's bare ``{"name": ..., "parameters": ...}``), and ``ToolStream``,
+which holds back text that may be a tool call while streaming so content never leaks tool-call
+markup. Must not run requests or know about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.errors import InvalidRequestError
+
+
+@dataclass
+class ToolCall:
+    """One parsed call: OpenAI's ``{"id", "type": "function", "function": {name, arguments}}``."""
+
+    name: str
+    arguments: str
+    """The arguments as JSON text."""
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+    def to_delta(self, index: int) -> dict[str, Any]:
+        return {"index": index, **self.to_openai()}
+
+
+def _call_from_obj(obj: Any) -> ToolCall | None:
+    """A call from ``{"name": ..., "arguments" | "parameters": {...}}``, or None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        return ToolCall(obj["name"], args)
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------- tool choice -> grammar
+
+
+def function_names(tools: list[dict[str, Any]]) -> list[str]:
+    return [t["function"]["name"] for t in tools]
+
+
+def named_tool(tools: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The tool named by ``tool_choice``; 400 naming ``tool_choice`` when it is not in tools."""
+    for tool in tools:
+        if tool["function"]["name"] == name:
+            return tool
+    raise InvalidRequestError(
+        f"tool_choice names function {name!r}, which is not in tools "
+        f"({function_names(tools)})", field="tool_choice.function.name",
+    )
+
+
+def parameters_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    params = tool["function"].get("parameters")
+    return params if params else {"type": "object", "properties": {}}
+
+
+def tool_choice_schema(
+    tools: list[dict[str, Any]], choice: str | dict[str, Any], parallel: bool
+) -> dict[str, Any]:
+    """The JSON schema the output must follow for ``required`` or a named function."""
+    if isinstance(choice, dict):
+        return parameters_schema(named_tool(tools, choice["function"]["name"]))
+    one_of = [
+        {"type": "object",
+         "properties": {"name": {"const": t["function"]["name"]},
+                        "parameters": parameters_schema(t)},
+         "required": ["name", "parameters"], "additionalProperties": False}
+        for t in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": one_of[0] if len(one_of) == 1 else {"anyOf": one_of}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def parse_forced(text: str, choice: str | dict[str, Any]) -> list[ToolCall]:
+    """Calls from grammar-enforced output (named: the arguments; required: an array)."""
+    if isinstance(choice, dict):
+        return [ToolCall(choice["function"]["name"], text.strip())]
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return []  # cut short (max_tokens): nothing complete to report
+    calls = [_call_from_obj(item) for item in items] if isinstance(items, list) else []
+    return [c for c in calls if c is not None]
+
+
+# ---------------------------------------------------------------------- parsers of free text
+
+
+class ToolParser(ABC):
+    """Finds tool calls in a model's free text (``tool_choice`` auto)."""
+
+    name: str
+
+    @abstractmethod
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content outside the calls or None, calls). Malformed calls stay in the content."""
+
+    @abstractmethod
+    def safe_prefix(self, text: str) -> int:
+        """While streaming: how many leading characters of ``text`` are surely content."""
+
+
+class HermesParser(ToolParser):
+    """Hermes / Qwen: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
+
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.START not in text:
+            return text, []
+        calls = []
+        for body in self._BLOCK.findall(text):
+            try:
+                call = _call_from_obj(json.loads(body))
+            except ValueError:
+                call = None
+            if call is None:
+                return text, []
+            calls.append(call)
+        content = text[: text.index(self.START)].strip()
+        return content or None, calls
+
+    def safe_prefix(self, text: str) -> int:
+        at = text.find(self.START)
+        if at >= 0:
+            return at
+        return len(text) - _partial_suffix(text, self.START)
+
+
+class Llama3JsonParser(ToolParser):
+    """Llama 3: the whole message is ``{"name": ..., "parameters": {...}}`` (several joined by
+    ``;``), optionally after ``<|python_tag|>``."""
+
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip().removeprefix(self.TAG).strip()
+        if not body.startswith("{"):
+            return text, []
+        calls = []
+        decoder = json.JSONDecoder()
+        at = 0
+        while at < len(body):
+            try:
+                obj, end = decoder.raw_decode(body, at)
+            except ValueError:
+                return text, []
+            call = _call_from_obj(obj)
+            if call is None:
+                return text, []
+            calls.append(call)
+            at = end
+            while at < len(body) and body[at] in " \n\t;":
+                at += 1
+        return None, calls
+
+    def safe_prefix(self, text: str) -> int:
+        stripped = text.lstrip()
+        if not stripped or stripped.startswith(("{", self.TAG)) or self.TAG.startswith(stripped):
+            return 0  # may be a call: hold it all
+        return len(text)
+
+
+PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+
+
+def create_parser(name: str) -> ToolParser:
+    try:
+        return PARSERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown tool-call parser {name!r}; known: {sorted(PARSERS)}") from None
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+class ToolStream:
+    """One choice's stream: content deltas pass through, tool calls come out whole.
+
+    ``forced`` (``required`` or a named function) holds all text and reports the calls at the
+    end; otherwise the parser decides what is surely content.
+    """
+
+    def __init__(self, parser: ToolParser | None, forced: str | dict[str, Any] | None) -> None:
+        self.parser, self.forced = parser, forced
+        self.text = ""
+        self._sent = 0
+
+    def feed(self, delta: str) -> str:
+        """Add text; returns the content that can be sent now."""
+        self.text += delta
+        if self.forced is not None or self.parser is None:
+            return "" if self.forced is not None else self._take(len(self.text))
+        return self._take(self.parser.safe_prefix(self.text))
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content not sent yet, calls) at the end of the choice."""
+        content, calls = self.result()
+        if not calls:
+            return self._take(len(self.text)), []
+        rest = (content or "")[self._sent :] if content else ""
+        return rest, calls
+
+    def result(self) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of the whole text, as a non-streaming response reports them."""
+        if self.forced is not None:
+            return None, parse_forced(self.text, self.forced)
+        if self.parser is None:
+            return self.text, []
+        return self.parser.extract(self.text)
+
+    def _take(self, end: int) -> str:
+        end = max(end, self._sent)
+        out = self.text[self._sent : end]
+        self._sent = end
+        return out

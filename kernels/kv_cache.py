@@ -1,0 +1,112 @@
+"""Paged KV cache allocation: the block-major pool and the per-layer views the kernels read.
+
+Owns the two layout kinds and how to tell them apart:
+
+- ``block_major`` (what the engine allocates): one tensor per worker,
+  ``pool: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]``, so that one
+  block of every layer, K and V, is one contiguous region of
+  ``num_layers * 2 * block_size * num_kv_heads * head_dim`` elements, and a run of
+  consecutive block ids is one contiguous region too: the KV transfer sends and receives
+  such runs in place, one message each, with no gather or scatter. Layer ``l``'s cache is
+  the strided view ``pool[:, l].transpose(0, 1)``: ``[2, num_blocks, block_size,
+  num_kv_heads, head_dim]`` with strides ``(E, num_layers * 2 * E, num_kv_heads * head_dim,
+  head_dim, 1)`` where ``E = block_size * num_kv_heads * head_dim``.
+- ``layer_major`` (the previous layout, still accepted everywhere): one contiguous
+  ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` tensor per layer.
+
+Every kernel reads a layer's cache through its strides; a block's
+``[block_size, num_kv_heads, head_dim]`` rows are packed in both kinds (what the kernels
+need for row loads and what the CPU decode's ``index_select`` over
+``[num_blocks, block_elems]`` rows needs). This module must not launch kernels or move
+bytes between processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+BLOCK_MAJOR = "block_major"
+LAYER_MAJOR = "layer_major"
+LAYOUT_KINDS = (BLOCK_MAJOR, LAYER_MAJOR)
+
+
+def allocate_kv_caches(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    kind: str = BLOCK_MAJOR,
+) -> list[Tensor]:
+    """Zeroed per-layer caches ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` of
+    ``kind``; for ``block_major`` all are views of one allocation (see ``kv_pool``)."""
+    if kind not in LAYOUT_KINDS:
+        raise ValueError(f"kind must be one of {LAYOUT_KINDS}, got {kind!r}")
+    for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
+                        ("block_size", block_size), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    block = (block_size, num_kv_heads, head_dim)
+    if kind == LAYER_MAJOR:
+        return [
+            torch.zeros((2, num_blocks, *block), dtype=dtype, device=device)
+            for _ in range(num_layers)
+        ]
+    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+    pool = torch.zeros((num_blocks, num_layers, 2, *block), dtype=dtype, device=device)
+    return [pool[:, layer].transpose(0, 1) for layer in range(num_layers)]
+
+
+def layout_kind(kv_caches: Sequence[Tensor]) -> str:
+    """``block_major`` or ``layer_major``; ``ValueError`` for anything else."""
+    if not kv_caches:
+        raise ValueError("kv_caches is empty: need one tensor per layer")
+    if kv_pool(kv_caches) is not None:
+        return BLOCK_MAJOR
+    if all(cache.is_contiguous() for cache in kv_caches):
+        return LAYER_MAJOR
+    raise ValueError(
+        "KV caches must be contiguous per layer (layer_major) or views of one "
+        "[num_blocks, num_layers, 2, block_size, kv_heads, head_dim] tensor (block_major); "
+        f"got strides {[c.stride() for c in kv_caches[:2]]}"
+    )
+
+
+def kv_pool(kv_caches: Sequence[Tensor]) -> Tensor | None:
+    """The ``[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]`` tensor that
+    block-major ``kv_caches`` are views of (rebuilt from layer 0's storage), else None."""
+    first = kv_caches[0]
+    if first.dim() != 5 or first.shape[0] != 2:
+        return None
+    _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+    elems = block_size * num_kv_heads * head_dim
+    num_layers = len(kv_caches)
+    want = (elems, num_layers * 2 * elems, num_kv_heads * head_dim, head_dim, 1)
+    base = first.data_ptr()
+    size = first.element_size()
+    for layer, cache in enumerate(kv_caches):
+        if cache.shape != first.shape or cache.dtype != first.dtype:
+            return None
+        if cache.device != first.device or cache.stride() != want:
+            return None
+        if cache.data_ptr() != base + layer * 2 * elems * size:
+            return None
+        if cache.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return None
+    shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
+    return first.as_strided(shape, _contiguous_strides(shape), first.storage_offset())
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))

@@ -1,0 +1,406 @@
+"""Structured outputs in the engine: compiled grammars, one matcher per constrained request,
+token bitmasks for the constrained rows only.
+
+Owns three things, each small:
+
+- ``check_structured`` turns a ``StructuredOutputsParams`` into an xgrammar ``Grammar`` without a
+  tokenizer (invalid JSON schema, unsupported schema keywords, bad regex or EBNF: an
+  ``InvalidRequestError`` naming the field). The cluster runs it before placement.
+- ``GrammarCompiler`` compiles a grammar against one tokenizer's vocabulary, cached by the
+  constraint's content hash (failures too), bounded by a timeout so a pathological grammar is
+  refused instead of stalling the caller.
+- ``StructuredOutputManager`` keeps a matcher per request id beside the sampler. A matcher
+  follows the request's output tokens: whenever it is missing or behind (a new request, a
+  decode worker continuing the prefill worker's first token, a replay after a worker death) it
+  is rebuilt by accepting the tokens so far, so no matcher state ever crosses the wire. Each
+  step it fills one bitmask row per constrained sampling row (xgrammar, in C++) and applies
+  all rows to the logits in one batched torch op. A speculative verify chunk gets one row per
+  draft position: the matcher walks the draft to fill them and is rolled back, so rejected
+  drafts never reach it and the kept tokens are exactly those of decoding without drafts.
+
+Must not schedule, sample or touch the KV cache. xgrammar is imported on first use: an engine
+that never sees a constrained request never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from splitserve import env
+from splitserve.errors import InvalidRequestError
+from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
+
+if TYPE_CHECKING:
+    from splitserve.roles.engine.request import Request
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+UNSUPPORTED_SCHEMA_KEYWORDS = frozenset({
+    "not", "if", "then", "else", "dependentSchemas", "dependentRequired", "dependencies",
+    "uniqueItems", "contains", "minContains", "maxContains", "multipleOf", "minProperties",
+    "maxProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems",
+})
+"""JSON schema keywords xgrammar would silently ignore: refused rather than not enforced."""
+
+_SUBSCHEMA_KEYS = (
+    "properties", "$defs", "definitions", "patternProperties",
+)
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems")
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def check_structured(so: StructuredOutputsParams) -> Any:
+    """The constraint as an xgrammar ``Grammar`` (tokenizer-free); raises InvalidRequestError."""
+    import xgrammar as xgr
+
+    try:
+        if so.kind == "json":
+            schema = so.schema
+            _check_schema(schema, so.field)
+            return xgr.Grammar.from_json_schema(
+                so.spec, any_whitespace=not so.disable_any_whitespace, strict_mode=True
+            )
+        if so.kind == "json_object":
+            return xgr.Grammar.from_json_schema(
+                '{"type": "object"}', any_whitespace=not so.disable_any_whitespace
+            )
+        if so.kind == "regex":
+            return xgr.Grammar.from_regex(str(so.regex))
+        if so.kind == "choice":
+            return xgr.Grammar.from_ebnf(_choice_ebnf(so.choice or ()))
+        return xgr.Grammar.from_ebnf(str(so.grammar))
+    except InvalidRequestError:
+        raise
+    except Exception as e:  # xgrammar raises RuntimeError with the parser's message
+        raise InvalidRequestError(f"invalid {so.field}: {_clean(e)}", field=so.field) from e
+
+
+def _check_schema(schema: Any, field: str) -> None:
+    """A valid JSON schema (draft 2020-12 meta-schema) that uses only enforced keywords."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise InvalidRequestError(
+            f"{field} is not a valid JSON schema at {where}: {e.message}", field=field
+        ) from e
+    _check_keywords(schema, field, "#")
+
+
+def _check_keywords(node: Any, field: str, path: str) -> None:
+    if not isinstance(node, dict):
+        return
+    bad = sorted(UNSUPPORTED_SCHEMA_KEYWORDS.intersection(node))
+    if bad:
+        raise InvalidRequestError(
+            f"{field}: unsupported JSON schema keyword(s) {bad} at {path} (the grammar "
+            "engine cannot enforce them)", field=field,
+        )
+    for key in _SUBSCHEMA_KEYS:
+        for name, sub in (node.get(key) or {}).items() if isinstance(node.get(key), dict) else ():
+            _check_keywords(sub, field, f"{path}/{key}/{name}")
+    for key in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(node.get(key) or []) if isinstance(node.get(key), list) else ():
+            _check_keywords(sub, field, f"{path}/{key}/{i}")
+    for key in _SUBSCHEMA_ONE:
+        _check_keywords(node.get(key), field, f"{path}/{key}")
+
+
+def _choice_ebnf(choices: tuple[str, ...]) -> str:
+    """An EBNF grammar whose language is exactly ``choices`` (JSON string escapes)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _clean(e: BaseException) -> str:
+    """xgrammar's message without its C++ source location prefix."""
+    text = str(e).strip()
+    if text.startswith("[") and ": " in text:
+        text = text.split(": ", 1)[1]
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------- compiling
+
+
+class GrammarCompiler:
+    """Grammars compiled against one tokenizer, cached by content hash, with a timeout.
+
+    Thread-safe. A compile runs on a worker thread; the caller waits at most ``timeout_s``
+    (default ``SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S``). A compile that outlives its timeout
+    keeps running in the background and stays cached, so repeating the request does not
+    start another one.
+    """
+
+    def __init__(
+        self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
+        max_cached: int = 256, timeout_s: float | None = None,
+    ) -> None:
+        import xgrammar as xgr
+
+        self.vocab_size = vocab_size
+        self.timeout_s = timeout_s
+        info = xgr.TokenizerInfo.from_huggingface(
+            hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
+        )
+        self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+        self.num_compiles = 0
+        self.num_cache_hits = 0
+
+    def compile(self, so: StructuredOutputsParams) -> Any:
+        """The ``CompiledGrammar`` of ``so``; raises InvalidRequestError (bad or too slow)."""
+        future = self._future(so)
+        timeout = self.timeout_s if self.timeout_s is not None else (
+            env.SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S.get()
+        )
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            raise InvalidRequestError(
+                f"{so.field}: the grammar did not compile within {timeout:g} s; simplify it",
+                field=so.field,
+            ) from None
+
+    def _future(self, so: StructuredOutputsParams) -> Future[Any]:
+        key = so.content_hash
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                self.num_cache_hits += 1
+                return future
+            future = self._pool.submit(self._compile, so)
+            self._cache[key] = future
+            self.num_compiles += 1
+            while len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
+            return future
+
+    def _compile(self, so: StructuredOutputsParams) -> Any:
+        return self._compiler.compile_grammar(check_structured(so))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
+    """A compiler for one of our ``Tokenizer`` wrappers (its HF tokenizer and EOS ids)."""
+    return GrammarCompiler(tokenizer.hf, vocab_size, sorted(tokenizer.eos_token_ids))
+
+
+# ---------------------------------------------------------------------- matchers
+
+
+@dataclass
+class _Slot:
+    """One constrained request: its compiled grammar and (once built) its matcher."""
+
+    compiled: Any
+    matcher: Any = None
+    num_accepted: int = 0
+    """Output tokens the matcher has consumed."""
+    broken: bool = False
+    """A token the grammar refused was accepted anyway (cannot happen unless tokens were
+    produced without the constraint); only stop tokens are allowed from then on."""
+
+
+class StructuredOutputManager:
+    """Per-request matchers and the batched bitmask of the constrained sampling rows."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._compiler: GrammarCompiler | None = None
+        self._compiler_lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+        self._stop_ids = sorted(tokenizer.eos_token_ids)
+        self.mask_seconds = 0.0
+        """Time spent filling and applying bitmasks (for the benchmark's per-token cost)."""
+        self.num_masked_rows = 0
+        self.num_matcher_builds = 0
+
+    @property
+    def compiler(self) -> GrammarCompiler:
+        """Built on first use (thread-safe: the async engine compiles off the engine thread)."""
+        with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = compiler_for(self._tokenizer, self.vocab_size)
+            return self._compiler
+
+    def compile(self, params: SamplingParams) -> Any:
+        """The compiled grammar of a request's constraint (None when unconstrained)."""
+        so = params.structured_outputs
+        if so is None:
+            return None
+        assert isinstance(so, StructuredOutputsParams)
+        return self.compiler.compile(so)
+
+    def add(self, request_id: str, compiled: Any) -> None:
+        if compiled is not None:
+            self._slots[request_id] = _Slot(compiled)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished, aborted or handed-off request's matcher."""
+        self._slots.pop(request_id, None)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._slots)
+
+    def request_ids(self) -> set[str]:
+        """Requests holding a grammar slot (``check_integrity``: each must be live)."""
+        return set(self._slots)
+
+    # -------------------------------------------------------------- per step
+
+    def apply(self, logits: Tensor, rows: list[tuple[Request, list[int]]]) -> None:
+        """Mask, in place, the logits rows of constrained requests. logits: [N, V] float.
+
+        ``rows``: per sampling request, in logits-row order, the request and its draft tokens;
+        it owns ``1 + len(draft)`` consecutive rows (a verify chunk), row ``j`` sampling the
+        position after ``draft[:j]``.
+        """
+        index: list[int] = []
+        constrained: list[tuple[Request, list[int]]] = []
+        offset = 0
+        for req, draft in rows:
+            if req.request_id in self._slots:
+                index.extend(range(offset, offset + 1 + len(draft)))
+                constrained.append((req, draft))
+            offset += 1 + len(draft)
+        if not constrained:
+            return
+        start = time.perf_counter()
+        bitmask = self._fill(constrained, len(index))  # [R, ceil(V / 32)] int32
+        where = torch.tensor(index, dtype=torch.long, device=logits.device)
+        apply_bitmask(logits, bitmask.to(logits.device), where)
+        self.mask_seconds += time.perf_counter() - start
+        self.num_masked_rows += len(index)
+
+    def _fill(self, constrained: list[tuple[Request, list[int]]], num_rows: int) -> Tensor:
+        import xgrammar as xgr
+
+        bitmask = xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+        row = 0
+        for req, draft in constrained:
+            self._fill_chunk(bitmask, row, self._sync(req), draft)
+            row += 1 + len(draft)
+        return bitmask
+
+    def _fill_chunk(self, bitmask: Tensor, row: int, slot: _Slot, draft: list[int]) -> None:
+        """Rows ``row .. row + len(draft)``: the grammar's mask after each prefix of the draft.
+
+        The matcher walks the draft and is rolled back afterwards (the tokens the request
+        keeps are accepted by ``_sync`` next step). Rows after a draft token the grammar
+        refuses only allow stop tokens: that draft token is rejected for sure (its own row
+        is masked), so the rows after it are never kept.
+        """
+        matcher, walked, valid = slot.matcher, 0, True
+        for j in range(len(draft) + 1):
+            if not valid or slot.broken or matcher.is_terminated():
+                _only(bitmask[row + j], self._stop_ids)
+            else:
+                matcher.fill_next_token_bitmask(bitmask, row + j)
+            if j < len(draft) and valid and not slot.broken and not matcher.is_terminated():
+                valid = matcher.accept_token(draft[j])
+                walked += valid
+        if walked:
+            matcher.rollback(walked)
+
+    def _sync(self, req: Request) -> _Slot:
+        """The request's matcher, advanced over every output token it has not consumed yet."""
+        import xgrammar as xgr
+
+        slot = self._slots[req.request_id]
+        if slot.matcher is None:
+            slot.matcher = xgr.GrammarMatcher(slot.compiled)  # rollback: always unlimited
+            slot.num_accepted = 0
+            self.num_matcher_builds += 1
+        start = req.num_prompt_tokens + slot.num_accepted
+        for token in req.all_token_ids[start:]:
+            if not slot.broken and not slot.matcher.is_terminated():
+                if not slot.matcher.accept_token(token):
+                    logger.warning("%s: token %d refused by its grammar", req.request_id, token)
+                    slot.broken = True
+            slot.num_accepted += 1
+        return slot
+
+    def stats(self) -> dict[str, float]:
+        compiler = self._compiler
+        return {
+            "num_grammar_matchers": self.num_active,
+            "grammar_compiles": compiler.num_compiles if compiler else 0,
+            "grammar_cache_hits": compiler.num_cache_hits if compiler else 0,
+            "grammar_mask_seconds": self.mask_seconds,
+            "grammar_masked_rows": self.num_masked_rows,
+        }
+
+
+def _only(row: Tensor, token_ids: list[int]) -> None:
+    """Set a bitmask row to allow exactly ``token_ids``. row: [ceil(V / 32)] int32."""
+    row.zero_()
+    for t in token_ids:
+        word, bit = divmod(t, 32)
+        if word < row.shape[0]:
+            row[word] |= _bit(bit)
+
+
+def _bit(bit: int) -> int:
+    """Bit ``bit`` of an int32 word, as a signed value (bit 31 is the sign)."""
+    return (1 << bit) - (1 << 32) if bit == 31 else 1 << bit
+
+
+_SHIFTS: dict[torch.device, Tensor] = {}
+_XGR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def apply_bitmask(logits: Tensor, bitmask: Tensor, index: Tensor) -> None:
+    """logits[index[r], v] = -inf where bit v of bitmask[r] is 0, for all rows r at once.
+
+    logits: [N, V] float; bitmask: [R, ceil(V / 32)] int32; index: [R] long. Vocabulary
+    entries past the bitmask's width (padding) are masked too. xgrammar's kernel (C++ on the
+    CPU, CUDA / Triton on a GPU) does it in one pass over the rows; the torch form below is
+    the fallback (other dtypes, a bitmask narrower than the vocabulary) and the reference.
+    """
+    vocab = logits.shape[-1]
+    if logits.dtype in _XGR_DTYPES and vocab <= 32 * bitmask.shape[1] and logits.is_contiguous():
+        import xgrammar as xgr
+
+        rows = index.tolist()  # xgrammar pairs logits row i with bitmask row i
+        full = bitmask.new_full((logits.shape[0], bitmask.shape[1]), -1)  # [N, W]: all allowed
+        full[index.to(bitmask.device)] = bitmask
+        xgr.apply_token_bitmask_inplace(logits, full, vocab_size=vocab, indices=rows)
+        return
+    apply_bitmask_torch(logits, bitmask, index)
+
+
+def apply_bitmask_torch(logits: Tensor, bitmask: Tensor, index: Tensor) -> None:
+    """``apply_bitmask`` in plain torch ops (bits unpacked to a [R, 32 * W] bool mask)."""
+    shifts = _SHIFTS.get(bitmask.device)
+    if shifts is None:
+        shifts = _SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    vocab = logits.shape[-1]
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()  # [R, 32 * W]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]))
+    rows = logits.index_select(0, index).masked_fill_(~allowed[:, :vocab], float("-inf"))
+    logits.index_copy_(0, index, rows)

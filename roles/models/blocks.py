@@ -1,0 +1,413 @@
+"""Building blocks of every decoder: attention over the paged cache, gated MLPs, norms, rotary
+tables, the mixture-of-experts block, the two layer shapes and the model skeleton.
+
+An architecture file (``llama.py``, ``qwen3.py``, ``gemma2.py``...) composes these from its
+checkpoint's tensor names; nothing here knows a family's names. Every projection goes
+through ``kernels.linear.Linear`` (so a weight format chosen at load applies to every
+architecture), every other op through the kernel module chosen at start-up (Triton on CUDA,
+torch references on CPU). It must not decide what to run: the model runner passes the
+flattened tokens of one step and their ``AttentionMetadata``.
+
+Shapes: T = tokens in the step (all sequences back to back), H = hidden size,
+nh / nkv = query / KV heads, hd = head dim, E = experts, k = experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from splitserve.errors import ModelLoadError
+from splitserve.kernels.linear import Linear
+from splitserve.roles.models.config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a step reads and writes KV.
+
+    Tokens are ordered: the ``num_decode`` single-token sequences first, then the
+    prefill chunks back to back.
+    """
+
+    slot_mapping: Tensor  # [T] int64, cache slot of each token's K/V
+    num_decode: int
+    decode_block_tables: Tensor  # [num_decode, max_blocks] int32
+    decode_context_lens: Tensor  # [num_decode] int32
+    prefill_block_tables: Tensor  # [num_prefill, max_blocks] int32
+    prefill_query_start_loc: Tensor  # [num_prefill + 1] int32, relative to num_decode
+    prefill_context_lens: Tensor  # [num_prefill] int32
+
+    @property
+    def num_prefill_seqs(self) -> int:
+        return self.prefill_context_lens.shape[0]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class Weights:
+    """A checkpoint's tensors under Hugging Face names, taken by name and checked for shape."""
+
+    def __init__(self, tensors: dict[str, Tensor], prefix: str = "") -> None:
+        self.tensors, self.prefix = tensors, prefix
+
+    def sub(self, prefix: str) -> Weights:
+        return Weights(self.tensors, self.prefix + prefix)
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.tensors
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor | None:
+        return self.take(name, shape) if self.has(name) else None
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> Tensor:
+        """The tensor ``prefix + name``; a missing or mis-shaped one fails naming it."""
+        full = self.prefix + name
+        t = self.tensors.get(full)
+        if t is None:
+            raise ModelLoadError(f"tensor {full!r} is missing from the checkpoint")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ModelLoadError(
+                f"tensor {full!r} has shape {tuple(t.shape)}, expected {shape}"
+            )
+        return t
+
+
+# --------------------------------------------------------------------------- norms, MLPs
+
+
+class RMSNorm:
+    """RMSNorm with optional fused residual add; ``offset=1`` gives Gemma's ``1 + weight``."""
+
+    def __init__(self, weight: Tensor, eps: float, ops: ModuleType, offset: float = 0.0) -> None:
+        self.weight = (weight.float() + offset).to(weight.dtype) if offset else weight
+        self.eps, self.ops = eps, ops
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x [T, D] -> (normed [T, D], x + residual when a residual is given)."""
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)  # type: ignore[no-any-return]
+
+
+def gated_activation(ops: ModuleType, act: str):  # type: ignore[no-untyped-def]
+    """[T, 2*I] = [gate | up] -> [T, I]: SwiGLU for ``silu``, GeGLU for the tanh gelus."""
+    return ops.silu_and_mul if act == "silu" else ops.gelu_tanh_and_mul
+
+
+class GatedMLP:
+    """``down(act(gate) * up)`` with gate and up fused in one projection."""
+
+    def __init__(self, gate_up: Tensor, down: Tensor, act: str, ops: ModuleType) -> None:
+        self.gate_up = Linear(gate_up)  # [2 I, H]
+        self.down = Linear(down)  # [H, I]
+        self.act = gated_activation(ops, act)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.down(self.act(self.gate_up(x)))  # type: ignore[no-any-return]
+
+
+def dense_mlp(cfg: ModelConfig, w: Weights, ops: ModuleType, size: int | None = None) -> GatedMLP:
+    """The MLP under ``gate_proj`` / ``up_proj`` / ``down_proj`` names."""
+    inter, hidden = size or cfg.intermediate_size, cfg.hidden_size
+    gate_up = torch.cat(
+        [w.take("gate_proj.weight", (inter, hidden)), w.take("up_proj.weight", (inter, hidden))]
+    )
+    return GatedMLP(gate_up, w.take("down_proj.weight", (hidden, inter)), cfg.hidden_act, ops)
+
+
+class MoE:
+    """Mixture of experts: softmax router, top-k, experts as grouped matmuls.
+
+    The routed (token, expert) pairs are sorted by expert, so each expert runs one gated
+    MLP over all its rows; the results are weighted and summed back per token. On the Triton
+    backend one fused kernel (``kernels/fused_moe.py``) does the same over stacked weights.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, router: Tensor, experts: list[tuple[Tensor, Tensor, Tensor]],
+        ops: ModuleType, renormalize: bool,
+    ) -> None:
+        self.router = Linear(router)  # [E, H]
+        self.top_k, self.renormalize, self.ops = cfg.num_experts_per_tok, renormalize, ops
+        self.act_name = cfg.hidden_act
+        self.fused = ops.__name__.endswith("triton_ops")
+        self.num_experts = len(experts)
+        self.experts: list[GatedMLP] = []
+        if self.fused:  # stacked for the kernel (weights stay float: no Linear here)
+            self.w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])  # [E, 2 I, H]
+            self.w2 = torch.stack([d for _, _, d in experts])  # [E, H, I]
+        else:
+            self.experts = [
+                GatedMLP(torch.cat([g, u]), d, cfg.hidden_act, ops) for g, u, d in experts
+            ]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """[T, H] -> [T, H]."""
+        weights, ids = self.ops.moe_route(self.router(x), self.top_k, self.renormalize)
+        if self.fused:
+            return self.ops.fused_moe(x, self.w13, self.w2, weights, ids, self.act_name)  # type: ignore[no-any-return]
+        return self._grouped(x, weights, ids)
+
+    def _grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        order, counts = self.ops.moe_groups(ids, self.num_experts)
+        routed = x[order // self.top_k]  # [T * k, H], the routed pairs grouped by expert
+        ys, start = [], 0
+        for expert, n in zip(self.experts, counts, strict=True):
+            if n:
+                ys.append(expert(routed[start : start + n]))  # [n, H]
+                start += n
+        return self.ops.moe_combine(torch.cat(ys), weights, order).to(x.dtype)  # type: ignore[no-any-return]
+
+
+def moe_experts(
+    w: Weights, num_experts: int, names: tuple[str, str, str], shapes: tuple[tuple[int, int], ...]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(gate, up, down) weights of each expert under ``experts.{e}.{name}.weight`` names."""
+    return [
+        tuple(  # type: ignore[misc]
+            w.take(f"experts.{e}.{name}.weight", shape)
+            for name, shape in zip(names, shapes, strict=True)
+        )
+        for e in range(num_experts)
+    ]
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rope_table(
+    cfg: ModelConfig, ops: ModuleType, device: torch.device, theta: float,
+    scaling: dict | None,
+) -> Tensor:
+    """[max_position, rotary_dim] float32 [cos | sin] table for one rotary variant."""
+    table = ops.rope_cos_sin_cache(
+        cfg.head_dim, cfg.max_position_embeddings, theta, scaling, cfg.rotary_dim
+    )
+    return table.to(device)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class Attention:
+    """GQA attention over the paged KV cache, with the per-family options as plain values:
+    q/k norms (per head), the layer's window, logit soft-cap, scale, rotary table."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer: int, ops: ModuleType, cos_sin: Tensor,
+        qkv: tuple[Tensor, Tensor | None], o_proj: Tensor,
+        qk_norms: tuple[RMSNorm, RMSNorm] | None = None,
+    ) -> None:
+        self.ops, self.cos_sin, self.qk_norms = ops, cos_sin, qk_norms
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = Linear(*qkv)  # [(nh + 2 nkv) * hd, H]
+        self.o_proj = Linear(o_proj)  # [H, nh * hd]
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.attention_scale
+        self.window = cfg.window(layer)
+        self.soft_cap = cfg.attn_logit_softcap
+
+    def __call__(
+        self, positions: Tensor, hidden: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+    ) -> Tensor:
+        """hidden [T, H] -> [T, H]; stores this step's K/V into kv_cache
+        [2, num_blocks, block_size, nkv, hd] first."""
+        q, k, v = self._project(positions, hidden)
+        self.ops.store_kv(k, v, kv_cache, meta.slot_mapping)
+        num_tokens, d = hidden.shape[0], meta.num_decode
+        if d == num_tokens:  # decodes only (the common step): no staging copy
+            out = self._decode(q, kv_cache, meta)
+            return self.o_proj(out.reshape(num_tokens, self.q_size))
+        out = torch.empty_like(q)  # [T, nh, hd]
+        if d:
+            out[:d] = self._decode(q[:d], kv_cache, meta)
+        out[d:] = self.ops.prefill_attention(
+            q[d:], kv_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+            meta.prefill_context_lens, self.scale, self.window, self.soft_cap,
+        )
+        return self.o_proj(out.view(num_tokens, self.q_size))
+
+    def _project(self, positions: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        num_tokens, hd = hidden.shape[0], self.head_dim
+        qkv = self.qkv(hidden)
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, hd)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, hd)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, hd)
+        if self.qk_norms is not None:  # RMSNorm over each head's dims, before rotary
+            q = self.qk_norms[0](q.reshape(-1, hd))[0].view(num_tokens, self.num_heads, hd)
+            k = self.qk_norms[1](k.reshape(-1, hd))[0].view(num_tokens, self.num_kv_heads, hd)
+        q, k = self.ops.rotary_embedding(positions, q, k, self.cos_sin)
+        return q, k, v
+
+    def _decode(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
+        return self.ops.paged_decode_attention(  # type: ignore[no-any-return]
+            q, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
+            self.scale, self.window, self.soft_cap,
+        )
+
+
+def standard_attention(
+    cfg: ModelConfig, layer: int, w: Weights, ops: ModuleType, cos_sin: Tensor,
+    norm_offset: float | None = None,
+) -> Attention:
+    """Attention under ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (+ biases when
+    present), with ``q_norm`` / ``k_norm`` when ``norm_offset`` is given."""
+    hd, h = cfg.head_dim, cfg.hidden_size
+    rows = {"q": cfg.num_heads * hd, "k": cfg.num_kv_heads * hd, "v": cfg.num_kv_heads * hd}
+    weight = torch.cat([w.take(f"{p}_proj.weight", (n, h)) for p, n in rows.items()])
+    biases = [w.get(f"{p}_proj.bias", (n,)) for p, n in rows.items()]
+    bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+    norms = None
+    if norm_offset is not None:
+        norms = (
+            RMSNorm(w.take("q_norm.weight", (hd,)), cfg.rms_norm_eps, ops, norm_offset),
+            RMSNorm(w.take("k_norm.weight", (hd,)), cfg.rms_norm_eps, ops, norm_offset),
+        )
+    return Attention(
+        cfg, layer, ops, cos_sin, (weight, bias), w.take("o_proj.weight", (h, rows["q"])), norms
+    )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Layer(Protocol):
+    def forward(
+        self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        """(hidden, residual) in and out; the residual stream is their sum."""
+        ...
+
+
+MLPLike = GatedMLP | MoE
+
+
+class PreNormLayer:
+    """Llama shape: ``x += attn(norm(x)); x += mlp(norm(x))`` (residual add fused in the norm)."""
+
+    def __init__(self, attn: Attention, mlp: MLPLike, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
+        self.attn, self.mlp, self.input_norm, self.post_norm = attn, mlp, input_norm, post_norm
+
+    def forward(
+        self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)[0]
+        else:
+            hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
+        hidden = self.attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_norm(hidden, residual)  # type: ignore[assignment]
+        return self.mlp(hidden), residual  # type: ignore[return-value]
+
+
+class SandwichLayer:
+    """Gemma shape: every sub-block's output is normed again before its residual add:
+    ``x += post_attn(attn(norm(x))); x += post_ff(mlp(pre_ff(x)))``."""
+
+    def __init__(
+        self, attn: Attention, mlp: MLPLike, norms: tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm]
+    ) -> None:
+        self.attn, self.mlp = attn, mlp
+        self.input_norm, self.post_attn_norm, self.pre_ff_norm, self.post_ff_norm = norms
+
+    def forward(
+        self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_norm(hidden)[0]
+        else:
+            hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
+        hidden = self.post_attn_norm(self.attn(positions, hidden, kv_cache, meta))[0]
+        hidden, residual = self.pre_ff_norm(hidden, residual)  # type: ignore[assignment]
+        return self.post_ff_norm(self.mlp(hidden))[0], residual  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class DecoderModel:
+    """Embeddings + layers + final norm + logits head; subclasses build the layers.
+
+    A subclass names the ``architectures`` / ``model_types`` it serves, reads its family's
+    config fields (``config_from_hf``) and builds layer ``i`` from that layer's tensors
+    (``build_layer``). Gemma-style options (embedding scale, ``1 + weight`` norms, final
+    logit soft-cap) are class attributes.
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()
+    norm_offset: ClassVar[float] = 0.0
+    """1.0 where the checkpoint stores norm weights as ``weight - 1`` (Gemma)."""
+    scale_embeddings: ClassVar[bool] = False
+    """Multiply embeddings by ``sqrt(hidden_size)`` (Gemma)."""
+
+    @classmethod
+    def config_from_hf(cls, hf: dict, architecture: str) -> ModelConfig:
+        raise NotImplementedError
+
+    def __init__(
+        self, cfg: ModelConfig, weights: dict[str, Tensor], ops: ModuleType, device: torch.device
+    ) -> None:
+        self.cfg, self.ops, self.device = cfg, ops, device
+        w = Weights({k: v.to(device) for k, v in weights.items()})
+        v, h = cfg.vocab_size, cfg.hidden_size
+        self.embed = w.take("model.embed_tokens.weight", (v, h))  # [V, H]
+        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed.dtype, device=device)
+        self.norm = self.rms_norm(w.take("model.norm.weight", (h,)))
+        head = self.embed if cfg.tie_word_embeddings else w.take("lm_head.weight", (v, h))
+        self.lm_head = Linear(head)
+        self.layers: list[Layer] = [
+            self.build_layer(i, w.sub(f"model.layers.{i}.")) for i in range(cfg.num_layers)
+        ]
+
+    def build_layer(self, i: int, w: Weights) -> Layer:
+        raise NotImplementedError
+
+    def rms_norm(self, weight: Tensor) -> RMSNorm:
+        return RMSNorm(weight, self.cfg.rms_norm_eps, self.ops, self.norm_offset)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def forward(
+        self,
+        input_ids: Tensor,  # [T]
+        positions: Tensor,  # [T]
+        kv_caches: list[Tensor],  # per layer [2, num_blocks, block_size, nkv, hd]
+        meta: AttentionMetadata,
+        inputs_embeds: Tensor | None = None,  # [T, H]: given when images replace some rows
+        on_layer: Callable[[int], None] | None = None,
+    ) -> Tensor:
+        """``on_layer(i)`` runs once layer ``i`` has stored its KV and returned (layer-wise
+        KV streaming serves a layer group's KV while later layers compute)."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual: Tensor | None = None
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            hidden, residual = layer.forward(positions, hidden, residual, kv_cache, meta)
+            if on_layer is not None:
+                on_layer(i)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # [T, H]
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """[T] -> [T, H]."""
+        embeds = F.embedding(input_ids, self.embed)
+        return embeds * self.embed_scale if self.scale_embeddings else embeds
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """[N, H] -> [N, V] float32 logits (soft-capped where the family caps them)."""
+        logits = self.lm_head(hidden).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)

@@ -1,0 +1,225 @@
+"""Weight formats at load: which tensors are served quantized, and how they get there.
+
+Owns the ``quantization`` option (``auto`` / ``none`` / ``int4`` / ``int8``) as the loader
+applies it:
+
+- GGUF blocks become ``QuantizedWeight`` codes directly, never expanded to float: Q4_0,
+  Q4_1 and Q4_K as int4 in groups of 32 (Q4_K's 6-bit sub-block scales and mins are folded
+  into per-group scales and zeros), Q8_0 as int8 in groups of 32. Under ``auto`` every
+  tensor of those types is kept so (F32 / F16 / BF16 stay float); another quantized type
+  is dequantized with a warning naming the tensor and its type.
+- ``int4`` / ``int8`` quantize the projections (attention, MLP and expert weights, the
+  logits head, and the embedding when the head is tied to it) by round-to-nearest: int8
+  per output channel, int4 in groups of ``int4_group_size`` (32 or 128); GGUF tensors
+  already in the asked format keep their codes. A projection the packed kernels cannot
+  take fails at load naming the tensor.
+- ``none`` keeps every weight float (GGUF dequantized: the fp32 reference).
+
+It must not build modules or read files (``loader.py`` reads, ``kernels/quant.py`` holds
+the format).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from splitserve.errors import ConfigError, ModelLoadError
+from splitserve.kernels.quant import (
+    INT4_GROUP_SIZES,
+    QuantizedWeight,
+    int4_packable,
+    pack_int4_codes,
+    quantize_int4,
+    quantize_int8,
+)
+
+logger = logging.getLogger(__name__)
+Tensor = torch.Tensor
+
+QUANTIZATIONS = ("auto", "none", "int4", "int8")
+GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+"""GGUF tensor types served from their codes, and the format each becomes."""
+GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
+_NOT_PROJECTIONS = ("norm", ".gate.weight", "router.")  # norms, MoE routers: stay float
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the loader stores a checkpoint's weights."""
+
+    quantization: str = "none"
+    """``auto`` (GGUF: the file's own formats; HF folders: float), ``none``, ``int4``, ``int8``."""
+    int4_group_size: int = 32
+    """Columns per int4 scale when quantizing float weights (GGUF int4 codes keep 32)."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.int4_group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(
+                f"int4_group_size must be one of {INT4_GROUP_SIZES}, got {self.int4_group_size}"
+            )
+
+    def keeps_gguf(self, type_name: str) -> bool:
+        """Whether a GGUF tensor of ``type_name`` is served from its codes."""
+        target = GGUF_NATIVE.get(type_name)
+        if target is None or self.quantization == "none":
+            return False
+        return self.quantization in ("auto", target)
+
+
+def is_projection(name: str, tied: bool) -> bool:
+    """Whether a Hugging Face tensor name is a weight every step multiplies by (quantized
+    under ``int4`` / ``int8``)."""
+    if not name.endswith(".weight"):
+        return False
+    if name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+        return True
+    return name.startswith("model.layers.") and not any(s in name for s in _NOT_PROJECTIONS)
+
+
+# --------------------------------------------------------------------------- float checkpoints
+
+
+def quantize_tensor(name: str, w: Tensor, fmt: WeightFormat, dtype: torch.dtype) -> QuantizedWeight:
+    """RTN-quantize one projection; a shape the packed kernels cannot take fails naming it."""
+    if w.dim() != 2:
+        raise ModelLoadError(f"cannot quantize {name}: shape {tuple(w.shape)} is not 2-D")
+    if fmt.quantization == "int8":
+        return quantize_int8(w, dtype)
+    why = int4_packable(tuple(w.shape), fmt.int4_group_size)
+    if why is not None:
+        raise ModelLoadError(f"cannot quantize layer {name} to int4: {why}")
+    return quantize_int4(w, fmt.int4_group_size, dtype)
+
+
+def quantize_checkpoint(
+    weights: dict[str, Any], fmt: WeightFormat, dtype: torch.dtype, tied: bool
+) -> dict[str, Any]:
+    """Quantize the float projections of ``weights`` in place (``int4`` / ``int8`` only);
+    tensors already quantized are left as they are."""
+    if fmt.quantization not in ("int4", "int8"):
+        return weights
+    for name in list(weights):
+        w = weights[name]
+        if isinstance(w, Tensor) and is_projection(name, tied):
+            weights[name] = quantize_tensor(name, w, fmt, dtype)
+    return weights
+
+
+def tensor_transform(
+    fmt: WeightFormat, dtype: torch.dtype, tied: bool
+) -> Callable[[str, Tensor], Any]:
+    """Per-tensor conversion for a reader (quantizing as it goes keeps the float copy of
+    only one tensor alive at a time)."""
+
+    def convert(name: str, w: Tensor) -> Any:
+        if fmt.quantization in ("int4", "int8") and is_projection(name, tied):
+            return quantize_tensor(name, w, fmt, dtype)
+        return w.to(dtype)
+
+    return convert
+
+
+# --------------------------------------------------------------------------- GGUF blocks
+
+
+def gguf_codes(type_name: str, blocks: np.ndarray, rows: int) -> tuple[str, Tensor, Tensor, Tensor | None]:
+    """(kind, codes [N, K], scales [N, K / 32], zeros or None) of one GGUF tensor's raw
+    blocks ``blocks`` (uint8 [N, bytes per row]). int4 codes are uint8 in [0, 15] with
+    ``w = (q - 8) * scale + zero``; int8 codes are ``w = q * scale``."""
+    raw = np.ascontiguousarray(blocks).reshape(rows, -1)
+    decode = _DECODERS[type_name]
+    return decode(raw, rows)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _q4_0(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 18)  # per block: d (f16), 16 bytes of nibbles
+    d = _f16(b[..., :2])[..., 0]
+    codes = _split_nibbles(b[..., 2:])
+    return "int4", codes.reshape(rows, -1), d, np.zeros_like(d)
+
+
+def _q4_1(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 20)  # per block: d, m (f16), 16 bytes of nibbles; w = q d + m
+    d, m = _f16(b[..., 0:2])[..., 0], _f16(b[..., 2:4])[..., 0]
+    codes = _split_nibbles(b[..., 4:])
+    return "int4", codes.reshape(rows, -1), d, m + 8 * d
+
+
+def _q8_0(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 34)  # per block: d (f16), 32 int8 codes
+    d = _f16(b[..., :2])[..., 0]
+    codes = np.ascontiguousarray(b[..., 2:]).view(np.int8)
+    return "int8", codes.reshape(rows, -1), d, None
+
+
+def _q4_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: d, dmin (f16), 12 bytes of 6-bit (scale, min) for its
+    # eight 32-value groups, 128 bytes of nibbles (chunk i: group 2i low, 2i + 1 high)
+    b = raw.reshape(rows, -1, 144)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [N, S, 1]
+    sc, mn = _k_scale_min(b[..., 4:16])  # [N, S, 8]
+    q = b[..., 16:].reshape(rows, -1, 4, 32)
+    codes = np.stack([q & 0x0F, q >> 4], axis=3)  # [N, S, 4, 2, 32]
+    scale = d * sc  # w = scale * q - dmin * m  ->  zero = 8 scale - dmin m
+    zero = 8 * scale - dmin * mn
+    return "int4", codes.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit (scale, min) pairs of each K-quant super-block, as float32."""
+    s = s.reshape(*s.shape[:-1], 3, 4)
+    d, m, md = s[..., 0, :], s[..., 1, :], s[..., 2, :]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _split_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] codes: low nibbles are values 0-15, high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
+
+
+def gguf_weight(
+    name: str, type_name: str, blocks: np.ndarray, rows: int, dtype: torch.dtype,
+) -> QuantizedWeight | None:
+    """A GGUF tensor of a natively served type as a ``QuantizedWeight`` (None when its
+    shape does not suit the packed kernels: the caller dequantizes it)."""
+    kind, codes, scales, zeros = gguf_codes(type_name, blocks, rows)
+    if kind == "int4":
+        why = int4_packable(codes.shape, 32)
+        if why is not None:
+            logger.warning("GGUF tensor %s (%s): %s; dequantizing it", name, type_name, why)
+            return None
+        qdata = pack_int4_codes(torch.from_numpy(codes))
+    else:
+        qdata = torch.from_numpy(np.ascontiguousarray(codes))
+    return QuantizedWeight(
+        kind, qdata, torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
+        None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32)),
+        32, dtype, type_name,
+    )
+
+
+def warn_dequantized(name: str, type_name: str) -> None:
+    """The warning for a GGUF tensor whose type has no native kernel."""
+    logger.warning(
+        "GGUF tensor %s has type %s, which is not served natively: dequantizing it to float "
+        "(natively served: %s)", name, type_name, ", ".join(GGUF_NATIVE),
+    )

@@ -1,0 +1,155 @@
+"""The one registry of ``SPLITSERVE_*`` environment variables.
+
+Each variable is declared once here with its type, default and meaning; code reads it through
+``env.NAME.get()`` and never through ``os.environ`` directly, so ``python -m splitserve.env``
+lists every knob. Imports nothing of ours and nothing heavy (no torch, no Ray).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+_REGISTRY: dict[str, EnvVar] = {}
+
+
+@dataclass(frozen=True)
+class EnvVar(Generic[T]):
+    """One environment variable: read on every ``get()`` (tests change them at run time)."""
+
+    name: str
+    """Full variable name, ``SPLITSERVE_*``."""
+    kind: type
+    """``str``, ``int``, ``float`` or ``bool`` (``1/true/yes/on`` are true)."""
+    default: T
+    """Value when the variable is unset or empty."""
+    doc: str
+    """What it changes."""
+    secret: bool = False
+    """Holds a credential: never forwarded to Ray actors, never printed (``main`` masks it)."""
+
+    def __post_init__(self) -> None:
+        if self.name in _REGISTRY:
+            raise ValueError(f"environment variable {self.name} declared twice")
+        _REGISTRY[self.name] = self
+
+    def raw(self) -> str:
+        """The variable's text, stripped ('' when unset)."""
+        return os.environ.get(self.name, "").strip()
+
+    def take(self) -> str:
+        """The variable's text, removed from this process's environment, so that no process
+        started later (Ray's raylet, its workers) inherits it ('' when unset)."""
+        text = self.raw()
+        os.environ.pop(self.name, None)
+        return text
+
+    def get(self) -> T:
+        """The typed value; a malformed value raises ValueError naming the variable."""
+        text = self.raw()
+        if not text:
+            return self.default
+        try:
+            if self.kind is bool:
+                return text.lower() in ("1", "true", "yes", "on")  # type: ignore[return-value]
+            return self.kind(text)  # type: ignore[no-any-return]
+        except ValueError as exc:
+            raise ValueError(f"{self.name}={text!r} is not a valid {self.kind.__name__}") from exc
+
+
+def registry() -> dict[str, EnvVar]:
+    """Every declared variable by name."""
+    return dict(_REGISTRY)
+
+
+SPLITSERVE_KERNELS = EnvVar(
+    "SPLITSERVE_KERNELS", str, "", "force the kernel backend: 'triton' or 'torch' (default: by device)"
+)
+SPLITSERVE_KERNEL_CHECKS = EnvVar(
+    "SPLITSERVE_KERNEL_CHECKS", bool, True,
+    "kernel launchers read index tensors back to validate them (0 turns the checks off)",
+)
+SPLITSERVE_KV_ZERO_COPY = EnvVar(
+    "SPLITSERVE_KV_ZERO_COPY", bool, True,
+    "KV pulls between block-major caches go straight into the destination blocks (0 stages "
+    "them through a gather and a scatter, the path before zero-copy: for A/B benchmarks)",
+)
+SPLITSERVE_KV_LAYERWISE = EnvVar(
+    "SPLITSERVE_KV_LAYERWISE", int, 0,
+    "layer-wise KV streaming (prefill workers): > 0 offers a request's KV when its last prompt "
+    "chunk is scheduled and serves it in groups of this many layers as the forward computes "
+    "them, so the pull overlaps the prefill; 0 (default) offers after the first token",
+)
+SPLITSERVE_CPU_LINEAR = EnvVar(
+    "SPLITSERVE_CPU_LINEAR", str, "", "'dense' keeps F.linear on CPU instead of oneDNN-packed weights"
+)
+SPLITSERVE_TEST_KV_SEND_DELAY_S = EnvVar(
+    "SPLITSERVE_TEST_KV_SEND_DELAY_S", float, 0.0,
+    "tests only: delay each KV send by this many seconds so a peer can die mid-transfer",
+)
+SPLITSERVE_TEST_KV_STREAM_HOLD_S = EnvVar(
+    "SPLITSERVE_TEST_KV_STREAM_HOLD_S", float, 0.0,
+    "tests only: a streamed prefill forward pauses after its first layer group until a read "
+    "of it was sent (at most this many seconds), so overlap is observable on any machine",
+)
+SPLITSERVE_TEST_ALLOW_NO_REDIS = EnvVar(
+    "SPLITSERVE_TEST_ALLOW_NO_REDIS", bool, False,
+    "tests only: skip the Redis tests when redis-server is missing (by default they fail: "
+    "`make setup` installs it)",
+)
+SPLITSERVE_KV_EVENT_LOG_SIZE = EnvVar(
+    "SPLITSERVE_KV_EVENT_LOG_SIZE", int, 100_000,
+    "KV events each worker keeps for the routers; a router that falls further behind resyncs "
+    "from a snapshot of the worker's cached block hashes",
+)
+
+SPLITSERVE_CHECK_INTEGRITY = EnvVar(
+    "SPLITSERVE_CHECK_INTEGRITY", bool, False,
+    "engines run check_integrity() (block pool, KV manager, leases) each time they fall idle "
+    "and log and count a failure",
+)
+SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S = EnvVar(
+    "SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S", float, 10.0,
+    "structured outputs: a grammar that takes longer to compile is refused (400)",
+)
+
+
+SPLITSERVE_API_KEY = EnvVar(
+    "SPLITSERVE_API_KEY", str, "",
+    "API key `splitserve serve` requires (Bearer / gRPC metadata); read once and removed from "
+    "the environment before Ray starts. Prefer it (or --api-key-file) to --api-key, which shows "
+    "in process lists",
+    secret=True,
+)
+SPLITSERVE_API_KEY_FILE = EnvVar(
+    "SPLITSERVE_API_KEY_FILE", str, "",
+    "file holding the API key (first line), same as `serve --api-key-file` (container secrets)",
+)
+
+
+def forwardable() -> dict[str, str]:
+    """The ``SPLITSERVE_*`` variables set here that may travel to other processes (Ray actors'
+    runtime env): the declared ones that are set, except those declared ``secret``."""
+    return {var.name: var.raw() for var in _REGISTRY.values() if not var.secret and var.raw()}
+
+
+def scrub_secrets() -> None:
+    """Remove every ``secret`` variable from this process's environment (before starting
+    processes that must not inherit it: a local Ray)."""
+    for var in _REGISTRY.values():
+        if var.secret:
+            var.take()
+
+
+def main() -> None:
+    """Print every variable, its default and meaning."""
+    for var in _REGISTRY.values():
+        state = "(set)" if var.secret and var.raw() else ""
+        print(f"{var.name} ({var.kind.__name__}, default {var.default!r}){state}: {var.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The one set of request checks that the cluster (before placement) and the engine (on intake)
+both run, so that they can never disagree: a prompt as text or token ids, its length against
+the context, and the number of samples ``n``.
+
+Each check raises InvalidRequestError naming the field (HTTP 400 / gRPC INVALID_ARGUMENT).
+Imports nothing heavy (no torch, no Ray); it owns no state and tokenizes only through the
+callable it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from splitserve.errors import InvalidRequestError
+
+
+def prompt_token_ids(
+    prompt: str | Sequence[Any], encode: Callable[[str], Sequence[int]], vocab_size: int
+) -> list[int]:
+    """Token ids of a text prompt (``encode``d) or a token-id prompt, checked: not empty, every
+    id a plain ``int`` (``bool`` is not one) in ``[0, vocab_size)``."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", field="prompt")
+        token_ids = list(encode(prompt))
+        if not token_ids:  # e.g. only control characters the tokenizer drops
+            raise InvalidRequestError(
+                f"prompt {prompt[:40]!r} encodes to no tokens", field="prompt"
+            )
+        return token_ids
+    if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence):
+        raise InvalidRequestError(
+            f"prompt must be text or a list of token ids, got {type(prompt).__name__}",
+            field="prompt",
+        )
+    token_ids = list(prompt)
+    if not token_ids:
+        raise InvalidRequestError("prompt must not be empty", field="prompt")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size
+           for t in token_ids):
+        raise InvalidRequestError(
+            f"prompt token ids must be integers in [0, {vocab_size})", field="prompt_token_ids"
+        )
+    return token_ids
+
+
+def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
+    """A prompt must leave room for at least one generated token."""
+    if num_tokens >= max_model_len:
+        raise InvalidRequestError(
+            f"prompt has {num_tokens} tokens; the model's context length (max_model_len) is "
+            f"{max_model_len}, which leaves no room to generate",
+            field="prompt",
+        )
+
+
+def check_n(n: int, max_n: int) -> None:
+    """At most ``max_n`` samples per request (each is a sequence the scheduler must run)."""
+    if n > max_n:
+        raise InvalidRequestError(
+            f"n={n} is above this server's limit of {max_n} samples per request (max_n)",
+            field="n",
+        )

@@ -1,0 +1,176 @@
+"""Quantized weights: RTN codes, GGUF block decoding against the gguf package, the packed
+int4 / int8 matmuls of ``Linear`` against the dequantized reference, tensor-like behaviour."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.kernels.linear import Linear
+from splitserve.kernels.quant import (
+    QuantizedWeight,
+    int4_packable,
+    pack_int4_codes,
+    quantize_int4,
+    quantize_int8,
+)
+from splitserve.roles.models.quantize import gguf_codes, gguf_weight
+
+
+def _w(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_rtn_codes_and_error(group: int) -> None:
+    w = _w(64, 256)
+    qw = quantize_int4(w, group)
+    codes = qw.codes()
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert qw.scales.shape == (64, 256 // group) and qw.nbytes < w.numel()  # < 1 byte/weight
+    # each group's min and max are representable: codes 0 and 15 occur in every group
+    grouped = codes.view(64, -1, group)
+    assert bool((grouped.amin(-1) == 0).all()) and bool((grouped.amax(-1) == 15).all())
+    err = (qw.dequantize() - w).abs().view(64, -1, group)
+    assert bool((err <= qw.scales[..., None] / 2 + 1e-6).all())  # round to nearest
+
+
+def test_int8_rtn_per_channel() -> None:
+    w = _w(48, 96)
+    qw = quantize_int8(w)
+    assert qw.qdata.dtype == torch.int8 and qw.group_size == 96 and qw.scales.shape == (48, 1)
+    assert bool((qw.qdata.abs().amax(1) == 127).all())
+    assert bool(((qw.dequantize() - w).abs() <= qw.scales / 2 + 1e-7).all())
+
+
+def test_pack_int4_codes_layout() -> None:
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert pack_int4_codes(q).tolist() == [[0x21, 0x0F]]
+
+
+def test_int4_packable_reasons() -> None:
+    assert int4_packable((64, 256), 32) is None
+    assert "divisible" in str(int4_packable((64, 48), 32))
+    assert "multiple of 16" in str(int4_packable((40, 64), 32))
+    assert "group size" in str(int4_packable((64, 64), 16))
+
+
+# --------------------------------------------------------------------------- Linear
+
+
+def _q8_0_like(w: torch.Tensor) -> QuantizedWeight:
+    n, k = w.shape
+    d = w.view(n, -1, 32).abs().amax(-1) / 127
+    q = (w.view(n, -1, 32) / d[..., None]).round().clamp(-128, 127).to(torch.int8).view(n, k)
+    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)  # code extremes
+    return QuantizedWeight("int8", q, d, None, 32, torch.float32, "Q8_0")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 64])
+@pytest.mark.parametrize("make", ["int4-32", "int4-128", "int8", "q8_0"])
+def test_linear_matches_dequantized_reference(rows: int, make: str) -> None:
+    w = _w(192, 256)
+    qw = {
+        "int4-32": lambda: quantize_int4(w, 32),
+        "int4-128": lambda: quantize_int4(w, 128),
+        "int8": lambda: quantize_int8(w),
+        "q8_0": lambda: _q8_0_like(w),
+    }[make]()
+    bias = torch.randn(192) * 0.1
+    proj = Linear(qw, bias)
+    assert proj.quantized and proj.weight is None
+    x = torch.randn(rows, 256)
+    ref = F.linear(x, qw.dequantize(), bias)  # fp32 reference of the same codes
+    out = proj(x)
+    assert out.shape == (rows, 192) and out.dtype == torch.float32
+    # bf16 activations, scales and output: ~3 significant digits
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+    xb = x.to(torch.bfloat16)
+    assert proj(xb).dtype == torch.bfloat16
+
+
+def test_linear_quantized_handles_empty_and_3d() -> None:
+    proj = Linear(quantize_int4(_w(64, 64), 32))
+    assert proj(torch.randn(0, 64)).shape == (0, 64)
+    assert proj(torch.randn(2, 3, 64)).shape == (2, 3, 64)
+
+
+def test_linear_int4_shape_refused() -> None:
+    qw = quantize_int4(_w(40, 64), 32)  # 40 rows: not a multiple of 16
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Linear(qw)
+
+
+# --------------------------------------------------------------------------- tensor-like
+
+
+def test_cat_rows_stays_quantized_and_embedding_gathers_rows() -> None:
+    a, b = quantize_int4(_w(32, 64, 1)), quantize_int4(_w(48, 64, 2))
+    fused = torch.cat([a, b])
+    assert isinstance(fused, QuantizedWeight) and fused.shape == (80, 64)
+    torch.testing.assert_close(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    ids = torch.tensor([[3, 40], [79, 0]])
+    emb = F.embedding(ids, fused)
+    assert emb.shape == (2, 2, 64)
+    torch.testing.assert_close(emb, F.embedding(ids, fused.dequantize()), rtol=0, atol=0)
+
+
+def test_other_torch_functions_see_dequantized_values(caplog: pytest.LogCaptureFixture) -> None:
+    qw = quantize_int8(_w(16, 32))
+    with caplog.at_level(logging.WARNING):
+        out = torch.stack([qw, qw])
+    assert out.shape == (2, 16, 32) and torch.equal(out[0], qw.dequantize())
+    assert torch.cat([qw, quantize_int4(_w(16, 32))]).shape == (32, 32)  # mixed: dense
+
+
+def test_to_changes_stand_in_dtype_not_codes() -> None:
+    qw = quantize_int4(_w(16, 64))
+    b = qw.to(torch.bfloat16)
+    assert b.dtype == torch.bfloat16 and b.qdata is qw.qdata and qw.to("cpu") is qw
+    assert b.dequantize().dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- GGUF blocks
+
+
+def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random raw blocks of a GGUF type with finite, positive-ish f16 scales."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, k // block, size), dtype=np.uint8)
+    n_f16 = {"Q4_0": 1, "Q8_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]
+    f16 = rng.uniform(-0.05, 0.05, size=(rows, k // block, n_f16)).astype(np.float16)
+    raw[..., : 2 * n_f16] = f16.view(np.uint8).reshape(rows, k // block, 2 * n_f16)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows, k = 32, 512
+    raw = _random_blocks(type_name, rows, k)
+    ref = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, k)
+    qw = gguf_weight("blk.0.test", type_name, raw, rows, torch.float32)
+    assert qw is not None and qw.source == type_name and qw.group_size == 32
+    assert qw.kind == ("int8" if type_name == "Q8_0" else "int4")
+    np.testing.assert_allclose(qw.dequantize().numpy(), ref, rtol=1e-5, atol=1e-6)
+    kind, codes, _, _ = gguf_codes(type_name, raw, rows)
+    assert codes.shape == (rows, k)
+
+
+def test_gguf_int4_rows_not_packable_fall_back(caplog: pytest.LogCaptureFixture) -> None:
+    raw = _random_blocks("Q4_0", 8, 64)  # 8 rows: the int4 packing needs 16
+    with caplog.at_level(logging.WARNING):
+        assert gguf_weight("blk.0.odd", "Q4_0", raw, 8, torch.float32) is None
+    assert "blk.0.odd" in caplog.text

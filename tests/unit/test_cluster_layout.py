@@ -1,0 +1,82 @@
+"""The one-machine default of ``splitserve serve``: a prefill/decode split only with a device
+per role, else one decode worker that prefills every prompt; what the CLI makes of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from splitserve.cluster.layout import Devices, LocalLayout, choose_layout, numa_nodes
+from splitserve.cluster.tools.cli import _cluster_config, build_parser
+
+
+def test_fewer_devices_than_roles_colocates() -> None:
+    layout = choose_layout(Devices("cpu", count=1, cores=2))
+    assert (layout.prefill, layout.decode, layout.num_gpus_per_worker) == (0, 1, 0.0)
+    assert layout.colocated
+    assert layout.reason.startswith("colocated") and "2 CPU cores in 1 NUMA node" in layout.reason
+    one_gpu = choose_layout(Devices("cuda", count=1, cores=8))
+    assert (one_gpu.prefill, one_gpu.decode, one_gpu.num_gpus_per_worker) == (0, 1, 1.0)
+
+
+def test_a_device_per_role_keeps_the_split() -> None:
+    for devices in (Devices("cuda", count=2, cores=16), Devices("cpu", count=2, cores=64)):
+        layout = choose_layout(devices)
+        assert (layout.prefill, layout.decode) == (1, 1) and not layout.colocated
+        assert layout.reason.startswith("disaggregated")
+
+
+def test_bad_devices_and_layouts_are_refused() -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        choose_layout(Devices("cuda", count=0, cores=2))
+    with pytest.raises(ValueError, match="kind"):
+        Devices("tpu", count=1, cores=1)
+    with pytest.raises(ValueError, match="decode >= 1"):
+        LocalLayout(prefill=1, decode=0, num_gpus_per_worker=0, reason="")
+
+
+def test_numa_nodes_counts_nodes_with_cpus(tmp_path: Path) -> None:
+    for name, cpus in (("node0", "0-15\n"), ("node1", "16-31\n"), ("node2", "\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cpulist").write_text(cpus)
+    (tmp_path / "possible").write_text("0-2\n")
+    assert numa_nodes(tmp_path) == 2  # node2 has memory only
+    assert numa_nodes(tmp_path / "missing") == 1
+
+
+def _config(*argv: str):  # type: ignore[no-untyped-def]
+    return _cluster_config(build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_default_follows_the_machine_and_flags_ask_for_pd(monkeypatch) -> None:
+    import splitserve.cluster.layout as layout_module
+
+    monkeypatch.setattr(layout_module, "numa_nodes", lambda: 1)
+    config, reason = _config()
+    assert config.roles.prefill.replicas == 0 and config.roles.decode.replicas == 1
+    assert config.colocated and reason.startswith("colocated")
+    config, reason = _config("--prefill-workers", "1")
+    assert (config.roles.prefill.replicas, config.roles.decode.replicas) == (1, 1)
+    assert not config.colocated and config.router.local_prefill_max_tokens == 63
+    assert "as asked" in reason
+    monkeypatch.setattr(layout_module, "numa_nodes", lambda: 2)
+    config, reason = _config()
+    assert config.roles.prefill.replicas == 1 and reason.startswith("disaggregated")
+
+
+def test_serve_config_file_is_kept_and_flags_override_it(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text("roles: {prefill: {replicas: 2}, decode: {replicas: 3}}\n")
+    config, reason = _config("--config", str(path))
+    assert (config.roles.prefill.replicas, config.roles.decode.replicas) == (2, 3)
+    assert str(path) in reason
+    config, _ = _config("--config", str(path), "--decode-workers", "1")
+    assert (config.roles.prefill.replicas, config.roles.decode.replicas) == (2, 1)
+
+
+def test_worker_count_flags_are_checked() -> None:
+    for argv in (["--decode-workers", "0"], ["--prefill-workers", "-1"],
+                 ["--prefill-workers", "x"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *argv])

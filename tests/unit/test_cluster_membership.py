@@ -1,0 +1,173 @@
+"""Membership leftovers: a replaced worker's handle leaves the set, draining waits for a slow
+worker instead of taking it for dead, and the ``n`` samples of a request reach the workers
+as one fairness group while an abort still touches exactly that request's samples.
+
+Real Membership, Scaler, RequestPath, FlightTable, Router and in-memory Registry; the
+worker actors are stand-ins (no Ray here) because the faults are injected: a stats call
+that does not answer in time, a replacement that is started by a recording launcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from splitserve.cluster.config import ClusterConfig
+from splitserve.cluster.flights import FlightTable
+from splitserve.cluster.inputs import PreparedInput
+from splitserve.cluster.launcher import WorkerHandle
+from splitserve.cluster.membership import Membership
+from splitserve.cluster.registry import create_registry
+from splitserve.cluster.request_path import RequestPath
+from splitserve.cluster.scaling import Scaler
+from splitserve.outputs import CompletionOutput, RequestOutput
+from splitserve.router.router import Router
+from splitserve.router.schema import RouterConfig
+from splitserve.sampling_params import SamplingParams
+
+IDLE = {"num_running": 0, "num_waiting": 0, "num_held_kv": 0, "num_loading_kv": 0}
+
+
+async def _value(v: Any) -> Any:
+    return v
+
+
+class _Worker:
+    """Answers like a worker actor. ``stats`` replies are scripted: ``"hang"`` never answers
+    (until the caller's timeout), a dict is returned. ``generate`` streams one token, then
+    waits until the request is aborted and ends it with 'abort'."""
+
+    def __init__(self, stats: list[Any] | None = None) -> None:
+        self.script = list(stats or [])
+        self.stats_replies: list[Any] = []
+        self.calls: list[tuple[str, str | None]] = []
+        self.aborted: list[str] = []
+        self._abort_events: dict[str, asyncio.Event] = {}
+        self.stats = SimpleNamespace(remote=self._stats)
+        self.generate = SimpleNamespace(remote=self._generate)
+        self.abort = SimpleNamespace(remote=self._abort)
+
+    def _stats(self) -> Any:
+        reply = self.script.pop(0) if self.script else IDLE
+        self.stats_replies.append(reply)
+        if reply == "hang":
+            return asyncio.Event().wait()  # never set: the caller's timeout ends it
+        return _value(dict(reply))
+
+    def _generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                  kv: Any, resume: list[int], mm: Any, group_id: str | None = None) -> Any:
+        self.calls.append((request_id, group_id))
+        self._abort_events[request_id] = asyncio.Event()
+        return self._stream(request_id, prompt)
+
+    async def _stream(self, request_id: str, prompt: list[int]) -> AsyncIterator[Any]:
+        yield _value(RequestOutput(request_id, None, prompt, [CompletionOutput(0, "", [7])],
+                                   False))
+        await self._abort_events[request_id].wait()
+        yield _value(RequestOutput(request_id, None, prompt,
+                                   [CompletionOutput(0, "", [], finish_reason="abort")], True,
+                                   metrics={"arrival_time": 0.0}))
+
+    def _abort(self, request_id: str) -> Any:
+        self.aborted.append(request_id)
+        self._abort_events[request_id].set()
+        return _value(None)
+
+
+class _Launcher:
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+
+    def start(self, role: str) -> WorkerHandle:
+        self.started.append(role)
+        return WorkerHandle(f"{role}-new", role, _Worker(), None, {"num_blocks": 8})
+
+    def wait_ready(self, handles: list[WorkerHandle]) -> None:
+        pass
+
+    def stop(self, handle: WorkerHandle) -> None:
+        self.stopped.append(handle.worker_id)
+
+    def release(self, handle: WorkerHandle) -> None:
+        pass
+
+
+def _membership(*workers: tuple[str, str, _Worker]) -> tuple[Membership, _Launcher]:
+    config = ClusterConfig.local(registry={"heartbeat_interval_s": 0.01,
+                                           "heartbeat_timeout_s": 0.05})
+    router = Router("dualmap", RouterConfig(block_size=16, local_prefill_max_tokens=63))
+    launcher = _Launcher()
+    membership = Membership(config, router, create_registry("memory", 5.0),
+                            launcher, collections.Counter(), owner=True)  # type: ignore[arg-type]
+    for worker_id, role, actor in workers:
+        membership.add(WorkerHandle(worker_id, role, actor, None, {"num_blocks": 8}))
+    return membership, launcher
+
+
+def test_a_replaced_workers_handle_leaves_the_set() -> None:
+    membership, launcher = _membership(("decode-0", "decode", _Worker()))
+    dead = membership.workers["decode-0"]
+
+    async def run() -> None:
+        membership.mark_dead("decode-0")
+        assert membership.workers["decode-0"] is dead  # shown unhealthy until replaced
+        await asyncio.gather(*membership.replacing)
+
+    asyncio.run(run())
+    assert not dead.healthy and launcher.started == ["decode"]
+    assert set(membership.workers) == {"decode-new"}  # the dead handle is gone
+    assert membership.counters["workers_replaced"] == 1
+
+
+def test_drain_waits_for_a_slow_worker_instead_of_taking_it_for_dead() -> None:
+    busy = {**IDLE, "num_running": 1}
+    worker = _Worker(stats=["hang", "hang", busy, "hang", IDLE])
+    membership, launcher = _membership(("decode-0", "decode", worker),
+                                       ("decode-1", "decode", _Worker()))
+    scaler = Scaler(membership.config, membership, FlightTable(), membership.counters, "tiny")
+
+    asyncio.run(scaler.drain(membership.workers["decode-0"], timeout_s=60.0))
+    assert worker.stats_replies == ["hang", "hang", busy, "hang", IDLE]  # asked until idle
+    assert launcher.stopped == ["decode-0"]
+    assert membership.counters["drain_stats_errors"] == 3
+    assert "decode-0" not in membership.workers and launcher.started == []  # drained: no successor
+
+
+def test_n_samples_reach_workers_as_one_group_and_abort_stays_exact() -> None:
+    decode = _Worker()
+    membership, _ = _membership(("prefill-0", "prefill", _Worker()), ("decode-0", "decode", decode))
+    flights = FlightTable()
+    path = RequestPath(membership.config, membership, flights, membership.counters)
+    prompt = PreparedInput(ids=[5, 6, 7, 8])
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def consume(request_id: str, n: int, got: dict[str, list[Any]]) -> None:
+        p = SamplingParams(max_tokens=4, temperature=0.0, n=n)
+        async for out in path.stream(request_id, prompt, p):
+            got.setdefault(request_id, []).append(out.outputs[0])
+
+    async def run() -> dict[str, list[Any]]:
+        got: dict[str, list[Any]] = {}
+        tasks = [asyncio.ensure_future(consume("r1", 3, got)),
+                 asyncio.ensure_future(consume("0_r1", 2, got)),  # ends like r1's samples once did
+                 asyncio.ensure_future(consume("solo", 1, got))]
+        async with asyncio.timeout(30):
+            while sum(len(v) for v in got.values()) < 6:  # every sample streams its first token
+                await asyncio.sleep(0.005)
+        await path.abort("r1")
+        assert sorted(decode.aborted) == ["r1.0", "r1.1", "r1.2"]  # exactly r1's samples
+        await path.abort("0_r1")
+        await path.abort("solo")
+        await asyncio.gather(*tasks)
+        return got
+
+    got = asyncio.run(run())
+    assert sorted(decode.calls) == sorted(
+        [("r1.0", "r1"), ("r1.1", "r1"), ("r1.2", "r1"), ("0_r1.0", "0_r1"), ("0_r1.1", "0_r1"),
+         ("solo", None)])
+    assert sorted(o.index for o in got["r1"] if o.finish_reason == "abort") == [0, 1, 2]
+    assert len(flights) == 0 and params.n == 1

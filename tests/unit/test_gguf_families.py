@@ -1,0 +1,144 @@
+"""Every family the ``gguf`` package maps loads from GGUF and equals transformers token for token.
+
+For Qwen3, Qwen3-MoE, Phi-3, Gemma 2, Gemma 3 text and Mixtral: transformers saves a tiny
+random model, the test converts it to GGUF as llama.cpp's converter would
+(``tests/gguf_files.py``: the ``gguf`` package's writer and tensor-name map), and splitserve
+loads the file. One file per family holds all three tensor types (Q8_0 matrices, F16 where
+Q8_0's 32-column blocks do not fit, F32 norms); the pure F32 and F16 files run under
+``slow``. The loaded config must be the folder's (windows, soft-caps, experts, rotary tables,
+attention scale), the weights the folder's as the file's types round them, and 8 prompts x
+32 greedy tokens must equal transformers run on those same rounded weights. A divergence
+passes only at a true near-tie (top-2 gap < 1e-3), counted. transformers' own GGUF loader
+(5.24) is not the reference: its config mapping drops a field of every one of these families
+(Qwen3's explicit ``head_dim``, Qwen3-MoE's ``expert_feed_forward_length``, Gemma's
+``query_pre_attn_scalar`` and window pattern, Phi-3's LongRoPE factors, Mixtral's experts),
+so it builds a different model from the same file.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitserve import LLM, SamplingParams
+from splitserve.errors import ModelLoadError
+from splitserve.kernels.quant import QuantizedWeight
+from splitserve.roles.models import loader
+from splitserve.roles.models.quantize import WeightFormat
+from tests.families import FAMILIES, VOCAB, count_near_ties, hf_greedy, make_family_model
+from tests.gguf_files import (
+    GGUF_OVERRIDES,
+    read_hf_folder,
+    rounded,
+    rounded_folder,
+    tensor_type,
+    write_gguf,
+)
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+_rng = random.Random(1)
+PROMPTS = [[_rng.randrange(3, VOCAB) for _ in range(n)] for n in (6, 19, 31, 44, 60, 75, 27, 90)]
+_CONFIG_FIELDS = (
+    "architecture", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+    "head_dim", "tie_word_embeddings", "hidden_act", "rope_theta", "rope_local_theta",
+    "partial_rotary_factor", "attn_logit_softcap", "final_logit_softcap", "num_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "max_position_embeddings",
+    "kv_layer_windows", "bos_token_id", "eos_token_ids",
+)
+DEFAULT_SUITE = {"qwen3", "gemma2"}
+"""Families checked in the default suite (q/k norm + explicit head_dim; soft-caps, windows and
+the norm shift); the others run under ``-m slow`` (each costs ~30 s, mostly the tokenizer)."""
+
+
+@pytest.fixture(scope="module", params=[
+    f if f in DEFAULT_SUITE else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES)
+])
+def folder(request, tmp_path_factory, tokenizer_dir) -> tuple[str, Path]:
+    name = request.param
+    path = tmp_path_factory.mktemp(name) / name
+    return name, make_family_model(name, path, tokenizer_dir, overrides=GGUF_OVERRIDES.get(name))
+
+
+def _reference(folder: Path, qtype: str, tmp_path: Path) -> list:
+    """transformers' greedy tokens on the folder's model with the weights the file holds."""
+    from transformers import AutoModelForCausalLM
+
+    ref = rounded_folder(folder, qtype, tmp_path / f"rounded-{qtype}")
+    hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [hf_greedy(hf, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def _rope_tables(cfg) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """[2, positions, rotary_dim]: the global and the windowed layers' rotary tables."""
+    from splitserve.kernels.reference import rope_cos_sin_cache
+
+    local = cfg.rope_local_theta or cfg.rope_theta
+    return torch.stack([
+        rope_cos_sin_cache(cfg.head_dim, 1024, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_dim),
+        rope_cos_sin_cache(cfg.head_dim, 1024, local, None, cfg.rotary_dim),
+    ])
+
+
+def _check_loaded(name: str, folder: Path, gguf_file: Path, qtype: str):  # type: ignore[no-untyped-def]
+    """The file's config and float weights are the folder's (as the file's types round
+    them); under ``auto`` its Q8_0 matrices stay codes (stacked experts are dequantized)."""
+    want = loader.load_model(str(folder), torch.float32).config
+    reader = loader._open_gguf(gguf_file)
+    cfg = loader._gguf_config(reader, gguf_file)
+    for field in _CONFIG_FIELDS:
+        assert getattr(cfg, field) == getattr(want, field), field
+    assert [cfg.is_moe_layer(i) for i in range(cfg.num_layers)] == [
+        want.is_moe_layer(i) for i in range(want.num_layers)]
+    assert torch.allclose(_rope_tables(cfg), _rope_tables(want), atol=1e-6)
+    assert abs(cfg.attention_scale - want.attention_scale) < 1e-6
+    weights = loader._gguf_weights(reader, cfg, gguf_file, torch.float32, WeightFormat("none"))
+    _, original = read_hf_folder(folder)
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    assert set(weights) == set(original) - tied
+    for key, tensor in weights.items():
+        expected = torch.from_numpy(rounded(original[key], qtype))
+        assert torch.allclose(tensor, expected, atol=1e-6, rtol=0), key
+    codes = loader._gguf_weights(reader, cfg, gguf_file, torch.float32, WeightFormat("auto"))
+    for key, tensor in codes.items():
+        kept = tensor_type(original[key], qtype) == "Q8_0" and ".experts." not in key
+        assert isinstance(tensor, QuantizedWeight) == kept, key
+
+
+def _equal_to_transformers(folder_and_name, tmp_path: Path, qtype: str) -> None:
+    name, folder = folder_and_name
+    gguf_file = write_gguf(folder, tmp_path / f"{name}-{qtype}.gguf", name, qtype)
+    _check_loaded(name, folder, gguf_file, qtype)
+    llm = LLM(str(gguf_file), num_kv_blocks=256)
+    assert llm.engine.model_config.architecture == loader._gguf_config(
+        loader._open_gguf(gguf_file), gguf_file).architecture
+    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    ties = count_near_ties(got, _reference(folder, qtype, tmp_path))
+    print(f"{name} {qtype}: {ties} near-tie divergences accepted of {len(PROMPTS)} prompts")
+
+
+def test_gguf_equals_transformers(folder, tmp_path) -> None:
+    _equal_to_transformers(folder, tmp_path, "mixed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_gguf_float_files_equal_transformers(folder, tmp_path, qtype) -> None:
+    _equal_to_transformers(folder, tmp_path, qtype)
+
+
+def test_unknown_gguf_architecture_lists_the_supported(tmp_path) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "bert.gguf"
+    writer = GGUFWriter(str(path), "bert")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match=r"unsupported GGUF architecture 'bert'.*gemma3"):
+        loader.load_model(str(path), torch.float32)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Generator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -345,21 +346,20 @@ class KvConnectorWorker:
             )
         self._authenticate(read.request_id, read.lease_id, read.secret)
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
-        return self._gather_parts(read, layers_per_part)
+        return _PinnedParts(
+            self._gather_parts(read, layers_per_part), self._unpin_once(read.request_id)
+        )
 
     def _gather_parts(
         self, read: ReadRequest, layers_per_part: int
     ) -> Generator[torch.Tensor, None, None]:
-        try:
-            device = self.kv_caches[0].device
-            ids = torch.tensor(read.block_ids, dtype=torch.long, device=device)
-            for l0 in range(read.layer_start, read.layer_end, layers_per_part):
-                l1 = min(l0 + layers_per_part, read.layer_end)
-                shape = self.layout.staging_shape(l1 - l0, len(read.block_ids))
-                out = self.staging.take(shape, self.layout.torch_dtype, device)
-                yield self._ops.gather_blocks(self.kv_caches[l0:l1], ids, out=out)
-        finally:
-            self.leases.unpin(read.request_id)
+        device = self.kv_caches[0].device
+        ids = torch.tensor(read.block_ids, dtype=torch.long, device=device)
+        for l0 in range(read.layer_start, read.layer_end, layers_per_part):
+            l1 = min(l0 + layers_per_part, read.layer_end)
+            shape = self.layout.staging_shape(l1 - l0, len(read.block_ids))
+            out = self.staging.take(shape, self.layout.torch_dtype, device)
+            yield self._ops.gather_blocks(self.kv_caches[l0:l1], ids, out=out)
 
     def serve_regions(
         self, read: ReadRequest
@@ -833,3 +833,33 @@ class KvConnectorWorker:
         for request_id in list(self._loads):
             self.abort_load(request_id)
         self.transport.close()
+
+
+class _PinnedParts(Generator[torch.Tensor, None, None]):
+    """The staged parts of one read, holding its lease pinned until exhausted, failed or
+    closed. Unlike a bare generator, closing it unpins even if no part was ever asked for
+    (a read cancelled before its first gather), and only once."""
+
+    def __init__(self, parts: Generator[torch.Tensor, None, None], unpin: Callable[[], None]):
+        self._parts = parts
+        self._unpin = unpin
+
+    def send(self, value: None) -> torch.Tensor:
+        try:
+            return self._parts.send(value)
+        except BaseException:
+            self._unpin()
+            raise
+
+    def throw(self, *args: Any) -> torch.Tensor:  # type: ignore[override]
+        try:
+            return self._parts.throw(*args)
+        except BaseException:
+            self._unpin()
+            raise
+
+    def close(self) -> None:
+        try:
+            self._parts.close()
+        finally:
+            self._unpin()

@@ -184,6 +184,44 @@ async def _recv_on_worker(dest: torch.Tensor, tag: int, conn: _Connection) -> No
     await ucxx.core._get_ctx().recv_with_handle(_wire_bytes(dest), probe)
 
 
+class _Gathering:
+    """A staged read's gathers, run one at a time on a worker thread.
+
+    ``close()`` is synchronous, so it also runs when the serving task is cancelled: it
+    closes the parts (unpinning the lease) at once, or as soon as a gather still running
+    on its thread finishes, and gives back a part gathered for a send that never happened.
+    """
+
+    def __init__(self, parts: Generator[torch.Tensor, None, None], server: ServeHandler) -> None:
+        self._parts = parts
+        self._server = server
+        self._busy: asyncio.Future[torch.Tensor | None] | None = None
+
+    async def next(self) -> torch.Tensor | None:
+        """The next part (None after the last); a cancel does not interrupt the gather."""
+        loop = asyncio.get_running_loop()
+        self._busy = busy = loop.run_in_executor(None, next, self._parts, None)
+        part = await asyncio.shield(busy)
+        self._busy = None
+        return part
+
+    def close(self) -> None:
+        busy, self._busy = self._busy, None
+        if busy is None or busy.done():
+            self._finish(busy)
+        else:
+            busy.add_done_callback(self._finish)
+
+    def _finish(self, busy: asyncio.Future[torch.Tensor | None] | None) -> None:
+        try:
+            if busy is not None and not busy.cancelled() and busy.exception() is None:
+                part = busy.result()
+                if part is not None:
+                    self._server.release_staging(part)
+        finally:
+            self._parts.close()
+
+
 # ====================================================================== client connections
 
 
@@ -597,21 +635,25 @@ class UcxTransport(KvTransport):
         if read.runs:
             await self._serve_regions(state, read, checksums)
             return
-        loop = asyncio.get_running_loop()
         part_layers = _part_layers(self._require_layout(), read, self._part_bytes)
         try:
-            parts = self._server.stage_parts(read, part_layers)
-            staging = await loop.run_in_executor(None, next, parts)
+            gathering = _Gathering(self._server.stage_parts(read, part_layers), self._server)
         except Exception as e:  # noqa: BLE001 - reported to the peer
             await self._answer_quietly(state, error_reply(read.xfer_id, e))
             return
-        try:
+        try:  # closed however this ends, cancelled included: that unpins the lease
+            try:
+                staging = await gathering.next()
+                assert staging is not None
+            except Exception as e:  # noqa: BLE001 - reported to the peer
+                await self._answer_quietly(state, error_reply(read.xfer_id, e))
+                return
             if await self._begin_send(state, read, staging, part_layers, checksums):
-                await self._send_parts(state, read, staging, parts)
+                await self._send_parts(state, read, staging, gathering)
             else:
                 self._server.release_staging(staging)
         finally:
-            await loop.run_in_executor(None, parts.close)  # unpins the lease
+            gathering.close()
 
     async def _await_layers(self, state: _Serving, read: ReadRequest) -> list[list[int]] | None:
         """Layer-wise streaming: wait (polling, at most ``STREAM_WAIT_S``) until the serving
@@ -701,7 +743,7 @@ class UcxTransport(KvTransport):
         state: _Serving,
         read: ReadRequest,
         staging: torch.Tensor,
-        parts: Generator[torch.Tensor, None, None],
+        gathering: _Gathering,
     ) -> None:
         assert self._server is not None
         loop = asyncio.get_running_loop()
@@ -710,9 +752,11 @@ class UcxTransport(KvTransport):
         while part is not None:
             sending = loop.create_task(self._send_part(state, read, index, part))
             try:
-                part = await loop.run_in_executor(None, next, parts, None)
-            finally:
-                await sending
+                part = await gathering.next()
+            except BaseException:
+                sending.cancel()  # cancelled (the reader went away) or the gather failed
+                raise
+            await sending
             index += 1
 
     async def _send_part(

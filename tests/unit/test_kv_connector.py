@@ -348,6 +348,31 @@ def test_stage_parts_match_one_gather_and_pin_until_closed() -> None:
     assert prefill.worker.get_finished().finished_sending == {"r1": LeaseEnd.ABORTED}
 
 
+def test_stage_parts_closed_before_any_gather_unpin_once() -> None:
+    """A read cancelled before its first gather closes parts that never ran: the lease is
+    unpinned all the same (a bare generator's ``finally`` would never run), and only once."""
+    from splitserve.kvtransfer.params import ReadRequest
+
+    clock = Clock()
+    prefill = make_engine(1, clock)
+    params = offer(prefill, "r1", 3)
+    read = ReadRequest(
+        xfer_id=1, request_id="r1", lease_id=params.lease_id, block_ids=params.block_ids,
+        layer_start=0, layer_end=3, secret=params.secret,
+    )
+    other = prefill.worker.stage_parts(read, 1)
+    next(other)  # a second read of the same lease, still running: holds its own pin
+    parts = prefill.worker.stage_parts(read, 2)
+    assert prefill.worker.leases.get("r1").pins == 2
+    parts.close()
+    parts.close()
+    assert prefill.worker.leases.get("r1").pins == 1
+    assert prefill.worker.leases.abort("r1")
+    assert prefill.worker.get_finished().finished_sending == {}
+    other.close()
+    assert prefill.worker.get_finished().finished_sending == {"r1": LeaseEnd.ABORTED}
+
+
 def test_local_prefix_hits_are_kept_and_only_the_rest_is_pulled() -> None:
     clock = Clock()
     prefill, decode = make_engine(1, clock), make_engine(2, clock)

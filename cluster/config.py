@@ -307,8 +307,8 @@ class KvTransferConfig(_Section):
     worker; past it the pull fails, the lease is aborted and the decode worker computes the
     prompt itself."""
     host: str | None = None
-    """Address a worker's UCX listener advertises to readers; None: the node's Ray IP. It
-    does not bind to it: ucxx 0.52 listens on every interface and offers no host setting
+    """Address a worker's KV listener binds and advertises to readers (UCX's data sockets
+    stay on its interface); None: the node's Ray IP. ``0.0.0.0`` listens on every interface
     (docs/serving.md, "KV transfer"); each transfer's secret guards the reads."""
 
 

@@ -1,21 +1,31 @@
 """KV transport on UCX (the ``ucxx`` package): TCP, shared memory, and CUDA memory where present.
 
-Owns ``UcxTransport``: a listener that answers peers' reads, a pool of client endpoints
-(one per peer, reused across requests, replaced when broken), and the background thread
-that runs ucxx's asyncio event loop so that synchronous engine code can call in.
+Owns ``UcxTransport``: a control listener that answers peers' reads, a pool of client
+connections (one per peer, reused across requests, replaced when broken), and the
+background thread that runs ucxx's asyncio event loop so that synchronous engine code can
+call in.
 
-Protocol (ucxx has no one-sided RMA in Python, so a read is two-sided):
-  control messages are msgpack (params.py) in length-prefixed tagged frames on the
-  endpoint's own tag. The connecting side sends ``Hello`` first and the serving side
-  refuses a layout mismatch, naming the field. A ``ReadRequest`` is answered by a
-  ``Reply`` (ok, nbytes, part_layers; or an error code), then the staged bytes as one
-  tagged message per group of layers (part k under the read's tag plus k), so that the
-  server gathers part k+1 while part k is on the wire. The reader receives straight into
-  the caller's staging buffer, the server sends straight from the buffers its connector
-  gathered: no copy beyond the gather. With ``shared_memory=True`` the data goes over a
-  second endpoint without peer-failure handling, which lets UCX use shared memory. A read
-  of a layer-wise streamed transfer is answered only once the serving engine's forward has
-  computed its layers (polled, at most ``STREAM_WAIT_S``); its reply carries their checksums.
+Two planes:
+  * control: msgpack messages (params.py) in length-prefixed frames on a TCP connection
+    (asyncio streams). The serving side listens on ``host:port`` and nothing else: ucxx
+    0.52's own listener cannot be bound to an address (it always takes the wildcard), so
+    it is not used. A broken connection is how either side learns that its peer is gone.
+  * data: UCX tagged messages between workers. The connecting side's ``Hello`` carries its
+    UCX worker address; the serving side opens an endpoint to that worker and sends each
+    read's bytes there, under the read's random tag plus the part's index. UCX's network
+    transports are kept to the interface that owns ``host`` (``UCX_NET_DEVICES``, set at
+    the first transport of a process unless the environment sets it).
+
+The serving side refuses a ``Hello`` whose layout does not match, naming the field. A
+``ReadRequest`` is answered by a ``Reply`` (ok, nbytes, part_layers; or an error code), then
+the staged bytes as one message per group of layers, so that the server gathers part k+1
+while part k is on the wire. The reader receives straight into the caller's staging buffer
+(probing first, so a receive is never left posted), the server sends straight from the
+buffers its connector gathered: no copy beyond the gather. With ``shared_memory=True`` the
+data endpoint has no peer-failure handling, which lets UCX use shared memory (the control
+connection still detects a dead peer). A read of a layer-wise streamed transfer is answered
+only once the serving engine's forward has computed its layers (polled, at most
+``STREAM_WAIT_S``); its reply carries their checksums.
 
 It must not verify checksums, hold leases or touch the KV cache: the connector does.
 Every ucxx object is created and used on the loop thread only.
@@ -30,6 +40,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -107,11 +118,6 @@ def _part_layers(layout: KvLayout, read: ReadRequest, part_bytes: int) -> int:
     return max(min(wanted, read.num_layers), -(-read.num_layers // _MAX_PARTS))
 
 
-def _part_tag(xfer_id: int, index: int) -> int:
-    """Tag of part ``index`` of read ``xfer_id`` on the control endpoint (hashed with its tag)."""
-    return (xfer_id << _PART_BITS) | index
-
-
 def _wire_bytes(tensor: torch.Tensor) -> Any:
     """A flat uint8 view of a contiguous tensor that ucxx can send from or receive into."""
     flat = tensor.reshape(-1).view(torch.uint8)
@@ -122,46 +128,78 @@ _MAX_FRAME_BYTES = 64 << 20
 """Largest control message accepted (a read of a million blocks stays well below)."""
 
 
-async def _send_frame(ep: Any, lock: asyncio.Lock, message: WireMessage) -> None:
-    """Send one control message as two tagged messages: its length, then its bytes.
-
-    Tagged messages on the endpoint's own tag, not active messages: ucxx files active
-    messages by endpoint handle, and a handle reused by a new endpoint can hand the new
-    peer's first message to a receive left over from the old one.
-    """
-    import numpy as np
-
-    payload = np.frombuffer(message.encode(), dtype=np.uint8)
-    async with lock:  # the two parts of concurrent sends must not interleave
-        await ep.send(np.array([payload.size], dtype=np.uint64))
-        await ep.send(payload)
+async def _send_frame(
+    writer: asyncio.StreamWriter, lock: asyncio.Lock, message: WireMessage
+) -> None:
+    """Send one control message: its length (8 bytes, little-endian), then its bytes."""
+    payload = message.encode()
+    async with lock:  # concurrent senders' frames must not interleave
+        writer.write(len(payload).to_bytes(8, "little") + payload)
+        await writer.drain()
 
 
-async def _recv_frame(ep: Any) -> WireMessage:
-    """Receive one control message sent by ``_send_frame`` (one reader per endpoint)."""
-    import numpy as np
-
-    size = np.zeros(1, dtype=np.uint64)
-    await ep.recv(size)
-    nbytes = int(size[0])
-    if not 0 < nbytes <= _MAX_FRAME_BYTES:
-        raise KVTransferError(f"control message of {nbytes} bytes refused")
-    payload = np.empty(nbytes, dtype=np.uint8)
-    await ep.recv(payload)
-    return decode_message(payload.tobytes())
+async def _recv_frame(reader: asyncio.StreamReader) -> WireMessage:
+    """Receive one control message sent by ``_send_frame`` (one reader per connection)."""
+    try:
+        nbytes = int.from_bytes(await reader.readexactly(8), "little")
+        if not 0 < nbytes <= _MAX_FRAME_BYTES:
+            raise KVTransferError(f"control message of {nbytes} bytes refused")
+        payload = await reader.readexactly(nbytes)
+    except asyncio.IncompleteReadError as e:
+        raise ConnectionResetError("the peer closed the connection") from e
+    return decode_message(payload)
 
 
 def _is_ucx_error(error: BaseException) -> bool:
-    return type(error).__module__.startswith("ucxx") or isinstance(error, ConnectionError)
+    """An error of the connection or the endpoint (as opposed to a refused message)."""
+    return type(error).__module__.startswith("ucxx") or isinstance(error, OSError)
 
 
-async def _data_endpoint(worker_address: bytes) -> Any:
-    """An endpoint to a reader's worker for bulk data; no peer-failure handling, so that UCX
-    may use shared memory (it refuses sm lanes on endpoints that need peer-failure handling)."""
+async def _data_endpoint(worker_address: bytes, shared_memory: bool) -> Any:
+    """An endpoint to a reader's worker for bulk data. With ``shared_memory`` it has no
+    peer-failure handling, so that UCX may use shared memory (it refuses sm lanes on
+    endpoints that need it); the control connection detects a dead peer either way."""
     import ucxx
 
     address = ucxx.get_ucx_address_from_buffer(worker_address)
-    return await ucxx.create_endpoint_from_worker_address(address, endpoint_error_handling=False)
+    return await ucxx.create_endpoint_from_worker_address(
+        address, endpoint_error_handling=not shared_memory
+    )
+
+
+def _interface_of(host: str) -> str | None:
+    """The network interface that owns ``host``'s address, or None (wildcard, unknown)."""
+    import psutil
+
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return None
+    wanted = {info[4][0] for info in infos}
+    if wanted & {"0.0.0.0", "::"}:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] in wanted for a in addrs):
+            return name
+    return None
+
+
+def _restrict_ucx_devices(host: str) -> None:
+    """Keep UCX's network transports (their listening sockets included) on ``host``'s
+    interface: sets ``UCX_NET_DEVICES`` before this process's UCX context exists, unless
+    the environment already chose. A later transport on another interface is warned about."""
+    import ucxx.core
+
+    device = _interface_of(host)
+    if device is None:
+        return
+    if "UCX_NET_DEVICES" not in os.environ and ucxx.core._ctx is None:
+        os.environ["UCX_NET_DEVICES"] = device
+    elif os.environ.get("UCX_NET_DEVICES") not in (device, "all"):
+        logger.warning(
+            "UCX_NET_DEVICES=%s, not %s (the interface of %s): UCX's data sockets may listen "
+            "on other interfaces", os.environ.get("UCX_NET_DEVICES", "all"), device, host,
+        )
 
 
 async def _recv_on_worker(dest: torch.Tensor, tag: int, conn: _Connection) -> None:
@@ -226,18 +264,25 @@ class _Gathering:
 
 
 class _Connection:
-    """One endpoint to one serving peer, shared by every read to it. Loop thread only."""
+    """One control connection to one serving peer, shared by every read to it. Loop thread
+    only. Data arrives on this process's UCX worker (``_recv_on_worker``)."""
 
-    def __init__(self, ep: Any, peer: str) -> None:
-        self.ep = ep
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
         self.peer = peer
         self.broken = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Reply]] = {}
         self._send_lock = asyncio.Lock()
-        # Peer loss shows up as this reader's receive failing. (No ucxx close callback: it
-        # runs on UCX's progress thread and raced endpoint teardown into crashes here.)
+        # Peer loss shows up as this reader's receive failing.
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -249,7 +294,7 @@ class _Connection:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[xfer_id] = future
         try:
-            await _send_frame(self.ep, self._send_lock, message)
+            await _send_frame(self.writer, self._send_lock, message)
             return await future
         except Exception as e:
             raise self.fail(e) from e
@@ -258,16 +303,10 @@ class _Connection:
             if future.done() and not future.cancelled():
                 future.exception()  # failed by _break while the send was still going: seen
 
-    async def recv_into(self, dest: torch.Tensor, xfer_id: int) -> None:
-        try:
-            await self.ep.recv(_wire_bytes(dest), tag=xfer_id)
-        except Exception as e:
-            raise self.fail(e) from e
-
     async def _read_replies(self) -> None:
         try:
             while True:
-                reply = await _recv_frame(self.ep)
+                reply = await _recv_frame(self.reader)
                 if not isinstance(reply, Reply):
                     raise KVTransferError(f"unexpected {reply.TYPE!r} from {self.peer}")
                 future = self._pending.get(reply.xfer_id)
@@ -275,11 +314,11 @@ class _Connection:
                     future.set_result(reply)
         except asyncio.CancelledError:
             pass
-        except Exception as e:  # the endpoint broke: fail every waiter
-            self.fail(e)
+        except Exception as e:  # the connection broke or the peer spoke nonsense
+            self._break(TransportConnectionError(f"connection to {self.peer} failed: {e!r}"))
 
     def fail(self, error: BaseException) -> BaseException:
-        """Mark broken, fail waiters, drop the endpoint; the error to raise to the caller."""
+        """Mark broken, fail waiters, drop the connection; the error to raise to the caller."""
         if isinstance(error, KVTransferError) and not _is_ucx_error(error):
             return error
         wrapped = TransportConnectionError(f"connection to {self.peer} failed: {error!r}")
@@ -296,13 +335,7 @@ class _Connection:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        # The reader is not cancelled: closing the endpoint cancels its pending receive.
-        # (Cancelling the task would orphan the receive inside ucxx, and a later endpoint
-        # that reuses the handle would lose its first message to it.)
-        try:
-            self.ep.abort()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        self.writer.transport.abort()  # the peer's server sees it and cancels its sends
 
 
 # ====================================================================== the transport
@@ -312,11 +345,16 @@ class _Connection:
 class _Serving:
     """Server-side state of one accepted endpoint."""
 
-    ep: Any
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
     greeted: bool = False
     send_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    data_address: bytes = b""
+    """The reader's UCX worker address, from its hello."""
     data_ep: Any = None
-    """Endpoint to the reader's worker address, for the bulk-data lane (shared memory)."""
+    """UCX endpoint to ``data_address``: every read's bytes go there. Opened at the first
+    read that presents a live lease's secret, so that a stranger's bytes never reach UCX."""
+    data_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
 
 
@@ -333,10 +371,11 @@ class UcxTransport(KvTransport):
         shared_memory: bool = False,
         part_bytes: int = DEFAULT_PART_BYTES,
     ) -> None:
-        """``shared_memory``: move bulk data on a second endpoint without UCX peer-failure
-        handling, which is what lets UCX pick shared memory (cma/posix) between processes of
-        one host (set ``UCX_TLS`` to include ``sm`` and ``tcp``). Control messages stay on the
-        TCP endpoint, which still detects a dead peer."""
+        """``host``: the address the control listener binds (and advertises) and whose
+        interface UCX's network transports are kept to. ``shared_memory``: the data endpoint
+        goes without UCX peer-failure handling, which is what lets UCX pick shared memory
+        (cma/posix) between processes of one host (set ``UCX_TLS`` to include ``sm`` and
+        ``tcp``); the control connection still detects a dead peer."""
         if part_bytes < 1:
             raise ValueError(f"part_bytes must be >= 1, got {part_bytes}")
         self._shared_memory = shared_memory
@@ -348,8 +387,9 @@ class UcxTransport(KvTransport):
         self._engine_id = engine_id
         self._layout: KvLayout | None = None
         self._server: ServeHandler | None = None
+        _restrict_ucx_devices(host)
         self._loop = _LoopThread.get()
-        self._listener: Any = None
+        self._listener: asyncio.Server | None = None
         self._accepted: dict[int, _Serving] = {}
         self._pool: dict[str, _Connection] = {}
         self._pool_locks: dict[str, asyncio.Lock] = {}
@@ -427,12 +467,12 @@ class UcxTransport(KvTransport):
         for state in list(self._accepted.values()):
             for task in state.tasks:
                 task.cancel()
-            for ep in (state.ep, state.data_ep):
-                try:
-                    if ep is not None:
-                        ep.abort()
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+            state.writer.transport.abort()
+            try:
+                if state.data_ep is not None:
+                    state.data_ep.abort()
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     @property
     def num_connections(self) -> int:
@@ -478,7 +518,7 @@ class UcxTransport(KvTransport):
         """Send the read, receive its data; the checksums its reply carried (streamed)."""
         conn = await self._connection(address)
         xfer_id = conn.next_id()
-        data_tag = secrets.randbits(48) << _PART_BITS if self._shared_memory else 0
+        data_tag = (secrets.randbits(48) | 1) << _PART_BITS
         read = dataclasses.replace(read, xfer_id=xfer_id, data_tag=data_tag)
         reply = await conn.request(read, xfer_id)
         if not reply.ok:
@@ -493,30 +533,26 @@ class UcxTransport(KvTransport):
             staging, step = dest[0], reply.part_layers or read.num_layers
             views = [staging[l0 : l0 + step] for l0 in range(0, staging.shape[0], step)]
         try:
-            await self._recv_parts(conn, views, xfer_id, data_tag)
+            await self._recv_parts(conn, views, data_tag)
             return reply.checksums or None
         except asyncio.CancelledError:
-            # A receive may be posted into dest, and ucxx cannot cancel one receive:
-            # closing the endpoint cancels it (other reads on it fail and are retried).
+            # Closing the connection makes the server cancel the read's remaining sends
+            # (other reads on it fail and are retried).
             conn.abort()
             if self._pool.get(address) is conn:
                 del self._pool[address]
             raise
 
     async def _recv_parts(
-        self, conn: _Connection, views: list[torch.Tensor], xfer_id: int, data_tag: int
+        self, conn: _Connection, views: list[torch.Tensor], data_tag: int
     ) -> None:
         """Receive part k into ``views[k]``: layer groups of a staging buffer, or runs of
-        blocks of the pool (many receives in flight on the endpoint lane)."""
+        blocks of the pool; probed one by one, so never a receive posted that cannot be
+        cancelled."""
         if len(views) > _MAX_PARTS:
             raise KVTransferError(f"{conn.peer} splits a read into {len(views)} parts")
-        if data_tag:  # probed one by one: never a receive posted that cannot be cancelled
-            for index, view in enumerate(views):
-                await _recv_on_worker(view, data_tag + index, conn)
-            return
-        await asyncio.gather(
-            *(conn.recv_into(view, _part_tag(xfer_id, i)) for i, view in enumerate(views))
-        )
+        for index, view in enumerate(views):
+            await _recv_on_worker(view, data_tag + index, conn)
 
     async def _control(self, address: str, control: Control) -> None:
         conn = await self._connection(address)
@@ -530,7 +566,7 @@ class UcxTransport(KvTransport):
         lock = self._pool_locks.setdefault(address, asyncio.Lock())
         async with lock:
             conn = self._pool.get(address)
-            if conn is not None and not conn.broken and not conn.ep.closed:
+            if conn is not None and not conn.broken and not conn.closed:
                 return conn
             self._pool.pop(address, None)
             conn = await self._connect(address)
@@ -545,14 +581,15 @@ class UcxTransport(KvTransport):
         if scheme != "ucx" or not host or not port.isdigit():
             raise KVTransferError(f"not a UCX address: {address!r} (want ucx://host:port)")
         try:
-            ep = await ucxx.create_endpoint(
-                host, int(port), connect_timeout=self._connect_timeout_s
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port)), self._connect_timeout_s
             )
-        except Exception as e:
+        except (OSError, TimeoutError) as e:
             raise TransportConnectionError(f"cannot connect to {address}: {e!r}") from e
-        conn = _Connection(ep, address)
+        conn = _Connection(reader, writer, address)
         layout = self._require_layout()
-        data_address = bytes(ucxx.get_worker_address()) if self._shared_memory else b""
+        ucxx.continuous_ucx_progress()  # the data arrives on this worker
+        data_address = bytes(ucxx.get_worker_address())
         hello = Hello(
             engine_id=self._engine_id,
             layout=layout.to_wire(),
@@ -570,34 +607,37 @@ class UcxTransport(KvTransport):
     async def _listen(self) -> int:
         import ucxx
 
-        self._listener = ucxx.create_listener(self._serve, port=self._port or None)
-        return int(self._listener.port)
+        ucxx.continuous_ucx_progress()
+        self._listener = await asyncio.start_server(
+            self._serve, host=self._host.strip("[]"), port=self._port or 0
+        )
+        return int(self._listener.sockets[0].getsockname()[1])
 
-    async def _serve(self, ep: Any) -> None:
-        state = _Serving(ep)
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state = _Serving(reader, writer)
         self._accepted[id(state)] = state
         try:
             while not self._closed:
-                message = await _recv_frame(ep)
+                message = await _recv_frame(reader)
                 await self._dispatch(state, message)
         except Exception as e:  # noqa: BLE001 - the peer went away or spoke nonsense
-            logger.debug("UCX serving endpoint ended: %r", e)
+            logger.debug("UCX serving connection ended: %r", e)
         finally:
             for task in state.tasks:
                 task.cancel()
             self._accepted.pop(id(state), None)
-            for lane in (ep, state.data_ep):
-                try:
-                    if lane is not None:
-                        lane.abort()
-                except Exception:  # noqa: BLE001
-                    pass
+            writer.transport.abort()
+            try:
+                if state.data_ep is not None:
+                    state.data_ep.abort()
+            except Exception:  # noqa: BLE001
+                pass
 
     async def _dispatch(self, state: _Serving, message: WireMessage) -> None:
         if isinstance(message, Hello):
             reply = self._greet(state, message)
-            if reply.ok and message.data_address:
-                state.data_ep = await _data_endpoint(message.data_address)
+            if reply.ok:
+                state.data_address = message.data_address
             await self._answer(state, reply)
         elif not state.greeted:
             raise KVTransferError("peer sent a request before its hello")
@@ -613,6 +653,8 @@ class UcxTransport(KvTransport):
     def _greet(self, state: _Serving, hello: Hello) -> Reply:
         try:
             self._require_layout().check_compatible(hello.layout)
+            if not hello.data_address:
+                raise KVTransferError("hello without a UCX worker address for the data")
         except KVTransferError as e:
             return error_reply(0, e)
         state.greeted = True
@@ -711,11 +753,9 @@ class UcxTransport(KvTransport):
     async def _send_bytes(
         self, state: _Serving, read: ReadRequest, index: int, tensor: torch.Tensor
     ) -> None:
-        if read.data_tag and state.data_ep is not None:
-            tag = read.data_tag + index
-            await state.data_ep.send(_wire_bytes(tensor), tag=tag, force_tag=True)
-        else:
-            await state.ep.send(_wire_bytes(tensor), tag=_part_tag(read.xfer_id, index))
+        if not read.data_tag or state.data_ep is None:
+            raise KVTransferError(f"read {read.xfer_id} names no data tag")
+        await state.data_ep.send(_wire_bytes(tensor), tag=read.data_tag + index, force_tag=True)
 
     async def _begin_send(
         self, state: _Serving, read: ReadRequest, first: torch.Tensor | None, part_layers: int,
@@ -728,7 +768,10 @@ class UcxTransport(KvTransport):
                 await asyncio.sleep(self.fault.delay())
                 if first is not None:
                     self.fault.before_send(first)
-            self._server.check_lease(read)
+            self._server.check_lease(read)  # authenticates the read
+            async with state.data_lock:
+                if state.data_ep is None:
+                    state.data_ep = await _data_endpoint(state.data_address, self._shared_memory)
         except Exception as e:  # noqa: BLE001 - reported to the peer
             await self._answer_quietly(state, error_reply(read.xfer_id, e))
             return False
@@ -779,7 +822,7 @@ class UcxTransport(KvTransport):
         return True
 
     async def _answer(self, state: _Serving, reply: Reply) -> None:
-        await _send_frame(state.ep, state.send_lock, reply)
+        await _send_frame(state.writer, state.send_lock, reply)
 
     async def _shutdown(self) -> None:
         for conn in self._pool.values():

@@ -55,7 +55,8 @@ class EngineWorker:
         host: str | None = None,
         transfer_timeout_s: float | None = None,
     ) -> None:
-        """``host``: the address this worker's KV listener advertises (None: the node's IP).
+        """``host``: the address this worker's KV listener binds and advertises (None: the
+        node's IP).
         ``transfer_timeout_s`` (``kv_transfer.timeout_s``): longest wait for one pull of a
         request's KV (and for each of its reads) before it fails and the prompt is computed
         here instead; None keeps ``TransferConfig``'s defaults."""

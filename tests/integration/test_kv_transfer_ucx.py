@@ -146,6 +146,19 @@ class _Peer:
     def cmd_connections(self) -> int:
         return self.worker.transport.num_connections  # type: ignore[attr-defined]
 
+    def cmd_listening(self) -> list[tuple[str, int]]:
+        """Every socket this process listens on (the transport's and UCX's)."""
+        import psutil
+
+        return [
+            (c.laddr.ip, c.laddr.port)
+            for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+
+    def cmd_ucx_net_devices(self) -> str | None:
+        return os.environ.get("UCX_NET_DEVICES")
+
 
 def _engine_main(
     conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int,
@@ -274,6 +287,23 @@ def test_blocks_arrive_byte_for_byte(pair: tuple[Engine, Engine]) -> None:
         for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
             assert torch.equal(got, want)
         prefill.wait_free()  # released by the reader
+
+
+def test_listens_only_on_its_host(pair: tuple[Engine, Engine]) -> None:
+    """The serving side binds its control listener to ``host`` (127.0.0.1 here) and keeps
+    UCX's own data sockets on that interface: nothing listens on the wildcard or on the
+    machine's other addresses (ucxx's listener, no longer used, bound 0.0.0.0)."""
+    prefill, decode = pair
+    params = prefill.offer("bound", 2)
+    decode.load(params)
+    assert decode.wait_result("bound")[0] == "ok"  # the data moved with UCX so restricted
+    port = int(prefill.address().rsplit(":", 1)[1])
+    for engine in (prefill, decode):
+        listening = engine.listening()
+        assert listening, "no listening socket at all"
+        assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+        assert engine.ucx_net_devices() == "lo"
+    assert ("127.0.0.1", port) in prefill.listening()
 
 
 def test_concurrent_loads_share_one_endpoint(pair: tuple[Engine, Engine]) -> None:

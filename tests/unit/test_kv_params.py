@@ -108,3 +108,12 @@ def test_missing_and_invalid_fields_are_named() -> None:
         KvTransferParams.from_dict({**_params().to_dict(), "block_ids": ["x", 1]})
     with pytest.raises(ValueError, match="control kind"):
         Control(xfer_id=1, kind="steal", request_id="r", lease_id=1, secret="")
+
+
+def test_ucx_transport_finds_the_interface_of_its_host() -> None:
+    from splitserve.kvtransfer.ucx_transport import _interface_of
+
+    assert _interface_of("127.0.0.1") == "lo"
+    assert _interface_of("localhost") == "lo"
+    assert _interface_of("0.0.0.0") is None  # the wildcard: UCX keeps every interface
+    assert _interface_of("203.0.113.77") is None  # not an address of this machine

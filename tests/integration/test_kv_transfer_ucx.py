@@ -306,6 +306,38 @@ def test_listens_only_on_its_host(pair: tuple[Engine, Engine]) -> None:
     assert ("127.0.0.1", port) in prefill.listening()
 
 
+def test_strangers_bytes_on_the_control_port_are_dropped(pair: tuple[Engine, Engine]) -> None:
+    """Anyone who reaches the KV port: an oversized frame, bytes that are no message, a read
+    before any hello and a hello without a data address each end that connection only; the
+    worker keeps serving."""
+    import socket as sk
+
+    from splitserve.kvtransfer.params import Hello, ReadRequest
+
+    prefill, decode = pair
+    host, port = prefill.address().removeprefix("ucx://").rsplit(":", 1)
+
+    def frame(payload: bytes) -> bytes:
+        return len(payload).to_bytes(8, "little") + payload
+
+    read = ReadRequest(xfer_id=1, request_id="x", lease_id=1, block_ids=[0], layer_start=0,
+                       layer_end=1, secret="0" * 32)
+    hello = Hello(engine_id="stranger", layout={}, compat_hash=0, data_address=b"")
+    for junk in (b"\xff" * 8, frame(b"not msgpack at all"), frame(read.encode()),
+                 frame(hello.encode()) + frame(read.encode())):
+        with sk.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(junk)
+            s.settimeout(10)
+            try:
+                while s.recv(65536):  # a refusing reply may come first; then the close
+                    pass
+            except ConnectionResetError:
+                pass  # closed: what we want
+    params = prefill.offer("after-strangers", 2)
+    decode.load(params)
+    assert decode.wait_result("after-strangers")[0] == "ok"
+
+
 def test_concurrent_loads_share_one_endpoint(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
     params = [prefill.offer(f"c{i}", 3) for i in range(4)]

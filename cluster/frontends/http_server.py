@@ -751,8 +751,8 @@ def completion_logprobs(steps: list[dict[int, Logprob]], start: int) -> dict[str
         tid, lp = _sampled(step)
         text = _token_text(tid, lp)
         tokens.append(text)
-        token_lps.append(lp.logprob)
-        tops.append({_token_text(t, p): p.logprob for t, p in _by_rank(step)})
+        token_lps.append(_json_logprob(lp))
+        tops.append({_token_text(t, p): _json_logprob(p) for t, p in _by_rank(step)})
         offsets.append(offset)
         offset += len(text)
     return {
@@ -775,7 +775,17 @@ def chat_logprobs(steps: list[dict[int, Logprob]], top_n: int) -> list[dict[str,
 
 def _chat_entry(token_id: int, lp: Logprob) -> dict[str, Any]:
     text = _token_text(token_id, lp)
-    return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": _json_logprob(lp), "bytes": list(text.encode("utf-8"))}
+
+
+LOGPROB_FLOOR = -9999.0
+"""JSON has no -inf: a token the constraint or the sampling settings ruled out is reported with
+this log-probability (as vLLM does), the rest as they are."""
+
+
+def _json_logprob(lp: Logprob) -> float:
+    value = lp.logprob
+    return LOGPROB_FLOOR if not value > LOGPROB_FLOOR else value  # -inf and NaN too
 
 
 def _by_rank(step: dict[int, Logprob]) -> list[tuple[int, Logprob]]:

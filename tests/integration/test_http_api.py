@@ -208,6 +208,30 @@ def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
         assert entry.bytes == list(entry.token.encode())
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_logprobs_of_tokens_a_constraint_rules_out_are_json(
+    http: httpx.Client, path: str
+) -> None:
+    """Under a constraint most of the vocabulary has logprob -inf, which JSON cannot carry
+    (schemathesis found the 500 this was): such tokens come back at the floor, -9999.0."""
+    body: dict = {"model": "tiny", "max_tokens": 3, "temperature": 0,
+                  "response_format": {"type": "json_object"}}
+    if path == "/v1/completions":
+        body.update(prompt="x", logprobs=9)
+    else:
+        body.update(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=9)
+    r = http.post(path, json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if path == "/v1/completions":
+        values = [v for top in choice["logprobs"]["top_logprobs"] for v in top.values()]
+    else:
+        values = [t["logprob"] for e in choice["logprobs"]["content"] for t in e["top_logprobs"]]
+    assert len(values) >= 9  # nine alternatives at least for the first token
+    assert -9999.0 in values  # the constraint ruled some of them out ...
+    assert all(-9999.0 <= v <= 0.0 for v in values)  # ... and none is -inf or NaN
+
+
 def test_tokenize_detokenize(http: httpx.Client) -> None:
     ids = http.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"]
     assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "hello world"

@@ -87,7 +87,7 @@ def test_decode_worker_speculates_and_equals_single_engine(cluster: Cluster, sin
     assert after["spec_decode_num_draft_tokens"] > 0
     assert after["spec_decode_num_accepted_tokens"] > len(prompts) * 10
     assert after["spec_decode_mean_accepted_length"] > 1.5
-    _wait(lambda: _all_free(cluster), "every block to be free again", 30.0)
+    _wait(lambda: _all_free(cluster), "every block to be free again", timeout_s=30.0)
 
 
 def test_seeded_sampling_replayed_after_a_sigkill_is_unchanged(
@@ -133,4 +133,4 @@ def test_seeded_sampling_replayed_after_a_sigkill_is_unchanged(
     # the replacement learned from the replayed streams: the next run copies them, unchanged
     assert _tokens(cluster.generate(prompts, params)) == want
     assert _workers(cluster, "decode")[0]["spec_decode_num_accepted_tokens"] > 0
-    _wait(lambda: _all_free(cluster), "every block to be free again", 30.0)
+    _wait(lambda: _all_free(cluster), "every block to be free again", timeout_s=30.0)

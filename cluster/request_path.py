@@ -330,7 +330,10 @@ class RequestPath:
             async for ref in gen:
                 out: RequestOutput = await ref
                 flight.tokens.extend(out.outputs[0].token_ids)
+                done = out.finished  # read first: the consumer may rewrite it (a hand-off)
                 yield out
+                if done:  # the worker's last word: its stream's end is not waited for (a
+                    return  # worker killed just after it would otherwise replay a done request)
         except WORKER_LOST as e:
             logger.warning("worker %s lost during %s: %s", worker_id, flight.request_id, e)
             self.membership.mark_dead(worker_id)

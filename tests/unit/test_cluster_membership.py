@@ -171,3 +171,45 @@ def test_n_samples_reach_workers_as_one_group_and_abort_stays_exact() -> None:
          ("solo", None)])
     assert sorted(o.index for o in got["r1"] if o.finish_reason == "abort") == [0, 1, 2]
     assert len(flights) == 0 and params.n == 1
+
+
+class _DiesAfterItsLastOutput(_Worker):
+    """Streams every token and the finished output, then its process dies before the
+    stream's end reaches the caller (a SIGKILL in that window, as the soak once hit)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    async def _stream(self, request_id: str, prompt: list[int]) -> AsyncIterator[Any]:
+        yield _value(RequestOutput(request_id, None, prompt,
+                                   [CompletionOutput(0, "", [7, 8, 9], finish_reason="length")],
+                                   True, metrics={"arrival_time": 0.0}))
+        raise self.error
+
+
+def test_a_worker_dying_after_its_finished_output_is_not_replayed() -> None:
+    """The soak's rare loss: ``n > 1``, a decode worker killed right after the last token;
+    its stream's end raised, the sample was replayed with every token already generated and
+    the replacement refused it ("3 resumed tokens leave nothing to generate")."""
+    from ray.exceptions import ActorDiedError
+
+    dying = _DiesAfterItsLastOutput(ActorDiedError())
+    spare = _Worker()
+    membership, _ = _membership(("decode-0", "decode", dying), ("decode-1", "decode", spare))
+    path = RequestPath(membership.config, membership, FlightTable(), membership.counters)
+    params = SamplingParams(max_tokens=3, temperature=0.0, n=2, seed=1)
+
+    async def run() -> list[Any]:
+        outs = []
+        async with asyncio.timeout(30):
+            async for out in path.stream("r", PreparedInput(ids=[5, 6, 7, 8]), params):
+                outs.append(out)
+        return outs
+
+    outs = asyncio.run(run())
+    finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason]
+    assert sorted(c.index for c in finished) == [0, 1]
+    assert all(c.token_ids == [7, 8, 9] and c.finish_reason == "length" for c in finished)
+    assert outs[-1].finished
+    assert spare.calls == [] and membership.counters["replays"] == 0  # nothing replayed

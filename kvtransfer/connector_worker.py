@@ -204,10 +204,11 @@ class KvConnectorWorker:
                          "kv_transfer_failures": 0, "kv_transfers": 0,
                          "kv_transfer_refused": 0, "kv_streamed_transfers": 0,
                          "kv_stream_groups": 0, "kv_stream_offers": 0,
-                         "kv_stream_early_reads": 0}
+                         "kv_stream_early_reads": 0, "kv_stuck_reads": 0}
         """Pulls of this engine (decode side): verified bytes, seconds, count, failed loads,
         streamed loads and their verified layer groups; serving side: reads and controls
-        refused for a wrong transfer secret, streamed offers, and streamed reads answered
+        refused for a wrong transfer secret, reads that never unwound (their lease freed
+        anyway, see ``lease.py``), streamed offers, and streamed reads answered
         while the forward that computes their KV was still running."""
         transport.register_memory(self.layout, server=self)
 
@@ -346,9 +347,7 @@ class KvConnectorWorker:
             )
         self._authenticate(read.request_id, read.lease_id, read.secret)
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
-        return _PinnedParts(
-            self._gather_parts(read, layers_per_part), self._unpin_once(read.request_id)
-        )
+        return _PinnedParts(self._gather_parts(read, layers_per_part), self._unpin_once(read))
 
     def _gather_parts(
         self, read: ReadRequest, layers_per_part: int
@@ -380,16 +379,16 @@ class KvConnectorWorker:
             raise KVTransferError(f"request {read.request_id!r}: {e}") from e
         self._authenticate(read.request_id, read.lease_id, read.secret)
         self.leases.pin(read.request_id, read.lease_id, read.block_ids)
-        return regions, self._unpin_once(read.request_id)
+        return regions, self._unpin_once(read)
 
-    def _unpin_once(self, request_id: str) -> Callable[[], None]:
+    def _unpin_once(self, read: ReadRequest) -> Callable[[], None]:
         done = False
 
         def unpin() -> None:
             nonlocal done
             if not done:
                 done = True
-                self.leases.unpin(request_id)
+                self.leases.unpin(read.request_id, read.lease_id)
 
         return unpin
 
@@ -632,6 +631,10 @@ class KvConnectorWorker:
     def get_finished(self) -> FinishedTransfers:
         """Drive every transfer one step; what finished since the last call."""
         self.leases.poll()
+        if self.leases.num_stuck_reads != self.counters["kv_stuck_reads"]:
+            logger.warning("%d KV reads never unwound; their leases were freed one ttl after "
+                           "they ran out", self.leases.num_stuck_reads)
+            self.counters["kv_stuck_reads"] = self.leases.num_stuck_reads
         self._reap_orphans()
         self._reap_heartbeats()
         for load in list(self._loads.values()):

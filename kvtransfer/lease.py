@@ -7,7 +7,10 @@ leases to the owner's ``on_release`` callback so that it frees the blocks.
 Threading: any thread may grant, renew, pin, release or abort (the transport's thread
 answers reads and heartbeats); callbacks run only inside ``poll()``, on the caller's
 thread (the engine's), so the block pool is only ever touched by its owner. A lease that
-is pinned (a read is gathering its blocks right now) is finalized only after the unpin.
+is pinned (a read is gathering or sending its blocks right now) is finalized only after the
+unpin, or, if a read never unwinds (a send its transport can neither finish nor cancel), one
+ttl after the lease ran out: the pool's memory stays allocated, so a late send can only carry
+stale bytes, which the reader's checksums refuse; blocks are never held forever.
 
 It must not import the engine (``splitserve.roles``) nor touch tensors.
 """
@@ -87,6 +90,8 @@ class LeaseManager:
         self._ended: OrderedDict[int, LeaseEnd] = OrderedDict()  # lease_id -> why, bounded
         self.num_refused = 0
         """Reads and controls refused for a wrong secret (``authenticate``)."""
+        self.num_stuck_reads = 0
+        """Ended leases finalized with reads still pinned, one ttl after they ran out."""
 
     # ------------------------------------------------------------------ granting side (owner)
 
@@ -133,6 +138,9 @@ class LeaseManager:
     def _finalizable(self, lease: Lease, now: float) -> bool:
         if lease.ended is None and now >= lease.expires_at:
             lease.ended = LeaseEnd.EXPIRED
+        if lease.ended is not None and lease.pins > 0 and now >= lease.expires_at + lease.ttl_s:
+            self.num_stuck_reads += lease.pins  # their unpins, if they ever come, find no lease
+            lease.pins = 0
         return lease.ended is not None and lease.pins == 0
 
     # ------------------------------------------------------------------ reader side (any thread)
@@ -170,10 +178,14 @@ class LeaseManager:
             lease.pins += 1
             lease.expires_at = self._clock() + lease.ttl_s
 
-    def unpin(self, request_id: str) -> None:
+    def unpin(self, request_id: str, lease_id: int | None = None) -> None:
+        """End a read started by ``pin``; ``lease_id`` (when given) must still be the
+        request's lease (a read that outlived its lease must not unpin a later one)."""
         with self._lock:
             lease = self._leases.get(request_id)
-            if lease is not None and lease.pins > 0:
+            if lease is None or (lease_id is not None and lease.lease_id != lease_id):
+                return
+            if lease.pins > 0:
                 lease.pins -= 1
 
     def release(self, request_id: str, lease_id: int | None = None) -> bool:

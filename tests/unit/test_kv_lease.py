@@ -97,3 +97,38 @@ def test_bad_grants() -> None:
     with pytest.raises(ValueError, match="ttl_s"):
         mgr.grant("r3", [1], ttl_s=0)
     assert not mgr.release("nope")
+
+
+def test_a_read_that_never_unwinds_holds_the_blocks_one_ttl_past_the_lease_at_most() -> None:
+    """The CI flake "pins 1": a zero-copy send that its transport could neither finish nor
+    cancel kept its pin, and so the blocks, forever. An ended lease still pinned one ttl
+    after it ran out is finalized anyway and the stuck read is counted; its unpin, if it
+    ever comes, touches nothing (not even a later lease of the same request)."""
+    mgr, clock, calls = _manager()
+    lease = mgr.grant("r1", [1, 2], ttl_s=10.0)
+    mgr.pin("r1", lease.lease_id, [1])
+    assert mgr.abort("r1")
+    clock.now += 10.0  # the lease ran out; the read is still pinned
+    assert mgr.poll() == [] and mgr.num_stuck_reads == 0
+    clock.now += 9.9
+    assert mgr.poll() == []
+    clock.now += 0.2
+    assert mgr.poll() == [("r1", LeaseEnd.ABORTED)]
+    assert mgr.num_stuck_reads == 1 and calls[-1][:2] == ("r1", LeaseEnd.ABORTED)
+    again = mgr.grant("r1", [3], ttl_s=10.0)  # the same request offers again
+    mgr.pin("r1", again.lease_id, [3])
+    mgr.unpin("r1", lease.lease_id)  # the stuck read finally unwinds: not this lease's pin
+    assert mgr.get("r1").pins == 1
+    mgr.unpin("r1", again.lease_id)
+    assert mgr.get("r1").pins == 0
+
+
+def test_a_pinned_live_lease_is_never_forced() -> None:
+    mgr, clock, _ = _manager()
+    lease = mgr.grant("r1", [1], ttl_s=10.0)
+    mgr.pin("r1", lease.lease_id, [1])
+    for _ in range(5):  # a long read, renewed by the reader's heartbeats
+        clock.now += 9.0
+        mgr.renew("r1", lease.lease_id)
+        assert mgr.poll() == []
+    assert mgr.get("r1").pins == 1 and mgr.num_stuck_reads == 0

@@ -200,6 +200,7 @@ def test_batch_job_completes_with_single_engine_outputs(head: RayHead, tiny_mode
     assert out.read_bytes() == before
 
 
+@pytest.mark.slow  # ~50 s: a job stopped mid-run, then resubmitted with --resume
 def test_stopped_job_resumes_without_duplicates(head: RayHead, tiny_model_dir, llm,
                                                 tmp_path: Path) -> None:
     rows = _rows(400)  # one at a time: long enough to be stopped midway

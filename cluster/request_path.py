@@ -34,6 +34,7 @@ from splitserve.cluster.flights import (
 )
 from splitserve.cluster.inputs import PreparedInput
 from splitserve.cluster.membership import WORKER_LOST, Membership, WorkerLost, aref
+from splitserve.cluster.worker_streams import WorkerStreamEnded, WorkerStreams
 from splitserve.errors import EngineFailedError, NoHealthyWorkerError, RequestAbortedError
 from splitserve.hashing import hash_block_tokens
 from splitserve.outputs import RequestOutput
@@ -63,6 +64,8 @@ class RequestPath:
         self.router = membership.router
         self.flights = flights
         self.counters = counters
+        self.streams = WorkerStreams()
+        """One output stream per worker for this handle's requests (not one per request)."""
         self._rng = random.Random()
 
     # ------------------------------------------------------------------ whole requests
@@ -322,19 +325,18 @@ class RequestPath:
         if handle is None:
             raise WorkerLost(worker_id)
         flight.workers.add(worker_id)
-        gen = handle.actor.generate.remote(
-            flight.request_id, prompt_ids, params, kv_transfer_params, list(flight.tokens),
-            flight.mm, flight.group_id,
+        outputs = self.streams.generate(
+            worker_id, handle.actor, flight.request_id, prompt_ids, params, kv_transfer_params,
+            list(flight.tokens), flight.mm, flight.group_id,
         )
         try:
-            async for ref in gen:
-                out: RequestOutput = await ref
+            async for out in outputs:
                 flight.tokens.extend(out.outputs[0].token_ids)
                 done = out.finished  # read first: the consumer may rewrite it (a hand-off)
                 yield out
                 if done:  # the worker's last word: its stream's end is not waited for (a
                     return  # worker killed just after it would otherwise replay a done request)
-        except WORKER_LOST as e:
+        except (*WORKER_LOST, WorkerStreamEnded) as e:
             logger.warning("worker %s lost during %s: %s", worker_id, flight.request_id, e)
             self.membership.mark_dead(worker_id)
             raise WorkerLost(worker_id) from e
@@ -354,6 +356,7 @@ class RequestPath:
                 )
             raise
         finally:
+            await outputs.aclose()
             flight.workers.discard(worker_id)
 
     async def _check_engine(self, worker_id: str) -> None:

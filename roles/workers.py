@@ -4,8 +4,9 @@ tower with an embedding cache, no engine).
 A worker owns its engine (an AsyncEngine: the engine steps on its own thread), its KV
 transport and connector, and nothing else: placement is the router's, membership the
 registry's, and the request's end-to-end path the cluster's. Every method is async so
-Ray runs them concurrently on the actor's event loop; ``generate`` is a streaming
-generator (one RequestOutput delta per item).
+Ray runs them concurrently on the actor's event loop. The cluster ``submit``s requests and
+reads their deltas from its one ``open_stream`` (a streaming generator: one list of every
+request's deltas per wake-up); ``generate`` streams one request's deltas (a direct caller).
 
 The classes are plain; ``cluster/launcher.py`` wraps them with ``ray.remote`` and the
 role's resources, so importing this module does not import Ray.
@@ -13,11 +14,13 @@ role's resources, so importing this module does not import Ray.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import pickle
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from splitserve import env
@@ -39,6 +42,64 @@ def _node_ip() -> str:
         return str(ray.util.get_node_ip_address())
     except Exception:  # noqa: BLE001 - not under Ray (a worker built directly in a test)
         return "127.0.0.1"
+
+
+class _Outbox:
+    """The items of one output stream not yet taken, and the tasks that feed it (one per
+    submitted request: it reads the request's delta stream into the outbox)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, Any]] = []
+        self._ready = asyncio.Event()
+        self._feeds: dict[int, asyncio.Task[None]] = {}
+
+    def start(self, key: int, stream: AsyncGenerator[RequestOutput, None],
+              prompt_ids: list[int] | None) -> None:
+        self._feeds[key] = asyncio.ensure_future(self._feed(key, stream, prompt_ids))
+
+    async def _feed(self, key: int, stream: AsyncGenerator[RequestOutput, None],
+                    prompt_ids: list[int] | None) -> None:
+        first = True
+        try:
+            async for out in stream:
+                if not first and out.prompt_token_ids == prompt_ids:
+                    out.prompt_token_ids = None  # type: ignore[assignment]
+                first = False
+                self._put(key, out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the request's end, for its caller
+            self._put(key, _picklable(e))
+        finally:
+            self._feeds.pop(key, None)
+            await stream.aclose()  # cancelled: the engine's stream aborts the request
+
+    def _put(self, key: int, item: Any) -> None:
+        self._items.append((key, item))
+        self._ready.set()
+
+    async def take(self) -> list[tuple[int, Any]]:
+        """Every item so far (waits for one). The feeds one engine step wakes are queued on
+        the loop before this wakes, so a step's deltas travel together."""
+        await self._ready.wait()
+        self._ready.clear()
+        items, self._items = self._items, []
+        return items
+
+    def cancel_all(self) -> None:
+        """The caller is gone: end every request it submitted (their streams abort them)."""
+        for task in list(self._feeds.values()):
+            task.cancel()
+
+
+def _picklable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (it crosses Ray inside a list), else a
+    RuntimeError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class EngineWorker:
@@ -67,6 +128,7 @@ class EngineWorker:
         self._host = host
         self._transfer_timeout_s = transfer_timeout_s
         self.engine = AsyncEngine(engine_config, on_start=self._attach)
+        self._outboxes: dict[str, _Outbox] = {}
 
     def _attach(self, engine: LLMEngine) -> None:
         from splitserve.kvtransfer.transport import create_transport
@@ -104,7 +166,7 @@ class EngineWorker:
         resume_token_ids: Sequence[int] = (),
         multi_modal_data: dict[str, Any] | None = None,
         group_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's deltas; the last one has ``finished`` (and, on a prefill
         role, ``kv_transfer_params`` for the decode role).
 
@@ -121,6 +183,46 @@ class EngineWorker:
             multi_modal_data=multi_modal_data, group_id=group_id,
         ):
             yield out
+
+    # One output stream per caller: the deltas of every request it submitted here, a list
+    # per wake-up of this actor's loop (about one engine step), so a step of 64 requests
+    # costs one Ray object instead of 64 (``cluster/worker_streams.py`` is the other end).
+
+    async def open_stream(self, stream_id: str) -> AsyncIterator[list[tuple[int, Any]]]:
+        """Items ``(key, RequestOutput | BaseException)`` of the requests ``submit``-ted
+        with this ``stream_id``; the first list is empty (the stream is open). Closing the
+        stream (its caller died or closed it) aborts those requests."""
+        outbox = self._outboxes.setdefault(stream_id, _Outbox())
+        try:
+            yield []
+            while True:
+                yield await outbox.take()
+        finally:
+            self._outboxes.pop(stream_id, None)
+            outbox.cancel_all()
+
+    async def submit(
+        self,
+        stream_id: str,
+        key: int,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        kv_transfer_params: dict[str, Any] | None = None,
+        resume_token_ids: Sequence[int] = (),
+        multi_modal_data: dict[str, Any] | None = None,
+        group_id: str | None = None,
+    ) -> None:
+        """Start a request whose deltas go to the open stream ``stream_id``, tagged ``key``
+        (arguments as for ``generate``); its last item is a finished output or an error.
+        Deltas after the first carry ``prompt_token_ids=None`` when they are ``prompt``:
+        the caller has them."""
+        outbox = self._outboxes.get(stream_id)
+        if outbox is None:
+            raise RuntimeError(f"output stream {stream_id!r} is not open on {self.worker_id}")
+        stream = self.generate(request_id, prompt, params, kv_transfer_params,
+                               resume_token_ids, multi_modal_data, group_id)
+        outbox.start(key, stream, prompt if isinstance(prompt, list) else None)
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

@@ -24,6 +24,7 @@ from splitserve.cluster.registry import create_registry
 from splitserve.cluster.request_path import RequestPath
 from splitserve.cluster.scaling import Scaler
 from splitserve.outputs import CompletionOutput, RequestOutput
+from splitserve.roles.workers import _Outbox
 from splitserve.router.router import Router
 from splitserve.router.schema import RouterConfig
 from splitserve.sampling_params import SamplingParams
@@ -37,17 +38,22 @@ async def _value(v: Any) -> Any:
 
 class _Worker:
     """Answers like a worker actor. ``stats`` replies are scripted: ``"hang"`` never answers
-    (until the caller's timeout), a dict is returned. ``generate`` streams one token, then
-    waits until the request is aborted and ends it with 'abort'."""
+    (until the caller's timeout), a dict is returned. A submitted request streams one token
+    on the caller's output stream, then waits until it is aborted and ends it with 'abort'.
+    The output stream is the real worker's (`_Outbox`); ``death`` set, the stream raises it
+    after the items already there (the worker process died)."""
 
     def __init__(self, stats: list[Any] | None = None) -> None:
         self.script = list(stats or [])
         self.stats_replies: list[Any] = []
         self.calls: list[tuple[str, str | None]] = []
         self.aborted: list[str] = []
+        self.death: BaseException | None = None
         self._abort_events: dict[str, asyncio.Event] = {}
+        self._outboxes: dict[str, _Outbox] = {}
         self.stats = SimpleNamespace(remote=self._stats)
-        self.generate = SimpleNamespace(remote=self._generate)
+        self.open_stream = SimpleNamespace(remote=self._open_stream)
+        self.submit = SimpleNamespace(remote=self._submit)
         self.abort = SimpleNamespace(remote=self._abort)
 
     def _stats(self) -> Any:
@@ -57,19 +63,33 @@ class _Worker:
             return asyncio.Event().wait()  # never set: the caller's timeout ends it
         return _value(dict(reply))
 
-    def _generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                  kv: Any, resume: list[int], mm: Any, group_id: str | None = None) -> Any:
+    def _open_stream(self, stream_id: str) -> AsyncIterator[Any]:
+        outbox = self._outboxes[stream_id] = _Outbox()
+
+        async def items() -> AsyncIterator[Any]:
+            yield _value([])
+            while True:
+                batch = await outbox.take()
+                yield _value(batch)
+                if self.death is not None:
+                    raise self.death
+
+        return items()
+
+    def _submit(self, stream_id: str, key: int, request_id: str, prompt: list[int],
+                params: SamplingParams, kv: Any, resume: list[int], mm: Any,
+                group_id: str | None = None) -> Any:
         self.calls.append((request_id, group_id))
         self._abort_events[request_id] = asyncio.Event()
-        return self._stream(request_id, prompt)
+        self._outboxes[stream_id].start(key, self._stream(request_id, prompt), prompt)
+        return _value(None)
 
     async def _stream(self, request_id: str, prompt: list[int]) -> AsyncIterator[Any]:
-        yield _value(RequestOutput(request_id, None, prompt, [CompletionOutput(0, "", [7])],
-                                   False))
+        yield RequestOutput(request_id, None, prompt, [CompletionOutput(0, "", [7])], False)
         await self._abort_events[request_id].wait()
-        yield _value(RequestOutput(request_id, None, prompt,
-                                   [CompletionOutput(0, "", [], finish_reason="abort")], True,
-                                   metrics={"arrival_time": 0.0}))
+        yield RequestOutput(request_id, None, prompt,
+                            [CompletionOutput(0, "", [], finish_reason="abort")], True,
+                            metrics={"arrival_time": 0.0})
 
     def _abort(self, request_id: str) -> Any:
         self.aborted.append(request_id)
@@ -173,19 +193,33 @@ def test_n_samples_reach_workers_as_one_group_and_abort_stays_exact() -> None:
     assert len(flights) == 0 and params.n == 1
 
 
-class _DiesAfterItsLastOutput(_Worker):
-    """Streams every token and the finished output, then its process dies before the
-    stream's end reaches the caller (a SIGKILL in that window, as the soak once hit)."""
+class _Finishes(_Worker):
+    """Streams a submitted request whole: its finished output, three tokens."""
+
+    async def _stream(self, request_id: str, prompt: list[int]) -> AsyncIterator[Any]:
+        yield RequestOutput(request_id, None, prompt,
+                            [CompletionOutput(0, "", [7, 8, 9], finish_reason="length")],
+                            True, metrics={"arrival_time": 0.0})
+        self.on_finished()
+
+    def on_finished(self) -> None:
+        pass
+
+
+class _DiesAfterItsLastOutput(_Finishes):
+    """Streams the finished output of every request submitted to it, then its process dies
+    before its stream's end reaches the caller (a SIGKILL in that window, as the soak once
+    hit)."""
 
     def __init__(self, error: BaseException) -> None:
         super().__init__()
         self.error = error
+        self.num_finished = 0
 
-    async def _stream(self, request_id: str, prompt: list[int]) -> AsyncIterator[Any]:
-        yield _value(RequestOutput(request_id, None, prompt,
-                                   [CompletionOutput(0, "", [7, 8, 9], finish_reason="length")],
-                                   True, metrics={"arrival_time": 0.0}))
-        raise self.error
+    def on_finished(self) -> None:
+        self.num_finished += 1
+        if self.num_finished == len(self.calls):
+            self.death = self.error
 
 
 def test_a_worker_dying_after_its_finished_output_is_not_replayed() -> None:
@@ -195,7 +229,7 @@ def test_a_worker_dying_after_its_finished_output_is_not_replayed() -> None:
     from ray.exceptions import ActorDiedError
 
     dying = _DiesAfterItsLastOutput(ActorDiedError())
-    spare = _Worker()
+    spare = _Finishes()
     membership, _ = _membership(("decode-0", "decode", dying), ("decode-1", "decode", spare))
     path = RequestPath(membership.config, membership, FlightTable(), membership.counters)
     params = SamplingParams(max_tokens=3, temperature=0.0, n=2, seed=1)
@@ -212,4 +246,6 @@ def test_a_worker_dying_after_its_finished_output_is_not_replayed() -> None:
     assert sorted(c.index for c in finished) == [0, 1]
     assert all(c.token_ids == [7, 8, 9] and c.finish_reason == "length" for c in finished)
     assert outs[-1].finished
-    assert spare.calls == [] and membership.counters["replays"] == 0  # nothing replayed
+    assert dying.calls and dying.death is not None  # it served a sample, then died
+    assert membership.counters["replays"] == 0  # nothing replayed
+    assert len(dying.calls) + len(spare.calls) == 2

@@ -11,7 +11,9 @@ router applies what they return. Pick one by name with ``create_policy``.
 - ``kv_overlap_cost``: Dynamo's KV router cost, ``weight * blocks_to_prefill + active_blocks``.
 - ``dualmap``: two candidates from two independent hash rings, the lower predicted TTFT
   (cache hit included) wins while it is within half the SLO and spends at most a quarter of
-  the headroom the request has at the globally fastest instance; otherwise that instance; hot instances shed queued
+  the headroom the request has at the globally fastest instance; otherwise that instance. A
+  request predicted past its SLO even there goes where it costs least work: the instance
+  holding its longest cached prefix (``deepest_holder``). Hot instances shed queued
   requests (DualMap, ICLR'26). The hash key skips hot shared prefixes (a system
   prompt most requests start with): it is the chained hash of the first K blocks after the
   leading blocks that many recent requests share, so the sessions behind one hot prompt
@@ -266,7 +268,8 @@ HEADROOM_SHARE = 0.25
 @register_policy
 class DualMap(Policy):
     """Two hash candidates, the better by predicted TTFT unless the global best is clearly
-    faster (``acceptable_ttft``); hotspot migration."""
+    faster (``acceptable_ttft``); a request late everywhere to its longest cached prefix
+    (``deepest_holder``); hotspot migration."""
 
     name = "dualmap"
     uses_forecast = True
@@ -303,6 +306,9 @@ class DualMap(Policy):
         best = min(range(len(candidates)), key=ttfts.__getitem__)  # ties: the ring-0 candidate
         slo = slo_of(request, self.config)
         fallback, fallback_ttft = view.best_predicted_ttft(request, matches)
+        if fallback_ttft > slo:  # late wherever it goes: place it where it costs least work
+            cheapest = deepest_holder(view, request, matches) or fallback
+            return Choice(cheapest, candidates, fallback=cheapest not in candidates)
         if ttfts[best] <= self.acceptable_ttft(slo, fallback_ttft):
             return Choice(candidates[best], candidates)
         return Choice(fallback, candidates, fallback=fallback not in candidates)
@@ -332,6 +338,25 @@ class DualMap(Policy):
             budget -= _shed(view, source, move, budget)
             if budget <= 0:
                 return
+
+
+def deepest_holder(view: ClusterView, request: RouteRequest, matches: dict[str, int]) -> str:
+    """Of the healthy instances holding the longest leading match, the one with the lowest
+    predicted TTFT (ties: earliest joined); "" when none holds a block.
+
+    Where a request cannot meet its SLO anyway, this is where it costs the cluster least
+    prefill work: its cached blocks are not computed again, and it stores no second copy of
+    its prefix (the cache space stays with prefixes that later requests can still hit).
+    """
+    depth = max((n for i, n in matches.items() if i in view.prefill_set), default=0)
+    best_id, best_ttft = "", math.inf
+    for instance_id, matched in matches.items():
+        if matched != depth or not depth or instance_id not in view.prefill_set:
+            continue
+        ttft = view.predicted_ttft(instance_id, request, matched)
+        if ttft < best_ttft or (ttft == best_ttft and view.joined_before(instance_id, best_id)):
+            best_id, best_ttft = instance_id, ttft
+    return best_id
 
 
 def slo_of(request: RouteRequest, config: RouterConfig) -> float:

@@ -100,12 +100,14 @@ class ClusterView:
             work = new + kappa * new * (cached + new / 2)
             ttft = (load.queued_prefill_work + (left if left > 0 else -left) + work) / rate
             if ttft < best_ttft or (
-                ttft == best_ttft and self._joined_before(instance_id, best_id)
+                ttft == best_ttft and self.joined_before(instance_id, best_id)
             ):
                 best_id, best_ttft = instance_id, ttft
         return best_id, best_ttft
 
-    def _joined_before(self, a: str, b: str) -> bool:
-        """Tie-break in join order (rare: only on exactly equal predictions)."""
+    def joined_before(self, a: str, b: str) -> bool:
+        """Tie-break in join order (rare: only on exactly equal predictions); ``b`` "": True."""
+        if not b:
+            return True
         order = self.prefill_instances
         return order.index(a) < order.index(b)

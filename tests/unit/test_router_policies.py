@@ -171,6 +171,34 @@ def test_dualmap_leaves_its_candidates_exactly_past_a_quarter_of_the_headroom() 
     assert long_placed.prefill_instance not in (c, d)
 
 
+def test_dualmap_sends_a_request_late_everywhere_to_its_longest_cached_prefix() -> None:
+    """Predicted past the SLO even at the fastest instance: the request goes where its prefix
+    is cached (least prefill work, no second copy of the prefix), not to the fastest."""
+    router = make_router("dualmap", 6)
+    blocks = tuple(range(1, 501))  # 500 blocks of 4 tokens
+    request = req("late", 2000, blocks)  # 2.0 s uncached on an idle instance: at the SLO
+    a, b = router.policy.candidates(request)  # type: ignore[attr-defined]
+    holder, shallow = [i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b)][:2]
+    router.on_kv_stored(holder, blocks[:250])  # 1000 tokens cached: 1.0 s of work there
+    router.on_kv_stored(shallow, blocks[:100])  # 400 tokens cached: 1.6 s
+    load_instance(router, holder, 1500, "holder")  # holder: 2.5 s, the slowest of all
+    load_instance(router, shallow, 500, "shallow")  # shallow: 2.1 s
+    load_instance(router, a, 100, "a")  # a, b: 2.1 s uncached
+    load_instance(router, b, 150, "b")
+    for other in router.instances(InstanceRole.PREFILL):
+        if other not in (a, b, holder, shallow):
+            load_instance(router, other, 50, other)  # 2.05 s: the fastest, still late
+    placement = router.route(request)
+    assert placement.prefill_instance == holder and placement.fallback
+    assert placement.cached_tokens == 1000
+    assert placement.predicted_ttft_s == pytest.approx(2.5)
+    # With one instance able to meet the SLO, the usual rule applies again.
+    router.on_finish("late")
+    router.on_finish("fill-b")
+    early = router.route(req("early", 2000, blocks))
+    assert early.prefill_instance == b and early.predicted_ttft_s == pytest.approx(2.0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     backlogs=st.lists(st.integers(0, 3000), min_size=6, max_size=6),
@@ -183,7 +211,8 @@ def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
 ) -> None:
     """Whatever the loads and caches: the chosen instance is a hash candidate whose predicted
     TTFT is within min(SLO / 2, best + (SLO - best) / 4) with best the global lowest, or else
-    the global best itself."""
+    the global best itself; when even the best is past the SLO, the fastest of the instances
+    holding the longest cached prefix."""
     router = make_router("dualmap", 6)
     blocks = tuple(range(1, prompt // 4 + 1))
     for i, (tokens, n) in enumerate(zip(backlogs, held, strict=True)):
@@ -200,7 +229,16 @@ def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
     assert placement.predicted_ttft_s == pytest.approx(predicted[chosen])
     bound = min(slo / 2, best + max(0.0, slo - best) / 4)
     best_candidate = min(predicted[c] for c in candidates)
-    if best_candidate <= bound:  # the affinity holds: the better candidate keeps it
+    if best > slo:  # late anywhere: the least work, i.e. the longest cached prefix
+        depth = max(matches.values(), default=0)
+        if depth:
+            assert matches.get(chosen, 0) == depth
+            assert predicted[chosen] == min(
+                predicted[i] for i, n in matches.items() if n == depth
+            )
+        else:
+            assert predicted[chosen] == pytest.approx(best)
+    elif best_candidate <= bound:  # the affinity holds: the better candidate keeps it
         assert chosen in candidates and not placement.fallback
         assert predicted[chosen] == best_candidate
     else:  # no candidate is good enough: the fastest instance anywhere

@@ -16,9 +16,10 @@ _TOKENIZER_DIR: Path | None = None
 
 
 def smollm_tokenizer_dir(tmp_root: Path) -> Path:
-    """A Hugging Face tokenizer folder made from the embedded SmolLM2 GGUF (cached per session)."""
+    """A Hugging Face tokenizer folder made from the embedded SmolLM2 GGUF (cached per session;
+    made again when the folder it was made in is gone, e.g. the soak's temporary one)."""
     global _TOKENIZER_DIR
-    if _TOKENIZER_DIR is None:
+    if _TOKENIZER_DIR is None or not _TOKENIZER_DIR.is_dir():
         from transformers import AutoTokenizer
 
         from splitserve.roles.models.loader import default_model_path

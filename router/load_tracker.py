@@ -21,6 +21,13 @@ learned from the instance's completions: each one is charged the time since the 
 completion there (or since its own start, if later), and completions at the same moment
 (within ``GROUP_S``) are one sample of their summed work, so the samples partition the busy
 time and their mean is the instance's throughput.
+
+An instance that has not finished a prefill yet has no rate of its own; it takes the rate the
+learned instances imply for it: its given (or default) rate times the ratio of their learned
+rates to their given ones. The units of the rate follow ``kappa`` (token-equivalents), so a
+rate left at its starting value once ``kappa`` is learned would make an idle instance look
+many times slower than it is, and no placement by predicted TTFT would ever reach it to teach
+it otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ class InstanceLoad:
 
     instance_id: str
     prefill_rate_tps: float
-    """Moving average of measured prefill tokens per second (uncached tokens only)."""
+    """Moving average of measured prefill token-equivalents per second; until the instance's
+    first sample, its ``given_rate_tps`` scaled like the learned instances' rates."""
     kv_capacity_blocks: int
     num_queued_prefill_tokens: int = 0
     """Uncached prompt tokens of requests placed here whose prefill has not started."""
@@ -53,6 +61,10 @@ class InstanceLoad:
     """KV blocks in use as last reported by the instance itself."""
     num_prefilled_tokens: int = 0
     """Uncached prompt tokens this instance has finished prefilling (for imbalance figures)."""
+    given_rate_tps: float = 0.0
+    """The rate it joined with (a hint: 0 means ``prefill_rate_tps`` at construction)."""
+    num_rate_samples: int = 0
+    """Rate samples learned from its own completions."""
     queue: OrderedDict[str, int] = field(default_factory=OrderedDict)
     """Requests placed here and not started, in placement order: request_id -> uncached tokens."""
     prefill_started_at: float = 0.0
@@ -130,6 +142,11 @@ class LoadTracker:
         self.attention_coeff = 0.0
         """kappa: token-equivalents of attention per (new token, context token) pair."""
         self._fit = _AttentionFit()
+        self._unlearned: set[str] = set()
+        """Instances without a rate sample of their own (they follow ``learned_rate_scale``)."""
+        self._learned_rate_sum = 0.0
+        self._learned_given_sum = 0.0
+        self._applied_scale = 1.0
 
     def prefill_work(self, new_tokens: int, cached_tokens: int) -> float:
         """Token-equivalents of prefilling ``new_tokens`` after ``cached_tokens``."""
@@ -155,8 +172,10 @@ class LoadTracker:
             raise ValueError(f"prefill_rate_tps must be positive, got {rate}")
         if not capacity > 0:
             raise ValueError(f"kv_capacity_blocks must be positive, got {capacity}")
-        load = InstanceLoad(instance_id, float(rate), int(capacity))
+        load = InstanceLoad(instance_id, float(rate), int(capacity), given_rate_tps=float(rate))
+        load.prefill_rate_tps = rate * self.learned_rate_scale
         self.loads[instance_id] = load
+        self._unlearned.add(instance_id)
         return load
 
     def remove_instance(self, instance_id: str) -> list[str]:
@@ -168,8 +187,19 @@ class LoadTracker:
         orphans = [rid for rid, t in self._requests.items() if instance_id in _members(t)]
         for request_id in orphans:
             self.on_finish(request_id)
-        del self.loads[instance_id]
+        load = self.loads.pop(instance_id)
+        if load.num_rate_samples:
+            self._learned_rate_sum -= load.prefill_rate_tps
+            self._learned_given_sum -= load.given_rate_tps
+        self._unlearned.discard(instance_id)
         return orphans
+
+    @property
+    def learned_rate_scale(self) -> float:
+        """Learned over given rate, summed over the instances that learned (1.0 before any)."""
+        if self._learned_given_sum <= 0:
+            return 1.0
+        return self._learned_rate_sum / self._learned_given_sum
 
     def get(self, instance_id: str) -> InstanceLoad:
         return self._load(instance_id)
@@ -365,7 +395,25 @@ class LoadTracker:
         # One odd sample (a stall, a hit the router did not know of) must not swing the rate.
         measured = min(max(measured, before / RATE_CLAMP), before * RATE_CLAMP)
         alpha = self.rate_ewma_alpha
+        if not load.num_rate_samples:
+            self._unlearned.discard(load.instance_id)
+            self._learned_given_sum += load.given_rate_tps
+        else:
+            self._learned_rate_sum -= load.prefill_rate_tps
+        load.num_rate_samples += 1
         load.prefill_rate_tps = (1 - alpha) * before + alpha * measured
+        self._learned_rate_sum += load.prefill_rate_tps
+        self._follow_learned()
+
+    def _follow_learned(self) -> None:
+        """Give the instances without samples the learned scale (when it moved over 1%)."""
+        scale = self.learned_rate_scale
+        if abs(scale - self._applied_scale) <= SCALE_TOLERANCE * self._applied_scale:
+            return
+        self._applied_scale = scale
+        for instance_id in self._unlearned:
+            load = self.loads[instance_id]
+            load.prefill_rate_tps = load.given_rate_tps * scale
 
 
 def _members(tracked: _Tracked) -> set[str]:
@@ -381,6 +429,9 @@ RATE_CLAMP = 4.0
 
 MIN_LEARN_TOKENS = 256
 """Prefills shorter than this teach neither the rate nor kappa (overheads dominate them)."""
+
+SCALE_TOLERANCE = 0.01
+"""Unlearned instances' rates are re-scaled when the learned scale moved by more than this."""
 
 GROUP_S = 1e-3
 """Completions on one instance this close together came from one engine step: one sample."""

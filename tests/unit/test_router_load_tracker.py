@@ -107,3 +107,52 @@ def test_rate_is_learned_from_throughput_when_prefills_are_batched() -> None:
     loads.on_prefill_done("c", now=2.5)
     loads.on_prefill_done("d", now=3.0)
     assert p0.prefill_rate_tps == pytest.approx(1000.0)
+
+
+def test_an_instance_without_samples_follows_the_learned_rate() -> None:
+    """An instance with no completion of its own takes its given rate times learned / given of
+    the instances that learned; its own first sample detaches it."""
+    loads = LoadTracker(default_prefill_rate_tps=1000.0, default_kv_capacity_blocks=10)
+    loads.add_instance("p0")
+    loads.add_instance("slow", prefill_rate_tps=500.0)  # a hint: half as fast as p0
+    loads.on_add("a", "p0", None, prefill_tokens=1000, prompt_blocks=1, kv_blocks=0)
+    loads.on_prefill_start("a", now=0.0)
+    loads.on_prefill_done("a", now=0.25)  # 4000 tokens/s: p0's EWMA 0.8 * 1000 + 0.2 * 4000
+    assert loads.get("p0").prefill_rate_tps == pytest.approx(1600.0)
+    assert loads.learned_rate_scale == pytest.approx(1.6)
+    assert loads.get("slow").prefill_rate_tps == pytest.approx(800.0)
+    loads.add_instance("late")  # joins after learning began: default rate, same scale
+    assert loads.get("late").prefill_rate_tps == pytest.approx(1600.0)
+    loads.on_add("b", "slow", None, prefill_tokens=1000, prompt_blocks=1, kv_blocks=0)
+    loads.on_prefill_start("b", now=1.0)
+    loads.on_prefill_done("b", now=2.0)  # its own sample: 0.8 * 800 + 0.2 * 1000
+    assert loads.get("slow").prefill_rate_tps == pytest.approx(840.0)
+    loads.on_add("c", "p0", None, prefill_tokens=1000, prompt_blocks=1, kv_blocks=0)
+    loads.on_prefill_start("c", now=3.0)
+    loads.on_prefill_done("c", now=3.25)  # p0 learns on; "slow" keeps its own rate
+    assert loads.get("slow").prefill_rate_tps == pytest.approx(840.0)
+    assert loads.learned_rate_scale == pytest.approx((2080.0 + 840.0) / 1500.0)
+    assert loads.get("late").prefill_rate_tps == pytest.approx(1000.0 * (2080.0 + 840.0) / 1500)
+
+
+def test_an_idle_instance_that_never_prefilled_is_not_taken_for_slow() -> None:
+    """The placement this changes: p0 learned it is faster than the starting estimate; idle p1,
+    never used, is as fast and predicted so, so a request goes there, not behind p0's queue."""
+    from splitserve.router.router import Router
+    from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest
+
+    now = [0.0]
+    router = Router("least_loaded", RouterConfig(default_prefill_rate_tps=1000.0), lambda: now[0])
+    for name in ("p0", "p1"):
+        router.add_instance(name, {InstanceRole.PREFILL})
+    router.add_instance("d0", {InstanceRole.DECODE})
+    assert router.route(RouteRequest("a", 1000)).prefill_instance == "p0"  # tie: first joined
+    router.on_prefill_start("a")
+    now[0] = 0.25
+    router.on_prefill_done("a")  # p0: 1600 tokens/s learned
+    router.loads.on_add("queued", "p0", None, prefill_tokens=500, prompt_blocks=1, kv_blocks=0)
+    # p0: (500 + 1000) / 1600 = 0.94 s. p1 at the old 1000 tokens/s would predict 1.0 s and
+    # lose; at the learned scale it predicts 1000 / 1600 = 0.625 s.
+    placement = router.route(RouteRequest("b", 1000))
+    assert placement.prefill_instance == "p1"
+    assert placement.predicted_ttft_s == pytest.approx(0.625)

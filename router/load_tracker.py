@@ -10,7 +10,8 @@ Predicted TTFT of a request at an instance is
 ``(queued work + what is left of the prefill in progress + the request's work) / measured rate``,
 where the work of ``n`` uncached tokens after ``c`` cached ones is ``n + kappa * n * (c + n / 2)``
 token-equivalents: the tokens themselves plus causal attention over the context.
-``kappa`` is learned online from the prefills' measured times (least squares over all
+``kappa`` is learned online from the measured times of prefills that ran alone (nothing else in
+progress on their instance from start to end; least squares over all
 instances, with forgetting); until enough long prefills were seen it is 0, and the
 prediction is plain queued tokens over measured tokens/s. The measured rate is per
 instance (token-equivalents/s), so slow and fast instances are told apart.
@@ -123,6 +124,8 @@ class _Tracked:
     kv_blocks: int
     started_at: float | None = None
     prefill_done: bool = False
+    started_alone: bool = False
+    """No other prefill was in progress on its instance when it started."""
 
 
 class LoadTracker:
@@ -262,6 +265,7 @@ class LoadTracker:
         # Fold what is left of an earlier prefill in progress into the new one.
         remaining = load.pending_prefill_work(now) - load.queued_prefill_work
         load.prefill_work_in_progress = max(0.0, remaining) + tracked.prefill_work
+        tracked.started_alone = load.prefill_tokens_in_progress <= 0
         load.prefill_tokens_in_progress += tracked.prefill_tokens
         load.prefill_started_at = now
         tracked.started_at = now
@@ -375,8 +379,10 @@ class LoadTracker:
             load.sample_tokens += n
             load.sample_work += self.prefill_work(n, tracked.cached_tokens)
         elif elapsed > 0:
-            if n >= MIN_LEARN_TOKENS and now - started_at <= elapsed + GROUP_S:
-                # It ran alone: a clean sample for the attention coefficient.
+            alone = tracked.started_alone and load.prefill_tokens_in_progress <= n
+            if n >= MIN_LEARN_TOKENS and alone and now - started_at <= elapsed + GROUP_S:
+                # It ran alone (nothing else in progress from its start to its end, so no
+                # batch-mate's chunks in its time): a clean sample for the attention coefficient.
                 kappa = self._fit.observe(n, n * (tracked.cached_tokens + n / 2), elapsed)
                 if kappa is not None:
                     self.attention_coeff = kappa

@@ -156,3 +156,27 @@ def test_an_idle_instance_that_never_prefilled_is_not_taken_for_slow() -> None:
     placement = router.route(RouteRequest("b", 1000))
     assert placement.prefill_instance == "p1"
     assert placement.predicted_ttft_s == pytest.approx(0.625)
+
+
+def test_kappa_learns_only_from_prefills_that_ran_alone() -> None:
+    """Prefills timed exactly as 1e-4 s per token + 1e-9 s per (token, context) pair give
+    kappa = 1e-5; a prefill that started beside another one (its time holds the other's chunks)
+    must not feed the fit, or kappa follows the batch-mates' attention instead."""
+    loads = tracker()
+    now = 0.0
+    for i in range(20):
+        n, cached = 1000 + 100 * i, 500 * i
+        loads.on_add(f"alone{i}", "p0", None, n, 1, 0, cached_tokens=cached)
+        loads.on_prefill_start(f"alone{i}", now=now)
+        now += 1e-4 * n + 1e-9 * n * (cached + n / 2)
+        loads.on_prefill_done(f"alone{i}", now=now)
+        # On p1: a short prompt starts while a long one is in progress and is done first,
+        # charged 50x its own time; the long one is then charged only the time since.
+        loads.on_add(f"long{i}", "p1", None, 8000, 1, 0)
+        loads.on_add(f"beside{i}", "p1", None, 1000, 1, 0)
+        loads.on_prefill_start(f"long{i}", now=now)
+        loads.on_prefill_start(f"beside{i}", now=now + 0.01)
+        loads.on_prefill_done(f"beside{i}", now=now + 5.0)
+        loads.on_prefill_done(f"long{i}", now=now + 5.5)
+        now += 6.0
+    assert loads.attention_coeff == pytest.approx(1e-5, rel=1e-6)

@@ -160,7 +160,10 @@ from vllm import LLM, SamplingParams, TokensPrompt
 if __name__ == "__main__":
     folder, req_file, out_len, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     prompts = json.load(open(req_file))
-    llm = LLM(folder, dtype=dtype, max_model_len=1024, enable_prefix_caching=False)
+    # as much KV as splitserve's default; vLLM's CPU default reserves 92% of the memory and
+    # refuses to start when less than that is free
+    llm = LLM(folder, dtype=dtype, max_model_len=1024, enable_prefix_caching=False,
+              kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:16])], params)  # warm-up
     t0 = time.perf_counter()

@@ -127,7 +127,9 @@ def start_vllm(venv: Path, hf_dir: Path, port: int, work: Path) -> tuple[subproc
     cmd = [str(venv / "bin" / "python"), str(shim), "serve", str(hf_dir), "--port", str(port),
            "--dtype", "float32", "--served-model-name", SERVED_NAME, "--max-model-len", "2048",
            # as much KV as splitserve's default (vLLM's CPU default reserves 92% of memory)
-           "--kv-cache-memory-bytes", str(1 << 30)]
+           "--kv-cache-memory-bytes", str(1 << 30),
+           # and it refuses to start when less memory than that share is free
+           "--gpu-memory-utilization", "0.3"]
     log = work / "vllm.log"
     proc = _start(cmd, env, log)
     _wait_healthy(proc, port, 900, log)

@@ -10,7 +10,8 @@ router applies what they return. Pick one by name with ``create_policy``.
 - ``prefix_affinity``: consistent hash of the prefix key on one ring; no load check.
 - ``kv_overlap_cost``: Dynamo's KV router cost, ``weight * blocks_to_prefill + active_blocks``.
 - ``dualmap``: two candidates from two independent hash rings, the lower predicted TTFT
-  (cache hit included) wins while it is within half the SLO and spends at most a quarter of
+  (cache hit included) of those holding at least as long a cached prefix as the instance
+  predicted fastest wins while it is within half the SLO and spends at most a quarter of
   the headroom the request has at the globally fastest instance; otherwise that instance. A
   request predicted past its SLO even there goes where it costs least work: the instance
   holding its longest cached prefix (``deepest_holder``). Hot instances shed queued
@@ -268,8 +269,8 @@ HEADROOM_SHARE = 0.25
 @register_policy
 class DualMap(Policy):
     """Two hash candidates, the better by predicted TTFT unless the global best is clearly
-    faster (``acceptable_ttft``); a request late everywhere to its longest cached prefix
-    (``deepest_holder``); hotspot migration."""
+    faster (``acceptable_ttft``) or holds more of the prompt cached; a request late everywhere
+    to its longest cached prefix (``deepest_holder``); hotspot migration."""
 
     name = "dualmap"
     uses_forecast = True
@@ -302,15 +303,21 @@ class DualMap(Policy):
     def choose(self, request: RouteRequest, view: ClusterView, matches: dict[str, int]) -> Choice:
         candidates = self.candidates(request)
         self.hot.observe(request.block_hashes)
-        ttfts = [view.predicted_ttft(c, request, matches.get(c, 0)) for c in candidates]
-        best = min(range(len(candidates)), key=ttfts.__getitem__)  # ties: the ring-0 candidate
         slo = slo_of(request, self.config)
         fallback, fallback_ttft = view.best_predicted_ttft(request, matches)
         if fallback_ttft > slo:  # late wherever it goes: place it where it costs least work
             cheapest = deepest_holder(view, request, matches) or fallback
             return Choice(cheapest, candidates, fallback=cheapest not in candidates)
-        if ttfts[best] <= self.acceptable_ttft(slo, fallback_ttft):
-            return Choice(candidates[best], candidates)
+        best, best_ttft = "", math.inf
+        for candidate in candidates:  # ties: the ring-0 candidate
+            matched = matches.get(candidate, 0)
+            if matched < matches.get(fallback, 0):
+                continue  # affinity never prefills again what the fastest instance holds
+            ttft = view.predicted_ttft(candidate, request, matched)
+            if ttft < best_ttft:
+                best, best_ttft = candidate, ttft
+        if best and best_ttft <= self.acceptable_ttft(slo, fallback_ttft):
+            return Choice(best, candidates)
         return Choice(fallback, candidates, fallback=fallback not in candidates)
 
     def acceptable_ttft(self, slo: float, best_ttft: float) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,6 +173,39 @@ def test_dualmap_leaves_its_candidates_exactly_past_a_quarter_of_the_headroom() 
     assert long_placed.prefill_instance not in (c, d)
 
 
+def test_dualmap_affinity_never_prefills_again_what_the_fastest_instance_caches() -> None:
+    """A candidate within the TTFT allowance still loses the request to the fastest instance
+    when that one holds more of the prompt cached: keeping the affinity would compute the
+    cached blocks a second time and store a second copy of them."""
+    router, request, (a, b) = dualmap_setup()  # 400 tokens, one block of 4
+    long_request = RouteRequest("session", 400, tuple(range(1, 101)))  # 100 blocks
+    c, d = router.policy.candidates(long_request)  # type: ignore[attr-defined]
+    others = [i for i in router.instances(InstanceRole.PREFILL) if i not in (c, d)]
+    holder = others[0]
+    router.on_kv_stored(holder, range(1, 51))  # 200 tokens cached: 0.2 s of work left
+    load_instance(router, holder, 100, "holder")  # holder: 0.3 s, the fastest
+    load_others(router, (c, d, holder), 1000)  # the rest: 1.4 s
+    load_instance(router, d, 300, "d")  # d: 0.7 s; c idle: 0.4 s, within 0.3 + 1.7 / 4
+    assert isinstance(router.policy, DualMap)
+    assert router.policy.acceptable_ttft(SLO, 0.3) == pytest.approx(0.725)
+    placement = router.route(long_request)
+    assert placement.prefill_instance == holder and placement.fallback
+    assert placement.cached_tokens == 200
+    assert placement.predicted_ttft_s == pytest.approx(0.3)
+    # Once a candidate caches as much, the affinity holds again even though it is slower.
+    router.on_finish("session")
+    router.on_kv_stored(c, range(1, 51))  # c: 0.2 s of work, idle
+    router.on_kv_stored(holder, range(51, 61))  # the holder: 240 tokens cached, 0.16 + 0.1 s
+    load_instance(router, c, 300, "c")  # c: 0.5 s, within 0.26 + 1.74 / 4 = 0.695 s
+    placement = router.route(RouteRequest("session2", 400, tuple(range(1, 101))))
+    assert placement.prefill_instance == holder  # holder caches more than c: no affinity
+    router.on_finish("session2")
+    router.on_kv_stored(c, range(51, 61))  # now c caches as much as the holder
+    placement = router.route(RouteRequest("session3", 400, tuple(range(1, 101))))
+    assert placement.prefill_instance == c and not placement.fallback
+    assert placement.predicted_ttft_s == pytest.approx(0.3 + 0.16)
+
+
 def test_dualmap_sends_a_request_late_everywhere_to_its_longest_cached_prefix() -> None:
     """Predicted past the SLO even at the fastest instance: the request goes where its prefix
     is cached (least prefill work, no second copy of the prefix), not to the fastest."""
@@ -209,10 +244,11 @@ def test_dualmap_sends_a_request_late_everywhere_to_its_longest_cached_prefix() 
 def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
     backlogs: list[int], held: list[int], prompt: int, slo: float
 ) -> None:
-    """Whatever the loads and caches: the chosen instance is a hash candidate whose predicted
-    TTFT is within min(SLO / 2, best + (SLO - best) / 4) with best the global lowest, or else
-    the global best itself; when even the best is past the SLO, the fastest of the instances
-    holding the longest cached prefix."""
+    """Whatever the loads and caches: the chosen instance is a hash candidate caching at least
+    as long a prefix as the fastest instance, whose predicted TTFT is within
+    min(SLO / 2, best + (SLO - best) / 4) with best the global lowest, or else the global best
+    itself; when even the best is past the SLO, the fastest of the instances holding the longest
+    cached prefix."""
     router = make_router("dualmap", 6)
     blocks = tuple(range(1, prompt // 4 + 1))
     for i, (tokens, n) in enumerate(zip(backlogs, held, strict=True)):
@@ -223,12 +259,15 @@ def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
     matches = view.match(request)
     predicted = {i: view.predicted_ttft(i, request, matches.get(i, 0)) for i in view.prefill_set}
     best = min(predicted.values())
+    fastest, _ = view.best_predicted_ttft(request, matches)
     candidates = router.policy.candidates(request)  # type: ignore[attr-defined]
     placement = router.route(request)
     chosen = placement.prefill_instance or ""
     assert placement.predicted_ttft_s == pytest.approx(predicted[chosen])
     bound = min(slo / 2, best + max(0.0, slo - best) / 4)
-    best_candidate = min(predicted[c] for c in candidates)
+    # Only candidates caching at least as much of the prompt as the fastest instance count.
+    eligible = [c for c in candidates if matches.get(c, 0) >= matches.get(fastest, 0)]
+    best_candidate = min((predicted[c] for c in eligible), default=math.inf)
     if best > slo:  # late anywhere: the least work, i.e. the longest cached prefix
         depth = max(matches.values(), default=0)
         if depth:

@@ -202,12 +202,13 @@ def _restrict_ucx_devices(host: str) -> None:
         )
 
 
-async def _recv_on_worker(dest: torch.Tensor, tag: int, conn: _Connection) -> None:
-    """Receive a bulk-data message sent with ``force_tag`` to this worker.
+async def _probe_on_worker(tag: int, conn: _Connection) -> Any:
+    """Wait until a bulk-data message sent with ``force_tag`` to this worker is there; its
+    probe (removed from UCX's queue: the caller must receive it with ``recv_with_handle``).
 
-    Probes first and posts the receive only once the message is there, so that a timeout
-    or a dead peer never leaves a receive posted into ``dest`` (a worker-level receive
-    cannot be cancelled on its own).
+    Receives are posted only once their message is there, so that a timeout or a dead peer
+    never leaves a receive posted into a destination (a worker-level receive cannot be
+    cancelled on its own).
     """
     import ucxx
     from ucxx.types import Tag
@@ -219,7 +220,33 @@ async def _recv_on_worker(dest: torch.Tensor, tag: int, conn: _Connection) -> No
             raise TransportConnectionError(f"connection to {conn.peer} broke before its data")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.001)
+    return probe
+
+
+async def _recv_probed(dest: torch.Tensor, probe: Any) -> None:
+    import ucxx
+
     await ucxx.core._get_ctx().recv_with_handle(_wire_bytes(dest), probe)
+
+
+async def _recv_all_on_worker(
+    views: list[torch.Tensor], first_tag: int, conn: _Connection
+) -> None:
+    """Receive message ``first_tag + k`` into ``views[k]`` for every k: each receive is
+    posted as soon as its message is there, and they complete concurrently (a read of many
+    runs pays one Python round trip per message, not one per message plus its transfer).
+    Whatever ends this early (an error, a cancel), the receives already posted finish
+    first: none writes into a destination after this returns."""
+    receiving: list[asyncio.Future[None]] = []
+    try:
+        for index, view in enumerate(views):
+            probe = await _probe_on_worker(first_tag + index, conn)
+            receiving.append(asyncio.ensure_future(_recv_probed(view, probe)))
+        await asyncio.gather(*receiving)
+    except BaseException:
+        if receiving:
+            await asyncio.shield(asyncio.gather(*receiving, return_exceptions=True))
+        raise
 
 
 class _Gathering:
@@ -265,7 +292,7 @@ class _Gathering:
 
 class _Connection:
     """One control connection to one serving peer, shared by every read to it. Loop thread
-    only. Data arrives on this process's UCX worker (``_recv_on_worker``)."""
+    only. Data arrives on this process's UCX worker (``_recv_all_on_worker``)."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
@@ -551,8 +578,7 @@ class UcxTransport(KvTransport):
         cancelled."""
         if len(views) > _MAX_PARTS:
             raise KVTransferError(f"{conn.peer} splits a read into {len(views)} parts")
-        for index, view in enumerate(views):
-            await _recv_on_worker(view, data_tag + index, conn)
+        await _recv_all_on_worker(views, data_tag, conn)
 
     async def _control(self, address: str, control: Control) -> None:
         conn = await self._connection(address)

@@ -76,3 +76,50 @@ def test_parts_run_in_order_and_close_after_the_last() -> None:
 
     assert asyncio.run(run()) == [0.0, 1.0, 2.0]
     assert server.pins == 0 and server.released == []
+
+
+def test_receives_overlap_and_a_cancel_waits_for_the_ones_posted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The reader posts each part's receive as soon as its message is there, without
+    waiting for the one before to land; cancelled, it returns only once every posted
+    receive has finished writing (the blocks may be given back right after)."""
+    from splitserve.kvtransfer import ucx_transport as ut
+
+    arrived = {0: asyncio.Event(), 1: asyncio.Event(), 2: asyncio.Event()}
+    landed: list[int] = []
+    posted: list[int] = []
+    release = asyncio.Event()
+
+    async def probe(tag: int, conn: object) -> int:
+        await arrived[tag].wait()
+        return tag
+
+    async def recv(dest: torch.Tensor, tag: int) -> None:
+        posted.append(tag)
+        await release.wait()
+        dest.fill_(tag)
+        landed.append(tag)
+
+    monkeypatch.setattr(ut, "_probe_on_worker", probe)
+    monkeypatch.setattr(ut, "_recv_probed", recv)
+    views = [torch.zeros(2) for _ in range(3)]
+
+    async def run() -> None:
+        task = asyncio.ensure_future(ut._recv_all_on_worker(views, 0, object()))  # type: ignore[arg-type]
+        arrived[0].set()
+        arrived[1].set()  # part 2 never comes (its sender went away)
+        while len(posted) < 2:
+            await asyncio.sleep(0.001)
+        assert landed == []  # two receives in flight at once
+        task.cancel()
+        await asyncio.sleep(0.01)
+        assert not task.done()  # waits for the posted receives
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        assert sorted(landed) == [0, 1]
+
+    asyncio.run(run())
+    assert views[0].tolist() == [0.0, 0.0] and views[1].tolist() == [1.0, 1.0]
+    assert views[2].tolist() == [0.0, 0.0]  # never posted

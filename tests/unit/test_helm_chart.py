@@ -549,3 +549,17 @@ def test_render_matches_golden(chart: helm.Chart, values_file: str) -> None:
             f"SPLITSERVE_UPDATE_GOLDEN=1 .venv/bin/pytest -q tests/unit/test_helm_chart.py\n"
             f"{diff[:6000]}"
         )
+
+
+@pytest.mark.parametrize("value", [0, 255, "all"])
+def test_local_prefill_max_tokens_takes_a_count_or_all(chart: helm.Chart, value: Any) -> None:
+    """``all`` (every prompt prefills on its decode worker) is a value the cluster takes, so
+    the chart's schema takes it too and passes it through."""
+    docs = objects(render(chart, {"cluster": {"router": {"local_prefill_max_tokens": value}}}))
+    assert cluster_config(docs).router.local_prefill_max_tokens == value
+
+
+def test_local_prefill_max_tokens_refuses_other_words(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError) as info:
+        render(chart, {"cluster": {"router": {"local_prefill_max_tokens": "some"}}})
+    assert "local_prefill_max_tokens" in str(info.value)

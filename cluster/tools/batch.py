@@ -398,20 +398,27 @@ def _completion_tokens(body: Any) -> int:
 
 
 def cluster_config(args: argparse.Namespace) -> Any:
-    """The cluster to run on: ``--config`` or 1 prefill + 1 decode worker, joining the Ray
-    cluster at ``--address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) when given, so a
-    job starts its workers as actors on the cluster it was submitted to, not a Ray of its own."""
+    """The cluster to run on: ``--config``; else, joining the Ray cluster at ``--address`` or
+    ``RAY_ADDRESS`` (set by ``ray job submit``) so a job starts its workers as actors on the
+    cluster it was submitted to, 1 prefill + 1 decode worker; else, on this machine alone,
+    the layout ``splitserve serve`` picks (``cluster/layout.py``: 1 decode worker that
+    prefills every prompt unless every role has a device of its own)."""
     from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.layout import choose_layout, detect_devices
 
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if args.config is not None:
         data = ClusterConfig.from_yaml(args.config).model_dump(mode="json")
-    else:
+    elif address:
         data = ClusterConfig.local(prefill=1, decode=1).model_dump(mode="json")
+    else:
+        layout = choose_layout(detect_devices("cpu"))
+        data = ClusterConfig.local(prefill=layout.prefill, decode=layout.decode
+                                   ).model_dump(mode="json")
     if args.model is not None:
         data["model"] = args.model
     if args.kv_cache_memory_bytes is not None:
         data["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if address and data["ray"]["address"] is None:
         # An existing Ray's resources were set where it started; local-start settings go.
         data["ray"].update(address=address, num_cpus=None, num_gpus=None, resources={})

@@ -313,6 +313,7 @@ def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) ->
     assert local.ray.address is None and local.ray.num_cpus == 2
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     joined = cluster_config(args)
+    assert (joined.roles.prefill.replicas, joined.roles.decode.replicas) == (1, 1)
     assert joined.ray.address == "10.0.0.1:6379" and joined.ray.resources == {}
     assert joined.ray.num_cpus is None and joined.model == "/m"
     assert joined.roles.decode.resources == local.roles.decode.resources
@@ -324,3 +325,22 @@ def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) ->
                                                   kv_cache_memory_bytes=None, address="auto"))
     assert from_yaml.ray.address == "auto" and from_yaml.ray.num_cpus is None
     assert from_yaml.roles.decode.replicas == 2
+
+
+@pytest.mark.parametrize(("numa", "prefill", "local_prefill"), [(1, 0, "all"), (2, 1, 63)])
+def test_a_local_job_takes_the_layout_serve_takes(
+    monkeypatch, numa: int, prefill: int, local_prefill: object
+) -> None:
+    """Alone on a machine with fewer devices than roles, a batch job runs one decode worker
+    that prefills every prompt (as ``splitserve serve``); with a NUMA node per role, 1P+1D."""
+    import argparse
+
+    from splitserve.cluster import layout
+    from splitserve.cluster.tools.batch import cluster_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(layout, "numa_nodes", lambda: numa)
+    config = cluster_config(argparse.Namespace(config=None, model=None,
+                                               kv_cache_memory_bytes=None, address=None))
+    assert (config.roles.prefill.replicas, config.roles.decode.replicas) == (prefill, 1)
+    assert config.router.local_prefill_max_tokens == local_prefill

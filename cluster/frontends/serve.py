@@ -189,7 +189,13 @@ async def stop_servers(servers: RunningServers, backend: Backend, grace_s: float
 
 
 async def run_forever(backend: Backend, opts: ServeOptions, announce: Any = print) -> None:
-    """Serve until SIGINT / SIGTERM, then drain (bounded by ``opts.grace_s``) and return."""
+    """Serve until SIGINT / SIGTERM, then drain (bounded by ``opts.grace_s``) and return.
+    The signals are taken before the servers start, so one that comes as soon as the
+    addresses are announced (or while starting) still stops the server cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     servers = await start_servers(backend, opts)
     announce(f"splitserve: model {opts.served_model_name or backend.model_id}")
     announce(f"splitserve: OpenAI HTTP API on {servers.http_url}/v1")
@@ -198,10 +204,6 @@ async def run_forever(backend: Backend, opts: ServeOptions, announce: Any = prin
         announce(f"splitserve: gRPC InferenceService on {servers.grpc_target}{over}")
     if opts.api_key:
         announce("splitserve: API key required (Authorization: Bearer ...)")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     announce(f"splitserve: stopping (up to {opts.grace_s:g}s for in-flight requests)")
     await stop_servers(servers, backend, opts.grace_s)

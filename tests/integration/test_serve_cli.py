@@ -159,8 +159,10 @@ def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals)
     for line in proc.stdout:
         if "gRPC InferenceService on" in line:
             break
-    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    # at once, as a supervisor would: the server takes signals before it says where it listens
+    # (a signal right after the announcement once ended it with a KeyboardInterrupt, rc 1)
     proc.send_signal(sig)
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     assert proc.wait(60) == 0
 
     def alive() -> list[int]:

@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 from collections import OrderedDict
+from collections.abc import Container
 from pathlib import Path
 
 from splitserve.router.sim.bench import BASELINES
@@ -56,20 +57,25 @@ def traces(out: Path) -> dict[str, Path]:
     return found
 
 
+def _prefill_work(r: SimRequest, cached_blocks: Container[int], cost: CostModel) -> float:
+    """Seconds of prefill ``r`` costs (no per-iteration overhead) when its prompt's leading
+    blocks found in ``cached_blocks`` are cache hits."""
+    hit = 0
+    for block in r.block_hashes:
+        if block not in cached_blocks:
+            break
+        hit += 1
+    cached = min(hit * cost.block_size, r.prompt_len)
+    return cost.prefill_time(max(1, r.prompt_len - cached), cached) - cost.prefill_overhead_s
+
+
 def fluid_bound_rps(requests: list[SimRequest], instances: int, cost: CostModel) -> float:
     """Arrival rate at which ``instances`` prefill instances are 100% busy over the trace's
     span when every previously seen block is cached and iterations cost no overhead."""
     seen: set[int] = set()
     work = 0.0
     for r in requests:
-        hit = 0
-        for block in r.block_hashes:
-            if block not in seen:
-                break
-            hit += 1
-        cached = min(hit * cost.block_size, r.prompt_len)
-        new = max(1, r.prompt_len - cached)
-        work += cost.prefill_time(new, cached) - cost.prefill_overhead_s
+        work += _prefill_work(r, seen, cost)
         seen.update(r.block_hashes)
     return len(requests) * instances / work if work > 0 else float("inf")
 
@@ -80,13 +86,7 @@ def lru_fluid_rps(requests: list[SimRequest], instances: int, cost: CostModel) -
     capacity = instances * cost.kv_capacity_blocks
     work = 0.0
     for r in requests:
-        hit = 0
-        for block in r.block_hashes:
-            if block not in cache:
-                break
-            hit += 1
-        cached = min(hit * cost.block_size, r.prompt_len)
-        work += cost.prefill_time(max(1, r.prompt_len - cached), cached) - cost.prefill_overhead_s
+        work += _prefill_work(r, cache, cost)
         for block in r.block_hashes:
             cache[block] = None
             cache.move_to_end(block)

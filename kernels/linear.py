@@ -17,6 +17,16 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
   served as one int4 matmul over twice the rows (``hi`` rows with scale ``16 * d``, ``lo``
   rows with zero ``8 * d``) whose two halves are added: the file's values, no re-rounding
   of codes.
+- Many rows through a quantized weight (a prompt chunk, a large batch): torch's packed
+  kernels loop over rows, so their cost grows with every row (a 2,048-token chunk through
+  int4 ran 2-3x slower than the same GEMM in bfloat16). From ``_expand_min_rows()`` rows on
+  (128; times ``expand_cost``) a call expands the weight for itself (float32
+  ``q * scale + zero``, one rounding to bfloat16, into a reused per-thread scratch buffer)
+  and runs oneDNN's bfloat16 GEMM. int4 is decoded from torch's packed layout itself, so no
+  second copy of the codes is kept. The two paths agree to bf16 rounding, not bit for bit:
+  with quantized weights a token can differ at a near-tie with its step's row count. Only
+  where the processor has native bf16; ``SPLITSERVE_CPU_QUANT_EXPAND`` = ``packed`` keeps
+  every row on the packed kernels, ``dequant`` expands anywhere.
 
 The quantized matmuls take bfloat16 activations whatever the model's dtype (their float32
 kernels are scalar code); inputs are cast in and the result cast back. Off CPU a quantized
@@ -28,13 +38,16 @@ int8 weight is dequantized once at load (with a warning) until a device kernel s
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable
+import threading
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from splitserve import env
+from splitserve.kernels.cpu_features import bf16_support
 from splitserve.kernels.quant import QuantizedWeight, int4_packable, pack_int4_codes
 
 Tensor = torch.Tensor
@@ -43,6 +56,18 @@ logger = logging.getLogger(__name__)
 _PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; fastest at every T measured
 _PACK_ROWS = 4096  # int4 packing runs over this many rows at a time (bounds the int32 copy)
 _QUANT_ACT = torch.bfloat16  # activation dtype of the packed quantized kernels
+
+
+def _expand_min_rows() -> int:
+    return int(env.SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS.get())
+
+
+def quant_expansion_enabled() -> bool:
+    """Whether quantized weights serve many rows by expansion + bf16 GEMM here."""
+    choice = env.SPLITSERVE_CPU_QUANT_EXPAND.get().lower()
+    if choice in ("packed", "dequant"):
+        return choice == "dequant"
+    return bf16_support().native
 
 
 def packed_linear_available(weight: Tensor) -> bool:
@@ -83,6 +108,10 @@ class Linear:
         if isinstance(weight, QuantizedWeight):
             self.format = weight.kind if weight.source == "rtn" else f"{weight.kind}:{weight.source}"
             self._quantized = quantized_matmul(weight)
+            self._expand_from = (  # rows from which a call expands the weight (0: never)
+                _expand_min_rows() * self._quantized.expand_cost
+                if quant_expansion_enabled() and self._quantized.expandable else 0
+            )
             return
         self.format = str(weight.dtype).removeprefix("torch.")
         self.packed = packed_linear_available(weight)
@@ -110,17 +139,43 @@ class Linear:
             out = self(x.reshape(-1, self.in_features)) if x.numel() else x.new_empty(0, self.out_features)
             return out.reshape(*lead, self.out_features)
         if self.quantized:
-            y = self._quantized(x)
+            y = self._quantized_rows(x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )
 
 
+    def _quantized_rows(self, x: Tensor) -> Tensor:
+        """Few rows through the packed kernel; many through the weight dequantized for
+        this call and a bf16 GEMM."""
+        if not self._expand_from or x.shape[0] < self._expand_from:
+            return self._quantized(x)
+        weight_t = self._quantized.dense_t()  # [K, N] bf16
+        assert weight_t is not None
+        return torch.matmul(_to_act(x), weight_t).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- quantized matmuls
 
-Matmul = Callable[[Tensor], Tensor]
-"""x [T, K] -> [T, N] in x's dtype."""
+
+class Matmul(Protocol):
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [T, K] -> [T, N] in x's dtype."""
+        ...
+
+    @property
+    def expandable(self) -> bool:
+        """Whether ``dense_t`` can expand this weight here."""
+        ...
+
+    expand_cost: int
+    """The expansion's cost per weight relative to int4's (scales the row threshold)."""
+
+    def dense_t(self) -> Tensor | None:
+        """The weight as bf16 [K, N] (a fresh tensor each call), or None when this
+        format cannot be expanded here."""
+        ...
 
 
 def quantized_matmul(qw: QuantizedWeight) -> Matmul:
@@ -156,12 +211,44 @@ class Int4Matmul:
         # [K / g, N, 2]: (scale, zero) of each group and output row
         self.scale_zeros = torch.stack([qw.scales, qw.zeros], -1).transpose(0, 1).to(_QUANT_ACT)
         self.scale_zeros = self.scale_zeros.contiguous()
+        self._expand: tuple[int, Tensor, Tensor] | None = None
+        block = _int4pack_block()
+        if block and qw.shape[0] % block == 0:
+            n, k = qw.shape
+            # per (row block, group, row in block): the kernel's own bf16 scale and zero,
+            # as float32 ``w = q * scale + (zero - 8 * scale)``
+            sz = self.scale_zeros.float().view(k // self.group_size, n // block, block, 2)
+            sz = sz.permute(1, 0, 2, 3).unsqueeze(2)  # [N/B, K/g, 1, B, 2]
+            self._expand = (block, sz[..., 0].contiguous(),
+                            (sz[..., 1] - 8 * sz[..., 0]).contiguous())
 
     def __call__(self, x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             _to_act(x), self.packed, self.group_size, self.scale_zeros
         )
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    expand_cost = 1
+
+    @property
+    def expandable(self) -> bool:
+        return self._expand is not None
+
+    def dense_t(self) -> Tensor | None:
+        """Decoded from the packed layout itself (no second copy of the codes is kept)."""
+        if self._expand is None:
+            return None
+        block, scale, zero = self._expand
+        nb, groups = scale.shape[0], scale.shape[1]
+        codes = self.packed.view(nb, groups, self.group_size, block // 2)
+        k, half = groups * self.group_size, block // 2
+        w = _scratch("int4_f32", (nb, groups, self.group_size, block), torch.float32)
+        torch.mul(codes & 15, scale[..., :half], out=w[..., :half])
+        torch.mul(codes >> 4, scale[..., half:], out=w[..., half:])
+        w.add_(zero)
+        out = _scratch("int4_t", (k, nb, block), _QUANT_ACT)
+        out.copy_(w.view(nb, k, block).transpose(0, 1))
+        return out.view(k, nb * block)
 
 
 class Int8ChannelMatmul:
@@ -174,6 +261,12 @@ class Int8ChannelMatmul:
     def __call__(self, x: Tensor) -> Tensor:
         y = torch.ops.aten._weight_int8pack_mm(_to_act(x), self.codes, self.scales)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    expandable = True
+    expand_cost = 1
+
+    def dense_t(self) -> Tensor | None:
+        return (self.codes.float() * self.scales.float()[:, None]).to(_QUANT_ACT).t()
 
 
 class Int8GroupMatmul:
@@ -199,6 +292,53 @@ class Int8GroupMatmul:
         ).float()
         return (y[:, : self.rows] + y[:, self.rows :]).to(x.dtype)
 
+    expand_cost = 4  # two halves of twice the rows, summed: a Q8_0 logits head rarely pays
+
+    @property
+    def expandable(self) -> bool:
+        return self.inner.expandable
+
+    def dense_t(self) -> Tensor | None:
+        halves = self.inner.dense_t()  # [K, 2N]: hi columns, then lo columns
+        if halves is None:
+            return None
+        return (halves[:, : self.rows].float() + halves[:, self.rows :].float()).to(_QUANT_ACT)
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A per-thread buffer reused across calls (grown when too small): a weight expanded
+    for one matmul is dead once it returns, and fresh multi-MB allocations page-fault."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    held = getattr(_scratch_local, name, None)
+    if held is None or held.numel() < numel or held.dtype != dtype:
+        held = torch.empty(numel, dtype=dtype)
+        setattr(_scratch_local, name, held)
+    return held[:numel].view(shape)
+
+
+@functools.cache
+def _int4pack_block() -> int | None:
+    """Rows per block of torch's CPU int4 packed layout, found by packing known codes
+    (each byte of a block's column holds row ``n`` low and ``n + B/2`` high); None when the
+    layout is none of those (then prompt rows stay on the packed kernel)."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for block in (64, 32):
+        try:
+            blocks = packed.view(128 // block, 64, block // 2)
+        except RuntimeError:
+            continue
+        decoded = torch.cat([blocks & 15, blocks >> 4], -1).transpose(1, 2).reshape(128, 64)
+        if torch.equal(decoded.to(torch.int32), codes):
+            return block
+    return None
+
 
 class TritonInt4Matmul:
     """int4 codes on a GPU through ``kernels/int4_gemm.py`` (codes stay packed, 2 per byte)."""
@@ -212,3 +352,9 @@ class TritonInt4Matmul:
         from splitserve.kernels.int4_gemm import int4_weight_only_mm
 
         return int4_weight_only_mm(x, self.qdata, self.scales, self.zeros, self.group_size)
+
+    expandable = False
+    expand_cost = 1
+
+    def dense_t(self) -> Tensor | None:
+        return None

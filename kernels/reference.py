@@ -74,9 +74,9 @@ def rms_norm(
         residual = x
     if x.dtype == torch.float32:  # the fused op is bit-identical to the steps below in fp32
         return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
-    xf = x.float()
-    variance = xf.pow(2).mean(-1, keepdim=True)
-    out = (xf * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+    # xf * rsqrt(mean(xf^2) + eps) in float32 (the fused op, as above), rounded to the
+    # input dtype, then times the weight: transformers' order of roundings
+    out = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight
     return out, residual
 
 
@@ -172,7 +172,24 @@ def rotary_embedding(
         "rotary", (positions,), (), lambda: _rotary_tables(positions, cos_sin_cache),
         same=(cos_sin_cache,),
     )
+    heads = query.shape[1]
+    if _adjacent_heads(query, key):  # q and k side by side in one projection's output: one pass
+        both = _rotate(query.as_strided((query.shape[0], heads + key.shape[1], query.shape[2]),
+                                        query.stride()), cos2, sin2)
+        return both[:, :heads], both[:, heads:]
     return _rotate(query, cos2, sin2), _rotate(key, cos2, sin2)
+
+
+def _adjacent_heads(query: Tensor, key: Tensor) -> bool:
+    """True when ``key``'s heads follow ``query``'s in memory with the same strides (the
+    q and k columns of one fused qkv output), so both are one strided tensor of heads."""
+    return (
+        query.dim() == 3 and key.dim() == 3 and query.dtype == key.dtype
+        and query.shape[0] == key.shape[0] and query.shape[2] == key.shape[2]
+        and query.stride() == key.stride() and query.stride(2) == 1
+        and query.untyped_storage().data_ptr() == key.untyped_storage().data_ptr()
+        and key.storage_offset() == query.storage_offset() + query.shape[1] * query.stride(1)
+    )
 
 
 def _rotary_tables(positions: Tensor, cos_sin_cache: Tensor) -> tuple[Tensor, Tensor]:
@@ -205,19 +222,31 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     head_dim]; slot_mapping: [T] int64, ``-1`` skips the token (padding).
     """
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    keep, slots, blocks, offsets = _step_memo(  # every layer of a step stores to the same slots
+        "store_kv", (slot_mapping,), (block_size,), lambda: _store_plan(slot_mapping, block_size)
+    )
+    if keep is not None:
+        key, value = key[keep], value[keep]
     key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
     if kv_cache.stride(1) == block_size * kv_cache.stride(2):  # blocks back to back
         flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-        flat[0].index_copy_(0, slot_mapping, key)
-        flat[1].index_copy_(0, slot_mapping, value)
+        flat[0].index_copy_(0, slots, key)
+        flat[1].index_copy_(0, slots, value)
         return
     # strided blocks (a view of the block-major pool): address (block, offset) pairs
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     kv_cache[0].index_put_((blocks, offsets), key)
     kv_cache[1].index_put_((blocks, offsets), value)
+
+
+def _store_plan(
+    slot_mapping: Tensor, block_size: int
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """(rows kept or None when all are, their slots, blocks, offsets in block)."""
+    keep: Tensor | None = None
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping = slot_mapping[keep]
+    return keep, slot_mapping, slot_mapping // block_size, slot_mapping % block_size
 
 
 def _window_mask(

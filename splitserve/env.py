@@ -86,6 +86,16 @@ SPLITSERVE_KV_LAYERWISE = EnvVar(
 SPLITSERVE_CPU_LINEAR = EnvVar(
     "SPLITSERVE_CPU_LINEAR", str, "", "'dense' keeps F.linear on CPU instead of oneDNN-packed weights"
 )
+SPLITSERVE_CPU_QUANT_EXPAND = EnvVar(
+    "SPLITSERVE_CPU_QUANT_EXPAND", str, "",
+    "calls of many rows through int4/int8 weights on CPU: 'dequant' (the weight expanded for "
+    "the call, bf16 GEMM), 'packed' (torch's packed kernels, as for few rows); default: "
+    "dequant where the processor has native bf16",
+)
+SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS = EnvVar(
+    "SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", int, 128,
+    "rows from which a quantized CPU matmul expands its weight (Q8_0 in groups: 4x this)",
+)
 SPLITSERVE_TEST_KV_SEND_DELAY_S = EnvVar(
     "SPLITSERVE_TEST_KV_SEND_DELAY_S", float, 0.0,
     "tests only: delay each KV send by this many seconds so a peer can die mid-transfer",

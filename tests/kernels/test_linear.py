@@ -1,4 +1,5 @@
-"""kernels.linear.Linear: the oneDNN-packed CPU projection equals F.linear to fp32 rounding."""
+"""kernels.linear.Linear: the oneDNN-packed CPU projection equals F.linear to fp32 rounding;
+quantized weights serve many rows through the weight expanded to bf16."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from splitserve.kernels.linear import Linear, packed_linear_available
+from splitserve.kernels.linear import (
+    Linear,
+    _int4pack_block,
+    packed_linear_available,
+    quantized_matmul,
+)
+from splitserve.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
 
 def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +79,100 @@ def test_bad_input_named() -> None:
     if proj.packed:
         with pytest.raises(TypeError, match="dtype"):
             proj(torch.randn(2, 8, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- quantized: many rows
+
+
+def _quantized_weights(n: int, k: int) -> dict[str, QuantizedWeight]:
+    w, _ = _weights(n, k, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return {
+        "int4": quantize_int4(w, 32),
+        "int8": quantize_int8(w),
+        "q8_0": QuantizedWeight("int8", q8, torch.rand(n, k // 32, generator=g) * 1e-3, None,
+                                32, torch.float32, "Q8_0"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
+def test_expanded_weight_is_the_dequantized_weight(kind: str) -> None:
+    """What prompt rows multiply by: the same codes, one bf16 rounding from the float values
+    (int4's scales and zeros as the packed kernel holds them, in bf16)."""
+    qw = _quantized_weights(192, 128)[kind]
+    matmul = quantized_matmul(qw)
+    if not matmul.expandable:
+        pytest.skip(f"torch's int4 packed layout on {torch.backends.cpu.get_cpu_capability()} "
+                    "is not one this build decodes: prompt rows stay on the packed kernel")
+    got = matmul.dense_t()
+    assert got is not None and got.shape == (128, 192) and got.dtype == torch.bfloat16
+    want = qw.dequantize().float().t()
+    # bf16 rounding of the value (2^-8 relative) plus int4's bf16 scale and zero
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-3)
+
+
+def test_int4_packed_layout_is_decoded_on_this_cpu() -> None:
+    """The layout probe finds torch's block on the x86 builds we run (AVX-512 and AVX2);
+    elsewhere it must say None rather than guess."""
+    block = _int4pack_block()
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2"):
+        assert block in (64, 32)
+    codes = torch.randint(0, 16, (block or 64, 64), dtype=torch.int32)
+    if block:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        halves = packed.view(1, 64, block // 2)
+        decoded = torch.cat([halves & 15, halves >> 4], -1).transpose(1, 2).reshape(block, 64)
+        assert torch.equal(decoded.int(), codes)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
+def test_many_rows_take_the_expanded_weight(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the row threshold on, a call expands the weight once and runs one bf16 GEMM (the
+    packed kernel is not called); below it, the packed kernel alone. Both give the same
+    product to bf16 rounding."""
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND", "dequant")
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", "8")
+    proj = Linear(_quantized_weights(192, 128)[kind])
+    if not proj._quantized.expandable:
+        pytest.skip("packed int4 layout not decoded here")
+    threshold = 8 * proj._quantized.expand_cost
+    calls = {"expand": 0, "packed": 0}
+    expand, packed = proj._quantized.dense_t, proj._quantized.__call__
+
+    def counted_expand() -> torch.Tensor | None:
+        calls["expand"] += 1
+        return expand()
+
+    class Packed:
+        def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+            self.inner = inner
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(self.inner, name)
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            calls["packed"] += 1
+            return packed(x)
+
+    proj._quantized.dense_t = counted_expand  # type: ignore[method-assign]
+    proj._quantized = Packed(proj._quantized)  # type: ignore[assignment]
+    x = torch.randn(threshold + 5, 128)
+    many = proj(x)
+    assert calls == {"expand": 1, "packed": 0}
+    few = proj(x[: threshold - 1])
+    assert calls == {"expand": 1, "packed": 1}
+    assert many.dtype == torch.float32 and many.shape == (threshold + 5, 192)
+    # bf16 products and outputs on either side: agree to ~1% of the output's scale
+    scale = float(few.abs().max())
+    torch.testing.assert_close(many[: threshold - 1], few, rtol=0, atol=1e-2 * scale)
+
+
+def test_packed_opt_out_keeps_every_row_on_the_packed_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND", "packed")
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", "1")
+    proj = Linear(_quantized_weights(192, 128)["int4"])
+    proj._quantized.dense_t = lambda: pytest.fail("expanded despite the opt-out")  # type: ignore[method-assign]
+    assert proj(torch.randn(64, 128)).shape == (64, 192)

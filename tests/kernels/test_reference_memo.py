@@ -57,3 +57,40 @@ def test_rotary_tables_follow_positions_and_cache() -> None:
     d = R.rotary_embedding(pos.clone(), q, k, R.rope_cos_sin_cache(16, 64, 10000.0))
     assert torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_rotary_of_adjacent_q_and_k_views_is_one_pass_with_the_same_values() -> None:
+    """Views of one fused qkv output are rotated as one strided tensor of heads: the same
+    values as rotating copies of q and k apart (partial rotary too), and the inputs are
+    left untouched."""
+    g = torch.Generator().manual_seed(1)
+    for head_dim, rotary_dim in ((32, 32), (32, 16)):
+        qkv = torch.randn(7, (4 + 2 + 2) * head_dim, generator=g)
+        before = qkv.clone()
+        q = qkv[:, : 4 * head_dim].view(7, 4, head_dim)
+        k = qkv[:, 4 * head_dim : 6 * head_dim].view(7, 2, head_dim)
+        assert R._adjacent_heads(q, k)
+        assert not R._adjacent_heads(q.clone(), k) and not R._adjacent_heads(k, q)
+        table = R.rope_cos_sin_cache(head_dim, 64, 10000.0, None, rotary_dim)
+        pos = torch.tensor([0, 3, 9, 10, 11, 40, 63])
+        got_q, got_k = R.rotary_embedding(pos, q, k, table)
+        want_q, want_k = R.rotary_embedding(pos.clone(), q.clone(), k.clone(), table)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+        assert got_q.shape == q.shape and got_k.shape == k.shape
+        assert torch.equal(qkv, before)
+
+
+def test_store_kv_plan_follows_in_place_changes_of_the_slots() -> None:
+    """The per-step slot plan (padding rows dropped, block and offset of each slot) is keyed
+    by the slots' content: a changed slot mapping stores where it now says."""
+    pool = torch.zeros(6, 3, 2, 4, 2, 8)  # block-major [blocks, layers, 2, bs, kv, hd]
+    cache = pool[:, 1].transpose(0, 1)  # layer 1: [2, blocks, bs, kv, hd], strided blocks
+    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    slots = torch.tensor([5, -1, 17])
+    R.store_kv(key, value, cache, slots)
+    assert torch.equal(cache[0, 1, 1], key[0]) and torch.equal(cache[1, 4, 1], value[2])
+    slots[:] = torch.tensor([2, 8, -1])  # in place, as a reused buffer would be
+    R.store_kv(key * 2, value * 2, cache, slots)
+    assert torch.equal(cache[0, 0, 2], key[0] * 2) and torch.equal(cache[1, 2, 0], value[1] * 2)
+    assert torch.equal(cache[0, 1, 1], key[0])  # the first step's rows stay where they were
+    assert int((pool[:, [0, 2]] != 0).sum()) == 0  # other layers untouched

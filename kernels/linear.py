@@ -98,6 +98,8 @@ class Linear:
         self.bias = bias
         self.packed = False
         self.weight: Tensor | None = None
+        self._quantized: Matmul
+        self._expand_from = 0  # rows from which a quantized call expands its weight (0: never)
         if isinstance(weight, QuantizedWeight) and weight.device.type != "cpu":
             if weight.kind == "int4" and weight.device.type == "cuda":
                 self.format = f"int4:{weight.source}:triton"
@@ -108,7 +110,7 @@ class Linear:
         if isinstance(weight, QuantizedWeight):
             self.format = weight.kind if weight.source == "rtn" else f"{weight.kind}:{weight.source}"
             self._quantized = quantized_matmul(weight)
-            self._expand_from = (  # rows from which a call expands the weight (0: never)
+            self._expand_from = (
                 _expand_min_rows() * self._quantized.expand_cost
                 if quant_expansion_enabled() and self._quantized.expandable else 0
             )

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 _PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; fastest at every T measured
 _PACK_ROWS = 4096  # int4 packing runs over this many rows at a time (bounds the int32 copy)
 _QUANT_ACT = torch.bfloat16  # activation dtype of the packed quantized kernels
+_EXPAND_ELEMS = 4 << 20  # weights expanded at a time (16 MB of float32 scratch, 8 MB of bf16)
 
 
 def _expand_min_rows() -> int:
@@ -93,7 +94,8 @@ class Linear:
             raise ValueError(
                 f"Linear bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
             )
-        self.out_features, self.in_features = weight.shape
+        self.out_features: int = int(weight.shape[0])
+        self.in_features: int = int(weight.shape[1])
         self.dtype, self.device = weight.dtype, weight.device
         self.bias = bias
         self.packed = False
@@ -132,7 +134,7 @@ class Linear:
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects {self.in_features} input features, got {x.shape[-1]}")
-        if not self.packed and not self.quantized:
+        if not self.packed and self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         if self.packed and x.dtype != self.dtype:
             raise TypeError(f"Linear input dtype {x.dtype} does not match weight dtype {self.dtype}")
@@ -153,9 +155,16 @@ class Linear:
         this call and a bf16 GEMM."""
         if not self._expand_from or x.shape[0] < self._expand_from:
             return self._quantized(x)
-        weight_t = self._quantized.dense_t()  # [K, N] bf16
-        assert weight_t is not None
-        return torch.matmul(_to_act(x), weight_t).to(x.dtype)
+        xa, q, n = _to_act(x), self._quantized, self.out_features
+        # output features per expansion: the scratch stays under _EXPAND_ELEMS weights
+        step = max(q.expand_block, _EXPAND_ELEMS // self.in_features // q.expand_block * q.expand_block)
+        if step >= n:
+            return torch.matmul(xa, q.dense_t(0, n)).to(x.dtype)
+        y = x.new_empty(x.shape[0], n)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            y[:, start:stop] = torch.matmul(xa, q.dense_t(start, stop))
+        return y
 
 
 # --------------------------------------------------------------------------- quantized matmuls
@@ -171,12 +180,19 @@ class Matmul(Protocol):
         """Whether ``dense_t`` can expand this weight here."""
         ...
 
-    expand_cost: int
-    """The expansion's cost per weight relative to int4's (scales the row threshold)."""
+    @property
+    def expand_cost(self) -> int:
+        """The expansion's cost per weight relative to int4's (scales the row threshold)."""
+        ...
 
-    def dense_t(self) -> Tensor | None:
-        """The weight as bf16 [K, N] (a fresh tensor each call), or None when this
-        format cannot be expanded here."""
+    @property
+    def expand_block(self) -> int:
+        """``dense_t`` takes output-row ranges on multiples of this."""
+        ...
+
+    def dense_t(self, start: int, stop: int) -> Tensor:
+        """Output rows ``start:stop`` of the weight as bf16 [K, stop - start], in a scratch
+        buffer that the next expansion on this thread overwrites (use it at once)."""
         ...
 
 
@@ -236,13 +252,21 @@ class Int4Matmul:
     def expandable(self) -> bool:
         return self._expand is not None
 
-    def dense_t(self) -> Tensor | None:
+    @property
+    def expand_block(self) -> int:
+        return self._expand[0] if self._expand is not None else 1
+
+    def dense_t(self, start: int, stop: int) -> Tensor:
         """Decoded from the packed layout itself (no second copy of the codes is kept)."""
         if self._expand is None:
-            return None
+            raise RuntimeError("this int4 weight's packed layout cannot be expanded here")
         block, scale, zero = self._expand
-        nb, groups = scale.shape[0], scale.shape[1]
-        codes = self.packed.view(nb, groups, self.group_size, block // 2)
+        if start % block or stop % block:
+            raise ValueError(f"rows {start}:{stop} are not on {block}-row blocks")
+        groups, b0, b1 = scale.shape[1], start // block, stop // block
+        nb = b1 - b0
+        codes = self.packed.view(-1, groups, self.group_size, block // 2)[b0:b1]
+        scale, zero = scale[b0:b1], zero[b0:b1]
         k, half = groups * self.group_size, block // 2
         w = _scratch("int4_f32", (nb, groups, self.group_size, block), torch.float32)
         torch.mul(codes & 15, scale[..., :half], out=w[..., :half])
@@ -266,9 +290,12 @@ class Int8ChannelMatmul:
 
     expandable = True
     expand_cost = 1
+    expand_block = 1
 
-    def dense_t(self) -> Tensor | None:
-        return (self.codes.float() * self.scales.float()[:, None]).to(_QUANT_ACT).t()
+    def dense_t(self, start: int, stop: int) -> Tensor:
+        rows = self.codes[start:stop].float() * self.scales[start:stop].float()[:, None]
+        out = _scratch("int8_t", (stop - start, rows.shape[1]), _QUANT_ACT)
+        return out.copy_(rows).t()
 
 
 class Int8GroupMatmul:
@@ -298,13 +325,16 @@ class Int8GroupMatmul:
 
     @property
     def expandable(self) -> bool:
-        return self.inner.expandable
+        return self.inner.expandable and self.rows % self.inner.expand_block == 0
 
-    def dense_t(self) -> Tensor | None:
-        halves = self.inner.dense_t()  # [K, 2N]: hi columns, then lo columns
-        if halves is None:
-            return None
-        return (halves[:, : self.rows].float() + halves[:, self.rows :].float()).to(_QUANT_ACT)
+    @property
+    def expand_block(self) -> int:
+        return self.inner.expand_block
+
+    def dense_t(self, start: int, stop: int) -> Tensor:
+        hi = self.inner.dense_t(start, stop).float()  # [K, stop - start]; a copy: scratch reused
+        lo = self.inner.dense_t(self.rows + start, self.rows + stop)
+        return (hi + lo.float()).to(_QUANT_ACT)
 
 
 _scratch_local = threading.local()
@@ -357,6 +387,7 @@ class TritonInt4Matmul:
 
     expandable = False
     expand_cost = 1
+    expand_block = 1
 
-    def dense_t(self) -> Tensor | None:
-        return None
+    def dense_t(self, start: int, stop: int) -> Tensor:
+        raise RuntimeError("int4 weights on CUDA run the Triton GEMM, never an expansion")

@@ -105,11 +105,15 @@ def test_expanded_weight_is_the_dequantized_weight(kind: str) -> None:
     if not matmul.expandable:
         pytest.skip(f"torch's int4 packed layout on {torch.backends.cpu.get_cpu_capability()} "
                     "is not one this build decodes: prompt rows stay on the packed kernel")
-    got = matmul.dense_t()
-    assert got is not None and got.shape == (128, 192) and got.dtype == torch.bfloat16
+    got = matmul.dense_t(0, 192).float()
+    assert got.shape == (128, 192)
     want = qw.dequantize().float().t()
     # bf16 rounding of the value (2^-8 relative) plus int4's bf16 scale and zero
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    block = matmul.expand_block
+    part = matmul.dense_t(block, 3 * block)  # a range of output rows: those columns
+    assert part.shape == (128, 2 * block) and part.dtype == torch.bfloat16
+    assert torch.equal(part.float(), got[:, block : 3 * block])
 
 
 def test_int4_packed_layout_is_decoded_on_this_cpu() -> None:
@@ -140,9 +144,9 @@ def test_many_rows_take_the_expanded_weight(kind: str, monkeypatch: pytest.Monke
     calls = {"expand": 0, "packed": 0}
     expand, packed = proj._quantized.dense_t, proj._quantized.__call__
 
-    def counted_expand() -> torch.Tensor | None:
+    def counted_expand(start: int, stop: int) -> torch.Tensor:
         calls["expand"] += 1
-        return expand()
+        return expand(start, stop)
 
     class Packed:
         def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
@@ -174,5 +178,34 @@ def test_packed_opt_out_keeps_every_row_on_the_packed_kernel(
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND", "packed")
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", "1")
     proj = Linear(_quantized_weights(192, 128)["int4"])
-    proj._quantized.dense_t = lambda: pytest.fail("expanded despite the opt-out")  # type: ignore[method-assign]
+    proj._quantized.dense_t = lambda *_: pytest.fail("expanded despite the opt-out")  # type: ignore[method-assign]
     assert proj(torch.randn(64, 128)).shape == (64, 192)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
+def test_a_large_weight_is_expanded_a_slice_at_a_time(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight larger than the expansion budget (a logits head) is expanded and multiplied
+    in slices of output rows, so the scratch stays bounded: same product as in one piece."""
+    from splitserve.kernels import linear
+
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND", "dequant")
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", "1")
+    proj = Linear(_quantized_weights(384, 128)[kind])
+    if not proj._quantized.expandable:
+        pytest.skip("packed int4 layout not decoded here")
+    x = torch.randn(40, 128)
+    whole = proj(x)
+    seen: list[tuple[int, int]] = []
+    expand = proj._quantized.dense_t
+
+    def recorded(start: int, stop: int) -> torch.Tensor:
+        seen.append((start, stop))
+        return expand(start, stop)
+
+    proj._quantized.dense_t = recorded  # type: ignore[method-assign]
+    monkeypatch.setattr(linear, "_EXPAND_ELEMS", 128 * 128)  # 128 rows of K=128 at a time
+    sliced = proj(x)
+    assert seen == [(0, 128), (128, 256), (256, 384)]
+    assert torch.equal(sliced, whole)

@@ -363,15 +363,20 @@ def _decode_group(
     num_blocks, num_kv_heads = kv_cache.shape[1], kv_cache.shape[3]
     heads_per_kv = num_heads // num_kv_heads
     # A block is one row of [num_blocks, block_elems]: index_select copies whole rows, several
-    # times faster than advanced indexing of the 5-D cache. Scores and sums in float32
-    # whatever the cache dtype (no-op in float32).
+    # times faster than advanced indexing of the 5-D cache.
     shape = (b, group.length, num_kv_heads, head_dim)
-    keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, group.ids).view(shape).float()
-    values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, group.ids).view(shape).float()
-    q = query.float().view(b, num_kv_heads, heads_per_kv, head_dim)
+    keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, group.ids).view(shape)
+    values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, group.ids).view(shape)
+    q = query.view(b, num_kv_heads, heads_per_kv, head_dim)
+    if soft_cap is not None or query.dtype != kv_cache.dtype:
+        # float32 math (no-op in float32): soft-capped scores, or a query of another dtype
+        q, keys, values = q.float(), keys.float(), values.float()
     if soft_cap is None:
         # A KV head's query heads are a short query sequence with no causal mask: torch's
-        # fused CPU kernel reads the strided keys and values in place.
+        # fused CPU kernel reads the strided keys and values in place. In a bf16/fp16 cache
+        # it runs in that dtype, as prefill does: scores, maxima and sums accumulate in
+        # float32 inside the kernel, the probabilities meet the values in the cache's dtype
+        # (converting the gathered context to float32 first cost 3-4x the attention).
         out = F.scaled_dot_product_attention(
             q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.allowed[:, None],
             scale=scale,

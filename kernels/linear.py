@@ -149,15 +149,16 @@ class Linear:
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )
 
-
     def _quantized_rows(self, x: Tensor) -> Tensor:
         """Few rows through the packed kernel; many through the weight dequantized for
         this call and a bf16 GEMM."""
         if not self._expand_from or x.shape[0] < self._expand_from:
             return self._quantized(x)
         xa, q, n = _to_act(x), self._quantized, self.out_features
-        # output features per expansion: the scratch stays under _EXPAND_ELEMS weights
-        step = max(q.expand_block, _EXPAND_ELEMS // self.in_features // q.expand_block * q.expand_block)
+        # output rows per expansion (a few integer ops, on calls of >= 128 rows only): the
+        # scratch stays under _EXPAND_ELEMS weights
+        block = q.expand_block
+        step = max(block, _EXPAND_ELEMS // self.in_features // block * block)
         if step >= n:
             return torch.matmul(xa, q.dense_t(0, n)).to(x.dtype)
         y = x.new_empty(x.shape[0], n)
@@ -357,7 +358,7 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 def _int4pack_block() -> int | None:
     """Rows per block of torch's CPU int4 packed layout, found by packing known codes
     (each byte of a block's column holds row ``n`` low and ``n + B/2`` high); None when the
-    layout is none of those (then prompt rows stay on the packed kernel)."""
+    layout is none of those (then every call stays on the packed kernel)."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)

@@ -44,6 +44,13 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
+EARLY_ABORT_TTL_S = 300.0
+"""How long a worker remembers an abort of a request it has not seen (cluster ids are unique:
+an id aborted once never runs; a request whose submit is that late has long been replayed)."""
+EARLY_ABORT_MAX = 4096
+"""The most such aborts remembered; past it, expired ones go first, then the oldest."""
+
+
 class _Outbox:
     """The items of one output stream not yet taken, and the tasks that feed it (one per
     submitted request: it reads the request's delta stream into the outbox)."""
@@ -129,6 +136,10 @@ class EngineWorker:
         self._transfer_timeout_s = transfer_timeout_s
         self.engine = AsyncEngine(engine_config, on_start=self._attach)
         self._outboxes: dict[str, _Outbox] = {}
+        self._early_aborts: dict[str, float] = {}
+        """Ids aborted before their request reached this worker's engine, by when: the
+        cluster's ``abort`` and its ``submit`` are separate calls, and a submitted request
+        starts on a later turn of this actor's loop, so the abort can come first."""
 
     def _attach(self, engine: LLMEngine) -> None:
         from splitserve.kvtransfer.transport import create_transport
@@ -177,11 +188,17 @@ class EngineWorker:
         ``{"image_embeds": [...], "image_hashes": [...]}``; prefill and decode workers get the
         same, so both compute the same block hashes and either can (re)compute the prompt.
         """
-        async for out in self.engine.generate(
+        stream = self.engine.generate(
             prompt, params, request_id,
             kv_transfer_params=kv_transfer_params, resume_token_ids=list(resume_token_ids),
             multi_modal_data=multi_modal_data, group_id=group_id,
-        ):
+        )
+        if self._early_aborts.pop(request_id, None) is not None:
+            # aborted on its way here: it starts and is aborted at once, so it ends as any
+            # aborted request does ("abort", its KV and any remote lease released); the
+            # callback runs once the stream below has sent its "add" and waits
+            asyncio.get_running_loop().call_soon(self.engine.abort_nowait, request_id)
+        async for out in stream:
             yield out
 
     # One output stream per caller: the deltas of every request it submitted here, a list
@@ -225,6 +242,14 @@ class EngineWorker:
         outbox.start(key, stream, prompt if isinstance(prompt, list) else None)
 
     async def abort(self, request_id: str) -> None:
+        if not self.engine.is_open(request_id):  # not here yet (or already done): remembered
+            now = time.monotonic()
+            if len(self._early_aborts) >= EARLY_ABORT_MAX:
+                self._early_aborts = {k: t for k, t in self._early_aborts.items()
+                                      if now - t < EARLY_ABORT_TTL_S}
+                while len(self._early_aborts) >= EARLY_ABORT_MAX:  # oldest first
+                    del self._early_aborts[next(iter(self._early_aborts))]
+            self._early_aborts[request_id] = now
         await self.engine.abort(request_id)
 
     async def resume(self, request_id: str, token_ids: Sequence[int]) -> None:

@@ -39,6 +39,10 @@ MAX_STEP_FAILURES = 3
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    added: bool = False
+    """Its "add" command went to the engine thread (after its grammar compiled)."""
+    abort_requested: bool = False
+    """Aborted before its "add" went: the abort follows the add, not precedes it."""
 
 
 class AsyncEngine:
@@ -106,16 +110,20 @@ class AsyncEngine:
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         params = sampling_params or SamplingParams()
-        if params.structured_outputs is not None:  # compile off the engine thread (cached there)
-            await asyncio.to_thread(self.engine.structured.compile, params)
+        # open before the grammar compiles: the id is taken, and an abort meanwhile is kept
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        # arrival = now, not when the engine thread takes the command after its current step:
-        # that wait is queueing too
-        request_kwargs.setdefault("arrival_time", time.time())
-        self._send("add", (request_id, prompt, params, request_kwargs))
         finished = False
         try:
+            if params.structured_outputs is not None:  # off the engine thread (cached there)
+                await asyncio.to_thread(self.engine.structured.compile, params)
+            # arrival = now, not when the engine thread takes the command after its current
+            # step: that wait is queueing too
+            request_kwargs.setdefault("arrival_time", time.time())
+            self._send("add", (request_id, prompt, params, request_kwargs))
+            stream.added = True
+            if stream.abort_requested:  # aborted while its grammar compiled
+                self._send("abort", request_id)
             while True:
                 item = await stream.queue.get()
                 if item is _FINISHED:
@@ -131,11 +139,26 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not finished and stream.added:
                 self._send("abort", request_id)
 
     async def abort(self, request_id: str) -> None:
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """``abort`` from synchronous code on the caller's loop. A request whose stream is
+        open but whose "add" has not gone yet (its grammar compiling) is aborted right after
+        its add: an abort that reached the engine thread first would find nothing to stop.
+        An id the engine does not know is ignored."""
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.added:
+            stream.abort_requested = True
+            return
         self._send("abort", request_id)
+
+    def is_open(self, request_id: str) -> bool:
+        """Whether a ``generate`` stream of ``request_id`` is open here."""
+        return request_id in self._streams
 
     async def withdraw(self, request_id: str) -> bool:
         """Abort the request only if it is still queued untouched (see ``withdraw_request``)."""

@@ -111,13 +111,19 @@ def test_short_prompt_prefills_on_decode(cluster: Cluster, single: LLM) -> None:
 
 
 def test_abort_mid_stream_frees_both_workers(cluster: Cluster) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
-    stream = cluster.stream(_prompts(1, seed=3)[0], params, request_id="abort-me")
+    # the whole context window: the abort has seconds to land, not the ~0.2 s that 400 tiny
+    # tokens took on CI (the request finished "length" before the abort arrived)
+    prompt = _prompts(1, seed=3)[0]
+    budget = 2048 - len(prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=budget, ignore_eos=True)
+    stream = cluster.stream(prompt, params, request_id="abort-me")
     first = next(stream)
     assert first.outputs[0].token_ids
     cluster.abort("abort-me")
     rest = list(stream)
     assert rest and rest[-1].outputs[0].finish_reason == "abort"
+    produced = sum(len(d.outputs[0].token_ids) for d in [first, *rest])
+    assert produced < budget  # it stopped early: the abort, not the length, ended it
     for w in _free_everywhere(cluster):
         assert w["num_free_blocks"] == w["num_blocks"]
 

@@ -40,21 +40,32 @@ def _step_memo(
     so what is derived from it alone is computed once per step; comparing a few small index
     tensors costs far less than the derivation. Keyed by content (a snapshot), so a tensor
     changed in place or a new one at a freed one's address is never mistaken for the old.
-    One entry per name and thread (engines on different threads never share one).
+    Each name keeps an entry per ``extra`` and ``same`` (up to ``_MEMO_SLOTS``), so layers
+    that alternate (windowed and global attention, local and global rotary bases) each keep
+    theirs. Per thread (engines on different threads never share one).
     """
-    entry = getattr(_memo, name, None)
+    entries: dict[tuple, tuple] | None = getattr(_memo, name, None)
+    if entries is None:
+        entries = {}
+        setattr(_memo, name, entries)
+    key = (extra, tuple(id(o) for o in same))
+    entry = entries.get(key)
     if entry is not None:
-        held, held_extra, held_same, value = entry
-        if held_extra == extra and len(held_same) == len(same) and all(
-            a is b for a, b in zip(held_same, same, strict=True)
-        ) and all(
+        held, held_same, value = entry
+        if all(a is b for a, b in zip(held_same, same, strict=True)) and all(
             a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
             for a, b in zip(held, tensors, strict=True)
         ):
             return value
     value = build()
-    setattr(_memo, name, (tuple(t.clone() for t in tensors), extra, same, value))
+    if key not in entries and len(entries) >= _MEMO_SLOTS:
+        del entries[next(iter(entries))]  # the oldest
+    entries[key] = (tuple(t.clone() for t in tensors), same, value)
     return value
+
+
+_MEMO_SLOTS = 4
+"""Entries kept per memo name (a model has at most a few attention / rotary variants)."""
 
 
 # --------------------------------------------------------------------------- norms, activations
@@ -310,11 +321,15 @@ def paged_decode_attention(
 
 
 class _DecodeGroup:
-    """Sequences of one padded length: their rows, block ids and mask, as the layers use them."""
+    """Sequences of one padded length: their rows, block ids and mask, as the layers use them.
+
+    ``tables``: each sequence's block ids for the gathered span, from column ``first`` of its
+    block table (``first``: [b] block index of the span's start; None for 0), so key ``j`` of
+    the span sits at position ``first * block_size + j``."""
 
     def __init__(
         self, rows: Tensor | None, tables: Tensor, context_lens: Tensor, padded: int,
-        block_size: int, sliding_window: int | None,
+        block_size: int, sliding_window: int | None, first: Tensor | None = None,
     ) -> None:
         cols = padded // block_size
         tables = tables[:, :cols].long()
@@ -324,6 +339,8 @@ class _DecodeGroup:
         self.batch, self.length = tables.shape[0], padded
         self.ids = tables.reshape(-1)
         k_pos = torch.arange(padded, device=tables.device)[None, None, :]
+        if first is not None:
+            k_pos = k_pos + (first.long() * block_size)[:, None, None]
         ctx = context_lens.long()[:, None, None]
         self.allowed = _window_mask(ctx - 1, k_pos, ctx, sliding_window)  # [b, 1, L]
         empty = context_lens <= 0
@@ -333,15 +350,34 @@ class _DecodeGroup:
 def _decode_plan(
     block_tables: Tensor, context_lens: Tensor, block_size: int, sliding_window: int | None
 ) -> list[_DecodeGroup]:
+    """Sequences grouped by their context length rounded up to the granule; in a windowed
+    layer, a sequence whose window is shorter than that padded length gathers only the
+    window's blocks (``_window_span`` of them, ending at its last block): one group of the
+    same length for all such sequences, whatever their context."""
     granule = _decode_granule(block_size)
+    span = _window_span(sliding_window, block_size)
     groups: dict[int, list[int]] = {}
+    windowed: list[int] = []
     for i, n in enumerate(context_lens.tolist()):
-        groups.setdefault(max(1, -(-n // granule)) * granule, []).append(i)
-    if len(groups) == 1:
-        ((padded, _),) = groups.items()
-        return [_DecodeGroup(None, block_tables, context_lens, padded, block_size, sliding_window)]
+        padded = max(1, -(-n // granule)) * granule
+        if span is not None and padded > span * block_size and n > (span - 1) * block_size:
+            windowed.append(i)  # (its span starts at a block >= 0)
+        else:
+            groups.setdefault(padded, []).append(i)
     plan = []
+    if windowed:
+        rows = torch.tensor(windowed, device=block_tables.device)
+        ctx = context_lens[rows].long()
+        assert span is not None
+        first = torch.div(ctx - 1, block_size, rounding_mode="floor") - (span - 1)
+        cols = first[:, None] + torch.arange(span, device=first.device)[None, :]
+        tables = torch.gather(block_tables[rows].long(), 1, cols)
+        plan.append(_DecodeGroup(None if len(windowed) == len(context_lens) else rows, tables,
+                                 ctx, span * block_size, block_size, sliding_window, first))
     for padded, idx in groups.items():
+        if len(idx) == len(context_lens):
+            return [_DecodeGroup(None, block_tables, context_lens, padded, block_size,
+                                 sliding_window)]
         rows = torch.tensor(idx, device=block_tables.device)
         plan.append(_DecodeGroup(rows, block_tables[rows], context_lens[rows], padded, block_size,
                                  sliding_window))
@@ -350,6 +386,13 @@ def _decode_plan(
 
 def _decode_granule(block_size: int) -> int:
     return max(64, block_size)
+
+
+def _window_span(sliding_window: int | None, block_size: int) -> int | None:
+    """Blocks a window of ``sliding_window`` keys can touch (its first and last partly)."""
+    if sliding_window is None:
+        return None
+    return (sliding_window - 1) // block_size + 2
 
 
 def _decode_group(

@@ -7,14 +7,15 @@ import torch
 from splitserve.kernels import reference as R
 
 
-def _naive_decode(q, cache, tables, ctx, scale):  # one sequence at a time, plain softmax
+def _naive_decode(q, cache, tables, ctx, scale, window=None):  # one sequence at a time
     out = torch.zeros_like(q)
     nkv = cache.shape[3]
     group = q.shape[1] // nkv
     for i, n in enumerate(ctx.tolist()):
         blocks = tables[i, : -(-n // cache.shape[2])].long()
-        k = cache[0][blocks].reshape(-1, nkv, q.shape[2])[:n]
-        v = cache[1][blocks].reshape(-1, nkv, q.shape[2])[:n]
+        lo = 0 if window is None else max(0, n - window)  # keys in (n - 1 - window, n - 1]
+        k = cache[0][blocks].reshape(-1, nkv, q.shape[2])[lo:n]
+        v = cache[1][blocks].reshape(-1, nkv, q.shape[2])[lo:n]
         for h in range(q.shape[1]):
             p = torch.softmax((k[:, h // group] @ q[i, h]) * scale, 0)
             out[i, h] = p @ v[:, h // group]
@@ -94,3 +95,53 @@ def test_store_kv_plan_follows_in_place_changes_of_the_slots() -> None:
     assert torch.equal(cache[0, 0, 2], key[0] * 2) and torch.equal(cache[1, 2, 0], value[1] * 2)
     assert torch.equal(cache[0, 1, 1], key[0])  # the first step's rows stay where they were
     assert int((pool[:, [0, 2]] != 0).sum()) == 0  # other layers untouched
+
+
+def test_windowed_decode_gathers_only_the_window() -> None:
+    """A windowed layer's long sequences gather the window's blocks only (one group, one
+    length whatever the context): equal to plain softmax over the window, for windows that
+    start at any offset in a block, contexts around the switch-over, and another batch."""
+    g = torch.Generator().manual_seed(1)
+    bs, window = 16, 24  # span: 3 blocks
+    cache = torch.randn(2, 100, bs, 2, 32, generator=g)
+    q = torch.randn(7, 4, 32, generator=g)
+    ctx = torch.tensor([1, 30, 32, 33, 47, 130, 200], dtype=torch.int32)
+    tables = torch.randperm(99, generator=g)[: 7 * 13].view(7, 13).int() + 1
+    plan = R._decode_plan(tables, ctx, bs, window)
+    long = next(p for p in plan if p.length == 3 * bs)  # one group for every long context
+    assert sorted(long.rows.tolist()) == [3, 4, 5, 6]
+    out = R.paged_decode_attention(q, cache, tables, ctx, 0.2, window)
+    torch.testing.assert_close(out, _naive_decode(q, cache, tables, ctx, 0.2, window))
+    # a block before the window holds garbage (freed and reused): never read
+    junk = cache.clone()
+    junk[:, tables[6, 0].long()] = float("nan")
+    assert not R.paged_decode_attention(q, junk, tables, ctx, 0.2, window).isnan().any()
+    # batch invariance: each sequence alone gives its row of the batch, bit for bit
+    for i in range(7):
+        alone = R.paged_decode_attention(q[i:i + 1], cache, tables[i:i + 1], ctx[i:i + 1],
+                                         0.2, window)
+        assert torch.equal(alone[0], out[i])
+
+
+def test_alternating_layers_keep_their_plans() -> None:
+    """Windowed and global layers (and two rotary tables) alternate within a step: each
+    keeps its own per-step plan instead of rebuilding it every layer."""
+    calls = []
+    real = R._decode_plan
+
+    def counting(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    cache = torch.randn(2, 20, 16, 2, 32)
+    q = torch.randn(2, 4, 32)
+    tables = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], dtype=torch.int32)
+    ctx = torch.tensor([90, 70], dtype=torch.int32)
+    R._decode_plan = counting
+    try:
+        for _layer in range(4):
+            R.paged_decode_attention(q, cache, tables, ctx, 0.2, 24)
+            R.paged_decode_attention(q, cache, tables, ctx, 0.2, None)
+    finally:
+        R._decode_plan = real
+    assert sorted(calls, key=str) == [24, None]

@@ -16,7 +16,12 @@ default / single-engine (throughput: higher is better; TPOT: single-engine / def
 
     python bench/serve_pd_vs_colocated.py [--servers default,single-engine,1p1d,vllm]
         [--num-prompts 64] [--input-len 256] [--output-len 64] [--request-rate inf]
-        [--load-tool auto|vllm|splitserve] [--vllm-venv /work/peers/vllm] [--json PATH]
+        [--load-tool auto|vllm|splitserve] [--vllm-venv /work/peers/vllm] [--rounds N]
+        [--json PATH]
+
+With ``--rounds N`` the servers take N turns (ABBA order) and each figure is the median of
+its N runs: on a shared 2-core machine whoever runs first was measured up to 17% apart from
+the same server run second.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -182,6 +188,16 @@ def ratios(results: dict[str, dict[str, Any]], base: str = "single-engine") -> d
     }
 
 
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's figures over its rounds: the median of each number (the first run's
+    value for anything else)."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs if key in r)
+    return out
+
+
 def _cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -206,8 +222,14 @@ def main() -> int:
     ap.add_argument("--vllm-venv", type=Path, default=Path("/work/peers/vllm"))
     ap.add_argument("--hf-dir", type=Path,
                     default=Path.home() / ".cache" / "splitserve" / "smollm2-hf")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="servers run in turns this many times, every other round in reverse "
+                         "order (ABBA: drift and whoever-runs-first cancel out); each figure "
+                         "is the median over the rounds")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     has_vllm = (args.vllm_venv / "bin" / "python").exists() and any(
         args.vllm_venv.glob("lib/python3*/site-packages/vllm/__init__.py"))
     tool = args.load_tool if args.load_tool != "auto" else ("vllm" if has_vllm else "splitserve")
@@ -220,29 +242,34 @@ def main() -> int:
     if tool == "vllm" or "vllm" in names:
         ensure_hf_dir(args.hf_dir)
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     layouts: dict[str, str] = {}
     errors: dict[str, str] = {}
-    for name in names:
-        port = _free_port()
-        try:
-            if name == "vllm":
-                proc, layouts[name] = start_vllm(args.vllm_venv, args.hf_dir, port, work)
-            else:
-                proc, layouts[name] = start_splitserve(name, port, work)
-        except RuntimeError as e:
-            errors[name] = str(e)
-            print(f"{name}: {e}", flush=True)
-            continue
-        try:
-            results[name] = run_load(tool, port, args, work / f"{name}.json")
-            print(f"{name} ({layouts[name]}): {results[name]['output_throughput']:.1f} out "
-                  f"tok/s, median TPOT {results[name]['median_tpot_ms']:.0f} ms", flush=True)
-        except subprocess.CalledProcessError as e:
-            errors[name] = f"load tool failed: {e}"
-            print(f"{name}: {errors[name]}", flush=True)
-        finally:
-            _stop(proc)
+    for rnd in range(args.rounds):
+        for name in names if rnd % 2 == 0 else names[::-1]:
+            if name in errors:
+                continue
+            port = _free_port()
+            try:
+                if name == "vllm":
+                    proc, layouts[name] = start_vllm(args.vllm_venv, args.hf_dir, port, work)
+                else:
+                    proc, layouts[name] = start_splitserve(name, port, work)
+            except RuntimeError as e:
+                errors[name] = str(e)
+                print(f"{name}: {e}", flush=True)
+                continue
+            try:
+                res = run_load(tool, port, args, work / f"{name}-{rnd}.json")
+                runs.setdefault(name, []).append(res)
+                print(f"round {rnd + 1}: {name} ({layouts[name]}): {res['output_throughput']:.1f}"
+                      f" out tok/s, median TPOT {res['median_tpot_ms']:.0f} ms", flush=True)
+            except subprocess.CalledProcessError as e:
+                errors[name] = f"load tool failed: {e}"
+                print(f"{name}: {errors[name]}", flush=True)
+            finally:
+                _stop(proc)
+    results = {name: median_result(r) for name, r in runs.items()}
     report(results, layouts, ratios(results), args, tool)
     if args.json:
         args.json.write_text(json.dumps({
@@ -251,6 +278,7 @@ def main() -> int:
                          "load_tool": tool},
             "machine": {"cores": len(os.sched_getaffinity(0)), "cpu_flags": _cpu_flags(),
                         "loadavg_1m_at_end": os.getloadavg()[0]},
+            "rounds": args.rounds, "runs": runs,
             "layouts": layouts, "results": results, "ratios_default_vs_single_engine":
             ratios(results), "errors": errors}, indent=1, default=str))
     return 0 if results else 1

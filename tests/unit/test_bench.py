@@ -87,3 +87,20 @@ def test_only_loopback_targets() -> None:
         check_loopback("http://10.1.2.3:8000")
     with pytest.raises(SystemExit):
         parse_goodput(["latency:5"])
+
+
+def test_serve_bench_rounds_take_the_median() -> None:
+    """bench/serve_pd_vs_colocated.py --rounds: each figure is the median of the runs."""
+    from bench.serve_pd_vs_colocated import median_result, ratios
+
+    runs = [{"output_throughput": 70.0, "median_tpot_ms": 650.0, "model": "smollm2"},
+            {"output_throughput": 90.0, "median_tpot_ms": 500.0, "model": "smollm2"},
+            {"output_throughput": 80.0, "median_tpot_ms": 520.0, "model": "smollm2"}]
+    med = median_result(runs)
+    assert med == {"output_throughput": 80.0, "median_tpot_ms": 520.0, "model": "smollm2"}
+    base = {"output_throughput": 100.0, "request_throughput": 2.0, "median_tpot_ms": 400.0,
+            "p90_tpot_ms": 500.0, "median_ttft_ms": 1000.0}
+    got = ratios({"default": {**base, "output_throughput": 95.0, "median_tpot_ms": 500.0},
+                  "single-engine": base})
+    assert got["output_throughput"] == pytest.approx(0.95)
+    assert got["median_tpot"] == pytest.approx(0.8)  # single-engine / default: < 1 is slower

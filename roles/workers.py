@@ -44,11 +44,10 @@ def _node_ip() -> str:
         return "127.0.0.1"
 
 
-EARLY_ABORT_TTL_S = 300.0
-"""How long a worker remembers an abort of a request it has not seen (cluster ids are unique:
-an id aborted once never runs; a request whose submit is that late has long been replayed)."""
 EARLY_ABORT_MAX = 4096
-"""The most such aborts remembered; past it, expired ones go first, then the oldest."""
+"""The most aborts of not-yet-seen requests a worker remembers; past it the oldest goes
+(cluster ids are unique: an id aborted once never runs, so a forgotten one costs nothing
+unless its submit is thousands of aborts late)."""
 
 
 class _Outbox:
@@ -136,8 +135,8 @@ class EngineWorker:
         self._transfer_timeout_s = transfer_timeout_s
         self.engine = AsyncEngine(engine_config, on_start=self._attach)
         self._outboxes: dict[str, _Outbox] = {}
-        self._early_aborts: dict[str, float] = {}
-        """Ids aborted before their request reached this worker's engine, by when: the
+        self._early_aborts: dict[str, None] = {}
+        """Ids aborted before their request reached this worker's engine, oldest first: the
         cluster's ``abort`` and its ``submit`` are separate calls, and a submitted request
         starts on a later turn of this actor's loop, so the abort can come first."""
 
@@ -193,7 +192,8 @@ class EngineWorker:
             kv_transfer_params=kv_transfer_params, resume_token_ids=list(resume_token_ids),
             multi_modal_data=multi_modal_data, group_id=group_id,
         )
-        if self._early_aborts.pop(request_id, None) is not None:
+        if request_id in self._early_aborts:
+            del self._early_aborts[request_id]
             # aborted on its way here: it starts and is aborted at once, so it ends as any
             # aborted request does ("abort", its KV and any remote lease released); the
             # callback runs once the stream below has sent its "add" and waits
@@ -243,13 +243,9 @@ class EngineWorker:
 
     async def abort(self, request_id: str) -> None:
         if not self.engine.is_open(request_id):  # not here yet (or already done): remembered
-            now = time.monotonic()
             if len(self._early_aborts) >= EARLY_ABORT_MAX:
-                self._early_aborts = {k: t for k, t in self._early_aborts.items()
-                                      if now - t < EARLY_ABORT_TTL_S}
-                while len(self._early_aborts) >= EARLY_ABORT_MAX:  # oldest first
-                    del self._early_aborts[next(iter(self._early_aborts))]
-            self._early_aborts[request_id] = now
+                del self._early_aborts[next(iter(self._early_aborts))]
+            self._early_aborts[request_id] = None
         await self.engine.abort(request_id)
 
     async def resume(self, request_id: str, token_ids: Sequence[int]) -> None:

@@ -161,6 +161,7 @@ async def _data_endpoint(worker_address: bytes, shared_memory: bool) -> Any:
     endpoints that need it); the control connection detects a dead peer either way."""
     import ucxx
 
+    ucxx.continuous_ucx_progress()  # the first send of this process starts UCX (see _listen)
     address = ucxx.get_ucx_address_from_buffer(worker_address)
     return await ucxx.create_endpoint_from_worker_address(
         address, endpoint_error_handling=not shared_memory
@@ -631,9 +632,9 @@ class UcxTransport(KvTransport):
     # ------------------------------------------------------------------ serving side
 
     async def _listen(self) -> int:
-        import ucxx
-
-        ucxx.continuous_ucx_progress()
+        # Only the control socket: UCX itself (its context and progress thread, ~5% of a
+        # core while idle) starts at the first read this process makes or serves, so a
+        # worker that never moves KV (a colocated decode worker) never pays for it.
         self._listener = await asyncio.start_server(
             self._serve, host=self._host.strip("[]"), port=self._port or 0
         )

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +62,27 @@ def _free_everywhere(cluster: Cluster, timeout_s: float = 30.0) -> list[dict]:
 
 def _decode_stats(cluster: Cluster) -> dict:
     return next(w for w in cluster.status()["workers"] if w["role"] == "decode" and w["healthy"])
+
+
+def test_workers_run_at_driver_priority_with_no_idle_worker(cluster: Cluster) -> None:
+    """The Ray this cluster started runs its engines at the driver's priority (Ray's default
+    niceness 15 would let any process take their CPU first) and prestarts no idle worker
+    for the driver (we run no tasks, only actors with processes of their own)."""
+    pids = [h.info["pid"] for h in cluster.workers.values() if h.healthy]
+    assert pids
+    for pid in pids:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    raylet = int(Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    idle = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet and cmd.startswith(b"ray::IDLE"):
+            idle.append(proc.name)
+    assert not idle, f"idle Ray workers under raylet {raylet}: {idle}"
 
 
 def test_pd_equals_single_engine(cluster: Cluster, single: LLM) -> None:

@@ -159,6 +159,12 @@ class _Peer:
     def cmd_ucx_net_devices(self) -> str | None:
         return os.environ.get("UCX_NET_DEVICES")
 
+    def cmd_ucx_started(self) -> bool:
+        """Whether this process has a UCX context (and so its progress thread)."""
+        import ucxx.core
+
+        return ucxx.core._ctx is not None
+
 
 def _engine_main(
     conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int,
@@ -511,6 +517,28 @@ def test_decode_killed_mid_transfer(pair: tuple[Engine, Engine]) -> None:
         prefill.wait_free(timeout_s=30.0)  # heartbeats stopped: the lease expires
     finally:
         decode.kill()
+
+
+def test_ucx_starts_at_the_first_transfer() -> None:
+    """A serving transport listens without UCX: its context and progress thread (~5% of a
+    core while idle) start at the first read, on both sides. A worker that never moves KV
+    (the colocated default's decode worker) never starts them."""
+    prefill, decode = Engine(21, zero_copy=True), Engine(22, zero_copy=True)
+    try:
+        assert prefill.address().startswith("ucx://127.0.0.1:")  # listening already
+        assert not prefill.ucx_started() and not decode.ucx_started()
+        params = prefill.offer("first", 3)
+        decode.load(params)
+        status, blocks = decode.wait_result("first")
+        assert status == "ok", blocks
+        for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
+            assert torch.equal(got, want)
+        assert prefill.ucx_started() and decode.ucx_started()
+        prefill.wait_free()
+        decode.wait_free()
+    finally:
+        decode.stop()
+        prefill.stop()
 
 
 @pytest.mark.parametrize("zero_copy", [False, True], ids=["staged", "zero-copy"])

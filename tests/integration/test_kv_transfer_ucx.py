@@ -282,6 +282,18 @@ def _expected(seed: int, block_ids: list[int]) -> list[torch.Tensor]:
     return [c[:, block_ids] for c in _caches(seed)]
 
 
+def _move_and_check(prefill: Engine, decode: Engine, request_id: str, n: int) -> dict[str, Any]:
+    """Offer ``n`` blocks on ``prefill``, load them on ``decode``: they arrive byte for byte.
+    The transfer's params."""
+    params = prefill.offer(request_id, n)
+    decode.load(params)
+    status, blocks = decode.wait_result(request_id)
+    assert status == "ok", blocks
+    for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
+        assert torch.equal(got, want)
+    return params
+
+
 def test_blocks_arrive_byte_for_byte(pair: tuple[Engine, Engine]) -> None:
     prefill, decode = pair
     for i, n in enumerate((1, 7, 13)):
@@ -527,12 +539,7 @@ def test_ucx_starts_at_the_first_transfer() -> None:
     try:
         assert prefill.address().startswith("ucx://127.0.0.1:")  # listening already
         assert not prefill.ucx_started() and not decode.ucx_started()
-        params = prefill.offer("first", 3)
-        decode.load(params)
-        status, blocks = decode.wait_result("first")
-        assert status == "ok", blocks
-        for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
-            assert torch.equal(got, want)
+        _move_and_check(prefill, decode, "first", 3)
         assert prefill.ucx_started() and decode.ucx_started()
         prefill.wait_free()
         decode.wait_free()
@@ -547,12 +554,7 @@ def test_shared_memory_lane_moves_bytes_exactly(zero_copy: bool) -> None:
     prefill = Engine(8, ucx_tls="sm,tcp,self", zero_copy=zero_copy)
     decode = Engine(9, ucx_tls="sm,tcp,self", zero_copy=zero_copy)
     try:
-        params = prefill.offer("sm1", 9)
-        decode.load(params)
-        status, blocks = decode.wait_result("sm1")
-        assert status == "ok", blocks
-        for got, want in zip(blocks, _expected(prefill.seed, params["block_ids"]), strict=True):
-            assert torch.equal(got, want)
+        _move_and_check(prefill, decode, "sm1", 9)
         prefill.wait_free()
         decode.wait_free()
         _kill_prefill_mid_transfer(prefill, decode, "sm2")  # data lane has no failure handler

@@ -21,6 +21,7 @@ import pickle
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from splitserve import env
@@ -362,14 +363,21 @@ class EncodeWorker:
         self.worker_id = worker_id
         self.started_at = time.time()
         self.config = engine_config
-        if engine_config.num_threads:
-            torch.set_num_threads(engine_config.num_threads)
+        # one thread loads and runs the tower: a second thread running torch ops would keep
+        # a second OpenMP team, which slows every op (see AsyncEngine)
+        self._torch = ThreadPoolExecutor(1, thread_name_prefix="splitserve-encode")
+
+        def load() -> Any:
+            if engine_config.num_threads:
+                torch.set_num_threads(engine_config.num_threads)
+            return ImageEncoder.from_folder(
+                path, resolve_dtype(engine_config.dtype, engine_config.device).dtype,
+                engine_config.device,
+                engine_config.encoder_cache_bytes,
+            )
+
         self.model_id, path = resolve_model(engine_config.model)
-        self.encoder = ImageEncoder.from_folder(
-            path, resolve_dtype(engine_config.dtype, engine_config.device).dtype,
-            engine_config.device,
-            engine_config.encoder_cache_bytes,
-        )
+        self.encoder = self._torch.submit(load).result()
         self.num_running = 0
         self.num_images = 0
 
@@ -377,15 +385,18 @@ class EncodeWorker:
         """Per image (PNG/JPEG bytes, base64, data URL or PIL image), in order:
         ``{"hash": content hash, "embeds": float32 array [num_image_tokens, hidden]}``.
         Malformed images raise InvalidRequestError (field ``multi_modal_data.image``)."""
-        import asyncio
+
+        def encode() -> list[dict[str, Any]]:
+            return [{"hash": h, "embeds": e.float().cpu().numpy()}
+                    for h, e in self.encoder.encode(list(images))]
 
         self.num_running += 1
         try:
-            results = await asyncio.to_thread(self.encoder.encode, list(images))
+            results = await asyncio.get_running_loop().run_in_executor(self._torch, encode)
         finally:
             self.num_running -= 1
         self.num_images += len(results)
-        return [{"hash": h, "embeds": e.float().cpu().numpy()} for h, e in results]
+        return results
 
     async def info(self) -> dict[str, Any]:
         return {
@@ -438,6 +449,7 @@ class EncodeWorker:
 
     async def shutdown(self) -> None:
         self.encoder.cache.clear()
+        self._torch.shutdown(wait=False)
 
 
 def _ray_node_id() -> str:

@@ -3,8 +3,8 @@
 Owns the thread that drives the engine and the hand-off of outputs to asyncio
 callers: ``generate`` yields RequestOutput deltas (new token ids and text) as
 they are produced, and ``abort`` (or the caller dropping the stream) frees the
-request's KV. Every engine call happens on the engine thread; callers only
-enqueue commands, so the engine needs no locks.
+request's KV. Every engine call, its construction included, happens on the engine
+thread; callers only enqueue commands, so the engine needs no locks.
 """
 
 from __future__ import annotations
@@ -48,20 +48,24 @@ class _Stream:
 class AsyncEngine:
     """Streaming front of one engine; safe to call from any asyncio loop."""
 
+    engine: LLMEngine
+    """Built, stepped and called on the engine thread only."""
+
     def __init__(
         self,
         config: EngineConfig | None = None,
         on_start: Callable[[LLMEngine], None] | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        """``on_start`` runs on the new engine before its thread starts (attach a connector)."""
-        self.engine = LLMEngine(config or EngineConfig(**engine_kwargs))
-        if on_start is not None:
-            on_start(self.engine)
+        """``on_start`` runs on the new engine before it takes requests (attach a connector).
+
+        The engine is built on its own thread, the one that steps it: with OpenMP (torch's
+        CPU threads) each thread that runs a parallel op gets a team of its own, and a second
+        team, idle, makes libgomp's barriers give up spinning almost at once (more managed
+        threads than cores), so every op of every step pays a futex wake. Measured on 2 cores:
+        the same decode loop 1.3-1.7x slower once another thread had run one matmul."""
         self._commands: list[tuple[str, Any]] = []
         self._streams: dict[str, _Stream] = {}
-        # a layer-wise streamed offer leaves mid-step, before the forward that computes its KV
-        self.engine.on_early_output = lambda out: self._deliver(out.request_id, out)
         self._wake = threading.Condition()
         self._stopped = False
         self._ids = itertools.count()
@@ -76,11 +80,38 @@ class AsyncEngine:
         while healthy. An unhealthy engine refuses requests; its worker must be replaced."""
         self.num_step_failures = 0
         self._failures_in_a_row = 0
-        self._stats: dict[str, Any] = self.engine.stats()
+        self._stats: dict[str, Any] = {}
         """The engine's stats as of its last step, taken on the engine thread (callers on other
         threads read this snapshot, never the scheduler's live state)."""
-        self._thread = threading.Thread(target=self._loop, name="splitserve-engine", daemon=True)
+        built = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._boot, args=(config or EngineConfig(**engine_kwargs), on_start, built,
+                                     failed),
+            name="splitserve-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+
+    def _boot(self, config: EngineConfig, on_start: Callable[[LLMEngine], None] | None,
+              built: threading.Event, failed: list[BaseException]) -> None:
+        """The engine thread: build the engine (and ``on_start``), then step it."""
+        try:
+            self.engine = LLMEngine(config)
+            if on_start is not None:
+                on_start(self.engine)
+            # a layer-wise streamed offer leaves mid-step, before the forward that computes
+            # its KV
+            self.engine.on_early_output = lambda out: self._deliver(out.request_id, out)
+            self._stats = self.engine.stats()
+        except BaseException as e:
+            failed.append(e)
+            return
+        finally:
+            built.set()
+        self._loop()
 
     @property
     def tokenizer(self) -> Any:

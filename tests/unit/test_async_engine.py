@@ -75,3 +75,53 @@ async def test_stats_are_taken_on_the_engine_thread(engine: AsyncEngine) -> None
         assert 1 in seen  # the snapshots followed the request
     finally:
         del engine.engine.stats
+
+
+async def test_engine_is_built_and_stepped_on_its_own_thread(tiny_model_dir, monkeypatch) -> None:
+    """One thread runs every torch op: with OpenMP a second thread that ran one parallel op
+    keeps a second team of idle threads, and libgomp's barriers then stop spinning."""
+    import threading
+
+    from splitserve.roles.engine import async_engine
+
+    built_on: list[int] = []
+    stepped_on: set[int] = set()
+
+    class Recording(async_engine.LLMEngine):
+        def __init__(self, *args, **kwargs) -> None:
+            built_on.append(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+        def step(self):
+            stepped_on.add(threading.get_ident())
+            return super().step()
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Recording)
+    started_on: list[int] = []
+    eng = AsyncEngine(model=str(tiny_model_dir), num_kv_blocks=64,
+                      on_start=lambda e: started_on.append(threading.get_ident()))
+    try:
+        deltas = await _collect(eng, [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+        assert deltas[-1].finished
+        assert built_on == started_on == [eng._thread.ident]
+        assert stepped_on == {eng._thread.ident}
+        assert eng._thread.ident != threading.get_ident()
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_build_raises_in_the_caller_and_leaves_no_thread(tmp_path) -> None:
+    import threading
+
+    from splitserve.roles.engine.config import EngineConfig
+    from splitserve.roles.engine.llm_engine import LLMEngine
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(Exception) as direct:
+        LLMEngine(EngineConfig(model=missing))
+    before = {t.ident for t in threading.enumerate() if t.name == "splitserve-engine"}
+    with pytest.raises(type(direct.value)) as through:
+        AsyncEngine(model=missing)
+    assert str(through.value) == str(direct.value)
+    after = {t.ident for t in threading.enumerate() if t.name == "splitserve-engine"}
+    assert after <= before

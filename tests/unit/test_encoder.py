@@ -218,3 +218,29 @@ def test_encode_worker_as_ray_actor(llava_dir) -> None:
     finally:
         if started:
             ray.shutdown()
+
+
+def test_encode_worker_loads_and_encodes_on_one_thread(llava_dir, monkeypatch) -> None:
+    """One thread runs the tower's torch ops (a second would keep a second OpenMP team)."""
+    import threading
+
+    seen: list[tuple[str, int]] = []
+    cls = ImageEncoder
+    load, encode = cls.from_folder.__func__, cls.encode
+
+    def recording_load(klass, *args, **kwargs):
+        seen.append(("load", threading.get_ident()))
+        return load(klass, *args, **kwargs)
+
+    def recording_encode(self, *args, **kwargs):
+        seen.append(("encode", threading.get_ident()))
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_folder", classmethod(recording_load))
+    monkeypatch.setattr(cls, "encode", recording_encode)
+    worker = EncodeWorker("encode-0", EngineConfig(model=str(llava_dir)))
+    for seed in (1, 2):
+        assert len(asyncio.run(worker.encode([_png(_image(seed))]))) == 1
+    assert [kind for kind, _ in seen] == ["load", "encode", "encode"]
+    assert len({ident for _, ident in seen}) == 1
+    assert seen[0][1] != threading.get_ident()

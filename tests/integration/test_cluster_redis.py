@@ -48,10 +48,13 @@ def test_second_handle_sees_and_uses_the_same_workers(tiny_model_dir) -> None:
 
 def test_two_handles_keep_identical_prefix_indexes(tiny_model_dir, monkeypatch) -> None:
     """200 requests through two handles on the same workers, one handle's KV reads lagging
-    far behind (its cursor falls out of the 64-event log: a resync) and one reply lost after
+    far behind (its cursor falls out of the 128-event log: a resync) and one reply lost after
     the worker answered it (read again from the same cursor): both routers end with the
     workers' exact cached hashes."""
-    monkeypatch.setenv("SPLITSERVE_KV_EVENT_LOG_SIZE", "64")  # the actors inherit it
+    # the actors inherit it. The 200 requests log ~240 events per worker (~12 a batch of 10):
+    # the lagging handle overflows 128, and the first handle, reading every 0.2 s, has ~10
+    # batches of margin (with 64 a stalled cluster loop at a cold start overflowed it once)
+    monkeypatch.setenv("SPLITSERVE_KV_EVENT_LOG_SIZE", "128")
     lost = threading.Event()
     original_aref = kv_sync.aref
 
@@ -82,20 +85,25 @@ def test_two_handles_keep_identical_prefix_indexes(tiny_model_dir, monkeypatch) 
                       "the second handle's first read of every worker")
                 for i in range(0, 200, 10):
                     handle = first if i % 20 == 0 else second
+                    if i == 100:  # the first handle has read everything before this batch
+                        _wait(lambda: _caught_up(first, _now(first)), "the first handle")
+                        overflows = first.counters["kv_resync:overflow"]
                     handle.generate(prompts[i:i + 10], params)
-                    if i == 100:
+                    if i == 100:  # its next reply (this batch's events) is lost
                         lost.set()
                         _wait(lambda: not lost.is_set() and all(
                             h.suspect_since is None for h in first.workers.values()),
                             "the lost reply, then the next heartbeat")
+                        _wait(lambda: _caught_up(first, _now(first)), "the re-read")
+                        # read again from the same cursor, not resynced from a snapshot
+                        assert first.counters["kv_resync:overflow"] == overflows
                 lagging.set()
-                truth = {w: _cached(h) for w, h in first.workers.items()}
+                truth = _now(first)
                 for handle in (first, second):
                     _wait(lambda h=handle: _caught_up(h, truth), "both handles to catch up")
                 for worker_id, (_, hashes) in truth.items():
                     assert hashes, "the workers cached nothing: the test would prove nothing"
                     assert _index(first, worker_id) == _index(second, worker_id) == hashes
-                assert first.counters["kv_resync:overflow"] == 0  # the lost reply was re-read
                 seqs = {w: seq for w, (seq, _) in truth.items()}
                 assert second.counters["kv_resync:overflow"] >= 1, (seqs, second.counters)
             finally:
@@ -123,6 +131,10 @@ def _cached(handle) -> tuple[int, frozenset[int]]:
 
     batch = ray.get(handle.actor.kv_events.remote(None, 0))
     return batch["next_seq"], frozenset(batch["snapshot"])
+
+
+def _now(cluster: Cluster) -> dict[str, tuple[int, frozenset[int]]]:
+    return {w: _cached(h) for w, h in cluster.workers.items()}
 
 
 def _caught_up(cluster: Cluster, truth: dict, exact: bool = True) -> bool:

@@ -366,6 +366,7 @@ class EncodeWorker:
         # one thread loads and runs the tower: a second thread running torch ops would keep
         # a second OpenMP team, which slows every op (see AsyncEngine)
         self._torch = ThreadPoolExecutor(1, thread_name_prefix="splitserve-encode")
+        self.model_id, path = resolve_model(engine_config.model)
 
         def load() -> Any:
             if engine_config.num_threads:
@@ -376,7 +377,6 @@ class EncodeWorker:
                 engine_config.encoder_cache_bytes,
             )
 
-        self.model_id, path = resolve_model(engine_config.model)
         self.encoder = self._torch.submit(load).result()
         self.num_running = 0
         self.num_images = 0

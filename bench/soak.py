@@ -72,6 +72,11 @@ class SoakConfig:
     """Add 1 encode worker, serve a tiny LLaVA model and send some images."""
     concurrency: int = 6
     """Requests in flight at once."""
+    reference_concurrency: int = 32
+    """Requests in flight at once in the reference run on the fault-free single engine. Its
+    outputs do not depend on what a request is batched with (batch invariance, which the
+    comparison relies on anyway: the cluster batched them differently), so it runs wider
+    than the soak itself; at the soak's own 4-6 it took longer than the faulty phase."""
     abort_fraction: float = 0.10
     malformed_fraction: float = 0.05
     seed: int = 0
@@ -90,6 +95,8 @@ class SoakConfig:
             raise ValueError("abort + malformed fractions must be in [0, 1)")
         if self.prefill < 1 or self.decode < 1 or self.concurrency < 1:
             raise ValueError("need >= 1 prefill, >= 1 decode worker and concurrency >= 1")
+        if self.reference_concurrency < 1:
+            raise ValueError("reference concurrency must be >= 1")
 
     @property
     def quiet_phase_s(self) -> float:
@@ -488,14 +495,16 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
             checks = integrity(cluster)
             replacements = int(cluster.status()["counters"].get("workers_replaced", 0))
         cluster.shutdown()
-        log("reference run on a fault-free single engine")
         completed = [o for o in outcomes if o.spec.kind == "ok" and o.status == 200
                      and not o.error]
+        log(f"reference run of {len(completed)} requests on a fault-free single engine, "
+            f"{cfg.reference_concurrency} at a time")
         reference_backend = EngineBackend.from_config(model=model, max_model_len=MAX_MODEL_LEN,
                                                       kv_cache_memory_bytes=256 << 20)
         with _serve(reference_backend) as ref_server:
             reference = asyncio.run(reference_choices(
-                ref_server.http_url, [o.spec for o in completed], cfg.concurrency))
+                ref_server.http_url, [o.spec for o in completed], cfg.reference_concurrency))
+        log("reference run done")
     return summarize(cfg, outcomes, killer, replacements, restored, checks,
                      compare(completed, reference))
 
@@ -595,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multimodal", action="store_true",
                         help="1 encode worker, a tiny LLaVA model, some requests with images")
     parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--reference-concurrency", type=int, default=32,
+                        help="requests in flight in the fault-free reference run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model folder (default: tiny random)")
     parser.add_argument("--json", default=None, help="also write the summary here")
@@ -605,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     cfg = SoakConfig(duration_s=args.duration, kill_every_s=args.kill_every, quiet_s=args.quiet,
                      prefill=args.prefill, decode=args.decode, multimodal=args.multimodal,
-                     concurrency=args.concurrency, seed=args.seed, model=args.model)
+                     concurrency=args.concurrency, seed=args.seed, model=args.model,
+                     reference_concurrency=args.reference_concurrency)
     summary = run_soak(cfg)
     text = json.dumps(summary, indent=2, default=str)
     print(text)

@@ -77,11 +77,31 @@ def _sample_row(logits: Tensor, row: SampleRequest) -> int:
 
 
 def _top_p(probs: Tensor, top_p: float) -> Tensor:
-    """Zero every token outside the smallest set whose mass reaches top_p."""
-    sorted_p, order = torch.sort(probs, descending=True)
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly better tokens
-    sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    """Zero every token outside the smallest set whose mass reaches top_p.
+
+    Kept: the tokens, in descending order of probability, whose mass of strictly better tokens
+    is below ``top_p``. Only that head of the order is needed, so ``torch.topk`` orders the
+    first ``k`` tokens (a full sort of a 49,152-token vocabulary took ~3.6 ms a row on a
+    2-core CPU, the top 256 ~0.15 ms). Once the mass of those ``k`` reaches ``top_p``, every
+    later token has at least that much better mass and is cut, so ``k`` was enough; until then
+    ``k`` grows 8x. The cumulative sums are the same numbers a full sort gives for its first
+    ``k`` (a prefix of the same order), so the kept set is the full sort's.
+    """
+    vocab = probs.shape[-1]
+    k = min(vocab, _TOP_P_FIRST_K)
+    while True:
+        head, order = torch.topk(probs, k)  # descending
+        mass = torch.cumsum(head, dim=-1)
+        if k == vocab or bool(mass[-1] >= top_p):
+            break
+        k = min(vocab, 8 * k)
+    head = head.masked_fill(mass - head >= top_p, 0.0)  # mass of strictly better tokens
+    return torch.zeros_like(probs).scatter_(-1, order, head)
+
+
+_TOP_P_FIRST_K = 256
+"""Tokens ordered in the first try of ``_top_p`` (a trained model's nucleus is mostly
+smaller; a flat distribution's grows it 8x at a time)."""
 
 
 def _result(token: int, row: SampleRequest, logprobs: Tensor | None, i: int) -> SampleResult:

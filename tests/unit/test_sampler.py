@@ -50,3 +50,28 @@ def test_a_draw_depends_only_on_seed_and_position() -> None:
 def test_low_temperature_concentrates_on_the_mode() -> None:
     draws = _draws(SamplingParams(temperature=0.05), PROBS, 300)
     assert draws.count(0) == 300
+
+
+def _top_p_by_full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition: sort everything, keep tokens whose strictly-better mass is < top_p."""
+    sorted_p, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(before >= top_p, 0.0))
+
+
+def test_top_p_keeps_exactly_what_a_full_sort_keeps() -> None:
+    """The sampler orders only the head of the distribution (growing it while the mass is
+    short of top_p); peaked and flat distributions over a real vocabulary's size, where a
+    flat one needs the head grown past its first try, keep exactly the full sort's set."""
+    from splitserve.roles.engine import sampler
+
+    g = torch.Generator().manual_seed(3)
+    grown = 0
+    for vocab in (7, 300, 49152):
+        for scale in (0.2, 1.0, 4.0, 20.0):
+            for top_p in (0.3, 0.9, 0.95, 0.9999):
+                probs = torch.softmax(torch.randn(vocab, generator=g) * scale, dim=-1)
+                want = _top_p_by_full_sort(probs, top_p)
+                assert torch.equal(sampler._top_p(probs, top_p), want), (vocab, scale, top_p)
+                grown += int((want > 0).sum()) > sampler._TOP_P_FIRST_K
+    assert grown >= 3  # the growth path ran, not only the first try

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,37 @@ def smollm_tokenizer_dir(tmp_root: Path) -> Path:
         load_tokenizer(None)[2].hf.save_pretrained(str(out))
         _TOKENIZER_DIR = out
     return _TOKENIZER_DIR
+
+
+def hf_model_from_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """transformers' own model from a GGUF file (the reference), its parse sped up.
+
+    transformers reads the file twice with ``gguf.GGUFReader`` and builds a tensor-name map
+    per tensor (397 for SmolLM2): 20 s of a test's fixture. Here the reader is the loader's
+    subclass (the same fields and tensors as the package's reader, checked by
+    ``test_gguf_loading.py``) and ``gguf.get_tensor_name_map`` is memoized (a pure function
+    of architecture and layer count, only read). Name mapping, dequantization and the model
+    stay transformers' own, so the reference remains independent of our loader's code."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    with _fast_gguf_parse(gguf):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=dtype)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _fast_gguf_parse(gguf: Any) -> Iterator[None]:
+    from splitserve.roles.models import loader
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = loader._fast_gguf_reader()
+    gguf.get_tensor_name_map = functools.cache(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 def make_tiny_llama(

@@ -59,15 +59,10 @@ def _hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import AutoModelForCausalLM
-
     from splitserve.roles.models.loader import default_model_path
+    from tests.utils import hf_model_from_gguf
 
-    gguf = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    return model.eval()
+    return hf_model_from_gguf(default_model_path())
 
 
 def test_greedy_matches_transformers(smollm, hf_model) -> None:

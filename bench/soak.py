@@ -72,7 +72,7 @@ class SoakConfig:
     """Add 1 encode worker, serve a tiny LLaVA model and send some images."""
     concurrency: int = 6
     """Requests in flight at once."""
-    reference_concurrency: int = 32
+    reference_concurrency: int = 64
     """Requests in flight at once in the reference run on the fault-free single engine. Its
     outputs do not depend on what a request is batched with (batch invariance, which the
     comparison relies on anyway: the cluster batched them differently), so it runs wider
@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multimodal", action="store_true",
                         help="1 encode worker, a tiny LLaVA model, some requests with images")
     parser.add_argument("--concurrency", type=int, default=6)
-    parser.add_argument("--reference-concurrency", type=int, default=32,
+    parser.add_argument("--reference-concurrency", type=int, default=64,
                         help="requests in flight in the fault-free reference run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model folder (default: tiny random)")

@@ -19,6 +19,7 @@ import torch
 
 from splitserve.errors import InvalidRequestError, KVCacheCapacityError, ModelLoadError
 from splitserve.integrity import IntegrityReport
+from splitserve.kernels import allocator
 from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
@@ -77,6 +78,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.malloc_tuning = allocator.tune() if torch.device(config.device).type == "cpu" else None
+        """glibc malloc settings of this process (CPU only; see ``kernels/allocator``)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype_choice: DtypeChoice = resolve_dtype(config.dtype, config.device)
@@ -139,6 +142,7 @@ class LLMEngine:
             "weight_formats": self.weights_info["formats"],
             "weight_bytes": self.weights_info["weight_bytes"],
             "kv_cache_blocks": self.num_blocks,
+            "malloc_tuning": self.malloc_tuning.reason if self.malloc_tuning else None,
         }
 
     def _image_encoder(self, loaded: LoadedModel) -> ImageEncoder | None:

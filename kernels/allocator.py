@@ -22,13 +22,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
+from splitserve import env
+
 logger = logging.getLogger(__name__)
 
-ENV = "SPLITSERVE_MALLOC_TUNING"
 # mallopt parameter numbers, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -62,8 +62,8 @@ def tune() -> AllocatorTuning:
 
 
 def _apply() -> AllocatorTuning:
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return AllocatorTuning(False, f"{ENV}=0: glibc defaults kept")
+    if not env.SPLITSERVE_MALLOC_TUNING.get():
+        return AllocatorTuning(False, "SPLITSERVE_MALLOC_TUNING=0: glibc defaults kept")
     if not sys.platform.startswith("linux"):
         return AllocatorTuning(False, f"not applied on {sys.platform}")
     try:

@@ -1,7 +1,9 @@
-"""Kernel dispatch: Triton on CUDA tensors, the torch references elsewhere.
+"""Kernel dispatch: Triton on CUDA tensors, ``cpu_ops`` (the torch references with the native
+C kernels) on CPU tensors, the references elsewhere.
 
 ``SPLITSERVE_KERNELS=triton`` forces Triton (with ``TRITON_INTERPRET=1`` it runs on CPU);
-``SPLITSERVE_KERNELS=torch`` forces the references. The engine asks once, at start-up.
+``SPLITSERVE_KERNELS=torch`` forces the pure-torch references; ``native`` forces ``cpu_ops``.
+The engine asks once, at start-up.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from splitserve import env
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "native")
 
 
 def select_backend(device: torch.device | str) -> str:
@@ -22,15 +24,23 @@ def select_backend(device: torch.device | str) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"SPLITSERVE_KERNELS must be one of {BACKENDS}, got {forced!r}")
         return forced
-    return "triton" if torch.device(device).type == "cuda" and _triton_available() else "torch"
+    kind = torch.device(device).type
+    if kind == "cuda" and _triton_available():
+        return "triton"
+    return "native" if kind == "cpu" else "torch"
 
 
 def get_ops(device: torch.device | str) -> ModuleType:
     """The module whose functions implement every kernel for ``device``."""
-    if select_backend(device) == "triton":
+    backend = select_backend(device)
+    if backend == "triton":
         from splitserve.kernels import triton_ops
 
         return triton_ops
+    if backend == "native":
+        from splitserve.kernels import cpu_ops
+
+        return cpu_ops
     from splitserve.kernels import reference
 
     return reference

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -66,7 +67,9 @@ def registry() -> dict[str, EnvVar]:
 
 
 SPLITSERVE_KERNELS = EnvVar(
-    "SPLITSERVE_KERNELS", str, "", "force the kernel backend: 'triton' or 'torch' (default: by device)"
+    "SPLITSERVE_KERNELS", str, "",
+    "force the kernel backend: 'triton', 'native' (the references with the C kernels of "
+    "kernels/native.py: the CPU default) or 'torch' (the pure references); default: by device",
 )
 SPLITSERVE_KERNEL_CHECKS = EnvVar(
     "SPLITSERVE_KERNEL_CHECKS", bool, True,
@@ -95,6 +98,21 @@ SPLITSERVE_CPU_QUANT_EXPAND = EnvVar(
 SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS = EnvVar(
     "SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", int, 128,
     "rows from which a quantized CPU matmul expands its weight (Q8_0 in groups: 4x this)",
+)
+SPLITSERVE_MALLOC_TUNING = EnvVar(
+    "SPLITSERVE_MALLOC_TUNING", bool, True,
+    "a CPU engine keeps freed memory in glibc's heap (mallopt, kernels/allocator.py); 0 keeps "
+    "glibc's defaults",
+)
+SPLITSERVE_NATIVE_KERNELS = EnvVar(
+    "SPLITSERVE_NATIVE_KERNELS", bool, True,
+    "CPU kernels built at first use with the host C compiler (kernels/native.py; paged decode "
+    "attention read in place); 0 keeps the pure-torch references",
+)
+SPLITSERVE_CACHE_DIR = EnvVar(
+    "SPLITSERVE_CACHE_DIR", str, "",
+    "folder of splitserve's on-disk caches (GGUF tokenizers, built CPU kernels); default "
+    "$XDG_CACHE_HOME/splitserve, else ~/.cache/splitserve",
 )
 SPLITSERVE_TEST_KV_SEND_DELAY_S = EnvVar(
     "SPLITSERVE_TEST_KV_SEND_DELAY_S", float, 0.0,
@@ -138,6 +156,19 @@ SPLITSERVE_API_KEY_FILE = EnvVar(
     "SPLITSERVE_API_KEY_FILE", str, "",
     "file holding the API key (first line), same as `serve --api-key-file` (container secrets)",
 )
+
+
+def cache_dir() -> Path | None:
+    """The folder of splitserve's on-disk caches (``SPLITSERVE_CACHE_DIR``), or None when no
+    home directory can be found."""
+    base = SPLITSERVE_CACHE_DIR.get()
+    if base:
+        return Path(base).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    try:
+        return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "splitserve"
+    except (RuntimeError, KeyError):
+        return None
 
 
 def forwardable() -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 
 from splitserve.errors import InvalidRequestError, KVCacheCapacityError, ModelLoadError
 from splitserve.integrity import IntegrityReport
-from splitserve.kernels import allocator
+from splitserve.kernels import allocator, cpu_ops, native
 from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
@@ -106,6 +106,9 @@ class LLMEngine:
             )
         except ModelLoadError as e:  # a missing or mis-shaped tensor: say which checkpoint
             raise ModelLoadError(f"{loaded.path}: {e}", path=loaded.path) from e
+        self.native_kernels = native.status() if self.runner.ops is cpu_ops else None
+        """The C kernels of the CPU backend: built (or found built) at start, not on the first
+        step; None on other backends."""
         self.structured = StructuredOutputManager(self.tokenizer, loaded.config.vocab_size)
         """Grammars and matchers of constrained requests (structured outputs)."""
         self.runner.structured = self.structured
@@ -143,6 +146,8 @@ class LLMEngine:
             "weight_bytes": self.weights_info["weight_bytes"],
             "kv_cache_blocks": self.num_blocks,
             "malloc_tuning": self.malloc_tuning.reason if self.malloc_tuning else None,
+            "kernels": self.runner.ops.__name__.rsplit(".", 1)[-1],
+            "native_kernels": self.native_kernels.reason if self.native_kernels else None,
         }
 
     def _image_encoder(self, loaded: LoadedModel) -> ImageEncoder | None:

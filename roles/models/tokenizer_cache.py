@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from splitserve import env
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -42,15 +44,9 @@ def cache_root() -> Path | None:
     """The cache's folder, or None when the cache is turned off."""
     if os.environ.get("SPLITSERVE_TOKENIZER_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    base = os.environ.get("SPLITSERVE_CACHE_DIR")
-    if base:
-        root = Path(base).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        try:
-            root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "splitserve"
-        except (RuntimeError, KeyError):  # no home directory to be found: no cache
-            return None
+    root = env.cache_dir()
+    if root is None:  # no home directory to be found: no cache
+        return None
     return root / "gguf-tokenizers"
 
 

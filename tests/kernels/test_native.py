@@ -1,0 +1,183 @@
+"""The native CPU decode attention (kernels/native.py + native/decode_attention.c) against the
+torch reference and float64 math; batch invariance; the engine really running it; the build's
+fallback; bad block tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitserve import LLM, SamplingParams
+from splitserve.kernels import cpu_ops, native, ops, reference
+from splitserve.kernels.checks import KernelInputError
+from splitserve.kernels.kv_cache import allocate_kv_caches
+from tests.kernels.cases import random_block_tables
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not native.status().available,
+                                reason="needs a C compiler (make setup installs gcc)")
+
+
+def _exact(q, cache, tables, lens, scale, window, cap):  # type: ignore[no-untyped-def]
+    """Float64 attention, one sequence at a time, by the definition."""
+    b, h, d = q.shape
+    kvh, bs = cache.shape[3], cache.shape[2]
+    out = torch.zeros(b, h, d, dtype=torch.float64)
+    for i in range(b):
+        n = int(lens[i])
+        if n == 0:
+            continue
+        ids = tables[i, : -(-n // bs)].long()
+        k = cache[0][ids].reshape(-1, kvh, d)[:n].double()
+        v = cache[1][ids].reshape(-1, kvh, d)[:n].double()
+        lo = max(0, n - window) if window else 0
+        k, v = k[lo:], v[lo:]
+        for head in range(h):
+            s = (k[:, head // (h // kvh)] @ q[i, head].double()) * scale
+            if cap:
+                s = cap * torch.tanh(s / cap)
+            out[i, head] = torch.softmax(s, 0) @ v[:, head // (h // kvh)]
+    return out
+
+
+CASES = [  # dtype, head_dim, (heads, kv_heads), block_size, context lens, window, soft cap
+    (torch.float32, 64, (9, 3), 16, [1, 15, 16, 17, 200, 333], None, None),
+    (torch.float32, 128, (8, 8), 32, [5, 64, 65, 300], None, 50.0),
+    (torch.float32, 96, (32, 4), 16, [40, 130, 257], 64, None),
+    (torch.bfloat16, 64, (9, 3), 16, [1, 31, 160, 333, 700], None, None),
+    (torch.bfloat16, 256, (8, 4), 16, [3, 100, 129], 32, 30.0),
+    (torch.bfloat16, 80, (6, 2), 32, [0, 77, 250], None, None),  # an empty context: zeros
+]
+
+
+def _case(dtype, head_dim, heads, block_size, lens, seed=0):  # type: ignore[no-untyped-def]
+    nh, kvh = heads
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 4 * (-(-max(lens) // block_size)) + 8
+    # a real layer's view of the block-major pool: blocks are strided by every layer's K/V
+    caches = allocate_kv_caches(3, num_blocks, block_size, kvh, head_dim, dtype, "cpu")
+    cache = caches[1]
+    cache.copy_(torch.randn(cache.shape, generator=g).to(dtype))
+    tables = random_block_tables(lens, num_blocks, block_size, seed).cpu()
+    q = torch.randn(len(lens), nh, head_dim, generator=g).to(dtype)
+    return q, cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads,block_size,lens,window,cap", CASES)
+def test_matches_float64_and_the_reference(dtype, head_dim, heads, block_size, lens, window,  # type: ignore[no-untyped-def]
+                                           cap) -> None:
+    q, cache, tables, ctx = _case(dtype, head_dim, heads, block_size, lens)
+    assert not cache.is_contiguous()  # read through the pool's strides
+    before = native.calls
+    got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    assert native.calls == before + 1  # the C kernel ran, not the fallback
+    want = _exact(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    ref = reference.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    assert got.dtype == dtype and got.shape == q.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    else:  # float32 inside, one rounding to bf16 at the end: within half an ulp of bf16
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), atol=1e-2, rtol=8e-3)
+        # and no further from the exact result than the reference (which rounds in between)
+        assert (got.double() - want).abs().max() <= (ref.double() - want).abs().max() + 1e-6
+    torch.testing.assert_close(got.float(), ref.float(), atol=4e-2, rtol=3e-2)
+    empty = ctx == 0
+    assert bool((got[empty] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sequence_gets_the_same_bits_whatever_its_batch(dtype: torch.dtype) -> None:
+    """Few sequences run one item per KV head, many one item per sequence: same bits."""
+    torch.manual_seed(1)
+    lens = [int(n) for n in torch.randint(1, 400, (40,))]
+    q, cache, tables, ctx = _case(dtype, 64, (9, 3), 16, lens, seed=1)
+    batch = native.paged_decode_attention(q, cache, tables, ctx, 0.125)
+    for i in (0, 17, 39):
+        alone = native.paged_decode_attention(q[i : i + 1], cache, tables[i : i + 1],
+                                              ctx[i : i + 1], 0.125)
+        assert torch.equal(alone[0], batch[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.paged_decode_attention(q, cache, tables, ctx, 0.125), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_block_ids_past_the_cache_are_refused_not_read() -> None:
+    q, cache, tables, ctx = _case(torch.float32, 64, (4, 2), 16, [20, 40])
+    tables[1, 2] = cache.shape[1] + 5  # covered by context 40 (blocks 0..2)
+    with pytest.raises(KernelInputError, match=r"block_tables\[1, 2\]"):
+        native.paged_decode_attention(q, cache, tables, ctx, 0.125)
+    with pytest.raises(KernelInputError, match="context_lens"):
+        native.paged_decode_attention(q, cache, tables[:, :1], ctx, 0.125)
+
+
+def test_operands_it_does_not_take_go_to_the_reference() -> None:
+    q, cache, tables, ctx = _case(torch.float16, 64, (4, 2), 16, [20, 40])
+    before = native.calls
+    got = native.paged_decode_attention(q, cache, tables, ctx, 0.125)
+    assert native.calls == before
+    assert torch.equal(got, reference.paged_decode_attention(q, cache, tables, ctx, 0.125))
+
+
+def test_the_cpu_backend_is_the_references_with_the_native_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
+    assert ops.get_ops("cpu") is cpu_ops
+    assert cpu_ops.paged_decode_attention is native.paged_decode_attention
+    public = {n for n, f in vars(reference).items() if callable(f) and not n.startswith("_")
+              and getattr(f, "__module__", "") == reference.__name__}
+    assert public == set(cpu_ops.__all__)
+    for name in public - {"paged_decode_attention"}:
+        assert getattr(cpu_ops, name) is getattr(reference, name)
+    monkeypatch.setenv("SPLITSERVE_KERNELS", "torch")
+    assert ops.get_ops("cpu") is reference
+
+
+def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    info = llm.engine.info()
+    assert info["kernels"] == "cpu_ops" and info["native_kernels"] is not None
+    before = native.calls
+    out = llm.generate(["hello there"], SamplingParams(temperature=0.0, max_tokens=6,
+                                                       ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6
+    # 5 decode steps x 2 layers (the first token comes from the prefill)
+    assert native.calls - before == 5 * 2
+
+
+_FALLBACK = r"""
+import json, torch
+from splitserve.kernels import native, reference
+st = native.status()
+q = torch.randn(2, 4, 64); cache = torch.randn(2, 8, 16, 2, 64)
+tables = torch.arange(8, dtype=torch.int32).view(2, 4); ctx = torch.tensor([20, 50], dtype=torch.int32)
+same = torch.equal(native.paged_decode_attention(q, cache, tables, ctx, 0.125),
+                   reference.paged_decode_attention(q, cache, tables, ctx, 0.125))
+print(json.dumps({"available": st.available, "reason": st.reason, "same": same, "calls": native.calls}))
+"""
+
+
+@pytest.mark.parametrize("env,why", [
+    ({"CC": "/bin/false"}, "failed on decode_attention.c"),
+    ({"CC": "no-such-compiler"}, "no C compiler (no-such-compiler)"),
+    ({"SPLITSERVE_NATIVE_KERNELS": "0"}, "SPLITSERVE_NATIVE_KERNELS=0"),
+])
+def test_without_a_build_the_reference_runs_and_says_why(tmp_path: Path, env: dict, why: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _FALLBACK], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path), **env},  # nothing built there
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not out["available"] and why in out["reason"], out
+    assert out["same"] and out["calls"] == 0
+    assert "native CPU kernels unavailable" in run.stderr  # the one warning

@@ -7,7 +7,8 @@ kernel is built for long queries: with one query token per sequence it spent ~50
 (sequence, layer), and the gather itself wrote and read the whole context once more. At 64
 sequences of ~450 tokens (SmolLM2, bf16) the reference took ~135 ms of a ~310 ms decode step.
 
-Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fopenmp -shared``, into
+Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fopenmp -shared`` (plus
+``SPLITSERVE_NATIVE_CFLAGS``), into
 ``<cache>/native/<key>/`` (``SPLITSERVE_CACHE_DIR``; the key hashes the source, the flags,
 the compiler's version and the processor's flags, so a machine of another kind builds its
 own). Written to a temporary name and renamed, so processes that build at once never load a
@@ -84,6 +85,13 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC") or "cc")
 
 
+def flags() -> tuple[str, ...]:
+    """The compiler flags: ``FLAGS`` then ``SPLITSERVE_NATIVE_CFLAGS`` (later flags win, so
+    ``-march=haswell`` there builds the AVX2 code on an AVX-512 machine)."""
+    extra = tuple(env.SPLITSERVE_NATIVE_CFLAGS.get().split())
+    return FLAGS[:-1] + extra + FLAGS[-1:]
+
+
 def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
     if not env.SPLITSERVE_NATIVE_KERNELS.get():
         return None, NativeStatus(False, "SPLITSERVE_NATIVE_KERNELS=0")
@@ -97,7 +105,7 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         return None, NativeStatus(False, f"{cc} --version failed: {e}")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([
-        source, " ".join(FLAGS).encode(), cc.encode(), "".join(version).encode(),
+        source, " ".join(flags()).encode(), cc.encode(), "".join(version).encode(),
         " ".join(sorted(cpu_flags())).encode(),
     ])).hexdigest()[:24]
     root = env.cache_dir()
@@ -123,7 +131,7 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         f32, i64, f32, i32,  # scale, window, soft cap, threads
     ]
     fn.restype = i32
-    return lib, NativeStatus(True, f"{built} {path} ({' '.join(FLAGS)}, {''.join(version)})")
+    return lib, NativeStatus(True, f"{built} {path} ({' '.join(flags())}, {''.join(version)})")
 
 
 def _build(cc: str, folder: Path, path: Path) -> str | None:
@@ -135,7 +143,8 @@ def _build(cc: str, folder: Path, path: Path) -> str | None:
     except OSError as e:
         return f"cannot write {folder}: {e}"
     try:
-        run = subprocess.run([cc, *FLAGS[:-1], "-o", tmp, str(SOURCE), FLAGS[-1]],
+        *options, libs = flags()
+        run = subprocess.run([cc, *options, "-o", tmp, str(SOURCE), libs],
                              capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-3:]

@@ -109,6 +109,11 @@ SPLITSERVE_NATIVE_KERNELS = EnvVar(
     "CPU kernels built at first use with the host C compiler (kernels/native.py; paged decode "
     "attention read in place); 0 keeps the pure-torch references",
 )
+SPLITSERVE_NATIVE_CFLAGS = EnvVar(
+    "SPLITSERVE_NATIVE_CFLAGS", str, "",
+    "extra flags for building the native CPU kernels, after '-O3 -march=native' (e.g. "
+    "'-march=haswell' builds the AVX2 code on an AVX-512 machine)",
+)
 SPLITSERVE_CACHE_DIR = EnvVar(
     "SPLITSERVE_CACHE_DIR", str, "",
     "folder of splitserve's on-disk caches (GGUF tokenizers, built CPU kernels); default "

@@ -71,8 +71,34 @@ static inline float exp_nonpos(float x) {
 typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
 
-static inline v16f load16(const void *p, int dtype) {
+/* Lanes summed pairwise, (l, l + 8), then (l, l + 4), ...: in registers (a round trip
+ * through memory stalled on store forwarding). __builtin_shufflevector: GCC >= 12, clang; older compilers sum through memory. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+static inline float hsum16(v16f a) {
+#ifdef HAVE_SHUFFLEVECTOR
+    const v8f s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
+        + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4f s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3)
+        + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#else /* the same sums through memory (slower: store forwarding) */
+    float l[LANES];
+    memcpy(l, &a, sizeof l);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) l[i] += l[i + w];
+    return l[0];
+#endif
+}
+
+static inline __attribute__((always_inline)) v16f load16(const void *p, int dtype) {
     v16f f;
     if (dtype == BF16) {
         v16h h;
@@ -87,7 +113,7 @@ static inline v16f load16(const void *p, int dtype) {
 
 /* Dot product of q (float32, D % LANES == 0) with a K row in the cache's dtype: 16 lanes,
  * then the lanes summed pairwise. */
-static inline float dot_row(const float *restrict q, const void *k, int dtype, int64_t D) {
+static inline __attribute__((always_inline)) float dot_row(const float *restrict q, const void *k, int dtype, int64_t D) {
     const size_t esize = dtype == BF16 ? 2 : 4;
     v16f acc = {0};
     for (int64_t d = 0; d < D; d += LANES) {
@@ -95,15 +121,11 @@ static inline float dot_row(const float *restrict q, const void *k, int dtype, i
         memcpy(&qv, q + d, sizeof qv);
         acc += qv * load16((const char *)k + (size_t)d * esize, dtype);
     }
-    float lanes[LANES];
-    memcpy(lanes, &acc, sizeof lanes);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; l++) lanes[l] += lanes[l + w];
-    return lanes[0];
+    return hsum16(acc);
 }
 
 /* out[d] += p * v[d] */
-static inline void axpy_row(float *restrict out, float p, const void *v, int dtype, int64_t D) {
+static inline __attribute__((always_inline)) void axpy_row(float *restrict out, float p, const void *v, int dtype, int64_t D) {
     if (dtype == BF16) {
         const uint16_t *h = (const uint16_t *)v;
         for (int64_t d = 0; d < D; d++) out[d] += p * bf16_to_f32(h[d]);
@@ -148,6 +170,134 @@ static void softmax(float *restrict s, int64_t n, float soft_cap) {
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
+#define MAX_CHUNKS 16 /* head_dim up to 256 */
+
+/* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
+ * query in registers, one dot product per row (as dot_row). */
+static inline __attribute__((always_inline)) void score_rows(
+    const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
+    float *restrict out, const int dtype, const int64_t D)
+{
+    const size_t esize = dtype == BF16 ? 2 : 4;
+    v16f qv[MAX_CHUNKS];
+    for (int64_t c = 0; c < D / LANES; c++) memcpy(&qv[c], q + c * LANES, sizeof qv[c]);
+    for (int64_t j = 0; j < count; j++) {
+        const char *row = k + j * stride;
+        v16f acc = {0};
+        for (int64_t c = 0; c < D / LANES; c++)
+            acc += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
+        out[j] = hsum16(acc) * scale;
+    }
+}
+
+/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order (as axpy_row), the
+ * accumulator in registers for the run. */
+static inline __attribute__((always_inline)) void accumulate_rows(
+    float *restrict acc, const float *restrict p, const char *v, int64_t stride, int64_t count,
+    const int dtype, const int64_t D)
+{
+    const size_t esize = dtype == BF16 ? 2 : 4;
+    v16f a[MAX_CHUNKS];
+    for (int64_t c = 0; c < D / LANES; c++) memcpy(&a[c], acc + c * LANES, sizeof a[c]);
+    for (int64_t j = 0; j < count; j++) {
+        const char *row = v + j * stride;
+        for (int64_t c = 0; c < D / LANES; c++)
+            a[c] += p[j] * load16(row + (size_t)(c * LANES) * esize, dtype);
+    }
+    for (int64_t c = 0; c < D / LANES; c++) memcpy(acc + c * LANES, &a[c], sizeof a[c]);
+}
+
+/* Ask for the next block's rows of this item while the current one is computed: blocks sit
+ * at random places in the pool, beyond what the hardware prefetchers guess. */
+static inline void prefetch_rows(const char *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+/* Shapes and strides of one call, shared by its work items. */
+struct call {
+    const void *query; int q_dtype; int64_t q_stride_b, q_stride_h;
+    const void *key_cache, *value_cache;
+    int64_t stride_block, stride_token, stride_head;
+    const int32_t *block_tables; int64_t table_stride; const int32_t *context_lens;
+    void *out; int64_t H, KVH, D, block_size, window, group, per_item;
+    float scale, soft_cap;
+};
+
+/* One work item: sequence b, KV heads [h0, h0 + per_item). Inlined once per cache dtype, so
+ * the dtype is a constant in the loops. Returns 0, or 1 when its scratch memory failed. */
+static inline __attribute__((always_inline)) int run_item(
+    const struct call *c, int64_t b, int64_t h0, const int kv_dtype, const int64_t D)
+{
+    const int64_t group = c->group, per_item = c->per_item, bs = c->block_size;
+    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
+    const int64_t nq = per_item * group; /* query heads of this item */
+    const int64_t ctx = c->context_lens[b];
+    const int64_t start = (c->window > 0 && ctx > c->window) ? ctx - c->window : 0;
+    const int64_t n = ctx - start;
+    char *o = (char *)c->out + (size_t)((b * c->H + h0 * group) * D) * q_esize;
+    if (n <= 0) { /* no key at all: zeros, as documented */
+        memset(o, 0, (size_t)(nq * D) * q_esize);
+        return 0;
+    }
+    float *buf = (float *)malloc(sizeof(float) * (size_t)(nq * D * 2 + nq * n));
+    if (buf == NULL) return 1;
+    float *qf = buf, *acc = buf + nq * D, *scores = buf + 2 * nq * D;
+    for (int64_t i = 0; i < nq; i++) {
+        const char *qp = (const char *)c->query
+            + (size_t)(b * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
+        load_row(qp, c->q_dtype, D, qf + i * D);
+    }
+    const int32_t *table = c->block_tables + b * c->table_stride;
+    /* pass 1: scores, block by block; within a block, head by head */
+    const int64_t row_stride = c->stride_token * (int64_t)kv_esize;
+    /* bytes of a block's rows of this item's heads (one run when the item has every head) */
+    const int64_t span = (bs - 1) * row_stride
+        + ((per_item - 1) * c->stride_head + D) * (int64_t)kv_esize;
+    for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
+        const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
+        const char *blk = (const char *)c->key_cache + (size_t)(table[t0 / bs] * c->stride_block
+            + h0 * c->stride_head + (lo - t0) * c->stride_token) * kv_esize;
+        if (t0 + bs < ctx)
+            prefetch_rows((const char *)c->key_cache + (size_t)(table[t0 / bs + 1] * c->stride_block
+                + h0 * c->stride_head) * kv_esize, span);
+        for (int64_t kh = 0; kh < per_item; kh++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t i = kh * group + g;
+                score_rows(qf + i * D, blk + (size_t)(kh * c->stride_head) * kv_esize, row_stride,
+                           hi - lo, c->scale, scores + i * n + (lo - start), kv_dtype, D);
+            }
+    }
+    for (int64_t i = 0; i < nq; i++) softmax(scores + i * n, n, c->soft_cap);
+    /* pass 2: the weighted sum of the values, the same way */
+    memset(acc, 0, sizeof(float) * (size_t)(nq * D));
+    for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
+        const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
+        const char *blk = (const char *)c->value_cache + (size_t)(table[t0 / bs] * c->stride_block
+            + h0 * c->stride_head + (lo - t0) * c->stride_token) * kv_esize;
+        if (t0 + bs < ctx)
+            prefetch_rows((const char *)c->value_cache + (size_t)(table[t0 / bs + 1] * c->stride_block
+                + h0 * c->stride_head) * kv_esize, span);
+        for (int64_t kh = 0; kh < per_item; kh++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t i = kh * group + g;
+                accumulate_rows(acc + i * D, scores + i * n + (lo - start),
+                                blk + (size_t)(kh * c->stride_head) * kv_esize, row_stride,
+                                hi - lo, kv_dtype, D);
+            }
+    }
+    for (int64_t i = 0; i < nq; i++) {
+        const float *a = acc + i * D;
+        if (c->q_dtype == BF16) {
+            uint16_t *h = (uint16_t *)o + i * D;
+            for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
+        } else {
+            memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
 /* Returns 0, or -1 when a work item could not get its scratch memory (out is then partial).
  *
  * A work item is a sequence's KV heads [h0, h0 + nh): all of them when there are enough
@@ -161,76 +311,23 @@ int paged_decode_attention(
     void *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
     float scale, int64_t window, float soft_cap, int num_threads)
 {
-    const int64_t group = H / KVH;
     const int64_t per_item = B >= 4 * (int64_t)num_threads ? KVH : 1;
-    const int64_t items = B * (KVH / per_item);
-    const size_t q_esize = q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
+    const struct call c = {
+        query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,
+        stride_block, stride_token, stride_head, block_tables, table_stride, context_lens,
+        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap,
+    };
+    const int64_t per_seq = KVH / per_item, items = B * per_seq;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
     for (int64_t item = 0; item < items; item++) {
-        const int64_t b = item / (KVH / per_item), h0 = (item % (KVH / per_item)) * per_item;
-        const int64_t nq = per_item * group; /* query heads of this item */
-        const int64_t ctx = context_lens[b];
-        const int64_t start = (window > 0 && ctx > window) ? ctx - window : 0;
-        const int64_t n = ctx - start;
-        char *o = (char *)out + (size_t)((b * H + h0 * group) * D) * q_esize;
-        if (n <= 0) { /* no key at all: zeros, as documented */
-            memset(o, 0, (size_t)(nq * D) * q_esize);
-            continue;
-        }
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(nq * D * 2 + nq * n));
-        if (buf == NULL) { failed = 1; continue; }
-        float *qf = buf, *acc = buf + nq * D, *scores = buf + 2 * nq * D;
-        for (int64_t i = 0; i < nq; i++) {
-            const char *qp = (const char *)query
-                + (size_t)(b * q_stride_b + (h0 * group + i) * q_stride_h) * q_esize;
-            load_row(qp, q_dtype, D, qf + i * D);
-        }
-        const int32_t *table = block_tables + b * table_stride;
-        /* pass 1: scores, block by block */
-        for (int64_t t0 = start - start % block_size; t0 < ctx; t0 += block_size) {
-            const char *blk = (const char *)key_cache
-                + (size_t)(table[t0 / block_size] * stride_block + h0 * stride_head) * kv_esize;
-            const int64_t lo = t0 < start ? start : t0, hi = t0 + block_size < ctx ? t0 + block_size : ctx;
-            for (int64_t t = lo; t < hi; t++) {
-                const char *row = blk + (size_t)((t - t0) * stride_token) * kv_esize;
-                for (int64_t kh = 0; kh < per_item; kh++) {
-                    const char *kp = row + (size_t)(kh * stride_head) * kv_esize;
-                    for (int64_t g = 0; g < group; g++) {
-                        const int64_t i = kh * group + g;
-                        scores[i * n + (t - start)] = dot_row(qf + i * D, kp, kv_dtype, D) * scale;
-                    }
-                }
-            }
-        }
-        for (int64_t i = 0; i < nq; i++) softmax(scores + i * n, n, soft_cap);
-        /* pass 2: the weighted sum of the values */
-        memset(acc, 0, sizeof(float) * (size_t)(nq * D));
-        for (int64_t t0 = start - start % block_size; t0 < ctx; t0 += block_size) {
-            const char *blk = (const char *)value_cache
-                + (size_t)(table[t0 / block_size] * stride_block + h0 * stride_head) * kv_esize;
-            const int64_t lo = t0 < start ? start : t0, hi = t0 + block_size < ctx ? t0 + block_size : ctx;
-            for (int64_t t = lo; t < hi; t++) {
-                const char *row = blk + (size_t)((t - t0) * stride_token) * kv_esize;
-                for (int64_t kh = 0; kh < per_item; kh++) {
-                    const char *vp = row + (size_t)(kh * stride_head) * kv_esize;
-                    for (int64_t g = 0; g < group; g++) {
-                        const int64_t i = kh * group + g;
-                        axpy_row(acc + i * D, scores[i * n + (t - start)], vp, kv_dtype, D);
-                    }
-                }
-            }
-        }
-        for (int64_t i = 0; i < nq; i++) {
-            const float *a = acc + i * D;
-            if (q_dtype == BF16) {
-                uint16_t *h = (uint16_t *)o + i * D;
-                for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
-            } else {
-                memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
-            }
-        }
-        free(buf);
+        const int64_t b = item / per_seq, h0 = (item % per_seq) * per_item;
+        if (kv_dtype == BF16)  /* dtype and the common head sizes as constants in the loops */
+            failed |= D == 64 ? run_item(&c, b, h0, BF16, 64)
+                    : D == 128 ? run_item(&c, b, h0, BF16, 128) : run_item(&c, b, h0, BF16, D);
+        else
+            failed |= D == 64 ? run_item(&c, b, h0, F32, 64)
+                    : D == 128 ? run_item(&c, b, h0, F32, 128) : run_item(&c, b, h0, F32, D);
     }
     return failed ? -1 : 0;
 }

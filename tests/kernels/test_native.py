@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from splitserve import LLM, SamplingParams
 from splitserve.kernels import cpu_ops, native, ops, reference
 from splitserve.kernels.checks import KernelInputError
+from splitserve.kernels.cpu_features import cpu_flags
 from splitserve.kernels.kv_cache import allocate_kv_caches
 from tests.kernels.cases import random_block_tables
 
@@ -181,3 +183,44 @@ def test_without_a_build_the_reference_runs_and_says_why(tmp_path: Path, env: di
     assert not out["available"] and why in out["reason"], out
     assert out["same"] and out["calls"] == 0
     assert "native CPU kernels unavailable" in run.stderr  # the one warning
+
+
+_OTHER_BUILD = r"""
+import json, sys, torch
+sys.path.insert(0, ".")
+from splitserve.kernels import native, reference
+from tests.kernels.test_native import CASES, _case
+st = native.status()
+worst = 0.0
+for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
+    q, cache, tables, ctx = _case(dtype, head_dim, heads, block_size, lens)
+    got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    ref = reference.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    worst = max(worst, (got.float() - ref.float()).abs().max().item())
+print(json.dumps({"available": st.available, "reason": st.reason, "calls": native.calls,
+                  "worst": worst, "path": st.reason.split()[1] if st.available else None}))
+"""
+
+
+def _zmm(path: str) -> bool:
+    dump = subprocess.run(["objdump", "-d", path], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    return "zmm" in dump.stdout
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump comes with gcc's binutils")
+def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
+    """Machines of this kind differ (AVX-512 or only AVX2): the code -march=haswell gives is
+    built and checked here as well, whatever this machine has."""
+    run = subprocess.run(
+        [sys.executable, "-c", _OTHER_BUILD], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path),
+                          "SPLITSERVE_NATIVE_CFLAGS": "-march=haswell"},
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["available"] and "-march=haswell" in out["reason"], out
+    assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
+    assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
+    if "avx512f" in cpu_flags():  # and this machine's own build does use them
+        assert _zmm(native.status().reason.split()[1])

@@ -111,30 +111,6 @@ static inline __attribute__((always_inline)) v16f load16(const void *p, int dtyp
     return f;
 }
 
-/* Dot product of q (float32, D % LANES == 0) with a K row in the cache's dtype: 16 lanes,
- * then the lanes summed pairwise. */
-static inline __attribute__((always_inline)) float dot_row(const float *restrict q, const void *k, int dtype, int64_t D) {
-    const size_t esize = dtype == BF16 ? 2 : 4;
-    v16f acc = {0};
-    for (int64_t d = 0; d < D; d += LANES) {
-        v16f qv;
-        memcpy(&qv, q + d, sizeof qv);
-        acc += qv * load16((const char *)k + (size_t)d * esize, dtype);
-    }
-    return hsum16(acc);
-}
-
-/* out[d] += p * v[d] */
-static inline __attribute__((always_inline)) void axpy_row(float *restrict out, float p, const void *v, int dtype, int64_t D) {
-    if (dtype == BF16) {
-        const uint16_t *h = (const uint16_t *)v;
-        for (int64_t d = 0; d < D; d++) out[d] += p * bf16_to_f32(h[d]);
-    } else {
-        const float *f = (const float *)v;
-        for (int64_t d = 0; d < D; d++) out[d] += p * f[d];
-    }
-}
-
 /* max / sum of n floats in LANES partial results combined pairwise: a fixed order for a
  * given n, and no serial dependency chain. */
 static inline float max_lanes(const float *restrict s, int64_t n) {
@@ -173,7 +149,7 @@ static void softmax(float *restrict s, int64_t n, float soft_cap) {
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 
 /* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
- * query in registers, one dot product per row (as dot_row). */
+ * query in registers, one dot product per row in 16 lanes, the lanes then summed pairwise. */
 static inline __attribute__((always_inline)) void score_rows(
     const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
     float *restrict out, const int dtype, const int64_t D)
@@ -190,8 +166,8 @@ static inline __attribute__((always_inline)) void score_rows(
     }
 }
 
-/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order (as axpy_row), the
- * accumulator in registers for the run. */
+/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, the accumulator in
+ * registers for the run. */
 static inline __attribute__((always_inline)) void accumulate_rows(
     float *restrict acc, const float *restrict p, const char *v, int64_t stride, int64_t count,
     const int dtype, const int64_t D)
@@ -239,6 +215,13 @@ struct call {
     float scale, soft_cap;
 };
 
+/* Address of token `t` of `block`, KV head `h`, in `cache`. */
+static inline const char *kv_row(const struct call *c, const void *cache, int64_t block,
+                                 int64_t t, int64_t h, size_t kv_esize) {
+    return (const char *)cache
+        + (size_t)(block * c->stride_block + h * c->stride_head + t * c->stride_token) * kv_esize;
+}
+
 /* One work item: sequence b, KV heads [h0, h0 + per_item). Inlined once per cache dtype, so
  * the dtype is a constant in the loops. Returns 0, or 1 when its scratch memory failed. */
 static inline __attribute__((always_inline)) int run_item(
@@ -271,11 +254,9 @@ static inline __attribute__((always_inline)) int run_item(
         + ((per_item - 1) * c->stride_head + D) * (int64_t)kv_esize;
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
-        const char *blk = (const char *)c->key_cache + (size_t)(table[t0 / bs] * c->stride_block
-            + h0 * c->stride_head + (lo - t0) * c->stride_token) * kv_esize;
+        const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
-            prefetch_rows((const char *)c->key_cache + (size_t)(table[t0 / bs + 1] * c->stride_block
-                + h0 * c->stride_head) * kv_esize, span);
+            prefetch_rows(kv_row(c, c->key_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
         for (int64_t kh = 0; kh < per_item; kh++)
             for (int64_t g = 0; g < group; g++) {
                 const int64_t i = kh * group + g;
@@ -288,11 +269,9 @@ static inline __attribute__((always_inline)) int run_item(
     memset(acc, 0, sizeof(float) * (size_t)(nq * D));
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
-        const char *blk = (const char *)c->value_cache + (size_t)(table[t0 / bs] * c->stride_block
-            + h0 * c->stride_head + (lo - t0) * c->stride_token) * kv_esize;
+        const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
-            prefetch_rows((const char *)c->value_cache + (size_t)(table[t0 / bs + 1] * c->stride_block
-                + h0 * c->stride_head) * kv_esize, span);
+            prefetch_rows(kv_row(c, c->value_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
         for (int64_t kh = 0; kh < per_item; kh++)
             for (int64_t g = 0; g < group; g++) {
                 const int64_t i = kh * group + g;

@@ -1,13 +1,13 @@
-"""The CPU implementation of every kernel: the torch references, with paged decode attention
-from the native C kernel (``native.py``; the reference wherever that kernel is unavailable or
-does not take the operands).
+"""The CPU implementation of every kernel: the torch references, with paged decode attention,
+RMSNorm and the rotary + K/V store step from the native C kernels (``native.py``; the
+reference wherever a kernel is unavailable or does not take the operands).
 
 ``ops.get_ops`` returns this module for CPU tensors unless ``SPLITSERVE_KERNELS`` forces one.
 """
 
 from __future__ import annotations
 
-from splitserve.kernels.native import paged_decode_attention
+from splitserve.kernels.native import paged_decode_attention, rms_norm, rotary_store_kv
 from splitserve.kernels.reference import (
     fused_moe,
     gather_blocks,
@@ -17,7 +17,6 @@ from splitserve.kernels.reference import (
     moe_groups,
     moe_route,
     prefill_attention,
-    rms_norm,
     rope_cos_sin_cache,
     rotary_embedding,
     scatter_blocks,
@@ -38,6 +37,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin_cache",
     "rotary_embedding",
+    "rotary_store_kv",
     "scatter_blocks",
     "silu_and_mul",
     "store_kv",

@@ -1,28 +1,37 @@
 """CPU kernels in C, built at first use with the host compiler and called through ctypes.
 
-Today one kernel: ``paged_decode_attention`` (``native/decode_attention.c``), which reads each
-sequence's keys and values in place from the paged cache. The pure-torch reference gathers
-every sequence's blocks into a padded copy and hands it to torch's fused SDPA, whose CPU
-kernel is built for long queries: with one query token per sequence it spent ~50 us per
-(sequence, layer), and the gather itself wrote and read the whole context once more. At 64
-sequences of ~450 tokens (SmolLM2, bf16) the reference took ~135 ms of a ~310 ms decode step.
+- ``paged_decode_attention`` (``native/decode_attention.c``) reads each sequence's keys and
+  values in place from the paged cache. The pure-torch reference gathers every sequence's
+  blocks into a padded copy and hands it to torch's fused SDPA, whose CPU kernel is built for
+  long queries: with one query token per sequence it spent ~50 us per (sequence, layer), and
+  the gather itself wrote and read the whole context once more. At 64 sequences of ~450
+  tokens (SmolLM2, bf16) the reference took ~135 ms of a ~310 ms decode step. The kernel
+  checks the block ids it will read itself (a few integer compares), so no per-layer check
+  runs in Python.
+- ``rms_norm`` (residual add fused) and ``rotary_store_kv`` (q/k RMSNorm when the model has
+  it, rotary embedding, the K/V store into the paged cache) (``native/layer_ops.c``): the
+  small per-layer ops, one call each instead of a chain of torch ops. At decode sizes every
+  torch op costs its dispatch and allocation whatever its size: a layer of a 4-layer test
+  model spent ~1.1 ms in ~40 ops at 16 sequences, and the references' rotary, store and
+  norms were ~450 us of it.
 
 Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fopenmp -shared`` (plus
 ``SPLITSERVE_NATIVE_CFLAGS``), into
-``<cache>/native/<key>/`` (``SPLITSERVE_CACHE_DIR``; the key hashes the source, the flags,
+``<cache>/native/<key>/`` (``SPLITSERVE_CACHE_DIR``; the key hashes the sources, the flags,
 the compiler's version and the processor's flags, so a machine of another kind builds its
 own). Written to a temporary name and renamed, so processes that build at once never load a
 partial file. The library is linked against ``libgomp.so.1``, which resolves to the copy torch
 already loaded: the kernel runs on torch's thread team.
 
 When there is no compiler, the build fails, or ``SPLITSERVE_NATIVE_KERNELS=0``, the reference
-runs instead, after one warning that says why (``status()`` reports it). Inputs the kernel does
-not take (float16, a head dimension not a multiple of 16, a strided last dimension) go to the
-reference as well.
+runs instead, after one warning that says why (``status()`` reports it). Inputs a kernel does
+not take (float16, a head dimension not a multiple of 16 for attention, a strided last
+dimension) go to the reference as well.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import logging
@@ -39,12 +48,14 @@ from torch import Tensor
 
 from splitserve import env
 from splitserve.kernels import reference
-from splitserve.kernels.checks import check_block_tables, require
+from splitserve.kernels.checks import KernelInputError, require
 from splitserve.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "decode_attention.c"
+SOURCE_DIR = Path(__file__).with_name("native")
+SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c")
+HEADERS = (SOURCE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 LIB_NAME = "libsplitserve_native.so"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -62,8 +73,8 @@ class NativeStatus:
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status: NativeStatus | None = None
-calls = 0
-"""Native kernel launches in this process (tests read it to see the kernel ran)."""
+calls: collections.Counter[str] = collections.Counter()
+"""Native kernel launches in this process, per kernel (tests read it to see a kernel ran)."""
 
 
 def status() -> NativeStatus:
@@ -103,9 +114,8 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
                                  timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError) as e:
         return None, NativeStatus(False, f"{cc} --version failed: {e}")
-    source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([
-        source, " ".join(flags()).encode(), cc.encode(), "".join(version).encode(),
+        *(f.read_bytes() for f in SOURCES + HEADERS), " ".join(flags()).encode(), cc.encode(), "".join(version).encode(),
         " ".join(sorted(cpu_flags())).encode(),
     ])).hexdigest()[:24]
     root = env.cache_dir()
@@ -121,16 +131,33 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, NativeStatus(False, f"loading {path}: {e}")
-    fn = lib.paged_decode_attention
     i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    fn.argtypes = [
-        ptr, i32, i64, i64,  # query, dtype, strides
-        ptr, ptr, i32, i64, i64, i64,  # key, value, dtype, block/token/head strides
-        ptr, i64, ptr,  # block tables, row stride, context lens
-        ptr, i64, i64, i64, i64, i64,  # out, B, H, KVH, D, block_size
-        f32, i64, f32, i32,  # scale, window, soft cap, threads
-    ]
-    fn.restype = i32
+    signatures = {
+        "paged_decode_attention": [
+            ptr, i32, i64, i64,  # query, dtype, strides
+            ptr, ptr, i32, i64, i64, i64,  # key, value, dtype, block/token/head strides
+            ptr, i64, i64, i64, ptr,  # block tables, row stride, max blocks, num blocks, lens
+            ptr, i64, i64, i64, i64, i64,  # out, B, H, KVH, D, block_size
+            f32, i64, f32, i32,  # scale, window, soft cap, threads
+        ],
+        "rms_norm": [
+            ptr, i32, i64, i64, i64,  # x, dtype, rows, H, row stride
+            ptr, i64, ptr, f32,  # residual, its row stride, weight, eps
+            ptr, ptr, i32,  # out, residual out, threads
+        ],
+        "rotary_store_kv": [
+            ptr, ptr, ptr, i32,  # q, k, v, dtype
+            i64, i64, i64, i64, i64, i64,  # their token / head strides
+            i64, i64, i64, i64, i64,  # T, NH, NKV, D, rotary dims
+            ptr, ptr, i64, i64,  # positions, table, its row stride, rows
+            ptr, ptr, f32, ptr,  # q norm, k norm, eps, q out
+            ptr, ptr, i32, i64, i64, i64,  # K cache, V cache, dtype, block/token/head strides
+            i64, i64, ptr, i32,  # num blocks, block size, slots, threads
+        ],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, i64
     return lib, NativeStatus(True, f"{built} {path} ({' '.join(flags())}, {''.join(version)})")
 
 
@@ -144,22 +171,37 @@ def _build(cc: str, folder: Path, path: Path) -> str | None:
         return f"cannot write {folder}: {e}"
     try:
         *options, libs = flags()
-        run = subprocess.run([cc, *options, "-o", tmp, str(SOURCE), libs],
+        run = subprocess.run([cc, *options, f"-I{SOURCE_DIR}", "-o", tmp,
+                              *(str(f) for f in SOURCES), libs],
                              capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
-            return f"{cc} failed on {SOURCE.name} (rc {run.returncode}): {' | '.join(tail)}"
+            names = ", ".join(f.name for f in SOURCES)
+            return f"{cc} failed on {names} (rc {run.returncode}): {' | '.join(tail)}"
         os.replace(tmp, path)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"building {SOURCE.name} with {cc}: {e}"
+        return f"building {SOURCE_DIR} with {cc}: {e}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return None
 
 
+def _loaded() -> ctypes.CDLL | None:
+    """The library, built and loaded on first use; None where the references must run."""
+    if _status is None:
+        status()
+    return _lib
+
+
+def _cache_pointers(kv_cache: Tensor) -> tuple[int, int]:
+    """Addresses of a layer cache's K and V planes ([2, ...] through its strides)."""
+    k = kv_cache.data_ptr()
+    return k, k + kv_cache.stride(0) * kv_cache.element_size()
+
+
 def supports(query: Tensor, kv_cache: Tensor) -> bool:
-    """Whether the kernel takes these operands (else the reference runs)."""
+    """Whether the attention kernel takes these operands (else the reference runs)."""
     return (
         query.device.type == "cpu" and kv_cache.device.type == "cpu"
         and query.dtype in _DTYPES and kv_cache.dtype in _DTYPES
@@ -179,33 +221,155 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
 ) -> Tensor:
-    """``reference.paged_decode_attention``, computed by the native kernel where it can be."""
-    if query.shape[0] == 0 or not supports(query, kv_cache) or not status().available:
+    """``reference.paged_decode_attention``, computed by the native kernel where it can be.
+
+    The kernel checks every block id a context covers, and each context length against the
+    table, before it reads anything (``KernelInputError`` names the first bad one)."""
+    lib = _loaded()
+    if lib is None or query.shape[0] == 0 or not supports(query, kv_cache):
         return reference.paged_decode_attention(
             query, kv_cache, block_tables, context_lens, scale, sliding_window, soft_cap
         )
-    assert _lib is not None
     b, h, d = query.shape
     require(block_tables.dim() == 2 and block_tables.shape[0] == b
             and tuple(context_lens.shape) == (b,),
             f"block_tables [{b}, max_blocks] and context_lens [{b}] expected, got "
             f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
-    # the kernel reads blocks by these ids, unchecked: every id a context covers must exist
-    check_block_tables(block_tables, context_lens, kv_cache.shape[1], kv_cache.shape[2])
     tables = block_tables if block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 \
         else block_tables.to(torch.int32).contiguous()
-    lens = context_lens.to(torch.int32).contiguous()
+    lens = context_lens if context_lens.dtype == torch.int32 and context_lens.stride(0) == 1 \
+        else context_lens.to(torch.int32).contiguous()
     out = torch.empty((b, h, d), dtype=query.dtype)
-    rc = _lib.paged_decode_attention(
+    k_ptr, v_ptr = _cache_pointers(kv_cache)
+    num_blocks, block_size, max_blocks = kv_cache.shape[1], kv_cache.shape[2], tables.shape[1]
+    rc = lib.paged_decode_attention(
         query.data_ptr(), _DTYPES[query.dtype], query.stride(0), query.stride(1),
-        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), _DTYPES[kv_cache.dtype],
+        k_ptr, v_ptr, _DTYPES[kv_cache.dtype],
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-        out.data_ptr(), b, h, kv_cache.shape[3], d, kv_cache.shape[2],
+        tables.data_ptr(), tables.stride(0), max_blocks, num_blocks, lens.data_ptr(),
+        out.data_ptr(), b, h, kv_cache.shape[3], d, block_size,
         float(scale), int(sliding_window or 0), float(soft_cap or 0.0), torch.get_num_threads(),
     )
-    global calls
-    calls += 1
-    if rc != 0:
+    calls["paged_decode_attention"] += 1
+    if rc == -1:
         raise MemoryError("paged_decode_attention: a work item could not allocate its scores")
+    if rc > 0:
+        seq, col = divmod(rc - 1, max_blocks + 1)
+        if col == max_blocks:
+            raise KernelInputError(
+                f"context_lens[{seq}] = {int(lens[seq])} is outside "
+                f"[0, {max_blocks * block_size}] (block_tables has {max_blocks} columns of "
+                f"{block_size} tokens)"
+            )
+        raise KernelInputError(
+            f"block_tables[{seq}, {col}] = {int(tables[seq, col])} points past the cache "
+            f"(num_blocks = {num_blocks})"
+        )
     return out
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``reference.rms_norm`` in one native call (float32 / bfloat16 rows on the CPU)."""
+    lib = _loaded()
+    if lib is None or not _norm_supported(x, weight, residual):
+        return reference.rms_norm(x, weight, eps, residual)
+    rows, hidden = x.shape
+    out = torch.empty((rows, hidden), dtype=x.dtype)
+    new_residual = torch.empty((rows, hidden), dtype=x.dtype) if residual is not None else None
+    rc = lib.rms_norm(
+        x.data_ptr(), _DTYPES[x.dtype], rows, hidden, x.stride(0),
+        residual.data_ptr() if residual is not None else None,
+        residual.stride(0) if residual is not None else 0,
+        weight.data_ptr(), float(eps), out.data_ptr(),
+        new_residual.data_ptr() if new_residual is not None else None, torch.get_num_threads(),
+    )
+    calls["rms_norm"] += 1
+    if rc != 0:
+        raise MemoryError("rms_norm: could not allocate a row's scratch")
+    return out, new_residual
+
+
+def _norm_supported(x: Tensor, weight: Tensor, residual: Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 2 and x.numel() > 0
+        and x.stride(1) == 1 and weight.dtype == x.dtype and weight.device.type == "cpu"
+        and tuple(weight.shape) == (x.shape[1],) and weight.stride(0) == 1
+        and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                  and residual.device.type == "cpu" and residual.stride(1) == 1))
+    )
+
+
+def rotary_store_kv(
+    positions: Tensor, query: Tensor, key: Tensor, value: Tensor, cos_sin_cache: Tensor,
+    kv_cache: Tensor, slot_mapping: Tensor,
+    qk_norm: tuple[Tensor, Tensor, float] | None = None,
+) -> Tensor:
+    """``reference.rotary_store_kv`` in one native call: (q/k RMSNorm,) rotary embedding of
+    q and k, K and V written to their slots; returns the rotated queries [T, nh, hd]."""
+    lib = _loaded()
+    if lib is None or not _rope_supported(positions, query, key, value, cos_sin_cache,
+                                          kv_cache, slot_mapping, qk_norm):
+        return reference.rotary_store_kv(positions, query, key, value, cos_sin_cache, kv_cache,
+                                         slot_mapping, qk_norm)
+    t, nh, d = query.shape
+    q_out = torch.empty((t, nh, d), dtype=query.dtype)
+    k_ptr, v_ptr = _cache_pointers(kv_cache)
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    max_pos = cos_sin_cache.shape[0]
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (None, None, 0.0)
+    rc = lib.rotary_store_kv(
+        query.data_ptr(), key.data_ptr(), value.data_ptr(), _DTYPES[query.dtype],
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), t, nh, key.shape[1], d, cos_sin_cache.shape[1],
+        positions.data_ptr(), cos_sin_cache.data_ptr(), cos_sin_cache.stride(0), max_pos,
+        q_norm.data_ptr() if q_norm is not None else None,
+        k_norm.data_ptr() if k_norm is not None else None, float(eps), q_out.data_ptr(),
+        k_ptr, v_ptr, _DTYPES[kv_cache.dtype],
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), num_blocks, block_size,
+        slot_mapping.data_ptr(), torch.get_num_threads(),
+    )
+    calls["rotary_store_kv"] += 1
+    if rc == -1:
+        raise MemoryError("rotary_store_kv: could not allocate a token's scratch")
+    if rc > 0:
+        tok, bad_slot = divmod(rc - 1, 2)
+        if bad_slot:
+            raise KernelInputError(
+                f"slot_mapping[{tok}] = {int(slot_mapping[tok])} points past the cache "
+                f"({num_blocks} blocks of {block_size} tokens)"
+            )
+        raise KernelInputError(
+            f"positions[{tok}] = {int(positions[tok])} is outside the rotary table "
+            f"[0, {max_pos})"
+        )
+    return q_out
+
+
+def _rope_supported(
+    positions: Tensor, query: Tensor, key: Tensor, value: Tensor, cos_sin_cache: Tensor,
+    kv_cache: Tensor, slot_mapping: Tensor, qk_norm: tuple[Tensor, Tensor, float] | None,
+) -> bool:
+    if not (query.dim() == 3 and key.dim() == 3 and value.dim() == 3 and kv_cache.dim() == 5):
+        return False
+    t, _, d = query.shape
+    rot = cos_sin_cache.shape[-1] if cos_sin_cache.dim() == 2 else -1
+    return (
+        all(x.device.type == "cpu" for x in (query, key, value, kv_cache, cos_sin_cache,
+                                              positions, slot_mapping))
+        and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+        and kv_cache.dtype in _DTYPES and cos_sin_cache.dtype == torch.float32
+        and t > 0 and key.shape == value.shape and key.shape[0] == t and key.shape[2] == d
+        and query.stride(2) == 1 and key.stride(2) == 1 and value.stride(2) == 1
+        and kv_cache.shape[0] == 2 and kv_cache.shape[3] == key.shape[1]
+        and kv_cache.shape[4] == d and kv_cache.stride(4) == 1
+        and 0 < rot <= d and rot % 2 == 0 and cos_sin_cache.stride(1) == 1
+        and positions.dtype == torch.int64 and tuple(positions.shape) == (t,)
+        and positions.stride(0) == 1
+        and slot_mapping.dtype == torch.int64 and tuple(slot_mapping.shape) == (t,)
+        and slot_mapping.stride(0) == 1
+        and (qk_norm is None or all(
+            w.dtype == query.dtype and tuple(w.shape) == (d,) and w.stride(0) == 1
+            and w.device.type == "cpu" for w in qk_norm[:2]))
+    )

@@ -249,6 +249,41 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     kv_cache[1].index_put_((blocks, offsets), value)
 
 
+def _compose_rotary_store_kv(
+    rms_norm_fn: Callable[..., tuple[Tensor, Tensor | None]],
+    rotary_fn: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    store_fn: Callable[[Tensor, Tensor, Tensor, Tensor], None],
+) -> Callable[..., Tensor]:
+    """``rotary_store_kv`` built from a backend's own norm, rotary and store kernels."""
+
+    def rotary_store_kv(
+        positions: Tensor, query: Tensor, key: Tensor, value: Tensor, cos_sin_cache: Tensor,
+        kv_cache: Tensor, slot_mapping: Tensor,
+        qk_norm: tuple[Tensor, Tensor, float] | None = None,
+    ) -> Tensor:
+        """An attention layer's step between its projection and its attention: RMSNorm of
+        each query and key head when ``qk_norm = (q_weight, k_weight, eps)`` is given, the
+        rotary embedding of both, then the keys and ``value`` stored into the paged cache.
+
+        query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads, head_dim] (strided
+        views of one projection's output are fine); the rest as in ``rotary_embedding`` and
+        ``store_kv``. Returns the rotated queries [T, num_heads, head_dim].
+        """
+        if qk_norm is not None:
+            q_weight, k_weight, eps = qk_norm
+            t, hd = query.shape[0], query.shape[2]
+            query = rms_norm_fn(query.reshape(-1, hd), q_weight, eps)[0].view(t, -1, hd)
+            key = rms_norm_fn(key.reshape(-1, hd), k_weight, eps)[0].view(t, -1, hd)
+        query, key = rotary_fn(positions, query, key, cos_sin_cache)
+        store_fn(key, value, kv_cache, slot_mapping)
+        return query
+
+    return rotary_store_kv
+
+
+rotary_store_kv = _compose_rotary_store_kv(rms_norm, rotary_embedding, store_kv)
+
+
 def _store_plan(
     slot_mapping: Tensor, block_size: int
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:

@@ -15,10 +15,18 @@ from splitserve.kernels.decode_attention import paged_decode_attention
 from splitserve.kernels.fused_moe import fused_moe
 from splitserve.kernels.int4_gemm import int4_weight_only_mm
 from splitserve.kernels.prefill_attention import prefill_attention
-from splitserve.kernels.reference import moe_combine, moe_groups, moe_route, rope_cos_sin_cache
+from splitserve.kernels.reference import (
+    _compose_rotary_store_kv,
+    moe_combine,
+    moe_groups,
+    moe_route,
+    rope_cos_sin_cache,
+)
 from splitserve.kernels.rms_norm import rms_norm
 from splitserve.kernels.rotary import rotary_embedding
 from splitserve.kernels.store_kv import store_kv
+
+rotary_store_kv = _compose_rotary_store_kv(rms_norm, rotary_embedding, store_kv)
 
 __all__ = [
     "fused_moe",
@@ -33,6 +41,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin_cache",
     "rotary_embedding",
+    "rotary_store_kv",
     "scatter_blocks",
     "silu_and_mul",
     "store_kv",

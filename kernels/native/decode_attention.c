@@ -12,28 +12,7 @@
  * OpenMP: linking -fopenmp records libgomp.so.1, which the loader resolves to the one torch
  * already loaded, so the kernel runs on torch's own thread team.
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define LANES 16
-
-enum { F32 = 0, BF16 = 1 };
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+#include "common.h"
 
 /* One row of D elements as float32. */
 static inline void load_row(const void *p, int dtype, int64_t D, float *restrict out) {
@@ -64,51 +43,6 @@ static inline float exp_nonpos(float x) {
     float s;
     memcpy(&s, &bits, 4);
     return p * s;
-}
-
-/* 16 floats: GCC's vector extension, one AVX-512 register or two AVX2 ones, whichever
- * -march=native gives. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-/* Lanes summed pairwise, (l, l + 8), then (l, l + 4), ...: in registers (a round trip
- * through memory stalled on store forwarding). __builtin_shufflevector: GCC >= 12, clang; older compilers sum through memory. */
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define HAVE_SHUFFLEVECTOR 1
-#endif
-#endif
-
-static inline float hsum16(v16f a) {
-#ifdef HAVE_SHUFFLEVECTOR
-    const v8f s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
-        + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4f s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3)
-        + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-#else /* the same sums through memory (slower: store forwarding) */
-    float l[LANES];
-    memcpy(l, &a, sizeof l);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int i = 0; i < w; i++) l[i] += l[i + w];
-    return l[0];
-#endif
-}
-
-static inline __attribute__((always_inline)) v16f load16(const void *p, int dtype) {
-    v16f f;
-    if (dtype == BF16) {
-        v16h h;
-        memcpy(&h, p, sizeof h);
-        v16u u = __builtin_convertvector(h, v16u) << 16;
-        memcpy(&f, &u, sizeof f);
-    } else {
-        memcpy(&f, p, sizeof f);
-    }
-    return f;
 }
 
 /* max / sum of n floats in LANES partial results combined pairwise: a fixed order for a
@@ -292,19 +226,31 @@ static inline __attribute__((always_inline)) int run_item(
     return 0;
 }
 
-/* Returns 0, or -1 when a work item could not get its scratch memory (out is then partial).
+/* Returns 0; -1 when a work item could not get its scratch memory (out is then partial); or,
+ * before anything is computed, 1 + b * (max_blocks + 1) + col for the first bad input:
+ * col = max_blocks when context_lens[b] is outside [0, max_blocks * block_size], else
+ * block_tables[b, col] is an id outside [0, num_blocks) that the context covers.
  *
  * A work item is a sequence's KV heads [h0, h0 + nh): all of them when there are enough
  * sequences to keep every thread busy (each token's K/V row is then read whole, once), one
  * per item otherwise. Either way each head's arithmetic is the same. */
-int paged_decode_attention(
+int64_t paged_decode_attention(
     const void *query, int q_dtype, int64_t q_stride_b, int64_t q_stride_h,
     const void *key_cache, const void *value_cache, int kv_dtype,
     int64_t stride_block, int64_t stride_token, int64_t stride_head,
-    const int32_t *block_tables, int64_t table_stride, const int32_t *context_lens,
+    const int32_t *block_tables, int64_t table_stride, int64_t max_blocks, int64_t num_blocks,
+    const int32_t *context_lens,
     void *out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
     float scale, int64_t window, float soft_cap, int num_threads)
 {
+    /* every block id the kernel may read is checked first (a few ints per sequence) */
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t ctx = context_lens[b];
+        if (ctx < 0 || ctx > max_blocks * block_size) return 1 + b * (max_blocks + 1) + max_blocks;
+        const int32_t *table = block_tables + b * table_stride;
+        for (int64_t col = 0; col < (ctx + block_size - 1) / block_size; col++)
+            if (table[col] < 0 || table[col] >= num_blocks) return 1 + b * (max_blocks + 1) + col;
+    }
     const int64_t per_item = B >= 4 * (int64_t)num_threads ? KVH : 1;
     const struct call c = {
         query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,

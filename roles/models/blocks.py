@@ -205,7 +205,12 @@ class Attention:
         qkv: tuple[Tensor, Tensor | None], o_proj: Tensor,
         qk_norms: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> None:
-        self.ops, self.cos_sin, self.qk_norms = ops, cos_sin, qk_norms
+        self.ops, self.cos_sin = ops, cos_sin
+        self.qk_norm: tuple[Tensor, Tensor, float] | None = None
+        if qk_norms is not None:  # RMSNorm over each head's dims, before rotary
+            if qk_norms[0].eps != qk_norms[1].eps:
+                raise ValueError("q_norm and k_norm must share their epsilon")
+            self.qk_norm = (qk_norms[0].weight, qk_norms[1].weight, qk_norms[0].eps)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv = Linear(*qkv)  # [(nh + 2 nkv) * hd, H]
         self.o_proj = Linear(o_proj)  # [H, nh * hd]
@@ -220,8 +225,10 @@ class Attention:
     ) -> Tensor:
         """hidden [T, H] -> [T, H]; stores this step's K/V into kv_cache
         [2, num_blocks, block_size, nkv, hd] first."""
-        q, k, v = self._project(positions, hidden)
-        self.ops.store_kv(k, v, kv_cache, meta.slot_mapping)
+        q, k, v = self._project(hidden)
+        q = self.ops.rotary_store_kv(  # (q/k norms,) rotary, then K/V into the cache
+            positions, q, k, v, self.cos_sin, kv_cache, meta.slot_mapping, self.qk_norm
+        )
         num_tokens, d = hidden.shape[0], meta.num_decode
         if d == num_tokens:  # decodes only (the common step): no staging copy
             out = self._decode(q, kv_cache, meta)
@@ -235,16 +242,13 @@ class Attention:
         )
         return self.o_proj(out.view(num_tokens, self.q_size))
 
-    def _project(self, positions: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [T, nh, hd], k and v [T, nkv, hd]: strided views of one projection's output."""
         num_tokens, hd = hidden.shape[0], self.head_dim
         qkv = self.qkv(hidden)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, hd)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, hd)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, hd)
-        if self.qk_norms is not None:  # RMSNorm over each head's dims, before rotary
-            q = self.qk_norms[0](q.reshape(-1, hd))[0].view(num_tokens, self.num_heads, hd)
-            k = self.qk_norms[1](k.reshape(-1, hd))[0].view(num_tokens, self.num_kv_heads, hd)
-        q, k = self.ops.rotary_embedding(positions, q, k, self.cos_sin)
         return q, k, v
 
     def _decode(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
@@ -264,7 +268,7 @@ def standard_attention(
     rows = {"q": cfg.num_heads * hd, "k": cfg.num_kv_heads * hd, "v": cfg.num_kv_heads * hd}
     weight = torch.cat([w.take(f"{p}_proj.weight", (n, h)) for p, n in rows.items()])
     biases = [w.get(f"{p}_proj.bias", (n,)) for p, n in rows.items()]
-    bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc]
+    bias = torch.cat(biases) if all(b is not None for b in biases) else None  # type: ignore[misc, arg-type]
     norms = None
     if norm_offset is not None:
         norms = (

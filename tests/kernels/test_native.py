@@ -76,9 +76,9 @@ def test_matches_float64_and_the_reference(dtype, head_dim, heads, block_size, l
                                            cap) -> None:
     q, cache, tables, ctx = _case(dtype, head_dim, heads, block_size, lens)
     assert not cache.is_contiguous()  # read through the pool's strides
-    before = native.calls
+    before = native.calls["paged_decode_attention"]
     got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
-    assert native.calls == before + 1  # the C kernel ran, not the fallback
+    assert native.calls["paged_decode_attention"] == before + 1  # the C kernel ran, not the fallback
     want = _exact(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     ref = reference.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     assert got.dtype == dtype and got.shape == q.shape
@@ -123,9 +123,9 @@ def test_block_ids_past_the_cache_are_refused_not_read() -> None:
 
 def test_operands_it_does_not_take_go_to_the_reference() -> None:
     q, cache, tables, ctx = _case(torch.float16, 64, (4, 2), 16, [20, 40])
-    before = native.calls
+    before = native.calls["paged_decode_attention"]
     got = native.paged_decode_attention(q, cache, tables, ctx, 0.125)
-    assert native.calls == before
+    assert native.calls["paged_decode_attention"] == before
     assert torch.equal(got, reference.paged_decode_attention(q, cache, tables, ctx, 0.125))
 
 
@@ -134,11 +134,13 @@ def test_the_cpu_backend_is_the_references_with_the_native_kernel(
 ) -> None:
     monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
     assert ops.get_ops("cpu") is cpu_ops
-    assert cpu_ops.paged_decode_attention is native.paged_decode_attention
+    native_ops = {"paged_decode_attention", "rms_norm", "rotary_store_kv"}
+    for name in native_ops:
+        assert getattr(cpu_ops, name) is getattr(native, name)
     public = {n for n, f in vars(reference).items() if callable(f) and not n.startswith("_")
               and getattr(f, "__module__", "") == reference.__name__}
     assert public == set(cpu_ops.__all__)
-    for name in public - {"paged_decode_attention"}:
+    for name in public - native_ops:
         assert getattr(cpu_ops, name) is getattr(reference, name)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "torch")
     assert ops.get_ops("cpu") is reference
@@ -148,12 +150,15 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
     llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
     info = llm.engine.info()
     assert info["kernels"] == "cpu_ops" and info["native_kernels"] is not None
-    before = native.calls
+    before = dict(native.calls)
     out = llm.generate(["hello there"], SamplingParams(temperature=0.0, max_tokens=6,
                                                        ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 6
-    # 5 decode steps x 2 layers (the first token comes from the prefill)
-    assert native.calls - before == 5 * 2
+    ran = {name: n - before.get(name, 0) for name, n in native.calls.items()}
+    # attention: 5 decode steps x 2 layers (the first token comes from the prefill); every
+    # one of the 6 forwards: rotary + store per layer, 2 norms per layer and the final one
+    assert ran == {"paged_decode_attention": 5 * 2, "rotary_store_kv": 6 * 2,
+                   "rms_norm": 6 * (2 * 2 + 1)}
 
 
 # One process, the build retried under each setting (the outcome is kept per process, so it is
@@ -174,8 +179,18 @@ for setting in json.loads(os.environ["SETTINGS"]):
     native.status()  # asked again: no second warning
     same = torch.equal(native.paged_decode_attention(q, cache, tables, ctx, 0.125),
                        reference.paged_decode_attention(q, cache, tables, ctx, 0.125))
+    x, w = torch.randn(3, 64), torch.rand(64)
+    same &= all(torch.equal(a, b) for a, b in zip(native.rms_norm(x, w, 1e-6, x),
+                                                  reference.rms_norm(x, w, 1e-6, x)))
+    pos, slots = torch.tensor([3, 9]), torch.tensor([5, 40])
+    table = reference.rope_cos_sin_cache(64, 16, 10000.0)
+    caches = [cache.clone(), cache.clone()]
+    same &= torch.equal(
+        native.rotary_store_kv(pos, q, q[:, :2], q[:, 2:], table, caches[0], slots),
+        reference.rotary_store_kv(pos, q, q[:, :2], q[:, 2:], table, caches[1], slots))
+    same &= torch.equal(*caches)
     results.append({"available": st.available, "reason": st.reason, "same": same,
-                    "calls": native.calls, "warnings": list(warned)})
+                    "calls": sum(native.calls.values()), "warnings": list(warned)})
     for key in setting:
         del os.environ[key]
 print(json.dumps(results))
@@ -214,7 +229,8 @@ for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
     got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     ref = reference.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     worst = max(worst, (got.float() - ref.float()).abs().max().item())
-print(json.dumps({"available": st.available, "reason": st.reason, "calls": native.calls,
+print(json.dumps({"available": st.available, "reason": st.reason,
+                  "calls": native.calls["paged_decode_attention"],
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
 """
 

@@ -28,12 +28,18 @@ def test_signatures_match_the_reference(name: str) -> None:
 # Host-side helpers with no kernel of their own: the table and the MoE routing (softmax + top-k,
 # the grouping of tokens by expert, the weighted combine) are the same torch code on every backend.
 SHARED = {"rope_cos_sin_cache", "moe_route", "moe_groups", "moe_combine"}
+# Steps composed of a backend's own kernels (reference._compose_rotary_store_kv).
+COMPOSED = {"rotary_store_kv": {"rms_norm", "rotary_embedding", "store_kv"}}
 
 
 def test_kernel_files_own_their_launchers() -> None:
     for name in PUBLIC:
         if name in SHARED:
             assert getattr(triton_ops, name) is getattr(reference, name)
+        elif name in COMPOSED:
+            parts = {c.cell_contents for c in getattr(triton_ops, name).__closure__}
+            assert parts == {getattr(triton_ops, p) for p in COMPOSED[name]}
+            assert not parts & {getattr(reference, p) for p in COMPOSED[name]}
         else:
             assert getattr(triton_ops, name).__module__ != reference.__name__
 

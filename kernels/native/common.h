@@ -1,0 +1,73 @@
+/* What the native CPU kernels share: bf16 conversions and 16-float vectors. */
+#ifndef SPLITSERVE_NATIVE_COMMON_H
+#define SPLITSERVE_NATIVE_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* 16 floats: GCC's vector extension, one AVX-512 register or two AVX2 ones, whichever
+ * -march=native gives. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+/* Lanes summed pairwise, (l, l + 8), then (l, l + 4), ...: in registers (a round trip
+ * through memory stalled on store forwarding). __builtin_shufflevector: GCC >= 12, clang; older compilers sum through memory. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+static inline float hsum16(v16f a) {
+#ifdef HAVE_SHUFFLEVECTOR
+    const v8f s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
+        + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4f s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3)
+        + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#else /* the same sums through memory (slower: store forwarding) */
+    float l[LANES];
+    memcpy(l, &a, sizeof l);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int i = 0; i < w; i++) l[i] += l[i + w];
+    return l[0];
+#endif
+}
+
+static inline __attribute__((always_inline)) v16f load16(const void *p, int dtype) {
+    v16f f;
+    if (dtype == BF16) {
+        v16h h;
+        memcpy(&h, p, sizeof h);
+        v16u u = __builtin_convertvector(h, v16u) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, p, sizeof f);
+    }
+    return f;
+}
+
+#endif

@@ -1,0 +1,202 @@
+/* The small per-layer ops of a transformer step on the CPU, each one call instead of a chain
+ * of torch ops: RMSNorm with its fused residual add, and (q/k RMSNorm,) rotary embedding and
+ * the K/V store into the paged cache. At decode sizes a torch op costs 3-30 us of dispatch
+ * and allocation whatever its size, and a layer ran ~15 of them around its projections.
+ *
+ * Same arithmetic as the references in kernels/reference.py, float32 inside, rounded to the
+ * tensor's dtype where the reference rounds:
+ * - rotary: x * [cos | cos] + [x2 | x1] * [-sin | sin], two products then one sum, as the
+ *   reference does it (fp-contract off below, so no fused multiply-add): bit-identical.
+ * - RMSNorm: the sum of squares in 16 lanes summed pairwise, so the mean may differ from
+ *   torch's in the last bit; each row alone, so a row's result never depends on its batch.
+ *
+ * Small calls run on the calling thread; from PARALLEL_ELEMS elements on, on torch's OpenMP
+ * team (see decode_attention.c).
+ */
+#pragma GCC optimize("fp-contract=off")
+#include "common.h"
+
+#define PARALLEL_ELEMS (1 << 16)
+
+static inline float load_elem(const void *p, int dtype, int64_t i) {
+    return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_elem(void *p, int dtype, int64_t i, float v) {
+    if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* v rounded to `dtype` and back (the value a tensor of that dtype holds). */
+static inline float round_to(float v, int dtype) {
+    return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+/* 1 / sqrt(mean(v^2) + eps) of n floats: 16 lanes, summed pairwise. */
+static inline float inv_rms(const float *restrict v, int64_t n, float eps) {
+    v16f acc = {0};
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        v16f x;
+        memcpy(&x, v + j, sizeof x);
+        acc += x * x;
+    }
+    float tail = 0.0f;
+    for (; j < n; j++) tail += v[j] * v[j];
+    return 1.0f / sqrtf((hsum16(acc) + tail) / (float)n + eps);
+}
+
+/* out[i] = norm(v)[i] * w[i], rounded as the reference: float32 (v * r) * w; bf16
+ * bf16(bf16(v * r) * w), transformers' order. */
+static inline void normed(const float *restrict v, int64_t n, float r, const void *w, int dtype,
+                          float *restrict out) {
+    for (int64_t i = 0; i < n; i++)
+        out[i] = round_to(round_to(v[i] * r, dtype) * load_elem(w, dtype, i), dtype);
+}
+
+static __thread float *scratch_buf = NULL;
+static __thread size_t scratch_cap = 0;
+
+static float *scratch(size_t floats) {
+    if (floats > scratch_cap) {
+        float *grown = (float *)realloc(scratch_buf, floats * sizeof(float));
+        if (grown == NULL) return NULL;
+        scratch_buf = grown;
+        scratch_cap = floats;
+    }
+    return scratch_buf;
+}
+
+/* RMSNorm of `rows` rows of H elements (row r at x + r * x_stride elements), weight [H] of
+ * the same dtype. With a residual (row stride r_stride), x + residual, rounded to the dtype,
+ * is written to res_out and normalized. out and res_out are packed [rows, H].
+ * Returns 0, or -1 when scratch memory could not be had. */
+int64_t rms_norm(const void *x, int dtype, int64_t rows, int64_t H, int64_t x_stride,
+                 const void *residual, int64_t r_stride, const void *weight, float eps,
+                 void *out, void *res_out, int num_threads)
+{
+    const size_t esize = dtype == BF16 ? 2 : 4;
+    int failed = 0;
+#pragma omp parallel for num_threads(num_threads) if (rows * H >= PARALLEL_ELEMS) \
+    schedule(static) reduction(| : failed)
+    for (int64_t r = 0; r < rows; r++) {
+        float *v = scratch((size_t)H);
+        if (v == NULL) { failed = 1; continue; }
+        const char *xr = (const char *)x + (size_t)(r * x_stride) * esize;
+        if (residual != NULL) {
+            const char *rr = (const char *)residual + (size_t)(r * r_stride) * esize;
+            char *ro = (char *)res_out + (size_t)(r * H) * esize;
+            for (int64_t i = 0; i < H; i++) {
+                v[i] = round_to(load_elem(xr, dtype, i) + load_elem(rr, dtype, i), dtype);
+                store_elem(ro, dtype, i, v[i]);
+            }
+        } else {
+            for (int64_t i = 0; i < H; i++) v[i] = load_elem(xr, dtype, i);
+        }
+        const float inv = inv_rms(v, H, eps);
+        char *o = (char *)out + (size_t)(r * H) * esize;
+        for (int64_t i = 0; i < H; i++)
+            store_elem(o, dtype, i, round_to(v[i] * inv, dtype) * load_elem(weight, dtype, i));
+    }
+    return failed ? -1 : 0;
+}
+
+/* Shapes and strides of one rotary_store_kv call. */
+struct rope_call {
+    const void *q, *k, *v; int dtype;
+    int64_t q_st, q_sh, k_st, k_sh, v_st, v_sh;
+    int64_t NH, NKV, D, rot;
+    const int64_t *positions; const float *table; int64_t table_stride;
+    const void *q_norm, *k_norm; float eps;
+    void *q_out;
+    void *k_cache, *v_cache; int kv_dtype;
+    int64_t stride_block, stride_token, stride_head, block_size;
+    const int64_t *slots;
+};
+
+/* One head row: optional RMSNorm, then the rotary embedding of its first `rot` dims, in
+ * float32, each value rounded to the model's dtype (the reference's tensors). */
+static inline void rope_row(const struct rope_call *c, const char *x, const void *norm,
+                            const float *cs, float *restrict tmp, float *restrict out) {
+    const int64_t D = c->D, half = c->rot / 2;
+    for (int64_t i = 0; i < D; i++) tmp[i] = load_elem(x, c->dtype, i);
+    if (norm != NULL) normed(tmp, D, inv_rms(tmp, D, c->eps), norm, c->dtype, tmp);
+    const float *cos = cs, *sin = cs + half;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = tmp[i] * cos[i], b = tmp[i + half] * -sin[i];
+        out[i] = round_to(a + b, c->dtype);
+    }
+    for (int64_t i = half; i < c->rot; i++) {
+        const float a = tmp[i] * cos[i - half], b = tmp[i - half] * sin[i - half];
+        out[i] = round_to(a + b, c->dtype);
+    }
+    for (int64_t i = c->rot; i < D; i++) out[i] = tmp[i];
+}
+
+static inline char *cache_row(const struct rope_call *c, void *cache, int64_t slot, int64_t h) {
+    const size_t esize = c->kv_dtype == BF16 ? 2 : 4;
+    return (char *)cache + (size_t)((slot / c->block_size) * c->stride_block
+        + (slot % c->block_size) * c->stride_token + h * c->stride_head) * esize;
+}
+
+/* Token t: its query heads rotated into q_out [T, NH, D]; its key heads rotated and its value
+ * heads stored at its slot of the paged cache (a negative slot stores nothing). */
+static int rope_token(const struct rope_call *c, int64_t t) {
+    const int64_t D = c->D;
+    float *buf = scratch((size_t)(2 * D));
+    if (buf == NULL) return 1;
+    float *tmp = buf, *row = buf + D;
+    const size_t esize = c->dtype == BF16 ? 2 : 4;
+    const float *cs = c->table + c->positions[t] * c->table_stride;
+    for (int64_t h = 0; h < c->NH; h++) {
+        rope_row(c, (const char *)c->q + (size_t)(t * c->q_st + h * c->q_sh) * esize, c->q_norm,
+                 cs, tmp, row);
+        char *o = (char *)c->q_out + (size_t)((t * c->NH + h) * D) * esize;
+        for (int64_t i = 0; i < D; i++) store_elem(o, c->dtype, i, row[i]);
+    }
+    const int64_t slot = c->slots[t];
+    if (slot < 0) return 0;
+    for (int64_t h = 0; h < c->NKV; h++) {
+        rope_row(c, (const char *)c->k + (size_t)(t * c->k_st + h * c->k_sh) * esize, c->k_norm,
+                 cs, tmp, row);
+        char *kr = cache_row(c, c->k_cache, slot, h);
+        for (int64_t i = 0; i < D; i++) store_elem(kr, c->kv_dtype, i, row[i]);
+        const char *vr = (const char *)c->v + (size_t)(t * c->v_st + h * c->v_sh) * esize;
+        char *vo = cache_row(c, c->v_cache, slot, h);
+        if (c->kv_dtype == c->dtype) memcpy(vo, vr, (size_t)D * esize);
+        else for (int64_t i = 0; i < D; i++) store_elem(vo, c->kv_dtype, i, load_elem(vr, c->dtype, i));
+    }
+    return 0;
+}
+
+/* q [T, NH, D], k / v [T, NKV, D] (strided, the model's dtype), positions [T], the
+ * [max_pos, rot] table of [cos | sin] (float32), optional per-head RMSNorm weights [D] for q
+ * and k. Writes the rotated queries to q_out (packed [T, NH, D]) and each token's rotated K
+ * and its V to the paged cache at slots[t].
+ * Returns 0; -1 when scratch memory could not be had; or, before anything is written,
+ * 1 + 2 t when positions[t] is outside [0, max_pos), 2 + 2 t when slots[t] is past the cache. */
+int64_t rotary_store_kv(
+    const void *q, const void *k, const void *v, int dtype,
+    int64_t q_st, int64_t q_sh, int64_t k_st, int64_t k_sh, int64_t v_st, int64_t v_sh,
+    int64_t T, int64_t NH, int64_t NKV, int64_t D, int64_t rot,
+    const int64_t *positions, const float *table, int64_t table_stride, int64_t max_pos,
+    const void *q_norm, const void *k_norm, float eps, void *q_out,
+    void *k_cache, void *v_cache, int kv_dtype,
+    int64_t stride_block, int64_t stride_token, int64_t stride_head,
+    int64_t num_blocks, int64_t block_size, const int64_t *slots, int num_threads)
+{
+    for (int64_t t = 0; t < T; t++) {
+        if (positions[t] < 0 || positions[t] >= max_pos) return 1 + 2 * t;
+        if (slots[t] >= num_blocks * block_size) return 2 + 2 * t;
+    }
+    const struct rope_call c = {
+        q, k, v, dtype, q_st, q_sh, k_st, k_sh, v_st, v_sh, NH, NKV, D, rot,
+        positions, table, table_stride, q_norm, k_norm, eps, q_out,
+        k_cache, v_cache, kv_dtype, stride_block, stride_token, stride_head, block_size, slots,
+    };
+    int failed = 0;
+#pragma omp parallel for num_threads(num_threads) if (T * (NH + 2 * NKV) * D >= PARALLEL_ELEMS) \
+    schedule(static) reduction(| : failed)
+    for (int64_t t = 0; t < T; t++) failed |= rope_token(&c, t);
+    return failed ? -1 : 0;
+}

@@ -18,11 +18,23 @@ class Tokenizer:
         self.eos_token_id = hf_tokenizer.eos_token_id
         self.bos_token_id = hf_tokenizer.bos_token_id
         self.vocab_size = len(hf_tokenizer)
+        # the Rust tokenizer's own decode, when transformers' wrapper would add nothing to it
+        # (no clean-up of spaces): the detokenizer decodes twice per token, and the wrapper's
+        # argument handling cost ~5x the decode itself
+        backend = getattr(hf_tokenizer, "_tokenizer", None)
+        self._backend_decode = (
+            backend.decode
+            if backend is not None and hasattr(backend, "decode")
+            and not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
+            else None
+        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(list(token_ids), skip_special_tokens=skip_special_tokens)  # type: ignore[no-any-return]
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str:

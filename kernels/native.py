@@ -203,7 +203,7 @@ def _cache_pointers(kv_cache: Tensor) -> tuple[int, int]:
 def supports(query: Tensor, kv_cache: Tensor) -> bool:
     """Whether the attention kernel takes these operands (else the reference runs)."""
     return (
-        query.device.type == "cpu" and kv_cache.device.type == "cpu"
+        query.is_cpu and kv_cache.is_cpu
         and query.dtype in _DTYPES and kv_cache.dtype in _DTYPES
         and query.dim() == 3 and kv_cache.dim() == 5 and kv_cache.shape[0] == 2
         and query.shape[2] == kv_cache.shape[4] and query.shape[2] % _LANES == 0
@@ -293,11 +293,11 @@ def rms_norm(
 
 def _norm_supported(x: Tensor, weight: Tensor, residual: Tensor | None) -> bool:
     return (
-        x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 2 and x.numel() > 0
-        and x.stride(1) == 1 and weight.dtype == x.dtype and weight.device.type == "cpu"
+        x.is_cpu and x.dtype in _DTYPES and x.dim() == 2 and x.shape[0] > 0
+        and x.stride(1) == 1 and weight.dtype == x.dtype and weight.is_cpu
         and tuple(weight.shape) == (x.shape[1],) and weight.stride(0) == 1
         and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
-                                  and residual.device.type == "cpu" and residual.stride(1) == 1))
+                                  and residual.is_cpu and residual.stride(1) == 1))
     )
 
 
@@ -351,25 +351,31 @@ def _rope_supported(
     positions: Tensor, query: Tensor, key: Tensor, value: Tensor, cos_sin_cache: Tensor,
     kv_cache: Tensor, slot_mapping: Tensor, qk_norm: tuple[Tensor, Tensor, float] | None,
 ) -> bool:
-    if not (query.dim() == 3 and key.dim() == 3 and value.dim() == 3 and kv_cache.dim() == 5):
+    """The operands the kernel reads as it assumes (checked per call: ~2 us)."""
+    if not (query.dim() == 3 and key.dim() == 3 and value.dim() == 3 and kv_cache.dim() == 5
+            and cos_sin_cache.dim() == 2):
         return False
     t, _, d = query.shape
-    rot = cos_sin_cache.shape[-1] if cos_sin_cache.dim() == 2 else -1
+    kv_shape, dtype = kv_cache.shape, query.dtype
+    rot = cos_sin_cache.shape[1]
     return (
-        all(x.device.type == "cpu" for x in (query, key, value, kv_cache, cos_sin_cache,
-                                              positions, slot_mapping))
-        and query.dtype in _DTYPES and key.dtype == query.dtype and value.dtype == query.dtype
+        query.is_cpu and key.is_cpu and value.is_cpu and kv_cache.is_cpu
+        and cos_sin_cache.is_cpu and positions.is_cpu and slot_mapping.is_cpu
+        and dtype in _DTYPES and key.dtype == dtype and value.dtype == dtype
         and kv_cache.dtype in _DTYPES and cos_sin_cache.dtype == torch.float32
         and t > 0 and key.shape == value.shape and key.shape[0] == t and key.shape[2] == d
         and query.stride(2) == 1 and key.stride(2) == 1 and value.stride(2) == 1
-        and kv_cache.shape[0] == 2 and kv_cache.shape[3] == key.shape[1]
-        and kv_cache.shape[4] == d and kv_cache.stride(4) == 1
+        and kv_shape[0] == 2 and kv_shape[3] == key.shape[1] and kv_shape[4] == d
+        and kv_cache.stride(4) == 1
         and 0 < rot <= d and rot % 2 == 0 and cos_sin_cache.stride(1) == 1
-        and positions.dtype == torch.int64 and tuple(positions.shape) == (t,)
+        and positions.dtype == torch.int64 and positions.shape == (t,)
         and positions.stride(0) == 1
-        and slot_mapping.dtype == torch.int64 and tuple(slot_mapping.shape) == (t,)
+        and slot_mapping.dtype == torch.int64 and slot_mapping.shape == (t,)
         and slot_mapping.stride(0) == 1
-        and (qk_norm is None or all(
-            w.dtype == query.dtype and tuple(w.shape) == (d,) and w.stride(0) == 1
-            and w.device.type == "cpu" for w in qk_norm[:2]))
+        and (qk_norm is None or (_norm_weight_ok(qk_norm[0], dtype, d)
+                                 and _norm_weight_ok(qk_norm[1], dtype, d)))
     )
+
+
+def _norm_weight_ok(w: Tensor, dtype: torch.dtype, d: int) -> bool:
+    return w.dtype == dtype and w.shape == (d,) and w.stride(0) == 1 and w.is_cpu

@@ -264,10 +264,14 @@ int64_t paged_decode_attention(
         const int64_t b = item / per_seq, h0 = (item % per_seq) * per_item;
         if (kv_dtype == BF16)  /* dtype and the common head sizes as constants in the loops */
             failed |= D == 64 ? run_item(&c, b, h0, BF16, 64)
-                    : D == 128 ? run_item(&c, b, h0, BF16, 128) : run_item(&c, b, h0, BF16, D);
+                    : D == 128 ? run_item(&c, b, h0, BF16, 128)
+                    : D == 32 ? run_item(&c, b, h0, BF16, 32)
+                    : D == 16 ? run_item(&c, b, h0, BF16, 16) : run_item(&c, b, h0, BF16, D);
         else
             failed |= D == 64 ? run_item(&c, b, h0, F32, 64)
-                    : D == 128 ? run_item(&c, b, h0, F32, 128) : run_item(&c, b, h0, F32, D);
+                    : D == 128 ? run_item(&c, b, h0, F32, 128)
+                    : D == 32 ? run_item(&c, b, h0, F32, 32)
+                    : D == 16 ? run_item(&c, b, h0, F32, 16) : run_item(&c, b, h0, F32, D);
     }
     return failed ? -1 : 0;
 }

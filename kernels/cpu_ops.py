@@ -1,5 +1,5 @@
 """The CPU implementation of every kernel: the torch references, with paged decode attention,
-RMSNorm and the rotary + K/V store step from the native C kernels (``native.py``; the
+RMSNorm, the rotary + K/V store step and logit soft-capping from the native C kernels (``native.py``; the
 reference wherever a kernel is unavailable or does not take the operands).
 
 ``ops.get_ops`` returns this module for CPU tensors unless ``SPLITSERVE_KERNELS`` forces one.
@@ -7,7 +7,12 @@ reference wherever a kernel is unavailable or does not take the operands).
 
 from __future__ import annotations
 
-from splitserve.kernels.native import paged_decode_attention, rms_norm, rotary_store_kv
+from splitserve.kernels.native import (
+    paged_decode_attention,
+    rms_norm,
+    rotary_store_kv,
+    softcap,
+)
 from splitserve.kernels.reference import (
     fused_moe,
     gather_blocks,
@@ -40,5 +45,6 @@ __all__ = [
     "rotary_store_kv",
     "scatter_blocks",
     "silu_and_mul",
+    "softcap",
     "store_kv",
 ]

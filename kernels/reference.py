@@ -103,6 +103,11 @@ def gelu_tanh_and_mul(x: Tensor) -> Tensor:
     return F.gelu(x[..., :d], approximate="tanh") * x[..., d:]
 
 
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """Logit soft-capping (Gemma 2): ``cap * tanh(x / cap)``, out of place."""
+    return cap * torch.tanh(x / cap)
+
+
 # --------------------------------------------------------------------------- rotary embedding
 
 

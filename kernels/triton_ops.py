@@ -21,6 +21,7 @@ from splitserve.kernels.reference import (
     moe_groups,
     moe_route,
     rope_cos_sin_cache,
+    softcap,
 )
 from splitserve.kernels.rms_norm import rms_norm
 from splitserve.kernels.rotary import rotary_embedding
@@ -44,5 +45,6 @@ __all__ = [
     "rotary_store_kv",
     "scatter_blocks",
     "silu_and_mul",
+    "softcap",
     "store_kv",
 ]

@@ -70,4 +70,26 @@ static inline __attribute__((always_inline)) v16f load16(const void *p, int dtyp
     return f;
 }
 
+/* tanh(x) as x P(x^2) / Q(x^2), the minimax rational that Eigen's fast tanh uses, with x
+ * clamped to +-7.9988 (where tanh rounds to 1): relative error below 4e-7 over the float
+ * range (measured against float64), no branch, so the soft-cap loop vectorizes. libm's tanhf,
+ * ~8x slower here, was most of a soft-capped model's attention time. */
+static inline float tanh_fast(float x) {
+    const float c = 7.99881172180175781f;
+    x = x < -c ? -c : (x > c ? c : x);
+    const float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 - 8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return x * p / q;
+}
+
 #endif

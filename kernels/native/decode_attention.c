@@ -73,7 +73,7 @@ static inline float sum_lanes(const float *restrict s, int64_t n) {
 /* Softmax of n scores in place (after the optional soft cap). */
 static void softmax(float *restrict s, int64_t n, float soft_cap) {
     if (soft_cap > 0.0f)
-        for (int64_t j = 0; j < n; j++) s[j] = soft_cap * tanhf(s[j] / soft_cap);
+        for (int64_t j = 0; j < n; j++) s[j] = soft_cap * tanh_fast(s[j] / soft_cap);
     const float m = max_lanes(s, n);
     for (int64_t j = 0; j < n; j++) s[j] = exp_nonpos(s[j] - m);
     const float inv = 1.0f / sum_lanes(s, n);

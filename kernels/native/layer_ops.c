@@ -200,3 +200,48 @@ int64_t rotary_store_kv(
     for (int64_t t = 0; t < T; t++) failed |= rope_token(&c, t);
     return failed ? -1 : 0;
 }
+
+/* out = cap * tanh(x / cap) over n float32 values (a soft-capped model's logits): the
+ * reference's three roundings, with tanh_fast for torch's tanh. */
+void softcap(const float *x, float *out, int64_t n, float cap, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (n >= 4 * PARALLEL_ELEMS) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = cap * tanh_fast(x[i] / cap);
+}
+
+/* Index of each row's largest value (the first one on ties; a NaN wins, the first NaN, as
+ * torch's argmax): rows of `cols` float32 values, `stride` apart. LANES running maxima
+ * over interleaved columns, combined at the end. */
+void argmax_rows(const float *x, int64_t rows, int64_t cols, int64_t stride, int64_t *out,
+                 int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * cols >= 4 * PARALLEL_ELEMS) \
+    schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        float best[LANES];
+        int64_t at[LANES];
+        for (int l = 0; l < LANES; l++) { best[l] = -INFINITY; at[l] = -1; }
+        int64_t j = 0;
+        for (; j + LANES <= cols; j += LANES)
+            for (int l = 0; l < LANES; l++) {
+                const float v = row[j + l];
+                const int take = at[l] < 0 || v > best[l] || (v != v && best[l] == best[l]);
+                best[l] = take ? v : best[l];
+                at[l] = take ? j + l : at[l];
+            }
+        float m = -INFINITY;
+        int64_t idx = -1;
+        for (int l = 0; l < LANES; l++) {  /* the lanes' winners: larger, NaN, or earlier */
+            if (at[l] < 0) continue;
+            const float v = best[l];
+            const int vnan = v != v, mnan = m != m;
+            if (idx < 0 || (vnan && !mnan) || (vnan == mnan && !vnan && v > m)
+                || (vnan == mnan && (vnan || v == m) && at[l] < idx)) { m = v; idx = at[l]; }
+        }
+        for (; j < cols; j++) {
+            const float v = row[j];
+            const int vnan = v != v, mnan = m != m;
+            if (idx < 0 || (vnan && !mnan) || (!vnan && !mnan && v > m)) { m = v; idx = j; }
+        }
+        out[r] = idx < 0 ? 0 : idx;
+    }
+}

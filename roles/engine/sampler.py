@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from splitserve.hashing import hash_block
+from splitserve.kernels.native import argmax_rows
 from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 
@@ -48,7 +49,7 @@ def draw_seed(seed: int, position: int) -> int:
 
 def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
     """logits: [N, V] float32, one row per request. Returns one result per row."""
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = argmax_rows(logits)
     for i, row in enumerate(rows):
         if not row.params.greedy:
             tokens[i] = _sample_row(logits[i], row)

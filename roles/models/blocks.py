@@ -445,4 +445,4 @@ class DecoderModel:
         """[N, H] -> [N, V] float32 logits (soft-capped where the family caps them)."""
         logits = self.lm_head(hidden).float()
         cap = self.cfg.final_logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return logits if cap is None else self.ops.softcap(logits, cap)  # type: ignore[no-any-return]

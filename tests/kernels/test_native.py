@@ -134,7 +134,7 @@ def test_the_cpu_backend_is_the_references_with_the_native_kernel(
 ) -> None:
     monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
     assert ops.get_ops("cpu") is cpu_ops
-    native_ops = {"paged_decode_attention", "rms_norm", "rotary_store_kv"}
+    native_ops = {"paged_decode_attention", "rms_norm", "rotary_store_kv", "softcap"}
     for name in native_ops:
         assert getattr(cpu_ops, name) is getattr(native, name)
     public = {n for n, f in vars(reference).items() if callable(f) and not n.startswith("_")
@@ -156,9 +156,10 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
     assert len(out[0].outputs[0].token_ids) == 6
     ran = {name: n - before.get(name, 0) for name, n in native.calls.items()}
     # attention: 5 decode steps x 2 layers (the first token comes from the prefill); every
-    # one of the 6 forwards: rotary + store per layer, 2 norms per layer and the final one
+    # one of the 6 forwards: rotary + store per layer, 2 norms per layer and the final one;
+    # the greedy pick of each step's token
     assert ran == {"paged_decode_attention": 5 * 2, "rotary_store_kv": 6 * 2,
-                   "rms_norm": 6 * (2 * 2 + 1)}
+                   "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6}
 
 
 # One process, the build retried under each setting (the outcome is kept per process, so it is

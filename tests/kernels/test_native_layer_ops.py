@@ -203,3 +203,41 @@ def test_rotary_store_operands_it_does_not_take_go_to_the_reference() -> None:
     assert native.calls["rotary_store_kv"] == before
     want = reference.rotary_store_kv(positions, q, k, v, table, theirs, slots)
     assert torch.equal(got, want) and torch.equal(ours, theirs)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+def test_softcap_matches_the_reference() -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 4101, generator=g) * 40  # past the clamp too (|x / cap| > 8)
+    for cap in (30.0, 15.0, 0.5):
+        before = native.calls["softcap"]
+        got = native.softcap(x[:, 3:], cap)  # a strided view
+        assert native.calls["softcap"] == before + 1
+        want = reference.softcap(x[:, 3:], cap)
+        # the rational tanh: relative error < 4e-7 against torch's (~1 ulp)
+        torch.testing.assert_close(got, want, rtol=0, atol=cap * 5e-7)
+    assert torch.equal(native.softcap(x.double(), 30.0), reference.softcap(x.double(), 30.0))
+
+
+def test_argmax_rows_is_torchs_argmax() -> None:
+    g = torch.Generator().manual_seed(9)
+    for cols in (1, 7, 16, 33, 4096, 49152):
+        x = torch.randn(9, cols + 5, generator=g)[:, 2 : 2 + cols]  # strided rows
+        if cols > 3:
+            x[1, :] = 1.0  # all tied: the first
+            x[2, cols // 2] = x[2, cols - 1] = 99.0  # a tie at two places: the first
+            x[3, cols // 3] = float("nan")  # a NaN wins
+            x[4, :] = float("-inf")
+            x[5, cols - 1] = float("nan")
+            x[5, 1] = float("nan")  # two NaNs: the first
+            x[6, :] = float("-inf")
+            x[6, cols - 2] = -1e30
+        before = native.calls["argmax_rows"]
+        got = native.argmax_rows(x)
+        assert native.calls["argmax_rows"] == before + 1
+        assert got == x.argmax(dim=-1).tolist(), cols
+    big = torch.randn(300, 4096, generator=g)  # on the thread team
+    assert native.argmax_rows(big) == big.argmax(dim=-1).tolist()
+    assert native.argmax_rows(big.double()) == big.argmax(dim=-1).tolist()  # torch's own

@@ -27,7 +27,7 @@ def test_signatures_match_the_reference(name: str) -> None:
 
 # Host-side helpers with no kernel of their own: the table and the MoE routing (softmax + top-k,
 # the grouping of tokens by expert, the weighted combine) are the same torch code on every backend.
-SHARED = {"rope_cos_sin_cache", "moe_route", "moe_groups", "moe_combine"}
+SHARED = {"rope_cos_sin_cache", "moe_route", "moe_groups", "moe_combine", "softcap"}
 # Steps composed of a backend's own kernels (reference._compose_rotary_store_kv).
 COMPOSED = {"rotary_store_kv": {"rms_norm", "rotary_embedding", "store_kv"}}
 

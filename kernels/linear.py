@@ -6,9 +6,7 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
 
 - float32 on CPU: oneDNN's inner product over a weight reordered once into its blocked
   layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
-  equal to ``F.linear`` to float32 rounding. ``SPLITSERVE_CPU_LINEAR=dense`` opts out. A
-  weight of at most 64K values also keeps its plain copy, and calls of up to 32 rows take
-  ``F.linear`` (oneDNN's fixed cost per call dominates there).
+  equal to ``F.linear`` to float32 rounding. ``SPLITSERVE_CPU_LINEAR=dense`` opts out.
 - bfloat16 / float16 / other devices: ``F.linear``.
 - int4 (GGUF Q4_0 / Q4_1 / Q4_K, RTN int4): torch's packed int4 weight-only matmul
   (``_convert_weight_to_int4pack_for_cpu`` once, ``_weight_int4pack_mm_for_cpu`` per call),
@@ -56,11 +54,6 @@ Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
 
 _PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; fastest at every T measured
-# oneDNN's inner product costs ~20-30 us a call whatever its size; MKL's sgemm ~4-15 us on a
-# small weight at few rows (float32, 256 x 64 at 16 rows: 27 vs 17 us; at 1 row 35 vs 6 us),
-# and more from ~64 rows or 256K weights on: the small weights keep a plain copy for few rows
-_SMALL_WEIGHT = 1 << 16
-_SMALL_ROWS = 32
 _PACK_ROWS = 4096  # int4 packing runs over this many rows at a time (bounds the int32 copy)
 _QUANT_ACT = torch.bfloat16  # activation dtype of the packed quantized kernels
 _EXPAND_ELEMS = 4 << 20  # weights expanded at a time (16 MB of float32 scratch, 8 MB of bf16)
@@ -107,7 +100,6 @@ class Linear:
         self.bias = bias
         self.packed = False
         self.weight: Tensor | None = None
-        self._dense_small: Tensor | None = None  # a small float weight's plain copy (few rows)
         self._quantized: Matmul
         self._expand_from = 0  # rows from which a quantized call expands its weight (0: never)
         if isinstance(weight, QuantizedWeight) and weight.device.type != "cpu":
@@ -132,8 +124,6 @@ class Linear:
                 self.weight = torch.ops.mkldnn._reorder_linear_weight(
                     weight.contiguous(), _PACK_BATCH_HINT
                 )
-            if weight.numel() <= _SMALL_WEIGHT:
-                self._dense_small = weight.detach().clone().contiguous()
         else:
             self.weight = weight
 
@@ -148,8 +138,6 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         if self.packed and x.dtype != self.dtype:
             raise TypeError(f"Linear input dtype {x.dtype} does not match weight dtype {self.dtype}")
-        if self._dense_small is not None and x.dim() == 2 and x.shape[0] <= _SMALL_ROWS:
-            return F.linear(x, self._dense_small, self.bias)
         if x.shape[0] == 0 or x.dim() != 2:
             lead = x.shape[:-1]
             out = self(x.reshape(-1, self.in_features)) if x.numel() else x.new_empty(0, self.out_features)

@@ -92,4 +92,13 @@ static inline float tanh_fast(float x) {
     return x * p / q;
 }
 
+static inline float load_elem(const void *p, int dtype, int64_t i) {
+    return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_elem(void *p, int dtype, int64_t i, float v) {
+    if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
 #endif

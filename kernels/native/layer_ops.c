@@ -18,15 +18,6 @@
 
 #define PARALLEL_ELEMS (1 << 16)
 
-static inline float load_elem(const void *p, int dtype, int64_t i) {
-    return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store_elem(void *p, int dtype, int64_t i, float v) {
-    if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
 /* v rounded to `dtype` and back (the value a tensor of that dtype holds). */
 static inline float round_to(float v, int dtype) {
     return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;

@@ -122,13 +122,6 @@ def dense_mlp(cfg: ModelConfig, w: Weights, ops: ModuleType, size: int | None = 
     return GatedMLP(gate_up, w.take("down_proj.weight", (hidden, inter)), cfg.hidden_act, ops)
 
 
-_DENSE_MOE_BYTES = 8 << 20
-"""A layer whose float experts hold at most this much also keeps them stacked, for the dense
-path below (a real MoE's experts are far larger and never take it)."""
-_DENSE_MOE_ROWS = 64
-"""Steps of at most this many tokens take the dense path when it is there."""
-
-
 class MoE:
     """Mixture of experts: softmax router, top-k, experts as grouped matmuls.
 
@@ -147,7 +140,6 @@ class MoE:
         self.fused = ops.__name__.endswith("triton_ops")
         self.num_experts = len(experts)
         self.experts: list[GatedMLP] = []
-        self.dense: tuple[Tensor, Tensor] | None = None
         if self.fused:  # stacked for the kernel (weights stay float: no Linear here)
             self.w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])  # [E, 2 I, H]
             self.w2 = torch.stack([d for _, _, d in experts])  # [E, H, I]
@@ -155,36 +147,13 @@ class MoE:
             self.experts = [
                 GatedMLP(torch.cat([g, u]), d, cfg.hidden_act, ops) for g, u, d in experts
             ]
-            floats = all(isinstance(t, Tensor) and t.is_floating_point() and t.device.type == "cpu"
-                         for e in experts for t in e)
-            if floats and sum(t.numel() * t.element_size() for e in experts for t in e) \
-                    <= _DENSE_MOE_BYTES:
-                self.dense = (  # [E * 2I, H] ([gate | up] of each expert), [E, I, H]
-                    torch.cat([torch.cat([g, u]) for g, u, _ in experts]).contiguous(),
-                    torch.stack([d.t() for _, _, d in experts]).contiguous(),
-                )
-        self.act = gated_activation(ops, cfg.hidden_act)
 
     def __call__(self, x: Tensor) -> Tensor:
         """[T, H] -> [T, H]."""
         weights, ids = self.ops.moe_route(self.router(x), self.top_k, self.renormalize)
         if self.fused:
             return self.ops.fused_moe(x, self.w13, self.w2, weights, ids, self.act_name)  # type: ignore[no-any-return]
-        if self.dense is not None and x.shape[0] <= _DENSE_MOE_ROWS:
-            return self._dense(x, weights, ids, *self.dense)
         return self._grouped(x, weights, ids)
-
-    def _dense(self, x: Tensor, weights: Tensor, ids: Tensor, w13: Tensor, w2_t: Tensor) -> Tensor:
-        """Every expert over every token, then each token's k picked and combined: a few large
-        ops instead of a few per expert. Small experts at few tokens cost their calls, not
-        their arithmetic, so the E/k times more multiply-adds cost less than the grouping
-        (a 4-expert test model at 16 tokens: ~2x faster a layer)."""
-        t, e = x.shape[0], self.num_experts
-        h = self.act(F.linear(x, w13).view(t * e, -1))  # [T * E, I]
-        y = torch.bmm(h.view(t, e, -1).transpose(0, 1), w2_t)  # [E, T, H]
-        picked = y[ids, torch.arange(t)[:, None]]  # [T, k, H]: each token's experts, slot order
-        # moe_combine's arithmetic: float32 products, the k slots summed in slot order
-        return (picked.float() * weights[..., None]).sum(dim=1).to(x.dtype)
 
     def _grouped(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         order, counts = self.ops.moe_groups(ids, self.num_experts)

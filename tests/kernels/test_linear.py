@@ -210,18 +210,3 @@ def test_a_large_weight_is_expanded_a_slice_at_a_time(
     assert seen == [(0, 128), (128, 256), (256, 384)]
     assert torch.equal(sliced, whole)
 
-
-def test_small_weights_take_f_linear_at_few_rows() -> None:
-    """oneDNN's fixed cost per call dominates a small projection at decode sizes: weights of
-    at most 64K values keep a plain copy that serves calls of up to 32 rows."""
-    small, big = Linear(_weights(256, 64)[0]), Linear(_weights(1024, 128)[0])
-    if not small.packed:
-        pytest.skip("oneDNN packing is not available in this torch build")
-    assert small._dense_small is not None and big._dense_small is None
-    w, b = _weights(256, 64)
-    proj = Linear(w, b)
-    for rows in (1, 16, 32):
-        x = torch.randn(rows, 64)
-        assert torch.equal(proj(x), F.linear(x, w, b))  # the same call, the same bits
-    x = torch.randn(200, 64)  # many rows: the packed path, equal to rounding
-    torch.testing.assert_close(proj(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)

@@ -101,4 +101,20 @@ static inline void store_elem(void *p, int dtype, int64_t i, float v) {
     else ((float *)p)[i] = v;
 }
 
+/* Per-thread scratch (rows, accumulators, scores), grown as needed and kept: OpenMP's
+ * threads live as long as the process, and a malloc/free per work item cost a few percent of
+ * a single-stream decode step. Each source file has its own (static). */
+static __thread float *scratch_buf = NULL;
+static __thread size_t scratch_cap = 0;
+
+static float *scratch(size_t floats) {
+    if (floats > scratch_cap) {
+        float *grown = (float *)realloc(scratch_buf, floats * sizeof(float));
+        if (grown == NULL) return NULL;
+        scratch_buf = grown;
+        scratch_cap = floats;
+    }
+    return scratch_buf;
+}
+
 #endif

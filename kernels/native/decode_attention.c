@@ -123,22 +123,6 @@ static inline void prefetch_rows(const char *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
-/* Per-thread scratch (query rows, accumulators, scores), grown as needed and kept: OpenMP's
- * threads live as long as the process, and a malloc/free per work item cost a few percent of
- * a single-stream decode step. */
-static __thread float *scratch_buf = NULL;
-static __thread size_t scratch_cap = 0;
-
-static float *scratch(size_t floats) {
-    if (floats > scratch_cap) {
-        float *grown = (float *)realloc(scratch_buf, floats * sizeof(float));
-        if (grown == NULL) return NULL;
-        scratch_buf = grown;
-        scratch_cap = floats;
-    }
-    return scratch_buf;
-}
-
 /* Shapes and strides of one call, shared by its work items. */
 struct call {
     const void *query; int q_dtype; int64_t q_stride_b, q_stride_h;

@@ -39,23 +39,10 @@ static inline float inv_rms(const float *restrict v, int64_t n, float eps) {
 
 /* out[i] = norm(v)[i] * w[i], rounded as the reference: float32 (v * r) * w; bf16
  * bf16(bf16(v * r) * w), transformers' order. */
-static inline void normed(const float *restrict v, int64_t n, float r, const void *w, int dtype,
-                          float *restrict out) {
+static inline void normed(const float *v, int64_t n, float r, const void *w, int dtype,
+                          float *out) {  /* in place allowed: out may be v */
     for (int64_t i = 0; i < n; i++)
         out[i] = round_to(round_to(v[i] * r, dtype) * load_elem(w, dtype, i), dtype);
-}
-
-static __thread float *scratch_buf = NULL;
-static __thread size_t scratch_cap = 0;
-
-static float *scratch(size_t floats) {
-    if (floats > scratch_cap) {
-        float *grown = (float *)realloc(scratch_buf, floats * sizeof(float));
-        if (grown == NULL) return NULL;
-        scratch_buf = grown;
-        scratch_cap = floats;
-    }
-    return scratch_buf;
 }
 
 /* RMSNorm of `rows` rows of H elements (row r at x + r * x_stride elements), weight [H] of

@@ -387,8 +387,7 @@ def _norm_weight_ok(w: Tensor, dtype: torch.dtype, d: int) -> bool:
 def softcap(x: Tensor, cap: float) -> Tensor:
     """``reference.softcap``: ``cap * tanh(x / cap)``, in one native pass over float32 (the
     tanh a minimax rational, relative error < 4e-7)."""
-    lib = _loaded()
-    if lib is None or not (x.is_cpu and x.dtype == torch.float32):
+    if not (x.is_cpu and x.dtype == torch.float32) or (lib := _loaded()) is None:
         return reference.softcap(x, cap)
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -400,9 +399,8 @@ def softcap(x: Tensor, cap: float) -> Tensor:
 def argmax_rows(x: Tensor) -> list[int]:
     """Each row's ``argmax`` of a [N, V] float32 tensor, as a list (torch's first-max and
     NaN rules); torch's vectorless reduction took ~1.7 ns a value here."""
-    lib = _loaded()
-    if lib is None or not (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2
-                           and x.shape[1] > 0 and x.stride(1) == 1):
+    if not (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0
+            and x.stride(1) == 1) or (lib := _loaded()) is None:  # no build for GPU logits
         return x.argmax(dim=-1).tolist()  # type: ignore[no-any-return]
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(),

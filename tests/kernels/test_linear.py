@@ -209,4 +209,3 @@ def test_a_large_weight_is_expanded_a_slice_at_a_time(
     sliced = proj(x)
     assert seen == [(0, 128), (128, 256), (256, 384)]
     assert torch.equal(sliced, whole)
-

@@ -154,7 +154,8 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
     out = llm.generate(["hello there"], SamplingParams(temperature=0.0, max_tokens=6,
                                                        ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 6
-    ran = {name: n - before.get(name, 0) for name, n in native.calls.items()}
+    ran = {name: n - before.get(name, 0) for name, n in native.calls.items()
+           if n != before.get(name, 0)}  # kernels other tests ran before stay out
     # attention: 5 decode steps x 2 layers (the first token comes from the prefill); every
     # one of the 6 forwards: rotary + store per layer, 2 norms per layer and the final one;
     # the greedy pick of each step's token

@@ -6,7 +6,12 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
 
 - float32 on CPU: oneDNN's inner product over a weight reordered once into its blocked
   layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
-  equal to ``F.linear`` to float32 rounding. ``SPLITSERVE_CPU_LINEAR=dense`` opts out.
+  equal to ``F.linear`` to float32 rounding. Weights of at most ``native.SMALL_LINEAR_MAX``
+  values (a 64 x 4096 head, the projections of small models) run the native kernel
+  (``native.small_linear``, weight kept transposed) instead: oneDNN's fixed ~20 us a call
+  was most of such a model's decode step, and its arithmetic does not depend on the row
+  count. ``SPLITSERVE_CPU_LINEAR=onednn`` keeps oneDNN for every float32 weight, ``dense``
+  keeps ``F.linear``.
 - bfloat16 / float16 / other devices: ``F.linear``.
 - int4 (GGUF Q4_0 / Q4_1 / Q4_K, RTN int4): torch's packed int4 weight-only matmul
   (``_convert_weight_to_int4pack_for_cpu`` once, ``_weight_int4pack_mm_for_cpu`` per call),
@@ -47,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve import env
+from splitserve.kernels import native
 from splitserve.kernels.cpu_features import bf16_support
 from splitserve.kernels.quant import QuantizedWeight, int4_packable, pack_int4_codes
 
@@ -99,6 +105,7 @@ class Linear:
         self.dtype, self.device = weight.dtype, weight.device
         self.bias = bias
         self.packed = False
+        self.small = False  # float32 weight small enough for the native kernel (kept as W^T)
         self.weight: Tensor | None = None
         self._quantized: Matmul
         self._expand_from = 0  # rows from which a quantized call expands its weight (0: never)
@@ -118,6 +125,12 @@ class Linear:
             )
             return
         self.format = str(weight.dtype).removeprefix("torch.")
+        self.small = (env.SPLITSERVE_CPU_LINEAR.get().lower() not in ("dense", "onednn")
+                      and native.small_linear_available(weight))
+        if self.small:  # transposed once: [K, N], contiguous (a copy: never aliases the input)
+            self.weight = weight.t().contiguous()
+            self.bias = None if bias is None else bias.contiguous()
+            return
         self.packed = packed_linear_available(weight)
         if self.packed:
             with torch.no_grad():
@@ -134,9 +147,9 @@ class Linear:
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects {self.in_features} input features, got {x.shape[-1]}")
-        if not self.packed and self.weight is not None:
+        if not self.packed and not self.small and self.weight is not None:
             return F.linear(x, self.weight, self.bias)
-        if self.packed and x.dtype != self.dtype:
+        if (self.packed or self.small) and x.dtype != self.dtype:
             raise TypeError(f"Linear input dtype {x.dtype} does not match weight dtype {self.dtype}")
         if x.shape[0] == 0 or x.dim() != 2:
             lead = x.shape[:-1]
@@ -145,6 +158,8 @@ class Linear:
         if self.quantized:
             y = self._quantized_rows(x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.small:
+            return native.small_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )

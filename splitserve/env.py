@@ -87,7 +87,9 @@ SPLITSERVE_KV_LAYERWISE = EnvVar(
     "them, so the pull overlaps the prefill; 0 (default) offers after the first token",
 )
 SPLITSERVE_CPU_LINEAR = EnvVar(
-    "SPLITSERVE_CPU_LINEAR", str, "", "'dense' keeps F.linear on CPU instead of oneDNN-packed weights"
+    "SPLITSERVE_CPU_LINEAR", str, "",
+    "float32 projections on CPU: 'dense' keeps F.linear for every weight, 'onednn' oneDNN-packed weights for every weight (default: the native kernel for weights of at "
+    "most 2^18 values, oneDNN above)"
 )
 SPLITSERVE_CPU_QUANT_EXPAND = EnvVar(
     "SPLITSERVE_CPU_QUANT_EXPAND", str, "",

@@ -107,7 +107,7 @@ static inline void store_elem(void *p, int dtype, int64_t i, float v) {
 static __thread float *scratch_buf = NULL;
 static __thread size_t scratch_cap = 0;
 
-static float *scratch(size_t floats) {
+static inline float *scratch(size_t floats) {
     if (floats > scratch_cap) {
         float *grown = (float *)realloc(scratch_buf, floats * sizeof(float));
         if (grown == NULL) return NULL;

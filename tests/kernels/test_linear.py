@@ -1,5 +1,6 @@
-"""kernels.linear.Linear: the oneDNN-packed CPU projection equals F.linear to fp32 rounding;
-quantized weights serve many rows through the weight expanded to bf16."""
+"""kernels.linear.Linear: the oneDNN-packed CPU projection and the native kernel of small
+weights equal F.linear to fp32 rounding (the native one with a row's bits independent of its
+batch); quantized weights serve many rows through the weight expanded to bf16."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels import native
 from splitserve.kernels.linear import (
     Linear,
     _int4pack_block,
@@ -22,15 +24,60 @@ def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def test_packed_on_cpu_float32() -> None:
-    w, _ = _weights(96, 64)
+    w, _ = _weights(640, 512)  # above SMALL_LINEAR_MAX
+    assert w.numel() > native.SMALL_LINEAR_MAX
     assert packed_linear_available(w) == torch.backends.mkldnn.is_available()
-    assert Linear(w).packed == packed_linear_available(w)
+    proj = Linear(w)
+    assert proj.packed == packed_linear_available(w) and not proj.small
     assert not Linear(w.to(torch.bfloat16)).packed  # float32 only
+    assert not Linear(w[:96, :64].to(torch.bfloat16)).small
 
 
+def test_small_weights_take_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert native.status().available, native.status().reason  # the suite installs gcc
+    w = torch.randn(4096, 64)  # a tiny model's head: 2^18 values, the largest taken
+    assert w.numel() == native.SMALL_LINEAR_MAX
+    proj = Linear(w)
+    assert proj.small and not proj.packed and proj.weight is not None
+    assert proj.weight.shape == (64, 4096) and proj.weight.is_contiguous()
+    before = native.calls["linear_f32"]
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(proj(x), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert native.calls["linear_f32"] == before + 1
+    assert not Linear(torch.randn(4097, 64)).small  # one row more: oneDNN
+    monkeypatch.setenv("SPLITSERVE_CPU_LINEAR", "onednn")
+    assert not Linear(w).small and Linear(w).packed == packed_linear_available(w)
+
+
+@pytest.mark.parametrize("n, k", [(200, 72), (40, 33), (7, 3), (64, 1), (16, 128)])
+def test_a_rows_bits_do_not_depend_on_its_batch(n: int, k: int) -> None:
+    """Each output is one multiply-add chain over k whatever the rows around it, the tiling
+    (4 rows at a time, then single rows), the column tail or the threads: decode rows, verify
+    rows and prompt rows through one weight agree bit for bit."""
+    w, b = _weights(n, k, seed=n + k)
+    proj = Linear(w, b)
+    assert proj.small
+    x = torch.randn(130, k, generator=torch.Generator().manual_seed(1))
+    whole = proj(x)  # 130 x n x k >= 2^18 multiply-adds for the larger shapes: the thread team
+    torch.testing.assert_close(whole, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for size in (1, 2, 3, 5, 17, 64, 129):
+        for start in (0, 1, 130 - size):
+            assert torch.equal(proj(x[start:start + size]), whole[start:start + size]), (size, start)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(proj(x), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("path", ["default", "onednn"])
 @pytest.mark.parametrize("rows", [0, 1, 3, 17, 64, 130])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_equals_f_linear(rows: int, with_bias: bool) -> None:
+def test_equals_f_linear(rows: int, with_bias: bool, path: str,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "onednn":
+        monkeypatch.setenv("SPLITSERVE_CPU_LINEAR", "onednn")
     w, b = _weights(200, 72)
     bias = b if with_bias else None
     proj = Linear(w, bias)
@@ -76,7 +123,7 @@ def test_bad_input_named() -> None:
     proj = Linear(w)
     with pytest.raises(ValueError, match="8 input features"):
         proj(torch.randn(2, 9))
-    if proj.packed:
+    if proj.packed or proj.small:
         with pytest.raises(TypeError, match="dtype"):
             proj(torch.randn(2, 8, dtype=torch.float64))
 

@@ -158,9 +158,11 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
            if n != before.get(name, 0)}  # kernels other tests ran before stay out
     # attention: 5 decode steps x 2 layers (the first token comes from the prefill); every
     # one of the 6 forwards: rotary + store per layer, 2 norms per layer and the final one;
-    # the greedy pick of each step's token
+    # the greedy pick of each step's token; each layer's 4 projections (qkv, o, gate_up, down:
+    # 64 wide), not the head (49,152 x 64 values, above SMALL_LINEAR_MAX: oneDNN)
+    assert 49152 * 64 > native.SMALL_LINEAR_MAX
     assert ran == {"paged_decode_attention": 5 * 2, "rotary_store_kv": 6 * 2,
-                   "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6}
+                   "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6, "linear_f32": 6 * 2 * 4}
 
 
 # One process, the build retried under each setting (the outcome is kept per process, so it is
@@ -231,8 +233,14 @@ for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
     got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     ref = reference.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     worst = max(worst, (got.float() - ref.float()).abs().max().item())
+g = torch.Generator().manual_seed(0)
+x, w, b = (torch.randn(37, 72, generator=g), torch.randn(200, 72, generator=g),
+           torch.randn(200, generator=g))
+lin = native.small_linear(x, w.t().contiguous(), b)
+lin_err = (lin.double() - torch.nn.functional.linear(x.double(), w.double(), b.double())).abs().max().item()
 print(json.dumps({"available": st.available, "reason": st.reason,
-                  "calls": native.calls["paged_decode_attention"],
+                  "calls": native.calls["paged_decode_attention"], "linear_err": lin_err,
+                  "linear_calls": native.calls["linear_f32"],
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
 """
 
@@ -256,6 +264,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["available"] and "-march=haswell" in out["reason"], out
     assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
+    assert out["linear_calls"] == 1 and out["linear_err"] < 1e-4, out
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.errors import ModelLoadError
+from splitserve.kernels import native
 from splitserve.kernels.linear import Linear
 from splitserve.roles.models.config import ModelConfig
 
@@ -140,7 +141,13 @@ class MoE:
         self.fused = ops.__name__.endswith("triton_ops")
         self.num_experts = len(experts)
         self.experts: list[GatedMLP] = []
-        if self.fused:  # stacked for the kernel (weights stay float: no Linear here)
+        # the CPU backend's native kernel: every expert in one call (float32, SiLU)
+        self.native = (ops.__name__.endswith("cpu_ops")
+                       and native.moe_available([t for ex in experts for t in ex], self.act_name))
+        if self.native:  # stacked and transposed: [E, H, 2I] and [E, I, H]
+            self.w13t = torch.stack([torch.cat([g, u]).t() for g, u, _ in experts]).contiguous()
+            self.w2t = torch.stack([d.t() for _, _, d in experts]).contiguous()
+        elif self.fused:  # stacked for the kernel (weights stay float: no Linear here)
             self.w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])  # [E, 2 I, H]
             self.w2 = torch.stack([d for _, _, d in experts])  # [E, H, I]
         else:
@@ -151,6 +158,8 @@ class MoE:
     def __call__(self, x: Tensor) -> Tensor:
         """[T, H] -> [T, H]."""
         weights, ids = self.ops.moe_route(self.router(x), self.top_k, self.renormalize)
+        if self.native:
+            return native.moe_silu(x, self.w13t, self.w2t, weights, ids)
         if self.fused:
             return self.ops.fused_moe(x, self.w13, self.w2, weights, ids, self.act_name)  # type: ignore[no-any-return]
         return self._grouped(x, weights, ids)

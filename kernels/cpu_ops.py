@@ -1,5 +1,5 @@
-"""The CPU implementation of every kernel: the torch references, with paged decode attention,
-RMSNorm, the rotary + K/V store step and logit soft-capping from the native C kernels (``native.py``; the
+"""The CPU implementation of every kernel: the torch references, with paged decode and
+(short-span) prefill attention, RMSNorm, the rotary + K/V store step and logit soft-capping from the native C kernels (``native.py``; the
 reference wherever a kernel is unavailable or does not take the operands).
 
 ``ops.get_ops`` returns this module for CPU tensors unless ``SPLITSERVE_KERNELS`` forces one.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from splitserve.kernels.native import (
     paged_decode_attention,
+    prefill_attention,
     rms_norm,
     rotary_store_kv,
     softcap,
@@ -21,7 +22,6 @@ from splitserve.kernels.reference import (
     moe_combine,
     moe_groups,
     moe_route,
-    prefill_attention,
     rope_cos_sin_cache,
     rotary_embedding,
     scatter_blocks,

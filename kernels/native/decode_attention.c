@@ -82,8 +82,38 @@ static void softmax(float *restrict s, int64_t n, float soft_cap) {
 
 #define MAX_CHUNKS 16 /* head_dim up to 256 */
 
+#if defined(__AVX512F__) && defined(HAVE_SHUFFLEVECTOR) && !defined(SPLITSERVE_ROW_SUMS)
+#define BATCHED_SUMS 1
+/* Lane sums of 16 vectors at once: lane r of the result is hsum16(a[r]), the same pairs in
+ * the same order ((l, l + 8), then (l, l + 4), (l, l + 2), (l, l + 1)), so the same bits, for
+ * ~3 shuffles and adds a row instead of ~8. */
+static inline __attribute__((always_inline)) v16f sums16(const v16f *a) {
+    v16f l1[8], l2[4], l3[2];
+    for (int i = 0; i < 8; i++)
+        l1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1],
+                                        0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+              + __builtin_shufflevector(a[2 * i], a[2 * i + 1],
+                                        8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        l2[i] = __builtin_shufflevector(l1[2 * i], l1[2 * i + 1],
+                                        0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+              + __builtin_shufflevector(l1[2 * i], l1[2 * i + 1],
+                                        4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        l3[i] = __builtin_shufflevector(l2[2 * i], l2[2 * i + 1],
+                                        0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+              + __builtin_shufflevector(l2[2 * i], l2[2 * i + 1],
+                                        2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(l3[0], l3[1],
+                                   0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(l3[0], l3[1],
+                                   1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#endif
+
 /* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
- * query in registers, one dot product per row in 16 lanes, the lanes then summed pairwise. */
+ * query in registers, one dot product per row in 16 lanes, the lanes then summed pairwise
+ * (16 rows at a time where the vector width allows: the same sums). */
 static inline __attribute__((always_inline)) void score_rows(
     const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
     float *restrict out, const int dtype, const int64_t D)
@@ -91,7 +121,21 @@ static inline __attribute__((always_inline)) void score_rows(
     const size_t esize = dtype == BF16 ? 2 : 4;
     v16f qv[MAX_CHUNKS];
     for (int64_t c = 0; c < D / LANES; c++) memcpy(&qv[c], q + c * LANES, sizeof qv[c]);
-    for (int64_t j = 0; j < count; j++) {
+    int64_t j = 0;
+#ifdef BATCHED_SUMS
+    for (; j + LANES <= count; j += LANES) {
+        v16f acc[LANES];
+        for (int r = 0; r < LANES; r++) {
+            const char *row = k + (j + r) * stride;
+            acc[r] = (v16f){0};
+            for (int64_t c = 0; c < D / LANES; c++)
+                acc[r] += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
+        }
+        const v16f s = sums16(acc) * scale;
+        memcpy(out + j, &s, sizeof s);
+    }
+#endif
+    for (; j < count; j++) {
         const char *row = k + j * stride;
         v16f acc = {0};
         for (int64_t c = 0; c < D / LANES; c++)
@@ -140,15 +184,17 @@ static inline const char *kv_row(const struct call *c, const void *cache, int64_
         + (size_t)(block * c->stride_block + h * c->stride_head + t * c->stride_token) * kv_esize;
 }
 
-/* One work item: sequence b, KV heads [h0, h0 + per_item). Inlined once per cache dtype, so
- * the dtype is a constant in the loops. Returns 0, or 1 when its scratch memory failed. */
+/* One work item: query row b (its heads in query and out), attending to the first ctx
+ * tokens of the sequence whose block table is `table`, KV heads [h0, h0 + per_item). Inlined
+ * once per cache dtype, so the dtype is a constant in the loops. Returns 0, or 1 when its
+ * scratch memory failed. */
 static inline __attribute__((always_inline)) int run_item(
-    const struct call *c, int64_t b, int64_t h0, const int kv_dtype, const int64_t D)
+    const struct call *c, int64_t b, int64_t ctx, const int32_t *table, int64_t h0,
+    const int kv_dtype, const int64_t D)
 {
     const int64_t group = c->group, per_item = c->per_item, bs = c->block_size;
     const size_t q_esize = c->q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
     const int64_t nq = per_item * group; /* query heads of this item */
-    const int64_t ctx = c->context_lens[b];
     const int64_t start = (c->window > 0 && ctx > c->window) ? ctx - c->window : 0;
     const int64_t n = ctx - start;
     char *o = (char *)c->out + (size_t)((b * c->H + h0 * group) * D) * q_esize;
@@ -164,7 +210,6 @@ static inline __attribute__((always_inline)) int run_item(
             + (size_t)(b * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
         load_row(qp, c->q_dtype, D, qf + i * D);
     }
-    const int32_t *table = c->block_tables + b * c->table_stride;
     /* pass 1: scores, block by block; within a block, head by head */
     const int64_t row_stride = c->stride_token * (int64_t)kv_esize;
     /* bytes of a block's rows of this item's heads (one run when the item has every head) */
@@ -210,6 +255,22 @@ static inline __attribute__((always_inline)) int run_item(
     return 0;
 }
 
+/* dtype and the common head sizes as constants in the loops */
+static int dispatch(const struct call *c, int64_t b, int64_t ctx, const int32_t *table,
+                    int64_t h0, int kv_dtype, int64_t D) {
+    if (kv_dtype == BF16)
+        return D == 64 ? run_item(c, b, ctx, table, h0, BF16, 64)
+             : D == 128 ? run_item(c, b, ctx, table, h0, BF16, 128)
+             : D == 32 ? run_item(c, b, ctx, table, h0, BF16, 32)
+             : D == 16 ? run_item(c, b, ctx, table, h0, BF16, 16)
+             : run_item(c, b, ctx, table, h0, BF16, D);
+    return D == 64 ? run_item(c, b, ctx, table, h0, F32, 64)
+         : D == 128 ? run_item(c, b, ctx, table, h0, F32, 128)
+         : D == 32 ? run_item(c, b, ctx, table, h0, F32, 32)
+         : D == 16 ? run_item(c, b, ctx, table, h0, F32, 16)
+         : run_item(c, b, ctx, table, h0, F32, D);
+}
+
 /* Returns 0; -1 when a work item could not get its scratch memory (out is then partial); or,
  * before anything is computed, 1 + b * (max_blocks + 1) + col for the first bad input:
  * col = max_blocks when context_lens[b] is outside [0, max_blocks * block_size], else
@@ -246,16 +307,67 @@ int64_t paged_decode_attention(
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
     for (int64_t item = 0; item < items; item++) {
         const int64_t b = item / per_seq, h0 = (item % per_seq) * per_item;
-        if (kv_dtype == BF16)  /* dtype and the common head sizes as constants in the loops */
-            failed |= D == 64 ? run_item(&c, b, h0, BF16, 64)
-                    : D == 128 ? run_item(&c, b, h0, BF16, 128)
-                    : D == 32 ? run_item(&c, b, h0, BF16, 32)
-                    : D == 16 ? run_item(&c, b, h0, BF16, 16) : run_item(&c, b, h0, BF16, D);
-        else
-            failed |= D == 64 ? run_item(&c, b, h0, F32, 64)
-                    : D == 128 ? run_item(&c, b, h0, F32, 128)
-                    : D == 32 ? run_item(&c, b, h0, F32, 32)
-                    : D == 16 ? run_item(&c, b, h0, F32, 16) : run_item(&c, b, h0, F32, D);
+        failed |= dispatch(&c, b, context_lens[b], block_tables + b * table_stride, h0,
+                           kv_dtype, D);
     }
+    return failed ? -1 : 0;
+}
+
+/* Causal attention of prompt chunks over the paged cache, each query row as a decode row of
+ * its own: token i of sequence s's chunk (rows query_start_loc[s] ..) sits at position
+ * context_lens[s] - q_len + i and attends to every position up to its own (or its window), so
+ * it runs the arithmetic a decode step would for that token. Only the sequences listed in
+ * seqs (n_seqs of them) are computed. Returns 0; -1 when a work item could not get its
+ * scratch; before anything is computed, 1 + s * (max_blocks + 2) + col for the first bad
+ * input of listed sequence s: col = max_blocks + 1 when its chunk is empty-negative or longer
+ * than its context, col = max_blocks when context_lens[s] is outside [0, max_blocks *
+ * block_size], else block_tables[s, col] is outside [0, num_blocks). */
+int64_t paged_prefill_attention(
+    const void *query, int q_dtype, int64_t q_stride_b, int64_t q_stride_h,
+    const void *key_cache, const void *value_cache, int kv_dtype,
+    int64_t stride_block, int64_t stride_token, int64_t stride_head,
+    const int32_t *block_tables, int64_t table_stride, int64_t max_blocks, int64_t num_blocks,
+    const int32_t *query_start_loc, const int32_t *context_lens, const int64_t *seqs,
+    int64_t n_seqs, void *out, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
+    float scale, int64_t window, float soft_cap, int num_threads)
+{
+    int64_t rows = 0;
+    for (int64_t i = 0; i < n_seqs; i++) {
+        const int64_t s = seqs[i], ctx = context_lens[s];
+        const int64_t q_len = (int64_t)query_start_loc[s + 1] - query_start_loc[s];
+        if (q_len < 0 || q_len > ctx) return 1 + s * (max_blocks + 2) + max_blocks + 1;
+        if (ctx > max_blocks * block_size) return 1 + s * (max_blocks + 2) + max_blocks;
+        const int32_t *table = block_tables + s * table_stride;
+        for (int64_t col = 0; col < (ctx + block_size - 1) / block_size; col++)
+            if (table[col] < 0 || table[col] >= num_blocks) return 1 + s * (max_blocks + 2) + col;
+        rows += q_len;
+    }
+    /* each listed row: its sequence, its query row, its context */
+    int64_t *row_seq = malloc(sizeof(int64_t) * 3 * (size_t)(rows > 0 ? rows : 1));
+    if (row_seq == NULL) return -1;
+    int64_t *row_t = row_seq + rows, *row_ctx = row_t + rows;
+    for (int64_t i = 0, r = 0; i < n_seqs; i++) {
+        const int64_t s = seqs[i], lo = query_start_loc[s], hi = query_start_loc[s + 1];
+        for (int64_t t = lo; t < hi; t++, r++) {
+            row_seq[r] = s;
+            row_t[r] = t;
+            row_ctx[r] = context_lens[s] - (hi - lo) + (t - lo) + 1;
+        }
+    }
+    const int64_t per_item = rows >= 4 * (int64_t)num_threads ? KVH : 1;
+    const struct call c = {
+        query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,
+        stride_block, stride_token, stride_head, block_tables, table_stride, context_lens,
+        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap,
+    };
+    const int64_t per_seq = KVH / per_item;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads) reduction(| : failed)
+    for (int64_t item = 0; item < rows * per_seq; item++) {
+        const int64_t r = item / per_seq, h0 = (item % per_seq) * per_item;
+        failed |= dispatch(&c, row_t[r], row_ctx[r], block_tables + row_seq[r] * table_stride,
+                           h0, kv_dtype, D);
+    }
+    free(row_seq);
     return failed ? -1 : 0;
 }

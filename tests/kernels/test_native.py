@@ -134,7 +134,8 @@ def test_the_cpu_backend_is_the_references_with_the_native_kernel(
 ) -> None:
     monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
     assert ops.get_ops("cpu") is cpu_ops
-    native_ops = {"paged_decode_attention", "rms_norm", "rotary_store_kv", "softcap"}
+    native_ops = {"paged_decode_attention", "prefill_attention", "rms_norm", "rotary_store_kv",
+                  "softcap"}
     for name in native_ops:
         assert getattr(cpu_ops, name) is getattr(native, name)
     public = {n for n, f in vars(reference).items() if callable(f) and not n.startswith("_")
@@ -162,7 +163,8 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
     # 64 wide), not the head (49,152 x 64 values, above SMALL_LINEAR_MAX: oneDNN)
     assert 49152 * 64 > native.SMALL_LINEAR_MAX
     assert ran == {"paged_decode_attention": 5 * 2, "rotary_store_kv": 6 * 2,
-                   "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6, "linear_f32": 6 * 2 * 4}
+                   "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6, "linear_f32": 6 * 2 * 4,
+                   "paged_prefill_attention": 2}  # the prompt's forward, each layer
 
 
 # One process, the build retried under each setting (the outcome is kept per process, so it is
@@ -238,8 +240,10 @@ x, w, b = (torch.randn(37, 72, generator=g), torch.randn(200, 72, generator=g),
            torch.randn(200, generator=g))
 lin = native.small_linear(x, w.t().contiguous(), b)
 lin_err = (lin.double() - torch.nn.functional.linear(x.double(), w.double(), b.double())).abs().max().item()
-print(json.dumps({"available": st.available, "reason": st.reason,
-                  "calls": native.calls["paged_decode_attention"], "linear_err": lin_err,
+q, cache, tables, ctx = _case(*CASES[0][:5])
+first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
+print(json.dumps({"available": st.available, "reason": st.reason, "first": first.float().tolist(),
+                  "calls": native.calls["paged_decode_attention"] - 1, "linear_err": lin_err,
                   "linear_calls": native.calls["linear_f32"],
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
 """
@@ -265,6 +269,11 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     assert out["available"] and "-march=haswell" in out["reason"], out
     assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
     assert out["linear_calls"] == 1 and out["linear_err"] < 1e-4, out
+    # the same bits as this machine's build: AVX2 sums each key's lanes one row at a time,
+    # AVX-512 16 rows at once, in the same pairs and order
+    q, cache, tables, ctx = _case(*CASES[0][:5])
+    here = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
+    assert torch.equal(here.float(), torch.tensor(out["first"])), "AVX2 and native builds differ"
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

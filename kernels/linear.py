@@ -8,7 +8,7 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
   layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
   equal to ``F.linear`` to float32 rounding. Weights of at most ``native.SMALL_LINEAR_MAX``
   values (a 64 x 4096 head, the projections of small models) run the native kernel
-  (``native.small_linear``, weight kept transposed) instead: oneDNN's fixed ~20 us a call
+  (``native.small_linear``, weight packed in blocks of 64 columns) instead: oneDNN's fixed ~20 us a call
   was most of such a model's decode step, and its arithmetic does not depend on the row
   count. ``SPLITSERVE_CPU_LINEAR=onednn`` keeps oneDNN for every float32 weight, ``dense``
   keeps ``F.linear``.
@@ -127,8 +127,8 @@ class Linear:
         self.format = str(weight.dtype).removeprefix("torch.")
         self.small = (env.SPLITSERVE_CPU_LINEAR.get().lower() not in ("dense", "onednn")
                       and native.small_linear_available(weight))
-        if self.small:  # transposed once: [K, N], contiguous (a copy: never aliases the input)
-            self.weight = weight.t().contiguous()
+        if self.small:  # packed once for the kernel (a copy: never aliases the input)
+            self.weight = native.pack_linear_weight(weight)
             self.bias = None if bias is None else bias.contiguous()
             return
         self.packed = packed_linear_available(weight)
@@ -159,7 +159,7 @@ class Linear:
             y = self._quantized_rows(x)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.small:
-            return native.small_linear(x, self.weight, self.bias)
+            return native.small_linear(x, self.weight, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )

@@ -550,19 +550,35 @@ def small_linear_available(weight: Tensor) -> bool:
     )
 
 
-def small_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight_t (+ bias)``: x [M, K] float32 (rows may be strided), ``weight_t`` the
-    transposed weight [K, N], contiguous; bias [N] float32 contiguous."""
+LINEAR_TILE = 64
+"""Columns per block of a packed weight (``linear.c``'s NVEC x 16 lanes)."""
+
+
+def pack_linear_weight(weight: Tensor) -> Tensor:
+    """W [N, K] float32 as ``linear_f32`` reads it, flat: W^T cut into blocks of LINEAR_TILE
+    columns, each [K, LINEAR_TILE] contiguous (a tile's pass over k reads one contiguous run:
+    with W^T rows N apart it touched a new page per k at K = 768), then the last
+    N % LINEAR_TILE columns as one [K, N % LINEAR_TILE] block. A copy: never aliases W."""
+    n, k = weight.shape
+    full = n // LINEAR_TILE * LINEAR_TILE
+    wt = weight.detach().t()
+    blocks = wt[:, :full].reshape(k, full // LINEAR_TILE, LINEAR_TILE).permute(1, 0, 2)
+    return torch.cat([blocks.reshape(-1), wt[:, full:].reshape(-1)]).to(torch.float32).contiguous()
+
+
+def small_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
+    """``x @ W^T (+ bias)``: x [M, K] float32 (rows may be strided), ``packed`` =
+    ``pack_linear_weight(W)``, bias [N] float32 contiguous."""
     lib = _loaded()
     m, k = x.shape
-    n = weight_t.shape[1]
-    if lib is None or x.dtype != torch.float32 or not x.is_cpu:
-        out = x @ weight_t
-        return out if bias is None else out + bias
+    n = out_features
+    require(packed.numel() == n * k and packed.is_contiguous(),
+            f"packed weight of {n} x {k} values expected, got {packed.numel()}")
+    assert lib is not None and x.dtype == torch.float32 and x.is_cpu, "small_linear operands"
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.float32)
-    lib.linear_f32(x.data_ptr(), m, k, x.stride(0), weight_t.data_ptr(), n,
+    lib.linear_f32(x.data_ptr(), m, k, x.stride(0), packed.data_ptr(), n,
                    bias.data_ptr() if bias is not None else None, y.data_ptr(), n,
                    torch.get_num_threads())
     calls["linear_f32"] += 1
@@ -578,19 +594,28 @@ def moe_available(weights: list[object], activation: str) -> bool:
             and _loaded() is not None)
 
 
-def moe_silu(x: Tensor, w13t: Tensor, w2t: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-    """Experts of a SiLU-gated MoE layer: x [T, H] float32, w13t [E, H, 2I] (each expert's
-    [gate | up] transposed), w2t [E, I, H], weights [T, k] float32 and ids [T, k] int64 from
-    the router. Returns [T, H] float32: ``reference.fused_moe``'s value."""
+def pack_moe_experts(experts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """(gate [I, H], up [I, H], down [H, I]) per expert -> (w13 [E, 2I * H], w2 [E, H * I]):
+    each expert's [gate | up] and down packed as ``pack_linear_weight`` lays them out."""
+    w13 = torch.stack([pack_linear_weight(torch.cat([g, u])) for g, u, _ in experts])
+    w2 = torch.stack([pack_linear_weight(d) for _, _, d in experts])
+    return w13, w2
+
+
+def moe_silu(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
+             inter: int) -> Tensor:
+    """Experts of a SiLU-gated MoE layer: x [T, H] float32, (w13, w2) from
+    ``pack_moe_experts`` (experts of width ``inter``), weights [T, k] float32 and ids [T, k]
+    int64 from the router. Returns [T, H] float32: ``reference.fused_moe``'s value."""
     lib = _loaded()
     assert lib is not None, "moe_silu without the native library"
     t, h = x.shape
-    e, i = w2t.shape[0], w2t.shape[1]
+    e, i = w2.shape[0], inter
     k = ids.shape[1]
-    require(w13t.shape == (e, h, 2 * i) and w2t.shape == (e, i, h)
-            and w13t.is_contiguous() and w2t.is_contiguous(),
-            f"w13t [E, {h}, 2I] and w2t [E, I, {h}] contiguous expected, got "
-            f"{tuple(w13t.shape)} and {tuple(w2t.shape)}")
+    require(w13.dim() == 2 and w2.dim() == 2 and w13.shape == (e, 2 * i * h)
+            and w2.shape == (e, h * i) and w13.is_contiguous() and w2.is_contiguous(),
+            f"packed w13 [E, {2 * i * h}] and w2 [E, {h * i}] expected, got "
+            f"{tuple(w13.shape)} and {tuple(w2.shape)}")
     require(tuple(weights.shape) == (t, k) and tuple(ids.shape) == (t, k),
             f"weights and ids [{t}, k] expected, got {tuple(weights.shape)} and {tuple(ids.shape)}")
     if x.stride(1) != 1:
@@ -601,7 +626,7 @@ def moe_silu(x: Tensor, w13t: Tensor, w2t: Tensor, weights: Tensor, ids: Tensor)
     xs = torch.empty((t * k, h), dtype=torch.float32)
     hid = torch.empty((t * k, 2 * i), dtype=torch.float32)
     ys = torch.empty((t * k, h), dtype=torch.float32)
-    rc = lib.moe_silu_f32(x.data_ptr(), t, h, x.stride(0), w13t.data_ptr(), w2t.data_ptr(), e, i,
+    rc = lib.moe_silu_f32(x.data_ptr(), t, h, x.stride(0), w13.data_ptr(), w2.data_ptr(), e, i,
                           ids.data_ptr(), weights.data_ptr(), k, out.data_ptr(), xs.data_ptr(),
                           hid.data_ptr(), ys.data_ptr(), torch.get_num_threads())
     calls["moe_silu_f32"] += 1

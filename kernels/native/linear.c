@@ -1,5 +1,5 @@
-/* Projections through small float32 weights on the CPU: y = x @ W^T (+ bias), with W kept
- * transposed, wt = W^T [K, N] contiguous.
+/* Projections through small float32 weights on the CPU: y = x @ W^T (+ bias), with W packed
+ * once (see rows_of_tile: W^T in blocks of 64 columns, each contiguous).
  *
  * oneDNN's inner product costs ~15-25 us a call whatever its size (primitive lookup, its
  * thread team), which is most of a decode step of a model whose weights are a few thousand
@@ -10,102 +10,135 @@
  * FMA rounds once either way). So a row's result never depends on its batch, and decode rows,
  * speculative verify rows and prompt rows through one weight agree bit for bit.
  *
- * Tiles: ROWS rows x up to NVEC 16-float vectors of columns, their accumulators in registers,
- * one pass over k reading each weight row segment once for the ROWS rows. Work items are
+ * Tiles: ROWS rows x up to NVEC vectors of columns (16 floats on AVX-512, 8 on AVX2), their
+ * accumulators in registers, one pass over k reading each weight row segment once for the
+ * ROWS rows (6 x 4 on AVX-512: 0.95-1.25x oneDNN from 16 to 2,048 rows at 64-768 wide; 4 x 4
+ * gave 0.77-0.86x). Every lane and the scalar tail run the same FMA chain, so the AVX2 and
+ * AVX-512 builds give the same bits too. Work items are
  * (column tile, row range) pairs, on torch's OpenMP team from PARALLEL_MACS multiply-adds on.
  */
 #pragma GCC optimize("fp-contract=fast")
 #include "common.h"
 
 #ifdef __AVX512F__
-#define ROWS 4 /* 4 x 4 accumulators: 16 of the 32 zmm registers */
+typedef v16f vec; /* one zmm register */
+#define VL 16
+#define ROWS 6 /* 6 x 4 accumulators: 24 of the 32 zmm registers */
 #else
-#define ROWS 2 /* 2 x 4 x 2 ymm: 16 ymm registers on AVX2 */
+typedef v8f vec; /* one ymm register: arrays of two-register vectors went through the stack */
+#define VL 8
+#define ROWS 4 /* 4 x 2 accumulators (4 x 4 went through the stack: 5x slower) */
 #endif
-#define NVEC 4
-#define TILE (NVEC * LANES)
+#ifdef __AVX512F__
+#define NVEC 4 /* vectors of columns per pass */
+#else
+#define NVEC 2
+#endif
+#define TILE 64 /* columns per packed block (native.LINEAR_TILE): 1 pass of 4 x 16 lanes, 4 of 2 x 8 */
 #define PARALLEL_MACS (1 << 18)
 #define ROW_CHUNK 64 /* rows per work item when there are many */
 
-/* Rows [m0, m0 + R) x vectors [n0, n0 + NV * 16): R and NV constants where inlined. */
+/* Rows [m0, m0 + R) x vectors [n0, n0 + NV * VL) of the output, whose weights sit at
+ * w (row k at w + k * ldw): R and NV constants where inlined. */
 static inline __attribute__((always_inline)) void tile(
-    const float *restrict x, int64_t x_stride, const float *restrict wt, int64_t K, int64_t N,
+    const float *restrict x, int64_t x_stride, const float *restrict w, int64_t ldw, int64_t K,
     const float *restrict bias, float *restrict y, int64_t y_stride, int64_t m0, int64_t n0,
     const int R, const int NV)
 {
-    v16f acc[ROWS][NVEC];
+    vec acc[ROWS][NVEC];
     for (int r = 0; r < R; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = (v16f){0};
-    const float *xr[ROWS];
-    for (int r = 0; r < R; r++) xr[r] = x + (m0 + r) * x_stride;
+        for (int v = 0; v < NV; v++) acc[r][v] = (vec){0};
+    const float *xr = x + m0 * x_stride;
     for (int64_t k = 0; k < K; k++) {
-        const float *w = wt + k * N + n0;
-        v16f wv[NVEC];
-        for (int v = 0; v < NV; v++) memcpy(&wv[v], w + v * LANES, sizeof wv[v]);
+        const float *wk = w + k * ldw;
+        vec wv[NVEC];
+        for (int v = 0; v < NV; v++) memcpy(&wv[v], wk + v * VL, sizeof wv[v]);
         for (int r = 0; r < R; r++) {
-            const float xv = xr[r][k];
+            const float xv = xr[r * x_stride + k];
             for (int v = 0; v < NV; v++) acc[r][v] += xv * wv[v];
         }
     }
     for (int r = 0; r < R; r++)
         for (int v = 0; v < NV; v++) {
             if (bias != NULL) {
-                v16f b;
-                memcpy(&b, bias + n0 + v * LANES, sizeof b);
+                vec b;
+                memcpy(&b, bias + n0 + v * VL, sizeof b);
                 acc[r][v] += b;
             }
-            memcpy(y + (m0 + r) * y_stride + n0 + v * LANES, &acc[r][v], sizeof acc[r][v]);
+            memcpy(y + (m0 + r) * y_stride + n0 + v * VL, &acc[r][v], sizeof acc[r][v]);
         }
 }
 
-/* The columns past the last whole vector, one element at a time: the same FMA chain. */
-static void tail_columns(const float *restrict x, int64_t x_stride, const float *restrict wt,
-                         int64_t K, int64_t N, const float *restrict bias, float *restrict y,
-                         int64_t y_stride, int64_t m_lo, int64_t m_hi, int64_t n_lo)
+/* Output columns [n_lo, n_hi) one element at a time (their weights from column c_lo of the
+ * block at w, rows ldw apart): the same FMA chain as the vector lanes. */
+static void tail_columns(const float *restrict x, int64_t x_stride, const float *restrict w,
+                         int64_t ldw, int64_t c_lo, int64_t K, const float *restrict bias,
+                         float *restrict y, int64_t y_stride, int64_t m_lo, int64_t m_hi,
+                         int64_t n_lo, int64_t n_hi)
 {
     for (int64_t m = m_lo; m < m_hi; m++)
-        for (int64_t n = n_lo; n < N; n++) {
+        for (int64_t n = n_lo; n < n_hi; n++) {
             float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) acc = __builtin_fmaf(x[m * x_stride + k], wt[k * N + n], acc);
+            for (int64_t k = 0; k < K; k++)
+                acc = __builtin_fmaf(x[m * x_stride + k], w[k * ldw + c_lo + (n - n_lo)], acc);
             if (bias != NULL) acc += bias[n];
             y[m * y_stride + n] = acc;
         }
 }
 
 static inline __attribute__((always_inline)) void rows_nv(
-    const float *x, int64_t x_stride, const float *wt, int64_t K, int64_t N, const float *bias,
+    const float *x, int64_t x_stride, const float *w, int64_t ldw, int64_t K, const float *bias,
     float *y, int64_t y_stride, int64_t m_lo, int64_t m_hi, int64_t n0, const int NV)
 {
     int64_t m = m_lo;
-    for (; m + ROWS <= m_hi; m += ROWS) tile(x, x_stride, wt, K, N, bias, y, y_stride, m, n0, ROWS, NV);
-    for (; m < m_hi; m++) tile(x, x_stride, wt, K, N, bias, y, y_stride, m, n0, 1, NV);
+    for (; m + ROWS <= m_hi; m += ROWS) tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, ROWS, NV);
+    switch (m_hi - m) { /* the last rows in one pass as well (the weights read once more) */
+#if ROWS > 5
+    case 5: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 5, NV); break;
+    case 4: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 4, NV); break;
+    case 3: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 3, NV); break;
+#endif
+#if ROWS > 2
+    case 2: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 2, NV); break;
+#endif
+    case 1: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 1, NV); break;
+    default: break;
+    }
 }
 
-/* Rows [m_lo, m_hi) x column tile t (TILE columns; the last tile also takes the tail). */
-static void rows_of_tile(const float *x, int64_t x_stride, const float *wt, int64_t K,
+/* The packed weight (native.pack_linear_weight): W^T cut into blocks of TILE columns, each
+ * [K, TILE] contiguous (a tile's k-loop walks one contiguous run), then the last N % TILE
+ * columns as one [K, N % TILE] block. Rows [m_lo, m_hi) x block t: its whole vectors in
+ * passes of up to NVEC, the columns past them one at a time. */
+static void rows_of_tile(const float *x, int64_t x_stride, const float *wp, int64_t K,
                          int64_t N, const float *bias, float *y, int64_t y_stride,
                          int64_t m_lo, int64_t m_hi, int64_t t)
 {
-    const int64_t whole = N / LANES, n0 = t * TILE;
-    const int64_t nv = whole - t * NVEC < NVEC ? whole - t * NVEC : NVEC;
-    switch (nv) {
-    case 4: rows_nv(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, n0, 4); break;
-    case 3: rows_nv(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, n0, 3); break;
-    case 2: rows_nv(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, n0, 2); break;
-    case 1: rows_nv(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, n0, 1); break;
-    default: break; /* no whole vector: the tail below only */
+    const int64_t full = N / TILE, n0 = t * TILE;
+    const float *w = wp + t * K * TILE;
+    const int64_t width = t < full ? TILE : N - full * TILE, nvec = width / VL;
+    for (int64_t v0 = 0; v0 < nvec; v0 += NVEC) {
+        const float *wv = w + v0 * VL;
+        const int64_t c0 = n0 + v0 * VL;
+        switch (nvec - v0 < NVEC ? nvec - v0 : NVEC) {
+        case 4: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 4); break;
+        case 3: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 3); break;
+        case 2: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 2); break;
+        default: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 1); break;
+        }
     }
-    if (n0 + TILE >= whole * LANES && whole * LANES < N)
-        tail_columns(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, whole * LANES);
+    if (nvec * VL < width)
+        tail_columns(x, x_stride, w, width, nvec * VL, K, bias, y, y_stride, m_lo, m_hi,
+                     n0 + nvec * VL, n0 + width);
 }
 
-/* Column tiles of an N-wide output: whole TILE-column groups, at least one. */
+/* Weight blocks of an N-wide output: whole TILE-column blocks, then the rest if any. */
 static inline int64_t column_tiles(int64_t N) {
-    const int64_t whole = N / LANES, t = (whole + NVEC - 1) / NVEC;
-    return t > 0 ? t : 1;
+    return N / TILE + (N % TILE ? 1 : 0);
 }
 
-/* y [M, N] (row stride y_stride) = x [M, K] (row stride x_stride) @ wt [K, N] (+ bias [N]). */
+/* y [M, N] (row stride y_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]), with
+ * W [N, K] packed as rows_of_tile reads it (wp). */
 void linear_f32(const float *x, int64_t M, int64_t K, int64_t x_stride, const float *wt,
                 int64_t N, const float *bias, float *y, int64_t y_stride, int num_threads)
 {
@@ -124,8 +157,8 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* A mixture-of-experts layer's experts over float32, SiLU-gated (Qwen3-MoE, Mixtral):
  *   out[t] = sum_j topw[t, j] * W2_e (silu(G_e x_t) * U_e x_t),  e = ids[t, j],  j in order,
- * with w13t [E, H, 2I] each expert's [gate | up] transposed and w2t [E, I, H] each expert's
- * down transposed. The routed (token, slot) pairs are grouped by expert (stable) into xs,
+ * with w13t [E, 2I * H] each expert's [gate | up] and w2t [E, H * I] each expert's down,
+ * packed as rows_of_tile reads them. The routed (token, slot) pairs are grouped by expert (stable) into xs,
  * so each expert's weights are read once per 4 rows; every pair's arithmetic is the same FMA
  * chains whatever else was routed with it, and a token sums its slots in slot order: a
  * token's result never depends on its batch. Scratch: xs [T * k, H], hid [T * k, 2I],

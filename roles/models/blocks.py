@@ -144,9 +144,9 @@ class MoE:
         # the CPU backend's native kernel: every expert in one call (float32, SiLU)
         self.native = (ops.__name__.endswith("cpu_ops")
                        and native.moe_available([t for ex in experts for t in ex], self.act_name))
-        if self.native:  # stacked and transposed: [E, H, 2I] and [E, I, H]
-            self.w13t = torch.stack([torch.cat([g, u]).t() for g, u, _ in experts]).contiguous()
-            self.w2t = torch.stack([d.t() for _, _, d in experts]).contiguous()
+        if self.native:  # packed per expert, stacked: [E, 2I * H] and [E, H * I]
+            self.inter = int(experts[0][0].shape[0])
+            self.w13p, self.w2p = native.pack_moe_experts(experts)
         elif self.fused:  # stacked for the kernel (weights stay float: no Linear here)
             self.w13 = torch.stack([torch.cat([g, u]) for g, u, _ in experts])  # [E, 2 I, H]
             self.w2 = torch.stack([d for _, _, d in experts])  # [E, H, I]
@@ -159,7 +159,7 @@ class MoE:
         """[T, H] -> [T, H]."""
         weights, ids = self.ops.moe_route(self.router(x), self.top_k, self.renormalize)
         if self.native:
-            return native.moe_silu(x, self.w13t, self.w2t, weights, ids)
+            return native.moe_silu(x, self.w13p, self.w2p, weights, ids, self.inter)
         if self.fused:
             return self.ops.fused_moe(x, self.w13, self.w2, weights, ids, self.act_name)  # type: ignore[no-any-return]
         return self._grouped(x, weights, ids)

@@ -39,7 +39,10 @@ def test_small_weights_take_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -
     assert w.numel() == native.SMALL_LINEAR_MAX
     proj = Linear(w)
     assert proj.small and not proj.packed and proj.weight is not None
-    assert proj.weight.shape == (64, 4096) and proj.weight.is_contiguous()
+    assert proj.weight.shape == (64 * 4096,) and proj.weight.is_contiguous()
+    # packed: W^T in blocks of 64 columns, each [K, 64] contiguous
+    assert torch.equal(proj.weight[: 64 * 64].view(64, 64), w[:64].t())
+    assert torch.equal(proj.weight[64 * 64 : 2 * 64 * 64].view(64, 64), w[64:128].t())
     before = native.calls["linear_f32"]
     x = torch.randn(5, 64)
     torch.testing.assert_close(proj(x), F.linear(x, w), rtol=1e-5, atol=1e-4)

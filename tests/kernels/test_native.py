@@ -238,12 +238,13 @@ for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
 g = torch.Generator().manual_seed(0)
 x, w, b = (torch.randn(37, 72, generator=g), torch.randn(200, 72, generator=g),
            torch.randn(200, generator=g))
-lin = native.small_linear(x, w.t().contiguous(), b)
+lin = native.small_linear(x, native.pack_linear_weight(w), 200, b)
 lin_err = (lin.double() - torch.nn.functional.linear(x.double(), w.double(), b.double())).abs().max().item()
 q, cache, tables, ctx = _case(*CASES[0][:5])
 first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
 print(json.dumps({"available": st.available, "reason": st.reason, "first": first.float().tolist(),
                   "calls": native.calls["paged_decode_attention"] - 1, "linear_err": lin_err,
+                  "linear": lin.tolist(),
                   "linear_calls": native.calls["linear_f32"],
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
 """
@@ -269,6 +270,11 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     assert out["available"] and "-march=haswell" in out["reason"], out
     assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
     assert out["linear_calls"] == 1 and out["linear_err"] < 1e-4, out
+    g = torch.Generator().manual_seed(0)  # the same operands here: the same FMA chains, bits
+    x, w, b = (torch.randn(37, 72, generator=g), torch.randn(200, 72, generator=g),
+               torch.randn(200, generator=g))
+    assert torch.equal(native.small_linear(x, native.pack_linear_weight(w), 200, b),
+                       torch.tensor(out["linear"]))
     # the same bits as this machine's build: AVX2 sums each key's lanes one row at a time,
     # AVX-512 16 rows at once, in the same pairs and order
     q, cache, tables, ctx = _case(*CASES[0][:5])

@@ -25,7 +25,8 @@ def _case(tokens: int, hidden: int, inter: int, experts: int, k: int, seed: int)
 
 
 def _stacked(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+    inter = w13.shape[1] // 2
+    return native.pack_moe_experts([(w[:inter], w[inter:], d) for w, d in zip(w13, w2, strict=True)])
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def _built() -> None:
 def test_equals_the_reference(tokens, hidden, inter, experts, k) -> None:
     x, w13, w2, weights, ids = _case(tokens, hidden, inter, experts, k, seed=tokens)
     before = native.calls["moe_silu_f32"]
-    got = native.moe_silu(x, *_stacked(w13, w2), weights, ids)
+    got = native.moe_silu(x, *_stacked(w13, w2), weights, ids, inter)
     assert native.calls["moe_silu_f32"] == before + 1
     want = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
@@ -52,16 +53,16 @@ def test_a_tokens_bits_do_not_depend_on_its_batch() -> None:
     and a token sums its slots in slot order: alone, in any batch, on 1 or 2 threads."""
     x, w13, w2, weights, ids = _case(130, 64, 48, 8, 2, seed=3)
     w13t, w2t = _stacked(w13, w2)
-    whole = native.moe_silu(x, w13t, w2t, weights, ids)
+    whole = native.moe_silu(x, w13t, w2t, weights, ids, 48)
     for size in (1, 2, 5, 17, 64):
         for start in (0, 7, 130 - size):
             sl = slice(start, start + size)
-            assert torch.equal(native.moe_silu(x[sl], w13t, w2t, weights[sl], ids[sl]),
+            assert torch.equal(native.moe_silu(x[sl], w13t, w2t, weights[sl], ids[sl], 48),
                                whole[sl]), (size, start)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(native.moe_silu(x, w13t, w2t, weights, ids), whole)
+        assert torch.equal(native.moe_silu(x, w13t, w2t, weights, ids, 48), whole)
     finally:
         torch.set_num_threads(threads)
 
@@ -72,14 +73,14 @@ def test_bad_input_is_named() -> None:
     bad = ids.clone()
     bad[2, 1] = 4
     with pytest.raises(KernelInputError, match=r"ids\[2, 1\] = 4 is not an expert \(num_experts = 4\)"):
-        native.moe_silu(x, w13t, w2t, weights, bad)
+        native.moe_silu(x, w13t, w2t, weights, bad, 8)
     bad[2, 1] = -1
     with pytest.raises(KernelInputError, match=r"ids\[2, 1\] = -1"):
-        native.moe_silu(x, w13t, w2t, weights, bad)
-    with pytest.raises(KernelInputError, match="w13t"):
-        native.moe_silu(x, w13t[:, :, :6], w2t, weights, ids)
+        native.moe_silu(x, w13t, w2t, weights, bad, 8)
+    with pytest.raises(KernelInputError, match="packed w13"):
+        native.moe_silu(x, w13t[:, :-6], w2t, weights, ids, 8)
     with pytest.raises(KernelInputError, match="weights and ids"):
-        native.moe_silu(x, w13t, w2t, weights[:3], ids)
+        native.moe_silu(x, w13t, w2t, weights[:3], ids, 8)
 
 
 def test_the_moe_block_takes_it_only_where_it_applies() -> None:

@@ -8,8 +8,8 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
   layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
   equal to ``F.linear`` to float32 rounding. Weights of at most ``native.SMALL_LINEAR_MAX``
   values (a 64 x 4096 head, the projections of small models) run the native kernel
-  (``native.small_linear``, weight packed in blocks of 64 columns) instead: oneDNN's fixed ~20 us a call
-  was most of such a model's decode step, and its arithmetic does not depend on the row
+  (``native.small_linear``, weight packed in blocks of 64 columns) instead: oneDNN's fixed
+  ~20 us a call was most of such a model's decode step, and its arithmetic does not depend on the row
   count. ``SPLITSERVE_CPU_LINEAR=onednn`` keeps oneDNN for every float32 weight, ``dense``
   keeps ``F.linear``.
 - bfloat16 / float16 / other devices: ``F.linear``.
@@ -105,7 +105,7 @@ class Linear:
         self.dtype, self.device = weight.dtype, weight.device
         self.bias = bias
         self.packed = False
-        self.small = False  # float32 weight small enough for the native kernel (kept as W^T)
+        self.small = False  # float32 weight small enough for the native kernel (packed)
         self.weight: Tensor | None = None
         self._quantized: Matmul
         self._expand_from = 0  # rows from which a quantized call expands its weight (0: never)

@@ -128,7 +128,8 @@ class MoE:
 
     The routed (token, expert) pairs are sorted by expert, so each expert runs one gated
     MLP over all its rows; the results are weighted and summed back per token. On the Triton
-    backend one fused kernel (``kernels/fused_moe.py``) does the same over stacked weights.
+    backend one fused kernel (``kernels/fused_moe.py``) does the same over stacked weights; on
+    the CPU backend with float32 SiLU experts, one native call (``native.moe_silu``).
     """
 
     def __init__(

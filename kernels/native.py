@@ -9,9 +9,9 @@
   checks the block ids it will read itself (a few integer compares), so no per-layer check
   runs in Python.
 - ``linear_f32`` (``native/linear.c``): projections through small float32 weights (at most
-  ``SMALL_LINEAR_MAX`` values, the weight kept transposed). oneDNN's inner product costs
+  ``SMALL_LINEAR_MAX`` values, the weight packed once by ``pack_linear_weight``). oneDNN's inner product costs
   ~15-25 us a call whatever its size, most of a decode step of a model a few thousand values
-  wide (3x at 16 rows of a 64 x 256 weight here); at 2,048 rows it runs at ~0.9x oneDNN. Each
+  wide (1.5-3x at 16 rows of a 64 x 256 weight here); at 2,048 rows it runs at 0.9-1.0x oneDNN. Each
   output is one multiply-add chain over k in order, so a row's bits never depend on the row
   count (torch's GEMMs pick their code by it), the thread, or the tiling.
 - ``moe_silu_f32`` (``native/linear.c``): a SiLU-gated mixture-of-experts layer's experts
@@ -66,7 +66,7 @@ from torch import Tensor
 
 from splitserve import env
 from splitserve.kernels import reference
-from splitserve.kernels.checks import KernelInputError, require
+from splitserve.kernels.checks import KernelInputError
 from splitserve.kernels.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -183,10 +183,10 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         "softcap": [ptr, ptr, i64, f32, i32],  # x, out (float32), n, cap, threads
         "argmax_rows": [ptr, i64, i64, i64, ptr, i32],  # x, rows, cols, row stride, out, threads
         "linear_f32": [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32],  # x, M, K, its
-        # row stride, W^T [K, N], N, bias, y, its row stride, threads
+        # row stride, packed weight, N, bias, y, its row stride, threads
         "moe_silu_f32": [
             ptr, i64, i64, i64,  # x, T, H, its row stride
-            ptr, ptr, i64, i64,  # w13t [E, H, 2I], w2t [E, I, H], E, I
+            ptr, ptr, i64, i64,  # packed w13 [E, 2I * H], w2 [E, H * I], E, I
             ptr, ptr, i64, ptr,  # ids [T, k], weights [T, k], k, out [T, H]
             ptr, ptr, ptr, i32,  # scratch: xs, hid, ys; threads
         ],
@@ -249,6 +249,17 @@ def supports(query: Tensor, kv_cache: Tensor) -> bool:
     )
 
 
+def _bad_context(seq: int, ctx: int, max_blocks: int, block_size: int) -> KernelInputError:
+    return KernelInputError(
+        f"context_lens[{seq}] = {ctx} is outside [0, {max_blocks * block_size}] "
+        f"(block_tables has {max_blocks} columns of {block_size} tokens)")
+
+
+def _bad_block(seq: int, col: int, block: int, num_blocks: int) -> KernelInputError:
+    return KernelInputError(
+        f"block_tables[{seq}, {col}] = {block} points past the cache (num_blocks = {num_blocks})")
+
+
 def paged_decode_attention(
     query: Tensor,
     kv_cache: Tensor,
@@ -268,10 +279,10 @@ def paged_decode_attention(
             query, kv_cache, block_tables, context_lens, scale, sliding_window, soft_cap
         )
     b, h, d = query.shape
-    require(block_tables.dim() == 2 and block_tables.shape[0] == b
-            and tuple(context_lens.shape) == (b,),
-            f"block_tables [{b}, max_blocks] and context_lens [{b}] expected, got "
-            f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if not (block_tables.dim() == 2 and block_tables.shape[0] == b
+            and tuple(context_lens.shape) == (b,)):  # the message built on failure only
+        raise KernelInputError(f"block_tables [{b}, max_blocks] and context_lens [{b}] expected, "
+                               f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     tables = block_tables if block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 \
         else block_tables.to(torch.int32).contiguous()
     lens = context_lens if context_lens.dtype == torch.int32 and context_lens.stride(0) == 1 \
@@ -293,15 +304,8 @@ def paged_decode_attention(
     if rc > 0:
         seq, col = divmod(rc - 1, max_blocks + 1)
         if col == max_blocks:
-            raise KernelInputError(
-                f"context_lens[{seq}] = {int(lens[seq])} is outside "
-                f"[0, {max_blocks * block_size}] (block_tables has {max_blocks} columns of "
-                f"{block_size} tokens)"
-            )
-        raise KernelInputError(
-            f"block_tables[{seq}, {col}] = {int(tables[seq, col])} points past the cache "
-            f"(num_blocks = {num_blocks})"
-        )
+            raise _bad_context(seq, int(lens[seq]), max_blocks, block_size)
+        raise _bad_block(seq, col, int(tables[seq, col]), num_blocks)
     return out
 
 
@@ -338,21 +342,22 @@ def prefill_attention(
         return reference.prefill_attention(query, kv_cache, block_tables, query_start_loc,
                                            context_lens, scale, sliding_window, soft_cap)
     num_seqs, t = len(lens), query.shape[0]
-    require(block_tables.dim() == 2 and block_tables.shape[0] == num_seqs
-            and tuple(query_start_loc.shape) == (num_seqs + 1,),
+    if not (block_tables.dim() == 2 and block_tables.shape[0] == num_seqs
+            and tuple(query_start_loc.shape) == (num_seqs + 1,)):  # messages built on failure only
+        raise KernelInputError(
             f"block_tables [{num_seqs}, max_blocks] and query_start_loc [{num_seqs + 1}] "
             f"expected, got {tuple(block_tables.shape)} and {tuple(query_start_loc.shape)}")
     starts = query_start_loc.tolist()
-    require(starts[0] == 0 and starts[-1] == t and all(a <= b for a, b in zip(starts[:-1], starts[1:], strict=True)),
+    if starts[0] != 0 or starts[-1] != t or any(a > b for a, b in zip(starts[:-1], starts[1:], strict=True)):
+        raise KernelInputError(
             f"query_start_loc must rise from 0 to {t} (the query rows), got {starts}")
     tables = block_tables if block_tables.dtype == torch.int32 and block_tables.stride(1) == 1 \
         else block_tables.to(torch.int32).contiguous()
     num_blocks, block_size, max_blocks = kv_cache.shape[1], kv_cache.shape[2], tables.shape[1]
-    for s, ctx in enumerate(lens):  # every sequence, whichever path takes it
+    # every sequence, whichever path takes it (the kernel then only has block ids to refuse)
+    for s, ctx in enumerate(lens):
         if not 0 <= ctx <= max_blocks * block_size:
-            raise KernelInputError(
-                f"context_lens[{s}] = {ctx} is outside [0, {max_blocks * block_size}] "
-                f"(block_tables has {max_blocks} columns of {block_size} tokens)")
+            raise _bad_context(s, ctx, max_blocks, block_size)
         if starts[s + 1] - starts[s] > ctx:
             raise KernelInputError(
                 f"sequence {s}: its chunk of {starts[s + 1] - starts[s]} query rows is "
@@ -375,19 +380,9 @@ def prefill_attention(
     calls["paged_prefill_attention"] += 1
     if rc == -1:
         raise MemoryError("paged_prefill_attention: a work item could not allocate its scores")
-    if rc > 0:
+    if rc > 0:  # context lengths and chunks were checked above: a block id past the cache
         seq, col = divmod(rc - 1, max_blocks + 2)
-        if col == max_blocks + 1:
-            raise KernelInputError(
-                f"sequence {seq}: its chunk of {starts[seq + 1] - starts[seq]} query rows is "
-                f"longer than context_lens[{seq}] = {lens[seq]}")
-        if col == max_blocks:
-            raise KernelInputError(
-                f"context_lens[{seq}] = {lens[seq]} is outside [0, {max_blocks * block_size}] "
-                f"(block_tables has {max_blocks} columns of {block_size} tokens)")
-        raise KernelInputError(
-            f"block_tables[{seq}, {col}] = {int(tables[seq, col])} points past the cache "
-            f"(num_blocks = {num_blocks})")
+        raise _bad_block(seq, col, int(tables[seq, col]), num_blocks)
     if len(short) < num_seqs:  # the long ones: the reference's fused SDPA, one at a time
         for s in sorted(set(range(num_seqs)) - set(short)):
             lo, hi = starts[s], starts[s + 1]
@@ -572,8 +567,8 @@ def small_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | No
     lib = _loaded()
     m, k = x.shape
     n = out_features
-    require(packed.numel() == n * k and packed.is_contiguous(),
-            f"packed weight of {n} x {k} values expected, got {packed.numel()}")
+    if packed.numel() != n * k or not packed.is_contiguous():  # (no message built per call)
+        raise KernelInputError(f"packed weight of {n} x {k} values expected, got {packed.numel()}")
     assert lib is not None and x.dtype == torch.float32 and x.is_cpu, "small_linear operands"
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -612,12 +607,13 @@ def moe_silu(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
     t, h = x.shape
     e, i = w2.shape[0], inter
     k = ids.shape[1]
-    require(w13.dim() == 2 and w2.dim() == 2 and w13.shape == (e, 2 * i * h)
-            and w2.shape == (e, h * i) and w13.is_contiguous() and w2.is_contiguous(),
-            f"packed w13 [E, {2 * i * h}] and w2 [E, {h * i}] expected, got "
-            f"{tuple(w13.shape)} and {tuple(w2.shape)}")
-    require(tuple(weights.shape) == (t, k) and tuple(ids.shape) == (t, k),
-            f"weights and ids [{t}, k] expected, got {tuple(weights.shape)} and {tuple(ids.shape)}")
+    if not (w13.dim() == 2 and w2.dim() == 2 and w13.shape == (e, 2 * i * h)
+            and w2.shape == (e, h * i) and w13.is_contiguous() and w2.is_contiguous()):
+        raise KernelInputError(f"packed w13 [E, {2 * i * h}] and w2 [E, {h * i}] expected, got "
+                               f"{tuple(w13.shape)} and {tuple(w2.shape)}")
+    if tuple(weights.shape) != (t, k) or tuple(ids.shape) != (t, k):
+        raise KernelInputError(f"weights and ids [{t}, k] expected, got "
+                               f"{tuple(weights.shape)} and {tuple(ids.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     ids = ids.to(torch.int64).contiguous()

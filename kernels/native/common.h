@@ -92,6 +92,27 @@ static inline float tanh_fast(float x) {
     return x * p / q;
 }
 
+/* exp(x) for x <= 0 (attention scores minus their maximum; -|x| for a sigmoid): 2^(x log2 e) split into integer and
+ * fraction, 2^f by a minimax polynomial on [0, 1). */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f;
+    float fi = floorf(t);
+    float f = t - fi;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t e = (int32_t)fi + 127;
+    uint32_t bits = (uint32_t)e << 23;
+    float s;
+    memcpy(&s, &bits, 4);
+    return p * s;
+}
+
 static inline float load_elem(const void *p, int dtype, int64_t i) {
     return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }

@@ -24,27 +24,6 @@ static inline void load_row(const void *p, int dtype, int64_t D, float *restrict
     }
 }
 
-/* exp(x) for x <= 0 (scores minus their maximum): 2^(x log2 e) split into integer and
- * fraction, 2^f by a minimax polynomial on [0, 1). */
-static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504088896341f;
-    float fi = floorf(t);
-    float f = t - fi;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    int32_t e = (int32_t)fi + 127;
-    uint32_t bits = (uint32_t)e << 23;
-    float s;
-    memcpy(&s, &bits, 4);
-    return p * s;
-}
-
 /* max / sum of n floats in LANES partial results combined pairwise: a fixed order for a
  * given n, and no serial dependency chain. */
 static inline float max_lanes(const float *restrict s, int64_t n) {

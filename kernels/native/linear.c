@@ -14,8 +14,8 @@
  * accumulators in registers, one pass over k reading each weight row segment once for the
  * ROWS rows (6 x 4 on AVX-512: 0.95-1.25x oneDNN from 16 to 2,048 rows at 64-768 wide; 4 x 4
  * gave 0.77-0.86x). Every lane and the scalar tail run the same FMA chain, so the AVX2 and
- * AVX-512 builds give the same bits too. Work items are
- * (column tile, row range) pairs, on torch's OpenMP team from PARALLEL_MACS multiply-adds on.
+ * AVX-512 builds give the same bits too. Work items are (column tile, row range) pairs, on
+ * torch's OpenMP team from PARALLEL_MACS multiply-adds on.
  */
 #pragma GCC optimize("fp-contract=fast")
 #include "common.h"
@@ -139,7 +139,7 @@ static inline int64_t column_tiles(int64_t N) {
 
 /* y [M, N] (row stride y_stride) = x [M, K] (row stride x_stride) @ W^T (+ bias [N]), with
  * W [N, K] packed as rows_of_tile reads it (wp). */
-void linear_f32(const float *x, int64_t M, int64_t K, int64_t x_stride, const float *wt,
+void linear_f32(const float *x, int64_t M, int64_t K, int64_t x_stride, const float *wp,
                 int64_t N, const float *bias, float *y, int64_t y_stride, int num_threads)
 {
     const int64_t tiles = column_tiles(N);
@@ -149,24 +149,30 @@ void linear_f32(const float *x, int64_t M, int64_t K, int64_t x_stride, const fl
     for (int64_t item = 0; item < tiles * chunks; item++) {
         const int64_t t = item % tiles, c = item / tiles;
         const int64_t m_lo = c * ROW_CHUNK, m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-        rows_of_tile(x, x_stride, wt, K, N, bias, y, y_stride, m_lo, m_hi, t);
+        rows_of_tile(x, x_stride, wp, K, N, bias, y, y_stride, m_lo, m_hi, t);
     }
 }
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+/* v * sigmoid(v), the sigmoid from e = exp(-|v|): 1 / (1 + e), or e / (1 + e) below zero
+ * (no overflow, no branch, so the loop vectorizes; libm's expf did not). */
+static inline float silu(float v) {
+    const float e = exp_nonpos(-fabsf(v));
+    return v * ((v >= 0.0f ? 1.0f : e) / (1.0f + e));
+}
 
 /* A mixture-of-experts layer's experts over float32, SiLU-gated (Qwen3-MoE, Mixtral):
  *   out[t] = sum_j topw[t, j] * W2_e (silu(G_e x_t) * U_e x_t),  e = ids[t, j],  j in order,
- * with w13t [E, 2I * H] each expert's [gate | up] and w2t [E, H * I] each expert's down,
- * packed as rows_of_tile reads them. The routed (token, slot) pairs are grouped by expert (stable) into xs,
- * so each expert's weights are read once per 4 rows; every pair's arithmetic is the same FMA
+ * with w13 [E, 2I * H] each expert's [gate | up] and w2 [E, H * I] each expert's down,
+ * packed as rows_of_tile reads them. The routed (token, slot) pairs are grouped by expert
+ * (stable) into xs, so each expert's weights are read once per ROWS rows; every pair's
+ * arithmetic is the same FMA
  * chains whatever else was routed with it, and a token sums its slots in slot order: a
  * token's result never depends on its batch. Scratch: xs [T * k, H], hid [T * k, 2I],
  * ys [T * k, H].
  * Returns 0; -1 when memory for the grouping could not be had; 1 + p for the first pair whose
  * expert id is outside [0, E) (nothing computed). */
 int64_t moe_silu_f32(const float *x, int64_t T, int64_t H, int64_t x_stride,
-                     const float *w13t, const float *w2t, int64_t E, int64_t I,
+                     const float *w13, const float *w2, int64_t E, int64_t I,
                      const int64_t *ids, const float *topw, int64_t k, float *out,
                      float *xs, float *hid, float *ys, int num_threads)
 {
@@ -205,9 +211,9 @@ int64_t moe_silu_f32(const float *x, int64_t T, int64_t H, int64_t x_stride,
                 const int64_t lo = start[e] + (c - seen) * ROW_CHUNK;
                 const int64_t hi = lo + ROW_CHUNK < start[e + 1] ? lo + ROW_CHUNK : start[e + 1];
                 if (phase == 0)
-                    rows_of_tile(xs, H, w13t + e * H * 2 * I, K, N, NULL, hid, 2 * I, lo, hi, t);
+                    rows_of_tile(xs, H, w13 + e * H * 2 * I, K, N, NULL, hid, 2 * I, lo, hi, t);
                 else
-                    rows_of_tile(hid, 2 * I, w2t + e * I * H, K, N, NULL, ys, H, lo, hi, t);
+                    rows_of_tile(hid, 2 * I, w2 + e * I * H, K, N, NULL, ys, H, lo, hi, t);
             }
             if (phase == 0) {
 #pragma omp for schedule(static)

@@ -165,9 +165,8 @@ static inline float silu(float v) {
  * with w13 [E, 2I * H] each expert's [gate | up] and w2 [E, H * I] each expert's down,
  * packed as rows_of_tile reads them. The routed (token, slot) pairs are grouped by expert
  * (stable) into xs, so each expert's weights are read once per ROWS rows; every pair's
- * arithmetic is the same FMA
- * chains whatever else was routed with it, and a token sums its slots in slot order: a
- * token's result never depends on its batch. Scratch: xs [T * k, H], hid [T * k, 2I],
+ * arithmetic is the same FMA chains whatever else was routed with it, and a token sums its
+ * slots in slot order: a token's result never depends on its batch. Scratch: xs [T * k, H], hid [T * k, 2I],
  * ys [T * k, H].
  * Returns 0; -1 when memory for the grouping could not be had; 1 + p for the first pair whose
  * expert id is outside [0, E) (nothing computed). */

@@ -129,14 +129,38 @@ async def _latency(engine: AsyncEngine, prompt: list[int], params: SamplingParam
     return time.perf_counter() - start
 
 
-async def test_short_request_beside_n128_stays_within_3x_of_idle(tiny_model_dir) -> None:
-    """Idle and loaded latencies of the same short request, medians of 7, in one run (a
-    run takes ~15 ms idle: single samples swing widely with the machine's noise).
+def _count_steps(engine: AsyncEngine) -> list[int]:
+    """Count the engine thread's steps from now on (a one-element list, read by the caller)."""
+    steps, step = [0], engine.engine.step
 
-    Four slots: the ratio should measure the wait for a slot (without fairness: behind 120
-    samples of 128 tokens), not how a step's cost grows with the batch on this CPU; with 8
-    slots the tiny model's 8-sequence steps alone made it 2.2-3.3x here (a rehearsal failed
-    at 3.28x, on code before and after this session's changes)."""
+    def counted():  # type: ignore[no-untyped-def]
+        steps[0] += 1
+        return step()
+
+    engine.engine.step = counted  # type: ignore[method-assign]
+    return steps
+
+
+async def _steps_and_latency(engine: AsyncEngine, steps: list[int], prompt: list[int],
+                             params: SamplingParams) -> tuple[int, float]:
+    """Engine steps taken while the request was alive, and its latency."""
+    before = steps[0]
+    latency = await _latency(engine, prompt, params)
+    return steps[0] - before, latency
+
+
+async def test_short_request_beside_n128_stays_within_3x_of_idle(tiny_model_dir) -> None:
+    """The same short request idle and beside an n=128 request that holds every slot, medians
+    of 7, in one run.
+
+    What fairness bounds is the wait for a slot: without it the short request waits until a
+    big sample finishes (measured with the fair share switched off: 128 steps, 35x the idle
+    time). So the engine steps taken while the short request is alive are counted, idle and
+    loaded: a slot is taken from the big request at the next step boundary, so loaded it takes
+    a step or so more (8 idle, 9 loaded here). The time ratio
+    is printed and bounded loosely only: it also measures how a step's cost grows with the
+    batch on this CPU, which is not fairness (with 4 slots it was 1.9-3.1x once the native
+    kernels made an idle run ~9 ms; with 8 slots the 8-sequence steps alone gave 2.2-3.3x)."""
     engine = AsyncEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=512,
                                       max_num_seqs=4, max_n=128))
     short = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -144,7 +168,10 @@ async def test_short_request_beside_n128_stays_within_3x_of_idle(tiny_model_dir)
     prompt = list(range(40, 60))
     try:
         await _latency(engine, prompt, short)  # warm-up
-        idle = statistics.median([await _latency(engine, prompt, short) for _ in range(7)])
+        steps = _count_steps(engine)
+        idle_runs = [await _steps_and_latency(engine, steps, prompt, short) for _ in range(7)]
+        idle_steps = statistics.median(n for n, _ in idle_runs)
+        idle = statistics.median(t for _, t in idle_runs)
         got_tokens = asyncio.Event()
 
         async def run_big() -> None:
@@ -155,15 +182,19 @@ async def test_short_request_beside_n128_stays_within_3x_of_idle(tiny_model_dir)
         await asyncio.wait_for(got_tokens.wait(), 60)
         await wait_for(lambda: engine.engine.scheduler.num_running == 4)  # every slot is big's
         # a guard against the old behaviour (queued behind 120 samples): fail, not hang
-        loaded = statistics.median([
-            await asyncio.wait_for(_latency(engine, prompt, short), 50 * idle + 30)
+        loaded_runs = [
+            await asyncio.wait_for(_steps_and_latency(engine, steps, prompt, short), 50 * idle + 30)
             for _ in range(7)
-        ])
+        ]
+        loaded_steps = statistics.median(n for n, _ in loaded_runs)
+        loaded = statistics.median(t for _, t in loaded_runs)
         assert not task.done()  # the big request ran all along
         assert engine.stats()["num_fair_preemptions"] >= 1  # a slot was taken from big
         task.cancel()
-        print(f"short request: idle {idle:.3f}s, beside n=128 {loaded:.3f}s, "
-              f"ratio {loaded / idle:.2f}")
-        assert loaded / idle <= 3.0
+        print(f"short request: idle {idle:.3f}s in {idle_steps} steps, beside n=128 "
+              f"{loaded:.3f}s in {loaded_steps} steps, ratio {loaded / idle:.2f}")
+        assert idle_steps >= 8  # 8 tokens: a step each at least
+        assert loaded_steps <= idle_steps + 4, (idle_steps, loaded_steps)
+        assert loaded / idle <= 6.0  # unfair: behind 120 x 128-token samples, ~100x
     finally:
         engine.shutdown()

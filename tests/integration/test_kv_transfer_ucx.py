@@ -27,13 +27,16 @@ MODEL = "tiny-random"
 PART = 2 * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 4 * 4  # one layer of 4 blocks: reads go in parts
 
 
-def _caches(seed: int, head_dim: int = HEAD_DIM, kind: str = "layer_major") -> list[torch.Tensor]:
+def _caches(
+    seed: int, head_dim: int = HEAD_DIM, kind: str = "layer_major", device: str = "cpu"
+) -> list[torch.Tensor]:
+    """Deterministic caches: the same values on every device (drawn on the CPU)."""
     from splitserve.kernels.kv_cache import allocate_kv_caches
 
     g = torch.Generator().manual_seed(seed)
     shape = (2, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim)
     caches = allocate_kv_caches(
-        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim, torch.float32, "cpu", kind
+        LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim, torch.float32, device, kind
     )
     for cache in caches:
         cache.copy_(torch.randn(shape, generator=g))
@@ -48,7 +51,7 @@ class _Peer:
 
     def __init__(
         self, seed: int, read_timeout_s: float, shared_memory: bool, port: int,
-        zero_copy: bool = False,
+        zero_copy: bool = False, device: str = "cpu",
     ) -> None:
         from splitserve.kvtransfer.connector_worker import KvConnectorWorker, TransferConfig
         from splitserve.kvtransfer.transport import FaultInjector, create_transport
@@ -56,7 +59,9 @@ class _Peer:
 
         self.pool = BlockPool(NUM_BLOCKS)
         # zero-copy: block-major pools, every layer in one read (one message per run)
-        self.caches = _caches(seed, kind="block_major" if zero_copy else "layer_major")
+        self.caches = _caches(
+            seed, kind="block_major" if zero_copy else "layer_major", device=device
+        )
         self.fault = FaultInjector()
         config = TransferConfig(
             read_timeout_s=read_timeout_s,
@@ -82,7 +87,7 @@ class _Peer:
             self._free(request_id)
         for request_id in finished.finished_recving:
             ids = [b.block_id for b in self.held[request_id]]
-            self.results[request_id] = ("ok", [c[:, ids].clone() for c in self.caches])
+            self.results[request_id] = ("ok", [c[:, ids].cpu() for c in self.caches])
             self._free(request_id)
         for request_id, error in finished.failed_recving.items():
             self.results[request_id] = ("error", (type(error).__name__, str(error)))
@@ -159,6 +164,26 @@ class _Peer:
     def cmd_ucx_net_devices(self) -> str | None:
         return os.environ.get("UCX_NET_DEVICES")
 
+    def cmd_record_wire(self) -> None:
+        """From now on, note the device of every buffer handed to ucxx (sent or received)."""
+        from splitserve.kvtransfer import ucx_transport
+
+        original = ucx_transport._wire_bytes
+        self.wire_devices: set[str] = set()
+
+        def recording(tensor: torch.Tensor) -> Any:
+            self.wire_devices.add(str(tensor.device))
+            return original(tensor)
+
+        ucx_transport._wire_bytes = recording  # type: ignore[assignment]
+
+    def cmd_wire_devices(self) -> list[str]:
+        return sorted(self.wire_devices)
+
+    def cmd_on_device(self) -> list[str]:
+        """The device of each cache tensor (the pool the transport reads from and writes to)."""
+        return sorted({str(c.device) for c in self.caches})
+
     def cmd_ucx_started(self) -> bool:
         """Whether this process has a UCX context (and so its progress thread)."""
         import ucxx.core
@@ -168,12 +193,14 @@ class _Peer:
 
 def _engine_main(
     conn: Connection, seed: int, read_timeout_s: float, ucx_tls: str, port: int,
-    zero_copy: bool = False,
+    zero_copy: bool = False, device: str = "cpu",
 ) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     torch.set_num_threads(1)
-    peer = _Peer(seed, read_timeout_s, "sm" in ucx_tls.split(","), port, zero_copy)
+    # shared memory and CUDA IPC lanes: the data endpoint goes without peer-failure handling
+    intra_node = bool({"sm", "cuda_ipc"} & set(ucx_tls.split(",")))
+    peer = _Peer(seed, read_timeout_s, intra_node, port, zero_copy, device)
     conn.send(("ready", os.getpid()))
     while True:
         if conn.poll(0.002):
@@ -197,12 +224,13 @@ class Engine:
 
     def __init__(
         self, seed: int, read_timeout_s: float = 5.0, ucx_tls: str = "tcp,self", port: int = 0,
-        zero_copy: bool = False,
+        zero_copy: bool = False, device: str = "cpu",
     ) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_engine_main, args=(child, seed, read_timeout_s, ucx_tls, port, zero_copy),
+            target=_engine_main,
+            args=(child, seed, read_timeout_s, ucx_tls, port, zero_copy, device),
             daemon=True,
         )
         self.proc.start()
@@ -558,6 +586,46 @@ def test_shared_memory_lane_moves_bytes_exactly(zero_copy: bool) -> None:
         prefill.wait_free()
         decode.wait_free()
         _kill_prefill_mid_transfer(prefill, decode, "sm2")  # data lane has no failure handler
+    finally:
+        decode.stop()
+        prefill.kill()
+
+
+# ====================================================================== CUDA memory (gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["staged", "zero-copy"])
+@pytest.mark.parametrize(
+    "ucx_tls", ["tcp,cuda_copy,self", "sm,cuda_copy,cuda_ipc,tcp,self"], ids=["tcp", "cuda-ipc"]
+)
+def test_cuda_pools_over_ucx(ucx_tls: str, zero_copy: bool) -> None:
+    """The same transport and connector with CUDA KV pools: ucxx is handed device memory on
+    both sides (never a host copy of it), bytes arrive exactly, checksums (read back from the
+    device) catch a corrupted send, a killed peer fails the read with its blocks released.
+    Over TCP UCX stages through host memory itself (cuda_copy); over CUDA IPC it copies
+    device to device. (Run on the device machine: ``pytest -m gpu``.)"""
+    if not torch.cuda.is_available():
+        pytest.fail("a gpu test needs CUDA; run it with -m gpu on a machine that has it")
+    prefill = Engine(31, ucx_tls=ucx_tls, zero_copy=zero_copy, device="cuda")
+    decode = Engine(32, ucx_tls=ucx_tls, zero_copy=zero_copy, device="cuda")
+    try:
+        assert prefill.on_device() == decode.on_device() == ["cuda:0"]
+        prefill.record_wire()
+        decode.record_wire()
+        for i, n in enumerate((1, 9, 17)):
+            _move_and_check(prefill, decode, f"g{i}", n)
+            prefill.wait_free()
+            decode.wait_free()
+        assert prefill.wire_devices() == decode.wire_devices() == ["cuda:0"]
+        prefill.fault(10_000)  # every send corrupted: refetched once, then refused
+        decode.load(prefill.offer("bad", 4))
+        status, (kind, message) = decode.wait_result("bad")
+        assert status == "error" and kind == "KVChecksumError", message
+        prefill.fault(0)
+        decode.wait_free()
+        prefill.wait_free()
+        _kill_prefill_mid_transfer(prefill, decode, "gk")
     finally:
         decode.stop()
         prefill.kill()

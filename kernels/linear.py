@@ -6,8 +6,9 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
 
 - float32 on CPU: oneDNN's inner product over a weight reordered once into its blocked
   layout (MKL's sgemm runs a generic, slower path on this class of AMD AVX-512 machine);
-  equal to ``F.linear`` to float32 rounding. Weights of at most ``native.SMALL_LINEAR_MAX``
-  values (a 64 x 4096 head, the projections of small models) run the native kernel
+  equal to ``F.linear`` to float32 rounding. Weights of at most ``native.linear_max()``
+  values (2^24 in an AVX-512 build: a medium model's projections, a small vocabulary's head;
+  2^18 in an AVX2 one) run the native kernel
   (``native.small_linear``, weight packed in blocks of 64 columns) instead: oneDNN's fixed
   ~20 us a call was most of such a model's decode step, and its arithmetic does not depend on the row
   count. ``SPLITSERVE_CPU_LINEAR=onednn`` keeps oneDNN for every float32 weight, ``dense``

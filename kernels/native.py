@@ -8,8 +8,9 @@
   tokens (SmolLM2, bf16) the reference took ~135 ms of a ~310 ms decode step. The kernel
   checks the block ids it will read itself (a few integer compares), so no per-layer check
   runs in Python.
-- ``linear_f32`` (``native/linear.c``): projections through small float32 weights (at most
-  ``SMALL_LINEAR_MAX`` values, the weight packed once by ``pack_linear_weight``). oneDNN's inner product costs
+- ``linear_f32`` (``native/linear.c``): projections through float32 weights (at most
+  ``linear_max()`` values: 2^24 in an AVX-512 build, 2^18 in an AVX2 one; the weight packed
+  once by ``pack_linear_weight``, the next block prefetched while one is computed). oneDNN's inner product costs
   ~15-25 us a call whatever its size, most of a decode step of a model a few thousand values
   wide (1.5-3x at 16 rows of a 64 x 256 weight here); at 2,048 rows it runs at 0.9-1.0x oneDNN. Each
   output is one multiply-add chain over k in order, so a row's bits never depend on the row
@@ -184,6 +185,7 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         "argmax_rows": [ptr, i64, i64, i64, ptr, i32],  # x, rows, cols, row stride, out, threads
         "linear_f32": [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32],  # x, M, K, its
         # row stride, packed weight, N, bias, y, its row stride, threads
+        "linear_lanes": [],
         "moe_silu_f32": [
             ptr, i64, i64, i64,  # x, T, H, its row stride
             ptr, ptr, i64, i64,  # packed w13 [E, 2I * H], w2 [E, H * I], E, I
@@ -531,9 +533,25 @@ def argmax_rows(x: Tensor) -> list[int]:
 
 
 SMALL_LINEAR_MAX = 1 << 18
-"""Largest float32 weight (in values, N * K) served by ``linear_f32``: up to here it beat
-oneDNN at decode row counts on this machine's class (e.g. 1.3x for 64 x 4096 at 16 rows);
-from 576 x 576 on oneDNN is as fast or faster."""
+"""Largest float32 weight (in values, N * K) served by ``linear_f32`` in an AVX2 build: up to
+here it beat oneDNN at decode row counts (e.g. 1.3x for 64 x 4096 at 16 rows); above, its
+4 x 2-vector tiles reach about half of oneDNN's GFLOP/s."""
+
+WIDE_LINEAR_MAX = 1 << 24
+"""The same limit in an AVX-512 build (6 x 4-vector tiles, the next weight block prefetched
+while the current one is computed from L2). Measured on a 2-core Zen 4 (``bench/linear_cpu.py``:
+the 48 projections of a 12-layer, 768-wide model, 302 MB, cycled so that weights come from
+memory): 1, 4 and 16 rows took 9.3, 9.6 and 15.1 ms against oneDNN's 14-17, 12-15 and
+18-21 ms; at 512 rows, hot, both reach ~205-210 GFLOP/s. Above 2^24 values (a large
+vocabulary's head) oneDNN keeps the weight."""
+
+
+def linear_max() -> int:
+    """The largest weight ``linear_f32`` takes in this process's build (0 without one)."""
+    lib = _loaded()
+    if lib is None:
+        return 0
+    return WIDE_LINEAR_MAX if lib.linear_lanes() >= 16 else SMALL_LINEAR_MAX
 
 
 def small_linear_available(weight: Tensor) -> bool:
@@ -541,7 +559,7 @@ def small_linear_available(weight: Tensor) -> bool:
     by a call's row count, so every row through it gets the same arithmetic)."""
     return (
         weight.is_cpu and weight.dtype == torch.float32 and weight.dim() == 2
-        and 0 < weight.numel() <= SMALL_LINEAR_MAX and _loaded() is not None
+        and 0 < weight.numel() <= linear_max()
     )
 
 

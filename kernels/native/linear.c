@@ -43,7 +43,7 @@ typedef v8f vec; /* one ymm register: arrays of two-register vectors went throug
 static inline __attribute__((always_inline)) void tile(
     const float *restrict x, int64_t x_stride, const float *restrict w, int64_t ldw, int64_t K,
     const float *restrict bias, float *restrict y, int64_t y_stride, int64_t m0, int64_t n0,
-    const int R, const int NV)
+    const int R, const int NV, const float *pf, int64_t pf_k, int64_t pf_step)
 {
     vec acc[ROWS][NVEC];
     for (int r = 0; r < R; r++)
@@ -51,6 +51,10 @@ static inline __attribute__((always_inline)) void tile(
     const float *xr = x + m0 * x_stride;
     for (int64_t k = 0; k < K; k++) {
         const float *wk = w + k * ldw;
+        if (pf != NULL && k == pf_k) { /* the next block's row pf_k, into L2 (see rows_nv) */
+            for (int v = 0; v < NV; v++) __builtin_prefetch(pf + k * ldw + v * VL, 0, 2);
+            pf_k += pf_step;
+        }
         vec wv[NVEC];
         for (int v = 0; v < NV; v++) memcpy(&wv[v], wk + v * VL, sizeof wv[v]);
         for (int r = 0; r < R; r++) {
@@ -86,22 +90,29 @@ static void tail_columns(const float *restrict x, int64_t x_stride, const float 
         }
 }
 
+/* Rows [m_lo, m_hi) through one group of NV vectors: passes of ROWS rows over the block's
+ * k-rows, the first from memory, the others from L2. pf: the same columns of the next block
+ * (or NULL), whose k-rows the passes prefetch in turn (pass p takes k = p, p + P, ...), so
+ * the next block streams in while this one is computed from cache. */
 static inline __attribute__((always_inline)) void rows_nv(
     const float *x, int64_t x_stride, const float *w, int64_t ldw, int64_t K, const float *bias,
-    float *y, int64_t y_stride, int64_t m_lo, int64_t m_hi, int64_t n0, const int NV)
+    float *y, int64_t y_stride, int64_t m_lo, int64_t m_hi, int64_t n0, const int NV,
+    const float *pf)
 {
-    int64_t m = m_lo;
-    for (; m + ROWS <= m_hi; m += ROWS) tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, ROWS, NV);
+    const int64_t passes = (m_hi - m_lo + ROWS - 1) / ROWS;
+    int64_t m = m_lo, p = 0;
+    for (; m + ROWS <= m_hi; m += ROWS, p++)
+        tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, ROWS, NV, pf, p, passes);
     switch (m_hi - m) { /* the last rows in one pass as well (the weights read once more) */
 #if ROWS > 5
-    case 5: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 5, NV); break;
-    case 4: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 4, NV); break;
-    case 3: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 3, NV); break;
+    case 5: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 5, NV, pf, p, passes); break;
+    case 4: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 4, NV, pf, p, passes); break;
+    case 3: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 3, NV, pf, p, passes); break;
 #endif
 #if ROWS > 2
-    case 2: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 2, NV); break;
+    case 2: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 2, NV, pf, p, passes); break;
 #endif
-    case 1: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 1, NV); break;
+    case 1: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 1, NV, pf, p, passes); break;
     default: break;
     }
 }
@@ -117,20 +128,25 @@ static void rows_of_tile(const float *x, int64_t x_stride, const float *wp, int6
     const int64_t full = N / TILE, n0 = t * TILE;
     const float *w = wp + t * K * TILE;
     const int64_t width = t < full ? TILE : N - full * TILE, nvec = width / VL;
+    /* the next full block's same columns, prefetched while this one is computed */
+    const float *next = t + 1 < full ? w + K * TILE : NULL;
     for (int64_t v0 = 0; v0 < nvec; v0 += NVEC) {
-        const float *wv = w + v0 * VL;
+        const float *wv = w + v0 * VL, *pf = next != NULL ? next + v0 * VL : NULL;
         const int64_t c0 = n0 + v0 * VL;
         switch (nvec - v0 < NVEC ? nvec - v0 : NVEC) {
-        case 4: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 4); break;
-        case 3: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 3); break;
-        case 2: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 2); break;
-        default: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 1); break;
+        case 4: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 4, pf); break;
+        case 3: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 3, pf); break;
+        case 2: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 2, pf); break;
+        default: rows_nv(x, x_stride, wv, width, K, bias, y, y_stride, m_lo, m_hi, c0, 1, pf); break;
         }
     }
     if (nvec * VL < width)
         tail_columns(x, x_stride, w, width, nvec * VL, K, bias, y, y_stride, m_lo, m_hi,
                      n0 + nvec * VL, n0 + width);
 }
+
+/* Floats per vector of this build (16: AVX-512, 8: AVX2): native.linear_max reads it. */
+int64_t linear_lanes(void) { return VL; }
 
 /* Weight blocks of an N-wide output: whole TILE-column blocks, then the rest if any. */
 static inline int64_t column_tiles(int64_t N) {

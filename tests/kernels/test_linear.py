@@ -23,9 +23,10 @@ def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
 
 
-def test_packed_on_cpu_float32() -> None:
-    w, _ = _weights(640, 512)  # above SMALL_LINEAR_MAX
-    assert w.numel() > native.SMALL_LINEAR_MAX
+def test_packed_on_cpu_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "WIDE_LINEAR_MAX", native.SMALL_LINEAR_MAX)  # either build
+    w, _ = _weights(640, 512)  # above the largest weight the native kernel takes
+    assert w.numel() > native.linear_max()
     assert packed_linear_available(w) == torch.backends.mkldnn.is_available()
     proj = Linear(w)
     assert proj.packed == packed_linear_available(w) and not proj.small
@@ -35,8 +36,9 @@ def test_packed_on_cpu_float32() -> None:
 
 def test_small_weights_take_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert native.status().available, native.status().reason  # the suite installs gcc
-    w = torch.randn(4096, 64)  # a tiny model's head: 2^18 values, the largest taken
-    assert w.numel() == native.SMALL_LINEAR_MAX
+    monkeypatch.setattr(native, "WIDE_LINEAR_MAX", native.SMALL_LINEAR_MAX)  # either build
+    w = torch.randn(4096, 64)  # 2^18 values, the largest taken (so limited)
+    assert w.numel() == native.linear_max()
     proj = Linear(w)
     assert proj.small and not proj.packed and proj.weight is not None
     assert proj.weight.shape == (64 * 4096,) and proj.weight.is_contiguous()
@@ -50,6 +52,32 @@ def test_small_weights_take_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -
     assert not Linear(torch.randn(4097, 64)).small  # one row more: oneDNN
     monkeypatch.setenv("SPLITSERVE_CPU_LINEAR", "onednn")
     assert not Linear(w).small and Linear(w).packed == packed_linear_available(w)
+
+
+def test_the_limit_follows_the_build() -> None:
+    """AVX-512 builds take weights up to WIDE_LINEAR_MAX (a medium model's projections and a
+    small vocabulary's head); AVX2 builds, whose tiles are half as fast, up to
+    SMALL_LINEAR_MAX (their build is checked in test_native.py)."""
+    from splitserve.kernels.cpu_features import cpu_flags
+
+    wide = "avx512f" in cpu_flags() and "-march=haswell" not in native.status().reason
+    assert native.linear_max() == (native.WIDE_LINEAR_MAX if wide else native.SMALL_LINEAR_MAX)
+    assert Linear(torch.randn(768, 2048)).small == wide  # a medium model's down projection
+    assert not Linear(torch.randn(native.SMALL_LINEAR_MAX + 1, 1)).small or wide
+
+
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 16, 23, 64, 200])
+def test_prefetching_tiles_give_the_same_bits_as_one_row_at_a_time(m: int) -> None:
+    """Several column blocks (so each pass prefetches the next block) and 1 to 34 passes of
+    rows: every row equals that row computed alone, and float64 to fp32 rounding."""
+    w, b = _weights(64 * 5 + 16, 96, seed=m)  # 5 full blocks and a 16-wide tail block
+    packed = native.pack_linear_weight(w)
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m))
+    y = native.small_linear(x, packed, w.shape[0], b)
+    for i in range(m):
+        assert torch.equal(y[i : i + 1], native.small_linear(x[i : i + 1], packed, w.shape[0], b))
+    ref = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("n, k", [(200, 72), (40, 33), (7, 3), (64, 1), (16, 128)])

@@ -8,16 +8,17 @@ reference wherever a kernel is unavailable or does not take the operands).
 from __future__ import annotations
 
 from splitserve.kernels.native import (
+    gelu_tanh_and_mul,
     paged_decode_attention,
     prefill_attention,
     rms_norm,
     rotary_store_kv,
+    silu_and_mul,
     softcap,
 )
 from splitserve.kernels.reference import (
     fused_moe,
     gather_blocks,
-    gelu_tanh_and_mul,
     int4_weight_only_mm,
     moe_combine,
     moe_groups,
@@ -25,7 +26,6 @@ from splitserve.kernels.reference import (
     rope_cos_sin_cache,
     rotary_embedding,
     scatter_blocks,
-    silu_and_mul,
     store_kv,
 )
 

@@ -33,8 +33,11 @@
   torch op costs its dispatch and allocation whatever its size: a layer of a 4-layer test
   model spent ~1.1 ms in ~40 ops at 16 sequences, and the references' rotary, store and
   norms were ~450 us of it.
+- ``silu_and_mul`` / ``gelu_tanh_and_mul`` (``act_and_mul`` in ``native/layer_ops.c``): a
+  gated MLP's activation times its up half in one pass over float32, every size (so a row's
+  bits never depend on its batch): torch ran two ops and wrote the intermediate.
 
-Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fopenmp -shared`` (plus
+Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fno-trapping-math -fopenmp -shared`` (plus
 ``SPLITSERVE_NATIVE_CFLAGS``), into
 ``<cache>/native/<key>/`` (``SPLITSERVE_CACHE_DIR``; the key hashes the sources, the flags,
 the compiler's version and the processor's flags, so a machine of another kind builds its
@@ -75,7 +78,8 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).with_name("native")
 SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c", SOURCE_DIR / "linear.c")
 HEADERS = (SOURCE_DIR / "common.h",)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11",
+         "-lm")
 LIB_NAME = "libsplitserve_native.so"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _LANES = 16  # the kernel's dot-product width: head_dim must be a multiple of it
@@ -182,6 +186,8 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
             i64, i64, ptr, i32,  # num blocks, block size, slots, threads
         ],
         "softcap": [ptr, ptr, i64, f32, i32],  # x, out (float32), n, cap, threads
+        "act_and_mul": [ptr, i64, i64, i64, ptr, i32, i32],  # x, T, I, its row stride, out,
+        # kind (0 SiLU, 1 tanh-GELU), threads
         "argmax_rows": [ptr, i64, i64, i64, ptr, i32],  # x, rows, cols, row stride, out, threads
         "linear_f32": [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32],  # x, M, K, its
         # row stride, packed weight, N, bias, y, its row stride, threads
@@ -196,7 +202,8 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None if name in ("softcap", "argmax_rows", "linear_f32") else i64
+        fn.restype = (None if name in ("softcap", "argmax_rows", "linear_f32", "act_and_mul")
+                      else i64)
     return lib, NativeStatus(True, f"{built} {path} ({' '.join(flags())}, {''.join(version)})")
 
 
@@ -505,6 +512,34 @@ def _rope_supported(
 
 def _norm_weight_ok(w: Tensor, dtype: torch.dtype, d: int) -> bool:
     return w.dtype == dtype and w.shape == (d,) and w.stride(0) == 1 and w.is_cpu
+
+
+def _act_and_mul(x: Tensor, kind: int) -> Tensor | None:
+    """act(gate) * up of x [T, 2I] = [gate | up] (float32, rows may be strided) in one native
+    pass, or None where the kernel does not take the operands."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] % 2 == 0
+            and x.stride(1) == 1) or (lib := _loaded()) is None:
+        return None
+    t, i = x.shape[0], x.shape[1] // 2
+    out = torch.empty((t, i), dtype=torch.float32)
+    lib.act_and_mul(x.data_ptr(), t, i, x.stride(0), out.data_ptr(), kind,
+                    torch.get_num_threads())
+    calls["act_and_mul"] += 1
+    return out
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """``reference.silu_and_mul`` in one native pass over float32 [T, 2I] (sigmoid from
+    ``exp_nonpos``: within a few ulp of torch's); the reference for other operands."""
+    out = _act_and_mul(x, 0)
+    return reference.silu_and_mul(x) if out is None else out
+
+
+def gelu_tanh_and_mul(x: Tensor) -> Tensor:
+    """``reference.gelu_tanh_and_mul`` in one native pass over float32 [T, 2I] (tanh as in
+    ``softcap``); the reference for other operands."""
+    out = _act_and_mul(x, 1)
+    return reference.gelu_tanh_and_mul(x) if out is None else out
 
 
 def softcap(x: Tensor, cap: float) -> Tensor:

@@ -92,13 +92,29 @@ static inline float tanh_fast(float x) {
     return x * p / q;
 }
 
-/* exp(x) for x <= 0 (attention scores minus their maximum; -|x| for a sigmoid): 2^(x log2 e) split into integer and
- * fraction, 2^f by a minimax polynomial on [0, 1). */
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* exp(x) for x <= 0 (attention scores minus their maximum; -|x| for a sigmoid): 2^(x log2 e)
+ * split into integer and fraction, 2^f by a minimax polynomial on [0, 1); a NaN stays NaN.
+ * Written with integer selects only (the clamp: the larger bit pattern of two floats <= 0 is
+ * the more negative one; the floor: truncation of t + 128 > 0), because GCC kept float
+ * compares as branches (IEEE traps) and so never vectorized a loop around this. */
 static inline float exp_nonpos(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float t = x * 1.44269504088896341f;
-    float fi = floorf(t);
-    float f = t - fi;
+    const uint32_t u = f32_bits(x), lo = 0xc2ae0000u; /* -87.0f */
+    const float xc = bits_f32(u > lo && u <= 0xff800000u ? lo : u);
+    const float t = xc * 1.44269504088896341f;
+    const int32_t ti = (int32_t)(t + 128.0f) - 128; /* floor(t): t >= -125.6 */
+    const float f = t - (float)ti;
     float p = 1.535336188319500e-4f;
     p = p * f + 1.339887440266574e-3f;
     p = p * f + 9.618437357674640e-3f;
@@ -106,11 +122,29 @@ static inline float exp_nonpos(float x) {
     p = p * f + 2.402264791363012e-1f;
     p = p * f + 6.931472028550421e-1f;
     p = p * f + 1.0f;
-    int32_t e = (int32_t)fi + 127;
-    uint32_t bits = (uint32_t)e << 23;
-    float s;
-    memcpy(&s, &bits, 4);
-    return p * s;
+    const float r = p * bits_f32((uint32_t)(ti + 127) << 23);
+    return (u & 0x7fffffffu) > 0x7f800000u ? x : r; /* NaN in, NaN out */
+}
+
+/* sigmoid(y) from e = exp(-|y|): 1 / (1 + e), or e / (1 + e) below zero (no overflow, no
+ * cancellation: relative error that of exp_nonpos; the choice by the sign bit, an integer
+ * select, so the loop vectorizes). */
+static inline float sigmoid_fast(float y) {
+    const float e = exp_nonpos(-fabsf(y));
+    const float num = bits_f32(f32_bits(y) >> 31 ? f32_bits(e) : 0x3f800000u);
+    return num / (1.0f + e);
+}
+
+/* SiLU: v * sigmoid(v). */
+static inline float silu_fast(float v) {
+    return v * sigmoid_fast(v);
+}
+
+/* torch's gelu(approximate="tanh"), 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3))), as
+ * v * sigmoid(2 sqrt(2 / pi) (v + 0.044715 v^3)) (the same function): 1 + tanh cancels to a
+ * few ulp of tanh when the gate is very negative, the sigmoid does not. */
+static inline float gelu_tanh_fast(float v) {
+    return v * sigmoid_fast(1.5957691216057308f * (v + 0.044715f * v * v * v));
 }
 
 static inline float load_elem(const void *p, int dtype, int64_t i) {

@@ -186,6 +186,24 @@ void softcap(const float *x, float *out, int64_t n, float cap, int num_threads) 
     for (int64_t i = 0; i < n; i++) out[i] = cap * tanh_fast(x[i] / cap);
 }
 
+/* A gated MLP's activation: x [T, 2I] (rows x_stride apart) = [gate | up] -> out [T, I]
+ * contiguous, act(gate) * up with act SiLU (kind 0) or tanh-GELU (kind 1). One pass (torch
+ * ran the activation and the product as two, writing and reading [T, I] once more); each
+ * element alone, so a row's values never depend on its batch. */
+void act_and_mul(const float *x, int64_t T, int64_t I, int64_t x_stride, float *out, int kind,
+                 int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (T * I >= 4 * PARALLEL_ELEMS) \
+    schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = x + t * x_stride, *u = g + I;
+        float *o = out + t * I;
+        if (kind == 0)
+            for (int64_t i = 0; i < I; i++) o[i] = silu_fast(g[i]) * u[i];
+        else
+            for (int64_t i = 0; i < I; i++) o[i] = gelu_tanh_fast(g[i]) * u[i];
+    }
+}
+
 /* Index of each row's largest value (the first one on ties; a NaN wins, the first NaN, as
  * torch's argmax): rows of `cols` float32 values, `stride` apart. LANES running maxima
  * over interleaved columns, combined at the end. */

@@ -169,13 +169,6 @@ void linear_f32(const float *x, int64_t M, int64_t K, int64_t x_stride, const fl
     }
 }
 
-/* v * sigmoid(v), the sigmoid from e = exp(-|v|): 1 / (1 + e), or e / (1 + e) below zero
- * (no overflow, no branch, so the loop vectorizes; libm's expf did not). */
-static inline float silu(float v) {
-    const float e = exp_nonpos(-fabsf(v));
-    return v * ((v >= 0.0f ? 1.0f : e) / (1.0f + e));
-}
-
 /* A mixture-of-experts layer's experts over float32, SiLU-gated (Qwen3-MoE, Mixtral):
  *   out[t] = sum_j topw[t, j] * W2_e (silu(G_e x_t) * U_e x_t),  e = ids[t, j],  j in order,
  * with w13 [E, 2I * H] each expert's [gate | up] and w2 [E, H * I] each expert's down,
@@ -234,7 +227,7 @@ int64_t moe_silu_f32(const float *x, int64_t T, int64_t H, int64_t x_stride,
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < P; r++) {
                     float *h = hid + r * 2 * I;
-                    for (int64_t i = 0; i < I; i++) h[i] = silu(h[i]) * h[I + i];
+                    for (int64_t i = 0; i < I; i++) h[i] = silu_fast(h[i]) * h[I + i];
                 }
             }
         }

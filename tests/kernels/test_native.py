@@ -135,7 +135,7 @@ def test_the_cpu_backend_is_the_references_with_the_native_kernel(
     monkeypatch.delenv("SPLITSERVE_KERNELS", raising=False)
     assert ops.get_ops("cpu") is cpu_ops
     native_ops = {"paged_decode_attention", "prefill_attention", "rms_norm", "rotary_store_kv",
-                  "softcap"}
+                  "softcap", "silu_and_mul", "gelu_tanh_and_mul"}
     for name in native_ops:
         assert getattr(cpu_ops, name) is getattr(native, name)
     public = {n for n, f in vars(reference).items() if callable(f) and not n.startswith("_")
@@ -167,7 +167,7 @@ def test_the_engine_decodes_through_it(tiny_model_dir: Path) -> None:
                                    else native.SMALL_LINEAR_MAX))
     assert ran == {"paged_decode_attention": 5 * 2, "rotary_store_kv": 6 * 2,
                    "rms_norm": 6 * (2 * 2 + 1), "argmax_rows": 6,
-                   "linear_f32": 6 * (2 * 4 + head),
+                   "linear_f32": 6 * (2 * 4 + head), "act_and_mul": 6 * 2,
                    "paged_prefill_attention": 2}  # the prompt's forward, each layer
 
 

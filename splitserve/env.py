@@ -89,7 +89,13 @@ SPLITSERVE_KV_LAYERWISE = EnvVar(
 SPLITSERVE_CPU_LINEAR = EnvVar(
     "SPLITSERVE_CPU_LINEAR", str, "",
     "float32 projections on CPU: 'dense' keeps F.linear for every weight, 'onednn' oneDNN-packed weights for every weight (default: the native kernel for weights of at "
-    "most 2^18 values, oneDNN above)"
+    "most 2^24 values in an AVX-512 build, 2^18 in an AVX2 one, oneDNN above)"
+)
+SPLITSERVE_PRUNE_LAST_LAYER = EnvVar(
+    "SPLITSERVE_PRUNE_LAST_LAYER", bool, True,
+    "in a step with prompt rows, the last layer computes attention, MLP and final norm only "
+    "for the rows whose logits are sampled (every row still stores its K/V); 0 computes "
+    "every row, as before (for A/B benchmarks)",
 )
 SPLITSERVE_CPU_QUANT_EXPAND = EnvVar(
     "SPLITSERVE_CPU_QUANT_EXPAND", str, "",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from splitserve import env
 from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
 from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
@@ -79,13 +80,14 @@ class ModelRunner:
         input_ids, positions, slots = self._flatten(items)
         meta = self._metadata(items, slots)
         embeds = self._input_embeds(items, input_ids)
+        rows, last = self._sampling_rows(items)
+        pruned = self._prune(items, meta, last, input_ids.shape[0])
         hidden = self.model.forward(
             input_ids, positions, self.kv_caches, meta, embeds, on_layer=self.on_layer
         )
-        rows, last = self._sampling_rows(items)
         if not rows:
             return RunnerOutput({})
-        logits = self.model.compute_logits(hidden[last])
+        logits = self.model.compute_logits(hidden if pruned else hidden[last])
         if self.structured is not None:
             self.structured.apply(  # a verify chunk's rows: the mask after each draft prefix
                 logits, [(s.request, s.draft_token_ids) for s in items if s.num_sample_rows]
@@ -150,6 +152,33 @@ class ModelRunner:
             prefill_query_start_loc=self._int32(starts.tolist()),
             prefill_context_lens=self._int32([s.start + s.num_new_tokens for s in prefills]),
         )
+
+    def _prune(
+        self, items: list[ScheduledRequest], meta: AttentionMetadata, last: Tensor,
+        num_tokens: int,
+    ) -> bool:
+        """Whether the last layer runs for the sampled rows ``last`` only (``meta.keep``):
+        in a step with prompt rows, of which only each finished prompt's last is sampled
+        (or none, in a chunk that does not end its prompt), the last layer's attention, MLP
+        and final norm over the other rows would be thrown away. Each kept row then attends
+        as a decode row over its own context (position + 1), the same computation a decode
+        step gives it. Off with ``SPLITSERVE_PRUNE_LAST_LAYER=0``."""
+        if len(last) == num_tokens or not env.SPLITSERVE_PRUNE_LAST_LAYER.get():
+            return False
+        owners: list[ScheduledRequest] = []
+        lens: list[int] = []
+        kept = last.tolist()
+        offset, at = 0, 0
+        for s in items:  # kept rows ascend, items are in row order
+            while at < len(kept) and kept[at] < offset + s.num_new_tokens:
+                owners.append(s)
+                lens.append(s.start + kept[at] - offset + 1)
+                at += 1
+            offset += s.num_new_tokens
+        meta.keep = last
+        meta.keep_block_tables = self._block_tables(owners)
+        meta.keep_context_lens = self._int32(lens)
+        return True
 
     def _block_tables(self, items: list[ScheduledRequest]) -> Tensor:
         """[len(items), max_blocks] int32, padded with block 0 (never read: beyond context)."""

@@ -45,6 +45,12 @@ class AttentionMetadata:
     prefill_block_tables: Tensor  # [num_prefill, max_blocks] int32
     prefill_query_start_loc: Tensor  # [num_prefill + 1] int32, relative to num_decode
     prefill_context_lens: Tensor  # [num_prefill] int32
+    keep: Tensor | None = None
+    """[K] int64 ascending: the only rows whose output the step uses (its sampled rows), or
+    None for all. The last layer then computes its attention (each kept row as a decode row),
+    MLP and the final norm for these rows alone; every row still stores its K/V."""
+    keep_block_tables: Tensor | None = None  # [K, max_blocks] int32, each kept row's sequence
+    keep_context_lens: Tensor | None = None  # [K] int32: a kept row's position + 1
 
     @property
     def num_prefill_seqs(self) -> int:
@@ -231,14 +237,25 @@ class Attention:
         self.soft_cap = cfg.attn_logit_softcap
 
     def __call__(
-        self, positions: Tensor, hidden: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+        self, positions: Tensor, hidden: Tensor, kv_cache: Tensor, meta: AttentionMetadata,
+        pruned: bool = False,
     ) -> Tensor:
-        """hidden [T, H] -> [T, H]; stores this step's K/V into kv_cache
-        [2, num_blocks, block_size, nkv, hd] first."""
+        """hidden [T, H] -> [T, H] ([K, H]: the kept rows, when ``pruned``); stores this
+        step's K/V into kv_cache [2, num_blocks, block_size, nkv, hd] first."""
         q, k, v = self._project(hidden)
         q = self.ops.rotary_store_kv(  # (q/k norms,) rotary, then K/V into the cache
             positions, q, k, v, self.cos_sin, kv_cache, meta.slot_mapping, self.qk_norm
         )
+        if pruned:  # each kept row attends as a decode row of its own context
+            assert meta.keep is not None and meta.keep_block_tables is not None
+            kept = meta.keep.numel()
+            if not kept:
+                return hidden[:0]
+            out = self.ops.paged_decode_attention(
+                q.index_select(0, meta.keep), kv_cache, meta.keep_block_tables,
+                meta.keep_context_lens, self.scale, self.window, self.soft_cap,
+            )
+            return self.o_proj(out.reshape(kept, self.q_size))
         num_tokens, d = hidden.shape[0], meta.num_decode
         if d == num_tokens:  # decodes only (the common step): no staging copy
             out = self._decode(q, kv_cache, meta)
@@ -296,10 +313,16 @@ def standard_attention(
 class Layer(Protocol):
     def forward(
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """(hidden, residual) in and out; the residual stream is their sum."""
+        """(hidden, residual) in and out; the residual stream is their sum. ``pruned``: out
+        only for ``meta.keep``'s rows (the last layer)."""
         ...
+
+
+def _kept(residual: Tensor, meta: AttentionMetadata, pruned: bool) -> Tensor:
+    """The residual rows that go on past a pruned layer's attention."""
+    return residual.index_select(0, meta.keep) if pruned and meta.keep is not None else residual
 
 
 MLPLike = GatedMLP | MoE
@@ -313,13 +336,16 @@ class PreNormLayer:
 
     def forward(
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_norm(hidden)[0]
         else:
             hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
-        hidden = self.attn(positions, hidden, kv_cache, meta)
+        hidden = self.attn(positions, hidden, kv_cache, meta, pruned)
+        residual = _kept(residual, meta, pruned)  # type: ignore[arg-type]
+        if not hidden.shape[0]:
+            return hidden, residual
         hidden, residual = self.post_norm(hidden, residual)  # type: ignore[assignment]
         return self.mlp(hidden), residual  # type: ignore[return-value]
 
@@ -336,13 +362,17 @@ class SandwichLayer:
 
     def forward(
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_norm(hidden)[0]
         else:
             hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
-        hidden = self.post_attn_norm(self.attn(positions, hidden, kv_cache, meta))[0]
+        hidden = self.attn(positions, hidden, kv_cache, meta, pruned)
+        residual = _kept(residual, meta, pruned)  # type: ignore[arg-type]
+        if not hidden.shape[0]:
+            return hidden, residual
+        hidden = self.post_attn_norm(hidden)[0]
         hidden, residual = self.pre_ff_norm(hidden, residual)  # type: ignore[assignment]
         return self.post_ff_norm(self.mlp(hidden))[0], residual  # type: ignore[return-value]
 
@@ -404,16 +434,22 @@ class DecoderModel:
         inputs_embeds: Tensor | None = None,  # [T, H]: given when images replace some rows
         on_layer: Callable[[int], None] | None = None,
     ) -> Tensor:
-        """``on_layer(i)`` runs once layer ``i`` has stored its KV and returned (layer-wise
-        KV streaming serves a layer group's KV while later layers compute)."""
+        """[T, H], or [K, H] for ``meta.keep``'s rows when it is set (the last layer's
+        attention, MLP and the final norm then run for those rows only). ``on_layer(i)`` runs
+        once layer ``i`` has stored its KV and returned (layer-wise KV streaming serves a layer
+        group's KV while later layers compute)."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual: Tensor | None = None
+        last = len(self.layers) - 1
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            hidden, residual = layer.forward(positions, hidden, residual, kv_cache, meta)
+            pruned = i == last and meta.keep is not None
+            hidden, residual = layer.forward(positions, hidden, residual, kv_cache, meta, pruned)
             if on_layer is not None:
                 on_layer(i)
+        if not hidden.shape[0]:
+            return hidden
         hidden, _ = self.norm(hidden, residual)
-        return hidden  # [T, H]
+        return hidden
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """[T] -> [T, H]."""

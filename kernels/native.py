@@ -569,8 +569,10 @@ def argmax_rows(x: Tensor) -> list[int]:
 
 SMALL_LINEAR_MAX = 1 << 18
 """Largest float32 weight (in values, N * K) served by ``linear_f32`` in an AVX2 build: up to
-here it beat oneDNN at decode row counts (e.g. 1.3x for 64 x 4096 at 16 rows); above, its
-4 x 2-vector tiles reach about half of oneDNN's GFLOP/s."""
+here it beat oneDNN at decode row counts (e.g. 1.3x for 64 x 4096 at 16 rows). Above, its
+6 x 2-vector tiles measured 0.9-1.05x of oneDNN on the medium model's weights (``-march=haswell``
+on Zen 4, where oneDNN itself runs AVX-512); no AVX2-only machine was at hand to measure on,
+so larger weights stay with oneDNN there."""
 
 WIDE_LINEAR_MAX = 1 << 24
 """The same limit in an AVX-512 build (6 x 4-vector tiles, the next weight block prefetched

@@ -13,7 +13,8 @@
  * Tiles: ROWS rows x up to NVEC vectors of columns (16 floats on AVX-512, 8 on AVX2), their
  * accumulators in registers, one pass over k reading each weight row segment once for the
  * ROWS rows (6 x 4 on AVX-512: 0.95-1.25x oneDNN from 16 to 2,048 rows at 64-768 wide; 4 x 4
- * gave 0.77-0.86x). Every lane and the scalar tail run the same FMA chain, so the AVX2 and
+ * gave 0.77-0.86x; 6 x 2 on AVX2). Each pass over a block also prefetches a share of the next
+ * block into L2 (rows_nv), so weights stream in from memory behind the arithmetic. Every lane and the scalar tail run the same FMA chain, so the AVX2 and
  * AVX-512 builds give the same bits too. Work items are (column tile, row range) pairs, on
  * torch's OpenMP team from PARALLEL_MACS multiply-adds on.
  */
@@ -23,17 +24,14 @@
 #ifdef __AVX512F__
 typedef v16f vec; /* one zmm register */
 #define VL 16
-#define ROWS 6 /* 6 x 4 accumulators: 24 of the 32 zmm registers */
+#define NVEC 4 /* vectors of columns per pass: 6 x 4 accumulators, 24 of the 32 zmm registers */
 #else
 typedef v8f vec; /* one ymm register: arrays of two-register vectors went through the stack */
 #define VL 8
-#define ROWS 4 /* 4 x 2 accumulators (4 x 4 went through the stack: 5x slower) */
+#define NVEC 2 /* 6 x 2 accumulators, 12 of the 16 ymm registers (4 x 4 went through the stack:
+                  5x slower; 4 x 2 ran 5-10% slower from 64 rows on) */
 #endif
-#ifdef __AVX512F__
-#define NVEC 4 /* vectors of columns per pass */
-#else
-#define NVEC 2
-#endif
+#define ROWS 6
 #define TILE 64 /* columns per packed block (native.LINEAR_TILE): 1 pass of 4 x 16 lanes, 4 of 2 x 8 */
 #define PARALLEL_MACS (1 << 18)
 #define ROW_CHUNK 64 /* rows per work item when there are many */

@@ -56,7 +56,7 @@ def test_small_weights_take_the_native_kernel(monkeypatch: pytest.MonkeyPatch) -
 
 def test_the_limit_follows_the_build() -> None:
     """AVX-512 builds take weights up to WIDE_LINEAR_MAX (a medium model's projections and a
-    small vocabulary's head); AVX2 builds, whose tiles are half as fast, up to
+    small vocabulary's head); AVX2 builds, not measured on AVX2-only hardware, up to
     SMALL_LINEAR_MAX (their build is checked in test_native.py)."""
     from splitserve.kernels.cpu_features import cpu_flags
 
@@ -83,7 +83,7 @@ def test_prefetching_tiles_give_the_same_bits_as_one_row_at_a_time(m: int) -> No
 @pytest.mark.parametrize("n, k", [(200, 72), (40, 33), (7, 3), (64, 1), (16, 128)])
 def test_a_rows_bits_do_not_depend_on_its_batch(n: int, k: int) -> None:
     """Each output is one multiply-add chain over k whatever the rows around it, the tiling
-    (4 rows at a time, then single rows), the column tail or the threads: decode rows, verify
+    (6 rows at a time, then the rest in one pass), the column tail or the threads: decode rows, verify
     rows and prompt rows through one weight agree bit for bit."""
     w, b = _weights(n, k, seed=n + k)
     proj = Linear(w, b)

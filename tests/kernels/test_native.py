@@ -276,7 +276,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     assert out["available"] and "-march=haswell" in out["reason"], out
     assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
     assert out["linear_calls"] == 1 and out["linear_err"] < 1e-4, out
-    # its 4 x 2-vector tiles reach about half of oneDNN's GFLOP/s: only small weights
+    # AVX2 builds take only small weights (not measured on AVX2-only hardware)
     assert out["linear_max"] == native.SMALL_LINEAR_MAX < native.WIDE_LINEAR_MAX, out
     g = torch.Generator().manual_seed(0)  # the same operands here: the same FMA chains, bits
     x, w, b = (torch.randn(37, 72, generator=g), torch.randn(200, 72, generator=g),

@@ -529,15 +529,16 @@ def _act_and_mul(x: Tensor, kind: int) -> Tensor | None:
 
 
 def silu_and_mul(x: Tensor) -> Tensor:
-    """``reference.silu_and_mul`` in one native pass over float32 [T, 2I] (sigmoid from
-    ``exp_nonpos``: within a few ulp of torch's); the reference for other operands."""
+    """``reference.silu_and_mul`` in one native pass over float32 [T, 2I] (the sigmoid from
+    ``exp_nonpos``: relative error under 1e-5); the reference for other operands."""
     out = _act_and_mul(x, 0)
     return reference.silu_and_mul(x) if out is None else out
 
 
 def gelu_tanh_and_mul(x: Tensor) -> Tensor:
-    """``reference.gelu_tanh_and_mul`` in one native pass over float32 [T, 2I] (tanh as in
-    ``softcap``); the reference for other operands."""
+    """``reference.gelu_tanh_and_mul`` in one native pass over float32 [T, 2I] (computed as
+    ``v * sigmoid(2z)``, which does not cancel for very negative gates); the reference for
+    other operands."""
     out = _act_and_mul(x, 1)
     return reference.gelu_tanh_and_mul(x) if out is None else out
 

@@ -13,9 +13,10 @@
  * Tiles: ROWS rows x up to NVEC vectors of columns (16 floats on AVX-512, 8 on AVX2), their
  * accumulators in registers, one pass over k reading each weight row segment once for the
  * ROWS rows (6 x 4 on AVX-512: 0.95-1.25x oneDNN from 16 to 2,048 rows at 64-768 wide; 4 x 4
- * gave 0.77-0.86x; 6 x 2 on AVX2). Each pass over a block also prefetches a share of the next
- * block into L2 (rows_nv), so weights stream in from memory behind the arithmetic. Every lane and the scalar tail run the same FMA chain, so the AVX2 and
- * AVX-512 builds give the same bits too. Work items are (column tile, row range) pairs, on
+ * gave 0.77-0.86x; 6 x 2 on AVX2). Each pass over a block also prefetches a share of the
+ * next block into L2 (rows_nv), so weights stream in from memory behind the arithmetic. Every
+ * lane and the scalar tail run the same FMA chain, so the AVX2 and AVX-512 builds give the
+ * same bits too. Work items are (column tile, row range) pairs, on
  * torch's OpenMP team from PARALLEL_MACS multiply-adds on.
  */
 #pragma GCC optimize("fp-contract=fast")
@@ -31,7 +32,7 @@ typedef v8f vec; /* one ymm register: arrays of two-register vectors went throug
 #define NVEC 2 /* 6 x 2 accumulators, 12 of the 16 ymm registers (4 x 4 went through the stack:
                   5x slower; 4 x 2 ran 5-10% slower from 64 rows on) */
 #endif
-#define ROWS 6
+#define ROWS 6 /* rows per pass; rows_nv's tail cases assume 6 */
 #define TILE 64 /* columns per packed block (native.LINEAR_TILE): 1 pass of 4 x 16 lanes, 4 of 2 x 8 */
 #define PARALLEL_MACS (1 << 18)
 #define ROW_CHUNK 64 /* rows per work item when there are many */
@@ -102,14 +103,10 @@ static inline __attribute__((always_inline)) void rows_nv(
     for (; m + ROWS <= m_hi; m += ROWS, p++)
         tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, ROWS, NV, pf, p, passes);
     switch (m_hi - m) { /* the last rows in one pass as well (the weights read once more) */
-#if ROWS > 5
     case 5: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 5, NV, pf, p, passes); break;
     case 4: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 4, NV, pf, p, passes); break;
     case 3: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 3, NV, pf, p, passes); break;
-#endif
-#if ROWS > 2
     case 2: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 2, NV, pf, p, passes); break;
-#endif
     case 1: tile(x, x_stride, w, ldw, K, bias, y, y_stride, m, n0, 1, NV, pf, p, passes); break;
     default: break;
     }

@@ -251,18 +251,17 @@ class Attention:
             kept = meta.keep.numel()
             if not kept:
                 return hidden[:0]
-            out = self.ops.paged_decode_attention(
-                q.index_select(0, meta.keep), kv_cache, meta.keep_block_tables,
-                meta.keep_context_lens, self.scale, self.window, self.soft_cap,
-            )
+            out = self._decode(q.index_select(0, meta.keep), kv_cache, meta.keep_block_tables,
+                               meta.keep_context_lens)
             return self.o_proj(out.reshape(kept, self.q_size))
         num_tokens, d = hidden.shape[0], meta.num_decode
         if d == num_tokens:  # decodes only (the common step): no staging copy
-            out = self._decode(q, kv_cache, meta)
+            out = self._decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens)
             return self.o_proj(out.reshape(num_tokens, self.q_size))
         out = torch.empty_like(q)  # [T, nh, hd]
         if d:
-            out[:d] = self._decode(q[:d], kv_cache, meta)
+            out[:d] = self._decode(q[:d], kv_cache, meta.decode_block_tables,
+                                   meta.decode_context_lens)
         out[d:] = self.ops.prefill_attention(
             q[d:], kv_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
             meta.prefill_context_lens, self.scale, self.window, self.soft_cap,
@@ -278,10 +277,10 @@ class Attention:
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, hd)
         return q, k, v
 
-    def _decode(self, q: Tensor, kv_cache: Tensor, meta: AttentionMetadata) -> Tensor:
+    def _decode(self, q: Tensor, kv_cache: Tensor, tables: Tensor, lens: Tensor | None) -> Tensor:
+        """Each row of q attends as a decode row over its sequence's ``lens`` positions."""
         return self.ops.paged_decode_attention(  # type: ignore[no-any-return]
-            q, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
-            self.scale, self.window, self.soft_cap,
+            q, kv_cache, tables, lens, self.scale, self.window, self.soft_cap,
         )
 
 

@@ -1,6 +1,7 @@
 """The CPU implementation of every kernel: the torch references, with paged decode and
-(short-span) prefill attention, RMSNorm, the rotary + K/V store step and logit soft-capping from the native C kernels (``native.py``; the
-reference wherever a kernel is unavailable or does not take the operands).
+(short-span) prefill attention, RMSNorm, the rotary + K/V store step, logit soft-capping and
+the gated MLP activations from the native C kernels (``native.py``; the reference wherever a
+kernel is unavailable or does not take the operands).
 
 ``ops.get_ops`` returns this module for CPU tensors unless ``SPLITSERVE_KERNELS`` forces one.
 """

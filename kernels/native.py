@@ -76,7 +76,8 @@ from splitserve.kernels.cpu_features import cpu_flags
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).with_name("native")
-SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c", SOURCE_DIR / "linear.c")
+SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c", SOURCE_DIR / "linear.c",
+           SOURCE_DIR / "quant_matmul.c")
 HEADERS = (SOURCE_DIR / "common.h",)
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11",
          "-lm")
@@ -192,6 +193,10 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         "linear_f32": [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32],  # x, M, K, its
         # row stride, packed weight, N, bias, y, its row stride, threads
         "linear_lanes": [],
+        "int4_matmul": [ptr, i32, i64, i64, i64, ptr, i64, ptr, i32, i64, i32],  # x, dtype,
+        # M, K, its row stride, packed weight, N, y, its dtype, its row stride, threads
+        "int8_matmul": [ptr, i32, i64, i64, i64, ptr, i64, ptr, i32, i64, i32],  # the same
+        "int4_lanes": [],
         "moe_silu_f32": [
             ptr, i64, i64, i64,  # x, T, H, its row stride
             ptr, ptr, i64, i64,  # packed w13 [E, 2I * H], w2 [E, H * I], E, I
@@ -691,3 +696,117 @@ def moe_silu(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor,
             f"(num_experts = {e})"
         )
     return out
+
+
+INT4_GROUP = 32
+"""Values per group of the native int4 kernel (larger groups are served with their scales
+repeated per 32)."""
+INT4_BLOCK = 16
+"""Output rows per block of a packed int4 weight (its N must be a multiple)."""
+_INT4_GROUP_BYTES = INT4_BLOCK * INT4_GROUP // 2 + 2 * INT4_BLOCK * 2
+
+
+def int4_lanes() -> int:
+    """Vector width of this build's int4 kernel: 16 (AVX-512), 8 (AVX2), 1 (scalar); 0 without
+    a build."""
+    lib = _loaded()
+    return 0 if lib is None else int(lib.int4_lanes()) & 255
+
+
+def int4_vnni() -> bool:
+    """Whether this build's quantized kernels run vpdpwssd (AVX-512 VNNI)."""
+    lib = _loaded()
+    return lib is not None and bool(int(lib.int4_lanes()) & 256)
+
+
+def int4_unpackable(shape: tuple[int, int], group_size: int) -> str | None:
+    """Why ``int4_matmul`` cannot take a [N, K] int4 weight in groups of ``group_size`` (None
+    when it can)."""
+    n, k = shape
+    if group_size % INT4_GROUP or k % group_size:
+        return f"group size {group_size} is not a multiple of {INT4_GROUP} dividing K={k}"
+    if n % INT4_BLOCK:
+        return f"N={n} is not a multiple of {INT4_BLOCK}"
+    return None
+
+
+def pack_int4_weight(codes: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> Tensor:
+    """An int4 weight as ``int4_matmul`` reads it: codes uint8 [N, K] in [0, 15], ``w = codes *
+    scales + offsets`` per group (both float [N, K / group_size]). Flat uint8: per block of 16
+    output rows and group of 32, 256 bytes of codes (chunk t of 64 bytes, byte 4j + i:
+    q[j, 8t + i] | q[j, 8t + 4 + i] << 4), then the 16 scales and 16 offsets as float16.
+    Raises ValueError when the shape is not served or a scale does not fit float16."""
+    n, k = codes.shape
+    why = int4_unpackable((n, k), group_size)
+    if why is not None:
+        raise ValueError(why)
+    rep = group_size // INT4_GROUP
+    d, c = (t.float().repeat_interleave(rep, dim=1) if rep > 1 else t.float()
+            for t in (scales, offsets))
+    d16, c16 = d.to(torch.float16), c.to(torch.float16)
+    if not (torch.isfinite(d16).all() and torch.isfinite(c16).all()):
+        raise ValueError("an int4 scale or zero is outside float16's range")
+    nb, g = n // INT4_BLOCK, k // INT4_GROUP
+    # k = 8t + 4s + i (s: high nibble) -> [block, group, t, row, s, i]
+    q = codes.to(torch.uint8).view(nb, INT4_BLOCK, g, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
+    packed_codes = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(nb, g, 256)
+
+    def per_block(t: Tensor) -> Tensor:  # [N, G] -> [NB, G, 32] bytes
+        return t.view(nb, INT4_BLOCK, g).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    return torch.cat([packed_codes, per_block(d16), per_block(c16)], -1).reshape(-1).contiguous()
+
+
+_INT8_GROUP_BYTES = INT4_BLOCK * INT4_GROUP + INT4_BLOCK * 2
+
+
+def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    """An int8 weight as ``int8_matmul`` reads it: codes int8 [N, K], ``w = codes * scales``
+    per group (float [N, K / group_size]; a whole row for per-channel int8). Flat uint8: per
+    block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32 bytes: byte
+    2j + e = q[j, 2t + e]), then the 16 scales as float16. Raises ValueError when the shape
+    is not served or a scale does not fit float16."""
+    n, k = codes.shape
+    why = int4_unpackable((n, k), group_size)
+    if why is not None:
+        raise ValueError(why)
+    rep = group_size // INT4_GROUP
+    d16 = (scales.float().repeat_interleave(rep, dim=1) if rep > 1 else scales.float()).half()
+    if not torch.isfinite(d16).all():
+        raise ValueError("an int8 scale is outside float16's range")
+    nb, g = n // INT4_BLOCK, k // INT4_GROUP
+    q = codes.view(torch.uint8).view(nb, INT4_BLOCK, g, 16, 2).permute(0, 2, 3, 1, 4)
+    scales16 = d16.view(nb, INT4_BLOCK, g).permute(0, 2, 1).contiguous().view(torch.uint8)
+    return torch.cat([q.reshape(nb, g, 512), scales16], -1).reshape(-1).contiguous()
+
+
+def int4_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """``x @ W^T`` through a ``pack_int4_weight`` weight: x [M, K] float32 or bfloat16 (rows
+    may be strided), the result in x's dtype (each row's activations quantized to 16 bits per
+    group of 32, as ``native/quant_matmul.c`` says)."""
+    return _quant_matmul(4, x, packed, out_features)
+
+
+def int8_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """``int4_matmul`` for a ``pack_int8_weight`` weight."""
+    return _quant_matmul(8, x, packed, out_features)
+
+
+def _quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int) -> Tensor:
+    lib = _loaded()
+    m, k = x.shape
+    per_group = _INT4_GROUP_BYTES if bits == 4 else _INT8_GROUP_BYTES
+    if packed.numel() * INT4_BLOCK * INT4_GROUP != n * k * per_group:
+        raise KernelInputError(f"packed int{bits} weight of {n} x {k} values expected, got "
+                               f"{packed.numel()} bytes")
+    assert lib is not None and x.is_cpu and x.dtype in _DTYPES, "quantized matmul operands"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype)
+    dt = _DTYPES[x.dtype]
+    fn = lib.int4_matmul if bits == 4 else lib.int8_matmul
+    if fn(x.data_ptr(), dt, m, k, x.stride(0), packed.data_ptr(), n, y.data_ptr(), dt, n,
+          torch.get_num_threads()):
+        raise MemoryError(f"int{bits}_matmul: could not allocate the quantized activations")
+    calls[f"int{bits}_matmul"] += 1
+    return y

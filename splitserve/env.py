@@ -97,6 +97,12 @@ SPLITSERVE_PRUNE_LAST_LAYER = EnvVar(
     "for the rows whose logits are sampled (every row still stores its K/V); 0 computes "
     "every row, as before (for A/B benchmarks)",
 )
+SPLITSERVE_CPU_INT4 = EnvVar(
+    "SPLITSERVE_CPU_INT4", str, "",
+    "int4 weights on CPU: 'native' (default where the native kernels build: integer dot "
+    "products against int8-quantized activations, every row count) or 'torch' (torch's "
+    "packed int4 kernel with bf16 activations, expanded for many rows)",
+)
 SPLITSERVE_CPU_QUANT_EXPAND = EnvVar(
     "SPLITSERVE_CPU_QUANT_EXPAND", str, "",
     "calls of many rows through int4/int8 weights on CPU: 'dequant' (the weight expanded for "

@@ -162,6 +162,13 @@ def test_bad_input_named() -> None:
 # --------------------------------------------------------------------------- quantized: many rows
 
 
+@pytest.fixture
+def torch_quant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's packed kernels for int4 / int8 (the native ones serve every row count and never
+    expand: tests/kernels/test_native_quant.py)."""
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", "torch")
+
+
 def _quantized_weights(n: int, k: int) -> dict[str, QuantizedWeight]:
     w, _ = _weights(n, k, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -175,7 +182,7 @@ def _quantized_weights(n: int, k: int) -> dict[str, QuantizedWeight]:
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
-def test_expanded_weight_is_the_dequantized_weight(kind: str) -> None:
+def test_expanded_weight_is_the_dequantized_weight(kind: str, torch_quant: None) -> None:
     """What prompt rows multiply by: the same codes, one bf16 rounding from the float values
     (int4's scales and zeros as the packed kernel holds them, in bf16)."""
     qw = _quantized_weights(192, 128)[kind]
@@ -209,7 +216,8 @@ def test_int4_packed_layout_is_decoded_on_this_cpu() -> None:
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
-def test_many_rows_take_the_expanded_weight(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_rows_take_the_expanded_weight(kind: str, monkeypatch: pytest.MonkeyPatch,
+                                           torch_quant: None) -> None:
     """From the row threshold on, a call expands the weight once and runs one bf16 GEMM (the
     packed kernel is not called); below it, the packed kernel alone. Both give the same
     product to bf16 rounding."""
@@ -251,7 +259,7 @@ def test_many_rows_take_the_expanded_weight(kind: str, monkeypatch: pytest.Monke
 
 
 def test_packed_opt_out_keeps_every_row_on_the_packed_kernel(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, torch_quant: None,
 ) -> None:
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND", "packed")
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT_EXPAND_MIN_ROWS", "1")
@@ -262,7 +270,7 @@ def test_packed_opt_out_keeps_every_row_on_the_packed_kernel(
 
 @pytest.mark.parametrize("kind", ["int4", "int8", "q8_0"])
 def test_a_large_weight_is_expanded_a_slice_at_a_time(
-    kind: str, monkeypatch: pytest.MonkeyPatch
+    kind: str, monkeypatch: pytest.MonkeyPatch, torch_quant: None
 ) -> None:
     """A weight larger than the expansion budget (a logits head) is expanded and multiplied
     in slices of output rows, so the scratch stays bounded: same product as in one piece."""

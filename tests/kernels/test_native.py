@@ -248,12 +248,26 @@ lin = native.small_linear(x, native.pack_linear_weight(w), 200, b)
 lin_err = (lin.double() - torch.nn.functional.linear(x.double(), w.double(), b.double())).abs().max().item()
 q, cache, tables, ctx = _case(*CASES[0][:5])
 first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
-print(json.dumps({"available": st.available, "reason": st.reason, "first": first.float().tolist(),
+from tests.kernels.test_native import _quant_operands
+i4, i8, qx = _quant_operands()
+quant = [native.int4_matmul(qx, i4, 48).tolist(), native.int8_matmul(qx, i8, 48).tolist(),
+         native.int4_lanes()]
+print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason, "first": first.float().tolist(),
                   "calls": native.calls["paged_decode_attention"] - 1, "linear_err": lin_err,
                   "linear": lin.tolist(),
                   "linear_calls": native.calls["linear_f32"], "linear_max": native.linear_max(),
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
 """
+
+
+def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An int4 and an int8 weight (48 x 96, packed) and 5 rows of activations."""
+    g = torch.Generator().manual_seed(7)
+    codes4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
+    codes8 = torch.randint(-128, 128, (48, 96), generator=g, dtype=torch.int8)
+    scales, offsets = torch.rand(48, 3, generator=g) * 0.01, torch.randn(48, 3, generator=g) * 0.05
+    return (native.pack_int4_weight(codes4, scales, offsets, 32),
+            native.pack_int8_weight(codes8, scales, 32), torch.randn(5, 96, generator=g))
 
 
 def _zmm(path: str) -> bool:
@@ -288,6 +302,11 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     q, cache, tables, ctx = _case(*CASES[0][:5])
     here = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
     assert torch.equal(here.float(), torch.tensor(out["first"])), "AVX2 and native builds differ"
+    # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
+    i4, i8, qx = _quant_operands()
+    assert out["quant"][2] == 8 and native.int4_lanes() in (8, 16), out["quant"][2]
+    assert torch.equal(native.int4_matmul(qx, i4, 48), torch.tensor(out["quant"][0]))
+    assert torch.equal(native.int8_matmul(qx, i8, 48), torch.tensor(out["quant"][1]))
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

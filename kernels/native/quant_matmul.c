@@ -1,0 +1,428 @@
+/* Projections through 4-bit and 8-bit weights on the CPU, y = x @ W^T, by integer dot
+ * products.
+ *
+ * W in groups of 32 along K, per group and output row: int4 w = q * d + c (q in [0, 15]; GGUF
+ * Q4_1's d and m exactly, Q4_0's d and -8d, Q4_K's folded scales, RTN's float32 scales rounded
+ * to float16), or int8 w = q * d (q in [-128, 127]: GGUF Q8_0; per-channel int8 with its scale
+ * repeated per group); d and c are float16. Each row of x is quantized per group of 32 to
+ * 16 bits: dx = max|x| / 32767, qx = round(x / dx), sx = dx * sum(qx) (relative error 2^-16 of
+ * the group's largest value: finer than bf16 activations; int8 activations, as llama.cpp's
+ * Q4 x Q8 dot products use, tripled the next-token KL divergence of SmolLM2 Q4_1 here). Then
+ *
+ *     y[m, n] = sum over groups g of  (d[n, g] * dx[m, g]) * sum_j q[n, j] qx[m, j]
+ *                                    (+ c[n, g] * sx[m, g] for int4)
+ *
+ * The inner sum is an exact int32 (at most 32 * 128 * 32767), the same whatever instructions
+ * compute it: for int4, qx = 256 xh + xl (xh signed, xl unsigned bytes) and two byte dot
+ * products (vpdpbusd, or vpmaddubsw + vpmaddwd: pairs stay within int16), so the codes are
+ * never widened; for int8, vpdpwssd or vpmaddwd over codes widened to 16 bits; or scalar
+ * code. The sum over groups is one or two fused
+ * multiply-adds per group, in group order, in every path. So a row's result does not depend
+ * on the row count, the tiling, the thread or the build (AVX-512 VNNI, AVX-512, AVX2, scalar):
+ * decode rows, speculative verify rows and prompt rows agree bit for bit.
+ *
+ * torch's `_weight_int4pack_mm_for_cpu` widens each code to a float and multiplies by the
+ * bf16 activation: about 15 GB/s of weights at one row here, and its cost grows with every
+ * row.
+ *
+ * int4 layout (native.pack_int4_weight): blocks of 16 output rows; per block and group, 320
+ * bytes: 256 of codes, then d[16] and c[16] as float16. Codes in 4 chunks of 64 bytes; chunk t
+ * byte 4j + i = q[row j, 8t + i] | q[row j, 8t + 4 + i] << 4, so one load gives, per 32-bit
+ * lane (an output row), 4 codes for k = 8t..8t+3 (low nibbles) and 4 for 8t+4..8t+7.
+ * int8 layout (native.pack_int8_weight): per block and group, 544 bytes: 16 chunks of 32 bytes
+ * (chunk t byte 2j + e = q[row j, 2t + e]), then d[16] as float16.
+ */
+#include "common.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QM_LANES 16
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define QM_LANES 8
+#else
+#define QM_LANES 1
+#endif
+
+#define QG 32 /* values per group */
+#define QB 16 /* output rows per block */
+#define G4_BYTES (QB * QG / 2 + 2 * QB * 2) /* 320 */
+#define G8_BYTES (QB * QG + QB * 2)         /* 544 */
+#define QMAX 32767
+#define MT 4 /* rows of x per tile */
+#define PARALLEL_MACS (1 << 18)
+
+/* Vector width of this build's quantized path (16, 8, or 1: scalar); | 256 with vpdpwssd. */
+int64_t int4_lanes(void) {
+#if defined(__AVX512VNNI__) && QM_LANES == 16
+    return QM_LANES | 256;
+#else
+    return QM_LANES;
+#endif
+}
+
+static inline float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu;
+    if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13)); /* inf, NaN */
+    if (e != 0) return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+    return bits_f32(sign) + (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
+}
+
+/* Row of x (K values, float32 or bf16) -> qx[K], dx[G], sx[G]. Rounding by the 1.5 * 2^23
+ * trick (to nearest, ties to even) so plain C vectorizes and every build gives the same
+ * codes. A NaN or infinite value makes its group's dx non-finite, so the outputs it touches
+ * are too. */
+static void quantize_row(const void *x, int dtype, int64_t K, int16_t *restrict qx,
+                         uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
+{
+    for (int64_t g = 0; g < K / QG; g++) {
+        float v[QG];
+        uint32_t top = 0;
+        for (int i = 0; i < QG; i++) {
+            v[i] = load_elem(x, dtype, g * QG + i);
+            const uint32_t a = f32_bits(v[i]) & 0x7fffffffu;
+            top = a > top ? a : top; /* integer max: order-free, a NaN wins */
+        }
+        const float amax = bits_f32(top);
+        const float id = amax > 0.0f && top < 0x7f800000u ? (float)QMAX / amax : 0.0f;
+        int32_t s = 0;
+        for (int i = 0; i < QG; i++) {
+            int32_t q = (int32_t)(f32_bits(v[i] * id + 12582912.0f) - 0x4b400000u);
+            q = q > QMAX ? QMAX : (q < -QMAX ? -QMAX : q);
+            qx[g * QG + i] = (int16_t)q;
+            xhl[2 * g * QG + i] = (uint8_t)(q >> 8);       /* xh: signed high byte */
+            xhl[2 * g * QG + QG + i] = (uint8_t)(q & 0xff); /* xl: unsigned low byte */
+            s += q;
+        }
+        dx[g] = amax / (float)QMAX;
+        sx[g] = dx[g] * (float)s;
+    }
+}
+
+static inline void store_row(void *y, int dtype, int64_t y_stride, int64_t m, int64_t n0,
+                             const float *v)
+{
+    if (dtype == F32) {
+        memcpy((float *)y + m * y_stride + n0, v, sizeof(float) * QB);
+        return;
+    }
+    for (int j = 0; j < QB; j++) store_elem(y, dtype, m * y_stride + n0 + j, v[j]);
+}
+
+static inline int32_t quad_at(const uint8_t *p) {
+    int32_t a;
+    memcpy(&a, p, 4);
+    return a;
+}
+
+static inline int32_t pair_at(const int16_t *p) {
+    int32_t a;
+    memcpy(&a, p, 4);
+    return a;
+}
+
+#if QM_LANES == 16
+/* acc + sums of 4 products of unsigned bytes of u and signed bytes of v (each pair's sum
+ * within int16: callers keep |u v| <= 2 * 255 * 15). */
+static inline __m512i dot4(__m512i acc, __m512i u, __m512i v) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, v);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v),
+                                                   _mm512_set1_epi16(1)));
+#endif
+}
+
+static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+
+/* Rows [m0, m0 + R) of the output x blocks [b0, b0 + NB) (16 output rows each); BITS 4 or 8. */
+static inline __attribute__((always_inline)) void tile(
+    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
+    const int NB)
+{
+    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 acc[MT][2];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512i is[MT][2];
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) is[r][b] = _mm512_setzero_si512();
+        const int16_t *xg = qx + m0 * K + g * QG;
+        if (BITS == 4) { /* qx = 256 xh + xl: xh against the codes, shifted, then xl */
+            const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
+            for (int pass = 0; pass < 2; pass++) {
+                for (int t = 0; t < 4; t++) {
+                    __m512i lo[2], hi[2];
+                    for (int b = 0; b < NB; b++) {
+                        const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
+                        lo[b] = _mm512_and_si512(v, low);
+                        hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const uint8_t *xr = hl + 2 * r * K + pass * QG + 8 * t;
+                        const __m512i xa = _mm512_set1_epi32(quad_at(xr));
+                        const __m512i xc = _mm512_set1_epi32(quad_at(xr + 4));
+                        for (int b = 0; b < NB; b++) {
+                            if (pass == 0) { /* codes unsigned, xh signed */
+                                is[r][b] = dot4(is[r][b], lo[b], xa);
+                                is[r][b] = dot4(is[r][b], hi[b], xc);
+                            } else { /* xl unsigned, codes (<= 15) signed */
+                                is[r][b] = dot4(is[r][b], xa, lo[b]);
+                                is[r][b] = dot4(is[r][b], xc, hi[b]);
+                            }
+                        }
+                    }
+                }
+                if (pass == 0)
+                    for (int r = 0; r < R; r++)
+                        for (int b = 0; b < NB; b++) is[r][b] = _mm512_slli_epi32(is[r][b], 8);
+            }
+        } else {
+            for (int t = 0; t < 8; t++) {
+                __m512i wv[2][2];
+                for (int b = 0; b < NB; b++) {
+                    const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
+                    wv[b][0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
+                    wv[b][1] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(v, 1));
+                }
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 2; i++) {
+                        const __m512i xp = _mm512_set1_epi32(pair_at(xg + r * K + 4 * t + 2 * i));
+                        for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
+                    }
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            const uint8_t *s = w + ((b0 + b) * G + g) * GB + (BITS == 4 ? 256 : 512);
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+            for (int r = 0; r < R; r++) {
+                const int64_t i = (m0 + r) * G + g;
+                const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(dx[i]));
+                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]), dd, acc[r][b]);
+                if (BITS == 4) {
+                    const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
+                    acc[r][b] = _mm512_fmadd_ps(c, _mm512_set1_ps(sx[i]), acc[r][b]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) {
+            float out[QB];
+            _mm512_storeu_ps(out, acc[r][b]);
+            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+        }
+}
+
+#elif QM_LANES == 8
+/* The same over the two 8-row halves of each block. */
+static inline __attribute__((always_inline)) void tile(
+    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
+    const int NB)
+{
+    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    for (int b = 0; b < NB; b++) {
+        __m256 acc[MT][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *blk = w + ((b0 + b) * G + g) * GB;
+            const int16_t *xg = qx + m0 * K + g * QG;
+            __m256i is[MT][2];
+            for (int r = 0; r < R; r++) is[r][0] = is[r][1] = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                if (BITS == 4) { /* rows 8h..8h+7: bytes 32h..32h+31 of each chunk */
+                    const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
+                    const __m256i one = _mm256_set1_epi16(1), low8 = _mm256_set1_epi8(0x0f);
+                    for (int pass = 0; pass < 2; pass++) {
+                        for (int t = 0; t < 4; t++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * t + 32 * h));
+                            const __m256i lo = _mm256_and_si256(v, low8);
+                            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low8);
+                            for (int r = 0; r < R; r++) {
+                                const uint8_t *xr = hl + 2 * r * K + pass * QG + 8 * t;
+                                const __m256i xa = _mm256_set1_epi32(quad_at(xr));
+                                const __m256i xc = _mm256_set1_epi32(quad_at(xr + 4));
+                                const __m256i p = pass == 0
+                                    ? _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xc))
+                                    : _mm256_add_epi16(_mm256_maddubs_epi16(xa, lo), _mm256_maddubs_epi16(xc, hi));
+                                is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(p, one));
+                            }
+                        }
+                        if (pass == 0)
+                            for (int r = 0; r < R; r++) is[r][h] = _mm256_slli_epi32(is[r][h], 8);
+                    }
+                } else {
+                    for (int t = 0; t < 16; t++) {
+                        const __m256i wv = _mm256_cvtepi8_epi16(
+                            _mm_loadu_si128((const __m128i *)(blk + 32 * t + 16 * h)));
+                        for (int r = 0; r < R; r++)
+                            is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(
+                                wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t))));
+                    }
+                }
+            }
+            const uint8_t *s = blk + (BITS == 4 ? 256 : 512);
+            for (int h = 0; h < 2; h++) {
+                const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * h)));
+                for (int r = 0; r < R; r++) {
+                    const int64_t i = (m0 + r) * G + g;
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
+                                                _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[r][h]);
+                    if (BITS == 4) {
+                        const __m256 c = _mm256_cvtph_ps(
+                            _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
+                        acc[r][h] = _mm256_fmadd_ps(c, _mm256_set1_ps(sx[i]), acc[r][h]);
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            float out[QB];
+            _mm256_storeu_ps(out, acc[r][0]);
+            _mm256_storeu_ps(out + 8, acc[r][1]);
+            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+        }
+    }
+}
+
+#else
+/* Scalar: the same integer sums and the same fused multiply-adds per group. */
+static void tile(const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+                 const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0,
+                 const int R, const int NB)
+{
+    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    for (int b = 0; b < NB; b++)
+        for (int r = 0; r < R; r++) {
+            float out[QB];
+            for (int j = 0; j < QB; j++) {
+                float acc = 0.0f;
+                for (int64_t g = 0; g < G; g++) {
+                    const uint8_t *blk = w + ((b0 + b) * G + g) * GB;
+                    const int16_t *xr = qx + (m0 + r) * K + g * QG;
+                    int32_t is = 0;
+                    if (BITS == 4) {
+                        for (int t = 0; t < 4; t++)
+                            for (int i = 0; i < 4; i++) {
+                                const uint8_t byte = blk[64 * t + 4 * j + i];
+                                is += (byte & 15) * xr[8 * t + i] + (byte >> 4) * xr[8 * t + 4 + i];
+                            }
+                    } else {
+                        for (int t = 0; t < 16; t++)
+                            for (int e = 0; e < 2; e++)
+                                is += (int8_t)blk[32 * t + 2 * j + e] * xr[2 * t + e];
+                    }
+                    const uint8_t *s = blk + (BITS == 4 ? 256 : 512);
+                    uint16_t dh;
+                    memcpy(&dh, s + 2 * j, 2);
+                    const int64_t i = (m0 + r) * G + g;
+                    acc = fmaf((float)is, half_to_f32(dh) * dx[i], acc);
+                    if (BITS == 4) {
+                        uint16_t ch;
+                        memcpy(&ch, s + 32 + 2 * j, 2);
+                        acc = fmaf(half_to_f32(ch), sx[i], acc);
+                    }
+                }
+                out[j] = acc;
+            }
+            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+        }
+}
+#endif
+
+/* Rows [m_lo, m_hi) x blocks [b_lo, b_hi): tiles of MT rows x 2 blocks (constants inlined). */
+static inline __attribute__((always_inline)) void rows_blocks(
+    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo, int64_t m_hi,
+    int64_t b_lo, int64_t b_hi)
+{
+    for (int64_t b = b_lo; b < b_hi; b += 2) {
+        int64_t m = m_lo;
+        if (b + 2 <= b_hi) {
+            for (; m + MT <= m_hi; m += MT) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, MT, 2);
+            for (; m < m_hi; m++) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
+        } else {
+            for (; m + MT <= m_hi; m += MT) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, MT, 1);
+            for (; m < m_hi; m++) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
+        }
+    }
+}
+
+static void rows_blocks4(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                         int64_t m_hi, int64_t b_lo, int64_t b_hi)
+{
+    rows_blocks(4, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+}
+
+static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                         int64_t m_hi, int64_t b_lo, int64_t b_hi)
+{
+    rows_blocks(8, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+}
+
+#define ROW_CHUNK 32 /* rows of x per work item */
+
+static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t K,
+                            int64_t x_stride, const uint8_t *w, int64_t N, void *y, int ydt,
+                            int64_t y_stride, int num_threads)
+{
+    const int64_t G = K / QG, NBLK = N / QB;
+    const size_t esz = xdt == BF16 ? 2 : 4;
+    void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
+    if (buf == NULL) return -1;
+    float *dx = (float *)buf, *sx = dx + M * G;
+    int16_t *qx = (int16_t *)(sx + M * G);
+    uint8_t *xhl = (uint8_t *)(qx + M * K); /* per row and group: 32 high bytes, 32 low */
+    const int threads = M * N * K >= PARALLEL_MACS && num_threads > 1 ? num_threads : 1;
+    /* blocks per work item: an even share, a few items per thread */
+    int64_t chunk = (NBLK + 4 * threads - 1) / (4 * threads);
+    chunk = chunk < 2 ? 2 : (chunk + 1) / 2 * 2;
+    const int64_t bchunks = (NBLK + chunk - 1) / chunk, mchunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row((const char *)x + (size_t)(m * x_stride) * esz, xdt, K, qx + m * K,
+                         xhl + 2 * m * K, dx + m * G, sx + m * G);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < bchunks * mchunks; item++) {
+            const int64_t bc = item % bchunks, mc = item / bchunks;
+            const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
+            const int64_t m_lo = mc * ROW_CHUNK;
+            const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
+            if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+            else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* y [M, N] (float32 or bf16, rows y_stride apart) = x [M, K] (rows x_stride apart) @ W^T,
+ * W int4 packed as above; K a multiple of 32, N of 16. 0, or -1 when scratch could not be had. */
+int64_t int4_matmul(const void *x, int xdt, int64_t M, int64_t K, int64_t x_stride,
+                    const uint8_t *w, int64_t N, void *y, int ydt, int64_t y_stride,
+                    int num_threads)
+{
+    return quant_matmul(4, x, xdt, M, K, x_stride, w, N, y, ydt, y_stride, num_threads);
+}
+
+/* The same for int8 codes (layout above). */
+int64_t int8_matmul(const void *x, int xdt, int64_t M, int64_t K, int64_t x_stride,
+                    const uint8_t *w, int64_t N, void *y, int ydt, int64_t y_stride,
+                    int num_threads)
+{
+    return quant_matmul(8, x, xdt, M, K, x_stride, w, N, y, ydt, y_stride, num_threads);
+}

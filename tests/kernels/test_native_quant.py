@@ -1,0 +1,140 @@
+"""native.int4_matmul / int8_matmul (``kernels/native/quant_matmul.c``): integer dot products
+against activations quantized to 16 bits per group of 32. Equal to the float64 product of the
+quantized activations and the weight's values; a row's bits never depend on its batch, the
+thread count or the dtype path; kernels.linear serves int4 and int8 weights through them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve.kernels import native
+from splitserve.kernels.linear import Int4Matmul, Linear, NativeInt4Matmul, NativeInt8Matmul
+from splitserve.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
+
+SHAPES = [(1, 64, 16), (3, 576, 48), (5, 96, 80), (7, 1536, 576), (33, 576, 960), (70, 128, 272)]
+
+
+@pytest.fixture(autouse=True)
+def _built() -> None:
+    assert native.status().available, native.status().reason  # the suite installs gcc
+
+
+def _quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies by: each group of 32 rounded to 32767 steps of its max."""
+    xf = x.float().view(x.shape[0], -1, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    q = torch.round(xf * torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax)))
+    return (q.clamp(-32767, 32767) * (amax / 32767)).view(x.shape).double()
+
+
+def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize_int4(torch.randn(n, k, generator=g) * 0.05, 32)
+    offsets = (qw.zeros - 8 * qw.scales).half().float()  # float16 as packed: exact reference
+    qw.scales = qw.scales.half().float()
+    qw.zeros = offsets + 8 * qw.scales
+    packed = native.pack_int4_weight(qw.codes(), qw.scales, offsets, 32)
+    w = qw.codes().double().view(n, k // 32, 32) * qw.scales.double()[..., None] + offsets.double()[..., None]
+    return qw, packed, w.view(n, k)  # type: ignore[return-value]
+
+
+def _int8(n: int, k: int, seed: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 included
+    scales = (torch.rand(n, k // group, generator=g) * 1e-2).half().float()
+    w = codes.double().view(n, k // group, group) * scales.double()[..., None]
+    return native.pack_int8_weight(codes, scales, group), w.view(n, k)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int, bits: int) -> None:
+    if bits == 4:
+        _, packed, w = _int4(n, k, seed=m)
+        fn = native.int4_matmul
+    else:
+        packed, w = _int8(n, k, seed=m)
+        fn = native.int8_matmul
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    before = native.calls[f"int{bits}_matmul"]
+    y = fn(x, packed, n)
+    assert native.calls[f"int{bits}_matmul"] == before + 1 and y.dtype == torch.float32
+    want = _quantized_x(x) @ w.t()
+    scale = float(want.abs().max())
+    assert float((y.double() - want).abs().max()) < 1e-5 * scale  # float32 sums of exact parts
+    # and within the activations' 16-bit rounding of the unquantized product
+    assert float((y.double() - x.double() @ w.t()).abs().max()) < 1e-3 * scale
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits: int) -> None:
+    n, k = 272, 576
+    packed = _int4(n, k, 1)[1] if bits == 4 else _int8(n, k, 1)[0]
+    fn = native.int4_matmul if bits == 4 else native.int8_matmul
+    x = torch.randn(130, k)
+    whole = fn(x, packed, n)
+    for size in (1, 2, 3, 4, 5, 31, 33, 64):
+        for start in (0, 1, 130 - size):
+            assert torch.equal(fn(x[start:start + size], packed, n), whole[start:start + size])
+    strided = torch.randn(130, 2 * k)[:, ::2]
+    strided.copy_(x)
+    assert torch.equal(fn(strided, packed, n), whole)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(fn(x, packed, n), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bfloat16_in_and_out_and_non_finite_rows() -> None:
+    _, packed, w = _int4(48, 64, 2)
+    x = torch.randn(4, 64)
+    xb = x.to(torch.bfloat16)
+    yb = native.int4_matmul(xb, packed, 48)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, native.int4_matmul(xb.float(), packed, 48).to(torch.bfloat16))
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    y = native.int4_matmul(x, packed, 48)
+    assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).all()
+    clean = native.int4_matmul(x[[0, 3]], packed, 48)
+    assert torch.equal(y[[0, 3]], clean) and torch.isfinite(clean).all()
+
+
+def test_bad_operands_are_named() -> None:
+    codes = torch.zeros(20, 64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="N=20"):
+        native.pack_int4_weight(codes, torch.ones(20, 2), torch.zeros(20, 2), 32)
+    with pytest.raises(ValueError, match="group size 16"):
+        native.pack_int4_weight(codes[:16], torch.ones(16, 4), torch.zeros(16, 4), 16)
+    with pytest.raises(ValueError, match="float16"):
+        native.pack_int4_weight(codes[:16], torch.full((16, 2), 1e6), torch.zeros(16, 2), 32)
+    _, packed, _ = _int4(16, 64, 3)
+    with pytest.raises(native.KernelInputError, match="16 x 128"):
+        native.int4_matmul(torch.randn(1, 128), packed, 16)
+
+
+def test_linear_serves_int4_and_int8_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row count through one kernel (no expansion); SPLITSERVE_CPU_INT4=torch keeps
+    torch's packed kernels; a group of 128 is served with its scales repeated per 32."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    x = torch.randn(300, 256, generator=g)
+    for qw, kind in ((quantize_int4(w, 128), NativeInt4Matmul), (quantize_int8(w), NativeInt8Matmul)):
+        proj = Linear(qw)
+        assert type(proj._quantized) is kind and proj._expand_from == 0
+        before = sum(native.calls[f"int{b}_matmul"] for b in (4, 8))
+        many = proj(x)
+        assert sum(native.calls[f"int{b}_matmul"] for b in (4, 8)) == before + 1
+        assert torch.equal(proj(x[7:8]), many[7:8])  # 300 rows or one: the same bits
+        want = x.double() @ qw.dequantize(torch.float64).t()
+        # RTN's float32 scales and zeros are held in float16 (2^-11 relative, each group's
+        # rounding shared by its 128 values): ~1.4e-3 of the output's scale here
+        assert float((many.double() - want).abs().max()) < 3e-3 * float(want.abs().max())
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", "torch")
+    assert type(Linear(quantize_int4(w, 32))._quantized) is Int4Matmul
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", "fast")
+    with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT4"):
+        Linear(quantize_int4(w, 32))

@@ -5,6 +5,8 @@ thread count or the dtype path; kernels.linear serves int4 and int8 weights thro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -138,3 +140,38 @@ def test_linear_serves_int4_and_int8_natively(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SPLITSERVE_CPU_INT4", "fast")
     with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT4"):
         Linear(quantize_int4(w, 32))
+
+
+_SCALAR_BUILD = r"""
+import json, sys
+sys.path.insert(0, ".")
+from splitserve.kernels import native
+from tests.kernels.test_native import _quant_operands
+i4, i8, x = _quant_operands()
+print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
+                  "int4": native.int4_matmul(x, i4, 48).tolist(),
+                  "int8": native.int8_matmul(x, i8, 48).tolist()}))
+"""
+
+
+def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path) -> None:
+    """-march=x86-64 (no AVX2) builds the scalar path: the same integer sums and FMAs, so the
+    same bits as this machine's vector build (the AVX2 build: test_native.py)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.kernels.test_native import ROOT, _quant_operands
+
+    run = subprocess.run(
+        [sys.executable, "-c", _SCALAR_BUILD], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path),
+                          "SPLITSERVE_NATIVE_CFLAGS": "-march=x86-64"},
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["lanes"] == 1 and "-march=x86-64" in out["reason"], out
+    i4, i8, x = _quant_operands()
+    assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))
+    assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))

@@ -260,6 +260,17 @@ print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason
 """
 
 
+def run_other_build(script: str, cflags: str, cache: Path) -> dict:  # type: ignore[type-arg]
+    """``script`` in a fresh process whose native library is built with ``cflags`` into
+    ``cache``: the JSON object its last line prints."""
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SPLITSERVE_CACHE_DIR": str(cache), "SPLITSERVE_NATIVE_CFLAGS": cflags},
+    )
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An int4 and an int8 weight (48 x 96, packed) and 5 rows of activations."""
     g = torch.Generator().manual_seed(7)
@@ -280,13 +291,7 @@ def _zmm(path: str) -> bool:
 def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     """Machines of this kind differ (AVX-512 or only AVX2): the code -march=haswell gives is
     built and checked here as well, whatever this machine has."""
-    run = subprocess.run(
-        [sys.executable, "-c", _OTHER_BUILD], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path),
-                          "SPLITSERVE_NATIVE_CFLAGS": "-march=haswell"},
-    )
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_other_build(_OTHER_BUILD, "-march=haswell", tmp_path)
     assert out["available"] and "-march=haswell" in out["reason"], out
     assert out["calls"] == len(CASES) and out["worst"] < 4e-2, out
     assert out["linear_calls"] == 1 and out["linear_err"] < 1e-4, out

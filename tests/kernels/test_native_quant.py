@@ -157,20 +157,9 @@ print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason
 def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path) -> None:
     """-march=x86-64 (no AVX2) builds the scalar path: the same integer sums and FMAs, so the
     same bits as this machine's vector build (the AVX2 build: test_native.py)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests.kernels.test_native import _quant_operands, run_other_build
 
-    from tests.kernels.test_native import ROOT, _quant_operands
-
-    run = subprocess.run(
-        [sys.executable, "-c", _SCALAR_BUILD], cwd=ROOT, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path),
-                          "SPLITSERVE_NATIVE_CFLAGS": "-march=x86-64"},
-    )
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_other_build(_SCALAR_BUILD, "-march=x86-64", tmp_path)
     assert out["lanes"] == 1 and "-march=x86-64" in out["reason"], out
     i4, i8, x = _quant_operands()
     assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))

@@ -221,7 +221,8 @@ class Matmul(Protocol):
 
 
 def native_int4_enabled() -> bool:
-    """Whether int4 weights on CPU take the native kernel here (``SPLITSERVE_CPU_INT4``)."""
+    """Whether int4 and int8 weights on CPU take the native kernels here
+    (``SPLITSERVE_CPU_INT4``)."""
     choice = env.SPLITSERVE_CPU_INT4.get().lower()
     if choice not in ("", "native", "torch"):
         raise ValueError(f"SPLITSERVE_CPU_INT4 must be 'native' or 'torch', got {choice!r}")
@@ -231,20 +232,14 @@ def native_int4_enabled() -> bool:
 def quantized_matmul(qw: QuantizedWeight) -> Matmul:
     """The CPU matmul serving ``qw``; a shape no kernel can take raises ValueError saying
     why."""
-    if qw.kind == "int4":
-        if native_int4_enabled() and native.int4_unpackable(
-                (int(qw.shape[0]), int(qw.shape[1])), qw.group_size) is None:
-            try:
-                return NativeInt4Matmul(qw)
-            except ValueError as e:  # a scale outside float16: torch's kernel serves it
-                logger.warning("int4 weight %s: %s; torch's packed kernel serves it", qw, e)
-        return Int4Matmul(qw)
     if native_int4_enabled() and native.int4_unpackable(
             (int(qw.shape[0]), int(qw.shape[1])), qw.group_size) is None:
         try:
-            return NativeInt8Matmul(qw)
-        except ValueError as e:  # a code of -128 or a scale outside float16
-            logger.warning("int8 weight %s: %s; torch's kernel serves it", qw, e)
+            return NativeQuantMatmul(qw)
+        except ValueError as e:  # a scale outside float16: torch's kernels serve it
+            logger.warning("%s: %s; torch's packed kernel serves it", qw, e)
+    if qw.kind == "int4":
+        return Int4Matmul(qw)
     if qw.group_size == qw.shape[1]:
         return Int8ChannelMatmul(qw)
     return Int8GroupMatmul(qw)
@@ -254,46 +249,35 @@ def _to_act(x: Tensor) -> Tensor:
     return x.contiguous() if x.dtype == _QUANT_ACT else x.to(_QUANT_ACT).contiguous()
 
 
-class NativeInt4Matmul:
-    """int4 codes through ``native.int4_matmul`` (integer dot products against each row's
-    activations quantized to int8 per group of 32; the codes as stored, scales and zeros in
-    float16). One kernel for every row count, so a row's bits never depend on its batch, and
-    no expansion: at 64-1,024 rows it ran 3-3.5x torch's packed kernel here (~590 GOP/s,
-    above oneDNN's bf16 GEMM on the expanded weight)."""
+class NativeQuantMatmul:
+    """int4 or int8 codes through ``native.int4_matmul`` / ``int8_matmul``: integer dot
+    products against each row's activations quantized to 16 bits per group of 32, the codes
+    as stored, scales (and int4's zeros) in float16. One kernel for every row count, so a
+    row's bits never depend on its batch, and no expansion: from 64 rows on it ran ~2x torch's
+    packed int4 kernel here (~350 GOP/s, about oneDNN's bf16 GEMM on an expanded weight)."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
-        assert qw.zeros is not None
         self.rows = int(qw.shape[0])
-        self.packed = native.pack_int4_weight(qw.codes(), qw.scales, qw.zeros - 8 * qw.scales,
-                                              qw.group_size)
+        if qw.kind == "int4":
+            assert qw.zeros is not None
+            self.packed = native.pack_int4_weight(
+                qw.codes(), qw.scales, qw.zeros - 8 * qw.scales, qw.group_size)
+            self._matmul = native.int4_matmul
+        else:
+            self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size)
+            self._matmul = native.int8_matmul
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
-            return native.int4_matmul(x.float(), self.packed, self.rows).to(x.dtype)
-        return native.int4_matmul(x, self.packed, self.rows)
+            return self._matmul(x.float(), self.packed, self.rows).to(x.dtype)
+        return self._matmul(x, self.packed, self.rows)
 
     expandable = False
     expand_cost = 1
     expand_block = 1
 
     def dense_t(self, start: int, stop: int) -> Tensor:
-        raise RuntimeError("native int4 weights serve every row count, never an expansion")
-
-
-class NativeInt8Matmul(NativeInt4Matmul):
-    """int8 codes (GGUF Q8_0 in groups of 32, or per channel) through ``native.int8_matmul``:
-    the same integer dot products, one kernel for every row count. At one row the tied
-    Q8_0 head of SmolLM2 read its 30 MB at memory speed; torch's path ran it as two int4
-    matmuls over twice the rows."""
-
-    def __init__(self, qw: QuantizedWeight) -> None:  # noqa: D107 (no super: other packing)
-        self.rows = int(qw.shape[0])
-        self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            return native.int8_matmul(x.float(), self.packed, self.rows).to(x.dtype)
-        return native.int8_matmul(x, self.packed, self.rows)
+        raise RuntimeError("native quantized weights serve every row count, never an expansion")
 
 
 class Int4Matmul:

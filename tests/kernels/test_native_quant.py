@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from splitserve.kernels import native
-from splitserve.kernels.linear import Int4Matmul, Linear, NativeInt4Matmul, NativeInt8Matmul
+from splitserve.kernels.linear import Int4Matmul, Linear, NativeQuantMatmul
 from splitserve.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
 SHAPES = [(1, 64, 16), (3, 576, 48), (5, 96, 80), (7, 1536, 576), (33, 576, 960), (70, 128, 272)]
@@ -30,7 +30,7 @@ def _quantized_x(x: torch.Tensor) -> torch.Tensor:
     return (q.clamp(-32767, 32767) * (amax / 32767)).view(x.shape).double()
 
 
-def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor]:
+def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     qw = quantize_int4(torch.randn(n, k, generator=g) * 0.05, 32)
     offsets = (qw.zeros - 8 * qw.scales).half().float()  # float16 as packed: exact reference
@@ -38,7 +38,7 @@ def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor]:
     qw.zeros = offsets + 8 * qw.scales
     packed = native.pack_int4_weight(qw.codes(), qw.scales, offsets, 32)
     w = qw.codes().double().view(n, k // 32, 32) * qw.scales.double()[..., None] + offsets.double()[..., None]
-    return qw, packed, w.view(n, k)  # type: ignore[return-value]
+    return qw, packed, w.view(n, k)
 
 
 def _int8(n: int, k: int, seed: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +124,9 @@ def test_linear_serves_int4_and_int8_natively(monkeypatch: pytest.MonkeyPatch) -
     g = torch.Generator().manual_seed(5)
     w = torch.randn(96, 256, generator=g) * 0.05
     x = torch.randn(300, 256, generator=g)
-    for qw, kind in ((quantize_int4(w, 128), NativeInt4Matmul), (quantize_int8(w), NativeInt8Matmul)):
+    for qw in (quantize_int4(w, 128), quantize_int8(w)):
         proj = Linear(qw)
-        assert type(proj._quantized) is kind and proj._expand_from == 0
+        assert type(proj._quantized) is NativeQuantMatmul and proj._expand_from == 0
         before = sum(native.calls[f"int{b}_matmul"] for b in (4, 8))
         many = proj(x)
         assert sum(native.calls[f"int{b}_matmul"] for b in (4, 8)) == before + 1

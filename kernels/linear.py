@@ -54,7 +54,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,18 @@ _PACK_BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; fastest a
 _PACK_ROWS = 4096  # int4 packing runs over this many rows at a time (bounds the int32 copy)
 _QUANT_ACT = torch.bfloat16  # activation dtype of the packed quantized kernels
 _EXPAND_ELEMS = 4 << 20  # weights expanded at a time (16 MB of float32 scratch, 8 MB of bf16)
+_NATIVE_ACT = (torch.float32, torch.bfloat16)  # activation dtypes quant_matmul.c takes
+
+
+class NormLike(Protocol):
+    """What ``Linear.normed`` needs of a norm (``roles/models/blocks.RMSNorm``)."""
+
+    weight: Tensor
+    eps: float
+    ops: Any
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor | None]: ...
 
 
 def _expand_min_rows() -> int:
@@ -117,6 +130,7 @@ class Linear:
         self.weight: Tensor | None = None
         self._quantized: Matmul
         self._expand_from = 0  # rows from which a quantized call expands its weight (0: never)
+        self._native: NativeQuantMatmul | None = None  # int4 / int8 through quant_matmul.c
         if isinstance(weight, QuantizedWeight) and weight.device.type != "cpu":
             if weight.kind == "int4" and weight.device.type == "cuda":
                 self.format = f"int4:{weight.source}:triton"
@@ -127,6 +141,8 @@ class Linear:
         if isinstance(weight, QuantizedWeight):
             self.format = weight.kind if weight.source == "rtn" else f"{weight.kind}:{weight.source}"
             self._quantized = quantized_matmul(weight)
+            if isinstance(self._quantized, NativeQuantMatmul):
+                self._native = self._quantized
             self._expand_from = (
                 _expand_min_rows() * self._quantized.expand_cost
                 if quant_expansion_enabled() and self._quantized.expandable else 0
@@ -153,6 +169,10 @@ class Linear:
         return self.weight is None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if (q := self._native) is not None and x.dim() == 2 and x.shape[1] == self.in_features \
+                and x.dtype in _NATIVE_ACT:  # the decode path: one frame to the kernel
+            y = native.quant_matmul(q.bits, x, q.packed, q.rows)[0]
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects {self.in_features} input features, got {x.shape[-1]}")
         if not self.packed and not self.small and self.weight is not None:
@@ -171,6 +191,36 @@ class Linear:
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.weight, self.bias, "none", [], ""
         )
+
+    def normed(self, x: Tensor, residual: Tensor | None, norm: NormLike
+               ) -> tuple[Tensor, Tensor | None]:
+        """``self(h)`` with ``h, new_residual = norm(x, residual)``: the same values, in one
+        native call where the weight takes quant_matmul.c and the norm is the native
+        ``rms_norm`` (the projection's input computed in the call, never written out)."""
+        q = self._native
+        if (q is None or norm.ops.rms_norm is not native.rms_norm or x.dim() != 2
+                or x.dtype not in _NATIVE_ACT or x.shape[1] != self.in_features
+                or x.stride(1) != 1 or norm.weight.dtype != x.dtype
+                or not norm.weight.is_contiguous() or norm.weight.shape != (self.in_features,)
+                or (residual is not None and (residual.shape != x.shape
+                                              or residual.dtype != x.dtype
+                                              or residual.stride(1) != 1))):
+            h, new_residual = norm(x, residual)
+            return self(h), new_residual
+        y, new_residual = native.quant_matmul(q.bits, x, q.packed, q.rows, "rms_norm",
+                                              norm.weight, norm.eps, residual)
+        return (y if self.bias is None else y + self.bias.to(y.dtype)), new_residual
+
+    def gated(self, x: Tensor, act: str, fallback: Callable[[Tensor], Tensor]) -> Tensor:
+        """``self(fallback(x))`` for x = [gate | up] and ``act`` its activation (``silu`` /
+        ``gelu_tanh``): in one native call where the weight takes quant_matmul.c (the
+        activation's values rounded as torch's two ops round them)."""
+        q = self._native
+        if (q is None or act not in native.PROLOGUES or x.dim() != 2
+                or x.dtype not in _NATIVE_ACT or x.shape[1] != 2 * self.in_features):
+            return self(fallback(x))
+        y = native.quant_matmul(q.bits, x, q.packed, q.rows, act)[0]
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _quantized_rows(self, x: Tensor) -> Tensor:
         """Few rows through the packed kernel; many through the weight dequantized for
@@ -258,6 +308,7 @@ class NativeQuantMatmul:
 
     def __init__(self, qw: QuantizedWeight) -> None:
         self.rows = int(qw.shape[0])
+        self.bits = 4 if qw.kind == "int4" else 8
         if qw.kind == "int4":
             assert qw.zeros is not None
             self.packed = native.pack_int4_weight(

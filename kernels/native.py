@@ -193,9 +193,12 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
         "linear_f32": [ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, i32],  # x, M, K, its
         # row stride, packed weight, N, bias, y, its row stride, threads
         "linear_lanes": [],
-        "int4_matmul": [ptr, i32, i64, i64, i64, ptr, i64, ptr, i32, i64, i32],  # x, dtype,
-        # M, K, its row stride, packed weight, N, y, its dtype, its row stride, threads
-        "int8_matmul": [ptr, i32, i64, i64, i64, ptr, i64, ptr, i32, i64, i32],  # the same
+        "quant_matmul_fused": [
+            i32, ptr, i32, i64, i64, i64,  # bits, x, dtype, M, K, its row stride
+            i32, ptr, i64, ptr, f32, ptr,  # prologue, residual, its row stride, norm weight,
+            # eps, residual out
+            ptr, i64, ptr, i32, i64, i32,  # packed weight, N, y, its dtype, row stride, threads
+        ],
         "int4_lanes": [],
         "moe_silu_f32": [
             ptr, i64, i64, i64,  # x, T, H, its row stride
@@ -784,29 +787,53 @@ def int4_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     """``x @ W^T`` through a ``pack_int4_weight`` weight: x [M, K] float32 or bfloat16 (rows
     may be strided), the result in x's dtype (each row's activations quantized to 16 bits per
     group of 32, as ``native/quant_matmul.c`` says)."""
-    return _quant_matmul(4, x, packed, out_features)
+    return quant_matmul(4, x, packed, out_features)[0]
 
 
 def int8_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     """``int4_matmul`` for a ``pack_int8_weight`` weight."""
-    return _quant_matmul(8, x, packed, out_features)
+    return quant_matmul(8, x, packed, out_features)[0]
 
 
-def _quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int) -> Tensor:
+PROLOGUES = {"rms_norm": 1, "silu": 2, "gelu_tanh": 3}
+"""What ``quant_matmul`` can compute from x before the projection, in the same call."""
+
+
+def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | None = None,
+                 norm_weight: Tensor | None = None, eps: float = 0.0,
+                 residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``f(x) @ W^T`` for a packed int4 (``bits`` 4) or int8 weight, and the new residual:
+    f is the identity, ``rms_norm`` (``reference.rms_norm(x, norm_weight, eps, residual)``'s
+    output, bit for bit; the residual sum is returned as ``rms_norm`` returns it), or ``silu``
+    / ``gelu_tanh`` (``silu_and_mul`` / ``gelu_tanh_and_mul`` of x = [gate | up], each value
+    rounded to x's dtype as the two torch ops would). Operands: CPU, x float32 or bfloat16
+    with unit column stride (and residual likewise, norm_weight contiguous in x's dtype)."""
     lib = _loaded()
-    m, k = x.shape
+    m = x.shape[0]
+    k = x.shape[1] // 2 if prologue in ("silu", "gelu_tanh") else x.shape[1]
     per_group = _INT4_GROUP_BYTES if bits == 4 else _INT8_GROUP_BYTES
     if packed.numel() * INT4_BLOCK * INT4_GROUP != n * k * per_group:
         raise KernelInputError(f"packed int{bits} weight of {n} x {k} values expected, got "
                                f"{packed.numel()} bytes")
-    assert lib is not None and x.is_cpu and x.dtype in _DTYPES, "quantized matmul operands"
+    assert lib is not None and x.dtype in _DTYPES, "quantized matmul operands"
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype)
     dt = _DTYPES[x.dtype]
-    fn = lib.int4_matmul if bits == 4 else lib.int8_matmul
-    if fn(x.data_ptr(), dt, m, k, x.stride(0), packed.data_ptr(), n, y.data_ptr(), dt, n,
-          torch.get_num_threads()):
+    res_out = None
+    if prologue == "rms_norm":
+        assert norm_weight is not None and norm_weight.dtype == x.dtype
+        if residual is not None:
+            assert residual.dtype == x.dtype and residual.stride(1) == 1
+            res_out = torch.empty((m, k), dtype=x.dtype)
+    rc = lib.quant_matmul_fused(
+        bits, x.data_ptr(), dt, m, k, x.stride(0), PROLOGUES[prologue] if prologue else 0,
+        residual.data_ptr() if residual is not None else None,
+        residual.stride(0) if residual is not None else 0,
+        norm_weight.data_ptr() if norm_weight is not None else None, float(eps),
+        res_out.data_ptr() if res_out is not None else None,
+        packed.data_ptr(), n, y.data_ptr(), dt, n, torch.get_num_threads())
+    if rc:
         raise MemoryError(f"int{bits}_matmul: could not allocate the quantized activations")
     calls[f"int{bits}_matmul"] += 1
-    return y
+    return y, res_out

@@ -34,6 +34,11 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* v rounded to `dtype` and back (the value a tensor of that dtype holds). */
+static inline float round_to(float v, int dtype) {
+    return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
 /* 16 floats: GCC's vector extension, one AVX-512 register or two AVX2 ones, whichever
  * -march=native gives. */
 typedef float v16f __attribute__((vector_size(64)));

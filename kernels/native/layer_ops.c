@@ -18,11 +18,6 @@
 
 #define PARALLEL_ELEMS (1 << 16)
 
-/* v rounded to `dtype` and back (the value a tensor of that dtype holds). */
-static inline float round_to(float v, int dtype) {
-    return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
-}
-
 /* 1 / sqrt(mean(v^2) + eps) of n floats: 16 lanes, summed pairwise. */
 static inline float inv_rms(const float *restrict v, int64_t n, float eps) {
     v16f acc = {0};
@@ -49,6 +44,25 @@ static inline void normed(const float *v, int64_t n, float r, const void *w, int
  * the same dtype. With a residual (row stride r_stride), x + residual, rounded to the dtype,
  * is written to res_out and normalized. out and res_out are packed [rows, H].
  * Returns 0, or -1 when scratch memory could not be had. */
+/* One row of rms_norm: v (H floats of scratch) gets x (+ residual, rounded to the dtype, also
+ * written to res_out), out gets the normed row. quant_matmul.c's fused norm + projection calls
+ * it, so the projection's input is the same as after rms_norm. */
+void rms_norm_row(const void *xr, const void *rr, int dtype, int64_t H, const void *weight,
+                  float eps, float *v, void *o, void *ro)
+{
+    if (rr != NULL) {
+        for (int64_t i = 0; i < H; i++) {
+            v[i] = round_to(load_elem(xr, dtype, i) + load_elem(rr, dtype, i), dtype);
+            store_elem(ro, dtype, i, v[i]);
+        }
+    } else {
+        for (int64_t i = 0; i < H; i++) v[i] = load_elem(xr, dtype, i);
+    }
+    const float inv = inv_rms(v, H, eps);
+    for (int64_t i = 0; i < H; i++)
+        store_elem(o, dtype, i, round_to(v[i] * inv, dtype) * load_elem(weight, dtype, i));
+}
+
 int64_t rms_norm(const void *x, int dtype, int64_t rows, int64_t H, int64_t x_stride,
                  const void *residual, int64_t r_stride, const void *weight, float eps,
                  void *out, void *res_out, int num_threads)
@@ -60,21 +74,10 @@ int64_t rms_norm(const void *x, int dtype, int64_t rows, int64_t H, int64_t x_st
     for (int64_t r = 0; r < rows; r++) {
         float *v = scratch((size_t)H);
         if (v == NULL) { failed = 1; continue; }
-        const char *xr = (const char *)x + (size_t)(r * x_stride) * esize;
-        if (residual != NULL) {
-            const char *rr = (const char *)residual + (size_t)(r * r_stride) * esize;
-            char *ro = (char *)res_out + (size_t)(r * H) * esize;
-            for (int64_t i = 0; i < H; i++) {
-                v[i] = round_to(load_elem(xr, dtype, i) + load_elem(rr, dtype, i), dtype);
-                store_elem(ro, dtype, i, v[i]);
-            }
-        } else {
-            for (int64_t i = 0; i < H; i++) v[i] = load_elem(xr, dtype, i);
-        }
-        const float inv = inv_rms(v, H, eps);
-        char *o = (char *)out + (size_t)(r * H) * esize;
-        for (int64_t i = 0; i < H; i++)
-            store_elem(o, dtype, i, round_to(v[i] * inv, dtype) * load_elem(weight, dtype, i));
+        rms_norm_row((const char *)x + (size_t)(r * x_stride) * esize,
+                     residual != NULL ? (const char *)residual + (size_t)(r * r_stride) * esize : NULL,
+                     dtype, H, weight, eps, v, (char *)out + (size_t)(r * H) * esize,
+                     residual != NULL ? (char *)res_out + (size_t)(r * H) * esize : NULL);
     }
     return failed ? -1 : 0;
 }

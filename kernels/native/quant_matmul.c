@@ -50,6 +50,7 @@
 #define G8_BYTES (QB * QG + QB * 2)         /* 544 */
 #define QMAX 32767
 #define MT 4 /* rows of x per tile */
+#define NBMAX 4 /* blocks per tile: 4 for one row (8 independent chains), 2 for MT rows */
 #define PARALLEL_MACS (1 << 18)
 
 /* Vector width of this build's quantized path (16, 8, or 1: scalar); | 256 with vpdpwssd. */
@@ -149,46 +150,46 @@ static inline __attribute__((always_inline)) void tile(
 {
     const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
     const __m512i low = _mm512_set1_epi8(0x0f);
-    __m512 acc[MT][2];
+    __m512 acc[MT][NBMAX];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m512i is[MT][2];
+        __m512i is[MT][NBMAX];
         for (int r = 0; r < R; r++)
             for (int b = 0; b < NB; b++) is[r][b] = _mm512_setzero_si512();
         const int16_t *xg = qx + m0 * K + g * QG;
-        if (BITS == 4) { /* qx = 256 xh + xl: xh against the codes, shifted, then xl */
+        if (BITS == 4) { /* qx = 256 xh + xl: two byte dot products per code, two chains */
             const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
-            for (int pass = 0; pass < 2; pass++) {
-                for (int t = 0; t < 4; t++) {
-                    __m512i lo[2], hi[2];
+            __m512i il[MT][NBMAX];
+            for (int r = 0; r < R; r++)
+                for (int b = 0; b < NB; b++) il[r][b] = _mm512_setzero_si512();
+            for (int t = 0; t < 4; t++) {
+                __m512i lo[NBMAX], hi[NBMAX];
+                for (int b = 0; b < NB; b++) {
+                    const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
+                    lo[b] = _mm512_and_si512(v, low);
+                    hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                }
+                for (int r = 0; r < R; r++) {
+                    const uint8_t *xr = hl + 2 * r * K + 8 * t;
+                    const __m512i ha = _mm512_set1_epi32(quad_at(xr));
+                    const __m512i hc = _mm512_set1_epi32(quad_at(xr + 4));
+                    const __m512i la = _mm512_set1_epi32(quad_at(xr + QG));
+                    const __m512i lc = _mm512_set1_epi32(quad_at(xr + QG + 4));
                     for (int b = 0; b < NB; b++) {
-                        const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
-                        lo[b] = _mm512_and_si512(v, low);
-                        hi[b] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                    }
-                    for (int r = 0; r < R; r++) {
-                        const uint8_t *xr = hl + 2 * r * K + pass * QG + 8 * t;
-                        const __m512i xa = _mm512_set1_epi32(quad_at(xr));
-                        const __m512i xc = _mm512_set1_epi32(quad_at(xr + 4));
-                        for (int b = 0; b < NB; b++) {
-                            if (pass == 0) { /* codes unsigned, xh signed */
-                                is[r][b] = dot4(is[r][b], lo[b], xa);
-                                is[r][b] = dot4(is[r][b], hi[b], xc);
-                            } else { /* xl unsigned, codes (<= 15) signed */
-                                is[r][b] = dot4(is[r][b], xa, lo[b]);
-                                is[r][b] = dot4(is[r][b], xc, hi[b]);
-                            }
-                        }
+                        is[r][b] = dot4(is[r][b], lo[b], ha); /* codes unsigned, xh signed */
+                        is[r][b] = dot4(is[r][b], hi[b], hc);
+                        il[r][b] = dot4(il[r][b], la, lo[b]); /* xl unsigned, codes signed */
+                        il[r][b] = dot4(il[r][b], lc, hi[b]);
                     }
                 }
-                if (pass == 0)
-                    for (int r = 0; r < R; r++)
-                        for (int b = 0; b < NB; b++) is[r][b] = _mm512_slli_epi32(is[r][b], 8);
             }
+            for (int r = 0; r < R; r++)
+                for (int b = 0; b < NB; b++)
+                    is[r][b] = _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
         } else {
             for (int t = 0; t < 8; t++) {
-                __m512i wv[2][2];
+                __m512i wv[NBMAX][2];
                 for (int b = 0; b < NB; b++) {
                     const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
                     wv[b][0] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(v));
@@ -346,14 +347,19 @@ static inline __attribute__((always_inline)) void rows_blocks(
     const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo, int64_t m_hi,
     int64_t b_lo, int64_t b_hi)
 {
-    for (int64_t b = b_lo; b < b_hi; b += 2) {
+    for (int64_t b = b_lo; b < b_hi; b += NBMAX) {
+        const int64_t nb = b + NBMAX <= b_hi ? NBMAX : b_hi - b;
         int64_t m = m_lo;
-        if (b + 2 <= b_hi) {
-            for (; m + MT <= m_hi; m += MT) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, MT, 2);
-            for (; m < m_hi; m++) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
-        } else {
-            for (; m + MT <= m_hi; m += MT) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, MT, 1);
-            for (; m < m_hi; m++) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
+        for (; m + MT <= m_hi; m += MT)
+            for (int64_t c = b; c < b + nb; c += 2) {
+                if (c + 2 <= b + nb) tile(BITS, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 2);
+                else tile(BITS, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 1);
+            }
+        for (; m < m_hi; m++) {
+            if (nb == 4) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 4);
+            else if (nb == 3) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 3);
+            else if (nb == 2) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
+            else tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
         }
     }
 }
@@ -374,12 +380,49 @@ static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx,
 
 #define ROW_CHUNK 32 /* rows of x per work item */
 
+enum { PRO_NONE = 0, PRO_RMS_NORM = 1, PRO_SILU_MUL = 2, PRO_GELU_TANH_MUL = 3 };
+
+/* layer_ops.c: one row of rms_norm (v: H floats of scratch). */
+void rms_norm_row(const void *xr, const void *rr, int dtype, int64_t H, const void *weight,
+                  float eps, float *v, void *o, void *ro);
+
+struct prologue {
+    int kind;
+    const void *residual; int64_t r_stride; /* PRO_RMS_NORM: rms_norm's operands */
+    const void *norm_w; float eps; void *res_out;
+};
+
+/* Row m of the projection's input, computed by the prologue into `buf` (2K floats): the
+ * values rms_norm or silu/gelu_tanh_and_mul would have written, in the same dtype. */
+static const void *prologue_row(const struct prologue *p, const void *x, int xdt, int64_t m,
+                                int64_t K, int64_t x_stride, float *buf, int *dt)
+{
+    const size_t esz = xdt == BF16 ? 2 : 4;
+    const char *xr = (const char *)x + (size_t)(m * x_stride) * esz;
+    *dt = xdt;
+    if (p->kind == PRO_NONE) return xr;
+    if (p->kind == PRO_RMS_NORM) {
+        void *o = buf + K;
+        rms_norm_row(xr, p->residual != NULL ? (const char *)p->residual + (size_t)(m * p->r_stride) * esz : NULL,
+                     xdt, K, p->norm_w, p->eps, buf, o,
+                     p->residual != NULL ? (char *)p->res_out + (size_t)(m * K) * esz : NULL);
+        return o;
+    }
+    *dt = F32; /* [gate | up] -> act(gate) * up, each product rounded as the tensors would be */
+    for (int64_t i = 0; i < K; i++) {
+        const float g = load_elem(xr, xdt, i), u = load_elem(xr, xdt, K + i);
+        const float a = round_to(p->kind == PRO_SILU_MUL ? silu_fast(g) : gelu_tanh_fast(g), xdt);
+        buf[i] = round_to(a * u, xdt);
+    }
+    return buf;
+}
+
 static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t K,
-                            int64_t x_stride, const uint8_t *w, int64_t N, void *y, int ydt,
-                            int64_t y_stride, int num_threads)
+                            int64_t x_stride, const struct prologue *pro, const uint8_t *w,
+                            int64_t N, void *y, int ydt, int64_t y_stride, int num_threads)
 {
     const int64_t G = K / QG, NBLK = N / QB;
-    const size_t esz = xdt == BF16 ? 2 : 4;
+    if (M == 0) return 0;
     void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
     if (buf == NULL) return -1;
     float *dx = (float *)buf, *sx = dx + M * G;
@@ -390,39 +433,43 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
     int64_t chunk = (NBLK + 4 * threads - 1) / (4 * threads);
     chunk = chunk < 2 ? 2 : (chunk + 1) / 2 * 2;
     const int64_t bchunks = (NBLK + chunk - 1) / chunk, mchunks = (M + ROW_CHUNK - 1) / ROW_CHUNK;
+    int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+        float *row = pro->kind == PRO_NONE ? NULL : scratch((size_t)(2 * K));
+#pragma omp for schedule(static) reduction(| : failed)
+        for (int64_t m = 0; m < M; m++) {
+            if (pro->kind != PRO_NONE && row == NULL) { failed = 1; continue; }
+            int dt;
+            const void *in = prologue_row(pro, x, xdt, m, K, x_stride, row, &dt);
+            quantize_row(in, dt, K, qx + m * K, xhl + 2 * m * K, dx + m * G, sx + m * G);
+        }
+        if (!failed) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            quantize_row((const char *)x + (size_t)(m * x_stride) * esz, xdt, K, qx + m * K,
-                         xhl + 2 * m * K, dx + m * G, sx + m * G);
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < bchunks * mchunks; item++) {
-            const int64_t bc = item % bchunks, mc = item / bchunks;
-            const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
-            const int64_t m_lo = mc * ROW_CHUNK;
-            const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-            if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
-            else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+            for (int64_t item = 0; item < bchunks * mchunks; item++) {
+                const int64_t bc = item % bchunks, mc = item / bchunks;
+                const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
+                const int64_t m_lo = mc * ROW_CHUNK;
+                const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
+                if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+            }
         }
     }
     free(buf);
-    return 0;
+    return failed ? -1 : 0;
 }
 
-/* y [M, N] (float32 or bf16, rows y_stride apart) = x [M, K] (rows x_stride apart) @ W^T,
- * W int4 packed as above; K a multiple of 32, N of 16. 0, or -1 when scratch could not be had. */
-int64_t int4_matmul(const void *x, int xdt, int64_t M, int64_t K, int64_t x_stride,
-                    const uint8_t *w, int64_t N, void *y, int ydt, int64_t y_stride,
-                    int num_threads)
+/* y [M, N] (float32 or bf16, rows y_stride apart) = f(x) @ W^T, W packed as above (bits 4 or
+ * 8); K a multiple of 32, N of 16. f: the identity (x [M, K], rows x_stride apart); rms_norm
+ * with its residual add (residual rows r_stride apart, x + residual written to res_out
+ * [M, K]; no residual: x alone is normed); or silu / gelu_tanh(gate) * up of x = [gate | up]
+ * [M, 2K]. 0, or -1 when scratch could not be had. */
+int64_t quant_matmul_fused(int bits, const void *x, int xdt, int64_t M, int64_t K,
+                           int64_t x_stride, int kind, const void *residual, int64_t r_stride,
+                           const void *norm_w, float eps, void *res_out, const uint8_t *w,
+                           int64_t N, void *y, int ydt, int64_t y_stride, int num_threads)
 {
-    return quant_matmul(4, x, xdt, M, K, x_stride, w, N, y, ydt, y_stride, num_threads);
-}
-
-/* The same for int8 codes (layout above). */
-int64_t int8_matmul(const void *x, int xdt, int64_t M, int64_t K, int64_t x_stride,
-                    const uint8_t *w, int64_t N, void *y, int ydt, int64_t y_stride,
-                    int num_threads)
-{
-    return quant_matmul(8, x, xdt, M, K, x_stride, w, N, y, ydt, y_stride, num_threads);
+    const struct prologue pro = {kind, residual, r_stride, norm_w, eps, res_out};
+    return quant_matmul(bits, x, xdt, M, K, x_stride, &pro, w, N, y, ydt, y_stride, num_threads);
 }

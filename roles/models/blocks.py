@@ -115,9 +115,18 @@ class GatedMLP:
         self.gate_up = Linear(gate_up)  # [2 I, H]
         self.down = Linear(down)  # [H, I]
         self.act = gated_activation(ops, act)
+        self.act_name = "silu" if act == "silu" else "gelu_tanh"
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.down(self.act(self.gate_up(x)))  # type: ignore[no-any-return]
+        return self.down_gated(self.gate_up(x))
+
+    def forward_normed(self, x: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """``self(h)`` with ``h, residual = norm(x, residual)`` (fused where the kernels can)."""
+        gate_up, residual = self.gate_up.normed(x, residual, norm)  # type: ignore[assignment]
+        return self.down_gated(gate_up), residual
+
+    def down_gated(self, gate_up: Tensor) -> Tensor:
+        return self.down.gated(gate_up, self.act_name, self.act)
 
 
 def dense_mlp(cfg: ModelConfig, w: Weights, ops: ModuleType, size: int | None = None) -> GatedMLP:
@@ -161,6 +170,10 @@ class MoE:
             self.experts = [
                 GatedMLP(torch.cat([g, u]), d, cfg.hidden_act, ops) for g, u, d in experts
             ]
+
+    def forward_normed(self, x: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        h, residual = norm(x, residual)  # type: ignore[assignment]
+        return self(h), residual
 
     def __call__(self, x: Tensor) -> Tensor:
         """[T, H] -> [T, H]."""
@@ -242,7 +255,24 @@ class Attention:
     ) -> Tensor:
         """hidden [T, H] -> [T, H] ([K, H]: the kept rows, when ``pruned``); stores this
         step's K/V into kv_cache [2, num_blocks, block_size, nkv, hd] first."""
-        q, k, v = self._project(hidden)
+        return self._attend(positions, *self._project(hidden), kv_cache, meta, pruned)
+
+    def forward_normed(
+        self, positions: Tensor, hidden: Tensor, residual: Tensor | None, norm: RMSNorm,
+        kv_cache: Tensor, meta: AttentionMetadata, pruned: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """``self(h)`` with ``h, residual = norm(hidden, residual)`` (the first layer: no
+        residual yet, hidden becomes it); the norm fused into the QKV projection where the
+        kernels can. Returns (attention output, residual)."""
+        qkv, new_residual = self.qkv.normed(hidden, residual, norm)
+        residual = hidden if residual is None else new_residual
+        assert residual is not None
+        return self._attend(positions, *self._split(qkv), kv_cache, meta, pruned), residual
+
+    def _attend(
+        self, positions: Tensor, q: Tensor, k: Tensor, v: Tensor, kv_cache: Tensor,
+        meta: AttentionMetadata, pruned: bool,
+    ) -> Tensor:
         q = self.ops.rotary_store_kv(  # (q/k norms,) rotary, then K/V into the cache
             positions, q, k, v, self.cos_sin, kv_cache, meta.slot_mapping, self.qk_norm
         )
@@ -250,11 +280,11 @@ class Attention:
             assert meta.keep is not None and meta.keep_block_tables is not None
             kept = meta.keep.numel()
             if not kept:
-                return hidden[:0]
+                return q.new_empty((0, self.o_proj.out_features))
             out = self._decode(q.index_select(0, meta.keep), kv_cache, meta.keep_block_tables,
                                meta.keep_context_lens)
             return self.o_proj(out.reshape(kept, self.q_size))
-        num_tokens, d = hidden.shape[0], meta.num_decode
+        num_tokens, d = q.shape[0], meta.num_decode
         if d == num_tokens:  # decodes only (the common step): no staging copy
             out = self._decode(q, kv_cache, meta.decode_block_tables, meta.decode_context_lens)
             return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -270,8 +300,10 @@ class Attention:
 
     def _project(self, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [T, nh, hd], k and v [T, nkv, hd]: strided views of one projection's output."""
-        num_tokens, hd = hidden.shape[0], self.head_dim
-        qkv = self.qkv(hidden)
+        return self._split(self.qkv(hidden))
+
+    def _split(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        num_tokens, hd = qkv.shape[0], self.head_dim
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, hd)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_kv_heads, hd)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, hd)
@@ -337,16 +369,12 @@ class PreNormLayer:
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
         meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_norm(hidden)[0]
-        else:
-            hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
-        hidden = self.attn(positions, hidden, kv_cache, meta, pruned)
-        residual = _kept(residual, meta, pruned)  # type: ignore[arg-type]
+        hidden, residual = self.attn.forward_normed(
+            positions, hidden, residual, self.input_norm, kv_cache, meta, pruned)
+        residual = _kept(residual, meta, pruned)
         if not hidden.shape[0]:
             return hidden, residual
-        hidden, residual = self.post_norm(hidden, residual)  # type: ignore[assignment]
-        return self.mlp(hidden), residual  # type: ignore[return-value]
+        return self.mlp.forward_normed(hidden, residual, self.post_norm)
 
 
 class SandwichLayer:
@@ -363,17 +391,14 @@ class SandwichLayer:
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
         meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_norm(hidden)[0]
-        else:
-            hidden, residual = self.input_norm(hidden, residual)  # type: ignore[assignment]
-        hidden = self.attn(positions, hidden, kv_cache, meta, pruned)
-        residual = _kept(residual, meta, pruned)  # type: ignore[arg-type]
+        hidden, residual = self.attn.forward_normed(
+            positions, hidden, residual, self.input_norm, kv_cache, meta, pruned)
+        residual = _kept(residual, meta, pruned)
         if not hidden.shape[0]:
             return hidden, residual
         hidden = self.post_attn_norm(hidden)[0]
-        hidden, residual = self.pre_ff_norm(hidden, residual)  # type: ignore[assignment]
-        return self.post_ff_norm(self.mlp(hidden))[0], residual  # type: ignore[return-value]
+        hidden, residual = self.mlp.forward_normed(hidden, residual, self.pre_ff_norm)
+        return self.post_ff_norm(hidden)[0], residual
 
 
 # --------------------------------------------------------------------------- the model

@@ -164,3 +164,71 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path) -> None:
     i4, i8, x = _quant_operands()
     assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))
     assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_a_fused_norm_gives_the_bits_of_rms_norm_then_the_matmul(
+    dtype: torch.dtype, with_residual: bool
+) -> None:
+    """quant_matmul's rms_norm prologue runs rms_norm's own row code: the projection gets the
+    same input, and the residual sum comes back as rms_norm returns it."""
+    _, packed, _ = _int4(80, 96, 4)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 96, generator=g).to(dtype)
+    residual = torch.randn(6, 96, generator=g).to(dtype) if with_residual else None
+    weight = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    normed, want_res = native.rms_norm(x, weight, 1e-5, residual)
+    want = native.int4_matmul(normed, packed, 80)
+    got, got_res = native.quant_matmul(4, x, packed, 80, "rms_norm", weight, 1e-5, residual)
+    assert torch.equal(got, want)
+    assert (got_res is None) == (want_res is None)
+    if want_res is not None:
+        assert got_res is not None and torch.equal(got_res, want_res)
+
+
+def test_a_fused_activation_gives_the_values_of_the_two_ops() -> None:
+    """float32: native.silu_and_mul's bits; bf16: torch's two rounded ops to their rounding."""
+    packed, _ = _int8(48, 64, 5)
+    gate_up = torch.randn(5, 128, generator=torch.Generator().manual_seed(3)) * 3
+    assert torch.equal(native.quant_matmul(8, gate_up, packed, 48, "silu")[0],
+                       native.int8_matmul(native.silu_and_mul(gate_up), packed, 48))
+    assert torch.equal(native.quant_matmul(8, gate_up, packed, 48, "gelu_tanh")[0],
+                       native.int8_matmul(native.gelu_tanh_and_mul(gate_up), packed, 48))
+    gb = gate_up.bfloat16()
+    fused = native.quant_matmul(8, gb, packed, 48, "silu")[0].float()
+    two_ops = native.int8_matmul(torch.nn.functional.silu(gb[:, :64]) * gb[:, 64:], packed, 48)
+    torch.testing.assert_close(fused, two_ops.float(), rtol=2e-2, atol=2e-2 * float(fused.abs().max()))
+
+
+def test_linear_fuses_the_norm_and_the_activation_where_it_can() -> None:
+    from splitserve.kernels import cpu_ops
+
+    class Norm:  # what blocks.RMSNorm offers
+        def __init__(self, weight: torch.Tensor, ops: object) -> None:
+            self.weight, self.eps, self.ops = weight, 1e-6, ops
+
+        def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+            return self.ops.rms_norm(x, self.weight, self.eps, residual)  # type: ignore[attr-defined]
+
+    g = torch.Generator().manual_seed(11)
+    proj = Linear(quantize_int4(torch.randn(64, 96, generator=g) * 0.05, 32))
+    x, residual = torch.randn(3, 96, generator=g), torch.randn(3, 96, generator=g)
+    norm = Norm(torch.rand(96, generator=g) + 0.5, cpu_ops)
+    before = native.calls["rms_norm"]
+    y, new_residual = proj.normed(x, residual, norm)
+    assert native.calls["rms_norm"] == before  # no separate norm call
+    h, want_residual = cpu_ops.rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(y, proj(h)) and torch.equal(new_residual, want_residual)
+    y0, none = proj.normed(x, None, norm)
+    assert none is None and torch.equal(y0, proj(cpu_ops.rms_norm(x, norm.weight, norm.eps)[0]))
+    # a norm from other ops (the pure-torch reference) is run as it is, then the projection
+    from splitserve.kernels import reference
+
+    ref_norm = Norm(norm.weight, reference)
+    y_ref, _ = proj.normed(x, residual, ref_norm)
+    assert torch.equal(y_ref, proj(reference.rms_norm(x, norm.weight, norm.eps, residual)[0]))
+    down = Linear(quantize_int8(torch.randn(32, 48, generator=g)))
+    gate_up = torch.randn(4, 96, generator=g)
+    assert torch.equal(down.gated(gate_up, "silu", native.silu_and_mul),
+                       down(native.silu_and_mul(gate_up)))

@@ -32,13 +32,13 @@ def _rows_through_last_mlp(llm: LLM) -> list[int]:
     model = llm.engine.runner.model  # type: ignore[attr-defined]
     layer = model.layers[-1]
     seen: list[int] = []
-    mlp = layer.mlp
+    forward = layer.mlp.forward_normed  # the layers' entry: norm, then the MLP
 
-    def counting(x: torch.Tensor) -> torch.Tensor:
+    def counting(x: torch.Tensor, residual: torch.Tensor, norm: object) -> object:
         seen.append(x.shape[0])
-        return mlp(x)
+        return forward(x, residual, norm)
 
-    layer.mlp = counting
+    layer.mlp.forward_normed = counting
     return seen
 
 

@@ -200,6 +200,7 @@ def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
             ptr, i64, ptr, i32, i64, i32,  # packed weight, N, y, its dtype, row stride, threads
         ],
         "int4_lanes": [],
+        "decode_layer": [ptr],  # a DecodeLayerArgs
         "moe_silu_f32": [
             ptr, i64, i64, i64,  # x, T, H, its row stride
             ptr, ptr, i64, i64,  # packed w13 [E, 2I * H], w2 [E, H * I], E, I
@@ -837,3 +838,36 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
         raise MemoryError(f"int{bits}_matmul: could not allocate the quantized activations")
     calls[f"int{bits}_matmul"] += 1
     return y, res_out
+
+
+class DecodeLayerArgs(ctypes.Structure):
+    """``decode_layer``'s operands (``native/quant_matmul.c``'s struct, field for field)."""
+
+    _fields_ = [
+        *((n, ctypes.c_int64) for n in ("M", "H", "I", "NH", "NKV", "D", "rot", "dtype",
+                                         "kv_dtype", "threads", "act", "bits_qkv", "bits_o",
+                                         "bits_gu", "bits_down")),
+        *((n, ctypes.c_void_p) for n in ("w_qkv", "w_o", "w_gu", "w_down", "norm1", "norm2")),
+        ("eps1", ctypes.c_double), ("eps2", ctypes.c_double),
+        ("positions", ctypes.c_void_p), ("table", ctypes.c_void_p),
+        ("table_stride", ctypes.c_int64), ("max_pos", ctypes.c_int64),
+        ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("qk_eps", ctypes.c_double),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+        *((n, ctypes.c_int64) for n in ("stride_block", "stride_token", "stride_head",
+                                         "num_blocks", "block_size")),
+        ("slots", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
+        ("table_row_stride", ctypes.c_int64), ("max_blocks", ctypes.c_int64),
+        ("context_lens", ctypes.c_void_p),
+        ("scale", ctypes.c_double), ("soft_cap", ctypes.c_double), ("window", ctypes.c_int64),
+        ("x", ctypes.c_void_p), ("residual", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("res_out", ctypes.c_void_p),
+    ]
+
+
+def decode_layer(args: DecodeLayerArgs) -> bool:
+    """Run a whole pre-norm decode layer (see ``native/quant_matmul.c``); False when the
+    kernels reported anything (the caller reruns the layer through the separate calls)."""
+    lib = _loaded()
+    assert lib is not None
+    calls["decode_layer"] += 1
+    return int(lib.decode_layer(ctypes.byref(args))) == 0

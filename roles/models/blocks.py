@@ -364,17 +364,106 @@ class PreNormLayer:
 
     def __init__(self, attn: Attention, mlp: MLPLike, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
         self.attn, self.mlp, self.input_norm, self.post_norm = attn, mlp, input_norm, post_norm
+        self._one_call: native.DecodeLayerArgs | None | bool = None  # None: not looked at yet
 
     def forward(
         self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
         meta: AttentionMetadata, pruned: bool = False,
     ) -> tuple[Tensor, Tensor]:
+        if not pruned and meta.num_decode == hidden.shape[0] > 0:
+            done = self._decode_in_one_call(positions, hidden, residual, kv_cache, meta)
+            if done is not None:
+                return done
         hidden, residual = self.attn.forward_normed(
             positions, hidden, residual, self.input_norm, kv_cache, meta, pruned)
         residual = _kept(residual, meta, pruned)
         if not hidden.shape[0]:
             return hidden, residual
         return self.mlp.forward_normed(hidden, residual, self.post_norm)
+
+    def _decode_in_one_call(
+        self, positions: Tensor, hidden: Tensor, residual: Tensor | None, kv_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[Tensor, Tensor] | None:
+        """A step of decode rows through ``native.decode_layer`` (the same kernels in the
+        same order as the separate calls, so the same bits), or None where it does not apply
+        (then the separate calls run; they also raise the errors the kernels report)."""
+        if self._one_call is None:
+            self._one_call = _decode_layer_args(self) or False
+        args = self._one_call
+        if args is False:
+            return None
+        assert isinstance(args, native.DecodeLayerArgs)
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        if not (hidden.dtype == self.input_norm.weight.dtype and hidden.is_contiguous()
+                and hidden.dim() == 2 and hidden.shape[1] == args.H
+                and (residual is None or (residual.is_contiguous()
+                                          and residual.shape == hidden.shape))
+                and kv_cache.dim() == 5 and kv_cache.dtype in _NATIVE_DTYPES
+                and kv_cache.shape[0] == 2 and kv_cache.shape[3] == args.NKV
+                and kv_cache.shape[4] == args.D and kv_cache.stride(4) == 1
+                and tables.dtype == torch.int32 and tables.dim() == 2 and tables.stride(1) == 1
+                and lens.dtype == torch.int32 and lens.is_contiguous()
+                and positions.dtype == torch.int64 and positions.is_contiguous()
+                and meta.slot_mapping.dtype == torch.int64 and meta.slot_mapping.is_contiguous()):
+            return None
+        out, res_out = torch.empty_like(hidden), torch.empty_like(hidden)
+        args.M, args.threads = hidden.shape[0], torch.get_num_threads()
+        args.kv_dtype = 1 if kv_cache.dtype == torch.bfloat16 else 0
+        args.positions, args.slots = positions.data_ptr(), meta.slot_mapping.data_ptr()
+        args.k_cache, args.v_cache = native._cache_pointers(kv_cache)
+        args.stride_block, args.stride_token, args.stride_head = kv_cache.stride()[1:4]
+        args.num_blocks, args.block_size = kv_cache.shape[1], kv_cache.shape[2]
+        args.block_tables, args.table_row_stride = tables.data_ptr(), tables.stride(0)
+        args.max_blocks, args.context_lens = tables.shape[1], lens.data_ptr()
+        args.x, args.residual = hidden.data_ptr(), None if residual is None else residual.data_ptr()
+        args.out, args.res_out = out.data_ptr(), res_out.data_ptr()
+        return (out, res_out) if native.decode_layer(args) else None
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _decode_layer_args(layer: PreNormLayer) -> native.DecodeLayerArgs | None:
+    """The per-layer operands of ``native.decode_layer``, or None where it does not apply:
+    quantized projections on the native kernels without biases, a gated MLP, the native norm,
+    rotary and attention kernels, float32 / bf16 weights."""
+    attn, mlp = layer.attn, layer.mlp
+    if not isinstance(mlp, GatedMLP) or mlp.act_name not in native.PROLOGUES:
+        return None
+    projs = (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down)
+    quant = [p._native for p in projs]
+    if any(q is None for q in quant) or any(p.bias is not None for p in projs):
+        return None
+    norms = (layer.input_norm, layer.post_norm)
+    dtype = layer.input_norm.weight.dtype
+    ops = attn.ops
+    if (any(n.ops.rms_norm is not native.rms_norm or n.weight.dtype != dtype
+            or not n.weight.is_contiguous() for n in norms)
+            or getattr(ops, "rotary_store_kv", None) is not native.rotary_store_kv
+            or getattr(ops, "paged_decode_attention", None) is not native.paged_decode_attention
+            or dtype not in _NATIVE_DTYPES or attn.head_dim % 16
+            or attn.num_heads % attn.num_kv_heads
+            or not (0 < attn.cos_sin.shape[1] <= attn.head_dim and attn.cos_sin.shape[1] % 2 == 0)
+            or attn.cos_sin.dtype != torch.float32 or attn.cos_sin.stride(1) != 1
+            or (attn.qk_norm is not None and any(
+                w.dtype != dtype or not w.is_contiguous() for w in attn.qk_norm[:2]))):
+        return None
+    a = native.DecodeLayerArgs()
+    a.H, a.I = attn.qkv.in_features, mlp.down.in_features
+    a.NH, a.NKV, a.D, a.rot = attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.cos_sin.shape[1]
+    a.dtype = a.kv_dtype = 1 if dtype == torch.bfloat16 else 0
+    a.act = native.PROLOGUES[mlp.act_name]
+    a.bits_qkv, a.bits_o, a.bits_gu, a.bits_down = (q.bits for q in quant)  # type: ignore[union-attr]
+    a.w_qkv, a.w_o, a.w_gu, a.w_down = (q.packed.data_ptr() for q in quant)  # type: ignore[union-attr]
+    a.norm1, a.norm2 = (n.weight.data_ptr() for n in norms)
+    a.eps1, a.eps2 = (n.eps for n in norms)
+    a.table, a.table_stride, a.max_pos = (attn.cos_sin.data_ptr(), attn.cos_sin.stride(0),
+                                         attn.cos_sin.shape[0])
+    if attn.qk_norm is not None:
+        a.q_norm, a.k_norm, a.qk_eps = attn.qk_norm[0].data_ptr(), attn.qk_norm[1].data_ptr(), attn.qk_norm[2]
+    a.scale, a.soft_cap, a.window = attn.scale, attn.soft_cap or 0.0, attn.window or 0
+    return a
 
 
 class SandwichLayer:

@@ -53,3 +53,39 @@ def test_float_weights_keep_the_separate_calls(tiny_model_dir: Path) -> None:
     _run(llm)
     assert native.calls["decode_layer"] == before
     assert all(layer._one_call is False for layer in llm.engine.runner.model.layers)  # type: ignore[attr-defined]
+
+
+def test_a_reported_error_reruns_the_separate_calls_which_name_it(tiny_model_dir: Path) -> None:
+    """A block id past the cache: decode_layer reports it, the separate calls rerun and raise
+    the kernel's error naming the entry; a good step through the same layer is unchanged."""
+    import torch
+
+    from splitserve.kernels.checks import KernelInputError
+    from splitserve.roles.models.blocks import AttentionMetadata
+
+    llm = LLM(str(tiny_model_dir), quantization="int4", num_kv_blocks=16)
+    runner = llm.engine.runner  # type: ignore[attr-defined]
+    layer, cache = runner.model.layers[0], runner.kv_caches[0]
+    block_size = cache.shape[2]
+    hidden = torch.randn(2, layer.attn.qkv.in_features)
+
+    def meta(table: list[list[int]]) -> AttentionMetadata:
+        empty = torch.zeros(0, 1, dtype=torch.int32)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor([3, block_size + 1]), num_decode=2,
+            decode_block_tables=torch.tensor(table, dtype=torch.int32),
+            decode_context_lens=torch.tensor([4, 2], dtype=torch.int32),
+            prefill_block_tables=empty, prefill_query_start_loc=torch.zeros(1, dtype=torch.int32),
+            prefill_context_lens=torch.zeros(0, dtype=torch.int32))
+
+    positions = torch.tensor([3, 1])
+    before = native.calls["decode_layer"]
+    good = layer.forward(positions, hidden, None, cache, meta([[0], [1]]))
+    assert native.calls["decode_layer"] == before + 1
+    layer._one_call = False
+    assert all(torch.equal(a, b) for a, b in zip(
+        good, layer.forward(positions, hidden, None, cache, meta([[0], [1]])), strict=True))
+    layer._one_call = None
+    with pytest.raises(KernelInputError, match=r"block_tables\[1, 0\] = 99"):
+        layer.forward(positions, hidden, None, cache, meta([[0], [99]]))
+    assert native.calls["decode_layer"] == before + 2

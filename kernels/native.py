@@ -89,7 +89,7 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).with_name("native")
 SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c", SOURCE_DIR / "linear.c",
            SOURCE_DIR / "quant_matmul.c")
-HEADERS = (SOURCE_DIR / "common.h",)
+HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "entry_points.h")
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11",
          "-lm")
 LIB_NAME = "libsplitserve_native.so"

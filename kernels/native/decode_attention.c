@@ -13,6 +13,7 @@
  * already loaded, so the kernel runs on torch's own thread team.
  */
 #include "common.h"
+#include "entry_points.h"
 
 /* One row of D elements as float32. */
 static inline void load_row(const void *p, int dtype, int64_t D, float *restrict out) {

@@ -15,6 +15,7 @@
  */
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
+#include "entry_points.h"
 
 #define PARALLEL_ELEMS (1 << 16)
 

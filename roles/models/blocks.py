@@ -394,7 +394,7 @@ class PreNormLayer:
         if args is False:
             return None
         assert isinstance(args, native.DecodeLayerArgs)
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        tables, lens, m = meta.decode_block_tables, meta.decode_context_lens, hidden.shape[0]
         if not (hidden.dtype == self.input_norm.weight.dtype and hidden.is_contiguous()
                 and hidden.dim() == 2 and hidden.shape[1] == args.H
                 and (residual is None or (residual.is_contiguous()
@@ -403,12 +403,14 @@ class PreNormLayer:
                 and kv_cache.shape[0] == 2 and kv_cache.shape[3] == args.NKV
                 and kv_cache.shape[4] == args.D and kv_cache.stride(4) == 1
                 and tables.dtype == torch.int32 and tables.dim() == 2 and tables.stride(1) == 1
-                and lens.dtype == torch.int32 and lens.is_contiguous()
+                and tables.shape[0] == m and tables.shape[1] > 0
+                and lens.dtype == torch.int32 and lens.is_contiguous() and lens.shape == (m,)
                 and positions.dtype == torch.int64 and positions.is_contiguous()
-                and meta.slot_mapping.dtype == torch.int64 and meta.slot_mapping.is_contiguous()):
+                and positions.shape == (m,) and meta.slot_mapping.dtype == torch.int64
+                and meta.slot_mapping.is_contiguous() and meta.slot_mapping.shape == (m,)):
             return None
         out, res_out = torch.empty_like(hidden), torch.empty_like(hidden)
-        args.M, args.threads = hidden.shape[0], torch.get_num_threads()
+        args.M, args.threads = m, torch.get_num_threads()
         args.kv_dtype = 1 if kv_cache.dtype == torch.bfloat16 else 0
         args.positions, args.slots = positions.data_ptr(), meta.slot_mapping.data_ptr()
         args.k_cache, args.v_cache = native._cache_pointers(kv_cache)

@@ -34,7 +34,9 @@ def cluster(tiny_model_dir):
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, 49000) for _ in range(rng.randint(150, 200))] for _ in range(n)]
+    # 20-25 chunks each: the last of a worker's queue waits long enough to be moved, also on
+    # a loaded machine (150-200 tokens once left no request queued in time under load)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(320, 400))] for _ in range(n)]
 
 
 def _queued(cluster: Cluster, n: int, timeout_s: float = 60.0) -> dict[str, str]:

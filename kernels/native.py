@@ -46,7 +46,7 @@
 - ``decode_layer`` (``native/quant_matmul.c``): a pre-norm layer's decode step with
   quantized projections in one call (the kernels above in the layer's order): a small
   model's layer is ~100 us of kernels at one row, and its ~6 separate calls cost ~10 us of
-  Python each. SmolLM2 Q4_1 single stream: ~125 -> ~165 tok/s.
+  Python each. SmolLM2 Q4_1 single stream: ~125 -> ~170-190 tok/s.
 
 Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fno-trapping-math -fopenmp -shared`` (plus
 ``SPLITSERVE_NATIVE_CFLAGS``), into
@@ -725,13 +725,7 @@ def int4_lanes() -> int:
     """Vector width of this build's int4 kernel: 16 (AVX-512), 8 (AVX2), 1 (scalar); 0 without
     a build."""
     lib = _loaded()
-    return 0 if lib is None else int(lib.int4_lanes()) & 255
-
-
-def int4_vnni() -> bool:
-    """Whether this build's quantized kernels run vpdpwssd (AVX-512 VNNI)."""
-    lib = _loaded()
-    return lib is not None and bool(int(lib.int4_lanes()) & 256)
+    return 0 if lib is None else int(lib.int4_lanes())
 
 
 def int4_unpackable(shape: tuple[int, int], group_size: int) -> str | None:
@@ -751,25 +745,33 @@ def pack_int4_weight(codes: Tensor, scales: Tensor, offsets: Tensor, group_size:
     output rows and group of 32, 256 bytes of codes (chunk t of 64 bytes, byte 4j + i:
     q[j, 8t + i] | q[j, 8t + 4 + i] << 4), then the 16 scales and 16 offsets as float16.
     Raises ValueError when the shape is not served or a scale does not fit float16."""
-    n, k = codes.shape
-    why = int4_unpackable((n, k), group_size)
-    if why is not None:
-        raise ValueError(why)
-    rep = group_size // INT4_GROUP
-    d, c = (t.float().repeat_interleave(rep, dim=1) if rep > 1 else t.float()
-            for t in (scales, offsets))
-    d16, c16 = d.to(torch.float16), c.to(torch.float16)
-    if not (torch.isfinite(d16).all() and torch.isfinite(c16).all()):
-        raise ValueError("an int4 scale or zero is outside float16's range")
-    nb, g = n // INT4_BLOCK, k // INT4_GROUP
+    nb, g = _blocks_and_groups(codes.shape, group_size)
     # k = 8t + 4s + i (s: high nibble) -> [block, group, t, row, s, i]
     q = codes.to(torch.uint8).view(nb, INT4_BLOCK, g, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
     packed_codes = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(nb, g, 256)
+    return torch.cat([packed_codes, _scales_per_block(scales, group_size, "scale"),
+                      _scales_per_block(offsets, group_size, "zero")], -1).reshape(-1).contiguous()
 
-    def per_block(t: Tensor) -> Tensor:  # [N, G] -> [NB, G, 32] bytes
-        return t.view(nb, INT4_BLOCK, g).permute(0, 2, 1).contiguous().view(torch.uint8)
 
-    return torch.cat([packed_codes, per_block(d16), per_block(c16)], -1).reshape(-1).contiguous()
+def _blocks_and_groups(shape: torch.Size, group_size: int) -> tuple[int, int]:
+    """(blocks of 16 output rows, groups of 32) of a [N, K] weight the kernels take; ValueError
+    naming why otherwise."""
+    n, k = shape
+    why = int4_unpackable((n, k), group_size)
+    if why is not None:
+        raise ValueError(why)
+    return n // INT4_BLOCK, k // INT4_GROUP
+
+
+def _scales_per_block(t: Tensor, group_size: int, what: str) -> Tensor:
+    """Per-group values [N, K / group_size] as the packed layout holds them: float16, one per
+    group of 32 (repeated for larger groups), [NB, G, 16 rows] as bytes [NB, G, 32]."""
+    rep = group_size // INT4_GROUP
+    h = (t.float().repeat_interleave(rep, dim=1) if rep > 1 else t.float()).to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"a quantized weight's {what} is outside float16's range")
+    n, g = h.shape
+    return h.view(n // INT4_BLOCK, INT4_BLOCK, g).permute(0, 2, 1).contiguous().view(torch.uint8)
 
 
 _INT8_GROUP_BYTES = INT4_BLOCK * INT4_GROUP + INT4_BLOCK * 2
@@ -781,18 +783,10 @@ def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int) -> Tensor:
     block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32 bytes: byte
     2j + e = q[j, 2t + e]), then the 16 scales as float16. Raises ValueError when the shape
     is not served or a scale does not fit float16."""
-    n, k = codes.shape
-    why = int4_unpackable((n, k), group_size)
-    if why is not None:
-        raise ValueError(why)
-    rep = group_size // INT4_GROUP
-    d16 = (scales.float().repeat_interleave(rep, dim=1) if rep > 1 else scales.float()).half()
-    if not torch.isfinite(d16).all():
-        raise ValueError("an int8 scale is outside float16's range")
-    nb, g = n // INT4_BLOCK, k // INT4_GROUP
+    nb, g = _blocks_and_groups(codes.shape, group_size)
     q = codes.view(torch.uint8).view(nb, INT4_BLOCK, g, 16, 2).permute(0, 2, 3, 1, 4)
-    scales16 = d16.view(nb, INT4_BLOCK, g).permute(0, 2, 1).contiguous().view(torch.uint8)
-    return torch.cat([q.reshape(nb, g, 512), scales16], -1).reshape(-1).contiguous()
+    return torch.cat([q.reshape(nb, g, 512), _scales_per_block(scales, group_size, "scale")],
+                     -1).reshape(-1).contiguous()
 
 
 def int4_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:

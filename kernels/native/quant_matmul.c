@@ -54,14 +54,8 @@
 #define NBMAX 4 /* blocks per tile: 4 for one row (8 independent chains), 2 for MT rows */
 #define PARALLEL_MACS (1 << 18)
 
-/* Vector width of this build's quantized path (16, 8, or 1: scalar); | 256 with vpdpwssd. */
-int64_t int4_lanes(void) {
-#if defined(__AVX512VNNI__) && QM_LANES == 16
-    return QM_LANES | 256;
-#else
-    return QM_LANES;
-#endif
-}
+/* Vector width of this build's quantized path: 16, 8, or 1 (scalar). */
+int64_t int4_lanes(void) { return QM_LANES; }
 
 static inline float half_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu;

@@ -66,10 +66,17 @@ def test_queued_request_migrates_and_output_is_unchanged(cluster: Cluster, tiny_
     # a stale decision (the request is not at that worker) is not applied
     cluster.run_on_loop(cluster.rebalancer.migrate(Migration(last, target, source, 0.0)))
     assert cluster.counters["route:migrated"] == 0
-    for rid in reversed(by_worker[source]):  # the newest is queued behind the others
-        cluster.run_on_loop(cluster.rebalancer.migrate(Migration(rid, source, target, 0.0)))
-        if cluster.counters["route:migrated"]:
-            break
+    # the newest is queued behind the others; a request the router placed may still be on its
+    # way to the worker (then the worker does not know it and keeps it): try again until one
+    # is withdrawn untouched, or the queue has drained
+    deadline = time.monotonic() + 30
+    while not cluster.counters["route:migrated"] and time.monotonic() < deadline:
+        for rid in reversed(by_worker[source]):
+            cluster.run_on_loop(cluster.rebalancer.migrate(Migration(rid, source, target, 0.0)))
+            if cluster.counters["route:migrated"]:
+                break
+        else:
+            time.sleep(0.01)
     assert cluster.counters["route:migrated"] == 1
     runner.join(timeout=300)
     assert [o.outputs[0].token_ids for o in outs] == want

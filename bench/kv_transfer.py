@@ -14,6 +14,11 @@ process, and times an in-process copy of the same bytes (the limit of this machi
                 the reader's blocks (no gather, no staging, no scatter). The block ids are
                 the same scattered ones as the staged paths use, so every block is its own
                 run: the worst case for message count.
+* ``ucx_sm_zc_run`` - zero-copy shared memory where both sides' blocks are consecutive ids (as
+                a fresh pool hands them out): the whole read is one run, one message.
+* ``ucx_perftest_sm`` - the ceiling of UCX itself, no Python: ``ucx_perftest -t tag_bw`` (from
+                the ``libucx`` wheel) with ``UCX_TLS=sm,self``, one message of each size
+                between two processes; absent when the binary is not found.
 
 Every staged path includes the serving side's gather of the blocks into staging
 buffers (part of moving paged KV; UCX overlaps it with the sends, 8 MB parts);
@@ -67,14 +72,18 @@ def _num_blocks(size_mb: int) -> int:
     return (size_mb << 20) // BLOCK_BYTES
 
 
-def _block_ids(n: int) -> list[int]:
-    return [(7 * i) % NUM_BLOCKS for i in range(n)]  # scattered, as in a real pool
+def _block_ids(n: int, contiguous: bool = False) -> list[int]:
+    if contiguous:
+        return list(range(n))  # as a fresh pool allocates: one run
+    return [(7 * i) % NUM_BLOCKS for i in range(n)]  # scattered, as in a pool after churn
 
 
 # ====================================================================== UCX processes
 
 
-def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool, zero_copy: bool) -> None:
+def _ucx_server(
+    conn: Connection, ucx_tls: str, shared_memory: bool, zero_copy: bool, contiguous: bool
+) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
@@ -90,10 +99,11 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool, zero_copy: 
     offers: dict[Any, Any] = {}
     for size in SIZES_MB:
         n = _num_blocks(size)
-        params = worker.offer(f"r{size}", _block_ids(n), num_tokens=n * BLOCK_SIZE)
+        params = worker.offer(f"r{size}", _block_ids(n, contiguous), num_tokens=n * BLOCK_SIZE)
         offers[size] = params.to_dict()
         for k in range(PULL_REPS + 1):  # a pull releases its lease: one offer per pull
-            params = worker.offer(f"p{size}-{k}", _block_ids(n), num_tokens=n * BLOCK_SIZE)
+            params = worker.offer(f"p{size}-{k}", _block_ids(n, contiguous),
+                                  num_tokens=n * BLOCK_SIZE)
             offers[("pull", size, k)] = params.to_dict()
     conn.send(offers)
     while True:
@@ -107,7 +117,7 @@ def _ucx_server(conn: Connection, ucx_tls: str, shared_memory: bool, zero_copy: 
 
 def _ucx_client(
     conn: Connection, ucx_tls: str, shared_memory: bool, offers: dict, reps: int,
-    zero_copy: bool,
+    zero_copy: bool, contiguous: bool,
 ) -> None:
     os.environ["UCX_TLS"] = ucx_tls
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
@@ -132,7 +142,7 @@ def _ucx_client(
     results = {}
     for size in SIZES_MB:
         params = KvTransferParams.decode_any(offers[size])
-        local = _block_ids(len(params.block_ids))
+        local = _block_ids(len(params.block_ids), contiguous)
         runs = merge_runs(params.block_ids, local) if zero_copy else []
         read = ReadRequest(
             xfer_id=0,
@@ -161,10 +171,12 @@ def _ucx_client(
     transport.close()
     conn.send(results)
     if conn.recv() == "pull":
-        conn.send(_pulls(offers, shared_memory, zero_copy))
+        conn.send(_pulls(offers, shared_memory, zero_copy, contiguous))
 
 
-def _pulls(offers: dict, shared_memory: bool, zero_copy: bool) -> dict[int, float]:
+def _pulls(
+    offers: dict, shared_memory: bool, zero_copy: bool, contiguous: bool
+) -> dict[int, float]:
     """Best GB/s of full connector pulls: read, verify every checksum, scatter into the cache."""
     from splitserve.kvtransfer.connector_worker import KvConnectorWorker
     from splitserve.kvtransfer.params import KvTransferParams
@@ -180,7 +192,8 @@ def _pulls(offers: dict, shared_memory: bool, zero_copy: bool) -> dict[int, floa
         for k in range(PULL_REPS + 1):
             params = KvTransferParams.decode_any(offers[("pull", size, k)])
             t0 = time.perf_counter()
-            worker.start_load(params.request_id, params, _block_ids(len(params.block_ids)))
+            worker.start_load(params.request_id, params,
+                              _block_ids(len(params.block_ids), contiguous))
             while True:
                 finished = worker.get_finished()
                 if finished.failed_recving:
@@ -195,12 +208,13 @@ def _pulls(offers: dict, shared_memory: bool, zero_copy: bool) -> dict[int, floa
 
 
 def bench_ucx(
-    ucx_tls: str, shared_memory: bool, reps: int, zero_copy: bool = False
+    ucx_tls: str, shared_memory: bool, reps: int, zero_copy: bool = False,
+    contiguous: bool = False,
 ) -> dict[int, dict[str, float]]:
     ctx = mp.get_context("spawn")
     server_conn, server_child = ctx.Pipe()
     server = ctx.Process(
-        target=_ucx_server, args=(server_child, ucx_tls, shared_memory, zero_copy)
+        target=_ucx_server, args=(server_child, ucx_tls, shared_memory, zero_copy, contiguous)
     )
     server.start()
     try:
@@ -208,7 +222,7 @@ def bench_ucx(
         client_conn, client_child = ctx.Pipe()
         client = ctx.Process(
             target=_ucx_client,
-            args=(client_child, ucx_tls, shared_memory, offers, reps, zero_copy),
+            args=(client_child, ucx_tls, shared_memory, offers, reps, zero_copy, contiguous),
         )
         client.start()
         times = client_conn.recv()
@@ -276,6 +290,49 @@ class _RayProducer:
 
     def stage(self, n: int) -> Any:
         return self._gather(self.caches, torch.tensor(_block_ids(n))).numpy()
+
+
+def bench_ucx_perftest(reps: int) -> dict[int, dict[str, float]] | None:
+    """UCX's own tag bandwidth over shared memory (``ucx_perftest``, C, no Python): what any
+    UCX tag message of each size can reach here. None when the binary is not found."""
+    import socket
+    import subprocess
+
+    try:
+        import libucx
+    except ImportError:
+        return None
+    exe = os.path.join(os.path.dirname(libucx.__file__), "bin", "ucx_perftest")
+    if not os.access(exe, os.X_OK):
+        return None
+    env = {**os.environ, "UCX_TLS": "sm,self", "UCX_WARN_UNUSED_ENV_VARS": "n",
+           "LD_LIBRARY_PATH": os.path.join(os.path.dirname(os.path.dirname(exe)), "lib")}
+    figures = {}
+    for size in SIZES_MB:
+        nbytes = _num_blocks(size) * BLOCK_BYTES
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        args = ["-t", "tag_bw", "-s", str(nbytes), "-n", str(max(reps, 2) * 4), "-p", port]
+        server = subprocess.Popen([exe, *args], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            out = ""
+            for _ in range(50):  # the server listens within a moment; retry the connect
+                res = subprocess.run([exe, "127.0.0.1", *args], env=env, capture_output=True,
+                                     text=True, timeout=120, check=False)
+                out = res.stdout
+                if res.returncode == 0 and "Final:" in out:
+                    break
+                time.sleep(0.1)
+        finally:
+            server.kill()
+            server.wait()
+        final = [line.split() for line in out.splitlines() if line.startswith("Final:")]
+        if not final:
+            return None
+        figures[size] = {"gbps": float(final[0][5]) * 2**20 / 1e9}  # overall MB/s column
+    return figures
 
 
 def bench_memcpy(reps: int) -> dict[int, dict[str, float]]:
@@ -399,6 +456,27 @@ def report(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, Any]:
     }
 
 
+def report_extra(
+    extra: dict[str, dict[int, dict[str, float]]], memcpy: dict[int, dict[str, float]]
+) -> dict[str, Any]:
+    """The one-run zero-copy lane and UCX's own ceiling, against memcpy, by size."""
+    out: dict[str, Any] = {}
+    for name, fig in extra.items():
+        cells = []
+        for size in SIZES_MB:
+            gbps, ratio = fig[size]["gbps"], fig[size]["gbps"] / memcpy[size]["gbps"]
+            cells.append(f"{size}MB {gbps:.2f} ({ratio:.2f}x memcpy)")
+            if "pull_gbps" in fig[size]:
+                cells[-1] += f", pull {fig[size]['pull_gbps']:.2f}"
+        top = fig[SIZES_MB[-1]]
+        out[f"{name}_gbps"] = top["gbps"]
+        out[f"{name}_vs_memcpy"] = top["gbps"] / memcpy[SIZES_MB[-1]]["gbps"]
+        if "pull_gbps" in top:
+            out[f"{name}_pull_gbps"] = top["pull_gbps"]
+        print(f"{name} (GB/s): " + "; ".join(cells))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the figures to this path")
@@ -413,6 +491,11 @@ def main() -> None:
         "ucx_sm_zc": bench_ucx("sm,tcp,self", True, args.reps, zero_copy=True),
         "ucx_tcp_zc": bench_ucx("tcp,self", False, args.reps, zero_copy=True),
     }
+    extra = {"ucx_sm_zc_run": bench_ucx("sm,tcp,self", True, args.reps, zero_copy=True,
+                                        contiguous=True)}
+    perftest = bench_ucx_perftest(args.reps)
+    if perftest is not None:
+        extra["ucx_perftest_sm"] = perftest
     bounds = bench_bounds(args.reps)
     summary = report(results)
     memcpy = summary["memcpy_gbps"]
@@ -423,6 +506,7 @@ def main() -> None:
         f"{1 / (1 / bounds['gather_gbps'] + 1 / memcpy):.2f} GB/s"
     )
     summary.update(bounds)
+    summary.update(report_extra(extra, results["memcpy"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

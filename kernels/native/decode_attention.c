@@ -147,6 +147,20 @@ static inline void prefetch_rows(const char *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+/* One KV head's bfloat16 rows [0, count) of a block (`stride` bytes apart) as float32 at
+ * out[r * D]: exact, so using the converted rows gives the bits of using the bfloat16 ones.
+ * A GQA group's query heads then share one conversion (a block of one head stays in L1)
+ * instead of each converting the same rows again. */
+static inline __attribute__((always_inline)) void widen_rows(
+    const char *rows, int64_t stride, int64_t count, float *restrict out, const int64_t D)
+{
+    for (int64_t r = 0; r < count; r++)
+        for (int64_t c = 0; c < D / LANES; c++) {
+            const v16f f = load16(rows + r * stride + (size_t)(c * LANES) * 2, BF16);
+            memcpy(out + r * D + c * LANES, &f, sizeof f);
+        }
+}
+
 /* Shapes and strides of one call, shared by its work items. */
 struct call {
     const void *query; int q_dtype; int64_t q_stride_b, q_stride_h;
@@ -182,9 +196,13 @@ static inline __attribute__((always_inline)) int run_item(
         memset(o, 0, (size_t)(nq * D) * q_esize);
         return 0;
     }
-    float *buf = scratch((size_t)(nq * D * 2 + nq * n));
+    /* bfloat16 rows read by more than one query head are widened once per block */
+    const int widen = kv_dtype == BF16 && group > 1;
+    float *buf = scratch((size_t)(nq * D * 2 + nq * n + (widen ? bs * D : 0)));
     if (buf == NULL) return 1;
     float *qf = buf, *acc = buf + nq * D, *scores = buf + 2 * nq * D;
+    float *wide = scores + nq * n;
+    const int64_t wide_stride = D * (int64_t)sizeof(float);
     for (int64_t i = 0; i < nq; i++) {
         const char *qp = (const char *)c->query
             + (size_t)(b * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
@@ -200,6 +218,17 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
             prefetch_rows(kv_row(c, c->key_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
+        if (widen) {
+            for (int64_t kh = 0; kh < per_item; kh++) {
+                widen_rows(blk + (size_t)(kh * c->stride_head) * 2, row_stride, hi - lo, wide, D);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t i = kh * group + g;
+                    score_rows(qf + i * D, (const char *)wide, wide_stride, hi - lo, c->scale,
+                               scores + i * n + (lo - start), F32, D);
+                }
+            }
+            continue;
+        }
         for (int64_t kh = 0; kh < per_item; kh++)
             for (int64_t g = 0; g < group; g++) {
                 const int64_t i = kh * group + g;
@@ -215,6 +244,17 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
             prefetch_rows(kv_row(c, c->value_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
+        if (widen) {
+            for (int64_t kh = 0; kh < per_item; kh++) {
+                widen_rows(blk + (size_t)(kh * c->stride_head) * 2, row_stride, hi - lo, wide, D);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t i = kh * group + g;
+                    accumulate_rows(acc + i * D, scores + i * n + (lo - start),
+                                    (const char *)wide, wide_stride, hi - lo, F32, D);
+                }
+            }
+            continue;
+        }
         for (int64_t kh = 0; kh < per_item; kh++)
             for (int64_t g = 0; g < group; g++) {
                 const int64_t i = kh * group + g;

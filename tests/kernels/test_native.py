@@ -93,6 +93,25 @@ def test_matches_float64_and_the_reference(dtype, head_dim, heads, block_size, l
     assert bool((got[empty] == 0).all())
 
 
+@pytest.mark.parametrize("heads,head_dim,window", [((9, 3), 64, None), ((8, 2), 128, 40)])
+def test_a_gqa_group_sharing_its_bf16_rows_gives_the_bits_of_one_kv_head_per_query(
+        heads: tuple[int, int], head_dim: int, window: int | None) -> None:
+    """bfloat16 K/V rows read by a GQA group are widened once and shared by its query heads;
+    the same cache with each KV head repeated per query head (group of 1: every head widens
+    its own rows) must give the same bits."""
+    nh, kvh = heads
+    lens = [1, 17, 150, 333, 40, 64, 65, 200]
+    q, cache, tables, ctx = _case(torch.bfloat16, head_dim, heads, 16, lens, seed=5)
+    expanded = allocate_kv_caches(3, cache.shape[1], 16, nh, head_dim, torch.bfloat16, "cpu")[1]
+    expanded.copy_(cache.repeat_interleave(nh // kvh, dim=3))
+    for rows in (slice(0, 8), slice(3, 4)):  # an item per sequence where 8 >= 4 x threads; per head
+        shared = native.paged_decode_attention(q[rows], cache, tables[rows], ctx[rows], 0.1,
+                                               window)
+        alone = native.paged_decode_attention(q[rows], expanded, tables[rows], ctx[rows], 0.1,
+                                              window)
+        assert torch.equal(shared, alone)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_sequence_gets_the_same_bits_whatever_its_batch(dtype: torch.dtype) -> None:
     """Few sequences run one item per KV head, many one item per sequence: same bits."""

@@ -451,7 +451,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted run: skip the custom_ids in --output")
     parser.add_argument("--model", default=None,
                         help="HF folder or .gguf (default: embedded SmolLM2; absolute under Ray)")
-    parser.add_argument("--config", default=None, help="cluster YAML (default: 1P + 1D)")
+    parser.add_argument("--config", default=None,
+                        help="cluster YAML (default: the layout `splitserve serve` picks on "
+                             "this machine; 1P + 1D when joining a Ray cluster)")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else start one)")
     parser.add_argument("--single-engine", action="store_true",

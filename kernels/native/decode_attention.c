@@ -218,23 +218,18 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
             prefetch_rows(kv_row(c, c->key_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
-        if (widen) {
-            for (int64_t kh = 0; kh < per_item; kh++) {
-                widen_rows(blk + (size_t)(kh * c->stride_head) * 2, row_stride, hi - lo, wide, D);
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t i = kh * group + g;
-                    score_rows(qf + i * D, (const char *)wide, wide_stride, hi - lo, c->scale,
-                               scores + i * n + (lo - start), F32, D);
-                }
-            }
-            continue;
-        }
-        for (int64_t kh = 0; kh < per_item; kh++)
+        for (int64_t kh = 0; kh < per_item; kh++) {
+            const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+            if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
-                const int64_t i = kh * group + g;
-                score_rows(qf + i * D, blk + (size_t)(kh * c->stride_head) * kv_esize, row_stride,
-                           hi - lo, c->scale, scores + i * n + (lo - start), kv_dtype, D);
+                float *s = scores + (kh * group + g) * n + (lo - start);
+                const float *qh = qf + (kh * group + g) * D;
+                if (widen)
+                    score_rows(qh, (const char *)wide, wide_stride, hi - lo, c->scale, s, F32, D);
+                else
+                    score_rows(qh, rows, row_stride, hi - lo, c->scale, s, kv_dtype, D);
             }
+        }
     }
     for (int64_t i = 0; i < nq; i++) softmax(scores + i * n, n, c->soft_cap);
     /* pass 2: the weighted sum of the values, the same way */
@@ -244,24 +239,18 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         if (t0 + bs < ctx)
             prefetch_rows(kv_row(c, c->value_cache, table[t0 / bs + 1], 0, h0, kv_esize), span);
-        if (widen) {
-            for (int64_t kh = 0; kh < per_item; kh++) {
-                widen_rows(blk + (size_t)(kh * c->stride_head) * 2, row_stride, hi - lo, wide, D);
-                for (int64_t g = 0; g < group; g++) {
-                    const int64_t i = kh * group + g;
-                    accumulate_rows(acc + i * D, scores + i * n + (lo - start),
-                                    (const char *)wide, wide_stride, hi - lo, F32, D);
-                }
-            }
-            continue;
-        }
-        for (int64_t kh = 0; kh < per_item; kh++)
+        for (int64_t kh = 0; kh < per_item; kh++) {
+            const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+            if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
-                const int64_t i = kh * group + g;
-                accumulate_rows(acc + i * D, scores + i * n + (lo - start),
-                                blk + (size_t)(kh * c->stride_head) * kv_esize, row_stride,
-                                hi - lo, kv_dtype, D);
+                float *a = acc + (kh * group + g) * D;
+                const float *p = scores + (kh * group + g) * n + (lo - start);
+                if (widen)
+                    accumulate_rows(a, p, (const char *)wide, wide_stride, hi - lo, F32, D);
+                else
+                    accumulate_rows(a, p, rows, row_stride, hi - lo, kv_dtype, D);
             }
+        }
     }
     for (int64_t i = 0; i < nq; i++) {
         const float *a = acc + i * D;

@@ -377,7 +377,6 @@ static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx,
 
 enum { PRO_NONE = 0, PRO_RMS_NORM = 1, PRO_SILU_MUL = 2, PRO_GELU_TANH_MUL = 3 };
 
-
 struct prologue {
     int kind;
     const void *residual; int64_t r_stride; /* PRO_RMS_NORM: rms_norm's operands */

@@ -73,7 +73,9 @@ class InstanceLoad:
     prefill_tokens_in_progress: int = 0
     """Uncached tokens of the prefill(s) in progress."""
     prefill_work_in_progress: float = 0.0
-    """Their work in token-equivalents."""
+    """What was left of their work (token-equivalents) at ``prefill_started_at``."""
+    in_progress: dict[str, float] = field(default_factory=dict)
+    """The started prefills themselves, in start order: request_id -> work."""
     last_prefill_done_at: float = float("-inf")
     """When the last prefill here finished (rate samples are charged time from there)."""
     rate_before_sample: float = 0.0
@@ -265,6 +267,7 @@ class LoadTracker:
         # Fold what is left of an earlier prefill in progress into the new one.
         remaining = load.pending_prefill_work(now) - load.queued_prefill_work
         load.prefill_work_in_progress = max(0.0, remaining) + tracked.prefill_work
+        load.in_progress[request_id] = tracked.prefill_work
         tracked.started_alone = load.prefill_tokens_in_progress <= 0
         load.prefill_tokens_in_progress += tracked.prefill_tokens
         load.prefill_started_at = now
@@ -282,10 +285,7 @@ class LoadTracker:
         load.prefill_tokens_in_progress = max(
             0, load.prefill_tokens_in_progress - tracked.prefill_tokens
         )
-        load.prefill_work_in_progress = max(
-            0.0, load.prefill_work_in_progress - tracked.prefill_work
-        )
-        load.prefill_started_at = now
+        _end_prefill(load, request_id, now)
         load.num_active_prefill_blocks -= tracked.prompt_blocks
         load.num_prefilled_tokens += tracked.prefill_tokens
         if tracked.decode_instance != tracked.prefill_instance:
@@ -356,9 +356,8 @@ class LoadTracker:
             load.prefill_tokens_in_progress = max(
                 0, load.prefill_tokens_in_progress - tracked.prefill_tokens
             )
-            load.prefill_work_in_progress = max(
-                0.0, load.prefill_work_in_progress - tracked.prefill_work
-            )
+            # (an abort carries no clock: the estimate as of the last event, capped as usual)
+            _end_prefill(load, request_id, load.prefill_started_at)
         load.num_active_prefill_blocks -= tracked.prompt_blocks
 
     @staticmethod
@@ -420,6 +419,22 @@ class LoadTracker:
         for instance_id in self._unlearned:
             load = self.loads[instance_id]
             load.prefill_rate_tps = load.given_rate_tps * scale
+
+
+def _end_prefill(load: InstanceLoad, request_id: str, now: float) -> None:
+    """A started prefill left ``load`` (done or aborted): re-estimate the work still in progress.
+
+    Prefills in progress finish in start order (an engine gives its running prompts the chunk
+    budget first), so what is left when one leaves is the later ones' work, less what the
+    clock says they did beside it (their share of the last chunks). Subtracting the leaver's
+    whole work instead would take off again the part of it already counted as done: an instance
+    that started a long prompt beside the end of another would look idle for its whole prefill.
+    """
+    left = load.prefill_work_in_progress - load.prefill_rate_tps * (now - load.prefill_started_at)
+    load.in_progress.pop(request_id, None)
+    others = sum(load.in_progress.values())
+    load.prefill_work_in_progress = min(left, others) if left > 0 else others
+    load.prefill_started_at = now
 
 
 def _members(tracked: _Tracked) -> set[str]:

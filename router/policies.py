@@ -13,6 +13,10 @@ router applies what they return. Pick one by name with ``create_policy``.
   (cache hit included) of those holding at least as long a cached prefix as the instance
   predicted fastest wins while it is within half the SLO and spends at most a quarter of
   the headroom the request has at the globally fastest instance; otherwise that instance. A
+  patient request (slack, its SLO less its own prefill time, at least twice the tight slack
+  of recent traffic, ``RecentSlack``), while the cluster is busy, leaves the instances that
+  would start a request first to those that cannot wait (``express_lane``) and may wait longer
+  for its cache: instances are FIFO, so only placement gives tight requests precedence. A
   request predicted past its SLO even there goes where it costs least work: the instance
   holding its longest cached prefix (``deepest_holder``). Hot instances shed queued
   requests (DualMap, ICLR'26). The hash key skips hot shared prefixes (a system
@@ -24,6 +28,7 @@ router applies what they return. Pick one by name with ``create_policy``.
 
 from __future__ import annotations
 
+import heapq
 import math
 from abc import ABC, abstractmethod
 from collections import deque
@@ -260,10 +265,45 @@ class HotPrefixes:
         return depth
 
 
+class RecentSlack:
+    """The tight slack of the recent traffic: a low quantile of the last ``window`` requests'
+    slack (TTFT SLO less the request's own prefill time on an idle instance).
+
+    A request whose slack is several times it can wait (DualMap calls it patient). Under one SLO
+    for all, long prompts have little slack and short ones much; under per-request SLOs scaled
+    with the prompt it is the other way round. Recomputed every ``every`` requests (a sort).
+    """
+
+    def __init__(self, window: int = 512, quantile: float = 0.1, every: int = 64) -> None:
+        self.quantile, self.every = quantile, every
+        self._recent: deque[float] = deque(maxlen=window)
+        self._seen = 0
+        self.tight = math.inf
+
+    def observe(self, slack: float) -> None:
+        self._recent.append(slack)
+        self._seen += 1
+        if self._seen % self.every == 1 or self.every == 1:
+            ordered = sorted(self._recent)
+            self.tight = ordered[int(self.quantile * (len(ordered) - 1))]
+
+
 SLO_FRACTION = 0.5
 """DualMap keeps a hash candidate only while its predicted TTFT is within this part of the SLO."""
 HEADROOM_SHARE = 0.25
 """... and spends at most this part of the headroom (SLO - the globally lowest predicted TTFT)."""
+PATIENT_SLO_FRACTION = 0.7
+"""A patient request (slack at least ``PATIENT_SLACK_RATIO`` x the tight one) keeps a candidate
+while within this part of its SLO ..."""
+PATIENT_HEADROOM_SHARE = 0.5
+"""... spending at most this part of its headroom: it can wait for its cache."""
+PATIENT_SLACK_RATIO = 2.0
+"""A request whose slack is at least this multiple of the tight slack is patient."""
+MIN_SLACK_S = 1e-3
+"""Slack is counted from this (a prompt longer than its SLO allows fits only by its cache hit)."""
+EXPRESS_SHARE = 1 / 16
+"""When the cluster is busy, this share of the prefill instances (at least one), those that
+would start a request first, is kept for requests that are not patient."""
 
 
 @register_policy
@@ -281,6 +321,7 @@ class DualMap(Policy):
         super().__init__(config)
         self.rings = DualHashRing(config.virtual_nodes)
         self.hot = HotPrefixes()
+        self.slack = RecentSlack()
 
     def add_instance(self, instance_id: str) -> None:
         self.rings.add(instance_id)
@@ -308,19 +349,56 @@ class DualMap(Policy):
         if fallback_ttft > slo:  # late wherever it goes: place it where it costs least work
             cheapest = deepest_holder(view, request, matches) or fallback
             return Choice(cheapest, candidates, fallback=cheapest not in candidates)
+        own_s = view.prefill_work(request, 0) / view.load(fallback).prefill_rate_tps
+        slack = max(MIN_SLACK_S, slo - own_s)
+        self.slack.observe(slack)
+        patient = slack >= PATIENT_SLACK_RATIO * self.slack.tight
+        express = self.express_lane(view) if patient else frozenset()
+        if fallback in express:  # a patient request leaves the express lane to the others
+            outside, outside_ttft = fastest_outside(view, request, matches, express)
+            if outside and outside_ttft <= PATIENT_SLO_FRACTION * slo:
+                fallback, fallback_ttft = outside, outside_ttft
+            else:
+                express = frozenset()  # it needs the lane itself
         best, best_ttft = "", math.inf
         for candidate in candidates:  # ties: the ring-0 candidate
             matched = matches.get(candidate, 0)
-            if matched < matches.get(fallback, 0):
+            if candidate in express or matched < matches.get(fallback, 0):
                 continue  # affinity never prefills again what the fastest instance holds
             ttft = view.predicted_ttft(candidate, request, matched)
             if ttft < best_ttft:
                 best, best_ttft = candidate, ttft
-        if best and best_ttft <= self.acceptable_ttft(slo, fallback_ttft):
+        # While the lane is kept, a patient request may also wait longer for its cache.
+        if best and best_ttft <= self.acceptable_ttft(slo, fallback_ttft, bool(express)):
             return Choice(best, candidates)
         return Choice(fallback, candidates, fallback=fallback not in candidates)
 
-    def acceptable_ttft(self, slo: float, best_ttft: float) -> float:
+    def express_lane(self, view: ClusterView) -> frozenset[str]:
+        """The instances kept for requests that cannot wait, while the cluster is busy.
+
+        Busy: fewer than ``EXPRESS_SHARE`` of the instances would start a request within the
+        tight slack. Then those that would start one first are kept (their queues drain), so a
+        request with little slack still finds an instance where it starts in time instead of
+        queueing behind prompts that could have waited elsewhere. Instances are FIFO: only
+        placement can give the tight requests precedence. Empty when the cluster is not busy.
+        """
+        loads = view.prefill_loads
+        keep = max(1, int(EXPRESS_SHARE * len(loads)))
+        if len(loads) <= keep:
+            return frozenset()
+        now = view.now
+        waits = heapq.nsmallest(
+            keep + 1,
+            (
+                (load.pending_prefill_work(now) / load.prefill_rate_tps, i)
+                for i, load in enumerate(loads)
+            ),
+        )
+        if waits[keep][0] < self.slack.tight:
+            return frozenset()
+        return frozenset(loads[i].instance_id for _, i in waits[:keep])
+
+    def acceptable_ttft(self, slo: float, best_ttft: float, patient: bool = False) -> float:
         """The highest predicted TTFT at which a hash candidate still wins over the global best.
 
         A candidate keeps the request only while it leaves ``1 - slo_fraction`` of the SLO as
@@ -330,8 +408,12 @@ class DualMap(Policy):
         goes where it starts first. Taking every candidate within the SLO (the original rule) lets
         the two candidates' queues fill up to the SLO while other instances idle; a long prompt
         that only just fits then misses on any error, and one behind it inherits the wait.
+        A patient request (``PATIENT_*``) may wait longer for its cache while the cluster is busy:
+        the instances that start first stay free for the requests that cannot.
         """
         headroom = max(0.0, slo - best_ttft)
+        if patient:
+            return min(PATIENT_SLO_FRACTION * slo, best_ttft + PATIENT_HEADROOM_SHARE * headroom)
         return min(self.slo_fraction * slo, best_ttft + self.headroom_share * headroom)
 
     def rebalance(self, view: ClusterView, move: MoveFn) -> None:
@@ -364,6 +446,20 @@ def deepest_holder(view: ClusterView, request: RouteRequest, matches: dict[str, 
         if ttft < best_ttft or (ttft == best_ttft and view.joined_before(instance_id, best_id)):
             best_id, best_ttft = instance_id, ttft
     return best_id
+
+
+def fastest_outside(
+    view: ClusterView, request: RouteRequest, matches: dict[str, int], excluded: frozenset[str]
+) -> tuple[str, float]:
+    """The instance not in ``excluded`` with the lowest predicted TTFT; ("", inf) if none."""
+    best_id, best_ttft = "", math.inf
+    for instance_id in view.prefill_instances:
+        if instance_id in excluded:
+            continue
+        ttft = view.predicted_ttft(instance_id, request, matches.get(instance_id, 0))
+        if ttft < best_ttft:
+            best_id, best_ttft = instance_id, ttft
+    return best_id, best_ttft
 
 
 def slo_of(request: RouteRequest, config: RouterConfig) -> float:

@@ -49,6 +49,23 @@ def test_lifecycle_counters_are_exact() -> None:
     assert (d0.num_reserved_kv_blocks, d0.num_running_requests) == (0, 0)
 
 
+def test_a_prefill_started_beside_the_end_of_another_keeps_its_instance_busy() -> None:
+    """c starts while a has 100 tokens left (chunked prefill packs both into one step). When a
+    finishes, c's work is still in progress: the instance must not look idle."""
+    loads = tracker()
+    loads.on_add("a", "p0", "d0", prefill_tokens=3000, prompt_blocks=0, kv_blocks=0)
+    loads.on_add("c", "p0", "d0", prefill_tokens=1000, prompt_blocks=0, kv_blocks=0)
+    p0 = loads.get("p0")
+    loads.on_prefill_start("a", now=0.0)
+    loads.on_prefill_start("c", now=2.9)  # a: 100 left; in progress 100 + 1000
+    assert p0.pending_prefill_work(now=2.9) == pytest.approx(1100)
+    loads.on_prefill_done("a", now=3.0)  # 3000 tokens in 3 s: the rate stays 1000 tok/s
+    assert p0.pending_prefill_work(now=3.0) == pytest.approx(1000)  # (was 0: 1100 - 3000)
+    assert p0.predicted_ttft(0, now=3.5) == pytest.approx(0.5)
+    loads.on_prefill_done("c", now=4.0)
+    assert p0.pending_prefill_work(now=4.0) == 0 and p0.in_progress == {}
+
+
 def test_move_queued_moves_work_and_refuses_started_requests() -> None:
     loads = tracker()
     loads.on_add("a", "p0", "d0", 300, 2, 4)

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from splitserve.errors import ConfigError
 from splitserve.router.errors import UnknownPolicyError
-from splitserve.router.policies import DualMap, available_policies, create_policy, routing_key
+from splitserve.router.policies import (
+    DualMap,
+    RecentSlack,
+    available_policies,
+    create_policy,
+    routing_key,
+)
 from splitserve.router.router import Router
 from splitserve.router.schema import InstanceRole, RouterConfig, RouteRequest
 
@@ -234,6 +240,78 @@ def test_dualmap_sends_a_request_late_everywhere_to_its_longest_cached_prefix() 
     assert early.prefill_instance == b and early.predicted_ttft_s == pytest.approx(2.0)
 
 
+def express_setup(deep: int = 7000) -> tuple[Router, RouteRequest, tuple[str, ...], str]:
+    """Six instances: a patient request's candidates ``deep`` tokens (1 s per 1000) deep, three
+    others 1 s, one idle."""
+    router = make_router("dualmap", 6)
+    patient = RouteRequest("patient", 1000, (77,), ttft_slo_s=10.0)  # 1 s alone: slack 9 s
+    a, b = router.policy.candidates(patient)  # type: ignore[attr-defined]
+    others = [i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b)]
+    idle = others[-1]
+    for instance in (a, b):  # 8 s by default: past min(0.7 x 10 s, best + 9 / 2) anywhere
+        load_instance(router, instance, deep, instance)
+    for instance in others[:-1]:
+        load_instance(router, instance, 1000, instance)
+    return router, patient, (a, b), idle
+
+
+def test_dualmap_keeps_the_express_lane_for_a_tight_request_when_busy() -> None:
+    """Every instance but one would start a request after the tight slack: the one that starts
+    first is kept for requests that cannot wait. A patient request (its slack many times the
+    tight one) goes to the fastest other instance, where it still starts well within its SLO,
+    instead of taking the idle one; the tight request that follows starts there at once."""
+    router, patient, (a, b), idle = express_setup()
+    first = router.route(RouteRequest("tight1", 100, (5,), ttft_slo_s=0.5))  # slack 0.4 s
+    assert first.prefill_instance == idle and first.predicted_ttft_s == pytest.approx(0.1)
+    placed = router.route(patient)
+    # Before: the fastest instance anywhere, the idle one (1.1 s), which tight2 needs.
+    assert placed.prefill_instance not in (a, b, idle) and placed.fallback
+    assert placed.predicted_ttft_s == pytest.approx(2.0)
+    tight = router.route(RouteRequest("tight2", 100, (6,), ttft_slo_s=0.5))
+    assert tight.prefill_instance == idle
+    assert tight.predicted_ttft_s == pytest.approx(0.2)  # within 0.5 s: it starts in time
+
+
+def test_dualmap_express_lane_only_while_the_cluster_is_busy() -> None:
+    """With a second instance starting within the tight slack, nothing is kept: the patient
+    request takes the fastest instance as before."""
+    router, patient, (a, b), idle = express_setup()
+    router.route(RouteRequest("tight1", 100, (5,), ttft_slo_s=0.5))  # tight slack 0.4 s
+    spare = next(i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b, idle))
+    router.on_finish(f"fill-{spare}")  # spare idle: starts at once, so the cluster is not busy
+    placed = router.route(patient)
+    assert placed.prefill_instance == spare and placed.fallback
+    assert placed.predicted_ttft_s == pytest.approx(1.0)
+
+
+def test_dualmap_a_patient_request_waits_longer_for_its_cache_while_busy() -> None:
+    """With the express lane kept, a patient request keeps a candidate up to
+    min(0.7 x SLO, best + half the headroom), not min(SLO / 2, best + a quarter of it), with
+    best the fastest instance outside the lane."""
+    router, patient, (a, b), idle = express_setup(deep=4000)  # candidates: 5 s
+    router.route(RouteRequest("tight1", 100, (5,), ttft_slo_s=0.5))  # tight slack 0.4 s
+    placed = router.route(patient)  # best outside the lane 2 s: 5 s > min(5, 4), <= min(7, 6)
+    assert placed.prefill_instance in (a, b) and not placed.fallback
+    assert placed.predicted_ttft_s == pytest.approx(5.0)
+    # Not busy (a second idle instance): the usual bound, so the fastest instance wins.
+    router.on_finish("patient")
+    spare = next(i for i in router.instances(InstanceRole.PREFILL) if i not in (a, b, idle))
+    router.on_finish(f"fill-{spare}")
+    placed = router.route(RouteRequest("patient2", 1000, (77,), ttft_slo_s=10.0))
+    assert placed.prefill_instance == spare and placed.fallback
+
+
+def test_recent_slack_is_a_low_quantile_refreshed_periodically() -> None:
+    slack = RecentSlack(window=10, quantile=0.1, every=5)
+    slack.observe(3.0)
+    assert slack.tight == 3.0  # the first observation sets it
+    for value in (0.5, 9.0, 9.0, 9.0):
+        slack.observe(value)
+    assert slack.tight == 3.0  # not refreshed yet
+    slack.observe(9.0)  # the 6th: refreshed over the window
+    assert slack.tight == 0.5
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     backlogs=st.lists(st.integers(0, 3000), min_size=6, max_size=6),
@@ -272,9 +350,7 @@ def test_dualmap_never_queues_for_affinity_beyond_its_bounds(
         depth = max(matches.values(), default=0)
         if depth:
             assert matches.get(chosen, 0) == depth
-            assert predicted[chosen] == min(
-                predicted[i] for i, n in matches.items() if n == depth
-            )
+            assert predicted[chosen] == min(predicted[i] for i, n in matches.items() if n == depth)
         else:
             assert predicted[chosen] == pytest.approx(best)
     elif best_candidate <= bound:  # the affinity holds: the better candidate keeps it

@@ -386,14 +386,15 @@ class DualMap(Policy):
         keep = max(1, int(EXPRESS_SHARE * len(loads)))
         if len(loads) <= keep:
             return frozenset()
-        now = view.now
-        waits = heapq.nsmallest(
-            keep + 1,
-            (
-                (load.pending_prefill_work(now) / load.prefill_rate_tps, i)
-                for i, load in enumerate(loads)
-            ),
-        )
+        now, waits = view.now, []
+        for i, load in enumerate(loads):  # pending_prefill_work(now) / rate, inlined (hot path)
+            left = 0.0
+            if load.prefill_tokens_in_progress > 0:
+                left = load.prefill_work_in_progress - load.prefill_rate_tps * (
+                    now - load.prefill_started_at
+                )
+            waits.append(((load.queued_prefill_work + abs(left)) / load.prefill_rate_tps, i))
+        waits = heapq.nsmallest(keep + 1, waits)
         if waits[keep][0] < self.slack.tight:
             return frozenset()
         return frozenset(loads[i].instance_id for _, i in waits[:keep])
@@ -451,14 +452,18 @@ def deepest_holder(view: ClusterView, request: RouteRequest, matches: dict[str, 
 def fastest_outside(
     view: ClusterView, request: RouteRequest, matches: dict[str, int], excluded: frozenset[str]
 ) -> tuple[str, float]:
-    """The instance not in ``excluded`` with the lowest predicted TTFT; ("", inf) if none."""
+    """The instance not in ``excluded`` with the lowest predicted TTFT (ties: earliest joined);
+    ("", inf) if none. ``view.predicted_ttft`` of each, with the uncached work computed once."""
+    now, uncached = view.now, view.prefill_work(request, 0)
     best_id, best_ttft = "", math.inf
-    for instance_id in view.prefill_instances:
-        if instance_id in excluded:
+    for load in view.prefill_loads:
+        if load.instance_id in excluded:
             continue
-        ttft = view.predicted_ttft(instance_id, request, matches.get(instance_id, 0))
+        matched = matches.get(load.instance_id, 0)
+        work = view.prefill_work(request, matched) if matched else uncached
+        ttft = (load.pending_prefill_work(now) + work) / load.prefill_rate_tps
         if ttft < best_ttft:
-            best_id, best_ttft = instance_id, ttft
+            best_id, best_ttft = load.instance_id, ttft
     return best_id, best_ttft
 
 

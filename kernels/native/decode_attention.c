@@ -184,6 +184,15 @@ static inline const char *kv_row(const struct call *c, const void *cache, int64_
         + (size_t)(block * c->stride_block + h * c->stride_head + t * c->stride_token) * kv_esize;
 }
 
+/* The rows of KV heads h0.. in the block after the one holding token t0, or NULL past ctx:
+ * what each pass prefetches while it computes the current block. */
+static inline const char *next_block(const struct call *c, const void *cache,
+                                     const int32_t *table, int64_t t0, int64_t ctx, int64_t h0,
+                                     size_t kv_esize) {
+    const int64_t bs = c->block_size;
+    return t0 + bs < ctx ? kv_row(c, cache, table[t0 / bs + 1], 0, h0, kv_esize) : NULL;
+}
+
 /* One work item: query row b (its heads in query and out), attending to the first ctx
  * tokens of the sequence whose block table is `table`, KV heads [h0, h0 + per_item). Inlined
  * once per cache dtype, so the dtype is a constant in the loops. Returns 0, or 1 when its
@@ -222,8 +231,7 @@ static inline __attribute__((always_inline)) int run_item(
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
-        const char *next = t0 + bs < ctx
-            ? kv_row(c, c->key_cache, table[t0 / bs + 1], 0, h0, kv_esize) : NULL;
+        const char *next = next_block(c, c->key_cache, table, t0, ctx, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
             prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
@@ -244,8 +252,7 @@ static inline __attribute__((always_inline)) int run_item(
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
-        const char *next = t0 + bs < ctx
-            ? kv_row(c, c->value_cache, table[t0 / bs + 1], 0, h0, kv_esize) : NULL;
+        const char *next = next_block(c, c->value_cache, table, t0, ctx, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
             prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;

@@ -14,6 +14,16 @@ Prints one table (throughput, TTFT / TPOT / ITL percentiles) and the ratios
 default / single-engine (throughput: higher is better; TPOT: single-engine / default, so
 >= 1 means the default is as fast); ``--json PATH`` writes every figure and the ratios.
 
+Where a server's CPU went during its load (``cpu`` in each run; the table's last rows): the
+threads of the server's process and every process below it (Ray's daemons and workers), read
+from /proc every 0.5 s while the load runs; the split covers the intervals from the first to
+the last in which the server used at least half the cores (not the load tool's start-up). The
+``cores`` busiest threads are the engine's OpenMP team (the engine thread and its workers);
+``engine_team_pct`` is their CPU over that time and the cores, ``others_pct_of_a_core`` the
+CPU of every other thread of the server (HTTP front end, Ray's daemons and core-worker
+threads, ...) over that time, by process in ``others_by_process``. On a machine whose cores the engine fills, every other thread's CPU is
+taken from the engine's team.
+
     python bench/serve_pd_vs_colocated.py [--servers default,single-engine,1p1d,vllm]
         [--num-prompts 64] [--input-len 256] [--output-len 64] [--request-rate inf]
         [--load-tool auto|vllm|splitserve] [--vllm-venv /work/peers/vllm] [--rounds N]
@@ -36,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -174,6 +185,103 @@ def ensure_hf_dir(hf_dir: Path) -> Path:
     return save_hf_folder(hf_dir)
 
 
+def _label(proc: Any) -> str:
+    """A process's name for the CPU table: Ray's process title (``ray::DecodeWorker``), the
+    script or module a Python process runs, else its executable's name."""
+    name = proc.name()
+    try:
+        cmd = proc.cmdline()
+    except Exception:  # gone or not ours
+        return name
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    if name.startswith("python"):
+        if "-m" in cmd[:-1]:
+            return cmd[cmd.index("-m") + 1].rsplit(".", 1)[-1]
+        script = next((c for c in cmd[1:] if c.endswith(".py")), None)
+        if script:
+            return Path(script).name
+    return name
+
+
+def thread_times(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """``(pid, tid) -> (process label, CPU seconds so far)`` of every thread of ``pid`` and
+    of every process below it."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for proc in procs:
+        try:
+            label = _label(proc)
+            for t in proc.threads():
+                out[(proc.pid, t.id)] = (label, t.user_time + t.system_time)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def cpu_split(before: dict[tuple[int, int], tuple[str, float]],
+              after: dict[tuple[int, int], tuple[str, float]],
+              wall_s: float, cores: int) -> dict[str, Any]:
+    """Where the server's CPU went between two ``thread_times`` (see the module's doc)."""
+    used = {k: after[k][1] - before.get(k, ("", 0.0))[1] for k in after}
+    ranked = sorted(used, key=lambda k: used[k], reverse=True)
+    team, others = ranked[:cores], ranked[cores:]
+    by_process: dict[str, float] = {}
+    for k in others:
+        by_process[after[k][0]] = by_process.get(after[k][0], 0.0) + used[k]
+    return {
+        "wall_s": wall_s,
+        "engine_team_pct": 100 * sum(used[k] for k in team) / (wall_s * cores),
+        "others_pct_of_a_core": 100 * sum(used[k] for k in others) / wall_s,
+        "others_by_process": {name: round(100 * sec / wall_s, 2) for name, sec in
+                              sorted(by_process.items(), key=lambda kv: -kv[1]) if sec > 0},
+    }
+
+
+class CpuSampler:
+    """``thread_times`` of a server every ``period_s`` while the load runs (a thread), so the
+    split covers the busy part of the run only: the load tool's own start-up (seconds for
+    vLLM's) leaves the server idle, and that time is not the load's."""
+
+    def __init__(self, pid: int, period_s: float = 0.5) -> None:
+        self.pid, self.period_s = pid, period_s
+        self.samples: list[tuple[float, dict[tuple[int, int], tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), thread_times(self.pid)))
+            if self._stop.wait(self.period_s):
+                self.samples.append((time.monotonic(), thread_times(self.pid)))
+                return
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def split(self, cores: int) -> dict[str, Any]:
+        """``cpu_split`` from the first to the last interval in which the server used at
+        least half the cores."""
+        total = [sum(sec for _, sec in times.values()) for _, times in self.samples]
+        busy = [i for i in range(1, len(self.samples))
+                if total[i] - total[i - 1]
+                >= 0.5 * cores * (self.samples[i][0] - self.samples[i - 1][0])]
+        first, last = (busy[0] - 1, busy[-1]) if busy else (0, len(self.samples) - 1)
+        (t0, before), (t1, after) = self.samples[first], self.samples[last]
+        return cpu_split(before, after, max(t1 - t0, 1e-9), cores)
+
+
 def ratios(results: dict[str, dict[str, Any]], base: str = "single-engine") -> dict[str, Any]:
     """default / single-engine: throughputs, and TPOT / TTFT as base / default (>= 1: as fast)."""
     if "default" not in results or base not in results:
@@ -195,6 +303,11 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = statistics.median(r[key] for r in runs if key in r)
+    cpus = [r["cpu"] for r in runs if "cpu" in r]
+    if cpus:
+        out["cpu"] = dict(cpus[0])  # by process: the first round's
+        for key in ("engine_team_pct", "others_pct_of_a_core"):
+            out["cpu"][key] = statistics.median(c[key] for c in cpus)
     return out
 
 
@@ -260,10 +373,15 @@ def main() -> int:
                 print(f"{name}: {e}", flush=True)
                 continue
             try:
-                res = run_load(tool, port, args, work / f"{name}-{rnd}.json")
+                with CpuSampler(proc.pid) as sampler:
+                    res = run_load(tool, port, args, work / f"{name}-{rnd}.json")
+                res["cpu"] = sampler.split(len(os.sched_getaffinity(0)))
                 runs.setdefault(name, []).append(res)
+                cpu = res["cpu"]
                 print(f"round {rnd + 1}: {name} ({layouts[name]}): {res['output_throughput']:.1f}"
-                      f" out tok/s, median TPOT {res['median_tpot_ms']:.0f} ms", flush=True)
+                      f" out tok/s, median TPOT {res['median_tpot_ms']:.0f} ms; engine team "
+                      f"{cpu['engine_team_pct']:.1f}% of the cores, other threads "
+                      f"{cpu['others_pct_of_a_core']:.1f}% of a core", flush=True)
             except subprocess.CalledProcessError as e:
                 errors[name] = f"load tool failed: {e}"
                 print(f"{name}: {errors[name]}", flush=True)
@@ -298,6 +416,15 @@ def report(results: dict[str, dict[str, Any]], layouts: dict[str, str],
     for k in KEYS:
         cells = " | ".join(f"{results[n].get(k, float('nan')):.1f}" for n in names)
         print(f"| {k} | {cells} |")
+    for k in ("engine_team_pct", "others_pct_of_a_core"):
+        cells = " | ".join(f"{results[n]['cpu'][k]:.1f}" if "cpu" in results[n] else "-"
+                           for n in names)
+        print(f"| cpu: {k} | {cells} |")
+    for name in names:
+        top = list(results[name].get("cpu", {}).get("others_by_process", {}).items())[:8]
+        if top:
+            print(f"  {name}, other threads by process (% of a core): "
+                  + ", ".join(f"{proc} {pct:.1f}" for proc, pct in top))
     if rat:
         print("\ndefault vs single-engine (>= 1: the default is as good; target >= 0.95): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in rat.items()))

@@ -104,3 +104,42 @@ def test_serve_bench_rounds_take_the_median() -> None:
                   "single-engine": base})
     assert got["output_throughput"] == pytest.approx(0.95)
     assert got["median_tpot"] == pytest.approx(0.8)  # single-engine / default: < 1 is slower
+
+
+def test_serve_bench_cpu_split_counts_the_busiest_threads_as_the_engine_team() -> None:
+    """bench/serve_pd_vs_colocated.py: the ``cores`` busiest threads over the load are the
+    engine's team; every other thread's CPU is summed by process, as % of a core."""
+    from bench.serve_pd_vs_colocated import cpu_split, median_result
+
+    before = {(10, 10): ("DecodeWorker", 5.0), (10, 11): ("DecodeWorker", 5.0),
+              (10, 12): ("DecodeWorker", 1.0), (20, 20): ("raylet", 2.0),
+              (30, 30): ("cli", 0.5), (30, 31): ("cli", 0.1)}
+    after = {(10, 10): ("DecodeWorker", 24.0), (10, 11): ("DecodeWorker", 23.5),
+             (10, 12): ("DecodeWorker", 1.2), (20, 20): ("raylet", 2.4),
+             (30, 30): ("cli", 0.8), (30, 31): ("cli", 0.2),
+             (40, 40): ("log_monitor.py", 0.1)}  # started during the load: all of it counts
+    got = cpu_split(before, after, wall_s=20.0, cores=2)
+    assert got["engine_team_pct"] == pytest.approx(100 * 37.5 / 40)
+    assert got["others_pct_of_a_core"] == pytest.approx(100 * 1.1 / 20)
+    assert got["others_by_process"] == pytest.approx(
+        {"raylet": 2.0, "cli": 2.0, "DecodeWorker": 1.0, "log_monitor.py": 0.5})
+    assert list(got["others_by_process"])[0] in ("raylet", "cli")  # largest first
+    runs = [{"output_throughput": 1.0, "cpu": {**got, "engine_team_pct": p}} for p in (90, 80, 95)]
+    assert median_result(runs)["cpu"]["engine_team_pct"] == 90
+
+
+def test_serve_bench_cpu_sampler_splits_over_the_busy_intervals_only() -> None:
+    """The load tool's start-up (server idle) and the tail after the load are left out."""
+    from bench.serve_pd_vs_colocated import CpuSampler
+
+    def snap(team: float, other: float) -> dict[tuple[int, int], tuple[str, float]]:
+        return {(1, 1): ("w", team), (1, 2): ("w", team), (2, 2): ("raylet", other)}
+
+    sampler = CpuSampler(pid=0)  # never started: samples set by hand
+    sampler.samples = [(0.0, snap(0.0, 0.0)), (10.0, snap(0.0, 0.5)),  # tool start-up
+                       (11.0, snap(0.9, 0.55)), (12.0, snap(1.8, 0.6)),  # the load
+                       (13.0, snap(1.8, 0.65))]  # done
+    got = sampler.split(cores=2)
+    assert got["wall_s"] == pytest.approx(2.0)  # 10 s -> 12 s
+    assert got["engine_team_pct"] == pytest.approx(90.0)
+    assert got["others_pct_of_a_core"] == pytest.approx(5.0)  # 0.1 s in 2 s, not 0.6 in 12

@@ -21,8 +21,8 @@ the last in which the server used at least half the cores (not the load tool's s
 ``cores`` busiest threads are the engine's OpenMP team (the engine thread and its workers);
 ``engine_team_pct`` is their CPU over that time and the cores, ``others_pct_of_a_core`` the
 CPU of every other thread of the server (HTTP front end, Ray's daemons and core-worker
-threads, ...) over that time, by process in ``others_by_process``. On a machine whose cores the engine fills, every other thread's CPU is
-taken from the engine's team.
+threads, ...) over that time, by process in ``others_by_process``. On a machine whose cores
+the engine fills, every other thread's CPU is taken from the engine's team.
 
     python bench/serve_pd_vs_colocated.py [--servers default,single-engine,1p1d,vllm]
         [--num-prompts 64] [--input-len 256] [--output-len 64] [--request-rate inf]

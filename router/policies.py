@@ -355,7 +355,7 @@ class DualMap(Policy):
         patient = slack >= PATIENT_SLACK_RATIO * self.slack.tight
         express = self.express_lane(view) if patient else frozenset()
         if fallback in express:  # a patient request leaves the express lane to the others
-            outside, outside_ttft = fastest_outside(view, request, matches, express)
+            outside, outside_ttft = view.best_predicted_ttft(request, matches, exclude=express)
             if outside and outside_ttft <= PATIENT_SLO_FRACTION * slo:
                 fallback, fallback_ttft = outside, outside_ttft
             else:
@@ -447,24 +447,6 @@ def deepest_holder(view: ClusterView, request: RouteRequest, matches: dict[str, 
         if ttft < best_ttft or (ttft == best_ttft and view.joined_before(instance_id, best_id)):
             best_id, best_ttft = instance_id, ttft
     return best_id
-
-
-def fastest_outside(
-    view: ClusterView, request: RouteRequest, matches: dict[str, int], excluded: frozenset[str]
-) -> tuple[str, float]:
-    """The instance not in ``excluded`` with the lowest predicted TTFT (ties: earliest joined);
-    ("", inf) if none. ``view.predicted_ttft`` of each, with the uncached work computed once."""
-    now, uncached = view.now, view.prefill_work(request, 0)
-    best_id, best_ttft = "", math.inf
-    for load in view.prefill_loads:
-        if load.instance_id in excluded:
-            continue
-        matched = matches.get(load.instance_id, 0)
-        work = view.prefill_work(request, matched) if matched else uncached
-        ttft = (load.pending_prefill_work(now) + work) / load.prefill_rate_tps
-        if ttft < best_ttft:
-            best_id, best_ttft = load.instance_id, ttft
-    return best_id, best_ttft
 
 
 def slo_of(request: RouteRequest, config: RouterConfig) -> float:

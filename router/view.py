@@ -62,12 +62,17 @@ class ClusterView:
         )
 
     def best_predicted_ttft(
-        self, request: RouteRequest, matches: dict[str, int], exclude: str | None = None
+        self,
+        request: RouteRequest,
+        matches: dict[str, int],
+        exclude: str | AbstractSet[str] | None = None,
     ) -> tuple[str, float]:
-        """The healthy prefill instance with the lowest predicted TTFT (ties: earliest joined).
+        """The healthy prefill instance with the lowest predicted TTFT (ties: earliest joined),
+        leaving out ``exclude`` (one instance id or a set of them).
 
-        Returns ``("", inf)`` when no instance other than ``exclude`` exists.
+        Returns ``("", inf)`` when no instance outside ``exclude`` exists.
         """
+        excluded = {exclude} if isinstance(exclude, str) else (exclude or set())
         # Hot path (every fallback, every rebalance move): one pass with the uncached work,
         # InstanceLoad.predicted_ttft inlined; then the few instances holding a prefix.
         now, full_work = self.now, self.loads.prefill_work(request.prompt_len, 0)
@@ -78,7 +83,7 @@ class ClusterView:
             if load.prefill_tokens_in_progress > 0:
                 left = load.prefill_work_in_progress - rate * (now - load.prefill_started_at)
             ttft = (load.queued_prefill_work + (left if left > 0 else -left) + full_work) / rate
-            if ttft < best_ttft and load.instance_id != exclude:
+            if ttft < best_ttft and load.instance_id not in excluded:
                 best_load, best_ttft = load, ttft
         best_id = best_load.instance_id if best_load is not None else ""
         loads, kappa, block_size = (
@@ -88,7 +93,7 @@ class ClusterView:
         )
         prompt_len = request.prompt_len
         for instance_id, matched in matches.items():
-            if not matched or instance_id == exclude or instance_id not in self.prefill_set:
+            if not matched or instance_id in excluded or instance_id not in self.prefill_set:
                 continue
             load = loads[instance_id]
             rate = load.prefill_rate_tps

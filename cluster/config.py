@@ -350,7 +350,7 @@ class ClusterConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Activations, float weights and KV dtype; ``auto``: bfloat16 where the processor has
     it natively (each worker checks), float32 otherwise."""
-    quantization: Literal["auto", "none", "int4", "int8"] = "none"
+    quantization: Literal["auto", "none", "int4", "int8", "w4a8"] = "none"
     """Weight format (``EngineConfig.quantization``): ``auto`` serves a GGUF's Q4/Q8 codes."""
     int4_group_size: Literal[32, 64, 128, 256] = 32
     """Columns per scale when quantizing float weights to int4."""

@@ -143,6 +143,8 @@ class Linear:
             self._quantized = quantized_matmul(weight)
             if isinstance(self._quantized, NativeQuantMatmul):
                 self._native = self._quantized
+                if weight.act_bits != 16:  # served so: torch's kernels take bf16 activations
+                    self.format += f":a{weight.act_bits}"
             self._expand_from = (
                 _expand_min_rows() * self._quantized.expand_cost
                 if quant_expansion_enabled() and self._quantized.expandable else 0
@@ -288,11 +290,19 @@ def quantized_matmul(qw: QuantizedWeight) -> Matmul:
             return NativeQuantMatmul(qw)
         except ValueError as e:  # a scale outside float16: torch's kernels serve it
             logger.warning("%s: %s; torch's packed kernel serves it", qw, e)
+    if qw.act_bits != 16 and not _warned_act:
+        _warned_act.append(qw.act_bits)
+        logger.warning("%s: %d-bit activations need the native CPU kernels (%s); torch's "
+                       "kernel serves it with bfloat16 activations", qw, qw.act_bits,
+                       native.status().reason)
     if qw.kind == "int4":
         return Int4Matmul(qw)
     if qw.group_size == qw.shape[1]:
         return Int8ChannelMatmul(qw)
     return Int8GroupMatmul(qw)
+
+
+_warned_act: list[int] = []  # the fallback for 8-bit activations was logged (once a process)
 
 
 def _to_act(x: Tensor) -> Tensor:
@@ -309,11 +319,13 @@ class NativeQuantMatmul:
     def __init__(self, qw: QuantizedWeight) -> None:
         self.rows = int(qw.shape[0])
         self.bits = 4 if qw.kind == "int4" else 8
+        if qw.act_bits == 8:  # int4 only (QuantizedWeight checks): 8-bit activations
+            self.bits |= native.ACT8
         if qw.kind == "int4":
             assert qw.zeros is not None
             self.packed = native.pack_int4_weight(
                 qw.codes(), qw.scales, qw.zeros - 8 * qw.scales, qw.group_size)
-            self._matmul = native.int4_matmul
+            self._matmul = functools.partial(native.int4_matmul, bits=self.bits)
         else:
             self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size)
             self._matmul = native.int8_matmul

@@ -789,17 +789,22 @@ def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int) -> Tensor:
                      -1).reshape(-1).contiguous()
 
 
-def int4_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+def int4_matmul(x: Tensor, packed: Tensor, out_features: int, bits: int = 4) -> Tensor:
     """``x @ W^T`` through a ``pack_int4_weight`` weight: x [M, K] float32 or bfloat16 (rows
     may be strided), the result in x's dtype (each row's activations quantized to 16 bits per
-    group of 32, as ``native/quant_matmul.c`` says)."""
-    return quant_matmul(4, x, packed, out_features)[0]
+    group of 32, as ``native/quant_matmul.c`` says; to 8 bits with ``bits=4 | ACT8``)."""
+    return quant_matmul(bits, x, packed, out_features)[0]
 
 
 def int8_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     """``int4_matmul`` for a ``pack_int8_weight`` weight."""
     return quant_matmul(8, x, packed, out_features)[0]
 
+
+ACT8 = 16
+"""Added to ``bits`` (int4 weights only): each row's activations quantized to 8 bits per group
+of 32 (``max|x| / 127`` steps, as llama.cpp's Q4 x Q8 dot products) instead of 16, one byte
+dot product per code instead of two: ``quant_matmul.c``'s ``QM_ACT8``."""
 
 PROLOGUES = {"rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 """What ``quant_matmul`` can compute from x before the projection, in the same call."""
@@ -817,9 +822,12 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
     lib = _loaded()
     m = x.shape[0]
     k = x.shape[1] // 2 if prologue in ("silu", "gelu_tanh") else x.shape[1]
-    per_group = _INT4_GROUP_BYTES if bits == 4 else _INT8_GROUP_BYTES
+    wbits = bits & ~ACT8
+    if bits not in (4, 8, 4 | ACT8):
+        raise KernelInputError(f"quant_matmul takes bits 4, 8 or 4 | ACT8, got {bits}")
+    per_group = _INT4_GROUP_BYTES if wbits == 4 else _INT8_GROUP_BYTES
     if packed.numel() * INT4_BLOCK * INT4_GROUP != n * k * per_group:
-        raise KernelInputError(f"packed int{bits} weight of {n} x {k} values expected, got "
+        raise KernelInputError(f"packed int{wbits} weight of {n} x {k} values expected, got "
                                f"{packed.numel()} bytes")
     assert lib is not None and x.dtype in _DTYPES, "quantized matmul operands"
     if x.stride(1) != 1:
@@ -840,8 +848,8 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
         res_out.data_ptr() if res_out is not None else None,
         packed.data_ptr(), n, y.data_ptr(), dt, n, torch.get_num_threads())
     if rc:
-        raise MemoryError(f"int{bits}_matmul: could not allocate the quantized activations")
-    calls[f"int{bits}_matmul"] += 1
+        raise MemoryError(f"int{wbits}_matmul: could not allocate the quantized activations")
+    calls[f"int{wbits}_matmul" + ("_a8" if bits & ACT8 else "")] += 1
     return y, res_out
 
 

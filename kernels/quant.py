@@ -62,6 +62,10 @@ class QuantizedWeight:
     """Float dtype the weight stands for (activations and dequantized values use it)."""
     source: str = "rtn"
     """Where the codes come from: a GGUF type name (``Q4_1``...) or ``rtn``."""
+    act_bits: int = 16
+    """Bits each row's activations are quantized to per group of 32 by the native CPU kernel
+    (``native/quant_matmul.c``): 16 (the default), or 8 for int4 weights (``quantization=
+    "w4a8"``: one byte dot product per code, as llama.cpp's Q4 x Q8)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,6 +77,9 @@ class QuantizedWeight:
             raise ValueError(f"scales shape {tuple(self.scales.shape)} != {(n, k // self.group_size)}")
         if (self.zeros is None) != (self.kind == "int8"):
             raise ValueError("int4 weights need zeros, int8 weights take none")
+        if self.act_bits not in (8, 16) or (self.act_bits == 8 and self.kind != "int4"):
+            raise ValueError(f"act_bits must be 16, or 8 for int4 weights; got {self.act_bits} "
+                             f"for {self.kind}")
 
     # ------------------------------------------------------------------ tensor-like surface
 
@@ -196,6 +203,7 @@ def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     same = all(
         p.kind == first.kind and p.group_size == first.group_size and p.dtype == first.dtype
         and p.shape[1] == first.shape[1] and p.device == first.device
+        and p.act_bits == first.act_bits
         for p in parts
     )
     if not same:
@@ -204,7 +212,7 @@ def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     sources = sorted({p.source for p in parts})
     return QuantizedWeight(
         first.kind, torch.cat([p.qdata for p in parts]), torch.cat([p.scales for p in parts]),
-        zeros, first.group_size, first.dtype, "+".join(sources),
+        zeros, first.group_size, first.dtype, "+".join(sources), first.act_bits,
     )
 
 

@@ -67,8 +67,10 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32",
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="activations and KV; auto: bfloat16 where the CPU has it natively")
-    parser.add_argument("--quantization", default="none", choices=["auto", "none", "int4", "int8"],
-                        help="weights: auto serves a GGUF's Q4/Q8 codes; int4/int8 quantize at load")
+    parser.add_argument("--quantization", default="none",
+                        choices=["auto", "none", "int4", "int8", "w4a8"],
+                        help="weights: auto serves a GGUF's Q4/Q8 codes; int4/int8 quantize at "
+                             "load; w4a8: int4 with 8-bit activations (faster, less exact)")
     parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256])
 
 

@@ -50,6 +50,8 @@
 #define G4_BYTES (QB * QG / 2 + 2 * QB * 2) /* 320 */
 #define G8_BYTES (QB * QG + QB * 2)         /* 544 */
 #define QMAX 32767
+#define QMAX8 127 /* 8-bit activations (QM_ACT8) */
+#define QM_ACT8 16 /* added to bits: int4 weights times activations quantized to 8 bits */
 #define MT 4 /* rows of x per tile */
 #define NBMAX 4 /* blocks per tile: 4 for one row (8 independent chains), 2 for MT rows */
 #define PARALLEL_MACS (1 << 18)
@@ -68,9 +70,10 @@ static inline float half_to_f32(uint16_t h) {
  * trick (to nearest, ties to even) so plain C vectorizes and every build gives the same
  * codes. A NaN or infinite value makes its group's dx non-finite, so the outputs it touches
  * are too. */
-static void quantize_row(const void *x, int dtype, int64_t K, int16_t *restrict qx,
+static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *restrict qx,
                          uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
 {
+    const int32_t qmax = A8 ? QMAX8 : QMAX;
     for (int64_t g = 0; g < K / QG; g++) {
         float v[QG];
         uint32_t top = 0;
@@ -80,17 +83,18 @@ static void quantize_row(const void *x, int dtype, int64_t K, int16_t *restrict 
             top = a > top ? a : top; /* integer max: order-free, a NaN wins */
         }
         const float amax = bits_f32(top);
-        const float id = amax > 0.0f && top < 0x7f800000u ? (float)QMAX / amax : 0.0f;
+        const float id = amax > 0.0f && top < 0x7f800000u ? (float)qmax / amax : 0.0f;
         int32_t s = 0;
         for (int i = 0; i < QG; i++) {
             int32_t q = (int32_t)(f32_bits(v[i] * id + 12582912.0f) - 0x4b400000u);
-            q = q > QMAX ? QMAX : (q < -QMAX ? -QMAX : q);
+            q = q > qmax ? qmax : (q < -qmax ? -qmax : q);
             qx[g * QG + i] = (int16_t)q;
-            xhl[2 * g * QG + i] = (uint8_t)(q >> 8);       /* xh: signed high byte */
-            xhl[2 * g * QG + QG + i] = (uint8_t)(q & 0xff); /* xl: unsigned low byte */
+            /* xh: signed high byte, xl: unsigned low byte; 8-bit: xh is the code itself */
+            xhl[2 * g * QG + i] = (uint8_t)(A8 ? q & 0xff : q >> 8);
+            xhl[2 * g * QG + QG + i] = (uint8_t)(A8 ? 0 : q & 0xff);
             s += q;
         }
-        dx[g] = amax / (float)QMAX;
+        dx[g] = amax / (float)qmax;
         sx[g] = dx[g] * (float)s;
     }
 }
@@ -139,7 +143,7 @@ static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 
 /* Rows [m0, m0 + R) of the output x blocks [b0, b0 + NB) (16 output rows each); BITS 4 or 8. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
     const int NB)
 {
@@ -169,19 +173,23 @@ static inline __attribute__((always_inline)) void tile(
                     const uint8_t *xr = hl + 2 * r * K + 8 * t;
                     const __m512i ha = _mm512_set1_epi32(quad_at(xr));
                     const __m512i hc = _mm512_set1_epi32(quad_at(xr + 4));
-                    const __m512i la = _mm512_set1_epi32(quad_at(xr + QG));
-                    const __m512i lc = _mm512_set1_epi32(quad_at(xr + QG + 4));
                     for (int b = 0; b < NB; b++) {
                         is[r][b] = dot4(is[r][b], lo[b], ha); /* codes unsigned, xh signed */
                         is[r][b] = dot4(is[r][b], hi[b], hc);
+                    }
+                    if (A8) continue; /* the 8-bit code is all of x: no low bytes */
+                    const __m512i la = _mm512_set1_epi32(quad_at(xr + QG));
+                    const __m512i lc = _mm512_set1_epi32(quad_at(xr + QG + 4));
+                    for (int b = 0; b < NB; b++) {
                         il[r][b] = dot4(il[r][b], la, lo[b]); /* xl unsigned, codes signed */
                         il[r][b] = dot4(il[r][b], lc, hi[b]);
                     }
                 }
             }
-            for (int r = 0; r < R; r++)
-                for (int b = 0; b < NB; b++)
-                    is[r][b] = _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
+            if (!A8)
+                for (int r = 0; r < R; r++)
+                    for (int b = 0; b < NB; b++)
+                        is[r][b] = _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
         } else {
             for (int t = 0; t < 8; t++) {
                 __m512i wv[NBMAX][2];
@@ -222,7 +230,7 @@ static inline __attribute__((always_inline)) void tile(
 #elif QM_LANES == 8
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
     const int NB)
 {
@@ -239,7 +247,7 @@ static inline __attribute__((always_inline)) void tile(
                 if (BITS == 4) { /* rows 8h..8h+7: bytes 32h..32h+31 of each chunk */
                     const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
                     const __m256i one = _mm256_set1_epi16(1), low8 = _mm256_set1_epi8(0x0f);
-                    for (int pass = 0; pass < 2; pass++) {
+                    for (int pass = 0; pass < (A8 ? 1 : 2); pass++) {
                         for (int t = 0; t < 4; t++) {
                             const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * t + 32 * h));
                             const __m256i lo = _mm256_and_si256(v, low8);
@@ -254,7 +262,7 @@ static inline __attribute__((always_inline)) void tile(
                                 is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(p, one));
                             }
                         }
-                        if (pass == 0)
+                        if (pass == 0 && !A8)
                             for (int r = 0; r < R; r++) is[r][h] = _mm256_slli_epi32(is[r][h], 8);
                     }
                 } else {
@@ -293,7 +301,7 @@ static inline __attribute__((always_inline)) void tile(
 
 #else
 /* Scalar: the same integer sums and the same fused multiply-adds per group. */
-static void tile(const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
                  const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0,
                  const int R, const int NB)
 {
@@ -338,7 +346,7 @@ static void tile(const int BITS, const int16_t *qx, const uint8_t *xhl, const fl
 
 /* Rows [m_lo, m_hi) x blocks [b_lo, b_hi): tiles of MT rows x 2 blocks (constants inlined). */
 static inline __attribute__((always_inline)) void rows_blocks(
-    const int BITS, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo, int64_t m_hi,
     int64_t b_lo, int64_t b_hi)
 {
@@ -347,14 +355,14 @@ static inline __attribute__((always_inline)) void rows_blocks(
         int64_t m = m_lo;
         for (; m + MT <= m_hi; m += MT)
             for (int64_t c = b; c < b + nb; c += 2) {
-                if (c + 2 <= b + nb) tile(BITS, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 2);
-                else tile(BITS, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 1);
+                if (c + 2 <= b + nb) tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 2);
+                else tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 1);
             }
         for (; m < m_hi; m++) {
-            if (nb == 4) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 4);
-            else if (nb == 3) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 3);
-            else if (nb == 2) tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
-            else tile(BITS, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
+            if (nb == 4) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 4);
+            else if (nb == 3) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 3);
+            else if (nb == 2) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
+            else tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
         }
     }
 }
@@ -363,14 +371,21 @@ static void rows_blocks4(const int16_t *qx, const uint8_t *xhl, const float *dx,
                          const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
                          int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(4, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(4, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+}
+
+static void rows_blocks4a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                           int64_t m_hi, int64_t b_lo, int64_t b_hi)
+{
+    rows_blocks(4, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
 }
 
 static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
                          const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
                          int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(8, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(8, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
 }
 
 #define ROW_CHUNK 32 /* rows of x per work item */
@@ -412,6 +427,9 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                             int64_t x_stride, const struct prologue *pro, const uint8_t *w,
                             int64_t N, void *y, int ydt, int64_t y_stride, int num_threads)
 {
+    const int A8 = (bits & QM_ACT8) != 0;
+    bits &= ~QM_ACT8;
+    if (A8 && bits != 4) return -2;
     const int64_t G = K / QG, NBLK = N / QB;
     if (M == 0) return 0;
     void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
@@ -433,7 +451,7 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
             if (pro->kind != PRO_NONE && row == NULL) { failed = 1; continue; }
             int dt;
             const void *in = prologue_row(pro, x, xdt, m, K, x_stride, row, &dt);
-            quantize_row(in, dt, K, qx + m * K, xhl + 2 * m * K, dx + m * G, sx + m * G);
+            quantize_row(in, dt, K, A8, qx + m * K, xhl + 2 * m * K, dx + m * G, sx + m * G);
         }
         if (!failed) {
 #pragma omp for schedule(static)
@@ -442,7 +460,8 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                 const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
                 const int64_t m_lo = mc * ROW_CHUNK;
                 const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-                if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                if (A8) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                else if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
                 else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
             }
         }

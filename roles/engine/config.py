@@ -8,7 +8,7 @@ from splitserve.errors import ConfigError
 from splitserve.roles.engine.speculative import SpeculativeConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_QUANTIZATIONS = ("auto", "none", "int4", "int8")
+_QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -44,7 +44,8 @@ class EngineConfig:
     on a CPU with native bf16 (flags + a matmul probe) or a GPU, float32 otherwise)."""
     quantization: str = "none"
     """Weight format: none (float), auto (a GGUF's own Q4/Q8 codes; HF folders stay float),
-    int4 or int8 (projections quantized at load; see roles/models/quantize.py)."""
+    int4 or int8 (projections quantized at load; see roles/models/quantize.py), w4a8 (int4's
+    weights with activations quantized to 8 bits on CPU: faster, less exact)."""
     int4_group_size: int = 32
     """Columns per scale when quantizing float weights to int4 (32 or 128 usually)."""
     device: str = "cpu"

@@ -82,9 +82,11 @@ def _auto(kind: str) -> DtypeChoice:
 
 
 def weight_format(t: Any) -> str:
-    """Storage format name of one checkpoint tensor (``int4:Q4_1``, ``int8``, ``float32``...)."""
+    """Storage format name of one checkpoint tensor (``int4:Q4_1``, ``int8``, ``float32``...;
+    ``:a8`` after an int4 weight asked to run with 8-bit activations, ``quantization="w4a8"``)."""
     if isinstance(t, QuantizedWeight):
-        return t.kind if t.source == "rtn" else f"{t.kind}:{t.source}"
+        name = t.kind if t.source == "rtn" else f"{t.kind}:{t.source}"
+        return name if t.act_bits == 16 else f"{name}:a{t.act_bits}"
     return str(t.dtype).removeprefix("torch.")
 
 

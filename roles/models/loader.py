@@ -335,7 +335,7 @@ def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, f
 def _gguf_quantized(tensor, name: str, config: ModelConfig, dtype: torch.dtype, fmt: WeightFormat):  # type: ignore[no-untyped-def]
     """The tensor served from its codes (rows back in Hugging Face order), or None."""
     type_name = tensor.tensor_type.name
-    if fmt.quantization == "auto" and type_name not in GGUF_FLOAT and type_name not in GGUF_NATIVE:
+    if fmt.gguf_weights == "auto" and type_name not in GGUF_FLOAT and type_name not in GGUF_NATIVE:
         warn_dequantized(tensor.name, type_name)
     if not fmt.keeps_gguf(type_name) or len(tensor.shape) != 2:
         return None

@@ -1,16 +1,20 @@
 """native.int4_matmul / int8_matmul (``kernels/native/quant_matmul.c``): integer dot products
-against activations quantized to 16 bits per group of 32. Equal to the float64 product of the
+against activations quantized to 16 bits per group of 32 (8 bits for int4 with ``ACT8``). Equal to the float64 product of the
 quantized activations and the weight's values; a row's bits never depend on its batch, the
 thread count or the dtype path; kernels.linear serves int4 and int8 weights through them."""
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from splitserve.kernels import native
+from splitserve.kernels.cpu_features import cpu_flags
 from splitserve.kernels.linear import Int4Matmul, Linear, NativeQuantMatmul
 from splitserve.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
@@ -22,12 +26,12 @@ def _built() -> None:
     assert native.status().available, native.status().reason  # the suite installs gcc
 
 
-def _quantized_x(x: torch.Tensor) -> torch.Tensor:
-    """What the kernel multiplies by: each group of 32 rounded to 32767 steps of its max."""
+def _quantized_x(x: torch.Tensor, qmax: int = 32767) -> torch.Tensor:
+    """What the kernel multiplies by: each group of 32 rounded to qmax steps of its max."""
     xf = x.float().view(x.shape[0], -1, 32)
     amax = xf.abs().amax(-1, keepdim=True)
-    q = torch.round(xf * torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax)))
-    return (q.clamp(-32767, 32767) * (amax / 32767)).view(x.shape).double()
+    q = torch.round(xf * torch.where(amax > 0, qmax / amax, torch.zeros_like(amax)))
+    return (q.clamp(-qmax, qmax) * (amax / qmax)).view(x.shape).double()
 
 
 def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
@@ -69,11 +73,29 @@ def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int,
     assert float((y.double() - x.double() @ w.t()).abs().max()) < 1e-3 * scale
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(m: int, k: int, n: int) -> None:
+    """``4 | ACT8``: each group of 32 rounded to 127 steps of its max (llama.cpp's Q8 rows), so
+    the result is that product to float32 sums, and visibly not the 16-bit kernel's."""
+    _, packed, w = _int4(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    before = native.calls["int4_matmul_a8"]
+    y = native.int4_matmul(x, packed, n, bits=4 | native.ACT8)
+    assert native.calls["int4_matmul_a8"] == before + 1
+    want = _quantized_x(x, 127) @ w.t()
+    scale = float(want.abs().max())
+    assert float((y.double() - want).abs().max()) < 1e-5 * scale
+    # 8-bit rounding is ~256x coarser than 16-bit: far from the 16-bit product
+    err16 = float((_quantized_x(x) @ w.t() - y.double()).abs().max())
+    assert err16 > 1e-4 * scale, err16
+
+
+@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8])
 def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits: int) -> None:
     n, k = 272, 576
-    packed = _int4(n, k, 1)[1] if bits == 4 else _int8(n, k, 1)[0]
-    fn = native.int4_matmul if bits == 4 else native.int8_matmul
+    packed = _int4(n, k, 1)[1] if bits != 8 else _int8(n, k, 1)[0]
+    fn = (functools.partial(native.int4_matmul, bits=bits) if bits != 8
+          else native.int8_matmul)
     x = torch.randn(130, k)
     whole = fn(x, packed, n)
     for size in (1, 2, 3, 4, 5, 31, 33, 64):
@@ -116,6 +138,11 @@ def test_bad_operands_are_named() -> None:
     _, packed, _ = _int4(16, 64, 3)
     with pytest.raises(native.KernelInputError, match="16 x 128"):
         native.int4_matmul(torch.randn(1, 128), packed, 16)
+    with pytest.raises(native.KernelInputError, match="bits 4, 8 or 4 | ACT8, got 24"):
+        native.quant_matmul(8 | native.ACT8, torch.randn(1, 64), packed, 16)
+    with pytest.raises(ValueError, match="act_bits must be 16, or 8 for int4 weights"):
+        QuantizedWeight("int8", torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 1), None,
+                        64, act_bits=8)
 
 
 def test_linear_serves_int4_and_int8_natively(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,20 +177,34 @@ from tests.kernels.test_native import _quant_operands
 i4, i8, x = _quant_operands()
 print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
                   "int4": native.int4_matmul(x, i4, 48).tolist(),
-                  "int8": native.int8_matmul(x, i8, 48).tolist()}))
+                  "int8": native.int8_matmul(x, i8, 48).tolist(),
+                  "int4a8": native.int4_matmul(x, i4, 48, bits=4 | native.ACT8).tolist()}))
 """
 
 
-def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path) -> None:
-    """-march=x86-64 (no AVX2) builds the scalar path: the same integer sums and FMAs, so the
-    same bits as this machine's vector build (the AVX2 build: test_native.py)."""
+@pytest.mark.parametrize("cflags,lanes", [
+    ("-march=x86-64", 1),
+    pytest.param("-mno-avx512vnni", 16, marks=pytest.mark.skipif(
+        "avx512bw" not in cpu_flags(), reason="an AVX-512 build needs an AVX-512 machine")),
+])
+def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str,
+                                                     lanes: int) -> None:
+    """-march=x86-64 (no AVX2) builds the scalar path, -mno-avx512vnni AVX-512 without byte
+    dot products (vpmaddubsw + vpmaddwd): the same integer sums and FMAs, so the same bits
+    as this machine's build (the AVX2 build: test_native.py)."""
     from tests.kernels.test_native import _quant_operands, run_other_build
 
-    out = run_other_build(_SCALAR_BUILD, "-march=x86-64", tmp_path)
-    assert out["lanes"] == 1 and "-march=x86-64" in out["reason"], out
+    out = run_other_build(_SCALAR_BUILD, cflags, tmp_path)
+    assert out["lanes"] == lanes and cflags in out["reason"], out
+    if lanes == 16 and shutil.which("objdump"):  # the byte dot product really is not used
+        dump = subprocess.run(["objdump", "-d", out["reason"].split()[1]], capture_output=True,
+                              text=True, timeout=60, check=True).stdout
+        assert "zmm" in dump and "vpdpbusd" not in dump
     i4, i8, x = _quant_operands()
     assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))
     assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))
+    assert torch.equal(native.int4_matmul(x, i4, 48, bits=4 | native.ACT8),
+                       torch.tensor(out["int4a8"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

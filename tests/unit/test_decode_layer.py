@@ -25,6 +25,7 @@ def _run(llm: LLM) -> list[tuple[list[int], Any]]:
 
 @pytest.mark.parametrize("family,quantization,dtype", [
     ("llama", "int4", "float32"), ("qwen3", "int8", "bfloat16"), ("phi3", "int4", "float32"),
+    ("llama", "w4a8", "bfloat16"),
 ])
 def test_one_call_layers_give_the_bits_of_the_separate_calls(
     tmp_path: Path, tokenizer_dir: Path, tiny_model_dir: Path, family: str, quantization: str,

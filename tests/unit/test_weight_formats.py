@@ -15,7 +15,7 @@ from splitserve.errors import ConfigError, ModelLoadError
 from splitserve.kernels.quant import QuantizedWeight
 from splitserve.roles.engine import precision
 from splitserve.roles.models.loader import load_model
-from splitserve.roles.models.quantize import WeightFormat, is_projection
+from splitserve.roles.models.quantize import WeightFormat, is_projection, quantize_checkpoint
 
 PROMPT = list(range(100, 124))
 
@@ -99,7 +99,7 @@ def test_int4_refuses_a_shape_naming_the_layer(tmp_path: Path, tokenizer_dir: Pa
 
 
 def test_bad_options_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="quantization"):
+    with pytest.raises(ConfigError, match="quantization must be one of .*w4a8.*int3"):
         LLM(quantization="int3")
     with pytest.raises(ConfigError, match="int4_group_size"):
         LLM(quantization="int4", int4_group_size=48)
@@ -187,6 +187,18 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     none = loader._gguf_quantized(by_name["blk.0.ffn_up.weight"], "x", cfg, torch.float32,
                                   WeightFormat("none"))
     assert none is None
+    # w4a8: the codes auto keeps, the int4 ones marked for 8-bit activations, Q8_0 not
+    fmt = WeightFormat("w4a8")
+    kept = {name: loader._gguf_quantized(t, loader._hf_name(name), cfg, torch.float32, fmt)
+            for name, t in by_name.items()}
+    assert kept["blk.0.ffn_down.weight"] is None
+    weights = {k: v for k, v in kept.items() if v is not None}
+    weights["model.layers.0.mlp.extra.weight"] = torch.randn(16, 64)  # float stays float
+    quantize_checkpoint(weights, fmt, torch.float32, tied=False)
+    assert weights["blk.0.ffn_up.weight"].act_bits == 8  # type: ignore[union-attr]
+    assert weights["blk.0.ffn_gate.weight"].act_bits == 16  # type: ignore[union-attr]
+    assert isinstance(weights["model.layers.0.mlp.extra.weight"], torch.Tensor)
+    assert precision.weight_format(weights["blk.0.ffn_up.weight"]) == "int4:Q4_1:a8"
 
 
 def test_version_reports_formats(tiny_model_dir: Path) -> None:
@@ -207,3 +219,42 @@ def test_version_reports_formats(tiny_model_dir: Path) -> None:
     assert body["dtype"] == want and body["dtype_requested"] == "auto"
     assert body["quantization"] == "int8" and body["weight_formats"]["int8"] == 2 * 7 + 1
     assert "version" in body and body["dtype_reason"]
+
+
+def test_w4a8_serves_int4_weights_with_8_bit_activations(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``quantization="w4a8"``: int4's weights, each marked for 8-bit activations, served by
+    the native kernel's ``ACT8`` path (counted); a row's tokens do not depend on its batch;
+    the logits stay near the dequantized reference; without the native kernels torch's int4
+    kernel serves the weights with bf16 activations, after a warning."""
+    from splitserve.kernels import native
+
+    loaded = load_model(tiny_model_dir, torch.float32, WeightFormat("w4a8"))
+    quantized = [v for v in loaded.weights.values() if isinstance(v, QuantizedWeight)]
+    assert len(quantized) == 2 * 7 + 1 and all(
+        q.kind == "int4" and q.act_bits == 8 for q in quantized)
+    reference = {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
+                 for k, v in loaded.weights.items()}
+    got = _logits(loaded.config, loaded.weights, PROMPT)
+    want = _logits(loaded.config, reference, PROMPT)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99
+
+    llm = LLM(str(tiny_model_dir), quantization="w4a8", num_kv_blocks=16)
+    info = llm.engine.info()
+    assert info["quantization"] == "w4a8" and info["weight_formats"]["int4:a8"] == 15, info
+    layer = llm.engine.runner.model.layers[0]  # type: ignore[attr-defined]
+    assert layer.attn.qkv.format == "int4:a8" and layer.attn.qkv._native.bits == 4 | native.ACT8
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    before = native.calls["int4_matmul_a8"] + native.calls["decode_layer"]
+    alone = llm.generate([PROMPT], params)[0].outputs[0].token_ids
+    assert native.calls["int4_matmul_a8"] + native.calls["decode_layer"] > before
+    batch = llm.generate([PROMPT[:7], PROMPT, PROMPT[3:]], params)
+    assert batch[1].outputs[0].token_ids == alone
+
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", "torch")
+    monkeypatch.setattr("splitserve.kernels.linear._warned_act", [])
+    with caplog.at_level(logging.WARNING):
+        fallback = LLM(str(tiny_model_dir), quantization="w4a8", num_kv_blocks=16)
+    assert fallback.engine.runner.model.layers[0].attn.qkv.format == "int4"  # type: ignore[attr-defined]
+    assert "8-bit activations need the native CPU kernels" in caplog.text

@@ -16,7 +16,8 @@ format. What each format runs (measured in ``bench/engine_throughput.py``):
 - bfloat16 / float16 / other devices: ``F.linear``.
 - int4 and int8 on CPU where the native kernels build (default; ``SPLITSERVE_CPU_INT4=torch``
   keeps torch's kernels below): ``native.int4_matmul`` / ``int8_matmul``, integer dot
-  products against each row's activations quantized to 16 bits per group of 32, the same
+  products against each row's activations quantized to 16 bits per group of 32 (8 bits for
+  int4 weights marked ``act_bits=8``: ``quantization="w4a8"``), the same
   kernel for every row count (no expansion, so a row's bits never depend on its batch).
   Against torch's int4 kernel here: 1.5-2.7x at one row, 2x from 64 rows on; next-token KL
   of the embedded Q4_1 model against its fp32-dequantized reference 0.0012 (torch's bf16

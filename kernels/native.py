@@ -39,8 +39,9 @@
 
 - ``int4_matmul`` / ``int8_matmul`` / ``quant_matmul`` (``native/quant_matmul.c``): int4
   and int8 projections by integer dot products against each row's activations quantized to
-  16 bits per group of 32 (exact int32 group sums, so every row count, thread and build gives
-  a row the same bits), optionally computing their input in the same call (RMSNorm with its
+  16 bits per group of 32 (8 bits for int4 weights with ``ACT8``: ``quantization="w4a8"``;
+  exact int32 group sums, so every row count, thread and build gives a row the same bits),
+  optionally computing their input in the same call (RMSNorm with its
   residual add; a gated activation). torch's int4 kernel ran 1.5-2.7x slower at one row and
   ~2x from 64 rows on here.
 - ``decode_layer`` (``native/quant_matmul.c``): a pre-norm layer's decode step with

@@ -141,6 +141,49 @@ static inline __attribute__((always_inline)) void accumulate_rows(
     for (int64_t c = 0; c < D / LANES; c++) memcpy(acc + c * LANES, &a[c], sizeof a[c]);
 }
 
+/* accumulate_rows for the G query heads of one KV head at once (head g: acc + g * D, its
+ * probabilities p + g * p_stride): each value row is read (and widened) once for all of them,
+ * into registers, where G * D / 16 <= 16. Per head the same multiply-adds in the same order
+ * as accumulate_rows, so the same bits. */
+static inline __attribute__((always_inline)) void accumulate_rows_group(
+    float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
+    int64_t stride, int64_t count, const int dtype, const int64_t D, const int G)
+{
+    const size_t esize = dtype == BF16 ? 2 : 4;
+    const int64_t C = D / LANES;
+    v16f a[16];
+    for (int g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) memcpy(&a[g * C + c], acc + g * D + c * LANES, sizeof a[0]);
+    for (int64_t j = 0; j < count; j++) {
+        const char *row = v + j * stride;
+        v16f r[16];
+        for (int64_t c = 0; c < C; c++) r[c] = load16(row + (size_t)(c * LANES) * esize, dtype);
+        for (int g = 0; g < G; g++) {
+            const float pj = p[g * p_stride + j];
+            for (int64_t c = 0; c < C; c++) a[g * C + c] += pj * r[c];
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int64_t c = 0; c < C; c++) memcpy(acc + g * D + c * LANES, &a[g * C + c], sizeof a[0]);
+}
+
+/* accumulate_rows_group with G a constant (1-8); 0 when G * D / 16 > 16 (the caller then
+ * runs accumulate_rows per head). */
+static inline __attribute__((always_inline)) int accumulate_group(
+    float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
+    int64_t stride, int64_t count, const int dtype, const int64_t D, int64_t group)
+{
+    if (group * (D / LANES) > 16) return 0;
+    switch (group) {
+    case 1: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 1); return 1;
+    case 2: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 2); return 1;
+    case 3: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 3); return 1;
+    case 4: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 4); return 1;
+    case 8: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 8); return 1;
+    default: return 0;
+    }
+}
+
 /* Ask for part `part` of `parts` of the next block's rows of this item (`bytes` from p) while
  * the current block is computed: blocks sit at random places in the pool, beyond what the
  * hardware prefetchers guess. Into L2 (prefetcht1), and one KV head's share at a time: a
@@ -256,6 +299,9 @@ static inline __attribute__((always_inline)) int run_item(
         for (int64_t kh = 0; kh < per_item; kh++) {
             prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+            if (accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start), n,
+                                 rows, row_stride, hi - lo, kv_dtype, D, group))
+                continue;
             if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
                 float *a = acc + (kh * group + g) * D;

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -509,6 +510,11 @@ def test_values_schema_offers_only_cluster_config_settings() -> None:
     values_schema = json.loads((CHART / "values.schema.json").read_text())
     cluster = values_schema["properties"]["cluster"]["properties"]
     assert set(cluster) == set(ClusterConfig.model_fields) - {"roles"}
+    for name in ("dtype", "quantization"):  # the chart offers exactly the formats serve takes
+        allowed = typing.get_args(ClusterConfig.model_fields[name].annotation)
+        assert set(cluster[name]["enum"]) <= set(allowed), name
+    assert set(cluster["quantization"]["enum"]) == set(
+        typing.get_args(ClusterConfig.model_fields["quantization"].annotation))
     assert set(cluster["kv_transfer"]["properties"]) == set(KvTransferConfig.model_fields)
     engine = values_schema["definitions"]["engine"]["properties"]
     from_group = {"replicas", "min_replicas", "max_replicas", "num_gpus", "resources"}

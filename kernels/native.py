@@ -23,8 +23,9 @@
 - ``paged_prefill_attention`` (``native/decode_attention.c``): a prompt chunk's causal
   attention with each query row run as a decode row of its own (its context: the positions
   up to its own, or its window), for sequences whose span (context, or window when shorter)
-  is at most ``PREFILL_NATIVE_MAX_SPAN`` tokens; longer ones take the reference's fused SDPA,
-  which wins from a few hundred tokens on. Windowed layers were the reference's worst case:
+  is at most ``PREFILL_NATIVE_MAX_SPAN`` tokens (tiles of 16 rows of a sequence share each
+  block's key and value reads); longer ones take the reference's fused SDPA, which wins from
+  ~1,000 tokens on. Windowed layers were the reference's worst case:
   it builds a mask and computes every score of the chunk (16 x 128 tokens, window 24:
   5.2 ms -> 1.2 ms a layer here).
 - ``rms_norm`` (residual add fused) and ``rotary_store_kv`` (q/k RMSNorm when the model has
@@ -339,14 +340,14 @@ def paged_decode_attention(
     return out
 
 
-PREFILL_NATIVE_MAX_SPAN = 512
+PREFILL_NATIVE_MAX_SPAN = 1024
 """A prompt sequence's attention runs natively when its span (its context, or the layer's
 window when shorter) is at most this many tokens: per query row the kernel does a decode
-step's work, which beats the fused SDPA on short spans (16 x 128 tokens, head 16: 2.9 ->
-2.3 ms) up to ~512 tokens (2,048 rows in sequences of 512, bf16 cache, 2 threads: 0.87x the
-SDPA's time with 9 / 3 heads of 64, 0.78x with 16 / 4 of 64, 0.90x with 32 / 8 of 128) and
-loses on longer ones (sequences of 1,024: 1.34-1.54x). Decided per sequence by its own
-length, so a sequence's result does not depend on its batch."""
+step's work (tiles of 16 rows share each block's reads), which beats the fused SDPA up to
+~1,000 tokens (2,048 rows, bf16 cache, 2 threads: sequences of 512 took 0.62-0.71x the SDPA's
+time with 9 / 3 heads of 64, 16 / 4 of 64 and 32 / 8 of 128; of 1,024, 0.98-1.00x) and loses
+beyond (one of 2,048: 1.16x). Decided per sequence by its own length, so a sequence's result
+does not depend on its batch."""
 
 
 def prefill_attention(

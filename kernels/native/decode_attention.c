@@ -60,7 +60,10 @@ static void softmax(float *restrict s, int64_t n, float soft_cap) {
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
-#define MAX_CHUNKS 16 /* head_dim up to 256 */
+#define MAX_CHUNKS 16
+#ifndef PREFILL_TILE
+#define PREFILL_TILE 16 /* prompt rows of one sequence per work item */
+#endif /* head_dim up to 256 */
 
 #if defined(__AVX512F__) && defined(HAVE_SHUFFLEVECTOR) && !defined(SPLITSERVE_ROW_SUMS)
 #define BATCHED_SUMS 1
@@ -325,6 +328,102 @@ static inline __attribute__((always_inline)) int run_item(
     return 0;
 }
 
+/* T consecutive prompt rows of one sequence at once: rows b .. b + T - 1 of the query, row r
+ * attending to the first ctx0 + r tokens (or its window), KV heads [h0, h0 + per_item). Each
+ * row gets exactly run_item's arithmetic: the same score_rows calls over the same key ranges
+ * of each block, the same softmax, the same value sums in the same order, so the same bits.
+ * What the tile shares is the reading: each block's key and value rows are loaded (and
+ * widened, for bfloat16) once for all T rows and their query heads instead of once a row, so
+ * long prompts no longer stream their context from memory once per row. Returns 0, or 1 when
+ * its scratch memory failed. */
+static inline __attribute__((always_inline)) int run_tile(
+    const struct call *c, int64_t b, int64_t T, int64_t ctx0, const int32_t *table, int64_t h0,
+    const int kv_dtype, const int64_t D)
+{
+    const int64_t group = c->group, per_item = c->per_item, bs = c->block_size;
+    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
+    const int64_t nq = per_item * group, win = c->window;
+    const int64_t ctx_last = ctx0 + T - 1;
+    const int64_t first = (win > 0 && ctx0 > win) ? ctx0 - win : 0; /* row 0's start: the least */
+    const int64_t nmax = ctx_last - ((win > 0 && ctx_last > win) ? ctx_last - win : 0);
+    const int widen = kv_dtype == BF16;
+    float *buf = scratch((size_t)(T * nq * D * 2 + T * nq * nmax + (widen ? bs * D : 0)));
+    if (buf == NULL) return 1;
+    float *qf = buf, *acc = buf + T * nq * D, *scores = acc + T * nq * D;
+    float *wide = scores + T * nq * nmax;
+    const int64_t wide_stride = D * (int64_t)sizeof(float);
+    for (int64_t r = 0; r < T; r++)
+        for (int64_t i = 0; i < nq; i++) {
+            const char *qp = (const char *)c->query
+                + (size_t)((b + r) * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
+            load_row(qp, c->q_dtype, D, qf + (r * nq + i) * D);
+        }
+    const int64_t row_stride = c->stride_token * (int64_t)kv_esize;
+    for (int pass = 0; pass < 2; pass++) {
+        const void *cache = pass == 0 ? c->key_cache : c->value_cache;
+        if (pass == 1) memset(acc, 0, sizeof(float) * (size_t)(T * nq * D));
+        for (int64_t t0 = first - first % bs; t0 < ctx_last; t0 += bs) {
+            const int64_t lo = t0 < first ? first : t0, hi = t0 + bs < ctx_last ? t0 + bs : ctx_last;
+            const char *blk = kv_row(c, cache, table[t0 / bs], lo - t0, h0, kv_esize);
+            for (int64_t kh = 0; kh < per_item; kh++) {
+                const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+                if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
+                const char *src = widen ? (const char *)wide : rows;
+                const int64_t src_stride = widen ? wide_stride : row_stride;
+                const int sdt = widen ? F32 : kv_dtype;
+                for (int64_t r = 0; r < T; r++) {
+                    const int64_t ctx = ctx0 + r, start = (win > 0 && ctx > win) ? ctx - win : 0;
+                    const int64_t rlo = lo > start ? lo : start, rhi = hi < ctx ? hi : ctx;
+                    if (rlo >= rhi) continue;
+                    const char *from = src + (rlo - lo) * src_stride;
+                    float *sc = scores + (r * nq + kh * group) * nmax + (rlo - start);
+                    if (pass == 0) {
+                        for (int64_t g = 0; g < group; g++)
+                            score_rows(qf + (r * nq + kh * group + g) * D, from, src_stride,
+                                       rhi - rlo, c->scale, sc + g * nmax, sdt, D);
+                    } else {
+                        float *a = acc + (r * nq + kh * group) * D;
+                        if (!accumulate_group(a, sc, nmax, from, src_stride, rhi - rlo, sdt, D, group))
+                            for (int64_t g = 0; g < group; g++)
+                                accumulate_rows(a + g * D, sc + g * nmax, from, src_stride,
+                                                rhi - rlo, sdt, D);
+                    }
+                }
+            }
+        }
+        if (pass == 0)
+            for (int64_t r = 0; r < T; r++) {
+                const int64_t ctx = ctx0 + r, start = (win > 0 && ctx > win) ? ctx - win : 0;
+                for (int64_t i = 0; i < nq; i++)
+                    softmax(scores + (r * nq + i) * nmax, ctx - start, c->soft_cap);
+            }
+    }
+    for (int64_t r = 0; r < T; r++) {
+        char *o = (char *)c->out + (size_t)(((b + r) * c->H + h0 * group) * D) * q_esize;
+        for (int64_t i = 0; i < nq; i++) {
+            const float *a = acc + (r * nq + i) * D;
+            if (c->q_dtype == BF16) {
+                uint16_t *h = (uint16_t *)o + i * D;
+                for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
+            } else {
+                memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
+            }
+        }
+    }
+    return 0;
+}
+
+static int dispatch_tile(const struct call *c, int64_t b, int64_t T, int64_t ctx0,
+                         const int32_t *table, int64_t h0, int kv_dtype, int64_t D) {
+    if (kv_dtype == BF16)
+        return D == 64 ? run_tile(c, b, T, ctx0, table, h0, BF16, 64)
+             : D == 128 ? run_tile(c, b, T, ctx0, table, h0, BF16, 128)
+             : run_tile(c, b, T, ctx0, table, h0, BF16, D);
+    return D == 64 ? run_tile(c, b, T, ctx0, table, h0, F32, 64)
+         : D == 128 ? run_tile(c, b, T, ctx0, table, h0, F32, 128)
+         : run_tile(c, b, T, ctx0, table, h0, F32, D);
+}
+
 /* dtype and the common head sizes as constants in the loops */
 static int dispatch(const struct call *c, int64_t b, int64_t ctx, const int32_t *table,
                     int64_t h0, int kv_dtype, int64_t D) {
@@ -412,19 +511,26 @@ int64_t paged_prefill_attention(
             if (table[col] < 0 || table[col] >= num_blocks) return 1 + s * (max_blocks + 2) + col;
         rows += q_len;
     }
-    /* each listed row: its sequence, its query row, its context */
-    int64_t *row_seq = malloc(sizeof(int64_t) * 3 * (size_t)(rows > 0 ? rows : 1));
+    /* tiles of up to PREFILL_TILE consecutive rows of one sequence: sequence, first query row,
+     * rows, the first row's context */
+    int64_t tiles = 0;
+    for (int64_t i = 0; i < n_seqs; i++) {
+        const int64_t s = seqs[i];
+        tiles += ((int64_t)query_start_loc[s + 1] - query_start_loc[s] + PREFILL_TILE - 1) / PREFILL_TILE;
+    }
+    int64_t *row_seq = malloc(sizeof(int64_t) * 4 * (size_t)(tiles > 0 ? tiles : 1));
     if (row_seq == NULL) return -1;
-    int64_t *row_t = row_seq + rows, *row_ctx = row_t + rows;
-    for (int64_t i = 0, r = 0; i < n_seqs; i++) {
+    int64_t *tile_t = row_seq + tiles, *tile_n = tile_t + tiles, *tile_ctx = tile_n + tiles;
+    for (int64_t i = 0, k = 0; i < n_seqs; i++) {
         const int64_t s = seqs[i], lo = query_start_loc[s], hi = query_start_loc[s + 1];
-        for (int64_t t = lo; t < hi; t++, r++) {
-            row_seq[r] = s;
-            row_t[r] = t;
-            row_ctx[r] = context_lens[s] - (hi - lo) + (t - lo) + 1;
+        for (int64_t t = lo; t < hi; t += PREFILL_TILE, k++) {
+            row_seq[k] = s;
+            tile_t[k] = t;
+            tile_n[k] = hi - t < PREFILL_TILE ? hi - t : PREFILL_TILE;
+            tile_ctx[k] = context_lens[s] - (hi - lo) + (t - lo) + 1;
         }
     }
-    const int64_t per_item = rows >= 4 * (int64_t)num_threads ? KVH : 1;
+    const int64_t per_item = tiles >= 4 * (int64_t)num_threads ? KVH : 1;
     const struct call c = {
         query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,
         stride_block, stride_token, stride_head, block_tables, table_stride, context_lens,
@@ -432,11 +538,11 @@ int64_t paged_prefill_attention(
     };
     const int64_t per_seq = KVH / per_item;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads) reduction(| : failed)
-    for (int64_t item = 0; item < rows * per_seq; item++) {
-        const int64_t r = item / per_seq, h0 = (item % per_seq) * per_item;
-        failed |= dispatch(&c, row_t[r], row_ctx[r], block_tables + row_seq[r] * table_stride,
-                           h0, kv_dtype, D);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+    for (int64_t item = 0; item < tiles * per_seq; item++) {
+        const int64_t k = item / per_seq, h0 = (item % per_seq) * per_item;
+        failed |= dispatch_tile(&c, tile_t[k], tile_n[k], tile_ctx[k],
+                                block_tables + row_seq[k] * table_stride, h0, kv_dtype, D);
     }
     free(row_seq);
     return failed ? -1 : 0;

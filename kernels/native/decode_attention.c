@@ -213,6 +213,20 @@ static inline __attribute__((always_inline)) void widen_rows(
         }
 }
 
+/* nq heads' float32 results (acc, D apart) into o in the query's dtype (bf16 rounded to
+ * nearest even). */
+static inline void store_heads(char *o, int q_dtype, const float *acc, int64_t nq, int64_t D) {
+    for (int64_t i = 0; i < nq; i++) {
+        const float *a = acc + i * D;
+        if (q_dtype == BF16) {
+            uint16_t *h = (uint16_t *)o + i * D;
+            for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
+        } else {
+            memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
+        }
+    }
+}
+
 /* Shapes and strides of one call, shared by its work items. */
 struct call {
     const void *query; int q_dtype; int64_t q_stride_b, q_stride_h;
@@ -316,15 +330,7 @@ static inline __attribute__((always_inline)) int run_item(
             }
         }
     }
-    for (int64_t i = 0; i < nq; i++) {
-        const float *a = acc + i * D;
-        if (c->q_dtype == BF16) {
-            uint16_t *h = (uint16_t *)o + i * D;
-            for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
-        } else {
-            memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
-        }
-    }
+    store_heads(o, c->q_dtype, acc, nq, D);
     return 0;
 }
 
@@ -400,15 +406,7 @@ static inline __attribute__((always_inline)) int run_tile(
     }
     for (int64_t r = 0; r < T; r++) {
         char *o = (char *)c->out + (size_t)(((b + r) * c->H + h0 * group) * D) * q_esize;
-        for (int64_t i = 0; i < nq; i++) {
-            const float *a = acc + (r * nq + i) * D;
-            if (c->q_dtype == BF16) {
-                uint16_t *h = (uint16_t *)o + i * D;
-                for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
-            } else {
-                memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
-            }
-        }
+        store_heads(o, c->q_dtype, acc + r * nq * D, nq, D);
     }
     return 0;
 }

@@ -91,7 +91,7 @@ class WeightFormat:
 
     def mark(self, qw: QuantizedWeight) -> QuantizedWeight:
         """``qw`` with this format's activation bits (int4 weights; others as they are)."""
-        if qw.kind == "int4" and qw.act_bits != self.act_bits:
+        if qw.kind == "int4":
             qw.act_bits = self.act_bits
         return qw
 

@@ -160,3 +160,44 @@ def test_staging_pool_reuses_buffers_within_budget() -> None:
     big = pool.take((4096,), torch.float32, torch.device("cpu"))
     pool.give(big)  # over budget: dropped
     assert pool.cached_bytes == 256
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The ``VmFlags`` of the mapping of this process that holds ``address``."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="Linux only")
+def test_host_pool_asks_for_huge_pages_and_is_zeroed_and_owned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The block-major host pool is a mapping advised MADV_HUGEPAGE (its VMA carries the
+    kernel's ``hg`` flag), reads as zeros, and keeps its memory alive through every view;
+    ``SPLITSERVE_KV_HUGE_PAGES=0`` and pools under 2 MiB stay on ordinary allocations."""
+    caches = allocate_kv_caches(4, 512, 16, 2, 64, torch.bfloat16, "cpu")  # 8 MiB
+    pool = kv_pool(caches)
+    assert pool is not None and layout_kind(caches) == BLOCK_MAJOR
+    assert "hg" in _vm_flags(pool.data_ptr())
+    assert int(pool.abs().sum()) == 0
+    view = caches[3]
+    del caches, pool
+    import gc
+
+    gc.collect()
+    view[1, 511].fill_(2.0)  # the mapping outlives the list and the pool tensor
+    assert float(view.sum()) == 2.0 * 16 * 2 * 64
+
+    small = kv_pool(allocate_kv_caches(2, 8, 16, 2, 64, torch.bfloat16, "cpu"))  # 64 KiB
+    assert small is not None and "hg" not in _vm_flags(small.data_ptr())
+    monkeypatch.setenv("SPLITSERVE_KV_HUGE_PAGES", "0")
+    plain = kv_pool(allocate_kv_caches(4, 512, 16, 2, 64, torch.bfloat16, "cpu"))
+    assert plain is not None and "hg" not in _vm_flags(plain.data_ptr())
+    assert int(plain.abs().sum()) == 0

@@ -12,8 +12,9 @@ be busy for the whole span of the trace even if every block seen before were a c
 (no per-iteration overheads; ``fluid_bound_rps``), over the best baseline's capacity. No
 policy can reach a ratio above it, so where it is below 1.5x the target cannot be met on that
 trace under this cost model. The LRU column is the same with finite caches: hits only from one
-LRU cache as large as all prefill instances' caches together (``lru_fluid_rps``; no
-duplicated prefixes, no balancing cost). It is an estimate, not a strict bound (an eviction
+LRU cache as large as all prefill instances' caches together, evicting a prompt's tail
+before its head as the engine does (``lru_fluid_rps``; no duplicated prefixes, no balancing
+cost). It is an estimate, not a strict bound (an eviction
 policy that sees the future could hit a little more), but it is what cache capacity allows.
 
     .venv/bin/python bench/router_robustness.py [--instances 32] [--limit N] [--out DIR]
@@ -31,6 +32,7 @@ from pathlib import Path
 from splitserve.router.sim.bench import BASELINES
 from splitserve.router.sim.bench import main as bench_router
 from splitserve.router.sim.cost_model import CostModel
+from splitserve.router.sim.instances import touch_tail_first
 from splitserve.router.sim.simulator import SimRequest, prepare_requests
 from splitserve.router.sim.trace import load_trace
 from splitserve.router.sim.tracegen import PRESETS, generate, write_trace
@@ -87,9 +89,7 @@ def lru_fluid_rps(requests: list[SimRequest], instances: int, cost: CostModel) -
     work = 0.0
     for r in requests:
         work += _prefill_work(r, cache, cost)
-        for block in r.block_hashes:
-            cache[block] = None
-            cache.move_to_end(block)
+        touch_tail_first(cache, r.block_hashes)
         while len(cache) > capacity:
             cache.popitem(last=False)
     return len(requests) * instances / work if work > 0 else float("inf")

@@ -34,6 +34,16 @@ class Progress:
     """Its share of the compute time so far (for the planner's prefill-seconds figure)."""
 
 
+def touch_tail_first(cache: OrderedDict[int, None], block_hashes: Sequence[int]) -> None:
+    """Mark a prompt's blocks most recently used, its first block last: the engine frees a
+    request's blocks tail first (``KVCacheManager.free``, as vLLM does), so among blocks used
+    together a prompt's tail is evicted before its head, and an evicted block never leaves
+    its own descendants cached behind a missing parent's place in the prefix."""
+    for block_hash in reversed(block_hashes):
+        cache[block_hash] = None
+        cache.move_to_end(block_hash)
+
+
 class PrefillInstance:
     """FIFO queue, chunked prefill iterations, LRU cache of prompt blocks."""
 
@@ -56,19 +66,14 @@ class PrefillInstance:
         for block_hash in block_hashes:
             if block_hash not in self.cache:
                 break
-            self.cache.move_to_end(block_hash)
             n += 1
+        touch_tail_first(self.cache, block_hashes[:n])
         return n
 
     def store(self, block_hashes: Sequence[int]) -> tuple[list[int], list[int]]:
         """Insert a prompt's blocks; returns (newly stored, evicted) for the KV events."""
-        stored = []
-        for block_hash in block_hashes:
-            if block_hash in self.cache:
-                self.cache.move_to_end(block_hash)
-            else:
-                self.cache[block_hash] = None
-                stored.append(block_hash)
+        stored = [block_hash for block_hash in block_hashes if block_hash not in self.cache]
+        touch_tail_first(self.cache, block_hashes)
         evicted = []
         while len(self.cache) > self.capacity_blocks:
             evicted.append(self.cache.popitem(last=False)[0])

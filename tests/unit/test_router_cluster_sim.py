@@ -235,3 +235,19 @@ def test_a_request_moved_twice_in_one_rebalance_is_applied_in_order() -> None:
     sim._queued_at["r0"] = 0.0
     sim._rebalance(None)
     assert sim.prefill[c].active and not sim.prefill[b].active and not sim.prefill[b].queue
+
+
+def test_prefill_cache_evicts_a_prompts_tail_before_its_head() -> None:
+    """As the engine frees a request's blocks tail first, the simulated prefix cache evicts
+    the last block of a prompt first: what stays is still a usable prefix. (Inserting head
+    first would evict block 1 and leave 2 and 3 cached behind a missing head.)"""
+    from splitserve.router.sim.instances import PrefillInstance
+
+    inst = PrefillInstance("p0", capacity_blocks=3)
+    assert inst.store([1, 2, 3]) == ([1, 2, 3], [])
+    assert inst.store([9]) == ([9], [3])
+    assert inst.cached_prefix_blocks([1, 2, 3]) == 2
+    # the hit renews 1 and 2 (head last): 9 goes first now, then the hit's tail 2 before 1
+    assert inst.store([7]) == ([7], [9])
+    assert inst.store([8]) == ([8], [2])
+    assert inst.cached_prefix_blocks([1, 2]) == 1

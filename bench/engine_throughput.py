@@ -5,8 +5,8 @@ output tokens each, greedy, EOS ignored; single stream = one 32-token prompt, 12
 of 3 runs). splitserve runs once per format, each in its own process (clean peak RSS):
 fp32, bf16 (only where the CPU has native bf16), int8 (RTN per channel + the file's Q8_0
 head), int4 (the GGUF's own Q4_1 codes + Q8_0 head, ``quantization="auto"``) and w4a8 (the
-same weights, the Q4_1 layers' activations quantized to 8 bits per group of 32 as llama.cpp's
-Q4 x Q8 dot products, ``quantization="w4a8"``); quantized formats use ``dtype="auto"``. Hugging Face runs static padded batches at each of
+same weights, every layer's and the head's activations quantized to 8 bits per group of 32 as
+llama.cpp's Q4 x Q8 and Q8 x Q8 dot products, ``quantization="w4a8"``); quantized formats use ``dtype="auto"``. Hugging Face runs static padded batches at each of
 --hf-batch-sizes and keeps its best. Peers run in their own venvs and are skipped with a
 message when absent: ``--peer-llamacpp`` (llama-cpp-python built for the native CPU, the same
 GGUF, the same token ids, flash attention on, requests one after another: it has no batching)

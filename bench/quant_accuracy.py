@@ -43,7 +43,7 @@ FORMATS = {  # label -> LLM options
     "gguf-native (Q4_1 + Q8_0 head)": {"quantization": "auto", "dtype": "auto"},
     "int4 (Q4_1 + RTN int4 g32 head)": {"quantization": "int4", "dtype": "auto"},
     "int8 (RTN int8/channel + Q8_0 head)": {"quantization": "int8", "dtype": "auto"},
-    "w4a8 (Q4_1 with 8-bit activations + Q8_0 head)": {"quantization": "w4a8", "dtype": "auto"},
+    "w4a8 (Q4_1 + Q8_0 head, both with 8-bit activations)": {"quantization": "w4a8", "dtype": "auto"},
     "bf16 activations, fp32-dequantized weights": {"quantization": "none", "dtype": "bfloat16"},
 }
 

@@ -320,7 +320,7 @@ class NativeQuantMatmul:
     def __init__(self, qw: QuantizedWeight) -> None:
         self.rows = int(qw.shape[0])
         self.bits = 4 if qw.kind == "int4" else 8
-        if qw.act_bits == 8:  # int4 only (QuantizedWeight checks): 8-bit activations
+        if qw.act_bits == 8:  # 8-bit activations (quantization="w4a8")
             self.bits |= native.ACT8
         if qw.kind == "int4":
             assert qw.zeros is not None
@@ -329,7 +329,7 @@ class NativeQuantMatmul:
             self._matmul = functools.partial(native.int4_matmul, bits=self.bits)
         else:
             self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size)
-            self._matmul = native.int8_matmul
+            self._matmul = functools.partial(native.int8_matmul, bits=self.bits)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):

@@ -40,7 +40,7 @@
 
 - ``int4_matmul`` / ``int8_matmul`` / ``quant_matmul`` (``native/quant_matmul.c``): int4
   and int8 projections by integer dot products against each row's activations quantized to
-  16 bits per group of 32 (8 bits for int4 weights with ``ACT8``: ``quantization="w4a8"``;
+  16 bits per group of 32 (8 bits with ``ACT8``: ``quantization="w4a8"``;
   exact int32 group sums, so every row count, thread and build gives a row the same bits),
   optionally computing their input in the same call (RMSNorm with its
   residual add; a gated activation). torch's int4 kernel ran 1.5-2.7x slower at one row and
@@ -800,15 +800,17 @@ def int4_matmul(x: Tensor, packed: Tensor, out_features: int, bits: int = 4) -> 
     return quant_matmul(bits, x, packed, out_features)[0]
 
 
-def int8_matmul(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-    """``int4_matmul`` for a ``pack_int8_weight`` weight."""
-    return quant_matmul(8, x, packed, out_features)[0]
+def int8_matmul(x: Tensor, packed: Tensor, out_features: int, bits: int = 8) -> Tensor:
+    """``int4_matmul`` for a ``pack_int8_weight`` weight (``bits=8 | ACT8``: 8-bit rows)."""
+    return quant_matmul(bits, x, packed, out_features)[0]
 
 
 ACT8 = 16
-"""Added to ``bits`` (int4 weights only): each row's activations quantized to 8 bits per group
-of 32 (``max|x| / 127`` steps, as llama.cpp's Q4 x Q8 dot products) instead of 16, one byte
-dot product per code instead of two: ``quant_matmul.c``'s ``QM_ACT8``."""
+"""Added to ``bits``: each row's activations quantized to 8 bits per group of 32 (``max|x| /
+127`` steps, as llama.cpp's Q4 x Q8 and Q8 x Q8 dot products) instead of 16: ``quant_matmul.c``'s
+``QM_ACT8``. int4 codes then take one byte dot product per code instead of two; int8 codes
+one byte dot product per four codes instead of one 16-bit product per two (AVX-512 VNNI; the
+other builds multiply the same 8-bit codes as 16-bit values: the same sums, the same bits)."""
 
 PROLOGUES = {"rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 """What ``quant_matmul`` can compute from x before the projection, in the same call."""
@@ -827,8 +829,8 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
     m = x.shape[0]
     k = x.shape[1] // 2 if prologue in ("silu", "gelu_tanh") else x.shape[1]
     wbits = bits & ~ACT8
-    if bits not in (4, 8, 4 | ACT8):
-        raise KernelInputError(f"quant_matmul takes bits 4, 8 or 4 | ACT8, got {bits}")
+    if bits not in (4, 8, 4 | ACT8, 8 | ACT8):
+        raise KernelInputError(f"quant_matmul takes bits 4 or 8, either | ACT8, got {bits}")
     per_group = _INT4_GROUP_BYTES if wbits == 4 else _INT8_GROUP_BYTES
     if packed.numel() * INT4_BLOCK * INT4_GROUP != n * k * per_group:
         raise KernelInputError(f"packed int{wbits} weight of {n} x {k} values expected, got "

@@ -64,8 +64,8 @@ class QuantizedWeight:
     """Where the codes come from: a GGUF type name (``Q4_1``...) or ``rtn``."""
     act_bits: int = 16
     """Bits each row's activations are quantized to per group of 32 by the native CPU kernel
-    (``native/quant_matmul.c``): 16 (the default), or 8 for int4 weights (``quantization=
-    "w4a8"``: one byte dot product per code, as llama.cpp's Q4 x Q8)."""
+    (``native/quant_matmul.c``): 16 (the default), or 8 (``quantization="w4a8"``: byte dot
+    products, as llama.cpp's Q4 x Q8 and Q8 x Q8)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,9 +77,8 @@ class QuantizedWeight:
             raise ValueError(f"scales shape {tuple(self.scales.shape)} != {(n, k // self.group_size)}")
         if (self.zeros is None) != (self.kind == "int8"):
             raise ValueError("int4 weights need zeros, int8 weights take none")
-        if self.act_bits not in (8, 16) or (self.act_bits == 8 and self.kind != "int4"):
-            raise ValueError(f"act_bits must be 16, or 8 for int4 weights; got {self.act_bits} "
-                             f"for {self.kind}")
+        if self.act_bits not in (8, 16):
+            raise ValueError(f"act_bits must be 16 or 8, got {self.act_bits} for {self.kind}")
 
     # ------------------------------------------------------------------ tensor-like surface
 

@@ -8,9 +8,12 @@
  * 16 bits: dx = max|x| / 32767, qx = round(x / dx), sx = dx * sum(qx) (relative error 2^-16 of
  * the group's largest value: finer than bf16 activations; int8 activations, as llama.cpp's
  * Q4 x Q8 dot products use, tripled the next-token KL divergence of SmolLM2 Q4_1 here). With
- * QM_ACT8 added to `bits` (int4 weights only: quantization="w4a8") rows are quantized to 8
- * bits instead (dx = max|x| / 127): the code is then one signed byte, so one byte dot product
- * per code instead of two (high and low bytes), ~1.6x from 64 rows on. Then
+ * QM_ACT8 added to `bits` (quantization="w4a8") rows are quantized to 8 bits instead (dx =
+ * max|x| / 127): the code is then one signed byte, so one byte dot product per int4 code
+ * instead of two (high and low bytes), ~1.6x from 64 rows on; for int8 weights (w4a8's Q8_0
+ * head) AVX-512 VNNI multiplies (q + 128) as unsigned bytes by the signed codes, four per
+ * vpdpbusd, and takes 128 S (S = sum of the group's codes, kept in the row's unused low-byte
+ * half) from the exact sum; other builds multiply the same codes as 16-bit values. Then
  *
  *     y[m, n] = sum over groups g of  (d[n, g] * dx[m, g]) * sum_j q[n, j] qx[m, j]
  *                                    (+ c[n, g] * sx[m, g] for int4)
@@ -97,6 +100,7 @@ static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *r
             xhl[2 * g * QG + QG + i] = (uint8_t)(A8 ? 0 : q & 0xff);
             s += q;
         }
+        if (A8) memcpy(xhl + 2 * g * QG + QG, &s, sizeof(s)); /* S: see tile's int8 x 8-bit */
         dx[g] = amax / (float)qmax;
         sx[g] = dx[g] * (float)s;
     }
@@ -193,7 +197,35 @@ static inline __attribute__((always_inline)) void tile(
                 for (int r = 0; r < R; r++)
                     for (int b = 0; b < NB; b++)
                         is[r][b] = _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
-        } else {
+        }
+#ifdef __AVX512VNNI__
+        else if (A8) { /* int8 x 8-bit: (q + 128) unsigned times the signed code, minus 128 S */
+            const __m512i quads = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                   25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                   18, 2, 17, 1, 16, 0);
+            const __m512i bias = _mm512_set1_epi8((char)0x80);
+            const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
+            for (int u = 0; u < 8; u++) { /* k = 4u .. 4u + 3: chunks 2u and 2u + 1 */
+                __m512i wq[NBMAX];
+                for (int b = 0; b < NB; b++) {
+                    const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * u);
+                    /* lane j: row j's pair from chunk 2u, then its pair from chunk 2u + 1 */
+                    wq[b] = _mm512_xor_si512(_mm512_permutexvar_epi16(quads, v), bias);
+                }
+                for (int r = 0; r < R; r++) {
+                    const __m512i xa = _mm512_set1_epi32(quad_at(hl + 2 * r * K + 4 * u));
+                    for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                int32_t sum;
+                memcpy(&sum, hl + 2 * r * K + QG, sizeof(sum));
+                const __m512i fix = _mm512_set1_epi32(sum * 128);
+                for (int b = 0; b < NB; b++) is[r][b] = _mm512_sub_epi32(is[r][b], fix);
+            }
+        }
+#endif
+        else { /* int8: codes widened to 16 bits (with QM_ACT8 the 8-bit codes, as int16) */
             for (int t = 0; t < 8; t++) {
                 __m512i wv[NBMAX][2];
                 for (int b = 0; b < NB; b++) {
@@ -391,6 +423,13 @@ static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx,
     rows_blocks(8, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
 }
 
+static void rows_blocks8a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                           int64_t m_hi, int64_t b_lo, int64_t b_hi)
+{
+    rows_blocks(8, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+}
+
 #define ROW_CHUNK 32 /* rows of x per work item */
 
 enum { PRO_NONE = 0, PRO_RMS_NORM = 1, PRO_SILU_MUL = 2, PRO_GELU_TANH_MUL = 3 };
@@ -432,7 +471,6 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
 {
     const int A8 = (bits & QM_ACT8) != 0;
     bits &= ~QM_ACT8;
-    if (A8 && bits != 4) return -2;
     const int64_t G = K / QG, NBLK = N / QB;
     if (M == 0) return 0;
     void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
@@ -463,7 +501,8 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                 const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
                 const int64_t m_lo = mc * ROW_CHUNK;
                 const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-                if (A8) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                if (A8 && bits == 4) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                else if (A8) rows_blocks8a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
                 else if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
                 else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
             }

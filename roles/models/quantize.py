@@ -13,11 +13,12 @@ loader applies it:
   per output channel, int4 in groups of ``int4_group_size`` (32 or 128); GGUF tensors
   already in the asked format keep their codes. A projection the packed kernels cannot
   take fails at load naming the tensor.
-- ``w4a8``: a GGUF's weights as under ``auto``, an HF folder's as under ``int4``; every int4
-  weight is marked for 8-bit activations (``QuantizedWeight.act_bits``): the native CPU
-  kernel quantizes each row's activations to 8 bits per group of 32 instead of 16 (llama.cpp's
-  Q4 x Q8 dot products), one byte dot product per code: ~1.6x the int4 kernel from 64 rows
-  on, at a higher next-token KL. Int8 weights (a GGUF's Q8_0 head) keep 16-bit activations.
+- ``w4a8``: a GGUF's weights as under ``auto``, an HF folder's as under ``int4``; every
+  quantized weight is marked for 8-bit activations (``QuantizedWeight.act_bits``): the native
+  CPU kernel quantizes each row's activations to 8 bits per group of 32 instead of 16
+  (llama.cpp's Q4 x Q8 and Q8 x Q8 dot products), byte dot products: ~1.6x the int4 kernel
+  from 64 rows on, and ~2x for int8 weights (a GGUF's Q8_0 head) on AVX-512 VNNI, at a higher
+  next-token KL.
 - ``none`` keeps every weight float (GGUF dequantized: the fp32 reference).
 
 It must not build modules or read files (``loader.py`` reads, ``kernels/quant.py`` holds
@@ -86,13 +87,13 @@ class WeightFormat:
 
     @property
     def act_bits(self) -> int:
-        """Activation bits of the native int4 kernel for this format's int4 weights."""
+        """Activation bits of the native kernel for this format's quantized weights."""
         return 8 if self.quantization == "w4a8" else 16
 
     def mark(self, qw: QuantizedWeight) -> QuantizedWeight:
-        """``qw`` with this format's activation bits (int4 weights; others as they are)."""
-        if qw.kind == "int4":
-            qw.act_bits = self.act_bits
+        """``qw`` with this format's activation bits (int4 and int8 weights alike: under
+        ``w4a8`` a GGUF's Q8_0 head takes 8-bit rows too, as llama.cpp's Q8 x Q8)."""
+        qw.act_bits = self.act_bits
         return qw
 
     def keeps_gguf(self, type_name: str) -> bool:

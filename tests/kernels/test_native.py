@@ -270,7 +270,8 @@ first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5
 from tests.kernels.test_native import _quant_operands
 i4, i8, qx = _quant_operands()
 quant = [native.int4_matmul(qx, i4, 48).tolist(), native.int8_matmul(qx, i8, 48).tolist(),
-         native.int4_lanes(), native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8).tolist()]
+         native.int4_lanes(), native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8).tolist(),
+         native.int8_matmul(qx, i8, 48, bits=8 | native.ACT8).tolist()]
 print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason, "first": first.float().tolist(),
                   "calls": native.calls["paged_decode_attention"] - 1, "linear_err": lin_err,
                   "linear": lin.tolist(),
@@ -333,6 +334,8 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     assert torch.equal(native.int8_matmul(qx, i8, 48), torch.tensor(out["quant"][1]))
     assert torch.equal(native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8),
                        torch.tensor(out["quant"][3]))
+    assert torch.equal(native.int8_matmul(qx, i8, 48, bits=8 | native.ACT8),
+                       torch.tensor(out["quant"][4]))
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

@@ -1,5 +1,5 @@
 """native.int4_matmul / int8_matmul (``kernels/native/quant_matmul.c``): integer dot products
-against activations quantized to 16 bits per group of 32 (8 bits for int4 with ``ACT8``). Equal to the float64 product of the
+against activations quantized to 16 bits per group of 32 (8 bits with ``ACT8``). Equal to the float64 product of the
 quantized activations and the weight's values; a row's bits never depend on its batch, the
 thread count or the dtype path; kernels.linear serves int4 and int8 weights through them."""
 
@@ -74,14 +74,21 @@ def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int,
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(m: int, k: int, n: int) -> None:
-    """``4 | ACT8``: each group of 32 rounded to 127 steps of its max (llama.cpp's Q8 rows), so
-    the result is that product to float32 sums, and visibly not the 16-bit kernel's."""
-    _, packed, w = _int4(n, k, seed=m)
+@pytest.mark.parametrize("wbits", [4, 8])
+def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(
+    m: int, k: int, n: int, wbits: int
+) -> None:
+    """``ACT8``: each group of 32 rounded to 127 steps of its max (llama.cpp's Q8 rows), so
+    the result is that product to float32 sums, and visibly not the 16-bit kernel's (int8
+    codes of -128 included: the VNNI path's unsigned q + 128 and its 128 S correction)."""
+    if wbits == 4:
+        _, packed, w = _int4(n, k, seed=m)
+    else:
+        packed, w = _int8(n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
-    before = native.calls["int4_matmul_a8"]
-    y = native.int4_matmul(x, packed, n, bits=4 | native.ACT8)
-    assert native.calls["int4_matmul_a8"] == before + 1
+    before = native.calls[f"int{wbits}_matmul_a8"]
+    y = native.quant_matmul(wbits | native.ACT8, x, packed, n)[0]
+    assert native.calls[f"int{wbits}_matmul_a8"] == before + 1
     want = _quantized_x(x, 127) @ w.t()
     scale = float(want.abs().max())
     assert float((y.double() - want).abs().max()) < 1e-5 * scale
@@ -90,12 +97,12 @@ def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(m: int, k: 
     assert err16 > 1e-4 * scale, err16
 
 
-@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8])
+@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8])
 def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits: int) -> None:
     n, k = 272, 576
-    packed = _int4(n, k, 1)[1] if bits != 8 else _int8(n, k, 1)[0]
-    fn = (functools.partial(native.int4_matmul, bits=bits) if bits != 8
-          else native.int8_matmul)
+    packed = _int4(n, k, 1)[1] if bits & ~native.ACT8 == 4 else _int8(n, k, 1)[0]
+    fn = functools.partial(native.int4_matmul if bits & ~native.ACT8 == 4 else
+                           native.int8_matmul, bits=bits)
     x = torch.randn(130, k)
     whole = fn(x, packed, n)
     for size in (1, 2, 3, 4, 5, 31, 33, 64):
@@ -138,11 +145,11 @@ def test_bad_operands_are_named() -> None:
     _, packed, _ = _int4(16, 64, 3)
     with pytest.raises(native.KernelInputError, match="16 x 128"):
         native.int4_matmul(torch.randn(1, 128), packed, 16)
-    with pytest.raises(native.KernelInputError, match="bits 4, 8 or 4 | ACT8, got 24"):
-        native.quant_matmul(8 | native.ACT8, torch.randn(1, 64), packed, 16)
-    with pytest.raises(ValueError, match="act_bits must be 16, or 8 for int4 weights"):
+    with pytest.raises(native.KernelInputError, match=r"bits 4 or 8, either \| ACT8, got 12"):
+        native.quant_matmul(12, torch.randn(1, 64), packed, 16)
+    with pytest.raises(ValueError, match="act_bits must be 16 or 8, got 4"):
         QuantizedWeight("int8", torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 1), None,
-                        64, act_bits=8)
+                        64, act_bits=4)
 
 
 def test_linear_serves_int4_and_int8_natively(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +185,8 @@ i4, i8, x = _quant_operands()
 print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
                   "int4": native.int4_matmul(x, i4, 48).tolist(),
                   "int8": native.int8_matmul(x, i8, 48).tolist(),
-                  "int4a8": native.int4_matmul(x, i4, 48, bits=4 | native.ACT8).tolist()}))
+                  "int4a8": native.int4_matmul(x, i4, 48, bits=4 | native.ACT8).tolist(),
+                  "int8a8": native.int8_matmul(x, i8, 48, bits=8 | native.ACT8).tolist()}))
 """
 
 
@@ -205,6 +213,8 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
     assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))
     assert torch.equal(native.int4_matmul(x, i4, 48, bits=4 | native.ACT8),
                        torch.tensor(out["int4a8"]))
+    assert torch.equal(native.int8_matmul(x, i8, 48, bits=8 | native.ACT8),
+                       torch.tensor(out["int8a8"]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -187,7 +187,7 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     none = loader._gguf_quantized(by_name["blk.0.ffn_up.weight"], "x", cfg, torch.float32,
                                   WeightFormat("none"))
     assert none is None
-    # w4a8: the codes auto keeps, the int4 ones marked for 8-bit activations, Q8_0 not
+    # w4a8: the codes auto keeps, each marked for 8-bit activations (Q8_0 as llama.cpp's Q8 x Q8)
     fmt = WeightFormat("w4a8")
     kept = {name: loader._gguf_quantized(t, loader._hf_name(name), cfg, torch.float32, fmt)
             for name, t in by_name.items()}
@@ -196,9 +196,19 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     weights["model.layers.0.mlp.extra.weight"] = torch.randn(16, 64)  # float stays float
     quantize_checkpoint(weights, fmt, torch.float32, tied=False)
     assert weights["blk.0.ffn_up.weight"].act_bits == 8  # type: ignore[union-attr]
-    assert weights["blk.0.ffn_gate.weight"].act_bits == 16  # type: ignore[union-attr]
+    assert weights["blk.0.ffn_gate.weight"].act_bits == 8  # type: ignore[union-attr]
     assert isinstance(weights["model.layers.0.mlp.extra.weight"], torch.Tensor)
     assert precision.weight_format(weights["blk.0.ffn_up.weight"]) == "int4:Q4_1:a8"
+    assert precision.weight_format(weights["blk.0.ffn_gate.weight"]) == "int8:Q8_0:a8"
+    from splitserve.kernels import native
+    from splitserve.kernels.linear import Linear
+
+    head = Linear(weights["blk.0.ffn_gate.weight"])
+    if native.status().available:  # the Q8_0 codes meet 8-bit rows in the native kernel
+        assert head.format == "int8:Q8_0:a8" and head._native.bits == 8 | native.ACT8
+        before = native.calls["int8_matmul_a8"]
+        head(torch.randn(3, k))
+        assert native.calls["int8_matmul_a8"] == before + 1
 
 
 def test_version_reports_formats(tiny_model_dir: Path) -> None:

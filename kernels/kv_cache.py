@@ -83,7 +83,8 @@ def host_pool(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     ``madvise`` or ``always``; a no-op where it is ``never``), touched here so its pages are
     committed at start as ``torch.zeros`` would. 2 MiB pages matter twice: a cross-process
     read of a run of blocks (UCX's CMA path pins the sender's pages one page at a time)
-    moves 256 MB at ~6.2-7.3 GB/s against ~4.3-5.8 on 4 KiB pages, and decode attention,
+    moved 256 MB at a median 6.6 GB/s (5.3-11.4) against 4.8 (2.9-5.6) on 4 KiB pages over
+    five alternating runs (docs/serving.md), and decode attention,
     which reads a block's K and V from all over the pool, takes fewer TLB misses. Pools
     under 2 MiB, and ``SPLITSERVE_KV_HUGE_PAGES=0``, get plain ``torch.zeros``.
     """

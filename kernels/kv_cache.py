@@ -96,7 +96,10 @@ def host_pool(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
             or not hasattr(mmap, "MADV_HUGEPAGE")):
         return torch.zeros(tuple(shape), dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel built without THP (EINVAL): ordinary pages, same pool
+        pass
     # frombuffer holds the mapping (a buffer export) for as long as the tensor lives.
     pool = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(tuple(shape))
     pool.zero_()  # commit the pages now (the mapping reads as zeros already)

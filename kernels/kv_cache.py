@@ -24,10 +24,11 @@ bytes between processes.
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Sequence
 
 import torch
+
+from splitserve import env
 
 Tensor = torch.Tensor
 
@@ -71,9 +72,6 @@ def allocate_kv_caches(
 
 
 HUGE_PAGE = 2 << 20
-HUGE_PAGES_ENV = "SPLITSERVE_KV_HUGE_PAGES"
-"""``0`` keeps the host pool on ordinary pages (the default asks for transparent huge
-pages)."""
 
 
 def host_pool(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -92,7 +90,7 @@ def host_pool(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     for size in shape:
         numel *= size
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if (nbytes < HUGE_PAGE or os.environ.get(HUGE_PAGES_ENV, "1") == "0"
+    if (nbytes < HUGE_PAGE or not env.SPLITSERVE_KV_HUGE_PAGES.get()
             or not hasattr(mmap, "MADV_HUGEPAGE")):
         return torch.zeros(tuple(shape), dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

@@ -118,6 +118,12 @@ SPLITSERVE_MALLOC_TUNING = EnvVar(
     "a CPU engine keeps freed memory in glibc's heap (mallopt, kernels/allocator.py); 0 keeps "
     "glibc's defaults",
 )
+SPLITSERVE_KV_HUGE_PAGES = EnvVar(
+    "SPLITSERVE_KV_HUGE_PAGES", bool, True,
+    "the host KV pool is a mapping advised for transparent huge pages (kernels/kv_cache.py: "
+    "faster same-host UCX reads, fewer TLB misses; slower to commit at start); 0 keeps "
+    "ordinary pages",
+)
 SPLITSERVE_NATIVE_KERNELS = EnvVar(
     "SPLITSERVE_NATIVE_KERNELS", bool, True,
     "CPU kernels built at first use with the host C compiler (kernels/native.py; paged decode "

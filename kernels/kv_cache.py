@@ -23,6 +23,7 @@ bytes between processes.
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Sequence
 
@@ -86,10 +87,7 @@ def host_pool(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     which reads a block's K and V from all over the pool, takes fewer TLB misses. Pools
     under 2 MiB, and ``SPLITSERVE_KV_HUGE_PAGES=0``, get plain ``torch.zeros``.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if (nbytes < HUGE_PAGE or not env.SPLITSERVE_KV_HUGE_PAGES.get()
             or not hasattr(mmap, "MADV_HUGEPAGE")):
         return torch.zeros(tuple(shape), dtype=dtype)

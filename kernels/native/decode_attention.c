@@ -60,10 +60,10 @@ static void softmax(float *restrict s, int64_t n, float soft_cap) {
     for (int64_t j = 0; j < n; j++) s[j] *= inv;
 }
 
-#define MAX_CHUNKS 16
+#define MAX_CHUNKS 16 /* head_dim up to 256 */
 #ifndef PREFILL_TILE
 #define PREFILL_TILE 16 /* prompt rows of one sequence per work item */
-#endif /* head_dim up to 256 */
+#endif
 
 #if defined(__AVX512F__) && defined(HAVE_SHUFFLEVECTOR) && !defined(SPLITSERVE_ROW_SUMS)
 #define BATCHED_SUMS 1
@@ -498,7 +498,7 @@ int64_t paged_prefill_attention(
     int64_t n_seqs, void *out, int64_t H, int64_t KVH, int64_t D, int64_t block_size,
     float scale, int64_t window, float soft_cap, int num_threads)
 {
-    int64_t rows = 0;
+    int64_t tiles = 0; /* tiles of up to PREFILL_TILE consecutive rows of one sequence */
     for (int64_t i = 0; i < n_seqs; i++) {
         const int64_t s = seqs[i], ctx = context_lens[s];
         const int64_t q_len = (int64_t)query_start_loc[s + 1] - query_start_loc[s];
@@ -507,22 +507,16 @@ int64_t paged_prefill_attention(
         const int32_t *table = block_tables + s * table_stride;
         for (int64_t col = 0; col < (ctx + block_size - 1) / block_size; col++)
             if (table[col] < 0 || table[col] >= num_blocks) return 1 + s * (max_blocks + 2) + col;
-        rows += q_len;
+        tiles += (q_len + PREFILL_TILE - 1) / PREFILL_TILE;
     }
-    /* tiles of up to PREFILL_TILE consecutive rows of one sequence: sequence, first query row,
-     * rows, the first row's context */
-    int64_t tiles = 0;
-    for (int64_t i = 0; i < n_seqs; i++) {
-        const int64_t s = seqs[i];
-        tiles += ((int64_t)query_start_loc[s + 1] - query_start_loc[s] + PREFILL_TILE - 1) / PREFILL_TILE;
-    }
-    int64_t *row_seq = malloc(sizeof(int64_t) * 4 * (size_t)(tiles > 0 ? tiles : 1));
-    if (row_seq == NULL) return -1;
-    int64_t *tile_t = row_seq + tiles, *tile_n = tile_t + tiles, *tile_ctx = tile_n + tiles;
+    /* per tile: its sequence, first query row, rows, and the first row's context */
+    int64_t *tile_seq = malloc(sizeof(int64_t) * 4 * (size_t)(tiles > 0 ? tiles : 1));
+    if (tile_seq == NULL) return -1;
+    int64_t *tile_t = tile_seq + tiles, *tile_n = tile_t + tiles, *tile_ctx = tile_n + tiles;
     for (int64_t i = 0, k = 0; i < n_seqs; i++) {
         const int64_t s = seqs[i], lo = query_start_loc[s], hi = query_start_loc[s + 1];
         for (int64_t t = lo; t < hi; t += PREFILL_TILE, k++) {
-            row_seq[k] = s;
+            tile_seq[k] = s;
             tile_t[k] = t;
             tile_n[k] = hi - t < PREFILL_TILE ? hi - t : PREFILL_TILE;
             tile_ctx[k] = context_lens[s] - (hi - lo) + (t - lo) + 1;
@@ -540,8 +534,8 @@ int64_t paged_prefill_attention(
     for (int64_t item = 0; item < tiles * per_seq; item++) {
         const int64_t k = item / per_seq, h0 = (item % per_seq) * per_item;
         failed |= dispatch_tile(&c, tile_t[k], tile_n[k], tile_ctx[k],
-                                block_tables + row_seq[k] * table_stride, h0, kv_dtype, D);
+                                block_tables + tile_seq[k] * table_stride, h0, kv_dtype, D);
     }
-    free(row_seq);
+    free(tile_seq);
     return failed ? -1 : 0;
 }

@@ -68,6 +68,8 @@ class SoakConfig:
     """Length of the fault-free phase before it (None: a fifth of the duration, 10-60 s)."""
     prefill: int = 1
     decode: int = 2
+    runtime: str = "ray"
+    """``ClusterConfig.runtime``: Ray actors, or child processes of this one (``processes``)."""
     multimodal: bool = False
     """Add 1 encode worker, serve a tiny LLaVA model and send some images."""
     concurrency: int = 6
@@ -377,16 +379,17 @@ def wait_restored(cluster: Any, wanted: dict[str, int], timeout_s: float,
 
 def integrity(cluster: Any, timeout_s: float = 120.0) -> dict[str, Any]:
     """``check_integrity()`` of every live worker, once each is idle; totals."""
-    import ray
+    from splitserve.cluster.membership import WORKER_LOST
 
+    get = cluster.launcher.get  # Ray's or a process worker's, as the cluster runs them
     totals: dict[str, Any] = {"leaked_blocks": 0, "stranded_leases": 0, "problems": []}
     live = [h for h in list(cluster.workers.values()) if h.healthy and h.role != "encode"]
     totals["checked_workers"] = [h.worker_id for h in live]
     for h in live:
         try:
-            _wait_idle(h.actor, timeout_s)  # in-flight aborts settle first
-            report = ray.get(h.actor.check_integrity.remote(), timeout=timeout_s)
-        except ray.exceptions.RayActorError as e:
+            _wait_idle(h.actor, get, timeout_s)  # in-flight aborts settle first
+            report = get(h.actor.check_integrity.remote(), timeout_s)
+        except WORKER_LOST as e:
             totals["problems"].append(f"{h.worker_id}: died during the check: {e}")
             continue
         totals["leaked_blocks"] += report["leaked_blocks"]
@@ -395,12 +398,10 @@ def integrity(cluster: Any, timeout_s: float = 120.0) -> dict[str, Any]:
     return totals
 
 
-def _wait_idle(actor: Any, timeout_s: float) -> None:
-    import ray
-
+def _wait_idle(actor: Any, get: Any, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        stats = ray.get(actor.stats.remote(), timeout=30)
+        stats = get(actor.stats.remote(), 30)
         if stats.get("num_running", 0) == 0 and stats.get("num_waiting", 0) == 0:
             return
         time.sleep(0.1)
@@ -482,7 +483,7 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         encode = 1 if cfg.multimodal else 0
         cluster = Cluster.local(prefill=cfg.prefill, decode=cfg.decode, encode=encode,
                                 model=model, max_model_len=MAX_MODEL_LEN,
-                                kv_cache_memory_bytes=64 << 20)
+                                kv_cache_memory_bytes=64 << 20, runtime=cfg.runtime)
         wanted = {"prefill": cfg.prefill, "decode": cfg.decode, **({"encode": 1} if encode else {})}
         killer = Killer(cluster, cfg.kill_every_s, rng)
         with _serve(ClusterBackend(cluster)) as server:
@@ -601,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=None, help="fault-free phase, seconds")
     parser.add_argument("--prefill", type=int, default=1)
     parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--runtime", choices=["ray", "processes"], default="ray",
+                        help="workers as Ray actors or as child processes (no Ray)")
     parser.add_argument("--multimodal", action="store_true",
                         help="1 encode worker, a tiny LLaVA model, some requests with images")
     parser.add_argument("--concurrency", type=int, default=6)
@@ -616,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     cfg = SoakConfig(duration_s=args.duration, kill_every_s=args.kill_every, quiet_s=args.quiet,
                      prefill=args.prefill, decode=args.decode, multimodal=args.multimodal,
+                     runtime=args.runtime,
                      concurrency=args.concurrency, seed=args.seed, model=args.model,
                      reference_concurrency=args.reference_concurrency)
     summary = run_soak(cfg)

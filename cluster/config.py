@@ -377,6 +377,13 @@ class ClusterConfig(_Section):
     """Worker registry (in memory or Redis) and heartbeats."""
     ray: RayConfig = Field(default_factory=lambda: RayConfig())
     """Ray cluster to run on."""
+    runtime: Literal["ray", "processes"] = "ray"
+    """What runs the workers: ``ray`` actors (a local Ray or ``ray.address``'s cluster, GPUs,
+    several nodes), or ``processes``: child processes of the cluster's own process on this
+    machine, no Ray started (each worker still has a process of its own, is replaced when it
+    dies and has its requests replayed). ``splitserve serve`` picks ``processes`` for its
+    one-machine colocated default, where Ray's daemons and threads took 5-7% of a core from
+    the engine (docs/serving.md); CPU workers only, no ``ray.address``, no custom resources."""
     kv_transfer: KvTransferConfig = Field(default_factory=lambda: KvTransferConfig())
     """KV transport between prefill and decode."""
     planner: PlannerSettings = Field(default_factory=lambda: PlannerSettings())
@@ -397,6 +404,7 @@ class ClusterConfig(_Section):
         _check_encode(self)
         _check_local_resources(self)
         _check_planner(self)
+        _check_runtime(self)
         return self
 
     # ---- construction
@@ -568,6 +576,19 @@ def _check_encode(config: ClusterConfig) -> None:
             f"must be >= 1 for the multimodal model {config.model!r} (it has a vision tower); "
             "got 0",
         )
+
+
+def _check_runtime(config: ClusterConfig) -> None:
+    """``runtime: processes`` runs CPU workers on this machine: nothing Ray would place."""
+    if config.runtime != "processes":
+        return
+    if config.ray.address is not None:
+        raise _SettingError("runtime", "processes runs workers on this machine without Ray; "
+                            f"ray.address ({config.ray.address!r}) needs runtime: ray")
+    for name, role in config.roles.items():
+        if role.num_gpus > 0:
+            raise _SettingError(f"roles.{name}.num_gpus", "runtime: processes has no GPU "
+                                f"placement (Ray's); got {role.num_gpus:g}, use runtime: ray")
 
 
 def _check_local_resources(config: ClusterConfig) -> None:

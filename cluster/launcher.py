@@ -1,8 +1,10 @@
-"""Launcher: Ray start/connect and the role actors' life (start, wait ready, stop).
+"""Launcher: Ray start/connect and the role workers' life (start, wait ready, stop).
 
-Owns the Ray side of the cluster: whether this process started Ray (and so stops it),
-placement groups per worker, actor options (resources, restarts, no task retries) and
-turning a failed start into a ConfigError that names the setting. It does not route or
+Owns the runtime side of the cluster: with ``runtime: ray``, whether this process started
+Ray (and so stops it), placement groups per worker, actor options (resources, restarts, no
+task retries); with ``runtime: processes``, the workers' child processes
+(``cluster/process_workers.py``, no Ray started); and turning a failed start into a
+ConfigError that names the setting. It does not route or
 track requests (request_path.py does) nor decide membership (membership.py does).
 """
 
@@ -19,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from splitserve import env
+from splitserve.cluster import process_workers
 from splitserve.cluster.config import ClusterConfig
 from splitserve.errors import ConfigError
 from splitserve.roles.engine.config import EngineConfig
@@ -36,6 +39,7 @@ class WorkerHandle:
     worker_id: str
     role: str
     actor: Any
+    """Its Ray actor handle, or a ``ProcessActor`` (``runtime: processes``)."""
     placement_group: PlacementGroup | None
     info: dict[str, Any] = field(default_factory=dict)
     healthy: bool = True
@@ -45,13 +49,17 @@ class WorkerHandle:
 
 
 class Launcher:
-    """Starts and stops role workers on a Ray cluster described by a ClusterConfig."""
+    """Starts and stops role workers (Ray actors, or child processes with ``runtime:
+    processes``) as a ClusterConfig describes them."""
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.started_ray = False
+        self.processes = config.runtime == "processes"
+        """Workers are child processes of this one; no Ray is started or joined."""
         self._ids = itertools.count()
-        self._start_ray()
+        if not self.processes:
+            self._start_ray()
 
     # ------------------------------------------------------------------ Ray
 
@@ -83,6 +91,8 @@ class Launcher:
 
     def check_resources(self, counts: dict[str, int]) -> None:
         """Fail early, naming the setting, when the Ray cluster cannot hold the workers."""
+        if self.processes:
+            return  # child processes ask no scheduler for room
         available = ray.cluster_resources()
         needed: dict[str, float] = {}
         for role, n in counts.items():
@@ -124,6 +134,10 @@ class Launcher:
         if role not in WORKER_CLASSES:
             raise ConfigError(f"roles.{role}: this role has no worker implementation yet")
         worker_id = f"{role}-{next(self._ids)}-{os.urandom(2).hex()}"
+        if self.processes:
+            args, kwargs = self.worker_args(role, worker_id)
+            return WorkerHandle(worker_id, role, process_workers.spawn(
+                role, worker_id, args, kwargs, env=_child_env()), None)
         rc = self.config.role(role)
         bundle = self._bundle(role)
         pg = placement_group([bundle], strategy="PACK") if bundle else None
@@ -153,7 +167,12 @@ class Launcher:
         """Wait for every worker's engine to load; on failure stop them and raise ConfigError."""
         refs = [h.actor.info.remote() for h in handles]
         try:
-            infos = ray.get(refs, timeout=timeout_s)
+            if self.processes:
+                for h in handles:
+                    h.actor.wait_started(timeout_s)
+                infos = process_workers.get(refs, timeout=timeout_s)
+            else:
+                infos = ray.get(refs, timeout=timeout_s)
         except Exception as e:
             for h in handles:
                 self.stop(h)
@@ -163,15 +182,31 @@ class Launcher:
 
     def stop(self, handle: WorkerHandle) -> None:
         try:
-            ray.get(handle.actor.shutdown.remote(), timeout=10)
+            call = handle.actor.shutdown.remote()
+            if self.processes:
+                process_workers.get(call, timeout=10)
+            else:
+                ray.get(call, timeout=10)
         except Exception:  # noqa: BLE001 - it may be dead already
             pass
         self.release(handle)
 
+    def get(self, call: Any, timeout: float) -> Any:
+        """Wait (blocking, off the event loop) for one call to a worker of this runtime."""
+        if self.processes:
+            return process_workers.get(call, timeout=timeout)
+        return ray.get(call, timeout=timeout)
+
     def release(self, handle: WorkerHandle) -> None:
         """Kill a (dead or dying) worker's actor for good and give its placement group's
         resources back, without waiting on it. A dead worker whose group stayed would hold its
-        bundle forever, and after a few replacements no new worker could be placed."""
+        bundle forever, and after a few replacements no new worker could be placed. A child
+        process is killed and reaped."""
+        if isinstance(handle.actor, process_workers.ProcessActor):
+            handle.actor.kill()
+            return
+        if not ray.is_initialized():  # (ray.kill would start a Ray of its own otherwise)
+            return
         try:
             ray.kill(handle.actor, no_restart=True)
         except Exception:  # noqa: BLE001
@@ -201,6 +236,13 @@ def _local_system_config() -> dict[str, Any]:
     """
     wanted: dict[str, Any] = {"worker_niceness": 0, "prestart_worker_first_driver": False}
     return {k: v for k, v in wanted.items() if f"RAY_{k}" not in os.environ}
+
+
+def _child_env() -> dict[str, str]:
+    """A process worker's environment: this process's, less every ``secret`` variable (the
+    API key stays with the server, as it stays out of Ray's workers)."""
+    secrets = env.secret_names()
+    return {k: v for k, v in os.environ.items() if k not in secrets}
 
 
 def _job_env_vars() -> dict[str, str]:

@@ -20,14 +20,15 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from splitserve.cluster.config import ClusterConfig
 from splitserve.cluster.launcher import Launcher, WorkerHandle
+from splitserve.cluster.process_workers import WorkerProcessLost
 from splitserve.cluster.registry import Registry, WorkerRecord
 from splitserve.errors import NoHealthyWorkerError
 from splitserve.router.router import Router
 
 logger = logging.getLogger(__name__)
 
-WORKER_LOST = (RayActorError, ActorUnavailableError)
-"""What Ray raises for a call to a worker whose process is gone."""
+WORKER_LOST = (RayActorError, ActorUnavailableError, WorkerProcessLost)
+"""What a call to a worker whose process is gone raises (Ray's, or a process worker's)."""
 
 
 class WorkerLost(Exception):
@@ -64,6 +65,10 @@ class Membership:
 
     def attach(self) -> None:
         """Handles on the workers the registry lists (started by another Cluster handle)."""
+        if self.launcher.processes:
+            raise NoHealthyWorkerError(
+                "runtime: processes: another handle's workers are its own child processes; "
+                "only a cluster on Ray (runtime: ray) can be joined")
         records = self.registry.list()
         if not records:
             raise NoHealthyWorkerError(
@@ -113,10 +118,9 @@ class Membership:
         if handle is None or not handle.healthy:
             return
         handle.healthy = False
-        if ray.is_initialized():  # (ray.kill would start a Ray of its own otherwise)
-            with contextlib.suppress(Exception):
-                # a half-dead actor must not linger, nor its placement group hold resources
-                self.launcher.release(handle)
+        with contextlib.suppress(Exception):
+            # a half-dead actor must not linger, nor its placement group hold resources
+            self.launcher.release(handle)
         with contextlib.suppress(Exception):
             self.router.remove_instance(worker_id)
         with contextlib.suppress(Exception):

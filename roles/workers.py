@@ -457,6 +457,8 @@ def _ray_node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # a process worker (runtime: processes)
+            return ""
         return str(ray.get_runtime_context().get_node_id())
     except Exception:  # noqa: BLE001 - not in a Ray worker
         return ""

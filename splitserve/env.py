@@ -202,6 +202,11 @@ def forwardable() -> dict[str, str]:
     return {var.name: var.raw() for var in _REGISTRY.values() if not var.secret and var.raw()}
 
 
+def secret_names() -> frozenset[str]:
+    """The names of the variables declared ``secret`` (never passed to another process)."""
+    return frozenset(var.name for var in _REGISTRY.values() if var.secret)
+
+
 def scrub_secrets() -> None:
     """Remove every ``secret`` variable from this process's environment (before starting
     processes that must not inherit it: a local Ray)."""

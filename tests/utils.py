@@ -230,19 +230,23 @@ def wait_until(
 
 def assert_workers_intact(workers: Iterable[Any], timeout_s: float = 60.0) -> None:
     """Teardown check for integration tests: every worker's ``check_integrity()`` (block pool,
-    KV manager, scheduler, leases and loads) is clean. ``workers``: Ray actor handles, or
-    objects with an ``actor`` attribute (``WorkerHandle``); dead workers are skipped."""
+    KV manager, scheduler, leases and loads) is clean. ``workers``: Ray actor handles or
+    process workers, or objects with an ``actor`` attribute (``WorkerHandle``); dead workers
+    are skipped."""
     import ray
 
+    from splitserve.cluster import process_workers
     from splitserve.integrity import IntegrityReport
 
     actors = [getattr(w, "actor", w) for w in workers]
-    refs = [a.check_integrity.remote() for a in actors]
+    refs = [(isinstance(a, process_workers.ProcessActor), a.check_integrity.remote())
+            for a in actors]
     failed = []
-    for ref in refs:
+    for is_process, ref in refs:
         try:
-            report = ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.RayActorError:
+            report = (process_workers.get(ref, timeout_s) if is_process
+                      else ray.get(ref, timeout=timeout_s))
+        except (ray.exceptions.RayActorError, process_workers.WorkerProcessLost):
             continue  # killed by the test: nothing left to leak
         if not report["ok"]:
             failed.append(IntegrityReport(report["problems"], report["leaked_blocks"],

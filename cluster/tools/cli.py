@@ -109,7 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
         config, layout = _cluster_config(args)
         logging.getLogger("splitserve.serve").info("cluster layout: %s", layout)
         backend = ClusterBackend.from_config(config)
-        print(f"cluster: {layout}; {backend.cluster.status()['roles']} workers on Ray",
+        where = "child processes" if config.runtime == "processes" else "Ray"
+        print(f"cluster: {layout}; {backend.cluster.status()['roles']} workers on {where}",
               flush=True)
     opts = ServeOptions(
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
@@ -160,11 +161,17 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
         overrides["max_model_len"] = args.max_model_len
     if args.config is None and args.speculative_config is not None:
         overrides["roles"] = {"decode": {"speculative_config": args.speculative_config}}
+    runtime = getattr(args, "runtime", "auto")
     if args.config is None:
         encode = 1 if is_multimodal_model(args.model) else 0  # a vision tower: + 1 encode
         prefill, decode, layout = _local_layout(args, overrides)
+        if runtime == "auto":
+            # colocated CPU workers on this machine need nothing of Ray, whose daemons and
+            # threads cost the engine 5-7% of a 2-core machine (docs/serving.md)
+            local_cpu = prefill == 0 and encode == 0 and "num_gpus" not in overrides.get("ray", {})
+            runtime = "processes" if local_cpu else "ray"
         config = ClusterConfig.local(prefill=prefill, decode=decode, encode=encode,
-                                     model=args.model, **overrides)
+                                     model=args.model, runtime=runtime, **overrides)
         return config, layout
     config = ClusterConfig.from_yaml(args.config)
     data = config.model_dump()
@@ -176,6 +183,8 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
         count = getattr(args, f"{role}_workers")
         if count is not None:
             data["roles"][role]["replicas"] = count
+    if runtime != "auto":
+        data["runtime"] = runtime
     config = ClusterConfig.from_dict(data, source=args.config)
     roles = ", ".join(f"{rc.replicas} {name}" for name, rc in config.roles.items() if rc.replicas)
     return config, f"as configured in {args.config} ({roles})"
@@ -210,10 +219,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser(
         "serve",
         help="serve the OpenAI HTTP and gRPC APIs from a local cluster (or --single-engine)",
-        description="Serve the OpenAI HTTP API and the gRPC API. By default a local Ray cluster "
-        "runs the model: 1 prefill + 1 decode worker when this machine has a device per role "
-        "(GPUs with --device cuda, or NUMA nodes), else 1 decode worker that prefills every "
-        "prompt (plus 1 encode worker for a multimodal model); --prefill-workers / "
+        description="Serve the OpenAI HTTP API and the gRPC API. By default a local cluster "
+        "runs the model: 1 prefill + 1 decode worker on Ray when this machine has a device per "
+        "role (GPUs with --device cuda, or NUMA nodes), else 1 decode worker that prefills every "
+        "prompt, a child process of the server (plus 1 encode worker for a multimodal model, "
+        "on Ray); --prefill-workers / "
         "--decode-workers set the counts, --config describes another cluster, --single-engine "
         "serves from this process. Ctrl-C or SIGTERM drains and stops.",
     )
@@ -227,6 +237,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      help="decode workers (default 1)")
     srv.add_argument("--single-engine", action="store_true",
                      help="serve from one in-process engine instead of the cluster")
+    srv.add_argument("--runtime", choices=["auto", "ray", "processes"], default="auto",
+                     help="what runs the workers: Ray actors, or child processes of the server "
+                     "(no Ray); auto: processes for the colocated CPU default, else Ray (with "
+                     "--config: the file's runtime)")
     srv.add_argument("--served-model-name", default=None, help="name clients use (default: id)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")

@@ -1,5 +1,6 @@
 """The colocated cluster (``splitserve serve``'s default on a machine with fewer devices than
-roles): decode workers prefill every prompt, no prefill worker, on real Ray (tiny model).
+roles): decode workers prefill every prompt, no prefill worker, on real Ray and as child
+processes without Ray (``runtime: processes``, what ``serve`` picks for it), tiny model.
 
 Checks the mechanism (every request placed as a local prefill, no KV pulled, no prefill
 worker, ``status()["layout"]``) and that the cluster's features still hold without the
@@ -31,9 +32,9 @@ def single(tiny_model_dir) -> LLM:
     return LLM(str(tiny_model_dir), num_kv_blocks=1024)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    with Cluster.local(prefill=0, decode=2, model=str(tiny_model_dir),
+@pytest.fixture(scope="module", params=["ray", "processes"])
+def cluster(tiny_model_dir, request):
+    with Cluster.local(prefill=0, decode=2, model=str(tiny_model_dir), runtime=request.param,
                        kv_cache_memory_bytes=16 << 20,
                        registry={"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 5.0}) as c:
         yield c
@@ -73,6 +74,8 @@ def test_workers_of_a_local_ray_run_at_the_drivers_priority(cluster: Cluster) ->
     (and a single-engine server), so other processes do not take their CPU first."""
     import psutil
 
+    if cluster.config.runtime != "ray":
+        pytest.skip("process workers are plain children of the driver (no Ray niceness)")
     assert cluster.launcher is not None and cluster.launcher.started_ray  # its own Ray
     for h in cluster.workers.values():
         assert psutil.Process(h.info["pid"]).nice() == 0, h.worker_id

@@ -4,7 +4,8 @@ The server (tiny random Llama) prints both addresses; the bench smoke run comple
 request and reports vLLM-named percentiles and goodput; SIGTERM lets an in-flight streaming
 request finish (drain) and the process exits 0 without leaving children behind; start/stop
 cycles (SIGINT, SIGTERM; a second SIGINT under ``-m slow``) leave no process behind, Ray's
-included.
+included; the colocated default's worker is a child process (no Ray) that dies with a killed
+server.
 """
 
 from __future__ import annotations
@@ -112,6 +113,42 @@ def test_default_layout_is_chosen_for_this_machine_and_shown(served) -> None:
     workers = httpx.get(addrs["http"] + "/health", timeout=30).json()["workers"]
     want = {"decode": 1} if layout.colocated else {"prefill": 1, "decode": 1}
     assert workers == want
+    where = "child processes" if layout.colocated else "Ray"
+    assert f"workers on {where}" in addrs["startup"]
+
+
+def test_colocated_default_runs_its_worker_as_a_child_without_ray(tiny_model_dir) -> None:
+    """The colocated default (this machine) runs its decode worker as a child process of the
+    server, with no Ray daemon anywhere below it; it serves, and a server killed outright
+    (SIGKILL: no handler runs) takes the worker with it (no orphan engine)."""
+    import psutil
+
+    from splitserve.cluster.layout import choose_layout, detect_devices
+
+    if not choose_layout(detect_devices("cpu")).colocated:
+        pytest.skip("this machine has a device per role: the default is P/D on Ray")
+    proc = _start_serve(tiny_model_dir, "--grpc-port", "-1", "--max-model-len", "256")
+    assert proc.stdout is not None
+    url = ""
+    for line in proc.stdout:
+        if m := re.search(r"HTTP API on (\S+)/v1", line):
+            url = m.group(1)
+            break
+    try:
+        assert url, f"server did not announce its address (rc={proc.poll()})"
+        below = psutil.Process(proc.pid).children(recursive=True)
+        names = {" ".join(c.cmdline()) for c in below}
+        assert not [n for n in names if "raylet" in n or "gcs_server" in n], names
+        workers = [c for c in below if "splitserve.cluster.process_workers" in " ".join(c.cmdline())]
+        assert len(workers) == 1 and workers[0].ppid() == proc.pid, names
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"],
+            "prompt": "hello there", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.kill()
+        proc.wait()
+    _assert_all_exit([w.pid for w in workers])
 
 
 def test_bench_refuses_non_loopback() -> None:

@@ -425,8 +425,10 @@ class _Child:
 
 
 def _child_main(fd: int) -> None:
-    # Ctrl-C in a terminal signals the whole group: the parent stops its workers itself.
+    # Ctrl-C in a terminal (or a supervisor's SIGTERM) signals the whole group: the parent
+    # drains and then stops its workers itself; a worker's life ends with its socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     header = _recv_exact(sock, _HEADER.size)
     if header is None:

@@ -182,11 +182,7 @@ class Launcher:
 
     def stop(self, handle: WorkerHandle) -> None:
         try:
-            call = handle.actor.shutdown.remote()
-            if self.processes:
-                process_workers.get(call, timeout=10)
-            else:
-                ray.get(call, timeout=10)
+            self.get(handle.actor.shutdown.remote(), 10)
         except Exception:  # noqa: BLE001 - it may be dead already
             pass
         self.release(handle)

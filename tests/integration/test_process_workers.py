@@ -77,13 +77,15 @@ async def _awaited(call):
 
 
 def test_worker_sigkilled_mid_stream_is_replaced_and_its_requests_replayed(
-    cluster: Cluster, single: LLM
+    cluster: Cluster, single: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompts = random_prompts(4, seed=11, lo=40, hi=90)
     want = [o.outputs[0].token_ids for o in single.generate(prompts, PARAMS)]
     (victim,) = [h for h in cluster.workers.values() if h.healthy]
     old_pid = victim.info["pid"]
     replays, replaced = cluster.counters["replays"], cluster.counters["workers_replaced"]
+    # a secret set now must not reach the replacement's environment (it stays with the server)
+    monkeypatch.setenv("SPLITSERVE_API_KEY", "not-for-workers")
 
     async def run() -> list[list[int]]:
         got: list[list[int]] = [[] for _ in prompts]
@@ -110,6 +112,8 @@ def test_worker_sigkilled_mid_stream_is_replaced_and_its_requests_replayed(
     assert cluster.counters["workers_replaced"] == replaced + 1
     new = [h for h in cluster.workers.values() if h.healthy]
     assert len(new) == 1 and new[0].info["pid"] not in (old_pid, os.getpid())
+    environ = psutil.Process(new[0].info["pid"]).environ()
+    assert "SPLITSERVE_API_KEY" not in environ and "PATH" in environ
     assert not psutil.pid_exists(old_pid) or \
         psutil.Process(old_pid).status() != psutil.STATUS_ZOMBIE  # reaped
     assert [o.outputs[0].token_ids for o in cluster.generate(prompts, PARAMS)] == want

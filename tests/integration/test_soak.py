@@ -1,13 +1,13 @@
-"""The soak / chaos harness (bench/soak.py) for 90 seconds: the default suite's chaos test.
+"""The soak / chaos harness (bench/soak.py) for 60 seconds: the default suite's chaos test.
 
 A local cluster (1 prefill + 2 decode workers, tiny random model) serves a mixed workload over
 HTTP (streaming and not, greedy and seeded, short and long prompts, n > 1, 10% client aborts,
-5% malformed) while a random worker is SIGKILLed every 15 s. The harness' own verdict must be
+5% malformed) while a random worker is SIGKILLed every 10 s. The harness' own verdict must be
 clean: every request that was neither aborted nor malformed completed with the same choices
 as on a fault-free single engine, malformed ones got 4xx, no 5xx but retried 503s, the worker
 set was restored, and ``check_integrity()`` found no leaked block or stranded lease on any
 live worker. The mechanism is asserted too: workers were killed and replaced. Run with the
-workers as Ray actors and as child processes (``runtime: processes``, 60 s).
+workers as Ray actors and as child processes (``runtime: processes``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
 @pytest.mark.parametrize("runtime", ["ray", "processes"])
-def test_soak_90_seconds(runtime: str) -> None:
+def test_soak_60_seconds(runtime: str) -> None:
     import soak  # bench/soak.py
 
-    # processes (serve's colocated default runs its worker so): shorter, same kill count
-    duration, every = (90, 15) if runtime == "ray" else (60, 10)
-    cfg = soak.SoakConfig(duration_s=duration, kill_every_s=every, quiet_s=15, concurrency=4,
-                          seed=13, runtime=runtime)
+    # 60 s on each runtime (serve's colocated default runs its worker as a process), a kill
+    # every 10 s: the suite's time for both is about what 90 s on Ray alone took
+    cfg = soak.SoakConfig(duration_s=60, kill_every_s=10, quiet_s=15, concurrency=4, seed=13,
+                          runtime=runtime)
     summary = soak.run_soak(cfg)
     brief = {k: v for k, v in summary.items() if k != "examples"}
     assert summary["kills"] >= 4 and summary["replacements"] >= summary["kills"] - 1, brief

@@ -60,7 +60,8 @@ T = TypeVar("T")
 
 
 class Cluster:
-    """Prefill and decode workers on Ray, a router, a registry; generate / stream / abort."""
+    """Prefill and decode workers (Ray actors, or child processes with ``runtime: processes``),
+    a router, a registry; generate / stream / abort."""
 
     def __init__(self, config: ClusterConfig | None = None, *, attach: bool = False) -> None:
         """Start the cluster described by ``config``; with ``attach``, connect to the workers

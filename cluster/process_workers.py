@@ -36,6 +36,8 @@ import weakref
 from collections import deque
 from typing import Any
 
+from splitserve.roles.workers import WORKER_CLASSES, picklable_error
+
 _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 31
 """Largest frame (bytes); a longer one is a protocol error."""
@@ -59,14 +61,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _picklable(error: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 # --------------------------------------------------------------------------- parent side
@@ -330,8 +324,6 @@ class ProcessActor:
 def spawn(role: str, worker_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
           env: dict[str, str] | None = None) -> ProcessActor:
     """Start a ``role`` worker (``WORKER_CLASSES[role](*args, **kwargs)``) in a child process."""
-    from splitserve.roles.workers import WORKER_CLASSES
-
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         proc = subprocess.Popen(
@@ -373,13 +365,11 @@ class _Child:
 
     async def run(self, role: str, worker_id: str, args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> None:
-        from splitserve.roles.workers import WORKER_CLASSES
-
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         try:
             self.worker = WORKER_CLASSES[role](*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the parent says why the worker did not start
-            self.send(("failed", 0, _picklable(e)))
+            self.send(("failed", 0, picklable_error(e)))
             await self.writer.drain()
             return
         self.send(("ready", os.getpid()))
@@ -419,7 +409,7 @@ class _Child:
         except asyncio.CancelledError:
             return  # cancelled by the parent: it is not waiting
         except BaseException as e:  # noqa: BLE001 - the caller gets the error
-            self.send(("end" if streaming else "err", call_id, _picklable(e)))
+            self.send(("end" if streaming else "err", call_id, picklable_error(e)))
         finally:
             self.tasks.pop(call_id, None)
 

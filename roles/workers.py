@@ -76,7 +76,7 @@ class _Outbox:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: BLE001 - the request's end, for its caller
-            self._put(key, _picklable(e))
+            self._put(key, picklable_error(e))
         finally:
             self._feeds.pop(key, None)
             await stream.aclose()  # cancelled: the engine's stream aborts the request
@@ -99,8 +99,8 @@ class _Outbox:
             task.cancel()
 
 
-def _picklable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling (it crosses Ray inside a list), else a
+def picklable_error(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling (it crosses Ray or a process worker's socket), else a
     RuntimeError that says what it was."""
     try:
         pickle.loads(pickle.dumps(error))

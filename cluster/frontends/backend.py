@@ -362,7 +362,7 @@ class AdmissionBackend(Backend):
 
 
 class ClusterBackend(Backend):
-    """The disaggregated cluster (router + prefill/decode workers on Ray) behind the frontends."""
+    """The cluster (router + prefill/decode workers, on Ray or as processes) behind the frontends."""
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster

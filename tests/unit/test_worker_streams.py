@@ -161,16 +161,16 @@ def test_a_requests_error_reaches_only_that_request() -> None:
 
 @pytest.mark.parametrize("error", [RuntimeError("plain"), InvalidRequestError("x", "n")])
 def test_errors_cross_as_themselves_when_they_pickle(error: BaseException) -> None:
-    from splitserve.roles.workers import _picklable
+    from splitserve.roles.workers import picklable_error
 
-    assert _picklable(error) is error
+    assert picklable_error(error) is error
 
 
 def test_an_error_that_does_not_pickle_crosses_as_a_runtime_error_naming_it() -> None:
-    from splitserve.roles.workers import _picklable
+    from splitserve.roles.workers import picklable_error
 
     class Local(Exception):  # a local class cannot be pickled
         pass
 
-    out = _picklable(Local("boom"))
+    out = picklable_error(Local("boom"))
     assert isinstance(out, RuntimeError) and "Local: boom" in str(out)

@@ -167,12 +167,10 @@ class Launcher:
         """Wait for every worker's engine to load; on failure stop them and raise ConfigError."""
         refs = [h.actor.info.remote() for h in handles]
         try:
-            if self.processes:
+            if self.processes:  # a child that cannot build its worker says why here
                 for h in handles:
                     h.actor.wait_started(timeout_s)
-                infos = process_workers.get(refs, timeout=timeout_s)
-            else:
-                infos = ray.get(refs, timeout=timeout_s)
+            infos = self.get(refs, timeout_s)
         except Exception as e:
             for h in handles:
                 self.stop(h)
@@ -188,7 +186,8 @@ class Launcher:
         self.release(handle)
 
     def get(self, call: Any, timeout: float) -> Any:
-        """Wait (blocking, off the event loop) for one call to a worker of this runtime."""
+        """Wait (blocking, off the event loop) for a call to a worker of this runtime, or a
+        list of them."""
         if self.processes:
             return process_workers.get(call, timeout=timeout)
         return ray.get(call, timeout=timeout)

@@ -39,8 +39,6 @@ from typing import Any
 from splitserve.roles.workers import WORKER_CLASSES, picklable_error
 
 _HEADER = struct.Struct("!I")
-MAX_FRAME = 1 << 31
-"""Largest frame (bytes); a longer one is a protocol error."""
 
 
 class WorkerProcessLost(Exception):
@@ -146,9 +144,6 @@ class _Stream:
             raise item
         return _Done(item)
 
-    async def aclose(self) -> None:
-        self._actor._cancel(self._id)
-
     def __del__(self) -> None:  # its reader let go of it: the child's generator can stop
         actor = getattr(self, "_actor", None)
         if actor is not None:
@@ -212,15 +207,6 @@ class ProcessActor:
         except OSError as e:
             self._lose(f"sending to it failed: {e}")
         return handle
-
-    def _cancel(self, call_id: int) -> None:
-        with self._lock:
-            known = self._streams.pop(call_id, None) is not None and self._lost is None
-        if known:
-            try:
-                self._send(("cancel", call_id))
-            except OSError:
-                pass
 
     def _send(self, message: Any) -> None:
         data = _frame(message)

@@ -6,8 +6,9 @@
  * context (or the window), a softmax, the weighted sum of the values. Items are independent
  * and each sums in a fixed order, so a sequence's result never depends on its batch (batch
  * invariance) nor on the thread that ran it. Arithmetic is float32 throughout: dot products in
- * 16 lanes summed pairwise, exp by a degree-6 polynomial (relative error ~2e-7), the output
- * rounded to nearest even when bf16.
+ * 16 lanes summed pairwise (bfloat16 queries and keys: the products by pairs, as vdpbf16ps
+ * computes them; see score_rows_pairs), exp by a degree-6 polynomial (relative error ~2e-7),
+ * the output rounded to nearest even when bf16.
  *
  * OpenMP: linking -fopenmp records libgomp.so.1, which the loader resolves to the one torch
  * already loaded, so the kernel runs on torch's own thread team.
@@ -123,6 +124,103 @@ static inline __attribute__((always_inline)) void score_rows(
         v16f acc = {0};
         for (int64_t c = 0; c < D / LANES; c++)
             acc += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
+        out[j] = hsum16(acc) * scale;
+    }
+}
+
+/* bfloat16 queries and keys: dot products by pairs of elements, as AVX-512 BF16's vdpbf16ps
+ * computes them. Lane l of a 32-element chunk holds elements 2l (low half of the 32-bit word)
+ * and 2l + 1 (high half); the lane adds the high pair's product, then the low pair's, each sum
+ * rounded to float32 (the products of two bfloat16 values are exact in float32), with
+ * bfloat16 inputs of zero exponent read as zero and float32 results of zero exponent
+ * flushed to zero (the instruction's DAZ / FTZ). The lanes are then summed as score_rows
+ * sums them. Half the multiplies of widening each key to float32 and no widening at all;
+ * other builds compute the same sums in float32 vectors, so the same bits. */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define SCORE_DPBF16 1
+#endif
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+struct qpairs { /* one query head, D / 32 chunks */
+#ifdef SCORE_DPBF16
+    __m512i w[MAX_CHUNKS / 2];
+#else
+    v16f hi[MAX_CHUNKS / 2], lo[MAX_CHUNKS / 2];
+#endif
+};
+
+#ifndef SCORE_DPBF16
+/* float32 bits of zero exponent to (signed) zero: DAZ of the bfloat16 inputs, FTZ of the
+ * sums */
+static inline __attribute__((always_inline)) v16f flush(v16u u) {
+    const v16u tiny = (v16u)((u & 0x7f800000u) == 0);
+    u &= ~(tiny & 0x7fffffffu);
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) v16u bits16(v16f f) {
+    v16u u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+#endif
+
+static inline __attribute__((always_inline)) void load_pairs(const char *q, const int64_t D,
+                                                             struct qpairs *out) {
+    for (int64_t c = 0; c < D / 32; c++) {
+#ifdef SCORE_DPBF16
+        memcpy(&out->w[c], q + 64 * c, 64);
+#else
+        v16u w;
+        memcpy(&w, q + 64 * c, sizeof w);
+        out->hi[c] = flush(w & 0xffff0000u);
+        out->lo[c] = flush(w << 16);
+#endif
+    }
+}
+
+static inline __attribute__((always_inline)) v16f dot_pairs(v16f acc, const struct qpairs *q,
+                                                            int64_t c, const char *k) {
+#ifdef SCORE_DPBF16
+    __m512i kw;
+    memcpy(&kw, k, sizeof kw);
+    return (v16f)_mm512_dpbf16_ps((__m512)acc, (__m512bh)q->w[c], (__m512bh)kw);
+#else
+    v16u w;
+    memcpy(&w, k, sizeof w);
+    acc = flush(bits16(acc + q->hi[c] * flush(w & 0xffff0000u)));
+    return flush(bits16(acc + q->lo[c] * flush(w << 16)));
+#endif
+}
+
+/* score_rows for a bfloat16 query head (q: its D values) and bfloat16 keys, by pairs. */
+static inline __attribute__((always_inline)) void score_rows_pairs(
+    const char *q, const char *k, int64_t stride, int64_t count, float scale,
+    float *restrict out, const int64_t D)
+{
+    struct qpairs qp;
+    load_pairs(q, D, &qp);
+    int64_t j = 0;
+#ifdef BATCHED_SUMS
+    for (; j + LANES <= count; j += LANES) {
+        v16f acc[LANES];
+        for (int r = 0; r < LANES; r++) {
+            const char *row = k + (j + r) * stride;
+            acc[r] = (v16f){0};
+            for (int64_t c = 0; c < D / 32; c++) acc[r] = dot_pairs(acc[r], &qp, c, row + 64 * c);
+        }
+        const v16f s = sums16(acc) * scale;
+        memcpy(out + j, &s, sizeof s);
+    }
+#endif
+    for (; j < count; j++) {
+        const char *row = k + j * stride;
+        v16f acc = {0};
+        for (int64_t c = 0; c < D / 32; c++) acc = dot_pairs(acc, &qp, c, row + 64 * c);
         out[j] = hsum16(acc) * scale;
     }
 }
@@ -244,6 +342,12 @@ static inline const char *kv_row(const struct call *c, const void *cache, int64_
         + (size_t)(block * c->stride_block + h * c->stride_head + t * c->stride_token) * kv_esize;
 }
 
+/* Query row b's head h, as stored. */
+static inline const char *q_row(const struct call *c, int64_t b, int64_t h) {
+    return (const char *)c->query
+        + (size_t)(b * c->q_stride_b + h * c->q_stride_h) * (c->q_dtype == BF16 ? 2 : 4);
+}
+
 /* The rows of KV heads h0.. in the block after the one holding token t0, or NULL past ctx:
  * what each pass prefetches while it computes the current block. */
 static inline const char *next_block(const struct call *c, const void *cache,
@@ -272,6 +376,8 @@ static inline __attribute__((always_inline)) int run_item(
         return 0;
     }
     /* bfloat16 rows read by more than one query head are widened once per block */
+    /* bfloat16 queries and keys: scores by pairs, straight from the cache */
+    const int pairs = kv_dtype == BF16 && c->q_dtype == BF16 && D % 32 == 0;
     const int widen = kv_dtype == BF16 && group > 1;
     float *buf = scratch((size_t)(nq * D * 2 + nq * n + (widen ? bs * D : 0)));
     if (buf == NULL) return 1;
@@ -292,14 +398,19 @@ static inline __attribute__((always_inline)) int run_item(
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         const char *next = next_block(c, c->key_cache, table, t0, ctx, h0, kv_esize);
+        const char *vnext = kv_row(c, c->value_cache, table[t0 / bs], 0, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
             prefetch_part(next, span, kh, per_item);
+            prefetch_part(vnext, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
-            if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
+            if (widen && !pairs) widen_rows(rows, row_stride, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
                 float *s = scores + (kh * group + g) * n + (lo - start);
                 const float *qh = qf + (kh * group + g) * D;
-                if (widen)
+                if (pairs)
+                    score_rows_pairs(q_row(c, b, h0 * group + kh * group + g), rows, row_stride,
+                                     hi - lo, c->scale, s, D);
+                else if (widen)
                     score_rows(qh, (const char *)wide, wide_stride, hi - lo, c->scale, s, F32, D);
                 else
                     score_rows(qh, rows, row_stride, hi - lo, c->scale, s, kv_dtype, D);
@@ -353,6 +464,7 @@ static inline __attribute__((always_inline)) int run_tile(
     const int64_t first = (win > 0 && ctx0 > win) ? ctx0 - win : 0; /* row 0's start: the least */
     const int64_t nmax = ctx_last - ((win > 0 && ctx_last > win) ? ctx_last - win : 0);
     const int widen = kv_dtype == BF16;
+    const int pairs = kv_dtype == BF16 && c->q_dtype == BF16 && D % 32 == 0; /* as run_item */
     float *buf = scratch((size_t)(T * nq * D * 2 + T * nq * nmax + (widen ? bs * D : 0)));
     if (buf == NULL) return 1;
     float *qf = buf, *acc = buf + T * nq * D, *scores = acc + T * nq * D;
@@ -373,17 +485,22 @@ static inline __attribute__((always_inline)) int run_tile(
             const char *blk = kv_row(c, cache, table[t0 / bs], lo - t0, h0, kv_esize);
             for (int64_t kh = 0; kh < per_item; kh++) {
                 const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
-                if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
-                const char *src = widen ? (const char *)wide : rows;
-                const int64_t src_stride = widen ? wide_stride : row_stride;
-                const int sdt = widen ? F32 : kv_dtype;
+                const int by_pairs = pass == 0 && pairs; /* keys read as they are */
+                if (widen && !by_pairs) widen_rows(rows, row_stride, hi - lo, wide, D);
+                const char *src = widen && !by_pairs ? (const char *)wide : rows;
+                const int64_t src_stride = widen && !by_pairs ? wide_stride : row_stride;
+                const int sdt = widen && !by_pairs ? F32 : kv_dtype;
                 for (int64_t r = 0; r < T; r++) {
                     const int64_t ctx = ctx0 + r, start = (win > 0 && ctx > win) ? ctx - win : 0;
                     const int64_t rlo = lo > start ? lo : start, rhi = hi < ctx ? hi : ctx;
                     if (rlo >= rhi) continue;
                     const char *from = src + (rlo - lo) * src_stride;
                     float *sc = scores + (r * nq + kh * group) * nmax + (rlo - start);
-                    if (pass == 0) {
+                    if (by_pairs) {
+                        for (int64_t g = 0; g < group; g++)
+                            score_rows_pairs(q_row(c, b + r, h0 * group + kh * group + g), from,
+                                             src_stride, rhi - rlo, c->scale, sc + g * nmax, D);
+                    } else if (pass == 0) {
                         for (int64_t g = 0; g < group; g++)
                             score_rows(qf + (r * nq + kh * group + g) * D, from, src_stride,
                                        rhi - rlo, c->scale, sc + g * nmax, sdt, D);

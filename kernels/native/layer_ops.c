@@ -48,8 +48,9 @@ static inline void normed(const float *v, int64_t n, float r, const void *w, int
 /* One row of rms_norm: v (H floats of scratch) gets x (+ residual, rounded to the dtype, also
  * written to res_out), out gets the normed row. quant_matmul.c's fused norm + projection calls
  * it, so the projection's input is the same as after rms_norm. */
-void rms_norm_row(const void *xr, const void *rr, int dtype, int64_t H, const void *weight,
-                  float eps, float *v, void *o, void *ro)
+static inline __attribute__((always_inline)) void rms_norm_row_t(
+    const void *xr, const void *rr, const int dtype, int64_t H, const void *weight, float eps,
+    float *restrict v, void *o, void *ro)
 {
     if (rr != NULL) {
         for (int64_t i = 0; i < H; i++) {
@@ -62,6 +63,14 @@ void rms_norm_row(const void *xr, const void *rr, int dtype, int64_t H, const vo
     const float inv = inv_rms(v, H, eps);
     for (int64_t i = 0; i < H; i++)
         store_elem(o, dtype, i, round_to(v[i] * inv, dtype) * load_elem(weight, dtype, i));
+}
+
+/* The dtype a constant in the loops, so they vectorize (the same arithmetic, the same bits). */
+void rms_norm_row(const void *xr, const void *rr, int dtype, int64_t H, const void *weight,
+                  float eps, float *v, void *o, void *ro)
+{
+    if (dtype == BF16) rms_norm_row_t(xr, rr, BF16, H, weight, eps, v, o, ro);
+    else rms_norm_row_t(xr, rr, F32, H, weight, eps, v, o, ro);
 }
 
 int64_t rms_norm(const void *x, int dtype, int64_t rows, int64_t H, int64_t x_stride,

@@ -76,8 +76,9 @@ static inline float half_to_f32(uint16_t h) {
  * trick (to nearest, ties to even) so plain C vectorizes and every build gives the same
  * codes. A NaN or infinite value makes its group's dx non-finite, so the outputs it touches
  * are too. */
-static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *restrict qx,
-                         uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
+static inline __attribute__((always_inline)) void quantize_row_t(
+    const void *x, const int dtype, int64_t K, const int A8, int16_t *restrict qx,
+    uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
 {
     const int32_t qmax = A8 ? QMAX8 : QMAX;
     for (int64_t g = 0; g < K / QG; g++) {
@@ -103,6 +104,20 @@ static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *r
         if (A8) memcpy(xhl + 2 * g * QG + QG, &s, sizeof(s)); /* S: see tile's int8 x 8-bit */
         dx[g] = amax / (float)qmax;
         sx[g] = dx[g] * (float)s;
+    }
+}
+
+/* quantize_row_t with the dtype and the code width as constants, so its loops vectorize (the
+ * same integer and float operations, so the same codes). */
+static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *restrict qx,
+                         uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
+{
+    if (dtype == BF16) {
+        if (A8) quantize_row_t(x, BF16, K, 1, qx, xhl, dx, sx);
+        else quantize_row_t(x, BF16, K, 0, qx, xhl, dx, sx);
+    } else {
+        if (A8) quantize_row_t(x, F32, K, 1, qx, xhl, dx, sx);
+        else quantize_row_t(x, F32, K, 0, qx, xhl, dx, sx);
     }
 }
 
@@ -440,6 +455,18 @@ struct prologue {
     const void *norm_w; float eps; void *res_out;
 };
 
+/* act(gate) * up of one row [gate | up] (K each) into buf, the dtype and the activation
+ * constants so the loop vectorizes. */
+static inline __attribute__((always_inline)) void act_mul_row(
+    const void *xr, const int xdt, const int silu, int64_t K, float *restrict buf)
+{
+    for (int64_t i = 0; i < K; i++) {
+        const float g = load_elem(xr, xdt, i), u = load_elem(xr, xdt, K + i);
+        const float a = round_to(silu ? silu_fast(g) : gelu_tanh_fast(g), xdt);
+        buf[i] = round_to(a * u, xdt);
+    }
+}
+
 /* Row m of the projection's input, computed by the prologue into `buf` (2K floats): the
  * values rms_norm or silu/gelu_tanh_and_mul would have written, in the same dtype. */
 static const void *prologue_row(const struct prologue *p, const void *x, int xdt, int64_t m,
@@ -457,11 +484,11 @@ static const void *prologue_row(const struct prologue *p, const void *x, int xdt
         return o;
     }
     *dt = F32; /* [gate | up] -> act(gate) * up, each product rounded as the tensors would be */
-    for (int64_t i = 0; i < K; i++) {
-        const float g = load_elem(xr, xdt, i), u = load_elem(xr, xdt, K + i);
-        const float a = round_to(p->kind == PRO_SILU_MUL ? silu_fast(g) : gelu_tanh_fast(g), xdt);
-        buf[i] = round_to(a * u, xdt);
-    }
+    const int silu = p->kind == PRO_SILU_MUL;
+    if (xdt == BF16 && silu) act_mul_row(xr, BF16, 1, K, buf);
+    else if (xdt == BF16) act_mul_row(xr, BF16, 0, K, buf);
+    else if (silu) act_mul_row(xr, F32, 1, K, buf);
+    else act_mul_row(xr, F32, 0, K, buf);
     return buf;
 }
 

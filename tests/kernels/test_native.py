@@ -267,13 +267,16 @@ lin = native.small_linear(x, native.pack_linear_weight(w), 200, b)
 lin_err = (lin.double() - torch.nn.functional.linear(x.double(), w.double(), b.double())).abs().max().item()
 q, cache, tables, ctx = _case(*CASES[0][:5])
 first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
+q, cache, tables, ctx = _case(*CASES[3][:5])
+first_bf16 = native.paged_decode_attention(q, cache, tables, ctx, CASES[3][1] ** -0.5, *CASES[3][5:])
 from tests.kernels.test_native import _quant_operands
 i4, i8, qx = _quant_operands()
 quant = [native.int4_matmul(qx, i4, 48).tolist(), native.int8_matmul(qx, i8, 48).tolist(),
          native.int4_lanes(), native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8).tolist(),
          native.int8_matmul(qx, i8, 48, bits=8 | native.ACT8).tolist()]
 print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason, "first": first.float().tolist(),
-                  "calls": native.calls["paged_decode_attention"] - 1, "linear_err": lin_err,
+                  "first_bf16": first_bf16.float().tolist(),
+                  "calls": native.calls["paged_decode_attention"] - 2, "linear_err": lin_err,
                   "linear": lin.tolist(),
                   "linear_calls": native.calls["linear_f32"], "linear_max": native.linear_max(),
                   "worst": worst, "path": st.reason.split()[1] if st.available else None}))
@@ -301,10 +304,14 @@ def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             native.pack_int8_weight(codes8, scales, 32), torch.randn(5, 96, generator=g))
 
 
-def _zmm(path: str) -> bool:
+def _disassembly(path: str) -> str:
     dump = subprocess.run(["objdump", "-d", path], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    return "zmm" in dump.stdout
+    return dump.stdout
+
+
+def _zmm(path: str) -> bool:
+    return "zmm" in _disassembly(path)
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump comes with gcc's binutils")
@@ -327,6 +334,11 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     q, cache, tables, ctx = _case(*CASES[0][:5])
     here = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
     assert torch.equal(here.float(), torch.tensor(out["first"])), "AVX2 and native builds differ"
+    # bfloat16 scores by pairs: vdpbf16ps where the CPU has it, float32 vectors in its order
+    # (and its flushing of zero exponents) elsewhere
+    q, cache, tables, ctx = _case(*CASES[3][:5])
+    here = native.paged_decode_attention(q, cache, tables, ctx, CASES[3][1] ** -0.5, *CASES[3][5:])
+    assert torch.equal(here.float(), torch.tensor(out["first_bf16"])), "bf16 scores differ"
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
     i4, i8, qx = _quant_operands()
     assert out["quant"][2] == 8 and native.int4_lanes() in (8, 16), out["quant"][2]
@@ -339,3 +351,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])
+    # the bf16 scores above ran vdpbf16ps here where the CPU has it, its emulation there
+    assert "vdpbf16ps" not in _disassembly(out["path"])
+    if "avx512_bf16" in cpu_flags():
+        assert "vdpbf16ps" in _disassembly(native.status().reason.split()[1])

@@ -397,10 +397,16 @@ static inline __attribute__((always_inline)) int run_item(
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
+        /* ask for K two blocks ahead (the first block: the next one too) and for this block's
+         * V, which the second pass then finds in L2 */
+        const int first_block = t0 == start - start % bs;
         const char *next = next_block(c, c->key_cache, table, t0, ctx, h0, kv_esize);
+        const char *next2 = t0 + 2 * bs < ctx
+            ? kv_row(c, c->key_cache, table[t0 / bs + 2], 0, h0, kv_esize) : NULL;
         const char *vnext = kv_row(c, c->value_cache, table[t0 / bs], 0, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            prefetch_part(next, span, kh, per_item);
+            if (first_block) prefetch_part(next, span, kh, per_item);
+            prefetch_part(next2, span, kh, per_item);
             prefetch_part(vnext, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
             if (widen && !pairs) widen_rows(rows, row_stride, hi - lo, wide, D);

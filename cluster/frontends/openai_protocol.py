@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from splitserve.cluster.frontends import tool_parsers
 from splitserve.errors import InvalidRequestError
@@ -95,17 +95,17 @@ class _SamplingFields(BaseModel):
 
     model: str | None = None
     """Served model name; defaults to the only model served."""
-    n: int = Field(1, ge=1, le=128)
+    n: StrictInt = Field(1, ge=1, le=128)
     """Completions per prompt."""
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=2.0)
     """Softmax temperature (OpenAI range [0, 2]); default 1."""
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: StrictFloat | None = Field(None, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
-    top_k: int | None = Field(None, ge=-1)
+    top_k: StrictInt | None = Field(None, ge=-1)
     """vLLM extra: keep the k most likely tokens (-1 disables)."""
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_p: StrictFloat | None = Field(None, ge=0.0, le=1.0)
     """vLLM extra: minimum probability relative to the best token."""
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**64)
     """Seed of the request's draws (same seed and prompt give the same text)."""
     stop: str | list[str] | None = None
     """Strings that end generation (left out of the text)."""
@@ -115,13 +115,13 @@ class _SamplingFields(BaseModel):
     """Stream server-sent events."""
     stream_options: StreamOptions | None = None
     """Options of a streaming response."""
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
     """Accepted only as 0 (the engine has no penalties yet)."""
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
     """Accepted only as 0 (the engine has no penalties yet)."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: StrictInt = Field(0, ge=0)
     """vLLM extra: tokens before EOS may end the request."""
     skip_special_tokens: StrictBool = True
     """vLLM extra: leave special tokens out of the text."""
@@ -204,9 +204,9 @@ class CompletionRequest(_SamplingFields):
 
     prompt: PromptField
     """Text, token ids, or a batch of either (one choice list entry per prompt and sample)."""
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(16, ge=1)
     """Most tokens to generate per completion (OpenAI default 16)."""
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
     """Top log-probabilities per token (OpenAI allows up to 5; vLLM 20)."""
     echo: StrictBool = False
     """Accepted only as false."""
@@ -240,13 +240,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     """The conversation so far."""
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     """Deprecated OpenAI name of max_completion_tokens."""
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     """Most tokens to generate per choice (default: up to the context length)."""
     logprobs: StrictBool = False
     """Return log-probabilities of the output tokens."""
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     """Most likely alternatives per token (needs logprobs=true)."""
     add_generation_prompt: StrictBool = True
     """vLLM extra: end the prompt with the assistant turn's header."""

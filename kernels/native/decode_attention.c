@@ -95,39 +95,6 @@ static inline __attribute__((always_inline)) v16f sums16(const v16f *a) {
 }
 #endif
 
-/* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
- * query in registers, one dot product per row in 16 lanes, the lanes then summed pairwise
- * (16 rows at a time where the vector width allows: the same sums). */
-static inline __attribute__((always_inline)) void score_rows(
-    const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
-    float *restrict out, const int dtype, const int64_t D)
-{
-    const size_t esize = dtype == BF16 ? 2 : 4;
-    v16f qv[MAX_CHUNKS];
-    for (int64_t c = 0; c < D / LANES; c++) memcpy(&qv[c], q + c * LANES, sizeof qv[c]);
-    int64_t j = 0;
-#ifdef BATCHED_SUMS
-    for (; j + LANES <= count; j += LANES) {
-        v16f acc[LANES];
-        for (int r = 0; r < LANES; r++) {
-            const char *row = k + (j + r) * stride;
-            acc[r] = (v16f){0};
-            for (int64_t c = 0; c < D / LANES; c++)
-                acc[r] += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
-        }
-        const v16f s = sums16(acc) * scale;
-        memcpy(out + j, &s, sizeof s);
-    }
-#endif
-    for (; j < count; j++) {
-        const char *row = k + j * stride;
-        v16f acc = {0};
-        for (int64_t c = 0; c < D / LANES; c++)
-            acc += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
-        out[j] = hsum16(acc) * scale;
-    }
-}
-
 /* bfloat16 queries and keys: dot products by pairs of elements, as AVX-512 BF16's vdpbf16ps
  * computes them. Lane l of a 32-element chunk holds elements 2l (low half of the 32-bit word)
  * and 2l + 1 (high half); the lane adds the high pair's product, then the low pair's, each sum
@@ -197,32 +164,61 @@ static inline __attribute__((always_inline)) v16f dot_pairs(v16f acc, const stru
 #endif
 }
 
-/* score_rows for a bfloat16 query head (q: its D values) and bfloat16 keys, by pairs. */
+/* The 16 lane sums of one K row's dot product with a query head: the query's float32
+ * vectors (qv) times the row widened to float32, or, by pairs (qp), as dot_pairs computes. */
+static inline __attribute__((always_inline)) v16f row_dot(
+    const v16f *qv, const struct qpairs *qp, const char *row, const int dtype, const int64_t D,
+    const int pairs)
+{
+    v16f acc = {0};
+    if (pairs) {
+        for (int64_t c = 0; c < D / 32; c++) acc = dot_pairs(acc, qp, c, row + 64 * c);
+    } else {
+        const size_t esize = dtype == BF16 ? 2 : 4;
+        for (int64_t c = 0; c < D / LANES; c++)
+            acc += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
+    }
+    return acc;
+}
+
+/* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
+ * query in registers, one dot product per row in 16 lanes (row_dot), the lanes then summed
+ * pairwise (16 rows at a time where the vector width allows: the same sums). */
+static inline __attribute__((always_inline)) void score_keys(
+    const v16f *qv, const struct qpairs *qp, const char *k, int64_t stride, int64_t count,
+    float scale, float *restrict out, const int dtype, const int64_t D, const int pairs)
+{
+    int64_t j = 0;
+#ifdef BATCHED_SUMS
+    for (; j + LANES <= count; j += LANES) {
+        v16f acc[LANES];
+        for (int r = 0; r < LANES; r++) acc[r] = row_dot(qv, qp, k + (j + r) * stride, dtype, D, pairs);
+        const v16f s = sums16(acc) * scale;
+        memcpy(out + j, &s, sizeof s);
+    }
+#endif
+    for (; j < count; j++) out[j] = hsum16(row_dot(qv, qp, k + j * stride, dtype, D, pairs)) * scale;
+}
+
+/* score_keys for a float32 query head (q) and K rows of `dtype`. */
+static inline __attribute__((always_inline)) void score_rows(
+    const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
+    float *restrict out, const int dtype, const int64_t D)
+{
+    v16f qv[MAX_CHUNKS];
+    for (int64_t c = 0; c < D / LANES; c++) memcpy(&qv[c], q + c * LANES, sizeof qv[c]);
+    score_keys(qv, NULL, k, stride, count, scale, out, dtype, D, 0);
+}
+
+/* score_keys for a bfloat16 query head (q: its D values as stored) and bfloat16 keys, by
+ * pairs. */
 static inline __attribute__((always_inline)) void score_rows_pairs(
     const char *q, const char *k, int64_t stride, int64_t count, float scale,
     float *restrict out, const int64_t D)
 {
     struct qpairs qp;
     load_pairs(q, D, &qp);
-    int64_t j = 0;
-#ifdef BATCHED_SUMS
-    for (; j + LANES <= count; j += LANES) {
-        v16f acc[LANES];
-        for (int r = 0; r < LANES; r++) {
-            const char *row = k + (j + r) * stride;
-            acc[r] = (v16f){0};
-            for (int64_t c = 0; c < D / 32; c++) acc[r] = dot_pairs(acc[r], &qp, c, row + 64 * c);
-        }
-        const v16f s = sums16(acc) * scale;
-        memcpy(out + j, &s, sizeof s);
-    }
-#endif
-    for (; j < count; j++) {
-        const char *row = k + j * stride;
-        v16f acc = {0};
-        for (int64_t c = 0; c < D / 32; c++) acc = dot_pairs(acc, &qp, c, row + 64 * c);
-        out[j] = hsum16(acc) * scale;
-    }
+    score_keys(NULL, &qp, k, stride, count, scale, out, BF16, D, 1);
 }
 
 /* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, the accumulator in

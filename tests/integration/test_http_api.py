@@ -252,6 +252,12 @@ BAD_CASES = [
     # an integer is not a boolean (schemathesis found /tokenize taking 1 for true)
     ("/tokenize", {"prompt": "hi", "add_generation_prompt": 1}, 400, "add_generation_prompt"),
     ("/v1/completions", {**GOOD, "stream": 0}, 400, "stream"),
+    # nor a boolean or a string a number (schemathesis found logprobs: false taken as 0)
+    ("/v1/completions", {**GOOD, "logprobs": False}, 400, "logprobs"),
+    ("/v1/completions", {**GOOD, "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": "2"}, 400, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": True}, 400, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "seed": False}, 400, "seed"),
     ("/v1/completions", {**GOOD, "temperature": 5}, 400, "temperature"),
     ("/v1/completions", {**GOOD, "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {**GOOD, "n": 0}, 400, "n"),

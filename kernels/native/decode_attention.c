@@ -108,8 +108,6 @@ static inline __attribute__((always_inline)) v16f sums16(const v16f *a) {
 #define SCORE_DPBF16 1
 #endif
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 struct qpairs { /* one query head, D / 32 chunks */
 #ifdef SCORE_DPBF16
     __m512i w[MAX_CHUNKS / 2];
@@ -192,12 +190,14 @@ static inline __attribute__((always_inline)) void score_keys(
 #ifdef BATCHED_SUMS
     for (; j + LANES <= count; j += LANES) {
         v16f acc[LANES];
-        for (int r = 0; r < LANES; r++) acc[r] = row_dot(qv, qp, k + (j + r) * stride, dtype, D, pairs);
+        for (int r = 0; r < LANES; r++)
+            acc[r] = row_dot(qv, qp, k + (j + r) * stride, dtype, D, pairs);
         const v16f s = sums16(acc) * scale;
         memcpy(out + j, &s, sizeof s);
     }
 #endif
-    for (; j < count; j++) out[j] = hsum16(row_dot(qv, qp, k + j * stride, dtype, D, pairs)) * scale;
+    for (; j < count; j++)
+        out[j] = hsum16(row_dot(qv, qp, k + j * stride, dtype, D, pairs)) * scale;
 }
 
 /* score_keys for a float32 query head (q) and K rows of `dtype`. */
@@ -371,20 +371,17 @@ static inline __attribute__((always_inline)) int run_item(
         memset(o, 0, (size_t)(nq * D) * q_esize);
         return 0;
     }
-    /* bfloat16 rows read by more than one query head are widened once per block */
-    /* bfloat16 queries and keys: scores by pairs, straight from the cache */
+    /* bfloat16 queries and keys: scores by pairs, straight from the cache (no float32 query) */
     const int pairs = kv_dtype == BF16 && c->q_dtype == BF16 && D % 32 == 0;
+    /* bfloat16 rows read by more than one query head are widened once per block */
     const int widen = kv_dtype == BF16 && group > 1;
     float *buf = scratch((size_t)(nq * D * 2 + nq * n + (widen ? bs * D : 0)));
     if (buf == NULL) return 1;
     float *qf = buf, *acc = buf + nq * D, *scores = buf + 2 * nq * D;
     float *wide = scores + nq * n;
     const int64_t wide_stride = D * (int64_t)sizeof(float);
-    for (int64_t i = 0; i < nq; i++) {
-        const char *qp = (const char *)c->query
-            + (size_t)(b * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
-        load_row(qp, c->q_dtype, D, qf + i * D);
-    }
+    for (int64_t i = 0; i < nq && !pairs; i++) /* by pairs, scores read the query as stored */
+        load_row(q_row(c, b, h0 * group + i), c->q_dtype, D, qf + i * D);
     /* pass 1: scores, block by block; within a block, head by head */
     const int64_t row_stride = c->stride_token * (int64_t)kv_esize;
     /* bytes of a block's rows of this item's heads (one run when the item has every head) */
@@ -472,12 +469,9 @@ static inline __attribute__((always_inline)) int run_tile(
     float *qf = buf, *acc = buf + T * nq * D, *scores = acc + T * nq * D;
     float *wide = scores + T * nq * nmax;
     const int64_t wide_stride = D * (int64_t)sizeof(float);
-    for (int64_t r = 0; r < T; r++)
-        for (int64_t i = 0; i < nq; i++) {
-            const char *qp = (const char *)c->query
-                + (size_t)((b + r) * c->q_stride_b + (h0 * group + i) * c->q_stride_h) * q_esize;
-            load_row(qp, c->q_dtype, D, qf + (r * nq + i) * D);
-        }
+    for (int64_t r = 0; r < T && !pairs; r++)
+        for (int64_t i = 0; i < nq; i++)
+            load_row(q_row(c, b + r, h0 * group + i), c->q_dtype, D, qf + (r * nq + i) * D);
     const int64_t row_stride = c->stride_token * (int64_t)kv_esize;
     for (int pass = 0; pass < 2; pass++) {
         const void *cache = pass == 0 ? c->key_cache : c->value_cache;

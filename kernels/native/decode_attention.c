@@ -393,12 +393,13 @@ static inline __attribute__((always_inline)) int run_item(
         /* ask for K two blocks ahead (the first block: the next one too) and for this block's
          * V, which the second pass then finds in L2 */
         const int first_block = t0 == start - start % bs;
-        const char *next = next_block(c, c->key_cache, table, t0, ctx, h0, kv_esize);
+        const char *next = first_block ? next_block(c, c->key_cache, table, t0, ctx, h0, kv_esize)
+                                       : NULL;
         const char *next2 = t0 + 2 * bs < ctx
             ? kv_row(c, c->key_cache, table[t0 / bs + 2], 0, h0, kv_esize) : NULL;
         const char *vnext = kv_row(c, c->value_cache, table[t0 / bs], 0, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            if (first_block) prefetch_part(next, span, kh, per_item);
+            prefetch_part(next, span, kh, per_item); /* NULL past the first block */
             prefetch_part(next2, span, kh, per_item);
             prefetch_part(vnext, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;

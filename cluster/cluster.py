@@ -46,7 +46,7 @@ from splitserve.cluster.planning import PlanningLoop
 from splitserve.cluster.rebalancer import Rebalancer
 from splitserve.cluster.registry import Registry, create_registry
 from splitserve.cluster.request_path import RequestPath
-from splitserve.cluster.scaling import Scaler
+from splitserve.cluster.scaling import Scaler, merged_formats
 from splitserve.errors import ConfigError
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
@@ -117,6 +117,11 @@ class Cluster:
     def workers(self) -> dict[str, WorkerHandle]:
         """The worker handles by id (owned by the membership; read-only for callers)."""
         return self.membership.workers if self.membership is not None else {}
+
+    def formats(self) -> dict[str, Any]:
+        """The numeric formats the healthy workers reported at start (dtype chosen and why,
+        quantization, weight formats; ``scaling.merged_formats``), as ``/version`` shows them."""
+        return merged_formats(list(self.workers.values()))
 
     # ------------------------------------------------------------------ start / stop
 

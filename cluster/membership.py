@@ -87,6 +87,12 @@ class Membership:
 
     def _join(self, handle: WorkerHandle) -> None:
         self.workers[handle.worker_id] = handle
+        fmt = handle.info.get("formats") or {}
+        if fmt:
+            logger.info("worker %s (%s): dtype %s (%s), quantization %s%s", handle.worker_id,
+                        handle.role, fmt.get("dtype"), fmt.get("dtype_reason"),
+                        fmt.get("quantization"),
+                        f"; {fmt['dtype_warning']}" if fmt.get("dtype_warning") else "")
         self.router.add_instance(handle.worker_id, roles={handle.role},
                                  kv_capacity_blocks=handle.info.get("num_blocks") or None)
 

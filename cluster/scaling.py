@@ -116,8 +116,30 @@ class Scaler:
         return {
             "worker_id": h.worker_id, "role": h.role, "healthy": h.healthy,
             "draining": h.draining, "kv_address": h.info.get("kv_address", ""),
-            "node_id": h.info.get("node_id", ""), **stats,
+            "node_id": h.info.get("node_id", ""), "formats": h.info.get("formats", {}),
+            **stats,
         }
+
+
+def merged_formats(handles: list[WorkerHandle]) -> dict[str, Any]:
+    """The numeric formats healthy workers reported at start (``LLMEngine.info()``: the dtype
+    chosen and why, quantization, weight formats): the values every reporting worker shares
+    at the top level, and the ones they differ in (e.g. KV blocks of differently sized
+    roles) per worker under ``by_worker``. Empty when no worker reported formats."""
+    reports = {h.worker_id: h.info["formats"] for h in handles
+               if h.healthy and isinstance(h.info.get("formats"), dict) and h.info["formats"]}
+    if not reports:
+        return {}
+    keys = {k for f in reports.values() for k in f}
+    common = {k: next(iter(reports.values()))[k] for k in sorted(keys)
+              if all(k in f for f in reports.values())
+              and all(f[k] == next(iter(reports.values()))[k] for f in reports.values())}
+    out: dict[str, Any] = dict(common)
+    differing = {wid: {k: v for k, v in f.items() if k not in common}
+                 for wid, f in sorted(reports.items())}
+    if any(differing.values()):
+        out["by_worker"] = {wid: d for wid, d in differing.items() if d}
+    return out
 
 
 def layout_status(config: ClusterConfig) -> dict[str, Any]:

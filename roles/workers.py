@@ -276,6 +276,7 @@ class EngineWorker:
             "host": socket.gethostname(),
             "node_id": _ray_node_id(),
             "started_at": self.started_at,
+            "formats": {k: v for k, v in eng.info().items() if k != "model_id"},
         }
 
     async def stats(self) -> dict[str, Any]:

@@ -421,8 +421,9 @@ class ClusterBackend(Backend):
         return str(self.cluster.config.router.policy), dict(self.cluster.counters)
 
     async def formats(self) -> dict[str, Any]:
-        cfg = self.cluster.config  # each worker resolves dtype auto and logs its choice
-        return {"dtype_requested": cfg.dtype, "quantization": cfg.quantization}
+        cfg = self.cluster.config  # each worker resolves dtype auto and reports its choice
+        return {"dtype_requested": cfg.dtype, "quantization": cfg.quantization,
+                **self.cluster.formats()}
 
     async def _status(self) -> dict[str, Any]:
         import asyncio

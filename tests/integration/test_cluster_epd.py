@@ -148,4 +148,12 @@ def test_http_image_chat_through_the_cluster(cluster, image_token) -> None:
         assert first.json()["choices"][0]["message"] == again.json()["choices"][0]["message"]
         assert first.json()["timing"]["encode"] > 0
         text = http.get("/metrics").text
+        version = http.get("/version").json()
+        workers = cluster.status()["workers"]
+    # /version says what the prefill and decode workers chose, not only what was asked
+    assert version["dtype_requested"] == "float32" and version["dtype"] == "float32"
+    assert version["dtype_reason"] == "requested" and version["weight_formats"]
+    llm_workers = [w for w in workers if w["role"] in ("prefill", "decode") and w["healthy"]]
+    assert len(llm_workers) == 2 and all(w["formats"]["dtype"] == "float32" for w in llm_workers)
+    assert all(w["formats"] == {} for w in workers if w["role"] == "encode")
     assert 'splitserve:encoder_cache_hits_total{role="encode"' in text

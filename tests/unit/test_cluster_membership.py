@@ -249,3 +249,30 @@ def test_a_worker_dying_after_its_finished_output_is_not_replayed() -> None:
     assert dying.calls and dying.death is not None  # it served a sample, then died
     assert membership.counters["replays"] == 0  # nothing replayed
     assert len(dying.calls) + len(spare.calls) == 2
+
+
+def test_merged_formats_shows_what_the_workers_chose() -> None:
+    """``/version`` of a cluster: the formats its workers reported at start. Shared values at
+    the top; where workers differ, per worker; encode workers (no formats) and unhealthy
+    workers are left out; no report at all gives nothing (the backend then shows the request)."""
+    from splitserve.cluster.scaling import merged_formats
+
+    def handle(wid: str, role: str, formats: dict[str, Any] | None, healthy: bool = True):
+        h = WorkerHandle(wid, role, None, None, {"formats": formats} if formats is not None else {})
+        h.healthy = healthy
+        return h
+
+    bf16 = {"dtype": "bfloat16", "dtype_requested": "auto", "dtype_reason": "native bf16",
+            "quantization": "auto", "weight_formats": {"int4:Q4_1": 210}}
+    got = merged_formats([
+        handle("p-0", "prefill", {**bf16, "kv_cache_blocks": 100}),
+        handle("d-0", "decode", {**bf16, "kv_cache_blocks": 300}),
+        handle("e-0", "encode", None),
+        handle("d-1", "decode", {**bf16, "dtype": "float32", "kv_cache_blocks": 300},
+               healthy=False),
+    ])
+    assert got == {**bf16, "by_worker": {"d-0": {"kv_cache_blocks": 300},
+                                         "p-0": {"kv_cache_blocks": 100}}}
+    same = merged_formats([handle("d-0", "decode", bf16), handle("d-1", "decode", bf16)])
+    assert same == bf16
+    assert merged_formats([handle("e-0", "encode", None)]) == {}

@@ -2,7 +2,8 @@
 
 Owns field names, types, defaults and bounds of ``/v1/completions`` and
 ``/v1/chat/completions`` (OpenAI's, plus vLLM's extras such as ``top_k`` and ``ignore_eos``).
-Unknown fields are ignored, as vLLM does. Response bodies are built as plain dicts by the HTTP
+Unknown fields are ignored, as vLLM does; fields of OpenAI's or vLLM's that the
+engine does not implement are declared and refused (400 naming them) unless neutral. Response bodies are built as plain dicts by the HTTP
 server. Must not run requests.
 """
 
@@ -134,6 +135,60 @@ class _SamplingFields(BaseModel):
     structured_outputs: dict[str, Any] | None = None
     """vLLM extra: one of ``json``, ``regex``, ``choice``, ``grammar`` (plus
     ``disable_any_whitespace``); exclusive with ``response_format``."""
+    # Fields of OpenAI's and vLLM's that the engine does not implement. They are declared so
+    # that a request which relies on one gets a 400 naming it instead of a 200 that silently
+    # ignored it; their neutral values (as a client library fills them in) are accepted.
+    logit_bias: dict[str, StrictFloat] | None = None
+    """Accepted only as empty (no per-token biases yet)."""
+    best_of: StrictInt | None = Field(None, ge=1)
+    """Accepted only as n (no best-of ranking; vLLM's V1 engine dropped it too)."""
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
+    """vLLM extra; accepted only as 1 (no penalties yet)."""
+    use_beam_search: StrictBool = False
+    """vLLM extra; accepted only as false."""
+    length_penalty: StrictFloat | None = None
+    """vLLM extra (beam search); accepted only as 1."""
+    prompt_logprobs: StrictInt | None = Field(None, ge=0)
+    """vLLM extra; accepted only as null (no prompt log-probabilities yet)."""
+    allowed_token_ids: list[StrictInt] | None = None
+    """vLLM extra; accepted only as null (use ``structured_outputs`` to constrain)."""
+    bad_words: list[str] | None = None
+    """vLLM extra; accepted only as empty."""
+    truncate_prompt_tokens: StrictInt | None = None
+    """vLLM extra; accepted only as null (a prompt longer than the context is a 400)."""
+    guided_json: Any = None
+    """vLLM's former name of ``structured_outputs.json``; accepted only as null."""
+    guided_regex: Any = None
+    """Former name of ``structured_outputs.regex``; accepted only as null."""
+    guided_choice: Any = None
+    """Former name of ``structured_outputs.choice``; accepted only as null."""
+    guided_grammar: Any = None
+    """Former name of ``structured_outputs.grammar``; accepted only as null."""
+
+    def _refuse_unimplemented(self) -> None:
+        """InvalidRequestError naming the first field set to something the engine would
+        otherwise ignore."""
+        neutral = {
+            "logit_bias": not self.logit_bias or not any(self.logit_bias.values()),
+            "best_of": self.best_of is None or self.best_of == self.n,
+            "repetition_penalty": self.repetition_penalty in (None, 1.0),
+            "use_beam_search": not self.use_beam_search,
+            "length_penalty": self.length_penalty in (None, 1.0),
+            "prompt_logprobs": self.prompt_logprobs is None,
+            "allowed_token_ids": self.allowed_token_ids is None,
+            "bad_words": not self.bad_words,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens is None,
+        }
+        for name, ok in neutral.items():
+            if not ok:
+                raise InvalidRequestError(f"{name} is not supported yet", field=name)
+        for kind in ("json", "regex", "choice", "grammar"):
+            if getattr(self, f"guided_{kind}") is not None:
+                raise InvalidRequestError(
+                    f"guided_{kind} is vLLM's former name: give structured_outputs: "
+                    f'{{"{kind}": ...}} (or response_format)', field=f"guided_{kind}")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options needs stream=true", field="stream_options")
 
     def structured(self) -> StructuredOutputsParams | None:
         """The output constraint of ``response_format`` / ``structured_outputs``, checked."""
@@ -173,6 +228,7 @@ class _SamplingFields(BaseModel):
         structured: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """Engine parameters; raises InvalidRequestError naming the field."""
+        self._refuse_unimplemented()
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported yet (use 0)", field=name)

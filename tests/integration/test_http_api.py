@@ -308,6 +308,23 @@ BAD_CASES = [
      "response_format.type"),
     ("/v1/completions", {**GOOD, "structured_outputs": {"regex": "(a"}}, 400,
      "structured_outputs.regex"),
+    # fields of OpenAI's / vLLM's the engine does not implement: a 400 naming them, not a
+    # 200 that ignored them (they were ignored as unknown fields before)
+    ("/v1/completions", {**GOOD, "logit_bias": {"10": 100}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"10": -100}}, 400, "logit_bias"),
+    ("/v1/completions", {**GOOD, "logit_bias": {"10": "x"}}, 400, "logit_bias"),
+    ("/v1/completions", {**GOOD, "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {**GOOD, "repetition_penalty": 1.3}, 400, "repetition_penalty"),
+    ("/v1/completions", {**GOOD, "use_beam_search": True}, 400, "use_beam_search"),
+    ("/v1/completions", {**GOOD, "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {**GOOD, "bad_words": ["x"]}, 400, "bad_words"),
+    ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
+    ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex"),
+    ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ("/v1/completions", {**GOOD, "guided_choice": ["a", "b"]}, 400, "guided_choice"),
+    ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
 ]
 
 
@@ -317,6 +334,17 @@ def test_bad_input_names_the_field(http: httpx.Client, path, body, status, param
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(http: httpx.Client) -> None:
+    """What client libraries fill in for those fields (their defaults) still works."""
+    neutral = {"logit_bias": {}, "best_of": 1, "repetition_penalty": 1.0,
+               "use_beam_search": False, "length_penalty": 1.0, "prompt_logprobs": None,
+               "allowed_token_ids": None, "bad_words": [], "truncate_prompt_tokens": None,
+               "guided_regex": None}
+    r = http.post("/v1/completions", json={**GOOD, **neutral, "logit_bias": {"10": 0}})
+    assert r.status_code == 200, r.text
+    assert http.post("/v1/chat/completions", json={**CHAT, **neutral}).status_code == 200
 
 
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:

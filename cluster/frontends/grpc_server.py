@@ -274,6 +274,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         h = await self.backend.health()
+        fmt = await self.backend.formats()
         return pb.GetServerInfoResponse(
             version=__version__,
             model=self.model_name,
@@ -281,6 +282,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             healthy=h.healthy,
             workers=h.workers,
             backend=self.backend.kind,
+            **{k: str(fmt[k]) for k in ("dtype", "dtype_requested", "dtype_reason",
+                                        "dtype_warning", "quantization") if fmt.get(k)},
+            weight_formats={str(k): int(v) for k, v in
+                            (fmt.get("weight_formats") or {}).items()},
         )
 
     async def GetLoads(  # noqa: N802

@@ -69,6 +69,10 @@ def test_info_rpcs(client: Client) -> None:
     info = client.server_info()
     assert info.healthy and dict(info.workers) == {"engine": 1}
     assert info.backend == "EngineBackend" and info.max_model_len == MAX_MODEL_LEN
+    # the formats /version shows: float32 as the engine's default asked, its float weights
+    assert info.dtype == info.dtype_requested == "float32" and info.dtype_reason == "requested"
+    assert info.quantization == "none" and not info.dtype_warning
+    assert dict(info.weight_formats) == {"float32": sum(dict(info.weight_formats).values())} != {}
     (load,) = client.loads()
     assert load.role == "engine" and load.num_blocks == 256
     ids = client.tokenize("hello world")

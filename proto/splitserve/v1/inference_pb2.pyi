@@ -275,8 +275,15 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "max_model_len", "healthy", "workers", "backend")
+    __slots__ = ("version", "model", "max_model_len", "healthy", "workers", "backend", "dtype", "dtype_requested", "dtype_reason", "dtype_warning", "quantization", "weight_formats")
     class WorkersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WeightFormatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -289,13 +296,25 @@ class GetServerInfoResponse(_message.Message):
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_WARNING_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_model_len: int
     healthy: bool
     workers: _containers.ScalarMap[str, int]
     backend: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy: _Optional[bool] = ..., workers: _Optional[_Mapping[str, int]] = ..., backend: _Optional[str] = ...) -> None: ...
+    dtype: str
+    dtype_requested: str
+    dtype_reason: str
+    dtype_warning: str
+    quantization: str
+    weight_formats: _containers.ScalarMap[str, int]
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy: _Optional[bool] = ..., workers: _Optional[_Mapping[str, int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., dtype_requested: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., dtype_warning: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_formats: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetLoadsRequest(_message.Message):
     __slots__ = ()

@@ -389,6 +389,68 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
 
 
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT, naming the message type, for a request that does not parse as its
+    method's message (e.g. a string field that is not UTF-8). grpcio would answer UNKNOWN:
+    the generated handlers parse before any servicer code runs. Health and reflection too."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None \
+                or handler.request_streaming:
+            return handler
+        return _parse_leniently(handler)
+
+
+class _Unparsed:
+    """A request body that its deserializer refused."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _parse_leniently(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    parse = handler.request_deserializer
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # noqa: BLE001 (protobuf's DecodeError, or any parser's)
+            return _Unparsed(e)
+
+    async def refuse(request: _Unparsed, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request does not parse: {request.error}")
+
+    kw = {"request_deserializer": lenient, "response_serializer": handler.response_serializer}
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Unparsed):
+                await refuse(request, context)
+            result = inner_stream(request, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:  # a coroutine that writes through the context
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    inner = handler.unary_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Unparsed):
+            await refuse(request, context)
+        return await inner(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
 async def _track_health(backend: Backend, servicer: health.aio.HealthServicer) -> None:
     """Mirror ``backend.health()`` into grpc.health.v1 (overall and per service)."""
     serving, not_serving = (
@@ -431,7 +493,9 @@ async def start_grpc_server(
 ) -> tuple[GrpcServer, int]:
     """Start the gRPC frontend on ``host:port`` (0: a free port); returns it and its port.
     With ``credentials`` it listens with TLS (``add_secure_port``) and nothing else."""
-    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    # the key first: a caller without it is UNAUTHENTICATED whatever it sent
+    interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(api_key)] if api_key else []
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(backend, served_model_name, metrics), server

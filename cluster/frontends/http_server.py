@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
@@ -159,6 +160,86 @@ class BodyLimitMiddleware:
         await self.app(scope, _limited(receive, self.max_bytes), send)
 
 
+class LoneSurrogateMiddleware:
+    """400 naming the field for a JSON body with a lone UTF-16 surrogate in a string:
+    ``"\\ud800"`` is valid JSON but no text (Python decodes it into a ``str`` that cannot be
+    encoded), and the tokenizer, the grammar compilers and the answer's own UTF-8 encoding
+    would each fail on it later (a 500, or a reset stream). Bodies without a ``\\uD8``-
+    ``\\uDF`` escape, all but a few, are passed on without being parsed here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Any] = []
+        try:
+            while True:
+                message = await receive()
+                messages.append(message)
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    break
+        except APIError as e:  # the body limit, raised while reading
+            await e.response()(scope, receive, send)
+            return
+        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        field = lone_surrogate_field(body)
+        if field is not None:
+            await APIError(400, lone_surrogate_message(field), param=field).response()(
+                scope, receive, send)
+            return
+        pending = iter(messages)
+
+        async def replay() -> Any:
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_field(body: bytes) -> str | None:
+    """The path (``messages.0.content``; ``body`` for the top level) of the first string or
+    key of a JSON body that holds an unpaired surrogate, or None (also for a body that is not
+    JSON: the route reports that)."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[Any, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                return ".".join(path) or "body"
+        elif isinstance(value, dict):
+            for k, v in reversed(value.items()):
+                if not _is_text(k):  # the key itself cannot be named: its container is
+                    return ".".join(path) or "body"
+                stack.append((v, (*path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, str(i))) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def lone_surrogate_message(field: str) -> str:
+    return (f"{field}: a string holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF "
+            "without its pair), which is not text")
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _limited(receive: Receive, max_bytes: int) -> Receive:
     seen = 0
 
@@ -193,6 +274,7 @@ def build_app(
     front.tool_parser = tool_parsers.create_parser(tool_call_parser) if tool_call_parser else None
     app.state.frontend = front
     _install_error_handlers(app)
+    app.add_middleware(LoneSurrogateMiddleware)  # innermost: after the key and the size
     app.add_middleware(AuthMiddleware, front=front)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _add_info_routes(app, front)

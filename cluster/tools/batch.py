@@ -40,7 +40,12 @@ from typing import IO, Any
 import httpx
 
 from splitserve.cluster.frontends.backend import Backend
-from splitserve.cluster.frontends.http_server import APIError, build_app
+from splitserve.cluster.frontends.http_server import (
+    APIError,
+    build_app,
+    lone_surrogate_field,
+    lone_surrogate_message,
+)
 from splitserve.errors import SplitserveError
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions")
@@ -83,6 +88,12 @@ def parse_line(line_no: int, text: str) -> BatchLine:
         return BatchLine(line_no, None,
                          error=("invalid_request", f"line {line_no}: not a JSON object"))
     custom_id = data.get("custom_id")
+    if (field := lone_surrogate_field(text.encode("utf-8"))) is not None:
+        # not text (the server answers such a body with a 400): it cannot be posted, nor an
+        # id holding one written back
+        named = custom_id if isinstance(custom_id, str) and field != "custom_id" else None
+        return BatchLine(line_no, named or None, error=(
+            "invalid_request", f"line {line_no}: {lone_surrogate_message(field)}"))
     if not isinstance(custom_id, str) or not custom_id:
         return BatchLine(line_no, None, error=(
             "missing_custom_id", f"line {line_no}: custom_id must be a non-empty string"))

@@ -80,6 +80,30 @@ def test_info_rpcs(client: Client) -> None:
     assert len(client.tokenize(messages=[{"role": "user", "content": "hi"}])) > 3
 
 
+def test_a_request_that_does_not_parse_is_invalid_argument(server: BackgroundServer) -> None:
+    """A string field that is not UTF-8 (here an encoded surrogate) fails protobuf's parse
+    before any servicer code: grpcio answered UNKNOWN; it is INVALID_ARGUMENT, after the key."""
+    bad = b"a\xed\xa0\x80"
+    generate = b"\x1a" + bytes([len(bad)]) + bad  # GenerateRequest.text
+    tokenize = b"\x0a" + bytes([len(bad)]) + bad  # TokenizeRequest.text
+    auth = (("authorization", f"Bearer {KEY}"),)
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+        gen = ch.unary_stream(f"/{SERVICE_NAME}/Generate", **raw)
+        tok = ch.unary_unary(f"/{SERVICE_NAME}/Tokenize", **raw)
+        for call in (lambda md: list(gen(generate, metadata=md, timeout=30)),
+                     lambda md: tok(tokenize, metadata=md, timeout=30)):
+            with pytest.raises(grpc.RpcError) as e:
+                call(auth)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert "does not parse" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                call(())
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = tok(b"\x0a\x05hello", metadata=auth, timeout=30)  # the same path still serves
+        assert pb.TokenizeResponse.FromString(ok).token_ids
+
+
 def test_greedy_generate_equals_llm(client: Client, tiny_model_dir) -> None:
     prompt = "The capital of France is"
     res = client.generate(prompt, max_tokens=10, temperature=0.0)

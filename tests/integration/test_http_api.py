@@ -347,6 +347,33 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(http: httpx.Client)
     assert http.post("/v1/chat/completions", json={**CHAT, **neutral}).status_code == 200
 
 
+LONE_SURROGATE_CASES = [
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "stream": true, "max_tokens": 2,'
+                        b' "stop": ["x", "\\udfff"]}', "stop.1"),
+    ("/v1/chat/completions", b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user",'
+                             b' "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+     "messages.0.content.0.text"),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "hi"}', "model"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "logit_bias": {"\\ud800": 1}}',
+     "logit_bias"),
+    ("/tokenize", b'{"prompt": "\\udc00"}', "prompt"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), LONE_SURROGATE_CASES)
+def test_lone_surrogates_are_a_400_naming_the_field(http: httpx.Client, path, raw, param) -> None:
+    """``"\\ud800"`` is valid JSON but not text: the tokenizer failed on it with a 500 and a
+    streamed answer reset its connection; now the body is refused before any work."""
+    r = http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+    # a pair (an emoji escaped as JSON does) is text and goes through
+    ok = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\\ud83d\\ude00 hi",'
+                   b' "max_tokens": 2}', headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:
     headers = {"content-type": "application/json"}
     cases = [

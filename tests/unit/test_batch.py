@@ -17,6 +17,7 @@ from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.tools.batch import (
     BatchFileError,
     Finished,
+    error_record,
     main,
     parse_line,
     pending,
@@ -79,10 +80,20 @@ def _run(backend, inp: Path, out: Path, **kw) -> object:
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}),
      "invalid_url"),
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions"}), "missing_body"),
+    # a lone surrogate escape is valid JSON but no text: posting it raised UnicodeEncodeError
+    # in the runner, which ended the whole run
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": '
+     '"\\ud800"}}', "invalid_request"),
+    ('{"custom_id": "\\udfff", "method": "POST", "url": "/v1/completions", "body": {}}',
+     "invalid_request"),
 ])
 def test_unrunnable_lines_get_an_error_code(text: str, code: str) -> None:
     line = parse_line(3, text)
     assert line.error is not None and line.error[0] == code and "line 3" in line.error[1]
+    if "surrogate" in line.error[1]:  # its record can be written: any id it keeps is text
+        assert line.custom_id in (None, "a") and ("body.prompt" in line.error[1]) == bool(
+            line.custom_id)
+        json.dumps(error_record(line)).encode("utf-8")
 
 
 def test_runnable_line_keeps_body_as_is() -> None:
@@ -189,6 +200,9 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
          "body": {"prompt": "x", "temperature": 9}},
         _chat("stream", "hi", stream=True),
         _chat("wrong-model", "hi", model="gpt-4o"),
+        # valid JSON but no text: posting it ended the whole run (UnicodeEncodeError)
+        '{"custom_id": "surrogate", "method": "POST", "url": "/v1/completions", '
+        '"body": {"prompt": "a\\ud800"}}',
         _chat("chat-2", "What is the capital of France?"),
     ]
     inp = _write_jsonl(tmp_path / "in.jsonl", rows)
@@ -204,6 +218,8 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
     assert sorted(r["error"]["code"] for r in by_id[None]) == ["invalid_json",
                                                                "missing_custom_id"]
     assert by_id["url"][0]["error"]["code"] == "invalid_url"
+    assert by_id["surrogate"][0]["error"]["code"] == "invalid_request"
+    assert "body.prompt" in by_id["surrogate"][0]["error"]["message"]
     chat1 = sorted(by_id["chat-1"], key=lambda r: r["error"] is not None)
     assert chat1[1]["error"]["code"] == "duplicate_custom_id" and chat1[1]["response"] is None
     # request-level validation: a response with the HTTP server's status and error body

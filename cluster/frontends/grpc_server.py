@@ -24,7 +24,11 @@ from splitserve import __version__
 from splitserve.cluster.frontends.auth import ApiKeyCheck
 from splitserve.cluster.frontends.backend import Backend, PromptInput
 from splitserve.cluster.frontends.metrics import RequestRecorder, ServerMetrics
-from splitserve.cluster.frontends.prompts import chat_prompt_ids, new_request_id
+from splitserve.cluster.frontends.prompts import (
+    chat_prompt_ids,
+    check_client_request_id,
+    new_request_id,
+)
 from splitserve.cluster.frontends.streams import (
     Accumulator,
     ChoiceDelta,
@@ -182,6 +186,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         rid = request.request_id or new_request_id("grpc")
         recorder = self.metrics.recorder()  # starts the clock before the first token
         try:
+            if request.request_id:
+                check_client_request_id(request.request_id, "request_id")
             self._check_model(request.model)
             prompt = self._prompt(request)
             params = sampling_params_from_proto(request.sampling_params)

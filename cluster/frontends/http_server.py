@@ -34,7 +34,12 @@ from splitserve.cluster.frontends.openai_protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from splitserve.cluster.frontends.prompts import chat_prompt, chat_prompt_ids, new_request_id
+from splitserve.cluster.frontends.prompts import (
+    chat_prompt,
+    chat_prompt_ids,
+    check_client_request_id,
+    new_request_id,
+)
 from splitserve.cluster.frontends.streams import (
     Accumulator,
     ChoiceDelta,
@@ -54,7 +59,6 @@ from splitserve.outputs import Logprob, RequestOutput
 from splitserve.sampling_params import StructuredOutputsParams
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-MAX_CLIENT_REQUEST_ID_CHARS = 128
 
 
 class APIError(Exception):
@@ -545,10 +549,7 @@ def _client_request_id(request: Request) -> str | None:
     value = request.headers.get("x-request-id")
     if value is None:
         return None
-    if not 0 < len(value) <= MAX_CLIENT_REQUEST_ID_CHARS or not value.isprintable():
-        raise APIError(400, f"X-Request-Id must be 1..{MAX_CLIENT_REQUEST_ID_CHARS} printable "
-                       "characters", param="x-request-id")
-    return value
+    return check_client_request_id(value, "x-request-id")
 
 
 def _completion_prompts(prompt: Any) -> list[PromptInput]:

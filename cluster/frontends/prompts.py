@@ -17,6 +17,19 @@ from splitserve.errors import InvalidRequestError
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
+MAX_CLIENT_REQUEST_ID_CHARS = 128
+
+
+def check_client_request_id(value: str, field: str) -> str:
+    """A client's request id (HTTP ``X-Request-Id``, gRPC ``request_id``): 1..128 printable
+    characters, or InvalidRequestError naming ``field``. It travels with the request to the
+    workers and into logs, so it gets the same bound on every frontend."""
+    if not 0 < len(value) <= MAX_CLIENT_REQUEST_ID_CHARS or not value.isprintable():
+        raise InvalidRequestError(
+            f"{field} must be 1..{MAX_CLIENT_REQUEST_ID_CHARS} printable characters", field=field)
+    return value
+
+
 def new_request_id(prefix: str) -> str:
     """A unique request id such as ``chatcmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex}"

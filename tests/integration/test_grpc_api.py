@@ -240,6 +240,16 @@ def test_duplicate_live_request_id_is_already_exists(
     assert _wait_idle(server)
 
 
+@pytest.mark.parametrize("rid", ["r" * 129, "a\x01b", "a\tb"])
+def test_request_id_is_held_to_the_http_bound(client: Client, rid: str) -> None:
+    """1..128 printable characters, as HTTP's X-Request-Id (it took 20,000 characters and
+    control characters before, which go with the request to the workers and into logs)."""
+    with pytest.raises(ClientError) as e:
+        client.generate("hi", max_tokens=2, request_id=rid)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "request_id" in e.value.message
+    assert client.generate("hi", max_tokens=2, request_id="r" * 128).usage.completion_tokens == 2
+
+
 def test_deadline_exceeded_aborts(server: BackgroundServer, client: Client) -> None:
     assert _wait_idle(server)
     with pytest.raises(DeadlineExceededError):

@@ -233,7 +233,7 @@ class Cluster:
         the request runs under a unique id of the cluster's own. A label in use by a live
         request is refused (DuplicateRequestError: HTTP 409, gRPC ALREADY_EXISTS).
         """
-        inp = self.inputs.prepare(prompt)
+        inp = await asyncio.to_thread(self.inputs.prepare, prompt)  # tokenizing: off the loop
         params = sampling_params or SamplingParams()
         self.inputs.check_params(params)
         await asyncio.to_thread(self._grammars.compile, params)  # fails before placement

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -263,3 +265,17 @@ def random_prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
 
     rng = random.Random(seed)
     return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def record_tokenizer_threads(monkeypatch: pytest.MonkeyPatch, tok: Any) -> dict[str, set[str]]:
+    """Wrap the tokenizer's calls to note which threads make them."""
+    seen: dict[str, set[str]] = {"encode": set(), "apply_chat_template": set(), "decode": set()}
+    for name in seen:
+        inner = getattr(tok, name)
+
+        def wrapped(*a: Any, _name: str = name, _inner: Any = inner, **k: Any) -> Any:
+            seen[_name].add(threading.current_thread().name)
+            return _inner(*a, **k)
+
+        monkeypatch.setattr(tok, name, wrapped)
+    return seen

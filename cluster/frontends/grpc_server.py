@@ -189,7 +189,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if request.request_id:
                 check_client_request_id(request.request_id, "request_id")
             self._check_model(request.model)
-            prompt = self._prompt(request)
+            prompt = await asyncio.to_thread(self._prompt, request)  # templates: off the loop
             params = sampling_params_from_proto(request.sampling_params)
             structured = structured_from_proto(request)
             if structured is not None:
@@ -239,14 +239,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             kind = request.WhichOneof("input")
             if kind == "messages":
-                ids = chat_prompt_ids(
+                ids = await asyncio.to_thread(
+                    chat_prompt_ids,
                     tok, _messages(request.messages), _add_generation_prompt(request.messages)
                 )
             elif kind == "text":
                 special = (
                     request.add_special_tokens if request.HasField("add_special_tokens") else True
                 )
-                ids = tok.encode(request.text, add_special_tokens=special)
+                ids = await asyncio.to_thread(tok.encode, request.text, add_special_tokens=special)
             else:
                 raise InvalidRequestError("input: set one of text or messages", "input")
         except Exception as e:
@@ -263,7 +264,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 InvalidRequestError(f"token_ids must be in [0, {tok.vocab_size})", "token_ids"),
             )
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=tok.decode(list(request.token_ids), skip))
+        text = await asyncio.to_thread(tok.decode, list(request.token_ids), skip)
+        return pb.DetokenizeResponse(text=text)
 
     async def ListModels(  # noqa: N802
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext

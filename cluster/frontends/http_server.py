@@ -495,11 +495,15 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         tok = front.backend.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        # off the loop (as every template and tokenizer call here): a large body takes
+        # seconds, and the loop serves every other request's stream meanwhile
         if body.messages is not None:
             msgs = [m.model_dump() for m in body.messages]
-            ids = chat_prompt_ids(tok, msgs, body.add_generation_prompt, front.backend.image_token)
+            ids = await asyncio.to_thread(chat_prompt_ids, tok, msgs, body.add_generation_prompt,
+                                          front.backend.image_token)
         else:
-            ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(tok.encode, body.prompt,
+                                          add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
 
     @app.post("/detokenize", responses=_errors(*_BODY_ERRORS))
@@ -508,7 +512,7 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         tok = front.backend.tokenizer
         if any(not 0 <= t < tok.vocab_size for t in body.tokens):
             raise APIError(400, f"tokens must be integers in [0, {tok.vocab_size})", param="tokens")
-        return {"prompt": tok.decode(body.tokens)}
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
 
 # ---------------------------------------------------------------------- generation routes
@@ -533,8 +537,9 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
             raise APIError(400, "tool_choice auto needs a server started with "
                            "--tool-call-parser (hermes or llama3_json); or use required or a "
                            "named function", param="tool_choice")
-        ids, images = chat_prompt(front.backend.tokenizer, msgs, body.add_generation_prompt,
-                                  front.backend.image_token, tools=body.tool_dicts() or None)
+        ids, images = await asyncio.to_thread(
+            chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
+            front.backend.image_token, tools=body.tool_dicts() or None)
         prompt: PromptInput = ids
         if images:
             prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}

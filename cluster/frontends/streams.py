@@ -28,7 +28,7 @@ async def open_streams(
     Raises the first error (InvalidRequestError, ...) after closing every started stream.
     """
     for prompt in prompts:
-        _check_context(backend, prompt, params)
+        await _check_context(backend, prompt, params)
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [backend.generate(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]
     starts = [asyncio.ensure_future(anext(g)) for g in gens]
@@ -46,15 +46,17 @@ async def open_streams(
     return [_Primed(first, g) for first, g in zip(firsts, gens, strict=True)]
 
 
-def _check_context(backend: Backend, prompt: PromptInput, params: SamplingParams) -> None:
-    """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400)."""
+async def _check_context(backend: Backend, prompt: PromptInput, params: SamplingParams) -> None:
+    """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400).
+    A text prompt is tokenized off the loop: megabytes of text take seconds, during which
+    every other stream of this frontend would wait."""
     if params.max_tokens is None:
         return
     if isinstance(prompt, str):
         encode = getattr(backend.tokenizer, "encode", None)
         if encode is None:
             return  # the backend validates what it cannot be told here
-        num = len(encode(prompt))
+        num = len(await asyncio.to_thread(encode, prompt))
     elif isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
         num = len(prompt.get("prompt_token_ids", ()))
     else:

@@ -149,6 +149,9 @@ class AsyncEngine:
         try:
             if params.structured_outputs is not None:  # off the engine thread (cached there)
                 await asyncio.to_thread(self.engine.structured.compile, params)
+            if isinstance(prompt, str):  # likewise the tokenizer: megabytes take seconds
+                request_kwargs["tokenized"] = await asyncio.to_thread(
+                    self.engine.tokenize_prompt, prompt)
             # arrival = now, not when the engine thread takes the command after its current
             # step: that wait is queueing too
             request_kwargs.setdefault("arrival_time", time.time())

@@ -183,6 +183,7 @@ class LLMEngine:
         resume_token_ids: Sequence[int] = (),
         multi_modal_data: dict[str, Any] | None = None,
         group_id: str | None = None,
+        tokenized: Sequence[int] | None = None,
     ) -> list[int]:
         """Queue a request; returns its prompt token ids. Raises InvalidRequestError.
 
@@ -201,7 +202,9 @@ class LLMEngine:
         ``group_id``: the request this one is a sample of, when the caller fanned ``n`` out
         itself (the cluster does); the scheduler shares sequence slots fairly by group. The
         ``n`` samples of one call form a group by themselves. ``n`` above
-        ``EngineConfig.max_n`` is refused (field ``n``).
+        ``EngineConfig.max_n`` is refused (field ``n``). ``tokenized``: a text prompt's token
+        ids, already computed by ``tokenize_prompt`` off this thread (``AsyncEngine`` does, so
+        a long text does not hold up the steps); the prompt stays the text.
         """
         params = params or SamplingParams()
         check_n(params.n, self.config.max_n)
@@ -211,7 +214,8 @@ class LLMEngine:
         if request_id in self._children:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         inner, multi_modal_data = split_prompt(prompt, multi_modal_data)
-        token_ids = self.tokenize_prompt(inner)
+        token_ids = self.tokenize_prompt(
+            list(tokenized) if tokenized is not None and isinstance(inner, str) else inner)
         mm = None
         if multi_modal_data:
             token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)

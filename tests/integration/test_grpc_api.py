@@ -33,6 +33,7 @@ from splitserve.cluster.frontends.grpc_server import SERVICE_NAME
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
+from tests.utils import record_tokenizer_threads
 
 KEY = "grpc-key"
 MAX_MODEL_LEN = 1024
@@ -102,6 +103,23 @@ def test_a_request_that_does_not_parse_is_invalid_argument(server: BackgroundSer
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ok = tok(b"\x0a\x05hello", metadata=auth, timeout=30)  # the same path still serves
         assert pb.TokenizeResponse.FromString(ok).token_ids
+
+
+def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
+    server: BackgroundServer, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As over HTTP (test_http_api): templates, encoding and decoding of requests run on
+    worker threads, never on the server's loop or the engine's thread."""
+    seen = record_tokenizer_threads(monkeypatch, server.backend.tokenizer)
+    chat = [{"role": "user", "content": "hi"}]
+    assert client.generate("hello there", max_tokens=2).usage.completion_tokens == 2
+    assert client.generate(messages=chat, max_tokens=2).usage.completion_tokens == 2
+    assert client.tokenize("hello") and client.tokenize(messages=chat)
+    assert client.detokenize([10, 11]) is not None
+    assert seen["encode"] and seen["apply_chat_template"] and seen["decode"]
+    on_loop = {server._thread.name}  # type: ignore[attr-defined]
+    assert not (seen["encode"] | seen["apply_chat_template"]) & (on_loop | {"splitserve-engine"})
+    assert not seen["decode"] & on_loop
 
 
 def test_greedy_generate_equals_llm(client: Client, tiny_model_dir) -> None:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from splitserve import LLM, SamplingParams
 from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+from tests.utils import record_tokenizer_threads
 
 KEY = "test-key"
 MAX_MODEL_LEN = 1024
@@ -372,6 +373,26 @@ def test_lone_surrogates_are_a_400_naming_the_field(http: httpx.Client, path, ra
     ok = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\\ud83d\\ude00 hi",'
                    b' "max_tokens": 2}', headers={"content-type": "application/json"})
     assert ok.status_code == 200, ok.text
+
+
+def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
+    server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Megabytes of prompt take the tokenizer or the chat template seconds (4 s here for
+    7 MB): on the server's loop they held every other stream that long, on the engine thread
+    every step. Each call is now made on a worker thread: the mechanism is asserted, not a
+    time."""
+    seen = record_tokenizer_threads(monkeypatch, server.backend.tokenizer)
+    chat = [{"role": "user", "content": "hi"}]
+    assert http.post("/v1/completions", json={**GOOD, "prompt": "hello there"}).status_code == 200
+    assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert http.post("/tokenize", json={"prompt": "hello"}).status_code == 200
+    assert http.post("/tokenize", json={"messages": chat}).status_code == 200
+    assert http.post("/detokenize", json={"tokens": [10, 11]}).status_code == 200
+    assert seen["encode"] and seen["apply_chat_template"] and seen["decode"]
+    on_loop = {server._thread.name}  # type: ignore[attr-defined]
+    assert not (seen["encode"] | seen["apply_chat_template"]) & (on_loop | {"splitserve-engine"})
+    assert not seen["decode"] & on_loop  # the engine thread detokenizes outputs, as it should
 
 
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:

@@ -523,7 +523,9 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         front.check_model(body.model)
         prompts = _completion_prompts(body.prompt)
-        job = _Job(front, "cmpl", "text_completion", body.to_sampling_params(), body,
+        # the constraint's check (a large schema: seconds) runs off the loop, as tokenizing
+        params = await asyncio.to_thread(body.to_sampling_params)
+        job = _Job(front, "cmpl", "text_completion", params, body,
                    _client_request_id(request))
         return await _cancel_on_disconnect(request, job.run(prompts))
 
@@ -531,7 +533,8 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         front.check_model(body.model)
         msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-        params = body.to_sampling_params()  # 400s of constraints and tools before any work
+        # 400s of constraints and tools before any work; their checks off the loop
+        params = await asyncio.to_thread(body.to_sampling_params)
         tool_choice = body.effective_tool_choice()
         if tool_choice == "auto" and front.tool_parser is None:
             raise APIError(400, "tool_choice auto needs a server started with "

@@ -13,8 +13,10 @@ import contextlib
 import gc
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -383,8 +385,22 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     every step. Each call is now made on a worker thread: the mechanism is asserted, not a
     time."""
     seen = record_tokenizer_threads(monkeypatch, server.backend.tokenizer)
+    from splitserve.roles.engine import structured
+
+    checked = structured.check_structured  # a large schema's check takes seconds too
+    seen["check_structured"] = set()
+
+    def check(*a: Any, **k: Any) -> Any:
+        seen["check_structured"].add(threading.current_thread().name)
+        return checked(*a, **k)
+
+    monkeypatch.setattr(structured, "check_structured", check)
     chat = [{"role": "user", "content": "hi"}]
     assert http.post("/v1/completions", json={**GOOD, "prompt": "hello there"}).status_code == 200
+    assert http.post("/v1/completions", json={
+        **GOOD, "structured_outputs": {"regex": "[ab]+"}}).status_code == 200
+    assert http.post("/v1/chat/completions", json={
+        **CHAT, "response_format": {"type": "json_object"}}).status_code == 200
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
     assert http.post("/tokenize", json={"prompt": "hello"}).status_code == 200
     assert http.post("/tokenize", json={"messages": chat}).status_code == 200
@@ -393,6 +409,7 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     on_loop = {server._thread.name}  # type: ignore[attr-defined]
     assert not (seen["encode"] | seen["apply_chat_template"]) & (on_loop | {"splitserve-engine"})
     assert not seen["decode"] & on_loop  # the engine thread detokenizes outputs, as it should
+    assert seen["check_structured"] and not seen["check_structured"] & on_loop
 
 
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:

@@ -359,11 +359,8 @@ def _complete(acc: Accumulator, timing: dict[str, float]) -> pb.GenerateComplete
     )
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless ``authorization: Bearer <key>``; health and reflection stay open."""
-
-    def __init__(self, api_key: str) -> None:
-        self.check = ApiKeyCheck(api_key)
+class _WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that may swap the method's handler for another (``wrap``)."""
 
     async def intercept_service(
         self,
@@ -371,7 +368,22 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if not details.method.startswith(f"/{SERVICE_NAME}/") or handler is None:
+        return handler if handler is None else self.wrap(details, handler)
+
+    def wrap(self, details: grpc.HandlerCallDetails,
+             handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class ApiKeyInterceptor(_WrappingInterceptor):
+    """UNAUTHENTICATED unless ``authorization: Bearer <key>``; health and reflection stay open."""
+
+    def __init__(self, api_key: str) -> None:
+        self.check = ApiKeyCheck(api_key)
+
+    def wrap(self, details: grpc.HandlerCallDetails,
+             handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
         metadata = dict(details.invocation_metadata or ())
         if self.check.authorized(metadata.get("authorization")):
@@ -398,19 +410,14 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
 
 
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+class MalformedRequestInterceptor(_WrappingInterceptor):
     """INVALID_ARGUMENT, naming the message type, for a request that does not parse as its
     method's message (e.g. a string field that is not UTF-8). grpcio would answer UNKNOWN:
     the generated handlers parse before any servicer code runs. Health and reflection too."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None \
-                or handler.request_streaming:
+    def wrap(self, details: grpc.HandlerCallDetails,
+             handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None or handler.request_streaming:
             return handler
         return _parse_leniently(handler)
 

@@ -48,6 +48,7 @@ from splitserve.cluster.registry import Registry, create_registry
 from splitserve.cluster.request_path import RequestPath
 from splitserve.cluster.scaling import Scaler, merged_formats
 from splitserve.errors import ConfigError
+from splitserve.offload import off_loop
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
 from splitserve.roles.llm import _as_params_list, _as_prompt_inputs
@@ -233,7 +234,7 @@ class Cluster:
         the request runs under a unique id of the cluster's own. A label in use by a live
         request is refused (DuplicateRequestError: HTTP 409, gRPC ALREADY_EXISTS).
         """
-        inp = await asyncio.to_thread(self.inputs.prepare, prompt)  # tokenizing: off the loop
+        inp = await off_loop(self.inputs.prepare, prompt)  # tokenizing: off the loop
         params = sampling_params or SamplingParams()
         self.inputs.check_params(params)
         await asyncio.to_thread(self._grammars.compile, params)  # fails before placement

@@ -42,6 +42,7 @@ from splitserve.errors import (
     NoHealthyWorkerError,
     OverloadedError,
 )
+from splitserve.offload import off_loop
 from splitserve.outputs import Logprob
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
@@ -189,13 +190,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if request.request_id:
                 check_client_request_id(request.request_id, "request_id")
             self._check_model(request.model)
-            prompt = await asyncio.to_thread(self._prompt, request)  # templates: off the loop
+            prompt = await off_loop(self._prompt, request)  # templates: off the loop
             params = sampling_params_from_proto(request.sampling_params)
             structured = structured_from_proto(request)
             if structured is not None:
                 params = dataclasses.replace(params, structured_outputs=structured)
                 # INVALID_ARGUMENT before placement; off the loop (a large schema: seconds)
-                await asyncio.to_thread(check_structured, params.structured_outputs)
+                await off_loop(check_structured, params.structured_outputs)
             streams = await open_streams(self.backend, [prompt], params, rid)
         except _NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -240,7 +241,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             kind = request.WhichOneof("input")
             if kind == "messages":
-                ids = await asyncio.to_thread(
+                ids = await off_loop(
                     chat_prompt_ids,
                     tok, _messages(request.messages), _add_generation_prompt(request.messages)
                 )
@@ -248,7 +249,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 special = (
                     request.add_special_tokens if request.HasField("add_special_tokens") else True
                 )
-                ids = await asyncio.to_thread(tok.encode, request.text, add_special_tokens=special)
+                ids = await off_loop(tok.encode, request.text, add_special_tokens=special)
             else:
                 raise InvalidRequestError("input: set one of text or messages", "input")
         except Exception as e:
@@ -265,7 +266,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 InvalidRequestError(f"token_ids must be in [0, {tok.vocab_size})", "token_ids"),
             )
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = await asyncio.to_thread(tok.decode, list(request.token_ids), skip)
+        text = await off_loop(tok.decode, list(request.token_ids), skip)
         return pb.DetokenizeResponse(text=text)
 
     async def ListModels(  # noqa: N802

@@ -55,6 +55,7 @@ from splitserve.errors import (
     RequestAbortedError,
     SplitserveError,
 )
+from splitserve.offload import off_loop
 from splitserve.outputs import Logprob, RequestOutput
 from splitserve.sampling_params import StructuredOutputsParams
 
@@ -499,11 +500,11 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         # seconds, and the loop serves every other request's stream meanwhile
         if body.messages is not None:
             msgs = [m.model_dump() for m in body.messages]
-            ids = await asyncio.to_thread(chat_prompt_ids, tok, msgs, body.add_generation_prompt,
-                                          front.backend.image_token)
+            ids = await off_loop(chat_prompt_ids, tok, msgs, body.add_generation_prompt,
+                                front.backend.image_token)
         else:
-            ids = await asyncio.to_thread(tok.encode, body.prompt,
-                                          add_special_tokens=body.add_special_tokens)
+            ids = await off_loop(tok.encode, body.prompt,
+                                add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
 
     @app.post("/detokenize", responses=_errors(*_BODY_ERRORS))
@@ -512,7 +513,7 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         tok = front.backend.tokenizer
         if any(not 0 <= t < tok.vocab_size for t in body.tokens):
             raise APIError(400, f"tokens must be integers in [0, {tok.vocab_size})", param="tokens")
-        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
+        return {"prompt": await off_loop(tok.decode, body.tokens)}
 
 
 # ---------------------------------------------------------------------- generation routes
@@ -524,7 +525,7 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         front.check_model(body.model)
         prompts = _completion_prompts(body.prompt)
         # the constraint's check (a large schema: seconds) runs off the loop, as tokenizing
-        params = await asyncio.to_thread(body.to_sampling_params)
+        params = await off_loop(body.to_sampling_params)
         job = _Job(front, "cmpl", "text_completion", params, body,
                    _client_request_id(request))
         return await _cancel_on_disconnect(request, job.run(prompts))
@@ -534,13 +535,13 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         front.check_model(body.model)
         msgs = [m.model_dump(exclude_none=True) for m in body.messages]
         # 400s of constraints and tools before any work; their checks off the loop
-        params = await asyncio.to_thread(body.to_sampling_params)
+        params = await off_loop(body.to_sampling_params)
         tool_choice = body.effective_tool_choice()
         if tool_choice == "auto" and front.tool_parser is None:
             raise APIError(400, "tool_choice auto needs a server started with "
                            "--tool-call-parser (hermes or llama3_json); or use required or a "
                            "named function", param="tool_choice")
-        ids, images = await asyncio.to_thread(
+        ids, images = await off_loop(
             chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
             front.backend.image_token, tools=body.tool_dicts() or None)
         prompt: PromptInput = ids

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from splitserve.cluster.frontends.backend import Backend, PromptInput
 from splitserve.errors import InvalidRequestError
+from splitserve.offload import off_loop
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.sampling_params import SamplingParams
 
@@ -56,7 +57,7 @@ async def _check_context(backend: Backend, prompt: PromptInput, params: Sampling
         encode = getattr(backend.tokenizer, "encode", None)
         if encode is None:
             return  # the backend validates what it cannot be told here
-        num = len(await asyncio.to_thread(encode, prompt))
+        num = len(await off_loop(encode, prompt))
     elif isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
         num = len(prompt.get("prompt_token_ids", ()))
     else:

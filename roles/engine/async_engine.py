@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from splitserve import env
 from splitserve.errors import EngineFailedError, InvalidRequestError
 from splitserve.integrity import IntegrityReport
+from splitserve.offload import off_loop
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.kv_events import KVEventLog
@@ -150,8 +151,7 @@ class AsyncEngine:
             if params.structured_outputs is not None:  # off the engine thread (cached there)
                 await asyncio.to_thread(self.engine.structured.compile, params)
             if isinstance(prompt, str):  # likewise the tokenizer: megabytes take seconds
-                request_kwargs["tokenized"] = await asyncio.to_thread(
-                    self.engine.tokenize_prompt, prompt)
+                request_kwargs["tokenized"] = await off_loop(self.engine.tokenize_prompt, prompt)
             # arrival = now, not when the engine thread takes the command after its current
             # step: that wait is queueing too
             request_kwargs.setdefault("arrival_time", time.time())

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from splitserve import LLM, SamplingParams
+from splitserve import LLM, SamplingParams, offload
 from splitserve.client import (
     AsyncClient,
     Client,
@@ -119,6 +119,9 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     assert seen["encode"] and seen["apply_chat_template"] and seen["decode"]
     on_loop = {server._thread.name}  # type: ignore[attr-defined]
     assert not (seen["encode"] | seen["apply_chat_template"]) & (on_loop | {"splitserve-engine"})
+    # on the preparation pool (offload.py), not the loop's default executor
+    assert all(t.startswith(offload.THREAD_PREFIX)
+               for t in seen["encode"] | seen["apply_chat_template"])
     assert not seen["decode"] & on_loop
 
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitserve import LLM, SamplingParams
+from splitserve import LLM, SamplingParams, offload
 from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from tests.utils import record_tokenizer_threads
@@ -408,8 +408,13 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     assert seen["encode"] and seen["apply_chat_template"] and seen["decode"]
     on_loop = {server._thread.name}  # type: ignore[attr-defined]
     assert not (seen["encode"] | seen["apply_chat_template"]) & (on_loop | {"splitserve-engine"})
+    # on the preparation pool (offload.py), not the loop's default executor
+    assert all(t.startswith(offload.THREAD_PREFIX)
+               for t in seen["encode"] | seen["apply_chat_template"])
     assert not seen["decode"] & on_loop  # the engine thread detokenizes outputs, as it should
     assert seen["check_structured"] and not seen["check_structured"] & on_loop
+    # the frontend's check runs on the pool; the compile's own check on the grammar thread
+    assert any(t.startswith(offload.THREAD_PREFIX) for t in seen["check_structured"])
 
 
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:

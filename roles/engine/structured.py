@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -144,7 +144,7 @@ class GrammarCompiler:
     Thread-safe. A compile runs on a worker thread; the caller waits at most ``timeout_s``
     (default ``SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S``). A compile that outlives its timeout
     keeps running in the background and stays cached, so repeating the request does not
-    start another one.
+    start another one; one still queued when its caller gives up is cancelled and forgotten.
     """
 
     def __init__(
@@ -174,7 +174,14 @@ class GrammarCompiler:
         )
         try:
             return future.result(timeout=timeout)
-        except FutureTimeout:
+        except (FutureTimeout, CancelledError):
+            # Still queued behind other compiles: it will not run for nobody (a queue of
+            # refused constraints would each take a core for their whole compile later).
+            # One already running cannot be stopped; it finishes and stays cached.
+            if future.cancel():
+                with self._lock:
+                    if self._cache.get(so.content_hash) is future:
+                        del self._cache[so.content_hash]
             raise InvalidRequestError(
                 f"{so.field}: the grammar did not compile within {timeout:g} s; simplify it",
                 field=so.field,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -127,6 +128,29 @@ def test_slow_compile_is_refused_by_timeout(tiny) -> None:
         slow.compile(_so(json=schema))
     assert e.value.field == "structured_outputs.json"
     slow.close()
+
+
+def test_a_compile_still_queued_at_its_timeout_is_cancelled_and_forgotten(tiny) -> None:
+    """Both compile threads busy (held by two real jobs on the compiler's own pool): a new
+    constraint's compile waits in the queue, its caller's timeout passes, and the compile is
+    cancelled rather than left to take a core later for nobody; a later request compiles it
+    afresh instead of meeting the cancelled one in the cache."""
+    tok = tiny.engine.tokenizer
+    c = GrammarCompiler(tok.hf, tiny.engine.model_config.vocab_size, sorted(tok.eos_token_ids),
+                        timeout_s=0.2)
+    release = threading.Event()
+    holders = [c._pool.submit(release.wait) for _ in range(2)]
+    so = _so(regex="[ab]{2,5}")
+    try:
+        with pytest.raises(InvalidRequestError, match="did not compile within"):
+            c.compile(so)
+        assert so.content_hash not in c._cache and c.num_compiles == 1
+    finally:
+        release.set()
+    assert all(h.result(timeout=10) for h in holders)
+    c.timeout_s = 30.0
+    assert c.compile(so) is not None and c.num_compiles == 2
+    c.close()
 
 
 @pytest.mark.parametrize(("dtype", "vocab", "words", "impl"), [

@@ -130,10 +130,9 @@ def merged_formats(handles: list[WorkerHandle]) -> dict[str, Any]:
                if h.healthy and isinstance(h.info.get("formats"), dict) and h.info["formats"]}
     if not reports:
         return {}
-    keys = {k for f in reports.values() for k in f}
-    common = {k: next(iter(reports.values()))[k] for k in sorted(keys)
-              if all(k in f for f in reports.values())
-              and all(f[k] == next(iter(reports.values()))[k] for f in reports.values())}
+    first = next(iter(reports.values()))
+    common = {k: v for k, v in sorted(first.items())
+              if all(k in f and f[k] == v for f in reports.values())}
     out: dict[str, Any] = dict(common)
     differing = {wid: {k: v for k, v in f.items() if k not in common}
                  for wid, f in sorted(reports.items())}

@@ -169,6 +169,8 @@ class _SamplingFields(BaseModel):
         """InvalidRequestError naming the first field set to something the engine would
         otherwise ignore."""
         neutral = {
+            "presence_penalty": not self.presence_penalty,
+            "frequency_penalty": not self.frequency_penalty,
             "logit_bias": not self.logit_bias or not any(self.logit_bias.values()),
             "best_of": self.best_of is None or self.best_of == self.n,
             "repetition_penalty": self.repetition_penalty in (None, 1.0),
@@ -229,9 +231,6 @@ class _SamplingFields(BaseModel):
     ) -> SamplingParams:
         """Engine parameters; raises InvalidRequestError naming the field."""
         self._refuse_unimplemented()
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequestError(f"{name} is not supported yet (use 0)", field=name)
         kwargs: dict[str, Any] = {
             "n": self.n,
             "max_tokens": max_tokens,

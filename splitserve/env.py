@@ -168,6 +168,10 @@ SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S = EnvVar(
     "SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S", float, 10.0,
     "structured outputs: a grammar that takes longer to compile is refused (400)",
 )
+SPLITSERVE_GRAMMAR_COMPILE_MAX_MEMORY_MB = EnvVar(
+    "SPLITSERVE_GRAMMAR_COMPILE_MAX_MEMORY_MB", int, 1024,
+    "structured outputs: a grammar whose compile needs more memory (MiB) is refused (400)",
+)
 
 
 SPLITSERVE_API_KEY = EnvVar(

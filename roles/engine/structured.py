@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ import torch
 
 from splitserve import env
 from splitserve.errors import InvalidRequestError
+from splitserve.roles.engine.grammar_probe import GrammarProbe, ProbeRefused, ProbeUnavailable
 from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -141,43 +143,64 @@ def _clean(e: BaseException) -> str:
 class GrammarCompiler:
     """Grammars compiled against one tokenizer, cached by content hash, with a timeout.
 
-    Thread-safe. A compile runs on a worker thread; the caller waits at most ``timeout_s``
-    (default ``SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S``). A compile that outlives its timeout
-    keeps running in the background and stays cached, so repeating the request does not
-    start another one; one still queued when its caller gives up is cancelled and forgotten.
+    Thread-safe. A compile runs on a worker thread. A child process (``grammar_probe``)
+    compiles each new grammar first: one that takes longer than ``timeout_s`` (default
+    ``SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S``) or grows the child by more than
+    ``max_memory_mb`` (``SPLITSERVE_GRAMMAR_COMPILE_MAX_MEMORY_MB``) is stopped there, the child
+    killed, and the refusal cached; only a grammar the child compiled in time is compiled
+    here, which it has shown to be bounded. The caller waits for both (the probe's budget
+    twice, plus a second); a compile still queued when its caller gives up is cancelled and
+    forgotten. Where no child can be started, compiles run here unprobed (logged).
     """
 
     def __init__(
         self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
         max_cached: int = 256, timeout_s: float | None = None,
+        max_memory_mb: int | None = None, probe: bool = True,
     ) -> None:
         import xgrammar as xgr
 
         self.vocab_size = vocab_size
         self.timeout_s = timeout_s
+        self.max_memory_mb = max_memory_mb
         info = xgr.TokenizerInfo.from_huggingface(
             hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids) or None
         )
         self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        # one probe per compile thread; the first starts loading now (xgrammar and torch take
+        # seconds to import), the second when two compiles first run at once
+        self.probes: list[GrammarProbe] = []
+        self._free_probes: queue.LifoQueue[GrammarProbe] = queue.LifoQueue()
+        if probe:
+            info_json = info.serialize_json()
+            self.probes = [GrammarProbe(info_json, 2) for _ in range(2)]
+            for p in reversed(self.probes):  # last in, first out: the started one is reused
+                self._free_probes.put(p)
+            self._start_probe(self.probes[0])
+        self.num_refused = 0
         self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
         self._max_cached = max_cached
         self._lock = threading.Lock()
         self.num_compiles = 0
         self.num_cache_hits = 0
 
-    def compile(self, so: StructuredOutputsParams) -> Any:
-        """The ``CompiledGrammar`` of ``so``; raises InvalidRequestError (bad or too slow)."""
-        future = self._future(so)
-        timeout = self.timeout_s if self.timeout_s is not None else (
+    def _timeout(self) -> float:
+        return self.timeout_s if self.timeout_s is not None else (
             env.SPLITSERVE_GRAMMAR_COMPILE_TIMEOUT_S.get()
         )
+
+    def compile(self, so: StructuredOutputsParams) -> Any:
+        """The ``CompiledGrammar`` of ``so``; raises InvalidRequestError (bad, too slow or too
+        large to compile)."""
+        future = self._future(so)
+        timeout = self._timeout()
         try:
-            return future.result(timeout=timeout)
+            return future.result(timeout=2 * timeout + 1.0)
         except (FutureTimeout, CancelledError):
             # Still queued behind other compiles: it will not run for nobody (a queue of
             # refused constraints would each take a core for their whole compile later).
-            # One already running cannot be stopped; it finishes and stays cached.
+            # One already running is bounded by its probe; it finishes and stays cached.
             if future.cancel():
                 with self._lock:
                     if self._cache.get(so.content_hash) is future:
@@ -203,10 +226,45 @@ class GrammarCompiler:
             return future
 
     def _compile(self, so: StructuredOutputsParams) -> Any:
-        return self._compiler.compile_grammar(check_structured(so))
+        grammar = check_structured(so)  # a bad constraint fails here, before any probe
+        if self.probes:
+            self._probe(so)
+        return self._compiler.compile_grammar(grammar)
+
+    def _probe(self, so: StructuredOutputsParams) -> None:
+        """Compile ``so`` in a child first; raises InvalidRequestError when that is stopped."""
+        timeout = self._timeout()
+        mb = (self.max_memory_mb if self.max_memory_mb is not None
+              else env.SPLITSERVE_GRAMMAR_COMPILE_MAX_MEMORY_MB.get())
+        probe = self._free_probes.get()
+        try:
+            probe.probe(so, timeout, mb << 20)
+        except ProbeRefused as e:
+            self.num_refused += 1
+            if e.reason == "memory":
+                raise InvalidRequestError(
+                    f"{so.field}: compiling the grammar needed more than {mb} MiB; simplify it",
+                    field=so.field,
+                ) from None
+            raise InvalidRequestError(
+                f"{so.field}: the grammar did not compile within {timeout:g} s; simplify it",
+                field=so.field,
+            ) from None
+        except ProbeUnavailable as e:
+            logger.warning("%s; compiling this grammar without a time or memory bound", e)
+        finally:
+            self._free_probes.put(probe)
+
+    def _start_probe(self, probe: GrammarProbe) -> None:
+        try:
+            probe.start()
+        except ProbeUnavailable as e:
+            logger.warning("%s", e)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for probe in self.probes:
+            probe.close()
 
 
 def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:

@@ -6,8 +6,12 @@ strings and the prefill -> decode hand-off (tiny random model over the SmolLM2 v
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 
 import jsonschema
 import pytest
@@ -99,9 +103,11 @@ def test_content_hash_keeps_key_order_and_kind() -> None:
 
 
 @pytest.fixture(scope="module")
-def compiler(tiny) -> GrammarCompiler:
+def compiler(tiny):
     tok = tiny.engine.tokenizer
-    return GrammarCompiler(tok.hf, tiny.engine.model_config.vocab_size, sorted(tok.eos_token_ids))
+    c = GrammarCompiler(tok.hf, tiny.engine.model_config.vocab_size, sorted(tok.eos_token_ids))
+    yield c
+    c.close()
 
 
 def test_compiled_grammars_are_cached_by_content_hash(compiler: GrammarCompiler) -> None:
@@ -151,6 +157,106 @@ def test_a_compile_still_queued_at_its_timeout_is_cancelled_and_forgotten(tiny) 
     c.timeout_s = 30.0
     assert c.compile(so) is not None and c.num_compiles == 2
     c.close()
+
+
+def _wide_schema(n: int) -> dict:
+    """A schema whose compile time and memory grow with ``n`` (seconds at a few thousand)."""
+    return {"type": "object", "properties": {
+        f"k{i}": {"type": "string", "pattern": "[a-z]{3,9}"} for i in range(n)}}
+
+
+class _CountingCompiler:
+    """The compiler's own xgrammar compiler, counting what it is asked to compile here."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def compile_grammar(self, grammar):
+        self.calls += 1
+        return self.inner.compile_grammar(grammar)
+
+
+def _gone(pid: int) -> bool:
+    """The process runs no more (gone, or a zombie waiting for a reaper outside our control)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("X", "Z")  # dead (zombie: no code runs)
+    except FileNotFoundError:
+        return True
+
+
+def _new_compiler(tiny, **kw) -> GrammarCompiler:
+    tok = tiny.engine.tokenizer
+    c = GrammarCompiler(tok.hf, tiny.engine.model_config.vocab_size, sorted(tok.eos_token_ids),
+                        **kw)
+    c._compiler = _CountingCompiler(c._compiler)
+    return c
+
+
+def test_a_compile_past_its_timeout_is_stopped_with_its_child_process(tiny) -> None:
+    """The compile that outlives its timeout runs in the probe child, which is killed: nothing
+    keeps compiling it (before, a thread compiled a hostile schema for minutes after the
+    refusal), this process never compiles it, and the refusal is cached. The next grammar gets
+    a fresh child."""
+    c = _new_compiler(tiny, timeout_s=0.5)
+    try:
+        so = _so(json=_wide_schema(3000))
+        c.compile(_so(regex="[ab]{2}"))  # the child is up (its start is not in the budget)
+        probe = next(p for p in c.probes if p.proc is not None)
+        pid = probe.proc.pid
+        with pytest.raises(InvalidRequestError, match="did not compile within 0.5 s") as e:
+            c.compile(so)
+        assert e.value.field == "structured_outputs.json"
+        assert probe.num_kills == 1 and probe.proc is None and _gone(pid)
+        assert c.num_refused == 1 and c._compiler.calls == 1  # only the small regex here
+        hits = c.num_cache_hits
+        with pytest.raises(InvalidRequestError, match="did not compile within"):
+            c.compile(so)  # the refusal is cached: no second probe
+        assert c.num_cache_hits == hits + 1 and c.num_refused == 1
+        assert c.compile(_so(regex="[cd]{3}")) is not None
+        assert probe.num_starts == 2 and probe.proc is not None and probe.proc.pid != pid
+        assert c._compiler.calls == 2
+    finally:
+        c.close()
+    assert all(p.proc is None for p in c.probes)
+
+
+def test_a_compile_that_needs_more_memory_than_allowed_is_stopped(tiny) -> None:
+    """The child's memory is watched while it compiles: past the bound it is killed and the
+    request refused naming the field and the bound."""
+    c = _new_compiler(tiny, timeout_s=60.0, max_memory_mb=1)
+    try:
+        with pytest.raises(InvalidRequestError, match="needed more than 1 MiB") as e:
+            c.compile(_so(json=_wide_schema(400)))
+        assert e.value.field == "structured_outputs.json"
+        assert sum(p.num_kills for p in c.probes) == 1 and c._compiler.calls == 0
+        c.max_memory_mb = 1024
+        assert c.compile(_so(json=SCHEMA)) is not None and c._compiler.calls == 1
+    finally:
+        c.close()
+
+
+def test_a_probe_child_that_dies_unasked_costs_no_request(tiny, monkeypatch, caplog) -> None:
+    """A child killed from outside (OOM killer, an operator): the compile in flight is done
+    here without a bound (logged), and the next one starts a new child. The child never sees
+    a secret variable."""
+    monkeypatch.setenv("SPLITSERVE_API_KEY", "sk-probe-secret")
+    c = _new_compiler(tiny, timeout_s=30.0)
+    try:
+        assert c.compile(_so(regex="[ab]{2}")) is not None
+        probe = next(p for p in c.probes if p.proc is not None)
+        with open(f"/proc/{probe.proc.pid}/environ", "rb") as f:
+            assert b"sk-probe-secret" not in f.read()
+        probe.proc.kill()
+        probe.proc.wait()
+        with caplog.at_level("WARNING", logger="splitserve.roles.engine.structured"):
+            assert c.compile(_so(regex="[ab]{3}")) is not None
+        assert "without a time or memory bound" in caplog.text
+        assert c._compiler.calls == 2
+        assert c.compile(_so(regex="[ab]{4}")) is not None
+        assert probe.num_starts == 2 and probe.proc.poll() is None
+    finally:
+        c.close()
 
 
 @pytest.mark.parametrize(("dtype", "vocab", "words", "impl"), [
@@ -387,3 +493,47 @@ def test_matcher_walks_a_draft_and_rolls_back(tiny: LLM) -> None:
     assert manager._slots["r"].num_accepted == 1 and not manager._slots["r"].broken
     manager.release("r")
     assert manager.num_active == 0
+
+
+_ORPHAN_SCRIPT = """
+import json, sys, xgrammar as xgr
+from splitserve.roles.engine.grammar_probe import GrammarProbe
+from splitserve.sampling_params import StructuredOutputsParams
+info = xgr.TokenizerInfo([f"t{i}" for i in range(20000)])
+p = GrammarProbe(info.serialize_json(), 2)
+p.probe(StructuredOutputsParams(regex="[ab]{2}"), 60.0, 1 << 40)
+print(p.proc.pid, flush=True)
+schema = {"type": "object", "properties": {
+    f"k{i}": {"type": "string", "pattern": "[a-z]{3,9}"} for i in range(20000)}}
+p.probe(StructuredOutputsParams(json=schema), 600.0, 1 << 40)
+"""
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_probe_child_exits_mid_compile_when_its_engine_is_killed() -> None:
+    """An engine SIGKILLed while its probe child compiles a hostile grammar leaves no compile
+    running: the child sees its parent gone from a thread of its own (the pipe's end would be
+    read only after the compile)."""
+    engine = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        child = int(engine.stdout.readline())
+        start = _cpu_s(child)
+        deadline = time.monotonic() + 60
+        while _cpu_s(child) - start < 0.5:  # it is inside the long compile
+            assert time.monotonic() < deadline and engine.poll() is None
+            time.sleep(0.05)
+        engine.kill()
+        engine.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the probe child outlived its engine"
+            time.sleep(0.05)
+    finally:
+        engine.kill()
+        engine.wait()

@@ -28,8 +28,7 @@ async def open_streams(
 
     Raises the first error (InvalidRequestError, ...) after closing every started stream.
     """
-    for prompt in prompts:
-        await _check_context(backend, prompt, params)
+    prompts = [await _check_context(backend, prompt, params) for prompt in prompts]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [backend.generate(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]
     starts = [asyncio.ensure_future(anext(g)) for g in gens]
@@ -47,17 +46,23 @@ async def open_streams(
     return [_Primed(first, g) for first, g in zip(firsts, gens, strict=True)]
 
 
-async def _check_context(backend: Backend, prompt: PromptInput, params: SamplingParams) -> None:
-    """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400).
-    A text prompt is tokenized off the loop: megabytes of text take seconds, during which
-    every other stream of this frontend would wait."""
+async def _check_context(
+    backend: Backend, prompt: PromptInput, params: SamplingParams
+) -> PromptInput:
+    """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400);
+    returns the prompt to send. A text prompt is tokenized off the loop (megabytes of text
+    take seconds, during which every other stream of this frontend would wait) with the
+    backend's own tokenizer, and its ids are what the backend then gets: it would otherwise
+    tokenize the same text again (the ids are what it would compute; no response here
+    repeats the prompt's text)."""
     if params.max_tokens is None:
-        return
+        return prompt
     if isinstance(prompt, str):
         encode = getattr(backend.tokenizer, "encode", None)
         if encode is None:
-            return  # the backend validates what it cannot be told here
-        num = len(await off_loop(encode, prompt))
+            return prompt  # the backend validates what it cannot be told here
+        prompt = list(await off_loop(encode, prompt))
+        num = len(prompt)
     elif isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
         num = len(prompt.get("prompt_token_ids", ()))
     else:
@@ -70,6 +75,7 @@ async def _check_context(backend: Backend, prompt: PromptInput, params: Sampling
             "completion). Please reduce the prompt or max_tokens.",
             field="max_tokens",
         )
+    return prompt
 
 
 class _Primed:

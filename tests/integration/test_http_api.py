@@ -417,6 +417,34 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     assert any(t.startswith(offload.THREAD_PREFIX) for t in seen["check_structured"])
 
 
+def test_a_text_prompt_is_tokenized_once(
+    server: BackgroundServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The context check tokenizes a text prompt (max_tokens set) and the backend gets those
+    ids: before, the backend tokenized the same text again (seconds for megabytes). Same
+    tokens out as the ids sent directly, and the same prompt length counted."""
+    tok = server.backend.tokenizer
+    text = "the quick brown fox " * 50
+    ids = tok.encode(text)
+    calls: list[str] = []
+    inner = tok.encode
+
+    def encode(prompt: Any, *a: Any, **k: Any) -> Any:
+        if prompt == text:
+            calls.append(threading.current_thread().name)
+        return inner(prompt, *a, **k)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    body = {**GOOD, "max_tokens": 6, "temperature": 0}
+    r = http.post("/v1/completions", json={**body, "prompt": text})
+    assert r.status_code == 200, r.text
+    assert len(calls) == 1, calls
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    direct = http.post("/v1/completions", json={**body, "prompt": ids})
+    assert direct.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    assert len(calls) == 1
+
+
 def test_bad_bodies_are_4xx_and_server_keeps_serving(http: httpx.Client) -> None:
     headers = {"content-type": "application/json"}
     cases = [

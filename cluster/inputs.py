@@ -21,7 +21,12 @@ from splitserve.roles.engine.multimodal import (
 )
 from splitserve.roles.models.image import image_hash, load_image
 from splitserve.sampling_params import SamplingParams
-from splitserve.validation import check_n, check_prompt_length, prompt_token_ids
+from splitserve.validation import (
+    check_logit_bias,
+    check_n,
+    check_prompt_length,
+    prompt_token_ids,
+)
 
 
 @dataclasses.dataclass
@@ -61,8 +66,10 @@ class InputPreparer:
         return inp
 
     def check_params(self, params: SamplingParams) -> None:
-        """Sampling checks the engines would make too (``n`` within ``max_n``), made here."""
+        """Sampling checks the engines would make too (``n`` within ``max_n``, ``logit_bias``
+        within the vocabulary), made here."""
         check_n(params.n, self.max_n)
+        check_logit_bias(params.logit_bias, self.model_config.vocab_size)
 
     def _with_images(self, ids: list[int], data: Any) -> PreparedInput:
         """Check and hash a multimodal prompt's images on the frontend (a malformed image

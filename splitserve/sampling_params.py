@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json as _json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,16 @@ class SamplingParams:
     """Leave special tokens out of the text."""
     structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
     """Constrain the output to a JSON schema, regex, choice or grammar (a dict is converted)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already in the output (OpenAI; [-2, 2])."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it is already in the output ([-2, 2])."""
+    repetition_penalty: float = 1.0
+    """Logits of tokens in the prompt or the output divided by it when positive, multiplied
+    when negative (CTRL, as vLLM and transformers; > 0, 1 is off)."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before the penalties and sampling (OpenAI;
+    each bias in [-100, 100]; ids are checked against the vocabulary on intake)."""
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -179,6 +190,21 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise bad(name, f"must be in [-2, 2], got {value!r}")
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0 < rp < math.inf:
+            raise bad("repetition_penalty", f"must be a finite number > 0, got {rp!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must map token ids to biases")
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                    raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+                if not _is_number(bias) or not -100 <= bias <= 100:
+                    raise bad("logit_bias", f"biases must be in [-100, 100], got {bias!r} for {token}")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
@@ -186,6 +212,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """A penalty or a bias changes the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.logit_bias)
 
     @property
     def max_stop_len(self) -> int:

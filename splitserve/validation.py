@@ -1,6 +1,7 @@
 """The one set of request checks that the cluster (before placement) and the engine (on intake)
 both run, so that they can never disagree: a prompt as text or token ids, its length against
-the context, and the number of samples ``n``.
+the context, the number of samples ``n``, and the token ids a request's sampling parameters
+name (``logit_bias``).
 
 Each check raises InvalidRequestError naming the field (HTTP 400 / gRPC INVALID_ARGUMENT).
 Imports nothing heavy (no torch, no Ray); it owns no state and tokenizes only through the
@@ -61,4 +62,15 @@ def check_n(n: int, max_n: int) -> None:
         raise InvalidRequestError(
             f"n={n} is above this server's limit of {max_n} samples per request (max_n)",
             field="n",
+        )
+
+
+def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
+    """Every token id ``logit_bias`` names is in ``[0, vocab_size)`` (SamplingParams checked the
+    types and the biases' range)."""
+    bad = sorted(t for t in logit_bias or () if t >= vocab_size)
+    if bad:
+        raise InvalidRequestError(
+            f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
+            field="logit_bias",
         )

@@ -117,9 +117,14 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     """Options of a streaming response."""
     presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
-    """Accepted only as 0 (the engine has no penalties yet)."""
+    """Subtracted from the logit of each token already in the output."""
     frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
-    """Accepted only as 0 (the engine has no penalties yet)."""
+    """Subtracted from a token's logit once per time it is already in the output."""
+    logit_bias: dict[str, StrictFloat] | None = None
+    """Token id (as a string, as OpenAI's) -> bias in [-100, 100] added to its logit."""
+    repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
+    """vLLM extra: logits of tokens in the prompt or output divided (positive) or multiplied
+    (negative) by it."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -138,12 +143,8 @@ class _SamplingFields(BaseModel):
     # Fields of OpenAI's and vLLM's that the engine does not implement. They are declared so
     # that a request which relies on one gets a 400 naming it instead of a 200 that silently
     # ignored it; their neutral values (as a client library fills them in) are accepted.
-    logit_bias: dict[str, StrictFloat] | None = None
-    """Accepted only as empty (no per-token biases yet)."""
     best_of: StrictInt | None = Field(None, ge=1)
     """Accepted only as n (no best-of ranking; vLLM's V1 engine dropped it too)."""
-    repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
-    """vLLM extra; accepted only as 1 (no penalties yet)."""
     use_beam_search: StrictBool = False
     """vLLM extra; accepted only as false."""
     length_penalty: StrictFloat | None = None
@@ -169,11 +170,7 @@ class _SamplingFields(BaseModel):
         """InvalidRequestError naming the first field set to something the engine would
         otherwise ignore."""
         neutral = {
-            "presence_penalty": not self.presence_penalty,
-            "frequency_penalty": not self.frequency_penalty,
-            "logit_bias": not self.logit_bias or not any(self.logit_bias.values()),
             "best_of": self.best_of is None or self.best_of == self.n,
-            "repetition_penalty": self.repetition_penalty in (None, 1.0),
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),
             "prompt_logprobs": self.prompt_logprobs is None,
@@ -243,11 +240,30 @@ class _SamplingFields(BaseModel):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "seed": None if self.seed is None else self.seed % 2**63,
             "structured_outputs": structured or self.structured(),
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self._logit_bias(),
         }
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
         for name in ("temperature", "top_p", "top_k", "min_p"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return SamplingParams(**kwargs)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` with its keys as token ids (zero biases dropped)."""
+        if not self.logit_bias:
+            return None
+        out: dict[int, float] = {}
+        for key, bias in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()):
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids (decimal integers), got {key!r}",
+                    field="logit_bias")
+            if bias:
+                out[int(key)] = float(bias)
+        return out or None
 
     @property
     def include_usage(self) -> bool:

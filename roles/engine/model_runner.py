@@ -199,8 +199,12 @@ class ModelRunner:
             offset += s.num_new_tokens
             req = s.request
             n = s.num_sample_rows  # row i draws the token at position num_tokens + i
+            penalized = req.sampling_params.penalized
             for i in range(n):
                 params = SampleRequest(req.sampling_params, req.seed, req.num_tokens + i)
+                if penalized:  # a verify row's tokens so far include the draft before it
+                    params.tokens = req.all_token_ids + s.draft_token_ids[:i]
+                    params.num_prompt_tokens = req.num_prompt_tokens
                 rows.append((req.request_id, params))
                 last.append(offset - n + i)
         return rows, torch.tensor(last, dtype=torch.long, device=self.device)

@@ -8,6 +8,13 @@ entry as an exponential race needs, keeps a sampled sequence's share of a step
 small (an n=128 request must not slow a short request beside it). So a request
 replayed on another worker from its prompt plus the tokens generated so far
 continues with the same tokens. It owns no state.
+
+Logit bias and penalties (``SamplingParams.penalized``) change a row's logits before the
+greedy pick or the draw, in vLLM's order: the bias first, then the repetition penalty (tokens
+of the prompt or the output), then the frequency and presence penalties (tokens of the
+output). They depend only on the row's tokens so far (a verify row's include the draft before
+it), so a replay, a P/D hand-off or speculation gives the same tokens. Log-probabilities stay
+those of the model's distribution (vLLM's default ``raw_logprobs``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ class SampleRequest:
     seed: int
     position: int
     """Position in the sequence of the token being drawn."""
+    tokens: list[int] | None = None
+    """The sequence's tokens before this one (prompt, then output), when ``params`` has a
+    penalty or a logit bias; None otherwise."""
+    num_prompt_tokens: int = 0
+    """How many of ``tokens`` are the prompt's."""
 
 
 @dataclass
@@ -48,14 +60,39 @@ def draw_seed(seed: int, position: int) -> int:
 
 
 def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
-    """logits: [N, V] float32, one row per request. Returns one result per row."""
+    """logits: [N, V] float32, one row per request. Returns one result per row. Rows with a
+    penalty or a bias are changed in place."""
+    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    for i, row in enumerate(rows):
+        if row.params.penalized:
+            penalize(logits[i], row)
     tokens = argmax_rows(logits)
     for i, row in enumerate(rows):
         if not row.params.greedy:
             tokens[i] = _sample_row(logits[i], row)
-    want_logprobs = any(r.params.logprobs is not None for r in rows)
-    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     return [_result(tokens[i], rows[i], logprobs, i) for i in range(len(rows))]
+
+
+def penalize(logits: Tensor, row: SampleRequest) -> None:
+    """Apply ``row``'s logit bias and penalties to its logits [V] in place."""
+    p = row.params
+    vocab = logits.shape[-1]
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits.index_add_(0, ids, bias)
+    assert row.tokens is not None, "a penalized row carries its tokens"
+    if p.repetition_penalty != 1.0 and row.tokens:
+        seen = torch.unique(torch.tensor(row.tokens, dtype=torch.long, device=logits.device))
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                   values * p.repetition_penalty)
+    output = row.tokens[row.num_prompt_tokens:]
+    if (p.frequency_penalty or p.presence_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
+                                minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def _sample_row(logits: Tensor, row: SampleRequest) -> int:

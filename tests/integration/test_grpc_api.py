@@ -178,6 +178,10 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"token_ids": [7] * MAX_MODEL_LEN}, "prompt"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"text": "hi", "images": [b"\x89PNG"]}, "images"),  # a text-only model
+        ({"text": "hi", "presence_penalty": 3.0}, "presence_penalty"),
+        ({"text": "hi", "repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"text": "hi", "logit_bias": {10**8: 1.0}}, "logit_bias"),
+        ({"text": "hi", "logit_bias": {5: 200.0}}, "logit_bias"),
     ],
 )
 def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:
@@ -187,6 +191,16 @@ def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in e.value.message
     assert client.generate("still serving", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_penalties_and_logit_bias_apply(server: BackgroundServer, client: Client) -> None:
+    forced = client.generate(token_ids=[5, 6, 7], max_tokens=5, temperature=0.8, seed=2,
+                             ignore_eos=True, logit_bias={1234: 100.0})
+    assert forced.completions[0].token_ids == [1234] * 5
+    base = dict(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
+    biased = client.generate(**base, logit_bias={1234: 20.0})
+    pushed = client.generate(**base, logit_bias={1234: 20.0}, frequency_penalty=2.0)
+    assert pushed.completions[0].token_ids != biased.completions[0].token_ids
 
 
 def test_no_input_and_unknown_model(server: BackgroundServer) -> None:

@@ -96,6 +96,11 @@ class GrammarProbe:
         self.num_kills = 0
         self.num_starts = 0
 
+    @property
+    def ready(self) -> bool:
+        """A child is up and has answered that it is ready (a probe would not wait for it)."""
+        return self.proc is not None and self._ready
+
     def start(self) -> None:
         """Start the child (it loads in the background; ``probe`` waits for it)."""
         if self.proc is not None:

@@ -22,9 +22,9 @@ from splitserve.roles.engine.multimodal import (
 from splitserve.roles.models.image import image_hash, load_image
 from splitserve.sampling_params import SamplingParams
 from splitserve.validation import (
-    check_logit_bias,
     check_n,
     check_prompt_length,
+    check_token_ids,
     prompt_token_ids,
 )
 
@@ -67,9 +67,9 @@ class InputPreparer:
 
     def check_params(self, params: SamplingParams) -> None:
         """Sampling checks the engines would make too (``n`` within ``max_n``, ``logit_bias``
-        within the vocabulary), made here."""
+        and ``allowed_token_ids`` within the vocabulary), made here."""
         check_n(params.n, self.max_n)
-        check_logit_bias(params.logit_bias, self.model_config.vocab_size)
+        check_token_ids(params, self.model_config.vocab_size)
 
     def _with_images(self, ids: list[int], data: Any) -> PreparedInput:
         """Check and hash a multimodal prompt's images on the frontend (a malformed image

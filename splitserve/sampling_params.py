@@ -149,6 +149,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     """Added to the logits of these token ids before the penalties and sampling (OpenAI;
     each bias in [-100, 100]; ids are checked against the vocabulary on intake)."""
+    allowed_token_ids: list[int] | None = None
+    """vLLM extra: only these token ids can be generated (checked against the vocabulary on
+    intake; EOS too must be listed to end the request early)."""
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -205,6 +208,13 @@ class SamplingParams:
                     raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
                 if not _is_number(bias) or not -100 <= bias <= 100:
                     raise bad("logit_bias", f"biases must be in [-100, 100], got {bias!r} for {token}")
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, list | tuple) or not allowed:
+                raise bad("allowed_token_ids", "must be a non-empty list of token ids")
+            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in allowed):
+                raise bad("allowed_token_ids", "must hold token ids (integers >= 0)")
+            self.allowed_token_ids = list(allowed)
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
@@ -214,10 +224,11 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
-    def penalized(self) -> bool:
-        """A penalty or a bias changes the logits before sampling."""
+    def adjusts_logits(self) -> bool:
+        """An allow-list, a bias or a penalty changes the logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty
-                    or self.repetition_penalty != 1.0 or self.logit_bias)
+                    or self.repetition_penalty != 1.0 or self.logit_bias
+                    or self.allowed_token_ids)
 
     @property
     def max_stop_len(self) -> int:

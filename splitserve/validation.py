@@ -1,7 +1,7 @@
 """The one set of request checks that the cluster (before placement) and the engine (on intake)
 both run, so that they can never disagree: a prompt as text or token ids, its length against
 the context, the number of samples ``n``, and the token ids a request's sampling parameters
-name (``logit_bias``).
+name (``logit_bias``, ``allowed_token_ids``).
 
 Each check raises InvalidRequestError naming the field (HTTP 400 / gRPC INVALID_ARGUMENT).
 Imports nothing heavy (no torch, no Ray); it owns no state and tokenizes only through the
@@ -65,12 +65,13 @@ def check_n(n: int, max_n: int) -> None:
         )
 
 
-def check_logit_bias(logit_bias: dict[int, float] | None, vocab_size: int) -> None:
-    """Every token id ``logit_bias`` names is in ``[0, vocab_size)`` (SamplingParams checked the
-    types and the biases' range)."""
-    bad = sorted(t for t in logit_bias or () if t >= vocab_size)
-    if bad:
-        raise InvalidRequestError(
-            f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
-            field="logit_bias",
-        )
+def check_token_ids(params: Any, vocab_size: int) -> None:
+    """Every token id a request's ``logit_bias`` and ``allowed_token_ids`` name is in
+    ``[0, vocab_size)`` (SamplingParams checked their types and ranges)."""
+    for name in ("logit_bias", "allowed_token_ids"):
+        bad = sorted(t for t in getattr(params, name) or () if t >= vocab_size)
+        if bad:
+            raise InvalidRequestError(
+                f"{name} names token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
+                field=name,
+            )

@@ -112,6 +112,8 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         kwargs["stop"] = list(msg.stop)
     if msg.stop_token_ids:
         kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.allowed_token_ids:
+        kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
     if msg.logit_bias:
         kwargs["logit_bias"] = {int(t): float(b) for t, b in msg.logit_bias.items() if b}
     return SamplingParams(**kwargs)

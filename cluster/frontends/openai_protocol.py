@@ -125,6 +125,8 @@ class _SamplingFields(BaseModel):
     repetition_penalty: StrictFloat | None = Field(None, gt=0.0)
     """vLLM extra: logits of tokens in the prompt or output divided (positive) or multiplied
     (negative) by it."""
+    allowed_token_ids: list[StrictInt] | None = None
+    """vLLM extra: only these token ids can be generated."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -151,8 +153,6 @@ class _SamplingFields(BaseModel):
     """vLLM extra (beam search); accepted only as 1."""
     prompt_logprobs: StrictInt | None = Field(None, ge=0)
     """vLLM extra; accepted only as null (no prompt log-probabilities yet)."""
-    allowed_token_ids: list[StrictInt] | None = None
-    """vLLM extra; accepted only as null (use ``structured_outputs`` to constrain)."""
     bad_words: list[str] | None = None
     """vLLM extra; accepted only as empty."""
     truncate_prompt_tokens: StrictInt | None = None
@@ -174,7 +174,6 @@ class _SamplingFields(BaseModel):
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),
             "prompt_logprobs": self.prompt_logprobs is None,
-            "allowed_token_ids": self.allowed_token_ids is None,
             "bad_words": not self.bad_words,
             "truncate_prompt_tokens": self.truncate_prompt_tokens is None,
         }
@@ -243,6 +242,7 @@ class _SamplingFields(BaseModel):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": self._logit_bias(),
+            "allowed_token_ids": self.allowed_token_ids,
         }
         if self.repetition_penalty is not None:
             kwargs["repetition_penalty"] = self.repetition_penalty

@@ -52,9 +52,9 @@ from splitserve.roles.models.loader import LoadedModel, load_model
 from splitserve.roles.models.quantize import WeightFormat
 from splitserve.sampling_params import SamplingParams
 from splitserve.validation import (
-    check_logit_bias,
     check_n,
     check_prompt_length,
+    check_token_ids,
     prompt_token_ids,
 )
 
@@ -213,7 +213,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         check_n(params.n, self.config.max_n)
-        check_logit_bias(params.logit_bias, self.model_config.vocab_size)
+        check_token_ids(params, self.model_config.vocab_size)
         remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")

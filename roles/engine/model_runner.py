@@ -199,10 +199,10 @@ class ModelRunner:
             offset += s.num_new_tokens
             req = s.request
             n = s.num_sample_rows  # row i draws the token at position num_tokens + i
-            penalized = req.sampling_params.penalized
+            adjusts = req.sampling_params.adjusts_logits
             for i in range(n):
                 params = SampleRequest(req.sampling_params, req.seed, req.num_tokens + i)
-                if penalized:  # a verify row's tokens so far include the draft before it
+                if adjusts:  # a verify row's tokens so far include the draft before it
                     params.tokens = req.all_token_ids + s.draft_token_ids[:i]
                     params.num_prompt_tokens = req.num_prompt_tokens
                 rows.append((req.request_id, params))

@@ -9,10 +9,10 @@ small (an n=128 request must not slow a short request beside it). So a request
 replayed on another worker from its prompt plus the tokens generated so far
 continues with the same tokens. It owns no state.
 
-Logit bias and penalties (``SamplingParams.penalized``) change a row's logits before the
-greedy pick or the draw, in vLLM's order: the bias first, then the repetition penalty (tokens
-of the prompt or the output), then the frequency and presence penalties (tokens of the
-output). They depend only on the row's tokens so far (a verify row's include the draft before
+An allow-list, a logit bias and penalties (``SamplingParams.adjusts_logits``) change a row's
+logits before the greedy pick or the draw, in vLLM's order: ``allowed_token_ids`` (every other
+token to -inf), the bias, then the repetition penalty (tokens of the prompt or the output),
+then the frequency and presence penalties (tokens of the output). They depend only on the row's tokens so far (a verify row's include the draft before
 it), so a replay, a P/D hand-off or speculation gives the same tokens. Log-probabilities stay
 those of the model's distribution (vLLM's default ``raw_logprobs``).
 """
@@ -65,8 +65,8 @@ def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     for i, row in enumerate(rows):
-        if row.params.penalized:
-            penalize(logits[i], row)
+        if row.params.adjusts_logits:
+            adjust(logits[i], row)
     tokens = argmax_rows(logits)
     for i, row in enumerate(rows):
         if not row.params.greedy:
@@ -74,15 +74,20 @@ def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
     return [_result(tokens[i], rows[i], logprobs, i) for i in range(len(rows))]
 
 
-def penalize(logits: Tensor, row: SampleRequest) -> None:
-    """Apply ``row``'s logit bias and penalties to its logits [V] in place."""
+def adjust(logits: Tensor, row: SampleRequest) -> None:
+    """Apply ``row``'s allow-list, logit bias and penalties to its logits [V] in place."""
     p = row.params
     vocab = logits.shape[-1]
+    if p.allowed_token_ids:
+        ids = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=logits.device)
+        kept = logits[ids]
+        logits.fill_(float("-inf"))
+        logits[ids] = kept
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
         bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
         logits.index_add_(0, ids, bias)
-    assert row.tokens is not None, "a penalized row carries its tokens"
+    assert row.tokens is not None, "a row whose logits are adjusted carries its tokens"
     if p.repetition_penalty != 1.0 and row.tokens:
         seen = torch.unique(torch.tensor(row.tokens, dtype=torch.long, device=logits.device))
         values = logits[seen]

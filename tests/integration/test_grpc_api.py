@@ -182,6 +182,7 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"text": "hi", "repetition_penalty": 0.0}, "repetition_penalty"),
         ({"text": "hi", "logit_bias": {10**8: 1.0}}, "logit_bias"),
         ({"text": "hi", "logit_bias": {5: 200.0}}, "logit_bias"),
+        ({"text": "hi", "allowed_token_ids": [5, 10**8]}, "allowed_token_ids"),
     ],
 )
 def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:
@@ -197,6 +198,9 @@ def test_penalties_and_logit_bias_apply(server: BackgroundServer, client: Client
     forced = client.generate(token_ids=[5, 6, 7], max_tokens=5, temperature=0.8, seed=2,
                              ignore_eos=True, logit_bias={1234: 100.0})
     assert forced.completions[0].token_ids == [1234] * 5
+    only = client.generate(token_ids=[5, 6, 7], max_tokens=8, temperature=1.0, seed=9,
+                           ignore_eos=True, allowed_token_ids=[40, 41])
+    assert set(only.completions[0].token_ids) <= {40, 41}
     base = dict(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
     biased = client.generate(**base, logit_bias={1234: 20.0})
     pushed = client.generate(**base, logit_bias={1234: 20.0}, frequency_penalty=2.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import socket
 import threading
@@ -323,7 +324,9 @@ BAD_CASES = [
     ("/v1/completions", {**GOOD, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {**GOOD, "use_beam_search": True}, 400, "use_beam_search"),
     ("/v1/completions", {**GOOD, "prompt_logprobs": 1}, 400, "prompt_logprobs"),
-    ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 2]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": [1, -2]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 10**9]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "bad_words": ["x"]}, 400, "bad_words"),
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
     ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex"),
@@ -363,6 +366,12 @@ def test_penalties_and_logit_bias_reach_the_engine(
         {**force, "logit_bias": {"1234": 20}, "frequency_penalty": 2.0},
         {**force, "logit_bias": {"1234": 20}, "presence_penalty": 2.0, "repetition_penalty": 1.5},
     ]
+    allowed = http.post("/v1/completions", json={
+        **force, "temperature": 1.0, "seed": 4, "allowed_token_ids": [300, 301, 302]})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.json()["choices"][0]["text"] in {
+        server.backend.tokenizer.decode(list(ids)) for ids in itertools.product(
+            [300, 301, 302], repeat=6)}
     texts = []
     for body in bodies:
         r = http.post("/v1/completions", json=body)

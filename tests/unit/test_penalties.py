@@ -1,4 +1,4 @@
-"""Logit bias and repetition / frequency / presence penalties: against Hugging Face's forward
+"""Allowed token ids, logit bias and repetition / frequency / presence penalties: against Hugging Face's forward
 with the penalties applied by a reference written from their definitions (transformers' own
 ``RepetitionPenaltyLogitsProcessor`` for the repetition penalty), the same tokens across a
 prefill -> decode hand-off and under speculation, and clear errors for bad values."""
@@ -38,6 +38,10 @@ def _reference(hf, prompt: list[int], n: int, params: SamplingParams) -> list[in
     with torch.no_grad():
         for _ in range(n):
             logits = hf(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            if params.allowed_token_ids:
+                keep = torch.full_like(logits, float("-inf"))
+                keep[params.allowed_token_ids] = logits[params.allowed_token_ids]
+                logits = keep
             for token, bias in (params.logit_bias or {}).items():
                 logits[token] += bias
             if params.repetition_penalty != 1.0:
@@ -65,6 +69,8 @@ def _greedy(n: int = 20, **kw: object) -> SamplingParams:
     {"logit_bias": {1234: 20.0}, "presence_penalty": 2.0, "frequency_penalty": 1.0},
     {"logit_bias": {1234: 20.0}, "presence_penalty": 2.0, "repetition_penalty": 1.5},
     {"logit_bias": {5: 16.0, 900: -100.0, 1234: 15.0}},
+    {"allowed_token_ids": [5, 77, 900, 1234, 4000, 30000]},
+    {"allowed_token_ids": [5, 77, 900, 1234], "logit_bias": {77: 5.0}, "frequency_penalty": 2.0},
 ])
 def test_greedy_with_penalties_equals_the_reference(tiny: LLM, hf, kw: dict) -> None:
     params = _greedy(**kw)
@@ -73,6 +79,8 @@ def test_greedy_with_penalties_equals_the_reference(tiny: LLM, hf, kw: dict) -> 
     assert got == want
     # the penalties, and the bias, each changed the output (a test that passes when they are
     # ignored proves nothing)
+    if "allowed_token_ids" in kw:
+        assert {t for ids in got for t in ids} <= set(kw["allowed_token_ids"])
     penalties = {k: v for k, v in kw.items() if k != "logit_bias"}
     others = [_greedy(**penalties), _greedy(logit_bias=kw["logit_bias"])] if (
         penalties and "logit_bias" in kw) else [_greedy()]
@@ -117,7 +125,7 @@ def test_seeded_sampling_with_penalties_survives_the_handoff(tiny_model_dir, tin
 
 
 def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny: LLM) -> None:
-    """Each verify row is penalized with the draft before it: outputs equal the engine's
+    """Each verify row is adjusts_logits with the draft before it: outputs equal the engine's
     without speculation, with drafts both accepted and rejected."""
     from tests.unit.test_structured_engine import _OracleProposer
 
@@ -151,6 +159,9 @@ def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny: LLM) -> None:
     ({"logit_bias": {-1: 1}}, "logit_bias"),
     ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"logit_bias": [5]}, "logit_bias"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [3, -1]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [True]}, "allowed_token_ids"),
 ])
 def test_bad_values_name_the_field(kw: dict, field: str) -> None:
     with pytest.raises(InvalidRequestError) as e:
@@ -164,6 +175,9 @@ def test_a_bias_outside_the_vocabulary_is_refused_at_intake(tiny_model_dir) -> N
     with pytest.raises(InvalidRequestError, match="outside the vocabulary") as e:
         eng.add_request("a", [5, 6, 7], SamplingParams(logit_bias={vocab: 1.0}))
     assert e.value.field == "logit_bias"
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary") as e:
+        eng.add_request("a", [5, 6, 7], SamplingParams(allowed_token_ids=[4, vocab]))
+    assert e.value.field == "allowed_token_ids"
     assert not eng.has_unfinished_requests()
     eng.add_request("b", [5, 6, 7], SamplingParams(logit_bias={vocab - 1: 1.0}, max_tokens=2))
     while eng.has_unfinished_requests():

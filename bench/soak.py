@@ -5,7 +5,8 @@ Owns the whole experiment and its verdict; it changes nothing in the system unde
 1. Start a local cluster (default 1 prefill + 2 decode; ``--multimodal``: plus 1 encode worker
    and a tiny LLaVA model, and some requests carry images) behind the real HTTP frontend.
 2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
-   workload (streaming and not, greedy and seeded, short and long prompts, n > 1) in which
+   workload (streaming and not, greedy and seeded, short and long prompts, n > 1, a quarter
+   with penalties, a logit bias or an allow-list) in which
    10% of requests are aborted by the client at a random point and 5% are malformed, while a
    random worker is SIGKILLed every ``--kill-every`` seconds. A 503 (documented while no worker
    of a role is alive) is retried by the client, as a real client would.
@@ -156,6 +157,13 @@ def _sampling(rng: random.Random) -> dict[str, Any]:
         body.update(temperature=0.8, top_p=0.95, seed=rng.randrange(2**31))
     body["n"] = rng.choice([1, 1, 1, 2, 3])
     body["stream"] = rng.random() < 0.5
+    if rng.random() < 0.25:  # logits adjusted from the tokens so far: replays must agree
+        body.update(rng.choice([
+            {"frequency_penalty": 1.5, "presence_penalty": 0.5},
+            {"repetition_penalty": 1.3},
+            {"logit_bias": {str(rng.randrange(3, 200)): 8.0}, "frequency_penalty": 1.0},
+            {"allowed_token_ids": [rng.randrange(3, 500) for _ in range(8)]},
+        ]))
     return body
 
 

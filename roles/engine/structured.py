@@ -24,6 +24,7 @@ that never sees a constrained request never loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -158,7 +159,7 @@ class GrammarCompiler:
     def __init__(
         self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
         max_cached: int = 256, timeout_s: float | None = None,
-        max_memory_mb: int | None = None, probe: bool = True,
+        max_memory_mb: int | None = None, probe: bool = True, share_probes: bool = False,
     ) -> None:
         import xgrammar as xgr
 
@@ -174,12 +175,11 @@ class GrammarCompiler:
         # seconds to import), the second when two compiles first run at once
         self.probes: list[GrammarProbe] = []
         self._free_probes: queue.LifoQueue[GrammarProbe] = queue.LifoQueue()
-        if probe:
-            info_json = info.serialize_json()
-            self.probes = [GrammarProbe(info_json, 2) for _ in range(2)]
-            for p in reversed(self.probes):  # last in, first out: the started one is reused
-                self._free_probes.put(p)
-            self._start_probe(self.probes[0])
+        self._owns_probes = not share_probes
+        if probe and share_probes:
+            self.probes, self._free_probes = _shared_probes(info.serialize_json())
+        elif probe:
+            self.probes, self._free_probes = _new_probes(info.serialize_json())
         self.num_refused = 0
         self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
         self._max_cached = max_cached
@@ -274,8 +274,9 @@ class GrammarCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for probe in self.probes:
-            probe.close()
+        if self._owns_probes:  # shared ones serve other compilers; they exit with the process
+            for probe in self.probes:
+                probe.close()
 
 
 PROBE_START_ALLOWANCE_S = 30.0
@@ -284,9 +285,41 @@ child's start (it imports xgrammar and torch: ~2 s on a quiet 2-core machine) is
 a grammar's budget."""
 
 
+def _new_probes(info_json: str) -> tuple[list[GrammarProbe], queue.LifoQueue[GrammarProbe]]:
+    """Two probes (one per compile thread) and their free list; the first starts loading now
+    (xgrammar and torch take seconds to import), the second when two compiles first run at
+    once."""
+    probes = [GrammarProbe(info_json, 2) for _ in range(2)]
+    free: queue.LifoQueue[GrammarProbe] = queue.LifoQueue()
+    for p in reversed(probes):  # last in, first out: the started one is reused
+        free.put(p)
+    try:
+        probes[0].start()
+    except ProbeUnavailable as e:
+        logger.warning("%s", e)
+    return probes, free
+
+
+_SHARED: dict[str, tuple[list[GrammarProbe], queue.LifoQueue[GrammarProbe]]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_probes(info_json: str) -> tuple[list[GrammarProbe], queue.LifoQueue[GrammarProbe]]:
+    """The probes of every compiler of this process with the same vocabulary: a process that
+    builds several engines of one model (tests, a cluster's frontend beside a colocated
+    engine) starts two children, not two per engine."""
+    key = hashlib.sha256(info_json.encode()).hexdigest()
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = _new_probes(info_json)
+        return _SHARED[key]
+
+
 def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
-    """A compiler for one of our ``Tokenizer`` wrappers (its HF tokenizer and EOS ids)."""
-    return GrammarCompiler(tokenizer.hf, vocab_size, sorted(tokenizer.eos_token_ids))
+    """A compiler for one of our ``Tokenizer`` wrappers (its HF tokenizer and EOS ids), its
+    probe children shared with the process's other compilers of the same vocabulary."""
+    return GrammarCompiler(tokenizer.hf, vocab_size, sorted(tokenizer.eos_token_ids),
+                           share_probes=True)
 
 
 # ---------------------------------------------------------------------- matchers

@@ -238,6 +238,23 @@ def test_a_compile_that_needs_more_memory_than_allowed_is_stopped(tiny) -> None:
         c.close()
 
 
+def test_engines_of_one_vocabulary_share_their_probe_children(tiny_model_dir, tiny) -> None:
+    """Several engines in one process (tests; a frontend beside a colocated engine) start two
+    probe children between them, not two each; a compiler built on its own keeps its own."""
+    other = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    a, b = tiny.engine.structured.compiler, other.engine.structured.compiler
+    assert a.probes and a.probes is b.probes
+    assert b.compile(_so(regex="[xy]{2}")) is not None
+    b.close()  # another engine's compiler closing leaves the shared children running
+    assert any(p.ready for p in a.probes) and a.compile(_so(regex="[xy]{3}")) is not None
+    own = _new_compiler(tiny)
+    try:
+        assert own.probes is not a.probes and not set(map(id, own.probes)) & set(
+            map(id, a.probes))
+    finally:
+        own.close()
+
+
 def test_a_probe_child_that_dies_unasked_costs_no_request(tiny, monkeypatch, caplog) -> None:
     """A child killed from outside (OOM killer, an operator): the compile in flight is done
     here without a bound (logged), and the next one starts a new child. The child never sees

@@ -159,7 +159,7 @@ class GrammarCompiler:
     def __init__(
         self, hf_tokenizer: Any, vocab_size: int, stop_token_ids: list[int],
         max_cached: int = 256, timeout_s: float | None = None,
-        max_memory_mb: int | None = None, probe: bool = True, share_probes: bool = False,
+        max_memory_mb: int | None = None, share_probes: bool = False,
     ) -> None:
         import xgrammar as xgr
 
@@ -173,13 +173,9 @@ class GrammarCompiler:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         # one probe per compile thread; the first starts loading now (xgrammar and torch take
         # seconds to import), the second when two compiles first run at once
-        self.probes: list[GrammarProbe] = []
-        self._free_probes: queue.LifoQueue[GrammarProbe] = queue.LifoQueue()
         self._owns_probes = not share_probes
-        if probe and share_probes:
-            self.probes, self._free_probes = _shared_probes(info.serialize_json())
-        elif probe:
-            self.probes, self._free_probes = _new_probes(info.serialize_json())
+        self.probes, self._free_probes = (
+            _shared_probes if share_probes else _new_probes)(info.serialize_json())
         self.num_refused = 0
         self._cache: OrderedDict[str, Future[Any]] = OrderedDict()
         self._max_cached = max_cached
@@ -206,7 +202,7 @@ class GrammarCompiler:
                 with self._lock:
                     if self._cache.get(so.content_hash) is future:
                         del self._cache[so.content_hash]
-            elif self.probes:
+            else:
                 # Running, so bounded by its probe; what ran over was a probe child's start
                 # (not part of a grammar's budget) or this machine's load: wait it out.
                 try:
@@ -237,21 +233,21 @@ class GrammarCompiler:
 
     def _compile(self, so: StructuredOutputsParams) -> Any:
         grammar = check_structured(so)  # a bad constraint fails here, before any probe
-        if self.probes:
-            self._probe(so)
+        self._probe(so, grammar.serialize_json())
         return self._compiler.compile_grammar(grammar)
 
-    def _probe(self, so: StructuredOutputsParams) -> None:
-        """Compile ``so`` in a child first; raises InvalidRequestError when that is stopped."""
+    def _probe(self, so: StructuredOutputsParams, grammar_json: str) -> None:
+        """Compile ``so``'s grammar in a child first; raises InvalidRequestError when that is
+        stopped."""
         timeout = self._timeout()
         mb = (self.max_memory_mb if self.max_memory_mb is not None
               else env.SPLITSERVE_GRAMMAR_COMPILE_MAX_MEMORY_MB.get())
         probe = self._free_probes.get()
         try:
-            probe.probe(so, timeout, mb << 20)
+            probe.probe(grammar_json, timeout, mb << 20)
         except ProbeRefused as e:
             self.num_refused += 1
-            self._start_probe(probe)  # its replacement loads while nobody waits for it
+            _start(probe)  # its replacement loads while nobody waits for it
             if e.reason == "memory":
                 raise InvalidRequestError(
                     f"{so.field}: compiling the grammar needed more than {mb} MiB; simplify it",
@@ -265,12 +261,6 @@ class GrammarCompiler:
             logger.warning("%s; compiling this grammar without a time or memory bound", e)
         finally:
             self._free_probes.put(probe)
-
-    def _start_probe(self, probe: GrammarProbe) -> None:
-        try:
-            probe.start()
-        except ProbeUnavailable as e:
-            logger.warning("%s", e)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -293,11 +283,17 @@ def _new_probes(info_json: str) -> tuple[list[GrammarProbe], queue.LifoQueue[Gra
     free: queue.LifoQueue[GrammarProbe] = queue.LifoQueue()
     for p in reversed(probes):  # last in, first out: the started one is reused
         free.put(p)
+    _start(probes[0])
+    return probes, free
+
+
+def _start(probe: GrammarProbe) -> None:
+    """Start ``probe``'s child in the background (a failure is logged; its next compile then
+    runs unprobed)."""
     try:
-        probes[0].start()
+        probe.start()
     except ProbeUnavailable as e:
         logger.warning("%s", e)
-    return probes, free
 
 
 _SHARED: dict[str, tuple[list[GrammarProbe], queue.LifoQueue[GrammarProbe]]] = {}

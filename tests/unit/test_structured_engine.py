@@ -517,14 +517,13 @@ def test_matcher_walks_a_draft_and_rolls_back(tiny: LLM) -> None:
 _ORPHAN_SCRIPT = """
 import json, sys, xgrammar as xgr
 from splitserve.roles.engine.grammar_probe import GrammarProbe
-from splitserve.sampling_params import StructuredOutputsParams
 info = xgr.TokenizerInfo([f"t{i}" for i in range(20000)])
 p = GrammarProbe(info.serialize_json(), 2)
-p.probe(StructuredOutputsParams(regex="[ab]{2}"), 60.0, 1 << 40)
+p.probe(xgr.Grammar.from_regex("[ab]{2}").serialize_json(), 60.0, 1 << 40)
 print(p.proc.pid, flush=True)
 schema = {"type": "object", "properties": {
     f"k{i}": {"type": "string", "pattern": "[a-z]{3,9}"} for i in range(20000)}}
-p.probe(StructuredOutputsParams(json=schema), 600.0, 1 << 40)
+p.probe(xgr.Grammar.from_json_schema(json.dumps(schema)).serialize_json(), 600.0, 1 << 40)
 """
 
 

@@ -204,7 +204,7 @@ class SamplingParams:
             if not isinstance(self.logit_bias, dict):
                 raise bad("logit_bias", "must map token ids to biases")
             for token, bias in self.logit_bias.items():
-                if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                if not _is_token_id(token):
                     raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
                 if not _is_number(bias) or not -100 <= bias <= 100:
                     raise bad("logit_bias", f"biases must be in [-100, 100], got {bias!r} for {token}")
@@ -212,7 +212,7 @@ class SamplingParams:
         if allowed is not None:
             if not isinstance(allowed, list | tuple) or not allowed:
                 raise bad("allowed_token_ids", "must be a non-empty list of token ids")
-            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in allowed):
+            if not all(_is_token_id(t) for t in allowed):
                 raise bad("allowed_token_ids", "must hold token ids (integers >= 0)")
             self.allowed_token_ids = list(allowed)
         so = self.structured_outputs
@@ -233,6 +233,10 @@ class SamplingParams:
     @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop_list), default=0)
+
+
+def _is_token_id(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _is_number(x: object) -> bool:

@@ -12,9 +12,10 @@ continues with the same tokens. It owns no state.
 An allow-list, a logit bias and penalties (``SamplingParams.adjusts_logits``) change a row's
 logits before the greedy pick or the draw, in vLLM's order: ``allowed_token_ids`` (every other
 token to -inf), the bias, then the repetition penalty (tokens of the prompt or the output),
-then the frequency and presence penalties (tokens of the output). They depend only on the row's tokens so far (a verify row's include the draft before
-it), so a replay, a P/D hand-off or speculation gives the same tokens. Log-probabilities stay
-those of the model's distribution (vLLM's default ``raw_logprobs``).
+then the frequency and presence penalties (tokens of the output). They depend only on the
+row's tokens so far (a verify row's include the draft before it), so a replay, a P/D hand-off
+or speculation gives the same tokens. Log-probabilities stay those of the model's
+distribution (vLLM's default ``raw_logprobs``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class SampleRequest:
     position: int
     """Position in the sequence of the token being drawn."""
     tokens: list[int] | None = None
-    """The sequence's tokens before this one (prompt, then output), when ``params`` has a
-    penalty or a logit bias; None otherwise."""
+    """The sequence's tokens before this one (prompt, then output), when ``params`` adjusts
+    the logits (``adjusts_logits``); None otherwise."""
     num_prompt_tokens: int = 0
     """How many of ``tokens`` are the prompt's."""
 
@@ -60,8 +61,8 @@ def draw_seed(seed: int, position: int) -> int:
 
 
 def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
-    """logits: [N, V] float32, one row per request. Returns one result per row. Rows with a
-    penalty or a bias are changed in place."""
+    """logits: [N, V] float32, one row per request. Returns one result per row. The rows
+    whose parameters adjust the logits are changed in place."""
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     for i, row in enumerate(rows):

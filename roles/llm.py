@@ -103,6 +103,8 @@ def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
         if c.logprobs is not None:
             target.logprobs = (target.logprobs or []) + c.logprobs
             target.cumulative_logprob = c.cumulative_logprob
+    if acc.prompt_logprobs is None:  # the first sample's (each of n computes the same)
+        acc.prompt_logprobs = delta.prompt_logprobs
     acc.finished = delta.finished
     acc.metrics.update(delta.metrics)
 

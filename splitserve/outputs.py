@@ -47,3 +47,7 @@ class RequestOutput:
     """Timestamps (time.time()) such as arrival, first_token, finished."""
     kv_transfer_params: dict[str, Any] | None = None
     """Set by a prefill engine that handed the request off: where a decode engine pulls its KV."""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token, its log-probability given
+    the tokens before it (with the top ones), None for the first. In the first output after
+    the prompt is computed; None in every other."""

@@ -133,6 +133,11 @@ class SamplingParams:
     """Keep generating after EOS (benchmarks)."""
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token (plus the sampled one)."""
+    prompt_logprobs: int | None = None
+    """vLLM extra: return the log-probability of each prompt token (after the first) under
+    the model given the tokens before it, plus this many top log-probabilities per position
+    (raw model distribution). The request then computes its whole prompt: it reads nothing
+    from the prefix cache."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the text."""
     skip_special_tokens: bool = True
@@ -189,6 +194,11 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= _MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not _is_token_id(self.prompt_logprobs) or self.prompt_logprobs > _MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs",
+                      f"must be an integer in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_list):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids or []):

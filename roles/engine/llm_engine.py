@@ -75,6 +75,7 @@ class _Tracked:
     detok: IncrementalDetokenizer
     num_sent_tokens: int = 0
     cumulative_logprob: float = 0.0
+    sent_prompt_logprobs: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -384,6 +385,8 @@ class LLMEngine:
             self.kv_worker.apply(out.kv_meta)
         if not out.is_empty:
             result = self._execute(out)
+            for rid, by_pos in result.prompt_logprobs.items():
+                self.scheduler.requests[rid].prompt_logprobs.update(by_pos)
             tokens = {rid: [r.token_id for r in rs] for rid, rs in result.sampled.items()}
             updated = self.scheduler.update(out, tokens)
             self._pending.extend(self._process(updated, result.sampled))
@@ -582,6 +585,13 @@ class LLMEngine:
             cumulative_logprob=tracked.cumulative_logprob if logprobs is not None else None,
             logprobs=logprobs,
         )
+        prompt_logprobs = None
+        if (req.sampling_params.prompt_logprobs is not None and not tracked.sent_prompt_logprobs
+                and not req.needs_prompt_logprobs):
+            tracked.sent_prompt_logprobs = True
+            prompt_logprobs = [None] + [
+                self._decode_logprobs(req.prompt_logprobs[p]) for p in range(req.num_prompt_tokens - 1)
+            ]
         siblings = self._children.get(tracked.parent_id, [])
         parent_done = finished and all(
             c == req.request_id or c not in self._tracked for c in siblings
@@ -594,6 +604,7 @@ class LLMEngine:
             finished=parent_done,
             num_cached_tokens=max(req.num_cached_tokens, 0),
             metrics=dict(tracked.metrics),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _decode_logprobs(self, top: dict[int, Logprob]) -> dict[int, Logprob]:

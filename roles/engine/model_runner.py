@@ -19,7 +19,7 @@ one block-major allocation [num_blocks, num_layers, 2, block_size, num_kv_heads,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 from splitserve import env
 from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
+from splitserve.outputs import Logprob
 from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
 from splitserve.roles.engine.scheduler import ScheduledRequest, SchedulerOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
@@ -43,6 +44,13 @@ class RunnerOutput:
     or one per row of a verify chunk (k + 1, in position order)."""
 
     sampled: dict[str, list[SampleResult]]
+    prompt_logprobs: dict[str, dict[int, dict[int, Logprob]]] = field(default_factory=dict)
+    """Requests asking for prompt logprobs whose prompt rows ran in this step: by position
+    p, the logprob of prompt token p + 1 (its own first, then the top ones)."""
+
+
+PROMPT_LOGPROB_SLICE = 256
+"""Prompt rows whose logits are computed at once for prompt logprobs."""
 
 
 class ModelRunner:
@@ -81,12 +89,14 @@ class ModelRunner:
         meta = self._metadata(items, slots)
         embeds = self._input_embeds(items, input_ids)
         rows, last = self._sampling_rows(items)
-        pruned = self._prune(items, meta, last, input_ids.shape[0])
+        prompt_rows = self._prompt_rows(items)
+        pruned = not prompt_rows and self._prune(items, meta, last, input_ids.shape[0])
         hidden = self.model.forward(
             input_ids, positions, self.kv_caches, meta, embeds, on_layer=self.on_layer
         )
+        prompt_lp = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
         if not rows:
-            return RunnerOutput({})
+            return RunnerOutput({}, prompt_lp)
         logits = self.model.compute_logits(hidden if pruned else hidden[last])
         if self.structured is not None:
             self.structured.apply(  # a verify chunk's rows: the mask after each draft prefix
@@ -96,7 +106,54 @@ class ModelRunner:
         sampled: dict[str, list[SampleResult]] = {}
         for (rid, _), res in zip(rows, results, strict=True):
             sampled.setdefault(rid, []).append(res)
-        return RunnerOutput(sampled)
+        return RunnerOutput(sampled, prompt_lp)
+
+    # ------------------------------------------------------------------ prompt logprobs
+
+    def _prompt_rows(self, items: list[ScheduledRequest]) -> list[tuple[str, int, int, int, int]]:
+        """(request id, top-k, row, position, next prompt token) of each prompt row whose
+        logits score the next prompt token (positions [start, num_prompt - 1) of a chunk)
+        for a request that asked for prompt logprobs."""
+        wanted: list[tuple[str, int, int, int, int]] = []
+        offset = 0
+        for s in items:
+            req = s.request
+            k = req.sampling_params.prompt_logprobs
+            end = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if k is not None and not s.draft_token_ids:
+                prompt = req.prompt_token_ids
+                wanted.extend((req.request_id, k, offset + pos - s.start, pos, prompt[pos + 1])
+                              for pos in range(s.start, end))
+            offset += s.num_new_tokens
+        return wanted
+
+    def _prompt_logprobs(
+        self, hidden: Tensor, wanted: list[tuple[str, int, int, int, int]]
+    ) -> dict[str, dict[int, dict[int, Logprob]]]:
+        """The raw model logprobs of the next prompt token at each row of ``wanted`` (and
+        the top ones), computed ``PROMPT_LOGPROB_SLICE`` rows at a time (a 2,048-row chunk's
+        logits over a 49k vocabulary would be 400 MB at once)."""
+        out: dict[str, dict[int, dict[int, Logprob]]] = {}
+        for lo in range(0, len(wanted), PROMPT_LOGPROB_SLICE):
+            part = wanted[lo: lo + PROMPT_LOGPROB_SLICE]
+            idx = torch.tensor([w[2] for w in part], dtype=torch.long, device=hidden.device)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[idx]), dim=-1)
+            nxt = [w[4] for w in part]
+            target = torch.tensor(nxt, dtype=torch.long, device=lp.device)
+            chosen = lp.gather(1, target[:, None])
+            ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
+            kmax = max(w[1] for w in part)
+            top_v, top_i = torch.topk(lp, kmax) if kmax else (None, None)
+            for j, (rid, k, _, pos, _) in enumerate(part):
+                entry = {nxt[j]: Logprob(float(chosen[j, 0]), int(ranks[j]))}
+                if k:
+                    assert top_v is not None and top_i is not None
+                    for r, (tid, val) in enumerate(
+                        zip(top_i[j, :k].tolist(), top_v[j, :k].tolist(), strict=True), start=1
+                    ):
+                        entry.setdefault(tid, Logprob(val, r))
+                out.setdefault(rid, {})[pos] = entry
+        return out
 
     # ------------------------------------------------------------------ inputs
 

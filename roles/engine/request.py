@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from splitserve.hashing import NONE_HASH, hash_block_tokens
+from splitserve.outputs import Logprob
 from splitserve.request import RequestStatus
 from splitserve.sampling_params import SamplingParams
 
@@ -57,6 +58,9 @@ class Request:
         self.num_cached_tokens = -1
         """Prompt tokens found in the prefix cache at first scheduling (-1: not yet looked up)."""
         self.num_preemptions = 0
+        self.prompt_logprobs: dict[int, dict[int, Logprob]] = {}
+        """With ``sampling_params.prompt_logprobs``: by position p, the logprob of prompt
+        token p + 1 given the tokens up to p (the token's own first, then the top ones)."""
         self.stop_reason: int | str | None = None
         self.mm = mm
         """Images of the prompt (placeholder ranges, content hashes, embeddings), or None."""
@@ -82,6 +86,13 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are not computed yet: the prompt then
+        runs here in full (no prefix cache hit would give its rows' logits)."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
 
     @property
     def is_finished(self) -> bool:

@@ -34,6 +34,8 @@ class Flight:
     """Workers it was placed on (a draining worker waits for these too)."""
     aborted: bool = False
     replays: int = 0
+    sent_prompt_logprobs: bool = False
+    """Its prompt logprobs went out (a replay that computes the prompt again sends them too)."""
     prefill: str | None = None
     """The prefill worker it is queued or running on (None once prefilled)."""
     migrate_to: str | None = None

@@ -109,7 +109,9 @@ class RequestPath:
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def run(i: int, child_id: str) -> None:
-            child = dataclasses.replace(params, n=1, seed=seed if i == 0 else draw_seed(seed, -i))
+            child = dataclasses.replace(  # one sample computes the prompt logprobs
+                params, n=1, seed=seed if i == 0 else draw_seed(seed, -i),
+                prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             try:
                 async for out in self._stream_one(child_id, inp, child, group_id=request_id):
                     out.outputs[0].index = i
@@ -167,7 +169,7 @@ class RequestPath:
                 flight.prefill = placement.prefill_instance
                 async for out in self._prefill(flight, inp.ids, params, start_decode):
                     finished = out.finished
-                    yield out
+                    yield _once(out, flight)
                 prefilled.set()
                 self.router.on_prefill_done(request_id)
             if early is not None and not finished and not flight.aborted:
@@ -182,7 +184,7 @@ class RequestPath:
                 flight, inp.ids, params, placement.decode_instance)
             async for out in decode:
                 finished = out.finished
-                yield out
+                yield _once(out, flight)
         finally:
             self.flights.close(request_id)
             self.router.on_finish(request_id)
@@ -450,3 +452,13 @@ def _outcome(placement: Placement) -> str:
     if placement.fallback:
         return "load_fallback"
     return "prefix_hit" if placement.cached_tokens > 0 else "prefix_miss"
+
+
+def _once(out: RequestOutput, flight: Flight) -> RequestOutput:
+    """The sample's prompt logprobs reach the client once: from the prefill worker, or from
+    the worker that computed the prompt after a loss; a replay's second copy is dropped."""
+    if out.prompt_logprobs is not None:
+        if flight.sent_prompt_logprobs:
+            out.prompt_logprobs = None
+        flight.sent_prompt_logprobs = True
+    return out

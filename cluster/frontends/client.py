@@ -88,6 +88,9 @@ class GenerateResult:
     completions: list[Completion]
     usage: Any
     timing: Any
+    prompt_logprobs: list[Any] = field(default_factory=list)
+    """With ``prompt_logprobs=k``: ``TokenLogprob`` messages, one per prompt token after the
+    first (each with its top ``k``); empty otherwise."""
 
     @property
     def text(self) -> str:
@@ -151,6 +154,7 @@ class _Collector:
         self.request_id = ""
         self.completions: dict[int, Completion] = {}
         self.complete: Any = None
+        self.prompt_logprobs: list[Any] = []
 
     def add(self, response: pb.GenerateResponse) -> None:
         self.request_id = response.request_id
@@ -162,13 +166,16 @@ class _Collector:
         c.text += chunk.text
         c.token_ids.extend(chunk.token_ids)
         c.logprobs.extend(chunk.logprobs)
+        if chunk.prompt_logprobs and not self.prompt_logprobs:  # sent once per request
+            self.prompt_logprobs = list(chunk.prompt_logprobs)
         c.finish_reason = chunk.finish_reason or c.finish_reason
 
     def result(self) -> GenerateResult:
         done = self.complete
         completions = [self.completions[i] for i in sorted(self.completions)]
         return GenerateResult(
-            self.request_id, completions, done and done.usage, done and done.timing
+            self.request_id, completions, done and done.usage, done and done.timing,
+            self.prompt_logprobs,
         )
 
 

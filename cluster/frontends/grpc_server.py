@@ -70,6 +70,7 @@ _OPTIONAL_SAMPLING = (
     "presence_penalty",
     "frequency_penalty",
     "repetition_penalty",
+    "prompt_logprobs",
 )
 
 
@@ -318,12 +319,18 @@ class _NotFound(Exception):
 
 def _chunk(cd: ChoiceDelta, params: SamplingParams) -> pb.GenerateChunk:
     logprobs = [_token_logprob(step) for step in cd.logprobs or []]
+    k = params.prompt_logprobs or 0
+    prompt_logprobs = [  # the first prompt token has none: one entry per token after it
+        pb.TokenLogprob() if step is None else _prompt_token_logprob(step, k)
+        for step in (cd.prompt_logprobs or [])[1:]
+    ]
     return pb.GenerateChunk(
         index=cd.index,
         token_ids=cd.token_ids,
         text=cd.text,
         logprobs=logprobs,
         finish_reason=cd.finish_reason or "",
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -338,6 +345,21 @@ def _token_logprob(step: dict[int, Logprob]) -> pb.TokenLogprob:
         token=lp.decoded_token or "",
         logprob=lp.logprob,
         rank=lp.rank,
+        top_logprobs=top,
+    )
+
+
+def _prompt_token_logprob(step: dict[int, Logprob], k: int) -> pb.TokenLogprob:
+    """One prompt token's entry: the token's own logprob and rank, and exactly the top ``k``
+    as ``top_logprobs`` (the engine puts the prompt token first, then the top ``k`` others:
+    outside them, the token ranks last and is left out of ``top_logprobs``)."""
+    (tid, lp), *_ = step.items()
+    top = [
+        pb.TopLogprob(token_id=t, token=p.decoded_token or "", logprob=p.logprob, rank=p.rank)
+        for t, p in sorted(step.items(), key=lambda kv: kv[1].rank)[:k]
+    ]
+    return pb.TokenLogprob(
+        token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob, rank=lp.rank,
         top_logprobs=top,
     )
 

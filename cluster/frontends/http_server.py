@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -528,6 +529,7 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         params = await off_loop(body.to_sampling_params)
         job = _Job(front, "cmpl", "text_completion", params, body,
                    _client_request_id(request))
+        job.echo_prompts = prompts if body.echo else None
         return await _cancel_on_disconnect(request, job.run(prompts))
 
     @app.post("/v1/chat/completions", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
@@ -618,6 +620,56 @@ class _Job:
         self.tool_choice: str | dict[str, Any] | None = None
         """Chat with tools: auto, required or a named function (None: plain content)."""
         self._tool_streams: dict[int, tool_parsers.ToolStream] = {}
+        self.echo_prompts: Sequence[PromptInput] | None = None
+        """Completions with ``echo``: the prompts, as given, to prepend to their choices."""
+        self._held: dict[int, list[ChoiceDelta]] = {}
+        self._echoed: set[int] = set()
+
+    @property
+    def _echo_only(self) -> bool:
+        return self.echo_prompts is not None and getattr(self.body, "echo_only", False)
+
+    def _prompt_text(self, prompt_index: int) -> str:
+        assert self.echo_prompts is not None
+        prompt = self.echo_prompts[prompt_index]
+        if isinstance(prompt, str):
+            return prompt
+        return str(self.front.backend.tokenizer.decode(self.acc.prompt_ids[prompt_index],
+                                                       skip_special_tokens=False))
+
+    def _echo_logprobs(self, prompt_index: int) -> dict[str, Any]:
+        """The echoed prompt's part of a choice's ``logprobs`` (the first token's null)."""
+        ids = self.acc.prompt_ids[prompt_index]
+        steps = self.acc.prompt_logprobs.get(prompt_index) or [None] * len(ids)
+        tokenizer = self.front.backend.tokenizer
+        first = tokenizer.decode(ids[:1], skip_special_tokens=False) if ids else ""
+        rest = completion_logprobs([s for s in steps[1:] if s is not None], len(first))
+        return {
+            "tokens": [first, *rest["tokens"]][: len(ids)],
+            "token_logprobs": [None, *rest["token_logprobs"]][: len(ids)],
+            "top_logprobs": [None, *rest["top_logprobs"]][: len(ids)],
+            "text_offset": [0, *rest["text_offset"]][: len(ids)],
+        }
+
+    def _with_echo(self, prompt_index: int, text: str, logprobs: dict[str, Any] | None
+                   ) -> tuple[str, dict[str, Any] | None]:
+        """A choice's text and logprobs with its prompt in front (``echo``)."""
+        prefix = self._prompt_text(prompt_index)
+        if logprobs is None:
+            return prefix + text, None
+        head = self._echo_logprobs(prompt_index)
+        return prefix + text, {k: head[k] + logprobs[k] for k in head}
+
+    def _prompt_logprobs_json(self, prompt_index: int) -> list[Any] | None:
+        """vLLM's ``prompt_logprobs``: per prompt token, null for the first, else token id
+        -> {logprob, rank, decoded_token}."""
+        steps = self.acc.prompt_logprobs.get(prompt_index)
+        if self.body.prompt_logprobs is None or steps is None:
+            return None
+        return [None if step is None else {
+            str(t): {"logprob": _json_logprob(lp), "rank": lp.rank,
+                     "decoded_token": lp.decoded_token}
+            for t, lp in step.items()} for step in steps]
 
     def _tool_stream(self, index: int) -> tool_parsers.ToolStream | None:
         if self.tool_choice is None:
@@ -677,11 +729,17 @@ class _Job:
             "usage": self.acc.usage(),
             "timing": self.recorder.timing(),
         }
+        if self.chat and self.body.prompt_logprobs is not None:  # vLLM: top level in chat
+            body["prompt_logprobs"] = self._prompt_logprobs_json(0)
         return JSONResponse(
             body, headers={"x-request-id": self.id, "server-timing": _server_timing(self.recorder)}
         )
 
     def _finish(self) -> None:
+        if self._echo_only:  # the drawn token is dropped: no completion tokens
+            for c in self.acc.ordered():
+                c.token_ids.clear()
+                c.finish_reason = "length"
         reasons = [c.finish_reason for c in self.acc.ordered()]
         self.recorder.finish(sum(self.acc.prompt_tokens.values()), reasons)
 
@@ -702,13 +760,23 @@ class _Job:
                 "finish_reason": self._finish_reason(c.finish_reason, calls),
                 "stop_reason": c.stop_reason,
             }
-        return {
+        pi = c.index // self.params.n
+        text, logprobs = c.text, self._cmpl_logprobs(c.logprobs, 0)
+        if self.echo_prompts is not None:
+            prefix_len = len(self._prompt_text(pi))
+            drawn = [] if self._echo_only else c.logprobs
+            logprobs = self._cmpl_logprobs(drawn, prefix_len)
+            text, logprobs = self._with_echo(pi, "" if self._echo_only else text, logprobs)
+        choice = {
             "index": c.index,
-            "text": c.text,
-            "logprobs": self._cmpl_logprobs(c.logprobs, 0),
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": "length" if self._echo_only else c.finish_reason,
+            "stop_reason": None if self._echo_only else c.stop_reason,
         }
+        if self.body.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs_json(pi)
+        return choice
 
     async def _sse(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
         stream = merge(streams)
@@ -717,7 +785,11 @@ class _Job:
             async for i, delta in stream:
                 self.recorder.observe(delta)
                 for cd in self.acc.add(i, delta):
-                    yield _event(self._chunk([self._delta_choice(cd, offsets)]))
+                    for ready in self._echo_stream(i, cd):
+                        yield _event(self._chunk([self._delta_choice(ready, offsets)]))
+            for index in sorted(self._held):  # never got their prompt logprobs (an error)
+                for ready in self._release(index):
+                    yield _event(self._chunk([self._delta_choice(ready, offsets)]))
             self._finish()
             if self.body.include_usage:
                 timing = self.recorder.timing()
@@ -727,6 +799,33 @@ class _Job:
         finally:
             await stream.aclose()
         yield "data: [DONE]\n\n"
+
+    def _echo_stream(self, prompt_index: int, cd: ChoiceDelta) -> list[ChoiceDelta]:
+        """Streamed ``echo``: a choice's first chunk starts with its prompt (and the prompt's
+        logprobs, which one sample of the prompt brings: its siblings' deltas wait for them)."""
+        if self.echo_prompts is None or cd.index in self._echoed:
+            return [self._echo_only_delta(cd)] if self.echo_prompts is not None else [cd]
+        self._held.setdefault(cd.index, []).append(cd)
+        if self.params.logprobs is not None and prompt_index not in self.acc.prompt_logprobs:
+            return []
+        n = self.params.n
+        return [d for index in sorted(self._held) if index // n == prompt_index
+                for d in self._release(index)]
+
+    def _release(self, index: int) -> list[ChoiceDelta]:
+        """A held choice's deltas, its prompt put in front of the first."""
+        held = self._held.pop(index)
+        self._echoed.add(index)
+        held = [self._echo_only_delta(d) for d in held]
+        held[0].echo_of = index // self.params.n
+        return held
+
+    def _echo_only_delta(self, cd: ChoiceDelta) -> ChoiceDelta:
+        if not self._echo_only:
+            return cd
+        reason = "length" if cd.finish_reason is not None else None
+        return dataclasses.replace(cd, text="", token_ids=[], logprobs=[] if cd.logprobs is not None
+                                   else None, finish_reason=reason)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -757,13 +856,23 @@ class _Job:
                 "finish_reason": finish_reason,
             }
         start = offsets.get(cd.index, 0)
-        offsets[cd.index] = start + len(cd.text)
-        return {
+        text, logprobs = cd.text, None
+        echo = cd.echo_of
+        if echo is not None:
+            start += len(self._prompt_text(echo))
+            text, logprobs = self._with_echo(echo, text, self._cmpl_logprobs(cd.logprobs, start))
+        else:
+            logprobs = self._cmpl_logprobs(cd.logprobs, start)
+        offsets[cd.index] = offsets.get(cd.index, 0) + len(text)
+        choice = {
             "index": cd.index,
-            "text": cd.text,
-            "logprobs": self._cmpl_logprobs(cd.logprobs, start),
+            "text": text,
+            "logprobs": logprobs,
             "finish_reason": cd.finish_reason,
         }
+        if self.body.prompt_logprobs is not None and cd.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs_json(cd.index // self.params.n)
+        return choice
 
     def _tool_delta(
         self, stream: tool_parsers.ToolStream, cd: ChoiceDelta

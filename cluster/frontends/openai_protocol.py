@@ -127,6 +127,9 @@ class _SamplingFields(BaseModel):
     (negative) by it."""
     allowed_token_ids: list[StrictInt] | None = None
     """vLLM extra: only these token ids can be generated."""
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    """vLLM extra: each prompt token's log-probability given the tokens before it, plus this
+    many top ones (completions: in each choice; chat: at the top of the response)."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -151,8 +154,6 @@ class _SamplingFields(BaseModel):
     """vLLM extra; accepted only as false."""
     length_penalty: StrictFloat | None = None
     """vLLM extra (beam search); accepted only as 1."""
-    prompt_logprobs: StrictInt | None = Field(None, ge=0)
-    """vLLM extra; accepted only as null (no prompt log-probabilities yet)."""
     bad_words: list[str] | None = None
     """vLLM extra; accepted only as empty."""
     truncate_prompt_tokens: StrictInt | None = None
@@ -173,7 +174,6 @@ class _SamplingFields(BaseModel):
             "best_of": self.best_of is None or self.best_of == self.n,
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),
-            "prompt_logprobs": self.prompt_logprobs is None,
             "bad_words": not self.bad_words,
             "truncate_prompt_tokens": self.truncate_prompt_tokens is None,
         }
@@ -243,6 +243,7 @@ class _SamplingFields(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": self._logit_bias(),
             "allowed_token_ids": self.allowed_token_ids,
+            "prompt_logprobs": self.prompt_logprobs,
         }
         if self.repetition_penalty is not None:
             kwargs["repetition_penalty"] = self.repetition_penalty
@@ -275,21 +276,33 @@ class CompletionRequest(_SamplingFields):
 
     prompt: PromptField
     """Text, token ids, or a batch of either (one choice list entry per prompt and sample)."""
-    max_tokens: StrictInt | None = Field(16, ge=1)
-    """Most tokens to generate per completion (OpenAI default 16)."""
+    max_tokens: StrictInt | None = Field(16, ge=0)
+    """Most tokens to generate per completion (OpenAI default 16); 0 only with ``echo``
+    (the prompt alone, with its logprobs: how evaluation harnesses score a text)."""
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     """Top log-probabilities per token (OpenAI allows up to 5; vLLM 20)."""
     echo: StrictBool = False
-    """Accepted only as false."""
+    """Prepend the prompt to each choice's text; with ``logprobs``, the prompt tokens'
+    logprobs come first too (the first token's null)."""
     suffix: str | None = None
     """Accepted only as null."""
 
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens=0``: the prompt is the whole answer."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", field="echo")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", field="suffix")
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be >= 1 (0 only with echo)",
+                                      field="max_tokens")
+        # echo_only: one token is drawn and dropped (the engine always computes one)
+        params = self.sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs
+            params.prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return params
 
 
 class ChatMessage(BaseModel):

@@ -170,6 +170,11 @@ class ChoiceDelta:
     finish_reason: str | None
     first: bool
     """True on the choice's first delta (chat sends the role then)."""
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """The prompt's logprobs (``SamplingParams.prompt_logprobs``), on the one delta that
+    brought them: once per prompt, whatever its ``n``."""
+    echo_of: int | None = None
+    """Streamed ``echo``: the prompt (by index) whose text goes in front of this delta's."""
 
 
 @dataclass
@@ -192,13 +197,24 @@ class Accumulator:
     choices: dict[int, Choice] = field(default_factory=dict)
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     cached_tokens: dict[int, int] = field(default_factory=dict)
+    prompt_logprobs: dict[int, list[dict[int, Logprob] | None]] = field(default_factory=dict)
+    """By prompt index: its prompt logprobs, the first copy that came."""
+    prompt_ids: dict[int, list[int]] = field(default_factory=dict)
+    """By prompt index: its token ids."""
 
     def add(self, prompt_index: int, delta: RequestOutput) -> list[ChoiceDelta]:
         """Fold one delta in; returns what it added per choice."""
         self.prompt_tokens[prompt_index] = len(delta.prompt_token_ids)
+        self.prompt_ids.setdefault(prompt_index, list(delta.prompt_token_ids))
         cached = max(self.cached_tokens.get(prompt_index, 0), delta.num_cached_tokens)
         self.cached_tokens[prompt_index] = cached
-        return [self._add_completion(prompt_index, c) for c in delta.outputs]
+        deltas = [self._add_completion(prompt_index, c) for c in delta.outputs]
+        pl = delta.prompt_logprobs
+        if pl is not None and prompt_index not in self.prompt_logprobs:
+            self.prompt_logprobs[prompt_index] = pl
+            if deltas:
+                deltas[0].prompt_logprobs = pl
+        return deltas
 
     def _add_completion(self, prompt_index: int, c: CompletionOutput) -> ChoiceDelta:
         index = prompt_index * self.n + c.index

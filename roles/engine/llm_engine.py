@@ -8,6 +8,7 @@ thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -236,7 +237,7 @@ class LLMEngine:
         for i, child_id in enumerate(children):
             seed = base_seed if i == 0 else draw_seed(base_seed, -i)
             req = Request(
-                child_id, token_ids, params, seed=seed, max_tokens=max_tokens,
+                child_id, token_ids, _sample_params(params, i), seed=seed, max_tokens=max_tokens,
                 eos_token_ids=self.tokenizer.eos_token_ids, block_size=self.config.block_size,
                 arrival_time=arrival, output_token_ids=resume, remote_kv_source=remote_kv_source,
                 remote_kv_sink=remote_kv_sink, mm=mm, group_id=group_id or request_id,
@@ -665,6 +666,14 @@ class LLMEngine:
             **(self.image_encoder.stats() if self.image_encoder is not None else {}),
             **self.structured.stats(),
         }
+
+
+def _sample_params(params: SamplingParams, i: int) -> SamplingParams:
+    """Sample i's parameters: only the first of ``n`` computes the prompt logprobs (they are
+    the same for all), so the others may still take the prompt from the prefix cache."""
+    if i == 0 or params.prompt_logprobs is None:
+        return params
+    return dataclasses.replace(params, prompt_logprobs=None)
 
 
 def _detokenize(detok: IncrementalDetokenizer, new_tokens: list[int]) -> tuple[str | None, int]:

@@ -124,6 +124,28 @@ def test_stream_deltas_add_up(cluster: Cluster, single: LLM) -> None:
     assert deltas[-1].outputs[0].finish_reason == "length"
 
 
+def test_prompt_logprobs_come_once_from_the_prefill_worker(cluster: Cluster, single: LLM) -> None:
+    """The prefill worker computes them and sends them with its first token; the decode worker
+    pulls the KV (so computes none): one delta carries them, with the single engine's values."""
+    prompt = _prompts(1, seed=4)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)
+    want = single.generate([prompt], params)[0]
+    before = _decode_stats(cluster)
+    deltas = list(cluster.stream(prompt, params))
+    after = _decode_stats(cluster)
+    assert after["kv_transfers"] - before["kv_transfers"] == 1  # the KV moved
+    carrying = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
+    assert len(carrying) == 1 and len(carrying[0]) == len(prompt)
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == want.outputs[0].token_ids
+    for got, ref in zip(carrying[0][1:], want.prompt_logprobs[1:], strict=True):
+        assert list(got) == list(ref)
+        assert [lp.logprob for lp in got.values()] == pytest.approx(
+            [lp.logprob for lp in ref.values()], abs=1e-5)
+    out = cluster.generate([prompt], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=3,
+                                                    prompt_logprobs=0))[0]
+    assert len(out.outputs) == 2 and len(out.prompt_logprobs) == len(prompt)
+
+
 def test_short_prompt_prefills_on_decode(cluster: Cluster, single: LLM) -> None:
     before = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
     prompt = [5, 6, 7, 8, 9]  # within local_prefill_max_tokens

@@ -42,7 +42,9 @@ def test_prefill_killed_mid_transfer(tiny_model_dir, monkeypatch) -> None:
 
 
 def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
-    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)  # outlives the kill
+    # outlives the kill; the replay computes the prompt again, prompt logprobs too, which the
+    # client still gets once
+    params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True, prompt_logprobs=1)
     prompt = list(range(500, 560))
     want = LLM(str(tiny_model_dir)).generate([prompt], params)[0].outputs[0].token_ids
     with Cluster.local(prefill=1, decode=1, model=str(tiny_model_dir),
@@ -50,8 +52,10 @@ def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
                        ) as cluster:
         decode = next(h for h in cluster.workers.values() if h.role == "decode")
         tokens: list[int] = []
+        carrying = 0
         for delta in cluster.stream(prompt, params):
             tokens += delta.outputs[0].token_ids
+            carrying += delta.prompt_logprobs is not None
             if len(tokens) == 5:
                 decode.actor.die.remote()  # the role has no other worker
         status = cluster.status()
@@ -61,4 +65,5 @@ def test_only_decode_worker_killed_mid_stream(tiny_model_dir) -> None:
     assert len(live) == 1 and live[0]["worker_id"] != decode.worker_id
     assert status["counters"]["workers_replaced"] == 1
     assert status["counters"]["replays"] == 1  # the stream went on from its tokens so far
+    assert carrying == 1
 

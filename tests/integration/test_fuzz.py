@@ -111,6 +111,7 @@ def _sampling(draw: st.DrawFn) -> pb.SamplingParams:
         "seed": draw(st.integers(-(2**63), 2**63 - 1)),
         "ignore_eos": draw(st.booleans()),
         "logprobs": draw(st.one_of(st.integers(-2, 25), _int32)),
+        "prompt_logprobs": draw(st.one_of(st.integers(-2, 25), _int32)),
         "include_stop_str_in_output": draw(st.booleans()),
         "skip_special_tokens": draw(st.booleans()),
     }

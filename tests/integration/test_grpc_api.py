@@ -4,7 +4,8 @@ Checks: streaming generate adds up (text, token ids, n, chat and token-id inputs
 ``LLM.generate`` when greedy; bad requests are INVALID_ARGUMENT naming the field (NOT_FOUND for
 an unknown model) and the server keeps serving; UNAUTHENTICATED without the key; the standard
 health service reports SERVING; reflection lists the service; Abort, client cancellation and
-deadlines all abort the request and free its KV.
+deadlines all abort the request and free its KV; prompt logprobs come once per request and
+equal the engine's.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from splitserve.client import (
     UnavailableError,
 )
 from splitserve.cluster.frontends.backend import EngineBackend
-from splitserve.cluster.frontends.grpc_server import SERVICE_NAME
+from splitserve.cluster.frontends.grpc_server import SERVICE_NAME, _chunk
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+from splitserve.cluster.frontends.streams import ChoiceDelta
+from splitserve.outputs import Logprob
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.utils import record_tokenizer_threads
@@ -47,6 +50,12 @@ def server(tiny_model_dir) -> Iterator[BackgroundServer]:
     opts = ServeOptions(port=0, grpc_port=0, api_key=KEY, served_model_name="tiny", max_in_flight=3)
     with BackgroundServer(backend, opts) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    """The same model in process: the reference for greedy output and prompt logprobs."""
+    return LLM(str(tiny_model_dir), num_kv_blocks=64)
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +134,10 @@ def test_tokenizing_runs_off_the_loop_and_the_engine_thread(
     assert not seen["decode"] & on_loop
 
 
-def test_greedy_generate_equals_llm(client: Client, tiny_model_dir) -> None:
+def test_greedy_generate_equals_llm(client: Client, llm: LLM) -> None:
     prompt = "The capital of France is"
     res = client.generate(prompt, max_tokens=10, temperature=0.0)
-    ref = LLM(str(tiny_model_dir), num_kv_blocks=64).generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=10)
-    )[0]
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0]
     assert res.text == ref.outputs[0].text
     assert res.completions[0].token_ids == ref.outputs[0].token_ids
     assert res.completions[0].finish_reason == "length"
@@ -183,6 +190,8 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"text": "hi", "logit_bias": {10**8: 1.0}}, "logit_bias"),
         ({"text": "hi", "logit_bias": {5: 200.0}}, "logit_bias"),
         ({"text": "hi", "allowed_token_ids": [5, 10**8]}, "allowed_token_ids"),
+        ({"text": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"text": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
     ],
 )
 def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:
@@ -205,6 +214,84 @@ def test_penalties_and_logit_bias_apply(server: BackgroundServer, client: Client
     biased = client.generate(**base, logit_bias={1234: 20.0})
     pushed = client.generate(**base, logit_bias={1234: 20.0}, frequency_penalty=2.0)
     assert pushed.completions[0].token_ids != biased.completions[0].token_ids
+
+
+PROMPT = list(range(300, 318))
+
+
+def _with_prompt_logprobs(responses: list[pb.GenerateResponse]) -> list[pb.GenerateChunk]:
+    return [r.chunk for r in responses
+            if r.WhichOneof("response") == "chunk" and r.chunk.prompt_logprobs]
+
+
+def _reference(llm: LLM, k: int) -> list[dict]:
+    (out,) = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1,
+                                                   prompt_logprobs=k))
+    assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+    return out.prompt_logprobs[1:]  # type: ignore[return-value]
+
+
+def test_prompt_logprobs_once_and_equal_the_engine(client: Client, llm: LLM) -> None:
+    """prompt_logprobs=2: one chunk carries them, one entry per prompt token after the first:
+    that token's own logprob and rank and exactly the 2 best, as the engine computes them."""
+    kw = dict(token_ids=PROMPT, max_tokens=4, temperature=0.0, ignore_eos=True)
+    responses = list(client.stream(**kw, prompt_logprobs=2))
+    (chunk,) = _with_prompt_logprobs(responses)
+    entries = list(chunk.prompt_logprobs)
+    assert len(entries) == len(PROMPT) - 1
+    assert [e.token_id for e in entries] == PROMPT[1:]
+    ref = _reference(llm, 2)
+    for e, step in zip(entries, ref, strict=True):
+        assert e.logprob <= 0 and e.rank >= 1
+        own = step[e.token_id]
+        assert e.logprob == pytest.approx(own.logprob, abs=1e-4) and e.rank == own.rank
+        assert e.token == own.decoded_token
+        assert [t.rank for t in e.top_logprobs] == [1, 2]
+        best = sorted(step.items(), key=lambda kv: kv[1].rank)[:2]
+        assert [t.token_id for t in e.top_logprobs] == [t for t, _ in best]
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(
+            [p.logprob for _, p in best], abs=1e-4)
+        if e.rank > 2:  # not one of the best two: they are no less likely than it
+            assert e.top_logprobs[1].logprob >= e.logprob
+    # the client's result keeps them; the same request again gives the same numbers
+    res = client.generate(**kw, prompt_logprobs=2)
+    assert list(res.prompt_logprobs) == entries
+    # without prompt_logprobs: no chunk has the field, the result has none
+    plain = list(client.stream(**kw))
+    assert not _with_prompt_logprobs(plain) and not client.generate(**kw).prompt_logprobs
+    assert [r.chunk.token_ids for r in plain[:-1]] == [r.chunk.token_ids for r in responses[:-1]]
+
+
+def test_prompt_logprobs_once_with_n(client: Client, llm: LLM) -> None:
+    """n=2 samples one prompt: its logprobs come once; prompt_logprobs=0: no top ones."""
+    responses = list(client.stream(token_ids=PROMPT, n=2, max_tokens=4, temperature=1.0,
+                                   seed=5, prompt_logprobs=0))
+    (chunk,) = _with_prompt_logprobs(responses)
+    assert [e.token_id for e in chunk.prompt_logprobs] == PROMPT[1:]
+    assert all(not e.top_logprobs for e in chunk.prompt_logprobs)
+    ref = [step[t].logprob for step, t in zip(_reference(llm, 0), PROMPT[1:], strict=True)]
+    assert [e.logprob for e in chunk.prompt_logprobs] == pytest.approx(ref, abs=1e-4)
+    assert [c.index for c in responses[-1].complete.completions] == [0, 1]
+    assert all(c.num_tokens == 4 for c in responses[-1].complete.completions)
+
+
+def test_prompt_logprob_entries_hold_exactly_the_top_k() -> None:
+    """The engine's entry is the prompt token then the top k others: with the token among the
+    top k the entry has k items, else k + 1; ``top_logprobs`` is the top k either way."""
+    steps = [
+        None,
+        {7: Logprob(-0.1, 1, "a"), 9: Logprob(-2.5, 2, "b")},  # 7 is the best
+        {3: Logprob(-6.0, 5, "c"), 7: Logprob(-0.2, 1, "a"), 9: Logprob(-1.9, 2, "b")},
+    ]
+    cd = ChoiceDelta(0, "", [], None, None, True, prompt_logprobs=steps)  # type: ignore[arg-type]
+    chunk = _chunk(cd, SamplingParams(prompt_logprobs=2))
+    first, second = chunk.prompt_logprobs
+    assert (first.token_id, first.rank, first.token) == (7, 1, "a")
+    assert [(t.token_id, t.rank) for t in first.top_logprobs] == [(7, 1), (9, 2)]
+    assert (second.token_id, second.rank, second.logprob) == (3, 5, -6.0)
+    assert [(t.token_id, t.rank) for t in second.top_logprobs] == [(7, 1), (9, 2)]
+    k0 = _chunk(cd, SamplingParams(prompt_logprobs=0))  # only the token's own
+    assert [(e.token_id, len(e.top_logprobs)) for e in k0.prompt_logprobs] == [(7, 0), (3, 0)]
 
 
 def test_no_input_and_unknown_model(server: BackgroundServer) -> None:

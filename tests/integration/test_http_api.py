@@ -212,6 +212,86 @@ def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
         assert entry.bytes == list(entry.token.encode())
 
 
+def _prompt_values(llm: LLM, prompt: list[int], k: int) -> list[dict[int, float]]:
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=k))
+    return [{t: lp.logprob for t, lp in step.items()} for step in out[0].prompt_logprobs[1:]]
+
+
+def test_prompt_logprobs_in_completions_and_chat(http: httpx.Client, tiny_model_dir) -> None:
+    """vLLM's shape: per prompt token null (the first) or token id -> logprob, rank, decoded
+    token; the values are the engine's; in each choice (completions) or at the top (chat)."""
+    prompt = list(range(500, 530))
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    want = _prompt_values(llm, prompt, 2)
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2,
+                                           "temperature": 0, "prompt_logprobs": 2, "n": 2})
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:  # each of n carries the prompt's
+        pl = choice["prompt_logprobs"]
+        assert len(pl) == len(prompt) and pl[0] is None
+        for p, (step, ref) in enumerate(zip(pl[1:], want, strict=True)):
+            assert str(prompt[p + 1]) in step
+            assert {int(t) for t in step} == set(ref)
+            for t, entry in step.items():
+                assert entry["logprob"] == pytest.approx(ref[int(t)], abs=1e-4)
+                assert entry["decoded_token"] is not None and entry["rank"] >= 1
+    r = http.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 1,
+        "prompt_logprobs": 0})
+    assert r.status_code == 200, r.text
+    pl = r.json()["prompt_logprobs"]
+    ids = http.post("/tokenize", json={"model": "tiny", "messages": [
+        {"role": "user", "content": "hi there"}]}).json()["tokens"]
+    assert len(pl) == len(ids) and pl[0] is None
+    assert [int(next(iter(step))) for step in pl[1:]] == ids[1:]
+    plain = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt,
+                                               "max_tokens": 2, "temperature": 0}).json()
+    assert "prompt_logprobs" not in plain["choices"][0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_scores_a_text_as_evaluation_harnesses_do(
+    client: openai.OpenAI, tiny_model_dir, stream: bool
+) -> None:
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0 or 1. The
+    prompt comes back as the text's start, its tokens' logprobs first (the first null)."""
+    prompt = list(range(600, 620))
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    want = _prompt_values(llm, prompt, 1)
+    text = llm.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+    for max_tokens in (0, 1):
+        kwargs: dict[str, Any] = dict(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                      temperature=0, logprobs=1, echo=True)
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kwargs))
+            got_text = "".join(c.choices[0].text for c in chunks if c.choices)
+            lps = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+            tokens = [t for lp in lps for t in lp.tokens]
+            values = [v for lp in lps for v in lp.token_logprobs]
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            res = client.completions.create(**kwargs)
+            got_text, lp = res.choices[0].text, res.choices[0].logprobs
+            tokens, values, reason = lp.tokens, lp.token_logprobs, res.choices[0].finish_reason
+            assert res.usage.completion_tokens == max_tokens
+            assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+        assert got_text.startswith(text)
+        assert len(tokens) == len(prompt) + max_tokens == len(values)
+        assert values[0] is None
+        assert values[1:len(prompt)] == pytest.approx(
+            [step[t] for step, t in zip(want, prompt[1:], strict=True)], abs=1e-4)
+        if max_tokens == 0:
+            assert got_text == text and reason == "length"
+        else:
+            gen = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))[0]
+            assert got_text == text + gen.outputs[0].text
+    # echo without logprobs: the text alone, the prompt as the client gave it
+    res = client.completions.create(model="tiny", prompt="Once upon", max_tokens=2,
+                                    temperature=0, echo=True)
+    assert res.choices[0].text.startswith("Once upon")
+    assert res.choices[0].logprobs is None
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_logprobs_of_tokens_a_constraint_rules_out_are_json(
     http: httpx.Client, path: str
@@ -323,7 +403,9 @@ BAD_CASES = [
     # 200 that ignored them (they were ignored as unknown fields before)
     ("/v1/completions", {**GOOD, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {**GOOD, "use_beam_search": True}, 400, "use_beam_search"),
-    ("/v1/completions", {**GOOD, "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {**GOOD, "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "prompt_logprobs": -1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, -2]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 10**9]}, 400, "allowed_token_ids"),
@@ -722,6 +804,7 @@ _FIELDS = [
     "ignore_eos",
     "min_tokens",
     "echo",
+    "prompt_logprobs",
     "max_completion_tokens",
 ]
 _bodies = st.fixed_dictionaries(

@@ -203,7 +203,8 @@ class Cluster:
         prompt_list = _as_prompt_inputs(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         ids = [self._new_id() for _ in prompt_list]
-        inputs = [self.inputs.prepare(p) for p in prompt_list]  # validate all before any starts
+        inputs = [self.inputs.prepare(p, q)  # validate all before any starts
+                  for p, q in zip(prompt_list, params, strict=True)]
         for p in params:
             self.inputs.check_params(p)
             self._grammars.compile(p)  # a bad or too slow constraint fails before placement
@@ -234,8 +235,8 @@ class Cluster:
         the request runs under a unique id of the cluster's own. A label in use by a live
         request is refused (DuplicateRequestError: HTTP 409, gRPC ALREADY_EXISTS).
         """
-        inp = await off_loop(self.inputs.prepare, prompt)  # tokenizing: off the loop
         params = sampling_params or SamplingParams()
+        inp = await off_loop(self.inputs.prepare, prompt, params)  # tokenizing: off the loop
         self.inputs.check_params(params)
         await asyncio.to_thread(self._grammars.compile, params)  # fails before placement
         internal = self._new_id()

@@ -26,6 +26,7 @@ from splitserve.validation import (
     check_prompt_length,
     check_token_ids,
     prompt_token_ids,
+    truncate_prompt,
 )
 
 
@@ -55,12 +56,17 @@ class InputPreparer:
     max_n: int = 16
     """Most samples per request (``ClusterConfig.max_n``)."""
 
-    def prepare(self, prompt: Any) -> PreparedInput:
-        """Tokenize and check a prompt; raises InvalidRequestError naming the field."""
+    def prepare(self, prompt: Any, params: SamplingParams | None = None) -> PreparedInput:
+        """Tokenize and check a prompt (cut to ``params.truncate_prompt_tokens``, as the
+        engines would); raises InvalidRequestError naming the field."""
         data = None
         if isinstance(prompt, dict):
             prompt, data = split_prompt(prompt, None)
         ids = prompt_token_ids(prompt, self.tokenizer.encode, self.model_config.vocab_size)
+        if data is not None and params is not None and params.truncate_prompt_tokens is not None:
+            raise InvalidRequestError("truncate_prompt_tokens cannot cut a prompt with images",
+                                      field="truncate_prompt_tokens")
+        ids = truncate_prompt(ids, params, self.max_model_len)
         inp = PreparedInput(ids) if data is None else self._with_images(ids, data)
         check_prompt_length(len(inp.ids), self.max_model_len)
         return inp

@@ -103,6 +103,8 @@ class StructuredOutputsParams:
         return hashlib.sha256(text.encode()).hexdigest()
 
 _MAX_LOGPROBS = 20
+_MAX_BAD_WORDS = 256
+"""Each bad word is checked against every row's output at every step."""
 
 
 @dataclass
@@ -157,7 +159,16 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     """vLLM extra: only these token ids can be generated (checked against the vocabulary on
     intake; EOS too must be listed to end the request early)."""
+    bad_words: list[str] | None = None
+    """vLLM extra: words never generated. Each is tokenized as written and with a leading
+    space; the last token of either form is banned wherever the output so far ends with the
+    tokens before it (a one-token word: everywhere)."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM extra: keep only the prompt's last k tokens (k >= 1, at most the context length);
+    -1: the last ``max_model_len``."""
     stop_list: list[str] = field(init=False, repr=False)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, init=False, repr=False)
+    """``bad_words`` as token sequences, set by the engine that runs the request."""
 
     def __post_init__(self) -> None:
         self.stop_list = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -225,6 +236,19 @@ class SamplingParams:
             if not all(_is_token_id(t) for t in allowed):
                 raise bad("allowed_token_ids", "must hold token ids (integers >= 0)")
             self.allowed_token_ids = list(allowed)
+        words = self.bad_words
+        if words is not None:
+            if not isinstance(words, list | tuple) or not all(
+                isinstance(w, str) and w.strip() for w in words
+            ):
+                raise bad("bad_words", "must be a list of non-blank strings")
+            if len(words) > _MAX_BAD_WORDS:
+                raise bad("bad_words", f"has {len(words)} words; at most {_MAX_BAD_WORDS}")
+            self.bad_words = list(words)
+        tpt = self.truncate_prompt_tokens
+        if tpt is not None and (not isinstance(tpt, int) or isinstance(tpt, bool)
+                                or not (tpt == -1 or tpt >= 1)):
+            raise bad("truncate_prompt_tokens", f"must be -1 or an integer >= 1, got {tpt!r}")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
@@ -235,10 +259,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """An allow-list, a bias or a penalty changes the logits before sampling."""
+        """An allow-list, bad words, a bias or a penalty changes the logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty
                     or self.repetition_penalty != 1.0 or self.logit_bias
-                    or self.allowed_token_ids)
+                    or self.allowed_token_ids or self.bad_words)
 
     @property
     def max_stop_len(self) -> int:

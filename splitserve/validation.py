@@ -46,6 +46,20 @@ def prompt_token_ids(
     return token_ids
 
 
+def truncate_prompt(token_ids: list[int], params: Any, max_model_len: int) -> list[int]:
+    """The prompt's last ``params.truncate_prompt_tokens`` ids (-1: the last
+    ``max_model_len``), as vLLM truncates; the ids unchanged when it is unset."""
+    k = getattr(params, "truncate_prompt_tokens", None)
+    if k is None:
+        return token_ids
+    if k > max_model_len:
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens ({k}) is above the model's context length "
+            f"(max_model_len {max_model_len})", field="truncate_prompt_tokens")
+    k = max_model_len if k == -1 else k
+    return token_ids[-k:]
+
+
 def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
     """A prompt must leave room for at least one generated token."""
     if num_tokens >= max_model_len:

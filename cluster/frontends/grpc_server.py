@@ -71,6 +71,7 @@ _OPTIONAL_SAMPLING = (
     "frequency_penalty",
     "repetition_penalty",
     "prompt_logprobs",
+    "truncate_prompt_tokens",
 )
 
 
@@ -115,6 +116,8 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     if msg.allowed_token_ids:
         kwargs["allowed_token_ids"] = list(msg.allowed_token_ids)
+    if msg.bad_words:
+        kwargs["bad_words"] = list(msg.bad_words)
     if msg.logit_bias:
         kwargs["logit_bias"] = {int(t): float(b) for t, b in msg.logit_bias.items() if b}
     return SamplingParams(**kwargs)

@@ -632,7 +632,7 @@ class _Job:
     def _prompt_text(self, prompt_index: int) -> str:
         assert self.echo_prompts is not None
         prompt = self.echo_prompts[prompt_index]
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and self.params.truncate_prompt_tokens is None:
             return prompt
         return str(self.front.backend.tokenizer.decode(self.acc.prompt_ids[prompt_index],
                                                        skip_special_tokens=False))

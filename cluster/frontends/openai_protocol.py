@@ -130,6 +130,10 @@ class _SamplingFields(BaseModel):
     prompt_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     """vLLM extra: each prompt token's log-probability given the tokens before it, plus this
     many top ones (completions: in each choice; chat: at the top of the response)."""
+    bad_words: list[str] | None = None
+    """vLLM extra: words never generated (as written or after a space)."""
+    truncate_prompt_tokens: StrictInt | None = None
+    """vLLM extra: keep the prompt's last k tokens (-1: the context length's worth)."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -154,10 +158,6 @@ class _SamplingFields(BaseModel):
     """vLLM extra; accepted only as false."""
     length_penalty: StrictFloat | None = None
     """vLLM extra (beam search); accepted only as 1."""
-    bad_words: list[str] | None = None
-    """vLLM extra; accepted only as empty."""
-    truncate_prompt_tokens: StrictInt | None = None
-    """vLLM extra; accepted only as null (a prompt longer than the context is a 400)."""
     guided_json: Any = None
     """vLLM's former name of ``structured_outputs.json``; accepted only as null."""
     guided_regex: Any = None
@@ -174,8 +174,6 @@ class _SamplingFields(BaseModel):
             "best_of": self.best_of is None or self.best_of == self.n,
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),
-            "bad_words": not self.bad_words,
-            "truncate_prompt_tokens": self.truncate_prompt_tokens is None,
         }
         for name, ok in neutral.items():
             if not ok:
@@ -244,6 +242,8 @@ class _SamplingFields(BaseModel):
             "logit_bias": self._logit_bias(),
             "allowed_token_ids": self.allowed_token_ids,
             "prompt_logprobs": self.prompt_logprobs,
+            "bad_words": self.bad_words,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
         }
         if self.repetition_penalty is not None:
             kwargs["repetition_penalty"] = self.repetition_penalty

@@ -17,6 +17,7 @@ from splitserve.errors import InvalidRequestError
 from splitserve.offload import off_loop
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.sampling_params import SamplingParams
+from splitserve.validation import truncate_prompt
 
 _DONE = object()
 
@@ -54,16 +55,20 @@ async def _check_context(
     take seconds, during which every other stream of this frontend would wait) with the
     backend's own tokenizer, and its ids are what the backend then gets: it would otherwise
     tokenize the same text again (the ids are what it would compute; no response here
-    repeats the prompt's text)."""
-    if params.max_tokens is None:
+    repeats the prompt's text). ``truncate_prompt_tokens`` cuts the ids first, as the engine
+    would."""
+    if params.max_tokens is None and params.truncate_prompt_tokens is None:
         return prompt
     if isinstance(prompt, str):
         encode = getattr(backend.tokenizer, "encode", None)
         if encode is None:
             return prompt  # the backend validates what it cannot be told here
         prompt = list(await off_loop(encode, prompt))
-        num = len(prompt)
-    elif isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
+    if isinstance(prompt, list):
+        prompt = truncate_prompt(prompt, params, backend.max_model_len)
+    if params.max_tokens is None:
+        return prompt
+    if isinstance(prompt, dict):  # multimodal: the backend checks the expanded length
         num = len(prompt.get("prompt_token_ids", ()))
     else:
         num = len(prompt)

@@ -57,6 +57,7 @@ from splitserve.validation import (
     check_prompt_length,
     check_token_ids,
     prompt_token_ids,
+    truncate_prompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,12 @@ class LLMEngine:
             list(tokenized) if tokenized is not None and isinstance(inner, str) else inner)
         mm = None
         if multi_modal_data:
+            if params.truncate_prompt_tokens is not None:
+                raise InvalidRequestError("truncate_prompt_tokens cannot cut a prompt with "
+                                          "images", field="truncate_prompt_tokens")
             token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)
+        token_ids = truncate_prompt(token_ids, params, self.max_model_len)
+        params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         max_tokens = self._check_lengths(token_ids, params)
         resume = self._check_resume(resume_token_ids, max_tokens)
         grammar = self.structured.compile(params)  # InvalidRequestError: bad or too slow
@@ -314,6 +320,21 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: PromptType) -> list[int]:
         """Token ids of a prompt, checked exactly as the cluster checks it (validation.py)."""
         return prompt_token_ids(prompt, self.tokenizer.encode, self.model_config.vocab_size)
+
+    def _bad_words_ids(self, words: list[str] | None) -> list[list[int]]:
+        """Each bad word's token ids as written and with a leading space, where those differ:
+        the word is banned at the start of the text and inside it. (vLLM keeps the spaced
+        form only when it has as many tokens as the plain one, which suits SentencePiece
+        vocabularies; in a byte-level BPE one such as SmolLM2's, `` disagreements`` and
+        ``disagreements`` tokenize to different counts, and the word would stay allowed
+        after a space, where words mostly are.)"""
+        out: list[list[int]] = []
+        for word in words or ():
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def _check_lengths(self, token_ids: list[int], params: SamplingParams) -> int:
         """The request's effective max_tokens, after checking it can ever run."""

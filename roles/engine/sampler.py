@@ -76,7 +76,9 @@ def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
 
 
 def adjust(logits: Tensor, row: SampleRequest) -> None:
-    """Apply ``row``'s allow-list, logit bias and penalties to its logits [V] in place."""
+    """Apply ``row``'s allow-list, bad words, logit bias and penalties to its logits [V] in
+    place (vLLM's order). A bad word's last token is banned where the output ends with the
+    word's other tokens."""
     p = row.params
     vocab = logits.shape[-1]
     if p.allowed_token_ids:
@@ -84,21 +86,28 @@ def adjust(logits: Tensor, row: SampleRequest) -> None:
         kept = logits[ids]
         logits.fill_(float("-inf"))
         logits[ids] = kept
+    assert row.tokens is not None, "a row whose logits are adjusted carries its tokens"
+    output = row.tokens[row.num_prompt_tokens:]
+    banned = [word[-1] for word in p.bad_words_token_ids if _ends_with(output, word[:-1])]
+    if banned:
+        logits[torch.tensor(banned, dtype=torch.long, device=logits.device)] = float("-inf")
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
         bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
         logits.index_add_(0, ids, bias)
-    assert row.tokens is not None, "a row whose logits are adjusted carries its tokens"
     if p.repetition_penalty != 1.0 and row.tokens:
         seen = torch.unique(torch.tensor(row.tokens, dtype=torch.long, device=logits.device))
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty,
                                    values * p.repetition_penalty)
-    output = row.tokens[row.num_prompt_tokens:]
     if (p.frequency_penalty or p.presence_penalty) and output:
         counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
                                 minlength=vocab)[:vocab].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _ends_with(tokens: list[int], tail: list[int]) -> bool:
+    return not tail or (len(tail) <= len(tokens) and tokens[len(tokens) - len(tail):] == tail)
 
 
 def _sample_row(logits: Tensor, row: SampleRequest) -> int:

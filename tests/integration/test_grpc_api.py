@@ -192,6 +192,9 @@ def test_chat_input_and_seed(client: Client) -> None:
         ({"text": "hi", "allowed_token_ids": [5, 10**8]}, "allowed_token_ids"),
         ({"text": "hi", "prompt_logprobs": 21}, "prompt_logprobs"),
         ({"text": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"text": "hi", "bad_words": [" "]}, "bad_words"),
+        ({"text": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"text": "hi", "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_argument_names_the_field(client: Client, kwargs, field) -> None:
@@ -214,6 +217,22 @@ def test_penalties_and_logit_bias_apply(server: BackgroundServer, client: Client
     biased = client.generate(**base, logit_bias={1234: 20.0})
     pushed = client.generate(**base, logit_bias={1234: 20.0}, frequency_penalty=2.0)
     assert pushed.completions[0].token_ids != biased.completions[0].token_ids
+
+
+def test_bad_words_and_truncate_prompt_tokens(client: Client, llm: LLM) -> None:
+    long = [700 + i % 300 for i in range(MAX_MODEL_LEN + 100)]  # over the context
+    res = client.generate(token_ids=long, max_tokens=3, temperature=0.0, truncate_prompt_tokens=40)
+    want = llm.generate([long[-40:]], SamplingParams(temperature=0, max_tokens=3))[0]
+    assert res.usage.prompt_tokens == 40
+    assert res.completions[0].token_ids == want.outputs[0].token_ids
+    base = dict(token_ids=[5, 6, 7], max_tokens=6, temperature=0.0, ignore_eos=True)
+    free = client.generate(**base)
+    word = llm.engine.tokenizer.decode(free.completions[0].token_ids[:1]).strip()
+    banned = client.generate(**base, bad_words=[word])
+    ref = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                   bad_words=[word]))[0]
+    assert banned.completions[0].token_ids == ref.outputs[0].token_ids
+    assert banned.completions[0].token_ids != free.completions[0].token_ids
 
 
 PROMPT = list(range(300, 318))

@@ -249,6 +249,26 @@ def test_prompt_logprobs_in_completions_and_chat(http: httpx.Client, tiny_model_
     assert "prompt_logprobs" not in plain["choices"][0]
 
 
+def test_truncate_prompt_tokens_and_bad_words(client: openai.OpenAI, tiny_model_dir) -> None:
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    long = [700 + i % 300 for i in range(MAX_MODEL_LEN + 200)]  # over the context
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=long, max_tokens=3, temperature=0)
+    res = client.completions.create(model="tiny", prompt=long, max_tokens=3, temperature=0,
+                                    extra_body={"truncate_prompt_tokens": 50})
+    assert res.usage.prompt_tokens == 50
+    want = llm.generate([long[-50:]], SamplingParams(temperature=0, max_tokens=3))[0]
+    assert res.choices[0].text == want.outputs[0].text
+    free = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8,
+                                     temperature=0)
+    word = free.choices[0].text.split()[0]
+    banned = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8,
+                                       temperature=0, extra_body={"bad_words": [word]})
+    ref = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=8,
+                                                            bad_words=[word]))[0]
+    assert banned.choices[0].text == ref.outputs[0].text != free.choices[0].text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_scores_a_text_as_evaluation_harnesses_do(
     client: openai.OpenAI, tiny_model_dir, stream: bool
@@ -409,8 +429,11 @@ BAD_CASES = [
     ("/v1/completions", {**GOOD, "allowed_token_ids": []}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, -2]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 10**9]}, 400, "allowed_token_ids"),
-    ("/v1/completions", {**GOOD, "bad_words": ["x"]}, 400, "bad_words"),
-    ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
+    ("/v1/completions", {**GOOD, "bad_words": [""]}, 400, "bad_words"),
+    ("/v1/chat/completions", {**CHAT, "bad_words": "x"}, 400, "bad_words"),
+    ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("/v1/completions", {**GOOD, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
+     "truncate_prompt_tokens"),
     ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex"),
     ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
     ("/v1/completions", {**GOOD, "guided_choice": ["a", "b"]}, 400, "guided_choice"),
@@ -805,6 +828,8 @@ _FIELDS = [
     "min_tokens",
     "echo",
     "prompt_logprobs",
+    "bad_words",
+    "truncate_prompt_tokens",
     "max_completion_tokens",
 ]
 _bodies = st.fixed_dictionaries(

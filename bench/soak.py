@@ -6,14 +6,16 @@ Owns the whole experiment and its verdict; it changes nothing in the system unde
    and a tiny LLaVA model, and some requests carry images) behind the real HTTP frontend.
 2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
    workload (streaming and not, greedy and seeded, short and long prompts, n > 1, a quarter
-   with penalties, a logit bias or an allow-list) in which
+   with penalties, a logit bias, an allow-list or bad words; a fifth of the completions with
+   prompt logprobs or echo, some of those with max_tokens 0) in which
    10% of requests are aborted by the client at a random point and 5% are malformed, while a
    random worker is SIGKILLed every ``--kill-every`` seconds. A 503 (documented while no worker
    of a role is alive) is retried by the client, as a real client would.
 3. Stop the kills; wait for the worker set to be restored; run ``check_integrity()`` on every
    live worker (leaked blocks, stranded leases).
 4. Replay every completed request on a fault-free single engine (same HTTP frontend) and
-   compare text and finish reasons choice by choice.
+   compare text and finish reasons choice by choice, and the prompt logprobs (received once
+   per stream).
 
 Prints a JSON summary (``requests, completed, aborted, kills, replacements, mismatches,
 leaked_blocks, stranded_leases, p99_latency_s_faulty, p99_latency_s_quiet`` and more) and exits
@@ -163,6 +165,7 @@ def _sampling(rng: random.Random) -> dict[str, Any]:
             {"repetition_penalty": 1.3},
             {"logit_bias": {str(rng.randrange(3, 200)): 8.0}, "frequency_penalty": 1.0},
             {"allowed_token_ids": [rng.randrange(3, 500) for _ in range(8)]},
+            {"bad_words": [rng.choice(["the", "and", ".", ",", "a", "of"])]},
         ]))
     return body
 
@@ -180,7 +183,25 @@ def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dic
     if rng.random() < 0.3:
         messages = [{"role": "user", "content": f"question {rng.randrange(10**6)}"}]
         return "/v1/chat/completions", {**body, "messages": messages}
+    draw = rng.random()
+    if draw < 0.1:  # scored prompts: the prefill worker's logprobs reach the client once
+        body["prompt_logprobs"] = 1
+    elif draw < 0.15:
+        body.update(echo=True, logprobs=1)
+    elif draw < 0.2:  # an evaluation harness's loglikelihood request: the prompt alone
+        body.update(echo=True, logprobs=1, max_tokens=0)
     return "/v1/completions", {**body, "prompt": prompt}
+
+
+def _prompt_lp(slot: dict[str, Any], choice: dict[str, Any]) -> None:
+    """Record a choice's prompt logprobs (the prompt tokens' own, 4 decimals) and count the
+    copies (a stream must carry them once)."""
+    pl = choice.get("prompt_logprobs")
+    if pl is None:
+        return
+    slot["prompt_lp_copies"] = slot.get("prompt_lp_copies", 0) + 1
+    slot["prompt_lp"] = [None if step is None else round(next(iter(step.values()))["logprob"], 4)
+                         for step in pl]
 
 
 _MALFORMED: list[tuple[str, Any]] = [
@@ -233,6 +254,8 @@ async def _read_stream(response: Any, outcome: Outcome, stop_after: int | None) 
             slot = outcome.choices.setdefault(c["index"], {"text": "", "finish_reason": None})
             slot["text"] += c.get("delta", {}).get("content") or c.get("text") or ""
             slot["finish_reason"] = c.get("finish_reason") or slot["finish_reason"]
+            if c.get("prompt_logprobs") is not None:  # counted on choice 0, whichever has them
+                _prompt_lp(outcome.choices.setdefault(0, {"text": "", "finish_reason": None}), c)
     return True
 
 
@@ -241,6 +264,8 @@ def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
     for c in payload.get("choices", []):
         text = c["message"]["content"] if "message" in c else c["text"]
         out[c["index"]] = {"text": text, "finish_reason": c["finish_reason"]}
+        if c["index"] == 0:  # every choice carries them whole; a stream, on one chunk
+            _prompt_lp(out[0], c)
     return out
 
 
@@ -565,6 +590,7 @@ def summarize(cfg: SoakConfig, outcomes: Sequence[Outcome], killer: Killer, repl
         "malformed_not_4xx": len(bad_malformed),
         "aborts_unexpected_status": len(unexpected),
         "retried_503": sum(o.retries_503 for o in outcomes),
+        "with_prompt_logprobs": sum("prompt_lp" in o.choices.get(0, {}) for o in completed),
         "integrity_problems": checks["problems"][:20],
         "checked_workers": checks.get("checked_workers", []),
         "workers_restored": restored,

@@ -48,12 +48,19 @@ class LLM:
         messages: Messages | Sequence[Messages],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+        """Apply the model's chat template to each conversation, then generate
+        (``continue_final_message``, ``chat_template_kwargs``: as vLLM's ``LLM.chat``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts: list[PromptType | dict[str, Any]] = [
-            tok.apply_chat_template(list(c), add_generation_prompt) for c in conversations  # type: ignore[arg-type]
+            tok.apply_chat_template(list(c), add_generation_prompt,  # type: ignore[arg-type]
+                                    continue_final_message=continue_final_message,
+                                    template_kwargs=chat_template_kwargs)
+            for c in conversations
         ]
         return self._run(prompts, _as_params_list(sampling_params, len(prompts)))
 

@@ -106,12 +106,17 @@ def build_request(
     request_id: str = "",
     images: Sequence[bytes] = (),
     structured_outputs: dict[str, Any] | None = None,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from exactly one input and vLLM-named sampling keywords; ``images``
     (PNG/JPEG bytes) fill the input's ``<image>`` placeholders in order (multimodal models);
     ``structured_outputs``: one of ``{"json": schema | text, "json_object": True, "regex": str,
-    "choice": [str], "grammar": str}`` (plus ``disable_any_whitespace``)."""
+    "choice": [str], "grammar": str}`` (plus ``disable_any_whitespace``). With ``messages``:
+    ``add_generation_prompt`` (default true), ``continue_final_message`` and
+    ``chat_template_kwargs`` as vLLM's chat options."""
     inputs = [x is not None for x in (text, token_ids, messages)]
     if sum(inputs) != 1:
         raise ValueError("give exactly one of text, token_ids or messages")
@@ -132,6 +137,12 @@ def build_request(
         req.token_ids.ids.extend(token_ids)
     else:
         req.messages.messages.extend(pb.ChatMessage(**m) for m in messages or [])
+        if add_generation_prompt is not None:
+            req.messages.add_generation_prompt = add_generation_prompt
+        if continue_final_message:
+            req.messages.continue_final_message = True
+        if chat_template_kwargs is not None:
+            req.messages.chat_template_kwargs.update(chat_template_kwargs)
     return req
 
 

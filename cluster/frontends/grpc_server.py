@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -147,6 +148,24 @@ def _messages(msg: pb.ChatMessages) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.content} for m in msg.messages]
 
 
+def _template_kwargs(msg: pb.ChatMessages) -> dict[str, Any] | None:
+    """``chat_template_kwargs`` as plain Python values (a Struct's numbers are floats: whole
+    ones become ints, as JSON would give them)."""
+    if not msg.HasField("chat_template_kwargs"):
+        return None
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in json_format.MessageToDict(msg.chat_template_kwargs).items()}
+
+
 def _add_generation_prompt(msg: pb.ChatMessages) -> bool:
     return msg.add_generation_prompt if msg.HasField("add_generation_prompt") else True
 
@@ -184,7 +203,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if kind == "messages":
             msgs = _messages(request.messages)
             return chat_prompt_ids(
-                self.backend.tokenizer, msgs, _add_generation_prompt(request.messages)
+                self.backend.tokenizer, msgs, _add_generation_prompt(request.messages),
+                continue_final_message=request.messages.continue_final_message,
+                template_kwargs=_template_kwargs(request.messages),
             )
         raise InvalidRequestError("input: set one of text, token_ids or messages", "input")
 
@@ -254,7 +275,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if kind == "messages":
                 ids = await off_loop(
                     chat_prompt_ids,
-                    tok, _messages(request.messages), _add_generation_prompt(request.messages)
+                    tok, _messages(request.messages), _add_generation_prompt(request.messages),
+                    continue_final_message=request.messages.continue_final_message,
+                    template_kwargs=_template_kwargs(request.messages),
                 )
             elif kind == "text":
                 special = (

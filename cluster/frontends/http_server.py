@@ -501,8 +501,10 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         # seconds, and the loop serves every other request's stream meanwhile
         if body.messages is not None:
             msgs = [m.model_dump() for m in body.messages]
-            ids = await off_loop(chat_prompt_ids, tok, msgs, body.add_generation_prompt,
-                                front.backend.image_token)
+            ids = await off_loop(
+                chat_prompt_ids, tok, msgs, body.add_generation_prompt, front.backend.image_token,
+                continue_final_message=body.continue_final_message,
+                template_kwargs=body.chat_template_kwargs)
         else:
             ids = await off_loop(tok.encode, body.prompt,
                                 add_special_tokens=body.add_special_tokens)
@@ -545,7 +547,9 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
                            "named function", param="tool_choice")
         ids, images = await off_loop(
             chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
-            front.backend.image_token, tools=body.tool_dicts() or None)
+            front.backend.image_token, tools=body.tool_dicts() or None,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=body.chat_template_kwargs)
         prompt: PromptInput = ids
         if images:
             prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}

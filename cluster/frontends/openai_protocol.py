@@ -334,6 +334,11 @@ class ChatCompletionRequest(_SamplingFields):
     """Most likely alternatives per token (needs logprobs=true)."""
     add_generation_prompt: StrictBool = True
     """vLLM extra: end the prompt with the assistant turn's header."""
+    continue_final_message: StrictBool = False
+    """vLLM extra: the prompt ends inside the last (assistant) message, which the model goes
+    on with (needs add_generation_prompt false)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM extra: more variables for the chat template (e.g. Qwen3's enable_thinking)."""
     tools: list[ToolParam] | None = Field(None, max_length=128)
     """Functions the model may call (rendered by the chat template when it knows tools)."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -400,6 +405,8 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(BaseModel):

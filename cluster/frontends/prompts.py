@@ -37,26 +37,36 @@ def new_request_id(prefix: str) -> str:
 
 def chat_prompt_ids(
     tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-    image_token: str | None = None,
+    image_token: str | None = None, *, continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of ``messages`` under the model's chat template; raises InvalidRequestError.
 
     Images (multimodal models only) stay as their placeholder token; see ``chat_prompt``."""
-    return chat_prompt(tokenizer, messages, add_generation_prompt, image_token)[0]
+    return chat_prompt(tokenizer, messages, add_generation_prompt, image_token,
+                       continue_final_message=continue_final_message,
+                       template_kwargs=template_kwargs)[0]
 
 
 def chat_prompt(
     tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-    image_token: str | None = None, tools: list[dict[str, Any]] | None = None,
+    image_token: str | None = None, tools: list[dict[str, Any]] | None = None, *,
+    continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[str]]:
     """(token ids, image data URLs in order). ``image_token``: the multimodal model's
     placeholder (``<image>``), put where each image part stood, as vLLM does; None refuses
-    images (a text-only model). ``tools``: OpenAI tool definitions for the template."""
+    images (a text-only model). ``tools``: OpenAI tool definitions for the template.
+    ``continue_final_message`` and ``template_kwargs`` (vLLM's ``chat_template_kwargs``): see
+    ``Tokenizer.apply_chat_template``."""
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", field="messages")
     images: list[str] = []
     flat = [_flatten_message(i, m, image_token, images) for i, m in enumerate(messages)]
-    kwargs = {"tools": tools} if tools else {}
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
+    if template_kwargs:
+        kwargs["template_kwargs"] = template_kwargs
     ids = tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt,
                                         **kwargs)
     return list(ids), images

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from splitserve.errors import InvalidRequestError
 
 
@@ -46,17 +48,36 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, *, continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (``tools``: OpenAI
-        tool definitions, for templates that render them; others ignore them)."""
+        tool definitions, for templates that render them; others ignore them).
+        ``continue_final_message``: end inside the last (assistant) message, for the model to
+        go on with it (vLLM's extra; not with ``add_generation_prompt``).
+        ``template_kwargs``: more variables for the template (vLLM's ``chat_template_kwargs``,
+        e.g. Qwen3's ``enable_thinking``); the renderer's own argument names are refused."""
         if not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template", field="messages")
         _check_messages(messages)
-        ids = self.hf.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-            tools=tools or None,
-        )
+        extra = check_template_kwargs(template_kwargs)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise InvalidRequestError(
+                    "continue_final_message cannot be combined with add_generation_prompt "
+                    "(set add_generation_prompt to false)", field="continue_final_message")
+            if messages[-1].get("role") != "assistant":
+                raise InvalidRequestError(
+                    "continue_final_message needs the last message to be the assistant's",
+                    field="continue_final_message")
+        try:
+            ids = self.hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                tools=tools or None, continue_final_message=continue_final_message, **extra,
+            )
+        except TemplateError as e:  # the template's own refusal (roles must alternate...)
+            raise InvalidRequestError(f"the chat template refused the messages: {e}",
+                                      field="messages") from e
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -76,3 +97,35 @@ def _check_messages(messages: Any) -> None:
             raise InvalidRequestError(
                 f"messages[{i}] must be an object with 'role' and 'content'", field="messages"
             )
+
+
+TEMPLATE_RESERVED = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "return_dict", "return_tensors", "padding",
+    "truncation", "max_length", "chat_template", "tokenizer_kwargs",
+    "return_assistant_tokens_mask",
+})
+"""Arguments of the template renderer itself: not template variables a request may set."""
+
+MAX_TEMPLATE_KWARGS = 64
+
+
+def check_template_kwargs(kwargs: Any) -> dict[str, Any]:
+    """A request's ``chat_template_kwargs``, checked: a mapping of at most 64 names, none of
+    them one of the renderer's own arguments."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise InvalidRequestError("chat_template_kwargs must be an object",
+                                  field="chat_template_kwargs")
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise InvalidRequestError(
+            f"chat_template_kwargs has {len(kwargs)} names; at most {MAX_TEMPLATE_KWARGS}",
+            field="chat_template_kwargs")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier() or key in TEMPLATE_RESERVED:
+            raise InvalidRequestError(
+                f"chat_template_kwargs cannot set {key!r} (not a template variable name, or "
+                "an argument of the renderer: use the request's own field)",
+                field=f"chat_template_kwargs.{key}")
+    return dict(kwargs)

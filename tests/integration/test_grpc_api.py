@@ -235,6 +235,21 @@ def test_bad_words_and_truncate_prompt_tokens(client: Client, llm: LLM) -> None:
     assert banned.completions[0].token_ids != free.completions[0].token_ids
 
 
+def test_chat_options(client: Client, llm: LLM) -> None:
+    msgs = [{"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "My favourite color is"}]
+    res = client.generate(messages=msgs, max_tokens=5, temperature=0.0,
+                          add_generation_prompt=False, continue_final_message=True,
+                          chat_template_kwargs={"enable_thinking": False, "depth": 2})
+    want = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=5), add_generation_prompt=False,
+                    continue_final_message=True)[0]
+    assert res.completions[0].token_ids == want.outputs[0].token_ids
+    for kwargs, field in (({"continue_final_message": True}, "continue_final_message"),
+                          ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools")):
+        with pytest.raises(InvalidArgumentError, match=field):
+            client.generate(messages=msgs, max_tokens=2, **kwargs)
+
+
 PROMPT = list(range(300, 318))
 
 

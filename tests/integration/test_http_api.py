@@ -269,6 +269,28 @@ def test_truncate_prompt_tokens_and_bad_words(client: openai.OpenAI, tiny_model_
     assert banned.choices[0].text == ref.outputs[0].text != free.choices[0].text
 
 
+def test_continue_final_message_and_template_kwargs(
+    client: openai.OpenAI, http: httpx.Client, tiny_model_dir
+) -> None:
+    msgs = [{"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "My favourite color is"}]
+    body = {"model": "tiny", "messages": msgs, "add_generation_prompt": False,
+            "continue_final_message": True}
+    r = http.post("/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    tok = llm.engine.tokenizer
+    assert tok.decode(r.json()["tokens"], skip_special_tokens=False).endswith(
+        "My favourite color is")
+    res = client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=6, temperature=0,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                    "chat_template_kwargs": {"enable_thinking": False}})
+    want = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=6), add_generation_prompt=False,
+                    continue_final_message=True)[0].outputs[0].text
+    assert res.choices[0].message.content == want
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_scores_a_text_as_evaluation_harnesses_do(
     client: openai.OpenAI, tiny_model_dir, stream: bool
@@ -435,6 +457,13 @@ BAD_CASES = [
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
      "truncate_prompt_tokens"),
     ("/v1/completions", {**GOOD, "guided_regex": "a+"}, 400, "guided_regex"),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"tools": []}}, 400,
+     "chat_template_kwargs.tools"),
+    ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": "x"}, 400, "chat_template_kwargs"),
+    ("/v1/chat/completions", {**CHAT, "continue_final_message": True}, 400,
+     "continue_final_message"),
+    ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": {"messages": 1}}, 400,
+     "chat_template_kwargs.messages"),
     ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
     ("/v1/completions", {**GOOD, "guided_choice": ["a", "b"]}, 400, "guided_choice"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400,
@@ -830,6 +859,8 @@ _FIELDS = [
     "prompt_logprobs",
     "bad_words",
     "truncate_prompt_tokens",
+    "chat_template_kwargs",
+    "continue_final_message",
     "max_completion_tokens",
 ]
 _bodies = st.fixed_dictionaries(

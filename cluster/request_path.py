@@ -36,7 +36,7 @@ from splitserve.cluster.inputs import PreparedInput
 from splitserve.cluster.membership import WORKER_LOST, Membership, WorkerLost, aref
 from splitserve.cluster.worker_streams import WorkerStreamEnded, WorkerStreams
 from splitserve.errors import EngineFailedError, NoHealthyWorkerError, RequestAbortedError
-from splitserve.hashing import hash_block_tokens
+from splitserve.hashing import hash_block_tokens, root_hash
 from splitserve.outputs import RequestOutput
 from splitserve.roles.engine.sampler import draw_seed
 from splitserve.roles.llm import _merge
@@ -266,7 +266,8 @@ class RequestPath:
             logger.warning("decode worker %s lost before its first token: %s", flight.decode, e)
 
     def _place(self, request_id: str, inp: PreparedInput, params: SamplingParams) -> Placement:
-        hashes = hash_block_tokens(inp.ids, self.config.block_size, extra_keys=inp.extra_keys)
+        hashes = hash_block_tokens(inp.ids, self.config.block_size, extra_keys=inp.extra_keys,
+                                   parent_hash=root_hash(params.cache_salt))
         try:
             placement = self.router.route(RouteRequest(
                 request_id, len(inp.ids), hashes, image_hashes=tuple(inp.image_hashes),

@@ -51,6 +51,16 @@ def hash_block(
     return h.intdigest()
 
 
+def root_hash(cache_salt: str | None) -> int:
+    """The parent hash of a request's first block: ``NONE_HASH``, or one derived from its
+    ``cache_salt`` (vLLM's): every block of a salted request then hashes apart from the same
+    tokens under another salt or none, so the prefix cache (and cache-aware routing) shares
+    KV only between requests that carry the same salt."""
+    if cache_salt is None:
+        return NONE_HASH
+    return hash_block(NONE_HASH, [], ("cache_salt", cache_salt))
+
+
 def hash_block_tokens(
     token_ids: Sequence[int],
     block_size: int,

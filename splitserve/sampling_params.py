@@ -166,6 +166,10 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     """vLLM extra: keep only the prompt's last k tokens (k >= 1, at most the context length);
     -1: the last ``max_model_len``."""
+    cache_salt: str | None = None
+    """vLLM extra: the prefix cache shares KV only between requests with the same salt (a
+    tenant's secret, e.g. 43 random base64 characters, so another cannot time its prompts
+    by their cache hits). Not a sampling parameter, but it travels with them."""
     stop_list: list[str] = field(init=False, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, init=False, repr=False)
     """``bad_words`` as token sequences, set by the engine that runs the request."""
@@ -249,6 +253,9 @@ class SamplingParams:
         if tpt is not None and (not isinstance(tpt, int) or isinstance(tpt, bool)
                                 or not (tpt == -1 or tpt >= 1)):
             raise bad("truncate_prompt_tokens", f"must be -1 or an integer >= 1, got {tpt!r}")
+        salt = self.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 1024):
+            raise bad("cache_salt", "must be a non-empty string of at most 1024 characters")
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")

@@ -73,6 +73,7 @@ _OPTIONAL_SAMPLING = (
     "repetition_penalty",
     "prompt_logprobs",
     "truncate_prompt_tokens",
+    "cache_salt",
 )
 
 

@@ -134,6 +134,8 @@ class _SamplingFields(BaseModel):
     """vLLM extra: words never generated (as written or after a space)."""
     truncate_prompt_tokens: StrictInt | None = None
     """vLLM extra: keep the prompt's last k tokens (-1: the context length's worth)."""
+    cache_salt: str | None = None
+    """vLLM extra: share prefix-cache KV only with requests of the same salt."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -244,6 +246,7 @@ class _SamplingFields(BaseModel):
             "prompt_logprobs": self.prompt_logprobs,
             "bad_words": self.bad_words,
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "cache_salt": self.cache_salt,
         }
         if self.repetition_penalty is not None:
             kwargs["repetition_penalty"] = self.repetition_penalty

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from splitserve.hashing import NONE_HASH, hash_block_tokens
+from splitserve.hashing import hash_block_tokens, root_hash
 from splitserve.outputs import Logprob
 from splitserve.request import RequestStatus
 from splitserve.sampling_params import SamplingParams
@@ -64,6 +64,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.mm = mm
         """Images of the prompt (placeholder ranges, content hashes, embeddings), or None."""
+        self.root_hash = root_hash(sampling_params.cache_salt)
+        """Parent hash of the first block (its ``cache_salt``'s)."""
         self.block_hashes: list[int] = []
         self._update_block_hashes()
         self.remote_kv_source = remote_kv_source
@@ -117,7 +119,7 @@ class Request:
         """Extend the chained hashes to every full block of the token sequence."""
         done = len(self.block_hashes)
         start = done * self.block_size
-        parent = self.block_hashes[-1] if self.block_hashes else NONE_HASH
+        parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
         extra = None
         if self.mm is not None:  # blocks over an image also key on its content hash
             num_new = len(self.all_token_ids) // self.block_size - done

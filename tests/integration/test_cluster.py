@@ -146,6 +146,25 @@ def test_prompt_logprobs_come_once_from_the_prefill_worker(cluster: Cluster, sin
     assert len(out.outputs) == 2 and len(out.prompt_logprobs) == len(prompt)
 
 
+def test_cache_salt_through_the_cluster(cluster: Cluster, single: LLM) -> None:
+    """The router places a salted prompt by its salted hashes and the prefill worker shares
+    its blocks only with the same salt."""
+    prompt = list(range(3000, 3064))
+
+    def run(salt: str) -> tuple[int, list[int]]:
+        out = cluster.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                        ignore_eos=True, cache_salt=salt))[0]
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    first = run("a")
+    assert first[0] == 0
+    assert run("a")[0] > 0
+    assert run("b")[0] == 0
+    want = single.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+                                                    ignore_eos=True))[0].outputs[0].token_ids
+    assert first[1] == run("b")[1] == want
+
+
 def test_short_prompt_prefills_on_decode(cluster: Cluster, single: LLM) -> None:
     before = {w["role"]: w["prefix_cache_queries"] for w in cluster.status()["workers"]}
     prompt = [5, 6, 7, 8, 9]  # within local_prefill_max_tokens

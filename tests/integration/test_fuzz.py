@@ -114,6 +114,7 @@ def _sampling(draw: st.DrawFn) -> pb.SamplingParams:
         "prompt_logprobs": draw(st.one_of(st.integers(-2, 25), _int32)),
         "truncate_prompt_tokens": draw(st.one_of(st.integers(-3, 40), _int32)),
         "bad_words": draw(st.lists(st.text(max_size=6), max_size=3)),
+        "cache_salt": draw(st.text(max_size=8)),
         "include_stop_str_in_output": draw(st.booleans()),
         "skip_special_tokens": draw(st.booleans()),
     }

@@ -105,6 +105,20 @@ def test_prefix_cache_shows_in_usage(client: openai.OpenAI) -> None:
     assert res.usage.prompt_tokens_details.cached_tokens == 32
 
 
+def test_cache_salt_keeps_tenants_apart(client: openai.OpenAI) -> None:
+    prompt = list(range(4000, 4040))  # 2 full blocks of 16 are cacheable
+
+    def cached(salt: str | None) -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        res = client.completions.create(model="tiny", prompt=prompt, max_tokens=2,
+                                        temperature=0, extra_body=extra)
+        return res.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0 and cached(None) == 0
+    assert cached("tenant-a") == 32 and cached(None) == 32
+
+
 def test_stream_adds_up_and_reports_usage(client: openai.OpenAI) -> None:
     kwargs = dict(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0)
     whole = client.completions.create(**kwargs)
@@ -452,6 +466,7 @@ BAD_CASES = [
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, -2]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 10**9]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "bad_words": [""]}, 400, "bad_words"),
+    ("/v1/completions", {**GOOD, "cache_salt": ""}, 400, "cache_salt"),
     ("/v1/chat/completions", {**CHAT, "bad_words": "x"}, 400, "bad_words"),
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
@@ -861,6 +876,7 @@ _FIELDS = [
     "truncate_prompt_tokens",
     "chat_template_kwargs",
     "continue_final_message",
+    "cache_salt",
     "max_completion_tokens",
 ]
 _bodies = st.fixed_dictionaries(

@@ -342,6 +342,11 @@ class ChatCompletionRequest(_SamplingFields):
     on with (needs add_generation_prompt false)."""
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM extra: more variables for the chat template (e.g. Qwen3's enable_thinking)."""
+    echo: StrictBool = False
+    """vLLM extra (the last message prepended to the answer); accepted only as false."""
+    chat_template: str | None = None
+    """vLLM extra (a template of the request's own); accepted only as null: the model's
+    template applies."""
     tools: list[ToolParam] | None = Field(None, max_length=128)
     """Functions the model may call (rendered by the chat template when it knows tools)."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -392,6 +397,11 @@ class ChatCompletionRequest(_SamplingFields):
         return super().constraint_field()
 
     def to_sampling_params(self) -> SamplingParams:
+        if self.echo:
+            raise InvalidRequestError("echo is not supported in chat", field="echo")
+        if self.chat_template is not None:
+            raise InvalidRequestError("a request's own chat_template is not supported; the "
+                                      "model's applies", field="chat_template")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs=true", field="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

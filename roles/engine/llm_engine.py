@@ -694,7 +694,9 @@ def _sample_params(params: SamplingParams, i: int) -> SamplingParams:
     the same for all), so the others may still take the prompt from the prefix cache."""
     if i == 0 or params.prompt_logprobs is None:
         return params
-    return dataclasses.replace(params, prompt_logprobs=None)
+    child = dataclasses.replace(params, prompt_logprobs=None)
+    child.bad_words_token_ids = params.bad_words_token_ids  # resolved, not an init field
+    return child
 
 
 def _detokenize(detok: IncrementalDetokenizer, new_tokens: list[int]) -> tuple[str | None, int]:

@@ -477,6 +477,8 @@ BAD_CASES = [
     ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": "x"}, 400, "chat_template_kwargs"),
     ("/v1/chat/completions", {**CHAT, "continue_final_message": True}, 400,
      "continue_final_message"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {**CHAT, "chat_template": "{{ messages }}"}, 400, "chat_template"),
     ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": {"messages": 1}}, 400,
      "chat_template_kwargs.messages"),
     ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),

@@ -92,6 +92,22 @@ def test_greedy_with_bad_words_equals_the_reference(tiny: LLM, hf) -> None:
             assert not any(out[i:i + len(w)] == w for i in range(len(out)))
 
 
+def test_every_sample_bans_them(tiny: LLM) -> None:
+    """With ``n`` > 1 and prompt logprobs (the first sample alone computes those), the other
+    samples keep the resolved words."""
+    tok = tiny.engine.tokenizer
+    free = tiny.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=16,
+                                                     ignore_eos=True))[0]
+    outs = [c.token_ids for c in free.outputs]
+    word, ids = _word_of(tok, outs[1:], 1)
+    banned = tiny.generate(PROMPTS[:1], SamplingParams(
+        n=3, temperature=1.0, seed=4, max_tokens=16, ignore_eos=True, bad_words=[word],
+        prompt_logprobs=0))[0]
+    assert banned.prompt_logprobs is not None
+    for c in banned.outputs:
+        assert ids[0] not in c.token_ids
+
+
 def test_bad_words_survive_the_handoff(tiny_model_dir, tiny: LLM) -> None:
     tok = tiny.engine.tokenizer
     free = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, _greedy(20))]

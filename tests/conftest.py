@@ -35,3 +35,20 @@ def smollm():
     from splitserve import LLM
 
     return LLM(kv_cache_memory_bytes=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    """An ``LLM`` over the tiny random Llama (256 KV blocks), one per test module."""
+    from splitserve import LLM
+
+    return LLM(str(tiny_model_dir), num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_model_dir):
+    """The tiny random Llama in Hugging Face transformers (float32): the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)

@@ -17,29 +17,17 @@ from tests.unit.test_disagg_engine import _drive, _engines
 PROMPTS = [list(range(900 + 53 * i, 930 + 53 * i)) for i in range(3)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir), num_kv_blocks=256)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
-
-
 def _greedy(n: int = 16, **kw: object) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)  # type: ignore[arg-type]
 
 
-def _reference(hf, prompt: list[int], n: int, words: list[list[int]]) -> list[int]:
+def _reference(tiny_hf, prompt: list[int], n: int, words: list[list[int]]) -> list[int]:
     """Greedy tokens with each word's last token set to -inf where the output ends with the
     word's other tokens."""
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            logits = hf(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            logits = tiny_hf(input_ids=torch.tensor([ids])).logits[0, -1].clone()
             for w in words:
                 head = w[:-1]
                 if not head or (len(head) <= len(out) and out[len(out) - len(head):] == head):
@@ -54,9 +42,9 @@ def _resolved(llm: LLM, words: list[str]) -> list[list[int]]:
     return llm.engine._bad_words_ids(words)
 
 
-def test_each_word_is_taken_as_written_and_after_a_space(tiny: LLM) -> None:
-    tok = tiny.engine.tokenizer
-    ids = _resolved(tiny, ["hello", " world"])
+def test_each_word_is_taken_as_written_and_after_a_space(tiny_llm: LLM) -> None:
+    tok = tiny_llm.engine.tokenizer
+    ids = _resolved(tiny_llm, ["hello", " world"])
     assert tok.encode("hello", add_special_tokens=False) in ids
     assert tok.encode(" hello", add_special_tokens=False) in ids
     assert tok.encode("world", add_special_tokens=False) in ids  # leading space stripped first
@@ -76,31 +64,31 @@ def _word_of(tok, outputs: list[list[int]], size: int) -> tuple[str, list[int]]:
     raise AssertionError(f"no word of {size} tokens round-trips in these outputs")
 
 
-def test_greedy_with_bad_words_equals_the_reference(tiny: LLM, hf) -> None:
-    tok = tiny.engine.tokenizer
-    free = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, _greedy())]
+def test_greedy_with_bad_words_equals_the_reference(tiny_llm: LLM, tiny_hf) -> None:
+    tok = tiny_llm.engine.tokenizer
+    free = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, _greedy())]
     single, single_ids = _word_of(tok, free, 1)
     double, double_ids = _word_of(tok, free, 2)
-    resolved = _resolved(tiny, [single, double])
+    resolved = _resolved(tiny_llm, [single, double])
     assert single_ids in resolved and double_ids in resolved
     params = _greedy(bad_words=[single, double])
-    got = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params)]
-    assert got == [_reference(hf, p, 16, resolved) for p in PROMPTS]
+    got = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
+    assert got == [_reference(tiny_hf, p, 16, resolved) for p in PROMPTS]
     assert got != free  # the ban changed the output
     for out in got:
         for w in resolved:
             assert not any(out[i:i + len(w)] == w for i in range(len(out)))
 
 
-def test_every_sample_bans_them(tiny: LLM) -> None:
+def test_every_sample_bans_them(tiny_llm: LLM) -> None:
     """With ``n`` > 1 and prompt logprobs (the first sample alone computes those), the other
     samples keep the resolved words."""
-    tok = tiny.engine.tokenizer
-    free = tiny.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=16,
+    tok = tiny_llm.engine.tokenizer
+    free = tiny_llm.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, seed=4, max_tokens=16,
                                                      ignore_eos=True))[0]
     outs = [c.token_ids for c in free.outputs]
     word, ids = _word_of(tok, outs[1:], 1)
-    banned = tiny.generate(PROMPTS[:1], SamplingParams(
+    banned = tiny_llm.generate(PROMPTS[:1], SamplingParams(
         n=3, temperature=1.0, seed=4, max_tokens=16, ignore_eos=True, bad_words=[word],
         prompt_logprobs=0))[0]
     assert banned.prompt_logprobs is not None
@@ -108,11 +96,11 @@ def test_every_sample_bans_them(tiny: LLM) -> None:
         assert ids[0] not in c.token_ids
 
 
-def test_bad_words_survive_the_handoff(tiny_model_dir, tiny: LLM) -> None:
-    tok = tiny.engine.tokenizer
-    free = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, _greedy(20))]
+def test_bad_words_survive_the_handoff(tiny_model_dir, tiny_llm: LLM) -> None:
+    tok = tiny_llm.engine.tokenizer
+    free = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, _greedy(20))]
     params = _greedy(20, bad_words=[_word_of(tok, free, 2)[0], _word_of(tok, free[1:], 1)[0]])
-    want = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params)]
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
     assert want != free
     prefill, decode = _engines(tiny_model_dir)
     got = _drive(prefill, decode, PROMPTS, params)

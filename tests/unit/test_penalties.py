@@ -17,19 +17,7 @@ from tests.unit.test_disagg_engine import _drive, _engines
 PROMPTS = [list(range(700 + 37 * i, 730 + 37 * i)) for i in range(3)]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir), num_kv_blocks=256)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
-
-
-def _reference(hf, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
+def _reference(tiny_hf, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
     """Greedy tokens with the bias and penalties applied by their definitions."""
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -37,7 +25,7 @@ def _reference(hf, prompt: list[int], n: int, params: SamplingParams) -> list[in
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            logits = hf(input_ids=torch.tensor([ids])).logits[0, -1].clone()
+            logits = tiny_hf(input_ids=torch.tensor([ids])).logits[0, -1].clone()
             if params.allowed_token_ids:
                 keep = torch.full_like(logits, float("-inf"))
                 keep[params.allowed_token_ids] = logits[params.allowed_token_ids]
@@ -72,10 +60,10 @@ def _greedy(n: int = 20, **kw: object) -> SamplingParams:
     {"allowed_token_ids": [5, 77, 900, 1234, 4000, 30000]},
     {"allowed_token_ids": [5, 77, 900, 1234], "logit_bias": {77: 5.0}, "frequency_penalty": 2.0},
 ])
-def test_greedy_with_penalties_equals_the_reference(tiny: LLM, hf, kw: dict) -> None:
+def test_greedy_with_penalties_equals_the_reference(tiny_llm: LLM, tiny_hf, kw: dict) -> None:
     params = _greedy(**kw)
-    got = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params)]
-    want = [_reference(hf, p, 20, params) for p in PROMPTS]
+    got = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
+    want = [_reference(tiny_hf, p, 20, params) for p in PROMPTS]
     assert got == want
     # the penalties, and the bias, each changed the output (a test that passes when they are
     # ignored proves nothing)
@@ -85,30 +73,30 @@ def test_greedy_with_penalties_equals_the_reference(tiny: LLM, hf, kw: dict) -> 
     others = [_greedy(**penalties), _greedy(logit_bias=kw["logit_bias"])] if (
         penalties and "logit_bias" in kw) else [_greedy()]
     for other in others:
-        assert [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, other)] != got
+        assert [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, other)] != got
 
 
-def test_logit_bias_forces_and_bans_tokens_when_sampling_too(tiny: LLM) -> None:
-    forced = tiny.generate(PROMPTS, SamplingParams(temperature=1.0, seed=3, max_tokens=12,
+def test_logit_bias_forces_and_bans_tokens_when_sampling_too(tiny_llm: LLM) -> None:
+    forced = tiny_llm.generate(PROMPTS, SamplingParams(temperature=1.0, seed=3, max_tokens=12,
                                                    ignore_eos=True, logit_bias={4321: 100.0}))
     assert all(o.outputs[0].token_ids == [4321] * 12 for o in forced)
-    free = tiny.generate(PROMPTS, _greedy(12))
+    free = tiny_llm.generate(PROMPTS, _greedy(12))
     banned = {t for o in free for t in o.outputs[0].token_ids}
-    out = tiny.generate(PROMPTS, _greedy(12, logit_bias={t: -100.0 for t in banned}))
+    out = tiny_llm.generate(PROMPTS, _greedy(12, logit_bias={t: -100.0 for t in banned}))
     assert not banned & {t for o in out for t in o.outputs[0].token_ids}
 
 
-def test_logprobs_stay_the_models(tiny: LLM) -> None:
+def test_logprobs_stay_the_models(tiny_llm: LLM) -> None:
     """As vLLM's default (raw logprobs): a bias changes the pick, not the reported logprob."""
-    free = tiny.generate(PROMPTS[:1], _greedy(1, logprobs=0))[0].outputs[0]
+    free = tiny_llm.generate(PROMPTS[:1], _greedy(1, logprobs=0))[0].outputs[0]
     first = free.token_ids[0]
-    biased = tiny.generate(PROMPTS[:1], _greedy(1, logprobs=0, logit_bias={first: -100.0}))
+    biased = tiny_llm.generate(PROMPTS[:1], _greedy(1, logprobs=0, logit_bias={first: -100.0}))
     out = biased[0].outputs[0]
     assert out.token_ids[0] != first
     assert out.logprobs[0][out.token_ids[0]].logprob < free.logprobs[0][first].logprob
 
 
-def test_seeded_sampling_with_penalties_survives_the_handoff(tiny_model_dir, tiny: LLM) -> None:
+def test_seeded_sampling_with_penalties_survives_the_handoff(tiny_model_dir, tiny_llm: LLM) -> None:
     """Prefill worker samples the first token, the decode worker the rest: the penalties see
     the same tokens there, so the output is the single engine's."""
     for params in (
@@ -118,13 +106,13 @@ def test_seeded_sampling_with_penalties_survives_the_handoff(tiny_model_dir, tin
     ):
         prefill, decode = _engines(tiny_model_dir)
         got = _drive(prefill, decode, PROMPTS, params)
-        want = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params)]
+        want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
         assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
         for eng in (prefill, decode):
             assert eng.kv.pool.num_free_blocks == eng.num_blocks
 
 
-def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny: LLM) -> None:
+def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny_llm: LLM) -> None:
     """Each verify row is adjusts_logits with the draft before it: outputs equal the engine's
     without speculation, with drafts both accepted and rejected."""
     from tests.unit.test_structured_engine import _OracleProposer
@@ -135,7 +123,7 @@ def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny: LLM) -> None:
                        presence_penalty=1.0),
         _greedy(30),
     ]
-    want = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS, params)]
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
     spec = LLM(str(tiny_model_dir), num_kv_blocks=256,
                speculative_config={"method": "ngram", "num_speculative_tokens": 4,
                                    "adaptive": False})

@@ -16,22 +16,10 @@ from tests.unit.test_disagg_engine import _drive, _engines
 PROMPTS = [list(range(300 + 41 * i, 300 + 41 * i + 20 + 23 * i)) for i in range(3)]  # 20-66
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir), num_kv_blocks=256)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float32)
-
-
-def _hf_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+def _hf_logprobs(tiny_hf, prompt: list[int]) -> torch.Tensor:
     """[len(prompt) - 1, V]: row p is the distribution of token p + 1."""
     with torch.no_grad():
-        logits = hf(input_ids=torch.tensor([prompt])).logits[0, :-1].float()
+        logits = tiny_hf(input_ids=torch.tensor([prompt])).logits[0, :-1].float()
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -49,12 +37,12 @@ def _values(pl) -> list[tuple[int, float, int]]:
     return out
 
 
-def test_prompt_logprobs_equal_the_reference(tiny: LLM, hf) -> None:
-    outs = tiny.generate(PROMPTS, _params(3))
+def test_prompt_logprobs_equal_the_reference(tiny_llm: LLM, tiny_hf) -> None:
+    outs = tiny_llm.generate(PROMPTS, _params(3))
     for prompt, out in zip(PROMPTS, outs, strict=True):
         pl = out.prompt_logprobs
         assert pl is not None and len(pl) == len(prompt) and pl[0] is None
-        ref = _hf_logprobs(hf, prompt)
+        ref = _hf_logprobs(tiny_hf, prompt)
         for p, step in enumerate(pl[1:]):
             token = prompt[p + 1]
             assert next(iter(step)) == token
@@ -70,20 +58,20 @@ def test_prompt_logprobs_equal_the_reference(tiny: LLM, hf) -> None:
                 assert lp.logprob == pytest.approx(float(ref[p, t]), abs=1e-4)
                 assert lp.decoded_token is not None
         # the generated tokens are the ones a request without prompt logprobs gets
-        plain = tiny.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
+        plain = tiny_llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=4,
                                                        ignore_eos=True))[0]
         assert out.outputs[0].token_ids == plain.outputs[0].token_ids
         assert plain.prompt_logprobs is None
 
 
-def test_zero_top_gives_the_prompt_tokens_own(tiny: LLM) -> None:
-    pl = tiny.generate(PROMPTS[:1], _params(0))[0].prompt_logprobs
+def test_zero_top_gives_the_prompt_tokens_own(tiny_llm: LLM) -> None:
+    pl = tiny_llm.generate(PROMPTS[:1], _params(0))[0].prompt_logprobs
     assert pl is not None and all(len(step) == 1 for step in pl[1:])
     assert [next(iter(step)) for step in pl[1:]] == PROMPTS[0][1:]
 
 
-def test_chunked_prompt_and_batch_give_the_same_values(tiny_model_dir, tiny: LLM) -> None:
-    whole = [_values(o.prompt_logprobs) for o in tiny.generate(PROMPTS, _params(2))]
+def test_chunked_prompt_and_batch_give_the_same_values(tiny_model_dir, tiny_llm: LLM) -> None:
+    whole = [_values(o.prompt_logprobs) for o in tiny_llm.generate(PROMPTS, _params(2))]
     chunked = LLM(str(tiny_model_dir), num_kv_blocks=256, max_num_batched_tokens=16)
     outs = chunked.generate(PROMPTS, _params(2))
     for got, want in zip((_values(o.prompt_logprobs) for o in outs), whole, strict=True):
@@ -108,32 +96,32 @@ def test_a_cached_prompt_is_computed_again_for_its_logprobs(tiny_model_dir) -> N
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
 
 
-def test_other_requests_in_the_batch_are_unchanged(tiny: LLM) -> None:
+def test_other_requests_in_the_batch_are_unchanged(tiny_llm: LLM) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    alone = [o.outputs[0].token_ids for o in tiny.generate(PROMPTS[1:], greedy)]
-    mixed = tiny.generate([PROMPTS[0], *PROMPTS[1:]], [_params(2), greedy, greedy])
+    alone = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS[1:], greedy)]
+    mixed = tiny_llm.generate([PROMPTS[0], *PROMPTS[1:]], [_params(2), greedy, greedy])
     assert [o.outputs[0].token_ids for o in mixed[1:]] == alone
     assert all(o.prompt_logprobs is None for o in mixed[1:])
     assert mixed[0].prompt_logprobs is not None
 
 
-def test_n_samples_share_one_list(tiny: LLM) -> None:
-    out = tiny.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=3,
+def test_n_samples_share_one_list(tiny_llm: LLM) -> None:
+    out = tiny_llm.generate(PROMPTS[:1], SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=3,
                                                     prompt_logprobs=1))[0]
     assert len(out.outputs) == 3
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(PROMPTS[0])
 
 
-def test_a_one_token_prompt_has_only_none(tiny: LLM) -> None:
-    assert tiny.generate([[1234]], _params(2))[0].prompt_logprobs == [None]
+def test_a_one_token_prompt_has_only_none(tiny_llm: LLM) -> None:
+    assert tiny_llm.generate([[1234]], _params(2))[0].prompt_logprobs == [None]
 
 
-def test_sent_once_across_the_handoff(tiny_model_dir, tiny: LLM) -> None:
+def test_sent_once_across_the_handoff(tiny_model_dir, tiny_llm: LLM) -> None:
     """The prefill worker computes them and sends them with its hand-off; the decode worker
     pulls the prompt's KV instead of computing it, so it has none to send (were the KV not
     moved, it would compute the prompt and send them again)."""
     params = _params(2)
-    want = {f"r{i}": o for i, o in enumerate(tiny.generate(PROMPTS, params))}
+    want = {f"r{i}": o for i, o in enumerate(tiny_llm.generate(PROMPTS, params))}
     prefill, decode = _engines(tiny_model_dir)
     seen: dict[str, list] = {}
     for name, engine in (("prefill", prefill), ("decode", decode)):

@@ -105,6 +105,7 @@ class StructuredOutputsParams:
 _MAX_LOGPROBS = 20
 _MAX_BAD_WORDS = 256
 """Each bad word is checked against every row's output at every step."""
+_MAX_BAD_WORD_CHARS = 256
 
 
 @dataclass
@@ -248,6 +249,9 @@ class SamplingParams:
                 raise bad("bad_words", "must be a list of non-blank strings")
             if len(words) > _MAX_BAD_WORDS:
                 raise bad("bad_words", f"has {len(words)} words; at most {_MAX_BAD_WORDS}")
+            if any(len(w) > _MAX_BAD_WORD_CHARS for w in words):
+                raise bad("bad_words", f"words must be at most {_MAX_BAD_WORD_CHARS} characters "
+                          "(each is tokenized by every engine that runs the request)")
             self.bad_words = list(words)
         tpt = self.truncate_prompt_tokens
         if tpt is not None and (not isinstance(tpt, int) or isinstance(tpt, bool)

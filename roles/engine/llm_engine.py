@@ -140,6 +140,8 @@ class LLMEngine:
         streamed offer must reach the KV sink while the forward runs. None: it goes out
         with the step's outputs."""
         self._streamed: dict[str, dict[str, Any]] = {}
+        self._token_texts: dict[int, str] = {}
+        """Token id -> its text alone (logprobs' ``decoded_token``), filled as needed."""
         """KV source side: params of requests offered layer-wise, until their hand-off."""
         self._early_tokens: dict[str, list[int]] = {}
         """KV sink side: first tokens that arrived before their request (``resume_remote``)."""
@@ -630,8 +632,15 @@ class LLMEngine:
         )
 
     def _decode_logprobs(self, top: dict[int, Logprob]) -> dict[int, Logprob]:
+        """Each entry's token text (a token alone decodes the same anywhere: memoized, so a
+        long prompt's logprobs cost dictionary lookups on the engine thread, not ~20 decodes
+        per position)."""
+        texts = self._token_texts
         for token_id, lp in top.items():
-            lp.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            text = texts.get(token_id)
+            if text is None:
+                text = texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            lp.decoded_token = text
         return top
 
     def _forget(self, req: Request) -> None:

@@ -130,6 +130,7 @@ def test_truncate_keeps_the_last_tokens(tiny_model_dir) -> None:
     ({"bad_words": ["  "]}, "bad_words"),
     ({"bad_words": [3]}, "bad_words"),
     ({"bad_words": ["w"] * 257}, "bad_words"),
+    ({"bad_words": ["w" * 257]}, "bad_words"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),

@@ -647,9 +647,11 @@ class _Job:
         steps = self.acc.prompt_logprobs.get(prompt_index) or [None] * len(ids)
         tokenizer = self.front.backend.tokenizer
         first = tokenizer.decode(ids[:1], skip_special_tokens=False) if ids else ""
-        rest = completion_logprobs([s for s in steps[1:] if s is not None], len(first))
+        as_ids = self.body.return_tokens_as_token_ids
+        rest = completion_logprobs([s for s in steps[1:] if s is not None], len(first), as_ids)
+        first_name = f"token_id:{ids[0]}" if as_ids and ids else first
         return {
-            "tokens": [first, *rest["tokens"]][: len(ids)],
+            "tokens": [first_name, *rest["tokens"]][: len(ids)],
             "token_logprobs": [None, *rest["token_logprobs"]][: len(ids)],
             "top_logprobs": [None, *rest["top_logprobs"]][: len(ids)],
             "text_offset": [0, *rest["text_offset"]][: len(ids)],
@@ -896,12 +898,13 @@ class _Job:
     ) -> dict[str, Any] | None:
         if self.params.logprobs is None:
             return None
-        return completion_logprobs(lps or [], start)
+        return completion_logprobs(lps or [], start, self.body.return_tokens_as_token_ids)
 
     def _chat_logprobs(self, lps: list[dict[int, Logprob]] | None) -> dict[str, Any] | None:
         if self.params.logprobs is None:
             return None
-        return {"content": chat_logprobs(lps or [], self.params.logprobs)}
+        return {"content": chat_logprobs(lps or [], self.params.logprobs,
+                                         self.body.return_tokens_as_token_ids)}
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -944,22 +947,27 @@ def _sampled(step: dict[int, Logprob]) -> tuple[int, Logprob]:
     return next(iter(step.items()))
 
 
-def _token_text(token_id: int, lp: Logprob) -> str:
+def _token_text(token_id: int, lp: Logprob, as_id: bool = False) -> str:
+    """A token as logprobs name it: its text, or vLLM's ``token_id:<id>`` with
+    ``return_tokens_as_token_ids`` (exact where texts of several tokens look alike)."""
+    if as_id:
+        return f"token_id:{token_id}"
     return lp.decoded_token if lp.decoded_token is not None else f"<{token_id}>"
 
 
-def completion_logprobs(steps: list[dict[int, Logprob]], start: int) -> dict[str, Any]:
-    """OpenAI completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(steps: list[dict[int, Logprob]], start: int,
+                        as_ids: bool = False) -> dict[str, Any]:
+    """OpenAI completions ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset
+    (offsets into the text, also when the tokens are named by id)."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = start
     for step in steps:
         tid, lp = _sampled(step)
-        text = _token_text(tid, lp)
-        tokens.append(text)
+        tokens.append(_token_text(tid, lp, as_ids))
         token_lps.append(_json_logprob(lp))
-        tops.append({_token_text(t, p): _json_logprob(p) for t, p in _by_rank(step)})
+        tops.append({_token_text(t, p, as_ids): _json_logprob(p) for t, p in _by_rank(step)})
         offsets.append(offset)
-        offset += len(text)
+        offset += len(_token_text(tid, lp))
     return {
         "tokens": tokens,
         "token_logprobs": token_lps,
@@ -968,18 +976,19 @@ def completion_logprobs(steps: list[dict[int, Logprob]], start: int) -> dict[str
     }
 
 
-def chat_logprobs(steps: list[dict[int, Logprob]], top_n: int) -> list[dict[str, Any]]:
+def chat_logprobs(steps: list[dict[int, Logprob]], top_n: int,
+                  as_ids: bool = False) -> list[dict[str, Any]]:
     """OpenAI chat ``logprobs.content``: one entry per token with its top alternatives."""
     content = []
     for step in steps:
         tid, lp = _sampled(step)
-        top = [_chat_entry(t, p) for t, p in _by_rank(step)[:top_n]]
-        content.append({**_chat_entry(tid, lp), "top_logprobs": top})
+        top = [_chat_entry(t, p, as_ids) for t, p in _by_rank(step)[:top_n]]
+        content.append({**_chat_entry(tid, lp, as_ids), "top_logprobs": top})
     return content
 
 
-def _chat_entry(token_id: int, lp: Logprob) -> dict[str, Any]:
-    text = _token_text(token_id, lp)
+def _chat_entry(token_id: int, lp: Logprob, as_id: bool = False) -> dict[str, Any]:
+    text = _token_text(token_id, lp, as_id)
     return {"token": text, "logprob": _json_logprob(lp), "bytes": list(text.encode("utf-8"))}
 
 

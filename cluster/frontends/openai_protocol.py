@@ -136,6 +136,10 @@ class _SamplingFields(BaseModel):
     """vLLM extra: keep the prompt's last k tokens (-1: the context length's worth)."""
     cache_salt: str | None = None
     """vLLM extra: share prefix-cache KV only with requests of the same salt."""
+    return_tokens_as_token_ids: StrictBool = False
+    """vLLM extra: logprobs name tokens ``token_id:<id>`` instead of by their text."""
+    priority: StrictInt = 0
+    """vLLM extra (priority scheduling); accepted only as 0: requests are served in order."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -173,6 +177,7 @@ class _SamplingFields(BaseModel):
         """InvalidRequestError naming the first field set to something the engine would
         otherwise ignore."""
         neutral = {
+            "priority": self.priority == 0,
             "best_of": self.best_of is None or self.best_of == self.n,
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),

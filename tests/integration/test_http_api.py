@@ -209,6 +209,24 @@ def test_completion_logprobs_shape(client: openai.OpenAI) -> None:
         assert value == pytest.approx(max(top.values()))  # greedy picks the best
 
 
+def test_tokens_named_by_id(client: openai.OpenAI, tiny_model_dir) -> None:
+    """vLLM's return_tokens_as_token_ids: logprobs name each token ``token_id:<id>``."""
+    prompt = list(range(800, 812))
+    want = LLM(str(tiny_model_dir), num_kv_blocks=64).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+    res = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0,
+                                    logprobs=2, extra_body={"return_tokens_as_token_ids": True})
+    lp = res.choices[0].logprobs
+    assert lp.tokens == [f"token_id:{t}" for t in want.token_ids]
+    assert all(all(k.startswith("token_id:") for k in top) for top in lp.top_logprobs)
+    assert lp.text_offset[-1] < len(res.choices[0].text)  # offsets still index the text
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        logprobs=True, top_logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    for entry in chat.choices[0].logprobs.content:
+        assert entry.token.startswith("token_id:") and entry.bytes == list(entry.token.encode())
+
+
 def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     res = client.chat.completions.create(
         model="tiny",
@@ -467,6 +485,7 @@ BAD_CASES = [
     ("/v1/completions", {**GOOD, "allowed_token_ids": [1, 10**9]}, 400, "allowed_token_ids"),
     ("/v1/completions", {**GOOD, "bad_words": [""]}, 400, "bad_words"),
     ("/v1/completions", {**GOOD, "cache_salt": ""}, 400, "cache_salt"),
+    ("/v1/completions", {**GOOD, "priority": 1}, 400, "priority"),
     ("/v1/chat/completions", {**CHAT, "bad_words": "x"}, 400, "bad_words"),
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ("/v1/completions", {**GOOD, "truncate_prompt_tokens": MAX_MODEL_LEN + 1}, 400,
@@ -879,6 +898,8 @@ _FIELDS = [
     "chat_template_kwargs",
     "continue_final_message",
     "cache_salt",
+    "return_tokens_as_token_ids",
+    "priority",
     "max_completion_tokens",
 ]
 _bodies = st.fixed_dictionaries(

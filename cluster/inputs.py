@@ -63,10 +63,7 @@ class InputPreparer:
         if isinstance(prompt, dict):
             prompt, data = split_prompt(prompt, None)
         ids = prompt_token_ids(prompt, self.tokenizer.encode, self.model_config.vocab_size)
-        if data is not None and params is not None and params.truncate_prompt_tokens is not None:
-            raise InvalidRequestError("truncate_prompt_tokens cannot cut a prompt with images",
-                                      field="truncate_prompt_tokens")
-        ids = truncate_prompt(ids, params, self.max_model_len)
+        ids = truncate_prompt(ids, params, self.max_model_len, data is not None)
         inp = PreparedInput(ids) if data is None else self._with_images(ids, data)
         check_prompt_length(len(inp.ids), self.max_model_len)
         return inp

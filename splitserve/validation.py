@@ -46,12 +46,17 @@ def prompt_token_ids(
     return token_ids
 
 
-def truncate_prompt(token_ids: list[int], params: Any, max_model_len: int) -> list[int]:
+def truncate_prompt(token_ids: list[int], params: Any, max_model_len: int,
+                    has_images: bool = False) -> list[int]:
     """The prompt's last ``params.truncate_prompt_tokens`` ids (-1: the last
-    ``max_model_len``), as vLLM truncates; the ids unchanged when it is unset."""
+    ``max_model_len``), as vLLM truncates; the ids unchanged when it is unset. A prompt with
+    images is not cut (it could cut an image's placeholders)."""
     k = getattr(params, "truncate_prompt_tokens", None)
     if k is None:
         return token_ids
+    if has_images:
+        raise InvalidRequestError("truncate_prompt_tokens cannot cut a prompt with images",
+                                  field="truncate_prompt_tokens")
     if k > max_model_len:
         raise InvalidRequestError(
             f"truncate_prompt_tokens ({k}) is above the model's context length "

@@ -628,21 +628,36 @@ class _Job:
         """Completions with ``echo``: the prompts, as given, to prepend to their choices."""
         self._held: dict[int, list[ChoiceDelta]] = {}
         self._echoed: set[int] = set()
+        self._prompt_texts: dict[int, str] = {}
+        self._echo_heads: dict[int, dict[str, Any]] = {}
 
     @property
     def _echo_only(self) -> bool:
         return self.echo_prompts is not None and getattr(self.body, "echo_only", False)
 
     def _prompt_text(self, prompt_index: int) -> str:
+        """The echoed prompt: as the client gave it, or its (cut) ids decoded, once."""
         assert self.echo_prompts is not None
-        prompt = self.echo_prompts[prompt_index]
-        if isinstance(prompt, str) and self.params.truncate_prompt_tokens is None:
-            return prompt
-        return str(self.front.backend.tokenizer.decode(self.acc.prompt_ids[prompt_index],
-                                                       skip_special_tokens=False))
+        text = self._prompt_texts.get(prompt_index)
+        if text is None:
+            prompt = self.echo_prompts[prompt_index]
+            if isinstance(prompt, str) and self.params.truncate_prompt_tokens is None:
+                text = prompt
+            else:
+                text = str(self.front.backend.tokenizer.decode(
+                    self.acc.prompt_ids[prompt_index], skip_special_tokens=False))
+            self._prompt_texts[prompt_index] = text
+        return text
 
     def _echo_logprobs(self, prompt_index: int) -> dict[str, Any]:
-        """The echoed prompt's part of a choice's ``logprobs`` (the first token's null)."""
+        """The echoed prompt's part of a choice's ``logprobs`` (the first token's null); built
+        once per prompt, whatever its ``n``."""
+        head = self._echo_heads.get(prompt_index)
+        if head is None:
+            head = self._echo_heads[prompt_index] = self._build_echo_logprobs(prompt_index)
+        return head
+
+    def _build_echo_logprobs(self, prompt_index: int) -> dict[str, Any]:
         ids = self.acc.prompt_ids[prompt_index]
         steps = self.acc.prompt_logprobs.get(prompt_index) or [None] * len(ids)
         tokenizer = self.front.backend.tokenizer
@@ -767,12 +782,12 @@ class _Job:
                 "stop_reason": c.stop_reason,
             }
         pi = c.index // self.params.n
-        text, logprobs = c.text, self._cmpl_logprobs(c.logprobs, 0)
-        if self.echo_prompts is not None:
-            prefix_len = len(self._prompt_text(pi))
+        if self.echo_prompts is None:
+            text, logprobs = c.text, self._cmpl_logprobs(c.logprobs, 0)
+        else:
             drawn = [] if self._echo_only else c.logprobs
-            logprobs = self._cmpl_logprobs(drawn, prefix_len)
-            text, logprobs = self._with_echo(pi, "" if self._echo_only else text, logprobs)
+            logprobs = self._cmpl_logprobs(drawn, len(self._prompt_text(pi)))
+            text, logprobs = self._with_echo(pi, "" if self._echo_only else c.text, logprobs)
         choice = {
             "index": c.index,
             "text": text,
@@ -862,14 +877,12 @@ class _Job:
                 "finish_reason": finish_reason,
             }
         start = offsets.get(cd.index, 0)
-        text, logprobs = cd.text, None
-        echo = cd.echo_of
-        if echo is not None:
-            start += len(self._prompt_text(echo))
-            text, logprobs = self._with_echo(echo, text, self._cmpl_logprobs(cd.logprobs, start))
-        else:
-            logprobs = self._cmpl_logprobs(cd.logprobs, start)
-        offsets[cd.index] = offsets.get(cd.index, 0) + len(text)
+        if cd.echo_of is None:
+            text, logprobs = cd.text, self._cmpl_logprobs(cd.logprobs, start)
+        else:  # the choice's first chunk: its prompt in front
+            generated = self._cmpl_logprobs(cd.logprobs, start + len(self._prompt_text(cd.echo_of)))
+            text, logprobs = self._with_echo(cd.echo_of, cd.text, generated)
+        offsets[cd.index] = start + len(text)
         choice = {
             "index": cd.index,
             "text": text,

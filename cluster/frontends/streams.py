@@ -210,7 +210,8 @@ class Accumulator:
     def add(self, prompt_index: int, delta: RequestOutput) -> list[ChoiceDelta]:
         """Fold one delta in; returns what it added per choice."""
         self.prompt_tokens[prompt_index] = len(delta.prompt_token_ids)
-        self.prompt_ids.setdefault(prompt_index, list(delta.prompt_token_ids))
+        if prompt_index not in self.prompt_ids:  # once, not a copy per delta
+            self.prompt_ids[prompt_index] = list(delta.prompt_token_ids)
         cached = max(self.cached_tokens.get(prompt_index, 0), delta.num_cached_tokens)
         self.cached_tokens[prompt_index] = cached
         deltas = [self._add_completion(prompt_index, c) for c in delta.outputs]

@@ -227,13 +227,10 @@ class LLMEngine:
         inner, multi_modal_data = split_prompt(prompt, multi_modal_data)
         token_ids = self.tokenize_prompt(
             list(tokenized) if tokenized is not None and isinstance(inner, str) else inner)
+        token_ids = truncate_prompt(token_ids, params, self.max_model_len, bool(multi_modal_data))
         mm = None
         if multi_modal_data:
-            if params.truncate_prompt_tokens is not None:
-                raise InvalidRequestError("truncate_prompt_tokens cannot cut a prompt with "
-                                          "images", field="truncate_prompt_tokens")
             token_ids, mm = self._multimodal_inputs(token_ids, multi_modal_data)
-        token_ids = truncate_prompt(token_ids, params, self.max_model_len)
         params.bad_words_token_ids = self._bad_words_ids(params.bad_words)
         max_tokens = self._check_lengths(token_ids, params)
         resume = self._check_resume(resume_token_ids, max_tokens)

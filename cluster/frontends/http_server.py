@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve import __version__
-from splitserve.cluster.frontends import tool_parsers
+from splitserve.cluster.frontends import reasoning_parsers, tool_parsers
 from splitserve.cluster.frontends.auth import WWW_AUTHENTICATE, ApiKeyCheck, http_path_is_open
 from splitserve.cluster.frontends.backend import AdmissionBackend, Backend, PromptInput
 from splitserve.cluster.frontends.metrics import CONTENT_TYPE, RequestRecorder, ServerMetrics
@@ -140,6 +140,7 @@ class _Frontend:
         self.metrics = metrics or ServerMetrics(self.model_name)
         self.created = int(time.time())
         self.tool_parser: tool_parsers.ToolParser | None = None
+        self.reasoning_parser: reasoning_parsers.ReasoningParser | None = None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in (self.model_name, self.backend.model_id):
@@ -268,9 +269,12 @@ def build_app(
     metrics: ServerMetrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``backend``; run it with uvicorn. ``tool_call_parser``: how to
-    find tool calls in the model's text for ``tool_choice: auto`` (see ``tool_parsers``)."""
+    find tool calls in the model's text for ``tool_choice: auto`` (see ``tool_parsers``);
+    ``reasoning_parser``: how chat answers' thinking is told from their content (see
+    ``reasoning_parsers``)."""
     app = FastAPI(
         title="splitserve",
         version=__version__,
@@ -278,6 +282,8 @@ def build_app(
     )
     front = _Frontend(backend, served_model_name, api_key, metrics)
     front.tool_parser = tool_parsers.create_parser(tool_call_parser) if tool_call_parser else None
+    front.reasoning_parser = (reasoning_parsers.create_parser(reasoning_parser)
+                              if reasoning_parser else None)
     app.state.frontend = front
     _install_error_handlers(app)
     app.add_middleware(LoneSurrogateMiddleware)  # innermost: after the key and the size
@@ -556,6 +562,11 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         job = _Job(front, "chatcmpl", "chat.completion", params, body,
                    _client_request_id(request))
         job.tool_choice = tool_choice
+        if front.reasoning_parser is not None:
+            tail = await off_loop(front.backend.tokenizer.decode,
+                                  ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
+                                  skip_special_tokens=False)
+            job.reasoning = (front.reasoning_parser, str(tail))
         return await _cancel_on_disconnect(request, job.run([prompt]))
 
 
@@ -624,6 +635,9 @@ class _Job:
         self.tool_choice: str | dict[str, Any] | None = None
         """Chat with tools: auto, required or a named function (None: plain content)."""
         self._tool_streams: dict[int, tool_parsers.ToolStream] = {}
+        self.reasoning: tuple[reasoning_parsers.ReasoningParser, str] | None = None
+        """Chat with a reasoning parser: it and the end of the rendered prompt."""
+        self._reasoning_streams: dict[int, reasoning_parsers.ReasoningStream] = {}
         self.echo_prompts: Sequence[PromptInput] | None = None
         """Completions with ``echo``: the prompts, as given, to prepend to their choices."""
         self._held: dict[int, list[ChoiceDelta]] = {}
@@ -700,6 +714,24 @@ class _Job:
             self._tool_streams[index] = tool_parsers.ToolStream(self.front.tool_parser, forced)
         return self._tool_streams[index]
 
+    def _reasoning_stream(self, index: int) -> reasoning_parsers.ReasoningStream | None:
+        if self.reasoning is None:
+            return None
+        stream = self._reasoning_streams.get(index)
+        if stream is None:
+            parser, tail = self.reasoning
+            constrained = self.params.structured_outputs is not None
+            stream = self._reasoning_streams[index] = parser.stream(tail, constrained)
+        return stream
+
+    def _reasoning_fields(self, reasoning: str | None) -> dict[str, Any]:
+        """A message's or delta's thinking, under both names clients read: vLLM's and
+        SGLang's ``reasoning_content`` and newer vLLM's ``reasoning`` (none with
+        ``include_reasoning: false``)."""
+        if reasoning is None or not getattr(self.body, "include_reasoning", True):
+            return {}
+        return {"reasoning_content": reasoning, "reasoning": reasoning}
+
     def _finish_reason(self, reason: str | None, calls: list[Any]) -> str | None:
         """OpenAI reports a stop that produced calls as tool_calls (a named choice: stop)."""
         if calls and reason == "stop" and not isinstance(self.tool_choice, dict):
@@ -766,14 +798,19 @@ class _Job:
 
     def _full_choice(self, c: Any) -> dict[str, Any]:
         if self.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            text: str | None = c.text
+            reasoning = None
+            thinking = self._reasoning_stream(c.index)
+            if thinking is not None:
+                reasoning, text = thinking.split(c.text)
+            message: dict[str, Any] = {"role": "assistant", "content": text,
+                                       **self._reasoning_fields(reasoning)}
             calls: list[tool_parsers.ToolCall] = []
             stream = self._tool_stream(c.index)
             if stream is not None:
-                stream.text = c.text
+                stream.text = text or ""
                 content, calls = stream.result()
-                message = {"role": "assistant", "content": content,
-                           "tool_calls": [call.to_openai() for call in calls]}
+                message.update(content=content, tool_calls=[call.to_openai() for call in calls])
             return {
                 "index": c.index,
                 "message": message,
@@ -863,11 +900,23 @@ class _Job:
 
     def _delta_choice(self, cd: ChoiceDelta, offsets: dict[int, int]) -> dict[str, Any]:
         if self.chat:
-            delta: dict[str, Any] = {"content": cd.text}
+            text, reasoning = cd.text, None
+            thinking = self._reasoning_stream(cd.index)
+            if thinking is not None:
+                reasoning, text = thinking.feed(cd.text)
+                if cd.finish_reason is not None:
+                    more_reasoning, more_text = thinking.finish()
+                    reasoning, text = reasoning + more_reasoning, text + more_text
+            delta: dict[str, Any] = {"content": text}
             finish_reason = cd.finish_reason
             stream = self._tool_stream(cd.index)
             if stream is not None:
-                delta, finish_reason = self._tool_delta(stream, cd)
+                delta, finish_reason = self._tool_delta(stream, text, cd.finish_reason)
+            if thinking is not None:
+                if reasoning:
+                    delta.update(self._reasoning_fields(reasoning))
+                if not delta.get("content"):
+                    delta["content"] = None
             if cd.first:
                 delta["role"] = "assistant"
             return {
@@ -894,17 +943,17 @@ class _Job:
         return choice
 
     def _tool_delta(
-        self, stream: tool_parsers.ToolStream, cd: ChoiceDelta
+        self, stream: tool_parsers.ToolStream, text: str, finish_reason: str | None
     ) -> tuple[dict[str, Any], str | None]:
         """Content that is surely not a call now; the calls, whole, with the last delta."""
-        delta: dict[str, Any] = {"content": stream.feed(cd.text)}
-        if cd.finish_reason is None:
+        delta: dict[str, Any] = {"content": stream.feed(text)}
+        if finish_reason is None:
             return delta, None
         rest, calls = stream.finish()
         delta["content"] = (delta["content"] + rest) or None
         if calls:
             delta["tool_calls"] = [call.to_delta(i) for i, call in enumerate(calls)]
-        return delta, self._finish_reason(cd.finish_reason, calls)
+        return delta, self._finish_reason(finish_reason, calls)
 
     def _cmpl_logprobs(
         self, lps: list[dict[int, Logprob]] | None, start: int

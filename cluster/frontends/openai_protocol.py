@@ -325,6 +325,9 @@ class ChatMessage(BaseModel):
     """An assistant turn's calls (rendered by templates that know tools)."""
     tool_call_id: str | None = None
     """A tool turn: the call it answers."""
+    reasoning_content: str | None = None
+    """An assistant turn's thinking, as a reasoning parser returned it (templates that know
+    it, Qwen3's, render it; others leave it out)."""
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -359,6 +362,10 @@ class ChatCompletionRequest(_SamplingFields):
     required and named are enforced by a grammar built from the tools' schemas."""
     parallel_tool_calls: StrictBool = True
     """With ``required``: false allows exactly one call."""
+    include_reasoning: StrictBool = True
+    """vLLM extra: with a server's ``--reasoning-parser``, false leaves the thinking out of
+    the response (it is still generated; ``enable_thinking`` in chat_template_kwargs is what
+    turns Qwen3's off)."""
 
     def effective_tool_choice(self) -> str | dict[str, Any] | None:
         """None (no tool calls), "auto", "required" or ``{"type", "function": {"name"}}``."""

@@ -54,6 +54,9 @@ class ServeOptions:
     tool_call_parser: str | None = None
     """Parser of the model's tool-call text for ``tool_choice: auto`` (hermes, llama3_json);
     None refuses auto tool choice."""
+    reasoning_parser: str | None = None
+    """Splits chat answers' thinking into ``reasoning_content`` (qwen3, deepseek_r1); None
+    leaves it in the content."""
     grace_s: float = 10.0
     """How long in-flight requests may run on after a stop was asked for."""
     log_level: str = "warning"
@@ -129,7 +132,7 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
     metrics = ServerMetrics(opts.served_model_name or backend.model_id)
     app = build_app(
         backend, api_key=opts.api_key, served_model_name=opts.served_model_name, metrics=metrics,
-        tool_call_parser=opts.tool_call_parser,
+        tool_call_parser=opts.tool_call_parser, reasoning_parser=opts.reasoning_parser,
     )
     port = opts.port or _free_port(opts.host)
     config = uvicorn.Config(

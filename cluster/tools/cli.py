@@ -116,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
         api_key=api_key, tls=tls, served_model_name=args.served_model_name, grace_s=args.grace,
         log_level=args.log_level, max_in_flight=args.max_in_flight or None,
-        tool_call_parser=args.tool_call_parser,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
     )
     asyncio.run(run_forever(backend, opts, announce=lambda line: print(line, flush=True)))
     return 0
@@ -273,6 +273,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-level", default="warning", help="uvicorn log level")
     srv.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                      help="parse tool calls out of the model's text (needed for tool_choice auto)")
+    srv.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                     help="chat answers' <think> blocks go to reasoning_content, apart from the "
+                          "content")
     srv.set_defaults(func=_serve)
 
 

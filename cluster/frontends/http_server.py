@@ -14,18 +14,18 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve import __version__
-from splitserve.cluster.frontends import reasoning_parsers, tool_parsers
+from splitserve.cluster.frontends import reasoning_parsers, responses_api, tool_parsers
 from splitserve.cluster.frontends.auth import WWW_AUTHENTICATE, ApiKeyCheck, http_path_is_open
 from splitserve.cluster.frontends.backend import AdmissionBackend, Backend, PromptInput
 from splitserve.cluster.frontends.metrics import CONTENT_TYPE, RequestRecorder, ServerMetrics
@@ -141,6 +141,8 @@ class _Frontend:
         self.created = int(time.time())
         self.tool_parser: tool_parsers.ToolParser | None = None
         self.reasoning_parser: reasoning_parsers.ReasoningParser | None = None
+        self.responses = responses_api.ResponseStore()
+        """Stored Responses API responses (``store: true``)."""
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in (self.model_name, self.backend.model_id):
@@ -543,31 +545,99 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     @app.post("/v1/chat/completions", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         front.check_model(body.model)
-        msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-        # 400s of constraints and tools before any work; their checks off the loop
-        params = await off_loop(body.to_sampling_params)
-        tool_choice = body.effective_tool_choice()
-        if tool_choice == "auto" and front.tool_parser is None:
-            raise APIError(400, "tool_choice auto needs a server started with "
-                           "--tool-call-parser (hermes or llama3_json); or use required or a "
-                           "named function", param="tool_choice")
-        ids, images = await off_loop(
-            chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
-            front.backend.image_token, tools=body.tool_dicts() or None,
-            continue_final_message=body.continue_final_message,
-            template_kwargs=body.chat_template_kwargs)
-        prompt: PromptInput = ids
-        if images:
-            prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
-        job = _Job(front, "chatcmpl", "chat.completion", params, body,
-                   _client_request_id(request))
-        job.tool_choice = tool_choice
-        if front.reasoning_parser is not None:
-            tail = await off_loop(front.backend.tokenizer.decode,
-                                  ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
-                                  skip_special_tokens=False)
-            job.reasoning = (front.reasoning_parser, str(tail))
-        return await _cancel_on_disconnect(request, job.run([prompt]))
+        job = await _chat_job(front, body, lambda params: _Job(
+            front, "chatcmpl", "chat.completion", params, body, _client_request_id(request)))
+        return await _cancel_on_disconnect(request, job.run([job.prompt]))
+
+    @app.post("/v1/responses", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
+    async def responses(body: responses_api.ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API (see ``responses_api``)."""
+        front.check_model(body.model)
+        try:
+            body.refuse_unsupported()
+            history: list[dict[str, Any]] = []
+            if body.previous_response_id is not None:
+                stored = front.responses.get(body.previous_response_id)
+                if stored is None:
+                    raise APIError(400, f"previous response {body.previous_response_id!r} not "
+                                   "found (not stored, or evicted)", param="previous_response_id")
+                history = stored[1]
+            conversation = history + responses_api.input_messages(body.input)
+            chat = _responses_chat(body, conversation)
+            job = await _chat_job(front, chat, lambda params: _ResponsesJob(
+                front, params, chat, body, conversation))
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=responses_api.responses_field(e.field)) from e
+        except APIError as e:
+            e.param = responses_api.responses_field(e.param)
+            raise
+        return await _cancel_on_disconnect(request, job.run([job.prompt]))
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"],
+                   responses=_errors(401, 404))
+    async def stored_response(response_id: str, request: Request) -> dict[str, Any]:
+        """A stored response (GET), or its removal (DELETE)."""
+        if request.method == "DELETE":
+            if front.responses.delete(response_id):
+                return {"id": response_id, "object": "response.deleted", "deleted": True}
+        else:
+            stored = front.responses.get(response_id)
+            if stored is not None:
+                return stored[0]
+        raise APIError(404, f"response {response_id!r} not found", "not_found_error",
+                       param="response_id")
+
+
+async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
+                    make_job: Callable[[Any], _Job]) -> _Job:
+    """A chat request's job, its prompt rendered: 400s of constraints and tools before any
+    work, their checks and the template off the loop."""
+    msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+    params = await off_loop(body.to_sampling_params)
+    tool_choice = body.effective_tool_choice()
+    if tool_choice == "auto" and front.tool_parser is None:
+        raise APIError(400, "tool_choice auto needs a server started with "
+                       "--tool-call-parser (hermes or llama3_json); or use required or a "
+                       "named function", param="tool_choice")
+    ids, images = await off_loop(
+        chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
+        front.backend.image_token, tools=body.tool_dicts() or None,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs)
+    job = make_job(params)
+    job.prompt = ids
+    if images:
+        job.prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+    job.tool_choice = tool_choice
+    if front.reasoning_parser is not None:
+        tail = await off_loop(front.backend.tokenizer.decode,
+                              ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
+                              skip_special_tokens=False)
+        job.reasoning = (front.reasoning_parser, str(tail))
+    return job
+
+
+def _responses_chat(body: responses_api.ResponsesRequest,
+                    conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request a Responses request runs as (errors name the Responses fields)."""
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    fields: dict[str, Any] = {
+        "model": body.model, "messages": system + conversation, "stream": body.stream,
+        "max_completion_tokens": body.max_output_tokens, "temperature": body.temperature,
+        "top_p": body.top_p, "tools": body.chat_tools(), "tool_choice": body.chat_tool_choice(),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": body.response_format(),
+    }
+    extra = body.model_extra or {}
+    fields.update({k: extra[k] for k in responses_api.SAMPLING_EXTRAS if k in extra})
+    try:
+        return ChatCompletionRequest.model_validate(
+            {k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        err = _validation_error(e.errors())
+        err.param = responses_api.responses_field(err.param)
+        err.message = f"{err.param}: {e.errors()[0].get('msg')}" if e.errors() else err.message
+        raise err from None
 
 
 def _client_request_id(request: Request) -> str | None:
@@ -638,6 +708,8 @@ class _Job:
         self.reasoning: tuple[reasoning_parsers.ReasoningParser, str] | None = None
         """Chat with a reasoning parser: it and the end of the rendered prompt."""
         self._reasoning_streams: dict[int, reasoning_parsers.ReasoningStream] = {}
+        self.prompt: PromptInput = []
+        """Chat: the rendered prompt."""
         self.echo_prompts: Sequence[PromptInput] | None = None
         """Completions with ``echo``: the prompts, as given, to prepend to their choices."""
         self._held: dict[int, list[ChoiceDelta]] = {}
@@ -967,6 +1039,93 @@ class _Job:
             return None
         return {"content": chat_logprobs(lps or [], self.params.logprobs,
                                          self.body.return_tokens_as_token_ids)}
+
+
+class _ResponsesJob(_Job):
+    """A Responses API request: a chat job whose answer is output items and typed events."""
+
+    def __init__(self, front: _Frontend, params: Any, chat: ChatCompletionRequest,
+                 body: responses_api.ResponsesRequest, conversation: list[dict[str, Any]]
+                 ) -> None:
+        super().__init__(front, "chatcmpl", "chat.completion", params, chat)
+        self.id = new_request_id("resp")
+        self.request = body
+        self.conversation = conversation
+        """The turns before the answer (without ``instructions``): what a later
+        ``previous_response_id`` continues."""
+
+    def _status(self) -> str:
+        (choice,) = self.acc.ordered() or [None]
+        return "incomplete" if choice is not None and choice.finish_reason == "length" \
+            else "completed"
+
+    def _response(self, status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
+        reasoning = "".join(c["text"] for item in output if item["type"] == "reasoning"
+                            for c in item["content"])
+        tokens = len(self.front.backend.tokenizer.encode(reasoning, add_special_tokens=False)) \
+            if reasoning else 0
+        usage = responses_api.usage(self.acc.usage(), tokens) if status != "in_progress" else None
+        response = responses_api.response_object(
+            self.id, self.created, self.front.model_name, self.request, status, output, usage)
+        if status != "in_progress" and self.request.store:
+            turns = self.conversation + responses_api.items_as_messages(output)
+            self.front.responses.put(response, turns)
+        return response
+
+    async def _whole(self, streams: list[AsyncIterator[RequestOutput]]) -> Response:
+        stream = merge(streams)
+        try:
+            async for i, delta in stream:
+                self.recorder.observe(delta)
+                self.acc.add(i, delta)
+        finally:
+            await stream.aclose()
+        self._finish()
+        (choice,) = self.acc.ordered()
+        status = self._status()
+        output = responses_api.output_items(self._full_choice(choice)["message"], status)
+        return JSONResponse(self._response(status, output), headers={
+            "x-request-id": self.id, "server-timing": _server_timing(self.recorder)})
+
+    async def _sse(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+        events = responses_api.Events()
+        started = self._response("in_progress", [])
+        yield events.event("response.created", response=started)
+        yield events.event("response.in_progress", response=started)
+        stream = merge(streams)
+        offsets: dict[int, int] = {}
+        try:
+            async for i, delta in stream:
+                self.recorder.observe(delta)
+                for cd in self.acc.add(i, delta):
+                    for event in self._events(events, self._delta_choice(cd, offsets)["delta"]):
+                        yield event
+            self._finish()
+            status = self._status()
+            if not any(item["type"] in ("message", "function_call") for item in events.items):
+                for event in events.content(""):  # an empty answer is an empty message
+                    yield event
+            for event in events.close(status):
+                yield event
+            kind = "response.completed" if status == "completed" else "response.incomplete"
+            yield events.event(kind, response=self._response(status, events.items))
+        except Exception as e:  # after headers went out, the error travels in the stream
+            err = to_api_error(e)
+            yield events.event("error", code=err.code, message=err.message, param=err.param)
+        finally:
+            await stream.aclose()
+
+    @staticmethod
+    def _events(events: responses_api.Events, delta: dict[str, Any]) -> list[str]:
+        out: list[str] = []
+        if delta.get("reasoning_content"):
+            out += events.reasoning(delta["reasoning_content"])
+        if delta.get("content"):
+            out += events.content(delta["content"])
+        for call in delta.get("tool_calls") or []:
+            out += events.function_call(call["id"], call["function"]["name"],
+                                        call["function"]["arguments"])
+        return out
 
 
 class _ClosingStreamingResponse(StreamingResponse):

@@ -1,0 +1,205 @@
+"""OpenAI's Responses API (``/v1/responses``) through the official ``openai`` client: bodies and
+every streamed event validate against the client's own types, answers equal the same chat on
+``LLM.chat``, a conversation continues from a stored response, tools and reasoning come back
+as their items, and bad input is a 400 naming the Responses field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from splitserve import SamplingParams
+from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.prompts import chat_prompt, chat_prompt_ids
+from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                          "required": ["city"], "additionalProperties": False}}
+THINK_REGEX = "<think>[a-z]{2,6}</think>[a-z]{2,6}"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir) -> Iterator[BackgroundServer]:
+    backend = EngineBackend.from_config(model=str(tiny_model_dir), num_kv_blocks=256,
+                                        max_model_len=512)
+    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
+                        tool_call_parser="hermes", reasoning_parser="qwen3")
+    with BackgroundServer(backend, opts) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.http_url, timeout=60) as c:
+        yield c
+
+
+def _create(client: openai.OpenAI, **kwargs: Any) -> Response:
+    """A response, its raw body validated strictly against the client's type."""
+    raw = client.responses.with_raw_response.create(model="tiny", **kwargs)
+    return Response.model_validate(json.loads(raw.text))
+
+
+def _events(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
+    """A streamed response's events, each validated strictly, numbered 0, 1, 2, ..."""
+    with client.responses.with_streaming_response.create(model="tiny", stream=True,
+                                                         **kwargs) as raw:
+        lines = [line.removeprefix("data: ") for line in raw.iter_lines()
+                 if line.startswith("data: ")]
+    events = [EVENTS.validate_python(json.loads(line)) for line in lines]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+def _chat_text(tiny_llm: Any, messages: list[dict[str, Any]], max_tokens: int,
+               regex: str | None = None) -> str:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                            structured_outputs={"regex": regex} if regex else None)
+    return tiny_llm.chat(messages, params)[0].outputs[0].text
+
+
+def test_text_answer_whole_and_streamed(client, tiny_llm) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    want = _chat_text(tiny_llm, messages, 8)
+    res = _create(client, input="Hi", instructions="Be brief.", max_output_tokens=8,
+                  temperature=0)
+    assert res.output_text == want and res.status == "incomplete"
+    assert res.incomplete_details is not None
+    assert res.incomplete_details.reason == "max_output_tokens"
+    (item,) = res.output
+    assert item.type == "message" and item.role == "assistant"
+    prompt = chat_prompt_ids(tiny_llm.engine.tokenizer, messages)
+    assert res.usage is not None and res.usage.input_tokens == len(prompt)
+    assert res.usage.output_tokens == 8 and res.usage.total_tokens == len(prompt) + 8
+
+    events = _events(client, input="Hi", instructions="Be brief.", max_output_tokens=8,
+                     temperature=0)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.incomplete"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == want
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert done.text == want
+    final = events[-1].response
+    assert final.output_text == want and final.usage.output_tokens == 8
+    # the client's own stream helper accepts the sequence (it checks items and parts; it
+    # wants a completed response: an answer that stops)
+    short = _chat_text(tiny_llm, messages, 8, "[a-z]{2,4}")
+    with client.responses.stream(model="tiny", input="Hi", instructions="Be brief.",
+                                 max_output_tokens=8, temperature=0,
+                                 extra_body={"structured_outputs": {"regex": "[a-z]{2,4}"}}
+                                 ) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == short
+
+
+def test_conversation_continues_from_stored_response(client, http, tiny_llm) -> None:
+    first = _create(client, input="Name a color.", max_output_tokens=4, temperature=0)
+    second = _create(client, input="Another one?", max_output_tokens=4, temperature=0,
+                     previous_response_id=first.id)
+    turns = [{"role": "user", "content": "Name a color."},
+             {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "Another one?"}]
+    # the stored turns were put before the input: the prompt is the whole conversation
+    assert second.usage.input_tokens == len(chat_prompt_ids(tiny_llm.engine.tokenizer, turns))
+    assert second.output_text == _chat_text(tiny_llm, turns, 4)
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text
+    assert http.delete(f"/v1/responses/{first.id}").json()["deleted"] is True
+    assert http.get(f"/v1/responses/{first.id}").status_code == 404
+    r = http.post("/v1/responses", json={"input": "x", "previous_response_id": first.id})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    unstored = _create(client, input="Hi", max_output_tokens=2, store=False)
+    assert http.get(f"/v1/responses/{unstored.id}").status_code == 404
+
+
+def test_function_call_and_its_output(client, tiny_llm) -> None:
+    res = _create(client, input="Weather in Paris?", tools=[WEATHER], max_output_tokens=40,
+                  tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    calls = [item for item in res.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert json.loads(calls[0].arguments)["city"] in ("Paris", "Rome")
+    events = _events(client, input="Weather in Paris?", tools=[WEATHER], max_output_tokens=40,
+                     tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    (args,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert args.arguments == calls[0].arguments
+    # the call's result goes back as an input item, after the stored turn
+    follow = _create(client, previous_response_id=res.id, max_output_tokens=4, temperature=0,
+                     tools=[WEATHER], tool_choice="none",
+                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                             "output": '{"temp": 21}'}])
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [{
+                 "id": calls[0].call_id, "type": "function",
+                 "function": {"name": "get_weather", "arguments": calls[0].arguments}}]},
+             {"role": "tool", "tool_call_id": calls[0].call_id, "content": '{"temp": 21}'}]
+    prompt, _ = chat_prompt(tiny_llm.engine.tokenizer, turns, tools=[{
+        "type": "function", "function": {k: WEATHER[k] for k in ("name", "description",
+                                                                "parameters")}}])
+    assert follow.usage.input_tokens == len(prompt)
+
+
+def test_reasoning_item(client, tiny_llm) -> None:
+    raw = _chat_text(tiny_llm, [{"role": "user", "content": "Think."}], 40, THINK_REGEX)
+    thought, _, answer = raw.removeprefix("<think>").partition("</think>")
+    body = dict(input="Think.", max_output_tokens=40, temperature=0,
+                extra_body={"structured_outputs": {"regex": THINK_REGEX}})
+    res = _create(client, **body)
+    assert [item.type for item in res.output] == ["reasoning", "message"]
+    assert res.output[0].content[0].text == thought and res.output_text == answer
+    assert res.usage.output_tokens_details.reasoning_tokens > 0
+    events = _events(client, **body)
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == thought
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer
+    assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
+
+
+def test_json_schema_format(client) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    res = _create(client, input="A digit as JSON.", max_output_tokens=30, temperature=0,
+                  text={"format": {"type": "json_schema", "name": "digit", "schema": schema,
+                                   "strict": True}})
+    assert res.status == "completed"
+    jsonschema.validate(json.loads(res.output_text), schema)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": "x", "background": True}, "background"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "a"}}},
+     "text.format.schema"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "input.0.type"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input.0.role"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}},
+     "tool_choice.name"),
+    ({"input": "x", "tools": [WEATHER], "tool_choice": "required",
+      "parallel_tool_calls": False, "text": {"format": {"type": "json_object"}}}, "tool_choice"),
+    ({"input": "x", "tools": [{**WEATHER, "parameters": {"type": "object", "required": 3}}],
+      "tool_choice": "required"}, "tools.0.parameters"),
+    ({"input": "x", "previous_response_id": "resp-missing"}, "previous_response_id"),
+    ({"input": "x", "truncation": "auto"}, "truncation"),
+])
+def test_bad_input_names_the_field(http, body, param) -> None:
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()

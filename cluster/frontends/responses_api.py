@@ -33,6 +33,8 @@ from splitserve.errors import InvalidRequestError
 
 STORE_MAX_RESPONSES = 256
 """Responses kept for ``previous_response_id`` and ``GET``; the oldest go first."""
+STORE_MAX_BYTES = 64 << 20
+"""And at most this much of them (their JSON): conversations with images run to megabytes."""
 SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
                    "logit_bias", "bad_words", "cache_salt", "skip_special_tokens",
@@ -159,8 +161,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             call = {"id": _text(item, "call_id", i), "type": "function", "function": {
                 "name": _text(item, "name", i), "arguments": _text(item, "arguments", i)}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)
+            if last is not None and last["role"] == "assistant":  # the same turn's calls
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
                 if reasoning is not None:
@@ -394,28 +396,44 @@ class Events:
 
 
 class ResponseStore:
-    """Stored responses (``store: true``) and each one's conversation, most recent
-    ``capacity`` kept; thread-safe."""
+    """Stored responses (``store: true``) and each one's conversation: the most recent
+    ``capacity`` within ``max_bytes`` (an entry larger than that alone is not kept);
+    thread-safe."""
 
-    def __init__(self, capacity: int = STORE_MAX_RESPONSES) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+    def __init__(self, capacity: int = STORE_MAX_RESPONSES,
+                 max_bytes: int = STORE_MAX_BYTES) -> None:
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = \
+            OrderedDict()
+        self.bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> bool:
+        """Keep it (evicting the oldest as needed); False when it alone is too large."""
+        size = len(json.dumps([response, conversation], separators=(",", ":")))
+        if size > self.max_bytes:
+            return False
         with self._lock:
-            self._items[response["id"]] = (response, conversation)
-            self._items.move_to_end(response["id"])
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            old = self._items.pop(response["id"], None)
+            if old is not None:
+                self.bytes -= old[2]
+            self._items[response["id"]] = (response, conversation, size)
+            self.bytes += size
+            while len(self._items) > self.capacity or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][2]
+        return True
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         with self._lock:
-            return self._items.get(rid)
+            got = self._items.get(rid)
+        return None if got is None else (got[0], got[1])
 
     def delete(self, rid: str) -> bool:
         with self._lock:
-            return self._items.pop(rid, None) is not None
+            got = self._items.pop(rid, None)
+            if got is not None:
+                self.bytes -= got[2]
+        return got is not None
 
     def __len__(self) -> int:
         return len(self._items)

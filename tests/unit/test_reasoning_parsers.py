@@ -3,6 +3,8 @@ where it ends, and that a streamed answer splits exactly as the whole one, for a
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,7 +91,7 @@ def test_streamed_equals_whole(text, cuts, parser, prompt, constrained) -> None:
     """However the text is cut into deltas, the pieces join to the whole answer's split, and
     nothing is lost: reasoning and content are the text less the tags that delimit them."""
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
     reasoning, content, stream = _streamed(parser, prompt, constrained, pieces)
     whole_r, whole_c = parser.stream(prompt, constrained).split(text)
     assert (whole_r or "", whole_c or "") == (reasoning, content)
@@ -100,3 +102,4 @@ def test_streamed_equals_whole(text, cuts, parser, prompt, constrained) -> None:
         assert removed >= len(parser.end)
     elif removed:
         assert text.lstrip().startswith(parser.start)
+

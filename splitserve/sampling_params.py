@@ -38,6 +38,16 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = True
     """JSON without free whitespace (compact separators). Default true here, unlike vLLM:
     small models otherwise loop on whitespace; false allows any whitespace."""
+    think_end: str | None = None
+    """Set by a server's reasoning parser: the tag that ends the model's thinking. The
+    constraint then applies from the token after it and the thinking before it is free
+    (``roles/engine/structured.py``'s gate), as vLLM enforces structured outputs after
+    reasoning."""
+    think_start: str | None = None
+    """The tag that opens thinking: the answer's first token may begin it instead of the
+    constraint's first token (the tag's other tokens then follow, forced)."""
+    thinking: bool = False
+    """The prompt left a think block open: the answer starts inside the thinking."""
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -52,6 +62,10 @@ class StructuredOutputsParams:
 
     def _check_types(self) -> None:
         where = f"structured_outputs.{self.kind}"
+        for tag in (self.think_start, self.think_end):
+            if tag is not None and (not isinstance(tag, str) or not 0 < len(tag) <= 64):
+                raise InvalidRequestError("think tags are strings of 1-64 characters",
+                                          field="structured_outputs")
         if self.json is not None and not isinstance(self.json, str | dict):
             raise InvalidRequestError(f"{where} must be a JSON schema object", field=where)
         if isinstance(self.json, str):

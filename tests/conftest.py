@@ -30,6 +30,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 
 
 @pytest.fixture(scope="session")
+def thinking_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """The tiny random Llama over SmolLM2's vocabulary plus ``<think>`` and ``</think>`` as
+    single added tokens (as Qwen3's and DeepSeek R1's tokenizers have them)."""
+    from transformers import AutoTokenizer
+
+    from tests.utils import make_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<think>", "</think>"])
+    root = tmp_path_factory.mktemp("thinking")
+    tok.save_pretrained(str(root / "tokenizer"))
+    return make_tiny_llama(root / "model", root / "tokenizer", vocab=len(tok))
+
+
+@pytest.fixture(scope="session")
 def smollm():
     """The embedded SmolLM2-135M-Instruct engine, loaded once per test session."""
     from splitserve import LLM

@@ -604,16 +604,24 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
         front.backend.image_token, tools=body.tool_dicts() or None,
         continue_final_message=body.continue_final_message,
         template_kwargs=body.chat_template_kwargs)
+    tail = None
+    parser = front.reasoning_parser
+    if parser is not None:
+        tail = str(await off_loop(front.backend.tokenizer.decode,
+                                  ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
+                                  skip_special_tokens=False))
+        so = params.structured_outputs
+        if isinstance(so, StructuredOutputsParams):  # the constraint starts after the thinking
+            params.structured_outputs = dataclasses.replace(
+                so, think_start=parser.start, think_end=parser.end,
+                thinking=parser.always_thinks or parser.prompt_opens(tail))
     job = make_job(params)
     job.prompt = ids
     if images:
         job.prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
     job.tool_choice = tool_choice
-    if front.reasoning_parser is not None:
-        tail = await off_loop(front.backend.tokenizer.decode,
-                              ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
-                              skip_special_tokens=False)
-        job.reasoning = (front.reasoning_parser, str(tail))
+    if parser is not None and tail is not None:
+        job.reasoning = (parser, tail)
     return job
 
 
@@ -792,7 +800,9 @@ class _Job:
         stream = self._reasoning_streams.get(index)
         if stream is None:
             parser, tail = self.reasoning
-            constrained = self.params.structured_outputs is not None
+            so = self.params.structured_outputs
+            # a constraint gated on the thinking (a reasoning parser's) lets the model think
+            constrained = isinstance(so, StructuredOutputsParams) and so.think_end is None
             stream = self._reasoning_streams[index] = parser.stream(tail, constrained)
         return stream
 

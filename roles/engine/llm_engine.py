@@ -253,7 +253,7 @@ class LLMEngine:
                 request_id, i, text, detok, num_sent_tokens=len(resume),
                 metrics={"arrival_time": arrival},
             )
-            self.structured.add(child_id, grammar)
+            self.structured.add(child_id, grammar, params)
             self.scheduler.add_request(req)
         self._children[request_id] = children
         early = self._early_tokens.pop(request_id, None)

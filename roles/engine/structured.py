@@ -321,6 +321,65 @@ def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
 # ---------------------------------------------------------------------- matchers
 
 
+class _Gate:
+    """Where a thinking model's constraint starts (``think_end`` set): the output is free
+    while the model thinks and constrained from the token after the end tag.
+
+    States: ``maybe`` (the first output token: the constraint's tokens or the start tag's
+    first token), ``opening`` (the start tag's other tokens, forced), ``thinking`` (free, until
+    the end tag shows in the text of the last few tokens) and ``content`` (constrained). The
+    state is a function of the output tokens alone, so a matcher rebuilt after a hand-off or
+    a replay finds the same point.
+    """
+
+    def __init__(self, tokenizer: Any, so: StructuredOutputsParams) -> None:
+        self._tokenizer = tokenizer
+        self.start_ids: list[int] = (list(tokenizer.encode(so.think_start, add_special_tokens=False))
+                                     if so.think_start else [])
+        assert so.think_end is not None
+        self.end = so.think_end
+        self._window = len(tokenizer.encode(so.think_end, add_special_tokens=False)) + 2
+        self.state = "thinking" if so.thinking else ("maybe" if self.start_ids else "content")
+        self.opened = 0
+        self.recent: list[int] = []
+
+    def copy(self) -> _Gate:
+        other = object.__new__(_Gate)
+        other.__dict__.update(self.__dict__, recent=list(self.recent))
+        return other
+
+    def advance(self, token: int) -> bool:
+        """Take the next output token; whether it is the constraint's (its matcher's)."""
+        if self.state == "maybe":
+            if token != self.start_ids[0]:
+                self.state = "content"
+                return True
+            self.opened = 1
+            self.state = "opening" if len(self.start_ids) > 1 else "thinking"
+        elif self.state == "opening":
+            self.opened += 1
+            if self.opened >= len(self.start_ids):
+                self.state = "thinking"
+        elif self.state == "thinking":
+            self.recent = [*self.recent[-(self._window - 1):], token]
+            if self.end in self._tokenizer.decode(self.recent, skip_special_tokens=False):
+                self.state = "content"
+        else:
+            return True
+        return False
+
+    def fill(self, matcher: Any, bitmask: Tensor, row: int) -> None:
+        """The row of a position before the constraint starts."""
+        if self.state == "thinking":
+            bitmask[row].fill_(-1)
+        elif self.state == "opening":
+            _only(bitmask[row], [self.start_ids[self.opened]])
+        else:  # maybe: the constraint's first tokens, or the start tag's first
+            matcher.fill_next_token_bitmask(bitmask, row)
+            word, bit = divmod(self.start_ids[0], 32)
+            bitmask[row, word] |= _bit(bit)
+
+
 @dataclass
 class _Slot:
     """One constrained request: its compiled grammar and (once built) its matcher."""
@@ -329,6 +388,12 @@ class _Slot:
     matcher: Any = None
     num_accepted: int = 0
     """Output tokens the matcher has consumed."""
+    gate: _Gate | None = None
+    """A thinking model's: the output before the constraint starts."""
+    gate_pos: int = 0
+    """Output tokens the gate has taken."""
+    content_start: int = 0
+    """The output index from which the matcher consumes tokens."""
     broken: bool = False
     """A token the grammar refused was accepted anyway (cannot happen unless tokens were
     produced without the constraint); only stop tokens are allowed from then on."""
@@ -365,9 +430,14 @@ class StructuredOutputManager:
         assert isinstance(so, StructuredOutputsParams)
         return self.compiler.compile(so)
 
-    def add(self, request_id: str, compiled: Any) -> None:
-        if compiled is not None:
-            self._slots[request_id] = _Slot(compiled)
+    def add(self, request_id: str, compiled: Any, params: SamplingParams | None = None) -> None:
+        if compiled is None:
+            return
+        so = params.structured_outputs if params is not None else None
+        gate = None
+        if isinstance(so, StructuredOutputsParams) and so.think_end is not None:
+            gate = _Gate(self._tokenizer, so)
+        self._slots[request_id] = _Slot(compiled, gate=gate)
 
     def release(self, request_id: str) -> None:
         """Forget a finished, aborted or handed-off request's matcher."""
@@ -426,7 +496,15 @@ class StructuredOutputManager:
         is masked), so the rows after it are never kept.
         """
         matcher, walked, valid = slot.matcher, 0, True
+        gate = slot.gate.copy() if slot.gate is not None and slot.gate.state != "content" \
+            else None
         for j in range(len(draft) + 1):
+            if gate is not None and gate.state != "content":
+                gate.fill(matcher, bitmask, row + j)
+                if j < len(draft) and gate.advance(draft[j]):  # the constraint's first token
+                    valid = matcher.accept_token(draft[j])
+                    walked += valid
+                continue
             if not valid or slot.broken or matcher.is_terminated():
                 _only(bitmask[row + j], self._stop_ids)
             else:
@@ -446,7 +524,17 @@ class StructuredOutputManager:
             slot.matcher = xgr.GrammarMatcher(slot.compiled)  # rollback: always unlimited
             slot.num_accepted = 0
             self.num_matcher_builds += 1
-        start = req.num_prompt_tokens + slot.num_accepted
+        gate = slot.gate
+        if gate is not None and gate.state != "content":
+            output = req.all_token_ids[req.num_prompt_tokens:]
+            while slot.gate_pos < len(output) and gate.state != "content":
+                slot.gate_pos += 1
+                if gate.advance(output[slot.gate_pos - 1]):
+                    slot.gate_pos -= 1  # the constraint's own first token: the matcher's
+                slot.content_start = slot.gate_pos
+            if gate.state != "content":
+                return slot
+        start = req.num_prompt_tokens + slot.content_start + slot.num_accepted
         for token in req.all_token_ids[start:]:
             if not slot.broken and not slot.matcher.is_terminated():
                 if not slot.matcher.accept_token(token):

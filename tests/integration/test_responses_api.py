@@ -16,7 +16,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from splitserve import SamplingParams
+from splitserve import LLM, SamplingParams
 from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.frontends.prompts import chat_prompt, chat_prompt_ids
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
@@ -25,12 +25,18 @@ EVENTS = TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
                           "required": ["city"], "additionalProperties": False}}
-THINK_REGEX = "<think>[a-z]{2,6}</think>[a-z]{2,6}"
+THINK = [{"role": "user", "content": "Think."}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir) -> Iterator[BackgroundServer]:
-    backend = EngineBackend.from_config(model=str(tiny_model_dir), num_kv_blocks=256,
+def tiny_llm(thinking_model_dir) -> LLM:
+    """The served model (the tiny Llama with <think> / </think> tokens), in process."""
+    return LLM(str(thinking_model_dir), num_kv_blocks=256)
+
+
+@pytest.fixture(scope="module")
+def server(thinking_model_dir) -> Iterator[BackgroundServer]:
+    backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=256,
                                         max_model_len=512)
     opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
                         tool_call_parser="hermes", reasoning_parser="qwen3")
@@ -67,10 +73,32 @@ def _events(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
 
 
 def _chat_text(tiny_llm: Any, messages: list[dict[str, Any]], max_tokens: int,
-               regex: str | None = None) -> str:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                            structured_outputs={"regex": regex} if regex else None)
-    return tiny_llm.chat(messages, params)[0].outputs[0].text
+               regex: str | None = None, **params: Any) -> str:
+    params = {"temperature": 0.0, **params}
+    sampling = SamplingParams(max_tokens=max_tokens, **params,
+                              structured_outputs={"regex": regex} if regex else None)
+    return tiny_llm.chat(messages, sampling)[0].outputs[0].text
+
+
+def _no_think(tiny_llm: Any) -> dict[str, Any]:
+    """With a reasoning parser a constrained answer may think first (the constraint applies
+    after </think>); a bias against <think> keeps the tiny model to the constraint."""
+    think = tiny_llm.engine.tokenizer.encode("<think>", add_special_tokens=False)[0]
+    return {"logit_bias": {str(think): -100.0}}
+
+
+def _thinking(tiny_llm: Any) -> dict[str, Any]:
+    """Sampling that makes the model open <think>, think, close it and answer: biases towards
+    both tags and a seed found here (this machine's arithmetic), not written down."""
+    tok = tiny_llm.engine.tokenizer
+    ids = [tok.encode(t, add_special_tokens=False)[0] for t in ("<think>", "</think>")]
+    for seed in range(48):
+        params = {"temperature": 1.0, "seed": seed, "logit_bias": {ids[0]: 8.0, ids[1]: 8.0}}
+        raw = _chat_text(tiny_llm, THINK, 24, **params)
+        thought, tag, answer = raw.removeprefix("<think>").partition("</think>")
+        if raw.startswith("<think>") and tag and thought and answer:
+            return params
+    pytest.fail("no seed of 48 gave <think>, thinking, </think> and an answer")
 
 
 def test_text_answer_whole_and_streamed(client, tiny_llm) -> None:
@@ -103,8 +131,8 @@ def test_text_answer_whole_and_streamed(client, tiny_llm) -> None:
     short = _chat_text(tiny_llm, messages, 8, "[a-z]{2,4}")
     with client.responses.stream(model="tiny", input="Hi", instructions="Be brief.",
                                  max_output_tokens=8, temperature=0,
-                                 extra_body={"structured_outputs": {"regex": "[a-z]{2,4}"}}
-                                 ) as stream:
+                                 extra_body={"structured_outputs": {"regex": "[a-z]{2,4}"},
+                                             **_no_think(tiny_llm)}) as stream:
         final = stream.get_final_response()
     assert final.status == "completed" and final.output_text == short
 
@@ -130,13 +158,16 @@ def test_conversation_continues_from_stored_response(client, http, tiny_llm) -> 
 
 
 def test_function_call_and_its_output(client, tiny_llm) -> None:
+    no_think = _no_think(tiny_llm)
     res = _create(client, input="Weather in Paris?", tools=[WEATHER], max_output_tokens=40,
-                  tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+                  tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
+                  extra_body=no_think)
     calls = [item for item in res.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather"
     assert json.loads(calls[0].arguments)["city"] in ("Paris", "Rome")
     events = _events(client, input="Weather in Paris?", tools=[WEATHER], max_output_tokens=40,
-                     tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+                     tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
+                     extra_body=no_think)
     (args,) = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert args.arguments == calls[0].arguments
     # the call's result goes back as an input item, after the stored turn
@@ -156,10 +187,11 @@ def test_function_call_and_its_output(client, tiny_llm) -> None:
 
 
 def test_reasoning_item(client, tiny_llm) -> None:
-    raw = _chat_text(tiny_llm, [{"role": "user", "content": "Think."}], 40, THINK_REGEX)
+    params = _thinking(tiny_llm)
+    raw = _chat_text(tiny_llm, THINK, 24, **params)
     thought, _, answer = raw.removeprefix("<think>").partition("</think>")
-    body = dict(input="Think.", max_output_tokens=40, temperature=0,
-                extra_body={"structured_outputs": {"regex": THINK_REGEX}})
+    body = dict(input="Think.", max_output_tokens=24, temperature=1.0, extra_body={
+        "seed": params["seed"], "logit_bias": {str(k): v for k, v in params["logit_bias"].items()}})
     res = _create(client, **body)
     assert [item.type for item in res.output] == ["reasoning", "message"]
     assert res.output[0].content[0].text == thought and res.output_text == answer
@@ -170,13 +202,13 @@ def test_reasoning_item(client, tiny_llm) -> None:
     assert [i.type for i in events[-1].response.output] == ["reasoning", "message"]
 
 
-def test_json_schema_format(client) -> None:
+def test_json_schema_format(client, tiny_llm) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                      "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
     res = _create(client, input="A digit as JSON.", max_output_tokens=30, temperature=0,
                   text={"format": {"type": "json_schema", "name": "digit", "schema": schema,
-                                   "strict": True}})
+                                   "strict": True}}, extra_body=_no_think(tiny_llm))
     assert res.status == "completed"
     jsonschema.validate(json.loads(res.output_text), schema)
 

@@ -514,6 +514,77 @@ def test_matcher_walks_a_draft_and_rolls_back(tiny: LLM) -> None:
     assert manager.num_active == 0
 
 
+def test_gate_frees_the_thinking_then_constrains(tiny: LLM) -> None:
+    """With think tags (a server's reasoning parser), the constraint starts after the
+    thinking: the first row allows the grammar's tokens or the start tag's first, the tag's
+    other tokens are forced, the thinking is free, and from the token after the end tag the
+    rows are the grammar's (a fresh matcher's); draft rows across the end tag too; a slot
+    rebuilt from the same tokens (hand-off, replay) finds the same point."""
+    import xgrammar as xgr
+
+    from splitserve.roles.engine.structured import StructuredOutputManager
+
+    tok, vocab = tiny.engine.tokenizer, tiny.engine.model_config.vocab_size
+    manager = StructuredOutputManager(tok, vocab)
+    a, b, z = (tok.hf.convert_tokens_to_ids(t) for t in "abz")
+    start = tok.encode("<think>", add_special_tokens=False)
+    end = tok.encode("</think>", add_special_tokens=False)
+    assert len(start) > 1 and len(end) > 1  # multi-token tags: the harder case
+    free = torch.ones(vocab, dtype=torch.bool)
+
+    def params(thinking: bool) -> SamplingParams:
+        return _greedy(_so(regex=r"ab(c|d)e", think_start="<think>", think_end="</think>",
+                           thinking=thinking))
+
+    compiled = manager.compile(params(False))
+
+    def reference(tokens: list[int]) -> torch.Tensor:
+        matcher = xgr.GrammarMatcher(compiled)
+        assert all(matcher.accept_token(t) for t in tokens)
+        bitmask = xgr.allocate_token_bitmask(1, vocab)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        return ((bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+                ).flatten()[:vocab].bool()
+
+    def only(token: int) -> torch.Tensor:
+        row = torch.zeros(vocab, dtype=torch.bool)
+        row[token] = True
+        return row
+
+    def rows(output: list[int], draft: list[int] = (), thinking: bool = False
+             ) -> list[torch.Tensor]:
+        """The rows of a fresh slot (a request that arrives with ``output`` already made)."""
+        manager.release("r")
+        manager.add("r", compiled, params(thinking))
+        req = Request("r", [5, 6, 7], params(thinking), seed=0, max_tokens=32,
+                      output_token_ids=list(output), eos_token_ids=tok.eos_token_ids,
+                      block_size=16)
+        logits = torch.zeros(1 + len(draft), vocab)
+        manager.apply(logits, [(req, list(draft))])
+        return list(logits > float("-inf"))
+
+    def same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+        return all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+    first = reference([]).clone()
+    first[start[0]] = True
+    assert same(rows([]), [first])  # the grammar's first tokens, or the start tag's
+    assert same(rows([a]), [reference([a])])  # the grammar's: constrained from there
+    assert same(rows(start[:1]), [only(start[1])])  # the rest of the tag is forced
+    assert same(rows(start), [free])
+    assert same(rows([*start, z, z, *end[:-1]]), [free])  # the tag is not whole yet
+    assert same(rows([*start, z, *end]), [reference([])])
+    assert same(rows([*start, z, *end, a]), [reference([a])])
+    # draft rows across the end tag: free until it is whole, then the grammar's
+    assert same(rows([*start, z], [*end, a]),
+                [free] * len(end) + [reference([]), reference([a])])
+    # a prompt that left the thinking open: free from the first token
+    assert same(rows([], thinking=True), [free])
+    assert same(rows([*end, a], thinking=True), [reference([a])])
+    manager.release("r")
+    assert manager.num_active == 0
+
+
 _ORPHAN_SCRIPT = """
 import json, sys, xgrammar as xgr
 from splitserve.roles.engine.grammar_probe import GrammarProbe

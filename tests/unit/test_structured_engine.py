@@ -393,6 +393,32 @@ def test_prefill_decode_handoff_continues_under_the_constraint(tiny_model_dir, t
             assert eng.kv.pool.num_free_blocks == eng.num_blocks
 
 
+def test_gate_crosses_the_prefill_decode_handoff(thinking_model_dir) -> None:
+    """A thinking model's gated constraint in P/D: the prefill side's one token opens the
+    thinking (biased; the regex alone refuses it), the decode side rebuilds the gate from that
+    token, lets the model close the thinking and holds the grammar after it: the same tokens
+    as one engine, and the text is <think></think> then the regex's."""
+    single = LLM(str(thinking_model_dir), num_kv_blocks=256)
+    tok = single.engine.tokenizer
+    think, end = (tok.encode(t, add_special_tokens=False)[0] for t in ("<think>", "</think>"))
+    so = _so(regex=r"[a-z]{3,6}", think_start="<think>", think_end="</think>")
+    params = SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=so,
+                            logit_bias={think: 40.0, end: 50.0})
+    prompts = [list(range(2000 + 50 * i, 2040 + 50 * i)) for i in range(3)]
+    want = single.generate(prompts, params)
+    for out in want:
+        text = out.outputs[0].text
+        assert text.startswith("<think></think>") and re.fullmatch("[a-z]{3,6}", text[15:]), text
+    prefill, decode = _engines(thinking_model_dir)
+    got = _drive(prefill, decode, prompts, params)
+    assert [got[f"r{i}"] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in want]
+    assert all(got[f"r{i}"][0] == think for i in range(len(prompts)))  # the prefill side's
+    assert decode.structured.num_matcher_builds == len(prompts)
+    for eng in (prefill, decode):
+        assert eng.structured.num_active == 0
+        assert eng.kv.pool.num_free_blocks == eng.num_blocks
+
+
 def test_bad_constraint_is_refused_at_intake_and_abort_leaves_no_matcher(tiny_model_dir) -> None:
     eng = LLMEngine(EngineConfig(model=str(tiny_model_dir), num_kv_blocks=64))
     with pytest.raises(InvalidRequestError) as e:

@@ -78,6 +78,9 @@ class Completion:
     finish_reason: str = ""
     logprobs: list[Any] = field(default_factory=list)
     """``TokenLogprob`` messages, one per token, when logprobs were asked for."""
+    reasoning: str = ""
+    """With a server's ``--reasoning-parser`` and chat input: the thinking (``text`` is
+    then the answer's content)."""
 
 
 @dataclass
@@ -175,6 +178,7 @@ class _Collector:
         chunk = response.chunk
         c = self.completions.setdefault(chunk.index, Completion(chunk.index))
         c.text += chunk.text
+        c.reasoning += chunk.reasoning_text
         c.token_ids.extend(chunk.token_ids)
         c.logprobs.extend(chunk.logprobs)
         if chunk.prompt_logprobs and not self.prompt_logprobs:  # sent once per request

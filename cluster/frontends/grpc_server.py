@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitserve import __version__
+from splitserve.cluster.frontends import reasoning_parsers
 from splitserve.cluster.frontends.auth import ApiKeyCheck
 from splitserve.cluster.frontends.backend import Backend, PromptInput
 from splitserve.cluster.frontends.metrics import RequestRecorder, ServerMetrics
@@ -49,7 +50,7 @@ from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from splitserve.roles.engine.structured import check_structured
 from splitserve.roles.models.image import load_image
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +176,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """``splitserve.v1.InferenceService`` over a Backend."""
 
     def __init__(
-        self, backend: Backend, served_model_name: str | None, metrics: ServerMetrics | None
+        self, backend: Backend, served_model_name: str | None, metrics: ServerMetrics | None,
+        reasoning_parser: reasoning_parsers.ReasoningParser | None = None,
     ) -> None:
         self.backend = backend
         self.model_name = served_model_name or backend.model_id
         self.metrics = metrics or ServerMetrics(self.model_name)
+        self.reasoning_parser = reasoning_parser
+        """Splits chat answers' thinking into ``GenerateChunk.reasoning_text``."""
 
     def _prompt(self, request: pb.GenerateRequest) -> PromptInput:
         prompt = self._input(request)
@@ -230,6 +234,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 params = dataclasses.replace(params, structured_outputs=structured)
                 # INVALID_ARGUMENT before placement; off the loop (a large schema: seconds)
                 await off_loop(check_structured, params.structured_outputs)
+            thinking = None
+            if self.reasoning_parser is not None and request.WhichOneof("input") == "messages":
+                thinking, params = await self._reasoning(prompt, params)
             streams = await open_streams(self.backend, [prompt], params, rid)
         except _NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -237,21 +244,49 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             self.metrics.record_failure(status_for(e)[0].name)
             await _abort(context, e)
         try:
-            async for response in self._stream(rid, params, streams, recorder):
+            async for response in self._stream(rid, params, streams, recorder, thinking):
                 yield response
         finally:  # a cancelled call may never resume the generator: end its requests here
             await close_all(streams)
 
+    async def _reasoning(self, prompt: PromptInput, params: SamplingParams
+                         ) -> tuple[Callable[[], reasoning_parsers.ReasoningStream], SamplingParams]:
+        """A chat request under the server's reasoning parser: a maker of each choice's
+        splitter, and the params with a constraint gated on the thinking (as HTTP's)."""
+        parser = self.reasoning_parser
+        assert parser is not None
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+        assert isinstance(ids, list)
+        tail = str(await off_loop(self.backend.tokenizer.decode,
+                                  ids[-reasoning_parsers.PROMPT_TAIL_TOKENS:],
+                                  skip_special_tokens=False))
+        so = params.structured_outputs
+        if isinstance(so, StructuredOutputsParams):
+            params = dataclasses.replace(params, structured_outputs=dataclasses.replace(
+                so, think_start=parser.start, think_end=parser.end,
+                thinking=parser.always_thinks or parser.prompt_opens(tail)))
+        return (lambda: parser.stream(tail)), params
+
     async def _stream(
-        self, rid: str, params: SamplingParams, streams: list[Any], recorder: RequestRecorder
+        self, rid: str, params: SamplingParams, streams: list[Any], recorder: RequestRecorder,
+        thinking: Callable[[], reasoning_parsers.ReasoningStream] | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
         acc = Accumulator(params.n)
+        splitters: dict[int, reasoning_parsers.ReasoningStream] = {}
         stream = merge(streams)
         try:
             async for i, delta in stream:
                 recorder.observe(delta)
                 for cd in acc.add(i, delta):
-                    yield pb.GenerateResponse(request_id=rid, chunk=_chunk(cd, params))
+                    chunk = _chunk(cd, params)
+                    if thinking is not None:
+                        splitter = splitters.setdefault(cd.index, thinking())
+                        reasoning, content = splitter.feed(cd.text)
+                        if cd.finish_reason is not None:
+                            more_reasoning, more_content = splitter.finish()
+                            reasoning, content = reasoning + more_reasoning, content + more_content
+                        chunk.text, chunk.reasoning_text = content, reasoning
+                    yield pb.GenerateResponse(request_id=rid, chunk=chunk)
         finally:
             await stream.aclose()
         reasons = [c.finish_reason for c in acc.ordered()]
@@ -563,6 +598,7 @@ async def start_grpc_server(
     served_model_name: str | None = None,
     metrics: ServerMetrics | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    reasoning_parser: str | None = None,
 ) -> tuple[GrpcServer, int]:
     """Start the gRPC frontend on ``host:port`` (0: a free port); returns it and its port.
     With ``credentials`` it listens with TLS (``add_secure_port``) and nothing else."""
@@ -571,7 +607,9 @@ async def start_grpc_server(
     interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(backend, served_model_name, metrics), server
+        InferenceServicer(backend, served_model_name, metrics,
+                          reasoning_parsers.create_parser(reasoning_parser)
+                          if reasoning_parser else None), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -164,6 +164,7 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
             served_model_name=opts.served_model_name,
             metrics=metrics,
             credentials=opts.tls.grpc_credentials() if opts.tls else None,
+            reasoning_parser=opts.reasoning_parser,
         )
         servers.grpc = grpc_server
         servers.grpc_target = f"{_host_for_url(opts.host)}:{grpc_port}"

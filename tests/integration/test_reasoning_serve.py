@@ -22,6 +22,7 @@ import pytest
 
 from splitserve import LLM, SamplingParams
 from splitserve.cluster.frontends.backend import EngineBackend
+from splitserve.cluster.frontends.client import Client
 from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from splitserve.sampling_params import StructuredOutputsParams
 
@@ -53,13 +54,18 @@ def tags(llm) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def client(thinking_model_dir) -> Iterator[openai.OpenAI]:
+def server(thinking_model_dir) -> Iterator[BackgroundServer]:
     backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=256,
                                         max_model_len=512)
-    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
+    opts = ServeOptions(port=0, grpc_port=0, served_model_name="tiny",
                         tool_call_parser="hermes", reasoning_parser="qwen3")
     with BackgroundServer(backend, opts) as srv:
-        yield openai.OpenAI(base_url=srv.http_url + "/v1", api_key="none", max_retries=0)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="none", max_retries=0)
 
 
 def _raw(llm: LLM, messages: list[dict[str, Any]], **params: Any) -> str:
@@ -204,3 +210,28 @@ def test_history_reasoning_content_accepted(client) -> None:
     assert body.messages[1].model_dump(exclude_none=True)["reasoning_content"] == "hm"
     res = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
     assert res.choices[0].finish_reason == "length"
+
+
+def test_grpc_chat_splits_thinking(server, llm, tags, seed) -> None:
+    """gRPC chat (messages) under the server's parser: each chunk's reasoning_text and text
+    join to the thinking and the answer; the tokens are all of them."""
+    raw = _raw(llm, OPEN, **_sampled(tags, seed), **CONTINUE)
+    want_reasoning, _, want_content = raw.partition("</think>")
+    with Client(server.grpc_target) as c:
+        res = c.generate(messages=OPEN, temperature=1.0, seed=seed, max_tokens=24,
+                         logit_bias={tags[1]: PULL}, **CONTINUE)
+        (done,) = res.completions
+        assert (done.reasoning, done.text) == (want_reasoning, want_content)
+        assert len(done.token_ids) == 24 and tags[1] in done.token_ids
+        # a constraint after the thinking, as over HTTP
+        bias = {tags[0]: 40.0, tags[1]: 50.0}
+        res = c.generate(messages=ASK, temperature=0.0, max_tokens=12, logit_bias=bias,
+                         structured_outputs={"regex": "[a-z]{2,6}"})
+        assert res.completions[0].reasoning == ""
+        assert re.fullmatch("[a-z]{2,6}", res.completions[0].text)
+        assert res.completions[0].token_ids[:2] == list(tags)
+        # text input is not chat: left as it is
+        res = c.generate(text="<think>\nhello", temperature=0.0, max_tokens=6)
+        assert res.completions[0].reasoning == ""
+        assert res.completions[0].text == llm.generate(
+            "<think>\nhello", SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0].text

@@ -185,6 +185,34 @@ def test_required_tool_choice_returns_calls_of_the_tools(server) -> None:
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
 
 
+def test_responses_api_through_the_cluster(server) -> None:
+    """The Responses API over the 1P+1D cluster: a json_schema answer and a named function
+    call equal chat's for the same conversation, whole and streamed."""
+    _, _, client, model = server
+    what, schema = SCHEMAS[0]
+    chat_text, _ = _schema_chat(client, model, what, schema, stream=False)
+    fmt = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    res = client.responses.create(model=model, input=_messages(what)[0]["content"],
+                                  temperature=0, max_output_tokens=MAX_TOKENS, text=fmt)
+    assert res.status == "completed" and res.output_text == chat_text
+    jsonschema.validate(json.loads(res.output_text), schema)
+    with client.responses.stream(model=model, input=_messages(what)[0]["content"],
+                                 temperature=0, max_output_tokens=MAX_TOKENS, text=fmt) as st:
+        assert st.get_final_response().output_text == chat_text
+    ask = "What is the weather in Paris?"
+    chat = client.chat.completions.create(
+        model=model, temperature=0, max_tokens=64, tools=[WEATHER, TIME],
+        messages=[{"role": "user", "content": ask}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    flat = [{"type": "function", **t["function"]} for t in (WEATHER, TIME)]
+    res = client.responses.create(model=model, input=ask, temperature=0, max_output_tokens=64,
+                                  tools=flat, tool_choice={"type": "function",
+                                                           "name": "get_weather"})
+    (call,) = [item for item in res.output if item.type == "function_call"]
+    assert (call.name, call.arguments) == (chat.choices[0].message.tool_calls[0].function.name,
+                                           chat.choices[0].message.tool_calls[0].function.arguments)
+
+
 def test_streaming_equals_non_streaming_and_other_constraints(server) -> None:
     _, _, client, model = server
     extra = {"structured_outputs": {"regex": "[A-Z][a-z]{2,9} (is|was) [a-z]{2,9}\\."}}

@@ -1064,6 +1064,13 @@ class _ResponsesJob(_Job):
         """The turns before the answer (without ``instructions``): what a later
         ``previous_response_id`` continues."""
 
+    async def run(self, prompts: Sequence[PromptInput]) -> Response:
+        try:
+            return await super().run(prompts)
+        except APIError as e:  # the engine's and the cluster's checks name chat's fields
+            e.param = responses_api.responses_field(e.param)
+            raise
+
     def _status(self) -> str:
         (choice,) = self.acc.ordered() or [None]
         return "incomplete" if choice is not None and choice.finish_reason == "length" \

@@ -210,6 +210,9 @@ def _content(content: Any, field: str) -> str | list[dict[str, Any]]:
 
 CHAT_TO_RESPONSES_FIELDS = (
     ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+    ("prompt_token_ids", "input"),
+    ("prompt", "input"),
     ("response_format.json_schema.schema", "text.format.schema"),
     ("response_format", "text.format"),
     ("tool_choice.function.name", "tool_choice.name"),
@@ -234,9 +237,10 @@ def output_items(message: dict[str, Any], status: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     reasoning = message.get("reasoning_content")
     if reasoning:  # as streamed: an empty think block makes no item
+        answered = message.get("content") is not None or bool(message.get("tool_calls"))
         items.append({"id": new_request_id("rs"), "type": "reasoning", "summary": [],
                       "content": [{"type": "reasoning_text", "text": reasoning}],
-                      "status": status})
+                      "status": "completed" if answered else status})
     if message.get("content") is not None or not message.get("tool_calls"):
         items.append(message_item(message.get("content") or "", status))
     for call in message.get("tool_calls") or []:

@@ -230,6 +230,8 @@ def test_json_schema_format(client, tiny_llm) -> None:
       "tool_choice": "required"}, "tools.0.parameters"),
     ({"input": "x", "previous_response_id": "resp-missing"}, "previous_response_id"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
+    ({"input": "word " * 600}, "input"),  # the prompt alone is past the context
 ])
 def test_bad_input_names_the_field(http, body, param) -> None:
     r = http.post("/v1/responses", json=body)

@@ -7,7 +7,8 @@ Owns the whole experiment and its verdict; it changes nothing in the system unde
 2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
    workload (streaming and not, greedy and seeded, short and long prompts, n > 1, a quarter
    with penalties, a logit bias, an allow-list or bad words; a fifth of the completions with
-   prompt logprobs or echo, some of those with max_tokens 0) in which
+   prompt logprobs or echo, some of those with max_tokens 0; some chat turns through the
+   Responses API, whole or streamed as its events) in which
    10% of requests are aborted by the client at a random point and 5% are malformed, while a
    random worker is SIGKILLed every ``--kill-every`` seconds. A 503 (documented while no worker
    of a role is alive) is retried by the client, as a real client would.
@@ -181,7 +182,12 @@ def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dic
     shared = [7] * 32 if rng.random() < 0.3 else []  # some prefix reuse for the router
     prompt = shared + [rng.randrange(3, vocab) for _ in range(length)]
     if rng.random() < 0.3:
-        messages = [{"role": "user", "content": f"question {rng.randrange(10**6)}"}]
+        question = f"question {rng.randrange(10**6)}"
+        if rng.random() < 0.3:  # the Responses API: one answer, the sampling as extras
+            body = {k: v for k, v in body.items() if k not in ("n", "max_tokens")}
+            return "/v1/responses", {**body, "input": question, "store": rng.random() < 0.5,
+                                     "max_output_tokens": rng.randint(4, 24)}
+        messages = [{"role": "user", "content": question}]
         return "/v1/chat/completions", {**body, "messages": messages}
     draw = rng.random()
     if draw < 0.1:  # scored prompts: the prefill worker's logprobs reach the client once
@@ -215,6 +221,9 @@ _MALFORMED: list[tuple[str, Any]] = [
     ("/v1/completions", {"model": "soak", "prompt": [5] * (MAX_MODEL_LEN + 8)}),
     ("/v1/chat/completions", {"model": "soak", "messages": []}),
     ("/v1/chat/completions", {"model": "soak", "messages": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/responses", {"model": "soak", "input": []}),
+    ("/v1/responses", {"model": "soak", "input": "x", "tools": [{"type": "web_search"}]}),
+    ("/v1/responses", {"model": "soak", "input": "x", "previous_response_id": "resp-none"}),
 ]
 
 
@@ -250,6 +259,9 @@ async def _read_stream(response: Any, outcome: Outcome, stop_after: int | None) 
         if "error" in chunk:
             outcome.error = f"stream error: {chunk['error'].get('message')}"
             continue
+        if "type" in chunk:  # a Responses event (its stream ends without [DONE])
+            _response_event(chunk, outcome)
+            continue
         for c in chunk.get("choices", []):
             slot = outcome.choices.setdefault(c["index"], {"text": "", "finish_reason": None})
             slot["text"] += c.get("delta", {}).get("content") or c.get("text") or ""
@@ -259,7 +271,28 @@ async def _read_stream(response: Any, outcome: Outcome, stop_after: int | None) 
     return True
 
 
+def _response_event(event: dict[str, Any], outcome: Outcome) -> None:
+    slot = outcome.choices.setdefault(0, {"text": "", "finish_reason": None})
+    kind = event["type"]
+    if kind == "response.output_text.delta":
+        slot["text"] += event["delta"]
+    elif kind in ("response.completed", "response.incomplete"):
+        slot["finish_reason"] = "stop" if kind == "response.completed" else "length"
+    elif kind == "error":
+        outcome.error = f"stream error: {event.get('message')}"
+
+
+def _response_text(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """A whole Responses answer as one choice (its message text; incomplete: length)."""
+    text = "".join(part["text"] for item in payload["output"] if item["type"] == "message"
+                   for part in item["content"])
+    return {0: {"text": text,
+                "finish_reason": "length" if payload["status"] == "incomplete" else "stop"}}
+
+
 def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    if payload.get("object") == "response":
+        return _response_text(payload)
     out = {}
     for c in payload.get("choices", []):
         text = c["message"]["content"] if "message" in c else c["text"]
@@ -591,6 +624,7 @@ def summarize(cfg: SoakConfig, outcomes: Sequence[Outcome], killer: Killer, repl
         "aborts_unexpected_status": len(unexpected),
         "retried_503": sum(o.retries_503 for o in outcomes),
         "with_prompt_logprobs": sum("prompt_lp" in o.choices.get(0, {}) for o in completed),
+        "responses_api": sum(o.spec.path == "/v1/responses" for o in completed),
         "integrity_problems": checks["problems"][:20],
         "checked_workers": checks.get("checked_workers", []),
         "workers_restored": restored,

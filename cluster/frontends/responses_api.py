@@ -38,7 +38,8 @@ STORE_MAX_BYTES = 64 << 20
 SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "stop", "stop_token_ids",
                    "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
                    "logit_bias", "bad_words", "cache_salt", "skip_special_tokens",
-                   "structured_outputs", "chat_template_kwargs", "include_reasoning")
+                   "structured_outputs", "chat_template_kwargs", "include_reasoning",
+                   "allowed_token_ids")
 """vLLM's sampling fields a Responses request may add (``extra_body``), passed to chat as is."""
 
 

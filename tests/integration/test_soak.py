@@ -35,6 +35,7 @@ def test_soak_50_seconds(runtime: str) -> None:
     brief = {k: v for k, v in summary.items() if k != "examples"}
     assert summary["kills"] >= 4 and summary["replacements"] >= summary["kills"] - 1, brief
     assert summary["completed"] > 20 and summary["aborted"] > 0 and summary["malformed"] > 0
+    assert summary["responses_api"] > 0, brief  # some turns went through /v1/responses
     # each verdict on its own, with its examples, so a failure says which and why
     for key in ("lost", "mismatches", "server_errors", "malformed_not_4xx",
                 "aborts_unexpected_status", "leaked_blocks", "stranded_leases"):

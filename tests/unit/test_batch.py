@@ -204,6 +204,9 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         '{"custom_id": "surrogate", "method": "POST", "url": "/v1/completions", '
         '"body": {"prompt": "a\\ud800"}}',
         _chat("chat-2", "What is the capital of France?"),
+        {"custom_id": "resp-1", "method": "POST", "url": "/v1/responses",
+         "body": {"input": "Hello there", "max_output_tokens": MAX_TOKENS, "temperature": 0,
+                  "ignore_eos": True, "store": False}},
     ]
     inp = _write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
@@ -228,7 +231,7 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         (rec,) = by_id[cid]
         assert rec["error"] is None and rec["response"]["status_code"] == status, rec
         assert rec["response"]["body"]["error"]["param"] == param
-    assert summary.failed == len(rows) - 3
+    assert summary.failed == len(rows) - 4
     # the successes: OpenAI bodies whose text is the single engine's greedy output
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     tok = llm.get_tokenizer()
@@ -241,6 +244,11 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         want = llm.generate([ids], params)[0].outputs[0]
         assert body["choices"][0]["message"]["content"] == want.text
         assert body["usage"]["completion_tokens"] == MAX_TOKENS
+    (resp,) = by_id["resp-1"]  # the Responses API: the same answer as chat-1's, as items
+    assert resp["response"]["status_code"] == 200 and resp["response"]["request_id"].startswith(
+        "resp-")
+    assert resp["response"]["body"]["output"][0]["content"][0]["text"] == \
+        chat1[0]["response"]["body"]["choices"][0]["message"]["content"]
     (cmpl,) = by_id["cmpl-1"]
     assert cmpl["response"]["body"]["object"] == "text_completion"
     want = llm.generate(["Once upon a time"], params)[0].outputs[0].text

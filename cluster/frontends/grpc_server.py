@@ -280,7 +280,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 for cd in acc.add(i, delta):
                     chunk = _chunk(cd, params)
                     if thinking is not None:
-                        splitter = splitters.setdefault(cd.index, thinking())
+                        splitter = splitters.get(cd.index)
+                        if splitter is None:
+                            splitter = splitters[cd.index] = thinking()
                         reasoning, content = splitter.feed(cd.text)
                         if cd.finish_reason is not None:
                             more_reasoning, more_content = splitter.finish()

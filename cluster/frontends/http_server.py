@@ -846,7 +846,8 @@ class _Job:
             )
         return await self._whole(streams)
 
-    async def _whole(self, streams: list[AsyncIterator[RequestOutput]]) -> Response:
+    async def _collect(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
+        """Every delta of a whole (not streamed) answer, folded into ``acc``."""
         stream = merge(streams)
         try:
             async for i, delta in stream:
@@ -855,6 +856,17 @@ class _Job:
         finally:
             await stream.aclose()
         self._finish()
+
+    async def _choice_deltas(self, stream: AsyncIterator[tuple[int, RequestOutput]]
+                             ) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """A streamed answer's deltas, per prompt index and choice, as ``acc`` folds them."""
+        async for i, delta in stream:
+            self.recorder.observe(delta)
+            for cd in self.acc.add(i, delta):
+                yield i, cd
+
+    async def _whole(self, streams: list[AsyncIterator[RequestOutput]]) -> Response:
+        await self._collect(streams)
         body = {
             "id": self.id,
             "object": self.object,
@@ -922,11 +934,9 @@ class _Job:
         stream = merge(streams)
         offsets: dict[int, int] = {}
         try:
-            async for i, delta in stream:
-                self.recorder.observe(delta)
-                for cd in self.acc.add(i, delta):
-                    for ready in self._echo_stream(i, cd):
-                        yield _event(self._chunk([self._delta_choice(ready, offsets)]))
+            async for i, cd in self._choice_deltas(stream):
+                for ready in self._echo_stream(i, cd):
+                    yield _event(self._chunk([self._delta_choice(ready, offsets)]))
             for index in sorted(self._held):  # never got their prompt logprobs (an error)
                 for ready in self._release(index):
                     yield _event(self._chunk([self._delta_choice(ready, offsets)]))
@@ -1090,14 +1100,7 @@ class _ResponsesJob(_Job):
         return response
 
     async def _whole(self, streams: list[AsyncIterator[RequestOutput]]) -> Response:
-        stream = merge(streams)
-        try:
-            async for i, delta in stream:
-                self.recorder.observe(delta)
-                self.acc.add(i, delta)
-        finally:
-            await stream.aclose()
-        self._finish()
+        await self._collect(streams)
         (choice,) = self.acc.ordered()
         status = self._status()
         output = responses_api.output_items(self._full_choice(choice)["message"], status)
@@ -1112,11 +1115,9 @@ class _ResponsesJob(_Job):
         stream = merge(streams)
         offsets: dict[int, int] = {}
         try:
-            async for i, delta in stream:
-                self.recorder.observe(delta)
-                for cd in self.acc.add(i, delta):
-                    for event in self._events(events, self._delta_choice(cd, offsets)["delta"]):
-                        yield event
+            async for _, cd in self._choice_deltas(stream):
+                for event in self._events(events, self._delta_choice(cd, offsets)["delta"]):
+                    yield event
             self._finish()
             status = self._status()
             if not any(item["type"] in ("message", "function_call") for item in events.items):

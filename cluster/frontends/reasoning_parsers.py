@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.cluster.frontends.tool_parsers import partial_suffix
+
 
 @dataclass(frozen=True)
 class ReasoningParser:
@@ -62,14 +64,6 @@ def create_parser(name: str) -> ReasoningParser:
         return PARSERS[name]
     except KeyError:
         raise ValueError(f"unknown reasoning parser {name!r}; known: {sorted(PARSERS)}") from None
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -109,7 +103,7 @@ class ReasoningStream:
         if self._thinking:
             at = text.find(end)
             if at < 0:
-                keep = _partial_suffix(text, end)
+                keep = partial_suffix(text, end)
                 reasoning, self._held = text[: len(text) - keep], text[len(text) - keep:]
                 text = ""
             else:

@@ -1,6 +1,6 @@
 """OpenAI's Responses API (``POST /v1/responses``) over the chat machinery.
 
-A Responses request is turned into a chat request (``to_chat``): ``instructions`` become the
+A Responses request is turned into a chat request (``http_server._responses_chat``): ``instructions`` become the
 system message, ``input`` (a string, or messages, ``function_call`` and
 ``function_call_output`` items) the conversation, ``text.format`` the response format, flat
 function ``tools`` chat's. The answer comes back as output items: a ``reasoning`` item (with a

@@ -146,7 +146,7 @@ class HermesParser(ToolParser):
         at = text.find(self.START)
         if at >= 0:
             return at
-        return len(text) - _partial_suffix(text, self.START)
+        return len(text) - partial_suffix(text, self.START)
 
 
 class Llama3JsonParser(ToolParser):
@@ -194,7 +194,7 @@ def create_parser(name: str) -> ToolParser:
         raise ValueError(f"unknown tool-call parser {name!r}; known: {sorted(PARSERS)}") from None
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):

@@ -497,11 +497,22 @@ def test_speculation_on_constrained_requests_is_exact(tiny_model_dir, tiny: LLM)
     assert stats["num_free_blocks"] == stats["num_blocks"]
 
 
+def _grammar_row(compiled: object, tokens: list[int], vocab: int) -> torch.Tensor:
+    """The tokens a fresh matcher of ``compiled`` allows after ``tokens`` (a bool row)."""
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(compiled)
+    assert all(matcher.accept_token(t) for t in tokens)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    return ((bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+            ).flatten()[:vocab].bool()
+
+
 def test_matcher_walks_a_draft_and_rolls_back(tiny: LLM) -> None:
     """The verify rows of one chunk: row j is the grammar's mask after draft[:j] (as a fresh
     matcher fed those tokens computes it); a refused draft token leaves stop-only rows after
     it; the matcher is rolled back, so the next step starts from the request's own tokens."""
-    import xgrammar as xgr
 
     from splitserve.roles.engine.structured import StructuredOutputManager
 
@@ -514,12 +525,7 @@ def test_matcher_walks_a_draft_and_rolls_back(tiny: LLM) -> None:
     stop_only[sorted(tok.eos_token_ids)] = True
 
     def reference(tokens: list[int]) -> torch.Tensor:
-        matcher = xgr.GrammarMatcher(compiled)
-        assert all(matcher.accept_token(t) for t in tokens)
-        bitmask = xgr.allocate_token_bitmask(1, vocab)
-        matcher.fill_next_token_bitmask(bitmask, 0)
-        return ((bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-                ).flatten()[:vocab].bool()
+        return _grammar_row(compiled, tokens, vocab)
 
     def rows(output: list[int], draft: list[int]) -> list[torch.Tensor]:
         req = Request("r", [5, 6, 7], params, seed=0, max_tokens=8, output_token_ids=output,
@@ -546,7 +552,6 @@ def test_gate_frees_the_thinking_then_constrains(tiny: LLM) -> None:
     other tokens are forced, the thinking is free, and from the token after the end tag the
     rows are the grammar's (a fresh matcher's); draft rows across the end tag too; a slot
     rebuilt from the same tokens (hand-off, replay) finds the same point."""
-    import xgrammar as xgr
 
     from splitserve.roles.engine.structured import StructuredOutputManager
 
@@ -565,12 +570,7 @@ def test_gate_frees_the_thinking_then_constrains(tiny: LLM) -> None:
     compiled = manager.compile(params(False))
 
     def reference(tokens: list[int]) -> torch.Tensor:
-        matcher = xgr.GrammarMatcher(compiled)
-        assert all(matcher.accept_token(t) for t in tokens)
-        bitmask = xgr.allocate_token_bitmask(1, vocab)
-        matcher.fill_next_token_bitmask(bitmask, 0)
-        return ((bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-                ).flatten()[:vocab].bool()
+        return _grammar_row(compiled, tokens, vocab)
 
     def only(token: int) -> torch.Tensor:
         row = torch.zeros(vocab, dtype=torch.bool)

@@ -597,7 +597,7 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
     tool_choice = body.effective_tool_choice()
     if tool_choice == "auto" and front.tool_parser is None:
         raise APIError(400, "tool_choice auto needs a server started with "
-                       "--tool-call-parser (hermes or llama3_json); or use required or a "
+                       "--tool-call-parser (hermes, llama3_json or qwen3_coder); or use required or a "
                        "named function", param="tool_choice")
     ids, images = await off_loop(
         chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,
@@ -791,7 +791,10 @@ class _Job:
             return None
         if index not in self._tool_streams:
             forced = None if self.tool_choice == "auto" else self.tool_choice
-            self._tool_streams[index] = tool_parsers.ToolStream(self.front.tool_parser, forced)
+            parser = self.front.tool_parser
+            if parser is not None:  # a parser may type the calls' arguments by the tools
+                parser = parser.bind(self.body.tool_dicts())
+            self._tool_streams[index] = tool_parsers.ToolStream(parser, forced)
         return self._tool_streams[index]
 
     def _reasoning_stream(self, index: int) -> reasoning_parsers.ReasoningStream | None:

@@ -119,6 +119,11 @@ class ToolParser(ABC):
     def safe_prefix(self, text: str) -> int:
         """While streaming: how many leading characters of ``text`` are surely content."""
 
+    def bind(self, tools: list[dict[str, Any]]) -> ToolParser:
+        """This parser for one request's ``tools`` (a parser whose calls depend on the tools'
+        schemas returns a copy that knows them)."""
+        return self
+
 
 class HermesParser(ToolParser):
     """Hermes / Qwen: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``."""
@@ -184,7 +189,79 @@ class Llama3JsonParser(ToolParser):
         return len(text)
 
 
-PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+class Qwen3CoderParser(ToolParser):
+    """Qwen3-Coder and Qwen3.5: XML calls, ``<tool_call><function=NAME><parameter=KEY>VALUE
+    </parameter>...</function></tool_call>``. Values are raw text (code needs no JSON
+    escaping), typed by the request's tool schema: ``string`` stays text, ``integer`` /
+    ``number`` / ``boolean`` / ``null`` are parsed as such, anything else (objects, arrays) as
+    JSON; a value that does not parse as its type, or a parameter the schema does not name,
+    stays text. One newline around a value is the format's, not the value's."""
+
+    name = "qwen3_coder"
+    START = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*(?:</tool_call>|$)",
+                       re.S)
+    _PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        self._types: dict[str, dict[str, Any]] = {}
+        for tool in tools or []:
+            fn = tool.get("function", tool)
+            props = (fn.get("parameters") or {}).get("properties") or {}
+            if isinstance(props, dict):
+                self._types[fn.get("name", "")] = {
+                    k: v.get("type") for k, v in props.items() if isinstance(v, dict)}
+
+    def bind(self, tools: list[dict[str, Any]]) -> ToolParser:
+        return Qwen3CoderParser(tools)
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.START not in text:
+            return text, []
+        calls = []
+        for name, body in self._CALL.findall(text):
+            types = self._types.get(name.strip(), {})
+            args = {key.strip(): self._typed(value, types.get(key.strip()))
+                    for key, value in self._PARAM.findall(body)}
+            calls.append(ToolCall(name.strip(), json.dumps(args, ensure_ascii=False)))
+        if not calls:
+            return text, []
+        content = text[: text.index(self.START)].strip()
+        return content or None, calls
+
+    def safe_prefix(self, text: str) -> int:
+        at = text.find(self.START)
+        if at >= 0:
+            return at
+        return len(text) - partial_suffix(text, self.START)
+
+    @staticmethod
+    def _typed(value: str, kind: Any) -> Any:
+        value = value.removeprefix("\n").removesuffix("\n")
+        kinds = kind if isinstance(kind, list) else [kind]
+        if value.strip() == "null" and "string" not in kinds:
+            return None
+        for k in kinds:
+            if k in ("string", None):
+                continue
+            try:
+                if k == "integer":
+                    return int(value.strip())
+                if k == "number":
+                    number = float(value.strip())
+                    return int(number) if number.is_integer() and "." not in value else number
+                if k == "boolean" and value.strip().lower() in ("true", "false"):
+                    return value.strip().lower() == "true"
+                if k not in ("boolean", "null"):
+                    return json.loads(value)
+            except ValueError:
+                continue
+        return value
+
+
+PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser,
+                                        "qwen3_coder": Qwen3CoderParser,
+                                        "qwen3_xml": Qwen3CoderParser}
 
 
 def create_parser(name: str) -> ToolParser:

@@ -235,3 +235,45 @@ def test_grpc_chat_splits_thinking(server, llm, tags, seed) -> None:
         assert res.completions[0].reasoning == ""
         assert res.completions[0].text == llm.generate(
             "<think>\nhello", SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0].text
+
+
+XML_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city for some days",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                    "days": {"type": "integer"}},
+                   "required": ["city", "days"]}}}
+XML_REGEX = ("<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+             "<parameter=days>\n[1-9]\n</parameter>\n</function>\n</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def coder_client(thinking_model_dir) -> Iterator[openai.OpenAI]:
+    """A server with Qwen3-Coder's XML tool-call parser (and no reasoning parser)."""
+    backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=64,
+                                        max_model_len=512)
+    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
+                        tool_call_parser="qwen3_coder")
+    with BackgroundServer(backend, opts) as srv:
+        yield openai.OpenAI(base_url=srv.http_url + "/v1", api_key="none", max_retries=0)
+
+
+def test_qwen3_coder_tool_calls(coder_client, llm) -> None:
+    """``--tool-call-parser qwen3_coder``: the model's XML call (made here by a regex) comes
+    back as tool_calls with arguments typed by the tool's schema, whole and streamed."""
+    raw = _raw(llm, ASK, temperature=0.0, max_tokens=80,
+               structured_outputs={"regex": XML_REGEX})
+    city = re.search("(Paris|Rome)", raw).group(1)  # type: ignore[union-attr]
+    days = int(re.search(r"days>\n([1-9])", raw).group(1))  # type: ignore[union-attr]
+    kwargs = dict(model="tiny", messages=ASK, temperature=0, max_tokens=80, tools=[XML_WEATHER],
+                  extra_body={"structured_outputs": {"regex": XML_REGEX}})
+    res = coder_client.chat.completions.create(**kwargs)
+    (call,) = res.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": city, "days": days}  # days: an int
+    assert res.choices[0].finish_reason == "tool_calls" and not res.choices[0].message.content
+    chunks = [c for c in coder_client.chat.completions.create(stream=True, **kwargs)
+              if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        ("get_weather", {"city": city, "days": days})]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)

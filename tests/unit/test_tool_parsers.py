@@ -150,3 +150,58 @@ def test_bad_input_names_the_field(body: dict, field: str) -> None:
     with pytest.raises(InvalidRequestError) as e:
         _chat(**body).to_sampling_params()
     assert e.value.field == field
+
+
+# ---------------------------------------------------------------------- qwen3_coder (XML calls)
+
+XML_TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {
+    "type": "object", "properties": {
+        "command": {"type": "string"}, "timeout": {"type": "integer"},
+        "ratio": {"type": "number"}, "dry": {"type": "boolean"},
+        "env": {"type": "object"}, "args": {"type": "array"},
+        "note": {"type": ["string", "null"]}}}}}]
+
+
+def _xml_call(name: str, params: dict[str, str]) -> str:
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+def test_qwen3_coder_types_values_by_the_tools_schema() -> None:
+    from splitserve.cluster.frontends.tool_parsers import create_parser
+
+    parser = create_parser("qwen3_coder").bind(XML_TOOLS)
+    text = "Running it.\n" + _xml_call("run", {
+        "command": 'grep -r "a\\b" .\nwc -l', "timeout": "30", "ratio": "0.5", "dry": "True",
+        "env": '{"A": 1}', "args": '["-x", 2]', "note": "null", "extra": "42",
+    }) + "\n" + _xml_call("run", {"command": "ls", "timeout": "soon"})
+    content, calls = parser.extract(text)
+    assert content == "Running it."
+    assert [c.name for c in calls] == ["run", "run"]
+    assert json.loads(calls[0].arguments) == {
+        "command": 'grep -r "a\\b" .\nwc -l',  # raw text: no JSON escaping, inner newline kept
+        "timeout": 30, "ratio": 0.5, "dry": True, "env": {"A": 1}, "args": ["-x", 2],
+        "note": "null",  # the string the schema allows first: text
+        "extra": "42",  # not in the schema: text
+    }
+    # a value that does not parse as its type stays text
+    assert json.loads(calls[1].arguments) == {"command": "ls", "timeout": "soon"}
+    # unbound (no tools): every value is text
+    _, (call, *_) = create_parser("qwen3_xml").extract(text)
+    assert json.loads(call.arguments)["timeout"] == "30"
+    # no call: all content; a cut-short call is no call
+    assert parser.extract("plain answer") == ("plain answer", [])
+    assert parser.extract("x <tool_call>\n<function=run>\n<parameter=comm") == (
+        "x <tool_call>\n<function=run>\n<parameter=comm", [])
+
+
+def test_qwen3_coder_streams_content_and_holds_the_call() -> None:
+    from splitserve.cluster.frontends.tool_parsers import ToolStream, create_parser
+
+    text = "Sure." + _xml_call("run", {"command": "ls", "timeout": "5"})
+    stream = ToolStream(create_parser("qwen3_coder").bind(XML_TOOLS), None)
+    sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, calls = stream.finish()
+    assert sent + rest == "Sure." and "<" not in sent
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("run", {"command": "ls", "timeout": 5})]

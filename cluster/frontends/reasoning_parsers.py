@@ -38,6 +38,27 @@ class ReasoningParser:
     end: str = "</think>"
     always_thinks: bool = False
     """Answers start in reasoning whatever the prompt (DeepSeek R1)."""
+    call_opens: tuple[str, str] | None = None
+    """A tool call that also ends the thinking when the model skips the end tag: its opening
+    tag and what must follow it (after whitespace). Qwen3.5 calls tools from inside its
+    thinking (``<tool_call>`` then ``<function=...>``); the call is then content, for the
+    tool-call parser. A bare mention of the tag while thinking is not a call."""
+
+    def implicit_end(self, text: str) -> tuple[int, int]:
+        """(where a tool call that ends the thinking starts in ``text``, or -1; how much of
+        the tail must wait for more text before that can be told)."""
+        if self.call_opens is None:
+            return -1, 0
+        tag, follow = self.call_opens
+        at = text.find(tag)
+        while at >= 0:
+            after = text[at + len(tag):].lstrip()
+            if after.startswith(follow):
+                return at, 0
+            if follow.startswith(after):  # whitespace or part of the follower so far
+                return -1, len(text) - at
+            at = text.find(tag, at + 1)
+        return -1, partial_suffix(text, tag)
 
     def prompt_opens(self, prompt_tail: str) -> bool:
         """Whether a prompt ending with ``prompt_tail`` leaves a think block open."""
@@ -51,7 +72,7 @@ class ReasoningParser:
 
 
 PARSERS: dict[str, ReasoningParser] = {
-    "qwen3": ReasoningParser("qwen3"),
+    "qwen3": ReasoningParser("qwen3", call_opens=("<tool_call>", "<function")),
     "deepseek_r1": ReasoningParser("deepseek_r1", always_thinks=True),
 }
 
@@ -102,8 +123,12 @@ class ReasoningStream:
                 self._opening = False
         if self._thinking:
             at = text.find(end)
-            if at < 0:
-                keep = partial_suffix(text, end)
+            call, wait = self.parser.implicit_end(text if at < 0 else text[:at])
+            if call >= 0:  # a tool call ends the thinking: it is the content's
+                reasoning, text = text[:call], text[call:]
+                self._thinking, self.ended = False, True
+            elif at < 0:
+                keep = max(partial_suffix(text, end), wait)
                 reasoning, self._held = text[: len(text) - keep], text[len(text) - keep:]
                 text = ""
             else:

@@ -189,7 +189,7 @@ class Llama3JsonParser(ToolParser):
         return len(text)
 
 
-class Qwen3CoderParser(ToolParser):
+class Qwen3CoderParser(HermesParser):
     """Qwen3-Coder and Qwen3.5: XML calls, ``<tool_call><function=NAME><parameter=KEY>VALUE
     </parameter>...</function></tool_call>``. Values are raw text (code needs no JSON
     escaping), typed by the request's tool schema: ``string`` stays text, ``integer`` /
@@ -197,8 +197,7 @@ class Qwen3CoderParser(ToolParser):
     JSON; a value that does not parse as its type, or a parameter the schema does not name,
     stays text. One newline around a value is the format's, not the value's."""
 
-    name = "qwen3_coder"
-    START = "<tool_call>"
+    name = "qwen3_coder"  # its calls open with hermes' tag: hermes' safe_prefix
     _CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*(?:</tool_call>|$)",
                        re.S)
     _PARAM = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
@@ -228,12 +227,6 @@ class Qwen3CoderParser(ToolParser):
             return text, []
         content = text[: text.index(self.START)].strip()
         return content or None, calls
-
-    def safe_prefix(self, text: str) -> int:
-        at = text.find(self.START)
-        if at >= 0:
-            return at
-        return len(text) - partial_suffix(text, self.START)
 
     @staticmethod
     def _typed(value: str, kind: Any) -> Any:

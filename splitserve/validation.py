@@ -50,7 +50,7 @@ def truncate_prompt(token_ids: list[int], params: Any, max_model_len: int,
                     has_images: bool = False) -> list[int]:
     """The prompt's last ``params.truncate_prompt_tokens`` ids (-1: the last
     ``max_model_len``), as vLLM truncates; the ids unchanged when it is unset. A prompt with
-    images is not cut (it could cut an image's placeholders)."""
+    images is refused (a cut could split an image's placeholders)."""
     k = getattr(params, "truncate_prompt_tokens", None)
     if k is None:
         return token_ids

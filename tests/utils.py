@@ -65,6 +65,20 @@ def _fast_gguf_parse(gguf: Any) -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
+@contextlib.contextmanager
+def tiny_server(model_dir: Path, num_kv_blocks: int = 256, **options: Any) -> Iterator[Any]:
+    """``serve`` over one engine of a tiny model (served as ``tiny``, context 512), with
+    ``ServeOptions`` ``options`` (parsers, ports)."""
+    from splitserve.cluster.frontends.backend import EngineBackend
+    from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+
+    backend = EngineBackend.from_config(model=str(model_dir), num_kv_blocks=num_kv_blocks,
+                                        max_model_len=512)
+    with BackgroundServer(backend, ServeOptions(port=0, served_model_name="tiny",
+                                                **options)) as srv:
+        yield srv
+
+
 def make_tiny_llama(
     path: Path,
     tokenizer_dir: Path,

@@ -140,9 +140,9 @@ class LLMEngine:
         streamed offer must reach the KV sink while the forward runs. None: it goes out
         with the step's outputs."""
         self._streamed: dict[str, dict[str, Any]] = {}
+        """KV source side: params of requests offered layer-wise, until their hand-off."""
         self._token_texts: dict[int, str] = {}
         """Token id -> its text alone (logprobs' ``decoded_token``), filled as needed."""
-        """KV source side: params of requests offered layer-wise, until their hand-off."""
         self._early_tokens: dict[str, list[int]] = {}
         """KV sink side: first tokens that arrived before their request (``resume_remote``)."""
 

@@ -21,10 +21,9 @@ import openai
 import pytest
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.frontends.client import Client
-from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 from splitserve.sampling_params import StructuredOutputsParams
+from tests.utils import tiny_server
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -54,12 +53,9 @@ def tags(llm) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def server(thinking_model_dir) -> Iterator[BackgroundServer]:
-    backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=256,
-                                        max_model_len=512)
-    opts = ServeOptions(port=0, grpc_port=0, served_model_name="tiny",
-                        tool_call_parser="hermes", reasoning_parser="qwen3")
-    with BackgroundServer(backend, opts) as srv:
+def server(thinking_model_dir) -> Iterator[Any]:
+    with tiny_server(thinking_model_dir, grpc_port=0, tool_call_parser="hermes",
+                     reasoning_parser="qwen3") as srv:
         yield srv
 
 
@@ -249,11 +245,8 @@ XML_REGEX = ("<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome
 @pytest.fixture(scope="module")
 def coder_client(thinking_model_dir) -> Iterator[openai.OpenAI]:
     """A server with Qwen3-Coder's XML tool-call parser (and no reasoning parser)."""
-    backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=64,
-                                        max_model_len=512)
-    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
-                        tool_call_parser="qwen3_coder")
-    with BackgroundServer(backend, opts) as srv:
+    with tiny_server(thinking_model_dir, 64, grpc_port=None,
+                     tool_call_parser="qwen3_coder") as srv:
         yield openai.OpenAI(base_url=srv.http_url + "/v1", api_key="none", max_retries=0)
 
 

@@ -17,9 +17,8 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from splitserve import LLM, SamplingParams
-from splitserve.cluster.frontends.backend import EngineBackend
 from splitserve.cluster.frontends.prompts import chat_prompt, chat_prompt_ids
-from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
+from tests.utils import tiny_server
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
@@ -35,12 +34,9 @@ def tiny_llm(thinking_model_dir) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def server(thinking_model_dir) -> Iterator[BackgroundServer]:
-    backend = EngineBackend.from_config(model=str(thinking_model_dir), num_kv_blocks=256,
-                                        max_model_len=512)
-    opts = ServeOptions(port=0, grpc_port=None, served_model_name="tiny",
-                        tool_call_parser="hermes", reasoning_parser="qwen3")
-    with BackgroundServer(backend, opts) as srv:
+def server(thinking_model_dir) -> Iterator[Any]:
+    with tiny_server(thinking_model_dir, grpc_port=None, tool_call_parser="hermes",
+                     reasoning_parser="qwen3") as srv:
         yield srv
 
 

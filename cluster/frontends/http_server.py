@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve import __version__
@@ -327,9 +328,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _validation_error(e.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         headers = dict(e.headers or {})  # a 405 carries the router's Allow (RFC 9110 15.5.6)
+        if e.status_code == 405:  # Starlette names the first route's methods; a path can
+            headers["Allow"] = _allowed_methods(request)  # have one route per method
         return APIError(e.status_code, str(e.detail), type_, headers=headers or None).response()
 
     @app.exception_handler(SplitserveError)
@@ -339,6 +342,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _other(_: Request, e: Exception) -> JSONResponse:
         return to_api_error(e).response()
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the request's path takes (GET's routes take HEAD too)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def _validation_error(errors: Sequence[Any]) -> APIError:
@@ -573,19 +585,24 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
             raise
         return await _cancel_on_disconnect(request, job.run([job.prompt]))
 
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"],
-                   responses=_errors(401, 404))
-    async def stored_response(response_id: str, request: Request) -> dict[str, Any]:
-        """A stored response (GET), or its removal (DELETE)."""
-        if request.method == "DELETE":
-            if front.responses.delete(response_id):
-                return {"id": response_id, "object": "response.deleted", "deleted": True}
-        else:
-            stored = front.responses.get(response_id)
-            if stored is not None:
-                return stored[0]
-        raise APIError(404, f"response {response_id!r} not found", "not_found_error",
-                       param="response_id")
+    def _not_stored(response_id: str) -> APIError:
+        return APIError(404, f"response {response_id!r} not found", "not_found_error",
+                        param="response_id")
+
+    @app.get("/v1/responses/{response_id}", responses=_errors(401, 404))
+    async def get_response(response_id: str) -> dict[str, Any]:
+        """A stored response."""
+        stored = front.responses.get(response_id)
+        if stored is None:
+            raise _not_stored(response_id)
+        return stored[0]  # type: ignore[no-any-return]
+
+    @app.delete("/v1/responses/{response_id}", responses=_errors(401, 404))
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        """A stored response's removal."""
+        if not front.responses.delete(response_id):
+            raise _not_stored(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 async def _chat_job(front: _Frontend, body: ChatCompletionRequest,

@@ -934,8 +934,13 @@ def test_openapi_declares_what_the_server_answers(server: BackgroundServer) -> N
                       headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert httpx.request("TRACE", server.http_url + "/health").headers["allow"] == "GET"
+    r = httpx.request("PUT", server.http_url + "/v1/responses/resp_1",  # one route per method
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
     doc = httpx.get(server.http_url + "/openapi.json").json()
     ops = {(path, method): op for path, item in doc["paths"].items() for method, op in item.items()}
+    operation_ids = [op["operationId"] for op in ops.values()]
+    assert len(operation_ids) == len(set(operation_ids)), sorted(operation_ids)
     assert not [k for k, op in ops.items() if "422" in op["responses"]]
     completions = ops[("/v1/completions", "post")]["responses"]
     assert {"200", "400", "401", "404", "413", "429", "503"} <= set(completions)

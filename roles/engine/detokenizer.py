@@ -32,12 +32,15 @@ class IncrementalDetokenizer:
         self._emitted = len(self.text)
 
     def update(self, new_token_ids: list[int]) -> str | None:
-        """Add tokens; return the stop string they completed (text is then truncated)."""
+        """Add tokens; return the stop string they completed (text is then truncated). As
+        vLLM, stop strings count from the token after the first ``min_tokens``."""
         start = max(0, len(self.text) - self.params.max_stop_len + 1)
         for token_id in new_token_ids:
             self.token_ids.append(token_id)
             self._decode_next()
-        return self._find_stop(start) if self.params.stop_list else None
+        if not self.params.stop_list or len(self.token_ids) <= self.params.min_tokens:
+            return None
+        return self._find_stop(start)
 
     def _decode_next(self) -> None:
         skip = self.params.skip_special_tokens

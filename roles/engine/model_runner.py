@@ -28,6 +28,7 @@ from splitserve import env
 from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
 from splitserve.outputs import Logprob
+from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
 from splitserve.roles.engine.scheduler import ScheduledRequest, SchedulerOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
@@ -256,12 +257,23 @@ class ModelRunner:
             offset += s.num_new_tokens
             req = s.request
             n = s.num_sample_rows  # row i draws the token at position num_tokens + i
-            adjusts = req.sampling_params.adjusts_logits
+            sp = req.sampling_params
+            adjusts = sp.adjusts_logits
+            min_left = sp.min_tokens - req.num_output_tokens  # rows before min_tokens ban stops
+            stop_ids = _stop_ids(req) if adjusts or min_left > 0 else ()
             for i in range(n):
-                params = SampleRequest(req.sampling_params, req.seed, req.num_tokens + i)
+                params = SampleRequest(sp, req.seed, req.num_tokens + i, stop_ids=stop_ids,
+                                       before_min_tokens=i < min_left)
                 if adjusts:  # a verify row's tokens so far include the draft before it
                     params.tokens = req.all_token_ids + s.draft_token_ids[:i]
                     params.num_prompt_tokens = req.num_prompt_tokens
                 rows.append((req.request_id, params))
                 last.append(offset - n + i)
         return rows, torch.tensor(last, dtype=torch.long, device=self.device)
+
+
+def _stop_ids(req: Request) -> tuple[int, ...]:
+    """The tokens that end ``req``: EOS (unless ``ignore_eos``), then ``stop_token_ids``."""
+    sp = req.sampling_params
+    eos = () if sp.ignore_eos else tuple(sorted(req.eos_token_ids))
+    return eos + tuple(t for t in sp.stop_token_ids or () if t not in req.eos_token_ids)

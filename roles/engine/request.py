@@ -136,12 +136,13 @@ class Request:
         """Finished state implied by the last token (EOS, stop id, length), or None."""
         last = self.all_token_ids[-1]
         params = self.sampling_params
-        if self.num_output_tokens >= max(params.min_tokens, 1):
-            if not params.ignore_eos and last in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if last in params.stop_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
+        # before min_tokens the sampler bans these tokens unless nothing else was allowed
+        # (a grammar that can only end), so one drawn ends the request there too
+        if not params.ignore_eos and last in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if last in (params.stop_token_ids or ()):
+            self.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

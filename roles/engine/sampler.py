@@ -15,11 +15,14 @@ token to -inf), the bias, then the repetition penalty (tokens of the prompt or t
 then the frequency and presence penalties (tokens of the output). They depend only on the
 row's tokens so far (a verify row's include the draft before it), so a replay, a P/D hand-off
 or speculation gives the same tokens. Log-probabilities stay those of the model's
-distribution (vLLM's default ``raw_logprobs``).
+distribution (vLLM's default ``raw_logprobs``). Before ``min_tokens`` the stop tokens are
+banned (vLLM's min-tokens processor) unless nothing else is left; a row left with no token at
+all (a grammar and an allow-list that share none) ends its request on a stop token.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,7 @@ from splitserve.outputs import Logprob
 from splitserve.sampling_params import SamplingParams
 
 Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +49,14 @@ class SampleRequest:
     the logits (``adjusts_logits``); None otherwise."""
     num_prompt_tokens: int = 0
     """How many of ``tokens`` are the prompt's."""
+    stop_ids: tuple[int, ...] = ()
+    """The tokens that end the request (EOS unless ``ignore_eos``, ``stop_token_ids``), set
+    where a row may have to ban them (``min_tokens``) or fall back on them (a row the
+    adjustments leave without any token)."""
+    before_min_tokens: bool = False
+    """The token drawn is one of the first ``min_tokens``: ``stop_ids`` are banned, as
+    vLLM's min-tokens processor bans them, unless nothing else is left (a grammar that
+    only lets the request end)."""
 
 
 @dataclass
@@ -65,12 +77,24 @@ def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
     whose parameters adjust the logits are changed in place."""
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    dead_ends = set()
     for i, row in enumerate(rows):
         if row.params.adjusts_logits:
             adjust(logits[i], row)
+        if row.before_min_tokens and row.stop_ids:
+            _ban_unless_alone(logits[i], row.stop_ids)
+        if (row.params.adjusts_logits or row.before_min_tokens) \
+                and not bool(torch.isfinite(logits[i]).any()):
+            dead_ends.add(i)
     tokens = argmax_rows(logits)
     for i, row in enumerate(rows):
-        if not row.params.greedy:
+        if i in dead_ends:  # no token is allowed (a grammar and an allow-list that share
+            # none, say): the request ends on a stop token rather than emit one nothing allowed
+            logger.warning("no token satisfies every constraint of a request (its grammar "
+                           "with allowed_token_ids / bad_words): it ends here")
+            if row.stop_ids:
+                tokens[i] = row.stop_ids[0]
+        elif not row.params.greedy:
             tokens[i] = _sample_row(logits[i], row)
     return [_result(tokens[i], rows[i], logprobs, i) for i in range(len(rows))]
 
@@ -104,6 +128,15 @@ def adjust(logits: Tensor, row: SampleRequest) -> None:
         counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
                                 minlength=vocab)[:vocab].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _ban_unless_alone(logits: Tensor, ids: tuple[int, ...]) -> None:
+    """Set ``logits[ids]`` to -inf unless no other token has a finite logit."""
+    index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+    kept = logits[index]
+    logits[index] = float("-inf")
+    if not bool(torch.isfinite(logits).any()):
+        logits[index] = kept
 
 
 def _ends_with(tokens: list[int], tail: list[int]) -> bool:

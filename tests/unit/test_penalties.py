@@ -137,6 +137,63 @@ def test_speculation_with_penalties_is_exact(tiny_model_dir, tiny_llm: LLM) -> N
     assert stats["num_free_blocks"] == stats["num_blocks"]
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(tiny_llm: LLM) -> None:
+    """As vLLM: until ``min_tokens`` the stop tokens (EOS, ``stop_token_ids``) are banned, so
+    the model says something else (not: EOS drawn and ignored), and stop strings do not end
+    the request."""
+    eos = min(tiny_llm.engine.tokenizer.eos_token_ids)
+    plain = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, _greedy(8))]
+    assert not {eos, 1234} & {t for ids in plain for t in ids}
+    # a bias makes the stop token the pick at every step: the first min_tokens are the
+    # model's own choice without it, the next one stops
+    for stop_kw, stop in (({}, eos), ({"stop_token_ids": [1234]}, 1234)):
+        params = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=5,
+                                logit_bias={stop: 100.0}, **stop_kw)  # type: ignore[arg-type]
+        for out, want in zip(tiny_llm.generate(PROMPTS, params), plain, strict=True):
+            c = out.outputs[0]
+            assert c.token_ids == want[:5] + [stop] and c.finish_reason == "stop", c
+        sampled = SamplingParams(temperature=1.0, seed=4, max_tokens=20, min_tokens=5,
+                                 logit_bias={stop: 100.0}, **stop_kw)  # type: ignore[arg-type]
+        for out in tiny_llm.generate(PROMPTS, sampled):
+            ids = out.outputs[0].token_ids
+            assert len(ids) == 6 and ids[-1] == stop and stop not in ids[:5]
+    # the text of the first token as a stop string: it ends a plain request there, not one
+    # that asks for 4 tokens at least (an occurrence within them is never looked for)
+    tok = tiny_llm.get_tokenizer()
+    first = next(i for i, ids in enumerate(plain) if tok.decode(ids[:1]).strip())
+    stop_str = tok.decode(plain[first][:1])
+    kw = {"temperature": 0.0, "max_tokens": 4, "stop": [stop_str], "ignore_eos": True}
+    early = tiny_llm.generate([PROMPTS[first]], SamplingParams(**kw))[0].outputs[0]
+    assert early.token_ids == plain[first][:1] and early.finish_reason == "stop"
+    held = tiny_llm.generate([PROMPTS[first]], SamplingParams(min_tokens=4, **kw))[0].outputs[0]
+    assert held.token_ids == plain[first][:4]
+
+
+def test_min_tokens_survives_the_handoff_and_speculation(tiny_model_dir, tiny_llm: LLM) -> None:
+    """The prefill worker draws the first token, the decode worker the rest; verify rows ban
+    the stop tokens by their own position: the single engine's tokens either way."""
+    from tests.unit.test_structured_engine import _OracleProposer
+
+    eos = min(tiny_llm.engine.tokenizer.eos_token_ids)
+    params = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=7,
+                            logit_bias={eos: 100.0})
+    want = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params)]
+    assert all(len(w) == 8 and w[-1] == eos for w in want)
+    prefill, decode = _engines(tiny_model_dir)
+    got = _drive(prefill, decode, PROMPTS, params)
+    assert [got[f"r{i}"] for i in range(len(PROMPTS))] == want
+    spec = LLM(str(tiny_model_dir), num_kv_blocks=256,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                   "adaptive": False})
+    # the oracle drafts the true tokens with EOS in place of output token 2 (and every sixth
+    # after it): the verify rows before min_tokens must refuse it
+    spec.engine.scheduler.speculator.proposer = _OracleProposer(
+        {tuple(p): w for p, w in zip(PROMPTS, want, strict=True)}, eos)
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params)] == want
+    stats = spec.engine.stats()
+    assert 0 < stats["spec_decode_num_accepted_tokens"] < stats["spec_decode_num_draft_tokens"]
+
+
 @pytest.mark.parametrize(("kw", "field"), [
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),

@@ -323,6 +323,31 @@ def test_choice_and_regex_hold_and_only_constrained_rows_are_masked(tiny: LLM) -
     assert eng.stats()["num_grammar_matchers"] == 0
 
 
+def test_grammar_with_min_tokens_or_an_allow_list_that_leaves_nothing(tiny: LLM, caplog) -> None:
+    """A grammar that can only end before ``min_tokens``: the request ends there, on one stop
+    token (not stop tokens drawn and ignored until min_tokens). An allow-list that shares no
+    token with what the grammar allows: the request ends at once with a warning (it drew the
+    last token id, ``</think>`` of a thinking model, before)."""
+    eos = min(tiny.engine.tokenizer.eos_token_ids)
+    prompt = [list(range(300, 340))]
+    plain = tiny.generate(prompt, _greedy(CHOICE))[0].outputs[0]
+    held = tiny.generate(prompt, _greedy(CHOICE, min_tokens=30))[0].outputs[0]
+    assert held.token_ids == plain.token_ids and held.token_ids[-1] == eos
+    assert held.finish_reason == "stop"
+    vocab = tiny.engine.model_config.vocab_size
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, seed=2, max_tokens=8,
+                                allowed_token_ids=[5, 6, vocab - 1],
+                                structured_outputs=CHOICE)  # type: ignore[arg-type]
+        with caplog.at_level("WARNING"):
+            out = tiny.generate(prompt, params)[0].outputs[0]
+        assert out.token_ids == [eos] and out.finish_reason == "stop", out
+        assert "no token satisfies every constraint" in caplog.text
+        caplog.clear()
+    stats = tiny.engine.stats()
+    assert stats["num_grammar_matchers"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
 def test_json_schema_output_validates(tiny: LLM) -> None:
     out = tiny.generate([list(range(700, 760))], _greedy({"json": SCHEMA}, max_tokens=80))[0]
     assert out.outputs[0].finish_reason == "stop"

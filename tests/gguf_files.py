@@ -21,10 +21,13 @@ import numpy as np
 import torch
 
 ARCH = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "phi3": "PHI3", "gemma2": "GEMMA2",
-        "gemma3": "GEMMA3", "mixtral": "LLAMA"}
+        "gemma3": "GEMMA3", "mixtral": "LLAMA", "smollm3": "SMOLLM3"}
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3": {"use_sliding_window": False},  # llama.cpp's qwen3 has no windows
     "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},  # every layer routed
+    # llama.cpp's smollm3: rotary skipped on every fourth layer, no windows
+    "smollm3": {"no_rope_layers": [1, 1, 1, 0], "use_sliding_window": False,
+                "layer_types": ["full_attention"] * 4},
 }
 """Config changes that keep a tiny model inside what a GGUF file can say."""
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
@@ -106,7 +109,7 @@ def rounded_folder(folder: Path, qtype: str, out: Path) -> Path:
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's rotary row permutation of Q/K (the ``llama`` architecture only)."""
+    """llama.cpp's rotary row permutation of Q/K (its ``llama`` and ``smollm3`` converters)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -129,7 +132,7 @@ def write_gguf(folder: Path, out: Path, family: str, qtype: str = "F32") -> Path
             continue
         if family in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w + np.float32(1.0)
-        if family == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if family in ("mixtral", "smollm3") and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             w = _permute(w, heads)
         base, suffix = name.rsplit(".", 1)
@@ -169,7 +172,7 @@ def _metadata(writer: Any, cfg: dict[str, Any], family: str, weights: dict[str, 
         (rope.get("full_attention") or {}).get("rope_theta")) or 10000.0
     writer.add_rope_freq_base(float(theta))
     window = cfg.get("sliding_window")
-    if window and (family != "qwen3" or cfg.get("use_sliding_window")):
+    if window and (family not in ("qwen3", "smollm3") or cfg.get("use_sliding_window")):
         writer.add_sliding_window(window)
     experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     if experts:

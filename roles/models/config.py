@@ -74,6 +74,9 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] | None = None
     """Per layer: True where the MLP is a mixture of experts. None: every layer when
     ``num_experts`` > 0."""
+    rope_layers: tuple[bool, ...] | None = None
+    """Per layer: False where the layer's attention applies no rotary embedding (SmolLM3's
+    NoPE layers). None: every layer applies it."""
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -85,7 +88,7 @@ class ModelConfig:
             raise ModelLoadError(
                 f"unsupported hidden_act {self.hidden_act!r}; supported: {list(ACTIVATIONS)}"
             )
-        for name in ("layer_windows", "moe_layers"):
+        for name in ("layer_windows", "moe_layers", "rope_layers"):
             per_layer = getattr(self, name)
             if per_layer is not None and len(per_layer) != self.num_layers:
                 raise ModelLoadError(

@@ -41,10 +41,15 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 """GGUF ``general.architecture`` -> the model file's architecture (``llama`` with experts
 becomes Mixtral)."""
-PERMUTED_QK = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+TOKENIZER_ALIASES = {"smollm3": "llama"}
+"""GGUF architectures transformers' GGUF reader refuses (so cannot build their tokenizer)
+-> one it reads whose tokenizer metadata is the same."""
+PERMUTED_QK = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+               "SmolLM3ForCausalLM")
 """Architectures whose Q/K rows llama.cpp's converter permuted (``llama`` GGUF files)."""
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
@@ -261,7 +266,16 @@ def _gemma(pattern: int, softcaps: bool) -> Callable[..., dict]:
     return fields_of
 
 
+def _smollm3(get: Callable[..., Any], fields: dict, names: set[str], read: ReadTensor) -> dict:
+    """llama.cpp's smollm3: no metadata key says which layers skip rotary; its graph skips it
+    on every fourth layer (``n_no_rope_layer_step = 4``, transformers' default interval), and
+    it has no windowed attention."""
+    return {"rope_layers": tuple((i + 1) % 4 != 0 for i in range(fields["num_layers"])),
+            "sliding_window": None}
+
+
 _FAMILY_FIELDS: dict[str, Callable[..., dict]] = {
+    "SmolLM3ForCausalLM": _smollm3,
     "Phi3ForCausalLM": _phi3,
     "Gemma2ForCausalLM": _gemma(2, softcaps=True),
     "Gemma3ForCausalLM": _gemma(6, softcaps=False),

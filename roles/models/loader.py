@@ -198,6 +198,22 @@ def _llava_name(name: str) -> str:
     return name
 
 
+def _teach_transformers_gguf_arch(arch: str | None) -> None:
+    """Let transformers' GGUF reader build the tokenizer of a file whose architecture it
+    does not load (``gguf_map.TOKENIZER_ALIASES``: it refuses the whole file, though the
+    tokenizer metadata is the same as its alias's): the alias's config keys are registered
+    for it, once a process."""
+    alias = gguf_map.TOKENIZER_ALIASES.get(arch or "")
+    if arch is None or alias is None:
+        return
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    configs: dict[str, Any] = hf_gguf.GGUF_TO_TRANSFORMERS_MAPPING["config"]  # type: ignore[assignment]
+    if arch not in configs:
+        configs[arch] = configs[alias]
+        hf_gguf.GGUF_SUPPORTED_ARCHITECTURES.append(arch)
+
+
 def _hf_tokenizer(
     path: Path, config: ModelConfig, gguf_file: str | None = None, gguf_reader: Any = None
 ) -> Tokenizer:
@@ -208,6 +224,8 @@ def _hf_tokenizer(
     where = path / gguf_file if gguf_file else path
 
     def build() -> Any:
+        if gguf_reader is not None:
+            _teach_transformers_gguf_arch(_field(gguf_reader, "general.architecture", None))
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
 
     try:

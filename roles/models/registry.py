@@ -18,7 +18,7 @@ from splitserve.errors import ModelLoadError
 from splitserve.roles.models.blocks import DecoderModel
 from splitserve.roles.models.config import ModelConfig
 
-_MODULES = ("llama", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3")
+_MODULES = ("llama", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "smollm3")
 _REGISTRY: dict[str, type[DecoderModel]] = {}
 _BY_TYPE: dict[str, tuple[str, type[DecoderModel]]] = {}
 

@@ -47,7 +47,7 @@ _CONFIG_FIELDS = (
     "head_dim", "tie_word_embeddings", "hidden_act", "rope_theta", "rope_local_theta",
     "partial_rotary_factor", "attn_logit_softcap", "final_logit_softcap", "num_experts",
     "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "max_position_embeddings",
-    "kv_layer_windows", "bos_token_id", "eos_token_ids",
+    "kv_layer_windows", "bos_token_id", "eos_token_ids", "rope_layers",
 )
 DEFAULT_SUITE = {"qwen3", "gemma2"}
 """Families checked in the default suite (q/k norm + explicit head_dim; soft-caps, windows and

@@ -48,7 +48,7 @@ def test_family_equals_transformers(family) -> None:
     llm = LLM(str(folder), num_kv_blocks=256)
     cfg = llm.engine.model_config
     assert cfg.architecture.lower().startswith(name.replace("_", "")[:5])
-    if name in ("gemma2", "gemma3", "qwen3", "phi3", "mixtral"):  # windows really in use
+    if name in ("gemma2", "gemma3", "qwen3", "phi3", "mixtral", "smollm3"):  # windows in use
         assert WINDOW in [cfg.window(i) for i in range(cfg.num_layers)]
         assert max(len(p) for p in PROMPTS) > WINDOW
     batch = _tokens(llm, PROMPTS)
@@ -60,6 +60,23 @@ def test_family_equals_transformers(family) -> None:
     print(f"{name}: {ties} near-tie divergences accepted of {len(PROMPTS)} prompts")
     alone = [_tokens(llm, [p])[0] for p in (PROMPTS[0], PROMPTS[-1])]
     assert alone == [batch[0], batch[-1]]  # batch invariance
+
+
+def test_smollm3_layers_without_rotary_are_kept(tmp_path, tokenizer_dir) -> None:
+    """SmolLM3's NoPE layers matter: the same weights read as rotary on every layer give other
+    tokens than transformers' (so the family's equality rests on the NoPE layers)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_family_model("smollm3", tmp_path / "smollm3", tokenizer_dir)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = [hf_greedy(hf, p, NEW_TOKENS)[0] for p in PROMPTS[:4]]
+    llm = LLM(str(folder), num_kv_blocks=256)
+    assert llm.engine.model_config.rope_layers == (True, False, True, False)
+    count_near_ties(_tokens(llm, PROMPTS[:4]), [(r, [1.0] * len(r)) for r in ref])
+    _write_config(folder, no_rope_layers=[1, 1, 1, 1])
+    got = _tokens(LLM(str(folder), num_kv_blocks=256), PROMPTS[:4])
+    assert sum(g != want for g, want in zip(got, ref, strict=True)) >= 3
 
 
 def test_family_chunked_prefill_after_prefix_hit(family) -> None:
@@ -112,6 +129,8 @@ def _write_config(folder, **changes) -> None:
     [
         ("qwen3", {"rope_parameters": {"rope_type": "yarn-ish"}}, ["rope_type", "yarn-ish"]),
         ("qwen3_moe", {"scoring_func": "sigmoid"}, ["scoring_func", "sigmoid"]),
+        ("smollm3", {"no_rope_layers": [1, 0]}, ["no_rope_layers", "4"]),
+        ("smollm3", {"mlp_bias": True}, ["mlp_bias"]),
         ("qwen3_moe", {"shared_expert_intermediate_size": 64}, ["shared_expert_intermediate_size"]),
         ("gemma2", {"hidden_activation": "relu2"}, ["hidden_act", "relu2"]),
         ("gemma3", {"layer_types": ["chunked_attention"] * 4}, ["layer_types", "chunked_attention"]),

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 ARCH = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "phi3": "PHI3", "gemma2": "GEMMA2",
-        "gemma3": "GEMMA3", "mixtral": "LLAMA", "smollm3": "SMOLLM3"}
+        "gemma3": "GEMMA3", "mixtral": "LLAMA", "smollm3": "SMOLLM3",
+        "granite": "GRANITE"}
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3": {"use_sliding_window": False},  # llama.cpp's qwen3 has no windows
     "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},  # every layer routed
@@ -109,7 +110,8 @@ def rounded_folder(folder: Path, qtype: str, out: Path) -> Path:
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's rotary row permutation of Q/K (its ``llama`` and ``smollm3`` converters)."""
+    """llama.cpp's rotary row permutation of Q/K (its ``llama``, ``smollm3`` and ``granite``
+    converters)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -132,7 +134,8 @@ def write_gguf(folder: Path, out: Path, family: str, qtype: str = "F32") -> Path
             continue
         if family in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w + np.float32(1.0)
-        if family in ("mixtral", "smollm3") and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if family in ("mixtral", "smollm3", "granite") and name.endswith(
+                ("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             w = _permute(w, heads)
         base, suffix = name.rsplit(".", 1)
@@ -181,6 +184,11 @@ def _metadata(writer: Any, cfg: dict[str, Any], family: str, weights: dict[str, 
         if family == "qwen3_moe":
             writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
             writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
+    if family == "granite":
+        writer.add_embedding_scale(float(cfg["embedding_multiplier"]))
+        writer.add_residual_scale(float(cfg["residual_multiplier"]))
+        writer.add_attention_scale(float(cfg["attention_multiplier"]))
+        writer.add_logit_scale(float(cfg["logits_scaling"]))
     if family in ("gemma2", "gemma3"):
         writer.add_attention_scale(float(cfg["query_pre_attn_scalar"]) ** -0.5)
         types = cfg.get("layer_types")

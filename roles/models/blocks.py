@@ -509,7 +509,8 @@ class DecoderModel:
     norm_offset: ClassVar[float] = 0.0
     """1.0 where the checkpoint stores norm weights as ``weight - 1`` (Gemma)."""
     scale_embeddings: ClassVar[bool] = False
-    """Multiply embeddings by ``sqrt(hidden_size)`` (Gemma)."""
+    """Multiply embeddings by ``sqrt(hidden_size)`` (Gemma), or by ``embedding_multiplier``
+    where the config sets one (Granite)."""
 
     @classmethod
     def config_from_hf(cls, hf: dict, architecture: str) -> ModelConfig:
@@ -522,7 +523,8 @@ class DecoderModel:
         w = Weights({k: v.to(device) for k, v in weights.items()})
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embed = w.take("model.embed_tokens.weight", (v, h))  # [V, H]
-        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed.dtype, device=device)
+        scale = h**0.5 if cfg.embedding_multiplier is None else cfg.embedding_multiplier
+        self.embed_scale = torch.tensor(scale, dtype=self.embed.dtype, device=device)
         self.norm = self.rms_norm(w.take("model.norm.weight", (h,)))
         head = self.embed if cfg.tie_word_embeddings else w.take("lm_head.weight", (v, h))
         self.lm_head = Linear(head)
@@ -574,5 +576,7 @@ class DecoderModel:
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[N, H] -> [N, V] float32 logits (soft-capped where the family caps them)."""
         logits = self.lm_head(hidden).float()
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else self.ops.softcap(logits, cap)  # type: ignore[no-any-return]

@@ -74,6 +74,15 @@ class ModelConfig:
     moe_layers: tuple[bool, ...] | None = None
     """Per layer: True where the MLP is a mixture of experts. None: every layer when
     ``num_experts`` > 0."""
+    attention_multiplier: float | None = None
+    """The attention scale itself where the config gives one (Granite)."""
+    embedding_multiplier: float | None = None
+    """Embeddings are multiplied by this (Granite); None: by ``sqrt(hidden_size)`` where the
+    family scales them (Gemma), else not at all."""
+    residual_multiplier: float = 1.0
+    """Each block's output is multiplied by this before the residual add (Granite)."""
+    logits_scaling: float = 1.0
+    """Output logits are divided by this (Granite)."""
     rope_layers: tuple[bool, ...] | None = None
     """Per layer: False where the layer's attention applies no rotary embedding (SmolLM3's
     NoPE layers). None: every layer applies it."""
@@ -115,6 +124,8 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return self.attention_multiplier
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property

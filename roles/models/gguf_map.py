@@ -42,14 +42,15 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
 """GGUF ``general.architecture`` -> the model file's architecture (``llama`` with experts
 becomes Mixtral)."""
-TOKENIZER_ALIASES = {"smollm3": "llama"}
+TOKENIZER_ALIASES = {"smollm3": "llama", "granite": "llama"}
 """GGUF architectures transformers' GGUF reader refuses (so cannot build their tokenizer)
 -> one it reads whose tokenizer metadata is the same."""
 PERMUTED_QK = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-               "SmolLM3ForCausalLM")
+               "SmolLM3ForCausalLM", "GraniteForCausalLM")
 """Architectures whose Q/K rows llama.cpp's converter permuted (``llama`` GGUF files)."""
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
@@ -274,7 +275,19 @@ def _smollm3(get: Callable[..., Any], fields: dict, names: set[str], read: ReadT
             "sliding_window": None}
 
 
+def _granite(get: Callable[..., Any], fields: dict, names: set[str], read: ReadTensor) -> dict:
+    """llama.cpp's granite keys (``embedding_scale``, ``residual_scale``, ``attention.scale``,
+    ``logit_scale``); an absent one is 1, as in transformers' config."""
+    return dict(
+        embedding_multiplier=float(get("embedding_scale", 1.0)),
+        residual_multiplier=float(get("residual_scale", 1.0)),
+        attention_multiplier=float(get("attention.scale", 1.0)),
+        logits_scaling=float(get("logit_scale", 1.0)),
+    )
+
+
 _FAMILY_FIELDS: dict[str, Callable[..., dict]] = {
+    "GraniteForCausalLM": _granite,
     "SmolLM3ForCausalLM": _smollm3,
     "Phi3ForCausalLM": _phi3,
     "Gemma2ForCausalLM": _gemma(2, softcaps=True),

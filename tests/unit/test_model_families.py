@@ -79,6 +79,26 @@ def test_smollm3_layers_without_rotary_are_kept(tmp_path, tokenizer_dir) -> None
     assert sum(g != want for g, want in zip(got, ref, strict=True)) >= 3
 
 
+def test_granite_logprobs_are_transformers(tmp_path, tokenizer_dir) -> None:
+    """Granite's logits divided by ``logits_scaling`` (greedy tokens cannot tell: dividing
+    by 4 keeps the order): the logprobs of the first token are transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    folder = make_family_model("granite", tmp_path / "granite", tokenizer_dir)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    llm = LLM(str(folder), num_kv_blocks=64)
+    for prompt in PROMPTS[:3]:
+        with torch.inference_mode():
+            want = torch.log_softmax(hf(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1,
+                                                    logprobs=5))[0].outputs[0]
+        top = out.logprobs[0]
+        assert len(top) >= 5
+        for token, lp in top.items():
+            assert abs(lp.logprob - float(want[token])) < 1e-4, (token, lp.logprob, want[token])
+    assert max(abs(float(v)) for v in want.topk(5).values) > 0.05  # not a flat distribution
+
+
 def test_family_chunked_prefill_after_prefix_hit(family) -> None:
     """Chunks of 16 tokens (windows span chunk and block borders); the second prompt reuses
     the first one's cached blocks and still equals transformers."""
@@ -131,6 +151,8 @@ def _write_config(folder, **changes) -> None:
         ("qwen3_moe", {"scoring_func": "sigmoid"}, ["scoring_func", "sigmoid"]),
         ("smollm3", {"no_rope_layers": [1, 0]}, ["no_rope_layers", "4"]),
         ("smollm3", {"mlp_bias": True}, ["mlp_bias"]),
+        ("granite", {"residual_multiplier": 0}, ["residual_multiplier", "0"]),
+        ("granite", {"logits_scaling": "big"}, ["logits_scaling", "big"]),
         ("qwen3_moe", {"shared_expert_intermediate_size": 64}, ["shared_expert_intermediate_size"]),
         ("gemma2", {"hidden_activation": "relu2"}, ["hidden_act", "relu2"]),
         ("gemma3", {"layer_types": ["chunked_attention"] * 4}, ["layer_types", "chunked_attention"]),

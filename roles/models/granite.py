@@ -16,14 +16,7 @@ from typing import Any
 
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.quant import QuantizedWeight
-from splitserve.roles.models.blocks import (
-    Layer,
-    PreNormLayer,
-    Tensor,
-    Weights,
-    dense_mlp,
-    standard_attention,
-)
+from splitserve.roles.models.blocks import Layer, Tensor, Weights
 from splitserve.roles.models.config import ModelConfig, base_fields
 from splitserve.roles.models.llama import LlamaModel
 
@@ -67,13 +60,6 @@ class GraniteModel(LlamaModel):
         )
 
     def build_layer(self, i: int, w: Weights) -> Layer:
-        cfg, ops = self.cfg, self.ops
-        r = cfg.residual_multiplier
         for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            w.tensors[w.prefix + name] = _scaled(w.take(name), r)
-        return PreNormLayer(
-            standard_attention(cfg, i, w.sub("self_attn."), ops, self.cos_sin),
-            dense_mlp(cfg, w.sub("mlp."), ops),
-            self.rms_norm(w.take("input_layernorm.weight", (cfg.hidden_size,))),
-            self.rms_norm(w.take("post_attention_layernorm.weight", (cfg.hidden_size,))),
-        )
+            w.tensors[w.prefix + name] = _scaled(w.take(name), self.cfg.residual_multiplier)
+        return super().build_layer(i, w)

@@ -14,6 +14,7 @@ from splitserve.roles.models.blocks import (
     DecoderModel,
     Layer,
     PreNormLayer,
+    Tensor,
     Weights,
     dense_mlp,
     rope_table,
@@ -50,10 +51,14 @@ class LlamaModel(DecoderModel):
         self.cos_sin = rope_table(cfg, ops, device, cfg.rope_theta, cfg.rope_scaling)
         super().__init__(cfg, weights, ops, device)
 
+    def rotary_for(self, i: int) -> Tensor:
+        """Layer ``i``'s rotary table (one for every layer here)."""
+        return self.cos_sin
+
     def build_layer(self, i: int, w: Weights) -> Layer:
         cfg, ops = self.cfg, self.ops
         return PreNormLayer(
-            standard_attention(cfg, i, w.sub("self_attn."), ops, self.cos_sin),
+            standard_attention(cfg, i, w.sub("self_attn."), ops, self.rotary_for(i)),
             dense_mlp(cfg, w.sub("mlp."), ops),
             self.rms_norm(w.take("input_layernorm.weight", (cfg.hidden_size,))),
             self.rms_norm(w.take("post_attention_layernorm.weight", (cfg.hidden_size,))),

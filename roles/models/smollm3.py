@@ -15,13 +15,7 @@ from typing import Any
 import torch
 
 from splitserve.errors import ModelLoadError
-from splitserve.roles.models.blocks import (
-    Layer,
-    PreNormLayer,
-    Weights,
-    dense_mlp,
-    standard_attention,
-)
+from splitserve.roles.models.blocks import Tensor
 from splitserve.roles.models.config import ModelConfig, base_fields, layer_windows_from
 from splitserve.roles.models.llama import LlamaModel
 
@@ -66,16 +60,13 @@ class SmolLM3Model(LlamaModel):
         return ModelConfig(**fields, sliding_window=window, layer_windows=windows,
                            rope_layers=rope)
 
-    def build_layer(self, i: int, w: Weights) -> Layer:
-        cfg, ops = self.cfg, self.ops
-        cos_sin = self.cos_sin
-        if cfg.rope_layers is not None and not cfg.rope_layers[i]:
-            half = cos_sin.shape[-1] // 2  # [cos | sin] -> [1 | 0]
-            cos_sin = torch.cat([torch.ones_like(cos_sin[:, :half]),
-                                 torch.zeros_like(cos_sin[:, half:])], -1)
-        return PreNormLayer(
-            standard_attention(cfg, i, w.sub("self_attn."), ops, cos_sin),
-            dense_mlp(cfg, w.sub("mlp."), ops),
-            self.rms_norm(w.take("input_layernorm.weight", (cfg.hidden_size,))),
-            self.rms_norm(w.take("post_attention_layernorm.weight", (cfg.hidden_size,))),
-        )
+    def rotary_for(self, i: int) -> Tensor:
+        rope = self.cfg.rope_layers
+        if rope is None or rope[i]:
+            return self.cos_sin
+        identity: Tensor | None = getattr(self, "_identity", None)
+        if identity is None:  # [cos | sin] -> [1 | 0], shared by the NoPE layers
+            half = self.cos_sin.shape[-1] // 2
+            identity = self._identity = torch.cat(
+                [torch.ones_like(self.cos_sin[:, :half]), torch.zeros_like(self.cos_sin[:, half:])], -1)
+        return identity

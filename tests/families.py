@@ -53,10 +53,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                    norm_topk_prob=False, mlp_only_layers=[1])),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
-    # multipliers far from 1 (and from each other), tied embeddings as Granite 3 ships
+    # multipliers far from 1 (and from each other); untied: with Granite's tied embeddings
+    # and a small residual multiplier a random model only repeats its last token
     "granite": ("Granite", dict(embedding_multiplier=6.0, residual_multiplier=0.22,
-                                attention_multiplier=0.09, logits_scaling=4.0,
-                                tie_word_embeddings=True)),
+                                attention_multiplier=0.09, logits_scaling=4.0)),
     # NoPE on layers 1 and 3 (rotary on 0 and 2), windows on the NoPE layer 1 only
     "smollm3": ("SmolLM3", dict(no_rope_layers=[1, 0, 1, 0], use_sliding_window=True,
                                 sliding_window=WINDOW,

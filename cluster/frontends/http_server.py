@@ -613,8 +613,8 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
     params = await off_loop(body.to_sampling_params)
     tool_choice = body.effective_tool_choice()
     if tool_choice == "auto" and front.tool_parser is None:
-        raise APIError(400, "tool_choice auto needs a server started with "
-                       "--tool-call-parser (hermes, llama3_json or qwen3_coder); or use required or a "
+        raise APIError(400, "tool_choice auto needs a server started with --tool-call-parser "
+                       f"({', '.join(sorted(tool_parsers.PARSERS))}); or use required or a "
                        "named function", param="tool_choice")
     ids, images = await off_loop(
         chat_prompt, front.backend.tokenizer, msgs, body.add_generation_prompt,

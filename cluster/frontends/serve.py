@@ -52,7 +52,7 @@ class ServeOptions:
     """Requests admitted at once across both APIs (None: unbounded); beyond it 429 /
     RESOURCE_EXHAUSTED."""
     tool_call_parser: str | None = None
-    """Parser of the model's tool-call text for ``tool_choice: auto`` (hermes, llama3_json);
+    """Parser of the model's tool-call text for ``tool_choice: auto`` (``tool_parsers.PARSERS``);
     None refuses auto tool choice."""
     reasoning_parser: str | None = None
     """Splits chat answers' thinking into ``reasoning_content`` (qwen3, deepseek_r1); None

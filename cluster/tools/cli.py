@@ -271,10 +271,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-in-flight", type=int, default=512,
                      help="requests admitted at once, beyond: 429 / RESOURCE_EXHAUSTED (0: no limit)")
     srv.add_argument("--log-level", default="warning", help="uvicorn log level")
-    srv.add_argument("--tool-call-parser", default=None,
-                     choices=["hermes", "llama3_json", "qwen3_coder", "qwen3_xml"],
+    from splitserve.cluster.frontends import reasoning_parsers, tool_parsers  # light: no torch
+
+    srv.add_argument("--tool-call-parser", default=None, choices=sorted(tool_parsers.PARSERS),
                      help="parse tool calls out of the model's text (needed for tool_choice auto)")
-    srv.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+    srv.add_argument("--reasoning-parser", default=None,
+                     choices=sorted(reasoning_parsers.PARSERS),
                      help="chat answers' <think> blocks go to reasoning_content, apart from the "
                           "content")
     srv.set_defaults(func=_serve)

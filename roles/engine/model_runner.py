@@ -29,7 +29,12 @@ from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
 from splitserve.outputs import Logprob
 from splitserve.roles.engine.request import Request
-from splitserve.roles.engine.sampler import SampleRequest, SampleResult, sample
+from splitserve.roles.engine.sampler import (
+    SampleRequest,
+    SampleResult,
+    narrows_vocabulary,
+    sample,
+)
 from splitserve.roles.engine.scheduler import ScheduledRequest, SchedulerOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
 from splitserve.roles.models.blocks import AttentionMetadata
@@ -260,7 +265,7 @@ class ModelRunner:
             sp = req.sampling_params
             adjusts = sp.adjusts_logits
             min_left = sp.min_tokens - req.num_output_tokens  # rows before min_tokens ban stops
-            stop_ids = _stop_ids(req) if adjusts or min_left > 0 else ()
+            stop_ids = _stop_ids(req) if min_left > 0 or narrows_vocabulary(sp) else ()
             for i in range(n):
                 params = SampleRequest(sp, req.seed, req.num_tokens + i, stop_ids=stop_ids,
                                        before_min_tokens=i < min_left)

@@ -82,9 +82,12 @@ def sample(logits: Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
         if row.params.adjusts_logits:
             adjust(logits[i], row)
         if row.before_min_tokens and row.stop_ids:
-            _ban_unless_alone(logits[i], row.stop_ids)
-        if (row.params.adjusts_logits or row.before_min_tokens) \
-                and not bool(torch.isfinite(logits[i]).any()):
+            alive = _ban_unless_alone(logits[i], row.stop_ids)
+        elif narrows_vocabulary(row.params):
+            alive = bool(torch.isfinite(logits[i]).any())
+        else:  # a bias or a penalty moves finite logits only: some token is always left
+            continue
+        if not alive:
             dead_ends.add(i)
     tokens = argmax_rows(logits)
     for i, row in enumerate(rows):
@@ -130,13 +133,22 @@ def adjust(logits: Tensor, row: SampleRequest) -> None:
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _ban_unless_alone(logits: Tensor, ids: tuple[int, ...]) -> None:
-    """Set ``logits[ids]`` to -inf unless no other token has a finite logit."""
+def narrows_vocabulary(params: SamplingParams) -> bool:
+    """Whether ``params`` can take tokens out of the running (an allow-list, bad words): with
+    a grammar's mask, they may leave a row no token at all."""
+    return bool(params.allowed_token_ids or params.bad_words)
+
+
+def _ban_unless_alone(logits: Tensor, ids: tuple[int, ...]) -> bool:
+    """Set ``logits[ids]`` to -inf unless no other token has a finite logit; whether any
+    token is left."""
     index = torch.tensor(ids, dtype=torch.long, device=logits.device)
     kept = logits[index]
     logits[index] = float("-inf")
-    if not bool(torch.isfinite(logits).any()):
-        logits[index] = kept
+    if bool(torch.isfinite(logits).any()):
+        return True
+    logits[index] = kept
+    return bool(torch.isfinite(kept).any())
 
 
 def _ends_with(tokens: list[int], tail: list[int]) -> bool:

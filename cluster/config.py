@@ -352,6 +352,9 @@ class ClusterConfig(_Section):
     it natively (each worker checks), float32 otherwise."""
     quantization: Literal["auto", "none", "int4", "int8", "w4a8"] = "none"
     """Weight format (``EngineConfig.quantization``): ``auto`` serves a GGUF's Q4/Q8 codes."""
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    """KV cache elements (``EngineConfig.kv_cache_dtype``): ``auto`` is ``dtype``; fp8
+    halves the KV memory. Every worker uses the same, so KV moves between them unchanged."""
     int4_group_size: Literal[32, 64, 128, 256] = 32
     """Columns per scale when quantizing float weights to int4."""
     block_size: int = Field(default=16, ge=1)

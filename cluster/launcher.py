@@ -122,7 +122,7 @@ class Launcher:
         return EngineConfig(
             model=cfg.model, dtype=cfg.dtype, device="cuda" if rc.num_gpus > 0 else "cpu",
             quantization=cfg.quantization, int4_group_size=cfg.int4_group_size,
-            block_size=cfg.block_size, kv_cache_memory_bytes=int(cfg.kv_cache_memory_bytes),
+            kv_cache_dtype=cfg.kv_cache_dtype, block_size=cfg.block_size, kv_cache_memory_bytes=int(cfg.kv_cache_memory_bytes),
             max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=rc.max_num_seqs, max_num_batched_tokens=rc.max_num_batched_tokens,
             seed=cfg.seed, num_threads=rc.num_threads, speculative_config=rc.speculative_config,

@@ -231,6 +231,27 @@ def _rotate(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- paged KV cache
 
 
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""Cache dtypes of ``kv_cache_dtype="fp8_e4m3"`` / ``"fp8_e5m2"``: K/V stored with no scale."""
+
+
+def to_cache_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` as stored in a cache of ``dtype``: a plain cast, except into an fp8 cache, where
+    values are first clamped to the format's largest finite value (a cast alone makes NaN of
+    e4m3's overflow and inf of e5m2's), then rounded to nearest even from float32. Every
+    backend's store (native C, Triton) writes exactly these bytes."""
+    if dtype in FP8_KV_DTYPES:
+        big = torch.finfo(dtype).max
+        return x.float().clamp(-big, big).to(dtype)
+    return x.to(dtype)
+
+
+def widen_kv(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cache rows ``x`` in the dtype attention computes with: fp8 rows widened to ``dtype``
+    (exact: every e4m3 / e5m2 value is a bfloat16 and a float32); others as they are."""
+    return x.to(dtype) if x.dtype in FP8_KV_DTYPES else x
+
+
 def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:
     """Write new K/V rows into the paged cache, in place.
 
@@ -243,7 +264,9 @@ def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor)
     )
     if keep is not None:
         key, value = key[keep], value[keep]
-    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    key, value = to_cache_dtype(key, kv_cache.dtype), to_cache_dtype(value, kv_cache.dtype)
+    if kv_cache.dtype in FP8_KV_DTYPES:  # torch's index ops take no fp8 on CPU: move bytes
+        kv_cache, key, value = (t.view(torch.uint8) for t in (kv_cache, key, value))
     if kv_cache.stride(1) == block_size * kv_cache.stride(2):  # blocks back to back
         flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
         flat[0].index_copy_(0, slots, key)
@@ -450,8 +473,9 @@ def _decode_group(
     shape = (b, group.length, num_kv_heads, head_dim)
     keys = torch.index_select(kv_cache[0].view(num_blocks, -1), 0, group.ids).view(shape)
     values = torch.index_select(kv_cache[1].view(num_blocks, -1), 0, group.ids).view(shape)
+    keys, values = widen_kv(keys, query.dtype), widen_kv(values, query.dtype)
     q = query.view(b, num_kv_heads, heads_per_kv, head_dim)
-    if soft_cap is not None or query.dtype != kv_cache.dtype:
+    if soft_cap is not None or query.dtype != keys.dtype:
         # float32 math (no-op in float32): soft-capped scores, or a query of another dtype
         q, keys, values = q.float(), keys.float(), values.float()
     if soft_cap is None:
@@ -520,6 +544,7 @@ def _prefill_one(
     blocks = block_table[: -(-ctx // block_size)].long()
     keys = kv_cache[0][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]  # [ctx, kv_heads, hd]
     values = kv_cache[1][blocks].reshape(-1, num_kv_heads, head_dim)[:ctx]
+    keys, values = widen_kv(keys, q.dtype), widen_kv(values, q.dtype)
     qt, kt, vt = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
     if soft_cap is None and q.dtype == keys.dtype:
         # 4-D operands (a batch of one): torch's fused CPU flash kernel takes only those;

@@ -423,7 +423,7 @@ class ClusterBackend(Backend):
     async def formats(self) -> dict[str, Any]:
         cfg = self.cluster.config  # each worker resolves dtype auto and reports its choice
         return {"dtype_requested": cfg.dtype, "quantization": cfg.quantization,
-                **self.cluster.formats()}
+                "kv_cache_dtype_requested": cfg.kv_cache_dtype, **self.cluster.formats()}
 
     async def _status(self) -> dict[str, Any]:
         import asyncio

@@ -365,7 +365,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             workers=h.workers,
             backend=self.backend.kind,
             **{k: str(fmt[k]) for k in ("dtype", "dtype_requested", "dtype_reason",
-                                        "dtype_warning", "quantization") if fmt.get(k)},
+                                        "dtype_warning", "quantization", "kv_cache_dtype")
+               if fmt.get(k)},
             weight_formats={str(k): int(v) for k, v in
                             (fmt.get("weight_formats") or {}).items()},
         )

@@ -24,7 +24,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-              int4_group_size=args.int4_group_size)
+              int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:
@@ -72,6 +72,10 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights: auto serves a GGUF's Q4/Q8 codes; int4/int8 quantize at "
                              "load; w4a8: int4 with 8-bit activations (faster, less exact)")
     parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256])
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="KV cache elements: auto (as --dtype) or fp8 (one byte, half the "
+                             "memory; fp8 = fp8_e4m3, as vLLM)")
 
 
 def _byte_size(text: str) -> int:
@@ -101,7 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.single_engine:
         backend = EngineBackend.from_config(
             model=args.model, dtype=args.dtype, quantization=args.quantization,
-            int4_group_size=args.int4_group_size, max_model_len=args.max_model_len,
+            int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype,
+            max_model_len=args.max_model_len,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
             device=args.device, speculative_config=args.speculative_config,
         )
@@ -156,7 +161,8 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
 
     overrides: dict[str, Any] = {
         "dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
-        "quantization": args.quantization, "int4_group_size": args.int4_group_size}
+        "quantization": args.quantization, "int4_group_size": args.int4_group_size,
+        "kv_cache_dtype": args.kv_cache_dtype}
     if args.max_model_len is not None:
         overrides["max_model_len"] = args.max_model_len
     if args.config is None and args.speculative_config is not None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitserve.errors import ConfigError
 from splitserve.roles.engine.speculative import SpeculativeConfig
 
+if TYPE_CHECKING:
+    import torch
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+"""``kv_cache_dtype`` values, as vLLM's: auto (the model's dtype), fp8 = fp8_e4m3."""
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -46,6 +52,10 @@ class EngineConfig:
     """Weight format: none (float), auto (a GGUF's own Q4/Q8 codes; HF folders stay float),
     int4 or int8 (projections quantized at load; see roles/models/quantize.py), w4a8 (int4's
     weights with activations quantized to 8 bits on CPU: faster, less exact)."""
+    kv_cache_dtype: str = "auto"
+    """KV cache elements: auto (the activations' dtype), or fp8 / fp8_e4m3 / fp8_e5m2 (one
+    byte each, no scale: half bfloat16's memory and bytes read per decode step; values
+    clamped to the format's range, rounded to nearest even; see ``kv_cache_torch_dtype``)."""
     int4_group_size: int = 32
     """Columns per scale when quantizing float weights to int4 (32 or 128 usually)."""
     device: str = "cpu"
@@ -85,6 +95,10 @@ class EngineConfig:
             raise ConfigError(
                 f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}"
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
+            )
         if self.int4_group_size not in _INT4_GROUP_SIZES:
             raise ConfigError(
                 f"int4_group_size must be one of {_INT4_GROUP_SIZES}, got {self.int4_group_size}"
@@ -108,3 +122,18 @@ class EngineConfig:
         return SchedulerConfig(
             self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill
         )
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's element type: ``model_dtype`` for auto; e4m3fn for fp8 and fp8_e4m3
+    (vLLM's fp8 on GPUs; 3 mantissa bits, up to 448), e5m2 for fp8_e5m2 (2 bits, up to
+    57344)."""
+    import torch
+
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    if kv_cache_dtype == "fp8_e5m2":
+        return torch.float8_e5m2
+    raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")

@@ -25,7 +25,7 @@ from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
 from splitserve.roles.encoder import ImageEncoder
-from splitserve.roles.engine.config import EngineConfig
+from splitserve.roles.engine.config import EngineConfig, kv_cache_torch_dtype
 from splitserve.roles.engine.detokenizer import IncrementalDetokenizer
 from splitserve.roles.engine.kv_cache_manager import KVCacheManager
 from splitserve.roles.engine.model_runner import ModelRunner
@@ -92,12 +92,15 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.dtype_choice: DtypeChoice = resolve_dtype(config.dtype, config.device)
         self.dtype = self.dtype_choice.dtype
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        """The KV cache's element type (``EngineConfig.kv_cache_dtype``)."""
         fmt = WeightFormat(config.quantization, config.int4_group_size)
         loaded = load_model(config.model, self.dtype, fmt)
         self.weights_info = weight_summary(loaded.weights)
         """Tensor count per storage format and total weight bytes, as loaded."""
-        logger.info("%s: dtype %s (%s), quantization %s, weights %s", loaded.model_id,
-                    self.dtype_choice.name, self.dtype_choice.reason, config.quantization,
+        logger.info("%s: dtype %s (%s), KV cache %s, quantization %s, weights %s",
+                    loaded.model_id, self.dtype_choice.name, self.dtype_choice.reason,
+                    str(self.kv_dtype).removeprefix("torch."), config.quantization,
                     self.weights_info)
         self.model_id = loaded.model_id
         self.model_config = loaded.config
@@ -110,7 +113,7 @@ class LLMEngine:
         try:
             self.runner = ModelRunner(
                 loaded.config, loaded.weights, self.num_blocks, config.block_size, self.dtype,
-                torch.device(config.device),
+                torch.device(config.device), kv_dtype=self.kv_dtype,
             )
         except ModelLoadError as e:  # a missing or mis-shaped tensor: say which checkpoint
             raise ModelLoadError(f"{loaded.path}: {e}", path=loaded.path) from e
@@ -151,6 +154,7 @@ class LLMEngine:
         return {
             "model_id": self.model_id,
             **self.dtype_choice.report(),
+            "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch."),
             "quantization": self.config.quantization,
             "weight_formats": self.weights_info["formats"],
             "weight_bytes": self.weights_info["weight_bytes"],
@@ -171,7 +175,7 @@ class LLMEngine:
 
     def _blocks_for_budget(self) -> int:
         per_block = self.model_config.kv_bytes_per_token * self.config.block_size
-        per_block *= torch.tensor([], dtype=self.dtype).element_size()
+        per_block *= self.kv_dtype.itemsize
         blocks = self.config.kv_cache_memory_bytes // per_block
         if blocks < 1:
             raise KVCacheCapacityError(

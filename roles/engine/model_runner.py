@@ -70,6 +70,7 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = model_config
         self.block_size = block_size
@@ -80,7 +81,7 @@ class ModelRunner:
         # block-major pool [num_blocks, num_layers, 2, ...] (one region per block, sent in place)
         self.kv_caches = allocate_kv_caches(
             model_config.num_layers, num_blocks, block_size, model_config.num_kv_heads,
-            model_config.head_dim, dtype, device,
+            model_config.head_dim, kv_dtype or dtype, device,
         )
         self.structured: StructuredOutputManager | None = None
         """Matchers of constrained requests; masks their logits rows before sampling."""

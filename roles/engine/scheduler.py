@@ -16,6 +16,7 @@ loading remote KV or handed off with their blocks held live there, not here.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ from splitserve.roles.engine.kv_cache_manager import KVCacheManager
 from splitserve.roles.engine.rejection_sampler import num_accepted
 from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.speculative import Speculator
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -331,6 +334,9 @@ class Scheduler:
         for req in update.ready:
             self._run_loaded(req)
         for req in update.recompute:
+            error = update.failures.get(req.request_id)
+            logger.warning("KV load of %s failed, prefilling it here instead: %s: %s",
+                           req.request_id, type(error).__name__, error)
             self._recompute(req)
         for req in update.free_held:
             self.kv.free(req)

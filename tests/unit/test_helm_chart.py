@@ -511,9 +511,10 @@ def test_values_schema_offers_only_cluster_config_settings() -> None:
     cluster = values_schema["properties"]["cluster"]["properties"]
     assert set(cluster) == set(ClusterConfig.model_fields) - {"roles"}
     allowed = {name: set(typing.get_args(ClusterConfig.model_fields[name].annotation))
-               for name in ("dtype", "quantization")}
+               for name in ("dtype", "quantization", "kv_cache_dtype")}
     assert set(cluster["dtype"]["enum"]) <= allowed["dtype"]
     assert set(cluster["quantization"]["enum"]) == allowed["quantization"]  # every format serve takes
+    assert set(cluster["kv_cache_dtype"]["enum"]) == allowed["kv_cache_dtype"]
     assert set(cluster["kv_transfer"]["properties"]) == set(KvTransferConfig.model_fields)
     engine = values_schema["definitions"]["engine"]["properties"]
     from_group = {"replicas", "min_replicas", "max_replicas", "num_gpus", "resources"}

@@ -309,7 +309,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "max_model_len", "healthy", "workers", "backend", "dtype", "dtype_requested", "dtype_reason", "dtype_warning", "quantization", "weight_formats")
+    __slots__ = ("version", "model", "max_model_len", "healthy", "workers", "backend", "dtype", "dtype_requested", "dtype_reason", "dtype_warning", "quantization", "weight_formats", "kv_cache_dtype")
     class WorkersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +336,7 @@ class GetServerInfoResponse(_message.Message):
     DTYPE_WARNING_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     max_model_len: int
@@ -348,7 +349,8 @@ class GetServerInfoResponse(_message.Message):
     dtype_warning: str
     quantization: str
     weight_formats: _containers.ScalarMap[str, int]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy: _Optional[bool] = ..., workers: _Optional[_Mapping[str, int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., dtype_requested: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., dtype_warning: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_formats: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., healthy: _Optional[bool] = ..., workers: _Optional[_Mapping[str, int]] = ..., backend: _Optional[str] = ..., dtype: _Optional[str] = ..., dtype_requested: _Optional[str] = ..., dtype_reason: _Optional[str] = ..., dtype_warning: _Optional[str] = ..., quantization: _Optional[str] = ..., weight_formats: _Optional[_Mapping[str, int]] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class GetLoadsRequest(_message.Message):
     __slots__ = ()

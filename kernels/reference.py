@@ -663,6 +663,8 @@ def gather_blocks(kv_caches: list[Tensor], block_ids: Tensor, out: Tensor | None
 def scatter_blocks(staging: Tensor, kv_caches: list[Tensor], block_ids: Tensor) -> None:
     """Unpack a staging buffer (see gather_blocks) into ``block_ids`` of every layer, in place."""
     ids = block_ids.long()
+    if staging.dtype in FP8_KV_DTYPES:  # index_copy_ takes no fp8 on CPU: copy the bytes
+        staging, kv_caches = staging.view(torch.uint8), [c.view(torch.uint8) for c in kv_caches]
     for layer, cache in enumerate(kv_caches):
         for kv in range(2):  # index_copy_ along dim 1 would touch the whole cache
             cache[kv].index_copy_(0, ids, staging[layer, kv])

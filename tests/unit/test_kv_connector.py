@@ -115,11 +115,12 @@ def make_engine(
     ttl: float = 30.0,
     config: TransferConfig | None = None,
     kind: str = LAYER_MAJOR,
+    dtype: torch.dtype = torch.float32,
 ) -> Engine:
     g = torch.Generator().manual_seed(seed)
-    caches = allocate_kv_caches(3, NUM_BLOCKS, 4, 2, head_dim, torch.float32, "cpu", kind)
+    caches = allocate_kv_caches(3, NUM_BLOCKS, 4, 2, head_dim, dtype, "cpu", kind)
     for cache in caches:
-        cache.copy_(torch.randn(2, NUM_BLOCKS, 4, 2, head_dim, generator=g))
+        cache.copy_(torch.randn(2, NUM_BLOCKS, 4, 2, head_dim, generator=g).to(dtype))
     fault = FaultInjector()
     transport = LoopbackTransport(f"kv-unit-{next(_names)}", fault=fault)
     worker = KvConnectorWorker(
@@ -195,6 +196,26 @@ def test_pull_moves_bytes_exactly_and_frees_both_pools(
     assert_blocks_equal(decode, local, prefill, params.block_ids)
     assert prefill.step().free_held == ["r1"]
     assert prefill.pool.num_free_blocks == NUM_BLOCKS
+    finish(decode, "r1")
+    assert decode.pool.num_free_blocks == NUM_BLOCKS - 1
+
+
+@pytest.mark.parametrize("kind", [LAYER_MAJOR, BLOCK_MAJOR])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_caches_move_exactly_in_place_and_staged(kind: str, dtype: torch.dtype) -> None:
+    """fp8 KV (``kv_cache_dtype="fp8"``): runs sent in place (block-major) and staged layer
+    chunks (layer-major, gathered and scattered: torch has no fp8 index_copy_ on CPU)."""
+    clock = Clock()
+    prefill = make_engine(1, clock, kind=kind, dtype=dtype)
+    decode = make_engine(2, clock, config=TransferConfig(layers_per_chunk=2, blocks_per_chunk=3),
+                         kind=kind, dtype=dtype)
+    decode.allocate(1)
+    params = offer(prefill, "r1", 5)
+    local = admit(decode, "r1", params)
+    assert decode.run("r1").ready == ["r1"]
+    assert_blocks_equal(decode, local, prefill, params.block_ids)
+    assert decode.worker.counters["kv_transfer_bytes"] == 3 * 2 * 5 * 4 * 2 * 8  # 1 byte each
+    assert prefill.step().free_held == ["r1"]
     finish(decode, "r1")
     assert decode.pool.num_free_blocks == NUM_BLOCKS - 1
 

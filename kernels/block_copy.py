@@ -9,7 +9,9 @@ Layers are reached from layer 0's pointer plus a constant stride, so when the en
 per-layer caches are evenly spaced (views of one allocation: the block-major pool, where
 layers are ``2 * block_elems`` apart and blocks ``num_layers * 2 * block_elems``) the whole
 transfer is one launch; otherwise it falls back to one launch per layer. K/V and blocks are
-addressed through the cache's strides, so both layout kinds of kernels/kv_cache.py work.
+addressed through the cache's strides, so both layout kinds of kernels/kv_cache.py work. fp8
+caches (and their staging buffers) are copied as bytes, through ``torch.uint8`` views: Triton
+needs no fp8 support for that, on any GPU or in the interpreter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.checks import (
+    FP8_KV_DTYPES,
     INDEX_DTYPES,
     KernelInputError,
     check_contiguous,
@@ -158,6 +161,8 @@ def _launch(
 ) -> None:
     block_elems = cache.shape[2] * cache.shape[3] * cache.shape[4]
     block = min(MAX_BLOCK, next_power_of_2(block_elems))
+    if cache.dtype in FP8_KV_DTYPES:  # bytes: same element size, shapes and strides
+        cache, staging = cache.view(torch.uint8), staging.view(torch.uint8)
     grid = (num_layers * 2 * block_ids.numel(), triton.cdiv(block_elems, block))
     _block_copy_kernel[grid](
         cache,

@@ -21,12 +21,16 @@ import torch
 
 from splitserve import env
 from splitserve.errors import SplitserveError
+from splitserve.kernels.kv_cache import FP8_KV_DTYPES
 
 Tensor = torch.Tensor
 T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# A KV cache holds the model's float dtype, or fp8 (``kv_cache_dtype="fp8*"``, no scale): the
+# kernels read and write fp8 caches as bytes (a uint8 view), see kernels/rounding.py.
+KV_CACHE_DTYPES = FLOAT_DTYPES + FP8_KV_DTYPES
 
 
 class KernelInputError(SplitserveError, ValueError):
@@ -186,7 +190,7 @@ def check_kv_cache(name: str, kv_cache: Tensor) -> None:
         f"{name} must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
         f"got {tuple(kv_cache.shape)}",
     )
-    check_dtype(name, kv_cache, FLOAT_DTYPES)
+    check_dtype(name, kv_cache, KV_CACHE_DTYPES)
     check_inner_contiguous(name, kv_cache, 3)
     block_elems = kv_cache.shape[2] * kv_cache.shape[3] * kv_cache.shape[4]
     require(
@@ -195,6 +199,24 @@ def check_kv_cache(name: str, kv_cache: Tensor) -> None:
         f"got strides {kv_cache.stride()}",
     )
     check_runnable(name, kv_cache)
+
+
+def check_cache_dtype(kv_cache: Tensor, **tensors: Tensor) -> None:
+    """The named float tensors share one dtype, and the cache holds it too or is fp8 (its
+    values are then converted: rounded on store, widened exactly on load)."""
+    if kv_cache.dtype in FP8_KV_DTYPES:
+        check_same_dtype(**tensors)
+    else:
+        check_same_dtype(**tensors, kv_cache=kv_cache)
+
+
+def kv_fp8_args(kv_cache: Tensor) -> tuple[Tensor, bool, bool]:
+    """(what a kernel gets for ``kv_cache``, KV_FP8, FP8_E5M2): an fp8 cache travels as its
+    ``torch.uint8`` view (same shape and strides) and the kernel converts the bytes itself
+    (kernels/rounding.py); any other cache as it is, with both flags off."""
+    if kv_cache.dtype in FP8_KV_DTYPES:
+        return kv_cache.view(torch.uint8), True, kv_cache.dtype == torch.float8_e5m2
+    return kv_cache, False, False
 
 
 def check_block_tables(

@@ -3,7 +3,10 @@
 Owns ``_paged_decode_attention_kernel`` (flash-decoding: each program takes one sequence, one KV
 head with all its GQA query heads, and one partition of the context) and
 ``_paged_decode_reduce_kernel`` (merges the partitions' partial softmaxes), plus the typed
-launcher. Same contract as ``reference.paged_decode_attention``; it never writes the cache.
+launcher. Same contract as ``reference.paged_decode_attention``; it never writes the cache. An
+fp8 cache (float8_e4m3fn / float8_e5m2, any float query dtype) is read as bytes and widened
+exactly to the query's dtype tile by tile (``paged.widen_kv``); the math is then that of a
+cache of the query's dtype.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from splitserve.kernels.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_block_tables,
+    check_cache_dtype,
     check_divisible,
     check_dtype,
     check_inner_contiguous,
     check_kv_cache,
     check_same_device,
-    check_same_dtype,
     check_shape,
     emulate_rtne,
+    kv_fp8_args,
     next_power_of_2,
     require,
     upcast_dot,
@@ -33,6 +37,7 @@ from splitserve.kernels.paged import (
     paged_row_offsets,
     soft_cap_logits,
     tile_dot,
+    widen_kv,
 )
 from splitserve.kernels.rounding import downcast
 
@@ -45,7 +50,7 @@ PARTITION_SIZE = 512  # context tokens per program; longer contexts are split an
 @triton.jit
 def _paged_decode_attention_kernel(
     q_ptr,  # [B, num_heads, head_dim]
-    cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim] (KV_FP8: uint8 bytes)
     block_tables_ptr,  # [B, max_blocks]
     context_lens_ptr,  # [B]
     out_ptr,  # [B, num_heads, head_dim]; USE_SPLIT: [B, num_heads, num_splits, head_dim] fp32
@@ -76,6 +81,8 @@ def _paged_decode_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_E5M2: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -106,12 +113,14 @@ def _paged_decode_attention_kernel(
         )
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        k = widen_kv(k, q.dtype, KV_FP8, FP8_E5M2)
         s = tile_dot(q, tl.trans(k), UPCAST_DOT, IEEE_DOT) * scale  # [G, N]
         if USE_SOFTCAP:
             s = soft_cap_logits(s, soft_cap)
         s = tl.where(n_mask[None, :], s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(cache_ptr + stride_kv + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = widen_kv(v, q.dtype, KV_FP8, FP8_E5M2)
         acc = acc * alpha[:, None] + tile_dot(
             downcast(p, v.dtype, EMULATE_RTNE), v, UPCAST_DOT, IEEE_DOT
         )
@@ -237,7 +246,7 @@ def _check_inputs(
 ) -> None:
     check_dtype("query", query, FLOAT_DTYPES)
     check_kv_cache("kv_cache", kv_cache)
-    check_same_dtype(query=query, kv_cache=kv_cache)
+    check_cache_dtype(kv_cache, query=query)
     check_same_device(
         query=query, kv_cache=kv_cache, block_tables=block_tables, context_lens=context_lens
     )
@@ -285,9 +294,10 @@ def _launch(
     )
     sums = torch.empty_like(stats) if use_split else dest
     block_d = max(16, next_power_of_2(head_dim))
+    cache, kv_fp8, fp8_e5m2 = kv_fp8_args(kv_cache)
     _paged_decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
-        kv_cache,
+        cache,
         block_tables,
         context_lens,
         dest,
@@ -318,6 +328,8 @@ def _launch(
         UPCAST_DOT=upcast_dot(query.dtype),
         IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
         EMULATE_RTNE=emulate_rtne(query.dtype),
+        KV_FP8=kv_fp8,
+        FP8_E5M2=fp8_e5m2,
         num_warps=4,
     )
     if out is not None:

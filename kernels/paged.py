@@ -1,14 +1,17 @@
 """Triton device functions shared by the two paged attention kernels.
 
 Owns the pieces both attention files need in exactly the same form: addressing rows of the
-paged KV cache through a block table, the tile matmul (with the interpreter's bfloat16 work-
-around), the logit soft-cap and one step of the online softmax. No kernels, no launchers.
+paged KV cache through a block table, widening fp8 cache tiles to the query's dtype, the tile
+matmul (with the interpreter's bfloat16 workaround), the logit soft-cap and one step of the
+online softmax. No kernels, no launchers.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from splitserve.kernels.rounding import fp8_decode
 
 
 @triton.jit
@@ -24,6 +27,17 @@ def paged_row_offsets(
     """Element offsets (int64) of the rows at ``pos`` in a [num_blocks, block_size, ...] cache."""
     block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
     return block_ids * stride_block + (pos % BLOCK_SIZE).to(tl.int64) * stride_tok + head_offset
+
+
+@triton.jit
+def widen_kv(x, dtype: tl.constexpr, KV_FP8: tl.constexpr, FP8_E5M2: tl.constexpr):
+    """A tile loaded from the cache, in the dtype attention computes with: with ``KV_FP8`` the
+    tile holds fp8 bytes (uint8), decoded exactly to float32 and converted to ``dtype`` (exact
+    too: every e4m3fn / e5m2 value is a float16 and a bfloat16); otherwise it is returned as is,
+    as ``kv_cache.widen_kv``."""
+    if KV_FP8:
+        x = fp8_decode(x, FP8_E5M2).to(dtype)
+    return x
 
 
 @triton.jit

@@ -4,7 +4,9 @@ Owns ``_prefill_attention_kernel`` (flash attention: each program takes one sequ
 head and one tile of its chunk's rows, and streams the sequence's cached prefix plus the chunk
 itself through the block table) and its typed launcher. Same contract as
 ``reference.prefill_attention``: prefix caching and chunked prefill are the same case, a chunk
-whose first token sits at ``context_len - q_len``. It never writes the cache.
+whose first token sits at ``context_len - q_len``. It never writes the cache. An fp8 cache
+(float8_e4m3fn / float8_e5m2, any float query dtype) is read as bytes and widened exactly to the
+query's dtype tile by tile (``paged.widen_kv``), as in decode.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from splitserve.kernels.checks import (
     INDEX_DTYPES,
     KernelInputError,
     check_block_tables,
+    check_cache_dtype,
     check_divisible,
     check_dtype,
     check_inner_contiguous,
     check_kv_cache,
     check_same_device,
-    check_same_dtype,
     check_shape,
     emulate_rtne,
+    kv_fp8_args,
     memoized,
     next_power_of_2,
     require,
@@ -40,6 +43,7 @@ from splitserve.kernels.paged import (
     paged_row_offsets,
     soft_cap_logits,
     tile_dot,
+    widen_kv,
 )
 from splitserve.kernels.rounding import downcast
 
@@ -63,7 +67,7 @@ SAFE_CONFIG = TileConfig(64, 64, 4, 2)
 @triton.jit
 def _prefill_attention_kernel(
     q_ptr,  # [T, num_heads, head_dim]
-    cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    cache_ptr,  # [2, num_blocks, block_size, num_kv_heads, head_dim] (KV_FP8: uint8 bytes)
     block_tables_ptr,  # [S, max_blocks]
     query_start_loc_ptr,  # [S + 1]
     context_lens_ptr,  # [S]
@@ -90,6 +94,8 @@ def _prefill_attention_kernel(
     UPCAST_DOT: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    FP8_E5M2: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -128,6 +134,7 @@ def _prefill_attention_kernel(
         )
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        k = widen_kv(k, q.dtype, KV_FP8, FP8_E5M2)
         s = tile_dot(q, tl.trans(k), UPCAST_DOT, IEEE_DOT) * scale  # [M, N]
         if USE_SOFTCAP:
             s = soft_cap_logits(s, soft_cap)
@@ -137,6 +144,7 @@ def _prefill_attention_kernel(
         s = tl.where(allowed, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(cache_ptr + stride_kv + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = widen_kv(v, q.dtype, KV_FP8, FP8_E5M2)
         acc = acc * alpha[:, None] + tile_dot(
             downcast(p, v.dtype, EMULATE_RTNE), v, UPCAST_DOT, IEEE_DOT
         )
@@ -197,7 +205,7 @@ def _check_inputs(
 ) -> None:
     check_dtype("query", query, FLOAT_DTYPES)
     check_kv_cache("kv_cache", kv_cache)
-    check_same_dtype(query=query, kv_cache=kv_cache)
+    check_cache_dtype(kv_cache, query=query)
     check_same_device(
         query=query,
         kv_cache=kv_cache,
@@ -290,9 +298,10 @@ def _launch(
 ) -> None:
     num_heads, head_dim = query.shape[1], query.shape[2]
     grid = (triton.cdiv(max_q_len, config.block_m), num_heads, context_lens.shape[0])
+    cache, kv_fp8, fp8_e5m2 = kv_fp8_args(kv_cache)
     _prefill_attention_kernel[grid](
         query,
-        kv_cache,
+        cache,
         block_tables,
         query_start_loc,
         context_lens,
@@ -319,6 +328,8 @@ def _launch(
         UPCAST_DOT=upcast_dot(query.dtype),
         IEEE_DOT=query.dtype == torch.float32 or upcast_dot(query.dtype),
         EMULATE_RTNE=emulate_rtne(query.dtype),
+        KV_FP8=kv_fp8,
+        FP8_E5M2=fp8_e5m2,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels.kv_cache import FP8_KV_DTYPES, to_cache_dtype, widen_kv
+
 Tensor = torch.Tensor
 T = TypeVar("T")
 
@@ -229,27 +231,6 @@ def _rotate(x: Tensor, cos2: Tensor, sin2: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- paged KV cache
-
-
-FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-"""Cache dtypes of ``kv_cache_dtype="fp8_e4m3"`` / ``"fp8_e5m2"``: K/V stored with no scale."""
-
-
-def to_cache_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` as stored in a cache of ``dtype``: a plain cast, except into an fp8 cache, where
-    values are first clamped to the format's largest finite value (a cast alone makes NaN of
-    e4m3's overflow and inf of e5m2's), then rounded to nearest even from float32. Every
-    backend's store (native C, Triton) writes exactly these bytes."""
-    if dtype in FP8_KV_DTYPES:
-        big = torch.finfo(dtype).max
-        return x.float().clamp(-big, big).to(dtype)
-    return x.to(dtype)
-
-
-def widen_kv(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Cache rows ``x`` in the dtype attention computes with: fp8 rows widened to ``dtype``
-    (exact: every e4m3 / e5m2 value is a bfloat16 and a float32); others as they are."""
-    return x.to(dtype) if x.dtype in FP8_KV_DTYPES else x
 
 
 def store_kv(key: Tensor, value: Tensor, kv_cache: Tensor, slot_mapping: Tensor) -> None:

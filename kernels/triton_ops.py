@@ -1,10 +1,11 @@
 """The Triton implementation of every kernel, under the names and signatures of ``reference``.
 
 ``ops.get_ops`` returns this module on CUDA (or when ``SPLITSERVE_KERNELS=triton``). It only
-gathers the launchers, one file per kernel; ``rope_cos_sin_cache`` (a table builder) and the
+gathers the launchers, one file per kernel; ``rope_cos_sin_cache`` (a table builder), the
 MoE routing (``moe_route`` / ``moe_groups`` / ``moe_combine``: softmax, top-k, the weighted
-sum of the k experts) are shared with the reference. Importing it needs Triton; nothing imports
-it on the torch path.
+sum of the k experts) are shared with the reference. Every cache argument may be fp8
+(float8_e4m3fn / float8_e5m2) where it may be a float dtype: the kernels convert as
+``kv_cache.to_cache_dtype`` / ``widen_kv`` do, in kernels/rounding.py. Importing it needs Triton; nothing imports it on the torch path.
 """
 
 from __future__ import annotations

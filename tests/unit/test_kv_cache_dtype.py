@@ -20,7 +20,7 @@ import torch
 
 from splitserve import LLM, SamplingParams
 from splitserve.errors import ConfigError
-from splitserve.kernels.reference import to_cache_dtype
+from splitserve.kernels.kv_cache import to_cache_dtype
 from splitserve.kvtransfer.loopback import LoopbackTransport
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine

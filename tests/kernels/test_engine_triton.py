@@ -7,11 +7,13 @@ import pytest
 from splitserve import LLM, SamplingParams
 
 
-@pytest.mark.parametrize("dtype", ["float32"])
-def test_engine_triton_equals_torch(tiny_model_dir, monkeypatch, dtype: str) -> None:
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [("float32", "auto"), ("float32", "fp8")])
+def test_engine_triton_equals_torch(tiny_model_dir, monkeypatch, dtype: str,
+                                    kv_cache_dtype: str) -> None:
     prompts = [[5, 17, 923, 44, 81, 12, 7], list(range(200, 237)), [3000 + i for i in range(20)]]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    kwargs = dict(num_kv_blocks=32, dtype=dtype, max_num_batched_tokens=32)  # chunked prefill too
+    kwargs = dict(num_kv_blocks=32, dtype=dtype, max_num_batched_tokens=32,  # chunked prefill too
+                  kv_cache_dtype=kv_cache_dtype)
     monkeypatch.setenv("SPLITSERVE_KERNELS", "torch")
     torch_llm = LLM(str(tiny_model_dir), **kwargs)
     assert torch_llm.engine.runner.ops.__name__.endswith("reference")

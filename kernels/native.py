@@ -50,13 +50,21 @@
   model's layer is ~100 us of kernels at one row, and its ~6 separate calls cost ~10 us of
   Python each. SmolLM2 Q4_1 single stream: ~125 -> ~170-190 tok/s.
 
-Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fno-trapping-math -fopenmp -shared`` (plus
+Build: ``$CC`` (else ``cc``) with ``-O3 -march=native -fno-trapping-math -fopenmp -shared`` (with GCC
+``--param=avoid-fma-max-bits=0``: ``GCC_FLAGS``; plus
 ``SPLITSERVE_NATIVE_CFLAGS``), into
 ``<cache>/native/<key>/`` (``SPLITSERVE_CACHE_DIR``; the key hashes the sources, the flags,
 the compiler's version and the processor's flags, so a machine of another kind builds its
 own). Written to a temporary name and renamed, so processes that build at once never load a
 partial file. The library is linked against ``libgomp.so.1``, which resolves to the copy torch
 already loaded: the kernel runs on torch's thread team.
+
+KV caches: float32, bfloat16, or fp8 (``float8_e4m3fn`` / ``float8_e5m2``, no scale). An fp8
+store writes ``reference.to_cache_dtype``'s bytes (clamped to the largest finite value, rounded
+to nearest even from float32); attention widens each block's fp8 rows once per KV head,
+exactly, to bfloat16 (keys scored by pairs with bfloat16 queries) or float32, and computes from
+there as on a cache of that dtype: a result's bits are those of a float32 / bfloat16 cache
+holding ``reference.widen_kv`` of the fp8 one.
 
 When there is no compiler, the build fails, or ``SPLITSERVE_NATIVE_KERNELS=0``, the reference
 runs instead, after one warning that says why (``status()`` reports it). Inputs a kernel does
@@ -68,6 +76,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -94,8 +103,16 @@ SOURCES = (SOURCE_DIR / "decode_attention.c", SOURCE_DIR / "layer_ops.c", SOURCE
 HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "entry_points.h")
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c11",
          "-lm")
+GCC_FLAGS = ("--param=avoid-fma-max-bits=0",)
+"""GCC only: always contract ``a * b + c`` into an FMA. Tuned for AMD Zen (``-march=native`` on
+znver1-3), GCC otherwise leaves some multiply-add chains unfused (``avoid_fma_chains``), so
+the same source rounded differently there than in a ``-march=haswell`` build or on a Zen 4:
+bits that must not depend on the machine (a prefill worker's KV read by another's decode)."""
 LIB_NAME = "libsplitserve_native.so"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+KV_DTYPE_CODES = {**_DTYPES, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+"""The KV cache dtypes the kernels take, as ``native/common.h`` numbers them: the model's
+dtypes, and the fp8 caches of ``kv_cache_dtype="fp8_e4m3"`` / ``"fp8_e5m2"`` (no scale)."""
 _LANES = 16  # the kernel's dot-product width: head_dim must be a multiple of it
 
 
@@ -137,7 +154,20 @@ def flags() -> tuple[str, ...]:
     """The compiler flags: ``FLAGS`` then ``SPLITSERVE_NATIVE_CFLAGS`` (later flags win, so
     ``-march=haswell`` there builds the AVX2 code on an AVX-512 machine)."""
     extra = tuple(env.SPLITSERVE_NATIVE_CFLAGS.get().split())
-    return FLAGS[:-1] + extra + FLAGS[-1:]
+    return FLAGS[:-1] + (GCC_FLAGS if _is_gcc() else ()) + extra + FLAGS[-1:]
+
+
+@functools.cache
+def _is_gcc() -> bool:
+    """Whether the compiler is GCC (``--version`` names neither clang nor another)."""
+    cc = compiler()
+    if cc is None:
+        return False
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out.lower() and ("gcc" in out.lower() or "free software" in out.lower())
 
 
 def _load() -> tuple[ctypes.CDLL | None, NativeStatus]:
@@ -272,7 +302,7 @@ def supports(query: Tensor, kv_cache: Tensor) -> bool:
     """Whether the attention kernel takes these operands (else the reference runs)."""
     return (
         query.is_cpu and kv_cache.is_cpu
-        and query.dtype in _DTYPES and kv_cache.dtype in _DTYPES
+        and query.dtype in _DTYPES and kv_cache.dtype in KV_DTYPE_CODES
         and query.dim() == 3 and kv_cache.dim() == 5 and kv_cache.shape[0] == 2
         and query.shape[2] == kv_cache.shape[4] and query.shape[2] % _LANES == 0
         and query.shape[1] % kv_cache.shape[3] == 0
@@ -323,7 +353,7 @@ def paged_decode_attention(
     num_blocks, block_size, max_blocks = kv_cache.shape[1], kv_cache.shape[2], tables.shape[1]
     rc = lib.paged_decode_attention(
         query.data_ptr(), _DTYPES[query.dtype], query.stride(0), query.stride(1),
-        k_ptr, v_ptr, _DTYPES[kv_cache.dtype],
+        k_ptr, v_ptr, KV_DTYPE_CODES[kv_cache.dtype],
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         tables.data_ptr(), tables.stride(0), max_blocks, num_blocks, lens.data_ptr(),
         out.data_ptr(), b, h, kv_cache.shape[3], d, block_size,
@@ -403,7 +433,7 @@ def prefill_attention(
     k_ptr, v_ptr = _cache_pointers(kv_cache)
     rc = lib.paged_prefill_attention(
         query.data_ptr(), _DTYPES[query.dtype], query.stride(0), query.stride(1),
-        k_ptr, v_ptr, _DTYPES[kv_cache.dtype],
+        k_ptr, v_ptr, KV_DTYPE_CODES[kv_cache.dtype],
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         tables.data_ptr(), tables.stride(0), max_blocks, num_blocks,
         qsl.data_ptr(), ctx32.data_ptr(), seqs.data_ptr(), len(short),
@@ -483,7 +513,7 @@ def rotary_store_kv(
         positions.data_ptr(), cos_sin_cache.data_ptr(), cos_sin_cache.stride(0), max_pos,
         q_norm.data_ptr() if q_norm is not None else None,
         k_norm.data_ptr() if k_norm is not None else None, float(eps), q_out.data_ptr(),
-        k_ptr, v_ptr, _DTYPES[kv_cache.dtype],
+        k_ptr, v_ptr, KV_DTYPE_CODES[kv_cache.dtype],
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), num_blocks, block_size,
         slot_mapping.data_ptr(), torch.get_num_threads(),
     )
@@ -519,7 +549,7 @@ def _rope_supported(
         query.is_cpu and key.is_cpu and value.is_cpu and kv_cache.is_cpu
         and cos_sin_cache.is_cpu and positions.is_cpu and slot_mapping.is_cpu
         and dtype in _DTYPES and key.dtype == dtype and value.dtype == dtype
-        and kv_cache.dtype in _DTYPES and cos_sin_cache.dtype == torch.float32
+        and kv_cache.dtype in KV_DTYPE_CODES and cos_sin_cache.dtype == torch.float32
         and t > 0 and key.shape == value.shape and key.shape[0] == t and key.shape[2] == d
         and query.stride(2) == 1 and key.stride(2) == 1 and value.stride(2) == 1
         and kv_shape[0] == 2 and kv_shape[3] == key.shape[1] and kv_shape[4] == d

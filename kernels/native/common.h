@@ -1,4 +1,4 @@
-/* What the native CPU kernels share: bf16 conversions and 16-float vectors. */
+/* What the native CPU kernels share: bf16 and fp8 conversions and 16-float vectors. */
 #ifndef SPLITSERVE_NATIVE_COMMON_H
 #define SPLITSERVE_NATIVE_COMMON_H
 
@@ -9,7 +9,16 @@
 
 #define LANES 16
 
-enum { F32 = 0, BF16 = 1 };
+/* Element types (kernels/native.py's _DTYPES / KV_DTYPE_CODES). E4M3 (float8_e4m3fn) and E5M2
+ * (float8_e5m2) are KV cache types only: stored with no scale, read widened exactly. */
+enum { F32 = 0, BF16 = 1, E4M3 = 2, E5M2 = 3 };
+
+#define IS_FP8(dtype) ((dtype) == E4M3 || (dtype) == E5M2)
+
+/* Bytes per element of `dtype`. */
+static inline size_t dtype_size(int dtype) {
+    return dtype == F32 ? 4 : dtype == BF16 ? 2 : 1;
+}
 
 /* A float's bits and back (no aliasing: memcpy compiles to a register move). */
 static inline uint32_t f32_bits(float f) {
@@ -34,6 +43,45 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* An fp8 byte as float32, exactly (torch's .float() of every byte, NaN and inf included):
+ * e4m3fn (bias 7, no inf, 0x7f NaN) and e5m2 (bias 15, exponent 31 inf / NaN). A normal
+ * magnitude is its bits shifted under float32's exponent, rebiased; a subnormal one (exponent
+ * field 0) its 3 / 2-bit integer times 2^-9 / 2^-16 (no float32 subnormal is ever formed, so
+ * DAZ / FTZ cannot change it). */
+static inline float fp8_to_f32(uint8_t b, int dtype) {
+    const uint32_t m = b & 0x7fu, s = (uint32_t)(b & 0x80u) << 24;
+    uint32_t u;
+    if (dtype == E4M3) {
+        u = m < 8 ? f32_bits((float)m * 0x1p-9f) : (m << 20) + (120u << 23);
+        u = m == 0x7fu ? 0x7fc00000u : u;
+    } else {
+        u = m < 4 ? f32_bits((float)m * 0x1p-16f) : (m << 21) + (112u << 23);
+        u = m >= 0x7cu ? u | 0x7f800000u : u;
+    }
+    return bits_f32(u | s);
+}
+
+/* float32 -> fp8 byte as kernels/reference.py's to_cache_dtype stores it: clamped to the
+ * largest finite value (448 e4m3fn, 57344 e5m2; inf too), then rounded to nearest even from
+ * float32 in one rounding: normal results (from 2^-6 / 2^-14 on) by the bit trick of
+ * f32_to_bf16 at 3 / 2 mantissa bits (a carry moves into the exponent, as it should);
+ * subnormal ones as the integer nearest |f| * 2^9 / 2^16, rounded by adding 2^23 in float32
+ * (exact scaling, then the add's one rounding to nearest even). NaN -> 0x7f with its sign,
+ * as torch. Branch-free (selects), so loops over it vectorize. */
+static inline uint8_t f32_to_fp8(float f, int dtype) {
+    const int e4 = dtype == E4M3;
+    const uint32_t u = f32_bits(f), s = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    const uint32_t big = e4 ? 0x43e00000u : 0x47600000u;       /* 448, 57344 */
+    const uint32_t min_normal = e4 ? 0x3c800000u : 0x38800000u; /* 2^-6, 2^-14 */
+    const int shift = e4 ? 20 : 21;
+    const uint32_t c = a > big ? big : a;
+    const uint32_t normal = ((c + ((1u << (shift - 1)) - 1u) + ((c >> shift) & 1u)) >> shift)
+        - (e4 ? 120u << 3 : 112u << 2);
+    const uint32_t sub = f32_bits(bits_f32(c) * (e4 ? 0x1p9f : 0x1p16f) + 0x1p23f) - 0x4b000000u;
+    const uint32_t r = c < min_normal ? sub : normal;
+    return (uint8_t)((a > 0x7f800000u ? 0x7fu : r) | s);
+}
+
 /* v rounded to `dtype` and back (the value a tensor of that dtype holds). */
 static inline float round_to(float v, int dtype) {
     return dtype == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v;
@@ -46,6 +94,8 @@ typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 /* Lanes summed pairwise, (l, l + 8), then (l, l + 4), ...: in registers (a round trip
  * through memory stalled on store forwarding). __builtin_shufflevector: GCC >= 12, clang; older compilers sum through memory. */
@@ -71,9 +121,36 @@ static inline float hsum16(v16f a) {
 #endif
 }
 
+/* 16 fp8 bytes as float32: fp8_to_f32 lane by lane, in vectors (selects by masks). */
+static inline __attribute__((always_inline)) v16f load16_fp8(const void *p, const int dtype) {
+    v16b b;
+    memcpy(&b, p, sizeof b);
+    const v16u x = __builtin_convertvector(b, v16u);
+    const v16u m = x & 0x7fu, s = (x & 0x80u) << 24;
+    const int e4 = dtype == E4M3;
+    const v16f subf = __builtin_convertvector((v16i)m, v16f) * (e4 ? 0x1p-9f : 0x1p-16f);
+    v16u sub;
+    memcpy(&sub, &subf, sizeof sub);
+    const v16u normal = e4 ? (m << 20) + (120u << 23) : (m << 21) + (112u << 23);
+    const v16u is_sub = (v16u)(m < (e4 ? 8u : 4u));
+    v16u u = (sub & is_sub) | (normal & ~is_sub);
+    if (e4) {
+        const v16u nan = (v16u)(m == 0x7fu);
+        u = (u & ~nan) | (0x7fc00000u & nan);
+    } else {
+        u |= (v16u)(m >= 0x7cu) & 0x7f800000u;
+    }
+    u |= s;
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 static inline __attribute__((always_inline)) v16f load16(const void *p, int dtype) {
     v16f f;
-    if (dtype == BF16) {
+    if (IS_FP8(dtype)) {
+        f = load16_fp8(p, dtype);
+    } else if (dtype == BF16) {
         v16h h;
         memcpy(&h, p, sizeof h);
         v16u u = __builtin_convertvector(h, v16u) << 16;
@@ -150,12 +227,25 @@ static inline float gelu_tanh_fast(float v) {
 }
 
 static inline float load_elem(const void *p, int dtype, int64_t i) {
+    if (IS_FP8(dtype)) return fp8_to_f32(((const uint8_t *)p)[i], dtype);
     return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store_elem(void *p, int dtype, int64_t i, float v) {
-    if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    if (IS_FP8(dtype)) ((uint8_t *)p)[i] = f32_to_fp8(v, dtype);
+    else if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(v);
     else ((float *)p)[i] = v;
+}
+
+/* n floats stored as `dtype` (bf16 and fp8 rounded to nearest even, fp8 saturating), the
+ * dtype a constant in each loop. */
+static inline void store_values(void *p, int dtype, const float *restrict v, int64_t n) {
+    switch (dtype) {
+    case E4M3: for (int64_t i = 0; i < n; i++) ((uint8_t *)p)[i] = f32_to_fp8(v[i], E4M3); break;
+    case E5M2: for (int64_t i = 0; i < n; i++) ((uint8_t *)p)[i] = f32_to_fp8(v[i], E5M2); break;
+    case BF16: for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[i] = f32_to_bf16(v[i]); break;
+    default: memcpy(p, v, (size_t)n * sizeof(float));
+    }
 }
 
 /* Per-thread scratch (rows, accumulators, scores), grown as needed and kept: OpenMP's

@@ -10,6 +10,13 @@
  * computes them; see score_rows_pairs), exp by a degree-6 polynomial (relative error ~2e-7),
  * the output rounded to nearest even when bf16.
  *
+ * KV caches of float32, bfloat16 or fp8 (float8_e4m3fn / float8_e5m2, no scale). fp8 rows are
+ * widened exactly to bfloat16 (widen_fp8: every fp8 value is one), once per block and KV
+ * head, and read from there by the bfloat16 cache's code: an fp8 cache gives exactly the
+ * bits of a bfloat16 cache holding the same values, which, for float32 queries, are those of
+ * a float32 cache holding them (a bfloat16 row is widened to float32 exactly, then the same
+ * arithmetic).
+ *
  * OpenMP: linking -fopenmp records libgomp.so.1, which the loader resolves to the one torch
  * already loaded, so the kernel runs on torch's own thread team.
  */
@@ -307,6 +314,32 @@ static inline __attribute__((always_inline)) void widen_rows(
         }
 }
 
+/* fp8 rows [0, count) of one KV head in a block (`stride` bytes apart) as bfloat16 at
+ * out[r * D], exactly: every e4m3 / e5m2 value is a bfloat16 (the float32 value's high half).
+ * An fp8 cache is read through these rows, once per block and KV head, by the code of a
+ * bfloat16 cache, which so gives the bits of a bfloat16 cache holding the same values (and of
+ * a float32 one where the queries are float32). Not inlined: one copy per fp8 type, whatever
+ * the head size (the work items' loops are compiled once per cache dtype and head size). */
+static inline __attribute__((always_inline)) void widen_fp8_t(
+    const char *rows, int64_t stride, int64_t count, uint16_t *restrict out, const int dtype,
+    int64_t D)
+{
+    for (int64_t r = 0; r < count; r++)
+        for (int64_t c = 0; c < D / LANES; c++) {
+            v16u u;
+            const v16f f = load16_fp8(rows + r * stride + c * LANES, dtype);
+            memcpy(&u, &f, sizeof u);
+            const v16h h = __builtin_convertvector(u >> 16, v16h);
+            memcpy(out + r * D + c * LANES, &h, sizeof h);
+        }
+}
+
+static __attribute__((noinline)) void widen_fp8(const char *rows, int64_t stride, int64_t count,
+                                                uint16_t *restrict out, int dtype, int64_t D) {
+    if (dtype == E4M3) widen_fp8_t(rows, stride, count, out, E4M3, D);
+    else widen_fp8_t(rows, stride, count, out, E5M2, D);
+}
+
 /* nq heads' float32 results (acc, D apart) into o in the query's dtype (bf16 rounded to
  * nearest even). */
 static inline void store_heads(char *o, int q_dtype, const float *acc, int64_t nq, int64_t D) {
@@ -329,6 +362,7 @@ struct call {
     const int32_t *block_tables; int64_t table_stride; const int32_t *context_lens;
     void *out; int64_t H, KVH, D, block_size, window, group, per_item;
     float scale, soft_cap;
+    int kv_src; /* the cache's dtype as stored: the work items' kv_dtype, or fp8 (then BF16) */
 };
 
 /* Address of token `t` of `block`, KV head `h`, in `cache`. */
@@ -362,7 +396,10 @@ static inline __attribute__((always_inline)) int run_item(
     const int kv_dtype, const int64_t D)
 {
     const int64_t group = c->group, per_item = c->per_item, bs = c->block_size;
-    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
+    /* an fp8 cache: run as bfloat16 (kv_dtype), its rows widened to bfloat16 first */
+    const int fp8 = kv_dtype == BF16 && IS_FP8(c->kv_src);
+    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4;
+    const size_t kv_esize = fp8 ? 1 : kv_dtype == BF16 ? 2 : 4;
     const int64_t nq = per_item * group; /* query heads of this item */
     const int64_t start = (c->window > 0 && ctx > c->window) ? ctx - c->window : 0;
     const int64_t n = ctx - start;
@@ -375,11 +412,13 @@ static inline __attribute__((always_inline)) int run_item(
     const int pairs = kv_dtype == BF16 && c->q_dtype == BF16 && D % 32 == 0;
     /* bfloat16 rows read by more than one query head are widened once per block */
     const int widen = kv_dtype == BF16 && group > 1;
-    float *buf = scratch((size_t)(nq * D * 2 + nq * n + (widen ? bs * D : 0)));
+    float *buf = scratch((size_t)(nq * D * 2 + nq * n + (widen ? bs * D : 0)
+                                  + (fp8 ? bs * D / 2 : 0)));
     if (buf == NULL) return 1;
     float *qf = buf, *acc = buf + nq * D, *scores = buf + 2 * nq * D;
     float *wide = scores + nq * n;
-    const int64_t wide_stride = D * (int64_t)sizeof(float);
+    uint16_t *w8 = (uint16_t *)(wide + (widen ? bs * D : 0)); /* fp8 rows as bfloat16 */
+    const int64_t wide_stride = D * (int64_t)sizeof(float), w8_stride = D * 2;
     for (int64_t i = 0; i < nq && !pairs; i++) /* by pairs, scores read the query as stored */
         load_row(q_row(c, b, h0 * group + i), c->q_dtype, D, qf + i * D);
     /* pass 1: scores, block by block; within a block, head by head */
@@ -403,17 +442,22 @@ static inline __attribute__((always_inline)) int run_item(
             prefetch_part(next2, span, kh, per_item);
             prefetch_part(vnext, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
-            if (widen && !pairs) widen_rows(rows, row_stride, hi - lo, wide, D);
+            int64_t rs = row_stride;
+            if (fp8) {
+                widen_fp8(rows, row_stride, hi - lo, w8, c->kv_src, D);
+                rows = (const char *)w8, rs = w8_stride;
+            }
+            if (widen && !pairs) widen_rows(rows, rs, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
                 float *s = scores + (kh * group + g) * n + (lo - start);
                 const float *qh = qf + (kh * group + g) * D;
                 if (pairs)
-                    score_rows_pairs(q_row(c, b, h0 * group + kh * group + g), rows, row_stride,
+                    score_rows_pairs(q_row(c, b, h0 * group + kh * group + g), rows, rs,
                                      hi - lo, c->scale, s, D);
                 else if (widen)
                     score_rows(qh, (const char *)wide, wide_stride, hi - lo, c->scale, s, F32, D);
                 else
-                    score_rows(qh, rows, row_stride, hi - lo, c->scale, s, kv_dtype, D);
+                    score_rows(qh, rows, rs, hi - lo, c->scale, s, kv_dtype, D);
             }
         }
     }
@@ -427,17 +471,22 @@ static inline __attribute__((always_inline)) int run_item(
         for (int64_t kh = 0; kh < per_item; kh++) {
             prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+            int64_t rs = row_stride;
+            if (fp8) {
+                widen_fp8(rows, row_stride, hi - lo, w8, c->kv_src, D);
+                rows = (const char *)w8, rs = w8_stride;
+            }
             if (accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start), n,
-                                 rows, row_stride, hi - lo, kv_dtype, D, group))
+                                 rows, rs, hi - lo, kv_dtype, D, group))
                 continue;
-            if (widen) widen_rows(rows, row_stride, hi - lo, wide, D);
+            if (widen) widen_rows(rows, rs, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
                 float *a = acc + (kh * group + g) * D;
                 const float *p = scores + (kh * group + g) * n + (lo - start);
                 if (widen)
                     accumulate_rows(a, p, (const char *)wide, wide_stride, hi - lo, F32, D);
                 else
-                    accumulate_rows(a, p, rows, row_stride, hi - lo, kv_dtype, D);
+                    accumulate_rows(a, p, rows, rs, hi - lo, kv_dtype, D);
             }
         }
     }
@@ -458,18 +507,22 @@ static inline __attribute__((always_inline)) int run_tile(
     const int kv_dtype, const int64_t D)
 {
     const int64_t group = c->group, per_item = c->per_item, bs = c->block_size;
-    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4, kv_esize = kv_dtype == BF16 ? 2 : 4;
+    const int fp8 = kv_dtype == BF16 && IS_FP8(c->kv_src); /* as run_item */
+    const size_t q_esize = c->q_dtype == BF16 ? 2 : 4;
+    const size_t kv_esize = fp8 ? 1 : kv_dtype == BF16 ? 2 : 4;
     const int64_t nq = per_item * group, win = c->window;
     const int64_t ctx_last = ctx0 + T - 1;
     const int64_t first = (win > 0 && ctx0 > win) ? ctx0 - win : 0; /* row 0's start: the least */
     const int64_t nmax = ctx_last - ((win > 0 && ctx_last > win) ? ctx_last - win : 0);
     const int widen = kv_dtype == BF16;
     const int pairs = kv_dtype == BF16 && c->q_dtype == BF16 && D % 32 == 0; /* as run_item */
-    float *buf = scratch((size_t)(T * nq * D * 2 + T * nq * nmax + (widen ? bs * D : 0)));
+    float *buf = scratch((size_t)(T * nq * D * 2 + T * nq * nmax + (widen ? bs * D : 0)
+                                  + (fp8 ? bs * D / 2 : 0)));
     if (buf == NULL) return 1;
     float *qf = buf, *acc = buf + T * nq * D, *scores = acc + T * nq * D;
     float *wide = scores + T * nq * nmax;
-    const int64_t wide_stride = D * (int64_t)sizeof(float);
+    uint16_t *w8 = (uint16_t *)(wide + (widen ? bs * D : 0)); /* fp8 rows as bfloat16 */
+    const int64_t wide_stride = D * (int64_t)sizeof(float), w8_stride = D * 2;
     for (int64_t r = 0; r < T && !pairs; r++)
         for (int64_t i = 0; i < nq; i++)
             load_row(q_row(c, b + r, h0 * group + i), c->q_dtype, D, qf + (r * nq + i) * D);
@@ -482,10 +535,15 @@ static inline __attribute__((always_inline)) int run_tile(
             const char *blk = kv_row(c, cache, table[t0 / bs], lo - t0, h0, kv_esize);
             for (int64_t kh = 0; kh < per_item; kh++) {
                 const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
+                int64_t rs = row_stride;
+                if (fp8) {
+                    widen_fp8(rows, row_stride, hi - lo, w8, c->kv_src, D);
+                    rows = (const char *)w8, rs = w8_stride;
+                }
                 const int by_pairs = pass == 0 && pairs; /* keys read as they are */
-                if (widen && !by_pairs) widen_rows(rows, row_stride, hi - lo, wide, D);
+                if (widen && !by_pairs) widen_rows(rows, rs, hi - lo, wide, D);
                 const char *src = widen && !by_pairs ? (const char *)wide : rows;
-                const int64_t src_stride = widen && !by_pairs ? wide_stride : row_stride;
+                const int64_t src_stride = widen && !by_pairs ? wide_stride : rs;
                 const int sdt = widen && !by_pairs ? F32 : kv_dtype;
                 for (int64_t r = 0; r < T; r++) {
                     const int64_t ctx = ctx0 + r, start = (win > 0 && ctx > win) ? ctx - win : 0;
@@ -527,7 +585,7 @@ static inline __attribute__((always_inline)) int run_tile(
 
 static int dispatch_tile(const struct call *c, int64_t b, int64_t T, int64_t ctx0,
                          const int32_t *table, int64_t h0, int kv_dtype, int64_t D) {
-    if (kv_dtype == BF16)
+    if (kv_dtype == BF16 || IS_FP8(kv_dtype)) /* fp8: the bfloat16 code (c->kv_src) */
         return D == 64 ? run_tile(c, b, T, ctx0, table, h0, BF16, 64)
              : D == 128 ? run_tile(c, b, T, ctx0, table, h0, BF16, 128)
              : run_tile(c, b, T, ctx0, table, h0, BF16, D);
@@ -539,7 +597,7 @@ static int dispatch_tile(const struct call *c, int64_t b, int64_t T, int64_t ctx
 /* dtype and the common head sizes as constants in the loops */
 static int dispatch(const struct call *c, int64_t b, int64_t ctx, const int32_t *table,
                     int64_t h0, int kv_dtype, int64_t D) {
-    if (kv_dtype == BF16)
+    if (kv_dtype == BF16 || IS_FP8(kv_dtype)) /* fp8: the bfloat16 code (c->kv_src) */
         return D == 64 ? run_item(c, b, ctx, table, h0, BF16, 64)
              : D == 128 ? run_item(c, b, ctx, table, h0, BF16, 128)
              : D == 32 ? run_item(c, b, ctx, table, h0, BF16, 32)
@@ -581,7 +639,7 @@ int64_t paged_decode_attention(
     const struct call c = {
         query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,
         stride_block, stride_token, stride_head, block_tables, table_stride, context_lens,
-        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap,
+        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap, kv_dtype,
     };
     const int64_t per_seq = KVH / per_item, items = B * per_seq;
     int failed = 0;
@@ -640,7 +698,7 @@ int64_t paged_prefill_attention(
     const struct call c = {
         query, q_dtype, q_stride_b, q_stride_h, key_cache, value_cache,
         stride_block, stride_token, stride_head, block_tables, table_stride, context_lens,
-        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap,
+        out, H, KVH, D, block_size, window, H / KVH, per_item, scale, soft_cap, kv_dtype,
     };
     const int64_t per_seq = KVH / per_item;
     int failed = 0;

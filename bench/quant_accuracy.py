@@ -7,7 +7,10 @@ is compared with the reference's (mean KL(ref || format) over positions, top-1 a
 and each format's own greedy output is compared with the reference's (first position where
 they differ; ``--tokens`` when they never do). Prints one row per format:
 
-    python bench/quant_accuracy.py [--model PATH.gguf] [--tokens 32] [--json PATH]
+    python bench/quant_accuracy.py [--model PATH.gguf] [--tokens 32] [--json PATH] [--only TEXT]
+
+Rows: weight formats (``quantization``, ``dtype``) and KV cache formats (``kv_cache_dtype``
+fp8 over float32 weights and activations, and with the GGUF's own codes).
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ FORMATS = {  # label -> LLM options
     "int8 (RTN int8/channel + Q8_0 head)": {"quantization": "int8", "dtype": "auto"},
     "w4a8 (Q4_1 + Q8_0 head, both with 8-bit activations)": {"quantization": "w4a8", "dtype": "auto"},
     "bf16 activations, fp32-dequantized weights": {"quantization": "none", "dtype": "bfloat16"},
+    # KV cache formats (kv_cache_dtype): alone over float32, then with gguf-native weights
+    "fp32, fp8_e4m3 KV": {"quantization": "none", "dtype": "float32", "kv_cache_dtype": "fp8_e4m3"},
+    "fp32, fp8_e5m2 KV": {"quantization": "none", "dtype": "float32", "kv_cache_dtype": "fp8_e5m2"},
+    "gguf-native, fp8_e4m3 KV": {"quantization": "auto", "dtype": "auto",
+                                 "kv_cache_dtype": "fp8_e4m3"},
+    "gguf-native, fp8_e5m2 KV": {"quantization": "auto", "dtype": "auto",
+                                 "kv_cache_dtype": "fp8_e5m2"},
 }
 
 
@@ -109,6 +119,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a .gguf file (default: the embedded SmolLM2)")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--only", default="", help="rows whose label contains this text")
     args = ap.parse_args()
 
     ref = LLM(args.model, quantization="none", dtype="float32", kv_cache_memory_bytes=256 << 20)
@@ -121,17 +132,20 @@ def main() -> None:
     gc.collect()
     print(f"{len(prompts)} prompts, {args.tokens} greedy tokens each; reference: fp32-dequantized "
           "GGUF (quantization='none', dtype float32)", flush=True)
-    print(f"| format | dtype | mean KL | top-1 agreement | first divergence (mean / min) | "
+    print(f"| format | dtype | KV | mean KL | top-1 agreement | first divergence (mean / min) | "
           f"identical of {len(prompts)} |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     results: dict[str, Any] = {}
     for label, options in FORMATS.items():
+        if args.only not in label:
+            continue
         llm = LLM(args.model, kv_cache_memory_bytes=256 << 20, **options)
         r = compare(llm, prompts, ref_out, ref_logp, args.tokens)
         r["dtype"] = llm.engine.info()["dtype"]
         r["weight_formats"] = llm.engine.info()["weight_formats"]
+        r["kv_cache_dtype"] = llm.engine.info()["kv_cache_dtype"]
         results[label] = r
-        print(f"| {label} | {r['dtype']} | {r['mean_kl']:.4f} | {r['top1_agreement']:.3f} | "
+        print(f"| {label} | {r['dtype']} | {r['kv_cache_dtype']} | {r['mean_kl']:.4f} | {r['top1_agreement']:.3f} | "
               f"{r['mean_first_divergence']:.1f} / {r['min_first_divergence']} | "
               f"{r['identical_outputs']} |", flush=True)
         del llm

@@ -24,6 +24,7 @@ from splitserve.kernels.kv_cache import to_cache_dtype
 from splitserve.kvtransfer.loopback import LoopbackTransport
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine
+from tests.unit.test_disagg_engine import _drive as drive_pd
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
@@ -132,24 +133,10 @@ def _pd_engines(model_dir, prefill_kv: str, decode_kv: str,
 
 
 def _drive(prefill: LLMEngine, decode: LLMEngine, prompts) -> list[list[int]]:
-    handoff = {}
-    for i, p in enumerate(prompts):
-        prefill.add_request(f"r{i}", p, GREEDY, kv_transfer_params={"do_remote_decode": True})
-    while prefill.has_unfinished_requests():
-        for out in prefill.step():
-            handoff[out.request_id] = (out.kv_transfer_params, list(out.outputs[0].token_ids))
-    tokens = {rid: first for rid, (_, first) in handoff.items()}
-    for i, p in enumerate(prompts):
-        params, first = handoff[f"r{i}"]
-        decode.add_request(f"r{i}", p, GREEDY, kv_transfer_params=params, resume_token_ids=first)
-    for _ in range(10_000):
-        if not (decode.has_unfinished_requests() or prefill.has_pending_transfers()
-                or decode.has_pending_transfers()):
-            break
-        for out in decode.step():
-            tokens[out.request_id] += out.outputs[0].token_ids
-        prefill.step()
-    deadline = time.monotonic() + 30.0  # a refused load's lease is freed when it expires
+    """test_disagg_engine's hand-off loop, then every block back on both sides (a refused
+    load's lease is freed when it expires)."""
+    tokens = drive_pd(prefill, decode, prompts, GREEDY)
+    deadline = time.monotonic() + 30.0
     while prefill.kv.pool.num_free_blocks < prefill.num_blocks and time.monotonic() < deadline:
         prefill.step()
         time.sleep(0.01)

@@ -60,11 +60,11 @@ partial file. The library is linked against ``libgomp.so.1``, which resolves to 
 already loaded: the kernel runs on torch's thread team.
 
 KV caches: float32, bfloat16, or fp8 (``float8_e4m3fn`` / ``float8_e5m2``, no scale). An fp8
-store writes ``reference.to_cache_dtype``'s bytes (clamped to the largest finite value, rounded
+store writes ``kv_cache.to_cache_dtype``'s bytes (clamped to the largest finite value, rounded
 to nearest even from float32); attention widens each block's fp8 rows once per KV head,
 exactly, to bfloat16 (keys scored by pairs with bfloat16 queries) or float32, and computes from
 there as on a cache of that dtype: a result's bits are those of a float32 / bfloat16 cache
-holding ``reference.widen_kv`` of the fp8 one.
+holding ``kv_cache.widen_kv`` of the fp8 one.
 
 When there is no compiler, the build fails, or ``SPLITSERVE_NATIVE_KERNELS=0``, the reference
 runs instead, after one warning that says why (``status()`` reports it). Inputs a kernel does

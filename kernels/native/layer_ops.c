@@ -9,7 +9,7 @@
  *   reference does it (fp-contract off below, so no fused multiply-add): bit-identical.
  * - RMSNorm: the sum of squares in 16 lanes summed pairwise, so the mean may differ from
  *   torch's in the last bit; each row alone, so a row's result never depends on its batch.
- * - K/V store: each value rounded to the cache's dtype as reference.to_cache_dtype does
+ * - K/V store: each value rounded to the cache's dtype as kernels/kv_cache.py's to_cache_dtype does
  *   (bfloat16 to nearest even; fp8 clamped to its largest finite value, then to nearest even
  *   from float32: f32_to_fp8), so the same bytes.
  *

@@ -39,7 +39,7 @@ serve: setup
 	$(VENV)/bin/splitserve serve $(SERVE_ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

@@ -124,82 +124,143 @@ static inline __attribute__((always_inline)) v16f sums16(const v16f *a) {
 #define SCORE_DPBF16 1
 #endif
 
+/* Native vectors. Every sum in this file is defined over 16 float32 lanes (LANES): lane l of
+ * a row's dot product accumulates elements c * 16 + l, chunk by chunk, then the lanes are
+ * summed in hsum16's pairs. An AVX-512 register holds the 16 lanes; an AVX2 build holds them
+ * as PARTS = 2 registers of VL = 8 lanes (4 of 4 without AVX): native chunk k covers lanes
+ * (k % PARTS) * VL .. of 16-lane chunk k / PARTS, and accumulates into acc[k % PARTS], so each
+ * lane still sums the same products in the same order, and hsum_parts adds the parts in
+ * hsum16's pairs: the same bits in every build. Written this way because GCC keeps a 64-byte
+ * vector that no register can hold in memory: on AVX2 the kernel spent most of its time
+ * moving the 16-lane accumulators through the stack. */
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+#define PARTS (LANES / VL)
+#define MAX_NATIVE (MAX_CHUNKS * PARTS) /* native vectors of a head_dim-256 row */
+typedef float vn __attribute__((vector_size(VL * 4)));
+typedef uint32_t vnu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vnh __attribute__((vector_size(VL * 2)));
+
+/* VL elements of a float32 or bfloat16 row as float32 (exact). */
+static inline __attribute__((always_inline)) vn loadn(const void *p, int dtype) {
+    vn f;
+    if (dtype == BF16) {
+        vnh h;
+        memcpy(&h, p, sizeof h);
+        const vnu u = __builtin_convertvector(h, vnu) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, p, sizeof f);
+    }
+    return f;
+}
+
+/* hsum16 of the 16 lanes held in PARTS native vectors: (l, l + 8), then (l, l + 4), (l, l + 2),
+ * (l, l + 1), as hsum16 adds them. */
+static inline __attribute__((always_inline)) float hsum_parts(const vn *a) {
+#if VL == 16
+    return hsum16(a[0]);
+#elif VL == 8
+    const v8f s8 = a[0] + a[1];
+#ifdef HAVE_SHUFFLEVECTOR
+    const v4f s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3)
+        + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+#else
+    const v4f s4 = {s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]};
+#endif
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#else
+    const v4f s4 = (a[0] + a[2]) + (a[1] + a[3]); /* s8's lanes 0-3 and 4-7, then s4 */
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#endif
+}
+
 struct qpairs { /* one query head, D / 32 chunks */
 #ifdef SCORE_DPBF16
     __m512i w[MAX_CHUNKS / 2];
 #else
-    v16f hi[MAX_CHUNKS / 2], lo[MAX_CHUNKS / 2];
+    vn hi[MAX_NATIVE / 2], lo[MAX_NATIVE / 2];
 #endif
 };
 
 #ifndef SCORE_DPBF16
 /* float32 bits of zero exponent to (signed) zero: DAZ of the bfloat16 inputs, FTZ of the
  * sums */
-static inline __attribute__((always_inline)) v16f flush(v16u u) {
-    const v16u tiny = (v16u)((u & 0x7f800000u) == 0);
+static inline __attribute__((always_inline)) vn flush(vnu u) {
+    const vnu tiny = (vnu)((u & 0x7f800000u) == 0);
     u &= ~(tiny & 0x7fffffffu);
-    v16f f;
+    vn f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline __attribute__((always_inline)) v16u bits16(v16f f) {
-    v16u u;
+static inline __attribute__((always_inline)) vnu bitsn(vn f) {
+    vnu u;
     memcpy(&u, &f, sizeof u);
     return u;
 }
 #endif
 
+/* A bfloat16 query head as stored: 32-element chunks of 16 words (native: 2 * VL elements
+ * of VL words each, k = 0 .. D / (2 VL)). */
 static inline __attribute__((always_inline)) void load_pairs(const char *q, const int64_t D,
                                                              struct qpairs *out) {
-    for (int64_t c = 0; c < D / 32; c++) {
 #ifdef SCORE_DPBF16
-        memcpy(&out->w[c], q + 64 * c, 64);
+    for (int64_t c = 0; c < D / 32; c++) memcpy(&out->w[c], q + 64 * c, 64);
 #else
-        v16u w;
-        memcpy(&w, q + 64 * c, sizeof w);
-        out->hi[c] = flush(w & 0xffff0000u);
-        out->lo[c] = flush(w << 16);
-#endif
+    for (int64_t k = 0; k < D / (2 * VL); k++) {
+        vnu w;
+        memcpy(&w, q + 4 * VL * k, sizeof w);
+        out->hi[k] = flush(w & 0xffff0000u);
+        out->lo[k] = flush(w << 16);
     }
+#endif
 }
 
-static inline __attribute__((always_inline)) v16f dot_pairs(v16f acc, const struct qpairs *q,
-                                                            int64_t c, const char *k) {
+/* acc + native chunk k of the query's pairs times the key's (k: 32-element chunk k on
+ * DPBF16 builds, where VL is 16). */
+static inline __attribute__((always_inline)) vn dot_pairs(vn acc, const struct qpairs *q,
+                                                          int64_t k, const char *key) {
 #ifdef SCORE_DPBF16
     __m512i kw;
-    memcpy(&kw, k, sizeof kw);
-    return (v16f)_mm512_dpbf16_ps((__m512)acc, (__m512bh)q->w[c], (__m512bh)kw);
+    memcpy(&kw, key, sizeof kw);
+    return (vn)_mm512_dpbf16_ps((__m512)acc, (__m512bh)q->w[k], (__m512bh)kw);
 #else
-    v16u w;
-    memcpy(&w, k, sizeof w);
-    acc = flush(bits16(acc + q->hi[c] * flush(w & 0xffff0000u)));
-    return flush(bits16(acc + q->lo[c] * flush(w << 16)));
+    vnu w;
+    memcpy(&w, key, sizeof w);
+    acc = flush(bitsn(acc + q->hi[k] * flush(w & 0xffff0000u)));
+    return flush(bitsn(acc + q->lo[k] * flush(w << 16)));
 #endif
 }
 
-/* The 16 lane sums of one K row's dot product with a query head: the query's float32
- * vectors (qv) times the row widened to float32, or, by pairs (qp), as dot_pairs computes. */
-static inline __attribute__((always_inline)) v16f row_dot(
-    const v16f *qv, const struct qpairs *qp, const char *row, const int dtype, const int64_t D,
-    const int pairs)
+/* The 16 lane sums (in PARTS native vectors, acc) of one K row's dot product with a query
+ * head: the query's float32 vectors (qv: D / VL of them) times the row widened to float32,
+ * or, by pairs (qp), as dot_pairs computes. */
+static inline __attribute__((always_inline)) void row_dot(
+    const vn *qv, const struct qpairs *qp, const char *row, const int dtype, const int64_t D,
+    const int pairs, vn *acc)
 {
-    v16f acc = {0};
+    for (int p = 0; p < PARTS; p++) acc[p] = (vn){0};
     if (pairs) {
-        for (int64_t c = 0; c < D / 32; c++) acc = dot_pairs(acc, qp, c, row + 64 * c);
+        for (int64_t k = 0; k < D / (2 * VL); k++)
+            acc[k % PARTS] = dot_pairs(acc[k % PARTS], qp, k, row + 4 * VL * k);
     } else {
         const size_t esize = dtype == BF16 ? 2 : 4;
-        for (int64_t c = 0; c < D / LANES; c++)
-            acc += qv[c] * load16(row + (size_t)(c * LANES) * esize, dtype);
+        for (int64_t k = 0; k < D / VL; k++)
+            acc[k % PARTS] += qv[k] * loadn(row + (size_t)(k * VL) * esize, dtype);
     }
-    return acc;
 }
 
 /* Scores of one query head against `count` consecutive K rows (`stride` bytes apart): the
  * query in registers, one dot product per row in 16 lanes (row_dot), the lanes then summed
  * pairwise (16 rows at a time where the vector width allows: the same sums). */
 static inline __attribute__((always_inline)) void score_keys(
-    const v16f *qv, const struct qpairs *qp, const char *k, int64_t stride, int64_t count,
+    const vn *qv, const struct qpairs *qp, const char *k, int64_t stride, int64_t count,
     float scale, float *restrict out, const int dtype, const int64_t D, const int pairs)
 {
     int64_t j = 0;
@@ -207,13 +268,16 @@ static inline __attribute__((always_inline)) void score_keys(
     for (; j + LANES <= count; j += LANES) {
         v16f acc[LANES];
         for (int r = 0; r < LANES; r++)
-            acc[r] = row_dot(qv, qp, k + (j + r) * stride, dtype, D, pairs);
+            row_dot(qv, qp, k + (j + r) * stride, dtype, D, pairs, &acc[r]);
         const v16f s = sums16(acc) * scale;
         memcpy(out + j, &s, sizeof s);
     }
 #endif
-    for (; j < count; j++)
-        out[j] = hsum16(row_dot(qv, qp, k + j * stride, dtype, D, pairs)) * scale;
+    for (; j < count; j++) {
+        vn acc[PARTS];
+        row_dot(qv, qp, k + j * stride, dtype, D, pairs, acc);
+        out[j] = hsum_parts(acc) * scale;
+    }
 }
 
 /* score_keys for a float32 query head (q) and K rows of `dtype`. */
@@ -221,8 +285,8 @@ static inline __attribute__((always_inline)) void score_rows(
     const float *restrict q, const char *k, int64_t stride, int64_t count, float scale,
     float *restrict out, const int dtype, const int64_t D)
 {
-    v16f qv[MAX_CHUNKS];
-    for (int64_t c = 0; c < D / LANES; c++) memcpy(&qv[c], q + c * LANES, sizeof qv[c]);
+    vn qv[MAX_NATIVE];
+    for (int64_t c = 0; c < D / VL; c++) memcpy(&qv[c], q + c * VL, sizeof qv[c]);
     score_keys(qv, NULL, k, stride, count, scale, out, dtype, D, 0);
 }
 
@@ -237,56 +301,73 @@ static inline __attribute__((always_inline)) void score_rows_pairs(
     score_keys(NULL, &qp, k, stride, count, scale, out, BF16, D, 1);
 }
 
-/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, the accumulator in
- * registers for the run. */
+/* Native vectors of accumulators a pass keeps in registers: a whole head_dim-256 row on
+ * AVX-512 (32 registers), 8 elsewhere (AVX2 has 16). */
+#if VL == 16
+#define ACC_VECS 16
+#else
+#define ACC_VECS 8
+#endif
+
+/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, the accumulators
+ * in registers, ACC_VECS native vectors of columns at a time (each lane's sum is over j in
+ * order either way: the same bits). */
 static inline __attribute__((always_inline)) void accumulate_rows(
     float *restrict acc, const float *restrict p, const char *v, int64_t stride, int64_t count,
     const int dtype, const int64_t D)
 {
     const size_t esize = dtype == BF16 ? 2 : 4;
-    v16f a[MAX_CHUNKS];
-    for (int64_t c = 0; c < D / LANES; c++) memcpy(&a[c], acc + c * LANES, sizeof a[c]);
-    for (int64_t j = 0; j < count; j++) {
-        const char *row = v + j * stride;
-        for (int64_t c = 0; c < D / LANES; c++)
-            a[c] += p[j] * load16(row + (size_t)(c * LANES) * esize, dtype);
+    const int64_t C = D / VL, W = C < ACC_VECS ? C : ACC_VECS;
+    for (int64_t k0 = 0; k0 < C; k0 += W) {
+        vn a[ACC_VECS];
+        for (int64_t c = 0; c < W; c++) memcpy(&a[c], acc + (k0 + c) * VL, sizeof a[c]);
+        for (int64_t j = 0; j < count; j++) {
+            const char *row = v + j * stride + (size_t)(k0 * VL) * esize;
+            for (int64_t c = 0; c < W; c++)
+                a[c] += p[j] * loadn(row + (size_t)(c * VL) * esize, dtype);
+        }
+        for (int64_t c = 0; c < W; c++) memcpy(acc + (k0 + c) * VL, &a[c], sizeof a[c]);
     }
-    for (int64_t c = 0; c < D / LANES; c++) memcpy(acc + c * LANES, &a[c], sizeof a[c]);
 }
 
 /* accumulate_rows for the G query heads of one KV head at once (head g: acc + g * D, its
  * probabilities p + g * p_stride): each value row is read (and widened) once for all of them,
- * into registers, where G * D / 16 <= 16. Per head the same multiply-adds in the same order
- * as accumulate_rows, so the same bits. */
+ * W native vectors of columns at a time with G * W <= ACC_VECS accumulators in registers. Per
+ * head the same multiply-adds in the same order as accumulate_rows, so the same bits. */
 static inline __attribute__((always_inline)) void accumulate_rows_group(
     float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
     int64_t stride, int64_t count, const int dtype, const int64_t D, const int G)
 {
     const size_t esize = dtype == BF16 ? 2 : 4;
-    const int64_t C = D / LANES;
-    v16f a[16];
-    for (int g = 0; g < G; g++)
-        for (int64_t c = 0; c < C; c++) memcpy(&a[g * C + c], acc + g * D + c * LANES, sizeof a[0]);
-    for (int64_t j = 0; j < count; j++) {
-        const char *row = v + j * stride;
-        v16f r[16];
-        for (int64_t c = 0; c < C; c++) r[c] = load16(row + (size_t)(c * LANES) * esize, dtype);
-        for (int g = 0; g < G; g++) {
-            const float pj = p[g * p_stride + j];
-            for (int64_t c = 0; c < C; c++) a[g * C + c] += pj * r[c];
+    const int64_t C = D / VL, W = C < ACC_VECS / G ? C : ACC_VECS / G;
+    for (int64_t k0 = 0; k0 < C; k0 += W) {
+        const int64_t w = C - k0 < W ? C - k0 : W;
+        vn a[ACC_VECS];
+        for (int g = 0; g < G; g++)
+            for (int64_t c = 0; c < w; c++)
+                memcpy(&a[g * W + c], acc + g * D + (k0 + c) * VL, sizeof a[0]);
+        for (int64_t j = 0; j < count; j++) {
+            const char *row = v + j * stride + (size_t)(k0 * VL) * esize;
+            vn r[ACC_VECS];
+            for (int64_t c = 0; c < w; c++) r[c] = loadn(row + (size_t)(c * VL) * esize, dtype);
+            for (int g = 0; g < G; g++) {
+                const float pj = p[g * p_stride + j];
+                for (int64_t c = 0; c < w; c++) a[g * W + c] += pj * r[c];
+            }
         }
+        for (int g = 0; g < G; g++)
+            for (int64_t c = 0; c < w; c++)
+                memcpy(acc + g * D + (k0 + c) * VL, &a[g * W + c], sizeof a[0]);
     }
-    for (int g = 0; g < G; g++)
-        for (int64_t c = 0; c < C; c++) memcpy(acc + g * D + c * LANES, &a[g * C + c], sizeof a[0]);
 }
 
-/* accumulate_rows_group with G a constant (1-8); 0 when G * D / 16 > 16 (the caller then
- * runs accumulate_rows per head). */
+/* accumulate_rows_group with G a constant (1-8); 0 when a row's G heads cannot share the
+ * reads (AVX-512: G * D / 16 > 16; the caller then runs accumulate_rows per head). */
 static inline __attribute__((always_inline)) int accumulate_group(
     float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
     int64_t stride, int64_t count, const int dtype, const int64_t D, int64_t group)
 {
-    if (group * (D / LANES) > 16) return 0;
+    if (VL == 16 && group * (D / VL) > ACC_VECS) return 0;
     switch (group) {
     case 1: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 1); return 1;
     case 2: accumulate_rows_group(acc, p, p_stride, v, stride, count, dtype, D, 2); return 1;
@@ -317,9 +398,9 @@ static inline __attribute__((always_inline)) void widen_rows(
     const char *rows, int64_t stride, int64_t count, float *restrict out, const int64_t D)
 {
     for (int64_t r = 0; r < count; r++)
-        for (int64_t c = 0; c < D / LANES; c++) {
-            const v16f f = load16(rows + r * stride + (size_t)(c * LANES) * 2, BF16);
-            memcpy(out + r * D + c * LANES, &f, sizeof f);
+        for (int64_t c = 0; c < D / VL; c++) {
+            const vn f = loadn(rows + r * stride + (size_t)(c * VL) * 2, BF16);
+            memcpy(out + r * D + c * VL, &f, sizeof f);
         }
 }
 

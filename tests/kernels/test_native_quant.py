@@ -180,9 +180,15 @@ _SCALAR_BUILD = r"""
 import json, sys
 sys.path.insert(0, ".")
 from splitserve.kernels import native
-from tests.kernels.test_native import _quant_operands
+from tests.kernels.test_native import CASES, _case, _quant_operands
+attention = []
+for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
+    q, cache, tables, ctx = _case(dtype, head_dim, heads, block_size, lens)
+    got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
+    attention.append(got.float().tolist())
 i4, i8, x = _quant_operands()
 print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
+                  "attention": attention, "attention_calls": native.calls["paged_decode_attention"],
                   "int4": native.int4_matmul(x, i4, 48).tolist(),
                   "int8": native.int8_matmul(x, i8, 48).tolist(),
                   "int4a8": native.int4_matmul(x, i4, 48, bits=4 | native.ACT8).tolist(),
@@ -200,7 +206,7 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
     """-march=x86-64 (no AVX2) builds the scalar path, -mno-avx512vnni AVX-512 without byte
     dot products (vpmaddubsw + vpmaddwd): the same integer sums and FMAs, so the same bits
     as this machine's build (the AVX2 build: test_native.py)."""
-    from tests.kernels.test_native import _quant_operands, run_other_build
+    from tests.kernels.test_native import CASES, _case, _quant_operands, run_other_build
 
     out = run_other_build(_SCALAR_BUILD, cflags, tmp_path)
     assert out["lanes"] == lanes and cflags in out["reason"], out
@@ -208,6 +214,13 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
         dump = subprocess.run(["objdump", "-d", out["reason"].split()[1]], capture_output=True,
                               text=True, timeout=60, check=True).stdout
         assert "zmm" in dump and "vpdpbusd" not in dump
+    # decode attention too: 16 lanes as 4 SSE vectors (x86-64) or one AVX-512 register, the
+    # same sums in the same pairs as this machine's build
+    assert out["attention_calls"] == len(CASES), out["attention_calls"]
+    for case, got in zip(CASES, out["attention"], strict=True):
+        q, cache, tables, ctx = _case(*case[:5])
+        here = native.paged_decode_attention(q, cache, tables, ctx, case[1] ** -0.5, *case[5:])
+        assert torch.equal(here.float(), torch.tensor(got)), (cflags, case[:4])
     i4, i8, x = _quant_operands()
     assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))
     assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))

@@ -319,14 +319,15 @@ static inline __attribute__((always_inline)) void accumulate_rows(
     const size_t esize = dtype == BF16 ? 2 : 4;
     const int64_t C = D / VL, W = C < ACC_VECS ? C : ACC_VECS;
     for (int64_t k0 = 0; k0 < C; k0 += W) {
+        const int64_t w = C - k0 < W ? C - k0 : W; /* the last pass may be narrower */
         vn a[ACC_VECS];
-        for (int64_t c = 0; c < W; c++) memcpy(&a[c], acc + (k0 + c) * VL, sizeof a[c]);
+        for (int64_t c = 0; c < w; c++) memcpy(&a[c], acc + (k0 + c) * VL, sizeof a[c]);
         for (int64_t j = 0; j < count; j++) {
             const char *row = v + j * stride + (size_t)(k0 * VL) * esize;
-            for (int64_t c = 0; c < W; c++)
+            for (int64_t c = 0; c < w; c++)
                 a[c] += p[j] * loadn(row + (size_t)(c * VL) * esize, dtype);
         }
-        for (int64_t c = 0; c < W; c++) memcpy(acc + (k0 + c) * VL, &a[c], sizeof a[c]);
+        for (int64_t c = 0; c < w; c++) memcpy(acc + (k0 + c) * VL, &a[c], sizeof a[c]);
     }
 }
 

@@ -55,6 +55,8 @@ CASES = [  # dtype, head_dim, (heads, kv_heads), block_size, context lens, windo
     (torch.bfloat16, 64, (9, 3), 16, [1, 31, 160, 333, 700], None, None),
     (torch.bfloat16, 256, (8, 4), 16, [3, 100, 129], 32, 30.0),
     (torch.bfloat16, 80, (6, 2), 32, [0, 77, 250], None, None),  # an empty context: zeros
+    # GQA groups of 5: value sums head by head, over 10 AVX2 vectors (a pass of 8, one of 2)
+    (torch.float32, 80, (10, 2), 16, [7, 90, 301], None, None),
 ]
 
 

@@ -309,32 +309,11 @@ static inline __attribute__((always_inline)) void score_rows_pairs(
 #define ACC_VECS 8
 #endif
 
-/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, the accumulators
- * in registers, ACC_VECS native vectors of columns at a time (each lane's sum is over j in
- * order either way: the same bits). */
-static inline __attribute__((always_inline)) void accumulate_rows(
-    float *restrict acc, const float *restrict p, const char *v, int64_t stride, int64_t count,
-    const int dtype, const int64_t D)
-{
-    const size_t esize = dtype == BF16 ? 2 : 4;
-    const int64_t C = D / VL, W = C < ACC_VECS ? C : ACC_VECS;
-    for (int64_t k0 = 0; k0 < C; k0 += W) {
-        const int64_t w = C - k0 < W ? C - k0 : W; /* the last pass may be narrower */
-        vn a[ACC_VECS];
-        for (int64_t c = 0; c < w; c++) memcpy(&a[c], acc + (k0 + c) * VL, sizeof a[c]);
-        for (int64_t j = 0; j < count; j++) {
-            const char *row = v + j * stride + (size_t)(k0 * VL) * esize;
-            for (int64_t c = 0; c < w; c++)
-                a[c] += p[j] * loadn(row + (size_t)(c * VL) * esize, dtype);
-        }
-        for (int64_t c = 0; c < w; c++) memcpy(acc + (k0 + c) * VL, &a[c], sizeof a[c]);
-    }
-}
-
-/* accumulate_rows for the G query heads of one KV head at once (head g: acc + g * D, its
- * probabilities p + g * p_stride): each value row is read (and widened) once for all of them,
- * W native vectors of columns at a time with G * W <= ACC_VECS accumulators in registers. Per
- * head the same multiply-adds in the same order as accumulate_rows, so the same bits. */
+/* acc += sum_j p[j] * V row j over `count` consecutive rows, in row order, for the G query
+ * heads of one KV head at once (head g: acc + g * D, its probabilities p + g * p_stride): each
+ * value row is read (and widened) once for all of them, W native vectors of columns at a time
+ * with G * W <= ACC_VECS accumulators in registers (each lane's sum is over j in order
+ * whatever W: the same bits). */
 static inline __attribute__((always_inline)) void accumulate_rows_group(
     float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
     int64_t stride, int64_t count, const int dtype, const int64_t D, const int G)
@@ -360,6 +339,14 @@ static inline __attribute__((always_inline)) void accumulate_rows_group(
             for (int64_t c = 0; c < w; c++)
                 memcpy(acc + g * D + (k0 + c) * VL, &a[g * W + c], sizeof a[0]);
     }
+}
+
+/* accumulate_rows_group for one head. */
+static inline __attribute__((always_inline)) void accumulate_rows(
+    float *restrict acc, const float *restrict p, const char *v, int64_t stride, int64_t count,
+    const int dtype, const int64_t D)
+{
+    accumulate_rows_group(acc, p, 0, v, stride, count, dtype, D, 1);
 }
 
 /* accumulate_rows_group with G a constant (1-8); 0 when a row's G heads cannot share the

@@ -139,6 +139,11 @@ SPLITSERVE_CACHE_DIR = EnvVar(
     "folder of splitserve's on-disk caches (GGUF tokenizers, built CPU kernels); default "
     "$XDG_CACHE_HOME/splitserve, else ~/.cache/splitserve",
 )
+SPLITSERVE_TOKENIZER_CACHE = EnvVar(
+    "SPLITSERVE_TOKENIZER_CACHE", bool, True,
+    "keep the tokenizers transformers builds from GGUF files, and the tokenizer class it "
+    "chooses for a model folder, in SPLITSERVE_CACHE_DIR (0: build each in every process)",
+)
 SPLITSERVE_TEST_KV_SEND_DELAY_S = EnvVar(
     "SPLITSERVE_TEST_KV_SEND_DELAY_S", float, 0.0,
     "tests only: delay each KV send by this many seconds so a peer can die mid-transfer",

@@ -219,18 +219,18 @@ def _hf_tokenizer(
 ) -> Tokenizer:
     """The folder's tokenizer, or the one transformers builds from ``gguf_file`` (kept in
     ``tokenizer_cache``'s disk cache, keyed by ``gguf_reader``'s tokenizer metadata)."""
-    from transformers import AutoTokenizer
-
     where = path / gguf_file if gguf_file else path
 
     def build() -> Any:
+        from transformers import AutoTokenizer
+
         if gguf_reader is not None:
             _teach_transformers_gguf_arch(_field(gguf_reader, "general.architecture", None))
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
 
     try:
         if gguf_file is None:
-            hf = build()
+            hf = tokenizer_cache.folder_tokenizer(path)
         else:
             hf = tokenizer_cache.cached_tokenizer(_tokenizer_key(gguf_reader), build)
     except Exception as e:  # transformers raises many types here

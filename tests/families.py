@@ -57,6 +57,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # and a small residual multiplier a random model only repeats its last token
     "granite": ("Granite", dict(embedding_multiplier=6.0, residual_multiplier=0.22,
                                 attention_multiplier=0.09, logits_scaling=4.0)),
+    # no pre-norms: each sub-block normed after; q/k norms over the whole projection
+    "olmo2": ("Olmo2", dict()),
     # NoPE on layers 1 and 3 (rotary on 0 and 2), windows on the NoPE layer 1 only
     "smollm3": ("SmolLM3", dict(no_rope_layers=[1, 0, 1, 0], use_sliding_window=True,
                                 sliding_window=WINDOW,

@@ -19,7 +19,7 @@ from splitserve.roles.models.blocks import DecoderModel
 from splitserve.roles.models.config import ModelConfig
 
 _MODULES = ("llama", "qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "smollm3",
-            "granite")
+            "granite", "olmo2")
 _REGISTRY: dict[str, type[DecoderModel]] = {}
 _BY_TYPE: dict[str, tuple[str, type[DecoderModel]]] = {}
 

@@ -22,7 +22,7 @@ import torch
 
 ARCH = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "phi3": "PHI3", "gemma2": "GEMMA2",
         "gemma3": "GEMMA3", "mixtral": "LLAMA", "smollm3": "SMOLLM3",
-        "granite": "GRANITE"}
+        "granite": "GRANITE", "olmo2": "OLMO2"}
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3": {"use_sliding_window": False},  # llama.cpp's qwen3 has no windows
     "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},  # every layer routed

@@ -8,11 +8,11 @@ one ``[E, rows, cols]`` tensor per projection; Phi-3's LongRoPE factors stored a
 Llama's Q/K row permutation is undone by ``loader.py`` (it also applies to quantized codes).
 
 Families: ``llama`` (Llama, SmolLM; ``expert_count`` > 0: Mixtral), ``mistral``, ``qwen2``,
-``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2``, ``gemma3`` (text). What GGUF metadata does not
-carry follows llama.cpp's own defaults: Gemma's attention scale is ``head_dim ** -0.5``
-(``hidden / heads`` for the 27B shapes) unless ``attention.scale`` is written, its window
-pattern every 2nd (Gemma 2) / 6th (Gemma 3) layer global unless
-``attention.sliding_window_pattern`` is, Gemma 3's local rotary base 10000 unless
+``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2``, ``gemma3`` (text), ``smollm3``, ``granite``,
+``olmo2``. What GGUF metadata does not carry follows llama.cpp's own defaults: Gemma's
+attention scale is ``head_dim ** -0.5`` (``hidden / heads`` for the 27B shapes) unless
+``attention.scale`` is written, its window pattern every 2nd (Gemma 2) / 6th (Gemma 3) layer
+global unless ``attention.sliding_window_pattern`` is, Gemma 3's local rotary base 10000 unless
 ``rope.freq_base_swa`` is; Qwen3-MoE renormalizes the top-k weights unless
 ``expert_weights_norm`` says otherwise. It must not read files or dequantize (``loader.py``).
 """
@@ -43,10 +43,11 @@ ARCHITECTURES = {
     "gemma3": "Gemma3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 """GGUF ``general.architecture`` -> the model file's architecture (``llama`` with experts
 becomes Mixtral)."""
-TOKENIZER_ALIASES = {"smollm3": "llama", "granite": "llama"}
+TOKENIZER_ALIASES = {"smollm3": "llama", "granite": "llama", "olmo2": "llama"}
 """GGUF architectures transformers' GGUF reader refuses (so cannot build their tokenizer)
 -> one it reads whose tokenizer metadata is the same."""
 PERMUTED_QK = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
@@ -73,6 +74,10 @@ _BLOCK = {
 _FAMILY_BLOCK: dict[str, dict[str, str]] = {
     "Gemma2ForCausalLM": {
         "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "Olmo2ForCausalLM": {  # no pre-norms: llama.cpp's names of the two post-norms
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },

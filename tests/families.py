@@ -57,6 +57,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # and a small residual multiplier a random model only repeats its last token
     "granite": ("Granite", dict(embedding_multiplier=6.0, residual_multiplier=0.22,
                                 attention_multiplier=0.09, logits_scaling=4.0)),
+    # multipliers too, but a stream the experts still move (with Granite's 6x embeddings
+    # they hardly change a random model's tokens)
+    "granite_moe": ("GraniteMoe", dict(num_local_experts=4, num_experts_per_tok=2,
+                                       embedding_multiplier=1.5, residual_multiplier=0.6,
+                                       attention_multiplier=0.09, logits_scaling=4.0)),
     # no pre-norms: each sub-block normed after; q/k norms over the whole projection
     "olmo2": ("Olmo2", dict()),
     # NoPE on layers 1 and 3 (rotary on 0 and 2), windows on the NoPE layer 1 only
@@ -90,7 +95,7 @@ def make_family_model(
     if family != "qwen3_moe":
         values.pop("num_experts", None)
         values.pop("moe_intermediate_size", None)
-    if family != "mixtral":
+    if family not in ("mixtral", "granite_moe"):
         values.pop("num_local_experts", None)
     config = config_cls(vocab_size=VOCAB, **values)
     model_cls = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")

@@ -220,7 +220,8 @@ def _tiny_init(name: str, p: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return 0.5 * noise
     if p.ndim == 1 or "position_embedding" in name:
         return 0.5 * noise  # class / position embeddings
-    fan_in = p[0].numel()
+    # a matrix's (or a conv's) inputs per output; a stacked [experts, out, in] tensor's: in
+    fan_in = p.shape[-1] if p.ndim == 3 else p[0].numel()
     return noise / fan_in**0.5
 
 

@@ -516,6 +516,13 @@ class DecoderModel:
     def config_from_hf(cls, hf: dict, architecture: str) -> ModelConfig:
         raise NotImplementedError
 
+    @classmethod
+    def checkpoint_tensors(cls, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """The tensors one checkpoint tensor stands for, under the names ``build_layer`` takes
+        (a family that stacks experts splits them here, before a weight format quantizes
+        each); by default the tensor itself."""
+        return [(name, tensor)]
+
     def __init__(
         self, cfg: ModelConfig, weights: dict[str, Tensor], ops: ModuleType, device: torch.device
     ) -> None:

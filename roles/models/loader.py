@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from splitserve.errors import ModelLoadError
-from splitserve.roles.models import gguf_map, tokenizer_cache
+from splitserve.roles.models import gguf_map, registry, tokenizer_cache
 from splitserve.roles.models.config import ModelConfig
 from splitserve.roles.models.quantize import (
     GGUF_FLOAT,
@@ -124,7 +124,8 @@ def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFo
     rename = _llava_name if config.llava is not None else (lambda name: name)
     convert = tensor_transform(fmt, dtype, config.tie_word_embeddings)
     weights = _read_safetensors(path, dtype, keep=lambda name: True,
-                                convert=lambda name, t: convert(rename(name), t))
+                                convert=lambda name, t: convert(rename(name), t),
+                                split=registry.model_class(config).checkpoint_tensors)
     if config.llava is not None:
         weights = {_llava_name(k): v for k, v in weights.items()}
     return LoadedModel(model_id, str(path), config, weights, _hf_tokenizer(path, config))
@@ -160,6 +161,7 @@ def _hf_config(path: Path) -> ModelConfig:
 def _read_safetensors(
     path: Path, dtype: torch.dtype, keep: Callable[[str], bool],
     convert: Callable[[str, torch.Tensor], Any] | None = None,
+    split: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
 ) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
@@ -172,8 +174,9 @@ def _read_safetensors(
             with safe_open(str(f), framework="pt") as shard:
                 for name in shard.keys():  # noqa: SIM118 - safe_open is not a mapping
                     if keep(name):
-                        t = shard.get_tensor(name)
-                        weights[name] = t.to(dtype) if convert is None else convert(name, t)
+                        tensor = shard.get_tensor(name)
+                        for part, t in (split(name, tensor) if split else [(name, tensor)]):
+                            weights[part] = t.to(dtype) if convert is None else convert(part, t)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelLoadError(f"{f}: corrupt or truncated safetensors file ({e})", path=str(f)) from e
     return weights

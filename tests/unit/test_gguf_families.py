@@ -56,9 +56,13 @@ DEFAULT_SUITE = {"qwen3", "gemma2"}
 the norm shift); the others run under ``-m slow`` (each costs ~30 s, mostly the tokenizer)."""
 
 
+FOLDERS_ONLY = {"granite_moe"}
+"""Families served from Hugging Face folders only (no GGUF tensor map yet)."""
+
+
 @pytest.fixture(scope="module", params=[
     f if f in DEFAULT_SUITE else pytest.param(f, marks=pytest.mark.slow)
-    for f in sorted(FAMILIES)
+    for f in sorted(FAMILIES) if f not in FOLDERS_ONLY
 ])
 def folder(request, tmp_path_factory, tokenizer_dir) -> tuple[str, Path]:
     name = request.param

@@ -2,8 +2,8 @@
 
 For each of Qwen3, Phi-3 (LongRoPE, partial rotary, window), Gemma 2 (soft-caps,
 query_pre_attn_scalar, alternating windows), Gemma 3 text (q/k norms, two rotary tables),
-Qwen3-MoE (un-normalized top-k, a dense layer), Mixtral, Granite, SmolLM3 and OLMo 2 (no
-pre-norms, q/k norms over the whole projection): transformers builds and saves a
+Qwen3-MoE (un-normalized top-k, a dense layer), Mixtral, Granite, Granite MoE (stacked
+experts), SmolLM3 and OLMo 2 (no pre-norms, q/k norms over the whole projection): transformers builds and saves a
 random model, splitserve loads the folder, and 8 prompts (most longer than the window) run
 32 greedy tokens in one batch, with chunked prefill after a prefix-cache hit, and alone.
 A divergence passes only at a true near-tie of the reference (top-2 gap < 1e-3), counted.

@@ -10,7 +10,7 @@ export UCX_TLS ?= tcp,self
 export UCX_WARN_UNUSED_ENV_VARS := n
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run serve test test-all bench-engine bench-cluster bench-spec soak lint clean proto
+.PHONY: setup run serve test test-extended test-all bench-engine bench-cluster bench-spec soak lint clean proto
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=30
+
+test-extended: setup
+	$(PY) -m pytest -q -m "extended and not gpu" --durations=10
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

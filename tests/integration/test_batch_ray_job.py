@@ -170,6 +170,7 @@ def _status(head: RayHead, job_id: str) -> str:
     return head.job("status", job_id).stdout.lower()
 
 
+@pytest.mark.extended  # ~50 s with its Ray head: CI runs it (make test-extended)
 def test_batch_job_completes_with_single_engine_outputs(head: RayHead, tiny_model_dir, llm,
                                                         tmp_path: Path) -> None:
     rows = _rows(50)

@@ -237,6 +237,7 @@ def test_serve_start_stop_leaves_no_process(tiny_model_dir, sig: signal.Signals)
     _assert_all_exit(family)
 
 
+@pytest.mark.extended  # ~25 s: CI runs it (make test-extended)
 def test_serve_a_multimodal_model_starts_an_encode_worker(tmp_path, tokenizer_dir) -> None:
     """`serve --model <LLaVA> --prefill-workers 1` runs 1 encode + 1 prefill + 1 decode and
     answers image chats."""

@@ -22,7 +22,7 @@ import torch
 
 ARCH = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE", "phi3": "PHI3", "gemma2": "GEMMA2",
         "gemma3": "GEMMA3", "mixtral": "LLAMA", "smollm3": "SMOLLM3",
-        "granite": "GRANITE", "olmo2": "OLMO2"}
+        "granite": "GRANITE", "olmo2": "OLMO2", "granite_moe": "GRANITE_MOE"}
 GGUF_OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen3": {"use_sliding_window": False},  # llama.cpp's qwen3 has no windows
     "qwen3_moe": {"mlp_only_layers": [], "norm_topk_prob": True},  # every layer routed
@@ -89,6 +89,28 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     return config, weights
 
 
+def per_expert(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Granite MoE's stacked experts and router under the per-expert names a GGUF file's
+    tensors load as (``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``, ``gate``);
+    other tensors as they are."""
+    out: dict[str, np.ndarray] = {}
+    for name, w in weights.items():
+        base = name.rsplit("block_sparse_moe.", 1)[0] + "block_sparse_moe."
+        if name.endswith("block_sparse_moe.input_linear.weight"):
+            half = w.shape[1] // 2
+            for e in range(w.shape[0]):
+                out[f"{base}experts.{e}.gate_proj.weight"] = w[e, :half]
+                out[f"{base}experts.{e}.up_proj.weight"] = w[e, half:]
+        elif name.endswith("block_sparse_moe.output_linear.weight"):
+            for e in range(w.shape[0]):
+                out[f"{base}experts.{e}.down_proj.weight"] = w[e]
+        elif name.endswith("block_sparse_moe.router.layer.weight"):
+            out[f"{base}gate.weight"] = w
+        else:
+            out[name] = w
+    return out
+
+
 def rounded_weights(folder: Path, qtype: str) -> dict[str, torch.Tensor]:
     """The folder's weights as a ``qtype`` GGUF file holds them (Hugging Face names)."""
     _, weights = read_hf_folder(folder)
@@ -134,7 +156,12 @@ def write_gguf(folder: Path, out: Path, family: str, qtype: str = "F32") -> Path
             continue
         if family in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w + np.float32(1.0)
-        if family in ("mixtral", "smollm3", "granite") and name.endswith(
+        if family == "granite_moe" and name.endswith("input_linear.weight"):  # [E, 2I, H]
+            layer, half = int(name.split(".")[2]), w.shape[1] // 2
+            _store(writer, f"blk.{layer}.ffn_gate_exps.weight", w[:, :half], qtype)
+            _store(writer, f"blk.{layer}.ffn_up_exps.weight", w[:, half:], qtype)
+            continue
+        if family in ("mixtral", "smollm3", "granite", "granite_moe") and name.endswith(
                 ("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
             w = _permute(w, heads)
@@ -184,7 +211,7 @@ def _metadata(writer: Any, cfg: dict[str, Any], family: str, weights: dict[str, 
         if family == "qwen3_moe":
             writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
             writer.add_expert_weights_norm(bool(cfg.get("norm_topk_prob")))
-    if family == "granite":
+    if family in ("granite", "granite_moe"):
         writer.add_embedding_scale(float(cfg["embedding_multiplier"]))
         writer.add_residual_scale(float(cfg["residual_multiplier"]))
         writer.add_attention_scale(float(cfg["attention_multiplier"]))

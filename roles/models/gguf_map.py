@@ -9,7 +9,7 @@ Llama's Q/K row permutation is undone by ``loader.py`` (it also applies to quant
 
 Families: ``llama`` (Llama, SmolLM; ``expert_count`` > 0: Mixtral), ``mistral``, ``qwen2``,
 ``qwen3``, ``qwen3moe``, ``phi3``, ``gemma2``, ``gemma3`` (text), ``smollm3``, ``granite``,
-``olmo2``. What GGUF metadata does not carry follows llama.cpp's own defaults: Gemma's
+``granitemoe``, ``olmo2``. What GGUF metadata does not carry follows llama.cpp's own defaults: Gemma's
 attention scale is ``head_dim ** -0.5`` (``hidden / heads`` for the 27B shapes) unless
 ``attention.scale`` is written, its window pattern every 2nd (Gemma 2) / 6th (Gemma 3) layer
 global unless ``attention.sliding_window_pattern`` is, Gemma 3's local rotary base 10000 unless
@@ -44,14 +44,16 @@ ARCHITECTURES = {
     "smollm3": "SmolLM3ForCausalLM",
     "granite": "GraniteForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
 }
 """GGUF ``general.architecture`` -> the model file's architecture (``llama`` with experts
 becomes Mixtral)."""
-TOKENIZER_ALIASES = {"smollm3": "llama", "granite": "llama", "olmo2": "llama"}
+TOKENIZER_ALIASES = {"smollm3": "llama", "granite": "llama", "olmo2": "llama",
+                     "granitemoe": "llama"}
 """GGUF architectures transformers' GGUF reader refuses (so cannot build their tokenizer)
 -> one it reads whose tokenizer metadata is the same."""
 PERMUTED_QK = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
-               "SmolLM3ForCausalLM", "GraniteForCausalLM")
+               "SmolLM3ForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM")
 """Architectures whose Q/K rows llama.cpp's converter permuted (``llama`` GGUF files)."""
 GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
@@ -83,12 +85,16 @@ _FAMILY_BLOCK: dict[str, dict[str, str]] = {
     },
     "Phi3ForCausalLM": {"ffn_up": "mlp.gate_up_proj"},  # gate and up rows fused
     "MixtralForCausalLM": {"ffn_gate_inp": "block_sparse_moe.gate"},
+    "GraniteMoeForCausalLM": {"ffn_gate_inp": "block_sparse_moe.gate"},
 }
 _FAMILY_BLOCK["Gemma3ForCausalLM"] = _FAMILY_BLOCK["Gemma2ForCausalLM"]
 _EXPERTS = {  # GGUF stacked projection -> (prefix, per-expert name) by architecture
     "MixtralForCausalLM": ("block_sparse_moe.experts", {"ffn_gate_exps": "w1",
                                                          "ffn_up_exps": "w3",
                                                          "ffn_down_exps": "w2"}),
+    "GraniteMoeForCausalLM": ("block_sparse_moe.experts", {"ffn_gate_exps": "gate_proj",
+                                                           "ffn_up_exps": "up_proj",
+                                                           "ffn_down_exps": "down_proj"}),
     "Qwen3MoeForCausalLM": ("mlp.experts", {"ffn_gate_exps": "gate_proj",
                                             "ffn_up_exps": "up_proj",
                                             "ffn_down_exps": "down_proj"}),
@@ -293,6 +299,7 @@ def _granite(get: Callable[..., Any], fields: dict, names: set[str], read: ReadT
 
 _FAMILY_FIELDS: dict[str, Callable[..., dict]] = {
     "GraniteForCausalLM": _granite,
+    "GraniteMoeForCausalLM": _granite,
     "SmolLM3ForCausalLM": _smollm3,
     "Phi3ForCausalLM": _phi3,
     "Gemma2ForCausalLM": _gemma(2, softcaps=True),

@@ -13,7 +13,9 @@ a mixture of experts in place of the MLP, under ``block_sparse_moe``: router
 weights as a softmax over all experts renormalized over the top k, which ``MoE`` computes),
 and the experts stacked: ``input_linear`` [E, 2I, H] (gate rows, then up) and
 ``output_linear`` [E, H, I], split per expert as the checkpoint is read (so a weight format
-quantizes each expert's projections; the residual multiplier is folded into each down).
+quantizes each expert's projections; the residual multiplier is folded into each down). A
+GGUF file (llama.cpp's ``granitemoe``) holds them as ``ffn_gate_exps`` / ``ffn_up_exps`` /
+``ffn_down_exps``, which ``gguf_map`` reads under the same per-expert names.
 """
 
 from __future__ import annotations

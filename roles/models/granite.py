@@ -80,9 +80,13 @@ class GraniteModel(LlamaModel):
         )
 
     def build_layer(self, i: int, w: Weights) -> Layer:
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            w.tensors[w.prefix + name] = _scaled(w.take(name), self.cfg.residual_multiplier)
+        self._fold_residual(w, ("self_attn.o_proj.weight", "mlp.down_proj.weight"))
         return super().build_layer(i, w)
+
+    def _fold_residual(self, w: Weights, names: tuple[str, ...]) -> None:
+        """The residual multiplier folded into these projections of the layer."""
+        for name in names:
+            w.tensors[w.prefix + name] = _scaled(w.take(name), self.cfg.residual_multiplier)
 
 
 class GraniteMoeModel(GraniteModel):
@@ -125,13 +129,11 @@ class GraniteMoeModel(GraniteModel):
 
     def build_layer(self, i: int, w: Weights) -> Layer:
         cfg, ops = self.cfg, self.ops
-        h, inter, e, r = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                          cfg.residual_multiplier)
-        experts = [(gate, up, _scaled(down, r)) for gate, up, down in moe_experts(
-            w.sub("block_sparse_moe."), e, ("gate_proj", "up_proj", "down_proj"),
-            ((inter, h), (inter, h), (h, inter)))]
-        name = "self_attn.o_proj.weight"
-        w.tensors[w.prefix + name] = _scaled(w.take(name), r)
+        h, inter, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self._fold_residual(w, ("self_attn.o_proj.weight",) + tuple(
+            f"block_sparse_moe.experts.{x}.down_proj.weight" for x in range(e)))
+        experts = moe_experts(w.sub("block_sparse_moe."), e, ("gate_proj", "up_proj", "down_proj"),
+                              ((inter, h), (inter, h), (h, inter)))
         return PreNormLayer(
             standard_attention(cfg, i, w.sub("self_attn."), ops, self.rotary_for(i)),
             MoE(cfg, w.take("block_sparse_moe.gate.weight", (e, h)), experts,  # type: ignore[arg-type]

@@ -24,12 +24,12 @@ def prompt_token_ids(
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", field="prompt")
-        token_ids = list(encode(prompt))
-        if not token_ids:  # e.g. only control characters the tokenizer drops
+        encoded = list(encode(prompt))
+        if not encoded:  # e.g. only control characters the tokenizer drops
             raise InvalidRequestError(
                 f"prompt {prompt[:40]!r} encodes to no tokens", field="prompt"
             )
-        return token_ids
+        return encoded
     if isinstance(prompt, bytes | bytearray) or not isinstance(prompt, Sequence):
         raise InvalidRequestError(
             f"prompt must be text or a list of token ids, got {type(prompt).__name__}",

@@ -432,7 +432,7 @@ _SSE_EVENT = {  # OpenAPI 3.1: the schema of one event
     },
     "required": ["data"],
 }
-_SSE = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+_SSE: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
               "description": "the answer; server-sent events when `stream` is true"}}
 
 

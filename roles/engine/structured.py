@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ def check_structured(so: StructuredOutputsParams) -> Any:
         if so.kind == "regex":
             return xgr.Grammar.from_regex(str(so.regex))
         if so.kind == "choice":
-            return xgr.Grammar.from_ebnf(_choice_ebnf(so.choice or ()))
+            return xgr.Grammar.from_ebnf(_choice_ebnf(tuple(so.choice or ())))
         return xgr.Grammar.from_ebnf(str(so.grammar))
     except InvalidRequestError:
         raise
@@ -125,7 +126,7 @@ def _check_keywords(node: Any, field: str, path: str) -> None:
         _check_keywords(node.get(key), field, f"{path}/{key}")
 
 
-def _choice_ebnf(choices: tuple[str, ...]) -> str:
+def _choice_ebnf(choices: Sequence[str]) -> str:
     """An EBNF grammar whose language is exactly ``choices`` (JSON string escapes)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 

@@ -127,9 +127,10 @@ def hf_tensors(
     parts = gguf_name.split(".")
     experts = _EXPERTS.get(architecture)
     if experts is not None and parts[0] == "blk" and parts[2] in experts[1]:
-        prefix, name = experts[0], experts[1][parts[2]]
+        prefix, expert_name = experts[0], experts[1][parts[2]]
         base = f"model.layers.{parts[1]}.{prefix}"
-        return [(f"{base}.{e}.{name}.{parts[3]}", array[e]) for e in range(array.shape[0])]
+        return [(f"{base}.{e}.{expert_name}.{parts[3]}", array[e])
+                for e in range(array.shape[0])]
     name = hf_name(gguf_name, architecture)
     if name is None:
         return []

@@ -29,8 +29,11 @@ def _load() -> None:
         return
     for name in _MODULES:
         module = importlib.import_module(f"splitserve.roles.models.{name}")
-        for cls in vars(module).values():
-            if isinstance(cls, type) and issubclass(cls, DecoderModel) and cls.architectures:
+        for obj in vars(module).values():
+            if not (isinstance(obj, type) and issubclass(obj, DecoderModel)):
+                continue
+            cls: type[DecoderModel] = obj
+            if cls.architectures:
                 for arch in cls.architectures:
                     _REGISTRY[arch] = cls
                 for arch, model_type in zip(cls.architectures, cls.model_types, strict=False):

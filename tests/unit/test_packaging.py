@@ -110,3 +110,14 @@ def test_ruff_clean() -> None:
     res = subprocess.run([str(ruff), "check", str(ROOT)], capture_output=True, text=True,
                          check=False)
     assert res.returncode == 0, res.stdout[-3000:]
+
+
+@pytest.mark.extended  # ~45 s from a cold cache (torch's and transformers' stubs)
+def test_mypy_clean() -> None:
+    """Every source folder type-checks (the package-dir mapping means ``mypy -p splitserve``
+    would see only ``splitserve/``, so the folders are named)."""
+    mypy = Path(sys.executable).parent / "mypy"
+    folders = [str(ROOT / name) for name in LAYERS]
+    res = subprocess.run([str(mypy), "--no-error-summary", *folders], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

@@ -171,9 +171,8 @@ def _sample_row(logits: Tensor, row: SampleRequest) -> int:
     cdf = torch.cumsum(probs.to(torch.float64), dim=-1)  # [V]; zero-probability tokens add 0
     # the first index whose cdf exceeds u * total: a token of probability 0 is never it. u is
     # at most 1 - 2**-53, and t * (1 - 2**-53) rounds below t for every float64 t > 0 (the
-    # exact product is t less at least half an ulp of t, a tie only at a power of two, whose
-    # lower neighbour is that close), so some cdf entry exceeds u * total and the clamp is a
-    # guard that never binds.
+    # exact product is t less at least half an ulp of t, and at a power of two it is exactly
+    # t's lower neighbour), so some cdf entry exceeds u * total: the clamp never binds.
     token = torch.searchsorted(cdf, u * cdf[-1], right=True)
     return int(token.clamp_(max=cdf.shape[-1] - 1))
 

@@ -575,7 +575,10 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
                                    "found (not stored, or evicted)", param="previous_response_id")
                 history = stored[1]
             conversation = history + responses_api.input_messages(body.input)
-            chat = _responses_chat(body, conversation)
+            turns = conversation
+            if body.truncation == "auto":
+                turns = await off_loop(_fit_turns, front, body, conversation)
+            chat = _responses_chat(body, turns)
             job = await _chat_job(front, chat, lambda params: _ResponsesJob(
                 front, params, chat, body, conversation))
         except InvalidRequestError as e:
@@ -642,6 +645,25 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
     return job
 
 
+def _fit_turns(front: _Frontend, body: responses_api.ResponsesRequest,
+               conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``truncation: auto``: the conversation less the oldest turns that keep the prompt (under
+    the instructions and tools) and ``max_output_tokens`` (at least one token) from fitting
+    the context."""
+    room = front.backend.max_model_len - (body.max_output_tokens or 1)
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    kwargs = (body.model_extra or {}).get("chat_template_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else None  # a bad one: chat's 400 follows
+
+    def fits(messages: list[dict[str, Any]]) -> bool:
+        ids, _ = chat_prompt(front.backend.tokenizer, system + messages, True,
+                             front.backend.image_token, tools=body.chat_tools(),
+                             template_kwargs=kwargs)
+        return len(ids) <= room
+
+    return responses_api.fit_turns(conversation, fits)
+
+
 def _responses_chat(body: responses_api.ResponsesRequest,
                     conversation: list[dict[str, Any]]) -> ChatCompletionRequest:
     """The chat request a Responses request runs as (errors name the Responses fields)."""
@@ -653,6 +675,8 @@ def _responses_chat(body: responses_api.ResponsesRequest,
         "parallel_tool_calls": body.parallel_tool_calls,
         "response_format": body.response_format(),
     }
+    if body.logprobs:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     extra = body.model_extra or {}
     fields.update({k: extra[k] for k in responses_api.SAMPLING_EXTRAS if k in extra})
     try:
@@ -741,6 +765,9 @@ class _Job:
         self._echoed: set[int] = set()
         self._prompt_texts: dict[int, str] = {}
         self._echo_heads: dict[int, dict[str, Any]] = {}
+        self._ids_sent: set[int] = set()
+        """Streamed ``return_token_ids``: the choices (chat: -1, the response) whose prompt
+        ids went out."""
 
     @property
     def _echo_only(self) -> bool:
@@ -898,6 +925,8 @@ class _Job:
         }
         if self.chat and self.body.prompt_logprobs is not None:  # vLLM: top level in chat
             body["prompt_logprobs"] = self._prompt_logprobs_json(0)
+        if self.chat and self.body.return_token_ids:
+            body["prompt_token_ids"] = self.acc.prompt_ids.get(0, [])
         return JSONResponse(
             body, headers={"x-request-id": self.id, "server-timing": _server_timing(self.recorder)}
         )
@@ -925,13 +954,16 @@ class _Job:
                 stream.text = text or ""
                 content, calls = stream.result()
                 message.update(content=content, tool_calls=[call.to_openai() for call in calls])
-            return {
+            choice = {
                 "index": c.index,
                 "message": message,
                 "logprobs": self._chat_logprobs(c.logprobs),
                 "finish_reason": self._finish_reason(c.finish_reason, calls),
                 "stop_reason": c.stop_reason,
             }
+            if self.body.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+            return choice
         pi = c.index // self.params.n
         if self.echo_prompts is None:
             text, logprobs = c.text, self._cmpl_logprobs(c.logprobs, 0)
@@ -948,6 +980,9 @@ class _Job:
         }
         if self.body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self._prompt_logprobs_json(pi)
+        if self.body.return_token_ids:
+            choice["prompt_token_ids"] = self.acc.prompt_ids.get(pi, [])
+            choice["token_ids"] = list(c.token_ids)
         return choice
 
     async def _sse(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
@@ -956,7 +991,11 @@ class _Job:
         try:
             async for i, cd in self._choice_deltas(stream):
                 for ready in self._echo_stream(i, cd):
-                    yield _event(self._chunk([self._delta_choice(ready, offsets)]))
+                    chunk = self._chunk([self._delta_choice(ready, offsets)])
+                    if self.chat and self.body.return_token_ids and -1 not in self._ids_sent:
+                        self._ids_sent.add(-1)  # vLLM: the prompt's ids in the first chunk
+                        chunk["prompt_token_ids"] = self.acc.prompt_ids.get(0, [])
+                    yield _event(chunk)
             for index in sorted(self._held):  # never got their prompt logprobs (an error)
                 for ready in self._release(index):
                     yield _event(self._chunk([self._delta_choice(ready, offsets)]))
@@ -1031,12 +1070,15 @@ class _Job:
                     delta["content"] = None
             if cd.first:
                 delta["role"] = "assistant"
-            return {
+            chat_choice = {
                 "index": cd.index,
                 "delta": delta,
                 "logprobs": self._chat_logprobs(cd.logprobs),
                 "finish_reason": finish_reason,
             }
+            if self.body.return_token_ids:
+                chat_choice["token_ids"] = list(cd.token_ids)
+            return chat_choice
         start = offsets.get(cd.index, 0)
         if cd.echo_of is None:
             text, logprobs = cd.text, self._cmpl_logprobs(cd.logprobs, start)
@@ -1052,6 +1094,11 @@ class _Job:
         }
         if self.body.prompt_logprobs is not None and cd.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self._prompt_logprobs_json(cd.index // self.params.n)
+        if self.body.return_token_ids:
+            if cd.index not in self._ids_sent:  # vLLM: in each choice's first chunk
+                self._ids_sent.add(cd.index)
+                choice["prompt_token_ids"] = self.acc.prompt_ids.get(cd.index // self.params.n, [])
+            choice["token_ids"] = list(cd.token_ids)
         return choice
 
     def _tool_delta(
@@ -1123,7 +1170,9 @@ class _ResponsesJob(_Job):
         await self._collect(streams)
         (choice,) = self.acc.ordered()
         status = self._status()
-        output = responses_api.output_items(self._full_choice(choice)["message"], status)
+        full = self._full_choice(choice)
+        logprobs = (full["logprobs"] or {}).get("content") if self.request.logprobs else None
+        output = responses_api.output_items(full["message"], status, logprobs)
         return JSONResponse(self._response(status, output), headers={
             "x-request-id": self.id, "server-timing": _server_timing(self.recorder)})
 
@@ -1136,7 +1185,10 @@ class _ResponsesJob(_Job):
         offsets: dict[int, int] = {}
         try:
             async for _, cd in self._choice_deltas(stream):
-                for event in self._events(events, self._delta_choice(cd, offsets)["delta"]):
+                choice = self._delta_choice(cd, offsets)
+                if self.request.logprobs:
+                    events.logprobs((choice["logprobs"] or {}).get("content") or [])
+                for event in self._events(events, choice["delta"]):
                     yield event
             self._finish()
             status = self._status()

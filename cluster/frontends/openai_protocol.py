@@ -138,6 +138,10 @@ class _SamplingFields(BaseModel):
     """vLLM extra: share prefix-cache KV only with requests of the same salt."""
     return_tokens_as_token_ids: StrictBool = False
     """vLLM extra: logprobs name tokens ``token_id:<id>`` instead of by their text."""
+    return_token_ids: StrictBool = False
+    """vLLM extra: the prompt's token ids (``prompt_token_ids``) and each choice's generated
+    ids (``token_ids``) beside the text; streamed, the prompt's once (chat: in the first
+    chunk; completions: in each choice's first chunk) and each chunk's own ids."""
     priority: StrictInt = 0
     """vLLM extra (priority scheduling); accepted only as 0: requests are served in order."""
     ignore_eos: StrictBool = False

@@ -13,9 +13,14 @@ in a bounded in-memory store (``ResponseStore``): ``GET`` / ``DELETE /v1/respons
 carried over, as OpenAI's) read it. The store is the HTTP server's own: it does not survive a
 restart and is not shared by replicas.
 
+``include: ["message.output_text.logprobs"]`` puts the answer's log-probabilities (with
+``top_logprobs`` alternatives each) on its ``output_text`` part and on each streamed text
+delta. ``truncation: "auto"`` drops the conversation's oldest turns until the prompt fits the
+context (``fit_turns``).
+
 Refused with a 400 naming the field: built-in tools (``web_search``, ``file_search``, ...),
-``background``, ``conversation``, ``truncation: auto``, ``top_logprobs``, item references and
-an unknown or evicted ``previous_response_id``.
+``background``, ``conversation``, an unknown ``include`` value, item references and an unknown
+or evicted ``previous_response_id``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ SAMPLING_EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "stop", "stop
                    "structured_outputs", "chat_template_kwargs", "include_reasoning",
                    "allowed_token_ids")
 """vLLM's sampling fields a Responses request may add (``extra_body``), passed to chat as is."""
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+INCLUDABLE = (INCLUDE_LOGPROBS, "reasoning.encrypted_content", "message.input_image.image_url",
+              "code_interpreter_call.outputs", "computer_call_output.output.image_url",
+              "file_search_call.results", "web_search_call.action.sources",
+              "web_search_call.results")
+"""OpenAI's ``include`` values. Only the logprobs change an answer here: the others name
+built-in tools (refused), encrypted reasoning (reasoning comes as text) or input images
+(inputs are not echoed), so they are accepted and add nothing, as vLLM's."""
 
 
 class TextFormat(BaseModel):
@@ -85,8 +98,16 @@ class ResponsesRequest(BaseModel):
     """Accepted; a model thinks or not by its template (``chat_template_kwargs``)."""
     background: StrictBool = False
     truncation: Literal["auto", "disabled"] | None = None
-    top_logprobs: StrictInt | None = None
+    """``auto``: the oldest turns are dropped until the prompt fits the context."""
+    include: list[str] | None = None
+    """``message.output_text.logprobs``: the answer's log-probabilities."""
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    """Alternatives per token with ``include``'s logprobs."""
     conversation: Any = None
+
+    @property
+    def logprobs(self) -> bool:
+        return INCLUDE_LOGPROBS in (self.include or [])
 
     def refuse_unsupported(self) -> None:
         if self.background:
@@ -94,10 +115,10 @@ class ResponsesRequest(BaseModel):
         if self.conversation is not None:
             raise InvalidRequestError("conversations are not supported; use "
                                       "previous_response_id", field="conversation")
-        if self.truncation == "auto":
-            raise InvalidRequestError("truncation auto is not supported", field="truncation")
-        if self.top_logprobs:
-            raise InvalidRequestError("top_logprobs is not supported yet", field="top_logprobs")
+        for i, value in enumerate(self.include or []):
+            if value not in INCLUDABLE:
+                raise InvalidRequestError(f"unknown include value {value!r}; one of "
+                                          f"{', '.join(INCLUDABLE)}", field=f"include.{i}")
         for i, tool in enumerate(self.tools or []):
             if tool.get("type") != "function":
                 raise InvalidRequestError(f"only function tools are supported, got "
@@ -183,6 +204,31 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
+def turn_starts(conversation: list[dict[str, Any]]) -> list[int]:
+    """Where each turn begins (a user message); what comes before the first (system or
+    developer messages of the input) is never dropped."""
+    return [i for i, m in enumerate(conversation) if m.get("role") == "user"]
+
+
+def fit_turns(conversation: list[dict[str, Any]], fits: Any) -> list[dict[str, Any]]:
+    """``truncation: auto``: the conversation without its oldest turns, as few dropped as make
+    ``fits(messages)`` true (a binary search: dropping more never lengthens the prompt), the
+    messages before the first turn kept. The last turn stays even when it alone does not fit
+    (the context error then names the input)."""
+    starts = turn_starts(conversation)
+    if len(starts) < 2 or fits(conversation):
+        return conversation
+    head = conversation[:starts[0]]
+    lo, hi = 1, len(starts) - 1  # the answer: the fewest dropped turns k with a fit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(head + conversation[starts[mid]:]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return head + conversation[starts[lo]:]
+
+
 def _text(item: dict[str, Any], key: str, i: int) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -233,8 +279,10 @@ def responses_field(field: str | None) -> str | None:
     return field
 
 
-def output_items(message: dict[str, Any], status: str) -> list[dict[str, Any]]:
-    """A chat answer's message as Responses output items."""
+def output_items(message: dict[str, Any], status: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A chat answer's message as Responses output items (``logprobs``: the answer's, on its
+    text part)."""
     items: list[dict[str, Any]] = []
     reasoning = message.get("reasoning_content")
     if reasoning:  # as streamed: an empty think block makes no item
@@ -243,20 +291,21 @@ def output_items(message: dict[str, Any], status: str) -> list[dict[str, Any]]:
                       "content": [{"type": "reasoning_text", "text": reasoning}],
                       "status": "completed" if answered else status})
     if message.get("content") is not None or not message.get("tool_calls"):
-        items.append(message_item(message.get("content") or "", status))
+        items.append(message_item(message.get("content") or "", status, logprobs=logprobs))
     for call in message.get("tool_calls") or []:
         items.append(function_call_item(call["id"], call["function"]["name"],
                                         call["function"]["arguments"]))
     return items
 
 
-def message_item(text: str, status: str, item_id: str | None = None) -> dict[str, Any]:
+def message_item(text: str, status: str, item_id: str | None = None,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"id": item_id or new_request_id("msg"), "type": "message", "role": "assistant",
-            "status": status, "content": [text_part(text)]}
+            "status": status, "content": [text_part(text, logprobs)]}
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def function_call_item(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -316,6 +365,15 @@ class Events:
         self.items: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._text = ""
+        self._pending: list[dict[str, Any]] = []
+        """Logprobs of tokens not yet on a text delta (thinking, held tool-call text)."""
+        self._logprobs: list[dict[str, Any]] = []
+        """The open message's logprobs so far."""
+
+    def logprobs(self, entries: list[dict[str, Any]]) -> None:
+        """A delta's token logprobs: they go out with the next text delta (every token's, as
+        vLLM's message carries them all: the thinking's and the calls' too)."""
+        self._pending.extend(entries)
 
     def event(self, type_: str, **fields: Any) -> str:
         payload = {"type": type_, "sequence_number": self.seq, **fields}
@@ -334,9 +392,11 @@ class Events:
         out = self._switch("message")
         assert self._open is not None
         self._text += delta
+        logprobs, self._pending = self._pending, []
+        self._logprobs.extend(logprobs)
         out.append(self.event("response.output_text.delta", item_id=self._open["id"],
                               output_index=len(self.items), content_index=0, delta=delta,
-                              logprobs=[]))
+                              logprobs=logprobs))
         return out
 
     def function_call(self, call_id: str, name: str, arguments: str) -> list[str]:
@@ -373,6 +433,7 @@ class Events:
             out.append(self.event("response.content_part.added", item_id=self._open["id"],
                                   output_index=index, content_index=0, part=text_part("")))
         self._text = ""
+        self._logprobs = []
         return out
 
     def close(self, status: str) -> list[str]:
@@ -390,11 +451,19 @@ class Events:
                               output_index=index, content_index=0,
                               part={"type": "reasoning_text", "text": text})]
         else:
-            done = message_item(text, status, item["id"])
-            out = [self.event("response.output_text.done", item_id=item["id"],
-                              output_index=index, content_index=0, text=text, logprobs=[]),
-                   self.event("response.content_part.done", item_id=item["id"],
-                              output_index=index, content_index=0, part=text_part(text))]
+            out = []
+            if self._pending:  # the last tokens' logprobs, on a delta of no text
+                self._open = item
+                out += self.content("")
+                self._open = None
+            logprobs = self._logprobs
+            done = message_item(text, status, item["id"], logprobs)
+            out += [self.event("response.output_text.done", item_id=item["id"],
+                               output_index=index, content_index=0, text=text,
+                               logprobs=logprobs),
+                    self.event("response.content_part.done", item_id=item["id"],
+                               output_index=index, content_index=0,
+                               part=text_part(text, logprobs))]
         out.append(self.event("response.output_item.done", output_index=index, item=done))
         self.items.append(done)
         return out

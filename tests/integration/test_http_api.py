@@ -227,6 +227,57 @@ def test_tokens_named_by_id(client: openai.OpenAI, tiny_model_dir) -> None:
         assert entry.token.startswith("token_id:") and entry.bytes == list(entry.token.encode())
 
 
+def _sse_chunks(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        data = [ln.removeprefix("data: ") for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_return_token_ids(http: httpx.Client, tiny_model_dir) -> None:
+    """vLLM's return_token_ids: the prompt's ids and each choice's generated ids beside the
+    text, whole and streamed (prompt ids once: chat's in the first chunk, a completion's in
+    each choice's first), checked against the engine and the model's own chat template."""
+    from transformers import AutoTokenizer
+
+    llm = LLM(str(tiny_model_dir), num_kv_blocks=64)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompt = list(range(800, 812))
+    want = list(llm.generate([prompt], greedy)[0].outputs[0].token_ids)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "n": 2, "return_token_ids": True}
+    for choice in http.post("/v1/completions", json=body).json()["choices"]:
+        assert choice["prompt_token_ids"] == prompt and choice["token_ids"] == want
+    ids: dict[int, list[int]] = {0: [], 1: []}
+    prompt_ids: dict[int, list] = {0: [], 1: []}
+    for chunk in _sse_chunks(http, "/v1/completions", body):
+        for c in chunk["choices"]:
+            if not ids[c["index"]]:
+                assert c["prompt_token_ids"] == prompt  # the choice's first chunk
+            prompt_ids[c["index"]].append(c.get("prompt_token_ids"))
+            ids[c["index"]] += c["token_ids"]
+    assert ids == {0: want, 1: want}
+    assert all(sum(p is not None for p in v) == 1 for v in prompt_ids.values())
+
+    messages = [{"role": "user", "content": "hi there"}]
+    chat_prompt = list(AutoTokenizer.from_pretrained(str(tiny_model_dir)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    chat_want = list(llm.generate([chat_prompt], greedy)[0].outputs[0].token_ids)
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    res = http.post("/v1/chat/completions", json=chat).json()
+    assert res["prompt_token_ids"] == chat_prompt
+    assert res["choices"][0]["token_ids"] == chat_want
+    chunks = _sse_chunks(http, "/v1/chat/completions", chat)
+    assert chunks[0]["prompt_token_ids"] == chat_prompt
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for ch in c["choices"] for t in ch["token_ids"]] == chat_want
+    # not asked: no ids
+    plain = http.post("/v1/chat/completions", json={**chat, "return_token_ids": False}).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+
+
 def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     res = client.chat.completions.create(
         model="tiny",
@@ -899,6 +950,7 @@ _FIELDS = [
     "continue_final_message",
     "cache_salt",
     "return_tokens_as_token_ids",
+    "return_token_ids",
     "priority",
     "max_completion_tokens",
 ]

@@ -209,6 +209,62 @@ def test_json_schema_format(client, tiny_llm) -> None:
     jsonschema.validate(json.loads(res.output_text), schema)
 
 
+def test_output_logprobs_whole_and_streamed(client, tiny_llm) -> None:
+    """include message.output_text.logprobs: every answer token's logprob with top_logprobs
+    alternatives on the text part, the same entries spread over the streamed text deltas and
+    on the done event, equal to the engine's for the same chat."""
+    no_think = _no_think(tiny_llm)
+    messages = [{"role": "user", "content": "Hi"}]
+    want = tiny_llm.chat(messages, SamplingParams(max_tokens=6, temperature=0, logprobs=2,
+                                                  logit_bias={int(k): v for k, v in
+                                                              no_think["logit_bias"].items()})
+                         )[0].outputs[0]
+    chosen = [step[t].logprob for step, t in zip(want.logprobs, want.token_ids, strict=True)]
+    kwargs = dict(input="Hi", max_output_tokens=6, temperature=0, top_logprobs=2,
+                  include=["message.output_text.logprobs"], extra_body=no_think)
+    res = _create(client, **kwargs)
+    (message,) = [item for item in res.output if item.type == "message"]
+    entries = message.content[0].logprobs
+    assert [e.logprob for e in entries] == pytest.approx(chosen, abs=1e-4)
+    for e in entries:
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob <= e.top_logprobs[0].logprob + 1e-6
+    events = _events(client, **kwargs)
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    (done,) = [ev for ev in events if ev.type == "response.output_text.done"]
+    assert [e.logprob for e in streamed] == pytest.approx(chosen, abs=1e-4)
+    assert [e.model_dump() for e in done.logprobs] == [e.model_dump() for e in streamed]
+    # top_logprobs alone asks for nothing (as OpenAI's and vLLM's)
+    plain = _create(client, input="Hi", max_output_tokens=6, temperature=0, top_logprobs=2,
+                    extra_body=no_think)
+    assert all(not item.content[0].logprobs for item in plain.output if item.type == "message")
+
+
+def test_truncation_auto_drops_oldest_turns(client, http, tiny_llm) -> None:
+    """truncation auto: the fewest oldest turns dropped that make the prompt and
+    max_output_tokens fit the 512-token context (the instructions kept); without it the
+    same input is a 400 naming the input."""
+    filler = "word " * 150
+    items: list[dict[str, Any]] = []
+    for i in range(4):
+        items += [{"role": "user", "content": f"{i} {filler}"},
+                  {"role": "assistant", "content": "ok"}]
+    items.append({"role": "user", "content": "And now?"})
+    body = {"input": items, "instructions": "Be brief.", "max_output_tokens": 4,
+            "temperature": 0}
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    system = [{"role": "system", "content": "Be brief."}]
+    tok = tiny_llm.engine.tokenizer
+    dropped = next(k for k in range(1, 5)
+                   if len(chat_prompt_ids(tok, system + items[2 * k:])) + 4 <= 512)
+    assert dropped >= 2  # the search had more than one turn to drop
+    kept = system + items[2 * dropped:]
+    res = _create(client, **{**body, "truncation": "auto"})
+    assert res.usage.input_tokens == len(chat_prompt_ids(tok, kept))
+    assert res.output_text == _chat_text(tiny_llm, kept, 4)
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": "x", "background": True}, "background"),
@@ -225,7 +281,9 @@ def test_json_schema_format(client, tiny_llm) -> None:
     ({"input": "x", "tools": [{**WEATHER, "parameters": {"type": "object", "required": 3}}],
       "tool_choice": "required"}, "tools.0.parameters"),
     ({"input": "x", "previous_response_id": "resp-missing"}, "previous_response_id"),
-    ({"input": "x", "truncation": "auto"}, "truncation"),
+    ({"input": "x", "include": ["message.output_text.logprobs", "nope"]}, "include.1"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "word " * 600, "truncation": "auto"}, "input"),  # one turn: nothing to drop
     ({"input": "x", "max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
     ({"input": "word " * 600}, "input"),  # the prompt alone is past the context
 ])

@@ -528,7 +528,10 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
         else:
             ids = await off_loop(tok.encode, body.prompt,
                                 add_special_tokens=body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
+        out = {"tokens": ids, "count": len(ids), "max_model_len": front.backend.max_model_len}
+        if body.return_token_strs:  # vLLM's: the vocabulary's strings ("Ġworld" for " world")
+            out["token_strs"] = [tok.id_to_token(t) for t in ids]
+        return out
 
     @app.post("/detokenize", responses=_errors(*_BODY_ERRORS))
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:

@@ -436,6 +436,8 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: StrictBool = False
+    """vLLM extra: each token's vocabulary string beside its id (``token_strs``)."""
 
 
 class DetokenizeRequest(BaseModel):

@@ -82,6 +82,9 @@ def _flatten_message(
             field=f"messages[{i}].role",
         )
     content = message.get("content")
+    if content is None and role != "assistant":  # only an assistant turn may be calls alone
+        raise InvalidRequestError(f"messages[{i}].content is required in a {role} message",
+                                  field=f"messages[{i}].content")
     flat: dict[str, Any] = {
         "role": str(role), "content": _content_text(i, content, image_token, images)
     }

@@ -446,6 +446,10 @@ def test_tokenize_detokenize(http: httpx.Client) -> None:
     assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "hello world"
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["count"] == len(chat["tokens"]) > 3 and chat["max_model_len"] == MAX_MODEL_LEN
+    # vLLM's return_token_strs: the vocabulary's strings, byte-level marks and all
+    strs = http.post("/tokenize", json={"prompt": "hello world", "return_token_strs": True}).json()
+    assert strs["tokens"] == ids and strs["token_strs"] == ["hello", "\u0120world"]
+    assert "token_strs" not in http.post("/tokenize", json={"prompt": "hi"}).json()
 
 
 GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
@@ -502,6 +506,12 @@ BAD_CASES = [
         {**CHAT, "messages": [{"role": "user", "content": [IMAGE]}]},
         400,
         "messages[0].content[0]",
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": None}]},
+        400,
+        "messages[0].content",
     ),
     ("/detokenize", {"tokens": [-5]}, 400, "tokens"),
     ("/v1/completions", {**GOOD, "prompt": 5}, 400, "prompt"),

@@ -553,7 +553,8 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         # the constraint's check (a large schema: seconds) runs off the loop, as tokenizing
         params = await off_loop(body.to_sampling_params)
         job = _Job(front, "cmpl", "text_completion", params, body,
-                   _client_request_id(request))
+                   _client_request_id(request, body.request_id))
+        job.id_param = _id_param(request)
         job.echo_prompts = prompts if body.echo else None
         return await _cancel_on_disconnect(request, job.run(prompts))
 
@@ -561,7 +562,9 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         front.check_model(body.model)
         job = await _chat_job(front, body, lambda params: _Job(
-            front, "chatcmpl", "chat.completion", params, body, _client_request_id(request)))
+            front, "chatcmpl", "chat.completion", params, body,
+            _client_request_id(request, body.request_id)))
+        job.id_param = _id_param(request)
         return await _cancel_on_disconnect(request, job.run([job.prompt]))
 
     @app.post("/v1/responses", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
@@ -692,11 +695,16 @@ def _responses_chat(body: responses_api.ResponsesRequest,
         raise err from None
 
 
-def _client_request_id(request: Request) -> str | None:
-    """The client's ``X-Request-Id`` (a label of its request: the response's ``id``), if any."""
+def _id_param(request: Request) -> str:
+    return "x-request-id" if "x-request-id" in request.headers else "request_id"
+
+
+def _client_request_id(request: Request, body_id: str | None = None) -> str | None:
+    """The client's ``X-Request-Id``, else its body's ``request_id`` (vLLM's; a label of its
+    request: the response's ``id``), if any."""
     value = request.headers.get("x-request-id")
     if value is None:
-        return None
+        return None if body_id is None else check_client_request_id(body_id, "request_id")
     return check_client_request_id(value, "x-request-id")
 
 
@@ -751,6 +759,8 @@ class _Job:
         self.chat = object_ == "chat.completion"
         self.object = object_
         self.id = client_id or new_request_id(prefix)
+        self.id_param = "x-request-id"
+        """Where the client's name of the request came from (a 409 names it)."""
         self.created = int(time.time())
         self.acc = Accumulator(params.n)
         self.recorder = front.metrics.recorder()
@@ -885,6 +895,8 @@ class _Job:
             streams = await open_streams(self.front.backend, prompts, self.params, self.id)
         except Exception as e:
             err = to_api_error(self._constraint_error(e))
+            if err.code == "duplicate_request_id":
+                err.param = self.id_param
             self.front.metrics.record_failure(str(err.status))
             raise err from e
         if self.body.stream:
@@ -1049,7 +1061,8 @@ class _Job:
             "choices": choices,
         }
         if self.body.include_usage:
-            chunk["usage"] = usage
+            chunk["usage"] = usage if usage is not None or not self.body.continuous_usage \
+                else self.acc.usage()
         return chunk
 
     def _delta_choice(self, cd: ChoiceDelta, offsets: dict[int, int]) -> dict[str, Any]:

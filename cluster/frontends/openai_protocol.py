@@ -26,7 +26,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
     """Send a last chunk with ``usage`` (and ``"usage": null`` on every other chunk)."""
     continuous_usage_stats: StrictBool = False
-    """Accepted for vLLM compatibility; usage is sent in the last chunk only."""
+    """vLLM extra: with ``include_usage``, every chunk carries the usage so far."""
 
 
 class JsonSchemaFormat(BaseModel):
@@ -154,6 +154,9 @@ class _SamplingFields(BaseModel):
     """vLLM extra: keep the matched stop string."""
     user: str | None = None
     """Ignored."""
+    request_id: str | None = None
+    """vLLM extra: the client's name of its request, as the ``X-Request-Id`` header (which
+    wins when both are given): the response's ``id``, and what an abort names."""
     response_format: ResponseFormat | None = None
     """OpenAI structured output: ``json_object`` or ``json_schema`` (``text``: unconstrained)."""
     structured_outputs: dict[str, Any] | None = None
@@ -281,6 +284,12 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's ``continuous_usage_stats`` (with ``include_usage``): usage on every chunk."""
+        return self.include_usage and bool(
+            self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingFields):

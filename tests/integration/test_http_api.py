@@ -133,6 +133,17 @@ def test_stream_adds_up_and_reports_usage(client: openai.OpenAI) -> None:
     assert timing["e2e"] >= timing["ttft"] > 0 and timing["decode"] >= 0
     assert timing["queue"] >= 0 and timing["prefill"] > 0 and timing["transfer"] == 0
     assert whole.model_extra["timing"]["e2e"] > 0
+    # vLLM's continuous_usage_stats: every chunk has the usage so far, the count of tokens
+    # streamed up to it (n=2: both choices')
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(**kwargs, n=2, stream=True, stream_options=options,
+                                            extra_body={"return_token_ids": True}))
+    streamed = 0
+    for c in chunks[:-1]:
+        streamed += sum(len(choice.model_extra["token_ids"]) for choice in c.choices)
+        assert c.usage.completion_tokens == streamed, (streamed, c.usage)
+        assert c.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40 == streamed
 
 
 def test_chat_stream_ends_with_done(http: httpx.Client) -> None:
@@ -856,6 +867,21 @@ def test_duplicate_live_request_id_is_409(server: BackgroundServer, http: httpx.
     assert reused.status_code == 200 and reused.json()["id"] == "dup-http"
     bad = http.post("/v1/completions", json=GOOD, headers={"X-Request-Id": "x" * 129})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-id"
+    # vLLM's request_id in the body names a request the same way; the header wins over it
+    with http.stream("POST", "/v1/chat/completions", json={
+            **CHAT, "max_tokens": 960, "ignore_eos": True, "stream": True,
+            "request_id": "dup-body"}) as r:
+        assert r.headers["x-request-id"] == "dup-body"
+        again = http.post("/v1/completions", json={**GOOD, "request_id": "dup-body"})
+        assert again.status_code == 409 and again.json()["error"]["param"] == "request_id"
+    assert _wait_idle(server)
+    named = http.post("/v1/completions", json={**GOOD, "request_id": "dup-body"})
+    assert named.status_code == 200 and named.json()["id"] == "dup-body"
+    both = http.post("/v1/completions", json={**GOOD, "request_id": "b"}, headers={
+        "X-Request-Id": "h"})
+    assert both.json()["id"] == "h"
+    bad = http.post("/v1/completions", json={**GOOD, "request_id": "x" * 129})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
 
 
 def test_whole_request_disconnect_aborts(server: BackgroundServer) -> None:

@@ -10,6 +10,7 @@ from splitserve.errors import InvalidRequestError
 from splitserve.outputs import CompletionOutput, RequestOutput
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
+from splitserve.roles.models import generation_config as gen_config
 from splitserve.sampling_params import SamplingParams
 
 Messages = list[dict[str, Any]]
@@ -19,15 +20,25 @@ class LLM:
     """Generate with one in-process engine.
 
     ``LLM()`` loads the embedded SmolLM2-135M-Instruct; ``model`` also takes a Hugging
-    Face folder or a ``.gguf`` file. Other keyword arguments are EngineConfig fields.
+    Face folder or a ``.gguf`` file. ``generation_config``: whose sampling defaults
+    ``generate`` / ``chat`` use when given no SamplingParams (``auto``: the model folder's
+    ``generation_config.json``; ``vllm``: none; or a folder holding one), as vLLM's. Other
+    keyword arguments are EngineConfig fields.
     """
 
-    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, *, generation_config: str = "auto",
+                 **engine_kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
         self._ids = itertools.count()
+        self._defaults = gen_config.defaults_for(generation_config, self.engine.tokenizer)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The SamplingParams ``generate`` and ``chat`` use when given none: the model's
+        generation config over vLLM's defaults (as vLLM's ``LLM``)."""
+        return SamplingParams(**self._defaults)
 
     def generate(
         self,
@@ -40,7 +51,8 @@ class LLM:
         "multi_modal_data": {"image": img | [imgs]}}`` for a multimodal model.
         """
         prompt_list = _as_prompt_inputs(prompts)
-        params = _as_params_list(sampling_params, len(prompt_list))
+        params = _as_params_list(sampling_params or self.get_default_sampling_params(),
+                                 len(prompt_list))
         return self._run(prompt_list, params)
 
     def chat(
@@ -62,7 +74,9 @@ class LLM:
                                     template_kwargs=chat_template_kwargs)
             for c in conversations
         ]
-        return self._run(prompts, _as_params_list(sampling_params, len(prompts)))
+        params = _as_params_list(sampling_params or self.get_default_sampling_params(),
+                                 len(prompts))
+        return self._run(prompts, params)
 
     def _run(
         self, prompts: list[PromptType | dict[str, Any]], params: list[SamplingParams]

@@ -49,6 +49,7 @@ from splitserve.outputs import Logprob
 from splitserve.proto.splitserve.v1 import inference_pb2 as pb
 from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from splitserve.roles.engine.structured import check_structured
+from splitserve.roles.models import generation_config as gen_config
 from splitserve.roles.models.image import load_image
 from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -106,11 +107,12 @@ def _load_proto(load: Any) -> pb.WorkerLoad:
     return pb.WorkerLoad(**{k: v for k, v in vars(load).items() if k in fields})
 
 
-def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Engine parameters from the optional proto fields (unset: vLLM's defaults)."""
-    kwargs: dict[str, Any] = {
-        name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)
-    }
+def sampling_params_from_proto(msg: pb.SamplingParams,
+                                defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """Engine parameters from the optional proto fields (unset: the model's generation config
+    ``defaults``, then vLLM's defaults)."""
+    kwargs: dict[str, Any] = dict(defaults or {})
+    kwargs.update({name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)})
     if "seed" in kwargs:
         kwargs["seed"] %= 2**63
     if msg.stop:
@@ -178,12 +180,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
         self, backend: Backend, served_model_name: str | None, metrics: ServerMetrics | None,
         reasoning_parser: reasoning_parsers.ReasoningParser | None = None,
+        generation_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.backend = backend
         self.model_name = served_model_name or backend.model_id
         self.metrics = metrics or ServerMetrics(self.model_name)
         self.reasoning_parser = reasoning_parser
         """Splits chat answers' thinking into ``GenerateChunk.reasoning_text``."""
+        self.generation_defaults = generation_defaults or {}
+        """The model's generation config: defaults of the sampling fields left unset."""
 
     def _prompt(self, request: pb.GenerateRequest) -> PromptInput:
         prompt = self._input(request)
@@ -228,7 +233,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 check_client_request_id(request.request_id, "request_id")
             self._check_model(request.model)
             prompt = await off_loop(self._prompt, request)  # templates: off the loop
-            params = sampling_params_from_proto(request.sampling_params)
+            params = sampling_params_from_proto(request.sampling_params,
+                                                self.generation_defaults)
             structured = structured_from_proto(request)
             if structured is not None:
                 params = dataclasses.replace(params, structured_outputs=structured)
@@ -602,6 +608,7 @@ async def start_grpc_server(
     metrics: ServerMetrics | None = None,
     credentials: grpc.ServerCredentials | None = None,
     reasoning_parser: str | None = None,
+    generation_config: str = "auto",
 ) -> tuple[GrpcServer, int]:
     """Start the gRPC frontend on ``host:port`` (0: a free port); returns it and its port.
     With ``credentials`` it listens with TLS (``add_secure_port``) and nothing else."""
@@ -612,7 +619,8 @@ async def start_grpc_server(
     pb_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(backend, served_model_name, metrics,
                           reasoning_parsers.create_parser(reasoning_parser)
-                          if reasoning_parser else None), server
+                          if reasoning_parser else None,
+                          gen_config.defaults_for(generation_config, backend.tokenizer)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -59,6 +60,7 @@ from splitserve.errors import (
 )
 from splitserve.offload import off_loop
 from splitserve.outputs import Logprob, RequestOutput
+from splitserve.roles.models import generation_config as gen_config
 from splitserve.sampling_params import StructuredOutputsParams
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
@@ -144,6 +146,9 @@ class _Frontend:
         self.reasoning_parser: reasoning_parsers.ReasoningParser | None = None
         self.responses = responses_api.ResponseStore()
         """Stored Responses API responses (``store: true``)."""
+        self.generation_defaults: dict[str, Any] = {}
+        """The model's generation config: defaults of the sampling fields a request leaves
+        unset (``build_app``'s ``generation_config``)."""
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in (self.model_name, self.backend.model_id):
@@ -273,11 +278,14 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    generation_config: str = "auto",
 ) -> FastAPI:
     """The FastAPI app serving ``backend``; run it with uvicorn. ``tool_call_parser``: how to
     find tool calls in the model's text for ``tool_choice: auto`` (see ``tool_parsers``);
     ``reasoning_parser``: how chat answers' thinking is told from their content (see
-    ``reasoning_parsers``)."""
+    ``reasoning_parsers``); ``generation_config``: whose sampling defaults apply (``auto``:
+    the model's ``generation_config.json``, ``vllm``: none, or a folder's; see
+    ``roles/models/generation_config``)."""
     app = FastAPI(
         title="splitserve",
         version=__version__,
@@ -287,6 +295,12 @@ def build_app(
     front.tool_parser = tool_parsers.create_parser(tool_call_parser) if tool_call_parser else None
     front.reasoning_parser = (reasoning_parsers.create_parser(reasoning_parser)
                               if reasoning_parser else None)
+    front.generation_defaults = gen_config.defaults_for(generation_config, backend.tokenizer)
+    if front.generation_defaults:  # as vLLM warns: other defaults than a client may expect
+        logging.getLogger(__name__).warning(
+            "sampling defaults for fields a request leaves unset, from the model's "
+            "generation config (--generation-config vllm turns them off): %s",
+            front.generation_defaults)
     app.state.frontend = front
     _install_error_handlers(app)
     app.add_middleware(LoneSurrogateMiddleware)  # innermost: after the key and the size
@@ -477,8 +491,10 @@ def _add_info_routes(app: FastAPI, front: _Frontend) -> None:
 
     @app.get("/version")
     async def version() -> dict[str, Any]:
-        """The server's version and the numeric formats it serves (dtype, quantization)."""
-        return {"version": __version__, **await front.backend.formats()}
+        """The server's version, the numeric formats it serves (dtype, quantization) and the
+        sampling defaults of unset request fields (the model's generation config)."""
+        return {"version": __version__, **await front.backend.formats(),
+                "default_sampling_params": front.generation_defaults}
 
     @app.get("/v1/models", responses=_errors(401))
     async def models() -> dict[str, Any]:
@@ -551,7 +567,7 @@ def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
         front.check_model(body.model)
         prompts = _completion_prompts(body.prompt)
         # the constraint's check (a large schema: seconds) runs off the loop, as tokenizing
-        params = await off_loop(body.to_sampling_params)
+        params = await off_loop(body.to_sampling_params, front.generation_defaults)
         job = _Job(front, "cmpl", "text_completion", params, body,
                    _client_request_id(request, body.request_id))
         job.id_param = _id_param(request)
@@ -619,7 +635,7 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
     """A chat request's job, its prompt rendered: 400s of constraints and tools before any
     work, their checks and the template off the loop."""
     msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-    params = await off_loop(body.to_sampling_params)
+    params = await off_loop(body.to_sampling_params, front.generation_defaults)
     tool_choice = body.effective_tool_choice()
     if tool_choice == "auto" and front.tool_parser is None:
         raise APIError(400, "tool_choice auto needs a server started with --tool-call-parser "

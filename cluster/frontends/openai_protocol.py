@@ -89,6 +89,11 @@ def _checked(so: StructuredOutputsParams, field: str) -> StructuredOutputsParams
     return so
 
 
+DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+               "presence_penalty", "frequency_penalty")
+"""Sampling fields a model's generation config gives defaults for (with ``max_tokens``)."""
+
+
 class _SamplingFields(BaseModel):
     """Fields the two endpoints share, in OpenAI / vLLM names."""
 
@@ -116,9 +121,10 @@ class _SamplingFields(BaseModel):
     """Stream server-sent events."""
     stream_options: StreamOptions | None = None
     """Options of a streaming response."""
-    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
-    """Subtracted from the logit of each token already in the output."""
-    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
+    """Subtracted from the logit of each token already in the output (default 0, or the
+    model's generation config)."""
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2.0, le=2.0)
     """Subtracted from a token's logit once per time it is already in the output."""
     logit_bias: dict[str, StrictFloat] | None = None
     """Token id (as a string, as OpenAI's) -> bias in [-100, 100] added to its logit."""
@@ -236,12 +242,16 @@ class _SamplingFields(BaseModel):
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None,
         structured: StructuredOutputsParams | None = None,
+        defaults: dict[str, Any] | None = None,
     ) -> SamplingParams:
-        """Engine parameters; raises InvalidRequestError naming the field."""
+        """Engine parameters; raises InvalidRequestError naming the field. ``defaults``: the
+        model's generation config (``roles/models/generation_config``), for the sampling fields
+        and ``max_tokens`` the request left unset, as vLLM applies it."""
         self._refuse_unimplemented()
+        defaults = defaults or {}
         kwargs: dict[str, Any] = {
             "n": self.n,
-            "max_tokens": max_tokens,
+            "max_tokens": max_tokens if max_tokens is not None else defaults.get("max_tokens"),
             "min_tokens": self.min_tokens,
             "stop": self.stop,
             "stop_token_ids": self.stop_token_ids,
@@ -251,8 +261,6 @@ class _SamplingFields(BaseModel):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "seed": None if self.seed is None else self.seed % 2**63,
             "structured_outputs": structured or self.structured(),
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
             "logit_bias": self._logit_bias(),
             "allowed_token_ids": self.allowed_token_ids,
             "prompt_logprobs": self.prompt_logprobs,
@@ -260,11 +268,11 @@ class _SamplingFields(BaseModel):
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "cache_salt": self.cache_salt,
         }
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        for name in ("temperature", "top_p", "top_k", "min_p"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
+        for name in DEFAULTABLE:  # the request's, else the model's, else SamplingParams'
+            value = getattr(self, name)
+            value = value if value is not None else defaults.get(name)
+            if value is not None:
+                kwargs[name] = value
         return SamplingParams(**kwargs)
 
     def _logit_bias(self) -> dict[int, float] | None:
@@ -313,14 +321,15 @@ class CompletionRequest(_SamplingFields):
         """``echo`` with ``max_tokens=0``: the prompt is the whole answer."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", field="suffix")
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequestError("max_tokens must be >= 1 (0 only with echo)",
                                       field="max_tokens")
         # echo_only: one token is drawn and dropped (the engine always computes one)
-        params = self.sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs)
+        params = self.sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs,
+                                      defaults=defaults)
         if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs
             params.prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
         return params
@@ -421,7 +430,7 @@ class ChatCompletionRequest(_SamplingFields):
             return "tool_choice"  # required / named: the grammar built from the tools
         return super().constraint_field()
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
         if self.echo:
             raise InvalidRequestError("echo is not supported in chat", field="echo")
         if self.chat_template is not None:
@@ -432,7 +441,7 @@ class ChatCompletionRequest(_SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
         forced = self._tool_constraint(self.effective_tool_choice())
-        return self.sampling_params(max_tokens, logprobs, forced)
+        return self.sampling_params(max_tokens, logprobs, forced, defaults)
 
 
 class TokenizeRequest(BaseModel):

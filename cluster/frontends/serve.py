@@ -57,6 +57,9 @@ class ServeOptions:
     reasoning_parser: str | None = None
     """Splits chat answers' thinking into ``reasoning_content`` (qwen3, deepseek_r1); None
     leaves it in the content."""
+    generation_config: str = "auto"
+    """Whose sampling defaults fill the fields a request leaves unset: ``auto`` (the model
+    folder's ``generation_config.json``), ``vllm`` (none) or a folder holding one."""
     grace_s: float = 10.0
     """How long in-flight requests may run on after a stop was asked for."""
     log_level: str = "warning"
@@ -133,6 +136,7 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
     app = build_app(
         backend, api_key=opts.api_key, served_model_name=opts.served_model_name, metrics=metrics,
         tool_call_parser=opts.tool_call_parser, reasoning_parser=opts.reasoning_parser,
+        generation_config=opts.generation_config,
     )
     port = opts.port or _free_port(opts.host)
     config = uvicorn.Config(
@@ -165,6 +169,7 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
             metrics=metrics,
             credentials=opts.tls.grpc_credentials() if opts.tls else None,
             reasoning_parser=opts.reasoning_parser,
+            generation_config=opts.generation_config,
         )
         servers.grpc = grpc_server
         servers.grpc_target = f"{_host_for_url(opts.host)}:{grpc_port}"

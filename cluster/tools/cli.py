@@ -96,6 +96,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     api_key = _api_key(args)  # before Ray starts: it must not inherit the key
+    if args.generation_config not in ("auto", "vllm"):  # a bad folder: before any worker starts
+        from splitserve.roles.models import generation_config
+
+        generation_config.resolve(args.generation_config, None)
     tls = None
     if args.ssl_certfile or args.ssl_keyfile or args.ssl_client_ca:
         if not (args.ssl_certfile and args.ssl_keyfile):
@@ -122,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=api_key, tls=tls, served_model_name=args.served_model_name, grace_s=args.grace,
         log_level=args.log_level, max_in_flight=args.max_in_flight or None,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        generation_config=args.generation_config,
     )
     asyncio.run(run_forever(backend, opts, announce=lambda line: print(line, flush=True)))
     return 0
@@ -285,6 +290,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      choices=sorted(reasoning_parsers.PARSERS),
                      help="chat answers' <think> blocks go to reasoning_content, apart from the "
                           "content")
+    srv.add_argument("--generation-config", default="auto", metavar="auto|vllm|DIR",
+                     help="sampling defaults for fields a request leaves unset: the model "
+                          "folder's generation_config.json (auto, as vLLM), none (vllm), or "
+                          "DIR/generation_config.json")
     srv.set_defaults(func=_serve)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from splitserve.errors import ModelLoadError
+from splitserve.roles.models import generation_config as gen_config
 from splitserve.roles.models import gguf_map, registry, tokenizer_cache
 from splitserve.roles.models.config import ModelConfig
 from splitserve.roles.models.quantize import (
@@ -238,7 +239,9 @@ def _hf_tokenizer(
             hf = tokenizer_cache.cached_tokenizer(_tokenizer_key(gguf_reader), build)
     except Exception as e:  # transformers raises many types here
         raise ModelLoadError(f"{where}: cannot load tokenizer ({e})", path=str(where)) from e
-    return Tokenizer(hf, extra_eos_ids=config.eos_token_ids)
+    # a folder's generation_config.json (a GGUF carries none): its end ids and defaults
+    generation = gen_config.read(path) if gguf_file is None else gen_config.EMPTY
+    return Tokenizer(hf, extra_eos_ids=config.eos_token_ids, generation_config=generation)
 
 
 # --------------------------------------------------------------------------- GGUF

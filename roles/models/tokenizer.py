@@ -8,15 +8,21 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from splitserve.errors import InvalidRequestError
+from splitserve.roles.models import generation_config as gen_config
 
 
 class Tokenizer:
     """Encode, decode and chat templates, with the special tokens the engine needs."""
 
-    def __init__(self, hf_tokenizer: Any, extra_eos_ids: Sequence[int] = ()) -> None:
+    def __init__(self, hf_tokenizer: Any, extra_eos_ids: Sequence[int] = (),
+                 generation_config: gen_config.GenerationConfig = gen_config.EMPTY) -> None:
         self.hf = hf_tokenizer
         eos = {hf_tokenizer.eos_token_id} if hf_tokenizer.eos_token_id is not None else set()
-        self.eos_token_ids = frozenset(eos | set(extra_eos_ids))
+        self.eos_token_ids = frozenset(eos | set(extra_eos_ids)
+                                       | set(generation_config.eos_token_ids))
+        self.generation_config = generation_config
+        """The model folder's ``generation_config.json`` (its end ids are in ``eos_token_ids``;
+        its sampling defaults apply where a frontend or ``LLM`` says so)."""
         self.eos_token_id = hf_tokenizer.eos_token_id
         self.bos_token_id = hf_tokenizer.bos_token_id
         self.vocab_size = len(hf_tokenizer)

@@ -563,7 +563,7 @@ class LLMEngine:
             tracked = self._tracked[req.request_id]
             tracked.metrics.setdefault("first_token_time", now)
             new_tokens = req.output_token_ids[tracked.num_sent_tokens :]
-            stop, num_kept = _detokenize(tracked.detok, new_tokens)
+            stop, num_kept = _detokenize(tracked.detok, new_tokens, _ended_by_token(req))
             if num_kept < len(new_tokens):  # a stop string ended it before later kept drafts
                 req.truncate(req.num_tokens - (len(new_tokens) - num_kept))
                 new_tokens = new_tokens[:num_kept]
@@ -709,10 +709,25 @@ def _sample_params(params: SamplingParams, i: int) -> SamplingParams:
     return child
 
 
-def _detokenize(detok: IncrementalDetokenizer, new_tokens: list[int]) -> tuple[str | None, int]:
+def _ended_by_token(req: Request) -> bool:
+    """The request just ended on its last token being an end id (EOS) or one of
+    ``stop_token_ids``, whose text is left out of the output (vLLM's detokenizer skips it)
+    unless ``include_stop_str_in_output``; the id stays in ``token_ids``."""
+    params = req.sampling_params
+    if req.status != RequestStatus.FINISHED_STOPPED or params.include_stop_str_in_output:
+        return False
+    last = req.all_token_ids[-1]
+    return (not params.ignore_eos and last in req.eos_token_ids) or \
+        last in (params.stop_token_ids or ())
+
+
+def _detokenize(detok: IncrementalDetokenizer, new_tokens: list[int],
+                skip_last: bool = False) -> tuple[str | None, int]:
     """Feed tokens one at a time, as decoding one per step would: (the stop string found, or
-    None; how many tokens up to and including the one that completed it)."""
-    for i, token in enumerate(new_tokens):
+    None; how many tokens up to and including the one that completed it). ``skip_last``: the
+    last token ended the request (``_ended_by_token``): its text is not decoded."""
+    fed = new_tokens[:-1] if skip_last and new_tokens else new_tokens
+    for i, token in enumerate(fed):
         stop = detok.update([token])
         if stop is not None:
             return stop, i + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -120,6 +121,23 @@ def test_stop_token_ids_and_length(llm: LLM) -> None:
     assert out.token_ids == toks[: toks.index(toks[3]) + 1]
     assert out.finish_reason == "stop" and out.stop_reason == toks[3]
     assert llm.generate([prompt], GREEDY)[0].outputs[0].finish_reason == "length"
+    # the ending token's text is left out (vLLM's detokenizer skips it), its id kept;
+    # include_stop_str_in_output keeps the text too
+    tok = llm.engine.tokenizer
+    assert out.text == tok.decode(out.token_ids[:-1])
+    keep = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
+                                                 stop_token_ids=[toks[3]],
+                                                 include_stop_str_in_output=True))[0].outputs[0]
+    assert keep.token_ids == out.token_ids and keep.text == tok.decode(out.token_ids)
+    assert keep.text != out.text
+    # so is an end id's, special tokens shown or not
+    eos = tok.eos_token_id
+    ends = SamplingParams(temperature=0.0, max_tokens=4, logit_bias={eos: 100.0},
+                          skip_special_tokens=False)
+    first = llm.generate([prompt], ends)[0].outputs[0]
+    assert first.token_ids == [eos] and first.text == "" and first.finish_reason == "stop"
+    shown = llm.generate([prompt], dataclasses.replace(ends, include_stop_str_in_output=True))
+    assert shown[0].outputs[0].text == tok.decode([eos], skip_special_tokens=False) != ""
 
 
 def test_logprobs(llm: LLM) -> None:

@@ -572,6 +572,8 @@ class LLMEngine:
             tracked.num_sent_tokens = req.num_output_tokens
             if stop is not None and not req.is_finished:
                 self.scheduler.finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif stop is not None and req.status == RequestStatus.FINISHED_LENGTH:
+                req.status = RequestStatus.FINISHED_STOPPED  # the last token held a stop string
             if stop is not None:
                 req.stop_reason = stop
             handoff = None

@@ -111,6 +111,19 @@ def test_stop_strings_never_leak(llm: LLM) -> None:
     keep = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, stop=stop,
                                                  include_stop_str_in_output=True))[0]
     assert keep.outputs[0].text == text[: assume + len(stop)]
+    # a stop string in the last token max_tokens allows: stopped by it, not by length
+    for prompt in _prompts(8, seed=18):  # one whose last token's text appears only there
+        short = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6,
+                                                      ignore_eos=True))[0].outputs[0]
+        tail = short.text[len(llm.engine.tokenizer.decode(short.token_ids[:5])):]
+        if tail.strip() and short.text.index(tail) == len(short.text) - len(tail):
+            break
+    else:
+        pytest.fail("no prompt of 8 ends on a token whose text is new")
+    cut = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                stop=[tail]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == tail
+    assert cut.text == short.text[: -len(tail)] and cut.token_ids == short.token_ids
 
 
 def test_stop_token_ids_and_length(llm: LLM) -> None:

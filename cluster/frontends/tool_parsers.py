@@ -4,13 +4,16 @@ turn the model's tool-call text into OpenAI ``tool_calls`` (whole, or as streame
 Owns: ``tool_choice_schema`` (``required`` -> a JSON array of ``{"name", "parameters"}`` calls
 over the tools' schemas; a named function -> that function's parameter schema), the parsers
 selected by ``--tool-call-parser`` (``hermes`` for Hermes/Qwen ``<tool_call>{...}</tool_call>``,
-``llama3_json`` for Llama 3's bare ``{"name": ..., "parameters": ...}``), and ``ToolStream``,
+``llama3_json`` for Llama 3's bare ``{"name": ..., "parameters": ...}``, ``qwen3_coder`` for
+Qwen3-Coder's XML, ``pythonic`` for Llama 3.2 / 4's ``[f(a=1)]``, ``granite`` for Granite
+3.x's JSON list), and ``ToolStream``,
 which holds back text that may be a tool call while streaming so content never leaks tool-call
 markup. Must not run requests or know about HTTP.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -252,9 +255,103 @@ class Qwen3CoderParser(HermesParser):
         return value
 
 
+class PythonicParser(ToolParser):
+    """Llama 3.2 / Llama 4 and models prompted the same way: the whole message is a Python
+    list of calls with keyword arguments, ``[get_weather(city="Oslo"), get_time(zone="CET")]``
+    (Llama 4 may wrap it in ``<|python_start|>`` ... ``<|python_end|>``). Arguments are Python
+    literals (strings, numbers, lists, dicts, True / False / None, and JSON's true / false /
+    null); parsed with ``ast``, never evaluated. Anything else is content, as vLLM's."""
+
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+    _WORDS = {"true": True, "false": False, "null": None}
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            calls = [self._call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return text, []
+        return None, calls
+
+    def _call(self, node: ast.expr) -> ToolCall:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            raise ValueError("not a call with keyword arguments")
+        args = {}
+        for kw in node.keywords:
+            if kw.arg is None:  # **kwargs
+                raise ValueError("no ** arguments")
+            args[kw.arg] = self._value(kw.value)
+        return ToolCall(node.func.id, json.dumps(args, ensure_ascii=False))
+
+    def _value(self, node: ast.expr) -> Any:
+        if isinstance(node, ast.Name) and node.id in self._WORDS:
+            return self._WORDS[node.id]
+        if isinstance(node, ast.List | ast.Tuple):
+            return [self._value(e) for e in node.elts]
+        if isinstance(node, ast.Dict):
+            if any(k is None for k in node.keys):
+                raise ValueError("no ** in a dict")
+            return {self._value(k): self._value(v)  # type: ignore[arg-type]
+                    for k, v in zip(node.keys, node.values, strict=True)}
+        value = ast.literal_eval(node)
+        if not isinstance(value, str | int | float | bool | type(None)):
+            raise ValueError(f"not a JSON value: {type(value).__name__}")
+        return value
+
+    def safe_prefix(self, text: str) -> int:
+        stripped = text.lstrip()
+        if not stripped or stripped.startswith(("[", self.START)) or \
+                self.START.startswith(stripped):
+            return 0  # may be a call: hold it all
+        return len(text)
+
+
+class GraniteParser(ToolParser):
+    """IBM Granite 3.x: the message is ``<|tool_call|>`` (3.0; ``<tool_call>`` in 3.1) and a
+    JSON list of ``{"name": ..., "arguments": {...}}``; the tag is a special token, so it is
+    usually gone from the text and the list stands alone, as vLLM's parser takes it."""
+
+    name = "granite"
+    TAGS = ("<|tool_call|>", "<tool_call>")
+
+    def _body(self, text: str) -> str:
+        body = text.strip()
+        for tag in self.TAGS:
+            if body.startswith(tag):
+                return body[len(tag):].lstrip()
+        return body
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = self._body(text)
+        if not body.startswith("["):
+            return text, []
+        try:
+            items = json.loads(body)
+        except ValueError:
+            return text, []
+        calls = [_call_from_obj(item) for item in items] if isinstance(items, list) else []
+        if not calls or any(c is None for c in calls):
+            return text, []
+        return None, [c for c in calls if c is not None]
+
+    def safe_prefix(self, text: str) -> int:
+        stripped = text.lstrip()
+        if not stripped or self._body(stripped).startswith("[") or any(
+                tag.startswith(stripped) or stripped.startswith(tag) for tag in self.TAGS):
+            return 0  # may be a call: hold it all
+        return len(text)
+
+
 PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser,
                                         "qwen3_coder": Qwen3CoderParser,
-                                        "qwen3_xml": Qwen3CoderParser}
+                                        "qwen3_xml": Qwen3CoderParser,
+                                        "pythonic": PythonicParser, "granite": GraniteParser}
 
 
 def create_parser(name: str) -> ToolParser:

@@ -10,8 +10,10 @@ import pytest
 
 from splitserve.cluster.frontends.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.cluster.frontends.tool_parsers import (
+    GraniteParser,
     HermesParser,
     Llama3JsonParser,
+    PythonicParser,
     ToolStream,
     parse_forced,
     tool_choice_schema,
@@ -59,12 +61,20 @@ HERMES_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments":
                '{"zone": "CET"}}</tool_call>')
 LLAMA_TEXT = ('{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}; '
               '{"name": "get_time", "parameters": {"zone": "CET"}}')
+PYTHONIC_TEXT = '[get_weather(city="Oslo", unit=\'c\'), get_time(zone="CET")]'
+GRANITE_TEXT = ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}, '
+                '{"name": "get_time", "arguments": {"zone": "CET"}}]')
 
 
 @pytest.mark.parametrize(("parser", "text", "content"), [
     (HermesParser(), HERMES_TEXT, "Let me check."),
     (Llama3JsonParser(), LLAMA_TEXT, None),
     (Llama3JsonParser(), "<|python_tag|>" + LLAMA_TEXT, None),
+    (PythonicParser(), PYTHONIC_TEXT, None),
+    (PythonicParser(), "<|python_start|>" + PYTHONIC_TEXT + "<|python_end|>", None),
+    (GraniteParser(), GRANITE_TEXT, None),
+    (GraniteParser(), GRANITE_TEXT.removeprefix("<|tool_call|>"), None),  # the tag skipped
+    (GraniteParser(), "<tool_call>" + GRANITE_TEXT.removeprefix("<|tool_call|>"), None),
 ])
 def test_parsers_extract_calls(parser, text: str, content: str | None) -> None:
     got_content, calls = parser.extract(text)
@@ -73,16 +83,39 @@ def test_parsers_extract_calls(parser, text: str, content: str | None) -> None:
     assert json.loads(calls[0].arguments) == {"city": "Oslo", "unit": "c"}
 
 
-@pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser()])
+@pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser(), PythonicParser(),
+                                    GraniteParser()])
 def test_plain_and_malformed_text_stay_content(parser) -> None:
     assert parser.extract("Just words.") == ("Just words.", [])
-    broken = "<tool_call>{not json</tool_call>" if parser.name == "hermes" else '{"name": 3}'
+    broken = {"hermes": "<tool_call>{not json</tool_call>", "llama3_json": '{"name": 3}',
+              "pythonic": "[get_weather(Oslo)]", "granite": '[{"name": "f"}, 3]'}[parser.name]
     assert parser.extract(broken) == (broken, [])
+
+
+@pytest.mark.parametrize("text", [
+    "[1, 2, 3]", "[f(**kw)]", "[f(x=open('/etc/passwd'))]", "[f(x={1, 2})]", "[obj.method(a=1)]",
+    "[f(x=1)] and more", "[" * 5000 + "]" * 5000, "[f(x=__import__('os'))]",
+])
+def test_pythonic_takes_literals_only(text: str) -> None:
+    """Only keyword calls of plain names with literal values are calls; nothing is evaluated
+    (a call or a name in a value, a set, ** and deep nesting all stay content)."""
+    assert PythonicParser().extract(text) == (text, [])
+
+
+def test_pythonic_values() -> None:
+    _, (call,) = PythonicParser().extract(
+        "[f(a=-1.5, b=[1, 'x', None], c={'k': (True, false)}, d=null, e='é')]")
+    assert json.loads(call.arguments) == {"a": -1.5, "b": [1, "x", None],
+                                          "c": {"k": [True, False]}, "d": None, "e": "é"}
 
 
 @pytest.mark.parametrize(("parser", "text"), [(HermesParser(), HERMES_TEXT),
                                               (Llama3JsonParser(), LLAMA_TEXT),
-                                              (HermesParser(), "No calls here <tool")])
+                                              (HermesParser(), "No calls here <tool"),
+                                              (PythonicParser(), PYTHONIC_TEXT),
+                                              (PythonicParser(), "Plain [text] <|python"),
+                                              (GraniteParser(), GRANITE_TEXT),
+                                              (GraniteParser(), "No <|tool_call|> here")])
 def test_streaming_equals_whole_at_every_split(parser, text: str) -> None:
     """Fed one character at a time: markup never leaks into content, calls equal extract's."""
     whole_content, whole_calls = parser.extract(text)

@@ -1065,7 +1065,7 @@ class _Job:
             return cd
         reason = "length" if cd.finish_reason is not None else None
         return dataclasses.replace(cd, text="", token_ids=[], logprobs=[] if cd.logprobs is not None
-                                   else None, finish_reason=reason)
+                                   else None, finish_reason=reason, stop_reason=None)
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -1107,6 +1107,7 @@ class _Job:
                 "delta": delta,
                 "logprobs": self._chat_logprobs(cd.logprobs),
                 "finish_reason": finish_reason,
+                "stop_reason": cd.stop_reason,  # vLLM's: on the last chunk, as whole answers
             }
             if self.body.return_token_ids:
                 chat_choice["token_ids"] = list(cd.token_ids)
@@ -1123,6 +1124,7 @@ class _Job:
             "text": text,
             "logprobs": logprobs,
             "finish_reason": cd.finish_reason,
+            "stop_reason": cd.stop_reason,
         }
         if self.body.prompt_logprobs is not None and cd.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self._prompt_logprobs_json(cd.index // self.params.n)

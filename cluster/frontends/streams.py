@@ -180,6 +180,8 @@ class ChoiceDelta:
     brought them: once per prompt, whatever its ``n``."""
     echo_of: int | None = None
     """Streamed ``echo``: the prompt (by index) whose text goes in front of this delta's."""
+    stop_reason: int | str | None = None
+    """On the last delta: the stop string or stop token id that ended the choice, if any."""
 
 
 @dataclass
@@ -232,7 +234,8 @@ class Accumulator:
         if c.finish_reason is not None:
             choice.finish_reason = c.finish_reason
             choice.stop_reason = c.stop_reason
-        return ChoiceDelta(index, c.text, list(c.token_ids), c.logprobs, c.finish_reason, first)
+        return ChoiceDelta(index, c.text, list(c.token_ids), c.logprobs, c.finish_reason, first,
+                           stop_reason=c.stop_reason if c.finish_reason is not None else None)
 
     def ordered(self) -> list[Choice]:
         return [self.choices[i] for i in sorted(self.choices)]

@@ -197,6 +197,19 @@ def test_stop_string(client: openai.OpenAI) -> None:
     cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.index(stop)]
+    assert cut.model_extra["stop_reason"] == stop
+    # streamed: the last chunk names the stop string too (vLLM's stop_reason), chat as well
+    chunks = list(client.completions.create(**kwargs, stop=[stop], stream=True))
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks] == \
+        [None] * (len(chunks) - 1) + [stop]
+    messages = [{"role": "user", "content": "A B C"}]
+    chat_full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                               temperature=0).choices[0].message.content
+    chat_stop = chat_full[len(chat_full) // 2: len(chat_full) // 2 + 2]
+    chat = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                               temperature=0, stop=[chat_stop], stream=True))
+    assert chat[-1].choices[0].finish_reason == "stop"
+    assert chat[-1].choices[0].model_extra["stop_reason"] == chat_stop
 
 
 def test_seed_reproducible(client: openai.OpenAI) -> None:

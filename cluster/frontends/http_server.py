@@ -657,6 +657,9 @@ async def _chat_job(front: _Frontend, body: ChatCompletionRequest,
             params.structured_outputs = dataclasses.replace(
                 so, think_start=parser.start, think_end=parser.end,
                 thinking=parser.always_thinks or parser.prompt_opens(tail))
+    if tool_choice == "auto" and front.tool_parser is not None \
+            and front.tool_parser.keeps_special_tokens:  # the calls' markers are special tokens
+        params = dataclasses.replace(params, skip_special_tokens=False)
     job = make_job(params)
     job.prompt = ids
     if images:

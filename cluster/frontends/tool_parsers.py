@@ -6,7 +6,7 @@ over the tools' schemas; a named function -> that function's parameter schema), 
 selected by ``--tool-call-parser`` (``hermes`` for Hermes/Qwen ``<tool_call>{...}</tool_call>``,
 ``llama3_json`` for Llama 3's bare ``{"name": ..., "parameters": ...}``, ``qwen3_coder`` for
 Qwen3-Coder's XML, ``pythonic`` for Llama 3.2 / 4's ``[f(a=1)]``, ``granite`` for Granite
-3.x's JSON list), and ``ToolStream``,
+3.x's JSON list, ``mistral`` for ``[TOOL_CALLS]``), and ``ToolStream``,
 which holds back text that may be a tool call while streaming so content never leaks tool-call
 markup. Must not run requests or know about HTTP.
 """
@@ -113,6 +113,9 @@ class ToolParser(ABC):
     """Finds tool calls in a model's free text (``tool_choice`` auto)."""
 
     name: str
+    keeps_special_tokens = False
+    """The calls' markers are special tokens: requests with tools (``auto``) decode with
+    ``skip_special_tokens`` false, else the markers would be gone from the text."""
 
     @abstractmethod
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -348,7 +351,58 @@ class GraniteParser(ToolParser):
         return len(text)
 
 
-PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser, "llama3_json": Llama3JsonParser,
+class MistralParser(ToolParser):
+    """Mistral: ``[TOOL_CALLS]`` (a special token, so kept in the text for requests with
+    tools) then the calls: a JSON list of ``{"name", "arguments"}`` (Mistral 7B v0.3, Nemo,
+    Small 3) or, from the v11 tokenizer on (Mistral Small 3.2, Magistral, Devstral),
+    ``NAME[ARGS]{...}`` after each ``[TOOL_CALLS]`` (a ``[CALL_ID]...`` after the name is
+    dropped). Text before the first marker is content; a call that does not parse leaves it
+    all content."""
+
+    name = "mistral"
+    TAG, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+    keeps_special_tokens = True
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.TAG not in text:
+            return text, []
+        calls: list[ToolCall] = []
+        for part in text.split(self.TAG)[1:]:
+            got = self._calls(part.strip())
+            if not got:
+                return text, []
+            calls += got
+        content = text[: text.index(self.TAG)].strip()
+        return content or None, calls
+
+    def _calls(self, part: str) -> list[ToolCall]:
+        decoder = json.JSONDecoder()
+        try:
+            if part.startswith("["):  # a JSON list of calls
+                items, end = decoder.raw_decode(part)
+                calls = [_call_from_obj(i) for i in items] if isinstance(items, list) else []
+            else:  # NAME[ARGS]{...}
+                name, sep, args = part.partition(self.ARGS)
+                name = name.split(self.CALL_ID)[0].strip()
+                args = args.strip()
+                obj, end = decoder.raw_decode(args)
+                calls = [ToolCall(name, args[:end])] if sep and name and \
+                    isinstance(obj, dict) else []
+                part = args
+        except ValueError:
+            return []
+        if part[end:].strip() or not calls or any(c is None for c in calls):
+            return []  # more than the calls after the marker
+        return [c for c in calls if c is not None]
+
+    def safe_prefix(self, text: str) -> int:
+        at = text.find(self.TAG)
+        if at >= 0:
+            return at
+        return len(text) - partial_suffix(text, self.TAG)
+
+
+PARSERS: dict[str, type[ToolParser]] = {"mistral": MistralParser, "hermes": HermesParser, "llama3_json": Llama3JsonParser,
                                         "qwen3_coder": Qwen3CoderParser,
                                         "qwen3_xml": Qwen3CoderParser,
                                         "pythonic": PythonicParser, "granite": GraniteParser}

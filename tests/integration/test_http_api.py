@@ -302,6 +302,26 @@ def test_return_token_ids(http: httpx.Client, tiny_model_dir) -> None:
     assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
 
 
+def test_mistral_parser_keeps_special_tokens(tiny_model_dir) -> None:
+    """--tool-call-parser mistral: its [TOOL_CALLS] marker is a special token, so a chat with
+    tools decodes with special tokens kept (as vLLM adjusts such requests); without tools
+    they are skipped as usual. A bias makes the tiny model say a special token."""
+    from tests.utils import tiny_server
+
+    with tiny_server(tiny_model_dir, grpc_port=None, tool_call_parser="mistral") as srv:
+        marker = srv.backend.tokenizer.decode([1], skip_special_tokens=False)
+        assert marker and srv.backend.tokenizer.decode([1]) == ""  # a special token
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2, "temperature": 0, "logit_bias": {"1": 100}}
+        tools = [{"type": "function", "function": {"name": "f",
+                                                   "parameters": {"type": "object"}}}]
+        url = srv.http_url + "/v1/chat/completions"
+        with_tools = httpx.post(url, json={**body, "tools": tools}, timeout=60).json()
+        plain = httpx.post(url, json=body, timeout=60).json()
+    assert marker in with_tools["choices"][0]["message"]["content"]
+    assert marker not in (plain["choices"][0]["message"]["content"] or "")
+
+
 def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     res = client.chat.completions.create(
         model="tiny",

@@ -13,6 +13,7 @@ from splitserve.cluster.frontends.tool_parsers import (
     GraniteParser,
     HermesParser,
     Llama3JsonParser,
+    MistralParser,
     PythonicParser,
     ToolStream,
     parse_forced,
@@ -62,6 +63,10 @@ HERMES_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments":
 LLAMA_TEXT = ('{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "c"}}; '
               '{"name": "get_time", "parameters": {"zone": "CET"}}')
 PYTHONIC_TEXT = '[get_weather(city="Oslo", unit=\'c\'), get_time(zone="CET")]'
+MISTRAL_LIST = ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}, '
+                '{"name": "get_time", "arguments": {"zone": "CET"}}]')
+MISTRAL_V11 = ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo", "unit": "c"}'
+               '[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "CET"}')
 GRANITE_TEXT = ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}, '
                 '{"name": "get_time", "arguments": {"zone": "CET"}}]')
 
@@ -73,6 +78,8 @@ GRANITE_TEXT = ('<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Os
     (PythonicParser(), PYTHONIC_TEXT, None),
     (PythonicParser(), "<|python_start|>" + PYTHONIC_TEXT + "<|python_end|>", None),
     (GraniteParser(), GRANITE_TEXT, None),
+    (MistralParser(), MISTRAL_LIST, None),
+    (MistralParser(), MISTRAL_V11, "Checking."),
     (GraniteParser(), GRANITE_TEXT.removeprefix("<|tool_call|>"), None),  # the tag skipped
     (GraniteParser(), "<tool_call>" + GRANITE_TEXT.removeprefix("<|tool_call|>"), None),
 ])
@@ -84,11 +91,12 @@ def test_parsers_extract_calls(parser, text: str, content: str | None) -> None:
 
 
 @pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser(), PythonicParser(),
-                                    GraniteParser()])
+                                    GraniteParser(), MistralParser()])
 def test_plain_and_malformed_text_stay_content(parser) -> None:
     assert parser.extract("Just words.") == ("Just words.", [])
     broken = {"hermes": "<tool_call>{not json</tool_call>", "llama3_json": '{"name": 3}',
-              "pythonic": "[get_weather(Oslo)]", "granite": '[{"name": "f"}, 3]'}[parser.name]
+              "pythonic": "[get_weather(Oslo)]", "granite": '[{"name": "f"}, 3]',
+              "mistral": '[TOOL_CALLS]f[ARGS]{"a": 1} and then some'}[parser.name]
     assert parser.extract(broken) == (broken, [])
 
 
@@ -115,13 +123,16 @@ def test_pythonic_values() -> None:
                                               (PythonicParser(), PYTHONIC_TEXT),
                                               (PythonicParser(), "Plain [text] <|python"),
                                               (GraniteParser(), GRANITE_TEXT),
+                                              (MistralParser(), MISTRAL_V11),
+                                              (MistralParser(), MISTRAL_LIST),
+                                              (MistralParser(), "Not a call [TOOL_"),
                                               (GraniteParser(), "No <|tool_call|> here")])
 def test_streaming_equals_whole_at_every_split(parser, text: str) -> None:
     """Fed one character at a time: markup never leaks into content, calls equal extract's."""
     whole_content, whole_calls = parser.extract(text)
     stream = ToolStream(parser, None)
     sent = "".join(stream.feed(ch) for ch in text)
-    assert "<tool" not in sent or not whole_calls
+    assert ("<tool" not in sent and "[TOOL" not in sent) or not whole_calls
     rest, calls = stream.finish()
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in whole_calls]
     if not whole_calls:

@@ -862,6 +862,10 @@ class _Job:
                      "decoded_token": lp.decoded_token}
             for t, lp in step.items()} for step in steps]
 
+    def _chat_echo(self) -> str:
+        body = self.body
+        return body.echo_text() if isinstance(body, ChatCompletionRequest) else ""
+
     def _tool_stream(self, index: int) -> tool_parsers.ToolStream | None:
         if self.tool_choice is None:
             return None
@@ -982,12 +986,15 @@ class _Job:
                 reasoning, text = thinking.split(c.text)
             message: dict[str, Any] = {"role": "assistant", "content": text,
                                        **self._reasoning_fields(reasoning)}
+            echo = self._chat_echo()
             calls: list[tool_parsers.ToolCall] = []
             stream = self._tool_stream(c.index)
             if stream is not None:
                 stream.text = text or ""
                 content, calls = stream.result()
                 message.update(content=content, tool_calls=[call.to_openai() for call in calls])
+            if echo:  # vLLM's chat echo: the last message's text in front
+                message["content"] = echo + (message["content"] or "")
             choice = {
                 "index": c.index,
                 "message": message,
@@ -1105,6 +1112,9 @@ class _Job:
                     delta["content"] = None
             if cd.first:
                 delta["role"] = "assistant"
+                echo = self._chat_echo()
+                if echo:  # vLLM's chat echo: the last message's text leads the first chunk
+                    delta["content"] = echo + (delta.get("content") or "")
             chat_choice = {
                 "index": cd.index,
                 "delta": delta,

@@ -373,7 +373,8 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     """vLLM extra: more variables for the chat template (e.g. Qwen3's enable_thinking)."""
     echo: StrictBool = False
-    """vLLM extra (the last message prepended to the answer); accepted only as false."""
+    """vLLM extra: the last message's text in front of the answer when it is the answer's
+    turn (an assistant message, or any with ``add_generation_prompt`` false)."""
     chat_template: str | None = None
     """vLLM extra (a template of the request's own); accepted only as null: the model's
     template applies."""
@@ -425,14 +426,22 @@ class ChatCompletionRequest(_SamplingFields):
         schema = tool_parsers.tool_choice_schema(tools, choice, self.parallel_tool_calls)
         return _checked(StructuredOutputsParams(json=schema), "tool_choice")
 
+    def echo_text(self) -> str:
+        """``echo``: the text put in front of each choice's content, as vLLM's: the last
+        message's when the answer continues its turn, else nothing."""
+        last = self.messages[-1]
+        if not self.echo or (self.add_generation_prompt and last.role != "assistant"):
+            return ""
+        if isinstance(last.content, list):
+            return "".join(str(p.get("text", "")) for p in last.content if p.get("type") == "text")
+        return last.content or ""
+
     def constraint_field(self) -> str | None:
         if self.effective_tool_choice() not in (None, "auto"):
             return "tool_choice"  # required / named: the grammar built from the tools
         return super().constraint_field()
 
     def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
-        if self.echo:
-            raise InvalidRequestError("echo is not supported in chat", field="echo")
         if self.chat_template is not None:
             raise InvalidRequestError("a request's own chat_template is not supported; the "
                                       "model's applies", field="chat_template")

@@ -322,6 +322,27 @@ def test_mistral_parser_keeps_special_tokens(tiny_model_dir) -> None:
     assert marker not in (plain["choices"][0]["message"]["content"] or "")
 
 
+def test_chat_echo(http: httpx.Client) -> None:
+    """vLLM's chat echo: the last message's text leads the answer when the answer continues
+    its turn (an assistant message being continued), whole and streamed; after a user
+    message the answer is unchanged."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
+    body = {"model": "tiny", "messages": turns, "max_tokens": 4, "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}
+    plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    echoed = http.post("/v1/chat/completions", json={**body, "echo": True}).json()
+    assert echoed["choices"][0]["message"]["content"] == "Once upon" + plain["content"]
+    assert echoed["usage"]["completion_tokens"] == 4  # the echo is not generated
+    chunks = _sse_chunks(http, "/v1/chat/completions", {**body, "echo": True})
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]]
+    assert deltas[0].startswith("Once upon") and "".join(deltas) == "Once upon" + plain["content"]
+    after_user = {**body, "messages": turns[:1], "add_generation_prompt": True,
+                  "continue_final_message": False}
+    want = http.post("/v1/chat/completions", json=after_user).json()["choices"][0]["message"]
+    got = http.post("/v1/chat/completions", json={**after_user, "echo": True}).json()
+    assert got["choices"][0]["message"]["content"] == want["content"]
+
+
 def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     res = client.chat.completions.create(
         model="tiny",
@@ -601,7 +622,6 @@ BAD_CASES = [
     ("/v1/chat/completions", {**CHAT, "chat_template_kwargs": "x"}, 400, "chat_template_kwargs"),
     ("/v1/chat/completions", {**CHAT, "continue_final_message": True}, 400,
      "continue_final_message"),
-    ("/v1/chat/completions", {**CHAT, "echo": True}, 400, "echo"),
     ("/v1/chat/completions", {**CHAT, "chat_template": "{{ messages }}"}, 400, "chat_template"),
     ("/tokenize", {"messages": CHAT["messages"], "chat_template_kwargs": {"messages": 1}}, 400,
      "chat_template_kwargs.messages"),

@@ -14,7 +14,7 @@ from typing import Any
 
 from splitserve.errors import InvalidRequestError
 
-_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,11 @@ class StructuredOutputsParams:
     """A context-free grammar in EBNF (GBNF style: ``root ::= ...``)."""
     json_object: bool = False
     """Any JSON object (OpenAI ``response_format: {"type": "json_object"}``)."""
+    structural_tag: str | dict[str, Any] | None = None
+    """xgrammar's structural tag (dict or JSON text), as vLLM's: ``{"format": {...}}`` (a
+    format of tags, triggered tags, sequences...) or the older ``{"structures": [{"begin",
+    "schema", "end"}], "triggers": [...]}`` (free text until a trigger, then the structure
+    it starts)."""
     disable_any_whitespace: bool = True
     """JSON without free whitespace (compact separators). Default true here, unlike vLLM:
     small models otherwise loop on whitespace; false allows any whitespace."""
@@ -56,7 +61,8 @@ class StructuredOutputsParams:
         if len(set_kinds) != 1:
             raise InvalidRequestError(
                 "structured_outputs must set exactly one of json, regex, choice, grammar, "
-                f"json_object; got {set_kinds or 'none'}", field="structured_outputs",
+                f"json_object, structural_tag; got {set_kinds or 'none'}",
+                field="structured_outputs",
             )
         self._check_types()
 
@@ -75,6 +81,19 @@ class StructuredOutputsParams:
                 raise InvalidRequestError(f"{where} is not valid JSON: {e}", field=where) from e
             if not isinstance(loaded, dict | bool):
                 raise InvalidRequestError(f"{where} must be a JSON schema object", field=where)
+        if self.structural_tag is not None:
+            loaded_tag: Any = self.structural_tag
+            if isinstance(loaded_tag, str):
+                try:
+                    loaded_tag = _json.loads(loaded_tag)
+                except ValueError as e:
+                    raise InvalidRequestError(f"{where} is not valid JSON: {e}",
+                                              field=where) from e
+            if not isinstance(loaded_tag, dict) or not (
+                    "format" in loaded_tag or "structures" in loaded_tag):
+                raise InvalidRequestError(
+                    f'{where} must be an object with "format" (or the older "structures" and '
+                    '"triggers")', field=where)
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             raise InvalidRequestError(f"{where} must be a non-empty string", field=where)
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
@@ -100,10 +119,18 @@ class StructuredOutputsParams:
         return _json.loads(self.json) if isinstance(self.json, str) else self.json
 
     @property
+    def tag(self) -> dict[str, Any]:
+        """The structural tag as a Python object (structural_tag kind only)."""
+        tag = self.structural_tag
+        return dict(_json.loads(tag) if isinstance(tag, str) else tag or {})
+
+    @property
     def spec(self) -> str:
         """The constraint's canonical text (what the grammar is compiled from)."""
         if self.kind == "json":
             return _json.dumps(self.schema, separators=(",", ":"))  # key order matters
+        if self.kind == "structural_tag":
+            return _json.dumps(self.tag, separators=(",", ":"))
         if self.kind == "choice":
             return _json.dumps(list(self.choice or ()))
         if self.kind == "json_object":

@@ -43,10 +43,19 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """OpenAI ``response_format``: text, any JSON object, or a JSON schema."""
+    """OpenAI ``response_format``: text, any JSON object, or a JSON schema; vLLM's and
+    SGLang's ``structural_tag`` too (``format``, or the older ``structures`` and
+    ``triggers``: see ``StructuredOutputsParams.structural_tag``)."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    format: dict[str, Any] | None = None
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
+
+    def structural_tag(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("format", "structures", "triggers")
+                if getattr(self, k) is not None}
 
 
 class FunctionDefinition(BaseModel):
@@ -221,6 +230,14 @@ class _SamplingFields(BaseModel):
             return None
         if fmt.type == "json_object":
             return StructuredOutputsParams(json_object=True)
+        if fmt.type == "structural_tag":
+            try:
+                so = StructuredOutputsParams(structural_tag=fmt.structural_tag())
+            except InvalidRequestError as e:
+                raise InvalidRequestError(str(e).replace("structured_outputs.structural_tag",
+                                                         "response_format"),
+                                          field="response_format") from e
+            return _checked(so, "response_format")
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise InvalidRequestError(
                 "response_format of type json_schema needs json_schema.schema",
@@ -235,7 +252,7 @@ class _SamplingFields(BaseModel):
         fmt = self.response_format
         if self.structured_outputs is not None or fmt is None or fmt.type == "text":
             return None
-        if fmt.type == "json_object":
+        if fmt.type in ("json_object", "structural_tag"):
             return "response_format"
         return "response_format.json_schema.schema"
 

@@ -86,11 +86,60 @@ def check_structured(so: StructuredOutputsParams) -> Any:
             return xgr.Grammar.from_regex(str(so.regex))
         if so.kind == "choice":
             return xgr.Grammar.from_ebnf(_choice_ebnf(tuple(so.choice or ())))
+        if so.kind == "structural_tag":
+            return _structural_tag(so.tag, so.field)
         return xgr.Grammar.from_ebnf(str(so.grammar))
     except InvalidRequestError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError with the parser's message
         raise InvalidRequestError(f"invalid {so.field}: {_clean(e)}", field=so.field) from e
+
+
+def _structural_tag(tag: dict[str, Any], field: str) -> Any:
+    """xgrammar's grammar of a structural tag: the ``format`` form as it is (xgrammar checks
+    it), the older ``structures`` / ``triggers`` form through its legacy call (each schema
+    checked as a json constraint's, its errors naming ``field.structures.N.schema``)."""
+    import warnings
+
+    import xgrammar as xgr
+
+    if "format" in tag:
+        _check_tag_schemas(tag["format"], field, "format")
+        return xgr.Grammar.from_structural_tag({"type": "structural_tag", **tag})
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(structures, list) or not structures or not isinstance(triggers, list) \
+            or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise InvalidRequestError(f"{field} needs a non-empty structures list and a non-empty "
+                                  "list of trigger strings", field=field)
+    items = []
+    for i, s in enumerate(structures):
+        where = f"{field}.structures.{i}"
+        if not isinstance(s, dict) or not all(isinstance(s.get(k), str) for k in ("begin", "end")):
+            raise InvalidRequestError(f"{where} needs begin and end strings and a schema",
+                                      field=where)
+        _check_schema(s.get("schema"), f"{where}.schema")
+        if not any(s["begin"].startswith(t) for t in triggers):
+            raise InvalidRequestError(f"{where}.begin must start with one of the triggers",
+                                      field=f"{where}.begin")
+        items.append(xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]),
+                                           end=s["end"]))
+    with warnings.catch_warnings():  # the legacy call is deprecated, not gone
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return xgr.Grammar.from_structural_tag(items, triggers)
+
+
+def _check_tag_schemas(node: Any, field: str, path: str) -> None:
+    """Every ``{"type": "json_schema", "json_schema": ...}`` inside a structural tag's format,
+    checked as a json constraint's schema (xgrammar would ignore keywords it cannot enforce)."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_tag_schemas(item, field, f"{path}.{i}")
+    elif isinstance(node, dict):
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            _check_schema(node["json_schema"], f"{field}.{path}.json_schema")
+        for key, value in node.items():
+            if key != "json_schema":
+                _check_tag_schemas(value, field, f"{path}.{key}")
 
 
 def _check_schema(schema: Any, field: str) -> None:

@@ -343,6 +343,28 @@ def test_chat_echo(http: httpx.Client) -> None:
     assert got["choices"][0]["message"]["content"] == want["content"]
 
 
+def test_response_format_structural_tag(http: httpx.Client) -> None:
+    """vLLM's and SGLang's response_format structural_tag: a tag format is enforced (begin,
+    JSON under the schema, end); the older structures / triggers form is taken; a format
+    xgrammar does not know is a 400 naming response_format."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    fmt = {"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<r>", "end": "</r>",
+        "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1}}}
+    body = {**CHAT, "max_tokens": 40, "temperature": 0, "response_format": fmt}
+    text = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert text.startswith("<r>") and text.endswith("</r>"), text
+    assert isinstance(json.loads(text[3:-4])["n"], int)
+    legacy = {"type": "structural_tag", "triggers": ["<f"],
+              "structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}]}
+    ok = http.post("/v1/chat/completions", json={**body, "response_format": legacy})
+    assert ok.status_code == 200, ok.text
+    bad = http.post("/v1/chat/completions", json={**body, "response_format": {
+        "type": "structural_tag", "format": {"type": "nonsense"}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
+
+
 def test_chat_logprobs_shape(client: openai.OpenAI) -> None:
     res = client.chat.completions.create(
         model="tiny",

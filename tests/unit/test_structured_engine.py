@@ -69,6 +69,19 @@ def tiny(tiny_model_dir) -> LLM:
         ({"regex": "[a-"}, "structured_outputs.regex", "invalid"),
         ({"grammar": 'root ::= "a" | undefined_rule'}, "structured_outputs.grammar", "invalid"),
         ({"grammar": 'start ::= "a"'}, "structured_outputs.grammar", "root"),
+        ({"structural_tag": {"format": {"type": "nonsense"}}},
+         "structured_outputs.structural_tag", "not recognized"),
+        ({"structural_tag": {"format": {"type": "tag", "begin": "<a>", "end": "</a>", "content": {
+            "type": "json_schema", "json_schema": {"type": "array", "uniqueItems": True}}}}},
+         "structured_outputs.structural_tag.format.content.json_schema", "uniqueItems"),
+        ({"structural_tag": {"structures": [{"begin": "<f>", "schema": {"type": 5},
+                                             "end": "</f>"}], "triggers": ["<f"]}},
+         "structured_outputs.structural_tag.structures.0.schema", "not a valid JSON schema"),
+        ({"structural_tag": {"structures": [{"begin": "<f>", "schema": {}, "end": "</f>"}],
+                             "triggers": ["<g"]}},
+         "structured_outputs.structural_tag.structures.0.begin", "trigger"),
+        ({"structural_tag": {"structures": [], "triggers": ["<g"]}},
+         "structured_outputs.structural_tag", "structures"),
     ],
 )
 def test_bad_constraints_name_the_field(so: dict, field: str, words: str) -> None:
@@ -88,6 +101,36 @@ def test_params_shape_errors() -> None:
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(structured_outputs={"choice": []})
     assert e.value.field == "structured_outputs.choice"
+
+
+TAGGED = {"format": {"type": "tag", "begin": "<answer>", "end": "</answer>", "content": {
+    "type": "json_schema", "json_schema": SCHEMA, "max_whitespace_cnt": 1}}}
+
+
+@pytest.mark.parametrize("tag", [TAGGED, json.dumps(TAGGED)])
+def test_structural_tag_is_enforced(tiny: LLM, tag: object) -> None:
+    """xgrammar's structural tag (vLLM's structured_outputs.structural_tag, dict or JSON
+    text): a tag format forces begin, JSON under the schema, end, on a random tiny model."""
+    out = tiny.generate([[5, 6, 7]], SamplingParams(
+        temperature=0, max_tokens=80, structured_outputs={"structural_tag": tag}))[0].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    assert out.text.startswith("<answer>") and out.text.endswith("</answer>"), out.text
+    jsonschema.validate(json.loads(out.text[len("<answer>"):-len("</answer>")]), SCHEMA)
+    free = tiny.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20))[0]
+    assert not free.outputs[0].text.startswith("<answer>")  # the tag came from the grammar
+
+
+def test_structural_tag_triggers_leave_other_text_free(tiny: LLM) -> None:
+    """The older form (structures and triggers): text is free until a trigger; the same
+    greedy text as unconstrained while no trigger appears."""
+    tag = {"structures": [{"begin": "<fn=f>", "schema": SCHEMA, "end": "</fn>"}],
+           "triggers": ["<fn"]}
+    prompt = [[11, 12, 13]]
+    free = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    assert "<fn" not in free.text
+    got = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=12, structured_outputs={
+        "structural_tag": tag}))[0].outputs[0]
+    assert got.token_ids == free.token_ids
 
 
 def test_content_hash_keeps_key_order_and_kind() -> None:

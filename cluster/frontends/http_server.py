@@ -862,6 +862,14 @@ class _Job:
                      "decoded_token": lp.decoded_token}
             for t, lp in step.items()} for step in steps]
 
+    def _max_tokens_asked(self) -> bool:
+        """Whether the client set the answer's length (else it is the model's default or
+        none: not refused when it does not fit beside the prompt)."""
+        body = self.body
+        if isinstance(body, ChatCompletionRequest):
+            return (body.max_completion_tokens or body.max_tokens) is not None
+        return body.max_tokens is not None
+
     def _chat_echo(self) -> str:
         body = self.body
         return body.echo_text() if isinstance(body, ChatCompletionRequest) else ""
@@ -915,7 +923,8 @@ class _Job:
 
     async def run(self, prompts: Sequence[PromptInput]) -> Response:
         try:
-            streams = await open_streams(self.front.backend, prompts, self.params, self.id)
+            streams = await open_streams(self.front.backend, prompts, self.params, self.id,
+                                         max_tokens_asked=self._max_tokens_asked())
         except Exception as e:
             err = to_api_error(self._constraint_error(e))
             if err.code == "duplicate_request_id":

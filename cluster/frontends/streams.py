@@ -23,13 +23,18 @@ _DONE = object()
 
 
 async def open_streams(
-    backend: Backend, prompts: Sequence[PromptInput], params: SamplingParams, request_id: str
+    backend: Backend, prompts: Sequence[PromptInput], params: SamplingParams, request_id: str,
+    max_tokens_asked: bool = True,
 ) -> list[AsyncIterator[RequestOutput]]:
     """Start one backend request per prompt and wait for each one's first delta.
 
     Raises the first error (InvalidRequestError, ...) after closing every started stream.
+    ``max_tokens_asked`` false: ``params.max_tokens`` is a default (the model's generation
+    config), not the client's, so a prompt it does not fit beside is not refused: the answer
+    ends at the context's end, as vLLM caps a default.
     """
-    prompts = [await _check_context(backend, prompt, params) for prompt in prompts]
+    prompts = [await _check_context(backend, prompt, params, max_tokens_asked)
+               for prompt in prompts]
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
     gens = [backend.generate(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]
     starts = [asyncio.ensure_future(anext(g)) for g in gens]
@@ -48,7 +53,7 @@ async def open_streams(
 
 
 async def _check_context(
-    backend: Backend, prompt: PromptInput, params: SamplingParams
+    backend: Backend, prompt: PromptInput, params: SamplingParams, max_tokens_asked: bool = True
 ) -> PromptInput:
     """Refuse prompt + max_tokens beyond the context, as OpenAI and vLLM servers do (400);
     returns the prompt to send. A text prompt is tokenized off the loop (megabytes of text
@@ -73,7 +78,7 @@ async def _check_context(
     else:
         num = len(prompt)
     limit = backend.max_model_len
-    if num < limit and num + params.max_tokens > limit:
+    if num < limit and num + params.max_tokens > limit and max_tokens_asked:
         raise InvalidRequestError(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{num + params.max_tokens} tokens ({num} in the prompt, {params.max_tokens} in the "

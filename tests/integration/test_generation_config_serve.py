@@ -80,3 +80,22 @@ def test_unset_fields_take_the_models_defaults(server: Any, greedy: list[int]) -
         assert list(res.completions[0].token_ids) == greedy[:3]
     else:  # vLLM's defaults: sampled
         assert list(res.completions[0].token_ids) != greedy[:3]
+
+
+def test_a_default_max_tokens_past_the_context_is_capped(tmp_path: Path,
+                                                        tiny_model_dir: Path) -> None:
+    """The config's max_new_tokens beyond what fits beside a prompt (context 512) is not a
+    400 as a client's would be: the answer runs to the context's end (vLLM caps a default)."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / gen_config.FILE).write_text(json.dumps({"max_new_tokens": 600}))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True,
+            "temperature": 0}
+    with tiny_server(folder, grpc_port=None) as srv:
+        url = srv.http_url + "/v1/chat/completions"
+        res = httpx.post(url, json=body, timeout=120).json()
+        asked = httpx.post(url, json={**body, "max_tokens": 600}, timeout=60)
+    usage = res["usage"]
+    assert res["choices"][0]["finish_reason"] == "length"
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512
+    assert asked.status_code == 400 and asked.json()["error"]["param"] == "max_tokens"

@@ -243,7 +243,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             thinking = None
             if self.reasoning_parser is not None and request.WhichOneof("input") == "messages":
                 thinking, params = await self._reasoning(prompt, params)
-            streams = await open_streams(self.backend, [prompt], params, rid)
+            asked = request.sampling_params.HasField("max_tokens")  # else a default: capped
+            streams = await open_streams(self.backend, [prompt], params, rid,
+                                         max_tokens_asked=asked or "max_tokens" not in
+                                         self.generation_defaults)
         except _NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except Exception as e:

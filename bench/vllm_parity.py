@@ -11,7 +11,10 @@ GGUF made into a Hugging Face folder (``--hf-dir``), splitserve with its default
 the embedded GGUF itself (the same weights). Skipped, exit 0, without a vLLM venv.
 
     python bench/vllm_parity.py [--requests 150] [--seed 0] [--vllm-venv /work/peers/vllm]
-        [--json PATH]
+        [--layout default|single-engine|1p1d] [--json PATH]
+
+``--layout 1p1d`` serves splitserve as a prefill and a decode worker on Ray with KV moved
+between them (the same tokens whatever the topology, checked against vLLM's).
 """
 
 from __future__ import annotations
@@ -159,6 +162,8 @@ def main() -> int:
     ap.add_argument("--vllm-venv", type=Path, default=Path("/work/peers/vllm"))
     ap.add_argument("--hf-dir", type=Path,
                     default=Path.home() / ".cache" / "splitserve" / "smollm2-hf")
+    ap.add_argument("--layout", choices=["default", "single-engine", "1p1d"], default="default",
+                    help="how splitserve serves (serve_pd_vs_colocated's SERVERS)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not any(args.vllm_venv.glob("lib/python3*/site-packages/vllm/__init__.py")):
@@ -170,17 +175,19 @@ def main() -> int:
     try:
         ports = {"vllm": _free_port(), "splitserve": _free_port()}
         procs.append(start_vllm(args.vllm_venv, args.hf_dir, ports["vllm"], work)[0])
-        procs.append(start_splitserve("default", ports["splitserve"], work)[0])
+        procs.append(start_splitserve(args.layout, ports["splitserve"], work)[0])
         diffs = compare(ports, args)
     finally:
         for proc in procs:
             _stop(proc)
     for d in diffs:
         print("DIFFERENT:", json.dumps(d))
-    print(f"{args.requests} greedy requests and {len(PROBES)} probes: {len(diffs)} differences")
+    print(f"{args.requests} greedy requests and {len(PROBES)} probes against splitserve "
+          f"({args.layout}): {len(diffs)} differences")
     if args.json:
         args.json.write_text(json.dumps({"requests": args.requests, "probes": len(PROBES),
-                                         "seed": args.seed, "differences": diffs}, indent=1))
+                                         "seed": args.seed, "layout": args.layout,
+                                         "differences": diffs}, indent=1))
     return 1 if diffs else 0
 
 

@@ -128,6 +128,11 @@ static inline void store_row(void *y, int dtype, int64_t y_stride, int64_t m, in
         memcpy((float *)y + m * y_stride + n0, v, sizeof(float) * QB);
         return;
     }
+    if (dtype == BF16) { /* one vectorized loop (f32_to_bf16 is branch-free) */
+        uint16_t *o = (uint16_t *)y + m * y_stride + n0;
+        for (int j = 0; j < QB; j++) o[j] = f32_to_bf16(v[j]);
+        return;
+    }
     for (int j = 0; j < QB; j++) store_elem(y, dtype, m * y_stride + n0 + j, v[j]);
 }
 
@@ -195,11 +200,18 @@ static inline __attribute__((always_inline)) void tile(
                     const uint8_t *xr = hl + 2 * r * K + 8 * t;
                     const __m512i ha = _mm512_set1_epi32(quad_at(xr));
                     const __m512i hc = _mm512_set1_epi32(quad_at(xr + 4));
+                    if (A8) { /* the 8-bit code is all of x: no low bytes; the high nibbles'
+                               * products in il, so two chains of four (exact int32 sums) */
+                        for (int b = 0; b < NB; b++) {
+                            is[r][b] = dot4(is[r][b], lo[b], ha);
+                            il[r][b] = dot4(il[r][b], hi[b], hc);
+                        }
+                        continue;
+                    }
                     for (int b = 0; b < NB; b++) {
                         is[r][b] = dot4(is[r][b], lo[b], ha); /* codes unsigned, xh signed */
                         is[r][b] = dot4(is[r][b], hi[b], hc);
                     }
-                    if (A8) continue; /* the 8-bit code is all of x: no low bytes */
                     const __m512i la = _mm512_set1_epi32(quad_at(xr + QG));
                     const __m512i lc = _mm512_set1_epi32(quad_at(xr + QG + 4));
                     for (int b = 0; b < NB; b++) {
@@ -208,10 +220,10 @@ static inline __attribute__((always_inline)) void tile(
                     }
                 }
             }
-            if (!A8)
-                for (int r = 0; r < R; r++)
-                    for (int b = 0; b < NB; b++)
-                        is[r][b] = _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
+            for (int r = 0; r < R; r++)
+                for (int b = 0; b < NB; b++)
+                    is[r][b] = A8 ? _mm512_add_epi32(is[r][b], il[r][b])
+                                  : _mm512_add_epi32(_mm512_slli_epi32(is[r][b], 8), il[r][b]);
         }
 #ifdef __AVX512VNNI__
         else if (A8) { /* int8 x 8-bit: (q + 128) unsigned times the signed code, minus 128 S */
@@ -220,6 +232,9 @@ static inline __attribute__((always_inline)) void tile(
                                                    18, 2, 17, 1, 16, 0);
             const __m512i bias = _mm512_set1_epi8((char)0x80);
             const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
+            __m512i io[MT][NBMAX]; /* odd u's products: two chains of four (exact int32 sums) */
+            for (int r = 0; r < R; r++)
+                for (int b = 0; b < NB; b++) io[r][b] = _mm512_setzero_si512();
             for (int u = 0; u < 8; u++) { /* k = 4u .. 4u + 3: chunks 2u and 2u + 1 */
                 __m512i wq[NBMAX];
                 for (int b = 0; b < NB; b++) {
@@ -229,9 +244,14 @@ static inline __attribute__((always_inline)) void tile(
                 }
                 for (int r = 0; r < R; r++) {
                     const __m512i xa = _mm512_set1_epi32(quad_at(hl + 2 * r * K + 4 * u));
-                    for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
+                    if (u & 1)
+                        for (int b = 0; b < NB; b++) io[r][b] = dot4(io[r][b], wq[b], xa);
+                    else
+                        for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
                 }
             }
+            for (int r = 0; r < R; r++)
+                for (int b = 0; b < NB; b++) is[r][b] = _mm512_add_epi32(is[r][b], io[r][b]);
             for (int r = 0; r < R; r++) {
                 int32_t sum;
                 memcpy(&sum, hl + 2 * r * K + QG, sizeof(sum));

@@ -130,6 +130,11 @@ def test_bfloat16_in_and_out_and_non_finite_rows() -> None:
     x[2, 40] = float("inf")
     y = native.int4_matmul(x, packed, 48)
     assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).all()
+    # bfloat16 rows out (stored 16 at a time): NaN stays NaN, the rest rounds as torch's cast
+    yb = native.int4_matmul(x.to(torch.bfloat16), packed, 48)
+    assert torch.isnan(yb[1]).all() and not torch.isfinite(yb[2]).all()
+    assert torch.equal(yb[[0, 3]], native.int4_matmul(xb[[0, 3]].float(), packed, 48)
+                       .to(torch.bfloat16))
     clean = native.int4_matmul(x[[0, 3]], packed, 48)
     assert torch.equal(y[[0, 3]], clean) and torch.isfinite(clean).all()
 

@@ -406,6 +406,31 @@ static inline __attribute__((always_inline)) void widen_rows(
 static float fp8_f32[2][256];     /* [0] e4m3fn, [1] e5m2: every byte's value */
 static uint16_t fp8_bf16[2][256];  /* the same as bfloat16 bits (exact: the float32's high half) */
 
+#if VL == 16 && defined(__AVX512VBMI__)
+/* AVX-512 VBMI: 64 bytes at a time by two 128-entry byte tables (vpermi2b), the low and the
+ * high byte of each magnitude's bfloat16, the byte's sign bit or'd into the high one: the
+ * bits of fp8_bf16, which is how the tables are made (and they are used only when every
+ * negative byte's entry is its magnitude's with the sign bit set, checked at load). The
+ * table loop ran at ~0.6 ns a byte, and made an fp8 cache's decode ~2x a bfloat16 one's on
+ * a Zen 5 (48.8 vs 25.5 ms a step, 30 layers x 64 sequences). */
+#define FP8_VBMI 1
+static __m512i fp8_lo[2][2], fp8_hi[2][2];
+static int fp8_vbmi[2];
+
+/* 64 fp8 bytes -> their 64 bfloat16 words, in order, in *w0 (0-31) and *w1 (32-63). */
+static inline __attribute__((always_inline)) void fp8_words64(const uint8_t *src, int t,
+                                                              __m512i *w0, __m512i *w1) {
+    const __m512i x = _mm512_loadu_si512(src);
+    const __m512i lo = _mm512_permutex2var_epi8(fp8_lo[t][0], x, fp8_lo[t][1]);
+    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(fp8_hi[t][0], x, fp8_hi[t][1]),
+                                       _mm512_and_si512(x, _mm512_set1_epi8((char)0x80)));
+    /* per 128-bit lane k: a = words 16k .. 16k + 7, b = 16k + 8 .. 16k + 15 */
+    const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
+    *w0 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), b);
+    *w1 = _mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4), b);
+}
+#endif
+
 /* Filled when the library loads (fp8_to_f32 of every byte), before any call can read them. */
 __attribute__((constructor)) static void fp8_tables(void) {
     for (int i = 0; i < 256; i++)
@@ -414,6 +439,19 @@ __attribute__((constructor)) static void fp8_tables(void) {
             fp8_f32[t][i] = f;
             fp8_bf16[t][i] = (uint16_t)(f32_bits(f) >> 16);
         }
+#ifdef FP8_VBMI
+    for (int t = 0; t < 2; t++) {
+        uint8_t lo[128], hi[128];
+        fp8_vbmi[t] = 1;
+        for (int i = 0; i < 128; i++) {
+            lo[i] = (uint8_t)(fp8_bf16[t][i] & 0xff);
+            hi[i] = (uint8_t)(fp8_bf16[t][i] >> 8);
+            fp8_vbmi[t] &= fp8_bf16[t][i + 128] == (fp8_bf16[t][i] | 0x8000u);
+        }
+        fp8_lo[t][0] = _mm512_loadu_si512(lo), fp8_lo[t][1] = _mm512_loadu_si512(lo + 64);
+        fp8_hi[t][0] = _mm512_loadu_si512(hi), fp8_hi[t][1] = _mm512_loadu_si512(hi + 64);
+    }
+#endif
 }
 
 /* fp8 rows [0, count) of one KV head in a block (`stride` bytes apart) as bfloat16 at
@@ -427,7 +465,17 @@ static __attribute__((noinline)) void widen_fp8(const char *rows, int64_t stride
     const uint16_t *tab = fp8_bf16[dtype == E5M2];
     for (int64_t r = 0; r < count; r++) {
         const uint8_t *src = (const uint8_t *)rows + r * stride;
-        for (int64_t d = 0; d < D; d++) out[r * D + d] = tab[src[d]];
+        int64_t d = 0;
+#ifdef FP8_VBMI
+        const int t = dtype == E5M2;
+        for (; fp8_vbmi[t] && d + 64 <= D; d += 64) {
+            __m512i w0, w1;
+            fp8_words64(src + d, t, &w0, &w1);
+            _mm512_storeu_si512(out + r * D + d, w0);
+            _mm512_storeu_si512(out + r * D + d + 32, w1);
+        }
+#endif
+        for (; d < D; d++) out[r * D + d] = tab[src[d]];
     }
 }
 
@@ -440,7 +488,21 @@ static __attribute__((noinline)) void widen_fp8_f32(const char *rows, int64_t st
     const float *tab = fp8_f32[dtype == E5M2];
     for (int64_t r = 0; r < count; r++) {
         const uint8_t *src = (const uint8_t *)rows + r * stride;
-        for (int64_t d = 0; d < D; d++) out[r * D + d] = tab[src[d]];
+        int64_t d = 0;
+#ifdef FP8_VBMI
+        const int t = dtype == E5M2;
+        for (; fp8_vbmi[t] && d + 64 <= D; d += 64) { /* the bfloat16 words, widened exactly */
+            __m512i w[2];
+            fp8_words64(src + d, t, &w[0], &w[1]);
+            for (int h = 0; h < 4; h++) {
+                const __m256i half = h & 1 ? _mm512_extracti64x4_epi64(w[h / 2], 1)
+                                           : _mm512_castsi512_si256(w[h / 2]);
+                _mm512_storeu_si512(out + r * D + d + 16 * h,
+                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+            }
+        }
+#endif
+        for (; d < D; d++) out[r * D + d] = tab[src[d]];
     }
 }
 

@@ -229,6 +229,25 @@ def test_decode_bits_do_not_depend_on_the_batch(kv_dtype: torch.dtype) -> None:
         assert torch.equal(alone[0], batch[i])
 
 
+@pytest.mark.parametrize("d", [32, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_fp8_code_widens_exactly_at_other_head_sizes(d: int, dtype: torch.dtype) -> None:
+    """Rows are widened 64 bytes at a time where the build can (AVX-512 VBMI byte tables) and
+    byte by byte for the rest of a row: head sizes below, above and at two chunks give the
+    bits of the cache widened by torch, every finite code of both formats present."""
+    for kv_dtype in FP8:
+        g = torch.Generator().manual_seed(d)
+        lens = [5, 16, 47, 130]
+        num_blocks = 4 * (-(-max(lens) // 16)) + 8
+        cache = _fp8_cache(kv_dtype, num_blocks, 16, 2, d, g, True)
+        tables = random_block_tables(lens, num_blocks, 16, 1).cpu()
+        ctx = torch.tensor(lens, dtype=torch.int32)
+        q = (torch.randn(len(lens), 4, d, generator=g) * 1e-3).to(dtype)
+        got = native.paged_decode_attention(q, cache, tables, ctx, d ** -0.5)
+        wide = reference.widen_kv(cache, dtype)
+        assert torch.equal(got, native.paged_decode_attention(q, wide, tables, ctx, d ** -0.5))
+
+
 PREFILL_CASES = [  # chunks (cached prefix, chunk length), heads, query dtype, fp8, window, cap
     ([(0, 40), (20, 17), (0, 1)], (9, 3), torch.bfloat16, torch.float8_e4m3fn, None, None),
     ([(0, 33), (50, 20)], (3, 3), torch.float32, torch.float8_e5m2, 24, None),

@@ -117,7 +117,8 @@ def build_request(
     """A GenerateRequest from exactly one input and vLLM-named sampling keywords; ``images``
     (PNG/JPEG bytes) fill the input's ``<image>`` placeholders in order (multimodal models);
     ``structured_outputs``: one of ``{"json": schema | text, "json_object": True, "regex": str,
-    "choice": [str], "grammar": str}`` (plus ``disable_any_whitespace``). With ``messages``:
+    "choice": [str], "grammar": str, "structural_tag": tag | text}`` (plus
+    ``disable_any_whitespace``). With ``messages``:
     ``add_generation_prompt`` (default true), ``continue_final_message`` and
     ``chat_template_kwargs`` as vLLM's chat options."""
     inputs = [x is not None for x in (text, token_ids, messages)]
@@ -152,8 +153,8 @@ def build_request(
 def _structured(so: dict[str, Any]) -> pb.StructuredOutputs:
     msg = pb.StructuredOutputs()
     for key, value in so.items():
-        if key == "json":
-            msg.json = value if isinstance(value, str) else json.dumps(value)
+        if key in ("json", "structural_tag"):  # JSON text, or an object to serialize
+            setattr(msg, key, value if isinstance(value, str) else json.dumps(value))
         elif key == "choice":
             msg.choice.values.extend(value)
         else:

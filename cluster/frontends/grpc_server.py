@@ -136,7 +136,8 @@ def structured_from_proto(request: pb.GenerateRequest) -> dict[str, Any] | None:
     kind = msg.WhichOneof("constraint")
     if kind is None:
         raise InvalidRequestError(
-            "structured_outputs: set one of json, json_object, regex, choice, grammar",
+            "structured_outputs: set one of json, json_object, regex, choice, grammar, "
+            "structural_tag",
             "structured_outputs",
         )
     value: Any = getattr(msg, kind)

@@ -253,6 +253,8 @@ GRPC_BAD = [
     ({"json": "{not json"}, "structured_outputs.json"),
     ({"grammar": "root ::= undefined"}, "structured_outputs.grammar"),
     ({}, "structured_outputs"),  # no constraint set
+    ({"structural_tag": {"format": {"type": "nonsense"}}}, "structured_outputs.structural_tag"),
+    ({"structural_tag": "{not json"}, "structured_outputs.structural_tag"),
 ]
 
 
@@ -275,6 +277,19 @@ def test_bad_input_is_400_naming_the_field_before_placement(server) -> None:
         ok = grpc_client.generate("Is water wet?", max_tokens=4, temperature=0,
                                   structured_outputs={"choice": ["yes", "no"]})
         assert ok.text in ("yes", "no")
+        # an xgrammar structural tag (JSON text on the wire): begin, JSON under the schema, end
+        schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                         "maximum": 9}},
+                  "required": ["n"], "additionalProperties": False}
+        tag = grpc_client.generate("Give a number.", max_tokens=48, temperature=0,
+                                   structured_outputs={"structural_tag": {
+                                       "type": "structural_tag", "format": {
+                                           "type": "tag", "begin": "<r>", "end": "</r>",
+                                           "content": {"type": "json_schema",
+                                                       "json_schema": schema,
+                                                       "max_whitespace_cnt": 1}}}})
+        assert tag.text.startswith("<r>") and tag.text.endswith("</r>"), tag.text
+        assert isinstance(json.loads(tag.text[3:-4])["n"], int)
     assert _requests_seen(cluster) > before  # the good one did (the counter can see it)
     _assert_clean(cluster)
 

@@ -402,10 +402,15 @@ class MistralParser(ToolParser):
         return len(text) - partial_suffix(text, self.TAG)
 
 
-PARSERS: dict[str, type[ToolParser]] = {"mistral": MistralParser, "hermes": HermesParser, "llama3_json": Llama3JsonParser,
-                                        "qwen3_coder": Qwen3CoderParser,
-                                        "qwen3_xml": Qwen3CoderParser,
-                                        "pythonic": PythonicParser, "granite": GraniteParser}
+PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "qwen3_coder": Qwen3CoderParser,
+    "qwen3_xml": Qwen3CoderParser,
+    "pythonic": PythonicParser,
+    "granite": GraniteParser,
+    "mistral": MistralParser,
+}
 
 
 def create_parser(name: str) -> ToolParser:

@@ -134,7 +134,7 @@ class EngineWorker:
         self._lease_s = lease_s
         self._host = host
         self._transfer_timeout_s = transfer_timeout_s
-        self.engine = AsyncEngine(engine_config, on_start=self._attach)
+        self.engine = AsyncEngine(engine_config, on_start=self._attach, freeze_heap=True)
         self._outboxes: dict[str, _Outbox] = {}
         self._early_aborts: dict[str, None] = {}
         """Ids aborted before their request reached this worker's engine, oldest first: the

@@ -216,11 +216,12 @@ class EngineBackend(Backend):
         """Request ids of live streams (touched on the frontend's loop only)."""
 
     @classmethod
-    def from_config(cls, **engine_kwargs: Any) -> EngineBackend:
-        """Start an AsyncEngine from ``EngineConfig`` fields (``model=...`` etc.)."""
+    def from_config(cls, freeze_heap: bool = False, **engine_kwargs: Any) -> EngineBackend:
+        """Start an AsyncEngine from ``EngineConfig`` fields (``model=...`` etc.);
+        ``freeze_heap`` (a process that serves this engine for its life): see AsyncEngine."""
         from splitserve.roles.engine.async_engine import AsyncEngine
 
-        return cls(AsyncEngine(**engine_kwargs))
+        return cls(AsyncEngine(freeze_heap=freeze_heap, **engine_kwargs))
 
     @property
     def model_id(self) -> str:

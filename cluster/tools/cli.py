@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend: Backend
     if args.single_engine:
         backend = EngineBackend.from_config(
-            model=args.model, dtype=args.dtype, quantization=args.quantization,
+            freeze_heap=True, model=args.model, dtype=args.dtype, quantization=args.quantization,
             int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype,
             max_model_len=args.max_model_len,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,

@@ -85,6 +85,14 @@ def test_workers_run_at_driver_priority_with_no_idle_worker(cluster: Cluster) ->
     assert not idle, f"idle Ray workers under raylet {raylet}: {idle}"
 
 
+def test_workers_froze_their_startup_heap(cluster: Cluster) -> None:
+    """Each worker process froze its heap once its engine was built (SPLITSERVE_GC_FREEZE):
+    the model's objects are out of the collector's full passes (the driver's are not)."""
+    workers = [w for w in cluster.status()["workers"] if w["healthy"]]
+    assert {w["role"] for w in workers} == {"prefill", "decode"}
+    assert all(w["gc_frozen_objects"] > 10_000 for w in workers), workers
+
+
 def test_pd_equals_single_engine(cluster: Cluster, single: LLM) -> None:
     prompts = _prompts(16, seed=0)
     before = _decode_stats(cluster)

@@ -125,3 +125,40 @@ def test_a_failed_build_raises_in_the_caller_and_leaves_no_thread(tmp_path) -> N
     assert str(through.value) == str(direct.value)
     after = {t.ident for t in threading.enumerate() if t.name == "splitserve-engine"}
     assert after <= before
+
+
+def test_freeze_heap_only_when_asked_and_not_when_switched_off(tiny_model_dir) -> None:
+    """``freeze_heap=True`` freezes the process's heap once the engine is built (its stats
+    say how many objects), the engine still serves afterwards; without it, or with
+    SPLITSERVE_GC_FREEZE=0, nothing is frozen. In a child process: freezing is for the
+    process's life, which this test process must not take on."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, json, os
+from splitserve import AsyncEngine, SamplingParams
+out = {{}}
+kw = dict(model={str(tiny_model_dir)!r}, num_kv_blocks=64)
+e = AsyncEngine(**kw); out["default"] = e.stats()["gc_frozen_objects"]; e.shutdown()
+os.environ["SPLITSERVE_GC_FREEZE"] = "0"
+e = AsyncEngine(freeze_heap=True, **kw); out["off"] = gc.get_freeze_count(); e.shutdown()
+del os.environ["SPLITSERVE_GC_FREEZE"]
+e = AsyncEngine(freeze_heap=True, **kw)
+out["frozen"], out["stats"] = gc.get_freeze_count(), e.stats()["gc_frozen_objects"]
+import asyncio
+async def one():
+    p = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    return [t for d in [d async for d in e.generate([5, 6, 7], p)] for t in d.outputs[0].token_ids]
+out["tokens"] = len(asyncio.run(one()))
+e.shutdown()
+print(json.dumps(out))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["default"] == 0 and out["off"] == 0
+    assert out["frozen"] > 10_000 and out["stats"] == out["frozen"]
+    assert out["tokens"] == 4

@@ -377,6 +377,17 @@ static inline __attribute__((always_inline)) int accumulate_group(
     }
 }
 
+/* accumulate_group, or where its G heads cannot share the reads, accumulate_rows head by
+ * head (head g: acc + g * D, its probabilities p + g * p_stride): the same sums either way. */
+static inline __attribute__((always_inline)) void accumulate_heads(
+    float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
+    int64_t stride, int64_t count, const int dtype, const int64_t D, int64_t G)
+{
+    if (!accumulate_group(acc, p, p_stride, v, stride, count, dtype, D, G))
+        for (int64_t g = 0; g < G; g++)
+            accumulate_rows(acc + g * D, p + g * p_stride, v, stride, count, dtype, D);
+}
+
 /* Ask for part `part` of `parts` of the next block's rows of this item (`bytes` from p) while
  * the current block is computed: blocks sit at random places in the pool, beyond what the
  * hardware prefetchers guess. Into L2 (prefetcht1), and one KV head's share at a time: a
@@ -648,26 +659,18 @@ static inline __attribute__((always_inline)) int run_item(
             prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
             int64_t rs = row_stride;
+            float *const ah = acc + kh * group * D; /* this KV head's query heads */
+            const float *const ph = scores + kh * group * n + (lo - start);
 #ifdef FP8_VBMI
             if (fp8 && fp8_vbmi[c->kv_src == E5M2]) { /* as a bfloat16 cache's values */
                 widen_fp8(rows, row_stride, hi - lo, w8, c->kv_src, D);
-                if (!accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start),
-                                      n, (const char *)w8, w8_stride, hi - lo, BF16, D, group))
-                    for (int64_t g = 0; g < group; g++)
-                        accumulate_rows(acc + (kh * group + g) * D,
-                                        scores + (kh * group + g) * n + (lo - start),
-                                        (const char *)w8, w8_stride, hi - lo, BF16, D);
+                accumulate_heads(ah, ph, n, (const char *)w8, w8_stride, hi - lo, BF16, D, group);
                 continue;
             }
 #endif
             if (fp8) { /* as a float32 cache's values */
                 widen_fp8_f32(rows, row_stride, hi - lo, wide, c->kv_src, D);
-                if (!accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start),
-                                      n, (const char *)wide, wide_stride, hi - lo, F32, D, group))
-                    for (int64_t g = 0; g < group; g++)
-                        accumulate_rows(acc + (kh * group + g) * D,
-                                        scores + (kh * group + g) * n + (lo - start),
-                                        (const char *)wide, wide_stride, hi - lo, F32, D);
+                accumulate_heads(ah, ph, n, (const char *)wide, wide_stride, hi - lo, F32, D, group);
                 continue;
             }
             if (accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start), n,

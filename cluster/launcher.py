@@ -161,7 +161,9 @@ class Launcher:
         """The worker class's constructor arguments for one ``role`` worker."""
         kv = self.config.kv_transfer
         args = (worker_id, self.engine_config(role), kv.transport, kv.lease_s)
-        return args, {"host": kv.host, "transfer_timeout_s": kv.timeout_s}
+        # every worker has a process of its own (a Ray actor, or a child): it freezes its heap
+        # once its model is built (SPLITSERVE_GC_FREEZE)
+        return args, {"host": kv.host, "transfer_timeout_s": kv.timeout_s, "freeze_heap": True}
 
     def wait_ready(self, handles: list[WorkerHandle], timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait for every worker's engine to load; on failure stop them and raise ConfigError."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import pickle
 import socket
@@ -27,7 +28,7 @@ from typing import Any
 from splitserve import env
 from splitserve.integrity import IntegrityReport
 from splitserve.outputs import RequestOutput
-from splitserve.roles.engine.async_engine import AsyncEngine
+from splitserve.roles.engine.async_engine import AsyncEngine, freeze_startup_heap
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.kv_events import KVEventBatch
 from splitserve.roles.engine.llm_engine import LLMEngine
@@ -122,9 +123,12 @@ class EngineWorker:
         lease_s: float = 30.0,
         host: str | None = None,
         transfer_timeout_s: float | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         """``host``: the address this worker's KV listener binds and advertises (None: the
         node's IP).
+        ``freeze_heap``: the worker has a process of its own (a Ray actor, a child process; the
+        launcher says so), so its heap is frozen once the engine is built (AsyncEngine).
         ``transfer_timeout_s`` (``kv_transfer.timeout_s``): longest wait for one pull of a
         request's KV (and for each of its reads) before it fails and the prompt is computed
         here instead; None keeps ``TransferConfig``'s defaults."""
@@ -134,7 +138,7 @@ class EngineWorker:
         self._lease_s = lease_s
         self._host = host
         self._transfer_timeout_s = transfer_timeout_s
-        self.engine = AsyncEngine(engine_config, on_start=self._attach, freeze_heap=True)
+        self.engine = AsyncEngine(engine_config, on_start=self._attach, freeze_heap=freeze_heap)
         self._outboxes: dict[str, _Outbox] = {}
         self._early_aborts: dict[str, None] = {}
         """Ids aborted before their request reached this worker's engine, oldest first: the
@@ -355,6 +359,7 @@ class EncodeWorker:
         lease_s: float = 30.0,
         host: str | None = None,
         transfer_timeout_s: float | None = None,
+        freeze_heap: bool = False,
     ) -> None:
         import torch
 
@@ -379,6 +384,8 @@ class EncodeWorker:
             )
 
         self.encoder = self._torch.submit(load).result()
+        if freeze_heap:  # a process of its own, as EngineWorker's
+            freeze_startup_heap()
         self.num_running = 0
         self.num_images = 0
 
@@ -421,6 +428,7 @@ class EncodeWorker:
             "num_waiting": 0,
             "kv_usage": 0.0,
             "num_images_encoded": self.num_images,
+            "gc_frozen_objects": gc.get_freeze_count(),
             **self.encoder.stats(),
         }
 

@@ -47,6 +47,18 @@ class _Stream:
     """Aborted before its "add" went: the abort follows the add, not precedes it."""
 
 
+def freeze_startup_heap() -> bool:
+    """Collect garbage, then ``gc.freeze()`` every object left (unless
+    ``SPLITSERVE_GC_FREEZE=0``): the collector's full passes skip them from then on. Only for a
+    process that serves what it has built for its life (see ``AsyncEngine``'s ``freeze_heap``).
+    True when it froze."""
+    if not env.SPLITSERVE_GC_FREEZE.get():
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
+
+
 class AsyncEngine:
     """Streaming front of one engine; safe to call from any asyncio loop."""
 
@@ -117,9 +129,8 @@ class AsyncEngine:
             # a layer-wise streamed offer leaves mid-step, before the forward that computes
             # its KV
             self.engine.on_early_output = lambda out: self._deliver(out.request_id, out)
-            if freeze_heap and env.SPLITSERVE_GC_FREEZE.get():
-                gc.collect()
-                gc.freeze()
+            if freeze_heap:
+                freeze_startup_heap()
             self._stats = self.engine.stats()
         except BaseException as e:
             failed.append(e)

@@ -156,4 +156,6 @@ def test_http_image_chat_through_the_cluster(cluster, image_token) -> None:
     llm_workers = [w for w in workers if w["role"] in ("prefill", "decode") and w["healthy"]]
     assert len(llm_workers) == 2 and all(w["formats"]["dtype"] == "float32" for w in llm_workers)
     assert all(w["formats"] == {} for w in workers if w["role"] == "encode")
+    # each worker's process froze its heap once its model was built (SPLITSERVE_GC_FREEZE)
+    assert all(w["gc_frozen_objects"] > 10_000 for w in workers if w["healthy"]), workers
     assert 'splitserve:encoder_cache_hits_total{role="encode"' in text

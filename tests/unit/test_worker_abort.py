@@ -53,6 +53,8 @@ async def test_abort_before_submit_stops_the_request(tiny_model_dir) -> None:
         assert outs[-1].outputs[0].finish_reason == "abort"
         assert sum(len(o.outputs[0].token_ids) for o in outs) < LONG.max_tokens
         assert "r1" not in worker._early_aborts  # used once
+        # built in this (test) process, not by the launcher: its heap is not frozen
+        assert (await worker.stats())["gc_frozen_objects"] == 0
         await asyncio.wait_for(_until(lambda: _free(worker)), HANG_GUARD_S)
         # a later request with another id is not touched
         outs = await _collect(worker.generate("r2", [3, 4, 5], SamplingParams(

@@ -673,13 +673,12 @@ static inline __attribute__((always_inline)) int run_item(
                 accumulate_heads(ah, ph, n, (const char *)wide, wide_stride, hi - lo, F32, D, group);
                 continue;
             }
-            if (accumulate_group(acc + kh * group * D, scores + kh * group * n + (lo - start), n,
-                                 rows, rs, hi - lo, kv_dtype, D, group))
+            if (accumulate_group(ah, ph, n, rows, rs, hi - lo, kv_dtype, D, group))
                 continue;
             if (widen) widen_rows(rows, rs, hi - lo, wide, D);
             for (int64_t g = 0; g < group; g++) {
-                float *a = acc + (kh * group + g) * D;
-                const float *p = scores + (kh * group + g) * n + (lo - start);
+                float *a = ah + g * D;
+                const float *p = ph + g * n;
                 if (widen)
                     accumulate_rows(a, p, (const char *)wide, wide_stride, hi - lo, F32, D);
                 else

@@ -47,16 +47,13 @@ class _Stream:
     """Aborted before its "add" went: the abort follows the add, not precedes it."""
 
 
-def freeze_startup_heap() -> bool:
+def freeze_startup_heap() -> None:
     """Collect garbage, then ``gc.freeze()`` every object left (unless
     ``SPLITSERVE_GC_FREEZE=0``): the collector's full passes skip them from then on. Only for a
-    process that serves what it has built for its life (see ``AsyncEngine``'s ``freeze_heap``).
-    True when it froze."""
-    if not env.SPLITSERVE_GC_FREEZE.get():
-        return False
-    gc.collect()
-    gc.freeze()
-    return True
+    process that serves what it has built for its life (see ``AsyncEngine``'s ``freeze_heap``)."""
+    if env.SPLITSERVE_GC_FREEZE.get():
+        gc.collect()
+        gc.freeze()
 
 
 class AsyncEngine:

@@ -3,7 +3,9 @@
 Owns the whole experiment and its verdict; it changes nothing in the system under test.
 
 1. Start a local cluster (default 1 prefill + 2 decode; ``--multimodal``: plus 1 encode worker
-   and a tiny LLaVA model, and some requests carry images) behind the real HTTP frontend.
+   and a tiny LLaVA model, and some requests carry images) behind the real HTTP frontend, in
+   float32 unless ``--dtype`` / ``--quantization`` / ``--kv-cache-dtype`` say otherwise (the
+   reference engine of step 4 takes the same; both servers' ``/version`` must agree).
 2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
    workload (streaming and not, greedy and seeded, short and long prompts, n > 1, a quarter
    with penalties, a logit bias, an allow-list or bad words; a fifth of the completions with
@@ -23,6 +25,8 @@ leaked_blocks, stranded_leases, p99_latency_s_faulty, p99_latency_s_quiet`` and 
 1 on any mismatch, leak, stranded lease, lost request, unexpected status or unrestored worker.
 
     .venv/bin/python bench/soak.py --duration 600 --kill-every 6      # also: make soak
+    .venv/bin/python bench/soak.py --duration 120 --dtype auto --quantization w4a8 \
+        --kv-cache-dtype fp8                                          # formats past fp32
 """
 
 from __future__ import annotations
@@ -88,6 +92,14 @@ class SoakConfig:
     seed: int = 0
     model: str | None = None
     """Model folder (None: a tiny random model made for the run)."""
+    dtype: str = "float32"
+    """Activations and float weights of every worker and of the reference engine
+    (``ClusterConfig.dtype``; ``auto``: bfloat16 where the processor has it natively)."""
+    quantization: str = "none"
+    """Weight format (``ClusterConfig.quantization``: ``int4``, ``int8``, ``w4a8``...)."""
+    kv_cache_dtype: str = "auto"
+    """KV cache elements (``ClusterConfig.kv_cache_dtype``: ``fp8`` moves fp8 blocks between
+    the workers)."""
     max_503_wait_s: float = 300.0
     """A request still refused with 503 after this long counts as lost. Replacing a killed
     worker (a new Ray actor loading the model) takes seconds on a quiet machine but can take
@@ -103,6 +115,13 @@ class SoakConfig:
             raise ValueError("need >= 1 prefill, >= 1 decode worker and concurrency >= 1")
         if self.reference_concurrency < 1:
             raise ValueError("reference concurrency must be >= 1")
+
+    @property
+    def formats(self) -> dict[str, str]:
+        """The numeric formats, the same for the cluster and for the reference engine (its
+        outputs are the cluster's only when both compute alike)."""
+        return {"dtype": self.dtype, "quantization": self.quantization,
+                "kv_cache_dtype": self.kv_cache_dtype}
 
     @property
     def quiet_phase_s(self) -> float:
@@ -524,6 +543,19 @@ def _models(cfg: SoakConfig, tmp: Path) -> str:
     return str(make_tiny_llama(tmp / "tiny-llama", tok))
 
 
+FORMAT_KEYS = ("dtype", "quantization", "kv_cache_dtype", "weight_formats")
+"""What ``/version`` says of the numeric formats served: the cluster's and the reference
+engine's must agree (else a mismatch could be a format difference, not a fault)."""
+
+
+def served_formats(base_url: str) -> dict[str, Any]:
+    """``FORMAT_KEYS`` of a server's ``/version`` (over HTTP, as a client reads them)."""
+    import httpx
+
+    version = httpx.get(f"{base_url}/version", timeout=30.0).raise_for_status().json()
+    return {k: version.get(k) for k in FORMAT_KEYS}
+
+
 def _p99(values: Sequence[float]) -> float | None:
     if not values:
         return None
@@ -549,10 +581,13 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         encode = 1 if cfg.multimodal else 0
         cluster = Cluster.local(prefill=cfg.prefill, decode=cfg.decode, encode=encode,
                                 model=model, max_model_len=MAX_MODEL_LEN,
-                                kv_cache_memory_bytes=64 << 20, runtime=cfg.runtime)
+                                kv_cache_memory_bytes=64 << 20, runtime=cfg.runtime,
+                                **cfg.formats)
         wanted = {"prefill": cfg.prefill, "decode": cfg.decode, **({"encode": 1} if encode else {})}
         killer = Killer(cluster, cfg.kill_every_s, rng)
         with _serve(ClusterBackend(cluster)) as server:
+            formats = served_formats(server.http_url)
+            log(f"cluster formats {formats}")
             vocab = int(cluster.tokenizer.vocab_size)
             outcomes = _phases(server.http_url, cfg, vocab, rng, killer)
             log(f"{len(outcomes)} requests sent; waiting for the worker set {wanted}")
@@ -567,13 +602,20 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         log(f"reference run of {len(completed)} requests on a fault-free single engine, "
             f"{cfg.reference_concurrency} at a time")
         reference_backend = EngineBackend.from_config(model=model, max_model_len=MAX_MODEL_LEN,
-                                                      kv_cache_memory_bytes=256 << 20)
+                                                      kv_cache_memory_bytes=256 << 20,
+                                                      **cfg.formats)
         with _serve(reference_backend) as ref_server:
+            reference_formats = served_formats(ref_server.http_url)
             reference = asyncio.run(reference_choices(
                 ref_server.http_url, [o.spec for o in completed], cfg.reference_concurrency))
         log("reference run done")
-    return summarize(cfg, outcomes, killer, replacements, restored, checks,
-                     compare(completed, reference))
+    summary = summarize(cfg, outcomes, killer, replacements, restored, checks,
+                        compare(completed, reference))
+    summary["formats"] = formats
+    summary["reference_formats"] = reference_formats
+    if formats != reference_formats:
+        summary["ok"] = False
+    return summary
 
 
 def _phases(url: str, cfg: SoakConfig, vocab: int, rng: random.Random,
@@ -679,6 +721,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="requests in flight in the fault-free reference run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model folder (default: tiny random)")
+    parser.add_argument("--dtype", default="float32",
+                        help="activations of every worker and the reference (auto: bf16 where native)")
+    parser.add_argument("--quantization", default="none", help="weights: none, int4, int8, w4a8")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--json", default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack on stderr
@@ -689,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      prefill=args.prefill, decode=args.decode, multimodal=args.multimodal,
                      runtime=args.runtime,
                      concurrency=args.concurrency, seed=args.seed, model=args.model,
-                     reference_concurrency=args.reference_concurrency)
+                     reference_concurrency=args.reference_concurrency, dtype=args.dtype,
+                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     summary = run_soak(cfg)
     text = json.dumps(summary, indent=2, default=str)
     print(text)

@@ -7,7 +7,9 @@ clean: every request that was neither aborted nor malformed completed with the s
 as on a fault-free single engine, malformed ones got 4xx, no 5xx but retried 503s, the worker
 set was restored, and ``check_integrity()`` found no leaked block or stranded lease on any
 live worker. The mechanism is asserted too: workers were killed and replaced. Run with the
-workers as Ray actors and as child processes (``runtime: processes``).
+workers as Ray actors and as child processes (``runtime: processes``), and once past float32
+(bfloat16 activations where native, w4a8 weights, an fp8 KV cache; ``/version`` of the cluster
+and of the reference engine must both say so).
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ pytestmark = pytest.mark.ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
-# The child-process runtime's run is in CI's extended tier (make test-extended): with both,
-# the default suite took 22-23 minutes on a 2-core Zen 3.
-@pytest.mark.parametrize("runtime", ["ray", pytest.param("processes", marks=pytest.mark.extended)])
-def test_soak_40_seconds(runtime: str) -> None:
+FORMATS_PAST_FP32 = {"dtype": "auto", "quantization": "w4a8", "kv_cache_dtype": "fp8"}
+"""bfloat16 activations where the processor has them (float32 elsewhere), int4 weights with
+8-bit activation rows, an fp8 KV cache: fp8 blocks move between the workers."""
+
+
+# The child-process runtime's run and the formats run are in CI's extended tier (make
+# test-extended): with the processes run, the default suite took 22-23 minutes on a 2-core Zen 3.
+@pytest.mark.parametrize(("runtime", "formats"), [
+    ("ray", {}),
+    pytest.param("processes", {}, marks=pytest.mark.extended),
+    pytest.param("ray", FORMATS_PAST_FP32, marks=pytest.mark.extended, id="ray-w4a8-fp8kv"),
+])
+def test_soak_40_seconds(runtime: str, formats: dict[str, str]) -> None:
     import soak  # bench/soak.py
 
     # 40 s on each runtime (serve's colocated default runs its worker as a process), a kill
@@ -35,9 +46,16 @@ def test_soak_40_seconds(runtime: str) -> None:
     # Zen 3 and the suite 20:46; the default suite stays under 20 minutes, make soak runs the
     # long one.
     cfg = soak.SoakConfig(duration_s=40, kill_every_s=8, quiet_s=10, concurrency=4, seed=13,
-                          runtime=runtime)
+                          runtime=runtime, **formats)
     summary = soak.run_soak(cfg)
     brief = {k: v for k, v in summary.items() if k != "examples"}
+    # the workers and the reference engine served the asked formats, the same ones
+    assert summary["formats"] == summary["reference_formats"], brief
+    want_kv = "float8_e4m3fn" if formats.get("kv_cache_dtype") == "fp8" else "float32"
+    assert summary["formats"]["kv_cache_dtype"] == want_kv, brief
+    assert summary["formats"]["quantization"] == formats.get("quantization", "none"), brief
+    if formats.get("quantization") == "w4a8":
+        assert summary["formats"]["weight_formats"].get("int4:a8", 0) > 0, brief
     assert summary["kills"] >= 4 and summary["replacements"] >= summary["kills"] - 1, brief
     assert summary["completed"] > 20 and summary["aborted"] > 0 and summary["malformed"] > 0
     assert summary["responses_api"] > 0, brief  # some turns went through /v1/responses

@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -q --durations=30
 
 test-extended: setup
-	$(PY) -m pytest -q -m "extended and not gpu" --durations=10
+	$(PY) -m pytest -q -m "(extended or slow) and not gpu" --durations=10
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

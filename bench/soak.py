@@ -75,6 +75,8 @@ class SoakConfig:
     quiet_s: float | None = None
     """Length of the fault-free phase before it (None: a fifth of the duration, 10-60 s)."""
     prefill: int = 1
+    """Prefill workers; 0: colocated, each decode worker prefills its own prompts (what
+    ``splitserve serve`` starts on a machine with fewer devices than roles)."""
     decode: int = 2
     runtime: str = "ray"
     """``ClusterConfig.runtime``: Ray actors, or child processes of this one (``processes``)."""
@@ -100,6 +102,10 @@ class SoakConfig:
     kv_cache_dtype: str = "auto"
     """KV cache elements (``ClusterConfig.kv_cache_dtype``: ``fp8`` moves fp8 blocks between
     the workers)."""
+    speculative_config: dict[str, Any] | None = None
+    """The decode workers' ``speculative_config`` (``{"method": "ngram", ...}``). The
+    reference engine does not speculate: speculation is exact, so every output must still
+    equal decoding one token at a time."""
     max_503_wait_s: float = 300.0
     """A request still refused with 503 after this long counts as lost. Replacing a killed
     worker (a new Ray actor loading the model) takes seconds on a quiet machine but can take
@@ -111,8 +117,8 @@ class SoakConfig:
             raise ValueError("duration and kill_every must be > 0")
         if not 0 <= self.abort_fraction + self.malformed_fraction < 1:
             raise ValueError("abort + malformed fractions must be in [0, 1)")
-        if self.prefill < 1 or self.decode < 1 or self.concurrency < 1:
-            raise ValueError("need >= 1 prefill, >= 1 decode worker and concurrency >= 1")
+        if self.prefill < 0 or self.decode < 1 or self.concurrency < 1:
+            raise ValueError("need >= 0 prefill, >= 1 decode worker and concurrency >= 1")
         if self.reference_concurrency < 1:
             raise ValueError("reference concurrency must be >= 1")
 
@@ -556,6 +562,28 @@ def served_formats(base_url: str) -> dict[str, Any]:
     return {k: version.get(k) for k in FORMAT_KEYS}
 
 
+def _speculation(cfg: SoakConfig) -> dict[str, Any]:
+    """Cluster overrides that make the decode workers speculate (none without a config)."""
+    if cfg.speculative_config is None:
+        return {}
+    return {"roles": {"decode": {"speculative_config": cfg.speculative_config}}}
+
+
+def spec_counters(cluster: Any) -> dict[str, int]:
+    """Speculative-decoding counters summed over the live decode workers (drafts proposed and
+    accepted): the mechanism ran, not only its outputs matched."""
+    get = cluster.launcher.get
+    totals: dict[str, int] = {}
+    for h in list(cluster.workers.values()):
+        if not (h.healthy and h.role == "decode"):
+            continue
+        stats = get(h.actor.stats.remote(), 60.0)
+        for key, value in stats.items():
+            if key.startswith("spec_decode_") and isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 def _p99(values: Sequence[float]) -> float | None:
     if not values:
         return None
@@ -582,14 +610,22 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         cluster = Cluster.local(prefill=cfg.prefill, decode=cfg.decode, encode=encode,
                                 model=model, max_model_len=MAX_MODEL_LEN,
                                 kv_cache_memory_bytes=64 << 20, runtime=cfg.runtime,
-                                **cfg.formats)
-        wanted = {"prefill": cfg.prefill, "decode": cfg.decode, **({"encode": 1} if encode else {})}
+                                **cfg.formats, **_speculation(cfg))
+        counts = {"prefill": cfg.prefill, "decode": cfg.decode, "encode": encode}
+        wanted = {role: n for role, n in counts.items() if n}
         killer = Killer(cluster, cfg.kill_every_s, rng)
         with _serve(ClusterBackend(cluster)) as server:
             formats = served_formats(server.http_url)
             log(f"cluster formats {formats}")
             vocab = int(cluster.tokenizer.vocab_size)
-            outcomes = _phases(server.http_url, cfg, vocab, rng, killer)
+            quiet_spec: dict[str, int] = {}
+
+            def after_quiet() -> None:
+                if cfg.speculative_config is not None:
+                    quiet_spec.update(spec_counters(cluster))
+                    log(f"speculation in the quiet phase: {quiet_spec}")
+
+            outcomes = _phases(server.http_url, cfg, vocab, rng, killer, after_quiet)
             log(f"{len(outcomes)} requests sent; waiting for the worker set {wanted}")
             restored = wait_restored(cluster, wanted, timeout_s=240,
                                      killed=[k["worker"] for k in killer.kills])
@@ -613,17 +649,23 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                         compare(completed, reference))
     summary["formats"] = formats
     summary["reference_formats"] = reference_formats
+    if cfg.speculative_config is not None:
+        summary["speculation_quiet_phase"] = quiet_spec
+        if not quiet_spec.get("spec_decode_num_accepted_tokens"):
+            summary["ok"] = False  # nothing was speculated: the run checked nothing of it
     if formats != reference_formats:
         summary["ok"] = False
     return summary
 
 
 def _phases(url: str, cfg: SoakConfig, vocab: int, rng: random.Random,
-            killer: Killer) -> list[Outcome]:
+            killer: Killer, after_quiet: Any = None) -> list[Outcome]:
     async def both() -> list[Outcome]:
         log(f"quiet phase {cfg.quiet_phase_s:g} s")
         quiet = await drive(url, cfg, vocab, time.monotonic() + cfg.quiet_phase_s, "quiet",
                             rng, 0)
+        if after_quiet is not None:  # before any kill: the workers that served it are alive
+            await asyncio.to_thread(after_quiet)
         log(f"faulty phase {cfg.duration_s:g} s, a SIGKILL every {cfg.kill_every_s:g} s")
         chaos = asyncio.create_task(killer.run())
         try:
@@ -710,7 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="faulty phase, seconds")
     parser.add_argument("--kill-every", type=float, default=6.0, help="SIGKILL period, seconds")
     parser.add_argument("--quiet", type=float, default=None, help="fault-free phase, seconds")
-    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--prefill", type=int, default=1,
+                        help="prefill workers (0: colocated, as serve's default on one machine)")
     parser.add_argument("--decode", type=int, default=2)
     parser.add_argument("--runtime", choices=["ray", "processes"], default="ray",
                         help="workers as Ray actors or as child processes (no Ray)")
@@ -725,6 +768,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="activations of every worker and the reference (auto: bf16 where native)")
     parser.add_argument("--quantization", default="none", help="weights: none, int4, int8, w4a8")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e4m3, fp8_e5m2")
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='the decode workers\' speculative_config (JSON, e.g. '
+                             '\'{"method": "ngram", "num_speculative_tokens": 4}\'); the '
+                             'reference engine does not speculate')
     parser.add_argument("--json", default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: every thread's stack on stderr
@@ -736,7 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      runtime=args.runtime,
                      concurrency=args.concurrency, seed=args.seed, model=args.model,
                      reference_concurrency=args.reference_concurrency, dtype=args.dtype,
-                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                     quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                     speculative_config=args.speculative_config)
     summary = run_soak(cfg)
     text = json.dumps(summary, indent=2, default=str)
     print(text)

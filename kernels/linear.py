@@ -68,7 +68,13 @@ import torch.nn.functional as F
 from splitserve import env
 from splitserve.kernels import native
 from splitserve.kernels.cpu_features import bf16_support
-from splitserve.kernels.quant import QuantizedWeight, int4_packable, pack_int4_codes
+from splitserve.kernels.quant import (
+    INT4_ROW_MULTIPLE,
+    QuantizedWeight,
+    int4_packable,
+    pack_int4_codes,
+    pad_rows,
+)
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -356,6 +362,9 @@ class Int4Matmul:
         why = int4_packable(qw.shape, qw.group_size)
         if why is not None:
             raise ValueError(f"int4 weight {tuple(qw.shape)} cannot be packed: {why}")
+        self.rows = int(qw.shape[0])
+        """Output features; the packing holds them padded to a multiple of 16 rows."""
+        qw = pad_rows(qw, INT4_ROW_MULTIPLE)
         assert qw.zeros is not None
         self.group_size = qw.group_size
         codes = qw.codes()
@@ -370,7 +379,7 @@ class Int4Matmul:
         self.scale_zeros = self.scale_zeros.contiguous()
         self._expand: tuple[int, Tensor, Tensor] | None = None
         block = _int4pack_block()
-        if block and qw.shape[0] % block == 0:
+        if block and self.rows % block == 0:  # (a padded weight is not expanded)
             n, k = qw.shape
             # per (row block, group, row in block): the kernel's own bf16 scale and zero,
             # as float32 ``w = q * scale + (zero - 8 * scale)``
@@ -383,6 +392,8 @@ class Int4Matmul:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             _to_act(x), self.packed, self.group_size, self.scale_zeros
         )
+        if y.shape[-1] != self.rows:  # the padding rows' outputs
+            y = y[..., : self.rows].contiguous()
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     expand_cost = 1

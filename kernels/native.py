@@ -752,7 +752,9 @@ INT4_GROUP = 32
 """Values per group of the native int4 kernel (larger groups are served with their scales
 repeated per 32)."""
 INT4_BLOCK = 16
-"""Output rows per block of a packed int4 weight (its N must be a multiple)."""
+"""Output rows per block of a packed int4 / int8 weight. A weight whose N is not a multiple
+(a vocabulary of 49,153 or 50,257 tokens) is packed with zero rows up to the next one; the
+kernel computes them and stores only the N real outputs (vLLM pads its vocabulary so too)."""
 _INT4_GROUP_BYTES = INT4_BLOCK * INT4_GROUP // 2 + 2 * INT4_BLOCK * 2
 
 
@@ -767,20 +769,34 @@ def int4_unpackable(shape: tuple[int, int], group_size: int) -> str | None:
     """Why ``int4_matmul`` cannot take a [N, K] int4 weight in groups of ``group_size`` (None
     when it can)."""
     n, k = shape
+    if n < 1:
+        return f"N={n}: no output row"
     if group_size % INT4_GROUP or k % group_size:
         return f"group size {group_size} is not a multiple of {INT4_GROUP} dividing K={k}"
-    if n % INT4_BLOCK:
-        return f"N={n} is not a multiple of {INT4_BLOCK}"
     return None
+
+
+def padded_rows(n: int) -> int:
+    """N rounded up to whole blocks of ``INT4_BLOCK`` output rows (what a packed weight holds)."""
+    return -(-n // INT4_BLOCK) * INT4_BLOCK
+
+
+def _pad_rows(t: Tensor) -> Tensor:
+    """``t`` [N, ...] with zero rows appended up to ``padded_rows(N)`` (itself when whole)."""
+    n = t.shape[0]
+    extra = padded_rows(n) - n
+    return t if extra == 0 else torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
 
 
 def pack_int4_weight(codes: Tensor, scales: Tensor, offsets: Tensor, group_size: int) -> Tensor:
     """An int4 weight as ``int4_matmul`` reads it: codes uint8 [N, K] in [0, 15], ``w = codes *
     scales + offsets`` per group (both float [N, K / group_size]). Flat uint8: per block of 16
     output rows and group of 32, 256 bytes of codes (chunk t of 64 bytes, byte 4j + i:
-    q[j, 8t + i] | q[j, 8t + 4 + i] << 4), then the 16 scales and 16 offsets as float16.
-    Raises ValueError when the shape is not served or a scale does not fit float16."""
+    q[j, 8t + i] | q[j, 8t + 4 + i] << 4), then the 16 scales and 16 offsets as float16; N
+    padded with zero rows to whole blocks. Raises ValueError when the shape is not served or a
+    scale does not fit float16."""
     nb, g = _blocks_and_groups(codes.shape, group_size)
+    codes, scales, offsets = _pad_rows(codes), _pad_rows(scales), _pad_rows(offsets)
     # k = 8t + 4s + i (s: high nibble) -> [block, group, t, row, s, i]
     q = codes.to(torch.uint8).view(nb, INT4_BLOCK, g, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
     packed_codes = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(nb, g, 256)
@@ -795,7 +811,7 @@ def _blocks_and_groups(shape: torch.Size, group_size: int) -> tuple[int, int]:
     why = int4_unpackable((n, k), group_size)
     if why is not None:
         raise ValueError(why)
-    return n // INT4_BLOCK, k // INT4_GROUP
+    return padded_rows(n) // INT4_BLOCK, k // INT4_GROUP
 
 
 def _scales_per_block(t: Tensor, group_size: int, what: str) -> Tensor:
@@ -816,9 +832,10 @@ def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int) -> Tensor:
     """An int8 weight as ``int8_matmul`` reads it: codes int8 [N, K], ``w = codes * scales``
     per group (float [N, K / group_size]; a whole row for per-channel int8). Flat uint8: per
     block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32 bytes: byte
-    2j + e = q[j, 2t + e]), then the 16 scales as float16. Raises ValueError when the shape
-    is not served or a scale does not fit float16."""
+    2j + e = q[j, 2t + e]), then the 16 scales as float16; N padded with zero rows to whole
+    blocks. Raises ValueError when the shape is not served or a scale does not fit float16."""
     nb, g = _blocks_and_groups(codes.shape, group_size)
+    codes, scales = _pad_rows(codes), _pad_rows(scales)
     q = codes.view(torch.uint8).view(nb, INT4_BLOCK, g, 16, 2).permute(0, 2, 3, 1, 4)
     return torch.cat([q.reshape(nb, g, 512), _scales_per_block(scales, group_size, "scale")],
                      -1).reshape(-1).contiguous()
@@ -863,7 +880,7 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
     if bits not in (4, 8, 4 | ACT8, 8 | ACT8):
         raise KernelInputError(f"quant_matmul takes bits 4 or 8, either | ACT8, got {bits}")
     per_group = _INT4_GROUP_BYTES if wbits == 4 else _INT8_GROUP_BYTES
-    if packed.numel() * INT4_BLOCK * INT4_GROUP != n * k * per_group:
+    if packed.numel() * INT4_BLOCK * INT4_GROUP != padded_rows(n) * k * per_group:
         raise KernelInputError(f"packed int{wbits} weight of {n} x {k} values expected, got "
                                f"{packed.numel()} bytes")
     assert lib is not None and x.dtype in _DTYPES, "quantized matmul operands"

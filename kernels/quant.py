@@ -38,7 +38,9 @@ KINDS = ("int4", "int8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's packed int4 matmul takes."""
 INT4_ROW_MULTIPLE = 16
-"""torch's int4 packing needs the output dimension to be a multiple of this."""
+"""torch's int4 packing needs the output dimension to be a multiple of this: a weight whose N
+is not one is packed with zero rows up to it, its extra outputs dropped (``kernels/linear.py``,
+as the native kernel's packing pads; vLLM pads its vocabulary so)."""
 
 _warned: set[str] = set()
 
@@ -251,12 +253,28 @@ def quantize_int8(w: Tensor, dtype: torch.dtype | None = None) -> QuantizedWeigh
 
 
 def int4_packable(shape: Sequence[int], group_size: int) -> str | None:
-    """Why torch's packed int4 matmul cannot take a [N, K] weight (None when it can)."""
+    """Why the packed int4 matmuls cannot take a [N, K] weight (None when they can): K must
+    split into whole groups; any N is taken (padded to ``INT4_ROW_MULTIPLE`` rows)."""
     n, k = shape
     if group_size not in INT4_GROUP_SIZES:
         return f"group size {group_size} is not one of {INT4_GROUP_SIZES}"
+    if n < 1:
+        return f"N={n}: no output row"
     if k % group_size:
         return f"K={k} is not divisible by the group size {group_size}"
-    if n % INT4_ROW_MULTIPLE:
-        return f"N={n} is not a multiple of {INT4_ROW_MULTIPLE}"
     return None
+
+
+def pad_rows(qw: QuantizedWeight, multiple: int) -> QuantizedWeight:
+    """``qw`` with zero rows (codes, scales and zeros 0: weights 0) appended up to a multiple
+    of ``multiple`` output rows; itself when it has one."""
+    n = qw.shape[0]
+    extra = -(-n // multiple) * multiple - n
+    if extra == 0:
+        return qw
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
+
+    return replace(qw, qdata=pad(qw.qdata), scales=pad(qw.scales),
+                   zeros=None if qw.zeros is None else pad(qw.zeros))

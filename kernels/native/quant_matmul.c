@@ -69,7 +69,8 @@ static inline float half_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu;
     if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13)); /* inf, NaN */
     if (e != 0) return bits_f32(sign | ((e + 112) << 23) | (m << 13));
-    return bits_f32(sign) + (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
+    const float mag = (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24, exact */
+    return sign ? -mag : mag; /* (-0.0f + mag would drop the sign) */
 }
 
 /* Row of x (K values, float32 or bf16) -> qx[K], dx[G], sx[G]. Rounding by the 1.5 * 2^23
@@ -121,9 +122,15 @@ static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *r
     }
 }
 
-static inline void store_row(void *y, int dtype, int64_t y_stride, int64_t m, int64_t n0,
-                             const float *v)
+/* Row m's outputs n0 .. n0 + 15 from v, those below n_end (N): a last block of a weight
+ * whose N is not a multiple of 16 holds padding rows, computed and never stored. */
+static inline void store_row(void *y, int dtype, int64_t y_stride, int64_t n_end, int64_t m,
+                             int64_t n0, const float *v)
 {
+    if (n0 + QB > n_end) { /* the last, partial block */
+        for (int64_t j = 0; n0 + j < n_end; j++) store_elem(y, dtype, m * y_stride + n0 + j, v[j]);
+        return;
+    }
     if (dtype == F32) {
         memcpy((float *)y + m * y_stride + n0, v, sizeof(float) * QB);
         return;
@@ -171,7 +178,7 @@ static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 /* Rows [m0, m0 + R) of the output x blocks [b0, b0 + NB) (16 output rows each); BITS 4 or 8. */
 static inline __attribute__((always_inline)) void tile(
     const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
+    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
     const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
@@ -293,7 +300,7 @@ static inline __attribute__((always_inline)) void tile(
         for (int b = 0; b < NB; b++) {
             float out[QB];
             _mm512_storeu_ps(out, acc[r][b]);
-            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+            store_row(y, ydt, y_stride, n_end, m0 + r, (b0 + b) * QB, out);
         }
 }
 
@@ -301,7 +308,7 @@ static inline __attribute__((always_inline)) void tile(
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
     const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0, const int R,
+    const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
     const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
@@ -364,7 +371,7 @@ static inline __attribute__((always_inline)) void tile(
             float out[QB];
             _mm256_storeu_ps(out, acc[r][0]);
             _mm256_storeu_ps(out + 8, acc[r][1]);
-            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+            store_row(y, ydt, y_stride, n_end, m0 + r, (b0 + b) * QB, out);
         }
     }
 }
@@ -372,7 +379,7 @@ static inline __attribute__((always_inline)) void tile(
 #else
 /* Scalar: the same integer sums and the same fused multiply-adds per group. */
 static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                 const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t m0,
+                 const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0,
                  const int R, const int NB)
 {
     const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
@@ -409,7 +416,7 @@ static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t 
                 }
                 out[j] = acc;
             }
-            store_row(y, ydt, y_stride, m0 + r, (b0 + b) * QB, out);
+            store_row(y, ydt, y_stride, n_end, m0 + r, (b0 + b) * QB, out);
         }
 }
 #endif
@@ -417,7 +424,7 @@ static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t 
 /* Rows [m_lo, m_hi) x blocks [b_lo, b_hi): tiles of MT rows x 2 blocks (constants inlined). */
 static inline __attribute__((always_inline)) void rows_blocks(
     const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-    const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo, int64_t m_hi,
+    const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo, int64_t m_hi,
     int64_t b_lo, int64_t b_hi)
 {
     for (int64_t b = b_lo; b < b_hi; b += NBMAX) {
@@ -425,44 +432,44 @@ static inline __attribute__((always_inline)) void rows_blocks(
         int64_t m = m_lo;
         for (; m + MT <= m_hi; m += MT)
             for (int64_t c = b; c < b + nb; c += 2) {
-                if (c + 2 <= b + nb) tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 2);
-                else tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, m, MT, 1);
+                if (c + 2 <= b + nb) tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 2);
+                else tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 1);
             }
         for (; m < m_hi; m++) {
-            if (nb == 4) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 4);
-            else if (nb == 3) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 3);
-            else if (nb == 2) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 2);
-            else tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, m, 1, 1);
+            if (nb == 4) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 4);
+            else if (nb == 3) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 3);
+            else if (nb == 2) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 2);
+            else tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 1);
         }
     }
 }
 
 static void rows_blocks4(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
                          int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(4, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(4, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
 }
 
 static void rows_blocks4a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
                            int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(4, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(4, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
 }
 
 static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
                          int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(8, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(8, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
 }
 
 static void rows_blocks8a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t m_lo,
+                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
                            int64_t m_hi, int64_t b_lo, int64_t b_hi)
 {
-    rows_blocks(8, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+    rows_blocks(8, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
 }
 
 #define ROW_CHUNK 32 /* rows of x per work item */
@@ -518,7 +525,7 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
 {
     const int A8 = (bits & QM_ACT8) != 0;
     bits &= ~QM_ACT8;
-    const int64_t G = K / QG, NBLK = N / QB;
+    const int64_t G = K / QG, NBLK = (N + QB - 1) / QB; /* the last block may be partial */
     if (M == 0) return 0;
     void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
     if (buf == NULL) return -1;
@@ -548,10 +555,10 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                 const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
                 const int64_t m_lo = mc * ROW_CHUNK;
                 const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-                if (A8 && bits == 4) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
-                else if (A8) rows_blocks8a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
-                else if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
-                else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, m_lo, m_hi, b_lo, b_hi);
+                if (A8 && bits == 4) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
+                else if (A8) rows_blocks8a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
+                else if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
+                else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
             }
         }
     }
@@ -560,7 +567,7 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
 }
 
 /* y [M, N] (float32 or bf16, rows y_stride apart) = f(x) @ W^T, W packed as above (bits 4 or
- * 8); K a multiple of 32, N of 16. f: the identity (x [M, K], rows x_stride apart); rms_norm
+ * 8); K a multiple of 32; N any (the packed weight padded to whole blocks of 16). f: the identity (x [M, K], rows x_stride apart); rms_norm
  * with its residual add (residual rows r_stride apart, x + residual written to res_out
  * [M, K]; no residual: x alone is normed); or silu / gelu_tanh(gate) * up of x = [gate | up]
  * [M, 2K]. 0, or -1 when scratch could not be had. */

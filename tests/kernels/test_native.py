@@ -273,9 +273,9 @@ q, cache, tables, ctx = _case(*CASES[3][:5])
 first_bf16 = native.paged_decode_attention(q, cache, tables, ctx, CASES[3][1] ** -0.5, *CASES[3][5:])
 from tests.kernels.test_native import _quant_operands
 i4, i8, qx = _quant_operands()
-quant = [native.int4_matmul(qx, i4, 48).tolist(), native.int8_matmul(qx, i8, 48).tolist(),
-         native.int4_lanes(), native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8).tolist(),
-         native.int8_matmul(qx, i8, 48, bits=8 | native.ACT8).tolist()]
+quant = [native.int4_matmul(qx, i4, 40).tolist(), native.int8_matmul(qx, i8, 40).tolist(),
+         native.int4_lanes(), native.int4_matmul(qx, i4, 40, bits=4 | native.ACT8).tolist(),
+         native.int8_matmul(qx, i8, 40, bits=8 | native.ACT8).tolist()]
 print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason, "first": first.float().tolist(),
                   "first_bf16": first_bf16.float().tolist(),
                   "calls": native.calls["paged_decode_attention"] - 2, "linear_err": lin_err,
@@ -297,11 +297,15 @@ def run_other_build(script: str, cflags: str, cache: Path) -> dict:  # type: ign
 
 
 def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An int4 and an int8 weight (48 x 96, packed) and 5 rows of activations."""
+    """An int4 and an int8 weight (40 x 96, packed: two whole blocks of 16 output rows and a
+    partial one) and 5 rows of activations."""
     g = torch.Generator().manual_seed(7)
-    codes4 = torch.randint(0, 16, (48, 96), generator=g, dtype=torch.uint8)
-    codes8 = torch.randint(-128, 128, (48, 96), generator=g, dtype=torch.int8)
-    scales, offsets = torch.rand(48, 3, generator=g) * 0.01, torch.randn(48, 3, generator=g) * 0.05
+    codes4 = torch.randint(0, 16, (40, 96), generator=g, dtype=torch.uint8)
+    codes8 = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
+    scales, offsets = torch.rand(40, 3, generator=g) * 0.01, torch.randn(40, 3, generator=g) * 0.05
+    # float16 subnormals of both signs (below 2^-14): the scalar build decodes them in C, and
+    # a negative one once came out positive there
+    offsets[22, 1], offsets[3, 0], scales[9, 2] = -2.3e-5, 4.1e-6, 3.0e-5
     return (native.pack_int4_weight(codes4, scales, offsets, 32),
             native.pack_int8_weight(codes8, scales, 32), torch.randn(5, 96, generator=g))
 
@@ -344,11 +348,11 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
     i4, i8, qx = _quant_operands()
     assert out["quant"][2] == 8 and native.int4_lanes() in (8, 16), out["quant"][2]
-    assert torch.equal(native.int4_matmul(qx, i4, 48), torch.tensor(out["quant"][0]))
-    assert torch.equal(native.int8_matmul(qx, i8, 48), torch.tensor(out["quant"][1]))
-    assert torch.equal(native.int4_matmul(qx, i4, 48, bits=4 | native.ACT8),
+    assert torch.equal(native.int4_matmul(qx, i4, 40), torch.tensor(out["quant"][0]))
+    assert torch.equal(native.int8_matmul(qx, i8, 40), torch.tensor(out["quant"][1]))
+    assert torch.equal(native.int4_matmul(qx, i4, 40, bits=4 | native.ACT8),
                        torch.tensor(out["quant"][3]))
-    assert torch.equal(native.int8_matmul(qx, i8, 48, bits=8 | native.ACT8),
+    assert torch.equal(native.int8_matmul(qx, i8, 40, bits=8 | native.ACT8),
                        torch.tensor(out["quant"][4]))
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them

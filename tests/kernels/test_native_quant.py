@@ -18,7 +18,9 @@ from splitserve.kernels.cpu_features import cpu_flags
 from splitserve.kernels.linear import Int4Matmul, Linear, NativeQuantMatmul
 from splitserve.kernels.quant import QuantizedWeight, quantize_int4, quantize_int8
 
-SHAPES = [(1, 64, 16), (3, 576, 48), (5, 96, 80), (7, 1536, 576), (33, 576, 960), (70, 128, 272)]
+SHAPES = [(1, 64, 16), (3, 576, 48), (5, 96, 80), (7, 1536, 576), (33, 576, 960), (70, 128, 272),
+          (4, 64, 1), (5, 96, 40), (9, 128, 1001)]
+"""(rows, K, N); the last three: N not a multiple of 16 (the last block partial)."""
 
 
 @pytest.fixture(autouse=True)
@@ -141,8 +143,8 @@ def test_bfloat16_in_and_out_and_non_finite_rows() -> None:
 
 def test_bad_operands_are_named() -> None:
     codes = torch.zeros(20, 64, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="N=20"):
-        native.pack_int4_weight(codes, torch.ones(20, 2), torch.zeros(20, 2), 32)
+    with pytest.raises(ValueError, match="N=0"):
+        native.pack_int4_weight(codes[:0], torch.ones(0, 2), torch.zeros(0, 2), 32)
     with pytest.raises(ValueError, match="group size 16"):
         native.pack_int4_weight(codes[:16], torch.ones(16, 4), torch.zeros(16, 4), 16)
     with pytest.raises(ValueError, match="float16"):
@@ -194,10 +196,10 @@ for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
 i4, i8, x = _quant_operands()
 print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
                   "attention": attention, "attention_calls": native.calls["paged_decode_attention"],
-                  "int4": native.int4_matmul(x, i4, 48).tolist(),
-                  "int8": native.int8_matmul(x, i8, 48).tolist(),
-                  "int4a8": native.int4_matmul(x, i4, 48, bits=4 | native.ACT8).tolist(),
-                  "int8a8": native.int8_matmul(x, i8, 48, bits=8 | native.ACT8).tolist()}))
+                  "int4": native.int4_matmul(x, i4, 40).tolist(),
+                  "int8": native.int8_matmul(x, i8, 40).tolist(),
+                  "int4a8": native.int4_matmul(x, i4, 40, bits=4 | native.ACT8).tolist(),
+                  "int8a8": native.int8_matmul(x, i8, 40, bits=8 | native.ACT8).tolist()}))
 """
 
 
@@ -227,12 +229,37 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
         here = native.paged_decode_attention(q, cache, tables, ctx, case[1] ** -0.5, *case[5:])
         assert torch.equal(here.float(), torch.tensor(got)), (cflags, case[:4])
     i4, i8, x = _quant_operands()
-    assert torch.equal(native.int4_matmul(x, i4, 48), torch.tensor(out["int4"]))
-    assert torch.equal(native.int8_matmul(x, i8, 48), torch.tensor(out["int8"]))
-    assert torch.equal(native.int4_matmul(x, i4, 48, bits=4 | native.ACT8),
+    assert torch.equal(native.int4_matmul(x, i4, 40), torch.tensor(out["int4"]))
+    assert torch.equal(native.int8_matmul(x, i8, 40), torch.tensor(out["int8"]))
+    assert torch.equal(native.int4_matmul(x, i4, 40, bits=4 | native.ACT8),
                        torch.tensor(out["int4a8"]))
-    assert torch.equal(native.int8_matmul(x, i8, 48, bits=8 | native.ACT8),
+    assert torch.equal(native.int8_matmul(x, i8, 40, bits=8 | native.ACT8),
                        torch.tensor(out["int8a8"]))
+
+
+@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8])
+def test_a_partial_last_block_gives_the_bits_of_a_whole_one(bits: int) -> None:
+    """N = 45: the weight is packed with 3 zero rows to 48; each output is the one a 48-row
+    weight holding the same 45 rows (and 3 others) gives it, bit for bit, and nothing more is
+    written (the result has 45 columns, float32 and bfloat16)."""
+    g = torch.Generator().manual_seed(5)
+    n, k = 45, 96
+    if bits & ~native.ACT8 == 4:
+        codes = torch.randint(0, 16, (48, k), generator=g, dtype=torch.uint8)
+        scales, offsets = torch.rand(48, 3, generator=g) * 0.01, torch.randn(48, 3, generator=g) * 0.05
+        odd = native.pack_int4_weight(codes[:n], scales[:n], offsets[:n], 32)
+        whole = native.pack_int4_weight(codes, scales, offsets, 32)
+    else:
+        codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
+        scales = torch.rand(48, 3, generator=g) * 0.01
+        odd = native.pack_int8_weight(codes[:n], scales[:n], 32)
+        whole = native.pack_int8_weight(codes, scales, 32)
+    assert odd.numel() == whole.numel()  # padded to the same 3 blocks
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(37, k, generator=g).to(dtype)  # MT tiles and a 1-row rest
+        y = native.quant_matmul(bits, x, odd, n)[0]
+        assert y.shape == (37, n) and y.dtype == dtype
+        assert torch.equal(y, native.quant_matmul(bits, x, whole, 48)[0][:, :n])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

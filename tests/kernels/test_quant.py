@@ -58,7 +58,8 @@ def test_pack_int4_codes_layout() -> None:
 def test_int4_packable_reasons() -> None:
     assert int4_packable((64, 256), 32) is None
     assert "divisible" in str(int4_packable((64, 48), 32))
-    assert "multiple of 16" in str(int4_packable((40, 64), 32))
+    assert int4_packable((40, 64), 32) is None  # any N: packed with zero rows to 48
+    assert "N=0" in str(int4_packable((0, 64), 32))
     assert "group size" in str(int4_packable((64, 64), 16))
 
 
@@ -102,10 +103,19 @@ def test_linear_quantized_handles_empty_and_3d() -> None:
     assert proj(torch.randn(2, 3, 64)).shape == (2, 3, 64)
 
 
-def test_linear_int4_shape_refused() -> None:
-    qw = quantize_int4(_w(40, 64), 32)  # 40 rows: not a multiple of 16
-    with pytest.raises(ValueError, match="multiple of 16"):
-        Linear(qw)
+@pytest.mark.parametrize("native_kernels", ["native", "torch"])
+def test_linear_int4_any_number_of_rows(native_kernels: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 output rows (a vocabulary of 49,153 alike): packed with zero rows to a multiple of
+    16, the extra outputs dropped; torch's packed kernel and the native one alike."""
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", native_kernels)
+    qw = quantize_int4(_w(40, 64), 32)
+    proj = Linear(qw)
+    x = torch.randn(3, 64)
+    y = proj(x)
+    assert y.shape == (3, 40) and y.is_contiguous()
+    torch.testing.assert_close(y, x @ qw.dequantize().T, atol=2e-2, rtol=2e-2)
+
 
 
 # --------------------------------------------------------------------------- tensor-like
@@ -169,8 +179,18 @@ def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     assert codes.shape == (rows, k)
 
 
-def test_gguf_int4_rows_not_packable_fall_back(caplog: pytest.LogCaptureFixture) -> None:
-    raw = _random_blocks("Q4_0", 8, 64)  # 8 rows: the int4 packing needs 16
+def test_gguf_int4_rows_not_a_multiple_of_16_keep_their_codes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = _random_blocks("Q4_0", 8, 64)  # 8 rows: packed with zero rows to one block of 16
     with caplog.at_level(logging.WARNING):
-        assert gguf_weight("blk.0.odd", "Q4_0", raw, 8, torch.float32) is None
-    assert "blk.0.odd" in caplog.text
+        qw = gguf_weight("blk.0.odd", "Q4_0", raw, 8, torch.float32)
+    assert qw is not None and qw.kind == "int4" and "blk.0.odd" not in caplog.text
+    ref = dequantize(raw, GGMLQuantizationType["Q4_0"]).reshape(8, 64)
+    np.testing.assert_allclose(qw.dequantize().numpy(), ref, rtol=1e-5, atol=1e-6)
+    y = Linear(qw)(torch.ones(2, 64))
+    torch.testing.assert_close(y, torch.ones(2, 64) @ torch.from_numpy(ref).T, rtol=2e-2,
+                               atol=2e-2)

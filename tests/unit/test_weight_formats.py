@@ -98,6 +98,35 @@ def test_int4_refuses_a_shape_naming_the_layer(tmp_path: Path, tokenizer_dir: Pa
     LLM(str(folder), quantization="int8", num_kv_blocks=8)  # per channel: any shape
 
 
+@pytest.mark.parametrize("quantization", ["int4", "w4a8", "int8"])
+def test_a_vocabulary_not_a_multiple_of_16_is_quantized_too(
+    tmp_path: Path, tokenizer_dir: Path, quantization: str
+) -> None:
+    """49,153 tokens (a LLaVA's added image token; GPT-2 has 50,257): the head is served
+    quantized (packed with zero rows to whole blocks of 16, the padding's logits never
+    stored), not refused, and its logits are the dequantized weights' (vLLM pads its
+    vocabulary so)."""
+    from tests.utils import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "odd-vocab", tokenizer_dir, vocab=49153)
+    fmt = WeightFormat(quantization)
+    loaded = load_model(folder, torch.float32, fmt)
+    head = loaded.weights["lm_head.weight"]
+    assert isinstance(head, QuantizedWeight) and tuple(head.shape) == (49153, 64)
+    reference = {k: v.dequantize() if isinstance(v, QuantizedWeight) else v
+                 for k, v in loaded.weights.items()}
+    got = _logits(loaded.config, loaded.weights, PROMPT)
+    want = _logits(loaded.config, reference, PROMPT)
+    assert got.shape == (49153,)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.999
+    llm = LLM(str(folder), quantization=quantization, num_kv_blocks=16)
+    formats = llm.engine.info()["weight_formats"]
+    assert formats.get("int4:a8" if quantization == "w4a8" else quantization) == 2 * 7 + 1
+    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                logprobs=2))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 def test_bad_options_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="quantization must be one of .*w4a8.*int3"):
         LLM(quantization="int3")

@@ -8,7 +8,11 @@ Owns the whole experiment and its verdict; it changes nothing in the system unde
    reference engine of step 4 takes the same; both servers' ``/version`` must agree).
 2. Quiet phase (no faults) to measure p99 latency, then the faulty phase: a steady mixed
    workload (streaming and not, greedy and seeded, short and long prompts, n > 1, a quarter
-   with penalties, a logit bias, an allow-list or bad words; a fifth of the completions with
+   with penalties, a logit bias, an allow-list or bad words, a tenth with stop strings, stop
+   ids or min_tokens and a tenth with a JSON schema, regex or choice grammar
+   (``structured_outputs``); 15% of the token-prompt completions through the gRPC API
+   instead (its ``AsyncClient``, streamed; replayed through the reference's gRPC API); a
+   fifth of the completions with
    prompt logprobs or echo, some of those with max_tokens 0; some chat turns through the
    Responses API, whole or streamed as its events) in which
    10% of requests are aborted by the client at a random point and 5% are malformed, while a
@@ -54,6 +58,13 @@ if str(ROOT) not in sys.path:  # tests.utils makes the tiny models
 
 MAX_MODEL_LEN = 512
 MALFORMED_STATUSES = {400, 404, 413}
+GRPC = "grpc:Generate"
+"""``Spec.path`` of a request sent through the gRPC API (``AsyncClient.stream``)."""
+_GRPC_SAMPLING = ("n", "max_tokens", "min_tokens", "temperature", "top_p", "seed", "stop",
+                  "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words",
+                  "structured_outputs")
+"""The completion body's keys a gRPC request carries (the others are HTTP-only)."""
 RETRY_503_S = 0.2
 REQUEST_TIMEOUT_S = 120.0
 """A request with no answer after this long is recorded as lost (a hang), not waited for."""
@@ -193,7 +204,23 @@ def _sampling(rng: random.Random) -> dict[str, Any]:
             {"allowed_token_ids": [rng.randrange(3, 500) for _ in range(8)]},
             {"bad_words": [rng.choice(["the", "and", ".", ",", "a", "of"])]},
         ]))
+    if rng.random() < 0.1:  # text and token ends: a replay must stop at the same token
+        body.update(rng.choice([{"stop": [rng.choice(["e", "a", " ", "."])]},
+                                {"min_tokens": min(body["max_tokens"], 3), "ignore_eos": False},
+                                {"stop_token_ids": [rng.randrange(3, 500)]}]))
+    if rng.random() < 0.1:  # an output grammar: the matcher's state follows every replay
+        body["structured_outputs"] = rng.choice(STRUCTURED)
     return body
+
+
+STRUCTURED: list[dict[str, Any]] = [
+    {"json": {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}},
+    {"regex": "[a-z]{2,8}( [a-z]{2,8}){0,6}"},
+    {"choice": ["red", "green", "blue", "a much longer answer"]},
+]
+"""``structured_outputs`` constraints some requests carry (vLLM's names)."""
 
 
 def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dict[str, Any]]:
@@ -214,6 +241,11 @@ def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dic
                                      "max_output_tokens": rng.randint(4, 24)}
         messages = [{"role": "user", "content": question}]
         return "/v1/chat/completions", {**body, "messages": messages}
+    if rng.random() < 0.15:  # the gRPC API: the same engine behind another frontend
+        grpc_body = {k: v for k, v in body.items() if k in _GRPC_SAMPLING}
+        if "logit_bias" in grpc_body:  # a map of int32 there
+            grpc_body["logit_bias"] = {int(k): v for k, v in grpc_body["logit_bias"].items()}
+        return GRPC, {**grpc_body, "token_ids": prompt, "stream": body["stream"]}
     draw = rng.random()
     if draw < 0.1:  # scored prompts: the prefill worker's logprobs reach the client once
         body["prompt_logprobs"] = 1
@@ -221,6 +253,7 @@ def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dic
         body.update(echo=True, logprobs=1)
     elif draw < 0.2:  # an evaluation harness's loglikelihood request: the prompt alone
         body.update(echo=True, logprobs=1, max_tokens=0)
+        body.pop("min_tokens", None)  # (more than max_tokens: a 400, rightly)
     return "/v1/completions", {**body, "prompt": prompt}
 
 
@@ -249,6 +282,9 @@ _MALFORMED: list[tuple[str, Any]] = [
     ("/v1/responses", {"model": "soak", "input": []}),
     ("/v1/responses", {"model": "soak", "input": "x", "tools": [{"type": "web_search"}]}),
     ("/v1/responses", {"model": "soak", "input": "x", "previous_response_id": "resp-none"}),
+    (GRPC, {"token_ids": [10**9, 2], "max_tokens": 4}),  # INVALID_ARGUMENT, counted as 400
+    (GRPC, {"token_ids": [1, 2], "max_tokens": 4, "top_p": 1.5}),
+    (GRPC, {"token_ids": [], "max_tokens": 4}),
 ]
 
 
@@ -327,7 +363,58 @@ def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return out
 
 
+GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503,
+               "RESOURCE_EXHAUSTED": 503, "CANCELLED": 499, "DEADLINE_EXCEEDED": 504}
+"""gRPC codes as the HTTP statuses the verdicts count (UNAVAILABLE is retried as a 503 is)."""
+
+
+def _grpc_choices(result: Any) -> dict[int, dict[str, Any]]:
+    return {c.index: {"text": c.text, "finish_reason": c.finish_reason}
+            for c in result.completions}
+
+
+async def _send_grpc(client: Any, spec: Spec, outcome: Outcome) -> None:
+    """``spec`` through ``AsyncClient.stream``; an abort leaves the stream after
+    ``abort_after_chunks`` messages (the client cancels the call) or at its deadline."""
+    from splitserve.cluster.frontends.client import ClientError, _Collector
+
+    kwargs = {k: v for k, v in spec.body.items() if k != "stream"}
+    collector, seen = _Collector(), 0
+    try:
+        if spec.kind == "abort" and spec.abort_after_chunks < 0:
+            try:  # give up after a while, as a non-streaming HTTP client does
+                await asyncio.wait_for(_drain(client, kwargs, collector), spec.abort_after_s)
+            except TimeoutError:
+                outcome.status = 499
+                return
+        else:
+            stream = client.stream(**kwargs)
+            try:
+                async for response in stream:
+                    if spec.kind == "abort" and seen >= spec.abort_after_chunks:
+                        outcome.status = 499  # closing the stream cancels the call
+                        return
+                    seen += 1
+                    collector.add(response)
+            finally:
+                await stream.aclose()
+    except ClientError as e:
+        outcome.status = GRPC_STATUS.get(e.code.name, 500)
+        outcome.error = f"{e.code.name}: {e.message}"
+        return
+    outcome.status = 200
+    outcome.choices = _grpc_choices(collector.result())
+
+
+async def _drain(client: Any, kwargs: dict[str, Any], collector: Any) -> None:
+    async for response in client.stream(**kwargs):
+        collector.add(response)
+
+
 async def _send_once(http: Any, spec: Spec, outcome: Outcome) -> None:
+    if spec.path == GRPC:
+        await _send_grpc(http.grpc, spec, outcome)
+        return
     body = spec.body
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     if isinstance(body, bytes):
@@ -392,16 +479,20 @@ async def run_request(http: Any, spec: Spec, phase: str, cfg: SoakConfig) -> Out
     return outcome
 
 
-async def drive(base_url: str, cfg: SoakConfig, vocab: int, until: float, phase: str,
-                rng: random.Random, start_index: int) -> list[Outcome]:
+async def drive(base_url: str, grpc_target: str, cfg: SoakConfig, vocab: int, until: float,
+                phase: str, rng: random.Random, start_index: int) -> list[Outcome]:
     """Keep ``cfg.concurrency`` requests in flight until ``until`` (monotonic); all outcomes."""
     import httpx
 
     outcomes: list[Outcome] = []
+    from splitserve.cluster.frontends.client import AsyncClient
+
     counter = iter(range(start_index, 10**9))
     timeout = httpx.Timeout(300.0, connect=30.0)
     limits = httpx.Limits(max_connections=cfg.concurrency * 2)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http, \
+            AsyncClient(grpc_target, timeout=300.0) as grpc_client:
+        http.grpc = grpc_client  # type: ignore[attr-defined]  # _send_once's gRPC route
 
         async def lane() -> None:
             while time.monotonic() < until:
@@ -501,18 +592,25 @@ def _wait_idle(actor: Any, get: Any, timeout_s: float) -> None:
 # ====================================================================== reference
 
 
-async def reference_choices(base_url: str, specs: Sequence[Spec],
+async def reference_choices(base_url: str, grpc_target: str, specs: Sequence[Spec],
                             concurrency: int) -> dict[int, dict[int, dict[str, Any]]]:
     """Each spec's choices from the fault-free server (whole, not streamed)."""
     import httpx
 
+    from splitserve.cluster.frontends.client import AsyncClient
+
     results: dict[int, dict[int, dict[str, Any]]] = {}
     queue = list(specs)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300.0) as http:
+    async with httpx.AsyncClient(base_url=base_url, timeout=300.0) as http, \
+            AsyncClient(grpc_target, timeout=300.0) as grpc_client:
 
         async def lane() -> None:
             while queue:
                 spec = queue.pop()
+                if spec.path == GRPC:
+                    kwargs = {k: v for k, v in spec.body.items() if k != "stream"}
+                    results[spec.index] = _grpc_choices(await grpc_client.generate(**kwargs))
+                    continue
                 body = {**spec.body, "stream": False}
                 r = await http.post(spec.path, json=body)
                 r.raise_for_status()
@@ -594,7 +692,7 @@ def _p99(values: Sequence[float]) -> float | None:
 def _serve(backend: Any) -> Any:
     from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
-    opts = ServeOptions(port=0, grpc_port=None, served_model_name="soak", max_in_flight=None)
+    opts = ServeOptions(port=0, grpc_port=0, served_model_name="soak", max_in_flight=None)
     return BackgroundServer(backend, opts)
 
 
@@ -625,7 +723,8 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
                     quiet_spec.update(spec_counters(cluster))
                     log(f"speculation in the quiet phase: {quiet_spec}")
 
-            outcomes = _phases(server.http_url, cfg, vocab, rng, killer, after_quiet)
+            outcomes = _phases(server.http_url, server.grpc_target, cfg, vocab, rng, killer,
+                               after_quiet)
             log(f"{len(outcomes)} requests sent; waiting for the worker set {wanted}")
             restored = wait_restored(cluster, wanted, timeout_s=240,
                                      killed=[k["worker"] for k in killer.kills])
@@ -643,7 +742,8 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
         with _serve(reference_backend) as ref_server:
             reference_formats = served_formats(ref_server.http_url)
             reference = asyncio.run(reference_choices(
-                ref_server.http_url, [o.spec for o in completed], cfg.reference_concurrency))
+                ref_server.http_url, ref_server.grpc_target, [o.spec for o in completed],
+                cfg.reference_concurrency))
         log("reference run done")
     summary = summarize(cfg, outcomes, killer, replacements, restored, checks,
                         compare(completed, reference))
@@ -658,18 +758,18 @@ def run_soak(cfg: SoakConfig) -> dict[str, Any]:
     return summary
 
 
-def _phases(url: str, cfg: SoakConfig, vocab: int, rng: random.Random,
+def _phases(url: str, grpc_target: str, cfg: SoakConfig, vocab: int, rng: random.Random,
             killer: Killer, after_quiet: Any = None) -> list[Outcome]:
     async def both() -> list[Outcome]:
         log(f"quiet phase {cfg.quiet_phase_s:g} s")
-        quiet = await drive(url, cfg, vocab, time.monotonic() + cfg.quiet_phase_s, "quiet",
+        quiet = await drive(url, grpc_target, cfg, vocab, time.monotonic() + cfg.quiet_phase_s, "quiet",
                             rng, 0)
         if after_quiet is not None:  # before any kill: the workers that served it are alive
             await asyncio.to_thread(after_quiet)
         log(f"faulty phase {cfg.duration_s:g} s, a SIGKILL every {cfg.kill_every_s:g} s")
         chaos = asyncio.create_task(killer.run())
         try:
-            faulty = await drive(url, cfg, vocab, time.monotonic() + cfg.duration_s, "faulty",
+            faulty = await drive(url, grpc_target, cfg, vocab, time.monotonic() + cfg.duration_s, "faulty",
                                  rng, len(quiet))
         finally:
             killer.stop()
@@ -709,6 +809,7 @@ def summarize(cfg: SoakConfig, outcomes: Sequence[Outcome], killer: Killer, repl
         "retried_503": sum(o.retries_503 for o in outcomes),
         "with_prompt_logprobs": sum("prompt_lp" in o.choices.get(0, {}) for o in completed),
         "responses_api": sum(o.spec.path == "/v1/responses" for o in completed),
+        "grpc": sum(o.spec.path == GRPC for o in completed),
         "integrity_problems": checks["problems"][:20],
         "checked_workers": checks.get("checked_workers", []),
         "workers_restored": restored,

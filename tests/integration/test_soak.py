@@ -1,9 +1,9 @@
 """The soak / chaos harness (bench/soak.py) for 40 seconds: the default suite's chaos test.
 
 A local cluster (1 prefill + 2 decode workers, tiny random model) serves a mixed workload over
-HTTP (streaming and not, greedy and seeded, short and long prompts, n > 1, 10% client aborts,
-5% malformed) while a random worker is SIGKILLed every 8 s. The harness' own verdict must be
-clean: every request that was neither aborted nor malformed completed with the same choices
+HTTP and gRPC (streaming and not, greedy and seeded, short and long prompts, n > 1, stop
+strings, output grammars, 10% client aborts, 5% malformed) while a random worker is SIGKILLed
+every 8 s. The harness' own verdict must be clean: every request that was neither aborted nor malformed completed with the same choices
 as on a fault-free single engine, malformed ones got 4xx, no 5xx but retried 503s, the worker
 set was restored, and ``check_integrity()`` found no leaked block or stranded lease on any
 live worker. The mechanism is asserted too: workers were killed and replaced. Run with the
@@ -76,6 +76,7 @@ def test_soak_40_seconds(runtime: str, setting: dict[str, Any]) -> None:
     assert summary["kills"] >= 4 and summary["replacements"] >= summary["kills"] - 1, brief
     assert summary["completed"] > 20 and summary["aborted"] > 0 and summary["malformed"] > 0
     assert summary["responses_api"] > 0, brief  # some turns went through /v1/responses
+    assert summary["grpc"] > 0, brief  # and some completions through the gRPC API
     # each verdict on its own, with its examples, so a failure says which and why
     for key in ("lost", "mismatches", "server_errors", "malformed_not_4xx",
                 "aborts_unexpected_status", "leaked_blocks", "stranded_leases"):

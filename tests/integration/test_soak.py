@@ -43,8 +43,8 @@ SPECULATING = {"speculative_config": {"method": "ngram", "num_speculative_tokens
 # Every run but the first is in CI's extended tier (make test-extended): with the processes
 # run, the default suite took 22-23 minutes on a 2-core Zen 3.
 @pytest.mark.parametrize(("runtime", "setting"), [
-    ("ray", {}),
-    pytest.param("processes", {}, marks=pytest.mark.extended),
+    pytest.param("ray", {}, id="ray"),
+    pytest.param("processes", {}, marks=pytest.mark.extended, id="processes"),
     pytest.param("processes", COLOCATED, marks=pytest.mark.extended, id="processes-colocated"),
     pytest.param("ray", FORMATS_PAST_FP32, marks=pytest.mark.extended, id="ray-w4a8-fp8kv"),
     pytest.param("ray", SPECULATING, marks=pytest.mark.extended, id="ray-ngram"),

@@ -53,7 +53,11 @@ class ClipEncoderLayer:
         heads = self.cfg.num_heads
         qkv = F.linear(x, self.qkv, self.qkv_bias).view(n, p, 3, heads, d // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [N, heads, P, hd]
-        out = F.scaled_dot_product_attention(q, k, v)
+        # softmax(q k^T / sqrt(hd)) v by batched matmuls, not F.scaled_dot_product_attention:
+        # torch's fused CPU kernel gave other bits at 1 and 2 threads (the image rows then
+        # depended on the worker's thread count, and a sampled token on the topology)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (d // heads) ** -0.5
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
         return F.linear(out.transpose(1, 2).reshape(n, p, d), *self.out)
 
 

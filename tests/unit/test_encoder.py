@@ -48,6 +48,25 @@ def image_token(llava_dir) -> int:
     return AutoTokenizer.from_pretrained(str(llava_dir)).convert_tokens_to_ids("<image>")
 
 
+# ------------------------------------------------------------------ thread count
+
+
+def test_image_rows_do_not_depend_on_the_thread_count(llava_dir) -> None:
+    """An encode worker of a local cluster runs 1 thread, a single engine all the cores: the
+    image rows must be the same bits (torch's fused SDPA gave other bits at 1 and 2 threads,
+    so a sampled token of an image request differed between a cluster and one engine)."""
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            encoder = ImageEncoder.from_folder(llava_dir)  # its own cache: encoded again
+            rows += [torch.cat([e for _, e in encoder.encode([_image(s) for s in range(4)])])]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(rows[0], rows[1])
+
+
 # ------------------------------------------------------------------ cache
 
 

@@ -374,47 +374,55 @@ def _grpc_choices(result: Any) -> dict[int, dict[str, Any]]:
 
 
 async def _send_grpc(client: Any, spec: Spec, outcome: Outcome) -> None:
-    """``spec`` through ``AsyncClient.stream``; an abort leaves the stream after
-    ``abort_after_chunks`` messages (the client cancels the call) or at its deadline."""
-    from splitserve.cluster.frontends.client import ClientError, _Collector
+    """``spec`` through the gRPC ``AsyncClient``; an abort closes the stream after
+    ``abort_after_chunks`` messages (which cancels the call) or gives up at its deadline."""
+    from splitserve.cluster.frontends.client import ClientError
 
     kwargs = {k: v for k, v in spec.body.items() if k != "stream"}
-    collector, seen = _Collector(), 0
     try:
-        if spec.kind == "abort" and spec.abort_after_chunks < 0:
-            try:  # give up after a while, as a non-streaming HTTP client does
-                await asyncio.wait_for(_drain(client, kwargs, collector), spec.abort_after_s)
+        if spec.kind == "abort" and spec.abort_after_chunks >= 0:
+            stream = client.stream(**kwargs)
+            try:
+                seen = 0
+                async for _ in stream:
+                    if seen >= spec.abort_after_chunks:
+                        outcome.status = 499
+                        return
+                    seen += 1
+            finally:
+                await stream.aclose()
+            outcome.status = 200  # it ended before the client hung up
+            return
+        if spec.kind == "abort":  # give up after a while, as a non-streaming HTTP client does
+            try:
+                await asyncio.wait_for(client.generate(**kwargs), spec.abort_after_s)
             except TimeoutError:
                 outcome.status = 499
                 return
-        else:
-            stream = client.stream(**kwargs)
-            try:
-                async for response in stream:
-                    if spec.kind == "abort" and seen >= spec.abort_after_chunks:
-                        outcome.status = 499  # closing the stream cancels the call
-                        return
-                    seen += 1
-                    collector.add(response)
-            finally:
-                await stream.aclose()
+            outcome.status = 200
+            return
+        result = await client.generate(**kwargs)  # streamed, folded by the client
     except ClientError as e:
         outcome.status = GRPC_STATUS.get(e.code.name, 500)
         outcome.error = f"{e.code.name}: {e.message}"
         return
     outcome.status = 200
-    outcome.choices = _grpc_choices(collector.result())
+    outcome.choices = _grpc_choices(result)
 
 
-async def _drain(client: Any, kwargs: dict[str, Any], collector: Any) -> None:
-    async for response in client.stream(**kwargs):
-        collector.add(response)
+@dataclass
+class Clients:
+    """The workload's two clients of one server: HTTP (httpx) and gRPC (``AsyncClient``)."""
+
+    http: Any
+    grpc: Any
 
 
-async def _send_once(http: Any, spec: Spec, outcome: Outcome) -> None:
+async def _send_once(clients: Clients, spec: Spec, outcome: Outcome) -> None:
     if spec.path == GRPC:
-        await _send_grpc(http.grpc, spec, outcome)
+        await _send_grpc(clients.grpc, spec, outcome)
         return
+    http = clients.http
     body = spec.body
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     if isinstance(body, bytes):
@@ -452,7 +460,7 @@ def _error_message(body: bytes) -> str:
         return body[:300].decode(errors="replace")
 
 
-async def run_request(http: Any, spec: Spec, phase: str, cfg: SoakConfig) -> Outcome:
+async def run_request(clients: Clients, spec: Spec, phase: str, cfg: SoakConfig) -> Outcome:
     """Send ``spec`` (retrying documented 503s); the outcome."""
     outcome = Outcome(spec, phase)
     start = time.monotonic()
@@ -461,7 +469,7 @@ async def run_request(http: Any, spec: Spec, phase: str, cfg: SoakConfig) -> Out
     while True:
         outcome.choices, outcome.error = {}, ""
         try:
-            await asyncio.wait_for(_send_once(http, spec, outcome), REQUEST_TIMEOUT_S)
+            await asyncio.wait_for(_send_once(clients, spec, outcome), REQUEST_TIMEOUT_S)
         except TimeoutError:
             outcome.status, outcome.error = -1, f"no answer within {REQUEST_TIMEOUT_S:g} s"
             log(f"request {spec.index} hung: {spec.path} {str(spec.body)[:200]}")
@@ -492,12 +500,12 @@ async def drive(base_url: str, grpc_target: str, cfg: SoakConfig, vocab: int, un
     limits = httpx.Limits(max_connections=cfg.concurrency * 2)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http, \
             AsyncClient(grpc_target, timeout=300.0) as grpc_client:
-        http.grpc = grpc_client  # type: ignore[attr-defined]  # _send_once's gRPC route
+        clients = Clients(http, grpc_client)
 
         async def lane() -> None:
             while time.monotonic() < until:
                 spec = make_spec(next(counter), rng, cfg, vocab)
-                outcomes.append(await run_request(http, spec, phase, cfg))
+                outcomes.append(await run_request(clients, spec, phase, cfg))
 
         await asyncio.gather(*(lane() for _ in range(cfg.concurrency)))
     return outcomes

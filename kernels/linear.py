@@ -69,6 +69,7 @@ from splitserve import env
 from splitserve.kernels import native
 from splitserve.kernels.cpu_features import bf16_support
 from splitserve.kernels.quant import (
+    INT4_GROUP_SIZES,
     INT4_ROW_MULTIPLE,
     QuantizedWeight,
     int4_packable,
@@ -297,7 +298,7 @@ def quantized_matmul(qw: QuantizedWeight) -> Matmul:
     """The CPU matmul serving ``qw``; a shape no kernel can take raises ValueError saying
     why."""
     if native_int4_enabled() and native.int4_unpackable(
-            (int(qw.shape[0]), int(qw.shape[1])), qw.group_size) is None:
+            (int(qw.shape[0]), int(qw.shape[1])), qw.group_size, qw.kind) is None:
         try:
             return NativeQuantMatmul(qw)
         except ValueError as e:  # a scale outside float16: torch's kernels serve it
@@ -309,9 +310,11 @@ def quantized_matmul(qw: QuantizedWeight) -> Matmul:
                        native.status().reason)
     if qw.kind == "int4":
         return Int4Matmul(qw)
-    if qw.group_size == qw.shape[1]:
+    if qw.group_size == qw.shape[1] and qw.zeros is None:
         return Int8ChannelMatmul(qw)
-    return Int8GroupMatmul(qw)
+    if qw.group_size in INT4_GROUP_SIZES:
+        return Int8GroupMatmul(qw)
+    return DequantizedMatmul(qw)
 
 
 _warned_act: list[int] = []  # the fallback for 8-bit activations was logged (once a process)
@@ -339,7 +342,8 @@ class NativeQuantMatmul:
                 qw.codes(), qw.scales, qw.zeros - 8 * qw.scales, qw.group_size)
             self._matmul = functools.partial(native.int4_matmul, bits=self.bits)
         else:
-            self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size)
+            self.bits |= native.int8_bits(qw.group_size, qw.zeros is not None)
+            self.packed = native.pack_int8_weight(qw.qdata, qw.scales, qw.group_size, qw.zeros)
             self._matmul = functools.partial(native.int8_matmul, bits=self.bits)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -449,17 +453,19 @@ class Int8ChannelMatmul:
 
 
 class Int8GroupMatmul:
-    """Grouped int8 (GGUF Q8_0) as one int4 matmul over [hi; lo] halves of each code."""
+    """Grouped int8 (GGUF Q8_0, Q5_0 / Q5_1 / Q5_K) as one int4 matmul over [hi; lo] halves of
+    each code (a zero per group goes with the low half)."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
         n = qw.shape[0]
         q = qw.qdata.to(torch.int16)  # [N, K], in [-128, 127]
         hi, lo = (q >> 4) + 8, q & 0x0F  # q = 16 * (hi - 8) + lo; both in [0, 15]
+        zero = qw.scales * 8 if qw.zeros is None else qw.scales * 8 + qw.zeros
         halves = QuantizedWeight(
             "int4",
             pack_int4_codes(torch.cat([hi, lo])),
             torch.cat([qw.scales * 16, qw.scales]),
-            torch.cat([torch.zeros_like(qw.scales), qw.scales * 8]),
+            torch.cat([torch.zeros_like(qw.scales), zero]),
             qw.group_size, qw.dtype, qw.source,
         )
         self.rows = n
@@ -485,6 +491,28 @@ class Int8GroupMatmul:
         hi = self.inner.dense_t(start, stop).float()  # [K, stop - start]; a copy: scratch reused
         lo = self.inner.dense_t(self.rows + start, self.rows + stop)
         return (hi + lo.float()).to(_QUANT_ACT)
+
+
+class DequantizedMatmul:
+    """A quantized weight torch's packed kernels cannot take (int8 with a scale per 16
+    values, GGUF Q6_K, where the native build is off): dequantized once, a bf16 GEMM."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        logger.warning("%s: no torch kernel for int8 groups of %d; dequantized for torch's "
+                       "GEMM (the native CPU kernels serve it from its codes: %s)", qw,
+                       qw.group_size, native.status().reason)
+        self.weight_t = qw.dequantize(torch.float32).to(_QUANT_ACT).t().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.matmul(_to_act(x), self.weight_t)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    expandable = False
+    expand_cost = 1
+    expand_block = 1
+
+    def dense_t(self, start: int, stop: int) -> Tensor:
+        return self.weight_t[:, start:stop]
 
 
 _scratch_local = threading.local()

@@ -765,12 +765,15 @@ def int4_lanes() -> int:
     return 0 if lib is None else int(lib.int4_lanes())
 
 
-def int4_unpackable(shape: tuple[int, int], group_size: int) -> str | None:
-    """Why ``int4_matmul`` cannot take a [N, K] int4 weight in groups of ``group_size`` (None
-    when it can)."""
+def int4_unpackable(shape: tuple[int, int], group_size: int, kind: str = "int4") -> str | None:
+    """Why ``int4_matmul`` / ``int8_matmul`` (``kind``) cannot take a [N, K] weight in groups
+    of ``group_size`` (None when it can): groups of a multiple of 32 dividing K, or for int8
+    also of 16 (two scales per group of 32: ``pack_int8_weight``)."""
     n, k = shape
     if n < 1:
         return f"N={n}: no output row"
+    if kind == "int8" and group_size == INT8_HALF_GROUP and k % INT4_GROUP == 0:
+        return None
     if group_size % INT4_GROUP or k % group_size:
         return f"group size {group_size} is not a multiple of {INT4_GROUP} dividing K={k}"
     return None
@@ -804,11 +807,11 @@ def pack_int4_weight(codes: Tensor, scales: Tensor, offsets: Tensor, group_size:
                       _scales_per_block(offsets, group_size, "zero")], -1).reshape(-1).contiguous()
 
 
-def _blocks_and_groups(shape: torch.Size, group_size: int) -> tuple[int, int]:
+def _blocks_and_groups(shape: torch.Size, group_size: int, kind: str = "int4") -> tuple[int, int]:
     """(blocks of 16 output rows, groups of 32) of a [N, K] weight the kernels take; ValueError
     naming why otherwise."""
     n, k = shape
-    why = int4_unpackable((n, k), group_size)
+    why = int4_unpackable((n, k), group_size, kind)
     if why is not None:
         raise ValueError(why)
     return padded_rows(n) // INT4_BLOCK, k // INT4_GROUP
@@ -826,19 +829,38 @@ def _scales_per_block(t: Tensor, group_size: int, what: str) -> Tensor:
 
 
 _INT8_GROUP_BYTES = INT4_BLOCK * INT4_GROUP + INT4_BLOCK * 2
+INT8_HALF_GROUP = 16
+"""int8 weights may have a scale per 16 values (GGUF Q6_K): two per group of 32 (``HALF``)."""
 
 
-def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int) -> Tensor:
-    """An int8 weight as ``int8_matmul`` reads it: codes int8 [N, K], ``w = codes * scales``
-    per group (float [N, K / group_size]; a whole row for per-channel int8). Flat uint8: per
-    block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32 bytes: byte
-    2j + e = q[j, 2t + e]), then the 16 scales as float16; N padded with zero rows to whole
-    blocks. Raises ValueError when the shape is not served or a scale does not fit float16."""
-    nb, g = _blocks_and_groups(codes.shape, group_size)
+def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int,
+                     zeros: Tensor | None = None) -> Tensor:
+    """An int8 weight as ``int8_matmul`` reads it: codes int8 [N, K], ``w = codes * scales
+    (+ zeros)`` per group (float [N, K / group_size]; a whole row for per-channel int8). Flat
+    uint8: per block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32
+    bytes: byte 2j + e = q[j, 2t + e]), then the 16 scales as float16, then (group_size 16:
+    the kernel's ``HALF``) the 16 scales of the group's second 16 values, or (``zeros``: its
+    ``ZERO``) the 16 zeros; N padded with zero rows to whole blocks. Raises ValueError when
+    the shape is not served, a scale does not fit float16, or both extras are asked for."""
+    nb, g = _blocks_and_groups(codes.shape, group_size, "int8")
     codes, scales = _pad_rows(codes), _pad_rows(scales)
     q = codes.view(torch.uint8).view(nb, INT4_BLOCK, g, 16, 2).permute(0, 2, 3, 1, 4)
-    return torch.cat([q.reshape(nb, g, 512), _scales_per_block(scales, group_size, "scale")],
-                     -1).reshape(-1).contiguous()
+    parts = [q.reshape(nb, g, 512)]
+    if group_size == INT8_HALF_GROUP:
+        if zeros is not None:
+            raise ValueError("int8 weights with a scale per 16 values take no zeros")
+        parts += [_scales_per_block(scales[:, 0::2], INT4_GROUP, "scale"),
+                  _scales_per_block(scales[:, 1::2], INT4_GROUP, "scale")]
+    else:
+        parts.append(_scales_per_block(scales, group_size, "scale"))
+        if zeros is not None:
+            parts.append(_scales_per_block(_pad_rows(zeros), group_size, "zero"))
+    return torch.cat(parts, -1).reshape(-1).contiguous()
+
+
+def int8_bits(group_size: int, zeros: bool) -> int:
+    """``quant_matmul``'s ``bits`` for a ``pack_int8_weight`` weight (before ``ACT8``)."""
+    return 8 | (HALF if group_size == INT8_HALF_GROUP else 0) | (ZERO if zeros else 0)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, out_features: int, bits: int = 4) -> Tensor:
@@ -860,6 +882,13 @@ ACT8 = 16
 one byte dot product per four codes instead of one 16-bit product per two (AVX-512 VNNI; the
 other builds multiply the same 8-bit codes as 16-bit values: the same sums, the same bits)."""
 
+HALF = 32
+"""Added to ``bits`` 8: the weight has a scale per 16 values, two per group of 32 (GGUF Q6_K),
+``quant_matmul.c``'s ``QM_HALF``: the group's two halves are summed apart and each scaled."""
+ZERO = 64
+"""Added to ``bits`` 8: the weight has a zero per group, ``w = q * d + c`` (GGUF Q5_1 / Q5_K),
+``quant_matmul.c``'s ``QM_ZERO``: one more fused multiply-add per group, as int4's."""
+
 PROLOGUES = {"rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 """What ``quant_matmul`` can compute from x before the projection, in the same call."""
 
@@ -876,10 +905,12 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
     lib = _loaded()
     m = x.shape[0]
     k = x.shape[1] // 2 if prologue in ("silu", "gelu_tanh") else x.shape[1]
-    wbits = bits & ~ACT8
-    if bits not in (4, 8, 4 | ACT8, 8 | ACT8):
-        raise KernelInputError(f"quant_matmul takes bits 4 or 8, either | ACT8, got {bits}")
-    per_group = _INT4_GROUP_BYTES if wbits == 4 else _INT8_GROUP_BYTES
+    wbits = bits & ~(ACT8 | HALF | ZERO)
+    if bits & ~ACT8 not in (4, 8, 8 | HALF, 8 | ZERO):
+        raise KernelInputError(f"quant_matmul takes bits 4 or 8 (8 | HALF, 8 | ZERO), either "
+                               f"| ACT8, got {bits}")
+    per_group = (_INT4_GROUP_BYTES if wbits == 4
+                 else _INT8_GROUP_BYTES + (2 * INT4_BLOCK if bits & (HALF | ZERO) else 0))
     if packed.numel() * INT4_BLOCK * INT4_GROUP != padded_rows(n) * k * per_group:
         raise KernelInputError(f"packed int{wbits} weight of {n} x {k} values expected, got "
                                f"{packed.numel()} bytes")

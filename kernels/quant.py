@@ -6,8 +6,10 @@ when a weight is served from quantized values, and the formats it can hold:
 - ``int4``: 4-bit codes ``q`` in [0, 15] in groups of ``group_size`` along K, one scale and
   one zero per group, ``w = (q - 8) * scale + zero`` (torch's packed int4 convention; GGUF
   Q4_0 / Q4_1 / Q4_K and RTN int4 map onto it exactly).
-- ``int8``: signed 8-bit codes, symmetric, one scale per group, ``w = q * scale``; a group of
-  the whole row is per-channel int8 (RTN int8), a group of 32 is GGUF Q8_0.
+- ``int8``: signed 8-bit codes, one scale per group, ``w = q * scale``; a group of the whole
+  row is per-channel int8 (RTN int8), a group of 32 is GGUF Q8_0 (and Q5_0: 5-bit codes are
+  int8 codes), a group of 16 GGUF Q6_K; with a zero per group, ``w = q * scale + zero``,
+  GGUF Q5_1 and Q5_K.
 
 A ``QuantizedWeight`` is tensor-like: it has ``shape`` / ``dtype`` / ``device`` / ``to`` and
 takes part in ``torch.cat`` along rows (fusing QKV or gate|up keeps it quantized) and in
@@ -57,7 +59,8 @@ class QuantizedWeight:
     scales: Tensor
     """float32 [N, K // group_size]."""
     zeros: Tensor | None
-    """int4: float32 [N, K // group_size] (``w = (q - 8) * scale + zero``); int8: None."""
+    """int4: float32 [N, K // group_size] (``w = (q - 8) * scale + zero``); int8: None, or
+    the same shape (``w = q * scale + zero``: GGUF Q5_1 / Q5_K)."""
     group_size: int
     """Columns sharing one scale (K for per-channel int8)."""
     dtype: torch.dtype = torch.float32
@@ -77,8 +80,10 @@ class QuantizedWeight:
             raise ValueError(f"group size {self.group_size} does not divide K={k}")
         if tuple(self.scales.shape) != (n, k // self.group_size):
             raise ValueError(f"scales shape {tuple(self.scales.shape)} != {(n, k // self.group_size)}")
-        if (self.zeros is None) != (self.kind == "int8"):
-            raise ValueError("int4 weights need zeros, int8 weights take none")
+        if self.zeros is None and self.kind == "int4":
+            raise ValueError("int4 weights need zeros")
+        if self.zeros is not None and tuple(self.zeros.shape) != tuple(self.scales.shape):
+            raise ValueError(f"zeros shape {tuple(self.zeros.shape)} != {tuple(self.scales.shape)}")
         if self.act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 16 or 8, got {self.act_bits} for {self.kind}")
 
@@ -159,6 +164,8 @@ class QuantizedWeight:
             w = (q - 8.0) * self.scales[..., None] + self.zeros[..., None]
         else:
             w = q * self.scales[..., None]
+            if self.zeros is not None:
+                w = w + self.zeros[..., None]
         return w.reshape(n, k).to(dtype or self.dtype)
 
     # ------------------------------------------------------------------ torch functions
@@ -209,7 +216,10 @@ def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     )
     if not same:
         return None
-    zeros = None if first.zeros is None else torch.cat([p.zeros for p in parts])  # type: ignore[misc]
+    zeros = None  # int8 parts with and without zeros: the latter's are 0
+    if any(p.zeros is not None for p in parts):
+        zeros = torch.cat([p.zeros if p.zeros is not None else torch.zeros_like(p.scales)
+                           for p in parts])
     sources = sorted({p.source for p in parts})
     return QuantizedWeight(
         first.kind, torch.cat([p.qdata for p in parts]), torch.cat([p.scales for p in parts]),

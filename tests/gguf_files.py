@@ -42,13 +42,15 @@ def tensor_type(array: np.ndarray, qtype: str) -> str:
     for matrices (one file exercises all three types)."""
     if qtype == "mixed":
         return "Q8_0" if _quantizable(array, "Q8_0") else tensor_type(array, "F16")
+    if qtype == "Q6_K":  # as llama.cpp's K-quants: rows of whole 256-value blocks, else Q5_1
+        return "Q6_K" if _quantizable(array, "Q6_K") else tensor_type(array, "Q5_1")
     return qtype if qtype != "F32" and _quantizable(array, qtype) else "F32"
 
 
 def rounded(array: np.ndarray, qtype: str) -> np.ndarray:
     """What a tensor of ``qtype`` holds after the round trip (F32 unchanged)."""
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import dequantize
 
     qtype = tensor_type(array, qtype)
     if qtype == "F32":
@@ -56,17 +58,53 @@ def rounded(array: np.ndarray, qtype: str) -> np.ndarray:
     if qtype == "F16":
         return array.astype(np.float16).astype(np.float32)
     kind = GGMLQuantizationType[qtype]
-    return dequantize(quantize(array.astype(np.float32), kind), kind).reshape(array.shape)
+    return dequantize(_quantize(array.astype(np.float32), qtype), kind).reshape(array.shape)
 
 
 def _quantizable(array: np.ndarray, qtype: str) -> bool:
-    """Matrices only (norms stay F32, as llama.cpp keeps them); Q8_0 rows in blocks of 32."""
-    return array.ndim >= 2 and (qtype == "F16" or array.shape[-1] % 32 == 0)
+    """Matrices only (norms stay F32, as llama.cpp keeps them); rows in whole blocks (32
+    values; K-quants 256)."""
+    block = 256 if qtype.endswith("_K") else 32
+    return array.ndim >= 2 and (qtype == "F16" or array.shape[-1] % block == 0)
+
+
+def _quantize(array: np.ndarray, qtype: str) -> np.ndarray:
+    """Raw blocks (byte shape) of ``array`` in ``qtype``: the ``gguf`` package's quantizer, or
+    for Q6_K (which it can only dequantize) ``quantize_q6_k``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if qtype == "Q6_K":
+        return quantize_q6_k(array)
+    return quantize(array, GGMLQuantizationType[qtype])  # type: ignore[no-any-return]
+
+
+def quantize_q6_k(array: np.ndarray) -> np.ndarray:
+    """GGUF Q6_K blocks of a float array whose rows are whole 256-value super-blocks (byte
+    shape [..., K / 256 * 210]): per 16 values a scale ``max|x| / 31``; the super-block's
+    ``d`` (float16) is its largest scale / 127 and each scale is stored as an int8 multiple
+    of it; codes ``round(x / (d * scale)) + 32`` in [0, 63], low nibbles then 2-bit highs in
+    llama.cpp's order (what ``gguf.quants.Q6_K.dequantize_blocks`` reads)."""
+    lead, k = array.shape[:-1], array.shape[-1]
+    x = np.asarray(array, np.float32).reshape(-1, 16, 16)  # [blocks, sub-blocks, values]
+    sub = np.abs(x).max(-1) / 31  # [B, 16]
+    d = (sub.max(-1) / 127).astype(np.float16)  # [B]
+    df = d.astype(np.float32)
+    sc = np.where(df[:, None] > 0, np.round(sub / np.where(df > 0, df, 1)[:, None]), 0)
+    sc = np.clip(sc, -128, 127).astype(np.int8)
+    step = df[:, None] * sc.astype(np.float32)  # [B, 16]
+    q = np.where(step[..., None] > 0, np.round(x / np.where(step > 0, step, 1)[..., None]), 0)
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 2, 64)  # [B, half, s, j]
+    ql = (q[:, :, 0] & 0x0F) | ((q[:, :, 1] & 0x0F) << 4)  # [B, 2, 64]
+    hi = (q >> 4).reshape(-1, 2, 4, 32)  # [B, half, quarter, j]
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8),
+                             d.view(np.uint8).reshape(-1, 2)], axis=1)
+    return blocks.reshape(*lead, k // 256 * 210)
 
 
 def _store(writer: Any, name: str, array: np.ndarray, qtype: str) -> None:
     from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
 
     array = np.ascontiguousarray(array, dtype=np.float32)
     qtype = tensor_type(array, qtype)
@@ -75,8 +113,7 @@ def _store(writer: Any, name: str, array: np.ndarray, qtype: str) -> None:
     elif qtype == "F16":
         writer.add_tensor(name, array.astype(np.float16))
     else:
-        kind = GGMLQuantizationType[qtype]
-        writer.add_tensor(name, quantize(array, kind), raw_dtype=kind)
+        writer.add_tensor(name, _quantize(array, qtype), raw_dtype=GGMLQuantizationType[qtype])
 
 
 def read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -36,7 +36,11 @@
  * byte 4j + i = q[row j, 8t + i] | q[row j, 8t + 4 + i] << 4, so one load gives, per 32-bit
  * lane (an output row), 4 codes for k = 8t..8t+3 (low nibbles) and 4 for 8t+4..8t+7.
  * int8 layout (native.pack_int8_weight): per block and group, 544 bytes: 16 chunks of 32 bytes
- * (chunk t byte 2j + e = q[row j, 2t + e]), then d[16] as float16.
+ * (chunk t byte 2j + e = q[row j, 2t + e]), then d[16] as float16. Two more int8 forms add 32
+ * bytes (576): with QM_HALF (GGUF Q6_K: a scale per 16 values) d[16] is the group's first 16
+ * values' scales and d2[16] follows for the second 16, whose integer sums are kept apart:
+ * y += (d dx) S_lo + (d2 dx) S_hi, two fused multiply-adds in that order; with QM_ZERO (Q5_1,
+ * Q5_K: w = q d + c) c[16] follows and is added as int4's, c sx.
  */
 #include "common.h"
 #include "entry_points.h"
@@ -58,9 +62,19 @@
 #define QMAX 32767
 #define QMAX8 127 /* 8-bit activations (QM_ACT8) */
 #define QM_ACT8 16 /* added to bits: int4 weights times activations quantized to 8 bits */
+#define QM_HALF 32 /* added to 8 bits: a scale per 16 values (GGUF Q6_K), two per group */
+#define QM_ZERO 64 /* added to 8 bits: a zero per group, w = q * d + c (GGUF Q5_1 / Q5_K) */
+#define EXT_HALF 1 /* tile's EXT: the int8 weight's extra per-group values */
+#define EXT_ZERO 2
 #define MT 4 /* rows of x per tile */
 #define NBMAX 4 /* blocks per tile: 4 for one row (8 independent chains), 2 for MT rows */
 #define PARALLEL_MACS (1 << 18)
+
+/* Bytes per block of 16 output rows and group of 32: codes, then float16 scales (and the
+ * second half's scales or the zeros). */
+static inline int64_t group_bytes(const int BITS, const int EXT) {
+    return BITS == 4 ? G4_BYTES : G8_BYTES + (EXT ? 2 * QB : 0);
+}
 
 /* Vector width of this build's quantized path: 16, 8, or 1 (scalar). */
 int64_t int4_lanes(void) { return QM_LANES; }
@@ -92,7 +106,7 @@ static inline __attribute__((always_inline)) void quantize_row_t(
         }
         const float amax = bits_f32(top);
         const float id = amax > 0.0f && top < 0x7f800000u ? (float)qmax / amax : 0.0f;
-        int32_t s = 0;
+        int32_t s = 0, s_lo = 0;
         for (int i = 0; i < QG; i++) {
             int32_t q = (int32_t)(f32_bits(v[i] * id + 12582912.0f) - 0x4b400000u);
             q = q > qmax ? qmax : (q < -qmax ? -qmax : q);
@@ -101,8 +115,12 @@ static inline __attribute__((always_inline)) void quantize_row_t(
             xhl[2 * g * QG + i] = (uint8_t)(A8 ? q & 0xff : q >> 8);
             xhl[2 * g * QG + QG + i] = (uint8_t)(A8 ? 0 : q & 0xff);
             s += q;
+            s_lo += i < QG / 2 ? q : 0;
         }
-        if (A8) memcpy(xhl + 2 * g * QG + QG, &s, sizeof(s)); /* S: see tile's int8 x 8-bit */
+        if (A8) { /* S and the first half's S: see tile's int8 x 8-bit */
+            memcpy(xhl + 2 * g * QG + QG, &s, sizeof(s));
+            memcpy(xhl + 2 * g * QG + QG + 4, &s_lo, sizeof(s_lo));
+        }
         dx[g] = amax / (float)qmax;
         sx[g] = dx[g] * (float)s;
     }
@@ -177,19 +195,19 @@ static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 
 /* Rows [m0, m0 + R) of the output x blocks [b0, b0 + NB) (16 output rows each); BITS 4 or 8. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
-    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    const int64_t G = K / QG, GB = group_bytes(BITS, EXT);
     const __m512i low = _mm512_set1_epi8(0x0f);
     __m512 acc[MT][NBMAX];
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m512i is[MT][NBMAX];
+        __m512i is[MT][NBMAX], ih[MT][NBMAX]; /* ih: EXT_HALF's second half */
         for (int r = 0; r < R; r++)
-            for (int b = 0; b < NB; b++) is[r][b] = _mm512_setzero_si512();
+            for (int b = 0; b < NB; b++) is[r][b] = ih[r][b] = _mm512_setzero_si512();
         const int16_t *xg = qx + m0 * K + g * QG;
         if (BITS == 4) { /* qx = 256 xh + xl: two byte dot products per code, two chains */
             const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
@@ -239,7 +257,9 @@ static inline __attribute__((always_inline)) void tile(
                                                    18, 2, 17, 1, 16, 0);
             const __m512i bias = _mm512_set1_epi8((char)0x80);
             const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
-            __m512i io[MT][NBMAX]; /* odd u's products: two chains of four (exact int32 sums) */
+            /* odd u's products: two chains of four (exact int32 sums); EXT_HALF: the second
+             * half's (u >= 4), kept apart for its own scale */
+            __m512i io[MT][NBMAX];
             for (int r = 0; r < R; r++)
                 for (int b = 0; b < NB; b++) io[r][b] = _mm512_setzero_si512();
             for (int u = 0; u < 8; u++) { /* k = 4u .. 4u + 3: chunks 2u and 2u + 1 */
@@ -251,19 +271,28 @@ static inline __attribute__((always_inline)) void tile(
                 }
                 for (int r = 0; r < R; r++) {
                     const __m512i xa = _mm512_set1_epi32(quad_at(hl + 2 * r * K + 4 * u));
-                    if (u & 1)
+                    if (EXT == EXT_HALF ? u >= 4 : (u & 1))
                         for (int b = 0; b < NB; b++) io[r][b] = dot4(io[r][b], wq[b], xa);
                     else
                         for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
                 }
             }
-            for (int r = 0; r < R; r++)
-                for (int b = 0; b < NB; b++) is[r][b] = _mm512_add_epi32(is[r][b], io[r][b]);
             for (int r = 0; r < R; r++) {
-                int32_t sum;
+                int32_t sum, lo_sum;
                 memcpy(&sum, hl + 2 * r * K + QG, sizeof(sum));
+                memcpy(&lo_sum, hl + 2 * r * K + QG + 4, sizeof(lo_sum));
+                if (EXT == EXT_HALF) {
+                    const __m512i fix = _mm512_set1_epi32(lo_sum * 128);
+                    const __m512i fix2 = _mm512_set1_epi32((sum - lo_sum) * 128);
+                    for (int b = 0; b < NB; b++) {
+                        ih[r][b] = _mm512_sub_epi32(io[r][b], fix2);
+                        is[r][b] = _mm512_sub_epi32(is[r][b], fix);
+                    }
+                    continue;
+                }
                 const __m512i fix = _mm512_set1_epi32(sum * 128);
-                for (int b = 0; b < NB; b++) is[r][b] = _mm512_sub_epi32(is[r][b], fix);
+                for (int b = 0; b < NB; b++)
+                    is[r][b] = _mm512_sub_epi32(_mm512_add_epi32(is[r][b], io[r][b]), fix);
             }
         }
 #endif
@@ -278,7 +307,10 @@ static inline __attribute__((always_inline)) void tile(
                 for (int r = 0; r < R; r++)
                     for (int i = 0; i < 2; i++) {
                         const __m512i xp = _mm512_set1_epi32(pair_at(xg + r * K + 4 * t + 2 * i));
-                        for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
+                        if (EXT == EXT_HALF && t >= 4) /* k >= 16: the second half's scale */
+                            for (int b = 0; b < NB; b++) ih[r][b] = dot2(ih[r][b], wv[b][i], xp);
+                        else
+                            for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
                     }
             }
         }
@@ -289,7 +321,12 @@ static inline __attribute__((always_inline)) void tile(
                 const int64_t i = (m0 + r) * G + g;
                 const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(dx[i]));
                 acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]), dd, acc[r][b]);
-                if (BITS == 4) {
+                if (BITS == 8 && EXT == EXT_HALF) {
+                    const __m512 d2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
+                    acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih[r][b]),
+                                                _mm512_mul_ps(d2, _mm512_set1_ps(dx[i])), acc[r][b]);
+                }
+                if (BITS == 4 || EXT == EXT_ZERO) {
                     const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
                     acc[r][b] = _mm512_fmadd_ps(c, _mm512_set1_ps(sx[i]), acc[r][b]);
                 }
@@ -307,19 +344,19 @@ static inline __attribute__((always_inline)) void tile(
 #elif QM_LANES == 8
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
-    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    const int64_t G = K / QG, GB = group_bytes(BITS, EXT);
     for (int b = 0; b < NB; b++) {
         __m256 acc[MT][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
         for (int64_t g = 0; g < G; g++) {
             const uint8_t *blk = w + ((b0 + b) * G + g) * GB;
             const int16_t *xg = qx + m0 * K + g * QG;
-            __m256i is[MT][2];
-            for (int r = 0; r < R; r++) is[r][0] = is[r][1] = _mm256_setzero_si256();
+            __m256i is[MT][2], ih[MT][2]; /* ih: EXT_HALF's second half */
+            for (int r = 0; r < R; r++) is[r][0] = is[r][1] = ih[r][0] = ih[r][1] = _mm256_setzero_si256();
             for (int h = 0; h < 2; h++) {
                 if (BITS == 4) { /* rows 8h..8h+7: bytes 32h..32h+31 of each chunk */
                     const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
@@ -346,9 +383,11 @@ static inline __attribute__((always_inline)) void tile(
                     for (int t = 0; t < 16; t++) {
                         const __m256i wv = _mm256_cvtepi8_epi16(
                             _mm_loadu_si128((const __m128i *)(blk + 32 * t + 16 * h)));
-                        for (int r = 0; r < R; r++)
-                            is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(
-                                wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t))));
+                        for (int r = 0; r < R; r++) {
+                            const __m256i p = _mm256_madd_epi16(wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t)));
+                            if (EXT == EXT_HALF && t >= 8) ih[r][h] = _mm256_add_epi32(ih[r][h], p);
+                            else is[r][h] = _mm256_add_epi32(is[r][h], p);
+                        }
                     }
                 }
             }
@@ -359,7 +398,13 @@ static inline __attribute__((always_inline)) void tile(
                     const int64_t i = (m0 + r) * G + g;
                     acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
                                                 _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[r][h]);
-                    if (BITS == 4) {
+                    if (BITS == 8 && EXT == EXT_HALF) {
+                        const __m256 d2 = _mm256_cvtph_ps(
+                            _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[r][h]),
+                                                    _mm256_mul_ps(d2, _mm256_set1_ps(dx[i])), acc[r][h]);
+                    }
+                    if (BITS == 4 || EXT == EXT_ZERO) {
                         const __m256 c = _mm256_cvtph_ps(
                             _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
                         acc[r][h] = _mm256_fmadd_ps(c, _mm256_set1_ps(sx[i]), acc[r][h]);
@@ -378,11 +423,11 @@ static inline __attribute__((always_inline)) void tile(
 
 #else
 /* Scalar: the same integer sums and the same fused multiply-adds per group. */
-static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
                  const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0,
                  const int R, const int NB)
 {
-    const int64_t G = K / QG, GB = BITS == 4 ? G4_BYTES : G8_BYTES;
+    const int64_t G = K / QG, GB = group_bytes(BITS, EXT);
     for (int b = 0; b < NB; b++)
         for (int r = 0; r < R; r++) {
             float out[QB];
@@ -391,7 +436,7 @@ static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t 
                 for (int64_t g = 0; g < G; g++) {
                     const uint8_t *blk = w + ((b0 + b) * G + g) * GB;
                     const int16_t *xr = qx + (m0 + r) * K + g * QG;
-                    int32_t is = 0;
+                    int32_t is = 0, ih = 0; /* ih: EXT_HALF's second half */
                     if (BITS == 4) {
                         for (int t = 0; t < 4; t++)
                             for (int i = 0; i < 4; i++) {
@@ -400,15 +445,23 @@ static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t 
                             }
                     } else {
                         for (int t = 0; t < 16; t++)
-                            for (int e = 0; e < 2; e++)
-                                is += (int8_t)blk[32 * t + 2 * j + e] * xr[2 * t + e];
+                            for (int e = 0; e < 2; e++) {
+                                const int32_t p = (int8_t)blk[32 * t + 2 * j + e] * xr[2 * t + e];
+                                if (EXT == EXT_HALF && t >= 8) ih += p;
+                                else is += p;
+                            }
                     }
                     const uint8_t *s = blk + (BITS == 4 ? 256 : 512);
                     uint16_t dh;
                     memcpy(&dh, s + 2 * j, 2);
                     const int64_t i = (m0 + r) * G + g;
                     acc = fmaf((float)is, half_to_f32(dh) * dx[i], acc);
-                    if (BITS == 4) {
+                    if (BITS == 8 && EXT == EXT_HALF) {
+                        uint16_t dh2;
+                        memcpy(&dh2, s + 32 + 2 * j, 2);
+                        acc = fmaf((float)ih, half_to_f32(dh2) * dx[i], acc);
+                    }
+                    if (BITS == 4 || EXT == EXT_ZERO) {
                         uint16_t ch;
                         memcpy(&ch, s + 32 + 2 * j, 2);
                         acc = fmaf(half_to_f32(ch), sx[i], acc);
@@ -423,7 +476,7 @@ static void tile(const int BITS, const int A8, const int16_t *qx, const uint8_t 
 
 /* Rows [m_lo, m_hi) x blocks [b_lo, b_hi): tiles of MT rows x 2 blocks (constants inlined). */
 static inline __attribute__((always_inline)) void rows_blocks(
-    const int BITS, const int A8, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
     const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo, int64_t m_hi,
     int64_t b_lo, int64_t b_hi)
 {
@@ -432,45 +485,40 @@ static inline __attribute__((always_inline)) void rows_blocks(
         int64_t m = m_lo;
         for (; m + MT <= m_hi; m += MT)
             for (int64_t c = b; c < b + nb; c += 2) {
-                if (c + 2 <= b + nb) tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 2);
-                else tile(BITS, A8, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 1);
+                if (c + 2 <= b + nb) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 2);
+                else tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 1);
             }
         for (; m < m_hi; m++) {
-            if (nb == 4) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 4);
-            else if (nb == 3) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 3);
-            else if (nb == 2) tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 2);
-            else tile(BITS, A8, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 1);
+            if (nb == 4) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 4);
+            else if (nb == 3) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 3);
+            else if (nb == 2) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 2);
+            else tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 1);
         }
     }
 }
 
-static void rows_blocks4(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
-                         int64_t m_hi, int64_t b_lo, int64_t b_hi)
-{
-    rows_blocks(4, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
-}
+/* rows_blocks with its format as constants: one function per served format, so each
+ * inlines its own tile loops. */
+#define ROWS_BLOCKS(NAME, BITS, A8, EXT)                                                        \
+    static void NAME(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx,   \
+                     int64_t K, const uint8_t *w, void *y, int ydt, int64_t y_stride,           \
+                     int64_t n_end, int64_t m_lo, int64_t m_hi, int64_t b_lo, int64_t b_hi)     \
+    {                                                                                           \
+        rows_blocks(BITS, A8, EXT, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi,  \
+                    b_lo, b_hi);                                                                \
+    }
+ROWS_BLOCKS(rows_blocks4, 4, 0, 0)
+ROWS_BLOCKS(rows_blocks4a8, 4, 1, 0)
+ROWS_BLOCKS(rows_blocks8, 8, 0, 0)
+ROWS_BLOCKS(rows_blocks8a8, 8, 1, 0)
+ROWS_BLOCKS(rows_blocks8h, 8, 0, EXT_HALF)
+ROWS_BLOCKS(rows_blocks8ha8, 8, 1, EXT_HALF)
+ROWS_BLOCKS(rows_blocks8z, 8, 0, EXT_ZERO)
+ROWS_BLOCKS(rows_blocks8za8, 8, 1, EXT_ZERO)
 
-static void rows_blocks4a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
-                           int64_t m_hi, int64_t b_lo, int64_t b_hi)
-{
-    rows_blocks(4, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
-}
-
-static void rows_blocks8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                         const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
-                         int64_t m_hi, int64_t b_lo, int64_t b_hi)
-{
-    rows_blocks(8, 0, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
-}
-
-static void rows_blocks8a8(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
-                           const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo,
-                           int64_t m_hi, int64_t b_lo, int64_t b_hi)
-{
-    rows_blocks(8, 1, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi, b_lo, b_hi);
-}
+typedef void (*rows_blocks_fn)(const int16_t *, const uint8_t *, const float *, const float *,
+                               int64_t, const uint8_t *, void *, int, int64_t, int64_t, int64_t,
+                               int64_t, int64_t, int64_t);
 
 #define ROW_CHUNK 32 /* rows of x per work item */
 
@@ -523,8 +571,12 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                             int64_t x_stride, const struct prologue *pro, const uint8_t *w,
                             int64_t N, void *y, int ydt, int64_t y_stride, int num_threads)
 {
-    const int A8 = (bits & QM_ACT8) != 0;
-    bits &= ~QM_ACT8;
+    const int A8 = (bits & QM_ACT8) != 0, ext = bits & QM_HALF ? EXT_HALF : bits & QM_ZERO ? EXT_ZERO : 0;
+    bits &= ~(QM_ACT8 | QM_HALF | QM_ZERO);
+    static const rows_blocks_fn fns[2][4] = {
+        {rows_blocks4, rows_blocks8, rows_blocks8h, rows_blocks8z},
+        {rows_blocks4a8, rows_blocks8a8, rows_blocks8ha8, rows_blocks8za8}};
+    const rows_blocks_fn run = fns[A8][bits == 4 ? 0 : 1 + ext];
     const int64_t G = K / QG, NBLK = (N + QB - 1) / QB; /* the last block may be partial */
     if (M == 0) return 0;
     void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
@@ -555,10 +607,7 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                 const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
                 const int64_t m_lo = mc * ROW_CHUNK;
                 const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-                if (A8 && bits == 4) rows_blocks4a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
-                else if (A8) rows_blocks8a8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
-                else if (bits == 4) rows_blocks4(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
-                else rows_blocks8(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
+                run(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
             }
         }
     }

@@ -5,7 +5,10 @@ loader applies it:
 
 - GGUF blocks become ``QuantizedWeight`` codes directly, never expanded to float: Q4_0,
   Q4_1 and Q4_K as int4 in groups of 32 (Q4_K's 6-bit sub-block scales and mins are folded
-  into per-group scales and zeros), Q8_0 as int8 in groups of 32. Under ``auto`` every
+  into per-group scales and zeros), Q8_0 as int8 in groups of 32; the 5- and 6-bit types as
+  int8 codes: Q5_0 in groups of 32, Q5_1 and Q5_K with a zero per group of 32 (Q5_K's
+  sub-block scales and mins folded as Q4_K's), Q6_K in groups of 16 (its int8 sub-block
+  scales times the super-block's d). Under ``auto`` every
   tensor of those types is kept so (F32 / F16 / BF16 stay float); another quantized type
   is dequantized with a warning naming the tensor and its type.
 - ``int4`` / ``int8`` quantize the projections (attention, MLP and expert weights, the
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
-GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8",
+               "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
 """GGUF tensor types served from their codes, and the format each becomes."""
 GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
 _NOT_PROJECTIONS = ("norm", ".gate.weight", "router.")  # norms, MoE routers: stay float
@@ -163,9 +167,10 @@ def tensor_transform(
 
 
 def gguf_codes(type_name: str, blocks: np.ndarray, rows: int) -> tuple[str, Tensor, Tensor, Tensor | None]:
-    """(kind, codes [N, K], scales [N, K / 32], zeros or None) of one GGUF tensor's raw
-    blocks ``blocks`` (uint8 [N, bytes per row]). int4 codes are uint8 in [0, 15] with
-    ``w = (q - 8) * scale + zero``; int8 codes are ``w = q * scale``."""
+    """(kind, codes [N, K], scales [N, K / group], zeros or None) of one GGUF tensor's raw
+    blocks ``blocks`` (uint8 [N, bytes per row]); the group is 32 (Q6_K: 16). int4 codes are
+    uint8 in [0, 15] with ``w = (q - 8) * scale + zero``; int8 codes are ``w = q * scale``
+    (``+ zero`` where zeros are given: Q5_1, Q5_K)."""
     raw = np.ascontiguousarray(blocks).reshape(rows, -1)
     decode = _DECODERS[type_name]
     return decode(raw, rows)
@@ -196,6 +201,55 @@ def _q8_0(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     return "int8", codes.reshape(rows, -1), d, None
 
 
+def _five_bit_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 blocks' 32 codes in [0, 31]: bit j of the little-endian ``qh`` word is the
+    fifth bit of value j; ``qs`` as Q4's nibbles."""
+    bits = np.ascontiguousarray(qh).view("<u4")  # [..., 1]
+    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    return _split_nibbles(qs) | (high << 4)
+
+
+def _q5_0(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 22)  # per block: d (f16), qh (4 bytes), 16 bytes of nibbles
+    d = _f16(b[..., :2])[..., 0]
+    codes = (_five_bit_codes(b[..., 2:6], b[..., 6:]).astype(np.int16) - 16).astype(np.int8)
+    return "int8", codes.reshape(rows, -1), d, None
+
+
+def _q5_1(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 24)  # per block: d, m (f16), qh, 16 bytes; w = q d + m
+    d, m = _f16(b[..., 0:2])[..., 0], _f16(b[..., 2:4])[..., 0]
+    codes = _five_bit_codes(b[..., 4:8], b[..., 8:]).astype(np.int8)
+    return "int8", codes.reshape(rows, -1), d, m
+
+
+def _q5_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: d, dmin (f16), 12 bytes of 6-bit (scale, min) as Q4_K's,
+    # 32 bytes of fifth bits (bit g of byte j: group g's value j), 128 bytes of nibbles
+    b = raw.reshape(rows, -1, 176)
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [N, S, 1]
+    sc, mn = _k_scale_min(b[..., 4:16])  # [N, S, 8]
+    qh = b[..., 16:48][..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]  # [N, S, 8, 32]
+    q = b[..., 48:].reshape(rows, -1, 4, 32)
+    low = np.stack([q & 0x0F, q >> 4], axis=3).reshape(rows, -1, 8, 32)
+    codes = (low | ((qh & 1) << 4)).astype(np.int8)
+    return "int8", codes.reshape(rows, -1), (d * sc).reshape(rows, -1), (-dmin * mn).reshape(rows, -1)
+
+
+def _q6_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: 128 bytes of low nibbles (half h: values h*128 + j low,
+    # + 64 + j high), 64 bytes of 2-bit highs (half h, byte j, bits 2s: value h*128 + 32s + j),
+    # 16 int8 scales (one per 16 values), d (f16); w = d * scale * (q - 32)
+    b = raw.reshape(rows, -1, 210)
+    ql = b[..., :128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]
+    qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    q = (ql & 0x0F).reshape(rows, -1, 256) | ((qh & 0x03).reshape(rows, -1, 256) << 4)
+    codes = (q.astype(np.int16) - 32).astype(np.int8)
+    scales = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _f16(b[..., 208:210])  # [N, S, 1]
+    return "int8", codes.reshape(rows, -1), (d * scales).reshape(rows, -1), None
+
+
 def _q4_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     # per 256-value super-block: d, dmin (f16), 12 bytes of 6-bit (scale, min) for its
     # eight 32-value groups, 128 bytes of nibbles (chunk i: group 2i low, 2i + 1 high)
@@ -223,7 +277,8 @@ def _split_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0}
+_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0, "Q5_0": _q5_0,
+             "Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def gguf_weight(
@@ -232,6 +287,7 @@ def gguf_weight(
     """A GGUF tensor of a natively served type as a ``QuantizedWeight`` (None when its
     shape does not suit the packed kernels: the caller dequantizes it)."""
     kind, codes, scales, zeros = gguf_codes(type_name, blocks, rows)
+    group = codes.shape[1] // scales.shape[1]  # 32, or Q6_K's 16
     if kind == "int4":
         why = int4_packable(codes.shape, 32)
         if why is not None:
@@ -243,7 +299,7 @@ def gguf_weight(
     return QuantizedWeight(
         kind, qdata, torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
         None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros, dtype=np.float32)),
-        32, dtype, type_name,
+        group, dtype, type_name,
     )
 
 

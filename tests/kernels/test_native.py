@@ -271,12 +271,8 @@ q, cache, tables, ctx = _case(*CASES[0][:5])
 first = native.paged_decode_attention(q, cache, tables, ctx, CASES[0][1] ** -0.5, *CASES[0][5:])
 q, cache, tables, ctx = _case(*CASES[3][:5])
 first_bf16 = native.paged_decode_attention(q, cache, tables, ctx, CASES[3][1] ** -0.5, *CASES[3][5:])
-from tests.kernels.test_native import _quant_operands
-i4, i8, qx = _quant_operands()
-quant = [native.int4_matmul(qx, i4, 40).tolist(), native.int8_matmul(qx, i8, 40).tolist(),
-         native.int4_lanes(), native.int4_matmul(qx, i4, 40, bits=4 | native.ACT8).tolist(),
-         native.int8_matmul(qx, i8, 40, bits=8 | native.ACT8).tolist()]
-print(json.dumps({"quant": quant, "available": st.available, "reason": st.reason, "first": first.float().tolist(),
+from tests.kernels.test_native import quant_results
+print(json.dumps({"quant": quant_results(), "lanes": native.int4_lanes(), "available": st.available, "reason": st.reason, "first": first.float().tolist(),
                   "first_bf16": first_bf16.float().tolist(),
                   "calls": native.calls["paged_decode_attention"] - 2, "linear_err": lin_err,
                   "linear": lin.tolist(),
@@ -296,9 +292,11 @@ def run_other_build(script: str, cflags: str, cache: Path) -> dict:  # type: ign
     return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An int4 and an int8 weight (40 x 96, packed: two whole blocks of 16 output rows and a
-    partial one) and 5 rows of activations."""
+def _quant_operands() -> tuple[dict[str, tuple[int, torch.Tensor]], torch.Tensor]:
+    """Packed weights of every format ``quant_matmul`` serves, by name: (bits, weight), 40 x
+    96 (two whole blocks of 16 output rows and a partial one): int4, int8, int8 with a scale
+    per 16 values (``HALF``: GGUF Q6_K) and int8 with zeros (``ZERO``: Q5_1 / Q5_K); and 5
+    rows of activations."""
     g = torch.Generator().manual_seed(7)
     codes4 = torch.randint(0, 16, (40, 96), generator=g, dtype=torch.uint8)
     codes8 = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
@@ -306,8 +304,26 @@ def _quant_operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # float16 subnormals of both signs (below 2^-14): the scalar build decodes them in C, and
     # a negative one once came out positive there
     offsets[22, 1], offsets[3, 0], scales[9, 2] = -2.3e-5, 4.1e-6, 3.0e-5
-    return (native.pack_int4_weight(codes4, scales, offsets, 32),
-            native.pack_int8_weight(codes8, scales, 32), torch.randn(5, 96, generator=g))
+    halves = torch.rand(40, 6, generator=g) * 0.01
+    halves[5, 3] = -1.7e-5
+    weights = {
+        "int4": (4, native.pack_int4_weight(codes4, scales, offsets, 32)),
+        "int8": (8, native.pack_int8_weight(codes8, scales, 32)),
+        "int8_half": (8 | native.HALF, native.pack_int8_weight(codes8, halves, 16)),
+        "int8_zero": (8 | native.ZERO, native.pack_int8_weight(codes8, scales, 32, offsets)),
+    }
+    return weights, torch.randn(5, 96, generator=g)
+
+
+def quant_results() -> dict[str, list]:  # type: ignore[type-arg]
+    """``quant_matmul`` of each ``_quant_operands`` weight with 16-bit and (``a8``) 8-bit
+    rows, as lists: what another build's process prints and this one compares bit for bit."""
+    weights, x = _quant_operands()
+    out = {}
+    for name, (bits, w) in weights.items():
+        out[name] = native.quant_matmul(bits, x, w, 40)[0].tolist()
+        out[name + "a8"] = native.quant_matmul(bits | native.ACT8, x, w, 40)[0].tolist()
+    return out
 
 
 def _disassembly(path: str) -> str:
@@ -346,14 +362,9 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     here = native.paged_decode_attention(q, cache, tables, ctx, CASES[3][1] ** -0.5, *CASES[3][5:])
     assert torch.equal(here.float(), torch.tensor(out["first_bf16"])), "bf16 scores differ"
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
-    i4, i8, qx = _quant_operands()
-    assert out["quant"][2] == 8 and native.int4_lanes() in (8, 16), out["quant"][2]
-    assert torch.equal(native.int4_matmul(qx, i4, 40), torch.tensor(out["quant"][0]))
-    assert torch.equal(native.int8_matmul(qx, i8, 40), torch.tensor(out["quant"][1]))
-    assert torch.equal(native.int4_matmul(qx, i4, 40, bits=4 | native.ACT8),
-                       torch.tensor(out["quant"][3]))
-    assert torch.equal(native.int8_matmul(qx, i8, 40, bits=8 | native.ACT8),
-                       torch.tensor(out["quant"][4]))
+    assert out["lanes"] == 8 and native.int4_lanes() in (8, 16), out["lanes"]
+    here = quant_results()
+    assert len(here) == 8 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

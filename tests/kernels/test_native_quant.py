@@ -5,7 +5,6 @@ thread count or the dtype path; kernels.linear serves int4 and int8 weights thro
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,27 +46,40 @@ def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor, tor
     return qw, packed, w.view(n, k)
 
 
-def _int8(n: int, k: int, seed: int, group: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8(n: int, k: int, seed: int, group: int = 32,
+          zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed int8 weight and its values: a group of 16 is GGUF Q6_K's (two scales per 32,
+    ``HALF``), ``zeros`` Q5_1's ``w = q * d + c`` (``ZERO``)."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 included
     scales = (torch.rand(n, k // group, generator=g) * 1e-2).half().float()
     w = codes.double().view(n, k // group, group) * scales.double()[..., None]
-    return native.pack_int8_weight(codes, scales, group), w.view(n, k)
+    c = (torch.randn(n, k // group, generator=g) * 0.05).half().float() if zeros else None
+    if c is not None:
+        w = w + c.double()[..., None]
+    return native.pack_int8_weight(codes, scales, group, c), w.view(n, k)
+
+
+FORMATS = {"int4": 4, "int8": 8, "int8_half": 8 | native.HALF, "int8_zero": 8 | native.ZERO}
+"""quant_matmul's weight formats by name: their ``bits`` (before ``ACT8``)."""
+
+
+def _weight(fmt: str, n: int, k: int, seed: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(bits, packed weight, its float64 values) of one of ``FORMATS``."""
+    if fmt == "int4":
+        return 4, *_int4(n, k, seed)[1:]
+    return FORMATS[fmt], *_int8(n, k, seed, 16 if fmt == "int8_half" else 32, fmt == "int8_zero")
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int, bits: int) -> None:
-    if bits == 4:
-        _, packed, w = _int4(n, k, seed=m)
-        fn = native.int4_matmul
-    else:
-        packed, w = _int8(n, k, seed=m)
-        fn = native.int8_matmul
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int, fmt: str) -> None:
+    bits, packed, w = _weight(fmt, n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
-    before = native.calls[f"int{bits}_matmul"]
-    y = fn(x, packed, n)
-    assert native.calls[f"int{bits}_matmul"] == before + 1 and y.dtype == torch.float32
+    name = f"int{bits & 12}_matmul"
+    before = native.calls[name]
+    y = native.quant_matmul(bits, x, packed, n)[0]
+    assert native.calls[name] == before + 1 and y.dtype == torch.float32
     want = _quantized_x(x) @ w.t()
     scale = float(want.abs().max())
     assert float((y.double() - want).abs().max()) < 1e-5 * scale  # float32 sums of exact parts
@@ -76,21 +88,19 @@ def test_equals_the_product_of_the_quantized_activations(m: int, k: int, n: int,
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("wbits", [4, 8])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(
-    m: int, k: int, n: int, wbits: int
+    m: int, k: int, n: int, fmt: str
 ) -> None:
     """``ACT8``: each group of 32 rounded to 127 steps of its max (llama.cpp's Q8 rows), so
     the result is that product to float32 sums, and visibly not the 16-bit kernel's (int8
     codes of -128 included: the VNNI path's unsigned q + 128 and its 128 S correction)."""
-    if wbits == 4:
-        _, packed, w = _int4(n, k, seed=m)
-    else:
-        packed, w = _int8(n, k, seed=m)
+    bits, packed, w = _weight(fmt, n, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
-    before = native.calls[f"int{wbits}_matmul_a8"]
-    y = native.quant_matmul(wbits | native.ACT8, x, packed, n)[0]
-    assert native.calls[f"int{wbits}_matmul_a8"] == before + 1
+    name = f"int{bits & 12}_matmul_a8"
+    before = native.calls[name]
+    y = native.quant_matmul(bits | native.ACT8, x, packed, n)[0]
+    assert native.calls[name] == before + 1
     want = _quantized_x(x, 127) @ w.t()
     scale = float(want.abs().max())
     assert float((y.double() - want).abs().max()) < 1e-5 * scale
@@ -99,12 +109,15 @@ def test_8_bit_activations_are_the_product_of_the_8_bit_rounded_rows(
     assert err16 > 1e-4 * scale, err16
 
 
-@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8])
-def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(bits: int) -> None:
+@pytest.mark.parametrize("act8", [0, native.ACT8])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_rows_bits_do_not_depend_on_its_batch_or_the_threads(fmt: str, act8: int) -> None:
     n, k = 272, 576
-    packed = _int4(n, k, 1)[1] if bits & ~native.ACT8 == 4 else _int8(n, k, 1)[0]
-    fn = functools.partial(native.int4_matmul if bits & ~native.ACT8 == 4 else
-                           native.int8_matmul, bits=bits)
+    bits, packed, _ = _weight(fmt, n, k, 1)
+
+    def fn(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+        return native.quant_matmul(bits | act8, x, packed, n)[0]
+
     x = torch.randn(130, k)
     whole = fn(x, packed, n)
     for size in (1, 2, 3, 4, 5, 31, 33, 64):
@@ -152,8 +165,18 @@ def test_bad_operands_are_named() -> None:
     _, packed, _ = _int4(16, 64, 3)
     with pytest.raises(native.KernelInputError, match="16 x 128"):
         native.int4_matmul(torch.randn(1, 128), packed, 16)
-    with pytest.raises(native.KernelInputError, match=r"bits 4 or 8, either \| ACT8, got 12"):
+    with pytest.raises(native.KernelInputError, match=r"bits 4 or 8 .*either \| ACT8, got 12"):
         native.quant_matmul(12, torch.randn(1, 64), packed, 16)
+    for bits in (4 | native.HALF, 8 | native.HALF | native.ZERO):  # no such formats
+        with pytest.raises(native.KernelInputError, match=f"got {bits}"):
+            native.quant_matmul(bits, torch.randn(1, 64), packed, 16)
+    with pytest.raises(native.KernelInputError, match="16 x 64"):  # int8's size, HALF's layout
+        native.quant_matmul(8 | native.HALF, torch.randn(1, 64), _int8(16, 64, 3)[0], 16)
+    with pytest.raises(ValueError, match="take no zeros"):
+        native.pack_int8_weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 4), 16,
+                                torch.zeros(16, 4))
+    with pytest.raises(ValueError, match="group size 8"):
+        native.pack_int8_weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 8), 8)
     with pytest.raises(ValueError, match="act_bits must be 16 or 8, got 4"):
         QuantizedWeight("int8", torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 1), None,
                         64, act_bits=4)
@@ -187,19 +210,15 @@ _SCALAR_BUILD = r"""
 import json, sys
 sys.path.insert(0, ".")
 from splitserve.kernels import native
-from tests.kernels.test_native import CASES, _case, _quant_operands
+from tests.kernels.test_native import CASES, _case, quant_results
 attention = []
 for dtype, head_dim, heads, block_size, lens, window, cap in CASES:
     q, cache, tables, ctx = _case(dtype, head_dim, heads, block_size, lens)
     got = native.paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, window, cap)
     attention.append(got.float().tolist())
-i4, i8, x = _quant_operands()
 print(json.dumps({"lanes": native.int4_lanes(), "reason": native.status().reason,
                   "attention": attention, "attention_calls": native.calls["paged_decode_attention"],
-                  "int4": native.int4_matmul(x, i4, 40).tolist(),
-                  "int8": native.int8_matmul(x, i8, 40).tolist(),
-                  "int4a8": native.int4_matmul(x, i4, 40, bits=4 | native.ACT8).tolist(),
-                  "int8a8": native.int8_matmul(x, i8, 40, bits=8 | native.ACT8).tolist()}))
+                  "quant": quant_results()}))
 """
 
 
@@ -213,7 +232,7 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
     """-march=x86-64 (no AVX2) builds the scalar path, -mno-avx512vnni AVX-512 without byte
     dot products (vpmaddubsw + vpmaddwd): the same integer sums and FMAs, so the same bits
     as this machine's build (the AVX2 build: test_native.py)."""
-    from tests.kernels.test_native import CASES, _case, _quant_operands, run_other_build
+    from tests.kernels.test_native import CASES, _case, quant_results, run_other_build
 
     out = run_other_build(_SCALAR_BUILD, cflags, tmp_path)
     assert out["lanes"] == lanes and cflags in out["reason"], out
@@ -228,16 +247,13 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
         q, cache, tables, ctx = _case(*case[:5])
         here = native.paged_decode_attention(q, cache, tables, ctx, case[1] ** -0.5, *case[5:])
         assert torch.equal(here.float(), torch.tensor(got)), (cflags, case[:4])
-    i4, i8, x = _quant_operands()
-    assert torch.equal(native.int4_matmul(x, i4, 40), torch.tensor(out["int4"]))
-    assert torch.equal(native.int8_matmul(x, i8, 40), torch.tensor(out["int8"]))
-    assert torch.equal(native.int4_matmul(x, i4, 40, bits=4 | native.ACT8),
-                       torch.tensor(out["int4a8"]))
-    assert torch.equal(native.int8_matmul(x, i8, 40, bits=8 | native.ACT8),
-                       torch.tensor(out["int8a8"]))
+    here = quant_results()  # every format, 16- and 8-bit rows: the same bits
+    assert len(here) == 8 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
 
 
-@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8])
+@pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8, 8 | native.HALF,
+                                  8 | native.ZERO, 8 | native.HALF | native.ACT8,
+                                  8 | native.ZERO | native.ACT8])
 def test_a_partial_last_block_gives_the_bits_of_a_whole_one(bits: int) -> None:
     """N = 45: the weight is packed with 3 zero rows to 48; each output is the one a 48-row
     weight holding the same 45 rows (and 3 others) gives it, bit for bit, and nothing more is
@@ -251,9 +267,12 @@ def test_a_partial_last_block_gives_the_bits_of_a_whole_one(bits: int) -> None:
         whole = native.pack_int4_weight(codes, scales, offsets, 32)
     else:
         codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
-        scales = torch.rand(48, 3, generator=g) * 0.01
-        odd = native.pack_int8_weight(codes[:n], scales[:n], 32)
-        whole = native.pack_int8_weight(codes, scales, 32)
+        group = 16 if bits & native.HALF else 32
+        scales = torch.rand(48, k // group, generator=g) * 0.01
+        zeros = torch.randn(48, 3, generator=g) * 0.05 if bits & native.ZERO else None
+        odd = native.pack_int8_weight(codes[:n], scales[:n], group,
+                                      None if zeros is None else zeros[:n])
+        whole = native.pack_int8_weight(codes, scales, group, zeros)
     assert odd.numel() == whole.numel()  # padded to the same 3 blocks
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(37, k, generator=g).to(dtype)  # MT tiles and a 1-row rest

@@ -74,19 +74,45 @@ def _q8_0_like(w: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("int8", q, d, None, 32, torch.float32, "Q8_0")
 
 
+def _q6_k_like(w: torch.Tensor) -> QuantizedWeight:
+    """int8 codes in [-32, 31] with a scale per 16 values (GGUF Q6_K's form)."""
+    n, k = w.shape
+    d = w.view(n, -1, 16).abs().amax(-1) / 31
+    q = (w.view(n, -1, 16) / d[..., None]).round().clamp(-32, 31).to(torch.int8).view(n, k)
+    return QuantizedWeight("int8", q, d, None, 16, torch.float32, "Q6_K")
+
+
+def _q5_1_like(w: torch.Tensor) -> QuantizedWeight:
+    """int8 codes in [0, 31] with a scale and a zero per 32 values (GGUF Q5_1's form)."""
+    n, k = w.shape
+    lo, hi = w.view(n, -1, 32).amin(-1), w.view(n, -1, 32).amax(-1)
+    d = (hi - lo) / 31
+    q = ((w.view(n, -1, 32) - lo[..., None]) / d[..., None]).round().clamp(0, 31)
+    return QuantizedWeight("int8", q.to(torch.int8).view(n, k), d, lo, 32, torch.float32, "Q5_1")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17, 64])
-@pytest.mark.parametrize("make", ["int4-32", "int4-128", "int8", "q8_0"])
-def test_linear_matches_dequantized_reference(rows: int, make: str) -> None:
+@pytest.mark.parametrize("make", ["int4-32", "int4-128", "int8", "q8_0", "q6_k", "q5_1"])
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_linear_matches_dequantized_reference(rows: int, make: str, kernels: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every int4 / int8 form through the native kernel and through torch's (the fallback
+    without a C compiler: packed int4 / int8 ops, or for Q6_K's groups of 16, which none
+    takes, the weight dequantized once)."""
+    monkeypatch.setenv("SPLITSERVE_CPU_INT4", kernels)
     w = _w(192, 256)
     qw = {
         "int4-32": lambda: quantize_int4(w, 32),
         "int4-128": lambda: quantize_int4(w, 128),
         "int8": lambda: quantize_int8(w),
         "q8_0": lambda: _q8_0_like(w),
+        "q6_k": lambda: _q6_k_like(w),
+        "q5_1": lambda: _q5_1_like(w),
     }[make]()
     bias = torch.randn(192) * 0.1
     proj = Linear(qw, bias)
     assert proj.quantized and proj.weight is None
+    assert (proj._native is not None) == (kernels == "native")
     x = torch.randn(rows, 256)
     ref = F.linear(x, qw.dequantize(), bias)  # fp32 reference of the same codes
     out = proj(x)
@@ -119,6 +145,17 @@ def test_linear_int4_any_number_of_rows(native_kernels: str,
 
 
 # --------------------------------------------------------------------------- tensor-like
+
+
+def test_int8_weights_with_and_without_zeros_fuse() -> None:
+    """A fused QKV of a Q5_1 (zeros) and a Q8_0 (none) tensor: one int8 weight, the second's
+    zeros 0; different group sizes (Q6_K's 16) stay apart."""
+    a, b = _q5_1_like(_w(32, 64, 1)), _q8_0_like(_w(16, 64, 2))
+    fused = torch.cat([a, b])
+    assert isinstance(fused, QuantizedWeight) and fused.zeros is not None
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    mixed = torch.cat([b, _q6_k_like(_w(16, 64, 3))])
+    assert not isinstance(mixed, QuantizedWeight)  # dequantized: formats differ
 
 
 def test_cat_rows_stays_quantized_and_embedding_gathers_rows() -> None:
@@ -157,13 +194,15 @@ def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarr
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows, k // block, size), dtype=np.uint8)
-    n_f16 = {"Q4_0": 1, "Q8_0": 1, "Q4_1": 2, "Q4_K": 2}[type_name]
+    n_f16 = {"Q4_0": 1, "Q8_0": 1, "Q5_0": 1, "Q6_K": 1}.get(type_name, 2)
     f16 = rng.uniform(-0.05, 0.05, size=(rows, k // block, n_f16)).astype(np.float16)
-    raw[..., : 2 * n_f16] = f16.view(np.uint8).reshape(rows, k // block, 2 * n_f16)
+    at = size - 2 if type_name == "Q6_K" else 0  # Q6_K's d ends its block
+    raw[..., at : at + 2 * n_f16] = f16.view(np.uint8).reshape(rows, k // block, 2 * n_f16)
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
+                                       "Q6_K"])
 def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -172,11 +211,24 @@ def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     raw = _random_blocks(type_name, rows, k)
     ref = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, k)
     qw = gguf_weight("blk.0.test", type_name, raw, rows, torch.float32)
-    assert qw is not None and qw.source == type_name and qw.group_size == 32
-    assert qw.kind == ("int8" if type_name == "Q8_0" else "int4")
+    assert qw is not None and qw.source == type_name
+    assert qw.group_size == (16 if type_name == "Q6_K" else 32)
+    assert qw.kind == ("int4" if type_name.startswith("Q4") else "int8")
+    assert (qw.zeros is not None) == (type_name in ("Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K"))
     np.testing.assert_allclose(qw.dequantize().numpy(), ref, rtol=1e-5, atol=1e-6)
     kind, codes, _, _ = gguf_codes(type_name, raw, rows)
     assert codes.shape == (rows, k)
+    # served from its codes by quant_matmul.c: the product with the file's own values (to the
+    # 16-bit rows and the float16 scales: a K-quant's folded d * scale rounds there)
+    from splitserve.kernels import native
+
+    assert native.status().available, native.status().reason
+    proj = Linear(qw)
+    assert proj._native is not None and proj.format == f"{qw.kind}:{type_name}"
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+    want = x.double() @ torch.from_numpy(ref).double().T
+    err = float((proj(x).double() - want).abs().max() / want.abs().max())
+    assert err < 1e-3, err
 
 
 def test_gguf_int4_rows_not_a_multiple_of_16_keep_their_codes(

@@ -28,7 +28,7 @@ from splitserve import LLM, SamplingParams
 from splitserve.errors import ModelLoadError
 from splitserve.kernels.quant import QuantizedWeight
 from splitserve.roles.models import loader
-from splitserve.roles.models.quantize import WeightFormat
+from splitserve.roles.models.quantize import GGUF_NATIVE, WeightFormat
 from tests.families import FAMILIES, VOCAB, count_near_ties, hf_greedy, make_family_model
 from tests.gguf_files import (
     GGUF_OVERRIDES,
@@ -90,7 +90,7 @@ def _rope_tables(cfg) -> torch.Tensor:  # type: ignore[no-untyped-def]
 
 def _check_loaded(name: str, folder: Path, gguf_file: Path, qtype: str):  # type: ignore[no-untyped-def]
     """The file's config and float weights are the folder's (as the file's types round
-    them); under ``auto`` its Q8_0 matrices stay codes (stacked experts are dequantized)."""
+    them); under ``auto`` its quantized matrices stay codes (stacked experts are dequantized)."""
     want = loader.load_model(str(folder), torch.float32).config
     reader = loader._open_gguf(gguf_file)
     cfg = loader._gguf_config(reader, gguf_file)
@@ -112,24 +112,50 @@ def _check_loaded(name: str, folder: Path, gguf_file: Path, qtype: str):  # type
         assert torch.allclose(tensor, expected, atol=1e-6, rtol=0), key
     codes = loader._gguf_weights(reader, cfg, gguf_file, torch.float32, WeightFormat("auto"))
     for key, tensor in codes.items():
-        kept = tensor_type(original[key], qtype) == "Q8_0" and ".experts." not in key
+        stored = tensor_type(original[key], qtype)
+        kept = stored in GGUF_NATIVE and ".experts." not in key
         assert isinstance(tensor, QuantizedWeight) == kept, key
+        assert not kept or tensor.source == stored, key  # type: ignore[union-attr]
 
 
-def _equal_to_transformers(folder_and_name, tmp_path: Path, qtype: str) -> None:
+def _equal_to_transformers(folder_and_name, tmp_path: Path, qtype: str,
+                           quantization: str = "none") -> dict[str, int]:
+    """The file's greedy tokens are transformers' on the weights it holds; its weight formats
+    as the engine serves them (``/version``'s ``weight_formats``)."""
     name, folder = folder_and_name
     gguf_file = write_gguf(folder, tmp_path / f"{name}-{qtype}.gguf", name, qtype)
     _check_loaded(name, folder, gguf_file, qtype)
-    llm = LLM(str(gguf_file), num_kv_blocks=256)
+    llm = LLM(str(gguf_file), num_kv_blocks=256, quantization=quantization)
     assert llm.engine.model_config.architecture == loader._gguf_config(
         loader._open_gguf(gguf_file), gguf_file).architecture
     got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     ties = count_near_ties(got, _reference(folder, qtype, tmp_path))
     print(f"{name} {qtype}: {ties} near-tie divergences accepted of {len(PROMPTS)} prompts")
+    return dict(llm.engine.weights_info["formats"])
 
 
 def test_gguf_equals_transformers(folder, tmp_path) -> None:
     _equal_to_transformers(folder, tmp_path, "mixed")
+
+
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A file as llama.cpp's K-quant presets write one: Q6_K (Q4_K_M's and Q5_K_M's other
+    type) where rows are whole 256-value blocks, Q5_1 elsewhere; served from their codes by
+    the native kernel (int8 with a scale per 16 values; int8 with zeros), greedy tokens
+    transformers' on the weights the file holds."""
+    from splitserve.kernels import native
+
+    overrides = {**GGUF_OVERRIDES["qwen3"], "hidden_size": hidden, "intermediate_size": 2 * hidden}
+    folder = make_family_model("qwen3", tmp_path / "qwen3", tokenizer_dir, overrides=overrides)
+    formats = _equal_to_transformers(("qwen3", folder), tmp_path, "Q6_K", "auto")
+    assert native.status().available, native.status().reason
+    q6 = sum(n for f, n in formats.items() if f.startswith("int8:Q6_K"))
+    q5 = sum(n for f, n in formats.items() if f.startswith("int8:Q5_1"))
+    if hidden == 256:  # K of 256 or 512: Q6_K; o_proj's K is 4 heads x 32 = 128: Q5_1
+        assert q6 >= 4 * 6 and q5 == 4, formats
+    else:  # K = 64 / 128: no whole super-block, Q5_1 throughout
+        assert q6 == 0 and q5 >= 4 * 7, formats
 
 
 @pytest.mark.slow

@@ -191,13 +191,15 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
 
     rng = np.random.default_rng(0)
     n, k = 32, 256
-    q6_block, q6_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
-    q6 = rng.integers(0, 256, size=(n, k // q6_block, q6_size), dtype=np.uint8)
-    q6[..., -2:] = np.array([0.01], dtype=np.float16).view(np.uint8)  # f16 scale comes last
+    q3_block, q3_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]
+    q3 = rng.integers(0, 256, size=(n, k // q3_block, q3_size), dtype=np.uint8)
+    q3[..., -2:] = np.array([0.01], dtype=np.float16).view(np.uint8)  # f16 scale comes last
     path = _write_gguf(tmp_path / "mixed.gguf", {
         "blk.0.ffn_up.weight": (_random_blocks("Q4_1", n, k), "Q4_1"),
         "blk.0.ffn_gate.weight": (_random_blocks("Q8_0", n, k), "Q8_0"),
-        "blk.0.ffn_down.weight": (q6.reshape(n, -1), "Q6_K"),
+        "blk.0.ffn_down.weight": (_random_blocks("Q6_K", n, k), "Q6_K"),
+        "blk.0.attn_output.weight": (_random_blocks("Q5_K", n, k), "Q5_K"),
+        "blk.0.attn_v.weight": (q3.reshape(n, -1), "Q3_K"),
     })
     reader = GGUFReader(str(path))
     cfg = type("Cfg", (), {"architecture": "LlamaForCausalLM"})()
@@ -211,8 +213,13 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     assert isinstance(got["blk.0.ffn_up.weight"], QuantizedWeight)
     assert got["blk.0.ffn_up.weight"].source == "Q4_1"
     assert got["blk.0.ffn_gate.weight"].kind == "int8"  # type: ignore[union-attr]
-    assert got["blk.0.ffn_down.weight"] is None  # dequantized by the caller
-    assert "blk.0.ffn_down.weight" in caplog.text and "Q6_K" in caplog.text
+    q6 = got["blk.0.ffn_down.weight"]  # Q4_K_M's other type: int8, a scale per 16 values
+    assert isinstance(q6, QuantizedWeight) and q6.kind == "int8" and q6.group_size == 16
+    q5 = got["blk.0.attn_output.weight"]  # Q5_K_M's: int8 with a zero per 32
+    assert isinstance(q5, QuantizedWeight) and q5.group_size == 32 and q5.zeros is not None
+    assert got["blk.0.attn_v.weight"] is None  # dequantized by the caller
+    assert "blk.0.attn_v.weight" in caplog.text and "Q3_K" in caplog.text
+    assert "ffn_down" not in caplog.text and "attn_output" not in caplog.text
     none = loader._gguf_quantized(by_name["blk.0.ffn_up.weight"], "x", cfg, torch.float32,
                                   WeightFormat("none"))
     assert none is None
@@ -220,7 +227,7 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     fmt = WeightFormat("w4a8")
     kept = {name: loader._gguf_quantized(t, loader._hf_name(name), cfg, torch.float32, fmt)
             for name, t in by_name.items()}
-    assert kept["blk.0.ffn_down.weight"] is None
+    assert kept["blk.0.attn_v.weight"] is None
     weights = {k: v for k, v in kept.items() if v is not None}
     weights["model.layers.0.mlp.extra.weight"] = torch.randn(16, 64)  # float stays float
     quantize_checkpoint(weights, fmt, torch.float32, tied=False)
@@ -229,6 +236,7 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     assert isinstance(weights["model.layers.0.mlp.extra.weight"], torch.Tensor)
     assert precision.weight_format(weights["blk.0.ffn_up.weight"]) == "int4:Q4_1:a8"
     assert precision.weight_format(weights["blk.0.ffn_gate.weight"]) == "int8:Q8_0:a8"
+    assert precision.weight_format(weights["blk.0.ffn_down.weight"]) == "int8:Q6_K:a8"
     from splitserve.kernels import native
     from splitserve.kernels.linear import Linear
 

@@ -42,11 +42,11 @@ PROMPTS = [
     "How does a refrigerator keep food cold?",
 ]
 
-FORMATS = {  # label -> LLM options
-    "gguf-native (Q4_1 + Q8_0 head)": {"quantization": "auto", "dtype": "auto"},
-    "int4 (Q4_1 + RTN int4 g32 head)": {"quantization": "int4", "dtype": "auto"},
-    "int8 (RTN int8/channel + Q8_0 head)": {"quantization": "int8", "dtype": "auto"},
-    "w4a8 (Q4_1 + Q8_0 head, both with 8-bit activations)": {"quantization": "w4a8", "dtype": "auto"},
+FORMATS = {  # label -> LLM options (the weight formats each row served are printed with it)
+    "gguf-native (the file's codes)": {"quantization": "auto", "dtype": "auto"},
+    "int4 (Q4 codes kept, the rest RTN int4 g32)": {"quantization": "int4", "dtype": "auto"},
+    "int8 (int8 codes kept, the rest RTN int8/channel)": {"quantization": "int8", "dtype": "auto"},
+    "w4a8 (the file's codes with 8-bit activations)": {"quantization": "w4a8", "dtype": "auto"},
     "bf16 activations, fp32-dequantized weights": {"quantization": "none", "dtype": "bfloat16"},
     # KV cache formats (kv_cache_dtype): alone over float32, then with gguf-native weights
     "fp32, fp8_e4m3 KV": {"quantization": "none", "dtype": "float32", "kv_cache_dtype": "fp8_e4m3"},
@@ -132,9 +132,9 @@ def main() -> None:
     gc.collect()
     print(f"{len(prompts)} prompts, {args.tokens} greedy tokens each; reference: fp32-dequantized "
           "GGUF (quantization='none', dtype float32)", flush=True)
-    print(f"| format | dtype | KV | mean KL | top-1 agreement | first divergence (mean / min) | "
-          f"identical of {len(prompts)} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| format | weights served | dtype | KV | mean KL | top-1 agreement | "
+          f"first divergence (mean / min) | identical of {len(prompts)} |")
+    print("|---|---|---|---|---|---|---|---|")
     results: dict[str, Any] = {}
     for label, options in FORMATS.items():
         if args.only not in label:
@@ -145,7 +145,10 @@ def main() -> None:
         r["weight_formats"] = llm.engine.info()["weight_formats"]
         r["kv_cache_dtype"] = llm.engine.info()["kv_cache_dtype"]
         results[label] = r
-        print(f"| {label} | {r['dtype']} | {r['kv_cache_dtype']} | {r['mean_kl']:.4f} | {r['top1_agreement']:.3f} | "
+        served = ", ".join(f"{f} x{n}" for f, n in sorted(r["weight_formats"].items())
+                           if f not in ("float32", "bfloat16"))  # (norms stay float)
+        print(f"| {label} | {served or 'float'} | {r['dtype']} | {r['kv_cache_dtype']} | "
+              f"{r['mean_kl']:.4f} | {r['top1_agreement']:.3f} | "
               f"{r['mean_first_divergence']:.1f} / {r['min_first_divergence']} | "
               f"{r['identical_outputs']} |", flush=True)
         del llm

@@ -206,6 +206,7 @@ static inline __attribute__((always_inline)) void tile(
         for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         __m512i is[MT][NBMAX], ih[MT][NBMAX]; /* ih: EXT_HALF's second half */
+        int lo_done = 0; /* EXT_HALF: the first half's FMA was made in the loop */
         for (int r = 0; r < R; r++)
             for (int b = 0; b < NB; b++) is[r][b] = ih[r][b] = _mm512_setzero_si512();
         const int16_t *xg = qx + m0 * K + g * QG;
@@ -298,6 +299,19 @@ static inline __attribute__((always_inline)) void tile(
 #endif
         else { /* int8: codes widened to 16 bits (with QM_ACT8 the 8-bit codes, as int16) */
             for (int t = 0; t < 8; t++) {
+                if (EXT == EXT_HALF && t == 4) { /* the first half's FMA now (the same order
+                                                  * as the VNNI path's), is reused */
+                    for (int b = 0; b < NB; b++) {
+                        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            (const __m256i *)(w + ((b0 + b) * G + g) * GB + 512)));
+                        for (int r = 0; r < R; r++) {
+                            acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]),
+                                _mm512_mul_ps(d, _mm512_set1_ps(dx[(m0 + r) * G + g])), acc[r][b]);
+                            is[r][b] = _mm512_setzero_si512();
+                        }
+                    }
+                    lo_done = 1;
+                }
                 __m512i wv[NBMAX][2];
                 for (int b = 0; b < NB; b++) {
                     const __m512i v = _mm512_loadu_si512(w + ((b0 + b) * G + g) * GB + 64 * t);
@@ -307,12 +321,12 @@ static inline __attribute__((always_inline)) void tile(
                 for (int r = 0; r < R; r++)
                     for (int i = 0; i < 2; i++) {
                         const __m512i xp = _mm512_set1_epi32(pair_at(xg + r * K + 4 * t + 2 * i));
-                        if (EXT == EXT_HALF && t >= 4) /* k >= 16: the second half's scale */
-                            for (int b = 0; b < NB; b++) ih[r][b] = dot2(ih[r][b], wv[b][i], xp);
-                        else
-                            for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
+                        for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
                     }
             }
+            if (EXT == EXT_HALF)
+                for (int r = 0; r < R; r++)
+                    for (int b = 0; b < NB; b++) ih[r][b] = is[r][b];
         }
         for (int b = 0; b < NB; b++) {
             const uint8_t *s = w + ((b0 + b) * G + g) * GB + (BITS == 4 ? 256 : 512);
@@ -320,7 +334,7 @@ static inline __attribute__((always_inline)) void tile(
             for (int r = 0; r < R; r++) {
                 const int64_t i = (m0 + r) * G + g;
                 const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(dx[i]));
-                acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]), dd, acc[r][b]);
+                if (!lo_done) acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]), dd, acc[r][b]);
                 if (BITS == 8 && EXT == EXT_HALF) {
                     const __m512 d2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
                     acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih[r][b]),
@@ -356,7 +370,7 @@ static inline __attribute__((always_inline)) void tile(
             const uint8_t *blk = w + ((b0 + b) * G + g) * GB;
             const int16_t *xg = qx + m0 * K + g * QG;
             __m256i is[MT][2], ih[MT][2]; /* ih: EXT_HALF's second half */
-            for (int r = 0; r < R; r++) is[r][0] = is[r][1] = ih[r][0] = ih[r][1] = _mm256_setzero_si256();
+            for (int r = 0; r < R; r++) is[r][0] = is[r][1] = _mm256_setzero_si256();
             for (int h = 0; h < 2; h++) {
                 if (BITS == 4) { /* rows 8h..8h+7: bytes 32h..32h+31 of each chunk */
                     const uint8_t *hl = xhl + 2 * (m0 * K + g * QG);
@@ -381,14 +395,23 @@ static inline __attribute__((always_inline)) void tile(
                     }
                 } else {
                     for (int t = 0; t < 16; t++) {
+                        if (EXT == EXT_HALF && t == 8) { /* the first half's FMA now (the
+                                                          * same order as the epilogue's) */
+                            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 512 + 16 * h)));
+                            for (int r = 0; r < R; r++) {
+                                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
+                                    _mm256_mul_ps(d, _mm256_set1_ps(dx[(m0 + r) * G + g])), acc[r][h]);
+                                is[r][h] = _mm256_setzero_si256();
+                            }
+                        }
                         const __m256i wv = _mm256_cvtepi8_epi16(
                             _mm_loadu_si128((const __m128i *)(blk + 32 * t + 16 * h)));
-                        for (int r = 0; r < R; r++) {
-                            const __m256i p = _mm256_madd_epi16(wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t)));
-                            if (EXT == EXT_HALF && t >= 8) ih[r][h] = _mm256_add_epi32(ih[r][h], p);
-                            else is[r][h] = _mm256_add_epi32(is[r][h], p);
-                        }
+                        for (int r = 0; r < R; r++)
+                            is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(
+                                wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t))));
                     }
+                    if (EXT == EXT_HALF)
+                        for (int r = 0; r < R; r++) ih[r][h] = is[r][h];
                 }
             }
             const uint8_t *s = blk + (BITS == 4 ? 256 : 512);
@@ -396,8 +419,9 @@ static inline __attribute__((always_inline)) void tile(
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * h)));
                 for (int r = 0; r < R; r++) {
                     const int64_t i = (m0 + r) * G + g;
-                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
-                                                _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[r][h]);
+                    if (!(BITS == 8 && EXT == EXT_HALF)) /* (HALF's first FMA: in the loop) */
+                        acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
+                                                    _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[r][h]);
                     if (BITS == 8 && EXT == EXT_HALF) {
                         const __m256 d2 = _mm256_cvtph_ps(
                             _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));

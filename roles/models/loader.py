@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from splitserve.errors import ModelLoadError
+from splitserve.kernels.quant import QuantizedWeight
 from splitserve.roles.models import generation_config as gen_config
 from splitserve.roles.models import gguf_map, registry, tokenizer_cache
 from splitserve.roles.models.config import ModelConfig
@@ -348,6 +349,10 @@ def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, f
         if quantized is not None:
             weights[name] = quantized  # type: ignore[index]
             continue
+        experts = _gguf_quantized_experts(tensor, config, dtype, fmt) if name is None else None
+        if experts is not None:
+            weights.update(experts)
+            continue
         for hf, array in gguf_map.hf_tensors(tensor.name, _dequantize(tensor, path), arch):
             if arch in gguf_map.PERMUTED_QK:
                 array = _unpermute(hf, array, config)
@@ -373,6 +378,24 @@ def _gguf_quantized(tensor, name: str, config: ModelConfig, dtype: torch.dtype, 
         if order is not identity:
             qw = qw.rows(torch.from_numpy(np.ascontiguousarray(order)))
     return qw
+
+
+def _gguf_quantized_experts(tensor, config: ModelConfig, dtype: torch.dtype,  # type: ignore[no-untyped-def]
+                            fmt: WeightFormat) -> dict[str, QuantizedWeight] | None:
+    """A stacked expert tensor ([E, rows, K]) served from its codes, one weight per expert
+    under its checkpoint name (each expert's rows are whole blocks of the file's type); None
+    when it is not one, its type is not kept, or a slice does not suit the packed kernels."""
+    type_name = tensor.tensor_type.name
+    if not fmt.keeps_gguf(type_name) or len(tensor.shape) != 3:
+        return None
+    rows = int(tensor.shape[1])
+    out: dict[str, QuantizedWeight] = {}
+    for hf, raw in gguf_map.hf_tensors(tensor.name, tensor.data, config.architecture):
+        qw = gguf_weight(hf, type_name, raw, rows, dtype)
+        if qw is None:
+            return None
+        out[hf] = qw
+    return out or None
 
 
 def _hf_name(gguf_name: str, architecture: str = "LlamaForCausalLM") -> str | None:

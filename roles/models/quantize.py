@@ -8,7 +8,8 @@ loader applies it:
   into per-group scales and zeros), Q8_0 as int8 in groups of 32; the 5- and 6-bit types as
   int8 codes: Q5_0 in groups of 32, Q5_1 and Q5_K with a zero per group of 32 (Q5_K's
   sub-block scales and mins folded as Q4_K's), Q6_K in groups of 16 (its int8 sub-block
-  scales times the super-block's d). Under ``auto`` every
+  scales times the super-block's d), Q3_K likewise (3-bit codes, 6-bit scales per 16), IQ4_NL
+  and IQ4_XS as their non-linear table's int8 values (scale per 32). Under ``auto`` every
   tensor of those types is kept so (F32 / F16 / BF16 stay float); another quantized type
   is dequantized with a warning naming the tensor and its type.
 - ``int4`` / ``int8`` quantize the projections (attention, MLP and expert weights, the
@@ -53,7 +54,8 @@ Tensor = torch.Tensor
 
 QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
 GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8",
-               "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
+               "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q3_K": "int8", "IQ4_NL": "int8",
+               "IQ4_XS": "int8"}
 """GGUF tensor types served from their codes, and the format each becomes."""
 GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
 _NOT_PROJECTIONS = ("norm", ".gate.weight", "router.")  # norms, MoE routers: stay float
@@ -250,6 +252,46 @@ def _q6_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     return "int8", codes.reshape(rows, -1), (d * scales).reshape(rows, -1), None
 
 
+def _q3_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: 32 bytes of high bits (bit i of byte j: value 32i + j; set
+    # means no -4), 64 bytes of 2-bit lows (half h, byte j, bits 2s: value 128h + 32s + j),
+    # 12 bytes of 6-bit scales (sub-block k of 16: low nibble of byte k (k < 8) or high
+    # nibble of byte k - 8, high 2 bits at bits 2(k // 4) of byte 8 + k % 4), d (f16)
+    b = raw.reshape(rows, -1, 110)
+    hm, qs, sb = b[..., :32], b[..., 32:96], b[..., 96:108]
+    low = (sb[..., :8, None] >> np.array([0, 4], dtype=np.uint8)).transpose(0, 1, 3, 2)
+    high = (sb[..., 8:12, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)).transpose(0, 1, 3, 2)
+    sc = ((low.reshape(rows, -1, 16) & 0x0F) | ((high.reshape(rows, -1, 16) & 0x03) << 4))
+    scales = _f16(b[..., 108:110]) * (sc.astype(np.float32) - 32)  # [N, S, 16]
+    ql = qs.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    qh = hm.reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]  # [N, S, 8, 32]
+    codes = (ql.reshape(rows, -1, 256) & 3).astype(np.int8) - 4 * (1 - (qh.reshape(rows, -1, 256) & 1)).astype(np.int8)
+    return "int8", codes.reshape(rows, -1), scales.reshape(rows, -1), None
+
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      dtype=np.int8)
+"""IQ4_NL / IQ4_XS: the int8 value each 4-bit code stands for (llama.cpp's ``kvalues_iq4nl``)."""
+
+
+def _iq4_nl(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    b = raw.reshape(rows, -1, 18)  # per block: d (f16), 16 bytes of nibbles as Q4_0's
+    d = _f16(b[..., :2])[..., 0]
+    return "int8", IQ4_VALUES[_split_nibbles(b[..., 2:])].reshape(rows, -1), d, None
+
+
+def _iq4_xs(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: d (f16), 16 bits of high scale bits (2 per group of 32),
+    # 4 bytes of low scale nibbles (group 2j low, 2j + 1 high), 8 x 16 bytes of nibbles
+    b = raw.reshape(rows, -1, 136)
+    d = _f16(b[..., 0:2])  # [N, S, 1]
+    hi = np.ascontiguousarray(b[..., 2:4]).view("<u2") >> (2 * np.arange(8, dtype=np.uint16))
+    lo = (b[..., 4:8, None] >> np.array([0, 4], dtype=np.uint8)).reshape(rows, -1, 8) & 0x0F
+    ls = (lo | ((hi & 3).astype(np.uint8) << 4)).astype(np.float32) - 32  # [N, S, 8]
+    codes = IQ4_VALUES[_split_nibbles(b[..., 8:].reshape(rows, -1, 8, 16))]
+    return "int8", codes.reshape(rows, -1), (d * ls).reshape(rows, -1), None
+
+
 def _q4_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     # per 256-value super-block: d, dmin (f16), 12 bytes of 6-bit (scale, min) for its
     # eight 32-value groups, 128 bytes of nibbles (chunk i: group 2i low, 2i + 1 high)
@@ -278,7 +320,8 @@ def _split_nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 _DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0, "Q5_0": _q5_0,
-             "Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k}
+             "Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q3_K": _q3_k, "IQ4_NL": _iq4_nl,
+             "IQ4_XS": _iq4_xs}
 
 
 def gguf_weight(

@@ -90,7 +90,8 @@ def _rope_tables(cfg) -> torch.Tensor:  # type: ignore[no-untyped-def]
 
 def _check_loaded(name: str, folder: Path, gguf_file: Path, qtype: str):  # type: ignore[no-untyped-def]
     """The file's config and float weights are the folder's (as the file's types round
-    them); under ``auto`` its quantized matrices stay codes (stacked experts are dequantized)."""
+    them); under ``auto`` its quantized matrices stay codes (stacked experts too, split per
+    expert)."""
     want = loader.load_model(str(folder), torch.float32).config
     reader = loader._open_gguf(gguf_file)
     cfg = loader._gguf_config(reader, gguf_file)
@@ -113,7 +114,7 @@ def _check_loaded(name: str, folder: Path, gguf_file: Path, qtype: str):  # type
     codes = loader._gguf_weights(reader, cfg, gguf_file, torch.float32, WeightFormat("auto"))
     for key, tensor in codes.items():
         stored = tensor_type(original[key], qtype)
-        kept = stored in GGUF_NATIVE and ".experts." not in key
+        kept = stored in GGUF_NATIVE  # stacked experts too: one weight per expert
         assert isinstance(tensor, QuantizedWeight) == kept, key
         assert not kept or tensor.source == stored, key  # type: ignore[union-attr]
 
@@ -156,6 +157,23 @@ def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer
         assert q6 >= 4 * 6 and q5 == 4, formats
     else:  # K = 64 / 128: no whole super-block, Q5_1 throughout
         assert q6 == 0 and q5 >= 4 * 7, formats
+
+
+def test_moe_experts_stay_codes(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A MoE file's stacked experts ([E, rows, K] Q8_0 blocks) are split per expert into
+    quantized weights, not dequantized (a Qwen3-30B-A3B's experts are most of its bytes):
+    the engine serves them through the native kernel, greedy tokens transformers'."""
+    from splitserve.kernels import native
+
+    folder = make_family_model("qwen3_moe", tmp_path / "qwen3_moe", tokenizer_dir,
+                               overrides=GGUF_OVERRIDES["qwen3_moe"])
+    formats = _equal_to_transformers(("qwen3_moe", folder), tmp_path, "mixed", "auto")
+    assert native.status().available, native.status().reason
+    cfg = loader.load_model(str(folder), torch.float32).config
+    experts = cfg.num_layers * FAMILIES["qwen3_moe"][1]["num_experts"]
+    # per expert a gate|up and a down projection (dequantized experts left 22 here: the
+    # attention projections, the router, the embedding and the head)
+    assert formats.get("int8:Q8_0", 0) >= 2 * experts, formats
 
 
 @pytest.mark.slow

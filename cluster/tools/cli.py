@@ -69,7 +69,7 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activations and KV; auto: bfloat16 where the CPU has it natively")
     parser.add_argument("--quantization", default="none",
                         choices=["auto", "none", "int4", "int8", "w4a8"],
-                        help="weights: auto serves a GGUF's own codes (Q4/Q5/Q6_K/Q3_K/Q8_0/"
+                        help="weights: auto serves a GGUF's own codes (Q2_K-Q6_K/Q8_0/"
                              "IQ4); int4/int8 quantize at "
                              "load; w4a8: int4 with 8-bit activations (faster, less exact)")
     parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256])

@@ -40,7 +40,9 @@
  * bytes (576): with QM_HALF (GGUF Q6_K: a scale per 16 values) d[16] is the group's first 16
  * values' scales and d2[16] follows for the second 16, whose integer sums are kept apart:
  * y += (d dx) S_lo + (d2 dx) S_hi, two fused multiply-adds in that order; with QM_ZERO (Q5_1,
- * Q5_K: w = q d + c) c[16] follows and is added as int4's, c sx.
+ * Q5_K: w = q d + c) c[16] follows and is added as int4's, c sx; with both (Q2_K: a scale and a
+ * zero per 16 values, 640 bytes) d, d2, then c and c2, each half's zero times its own sum of
+ * the row's codes (sxl: dx S_lo, dx S_hi).
  */
 #include "common.h"
 #include "entry_points.h"
@@ -63,7 +65,8 @@
 #define QMAX8 127 /* 8-bit activations (QM_ACT8) */
 #define QM_ACT8 16 /* added to bits: int4 weights times activations quantized to 8 bits */
 #define QM_HALF 32 /* added to 8 bits: a scale per 16 values (GGUF Q6_K), two per group */
-#define QM_ZERO 64 /* added to 8 bits: a zero per group, w = q * d + c (GGUF Q5_1 / Q5_K) */
+#define QM_ZERO 64 /* added to 8 bits: a zero per group, w = q * d + c (GGUF Q5_1 / Q5_K);
+                    * with QM_HALF one per 16 values (GGUF Q2_K) */
 #define EXT_HALF 1 /* tile's EXT: the int8 weight's extra per-group values */
 #define EXT_ZERO 2
 #define MT 4 /* rows of x per tile */
@@ -73,7 +76,9 @@
 /* Bytes per block of 16 output rows and group of 32: codes, then float16 scales (and the
  * second half's scales or the zeros). */
 static inline int64_t group_bytes(const int BITS, const int EXT) {
-    return BITS == 4 ? G4_BYTES : G8_BYTES + (EXT ? 2 * QB : 0);
+    /* int8: + the second half's scales (HALF), + the zeros (ZERO), + the second half's zeros */
+    return BITS == 4 ? G4_BYTES : G8_BYTES + 2 * QB * (!!(EXT & EXT_HALF) + !!(EXT & EXT_ZERO) +
+                                                      (EXT == (EXT_HALF | EXT_ZERO)));
 }
 
 /* Vector width of this build's quantized path: 16, 8, or 1 (scalar). */
@@ -93,7 +98,7 @@ static inline float half_to_f32(uint16_t h) {
  * are too. */
 static inline __attribute__((always_inline)) void quantize_row_t(
     const void *x, const int dtype, int64_t K, const int A8, int16_t *restrict qx,
-    uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
+    uint8_t *restrict xhl, float *restrict dx, float *restrict sx, float *restrict sxl)
 {
     const int32_t qmax = A8 ? QMAX8 : QMAX;
     for (int64_t g = 0; g < K / QG; g++) {
@@ -123,20 +128,23 @@ static inline __attribute__((always_inline)) void quantize_row_t(
         }
         dx[g] = amax / (float)qmax;
         sx[g] = dx[g] * (float)s;
+        sxl[2 * g] = dx[g] * (float)s_lo; /* QM_HALF | QM_ZERO: each half's zero term */
+        sxl[2 * g + 1] = dx[g] * (float)(s - s_lo);
     }
 }
 
 /* quantize_row_t with the dtype and the code width as constants, so its loops vectorize (the
  * same integer and float operations, so the same codes). */
 static void quantize_row(const void *x, int dtype, int64_t K, int A8, int16_t *restrict qx,
-                         uint8_t *restrict xhl, float *restrict dx, float *restrict sx)
+                         uint8_t *restrict xhl, float *restrict dx, float *restrict sx,
+                         float *restrict sxl)
 {
     if (dtype == BF16) {
-        if (A8) quantize_row_t(x, BF16, K, 1, qx, xhl, dx, sx);
-        else quantize_row_t(x, BF16, K, 0, qx, xhl, dx, sx);
+        if (A8) quantize_row_t(x, BF16, K, 1, qx, xhl, dx, sx, sxl);
+        else quantize_row_t(x, BF16, K, 0, qx, xhl, dx, sx, sxl);
     } else {
-        if (A8) quantize_row_t(x, F32, K, 1, qx, xhl, dx, sx);
-        else quantize_row_t(x, F32, K, 0, qx, xhl, dx, sx);
+        if (A8) quantize_row_t(x, F32, K, 1, qx, xhl, dx, sx, sxl);
+        else quantize_row_t(x, F32, K, 0, qx, xhl, dx, sx, sxl);
     }
 }
 
@@ -195,7 +203,7 @@ static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 
 /* Rows [m0, m0 + R) of the output x blocks [b0, b0 + NB) (16 output rows each); BITS 4 or 8. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
@@ -272,7 +280,7 @@ static inline __attribute__((always_inline)) void tile(
                 }
                 for (int r = 0; r < R; r++) {
                     const __m512i xa = _mm512_set1_epi32(quad_at(hl + 2 * r * K + 4 * u));
-                    if (EXT == EXT_HALF ? u >= 4 : (u & 1))
+                    if ((EXT & EXT_HALF) ? u >= 4 : (u & 1))
                         for (int b = 0; b < NB; b++) io[r][b] = dot4(io[r][b], wq[b], xa);
                     else
                         for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
@@ -282,7 +290,7 @@ static inline __attribute__((always_inline)) void tile(
                 int32_t sum, lo_sum;
                 memcpy(&sum, hl + 2 * r * K + QG, sizeof(sum));
                 memcpy(&lo_sum, hl + 2 * r * K + QG + 4, sizeof(lo_sum));
-                if (EXT == EXT_HALF) {
+                if ((EXT & EXT_HALF)) {
                     const __m512i fix = _mm512_set1_epi32(lo_sum * 128);
                     const __m512i fix2 = _mm512_set1_epi32((sum - lo_sum) * 128);
                     for (int b = 0; b < NB; b++) {
@@ -299,7 +307,7 @@ static inline __attribute__((always_inline)) void tile(
 #endif
         else { /* int8: codes widened to 16 bits (with QM_ACT8 the 8-bit codes, as int16) */
             for (int t = 0; t < 8; t++) {
-                if (EXT == EXT_HALF && t == 4) { /* the first half's FMA now (the same order
+                if ((EXT & EXT_HALF) && t == 4) { /* the first half's FMA now (the same order
                                                   * as the VNNI path's), is reused */
                     for (int b = 0; b < NB; b++) {
                         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -324,7 +332,7 @@ static inline __attribute__((always_inline)) void tile(
                         for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
                     }
             }
-            if (EXT == EXT_HALF)
+            if ((EXT & EXT_HALF))
                 for (int r = 0; r < R; r++)
                     for (int b = 0; b < NB; b++) ih[r][b] = is[r][b];
         }
@@ -335,12 +343,17 @@ static inline __attribute__((always_inline)) void tile(
                 const int64_t i = (m0 + r) * G + g;
                 const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(dx[i]));
                 if (!lo_done) acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[r][b]), dd, acc[r][b]);
-                if (BITS == 8 && EXT == EXT_HALF) {
+                if (BITS == 8 && (EXT & EXT_HALF)) {
                     const __m512 d2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
                     acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ih[r][b]),
                                                 _mm512_mul_ps(d2, _mm512_set1_ps(dx[i])), acc[r][b]);
                 }
-                if (BITS == 4 || EXT == EXT_ZERO) {
+                if (BITS == 8 && EXT == (EXT_HALF | EXT_ZERO)) { /* each half's zero */
+                    const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 64)));
+                    const __m512 c2 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 96)));
+                    acc[r][b] = _mm512_fmadd_ps(c, _mm512_set1_ps(sxl[2 * i]), acc[r][b]);
+                    acc[r][b] = _mm512_fmadd_ps(c2, _mm512_set1_ps(sxl[2 * i + 1]), acc[r][b]);
+                } else if (BITS == 4 || (EXT & EXT_ZERO)) {
                     const __m512 c = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
                     acc[r][b] = _mm512_fmadd_ps(c, _mm512_set1_ps(sx[i]), acc[r][b]);
                 }
@@ -358,7 +371,7 @@ static inline __attribute__((always_inline)) void tile(
 #elif QM_LANES == 8
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
-    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,
     const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0, const int R,
     const int NB)
 {
@@ -395,7 +408,7 @@ static inline __attribute__((always_inline)) void tile(
                     }
                 } else {
                     for (int t = 0; t < 16; t++) {
-                        if (EXT == EXT_HALF && t == 8) { /* the first half's FMA now (the
+                        if ((EXT & EXT_HALF) && t == 8) { /* the first half's FMA now (the
                                                           * same order as the epilogue's) */
                             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 512 + 16 * h)));
                             for (int r = 0; r < R; r++) {
@@ -410,7 +423,7 @@ static inline __attribute__((always_inline)) void tile(
                             is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(
                                 wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t))));
                     }
-                    if (EXT == EXT_HALF)
+                    if ((EXT & EXT_HALF))
                         for (int r = 0; r < R; r++) ih[r][h] = is[r][h];
                 }
             }
@@ -419,16 +432,23 @@ static inline __attribute__((always_inline)) void tile(
                 const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * h)));
                 for (int r = 0; r < R; r++) {
                     const int64_t i = (m0 + r) * G + g;
-                    if (!(BITS == 8 && EXT == EXT_HALF)) /* (HALF's first FMA: in the loop) */
+                    if (!(BITS == 8 && (EXT & EXT_HALF))) /* (HALF's first FMA: in the loop) */
                         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][h]),
                                                     _mm256_mul_ps(d, _mm256_set1_ps(dx[i])), acc[r][h]);
-                    if (BITS == 8 && EXT == EXT_HALF) {
+                    if (BITS == 8 && (EXT & EXT_HALF)) {
                         const __m256 d2 = _mm256_cvtph_ps(
                             _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
                         acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ih[r][h]),
                                                     _mm256_mul_ps(d2, _mm256_set1_ps(dx[i])), acc[r][h]);
                     }
-                    if (BITS == 4 || EXT == EXT_ZERO) {
+                    if (BITS == 8 && EXT == (EXT_HALF | EXT_ZERO)) { /* each half's zero */
+                        const __m256 c = _mm256_cvtph_ps(
+                            _mm_loadu_si128((const __m128i *)(s + 64 + 16 * h)));
+                        const __m256 c2 = _mm256_cvtph_ps(
+                            _mm_loadu_si128((const __m128i *)(s + 96 + 16 * h)));
+                        acc[r][h] = _mm256_fmadd_ps(c, _mm256_set1_ps(sxl[2 * i]), acc[r][h]);
+                        acc[r][h] = _mm256_fmadd_ps(c2, _mm256_set1_ps(sxl[2 * i + 1]), acc[r][h]);
+                    } else if (BITS == 4 || (EXT & EXT_ZERO)) {
                         const __m256 c = _mm256_cvtph_ps(
                             _mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
                         acc[r][h] = _mm256_fmadd_ps(c, _mm256_set1_ps(sx[i]), acc[r][h]);
@@ -447,7 +467,7 @@ static inline __attribute__((always_inline)) void tile(
 
 #else
 /* Scalar: the same integer sums and the same fused multiply-adds per group. */
-static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,
                  const uint8_t *w, int64_t b0, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m0,
                  const int R, const int NB)
 {
@@ -471,7 +491,7 @@ static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx,
                         for (int t = 0; t < 16; t++)
                             for (int e = 0; e < 2; e++) {
                                 const int32_t p = (int8_t)blk[32 * t + 2 * j + e] * xr[2 * t + e];
-                                if (EXT == EXT_HALF && t >= 8) ih += p;
+                                if ((EXT & EXT_HALF) && t >= 8) ih += p;
                                 else is += p;
                             }
                     }
@@ -480,12 +500,18 @@ static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx,
                     memcpy(&dh, s + 2 * j, 2);
                     const int64_t i = (m0 + r) * G + g;
                     acc = fmaf((float)is, half_to_f32(dh) * dx[i], acc);
-                    if (BITS == 8 && EXT == EXT_HALF) {
+                    if (BITS == 8 && (EXT & EXT_HALF)) {
                         uint16_t dh2;
                         memcpy(&dh2, s + 32 + 2 * j, 2);
                         acc = fmaf((float)ih, half_to_f32(dh2) * dx[i], acc);
                     }
-                    if (BITS == 4 || EXT == EXT_ZERO) {
+                    if (BITS == 8 && EXT == (EXT_HALF | EXT_ZERO)) { /* each half's zero */
+                        uint16_t ch, ch2;
+                        memcpy(&ch, s + 64 + 2 * j, 2);
+                        memcpy(&ch2, s + 96 + 2 * j, 2);
+                        acc = fmaf(half_to_f32(ch), sxl[2 * i], acc);
+                        acc = fmaf(half_to_f32(ch2), sxl[2 * i + 1], acc);
+                    } else if (BITS == 4 || (EXT & EXT_ZERO)) {
                         uint16_t ch;
                         memcpy(&ch, s + 32 + 2 * j, 2);
                         acc = fmaf(half_to_f32(ch), sx[i], acc);
@@ -500,7 +526,7 @@ static void tile(const int BITS, const int A8, const int EXT, const int16_t *qx,
 
 /* Rows [m_lo, m_hi) x blocks [b_lo, b_hi): tiles of MT rows x 2 blocks (constants inlined). */
 static inline __attribute__((always_inline)) void rows_blocks(
-    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, int64_t K,
+    const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,
     const uint8_t *w, void *y, int ydt, int64_t y_stride, int64_t n_end, int64_t m_lo, int64_t m_hi,
     int64_t b_lo, int64_t b_hi)
 {
@@ -509,14 +535,14 @@ static inline __attribute__((always_inline)) void rows_blocks(
         int64_t m = m_lo;
         for (; m + MT <= m_hi; m += MT)
             for (int64_t c = b; c < b + nb; c += 2) {
-                if (c + 2 <= b + nb) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 2);
-                else tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, c, y, ydt, y_stride, n_end, m, MT, 1);
+                if (c + 2 <= b + nb) tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, c, y, ydt, y_stride, n_end, m, MT, 2);
+                else tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, c, y, ydt, y_stride, n_end, m, MT, 1);
             }
         for (; m < m_hi; m++) {
-            if (nb == 4) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 4);
-            else if (nb == 3) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 3);
-            else if (nb == 2) tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 2);
-            else tile(BITS, A8, EXT, qx, xhl, dx, sx, K, w, b, y, ydt, y_stride, n_end, m, 1, 1);
+            if (nb == 4) tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, b, y, ydt, y_stride, n_end, m, 1, 4);
+            else if (nb == 3) tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, b, y, ydt, y_stride, n_end, m, 1, 3);
+            else if (nb == 2) tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, b, y, ydt, y_stride, n_end, m, 1, 2);
+            else tile(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, b, y, ydt, y_stride, n_end, m, 1, 1);
         }
     }
 }
@@ -525,11 +551,12 @@ static inline __attribute__((always_inline)) void rows_blocks(
  * inlines its own tile loops. */
 #define ROWS_BLOCKS(NAME, BITS, A8, EXT)                                                        \
     static void NAME(const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx,   \
-                     int64_t K, const uint8_t *w, void *y, int ydt, int64_t y_stride,           \
+                     const float *sxl, int64_t K, const uint8_t *w, void *y, int ydt,           \
+                     int64_t y_stride,                                                          \
                      int64_t n_end, int64_t m_lo, int64_t m_hi, int64_t b_lo, int64_t b_hi)     \
     {                                                                                           \
-        rows_blocks(BITS, A8, EXT, qx, xhl, dx, sx, K, w, y, ydt, y_stride, n_end, m_lo, m_hi,  \
-                    b_lo, b_hi);                                                                \
+        rows_blocks(BITS, A8, EXT, qx, xhl, dx, sx, sxl, K, w, y, ydt, y_stride, n_end, m_lo,   \
+                    m_hi, b_lo, b_hi);                                                          \
     }
 ROWS_BLOCKS(rows_blocks4, 4, 0, 0)
 ROWS_BLOCKS(rows_blocks4a8, 4, 1, 0)
@@ -539,10 +566,12 @@ ROWS_BLOCKS(rows_blocks8h, 8, 0, EXT_HALF)
 ROWS_BLOCKS(rows_blocks8ha8, 8, 1, EXT_HALF)
 ROWS_BLOCKS(rows_blocks8z, 8, 0, EXT_ZERO)
 ROWS_BLOCKS(rows_blocks8za8, 8, 1, EXT_ZERO)
+ROWS_BLOCKS(rows_blocks8hz, 8, 0, EXT_HALF | EXT_ZERO)
+ROWS_BLOCKS(rows_blocks8hza8, 8, 1, EXT_HALF | EXT_ZERO)
 
 typedef void (*rows_blocks_fn)(const int16_t *, const uint8_t *, const float *, const float *,
-                               int64_t, const uint8_t *, void *, int, int64_t, int64_t, int64_t,
-                               int64_t, int64_t, int64_t);
+                               const float *, int64_t, const uint8_t *, void *, int, int64_t,
+                               int64_t, int64_t, int64_t, int64_t, int64_t);
 
 #define ROW_CHUNK 32 /* rows of x per work item */
 
@@ -595,18 +624,19 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                             int64_t x_stride, const struct prologue *pro, const uint8_t *w,
                             int64_t N, void *y, int ydt, int64_t y_stride, int num_threads)
 {
-    const int A8 = (bits & QM_ACT8) != 0, ext = bits & QM_HALF ? EXT_HALF : bits & QM_ZERO ? EXT_ZERO : 0;
+    const int A8 = (bits & QM_ACT8) != 0;
+    const int ext = (bits & QM_HALF ? EXT_HALF : 0) | (bits & QM_ZERO ? EXT_ZERO : 0);
     bits &= ~(QM_ACT8 | QM_HALF | QM_ZERO);
-    static const rows_blocks_fn fns[2][4] = {
-        {rows_blocks4, rows_blocks8, rows_blocks8h, rows_blocks8z},
-        {rows_blocks4a8, rows_blocks8a8, rows_blocks8ha8, rows_blocks8za8}};
+    static const rows_blocks_fn fns[2][5] = {
+        {rows_blocks4, rows_blocks8, rows_blocks8h, rows_blocks8z, rows_blocks8hz},
+        {rows_blocks4a8, rows_blocks8a8, rows_blocks8ha8, rows_blocks8za8, rows_blocks8hza8}};
     const rows_blocks_fn run = fns[A8][bits == 4 ? 0 : 1 + ext];
     const int64_t G = K / QG, NBLK = (N + QB - 1) / QB; /* the last block may be partial */
     if (M == 0) return 0;
-    void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 2 * (size_t)(M * G));
+    void *buf = malloc(4 * (size_t)(M * K) + sizeof(float) * 4 * (size_t)(M * G));
     if (buf == NULL) return -1;
-    float *dx = (float *)buf, *sx = dx + M * G;
-    int16_t *qx = (int16_t *)(sx + M * G);
+    float *dx = (float *)buf, *sx = dx + M * G, *sxl = sx + M * G; /* sxl: each half's sx */
+    int16_t *qx = (int16_t *)(sxl + 2 * M * G);
     uint8_t *xhl = (uint8_t *)(qx + M * K); /* per row and group: 32 high bytes, 32 low */
     const int threads = M * N * K >= PARALLEL_MACS && num_threads > 1 ? num_threads : 1;
     /* blocks per work item: an even share, a few items per thread */
@@ -622,7 +652,8 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
             if (pro->kind != PRO_NONE && row == NULL) { failed = 1; continue; }
             int dt;
             const void *in = prologue_row(pro, x, xdt, m, K, x_stride, row, &dt);
-            quantize_row(in, dt, K, A8, qx + m * K, xhl + 2 * m * K, dx + m * G, sx + m * G);
+            quantize_row(in, dt, K, A8, qx + m * K, xhl + 2 * m * K, dx + m * G, sx + m * G,
+                         sxl + 2 * m * G);
         }
         if (!failed) {
 #pragma omp for schedule(static)
@@ -631,7 +662,7 @@ static int64_t quant_matmul(int bits, const void *x, int xdt, int64_t M, int64_t
                 const int64_t b_lo = bc * chunk, b_hi = b_lo + chunk < NBLK ? b_lo + chunk : NBLK;
                 const int64_t m_lo = mc * ROW_CHUNK;
                 const int64_t m_hi = m_lo + ROW_CHUNK < M ? m_lo + ROW_CHUNK : M;
-                run(qx, xhl, dx, sx, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
+                run(qx, xhl, dx, sx, sxl, K, w, y, ydt, y_stride, N, m_lo, m_hi, b_lo, b_hi);
             }
         }
     }

@@ -8,7 +8,8 @@ loader applies it:
   into per-group scales and zeros), Q8_0 as int8 in groups of 32; the 5- and 6-bit types as
   int8 codes: Q5_0 in groups of 32, Q5_1 and Q5_K with a zero per group of 32 (Q5_K's
   sub-block scales and mins folded as Q4_K's), Q6_K in groups of 16 (its int8 sub-block
-  scales times the super-block's d), Q3_K likewise (3-bit codes, 6-bit scales per 16), IQ4_NL
+  scales times the super-block's d), Q3_K likewise (3-bit codes, 6-bit scales per 16), Q2_K
+  with a scale and a zero per 16 (4-bit each, times d and dmin), IQ4_NL
   and IQ4_XS as their non-linear table's int8 values (scale per 32). Under ``auto`` every
   tensor of those types is kept so (F32 / F16 / BF16 stay float); another quantized type
   is dequantized with a warning naming the tensor and its type.
@@ -55,7 +56,7 @@ Tensor = torch.Tensor
 QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
 GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8",
                "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8", "Q3_K": "int8", "IQ4_NL": "int8",
-               "IQ4_XS": "int8"}
+               "IQ4_XS": "int8", "Q2_K": "int8"}
 """GGUF tensor types served from their codes, and the format each becomes."""
 GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
 _NOT_PROJECTIONS = ("norm", ".gate.weight", "router.")  # norms, MoE routers: stay float
@@ -269,6 +270,20 @@ def _q3_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     return "int8", codes.reshape(rows, -1), scales.reshape(rows, -1), None
 
 
+def _q2_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
+    # per 256-value super-block: 16 bytes of (scale | min << 4) per 16 values, 64 bytes of
+    # 2-bit codes (half h, byte j, bits 2s: value 128h + 32s + j), d, dmin (f16);
+    # w = d * scale * q - dmin * min
+    b = raw.reshape(rows, -1, 84)
+    sm = b[..., :16]
+    d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])  # [N, S, 1]
+    q = b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    codes = (q.reshape(rows, -1, 256) & 3).astype(np.int8)
+    scales = d * (sm & 0x0F).astype(np.float32)
+    zeros = -dmin * (sm >> 4).astype(np.float32)
+    return "int8", codes.reshape(rows, -1), scales.reshape(rows, -1), zeros.reshape(rows, -1)
+
+
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                       dtype=np.int8)
 """IQ4_NL / IQ4_XS: the int8 value each 4-bit code stands for (llama.cpp's ``kvalues_iq4nl``)."""
@@ -321,7 +336,7 @@ def _split_nibbles(qs: np.ndarray) -> np.ndarray:
 
 _DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q8_0": _q8_0, "Q5_0": _q5_0,
              "Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q3_K": _q3_k, "IQ4_NL": _iq4_nl,
-             "IQ4_XS": _iq4_xs}
+             "IQ4_XS": _iq4_xs, "Q2_K": _q2_k}
 
 
 def gguf_weight(

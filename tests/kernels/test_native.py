@@ -295,8 +295,8 @@ def run_other_build(script: str, cflags: str, cache: Path) -> dict:  # type: ign
 def _quant_operands() -> tuple[dict[str, tuple[int, torch.Tensor]], torch.Tensor]:
     """Packed weights of every format ``quant_matmul`` serves, by name: (bits, weight), 40 x
     96 (two whole blocks of 16 output rows and a partial one): int4, int8, int8 with a scale
-    per 16 values (``HALF``: GGUF Q6_K) and int8 with zeros (``ZERO``: Q5_1 / Q5_K); and 5
-    rows of activations."""
+    per 16 values (``HALF``: GGUF Q6_K), int8 with zeros (``ZERO``: Q5_1 / Q5_K) and both
+    (Q2_K); and 5 rows of activations."""
     g = torch.Generator().manual_seed(7)
     codes4 = torch.randint(0, 16, (40, 96), generator=g, dtype=torch.uint8)
     codes8 = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8)
@@ -306,11 +306,15 @@ def _quant_operands() -> tuple[dict[str, tuple[int, torch.Tensor]], torch.Tensor
     offsets[22, 1], offsets[3, 0], scales[9, 2] = -2.3e-5, 4.1e-6, 3.0e-5
     halves = torch.rand(40, 6, generator=g) * 0.01
     halves[5, 3] = -1.7e-5
+    half_zeros = torch.randn(40, 6, generator=g) * 0.05
+    half_zeros[17, 4] = -3.1e-6
     weights = {
         "int4": (4, native.pack_int4_weight(codes4, scales, offsets, 32)),
         "int8": (8, native.pack_int8_weight(codes8, scales, 32)),
         "int8_half": (8 | native.HALF, native.pack_int8_weight(codes8, halves, 16)),
         "int8_zero": (8 | native.ZERO, native.pack_int8_weight(codes8, scales, 32, offsets)),
+        "int8_half_zero": (8 | native.HALF | native.ZERO,
+                           native.pack_int8_weight(codes8, halves, 16, half_zeros)),
     }
     return weights, torch.randn(5, 96, generator=g)
 
@@ -364,7 +368,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
     assert out["lanes"] == 8 and native.int4_lanes() in (8, 16), out["lanes"]
     here = quant_results()
-    assert len(here) == 8 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
+    assert len(here) == 10 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

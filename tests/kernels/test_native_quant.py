@@ -49,7 +49,7 @@ def _int4(n: int, k: int, seed: int) -> tuple[QuantizedWeight, torch.Tensor, tor
 def _int8(n: int, k: int, seed: int, group: int = 32,
           zeros: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed int8 weight and its values: a group of 16 is GGUF Q6_K's (two scales per 32,
-    ``HALF``), ``zeros`` Q5_1's ``w = q * d + c`` (``ZERO``)."""
+    ``HALF``), ``zeros`` Q5_1's ``w = q * d + c`` (``ZERO``), both Q2_K's."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 included
     scales = (torch.rand(n, k // group, generator=g) * 1e-2).half().float()
@@ -60,7 +60,8 @@ def _int8(n: int, k: int, seed: int, group: int = 32,
     return native.pack_int8_weight(codes, scales, group, c), w.view(n, k)
 
 
-FORMATS = {"int4": 4, "int8": 8, "int8_half": 8 | native.HALF, "int8_zero": 8 | native.ZERO}
+FORMATS = {"int4": 4, "int8": 8, "int8_half": 8 | native.HALF, "int8_zero": 8 | native.ZERO,
+           "int8_half_zero": 8 | native.HALF | native.ZERO}
 """quant_matmul's weight formats by name: their ``bits`` (before ``ACT8``)."""
 
 
@@ -68,7 +69,7 @@ def _weight(fmt: str, n: int, k: int, seed: int) -> tuple[int, torch.Tensor, tor
     """(bits, packed weight, its float64 values) of one of ``FORMATS``."""
     if fmt == "int4":
         return 4, *_int4(n, k, seed)[1:]
-    return FORMATS[fmt], *_int8(n, k, seed, 16 if fmt == "int8_half" else 32, fmt == "int8_zero")
+    return FORMATS[fmt], *_int8(n, k, seed, 16 if "half" in fmt else 32, "zero" in fmt)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -167,14 +168,17 @@ def test_bad_operands_are_named() -> None:
         native.int4_matmul(torch.randn(1, 128), packed, 16)
     with pytest.raises(native.KernelInputError, match=r"bits 4 or 8 .*either \| ACT8, got 12"):
         native.quant_matmul(12, torch.randn(1, 64), packed, 16)
-    for bits in (4 | native.HALF, 8 | native.HALF | native.ZERO):  # no such formats
+    for bits in (4 | native.HALF, 4 | native.ZERO, 8 | 128):  # no such formats
         with pytest.raises(native.KernelInputError, match=f"got {bits}"):
             native.quant_matmul(bits, torch.randn(1, 64), packed, 16)
     with pytest.raises(native.KernelInputError, match="16 x 64"):  # int8's size, HALF's layout
         native.quant_matmul(8 | native.HALF, torch.randn(1, 64), _int8(16, 64, 3)[0], 16)
-    with pytest.raises(ValueError, match="take no zeros"):
+    with pytest.raises(native.KernelInputError, match="16 x 64"):  # HALF's size, both's layout
+        native.quant_matmul(8 | native.HALF | native.ZERO, torch.randn(1, 64),
+                            _int8(16, 64, 3, 16)[0], 16)
+    with pytest.raises(ValueError, match="zero is outside float16"):
         native.pack_int8_weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 4), 16,
-                                torch.zeros(16, 4))
+                                torch.full((16, 4), 1e6))
     with pytest.raises(ValueError, match="group size 8"):
         native.pack_int8_weight(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16, 8), 8)
     with pytest.raises(ValueError, match="act_bits must be 16 or 8, got 4"):
@@ -248,12 +252,13 @@ def test_a_build_without_vectors_gives_the_same_bits(tmp_path: Path, cflags: str
         here = native.paged_decode_attention(q, cache, tables, ctx, case[1] ** -0.5, *case[5:])
         assert torch.equal(here.float(), torch.tensor(got)), (cflags, case[:4])
     here = quant_results()  # every format, 16- and 8-bit rows: the same bits
-    assert len(here) == 8 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
+    assert len(here) == 10 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
 
 
 @pytest.mark.parametrize("bits", [4, 8, 4 | native.ACT8, 8 | native.ACT8, 8 | native.HALF,
                                   8 | native.ZERO, 8 | native.HALF | native.ACT8,
-                                  8 | native.ZERO | native.ACT8])
+                                  8 | native.ZERO | native.ACT8, 8 | native.HALF | native.ZERO,
+                                  8 | native.HALF | native.ZERO | native.ACT8])
 def test_a_partial_last_block_gives_the_bits_of_a_whole_one(bits: int) -> None:
     """N = 45: the weight is packed with 3 zero rows to 48; each output is the one a 48-row
     weight holding the same 45 rows (and 3 others) gives it, bit for bit, and nothing more is
@@ -269,7 +274,7 @@ def test_a_partial_last_block_gives_the_bits_of_a_whole_one(bits: int) -> None:
         codes = torch.randint(-128, 128, (48, k), generator=g, dtype=torch.int8)
         group = 16 if bits & native.HALF else 32
         scales = torch.rand(48, k // group, generator=g) * 0.01
-        zeros = torch.randn(48, 3, generator=g) * 0.05 if bits & native.ZERO else None
+        zeros = torch.randn(48, k // group, generator=g) * 0.05 if bits & native.ZERO else None
         odd = native.pack_int8_weight(codes[:n], scales[:n], group,
                                       None if zeros is None else zeros[:n])
         whole = native.pack_int8_weight(codes, scales, group, zeros)

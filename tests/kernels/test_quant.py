@@ -194,15 +194,15 @@ def _random_blocks(type_name: str, rows: int, k: int, seed: int = 0) -> np.ndarr
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows, k // block, size), dtype=np.uint8)
-    n_f16 = {"Q4_1": 2, "Q4_K": 2, "Q5_1": 2, "Q5_K": 2}.get(type_name, 1)
+    n_f16 = {"Q4_1": 2, "Q4_K": 2, "Q5_1": 2, "Q5_K": 2, "Q2_K": 2}.get(type_name, 1)
     f16 = rng.uniform(-0.05, 0.05, size=(rows, k // block, n_f16)).astype(np.float16)
-    at = size - 2 if type_name in ("Q6_K", "Q3_K") else 0  # their d ends the block
+    at = size - 2 * n_f16 if type_name in ("Q6_K", "Q3_K", "Q2_K") else 0  # d (dmin) last
     raw[..., at : at + 2 * n_f16] = f16.view(np.uint8).reshape(rows, k // block, 2 * n_f16)
     return raw.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
-                                       "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"])
+                                       "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS", "Q2_K"])
 def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -212,9 +212,10 @@ def test_gguf_codes_equal_gguf_dequantize(type_name: str) -> None:
     ref = dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, k)
     qw = gguf_weight("blk.0.test", type_name, raw, rows, torch.float32)
     assert qw is not None and qw.source == type_name
-    assert qw.group_size == (16 if type_name in ("Q6_K", "Q3_K") else 32)
+    assert qw.group_size == (16 if type_name in ("Q6_K", "Q3_K", "Q2_K") else 32)
     assert qw.kind == ("int4" if type_name.startswith("Q4") else "int8")
-    assert (qw.zeros is not None) == (type_name in ("Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K"))
+    assert (qw.zeros is not None) == (type_name in ("Q4_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K",
+                                                    "Q2_K"))
     np.testing.assert_allclose(qw.dequantize().numpy(), ref, rtol=1e-5, atol=1e-6)
     kind, codes, _, _ = gguf_codes(type_name, raw, rows)
     assert codes.shape == (rows, k)

@@ -191,15 +191,15 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
 
     rng = np.random.default_rng(0)
     n, k = 32, 256
-    q2_block, q2_size = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]
-    q2 = rng.integers(0, 256, size=(n, k // q2_block, q2_size), dtype=np.uint8)
-    q2[..., -4:] = np.array([0.01, 0.01], dtype=np.float16).view(np.uint8)  # d, dmin come last
+    iq_block, iq_size = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS]
+    iq = rng.integers(0, 256, size=(n, k // iq_block, iq_size), dtype=np.uint8)
+    iq[..., :2] = np.array([0.01], dtype=np.float16).view(np.uint8)  # d comes first
     path = _write_gguf(tmp_path / "mixed.gguf", {
         "blk.0.ffn_up.weight": (_random_blocks("Q4_1", n, k), "Q4_1"),
         "blk.0.ffn_gate.weight": (_random_blocks("Q8_0", n, k), "Q8_0"),
         "blk.0.ffn_down.weight": (_random_blocks("Q6_K", n, k), "Q6_K"),
         "blk.0.attn_output.weight": (_random_blocks("Q5_K", n, k), "Q5_K"),
-        "blk.0.attn_v.weight": (q2.reshape(n, -1), "Q2_K"),
+        "blk.0.attn_v.weight": (iq.reshape(n, -1), "IQ3_XXS"),
     })
     reader = GGUFReader(str(path))
     cfg = type("Cfg", (), {"architecture": "LlamaForCausalLM"})()
@@ -218,7 +218,7 @@ def test_gguf_native_types_kept_others_dequantized_with_a_warning(
     q5 = got["blk.0.attn_output.weight"]  # Q5_K_M's: int8 with a zero per 32
     assert isinstance(q5, QuantizedWeight) and q5.group_size == 32 and q5.zeros is not None
     assert got["blk.0.attn_v.weight"] is None  # dequantized by the caller
-    assert "blk.0.attn_v.weight" in caplog.text and "Q2_K" in caplog.text
+    assert "blk.0.attn_v.weight" in caplog.text and "IQ3_XXS" in caplog.text
     assert "ffn_down" not in caplog.text and "attn_output" not in caplog.text
     none = loader._gguf_quantized(by_name["blk.0.ffn_up.weight"], "x", cfg, torch.float32,
                                   WeightFormat("none"))

@@ -280,7 +280,7 @@ static inline __attribute__((always_inline)) void tile(
                 }
                 for (int r = 0; r < R; r++) {
                     const __m512i xa = _mm512_set1_epi32(quad_at(hl + 2 * r * K + 4 * u));
-                    if ((EXT & EXT_HALF) ? u >= 4 : (u & 1))
+                    if (EXT & EXT_HALF ? u >= 4 : (u & 1))
                         for (int b = 0; b < NB; b++) io[r][b] = dot4(io[r][b], wq[b], xa);
                     else
                         for (int b = 0; b < NB; b++) is[r][b] = dot4(is[r][b], wq[b], xa);
@@ -290,7 +290,7 @@ static inline __attribute__((always_inline)) void tile(
                 int32_t sum, lo_sum;
                 memcpy(&sum, hl + 2 * r * K + QG, sizeof(sum));
                 memcpy(&lo_sum, hl + 2 * r * K + QG + 4, sizeof(lo_sum));
-                if ((EXT & EXT_HALF)) {
+                if (EXT & EXT_HALF) {
                     const __m512i fix = _mm512_set1_epi32(lo_sum * 128);
                     const __m512i fix2 = _mm512_set1_epi32((sum - lo_sum) * 128);
                     for (int b = 0; b < NB; b++) {
@@ -332,7 +332,7 @@ static inline __attribute__((always_inline)) void tile(
                         for (int b = 0; b < NB; b++) is[r][b] = dot2(is[r][b], wv[b][i], xp);
                     }
             }
-            if ((EXT & EXT_HALF))
+            if (EXT & EXT_HALF)
                 for (int r = 0; r < R; r++)
                     for (int b = 0; b < NB; b++) ih[r][b] = is[r][b];
         }
@@ -423,7 +423,7 @@ static inline __attribute__((always_inline)) void tile(
                             is[r][h] = _mm256_add_epi32(is[r][h], _mm256_madd_epi16(
                                 wv, _mm256_set1_epi32(pair_at(xg + r * K + 2 * t))));
                     }
-                    if ((EXT & EXT_HALF))
+                    if (EXT & EXT_HALF)
                         for (int r = 0; r < R; r++) ih[r][h] = is[r][h];
                 }
             }

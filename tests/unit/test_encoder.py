@@ -67,6 +67,48 @@ def test_image_rows_do_not_depend_on_the_thread_count(llava_dir) -> None:
     assert torch.equal(rows[0], rows[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_real_sized_tower_layer_does_not_depend_on_the_thread_count(dtype: torch.dtype) -> None:
+    """The same at CLIP ViT-L/14-336's widths (1,024 wide, 4,096 MLP, 16 heads, 577 patches),
+    where torch picks its large-shape GEMM, convolution and norm kernels: every op of the
+    tower (patch convolution, layer norms, projections, attention matmuls, softmax, GELU)
+    gives the same bits at 1 and 2 threads, in float32 and bfloat16."""
+    from splitserve.roles.models.config import VisionConfig
+    from splitserve.roles.models.vision import ClipVisionTower
+
+    d, inter = 1024, 4096
+    cfg = VisionConfig(hidden_size=d, intermediate_size=inter, num_layers=1, num_heads=16,
+                       image_size=336, patch_size=14, hidden_act="quick_gelu")
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, scale: float = 0.03) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    w = {"embeddings.patch_embedding.weight": rand(d, 3, 14, 14, scale=0.02),
+         "embeddings.class_embedding": rand(d, scale=1.0),
+         "embeddings.position_embedding.weight": rand(577, d, scale=0.02),
+         "pre_layrnorm.weight": 1 + rand(d, scale=0.1), "pre_layrnorm.bias": rand(d, scale=0.1)}
+    p = "encoder.layers.0."
+    for name, shape in (("layer_norm1", (d,)), ("layer_norm2", (d,)),
+                        ("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (d, d)),
+                        ("self_attn.v_proj", (d, d)), ("self_attn.out_proj", (d, d)),
+                        ("mlp.fc1", (inter, d)), ("mlp.fc2", (d, inter))):
+        w[f"{p}{name}.weight"] = 1 + rand(d, scale=0.1) if len(shape) == 1 else rand(*shape)
+        w[f"{p}{name}.bias"] = rand(shape[0], scale=0.05)
+    tower = ClipVisionTower(cfg, w)
+    pixels = torch.randn(1, 3, 336, 336, generator=g)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(tower.forward(pixels, (0, 1)))
+    finally:
+        torch.set_num_threads(before)
+    assert outs[0].shape == (1, 577, 2 * d) and torch.isfinite(outs[0].float()).all()
+    assert torch.equal(outs[0], outs[1])
+
+
 # ------------------------------------------------------------------ cache
 
 

@@ -341,9 +341,11 @@ def _dequantize(tensor, path: Path) -> np.ndarray:  # type: ignore[no-untyped-de
 def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, fmt: WeightFormat):  # type: ignore[no-untyped-def]
     weights: dict[str, Any] = {}
     arch = config.architecture
+    servable = 0  # tensors "auto" would have kept as codes, dequantized under "none"
     for tensor in reader.tensors:
         if gguf_map.is_config_tensor(tensor.name):
             continue
+        servable += fmt.gguf_weights == "none" and tensor.tensor_type.name in GGUF_NATIVE
         name = gguf_map.hf_name(tensor.name, arch)
         quantized = None if name is None else _gguf_quantized(tensor, name, config, dtype, fmt)
         if quantized is not None:
@@ -358,6 +360,10 @@ def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, f
                 array = _unpermute(hf, array, config)
             weights[hf] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     _check_complete(weights, config, path)
+    if servable:  # the default: a llama.cpp or vLLM user expects the file's codes
+        logger.info("%s: %d quantized tensors dequantized to %s (quantization='none', the "
+                    "float reference); quantization='auto' serves them from their codes",
+                    path.name, servable, str(dtype).removeprefix("torch."))
     return weights
 
 

@@ -17,6 +17,7 @@ so it builds a different model from the same file.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -140,7 +141,8 @@ def test_gguf_equals_transformers(folder, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("hidden", [64, 256])
-def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer_dir: Path) -> None:
+def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer_dir: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     """A file as llama.cpp's K-quant presets write one: Q6_K (Q4_K_M's and Q5_K_M's other
     type) where rows are whole 256-value blocks, Q5_1 elsewhere; served from their codes by
     the native kernel (int8 with a scale per 16 values; int8 with zeros), greedy tokens
@@ -157,6 +159,13 @@ def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer
         assert q6 >= 4 * 6 and q5 == 4, formats
     else:  # K = 64 / 128: no whole super-block, Q5_1 throughout
         assert q6 == 0 and q5 >= 4 * 7, formats
+    # quantization="none" (the default) dequantizes them, and says what "auto" would do
+    gguf_file = tmp_path / "qwen3-Q6_K.gguf"
+    reader = loader._open_gguf(gguf_file)
+    cfg = loader._gguf_config(reader, gguf_file)
+    with caplog.at_level(logging.INFO, logger="splitserve.roles.models.loader"):
+        loader._gguf_weights(reader, cfg, gguf_file, torch.float32, WeightFormat("none"))
+    assert f"{q6 + q5} quantized tensors dequantized to float32" in caplog.text
 
 
 def test_moe_experts_stay_codes(tmp_path: Path, tokenizer_dir: Path) -> None:

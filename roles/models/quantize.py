@@ -171,9 +171,9 @@ def tensor_transform(
 
 def gguf_codes(type_name: str, blocks: np.ndarray, rows: int) -> tuple[str, Tensor, Tensor, Tensor | None]:
     """(kind, codes [N, K], scales [N, K / group], zeros or None) of one GGUF tensor's raw
-    blocks ``blocks`` (uint8 [N, bytes per row]); the group is 32 (Q6_K: 16). int4 codes are
-    uint8 in [0, 15] with ``w = (q - 8) * scale + zero``; int8 codes are ``w = q * scale``
-    (``+ zero`` where zeros are given: Q5_1, Q5_K)."""
+    blocks ``blocks`` (uint8 [N, bytes per row]); the group is 32 (Q6_K, Q3_K, Q2_K: 16).
+    int4 codes are uint8 in [0, 15] with ``w = (q - 8) * scale + zero``; int8 codes are
+    ``w = q * scale`` (``+ zero`` where zeros are given: Q5_1, Q5_K, Q2_K)."""
     raw = np.ascontiguousarray(blocks).reshape(rows, -1)
     decode = _DECODERS[type_name]
     return decode(raw, rows)

@@ -492,9 +492,9 @@ async def drive(base_url: str, grpc_target: str, cfg: SoakConfig, vocab: int, un
     """Keep ``cfg.concurrency`` requests in flight until ``until`` (monotonic); all outcomes."""
     import httpx
 
-    outcomes: list[Outcome] = []
     from splitserve.cluster.frontends.client import AsyncClient
 
+    outcomes: list[Outcome] = []
     counter = iter(range(start_index, 10**9))
     timeout = httpx.Timeout(300.0, connect=30.0)
     limits = httpx.Limits(max_connections=cfg.concurrency * 2)
@@ -770,15 +770,15 @@ def _phases(url: str, grpc_target: str, cfg: SoakConfig, vocab: int, rng: random
             killer: Killer, after_quiet: Any = None) -> list[Outcome]:
     async def both() -> list[Outcome]:
         log(f"quiet phase {cfg.quiet_phase_s:g} s")
-        quiet = await drive(url, grpc_target, cfg, vocab, time.monotonic() + cfg.quiet_phase_s, "quiet",
-                            rng, 0)
+        quiet = await drive(url, grpc_target, cfg, vocab, time.monotonic() + cfg.quiet_phase_s,
+                            "quiet", rng, 0)
         if after_quiet is not None:  # before any kill: the workers that served it are alive
             await asyncio.to_thread(after_quiet)
         log(f"faulty phase {cfg.duration_s:g} s, a SIGKILL every {cfg.kill_every_s:g} s")
         chaos = asyncio.create_task(killer.run())
         try:
-            faulty = await drive(url, grpc_target, cfg, vocab, time.monotonic() + cfg.duration_s, "faulty",
-                                 rng, len(quiet))
+            faulty = await drive(url, grpc_target, cfg, vocab,
+                                 time.monotonic() + cfg.duration_s, "faulty", rng, len(quiet))
         finally:
             killer.stop()
             await chaos

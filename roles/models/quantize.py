@@ -239,14 +239,21 @@ def _q5_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     return "int8", codes.reshape(rows, -1), (d * sc).reshape(rows, -1), (-dmin * mn).reshape(rows, -1)
 
 
+def _two_bit(b: np.ndarray, rows: int) -> np.ndarray:
+    """64 bytes of 2-bit fields per 256-value super-block ([N, S, 64]) -> [N, S, 256] values in
+    [0, 3], llama.cpp's order: half h, byte j, bits 2s hold value 128h + 32s + j (Q2_K's codes,
+    Q3_K's low bits, Q6_K's high bits)."""
+    q = b.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
+    return q.reshape(rows, -1, 256) & 3
+
+
 def _q6_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     # per 256-value super-block: 128 bytes of low nibbles (half h: values h*128 + j low,
     # + 64 + j high), 64 bytes of 2-bit highs (half h, byte j, bits 2s: value h*128 + 32s + j),
     # 16 int8 scales (one per 16 values), d (f16); w = d * scale * (q - 32)
     b = raw.reshape(rows, -1, 210)
     ql = b[..., :128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8)[:, None]
-    qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
-    q = (ql & 0x0F).reshape(rows, -1, 256) | ((qh & 0x03).reshape(rows, -1, 256) << 4)
+    q = (ql & 0x0F).reshape(rows, -1, 256) | (_two_bit(b[..., 128:192], rows) << 4)
     codes = (q.astype(np.int16) - 32).astype(np.int8)
     scales = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
     d = _f16(b[..., 208:210])  # [N, S, 1]
@@ -264,9 +271,8 @@ def _q3_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     high = (sb[..., 8:12, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)).transpose(0, 1, 3, 2)
     sc = ((low.reshape(rows, -1, 16) & 0x0F) | ((high.reshape(rows, -1, 16) & 0x03) << 4))
     scales = _f16(b[..., 108:110]) * (sc.astype(np.float32) - 32)  # [N, S, 16]
-    ql = qs.reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
     qh = hm.reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]  # [N, S, 8, 32]
-    codes = (ql.reshape(rows, -1, 256) & 3).astype(np.int8) - 4 * (1 - (qh.reshape(rows, -1, 256) & 1)).astype(np.int8)
+    codes = _two_bit(qs, rows).astype(np.int8) - 4 * (1 - (qh.reshape(rows, -1, 256) & 1)).astype(np.int8)
     return "int8", codes.reshape(rows, -1), scales.reshape(rows, -1), None
 
 
@@ -277,8 +283,7 @@ def _q2_k(raw: np.ndarray, rows: int):  # type: ignore[no-untyped-def]
     b = raw.reshape(rows, -1, 84)
     sm = b[..., :16]
     d, dmin = _f16(b[..., 80:82]), _f16(b[..., 82:84])  # [N, S, 1]
-    q = b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
-    codes = (q.reshape(rows, -1, 256) & 3).astype(np.int8)
+    codes = _two_bit(b[..., 16:80], rows).astype(np.int8)
     scales = d * (sm & 0x0F).astype(np.float32)
     zeros = -dmin * (sm >> 4).astype(np.float32)
     return "int8", codes.reshape(rows, -1), scales.reshape(rows, -1), zeros.reshape(rows, -1)

@@ -3,7 +3,8 @@
 A local cluster (1 prefill + 2 decode workers, tiny random model) serves a mixed workload over
 HTTP and gRPC (streaming and not, greedy and seeded, short and long prompts, n > 1, stop
 strings, output grammars, 10% client aborts, 5% malformed) while a random worker is SIGKILLed
-every 8 s. The harness' own verdict must be clean: every request that was neither aborted nor malformed completed with the same choices
+every 8 s. The harness' own verdict must be clean: every request that was neither aborted nor
+malformed completed with the same choices
 as on a fault-free single engine, malformed ones got 4xx, no 5xx but retried 503s, the worker
 set was restored, and ``check_integrity()`` found no leaked block or stranded lease on any
 live worker. The mechanism is asserted too: workers were killed and replaced. Run with the

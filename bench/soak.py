@@ -108,8 +108,9 @@ class SoakConfig:
     dtype: str = "float32"
     """Activations and float weights of every worker and of the reference engine
     (``ClusterConfig.dtype``; ``auto``: bfloat16 where the processor has it natively)."""
-    quantization: str = "none"
-    """Weight format (``ClusterConfig.quantization``: ``int4``, ``int8``, ``w4a8``...)."""
+    quantization: str = "auto"
+    """Weight format (``ClusterConfig.quantization``: ``auto``, serve's default, keeps a GGUF's
+    codes and a folder's floats; ``none``, ``int4``, ``int8``, ``w4a8``)."""
     kv_cache_dtype: str = "auto"
     """KV cache elements (``ClusterConfig.kv_cache_dtype``: ``fp8`` moves fp8 blocks between
     the workers)."""
@@ -875,7 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: tiny random)")
     parser.add_argument("--dtype", default="float32",
                         help="activations of every worker and the reference (auto: bf16 where native)")
-    parser.add_argument("--quantization", default="none", help="weights: none, int4, int8, w4a8")
+    parser.add_argument("--quantization", default="auto",
+                        help="weights: auto (serve's default), none, int4, int8, w4a8")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--speculative-config", type=json.loads, default=None,
                         help='the decode workers\' speculative_config (JSON, e.g. '

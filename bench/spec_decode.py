@@ -111,7 +111,8 @@ def main() -> None:
     from splitserve import LLM, SamplingParams
     from splitserve.roles.engine.speculative import SpeculativeConfig, Speculator
 
-    llm = LLM(kv_cache_memory_bytes=2 << 30, max_num_seqs=32)
+    # fp32 weights: the format docs/serving.md's figures were measured in
+    llm = LLM(kv_cache_memory_bytes=2 << 30, max_num_seqs=32, quantization="none")
     config = SpeculativeConfig(args.method, args.num_speculative_tokens)
     speculator = Speculator(config)
     vocab = llm.engine.model_config.vocab_size

@@ -350,9 +350,10 @@ class ClusterConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Activations, float weights and KV dtype; ``auto``: bfloat16 where the processor has
     it natively (each worker checks), float32 otherwise."""
-    quantization: Literal["auto", "none", "int4", "int8", "w4a8"] = "none"
-    """Weight format (``EngineConfig.quantization``): ``auto`` serves a GGUF's own codes (Q4 /
-    Q5 / Q6_K / Q3_K / Q2_K / Q8_0 / IQ4)."""
+    quantization: Literal["auto", "none", "int4", "int8", "w4a8"] = "auto"
+    """Weight format (``EngineConfig.quantization``): ``auto`` (default) serves a GGUF's own
+    codes (Q4 / Q5 / Q6_K / Q3_K / Q2_K / Q8_0 / IQ4) and a folder's floats; ``none``
+    dequantizes a GGUF to float (the reference that equals transformers)."""
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     """KV cache elements (``EngineConfig.kv_cache_dtype``): ``auto`` is ``dtype``; fp8
     halves the KV memory. Every worker uses the same, so KV moves between them unchanged."""

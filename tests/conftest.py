@@ -46,10 +46,26 @@ def thinking_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: 
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The embedded SmolLM2-135M-Instruct engine, loaded once per test session."""
+    """The embedded SmolLM2-135M-Instruct engine as served by default (``quantization="auto"``:
+    the GGUF's Q4_1 codes), loaded once per test session: what a default cluster equals."""
     from splitserve import LLM
 
-    return LLM(kv_cache_memory_bytes=1 << 30)
+    llm = LLM(kv_cache_memory_bytes=1 << 30)
+    formats = llm.engine.info()["weight_formats"]
+    assert formats.get("int4:Q4_1") == 7 * 30, formats  # the default keeps the file's codes
+    return llm
+
+
+@pytest.fixture(scope="session")
+def smollm_reference():
+    """The embedded SmolLM2 dequantized to fp32 (``quantization="none"``): the reference that
+    equals Hugging Face transformers token for token."""
+    from splitserve import LLM
+
+    llm = LLM(kv_cache_memory_bytes=1 << 30, quantization="none")
+    formats = llm.engine.info()["weight_formats"]
+    assert set(formats) == {"float32"}, formats
+    return llm
 
 
 @pytest.fixture(scope="module")

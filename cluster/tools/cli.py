@@ -67,11 +67,12 @@ def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32",
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="activations and KV; auto: bfloat16 where the CPU has it natively")
-    parser.add_argument("--quantization", default="none",
+    parser.add_argument("--quantization", default="auto",
                         choices=["auto", "none", "int4", "int8", "w4a8"],
-                        help="weights: auto serves a GGUF's own codes (Q2_K-Q6_K/Q8_0/"
-                             "IQ4); int4/int8 quantize at "
-                             "load; w4a8: int4 with 8-bit activations (faster, less exact)")
+                        help="weights: auto (default) serves a GGUF's own codes (Q2_K-Q6_K/"
+                             "Q8_0/IQ4) and a folder's floats; none dequantizes a GGUF (the "
+                             "fp32 reference); int4/int8 quantize at load; w4a8: int4 with "
+                             "8-bit activations (faster, less exact)")
     parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256])
     parser.add_argument("--kv-cache-dtype", default="auto",
                         choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],

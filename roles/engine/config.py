@@ -48,10 +48,12 @@ class EngineConfig:
     dtype: str = "float32"
     """Activations, float weights and KV cache: float32, bfloat16, float16, or auto (bfloat16
     on a CPU with native bf16 (flags + a matmul probe) or a GPU, float32 otherwise)."""
-    quantization: str = "none"
-    """Weight format: none (float), auto (a GGUF's own codes: Q4_0/1/K, Q5_0/1/K, Q6_K, Q3_K,
-    Q2_K, Q8_0, IQ4; HF folders stay float), int4 or int8 (projections quantized at load; see roles/models/quantize.py), w4a8 (int4's
-    weights with activations quantized to 8 bits on CPU: faster, less exact)."""
+    quantization: str = "auto"
+    """Weight format: auto (the default: a GGUF's own codes, Q4_0/1/K, Q5_0/1/K, Q6_K, Q3_K,
+    Q2_K, Q8_0, IQ4, as vLLM and llama.cpp serve a GGUF; HF folders stay float), none (float:
+    a GGUF dequantized, the reference that equals transformers), int4 or int8 (projections
+    quantized at load; see roles/models/quantize.py), w4a8 (int4's weights with activations
+    quantized to 8 bits on CPU: faster, less exact)."""
     kv_cache_dtype: str = "auto"
     """KV cache elements: auto (the activations' dtype), or fp8 / fp8_e4m3 / fp8_e5m2 (one
     byte each, no scale: half bfloat16's memory and bytes read per decode step; values

@@ -360,9 +360,10 @@ def _gguf_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, f
                 array = _unpermute(hf, array, config)
             weights[hf] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     _check_complete(weights, config, path)
-    if servable:  # the default: a llama.cpp or vLLM user expects the file's codes
+    if servable:  # 'none' asked for the float reference; say what 'auto' would have kept
         logger.info("%s: %d quantized tensors dequantized to %s (quantization='none', the "
-                    "float reference); quantization='auto' serves them from their codes",
+                    "float reference); quantization='auto' (the default) serves them from "
+                    "their codes",
                     path.name, servable, str(dtype).removeprefix("torch."))
     return weights
 

@@ -66,7 +66,7 @@ _NOT_PROJECTIONS = ("norm", ".gate.weight", "router.")  # norms, MoE routers: st
 class WeightFormat:
     """How the loader stores a checkpoint's weights."""
 
-    quantization: str = "none"
+    quantization: str = "auto"
     """``auto`` (GGUF: the file's own formats; HF folders: float), ``none``, ``int4``, ``int8``,
     ``w4a8`` (GGUF: ``auto``'s weights, HF folders: ``int4``'s; 8-bit activations for int4)."""
     int4_group_size: int = 32

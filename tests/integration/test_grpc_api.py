@@ -81,7 +81,7 @@ def test_info_rpcs(client: Client) -> None:
     assert info.backend == "EngineBackend" and info.max_model_len == MAX_MODEL_LEN
     # the formats /version shows: float32 as the engine's default asked, its float weights
     assert info.dtype == info.dtype_requested == "float32" and info.dtype_reason == "requested"
-    assert info.quantization == "none" and not info.dtype_warning
+    assert info.quantization == "auto" and not info.dtype_warning
     assert info.kv_cache_dtype == "float32"  # kv_cache_dtype auto: the activations' dtype
     assert dict(info.weight_formats) == {"float32": sum(dict(info.weight_formats).values())} != {}
     (load,) = client.loads()

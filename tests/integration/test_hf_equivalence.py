@@ -1,4 +1,5 @@
-"""SmolLM2 through splitserve equals Hugging Face transformers token for token (fp32, greedy)."""
+"""SmolLM2 through splitserve equals Hugging Face transformers token for token (the fp32
+reference, ``quantization="none"``, greedy); both formats are batch invariant."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def hf_model():
     return hf_model_from_gguf(default_model_path())
 
 
-def test_greedy_matches_transformers(smollm, hf_model) -> None:
+def test_greedy_matches_transformers(smollm_reference, hf_model) -> None:
+    smollm = smollm_reference
     tok = smollm.get_tokenizer()
     prompts = [tok.encode(p) for p in RAW_PROMPTS]
     prompts += [tok.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
@@ -79,7 +81,9 @@ def test_greedy_matches_transformers(smollm, hf_model) -> None:
         assert out.outputs[0].token_ids == exp, tok.decode(prompt)[-80:]
 
 
-def test_chat_answer_text(smollm) -> None:
+@pytest.mark.parametrize("engine", ["smollm_reference", "smollm"])
+def test_chat_answer_text(engine: str, request: pytest.FixtureRequest) -> None:
+    smollm = request.getfixturevalue(engine)
     out = smollm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(temperature=0.0, max_tokens=32),
@@ -88,7 +92,11 @@ def test_chat_answer_text(smollm) -> None:
     assert out.finish_reason == "stop"
 
 
-def test_batch_invariance_smollm(smollm) -> None:
+@pytest.mark.parametrize("engine", ["smollm_reference", "smollm"])
+def test_batch_invariance_smollm(engine: str, request: pytest.FixtureRequest) -> None:
+    """A prompt's greedy tokens are the same alone and in a batch of 16 (5-260 tokens), for
+    the fp32 reference and for the default format (int4 codes through the native kernel)."""
+    smollm = request.getfixturevalue(engine)
     tok = smollm.get_tokenizer()
     base = tok.encode(_LONG)
     prompts = [base[i * 7 : i * 7 + 5 + i * 17] for i in range(16)]  # 5 to 260 tokens

@@ -159,7 +159,7 @@ def test_k_quant_files_equal_transformers(hidden: int, tmp_path: Path, tokenizer
         assert q6 >= 4 * 6 and q5 == 4, formats
     else:  # K = 64 / 128: no whole super-block, Q5_1 throughout
         assert q6 == 0 and q5 >= 4 * 7, formats
-    # quantization="none" (the default) dequantizes them, and says what "auto" would do
+    # quantization="none" (the float reference) dequantizes them, and says what "auto" would do
     gguf_file = tmp_path / "qwen3-Q6_K.gguf"
     reader = loader._open_gguf(gguf_file)
     cfg = loader._gguf_config(reader, gguf_file)

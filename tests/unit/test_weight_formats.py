@@ -305,3 +305,20 @@ def test_w4a8_serves_int4_weights_with_8_bit_activations(
         fallback = LLM(str(tiny_model_dir), quantization="w4a8", num_kv_blocks=16)
     assert fallback.engine.runner.model.layers[0].attn.qkv.format == "int4"  # type: ignore[attr-defined]
     assert "8-bit activations need the native CPU kernels" in caplog.text
+
+
+def test_the_default_serves_a_ggufs_codes_and_a_folders_floats(tiny_model_dir: Path) -> None:
+    """``quantization`` defaults to ``auto`` everywhere a user sets it (``LLM`` /
+    ``EngineConfig``, the cluster YAML, ``splitserve serve|generate``), as vLLM and llama.cpp
+    serve a GGUF from its codes; a Hugging Face folder stays float under it. (The embedded
+    GGUF's default engine, the ``smollm`` fixture, asserts its 210 Q4_1 projections.)"""
+    from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.tools.cli import build_parser
+    from splitserve.roles.engine.config import EngineConfig
+
+    parser = build_parser()
+    assert EngineConfig().quantization == ClusterConfig().quantization == "auto"
+    assert parser.parse_args(["serve"]).quantization == "auto"
+    assert parser.parse_args(["generate", "--prompt", "hi"]).quantization == "auto"
+    info = LLM(str(tiny_model_dir), num_kv_blocks=8).engine.info()
+    assert info["quantization"] == "auto" and set(info["weight_formats"]) == {"float32"}, info

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import os
 import pickle
 import socket
@@ -28,7 +27,11 @@ from typing import Any
 from splitserve import env
 from splitserve.integrity import IntegrityReport
 from splitserve.outputs import RequestOutput
-from splitserve.roles.engine.async_engine import AsyncEngine, freeze_startup_heap
+from splitserve.roles.engine.async_engine import (
+    AsyncEngine,
+    freeze_startup_heap,
+    frozen_objects,
+)
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.kv_events import KVEventBatch
 from splitserve.roles.engine.llm_engine import LLMEngine
@@ -428,7 +431,7 @@ class EncodeWorker:
             "num_waiting": 0,
             "kv_usage": 0.0,
             "num_images_encoded": self.num_images,
-            "gc_frozen_objects": gc.get_freeze_count(),
+            "gc_frozen_objects": frozen_objects(),
             **self.encoder.stats(),
         }
 

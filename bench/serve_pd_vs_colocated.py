@@ -123,9 +123,11 @@ def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def start_splitserve(name: str, port: int, work: Path) -> tuple[subprocess.Popen, str]:
+def start_splitserve(name: str, port: int, work: Path,
+                     extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """``splitserve serve`` as ``SERVERS[name]`` says, with ``extra`` flags after them."""
     cmd = SPLITSERVE + ["serve", "--port", str(port), "--grpc-port", "-1",
-                        "--served-model-name", SERVED_NAME, *SERVERS[name]]
+                        "--served-model-name", SERVED_NAME, *SERVERS[name], *extra]
     log = work / f"{name}.log"
     proc = _start(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, log)
     _wait_healthy(proc, port, 600, log)

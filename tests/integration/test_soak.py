@@ -67,7 +67,7 @@ def test_soak_40_seconds(runtime: str, setting: dict[str, Any]) -> None:
     assert summary["formats"] == summary["reference_formats"], brief
     want_kv = "float8_e4m3fn" if setting.get("kv_cache_dtype") == "fp8" else "float32"
     assert summary["formats"]["kv_cache_dtype"] == want_kv, brief
-    assert summary["formats"]["quantization"] == setting.get("quantization", "none"), brief
+    assert summary["formats"]["quantization"] == setting.get("quantization", "auto"), brief
     if setting.get("quantization") == "w4a8":
         assert summary["formats"]["weight_formats"].get("int4:a8", 0) > 0, brief
     if "speculative_config" in setting:  # drafts were proposed and kept before the kills

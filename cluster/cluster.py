@@ -128,7 +128,7 @@ class Cluster:
 
     def _start(self) -> None:
         cfg = self.config
-        self.model_id, self.model_config, self.tokenizer = load_tokenizer(cfg.model)
+        self.model_id, self.model_config, self.tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
         self._grammars = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size)
         """Compiles (and caches) each request's output constraint before it is placed."""
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,

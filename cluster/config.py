@@ -347,6 +347,9 @@ class ClusterConfig(_Section):
 
     model: str | None = None
     """Hugging Face folder or .gguf file; None serves the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer folder used instead of the model's own (every worker and the
+    frontend; ``EngineConfig.tokenizer``); None: the model's."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """Activations, float weights and KV dtype; ``auto``: bfloat16 where the processor has
     it natively (each worker checks), float32 otherwise."""

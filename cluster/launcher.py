@@ -120,7 +120,7 @@ class Launcher:
     def engine_config(self, role: str) -> EngineConfig:
         cfg, rc = self.config, self.config.role(role)
         return EngineConfig(
-            model=cfg.model, dtype=cfg.dtype, device="cuda" if rc.num_gpus > 0 else "cpu",
+            model=cfg.model, tokenizer=cfg.tokenizer, dtype=cfg.dtype, device="cuda" if rc.num_gpus > 0 else "cpu",
             quantization=cfg.quantization, int4_group_size=cfg.int4_group_size,
             kv_cache_dtype=cfg.kv_cache_dtype, block_size=cfg.block_size, kv_cache_memory_bytes=int(cfg.kv_cache_memory_bytes),
             max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,

@@ -46,6 +46,7 @@ from splitserve.cluster.frontends.http_server import (
     lone_surrogate_field,
     lone_surrogate_message,
 )
+from splitserve.cluster.tools.cli import TOKENIZER_HELP
 from splitserve.errors import SplitserveError
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -428,6 +429,8 @@ def cluster_config(args: argparse.Namespace) -> Any:
                                    ).model_dump(mode="json")
     if args.model is not None:
         data["model"] = args.model
+    if args.tokenizer is not None:
+        data["tokenizer"] = args.tokenizer
     if args.kv_cache_memory_bytes is not None:
         data["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     if address and data["ray"]["address"] is None:
@@ -446,7 +449,7 @@ def build_backend(args: argparse.Namespace) -> Backend:
     from splitserve.cluster.frontends.backend import ClusterBackend, EngineBackend
 
     if args.single_engine:
-        kwargs: dict[str, Any] = {"model": args.model}
+        kwargs: dict[str, Any] = {"model": args.model, "tokenizer": args.tokenizer}
         if args.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
         return EngineBackend.from_config(**kwargs)
@@ -462,6 +465,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted run: skip the custom_ids in --output")
     parser.add_argument("--model", default=None,
                         help="HF folder or .gguf (default: embedded SmolLM2; absolute under Ray)")
+    parser.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     parser.add_argument("--config", default=None,
                         help="cluster YAML (default: the layout `splitserve serve` picks on "
                              "this machine; 1P + 1D when joining a Ray cluster)")

@@ -15,6 +15,9 @@ from typing import Any
 
 from splitserve.errors import ConfigError, SplitserveError
 
+TOKENIZER_HELP = ("Hugging Face tokenizer folder to use instead of the model's own (for a GGUF, "
+                  "its base model's, as vLLM advises; default: the model's)")
+
 
 def _generate(args: argparse.Namespace) -> int:
     from splitserve import LLM, SamplingParams
@@ -23,7 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed,
     )
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
               int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2)")
+    gen.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -110,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend: Backend
     if args.single_engine:
         backend = EngineBackend.from_config(
-            freeze_heap=True, model=args.model, dtype=args.dtype, quantization=args.quantization,
+            freeze_heap=True, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
             int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype,
             max_model_len=args.max_model_len,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
@@ -167,7 +171,7 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
     from splitserve.cluster.config import ClusterConfig, is_multimodal_model
 
     overrides: dict[str, Any] = {
-        "dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "tokenizer": args.tokenizer, "dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
         "quantization": args.quantization, "int4_group_size": args.int4_group_size,
         "kv_cache_dtype": args.kv_cache_dtype}
     if args.max_model_len is not None:
@@ -190,6 +194,8 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
     data = config.model_dump()
     if args.model is not None:
         data["model"] = args.model
+    if args.tokenizer is not None:
+        data["tokenizer"] = args.tokenizer
     if args.speculative_config is not None:
         data["roles"]["decode"]["speculative_config"] = args.speculative_config
     for role in ("prefill", "decode"):
@@ -241,6 +247,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "serves from this process. Ctrl-C or SIGTERM drains and stops.",
     )
     srv.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2)")
+    srv.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     srv.add_argument("--config", default=None,
                      help="cluster YAML (default: workers on this machine, see --prefill-workers)")
     srv.add_argument("--prefill-workers", type=_count(0), default=None, metavar="N",

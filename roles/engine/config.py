@@ -45,6 +45,10 @@ class EngineConfig:
 
     model: str | None = None
     """Hugging Face folder, .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer folder to use instead of the model's own (vLLM's
+    ``tokenizer``): for a GGUF, the base model's tokenizer rather than the one rebuilt from
+    the file; None: the model's (``loader.tokenizer_override``)."""
     dtype: str = "float32"
     """Activations, float weights and KV cache: float32, bfloat16, float16, or auto (bfloat16
     on a CPU with native bf16 (flags + a matmul probe) or a GPU, float32 otherwise)."""

@@ -95,7 +95,7 @@ class LLMEngine:
         self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         """The KV cache's element type (``EngineConfig.kv_cache_dtype``)."""
         fmt = WeightFormat(config.quantization, config.int4_group_size)
-        loaded = load_model(config.model, self.dtype, fmt)
+        loaded = load_model(config.model, self.dtype, fmt, tokenizer=config.tokenizer)
         self.weights_info = weight_summary(loaded.weights)
         """Tensor count per storage format and total weight bytes, as loaded."""
         logger.info("%s: dtype %s (%s), KV cache %s, quantization %s, weights %s",

@@ -91,38 +91,79 @@ def resolve_model(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
 
 
 def load_model(
-    model: str | os.PathLike[str] | None, dtype: torch.dtype, fmt: WeightFormat | None = None
+    model: str | os.PathLike[str] | None, dtype: torch.dtype, fmt: WeightFormat | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Config, weights and tokenizer; ``fmt`` says which weights stay or become quantized
-    (``roles/models/quantize.py``; default: every weight float in ``dtype``)."""
+    (``roles/models/quantize.py``; default: every weight float in ``dtype``); ``tokenizer``:
+    a Hugging Face tokenizer folder used instead of the model's own (``tokenizer_override``)."""
     model_id, path = resolve_model(model)
     fmt = fmt or WeightFormat()
     if path.is_dir():
-        return _load_hf_folder(model_id, path, dtype, fmt)
+        return _load_hf_folder(model_id, path, dtype, fmt, tokenizer)
     if path.suffix == ".gguf":
-        return _load_gguf(model_id, path, dtype, fmt)
+        return _load_gguf(model_id, path, dtype, fmt, tokenizer)
     raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
 
 
-def load_tokenizer(model: str | os.PathLike[str] | None) -> tuple[str, ModelConfig, Tokenizer]:
+def load_tokenizer(
+    model: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str] | None = None,
+) -> tuple[str, ModelConfig, Tokenizer]:
     """(model id, config, tokenizer) without the weights: what a frontend needs."""
     model_id, path = resolve_model(model)
     if path.is_dir():
         config = _hf_config(path)
+        if tokenizer is not None:
+            return model_id, config, tokenizer_override(tokenizer, config, path)
         return model_id, config, _hf_tokenizer(path, config)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
+    if tokenizer is not None:
+        return model_id, config, tokenizer_override(tokenizer, config, None)
     return model_id, config, _hf_tokenizer(path.parent, config, gguf_file=path.name,
                                            gguf_reader=reader)
+
+
+def tokenizer_override(
+    tokenizer: str | os.PathLike[str], config: ModelConfig, model_folder: Path | None,
+) -> Tokenizer:
+    """The tokenizer of a Hugging Face folder other than the model's (vLLM's ``--tokenizer``):
+    for a GGUF, whose tokenizer transformers otherwise rebuilds from the file's metadata
+    (slow for large vocabularies, and not every tokenizer survives it: vLLM advises the base
+    model's), or a model folder without tokenizer files. The model's end-of-sequence ids and
+    its folder's ``generation_config.json`` still apply. Refused at load, naming the folder:
+    a path that is not a folder, one without a tokenizer, and a tokenizer with more tokens than
+    the model has embedding rows (its last ids would index past them)."""
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"tokenizer {str(tokenizer)!r} is not a folder (expected a Hugging Face tokenizer "
+            "folder; hub names are not supported)", path=str(tokenizer))
+    try:
+        hf = tokenizer_cache.folder_tokenizer(path)
+    except Exception as e:  # transformers raises many types here
+        raise ModelLoadError(f"tokenizer {path}: cannot load tokenizer ({e})",
+                             path=str(path)) from e
+    if len(hf) > config.vocab_size:
+        raise ModelLoadError(
+            f"tokenizer {path}: {len(hf)} tokens, more than the model's vocab_size "
+            f"{config.vocab_size} (ids from {config.vocab_size} on have no embedding row)",
+            path=str(path))
+    generation = gen_config.read(model_folder) if model_folder is not None else gen_config.EMPTY
+    return Tokenizer(hf, extra_eos_ids=config.eos_token_ids, generation_config=generation)
 
 
 # --------------------------------------------------------------------------- Hugging Face folder
 
 
-def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat) -> LoadedModel:
+def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat,
+                    tokenizer: str | os.PathLike[str] | None = None) -> LoadedModel:
     config = _hf_config(path)
+    # the tokenizer first: a bad override fails before the weights are read
+    tok = (tokenizer_override(tokenizer, config, path) if tokenizer is not None
+           else _hf_tokenizer(path, config))
     rename = _llava_name if config.llava is not None else (lambda name: name)
     convert = tensor_transform(fmt, dtype, config.tie_word_embeddings)
     weights = _read_safetensors(path, dtype, keep=lambda name: True,
@@ -130,7 +171,7 @@ def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFo
                                 split=registry.model_class(config).checkpoint_tensors)
     if config.llava is not None:
         weights = {_llava_name(k): v for k, v in weights.items()}
-    return LoadedModel(model_id, str(path), config, weights, _hf_tokenizer(path, config))
+    return LoadedModel(model_id, str(path), config, weights, tok)
 
 
 def load_vision_weights(
@@ -259,13 +300,16 @@ def _tokenizer_key(reader: Any) -> str | None:
         return None
 
 
-def _load_gguf(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat) -> LoadedModel:
+def _load_gguf(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat,
+               tokenizer: str | os.PathLike[str] | None = None) -> LoadedModel:
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
+    # the tokenizer first: a bad override fails before the weights are read
+    tok = (tokenizer_override(tokenizer, config, None) if tokenizer is not None
+           else _hf_tokenizer(path.parent, config, gguf_file=path.name, gguf_reader=reader))
     weights = _gguf_weights(reader, config, path, dtype, fmt)
     quantize_checkpoint(weights, fmt, dtype, config.tie_word_embeddings)
-    tokenizer = _hf_tokenizer(path.parent, config, gguf_file=path.name, gguf_reader=reader)
-    return LoadedModel(model_id, str(path), config, weights, tokenizer)
+    return LoadedModel(model_id, str(path), config, weights, tok)
 
 
 def _open_gguf(path: Path):  # type: ignore[no-untyped-def]

@@ -111,3 +111,65 @@ def test_planner_flips_roles_as_the_mix_shifts(tiny_model_dir: Path, tmp_path: P
         }
         assert samples["flip_to_prefill"] >= 1 and samples["flip_to_decode"] >= 1
         assert_workers_intact(h for h in cluster.workers.values() if h.healthy)
+
+
+def test_a_worker_killed_as_its_flip_drains_it_is_not_replaced(tiny_model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """The flip's victim dies (SIGKILL, a real process) as its drain begins: the drain counts
+    it drained, the health loop does not replace it (it was leaving), the flip still starts
+    its prefill twin, so the cluster ends at the planned 2P+1D and not 2P+2D; every request
+    (those on the victim replayed) equals the single engine's. The drain is wrapped only to
+    time the kill: its first step marks the worker draining, as ``Scaler.drain`` does."""
+    import os
+    import signal
+
+    single = LLM(str(tiny_model_dir), num_kv_blocks=1024)
+    planner = {"enabled": True, "interval_s": 0.25, "window_s": 2.0, "cooldown_s": 1.0,
+               "cost_model": _profile(tmp_path / "profile.json"), "drain_timeout_s": 240.0}
+    with Cluster.local(prefill=1, decode=2, model=str(tiny_model_dir),
+                       kv_cache_memory_bytes=16 << 20, planner=planner,
+                       router={"local_prefill_max_tokens": 0},
+                       slo={"ttft_ms": 5000, "tpot_ms": 100}) as cluster:
+        scaler = cluster.scaler
+        drain, killed = scaler.drain, []
+
+        async def drain_killing(handle, timeout_s):  # type: ignore[no-untyped-def]
+            if not killed:
+                handle.draining = True  # drain's own first step: it is leaving
+                killed.append((handle.worker_id, handle.role))
+                os.kill(int(handle.info["pid"]), signal.SIGKILL)
+            await drain(handle, timeout_s)
+
+        scaler.drain = drain_killing  # type: ignore[method-assign]
+        replaced_before = cluster.counters.get("workers_replaced", 0)
+        rng = random.Random(1)
+        sent: list[tuple[list[int], Future]] = []
+        stop = threading.Event()
+        with ThreadPoolExecutor(32) as pool:
+            def load() -> None:
+                while not stop.is_set():  # open loop, ~4 requests/s
+                    prompt = _prompt(rng, 400)
+                    sent.append((prompt, pool.submit(cluster.generate, [prompt], LONG)))
+                    stop.wait(0.25)  # pacing of the load generator, not a synchronisation
+
+            driver = threading.Thread(target=load, daemon=True)
+            driver.start()
+            try:
+                _wait(lambda: cluster.status()["roles"] == {"prefill": 2, "decode": 1}, 400)
+            finally:
+                stop.set()
+                driver.join()
+            outputs = [(p, f.result(timeout=300)) for p, f in sent]
+
+        assert killed and killed[0][1] == "decode", killed
+        status = cluster.status()
+        assert status["planner"]["failed"] == 0, status["planner"]
+        assert status["planner"]["history"][0]["stopped"] == killed[0][0]
+        assert cluster.counters.get("workers_replaced", 0) == replaced_before
+        assert killed[0][0] not in cluster.workers  # gone, not standing in the worker set
+        assert sorted(h.role for h in cluster.workers.values()) == ["decode", "prefill",
+                                                                   "prefill"]
+        for prompt, out in outputs:
+            expected = single.generate([prompt], LONG)[0].outputs[0].token_ids
+            assert out[0].outputs[0].token_ids == expected
+        assert_workers_intact(h for h in cluster.workers.values() if h.healthy)

@@ -329,8 +329,8 @@ def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) ->
 
     from splitserve.cluster.tools.batch import cluster_config
 
-    args = argparse.Namespace(config=None, model="/m", kv_cache_memory_bytes=1 << 20,
-                              address=None)
+    args = argparse.Namespace(config=None, model="/m", tokenizer=None,
+                              kv_cache_memory_bytes=1 << 20, address=None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_OVERRIDE_JOB_RUNTIME_ENV", raising=False)  # restored afterwards
     local = cluster_config(args)
@@ -346,7 +346,8 @@ def test_a_job_joins_the_ray_it_was_submitted_to(tmp_path: Path, monkeypatch) ->
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("ray:\n  num_cpus: 4\nroles:\n  decode:\n    replicas: 2\n")
     from_yaml = cluster_config(argparse.Namespace(config=str(yaml_file), model=None,
-                                                  kv_cache_memory_bytes=None, address="auto"))
+                                                  tokenizer=None, kv_cache_memory_bytes=None,
+                                                  address="auto"))
     assert from_yaml.ray.address == "auto" and from_yaml.ray.num_cpus is None
     assert from_yaml.roles.decode.replicas == 2
 
@@ -364,7 +365,7 @@ def test_a_local_job_takes_the_layout_serve_takes(
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(layout, "numa_nodes", lambda: numa)
-    config = cluster_config(argparse.Namespace(config=None, model=None,
+    config = cluster_config(argparse.Namespace(config=None, model=None, tokenizer=None,
                                                kv_cache_memory_bytes=None, address=None))
     assert (config.roles.prefill.replicas, config.roles.decode.replicas) == (prefill, 1)
     assert config.router.local_prefill_max_tokens == local_prefill

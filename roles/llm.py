@@ -63,15 +63,18 @@ class LLM:
         *,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate
-        (``continue_final_message``, ``chat_template_kwargs``: as vLLM's ``LLM.chat``)."""
+        """Apply the model's chat template (or ``chat_template``, Jinja text) to each
+        conversation, then generate (``continue_final_message``, ``chat_template_kwargs``,
+        ``chat_template``: as vLLM's ``LLM.chat``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts: list[PromptType | dict[str, Any]] = [
             tok.apply_chat_template(list(c), add_generation_prompt,  # type: ignore[arg-type]
                                     continue_final_message=continue_final_message,
-                                    template_kwargs=chat_template_kwargs)
+                                    template_kwargs=chat_template_kwargs,
+                                    chat_template=chat_template)
             for c in conversations
         ]
         params = _as_params_list(sampling_params or self.get_default_sampling_params(),

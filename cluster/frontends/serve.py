@@ -60,6 +60,9 @@ class ServeOptions:
     generation_config: str = "auto"
     """Whose sampling defaults fill the fields a request leaves unset: ``auto`` (the model
     folder's ``generation_config.json``), ``vllm`` (none) or a folder holding one."""
+    chat_template: str | None = None
+    """Jinja chat template used instead of the model's (vLLM's ``--chat-template``: the text,
+    read by ``tokenizer.load_chat_template`` from a file or given inline); None: the model's."""
     grace_s: float = 10.0
     """How long in-flight requests may run on after a stop was asked for."""
     log_level: str = "warning"
@@ -130,6 +133,8 @@ async def start_servers(backend: Backend, opts: ServeOptions) -> RunningServers:
     """Bind and start both frontends; returns once they accept connections."""
     from splitserve.cluster.frontends.http_server import build_app
 
+    if opts.chat_template is not None:  # every chat the frontends render takes it
+        backend.tokenizer.set_chat_template(opts.chat_template, name="--chat-template")
     if opts.max_in_flight is not None:
         backend = AdmissionBackend(backend, opts.max_in_flight)
     metrics = ServerMetrics(opts.served_model_name or backend.model_id)

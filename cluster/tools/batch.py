@@ -46,7 +46,7 @@ from splitserve.cluster.frontends.http_server import (
     lone_surrogate_field,
     lone_surrogate_message,
 )
-from splitserve.cluster.tools.cli import TOKENIZER_HELP
+from splitserve.cluster.tools.cli import CHAT_TEMPLATE_HELP, TOKENIZER_HELP
 from splitserve.errors import SplitserveError
 
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -466,6 +466,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="HF folder or .gguf (default: embedded SmolLM2; absolute under Ray)")
     parser.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    parser.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                        help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--config", default=None,
                         help="cluster YAML (default: the layout `splitserve serve` picks on "
                              "this machine; 1P + 1D when joining a Ray cluster)")
@@ -484,8 +486,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the files, start the backend, run; 0 when every line was written."""
     check_args(args.input, args.output, args.resume, args.max_concurrency)
+    template = None
+    if args.chat_template is not None:  # a missing file: before any worker starts
+        from splitserve.roles.models.tokenizer import load_chat_template
+
+        template = load_chat_template(args.chat_template)
     backend = build_backend(args)
     try:
+        if template is not None:
+            backend.tokenizer.set_chat_template(template, name="--chat-template")
         summary = asyncio.run(_run_until_signal(backend, args))
     finally:
         asyncio.run(backend.close())

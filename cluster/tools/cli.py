@@ -15,6 +15,8 @@ from typing import Any
 
 from splitserve.errors import ConfigError, SplitserveError
 
+CHAT_TEMPLATE_HELP = ("Jinja chat template used instead of the model's: a file, or the template "
+                      "itself (as vLLM's --chat-template)")
 TOKENIZER_HELP = ("Hugging Face tokenizer folder to use instead of the model's own (for a GGUF, "
                   "its base model's, as vLLM advises; default: the model's)")
 
@@ -106,6 +108,11 @@ def _serve(args: argparse.Namespace) -> int:
         from splitserve.roles.models import generation_config
 
         generation_config.resolve(args.generation_config, None)
+    chat_template = None
+    if args.chat_template is not None:  # a missing file: before any worker starts
+        from splitserve.roles.models.tokenizer import load_chat_template
+
+        chat_template = load_chat_template(args.chat_template)
     tls = None
     if args.ssl_certfile or args.ssl_keyfile or args.ssl_client_ca:
         if not (args.ssl_certfile and args.ssl_keyfile):
@@ -132,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=api_key, tls=tls, served_model_name=args.served_model_name, grace_s=args.grace,
         log_level=args.log_level, max_in_flight=args.max_in_flight or None,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        generation_config=args.generation_config,
+        generation_config=args.generation_config, chat_template=chat_template,
     )
     asyncio.run(run_forever(backend, opts, announce=lambda line: print(line, flush=True)))
     return 0
@@ -303,6 +310,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      help="sampling defaults for fields a request leaves unset: the model "
                           "folder's generation_config.json (auto, as vLLM), none (vllm), or "
                           "DIR/generation_config.json")
+    srv.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                     help=CHAT_TEMPLATE_HELP)
     srv.set_defaults(func=_serve)
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from splitserve.errors import InvalidRequestError
+from splitserve.errors import ConfigError, InvalidRequestError
 from splitserve.roles.models import generation_config as gen_config
 
 
@@ -52,18 +53,33 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    def set_chat_template(self, template: str, name: str = "chat_template") -> None:
+        """Use ``template`` (Jinja text, e.g. from ``load_chat_template``) instead of the
+        model's chat template (vLLM's ``--chat-template``). It must render a one-message
+        conversation first: a template that cannot is refused naming ``name``
+        (ConfigError), and the model's stays."""
+        try:
+            self.hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                        add_generation_prompt=True, chat_template=template)
+        except Exception as e:  # noqa: BLE001 - jinja2 and transformers raise many types
+            raise ConfigError(f"{name}: the template does not render a one-message "
+                              f"conversation ({type(e).__name__}: {e})") from e
+        self.hf.chat_template = template
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None, *, continue_final_message: bool = False,
-        template_kwargs: dict[str, Any] | None = None,
+        template_kwargs: dict[str, Any] | None = None, chat_template: str | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (``tools``: OpenAI
         tool definitions, for templates that render them; others ignore them).
         ``continue_final_message``: end inside the last (assistant) message, for the model to
         go on with it (vLLM's extra; not with ``add_generation_prompt``).
         ``template_kwargs``: more variables for the template (vLLM's ``chat_template_kwargs``,
-        e.g. Qwen3's ``enable_thinking``); the renderer's own argument names are refused."""
-        if not self.has_chat_template:
+        e.g. Qwen3's ``enable_thinking``); the renderer's own argument names are refused.
+        ``chat_template``: Jinja text rendered instead of the model's (``LLM.chat``'s, as
+        vLLM's; the HTTP API refuses a request's own)."""
+        if chat_template is None and not self.has_chat_template:
             raise InvalidRequestError("this model has no chat template", field="messages")
         _check_messages(messages)
         extra = check_template_kwargs(template_kwargs)
@@ -79,7 +95,8 @@ class Tokenizer:
         try:
             ids = self.hf.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                tools=tools or None, continue_final_message=continue_final_message, **extra,
+                tools=tools or None, continue_final_message=continue_final_message,
+                chat_template=chat_template, **extra,
             )
         except TemplateError as e:  # the template's own refusal (roles must alternate...)
             raise InvalidRequestError(f"the chat template refused the messages: {e}",
@@ -93,6 +110,21 @@ class Tokenizer:
         return self.hf.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False
         )
+
+
+def load_chat_template(value: str, name: str = "--chat-template") -> str:
+    """The template ``value`` names, as vLLM's ``--chat-template`` reads it: a file's text,
+    or ``value`` itself when it is Jinja (holds ``{{`` or ``{%``). Anything else is refused
+    naming ``name`` (a path that does not exist is the usual mistake)."""
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{name}: cannot read {value!r} ({e})") from e
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"{name}: {value!r} is neither a file nor a Jinja template")
 
 
 def _check_messages(messages: Any) -> None:

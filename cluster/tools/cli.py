@@ -120,13 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls = TlsOptions(args.ssl_certfile, args.ssl_keyfile, args.ssl_client_ca)
     backend: Backend
     if args.single_engine:
-        backend = EngineBackend.from_config(
-            freeze_heap=True, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
-            int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype,
-            max_model_len=args.max_model_len,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
-            device=args.device, speculative_config=args.speculative_config,
-        )
+        backend = EngineBackend.from_config(freeze_heap=True, **_engine_kwargs(args))
     else:
         config, layout = _cluster_config(args)
         logging.getLogger("splitserve.serve").info("cluster layout: %s", layout)
@@ -170,6 +164,39 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return from_env or None
 
 
+_ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
+                 "block_size", "seed")
+"""Scheduler and cache flags that stay unset (None) unless given."""
+_ROLE_FLAGS = ("max_num_seqs", "max_num_batched_tokens")
+"""Of those, the per-role settings of a cluster (every prefill and decode worker's)."""
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--single-engine``'s ``EngineConfig`` fields from the flags."""
+    kwargs: dict[str, Any] = dict(
+        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+        quantization=args.quantization, int4_group_size=args.int4_group_size,
+        kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, num_threads=args.num_threads,
+        device=args.device, speculative_config=args.speculative_config,
+    )
+    kwargs.update({k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None})
+    return kwargs
+
+
+def _apply_engine_flags(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """The given scheduler / cache flags into cluster settings ``data`` (YAML-shaped)."""
+    for key in _ENGINE_FLAGS:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in _ROLE_FLAGS:
+            for role in ("prefill", "decode"):
+                data.setdefault("roles", {}).setdefault(role, {})[key] = value
+        else:
+            data[key] = value
+
+
 def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
     """The cluster to start and its layout in words: ``--config`` YAML, or the local default
     (``cluster/layout.py``: 1 decode worker that prefills every prompt unless this machine
@@ -178,13 +205,15 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
     from splitserve.cluster.config import ClusterConfig, is_multimodal_model
 
     overrides: dict[str, Any] = {
-        "tokenizer": args.tokenizer, "dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
+        "tokenizer": args.tokenizer, "dtype": args.dtype,
+        "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
         "quantization": args.quantization, "int4_group_size": args.int4_group_size,
         "kv_cache_dtype": args.kv_cache_dtype}
     if args.max_model_len is not None:
         overrides["max_model_len"] = args.max_model_len
     if args.config is None and args.speculative_config is not None:
         overrides["roles"] = {"decode": {"speculative_config": args.speculative_config}}
+    _apply_engine_flags(overrides, args)
     runtime = getattr(args, "runtime", "auto")
     if args.config is None:
         encode = 1 if is_multimodal_model(args.model) else 0  # a vision tower: + 1 encode
@@ -205,6 +234,7 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
         data["tokenizer"] = args.tokenizer
     if args.speculative_config is not None:
         data["roles"]["decode"]["speculative_config"] = args.speculative_config
+    _apply_engine_flags(data, args)
     for role in ("prefill", "decode"):
         count = getattr(args, f"{role}_workers")
         if count is not None:
@@ -290,6 +320,18 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
                      type=_byte_size, default=1 << 30,
                      help="KV cache per engine: bytes or a size such as 512MiB (default 1GiB)")
     srv.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    # vLLM's scheduler and cache flags: each worker's (or the single engine's); unset, the
+    # defaults (or a --config file's values) stand
+    srv.add_argument("--max-num-seqs", type=_count(1), default=None, metavar="N",
+                     help="most sequences in one step of each worker (default 128)")
+    srv.add_argument("--max-num-batched-tokens", type=_count(1), default=None, metavar="N",
+                     help="token budget of one step of each worker (default 2048)")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                     default=None, help="reuse KV of shared prompt prefixes (default: on)")
+    srv.add_argument("--block-size", type=_count(1), default=None, metavar="N",
+                     help="tokens per KV block, a power of two (default 16)")
+    srv.add_argument("--seed", type=int, default=None,
+                     help="seed of requests that give none (default 0)")
     srv.add_argument(
         "--speculative-config", type=_json_object, default=None, metavar="JSON",
         help='draft-free speculative decoding on the decode workers (or the single engine), '

@@ -80,3 +80,46 @@ def test_worker_count_flags_are_checked() -> None:
                  ["--prefill-workers", "x"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", *argv])
+
+
+def test_vllms_scheduler_and_cache_flags_reach_every_worker(tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """``--max-num-seqs``, ``--max-num-batched-tokens``, ``--[no-]enable-prefix-caching``,
+    ``--block-size`` and ``--seed`` (vLLM's names) set every prefill and decode worker's
+    settings, over a --config file's values too, and the single engine's; unset, the
+    defaults and the file stand; bad values are refused naming them."""
+    from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.frontends.backend import EngineBackend
+    from splitserve.cluster.tools.cli import _engine_kwargs
+    from splitserve.errors import ConfigError
+
+    flags = ["--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+             "--no-enable-prefix-caching", "--block-size", "32", "--seed", "7"]
+    default, _ = _config("--prefill-workers", "1")
+    assert default.roles.decode.max_num_seqs == 128 and default.enable_prefix_caching
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("block_size: 64\nroles:\n  decode:\n    max_num_seqs: 3\n"
+                    "  prefill:\n    replicas: 1\n")
+    assert _config("--config", str(yaml))[0].roles.decode.max_num_seqs == 3  # the file's
+    for config in (_config("--prefill-workers", "1", *flags)[0],
+                   _config("--config", str(yaml), *flags)[0]):
+        assert isinstance(config, ClusterConfig)
+        for role in (config.roles.prefill, config.roles.decode):
+            assert (role.max_num_seqs, role.max_num_batched_tokens) == (8, 512)
+        assert (config.enable_prefix_caching, config.block_size, config.seed) == (False, 32, 7)
+    args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir),
+                                      "--kv-cache-memory", "16MiB", *flags])
+    backend = EngineBackend.from_config(**_engine_kwargs(args))
+    try:
+        engine = backend.engine.engine
+        assert (engine.config.max_num_seqs, engine.config.max_num_batched_tokens) == (8, 512)
+        assert (engine.config.enable_prefix_caching, engine.config.block_size,
+                engine.config.seed) == (False, 32, 7)
+    finally:
+        import asyncio
+
+        asyncio.run(backend.close())
+    with pytest.raises(ConfigError, match="block_size: must be a power of two"):
+        _config("--block-size", "48")
+    with pytest.raises(SystemExit):  # argparse: "--max-num-seqs: must be >= 1, got 0"
+        build_parser().parse_args(["serve", "--max-num-seqs", "0"])

@@ -108,6 +108,9 @@ def _serve(args: argparse.Namespace) -> int:
         from splitserve.roles.models import generation_config
 
         generation_config.resolve(args.generation_config, None)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # as vLLM refuses it
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (which parser "
+                          "reads this model's tool calls)")
     chat_template = None
     if args.chat_template is not None:  # a missing file: before any worker starts
         from splitserve.roles.models.tokenizer import load_chat_template
@@ -339,11 +342,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     srv.add_argument("--max-in-flight", type=int, default=512,
                      help="requests admitted at once, beyond: 429 / RESOURCE_EXHAUSTED (0: no limit)")
-    srv.add_argument("--log-level", default="warning", help="uvicorn log level")
+    srv.add_argument("--log-level", "--uvicorn-log-level", default="warning",
+                     help="uvicorn log level")
     from splitserve.cluster.frontends import reasoning_parsers, tool_parsers  # light: no torch
 
     srv.add_argument("--tool-call-parser", default=None, choices=sorted(tool_parsers.PARSERS),
                      help="parse tool calls out of the model's text (needed for tool_choice auto)")
+    srv.add_argument("--enable-auto-tool-choice", action="store_true",
+                     help="vLLM's switch for tool_choice auto: taken for compatibility; here "
+                          "--tool-call-parser alone enables it, and the switch needs one")
     srv.add_argument("--reasoning-parser", default=None,
                      choices=sorted(reasoning_parsers.PARSERS),
                      help="chat answers' <think> blocks go to reasoning_content, apart from the "

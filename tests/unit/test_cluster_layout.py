@@ -123,3 +123,18 @@ def test_vllms_scheduler_and_cache_flags_reach_every_worker(tiny_model_dir: Path
         _config("--block-size", "48")
     with pytest.raises(SystemExit):  # argparse: "--max-num-seqs: must be >= 1, got 0"
         build_parser().parse_args(["serve", "--max-num-seqs", "0"])
+
+
+def test_vllms_tool_choice_switch_and_log_level_name_are_taken() -> None:
+    """``--enable-auto-tool-choice`` (vLLM needs it for tool_choice auto; here the parser is
+    enough) is taken with a parser and refused without one, as vLLM refuses it;
+    ``--uvicorn-log-level`` is ``--log-level``."""
+    from splitserve.cluster.tools.cli import _serve
+    from splitserve.errors import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser",
+                              "hermes", "--uvicorn-log-level", "info"])
+    assert args.enable_auto_tool_choice and args.log_level == "info"
+    with pytest.raises(ConfigError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        _serve(parser.parse_args(["serve", "--enable-auto-tool-choice"]))

@@ -65,6 +65,23 @@ def _fast_gguf_parse(gguf: Any) -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
+def count_gguf_tokenizer_builds(monkeypatch: Any) -> list[str]:
+    """Records each tokenizer transformers builds from a GGUF file (``AutoTokenizer`` called
+    with ``gguf_file``), from now until ``monkeypatch`` undoes it."""
+    from transformers import AutoTokenizer
+
+    builds: list[str] = []
+    original = AutoTokenizer.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("gguf_file"):
+            builds.append(kwargs["gguf_file"])
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
+    return builds
+
+
 @contextlib.contextmanager
 def tiny_server(model_dir: Path, num_kv_blocks: int = 256, **options: Any) -> Iterator[Any]:
     """``serve`` over one engine of a tiny model (served as ``tiny``, context 512), with

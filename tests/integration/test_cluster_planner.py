@@ -53,14 +53,19 @@ def _profile(path: Path) -> str:
     return str(path)
 
 
-def test_planner_flips_roles_as_the_mix_shifts(tiny_model_dir: Path, tmp_path: Path) -> None:
-    single = LLM(str(tiny_model_dir), num_kv_blocks=1024)
+def _planned_cluster(model: Path, tmp_path: Path) -> Cluster:
+    """1P+2D with the planner on (fast intervals, the test profile); every prompt prefilled on
+    the prefill workers."""
     planner = {"enabled": True, "interval_s": 0.25, "window_s": 2.0, "cooldown_s": 1.0,
                "cost_model": _profile(tmp_path / "profile.json"), "drain_timeout_s": 240.0}
-    with Cluster.local(prefill=1, decode=2, model=str(tiny_model_dir),
-                       kv_cache_memory_bytes=16 << 20, planner=planner,
-                       router={"local_prefill_max_tokens": 0},
-                       slo={"ttft_ms": 5000, "tpot_ms": 100}) as cluster:
+    return Cluster.local(prefill=1, decode=2, model=str(model), kv_cache_memory_bytes=16 << 20,
+                         planner=planner, router={"local_prefill_max_tokens": 0},
+                         slo={"ttft_ms": 5000, "tpot_ms": 100})
+
+
+def test_planner_flips_roles_as_the_mix_shifts(tiny_model_dir: Path, tmp_path: Path) -> None:
+    single = LLM(str(tiny_model_dir), num_kv_blocks=1024)
+    with _planned_cluster(tiny_model_dir, tmp_path) as cluster:
         rng = random.Random(0)
         sent: list[tuple[list[int], SamplingParams, Future]] = []
         stop = threading.Event()
@@ -124,14 +129,10 @@ def test_a_worker_killed_as_its_flip_drains_it_is_not_replaced(tiny_model_dir: P
     import signal
 
     single = LLM(str(tiny_model_dir), num_kv_blocks=1024)
-    planner = {"enabled": True, "interval_s": 0.25, "window_s": 2.0, "cooldown_s": 1.0,
-               "cost_model": _profile(tmp_path / "profile.json"), "drain_timeout_s": 240.0}
-    with Cluster.local(prefill=1, decode=2, model=str(tiny_model_dir),
-                       kv_cache_memory_bytes=16 << 20, planner=planner,
-                       router={"local_prefill_max_tokens": 0},
-                       slo={"ttft_ms": 5000, "tpot_ms": 100}) as cluster:
+    with _planned_cluster(tiny_model_dir, tmp_path) as cluster:
         scaler = cluster.scaler
-        drain, killed = scaler.drain, []
+        drain = scaler.drain
+        killed: list[tuple[str, str]] = []  # (worker id, role)
 
         async def drain_killing(handle, timeout_s):  # type: ignore[no-untyped-def]
             if not killed:

@@ -12,6 +12,7 @@ import pytest
 
 from splitserve.roles.models import loader, tokenizer_cache
 from splitserve.roles.models.loader import default_model_path, load_tokenizer
+from tests.utils import count_gguf_tokenizer_builds
 
 TEXTS = [
     "What is the capital of France?",
@@ -89,22 +90,6 @@ def test_the_key_covers_the_tokenizer_metadata_and_nothing_else(tmp_path) -> Non
     assert key(default_model_path()) != base
 
 
-def _count_gguf_builds(monkeypatch) -> list[str]:
-    """Records each tokenizer transformers builds from a GGUF file."""
-    from transformers import AutoTokenizer
-
-    builds: list[str] = []
-    original = AutoTokenizer.from_pretrained.__func__
-
-    def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if kwargs.get("gguf_file"):
-            builds.append(kwargs["gguf_file"])
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
-    return builds
-
-
 def _same_tokenizer(a: Any, b: Any) -> None:
     assert (a.eos_token_id, a.bos_token_id, a.vocab_size, a.eos_token_ids) == (
         b.eos_token_id, b.bos_token_id, b.vocab_size, b.eos_token_ids)
@@ -121,7 +106,7 @@ def _same_tokenizer(a: Any, b: Any) -> None:
 
 def test_the_embedded_gguf_tokenizer_is_built_once_then_read_back_equal(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    builds = _count_gguf_builds(monkeypatch)
+    builds = count_gguf_tokenizer_builds(monkeypatch)
     _, _, built = load_tokenizer(None)
     assert len(builds) == 1
     root = tmp_path / "cache" / "gguf-tokenizers"
@@ -136,7 +121,7 @@ def test_an_unreadable_entry_is_rebuilt_and_a_lost_race_keeps_the_first(tmp_path
     monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(tmp_path / "cache"))
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     path = _metadata_only_gguf(tmp_path / "t.gguf", template)
-    builds = _count_gguf_builds(monkeypatch)
+    builds = count_gguf_tokenizer_builds(monkeypatch)
     def load() -> Any:
         return loader._hf_tokenizer(tmp_path, NO_EXTRA_EOS, gguf_file=path.name,
                                     gguf_reader=loader._open_gguf(path))

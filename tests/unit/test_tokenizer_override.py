@@ -14,6 +14,7 @@ from splitserve import LLM, SamplingParams
 from splitserve.errors import ModelLoadError
 from splitserve.roles.models import loader
 from tests.gguf_files import write_gguf
+from tests.utils import count_gguf_tokenizer_builds
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -27,22 +28,6 @@ def _without_tokenizer(model: Path, out: Path) -> Path:
     return out
 
 
-def _count_gguf_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records each tokenizer transformers builds from a GGUF file."""
-    from transformers import AutoTokenizer
-
-    builds: list[str] = []
-    original = AutoTokenizer.from_pretrained.__func__  # type: ignore[attr-defined]
-
-    def from_pretrained(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if kwargs.get("gguf_file"):
-            builds.append(kwargs["gguf_file"])
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
-    return builds
-
-
 def test_a_gguf_takes_the_given_tokenizer_and_never_builds_its_own(
     thinking_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -53,7 +38,7 @@ def test_a_gguf_takes_the_given_tokenizer_and_never_builds_its_own(
     could a cache have served it: a fresh cache folder)."""
     monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(tmp_path / "cache"))
     gguf_file = write_gguf(thinking_model_dir, tmp_path / "thinking.gguf", "mixtral")
-    builds = _count_gguf_builds(monkeypatch)
+    builds = count_gguf_tokenizer_builds(monkeypatch)
     given = LLM(str(gguf_file), tokenizer=str(thinking_model_dir), num_kv_blocks=32)
     assert builds == []
     assert len(given.get_tokenizer().encode("<think>")) == 1

@@ -69,18 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Given(argparse._StoreAction):
+    """Stores the value as ``store`` does and records that the flag was given
+    (``args.given``): a ``--config`` file's value is replaced only by a flag actually given,
+    not by the flag's default."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+_OVER_CONFIG = ("dtype", "quantization", "int4_group_size", "kv_cache_dtype",
+                "kv_cache_memory_bytes", "max_model_len")
+"""Flags (``_Given``) that replace a ``--config`` file's settings when given."""
+
+
 def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32",
+    parser.add_argument("--dtype", default="float32", action=_Given,
                         choices=["auto", "float32", "bfloat16", "float16"],
                         help="activations and KV; auto: bfloat16 where the CPU has it natively")
-    parser.add_argument("--quantization", default="auto",
+    parser.add_argument("--quantization", default="auto", action=_Given,
                         choices=["auto", "none", "int4", "int8", "w4a8"],
                         help="weights: auto (default) serves a GGUF's own codes (Q2_K-Q6_K/"
                              "Q8_0/IQ4) and a folder's floats; none dequantizes a GGUF (the "
                              "fp32 reference); int4/int8 quantize at load; w4a8: int4 with "
                              "8-bit activations (faster, less exact)")
-    parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256])
-    parser.add_argument("--kv-cache-dtype", default="auto",
+    parser.add_argument("--int4-group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                        action=_Given)
+    parser.add_argument("--kv-cache-dtype", default="auto", action=_Given,
                         choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                         help="KV cache elements: auto (as --dtype) or fp8 (one byte, half the "
                              "memory; fp8 = fp8_e4m3, as vLLM)")
@@ -238,6 +255,9 @@ def _cluster_config(args: argparse.Namespace) -> tuple[Any, str]:
     if args.speculative_config is not None:
         data["roles"]["decode"]["speculative_config"] = args.speculative_config
     _apply_engine_flags(data, args)
+    for key in _OVER_CONFIG:  # given flags over the file's values; defaults do not
+        if key in getattr(args, "given", ()):
+            data[key] = getattr(args, key)
     for role in ("prefill", "decode"):
         count = getattr(args, f"{role}_workers")
         if count is not None:
@@ -318,8 +338,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--grace", type=float, default=10.0, help="drain seconds on Ctrl-C/SIGTERM")
     _add_format_arguments(srv)
     srv.add_argument("--device", default="cpu", help="torch device of the engine (cpu, cuda)")
-    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-model-len", type=int, default=None, action=_Given)
     srv.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", dest="kv_cache_memory_bytes",
+                     action=_Given,
                      type=_byte_size, default=1 << 30,
                      help="KV cache per engine: bytes or a size such as 512MiB (default 1GiB)")
     srv.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")

@@ -138,3 +138,20 @@ def test_vllms_tool_choice_switch_and_log_level_name_are_taken() -> None:
     assert args.enable_auto_tool_choice and args.log_level == "info"
     with pytest.raises(ConfigError, match="--enable-auto-tool-choice needs --tool-call-parser"):
         _serve(parser.parse_args(["serve", "--enable-auto-tool-choice"]))
+
+
+def test_format_flags_given_replace_a_config_files_values(tmp_path: Path) -> None:
+    """``serve --config FILE --quantization w4a8 ...``: a flag given replaces the file's value
+    (it was silently ignored); a flag left out keeps the file's, not the flag's default."""
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("quantization: none\ndtype: bfloat16\nkv_cache_dtype: fp8\n"
+                    "kv_cache_memory_bytes: 64MiB\nmax_model_len: 1024\n")
+    kept, _ = _config("--config", str(yaml))
+    assert (kept.quantization, kept.dtype, kept.kv_cache_dtype) == ("none", "bfloat16", "fp8")
+    assert (kept.kv_cache_memory_bytes, kept.max_model_len) == (64 << 20, 1024)
+    given, _ = _config("--config", str(yaml), "--quantization", "w4a8", "--dtype", "float32",
+                       "--kv-cache-dtype", "auto", "--kv-cache-memory", "256MiB",
+                       "--max-model-len", "512", "--int4-group-size", "128")
+    assert (given.quantization, given.dtype, given.kv_cache_dtype) == ("w4a8", "float32", "auto")
+    assert (given.kv_cache_memory_bytes, given.max_model_len) == (256 << 20, 512)
+    assert given.int4_group_size == 128

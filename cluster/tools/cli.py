@@ -28,8 +28,9 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.seed,
     )
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization,
-              int4_group_size=args.int4_group_size, kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+              quantization=args.quantization, int4_group_size=args.int4_group_size,
+              kv_cache_dtype=args.kv_cache_dtype)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:

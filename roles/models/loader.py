@@ -113,17 +113,24 @@ def load_tokenizer(
     model_id, path = resolve_model(model)
     if path.is_dir():
         config = _hf_config(path)
-        if tokenizer is not None:
-            return model_id, config, tokenizer_override(tokenizer, config, path)
-        return model_id, config, _hf_tokenizer(path, config)
+        return model_id, config, _model_tokenizer(path, config, tokenizer)
     if path.suffix != ".gguf":
         raise ModelLoadError(f"{path}: not a Hugging Face folder nor a .gguf file", path=str(path))
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
+    return model_id, config, _model_tokenizer(path, config, tokenizer, reader)
+
+
+def _model_tokenizer(path: Path, config: ModelConfig, tokenizer: str | os.PathLike[str] | None,
+                     gguf_reader: Any = None) -> Tokenizer:
+    """The tokenizer a model at ``path`` (a folder, or a GGUF read by ``gguf_reader``) is
+    served with: the ``tokenizer`` folder when one is given, else the model's own."""
+    is_gguf = gguf_reader is not None
     if tokenizer is not None:
-        return model_id, config, tokenizer_override(tokenizer, config, None)
-    return model_id, config, _hf_tokenizer(path.parent, config, gguf_file=path.name,
-                                           gguf_reader=reader)
+        return tokenizer_override(tokenizer, config, None if is_gguf else path)
+    if is_gguf:
+        return _hf_tokenizer(path.parent, config, gguf_file=path.name, gguf_reader=gguf_reader)
+    return _hf_tokenizer(path, config)
 
 
 def tokenizer_override(
@@ -161,9 +168,7 @@ def tokenizer_override(
 def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat,
                     tokenizer: str | os.PathLike[str] | None = None) -> LoadedModel:
     config = _hf_config(path)
-    # the tokenizer first: a bad override fails before the weights are read
-    tok = (tokenizer_override(tokenizer, config, path) if tokenizer is not None
-           else _hf_tokenizer(path, config))
+    tok = _model_tokenizer(path, config, tokenizer)  # before the weights: a bad one fails fast
     rename = _llava_name if config.llava is not None else (lambda name: name)
     convert = tensor_transform(fmt, dtype, config.tie_word_embeddings)
     weights = _read_safetensors(path, dtype, keep=lambda name: True,
@@ -304,9 +309,7 @@ def _load_gguf(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFormat,
                tokenizer: str | os.PathLike[str] | None = None) -> LoadedModel:
     reader = _open_gguf(path)
     config = _gguf_config(reader, path)
-    # the tokenizer first: a bad override fails before the weights are read
-    tok = (tokenizer_override(tokenizer, config, None) if tokenizer is not None
-           else _hf_tokenizer(path.parent, config, gguf_file=path.name, gguf_reader=reader))
+    tok = _model_tokenizer(path, config, tokenizer, reader)  # before the weights, as above
     weights = _gguf_weights(reader, config, path, dtype, fmt)
     quantize_checkpoint(weights, fmt, dtype, config.tie_word_embeddings)
     return LoadedModel(model_id, str(path), config, weights, tok)

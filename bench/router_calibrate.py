@@ -135,17 +135,25 @@ def measure(out: Path) -> None:
 
 
 SPLITSERVE_PREFILL_GRID = [(n, c) for c in (0, 512) for n in (64, 256, 512, 1024)]
-SPLITSERVE_DECODE_GRID = [(1, 128), (4, 128), (8, 512), (16, 256)]
+SPLITSERVE_DECODE_GRID = [(1, 128), (4, 128), (8, 512), (16, 256), (32, 256), (64, 128)]
 
 
-def measure_splitserve(out: Path, model: str | None, threads: int | None = None) -> None:
-    """Time splitserve's engine (``LLM``) on this machine; one JSON line per sample."""
+def measure_splitserve(
+    out: Path, model: str | None, threads: int | None = None, formats: dict[str, str] | None = None
+) -> None:
+    """Time splitserve's engine (``LLM``) on this machine; one JSON line per sample.
+
+    ``formats``: ``quantization`` / ``dtype`` / ``kv_cache_dtype`` for ``LLM`` (left out: the
+    engine's defaults, which a cluster's workers use too)."""
     import random
+
+    import torch
 
     from splitserve import LLM, SamplingParams
 
-    llm = LLM(model, enable_prefix_caching=True, num_threads=threads)
+    llm = LLM(model, enable_prefix_caching=True, num_threads=threads, **(formats or {}))
     engine = llm.engine
+    info = engine.info()
     vocab = int(engine.model_config.vocab_size)
     rng = random.Random(0)
     sink = out.open("w")
@@ -166,10 +174,13 @@ def measure_splitserve(out: Path, model: str | None, threads: int | None = None)
 
     record({
         "kind": "device", "engine": "splitserve", "model": str(model or "SmolLM2-135M-Instruct"),
-        # model_config.kv_bytes_per_token is per byte of dtype
+        # model_config.kv_bytes_per_token is per byte of the cache's element
         "kv_bytes_per_token": int(engine.model_config.kv_bytes_per_token)
-        * _dtype_bytes(str(engine.config.dtype)),
+        * torch.empty((), dtype=engine.kv_dtype).element_size(),
         "kv_cache_memory_bytes": int(engine.config.kv_cache_memory_bytes),
+        "threads": torch.get_num_threads(),
+        "quantization": info["quantization"], "weight_formats": info["weight_formats"],
+        "dtype": info.get("dtype"), "kv_cache_dtype": info["kv_cache_dtype"],
     })
     run([ids(64)], 2)  # warm-up
     for n, c in SPLITSERVE_PREFILL_GRID:
@@ -191,10 +202,6 @@ def measure_splitserve(out: Path, model: str | None, threads: int | None = None)
     sink.close()
 
 
-def _dtype_bytes(dtype: str) -> int:
-    return 2 if dtype.endswith(("bfloat16", "float16")) else 4
-
-
 def fit(timings: Path, out: Path) -> None:
     from splitserve.router.sim.cost_model import fit_cost_model
 
@@ -209,7 +216,7 @@ def fit(timings: Path, out: Path) -> None:
     free = 0.9 * device["total_memory"] - weights_bytes - 4e9  # 4 GB for activations
     model = fit_cost_model(
         [(r["new"], r["cached"], r["seconds"]) for r in rows if r["kind"] == "prefill"],
-        [(r["kv_tokens"], r["seconds"]) for r in rows if r["kind"] == "decode"],
+        [(r["kv_tokens"], r["seconds"], r["batch"]) for r in rows if r["kind"] == "decode"],
         name=f"{device['name']}/llama-3-8b-shape/bf16/hf-transformers-sdpa (measured)",
         kv_capacity_blocks=int(free // (KV_BYTES_PER_TOKEN * 512)),
     )
@@ -224,6 +231,20 @@ def fit(timings: Path, out: Path) -> None:
             )
 
 
+def _splitserve_profile_name(device: dict) -> str:
+    """``cpu/<model>/<quantization> (<weight formats>)/<dtype>, <kv> KV/<n> thread(s)/splitserve``;
+    timings written before the device line carried the formats give the shorter old name."""
+    if "quantization" not in device:
+        return f"cpu/{device['model']}/splitserve (measured)"
+    formats = ", ".join(
+        f"{k} x{v}" for k, v in sorted(device["weight_formats"].items()) if k not in ("float32",)
+    )
+    threads = device["threads"]
+    return (f"cpu/{device['model']}/{device['quantization']} ({formats})/{device['dtype']}, "
+            f"{device['kv_cache_dtype']} KV/{threads} thread{'s' if threads != 1 else ''}"
+            "/splitserve (measured)")
+
+
 def fit_splitserve(rows: list[dict], device: dict, out: Path) -> None:
     """Fit a profile of splitserve's engine; KV capacity from its configured cache bytes."""
     from splitserve.router.sim.cost_model import fit_cost_model
@@ -231,8 +252,8 @@ def fit_splitserve(rows: list[dict], device: dict, out: Path) -> None:
     per_token = float(device["kv_bytes_per_token"])
     model = fit_cost_model(
         [(r["new"], r["cached"], r["seconds"]) for r in rows if r["kind"] == "prefill"],
-        [(r["kv_tokens"], r["seconds"]) for r in rows if r["kind"] == "decode"],
-        name=f"cpu/{device['model']}/splitserve (measured)",
+        [(r["kv_tokens"], r["seconds"], r["batch"]) for r in rows if r["kind"] == "decode"],
+        name=_splitserve_profile_name(device),
         kv_capacity_blocks=max(1, int(device["kv_cache_memory_bytes"] // (per_token * 512))),
         kv_bytes_per_token=per_token,
         link_bandwidth_bytes_per_s=1e9,  # UCX over TCP loopback, about 1 GB/s here
@@ -246,7 +267,7 @@ def fit_splitserve(rows: list[dict], device: dict, out: Path) -> None:
                   f"{r['seconds']:.4f} s, model {predicted:.4f} s "
                   f"({predicted / r['seconds'] - 1:+.1%})")
         elif r["kind"] == "decode":
-            predicted = model.decode_step_time(r["kv_tokens"])
+            predicted = model.decode_step_time(r["kv_tokens"], r["batch"])
             print(f"decode batch={r['batch']:>3} context={r['context']:>5}: measured "
                   f"{r['seconds']:.4f} s/step, model {predicted:.4f} s "
                   f"({predicted / r['seconds'] - 1:+.1%})")
@@ -263,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="cost model JSON to write (with --fit)")
     parser.add_argument("--model", default=None, help="model for --measure-splitserve")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (splitserve)")
+    for flag in ("quantization", "dtype", "kv-cache-dtype"):
+        parser.add_argument(f"--{flag}", default=None,
+                            help=f"splitserve's {flag} (default: the engine's, as a worker's)")
     args = parser.parse_args(argv)
     if args.measure_splitserve:
-        measure_splitserve(args.measure_splitserve, args.model, args.threads)
+        formats = {k: v for k in ("quantization", "dtype", "kv_cache_dtype")
+                   if (v := getattr(args, k)) is not None}
+        measure_splitserve(args.measure_splitserve, args.model, args.threads, formats)
     elif args.measure:
         measure(args.measure)
     else:

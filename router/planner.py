@@ -191,10 +191,11 @@ class Planner:
         cm, ctx = self.cost_model, max(1.0, context_tokens)
         batch = float(self.config.max_decode_batch)
         batch = min(batch, max(1.0, cm.kv_capacity_tokens / ctx))
-        if math.isfinite(self.tpot_slo_s) and cm.decode_s_per_kv_token > 0:
+        per_request = cm.decode_s_per_seq + cm.decode_s_per_kv_token * ctx
+        if math.isfinite(self.tpot_slo_s) and per_request > 0:
             budget = self.config.tpot_target_fraction * self.tpot_slo_s - cm.decode_step_overhead_s
-            batch = min(batch, max(1.0, budget / (cm.decode_s_per_kv_token * ctx)))
-        return batch / cm.decode_step_time(int(batch * ctx))
+            batch = min(batch, max(1.0, budget / per_request))
+        return batch / cm.decode_step_time(int(batch * ctx), batch)
 
     def decide(self, m: PlannerMetrics) -> list[PlannerDecision]:
         """At most one decision per call; none during cooldown or while one is applied."""

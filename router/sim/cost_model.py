@@ -11,7 +11,10 @@ Prefill of ``n`` new tokens after ``c`` cached ones costs::
 
 the linear term being the weight matmuls and the pair term causal attention
 (each new token attends to the cached tokens and half the new ones on average).
-A decode step of a batch costs ``step_overhead + per_kv_token * tokens in the batch``.
+A decode step of a batch of ``n`` requests costs
+``step_overhead + per_seq * n + per_kv_token * tokens in the batch`` (``per_seq``: each
+request's share of the weight matmuls, which on a CPU grows with the batch; about 0 on a GPU,
+where a step streams the weights whatever the batch).
 Moving a prompt's KV from a prefill to a decode instance costs
 ``kv_transfer_overhead + prompt tokens * kv_bytes_per_token / link_bandwidth``.
 
@@ -54,6 +57,8 @@ class CostModel:
     """Cost of one decode step of any batch (streaming the weights)."""
     decode_s_per_kv_token: float = 6.4e-8
     """Cost per KV token read in a decode step."""
+    decode_s_per_seq: float = 0.0
+    """Cost per request in a decode step's batch (its rows of the matmuls, its sampling)."""
     kv_capacity_blocks: int = 900
     """Prefix-cache capacity of one instance, in 512-token blocks."""
     block_size: int = 512
@@ -96,9 +101,14 @@ class CostModel:
             + self.prefill_s_per_token_pair * pairs
         )
 
-    def decode_step_time(self, batch_kv_tokens: int) -> float:
-        """Seconds for one decode step over a batch holding ``batch_kv_tokens`` KV tokens."""
-        return self.decode_step_overhead_s + self.decode_s_per_kv_token * batch_kv_tokens
+    def decode_step_time(self, batch_kv_tokens: int, batch: float = 1) -> float:
+        """Seconds for one decode step of ``batch`` requests holding ``batch_kv_tokens`` KV
+        tokens in all."""
+        return (
+            self.decode_step_overhead_s
+            + self.decode_s_per_seq * batch
+            + self.decode_s_per_kv_token * batch_kv_tokens
+        )
 
     def kv_transfer_time(self, prompt_tokens: int) -> float:
         """Seconds to move ``prompt_tokens`` tokens of KV from prefill to decode."""
@@ -150,7 +160,7 @@ _POSITIVE = {
 
 def fit_cost_model(
     prefill_samples: list[tuple[int, int, float]],
-    decode_samples: list[tuple[int, float]],
+    decode_samples: list[tuple[int, float]] | list[tuple[int, float, int]],
     name: str,
     kv_capacity_blocks: int,
     block_size: int = 512,
@@ -159,8 +169,10 @@ def fit_cost_model(
     """Least-squares fit of the formulas above to measured timings.
 
     ``prefill_samples``: (new tokens, cached tokens, seconds); ``decode_samples``:
-    (KV tokens in the batch, seconds per step); ``extra``: other fields (KV bytes per token,
-    link bandwidth) taken as given. Coefficients are clipped at zero (a
+    (KV tokens in the batch, seconds per step), or (KV tokens, seconds, requests in the batch)
+    to fit the per-request term too (it stays 0 otherwise); ``extra``: other fields (KV bytes
+    per token, link bandwidth) taken as given. Both fits weigh each sample by 1 / its time
+    (relative error: small prefills and batches are common). Coefficients are clipped at zero (a
     negative fit means that term is lost in the noise); the per-token one must stay positive.
     """
     import numpy as np
@@ -173,15 +185,30 @@ def fit_cost_model(
     # Relative error matters (small prefills are the common case): weight rows by 1/t.
     coef, *_ = np.linalg.lstsq(design / t[:, None], np.ones_like(t), rcond=None)
     d = np.array(decode_samples, dtype=float)
-    dcoef, *_ = np.linalg.lstsq(np.stack([np.ones(len(d)), d[:, 0]], axis=1), d[:, 1], rcond=None)
+    if d.ndim != 2 or d.shape[1] not in (2, 3):
+        raise ConfigError("decode samples are (kv_tokens, seconds) or (kv_tokens, seconds, batch)")
+    per_seq = d.shape[1] == 3 and len(d) >= 3
+
+    def fit_decode(with_batch: bool) -> list[float]:
+        columns = [np.ones(len(d))] + ([d[:, 2]] if with_batch else []) + [d[:, 0]]
+        found, *_ = np.linalg.lstsq(
+            np.stack(columns, axis=1) / d[:, 1:2], np.ones(len(d)), rcond=None
+        )
+        return [float(x) for x in found]
+
+    dcoef = fit_decode(per_seq)
+    if per_seq and dcoef[1] < 0:  # no per-request cost to see (a GPU): fit without the term
+        per_seq, dcoef = False, fit_decode(False)
+    dcoef = [max(0.0, x) for x in dcoef]
     overhead, per_token, per_pair = (max(0.0, float(x)) for x in coef)
     return CostModel(
         name=name,
         prefill_overhead_s=overhead,
         prefill_s_per_token=per_token,
         prefill_s_per_token_pair=per_pair,
-        decode_step_overhead_s=max(0.0, float(dcoef[0])),
-        decode_s_per_kv_token=max(0.0, float(dcoef[1])),
+        decode_step_overhead_s=dcoef[0],
+        decode_s_per_seq=dcoef[1] if per_seq else 0.0,
+        decode_s_per_kv_token=dcoef[-1],
         kv_capacity_blocks=kv_capacity_blocks,
         block_size=block_size,
         **extra,
@@ -189,23 +216,26 @@ def fit_cost_model(
 
 
 CPU_SMOLLM2_135M = CostModel(
-    name="cpu-2core-avx512/SmolLM2-135M-Instruct/float32/splitserve (measured at load average ~30)",
-    prefill_overhead_s=0.0427,
-    prefill_s_per_token=6.69e-3,
-    prefill_s_per_token_pair=1.51e-5,
-    decode_step_overhead_s=0.270,
-    decode_s_per_kv_token=4.37e-4,
+    name="cpu/SmolLM2-135M-Instruct/auto (int4:Q4_1 x210, int8:Q8_0 x1)/float32, float32 KV"
+    "/1 thread/splitserve (measured)",
+    prefill_overhead_s=7.49e-3,
+    prefill_s_per_token=5.58e-4,
+    prefill_s_per_token_pair=8.77e-7,
+    decode_step_overhead_s=4.93e-3,
+    decode_s_per_kv_token=2.59e-6,
+    decode_s_per_seq=8.54e-4,
     kv_capacity_blocks=45,
     kv_bytes_per_token=46_080.0,
     link_bandwidth_bytes_per_s=1e9,
 )
-"""splitserve's own engine (``LLM``, one torch thread) on this 2-core AVX-512 machine with
-the embedded SmolLM2-135M, fitted by ``bench/router_calibrate.py --measure-splitserve`` then
-``--fit`` (``bench/router_cost_cpu_smollm2.json``, timings beside it). Measured while about
-30 other processes shared the two cores, so times are roughly 10-20x an idle machine's; the
-ratios between prefill and decode, which is what the planner uses, are less affected. KV:
-1 GiB per worker at 46,080 B/token (fp32, 30 layers x 3 KV heads x 64); the link is UCX
-over TCP loopback, about 1 GB/s."""
+"""splitserve's own engine (``LLM``, one torch thread: a worker's share of a 2-core machine)
+with the embedded SmolLM2-135M in the engine's default formats (the GGUF's Q4_1 / Q8_0 codes,
+float32 activations and KV), on a 2-core AMD EPYC (Zen 5, AVX-512 with VNNI and bf16) at load
+average 0.2-0.3, fitted by ``bench/router_calibrate.py --measure-splitserve --threads 1`` then
+``--fit`` (``bench/router_cost_cpu_smollm2.json``, timings beside it; prefill within 7% of
+every sample but the longest, 1,024 tokens after 512 cached, 20% under; decode steps of 1 to
+64 requests within 2%). KV: 1 GiB per worker at 46,080 B/token (fp32, 30 layers x 3 KV
+heads x 64); the link is UCX over TCP loopback, about 1 GB/s."""
 
 PROFILES: dict[str, CostModel] = {"a100": CostModel(), "cpu": CPU_SMOLLM2_135M}
 """Built-in profiles by short name (``planner.cost_model``, ``--cost-model``)."""

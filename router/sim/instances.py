@@ -5,8 +5,8 @@ Owns: each instance's own state and its timing arithmetic. Must not: schedule ev
 to the router, or decide placements (``simulator`` drives them).
 
 Decode timing: a step over a batch of ``n`` requests holding ``K`` KV tokens costs
-``a + b * K`` (``CostModel.decode_step_time``), and every step adds ``n`` tokens, so ``k``
-steps from a boundary take ``k * a + b * (k * K + n * k * (k - 1) / 2)``. The instance keeps
+``a + s * n + b * K`` (``CostModel.decode_step_time``), and every step adds ``n`` tokens, so
+``k`` steps from a boundary take ``k * (a + s * n) + b * (k * K + n * k * (k - 1) / 2)``. The instance keeps
 the time and step count of its last boundary and jumps straight to the next finish instead
 of simulating each step; a request that joins mid-step joins the step in progress
 (optimistic by less than one step).
@@ -130,11 +130,8 @@ class DecodeInstance:
 
     def steps_time(self, k: int) -> float:
         """Seconds for ``k`` steps from the last boundary with the current batch."""
-        n, a, b = (
-            len(self.running),
-            self.cost.decode_step_overhead_s,
-            self.cost.decode_s_per_kv_token,
-        )
+        n, b = len(self.running), self.cost.decode_s_per_kv_token
+        a = self.cost.decode_step_overhead_s + self.cost.decode_s_per_seq * n
         return k * a + b * (k * self.kv_tokens + n * k * (k - 1) / 2)
 
     def steps_within(self, dt: float) -> int:
@@ -142,7 +139,8 @@ class DecodeInstance:
         n = len(self.running)
         if n == 0 or dt <= 0:
             return 0
-        a, b = self.cost.decode_step_overhead_s, self.cost.decode_s_per_kv_token
+        a = self.cost.decode_step_overhead_s + self.cost.decode_s_per_seq * n
+        b = self.cost.decode_s_per_kv_token
         qa, qb = b * n / 2, a + b * self.kv_tokens - b * n / 2
         if qa > 0:
             k = int((-qb + math.sqrt(qb * qb + 4 * qa * dt)) / (2 * qa))

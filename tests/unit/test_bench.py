@@ -143,3 +143,44 @@ def test_serve_bench_cpu_sampler_splits_over_the_busy_intervals_only() -> None:
     assert got["wall_s"] == pytest.approx(2.0)  # 10 s -> 12 s
     assert got["engine_team_pct"] == pytest.approx(90.0)
     assert got["others_pct_of_a_core"] == pytest.approx(5.0)  # 0.1 s in 2 s, not 0.6 in 12
+
+
+def test_router_calibrate_records_the_engines_formats_and_fits_per_request_steps(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/router_calibrate.py: --measure-splitserve runs the engine in the formats asked for
+    and says which (the profile's name carries them); --fit prices decode steps per request."""
+    import bench.router_calibrate as cal
+    from splitserve.router.sim.cost_model import CostModel
+
+    monkeypatch.setattr(cal, "SPLITSERVE_PREFILL_GRID", [(16, 0), (32, 0), (16, 32), (32, 32)])
+    monkeypatch.setattr(cal, "SPLITSERVE_DECODE_GRID", [(1, 16), (2, 48), (4, 8)])
+    timings = tmp_path / "t.jsonl"
+    assert cal.main(["--measure-splitserve", str(timings), "--model", str(tiny_model_dir),
+                     "--threads", "1", "--quantization", "int8"]) == 0
+    rows = [json.loads(line) for line in timings.read_text().splitlines()]
+    device = rows[0]
+    assert device["kind"] == "device" and device["threads"] == 1
+    assert device["quantization"] == "int8" and device["dtype"] == "float32"
+    assert any(k.startswith("int8") for k in device["weight_formats"])
+    assert device["kv_bytes_per_token"] % 4 == 0  # float32 KV: 4 bytes an element
+    assert [(r["batch"], r["context"]) for r in rows if r["kind"] == "decode"] == [
+        (1, 16), (2, 48), (4, 8)]
+    # The fit, on timings made from a known profile with a per-request decode cost.
+    truth = CostModel(prefill_overhead_s=0.01, prefill_s_per_token=5e-4,
+                      prefill_s_per_token_pair=1e-6, decode_step_overhead_s=5e-3,
+                      decode_s_per_seq=8e-4, decode_s_per_kv_token=2.5e-6)
+    made = [device]
+    made += [{**r, "seconds": truth.prefill_time(r["new"], r["cached"])}
+             for r in rows if r["kind"] == "prefill"]
+    made += [{**r, "seconds": truth.decode_step_time(r["kv_tokens"], r["batch"])}
+             for r in rows if r["kind"] == "decode"]
+    timings.write_text("".join(json.dumps(r) + "\n" for r in made))
+    profile = tmp_path / "p.json"
+    assert cal.main(["--fit", str(timings), "--out", str(profile)]) == 0
+    fitted = CostModel.load(profile)
+    assert fitted.decode_s_per_seq == pytest.approx(8e-4, rel=1e-6)
+    assert fitted.decode_s_per_kv_token == pytest.approx(2.5e-6, rel=1e-6)
+    assert fitted.prefill_s_per_token == pytest.approx(5e-4, rel=1e-6)
+    assert fitted.name.startswith(f"cpu/{tiny_model_dir}/int8 (int8") and "/1 thread/" in fitted.name
+    assert fitted.kv_bytes_per_token == device["kv_bytes_per_token"]

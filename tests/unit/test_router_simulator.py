@@ -163,6 +163,49 @@ def test_fit_cost_model_recovers_known_coefficients() -> None:
         fit_cost_model(prefill[:2], decode, name="t", kv_capacity_blocks=100)
 
 
+def test_fit_cost_model_recovers_a_per_request_decode_term() -> None:
+    # A CPU's decode step grows with its batch (each request's rows of the matmuls), not only
+    # with the KV it reads; samples carrying their batch size fit that term too.
+    from splitserve.router.sim.cost_model import fit_cost_model
+
+    truth = CostModel(decode_step_overhead_s=5e-3, decode_s_per_seq=8e-4,
+                      decode_s_per_kv_token=2.5e-6)
+    prefill = [(n, 0, CostModel().prefill_time(n)) for n in (512, 2048, 8192)]
+    grid = [(1, 128), (8, 512), (16, 256), (64, 128)]
+    decode = [(b * c, truth.decode_step_time(b * c, b), b) for b, c in grid]
+    fitted = fit_cost_model(prefill, decode, name="t", kv_capacity_blocks=100)
+    assert fitted.decode_step_overhead_s == pytest.approx(5e-3, rel=1e-6)
+    assert fitted.decode_s_per_seq == pytest.approx(8e-4, rel=1e-6)
+    assert fitted.decode_s_per_kv_token == pytest.approx(2.5e-6, rel=1e-6)
+    # Without the batch column the same steps cannot be told apart by KV alone: the 2-term
+    # fit misses a batch of 64 short contexts by more than 10%.
+    two = fit_cost_model(prefill, [(k, t) for k, t, _ in decode], name="t", kv_capacity_blocks=1)
+    assert two.decode_s_per_seq == 0.0
+    assert abs(two.decode_step_time(64 * 128) / truth.decode_step_time(64 * 128, 64) - 1) > 0.1
+    # A GPU-like step (no per-request cost, a negative fit) leaves the term out, not clipped.
+    flat = CostModel(decode_step_overhead_s=0.055, decode_s_per_kv_token=3e-8)
+    gpu = [(b * c, flat.decode_step_time(b * c) * (1 - 1e-4 * b), b) for b, c in grid]
+    fitted = fit_cost_model(prefill, gpu, name="t", kv_capacity_blocks=1)
+    assert fitted.decode_s_per_seq == 0.0
+    for k, t, b in gpu:
+        assert fitted.decode_step_time(k, b) == pytest.approx(t, rel=0.02)
+
+
+def test_a_decode_instance_prices_its_batch_per_request() -> None:
+    from splitserve.router.sim.instances import DecodeInstance
+
+    cost = CostModel(decode_step_overhead_s=5e-3, decode_s_per_seq=1e-3,
+                     decode_s_per_kv_token=1e-6)
+    inst = DecodeInstance("d0", cost, max_batch=8)
+    for i in range(4):
+        inst.join(f"r{i}", context=100, reserved=200, steps=10, now=0.0)
+    # 3 steps of 4 requests from 400 KV tokens, each step 4 more
+    expected = sum(cost.decode_step_time(400 + 4 * j, 4) for j in range(3))
+    assert inst.steps_time(3) == pytest.approx(expected)
+    assert inst.steps_within(expected * (1 + 1e-9)) == 3
+    assert inst.steps_within(expected * 0.999) == 2
+
+
 def test_a_stalled_instance_stops_attracting_work(requests: list) -> None:
     # p0 becomes 100x slower 20 s in. Its overdue prefill makes it look ever busier, so new
     # requests avoid it and only what had already started there suffers.

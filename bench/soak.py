@@ -44,6 +44,7 @@ import json
 import os
 import random
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -247,6 +248,10 @@ def _ok_body(rng: random.Random, vocab: int, multimodal: bool) -> tuple[str, dic
         if "logit_bias" in grpc_body:  # a map of int32 there
             grpc_body["logit_bias"] = {int(k): v for k, v in grpc_body["logit_bias"].items()}
         return GRPC, {**grpc_body, "token_ids": prompt, "stream": body["stream"]}
+    if rng.random() < 0.08:  # embeddings: end at the prompt, wherever it was computed
+        inputs: Any = prompt if rng.random() < 0.5 else [prompt, prompt[: max(1, length // 2)]]
+        return "/v1/embeddings", {"model": "soak", "input": inputs,
+                                  "encoding_format": rng.choice(["float", "base64"])}
     draw = rng.random()
     if draw < 0.1:  # scored prompts: the prefill worker's logprobs reach the client once
         body["prompt_logprobs"] = 1
@@ -283,6 +288,9 @@ _MALFORMED: list[tuple[str, Any]] = [
     ("/v1/responses", {"model": "soak", "input": []}),
     ("/v1/responses", {"model": "soak", "input": "x", "tools": [{"type": "web_search"}]}),
     ("/v1/responses", {"model": "soak", "input": "x", "previous_response_id": "resp-none"}),
+    ("/v1/embeddings", {"model": "soak", "input": []}),
+    ("/v1/embeddings", {"model": "soak", "input": [10**9, 2]}),
+    ("/v1/embeddings", {"model": "soak", "input": "x", "dimensions": 10**6}),
     (GRPC, {"token_ids": [10**9, 2], "max_tokens": 4}),  # INVALID_ARGUMENT, counted as 400
     (GRPC, {"token_ids": [1, 2], "max_tokens": 4, "top_p": 1.5}),
     (GRPC, {"token_ids": [], "max_tokens": 4}),
@@ -297,7 +305,7 @@ def make_spec(index: int, rng: random.Random, cfg: SoakConfig, vocab: int) -> Sp
         return Spec(index, "malformed", path, body)
     path, body = _ok_body(rng, vocab, cfg.multimodal)
     if draw < cfg.malformed_fraction + cfg.abort_fraction:
-        chunks = rng.randint(0, 4) if body["stream"] else -1
+        chunks = rng.randint(0, 4) if body.get("stream") else -1
         return Spec(index, "abort", path, body, chunks, rng.uniform(0.0, 0.5))
     return Spec(index, "ok", path, body)
 
@@ -355,6 +363,8 @@ def _response_text(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
     if payload.get("object") == "response":
         return _response_text(payload)
+    if payload.get("object") == "list":  # embeddings: compared bit for bit, as tokens are
+        return {d["index"]: {"embedding": _floats(d["embedding"])} for d in payload["data"]}
     out = {}
     for c in payload.get("choices", []):
         text = c["message"]["content"] if "message" in c else c["text"]
@@ -362,6 +372,14 @@ def _whole(payload: dict[str, Any]) -> dict[int, dict[str, Any]]:
         if c["index"] == 0:  # every choice carries them whole; a stream, on one chunk
             _prompt_lp(out[0], c)
     return out
+
+
+def _floats(embedding: list[float] | str) -> list[float]:
+    """An embedding as numbers (``encoding_format`` base64: float32 little-endian bytes)."""
+    if isinstance(embedding, list):
+        return embedding
+    raw = base64.b64decode(embedding)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503,
@@ -818,6 +836,7 @@ def summarize(cfg: SoakConfig, outcomes: Sequence[Outcome], killer: Killer, repl
         "retried_503": sum(o.retries_503 for o in outcomes),
         "with_prompt_logprobs": sum("prompt_lp" in o.choices.get(0, {}) for o in completed),
         "responses_api": sum(o.spec.path == "/v1/responses" for o in completed),
+        "embeddings": sum(o.spec.path == "/v1/embeddings" for o in completed),
         "grpc": sum(o.spec.path == GRPC for o in completed),
         "integrity_problems": checks["problems"][:20],
         "checked_workers": checks.get("checked_workers", []),

@@ -375,6 +375,9 @@ class ClusterConfig(_Section):
     400 / gRPC INVALID_ARGUMENT naming ``n``): each sample is a sequence a worker must run."""
     seed: int = 0
     """Seed for requests that give none (same meaning as ``EngineConfig.seed``)."""
+    pooler_config: dict[str, Any] | None = None
+    """Embeddings' pooler on every worker (``EngineConfig.pooler_config``): ``{pooling_type:
+    LAST | MEAN | CLS, normalize: bool}``; None: the model's own."""
     roles: RolesConfig = Field(default_factory=lambda: RolesConfig())
     """Workers per role: encode, prefill, decode."""
     slo: SloConfig = Field(default_factory=lambda: SloConfig())
@@ -396,6 +399,16 @@ class ClusterConfig(_Section):
     """KV transport between prefill and decode."""
     planner: PlannerSettings = Field(default_factory=lambda: PlannerSettings())
     """SLO planner: prefill/decode role flips at runtime (off by default)."""
+
+    @field_validator("pooler_config")
+    @classmethod
+    def _check_pooler(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from splitserve.roles.engine.config import check_pooler_config
+
+        try:
+            return check_pooler_config(value)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("pooler_config").lstrip(": ")) from e
 
     @field_validator("block_size")
     @classmethod

@@ -126,7 +126,7 @@ class Launcher:
             max_model_len=cfg.max_model_len, enable_prefix_caching=cfg.enable_prefix_caching,
             max_num_seqs=rc.max_num_seqs, max_num_batched_tokens=rc.max_num_batched_tokens,
             seed=cfg.seed, num_threads=rc.num_threads, speculative_config=rc.speculative_config,
-            max_n=cfg.max_n,
+            max_n=cfg.max_n, pooler_config=cfg.pooler_config,
         )
 
     def start(self, role: str) -> WorkerHandle:

@@ -1,4 +1,4 @@
-"""LLM: the offline, synchronous API in vLLM's shape (generate, chat) over one engine."""
+"""LLM: the offline, synchronous API in vLLM's shape (generate, chat, embed) over one engine."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from splitserve.errors import InvalidRequestError
-from splitserve.outputs import CompletionOutput, RequestOutput
+from splitserve.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+)
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
 from splitserve.roles.models import generation_config as gen_config
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import PoolingParams, SamplingParams
 
 Messages = list[dict[str, Any]]
 
@@ -81,6 +86,33 @@ class LLM:
                                  len(prompts))
         return self._run(prompts, params)
 
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType] | dict[str, Any],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in input order (vLLM's ``LLM.embed``): the prompt's final
+        hidden states pooled (``PoolingParams``; left-out fields take the model's pooler,
+        see ``roles/engine/pooling.py``). ``truncate_prompt_tokens``: keep the last k tokens."""
+        prompt_list = _as_prompt_inputs(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pools = [pooling_params or PoolingParams()] * len(prompt_list)
+        else:
+            pools = list(pooling_params)
+            if len(pools) != len(prompt_list):
+                raise InvalidRequestError(
+                    f"got {len(pools)} pooling params for {len(prompt_list)} prompts",
+                    field="pooling_params")
+        params = [SamplingParams(max_tokens=1, temperature=0.0, pooling=pool,
+                                 truncate_prompt_tokens=truncate_prompt_tokens) for pool in pools]
+        return [
+            EmbeddingRequestOutput(out.request_id, out.prompt_token_ids,
+                                   EmbeddingOutput(out.embedding or []), out.finished)
+            for out in self._run(prompt_list, params)
+        ]
+
     def _run(
         self, prompts: list[PromptType | dict[str, Any]], params: list[SamplingParams]
     ) -> list[RequestOutput]:
@@ -129,6 +161,8 @@ def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
             target.cumulative_logprob = c.cumulative_logprob
     if acc.prompt_logprobs is None:  # the first sample's (each of n computes the same)
         acc.prompt_logprobs = delta.prompt_logprobs
+    if delta.embedding is not None:
+        acc.embedding = delta.embedding
     acc.finished = delta.finished
     acc.metrics.update(delta.metrics)
 

@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access)
 _LAZY: dict[str, str] = {
     "SamplingParams": "splitserve.sampling_params",
+    "PoolingParams": "splitserve.sampling_params",
+    "EmbeddingRequestOutput": "splitserve.outputs",
     "RequestOutput": "splitserve.outputs",
     "CompletionOutput": "splitserve.outputs",
     "RequestStatus": "splitserve.request",
@@ -28,12 +30,16 @@ _LAZY: dict[str, str] = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from splitserve.outputs import CompletionOutput, RequestOutput  # noqa: F401
+    from splitserve.outputs import (  # noqa: F401
+        CompletionOutput,
+        EmbeddingRequestOutput,  # noqa: F401
+        RequestOutput,
+    )
     from splitserve.request import RequestStatus  # noqa: F401
     from splitserve.roles.engine.async_engine import AsyncEngine  # noqa: F401
     from splitserve.roles.engine.config import EngineConfig  # noqa: F401
     from splitserve.roles.llm import LLM  # noqa: F401
-    from splitserve.sampling_params import SamplingParams  # noqa: F401
+    from splitserve.sampling_params import PoolingParams, SamplingParams  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

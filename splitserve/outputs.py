@@ -51,3 +51,27 @@ class RequestOutput:
     """With ``SamplingParams.prompt_logprobs``: per prompt token, its log-probability given
     the tokens before it (with the top ones), None for the first. In the first output after
     the prompt is computed; None in every other."""
+    embedding: list[float] | None = None
+    """With ``SamplingParams.pooling``: the prompt's embedding, in the output that finishes
+    the request."""
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's embedding (vLLM's name)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What ``LLM.embed`` returns per prompt (vLLM's shape: ``out.outputs.embedding``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

@@ -143,6 +143,43 @@ class StructuredOutputsParams:
         text = f"{self.kind}\0{int(self.disable_any_whitespace)}\0{self.spec}"
         return hashlib.sha256(text.encode()).hexdigest()
 
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+"""How a prompt's final hidden states become one embedding: the last token's (a decoder's
+usual, and vLLM's default for them), their mean, or the first token's."""
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    """An embedding request (vLLM's ``PoolingParams``, for ``LLM.embed`` and
+    ``/v1/embeddings``): the prompt's hidden states after the model's final norm, pooled, cut
+    to ``dimensions`` and normalized. Fields left None take the engine's pooler (the model's
+    sentence-transformers pooling config, else LAST with normalization; ``pooler_config``
+    overrides it)."""
+
+    pooling_type: str | None = None
+    """LAST, MEAN or CLS (any case)."""
+    normalize: bool | None = None
+    """Divide by the L2 norm (after cutting to ``dimensions``)."""
+    dimensions: int | None = None
+    """Matryoshka: keep the first ``dimensions`` values (1 to the hidden size)."""
+
+    def __post_init__(self) -> None:
+        kind = self.pooling_type
+        if kind is not None:
+            if not isinstance(kind, str) or kind.upper() not in POOLING_TYPES:
+                raise InvalidRequestError(
+                    f"pooling_type must be one of {', '.join(POOLING_TYPES)}, got {kind!r}",
+                    field="pooling_type")
+            object.__setattr__(self, "pooling_type", kind.upper())
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise InvalidRequestError(
+                f"normalize must be true or false, got {self.normalize!r}", field="normalize")
+        dims = self.dimensions
+        if dims is not None and (not _is_token_id(dims) or dims < 1):
+            raise InvalidRequestError(
+                f"dimensions must be an integer >= 1, got {dims!r}", field="dimensions")
+
+
 _MAX_LOGPROBS = 20
 _MAX_BAD_WORDS = 256
 """Each bad word is checked against every row's output at every step."""
@@ -212,6 +249,10 @@ class SamplingParams:
     """vLLM extra: the prefix cache shares KV only between requests with the same salt (a
     tenant's secret, e.g. 43 random base64 characters, so another cannot time its prompts
     by their cache hits). Not a sampling parameter, but it travels with them."""
+    pooling: PoolingParams | dict[str, Any] | None = None
+    """Set by ``LLM.embed`` and ``/v1/embeddings``: the request returns the prompt's embedding
+    (``RequestOutput.embedding``) and ends at the prompt (``max_tokens`` 1, ``n`` 1; the
+    one sampled token is not part of the answer). A dict is converted."""
     stop_list: list[str] = field(init=False, repr=False)
     bad_words_token_ids: list[list[int]] = field(default_factory=list, init=False, repr=False)
     """``bad_words`` as token sequences, set by the engine that runs the request."""
@@ -221,6 +262,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = _structured_from_dict(self.structured_outputs)
+        if isinstance(self.pooling, dict):
+            self.pooling = PoolingParams(**self.pooling)
         self._validate()
 
     def _validate(self) -> None:
@@ -304,6 +347,11 @@ class SamplingParams:
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
+        if self.pooling is not None:
+            if not isinstance(self.pooling, PoolingParams):
+                raise bad("pooling", "must be a PoolingParams or a dict")
+            if self.max_tokens != 1 or self.n != 1:
+                raise bad("pooling", "requests end at their prompt: max_tokens and n must be 1")
 
     @property
     def greedy(self) -> bool:

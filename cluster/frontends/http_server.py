@@ -9,11 +9,13 @@ whether one engine or a cluster is behind it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import re
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -35,6 +37,7 @@ from splitserve.cluster.frontends.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
 )
 from splitserve.cluster.frontends.prompts import (
@@ -309,6 +312,7 @@ def build_app(
     _add_info_routes(app, front)
     _add_token_routes(app, front)
     _add_generation_routes(app, front)
+    _add_embedding_routes(app, front)
     _install_openapi(app, front)
     return app
 
@@ -561,6 +565,67 @@ def _add_token_routes(app: FastAPI, front: _Frontend) -> None:
 # ---------------------------------------------------------------------- generation routes
 
 
+def _add_embedding_routes(app: FastAPI, front: _Frontend) -> None:
+    @app.post("/v1/embeddings", responses=_errors(*_GENERATION_ERRORS))
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """OpenAI's embeddings: each input's final hidden states pooled by the model's
+        pooler (``roles/engine/pooling.py``), one request per input through the backend (a
+        prefill-capable worker computes it and answers; nothing is handed off)."""
+        front.check_model(body.model)
+        inputs = _completion_prompts(body.input, "input")
+        params = body.to_sampling_params()
+        request_id = _client_request_id(request, body.request_id) or new_request_id("embd")
+        if not body.add_special_tokens:  # the backend tokenizes text with them: do it here
+            tok = front.backend.tokenizer
+            inputs = [await off_loop(tok.encode, p, add_special_tokens=False)
+                      if isinstance(p, str) else p for p in inputs]
+        return await _cancel_on_disconnect(
+            request, _embed(front, inputs, params, request_id, body.encoding_format))
+
+
+async def _embed(front: _Frontend, inputs: Sequence[PromptInput], params: Any, request_id: str,
+                 encoding_format: str) -> Response:
+    recorder = front.metrics.recorder()
+    try:
+        streams = await open_streams(front.backend, inputs, params, request_id)
+    except Exception as e:
+        err = to_api_error(e)
+        if err.param in ("prompt", "prompt_token_ids", "max_tokens"):  # the engine's names
+            err.param = "input"
+        front.metrics.record_failure(str(err.status))
+        raise err from e
+    vectors: dict[int, list[float]] = {}
+    tokens: dict[int, int] = {}
+    stream = merge(streams)
+    try:
+        async for i, delta in stream:
+            tokens[i] = len(delta.prompt_token_ids) or tokens.get(i, 0)
+            if delta.embedding is not None:
+                vectors[i] = delta.embedding
+    except Exception as e:
+        err = to_api_error(e)
+        front.metrics.record_failure(str(err.status))
+        raise err from e
+    finally:
+        await stream.aclose()
+    missing = [i for i in range(len(inputs)) if i not in vectors]
+    if missing:  # a request that ended without its vector (aborted on the way)
+        raise APIError(503, f"inputs {missing} got no embedding; retry", code="unavailable")
+    data = []
+    for i in range(len(inputs)):
+        vec: Any = vectors[i]
+        if encoding_format == "base64":
+            vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    used = sum(tokens.values())
+    recorder.finish(used, ["stop"] * len(inputs))  # the dropped sampled tokens not counted
+    return JSONResponse({
+        "id": request_id, "object": "list", "created": int(time.time()),
+        "model": front.model_name, "data": data,
+        "usage": {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0},
+    }, headers={"x-request-id": request_id})
+
+
 def _add_generation_routes(app: FastAPI, front: _Frontend) -> None:
     @app.post("/v1/completions", responses={**_SSE, **_errors(*_GENERATION_ERRORS)})
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -727,15 +792,15 @@ def _client_request_id(request: Request, body_id: str | None = None) -> str | No
     return check_client_request_id(value, "x-request-id")
 
 
-def _completion_prompts(prompt: Any) -> list[PromptInput]:
+def _completion_prompts(prompt: Any, field: str = "prompt") -> list[PromptInput]:
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
+        raise APIError(400, f"{field} must not be empty", param=field)
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if len(prompt) > 64:
-        raise APIError(400, "at most 64 prompts per request", param="prompt")
+        raise APIError(400, f"at most 64 {field}s per request", param=field)
     return list(prompt)
 
 

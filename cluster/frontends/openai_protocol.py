@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from splitserve.cluster.frontends import tool_parsers
 from splitserve.errors import InvalidRequestError
-from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
+from splitserve.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 
 PromptField = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
@@ -489,3 +489,31 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[StrictInt]
+
+
+class EmbeddingRequest(BaseModel):
+    """Body of ``POST /v1/embeddings`` (OpenAI's, with vLLM's extras)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: PromptField
+    """Text, token ids, or a batch of either (one embedding per entry, in order)."""
+    encoding_format: Literal["float", "base64"] = "float"
+    """float: a list of numbers; base64: the float32 values' little-endian bytes."""
+    dimensions: StrictInt | None = Field(None, ge=1)
+    """Keep the first ``dimensions`` values (Matryoshka), then normalize."""
+    user: str | None = None
+    truncate_prompt_tokens: StrictInt | None = None
+    """vLLM extra: keep the last k tokens of each input (-1: the last ``max_model_len``)."""
+    add_special_tokens: StrictBool = True
+    """vLLM extra: add the tokenizer's special tokens (BOS) to text inputs."""
+    normalize: StrictBool | None = None
+    """vLLM extra: L2-normalize (default: the model's pooler, normalized for a decoder)."""
+    request_id: str | None = None
+    """vLLM extra: the response's ``id``."""
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=1, temperature=0.0, truncate_prompt_tokens=self.truncate_prompt_tokens,
+            pooling=PoolingParams(normalize=self.normalize, dimensions=self.dimensions))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from splitserve.errors import ConfigError
 from splitserve.roles.engine.speculative import SpeculativeConfig
+from splitserve.sampling_params import POOLING_TYPES
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +91,10 @@ class EngineConfig:
     """Torch intra-op threads on CPU (None: torch's default)."""
     encoder_cache_bytes: int = 256 << 20
     """Image-embedding cache of a multimodal model's vision tower, by content hash."""
+    pooler_config: dict[str, Any] | None = None
+    """Embeddings' pooler over the model's own (vLLM's ``pooler_config``): ``{"pooling_type":
+    "LAST" | "MEAN" | "CLS", "normalize": bool}``; None: the model folder's
+    sentence-transformers config, else LAST, normalized (``roles/engine/pooling.py``)."""
     speculative_config: SpeculativeConfig | None = None
     """Draft-free speculative decoding, vLLM's dict form accepted
     (``{"method": "ngram" | "suffix", "num_speculative_tokens": k, ...}``); None: off."""
@@ -120,6 +125,7 @@ class EngineConfig:
         if self.max_n < 1:
             raise ConfigError(f"max_n must be >= 1, got {self.max_n}")
         SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates
+        object.__setattr__(self, "pooler_config", check_pooler_config(self.pooler_config))
         spec = SpeculativeConfig.from_any(self.speculative_config)  # a dict becomes a config
         object.__setattr__(self, "speculative_config", spec)
 
@@ -143,3 +149,21 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     if kv_cache_dtype == "fp8_e5m2":
         return torch.float8_e5m2
     raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+
+
+def check_pooler_config(value: Any) -> dict[str, Any] | None:
+    """``EngineConfig.pooler_config``: None or ``{"pooling_type": LAST|MEAN|CLS,
+    "normalize": bool}`` (vLLM's keys; either may be left out)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"pooler_config must be a mapping, got {value!r}")
+    unknown = sorted(set(value) - {"pooling_type", "normalize"})
+    if unknown:
+        raise ConfigError(f"pooler_config: unknown keys {unknown}; known: normalize, pooling_type")
+    kind = value.get("pooling_type")
+    if kind is not None and (not isinstance(kind, str) or kind.upper() not in POOLING_TYPES):
+        raise ConfigError(f"pooler_config.pooling_type must be one of {POOLING_TYPES}, got {kind!r}")
+    if "normalize" in value and not isinstance(value["normalize"], bool):
+        raise ConfigError(f"pooler_config.normalize must be true or false, got {value['normalize']!r}")
+    return {k: (v.upper() if k == "pooling_type" else v) for k, v in value.items()}

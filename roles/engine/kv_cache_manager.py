@@ -69,10 +69,10 @@ class KVCacheManager:
         """Longest cached prefix of the request: (blocks, number of tokens they hold).
 
         At least one token is always left to compute, since the model must run on
-        the last token to produce logits. A request that still needs prompt logprobs gets
-        no hit: its prompt rows' logits come only from computing them.
+        the last token to produce logits. A request that still needs prompt logprobs, or a
+        MEAN / CLS embedding, gets no hit: its prompt rows come only from computing them.
         """
-        if not self.enable_caching or request.needs_prompt_logprobs:
+        if not self.enable_caching or request.computes_whole_prompt:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []

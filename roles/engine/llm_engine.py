@@ -25,6 +25,7 @@ from splitserve.kvtransfer.params import KvTransferParams
 from splitserve.outputs import CompletionOutput, Logprob, RequestOutput
 from splitserve.request import RequestStatus
 from splitserve.roles.encoder import ImageEncoder
+from splitserve.roles.engine import pooling
 from splitserve.roles.engine.config import EngineConfig, kv_cache_torch_dtype
 from splitserve.roles.engine.detokenizer import IncrementalDetokenizer
 from splitserve.roles.engine.kv_cache_manager import KVCacheManager
@@ -51,7 +52,7 @@ from splitserve.roles.engine.speculative import Speculator
 from splitserve.roles.engine.structured import StructuredOutputManager
 from splitserve.roles.models.loader import LoadedModel, load_model
 from splitserve.roles.models.quantize import WeightFormat
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import PoolingParams, SamplingParams
 from splitserve.validation import (
     check_n,
     check_prompt_length,
@@ -120,6 +121,8 @@ class LLMEngine:
         self.native_kernels = native.status() if self.runner.ops is cpu_ops else None
         """The C kernels of the CPU backend: built (or found built) at start, not on the first
         step; None on other backends."""
+        self.pooler = pooling.model_pooler(loaded.path, config.pooler_config)
+        """Embeddings' defaults (``SamplingParams.pooling`` fields left out)."""
         self.structured = StructuredOutputManager(self.tokenizer, loaded.config.vocab_size)
         """Grammars and matchers of constrained requests (structured outputs)."""
         self.runner.structured = self.structured
@@ -224,6 +227,10 @@ class LLMEngine:
         check_n(params.n, self.config.max_n)
         check_token_ids(params, self.model_config.vocab_size)
         remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
+        pool = (pooling.resolve(params.pooling, self.pooler, self.model_config.hidden_size)
+                if isinstance(params.pooling, PoolingParams) else None)
+        if pool is not None:  # it ends at its prompt, here: nothing to hand off
+            remote_kv_sink = False
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", field="request_id")
         if request_id in self._children:
@@ -251,6 +258,7 @@ class LLMEngine:
                 arrival_time=arrival, output_token_ids=resume, remote_kv_source=remote_kv_source,
                 remote_kv_sink=remote_kv_sink, mm=mm, group_id=group_id or request_id,
             )
+            req.pool = pool
             detok = IncrementalDetokenizer(self.tokenizer, params)
             detok.prime(resume)
             self._tracked[child_id] = _Tracked(
@@ -412,6 +420,9 @@ class LLMEngine:
             result = self._execute(out)
             for rid, by_pos in result.prompt_logprobs.items():
                 self.scheduler.requests[rid].prompt_logprobs.update(by_pos)
+            for rid, (start, part) in result.pooled.items():
+                req = self.scheduler.requests[rid]
+                req.pool_acc = pooling.combine(req.pool, req.pool_acc, part, start)
             tokens = {rid: [r.token_id for r in rs] for rid, rs in result.sampled.items()}
             updated = self.scheduler.update(out, tokens)
             self._pending.extend(self._process(updated, result.sampled))
@@ -619,6 +630,9 @@ class LLMEngine:
             prompt_logprobs = [None] + [
                 self._decode_logprobs(req.prompt_logprobs[p]) for p in range(req.num_prompt_tokens - 1)
             ]
+        embedding = None
+        if finished and req.pool is not None and req.pool_acc is not None:
+            embedding = pooling.finish(req.pool, req.pool_acc, req.num_prompt_tokens)
         siblings = self._children.get(tracked.parent_id, [])
         parent_done = finished and all(
             c == req.request_id or c not in self._tracked for c in siblings
@@ -632,6 +646,7 @@ class LLMEngine:
             num_cached_tokens=max(req.num_cached_tokens, 0),
             metrics=dict(tracked.metrics),
             prompt_logprobs=prompt_logprobs,
+            embedding=embedding,
         )
 
     def _decode_logprobs(self, top: dict[int, Logprob]) -> dict[int, Logprob]:

@@ -28,6 +28,7 @@ from splitserve import env
 from splitserve.kernels.kv_cache import allocate_kv_caches
 from splitserve.kernels.ops import get_ops
 from splitserve.outputs import Logprob
+from splitserve.roles.engine import pooling
 from splitserve.roles.engine.request import Request
 from splitserve.roles.engine.sampler import (
     SampleRequest,
@@ -53,6 +54,9 @@ class RunnerOutput:
     prompt_logprobs: dict[str, dict[int, dict[int, Logprob]]] = field(default_factory=dict)
     """Requests asking for prompt logprobs whose prompt rows ran in this step: by position
     p, the logprob of prompt token p + 1 (its own first, then the top ones)."""
+    pooled: dict[str, tuple[int, Tensor]] = field(default_factory=dict)
+    """Embedding requests whose prompt rows ran in this step: (the chunk's first position,
+    its part of the pooled result; ``pooling.chunk_part``)."""
 
 
 PROMPT_LOGPROB_SLICE = 256
@@ -97,13 +101,16 @@ class ModelRunner:
         embeds = self._input_embeds(items, input_ids)
         rows, last = self._sampling_rows(items)
         prompt_rows = self._prompt_rows(items)
-        pruned = not prompt_rows and self._prune(items, meta, last, input_ids.shape[0])
+        pooling = any(s.request.pool is not None for s in items)
+        pruned = not prompt_rows and not pooling and self._prune(
+            items, meta, last, input_ids.shape[0])
         hidden = self.model.forward(
             input_ids, positions, self.kv_caches, meta, embeds, on_layer=self.on_layer
         )
         prompt_lp = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
+        pooled = self._pooled(hidden, items) if pooling else {}
         if not rows:
-            return RunnerOutput({}, prompt_lp)
+            return RunnerOutput({}, prompt_lp, pooled)
         logits = self.model.compute_logits(hidden if pruned else hidden[last])
         if self.structured is not None:
             self.structured.apply(  # a verify chunk's rows: the mask after each draft prefix
@@ -113,7 +120,22 @@ class ModelRunner:
         sampled: dict[str, list[SampleResult]] = {}
         for (rid, _), res in zip(rows, results, strict=True):
             sampled.setdefault(rid, []).append(res)
-        return RunnerOutput(sampled, prompt_lp)
+        return RunnerOutput(sampled, prompt_lp, pooled)
+
+    def _pooled(self, hidden: Tensor, items: list[ScheduledRequest]) -> dict[str, tuple[int, Tensor]]:
+        """Each embedding request's part of its pooled result from this step's prompt rows."""
+        parts: dict[str, tuple[int, Tensor]] = {}
+        offset = 0
+        for s in items:
+            req = s.request
+            end = min(s.start + s.num_new_tokens, req.num_prompt_tokens)
+            if req.pool is not None and end > s.start:
+                part = pooling.chunk_part(
+                    req.pool, hidden[offset: offset + end - s.start], s.start, req.num_prompt_tokens)
+                if part is not None:
+                    parts[req.request_id] = (s.start, part)
+            offset += s.num_new_tokens
+        return parts
 
     # ------------------------------------------------------------------ prompt logprobs
 

@@ -62,6 +62,10 @@ class Request:
         """With ``sampling_params.prompt_logprobs``: by position p, the logprob of prompt
         token p + 1 given the tokens up to p (the token's own first, then the top ones)."""
         self.stop_reason: int | str | None = None
+        self.pool: Any = None
+        """An embedding request's resolved ``pooling.Pool`` (None: not one)."""
+        self.pool_acc: Any = None
+        """Its running result over the prompt chunks computed so far (a tensor)."""
         self.mm = mm
         """Images of the prompt (placeholder ranges, content hashes, embeddings), or None."""
         self.root_hash = root_hash(sampling_params.cache_salt)
@@ -95,6 +99,13 @@ class Request:
         runs here in full (no prefix cache hit would give its rows' logits)."""
         return (self.sampling_params.prompt_logprobs is not None
                 and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Every prompt position must run here (prompt logprobs still missing, or a MEAN /
+        CLS embedding): the prefix cache gives this request nothing."""
+        return self.needs_prompt_logprobs or (
+            self.pool is not None and self.pool.whole_prompt and not self.is_finished)
 
     @property
     def is_finished(self) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from splitserve import LLM, Cluster, SamplingParams
+from splitserve import LLM, Cluster, PoolingParams, SamplingParams
 from splitserve.errors import DuplicateRequestError, InvalidRequestError
 from tests.utils import assert_workers_intact, random_prompts, wait_until
 
@@ -152,6 +152,26 @@ def test_prompt_logprobs_come_once_from_the_prefill_worker(cluster: Cluster, sin
     out = cluster.generate([prompt], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=3,
                                                     prompt_logprobs=0))[0]
     assert len(out.outputs) == 2 and len(out.prompt_logprobs) == len(prompt)
+
+
+def test_embeddings_end_at_the_prefill_worker_and_move_no_kv(cluster: Cluster,
+                                                             single: LLM) -> None:
+    """An embedding request ends at its prompt: the prefill worker computes it (the prompt is
+    past local_prefill_max_tokens) and answers, no KV is handed to the decode worker, every
+    block is free after, and the vectors are the single engine's bits."""
+    prompt = _prompts(1, seed=31, lo=60, hi=61)[0]
+    for pool in (PoolingParams(), PoolingParams(pooling_type="MEAN"),
+                 PoolingParams(dimensions=8, normalize=False)):
+        want = single.embed([prompt], pool)[0].outputs.embedding
+        before = {w["role"]: w for w in cluster.status()["workers"] if w["healthy"]}
+        out = cluster.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0,
+                                                        pooling=pool))[0]
+        after = {w["role"]: w for w in cluster.status()["workers"] if w["healthy"]}
+        assert out.finished and out.embedding == want
+        assert after["prefill"]["prefix_cache_queries"] > before["prefill"]["prefix_cache_queries"]
+        assert after["decode"]["kv_transfers"] == before["decode"]["kv_transfers"]
+    workers = _free_everywhere(cluster)
+    assert all(w["num_free_blocks"] == w["num_blocks"] for w in workers), workers
 
 
 def test_cache_salt_through_the_cluster(cluster: Cluster, single: LLM) -> None:

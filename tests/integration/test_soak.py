@@ -78,6 +78,7 @@ def test_soak_40_seconds(runtime: str, setting: dict[str, Any]) -> None:
     assert summary["completed"] > 20 and summary["aborted"] > 0 and summary["malformed"] > 0
     assert summary["responses_api"] > 0, brief  # some turns went through /v1/responses
     assert summary["grpc"] > 0, brief  # and some completions through the gRPC API
+    assert summary["embeddings"] > 0, brief  # and some embeddings, compared bit for bit
     # each verdict on its own, with its examples, so a failure says which and why
     for key in ("lost", "mismatches", "server_errors", "malformed_not_4xx",
                 "aborts_unexpected_status", "leaked_blocks", "stranded_leases"):

@@ -125,6 +125,36 @@ def test_vllms_scheduler_and_cache_flags_reach_every_worker(tiny_model_dir: Path
         build_parser().parse_args(["serve", "--max-num-seqs", "0"])
 
 
+def test_pooler_config_reaches_every_worker_and_the_single_engine(tiny_model_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """``--pooler-config`` (vLLM's) sets the embeddings' pooling of every worker (over a
+    --config file's) and of the single engine; a bad one is refused naming the setting."""
+    from splitserve.cluster.config import ClusterConfig
+    from splitserve.cluster.launcher import Launcher
+    from splitserve.cluster.tools.cli import _engine_kwargs
+    from splitserve.errors import ConfigError
+    from splitserve.roles.engine.config import EngineConfig
+
+    flag = ["--pooler-config", '{"pooling_type": "mean", "normalize": false}']
+    want = {"pooling_type": "MEAN", "normalize": False}
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("pooler_config: {pooling_type: CLS}\nroles:\n  prefill:\n    replicas: 1\n")
+    assert _config("--config", str(yaml))[0].pooler_config == {"pooling_type": "CLS"}
+    for config in (_config("--prefill-workers", "1", *flag)[0],
+                   _config("--config", str(yaml), *flag)[0]):
+        assert isinstance(config, ClusterConfig) and config.pooler_config == want
+        launcher = Launcher.__new__(Launcher)  # its engine configs, without starting Ray
+        launcher.config = config
+        for role in ("prefill", "decode"):
+            assert launcher.engine_config(role).pooler_config == want
+    args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir), *flag])
+    assert EngineConfig(**_engine_kwargs(args)).pooler_config == want
+    with pytest.raises(ConfigError, match="pooler_config"):
+        _config("--pooler-config", '{"pooling_type": "MAX"}')
+    with pytest.raises(ConfigError, match="pooler_config"):
+        ClusterConfig.local(pooler_config={"normalise": True})
+
+
 def test_vllms_tool_choice_switch_and_log_level_name_are_taken() -> None:
     """``--enable-auto-tool-choice`` (vLLM needs it for tool_choice auto; here the parser is
     enough) is taken with a parser and refused without one, as vLLM refuses it;

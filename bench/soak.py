@@ -14,15 +14,16 @@ Owns the whole experiment and its verdict; it changes nothing in the system unde
    instead (its ``AsyncClient``, streamed; replayed through the reference's gRPC API); a
    fifth of the completions with
    prompt logprobs or echo, some of those with max_tokens 0; some chat turns through the
-   Responses API, whole or streamed as its events) in which
+   Responses API, whole or streamed as its events; 8% of the token prompts as
+   ``/v1/embeddings``, one or two inputs, float or base64) in which
    10% of requests are aborted by the client at a random point and 5% are malformed, while a
    random worker is SIGKILLed every ``--kill-every`` seconds. A 503 (documented while no worker
    of a role is alive) is retried by the client, as a real client would.
 3. Stop the kills; wait for the worker set to be restored; run ``check_integrity()`` on every
    live worker (leaked blocks, stranded leases).
 4. Replay every completed request on a fault-free single engine (same HTTP frontend) and
-   compare text and finish reasons choice by choice, and the prompt logprobs (received once
-   per stream).
+   compare text and finish reasons choice by choice, the prompt logprobs (received once
+   per stream) and embeddings (bit for bit).
 
 Prints a JSON summary (``requests, completed, aborted, kills, replacements, mismatches,
 leaked_blocks, stranded_leases, p99_latency_s_faulty, p99_latency_s_quiet`` and more) and exits

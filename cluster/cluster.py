@@ -49,13 +49,18 @@ from splitserve.cluster.request_path import RequestPath
 from splitserve.cluster.scaling import Scaler, merged_formats
 from splitserve.errors import ConfigError
 from splitserve.offload import off_loop
-from splitserve.outputs import RequestOutput
+from splitserve.outputs import EmbeddingRequestOutput, RequestOutput
 from splitserve.roles.engine.structured import StructuredOutputManager
-from splitserve.roles.llm import _as_params_list, _as_prompt_inputs
+from splitserve.roles.llm import (
+    _as_params_list,
+    _as_prompt_inputs,
+    embedding_outputs,
+    embedding_params,
+)
 from splitserve.roles.models.loader import load_tokenizer
 from splitserve.router.router import Router
 from splitserve.router.schema import RouterConfig
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import PoolingParams, SamplingParams
 
 T = TypeVar("T")
 
@@ -209,6 +214,16 @@ class Cluster:
             self.inputs.check_params(p)
             self._grammars.compile(p)  # a bad or too slow constraint fails before placement
         return self._run(self.requests.generate_all(ids, inputs, params))
+
+    def embed(
+        self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *, truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in order (as ``LLM.embed``): computed by a prefill worker
+        (or a decode worker prefilling a short prompt), never handed off."""
+        prompt_list = _as_prompt_inputs(prompts)
+        params = embedding_params(len(prompt_list), pooling_params, truncate_prompt_tokens)
+        return embedding_outputs(self.generate(prompt_list, params))
 
     def stream(
         self, prompt: Any, sampling_params: SamplingParams | None = None,

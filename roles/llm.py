@@ -97,21 +97,8 @@ class LLM:
         hidden states pooled (``PoolingParams``; left-out fields take the model's pooler,
         see ``roles/engine/pooling.py``). ``truncate_prompt_tokens``: keep the last k tokens."""
         prompt_list = _as_prompt_inputs(prompts)
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            pools = [pooling_params or PoolingParams()] * len(prompt_list)
-        else:
-            pools = list(pooling_params)
-            if len(pools) != len(prompt_list):
-                raise InvalidRequestError(
-                    f"got {len(pools)} pooling params for {len(prompt_list)} prompts",
-                    field="pooling_params")
-        params = [SamplingParams(max_tokens=1, temperature=0.0, pooling=pool,
-                                 truncate_prompt_tokens=truncate_prompt_tokens) for pool in pools]
-        return [
-            EmbeddingRequestOutput(out.request_id, out.prompt_token_ids,
-                                   EmbeddingOutput(out.embedding or []), out.finished)
-            for out in self._run(prompt_list, params)
-        ]
+        params = embedding_params(len(prompt_list), pooling_params, truncate_prompt_tokens)
+        return embedding_outputs(self._run(prompt_list, params))
 
     def _run(
         self, prompts: list[PromptType | dict[str, Any]], params: list[SamplingParams]
@@ -139,6 +126,28 @@ class LLM:
             if delta.request_id in wanted:
                 _merge(results, delta)
         return [results[i] for i in ids]
+
+
+def embedding_params(
+    count: int, pooling_params: PoolingParams | Sequence[PoolingParams] | None,
+    truncate_prompt_tokens: int | None = None,
+) -> list[SamplingParams]:
+    """The one-token requests ``embed`` sends for ``count`` prompts (``LLM``, ``Cluster``)."""
+    if pooling_params is None or isinstance(pooling_params, PoolingParams):
+        pools = [pooling_params or PoolingParams()] * count
+    else:
+        pools = list(pooling_params)
+        if len(pools) != count:
+            raise InvalidRequestError(f"got {len(pools)} pooling params for {count} prompts",
+                                      field="pooling_params")
+    return [SamplingParams(max_tokens=1, temperature=0.0, pooling=pool,
+                           truncate_prompt_tokens=truncate_prompt_tokens) for pool in pools]
+
+
+def embedding_outputs(outs: Sequence[RequestOutput]) -> list[EmbeddingRequestOutput]:
+    return [EmbeddingRequestOutput(out.request_id, out.prompt_token_ids,
+                                   EmbeddingOutput(out.embedding or []), out.finished)
+            for out in outs]
 
 
 def _merge(results: dict[str, RequestOutput], delta: RequestOutput) -> None:

@@ -311,3 +311,31 @@ def record_tokenizer_threads(monkeypatch: pytest.MonkeyPatch, tok: Any) -> dict[
 
         monkeypatch.setattr(tok, name, wrapped)
     return seen
+
+
+def make_tiny_embedding_model(root: Path, tokenizer_dir: Path, family: str = "qwen3") -> Path:
+    """A sentence-transformers-style embedding model as transformers saves its base model
+    (``Qwen3Model`` / ``LlamaModel``: no head, tensors without ``model.``), last-token pooled
+    and normalized (modules.json + 1_Pooling, as Qwen3-Embedding ships)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
+
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = (Qwen3Model(Qwen3Config(head_dim=16, **shape)) if family == "qwen3"
+             else LlamaModel(LlamaConfig(**shape)))
+    folder = root / family
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True,
+         "pooling_mode_mean_tokens": False, "include_prompt": True}))
+    return folder

@@ -229,6 +229,11 @@ class LLMEngine:
         remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
         pool = (pooling.resolve(params.pooling, self.pooler, self.model_config.hidden_size)
                 if isinstance(params.pooling, PoolingParams) else None)
+        if pool is None and self.model_config.embedding_only:
+            raise InvalidRequestError(
+                f"{self.model_id} is a base model's checkpoint (no language-model head): it "
+                "serves embeddings only (/v1/embeddings, LLM.embed)",
+                field="model")
         if pool is not None:  # it ends at its prompt, here: nothing to hand off
             remote_kv_sink = False
         if not isinstance(request_id, str) or not request_id:

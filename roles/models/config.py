@@ -41,6 +41,11 @@ class ModelConfig:
     """Non-default rotary scaling (``rope_type`` one of ROPE_TYPES), or None."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    embedding_only: bool = False
+    """A base model's checkpoint (``architectures`` such as ``Qwen3Model``, as
+    sentence-transformers embedding models ship: no language-model head, tensors without the
+    ``model.`` prefix): served for embeddings; the input embeddings stand in as the head of
+    the one token an embedding request samples and drops, and generation is refused."""
     sliding_window: int | None = None
     """Window of the windowed layers (tokens a query sees, itself included), None if none."""
     attention_bias: bool = False
@@ -197,12 +202,19 @@ def base_fields(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
         rope_theta=rope_theta(cfg),
         rope_scaling=rope_scaling(cfg),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False) or _base_model(cfg),
+        embedding_only=_base_model(cfg),
         attention_bias=cfg.get("attention_bias", False),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
         hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
     )
+
+
+def _base_model(cfg: dict[str, Any]) -> bool:
+    """config.json names only base-model classes (``Qwen3Model``, ``LlamaModel``): no head."""
+    archs = cfg.get("architectures") or []
+    return bool(archs) and all(isinstance(a, str) and a.endswith("Model") for a in archs)
 
 
 def _required(cfg: dict[str, Any], name: str) -> Any:

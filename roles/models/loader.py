@@ -169,14 +169,21 @@ def _load_hf_folder(model_id: str, path: Path, dtype: torch.dtype, fmt: WeightFo
                     tokenizer: str | os.PathLike[str] | None = None) -> LoadedModel:
     config = _hf_config(path)
     tok = _model_tokenizer(path, config, tokenizer)  # before the weights: a bad one fails fast
-    rename = _llava_name if config.llava is not None else (lambda name: name)
+    rename = (_llava_name if config.llava is not None
+              else _base_model_name if config.embedding_only else (lambda name: name))
     convert = tensor_transform(fmt, dtype, config.tie_word_embeddings)
     weights = _read_safetensors(path, dtype, keep=lambda name: True,
                                 convert=lambda name, t: convert(rename(name), t),
                                 split=registry.model_class(config).checkpoint_tensors)
-    if config.llava is not None:
-        weights = {_llava_name(k): v for k, v in weights.items()}
+    if config.llava is not None or config.embedding_only:
+        weights = {rename(k): v for k, v in weights.items()}
     return LoadedModel(model_id, str(path), config, weights, tok)
+
+
+def _base_model_name(name: str) -> str:
+    """A base model's tensor (``layers.0...``, ``embed_tokens.weight``, ``norm.weight``)
+    under the causal LM's name (``model.layers.0...``)."""
+    return name if name.startswith(("model.", "lm_head.")) else "model." + name
 
 
 def load_vision_weights(

@@ -170,6 +170,9 @@ def test_embeddings_end_at_the_prefill_worker_and_move_no_kv(cluster: Cluster,
         assert out.finished and out.embedding == want
         assert after["prefill"]["prefix_cache_queries"] > before["prefill"]["prefix_cache_queries"]
         assert after["decode"]["kv_transfers"] == before["decode"]["kv_transfers"]
+    short = [5, 6, 7, 8]  # within local_prefill_max_tokens: the decode worker computes it
+    assert [o.outputs.embedding for o in cluster.embed([prompt, short])] == [
+        o.outputs.embedding for o in single.embed([prompt, short])]
     workers = _free_everywhere(cluster)
     assert all(w["num_free_blocks"] == w["num_blocks"] for w in workers), workers
 

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from splitserve import LLM, PoolingParams
-from tests.utils import tiny_server, wait_until
+from tests.utils import make_tiny_embedding_model, tiny_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,18 @@ def test_bad_input_gets_a_400_naming_the_field(server, single: LLM, body: dict, 
     wait_until(lambda: not engine.has_unfinished_requests()
                and engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"],
                "the engine idle with every block free", timeout_s=10.0)
+
+
+def test_an_embedding_models_server_refuses_generation(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """A base model's checkpoint (no head): embeddings served, completions and chat a 400."""
+    folder = make_tiny_embedding_model(tmp_path, tokenizer_dir)
+    with tiny_server(folder, grpc_port=None) as srv:
+        client = OpenAI(base_url=f"{srv.http_url}/v1", api_key="unused", max_retries=0)
+        got = client.embeddings.create(model="tiny", input="an embedding model")
+        (want,) = LLM(str(folder), num_kv_blocks=64).embed(["an embedding model"])
+        assert got.data[0].embedding == want.outputs.embedding
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}]})):
+            r = httpx.post(f"{srv.http_url}{path}", json={"model": "tiny", **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text

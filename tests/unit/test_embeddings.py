@@ -12,7 +12,7 @@ import torch
 
 from splitserve import LLM, PoolingParams, SamplingParams
 from splitserve.errors import ConfigError, InvalidRequestError
-from tests.utils import random_prompts
+from tests.utils import make_tiny_embedding_model, random_prompts
 
 PROMPTS = ["Hello world, this is a sentence to embed.", "x " * 150, "Short."]
 
@@ -156,4 +156,29 @@ def test_bad_requests_are_refused_before_anything_runs(llm: LLM) -> None:
     for bad in ({"pooling_type": "MAX"}, {"normalize": 1}, {"dims": 3}, "MEAN"):
         with pytest.raises(ConfigError, match="pooler_config"):
             LLM(str(llm.engine.config.model), num_kv_blocks=8, pooler_config=bad)
+    assert _all_free(llm)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_a_base_model_checkpoint_serves_embeddings_only(tmp_path: Path, tokenizer_dir: Path,
+                                                        family: str) -> None:
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    folder = make_tiny_embedding_model(tmp_path, tokenizer_dir, family)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert "embed_tokens.weight" in names and not any(n.startswith(("model.", "lm_head")) for n in names)
+    llm = LLM(str(folder), num_kv_blocks=64)
+    assert llm.engine.model_config.embedding_only
+    assert (llm.engine.pooler.pooling_type, llm.engine.pooler.normalize) == ("LAST", True)
+    hf = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
+    for out in llm.embed(PROMPTS):
+        with torch.no_grad():
+            h = hf(torch.tensor([out.prompt_token_ids])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding),
+                                   torch.nn.functional.normalize(h, dim=0), atol=2e-6, rtol=0)
+    with pytest.raises(InvalidRequestError, match="serves embeddings only") as e:
+        llm.generate(["hello"], SamplingParams(max_tokens=4))
+    assert e.value.field == "model"
     assert _all_free(llm)

@@ -28,6 +28,18 @@ _SCALAR_SAMPLING = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name) - {
 }
 
 
+def _embed_request(inputs: str | Sequence[int] | Sequence[str | Sequence[int]],
+                   dimensions: int | None, normalize: bool | None,
+                   truncate_prompt_tokens: int | None) -> Any:
+    """An ``EmbedRequest``: a text, token ids, or a list of either (one embedding each)."""
+    one = isinstance(inputs, str) or bool(inputs) and all(isinstance(t, int) for t in inputs)
+    batch: list[Any] = [inputs] if one else list(inputs)
+    items = [pb.EmbedInput(text=x) if isinstance(x, str)
+             else pb.EmbedInput(token_ids=pb.TokenIds(ids=list(x))) for x in batch]
+    return pb.EmbedRequest(inputs=items, dimensions=dimensions, normalize=normalize,
+                           truncate_prompt_tokens=truncate_prompt_tokens)
+
+
 class ClientError(SplitserveError):
     """A failed RPC; ``code`` is the gRPC status code, ``message`` the server's explanation."""
 
@@ -317,6 +329,13 @@ class Client:
         )
         return list(self._call(self.stub.Tokenize, req, None).token_ids)
 
+    def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]], *,
+              dimensions: int | None = None, normalize: bool | None = None,
+              truncate_prompt_tokens: int | None = None) -> list[list[float]]:
+        """One embedding per input (a text or token ids, or a list of them), in order."""
+        req = _embed_request(inputs, dimensions, normalize, truncate_prompt_tokens)
+        return [list(e.values) for e in self._call(self.stub.Embed, req, None).embeddings]
+
     def detokenize(self, token_ids: Sequence[int]) -> str:
         req = pb.DetokenizeRequest(token_ids=token_ids)
         return str(self._call(self.stub.Detokenize, req, None).text)
@@ -400,6 +419,13 @@ class AsyncClient:
     async def tokenize(self, text: str) -> list[int]:
         res = await self._call(self.stub.Tokenize, pb.TokenizeRequest(text=text), None)
         return list(res.token_ids)
+
+    async def embed(self, inputs: str | Sequence[int] | Sequence[str | Sequence[int]], *,
+                    dimensions: int | None = None, normalize: bool | None = None,
+                    truncate_prompt_tokens: int | None = None) -> list[list[float]]:
+        """One embedding per input (a text or token ids, or a list of them), in order."""
+        req = _embed_request(inputs, dimensions, normalize, truncate_prompt_tokens)
+        return [list(e.values) for e in (await self._call(self.stub.Embed, req, None)).embeddings]
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
         res = await self._call(

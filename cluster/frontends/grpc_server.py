@@ -32,9 +32,12 @@ from splitserve.cluster.frontends.prompts import (
     new_request_id,
 )
 from splitserve.cluster.frontends.streams import (
+    EMBED_FIELDS,
     Accumulator,
     ChoiceDelta,
+    EmbeddingLost,
     close_all,
+    embed_all,
     merge,
     open_streams,
 )
@@ -51,7 +54,7 @@ from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from splitserve.roles.engine.structured import check_structured
 from splitserve.roles.models import generation_config as gen_config
 from splitserve.roles.models.image import load_image
-from splitserve.sampling_params import SamplingParams, StructuredOutputsParams
+from splitserve.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +316,58 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         for rid in request.request_ids:
             await self.backend.abort(rid)
         return pb.AbortResponse()
+
+    async def Embed(  # noqa: N802
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        """Each input's embedding, as ``/v1/embeddings`` computes it (``streams.embed_all``)."""
+        rid = request.request_id or new_request_id("embd")
+        recorder = self.metrics.recorder()
+        try:
+            if request.request_id:
+                check_client_request_id(request.request_id, "request_id")
+            self._check_model(request.model)
+            inputs = await off_loop(self._embed_inputs, request)
+            params = SamplingParams(
+                max_tokens=1, temperature=0.0,
+                truncate_prompt_tokens=(request.truncate_prompt_tokens
+                                        if request.HasField("truncate_prompt_tokens") else None),
+                pooling=PoolingParams(
+                    normalize=request.normalize if request.HasField("normalize") else None,
+                    dimensions=request.dimensions if request.HasField("dimensions") else None))
+            vectors, tokens = await embed_all(self.backend, inputs, params, rid)
+        except _NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except EmbeddingLost as e:
+            self.metrics.record_failure("UNAVAILABLE")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except InvalidRequestError as e:
+            if e.field in EMBED_FIELDS:  # the engine's names for an input
+                e = InvalidRequestError(str(e), field="inputs")
+            self.metrics.record_failure(status_for(e)[0].name)
+            await _abort(context, e)
+        except Exception as e:
+            self.metrics.record_failure(status_for(e)[0].name)
+            await _abort(context, e)
+        recorder.finish(sum(tokens), ["stop"] * len(inputs))
+        return pb.EmbedResponse(request_id=rid, prompt_tokens=sum(tokens), embeddings=[
+            pb.Embedding(values=v, prompt_tokens=n) for v, n in zip(vectors, tokens, strict=True)])
+
+    def _embed_inputs(self, request: pb.EmbedRequest) -> list[PromptInput]:
+        if not 1 <= len(request.inputs) <= 64:
+            raise InvalidRequestError(
+                f"inputs: give 1 to 64 inputs, got {len(request.inputs)}", "inputs")
+        special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        inputs: list[PromptInput] = []
+        for i, item in enumerate(request.inputs):
+            kind = item.WhichOneof("input")
+            if kind == "text":
+                inputs.append(self.backend.tokenizer.encode(item.text, add_special_tokens=special))
+            elif kind == "token_ids":
+                inputs.append(list(item.token_ids.ids))
+            else:
+                raise InvalidRequestError(f"inputs[{i}]: set one of text or token_ids", "inputs")
+        return inputs
 
     async def Tokenize(  # noqa: N802
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext

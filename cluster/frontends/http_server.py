@@ -47,9 +47,12 @@ from splitserve.cluster.frontends.prompts import (
     new_request_id,
 )
 from splitserve.cluster.frontends.streams import (
+    EMBED_FIELDS,
     Accumulator,
     ChoiceDelta,
+    EmbeddingLost,
     close_all,
+    embed_all,
     merge,
     open_streams,
 )
@@ -587,37 +590,23 @@ async def _embed(front: _Frontend, inputs: Sequence[PromptInput], params: Any, r
                  encoding_format: str) -> Response:
     recorder = front.metrics.recorder()
     try:
-        streams = await open_streams(front.backend, inputs, params, request_id)
+        vectors, tokens = await embed_all(front.backend, inputs, params, request_id)
+    except EmbeddingLost as e:
+        front.metrics.record_failure("503")
+        raise APIError(503, str(e), code="unavailable") from e
     except Exception as e:
         err = to_api_error(e)
-        if err.param in ("prompt", "prompt_token_ids", "max_tokens"):  # the engine's names
+        if err.param in EMBED_FIELDS:
             err.param = "input"
         front.metrics.record_failure(str(err.status))
         raise err from e
-    vectors: dict[int, list[float]] = {}
-    tokens: dict[int, int] = {}
-    stream = merge(streams)
-    try:
-        async for i, delta in stream:
-            tokens[i] = len(delta.prompt_token_ids) or tokens.get(i, 0)
-            if delta.embedding is not None:
-                vectors[i] = delta.embedding
-    except Exception as e:
-        err = to_api_error(e)
-        front.metrics.record_failure(str(err.status))
-        raise err from e
-    finally:
-        await stream.aclose()
-    missing = [i for i in range(len(inputs)) if i not in vectors]
-    if missing:  # a request that ended without its vector (aborted on the way)
-        raise APIError(503, f"inputs {missing} got no embedding; retry", code="unavailable")
     data = []
-    for i in range(len(inputs)):
-        vec: Any = vectors[i]
+    for i, vec in enumerate(vectors):
+        value: Any = vec
         if encoding_format == "base64":
-            vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
-        data.append({"object": "embedding", "index": i, "embedding": vec})
-    used = sum(tokens.values())
+            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    used = sum(tokens)
     recorder.finish(used, ["stop"] * len(inputs))  # the dropped sampled tokens not counted
     return JSONResponse({
         "id": request_id, "object": "list", "created": int(time.time()),

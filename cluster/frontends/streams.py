@@ -9,7 +9,7 @@ Closing any stream returned here closes the backend's iterators, which aborts th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from splitserve.cluster.frontends.backend import Backend, PromptInput
@@ -123,7 +123,7 @@ class _Primed:
 
 async def merge(
     streams: Sequence[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Interleave several streams as ``(stream index, delta)``; closing it closes them all."""
     if len(streams) == 1:
         try:
@@ -255,3 +255,32 @@ class Accumulator:
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
         }
+
+
+class EmbeddingLost(Exception):
+    """An embedding request ended without its vector (aborted on the way): retry."""
+
+
+EMBED_FIELDS = ("prompt", "prompt_token_ids", "max_tokens")
+"""The engine's names for what an embeddings request calls its input."""
+
+
+async def embed_all(backend: Backend, inputs: Sequence[PromptInput], params: SamplingParams,
+                    request_id: str) -> tuple[list[list[float]], list[int]]:
+    """Each input's embedding and prompt token count, in order (``params.pooling`` set):
+    one request per input, started together; the backend's errors pass through."""
+    streams = await open_streams(backend, inputs, params, request_id)
+    vectors: dict[int, list[float]] = {}
+    tokens: dict[int, int] = {}
+    stream = merge(streams)
+    try:
+        async for i, delta in stream:
+            tokens[i] = len(delta.prompt_token_ids) or tokens.get(i, 0)
+            if delta.embedding is not None:
+                vectors[i] = delta.embedding
+    finally:
+        await stream.aclose()
+    missing = [i for i in range(len(inputs)) if i not in vectors]
+    if missing:
+        raise EmbeddingLost(f"inputs {missing} got no embedding; retry")
+    return [vectors[i] for i in range(len(inputs))], [tokens[i] for i in range(len(inputs))]

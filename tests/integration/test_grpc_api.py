@@ -446,3 +446,56 @@ def test_overload_is_resource_exhausted(server: BackgroundServer, client: Client
         last = list(s)[-1]
         assert last.complete.completions[0].finish_reason == "length"
     assert client.generate("after the burst", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_embed_equals_the_engine(server: BackgroundServer, client: Client, llm: LLM) -> None:
+    """``Embed``: texts and token ids in order, float32 values as the engine computes them,
+    ``dimensions`` / ``normalize`` / ``truncate_prompt_tokens`` as ``PoolingParams``."""
+    from splitserve import PoolingParams
+
+    ids = llm.get_tokenizer().encode("token ids to embed, straight to the model")
+    want = [o.outputs.embedding for o in llm.embed(["a text to embed", ids])]
+    assert client.embed(["a text to embed", ids]) == want
+    cut = client.embed(ids, dimensions=8, normalize=False)
+    assert cut == [llm.embed([ids], PoolingParams(dimensions=8, normalize=False))[0]
+                   .outputs.embedding] and len(cut[0]) == 8
+    assert client.embed(ids, truncate_prompt_tokens=3) == [
+        llm.embed([ids[-3:]])[0].outputs.embedding]
+    got = asyncio.run(_async_embed(server))
+    assert got == [want[0]]
+    assert _wait_idle(server)
+
+
+async def _async_embed(server: BackgroundServer) -> list[list[float]]:
+    async with AsyncClient(server.grpc_target, api_key=KEY, timeout=60) as c:
+        return await c.embed("a text to embed")
+
+
+@pytest.mark.parametrize(("request_kwargs", "field"), [
+    ({}, "inputs"),
+    ({"inputs": [pb.EmbedInput()]}, "inputs"),
+    ({"inputs": [pb.EmbedInput(text="")]}, "inputs"),
+    ({"inputs": [pb.EmbedInput(token_ids=pb.TokenIds(ids=[10**9]))]}, "inputs"),
+    ({"inputs": [pb.EmbedInput(text="x")] * 65}, "inputs"),
+    ({"inputs": [pb.EmbedInput(text="x")], "dimensions": 0}, "dimensions"),
+    ({"inputs": [pb.EmbedInput(text="x")], "dimensions": 65}, "dimensions"),
+    ({"inputs": [pb.EmbedInput(text="x")], "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+])
+def test_embed_bad_input_is_invalid_argument_naming_the_field(
+    server: BackgroundServer, request_kwargs: dict, field: str
+) -> None:
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.InferenceServiceStub(ch)
+        md = (("authorization", f"Bearer {KEY}"),)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(pb.EmbedRequest(**request_kwargs), metadata=md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert e.value.details().startswith(field), e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text="x")], model="gpt-9"),
+                       metadata=md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text="x")]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _wait_idle(server)

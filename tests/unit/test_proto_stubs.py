@@ -31,5 +31,6 @@ def test_stubs_import_inside_the_namespace() -> None:
         "ListModels",
         "GetServerInfo",
         "GetLoads",
+        "Embed",
     }
     assert hasattr(inference_pb2_grpc, "InferenceServiceStub")

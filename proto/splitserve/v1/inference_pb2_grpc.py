@@ -69,6 +69,11 @@ class InferenceServiceStub:
                 request_serializer=splitserve_dot_v1_dot_inference__pb2.GetLoadsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_inference__pb2.GetLoadsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/splitserve.v1.InferenceService/Embed',
+                request_serializer=splitserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -118,6 +123,14 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings of 1 to 64 inputs: each input's final hidden states pooled by the model's
+        pooler (last token, mean or first; normalized), as /v1/embeddings computes them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +168,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetLoads,
                     request_deserializer=splitserve_dot_v1_dot_inference__pb2.GetLoadsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_inference__pb2.GetLoadsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=splitserve_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +364,33 @@ class InferenceService:
             '/splitserve.v1.InferenceService/GetLoads',
             splitserve_dot_v1_dot_inference__pb2.GetLoadsRequest.SerializeToString,
             splitserve_dot_v1_dot_inference__pb2.GetLoadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.InferenceService/Embed',
+            splitserve_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            splitserve_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

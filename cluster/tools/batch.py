@@ -2,7 +2,7 @@
 
 ``python -m splitserve.batch --input in.jsonl --output out.jsonl`` (also under
 ``ray job submit``) reads one request per line (``custom_id``, ``method`` ``POST``, ``url``
-``/v1/chat/completions``, ``/v1/completions`` or ``/v1/responses``, ``body``) and appends one result line per
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` or ``/v1/embeddings``, ``body``) and appends one result line per
 request, in completion order::
 
     {"id": "batch_req_...", "custom_id": "...", "error": null,
@@ -49,7 +49,7 @@ from splitserve.cluster.frontends.http_server import (
 from splitserve.cluster.tools.cli import CHAT_TEMPLATE_HELP, TOKENIZER_HELP
 from splitserve.errors import SplitserveError
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 """Endpoints a batch line may name (OpenAI's batch API also has embeddings: not served)."""
 DUPLICATE = "duplicate_custom_id"
 """Error code of a line whose ``custom_id`` an earlier line already used."""

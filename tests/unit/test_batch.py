@@ -77,7 +77,7 @@ def _run(backend, inp: Path, out: Path, **kw) -> object:
      "missing_custom_id"),
     (json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}),
      "invalid_method"),
-    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}),
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/audio/speech", "body": {}}),
      "invalid_url"),
     (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions"}), "missing_body"),
     # a lone surrogate escape is valid JSON but no text: posting it raised UnicodeEncodeError
@@ -192,7 +192,9 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         _cmpl("cmpl-1", "Once upon a time"),
         "{this is not json",
         {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},
-        {"custom_id": "url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "url", "method": "POST", "url": "/v1/audio/speech", "body": {"input": "x"}},
+        {"custom_id": "embd-1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"input": ["Hello there", "Once upon a time"], "encoding_format": "float"}},
         _chat("chat-1", "duplicate id"),
         {"custom_id": "no-messages", "method": "POST", "url": "/v1/chat/completions",
          "body": {"max_tokens": 3}},
@@ -231,7 +233,7 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         (rec,) = by_id[cid]
         assert rec["error"] is None and rec["response"]["status_code"] == status, rec
         assert rec["response"]["body"]["error"]["param"] == param
-    assert summary.failed == len(rows) - 4
+    assert summary.failed == len(rows) - 5
     # the successes: OpenAI bodies whose text is the single engine's greedy output
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     tok = llm.get_tokenizer()
@@ -249,6 +251,10 @@ def test_mixed_batch_gives_one_line_per_input_line(backend, llm, tmp_path: Path)
         "resp-")
     assert resp["response"]["body"]["output"][0]["content"][0]["text"] == \
         chat1[0]["response"]["body"]["choices"][0]["message"]["content"]
+    (embd,) = by_id["embd-1"]  # embeddings: the engine's vectors, in input order
+    assert embd["response"]["status_code"] == 200
+    assert [d["embedding"] for d in embd["response"]["body"]["data"]] == [
+        o.outputs.embedding for o in llm.embed(["Hello there", "Once upon a time"])]
     (cmpl,) = by_id["cmpl-1"]
     assert cmpl["response"]["body"]["object"] == "text_completion"
     want = llm.generate(["Once upon a time"], params)[0].outputs[0].text

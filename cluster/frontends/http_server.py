@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 import struct
 import time
@@ -38,6 +39,8 @@ from splitserve.cluster.frontends.openai_protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 from splitserve.cluster.frontends.prompts import (
@@ -584,6 +587,118 @@ def _add_embedding_routes(app: FastAPI, front: _Frontend) -> None:
                       if isinstance(p, str) else p for p in inputs]
         return await _cancel_on_disconnect(
             request, _embed(front, inputs, params, request_id, body.encoding_format))
+
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, _score_route(front), methods=["POST"],
+                          responses=_errors(*_GENERATION_ERRORS), name=f"score{path}")
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, _rerank_route(front), methods=["POST"],
+                          responses=_errors(*_GENERATION_ERRORS), name=f"rerank{path}")
+
+
+MAX_SCORED_TEXTS = 256
+"""Texts per side of a score or rerank request: each is one embedding request (admitted like any
+other, so more than the server's ``--max-in-flight`` at once is a 429)."""
+
+
+def _score_route(front: _Frontend) -> Callable[..., Awaitable[Response]]:
+    async def score(body: ScoreRequest, request: Request) -> Response:
+        """vLLM's score API over this model's embeddings: the cosine similarity of each pair
+        (the embeddings as ``/v1/embeddings`` computes them)."""
+        front.check_model(body.model)
+        first = [body.text_1] if isinstance(body.text_1, str) else body.text_1
+        second = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+        if not first:
+            raise APIError(400, "text_1 must not be empty", param="text_1")
+        if not second:
+            raise APIError(400, "text_2 must not be empty", param="text_2")
+        for name, texts in (("text_1", first), ("text_2", second)):
+            if len(texts) > MAX_SCORED_TEXTS:
+                raise APIError(400, f"at most {MAX_SCORED_TEXTS} texts in {name}", param=name)
+        if len(first) != 1 and len(first) != len(second):
+            raise APIError(400, f"text_2 must hold one text per text_1 entry ({len(first)}) "
+                           f"or text_1 one text; got {len(second)}", param="text_2")
+        pairs = [(first[0] if len(first) == 1 else first[i], t) for i, t in enumerate(second)]
+        request_id = _client_request_id(request, body.request_id) or new_request_id("score")
+        scores, used = await _similarities(front, pairs, body.truncate_prompt_tokens, request_id,
+                                           ("text_1", "text_2"))
+        return JSONResponse({
+            "id": request_id, "object": "list", "created": int(time.time()),
+            "model": front.model_name,
+            "data": [{"index": i, "object": "score", "score": v} for i, v in enumerate(scores)],
+            "usage": {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0},
+        }, headers={"x-request-id": request_id})
+
+    return score
+
+
+def _rerank_route(front: _Frontend) -> Callable[..., Awaitable[Response]]:
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        """Jina's / Cohere's rerank (as vLLM serves it) over this model's embeddings: the
+        documents by cosine similarity to the query, most relevant first."""
+        front.check_model(body.model)
+        if not body.documents:
+            raise APIError(400, "documents must not be empty", param="documents")
+        if len(body.documents) > MAX_SCORED_TEXTS:
+            raise APIError(400, f"at most {MAX_SCORED_TEXTS} documents", param="documents")
+        request_id = _client_request_id(request, body.request_id) or new_request_id("rerank")
+        scores, used = await _similarities(
+            front, [(body.query, d) for d in body.documents], body.truncate_prompt_tokens,
+            request_id, ("query", "documents"))
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if body.top_n:
+            order = order[: body.top_n]
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if body.return_documents:
+                item["document"] = {"text": body.documents[i]}
+            results.append(item)
+        return JSONResponse({"id": request_id, "model": front.model_name, "results": results,
+                             "usage": {"total_tokens": used}},
+                            headers={"x-request-id": request_id})
+
+    return rerank
+
+
+async def _similarities(front: _Frontend, pairs: list[tuple[str, str]],
+                        truncate_prompt_tokens: int | None, request_id: str,
+                        fields: tuple[str, str]) -> tuple[list[float], int]:
+    """Cosine similarity of each pair's embeddings (each distinct text embedded once; the two
+    sides at once), and the prompt tokens used. An error names the side at fault."""
+    params = EmbeddingRequest(input="x", truncate_prompt_tokens=truncate_prompt_tokens)\
+        .to_sampling_params()
+    sides = [list(dict.fromkeys(pair[k] for pair in pairs)) for k in (0, 1)]
+    recorder = front.metrics.recorder()
+
+    async def side(k: int) -> tuple[list[list[float]], list[int]]:
+        try:
+            return await embed_all(front.backend, sides[k], params, f"{request_id}-{k + 1}")
+        except EmbeddingLost as e:
+            raise APIError(503, str(e), code="unavailable") from e
+        except Exception as e:
+            err = to_api_error(e)
+            if err.param in EMBED_FIELDS:
+                err.param = fields[k]
+            raise err from e
+
+    try:
+        results = await asyncio.gather(side(0), side(1))
+    except APIError as e:
+        front.metrics.record_failure(str(e.status))
+        raise
+    units = [{t: _unit(v) for t, v in zip(sides[k], results[k][0], strict=True)} for k in (0, 1)]
+    used = sum(sum(tokens) for _, tokens in results)
+    recorder.finish(used, ["stop"] * (len(sides[0]) + len(sides[1])))
+    return [sum(a * b for a, b in zip(units[0][x], units[1][y], strict=True))
+            for x, y in pairs], used
+
+
+def _unit(vec: list[float]) -> list[float]:
+    """``vec`` scaled to unit length in float64 (a zero vector stays zero)."""
+    norm = math.sqrt(sum(x * x for x in vec))
+    return [x / norm for x in vec] if norm > 0 else list(vec)
 
 
 async def _embed(front: _Frontend, inputs: Sequence[PromptInput], params: Any, request_id: str,

@@ -517,3 +517,31 @@ class EmbeddingRequest(BaseModel):
         return SamplingParams(
             max_tokens=1, temperature=0.0, truncate_prompt_tokens=self.truncate_prompt_tokens,
             pooling=PoolingParams(normalize=self.normalize, dimensions=self.dimensions))
+
+
+class ScoreRequest(BaseModel):
+    """Body of ``POST /score`` (vLLM's): ``text_1`` against ``text_2`` one to one, one to
+    many (a string and a list) or pairwise (two lists of one length)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: StrictInt | None = None
+    request_id: str | None = None
+
+
+class RerankRequest(BaseModel):
+    """Body of ``POST /rerank`` (Jina's and Cohere's, as vLLM serves it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: StrictInt | None = Field(None, ge=0)
+    """The n most relevant (0 or unset: all)."""
+    return_documents: StrictBool = True
+    truncate_prompt_tokens: StrictInt | None = None
+    request_id: str | None = None

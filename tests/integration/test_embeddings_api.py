@@ -114,3 +114,78 @@ def test_an_embedding_models_server_refuses_generation(tmp_path: Path, tokenizer
                             {"messages": [{"role": "user", "content": "hi"}]})):
             r = httpx.post(f"{srv.http_url}{path}", json={"model": "tiny", **body})
             assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    import math
+
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_score_is_the_cosine_of_the_engines_embeddings(server, single: LLM) -> None:
+    """vLLM's ``/score`` over an embedding model: one to one, one to many and pairwise."""
+    texts = ["What is the capital of France?", "Paris is the capital of France.",
+             "Bananas are yellow.", "The sky is blue."]
+    emb = {t: o.outputs.embedding for t, o in zip(texts, single.embed(texts), strict=True)}
+    url = f"{server.http_url}/score"
+    cases = [
+        ({"text_1": texts[0], "text_2": texts[1]}, [(texts[0], texts[1])]),
+        ({"text_1": texts[0], "text_2": texts[1:]}, [(texts[0], t) for t in texts[1:]]),
+        ({"text_1": texts[:2], "text_2": texts[2:]}, [(texts[0], texts[2]), (texts[1], texts[3])]),
+    ]
+    for body, pairs in cases:
+        r = httpx.post(url, json={"model": "tiny", **body})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert [d["index"] for d in got["data"]] == list(range(len(pairs)))
+        for d, (a, b) in zip(got["data"], pairs, strict=True):
+            assert d["object"] == "score" and d["score"] == pytest.approx(_cosine(emb[a], emb[b]),
+                                                                          abs=1e-9)
+    assert httpx.post(f"{server.http_url}/v1/score",
+                      json={"text_1": texts[0], "text_2": texts[1]}).status_code == 200
+
+
+def test_rerank_orders_documents_by_the_cosine(server, single: LLM) -> None:
+    query, docs = "a cat on a mat", ["dogs bark", "a cat sat on the mat", "stock prices", "cats"]
+    emb = [o.outputs.embedding for o in single.embed([query, *docs])]
+    want = sorted(range(len(docs)), key=lambda i: -_cosine(emb[0], emb[i + 1]))
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        r = httpx.post(f"{server.http_url}{path}",
+                       json={"model": "tiny", "query": query, "documents": docs, "top_n": 3})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["index"] for x in results] == want[:3]
+        assert [x["document"]["text"] for x in results] == [docs[i] for i in want[:3]]
+        scores = [x["relevance_score"] for x in results]
+        assert scores == sorted(scores, reverse=True)
+        assert scores[0] == pytest.approx(_cosine(emb[0], emb[want[0] + 1]), abs=1e-9)
+    r = httpx.post(f"{server.http_url}/rerank",
+                   json={"query": query, "documents": docs, "return_documents": False})
+    assert len(r.json()["results"]) == 4 and "document" not in r.json()["results"][0]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/score", {"text_1": [], "text_2": "x"}, "text_1"),
+    ("/score", {"text_1": "x", "text_2": []}, "text_2"),
+    ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+    ("/score", {"text_1": "", "text_2": "x"}, "text_1"),
+    ("/score", {"text_1": "x", "text_2": "y " * 600}, "text_2"),
+    ("/score", {"text_1": 5, "text_2": "x"}, "text_1"),
+    ("/rerank", {"query": "q", "documents": []}, "documents"),
+    ("/rerank", {"query": "", "documents": ["d"]}, "query"),
+    ("/rerank", {"query": "q", "documents": ["d", ""]}, "documents"),
+    ("/rerank", {"query": "q", "documents": ["d"], "top_n": -1}, "top_n"),
+    ("/rerank", {"documents": ["d"]}, "query"),
+    ("/rerank", {"query": "q", "documents": ["d"] * 257}, "documents"),
+    ("/score", {"text_1": "q", "text_2": ["d"] * 257}, "text_2"),
+])
+def test_score_and_rerank_bad_input_name_the_field(server, path: str, body: dict,
+                                                   param: str) -> None:
+    r = httpx.post(f"{server.http_url}{path}", json={"model": "tiny", **body})
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["error"]["param"] == param, r.json()
+    engine = server.backend.engine.engine
+    wait_until(lambda: not engine.has_unfinished_requests()
+               and engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"],
+               "the engine idle with every block free", timeout_s=10.0)

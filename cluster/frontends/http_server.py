@@ -588,7 +588,6 @@ def _add_embedding_routes(app: FastAPI, front: _Frontend) -> None:
         return await _cancel_on_disconnect(
             request, _embed(front, inputs, params, request_id, body.encoding_format))
 
-
     for path in ("/score", "/v1/score"):
         app.add_api_route(path, _score_route(front), methods=["POST"],
                           responses=_errors(*_GENERATION_ERRORS), name=f"score{path}")
@@ -621,14 +620,19 @@ def _score_route(front: _Frontend) -> Callable[..., Awaitable[Response]]:
                            f"or text_1 one text; got {len(second)}", param="text_2")
         pairs = [(first[0] if len(first) == 1 else first[i], t) for i, t in enumerate(second)]
         request_id = _client_request_id(request, body.request_id) or new_request_id("score")
-        scores, used = await _similarities(front, pairs, body.truncate_prompt_tokens, request_id,
-                                           ("text_1", "text_2"))
-        return JSONResponse({
-            "id": request_id, "object": "list", "created": int(time.time()),
-            "model": front.model_name,
-            "data": [{"index": i, "object": "score", "score": v} for i, v in enumerate(scores)],
-            "usage": {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0},
-        }, headers={"x-request-id": request_id})
+
+        async def answer() -> Response:
+            scores, used = await _similarities(front, pairs, body.truncate_prompt_tokens,
+                                               request_id, ("text_1", "text_2"))
+            return JSONResponse({
+                "id": request_id, "object": "list", "created": int(time.time()),
+                "model": front.model_name,
+                "data": [{"index": i, "object": "score", "score": v}
+                         for i, v in enumerate(scores)],
+                "usage": {"prompt_tokens": used, "total_tokens": used, "completion_tokens": 0},
+            }, headers={"x-request-id": request_id})
+
+        return await _cancel_on_disconnect(request, answer())
 
     return score
 
@@ -643,21 +647,25 @@ def _rerank_route(front: _Frontend) -> Callable[..., Awaitable[Response]]:
         if len(body.documents) > MAX_SCORED_TEXTS:
             raise APIError(400, f"at most {MAX_SCORED_TEXTS} documents", param="documents")
         request_id = _client_request_id(request, body.request_id) or new_request_id("rerank")
-        scores, used = await _similarities(
-            front, [(body.query, d) for d in body.documents], body.truncate_prompt_tokens,
-            request_id, ("query", "documents"))
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        if body.top_n:
-            order = order[: body.top_n]
-        results = []
-        for i in order:
-            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if body.return_documents:
-                item["document"] = {"text": body.documents[i]}
-            results.append(item)
-        return JSONResponse({"id": request_id, "model": front.model_name, "results": results,
-                             "usage": {"total_tokens": used}},
-                            headers={"x-request-id": request_id})
+
+        async def answer() -> Response:
+            scores, used = await _similarities(
+                front, [(body.query, d) for d in body.documents], body.truncate_prompt_tokens,
+                request_id, ("query", "documents"))
+            order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+            if body.top_n:
+                order = order[: body.top_n]
+            results = []
+            for i in order:
+                item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+                if body.return_documents:
+                    item["document"] = {"text": body.documents[i]}
+                results.append(item)
+            return JSONResponse({"id": request_id, "model": front.model_name,
+                                 "results": results, "usage": {"total_tokens": used}},
+                                headers={"x-request-id": request_id})
+
+        return await _cancel_on_disconnect(request, answer())
 
     return rerank
 

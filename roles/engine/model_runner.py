@@ -101,14 +101,14 @@ class ModelRunner:
         embeds = self._input_embeds(items, input_ids)
         rows, last = self._sampling_rows(items)
         prompt_rows = self._prompt_rows(items)
-        pooling = any(s.request.pool is not None for s in items)
-        pruned = not prompt_rows and not pooling and self._prune(
+        embedding = any(s.request.pool is not None for s in items)  # every row's hidden state
+        pruned = not prompt_rows and not embedding and self._prune(
             items, meta, last, input_ids.shape[0])
         hidden = self.model.forward(
             input_ids, positions, self.kv_caches, meta, embeds, on_layer=self.on_layer
         )
         prompt_lp = self._prompt_logprobs(hidden, prompt_rows) if prompt_rows else {}
-        pooled = self._pooled(hidden, items) if pooling else {}
+        pooled = self._pooled(hidden, items) if embedding else {}
         if not rows:
             return RunnerOutput({}, prompt_lp, pooled)
         logits = self.model.compute_logits(hidden if pruned else hidden[last])

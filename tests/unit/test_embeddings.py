@@ -182,3 +182,39 @@ def test_a_base_model_checkpoint_serves_embeddings_only(tmp_path: Path, tokenize
         llm.generate(["hello"], SamplingParams(max_tokens=4))
     assert e.value.field == "model"
     assert _all_free(llm)
+
+
+def test_a_preempted_embedding_restarts_its_pooling(tiny_model_dir: Path, llm: LLM,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Squeezed out of a 16-block cache by generations, the embedding's prompt is computed from
+    position 0 again (more than once); its partial result restarts with it, so the vector
+    equals the one computed with room (a MEAN summing the dropped chunks twice would not)."""
+    from splitserve.roles.engine import pooling
+
+    prompt = random_prompts(1, seed=5, lo=150, hi=151)[0]
+    starts: list[int] = []
+    combine = pooling.combine
+
+    def record(pool, acc, part, start):  # type: ignore[no-untyped-def]
+        starts.append(start)
+        return combine(pool, acc, part, start)
+
+    for kind in ("MEAN", "CLS", "LAST"):
+        want = llm.embed([prompt], PoolingParams(pooling_type=kind))[0].outputs.embedding
+        tight = LLM(str(tiny_model_dir), num_kv_blocks=16, max_num_batched_tokens=48,
+                    enable_prefix_caching=False)
+        for i, p in enumerate(random_prompts(3, seed=7, lo=30, hi=40)):
+            tight.engine.add_request(f"g{i}", p, SamplingParams(temperature=0.0, max_tokens=60,
+                                                                ignore_eos=True))
+        tight.engine.step()
+        starts.clear()
+        monkeypatch.setattr(pooling, "combine", record)
+        got = tight.embed([prompt], PoolingParams(pooling_type=kind))[0].outputs.embedding
+        monkeypatch.setattr(pooling, "combine", combine)
+        if kind == "MEAN":
+            assert starts.count(0) > 1 and max(starts) > 0, starts  # restarted mid-prompt
+        assert tight.engine.stats()["num_preemptions"] > 0
+        assert got == want
+        while tight.engine.has_unfinished_requests():
+            tight.engine.step()
+        assert _all_free(tight)

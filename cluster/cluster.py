@@ -139,7 +139,8 @@ class Cluster:
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         self.inputs = InputPreparer(self.model_id, self.model_config, self.tokenizer,
-                                    self.max_model_len, cfg.block_size, cfg.max_n)
+                                    self.max_model_len, cfg.block_size, cfg.max_n,
+                                    cfg.scheduling_policy)
         self.registry = create_registry(cfg.registry.url, cfg.registry.heartbeat_timeout_s,
                                         prefix=cfg.ray.namespace)
         self.router = Router(cfg.router.policy, _router_config(cfg))

@@ -375,6 +375,10 @@ class ClusterConfig(_Section):
     400 / gRPC INVALID_ARGUMENT naming ``n``): each sample is a sequence a worker must run."""
     seed: int = 0
     """Seed for requests that give none (same meaning as ``EngineConfig.seed``)."""
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    """Every worker's (``EngineConfig.scheduling_policy``): ``priority`` admits requests by
+    their ``priority`` (lower first) and preempts the lowest first; under ``fcfs`` a
+    request's non-zero priority is refused before placement."""
     pooler_config: dict[str, Any] | None = None
     """Embeddings' pooler on every worker (``EngineConfig.pooler_config``): ``{pooling_type:
     LAST | MEAN | CLS, normalize: bool}``; None: the model's own."""

@@ -55,6 +55,8 @@ class InputPreparer:
     block_size: int
     max_n: int = 16
     """Most samples per request (``ClusterConfig.max_n``)."""
+    scheduling_policy: str = "fcfs"
+    """The workers' (``ClusterConfig.scheduling_policy``): a priority needs ``priority``."""
 
     def prepare(self, prompt: Any, params: SamplingParams | None = None) -> PreparedInput:
         """Tokenize and check a prompt (cut to ``params.truncate_prompt_tokens``, as the
@@ -73,6 +75,10 @@ class InputPreparer:
         and ``allowed_token_ids`` within the vocabulary), made here."""
         check_n(params.n, self.max_n)
         check_token_ids(params, self.model_config.vocab_size)
+        if params.priority != 0 and self.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority {params.priority} needs priority scheduling (scheduling_policy "
+                "priority); this cluster serves fcfs", field="priority")
 
     def _with_images(self, ids: list[int], data: Any) -> PreparedInput:
         """Check and hash a multimodal prompt's images on the frontend (a malformed image

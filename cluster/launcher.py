@@ -127,6 +127,7 @@ class Launcher:
             max_num_seqs=rc.max_num_seqs, max_num_batched_tokens=rc.max_num_batched_tokens,
             seed=cfg.seed, num_threads=rc.num_threads, speculative_config=rc.speculative_config,
             max_n=cfg.max_n, pooler_config=cfg.pooler_config,
+            scheduling_policy=cfg.scheduling_policy,
         )
 
     def start(self, role: str) -> WorkerHandle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -49,15 +50,26 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType] | dict[str, Any],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """One finished RequestOutput per prompt, in input order.
 
         A prompt is text, token ids, or vLLM's dict ``{"prompt" | "prompt_token_ids",
         "multi_modal_data": {"image": img | [imgs]}}`` for a multimodal model.
+        ``priority``: one per prompt, as vLLM's (needs ``scheduling_policy="priority"``;
+        lower runs first).
         """
         prompt_list = _as_prompt_inputs(prompts)
         params = _as_params_list(sampling_params or self.get_default_sampling_params(),
                                  len(prompt_list))
+        if priority is not None:
+            if len(priority) != len(prompt_list):
+                raise InvalidRequestError(
+                    f"got {len(priority)} priorities for {len(prompt_list)} prompts",
+                    field="priority")
+            params = [dataclasses.replace(p, priority=v)
+                      for p, v in zip(params, priority, strict=True)]
         return self._run(prompt_list, params)
 
     def chat(

@@ -249,6 +249,10 @@ class SamplingParams:
     """vLLM extra: the prefix cache shares KV only between requests with the same salt (a
     tenant's secret, e.g. 43 random base64 characters, so another cannot time its prompts
     by their cache hits). Not a sampling parameter, but it travels with them."""
+    priority: int = 0
+    """vLLM extra (a request argument there): with ``scheduling_policy="priority"``, lower
+    values are admitted first and preempted last; any other value than 0 is refused under
+    ``fcfs``. Not a sampling parameter, but it travels with them."""
     pooling: PoolingParams | dict[str, Any] | None = None
     """Set by ``LLM.embed`` and ``/v1/embeddings``: the request returns the prompt's embedding
     (``RequestOutput.embedding``) and ends at the prompt (``max_tokens`` 1, ``n`` 1; the
@@ -347,6 +351,9 @@ class SamplingParams:
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise bad("structured_outputs", "must be a StructuredOutputsParams or a dict")
+        prio = self.priority
+        if not _is_int(prio) or not -2**31 <= prio < 2**31:
+            raise bad("priority", f"must be a 32-bit integer, got {prio!r}")
         if self.pooling is not None:
             if not isinstance(self.pooling, PoolingParams):
                 raise bad("pooling", "must be a PoolingParams or a dict")
@@ -371,6 +378,10 @@ class SamplingParams:
 
 def _is_token_id(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: object) -> bool:

@@ -83,14 +83,15 @@ def count_gguf_tokenizer_builds(monkeypatch: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def tiny_server(model_dir: Path, num_kv_blocks: int = 256, **options: Any) -> Iterator[Any]:
+def tiny_server(model_dir: Path, num_kv_blocks: int = 256, engine: dict[str, Any] | None = None,
+                **options: Any) -> Iterator[Any]:
     """``serve`` over one engine of a tiny model (served as ``tiny``, context 512), with
-    ``ServeOptions`` ``options`` (parsers, ports)."""
+    ``ServeOptions`` ``options`` (parsers, ports) and more ``EngineConfig`` fields ``engine``."""
     from splitserve.cluster.frontends.backend import EngineBackend
     from splitserve.cluster.frontends.serve import BackgroundServer, ServeOptions
 
     backend = EngineBackend.from_config(model=str(model_dir), num_kv_blocks=num_kv_blocks,
-                                        max_model_len=512)
+                                        max_model_len=512, **(engine or {}))
     with BackgroundServer(backend, ServeOptions(port=0, served_model_name="tiny",
                                                 **options)) as srv:
         yield srv

@@ -79,6 +79,7 @@ _OPTIONAL_SAMPLING = (
     "prompt_logprobs",
     "truncate_prompt_tokens",
     "cache_salt",
+    "priority",
 )
 
 

@@ -158,7 +158,8 @@ class _SamplingFields(BaseModel):
     ids (``token_ids``) beside the text; streamed, the prompt's once (chat: in the first
     chunk; completions: in each choice's first chunk) and each chunk's own ids."""
     priority: StrictInt = 0
-    """vLLM extra (priority scheduling); accepted only as 0: requests are served in order."""
+    """vLLM extra (priority scheduling): lower runs first; other than 0 needs the server's
+    ``--scheduling-policy priority``."""
     ignore_eos: StrictBool = False
     """vLLM extra: keep generating after EOS."""
     min_tokens: StrictInt = Field(0, ge=0)
@@ -199,7 +200,6 @@ class _SamplingFields(BaseModel):
         """InvalidRequestError naming the first field set to something the engine would
         otherwise ignore."""
         neutral = {
-            "priority": self.priority == 0,
             "best_of": self.best_of is None or self.best_of == self.n,
             "use_beam_search": not self.use_beam_search,
             "length_penalty": self.length_penalty in (None, 1.0),
@@ -284,6 +284,7 @@ class _SamplingFields(BaseModel):
             "bad_words": self.bad_words,
             "truncate_prompt_tokens": self.truncate_prompt_tokens,
             "cache_salt": self.cache_salt,
+            "priority": self.priority,
         }
         for name in DEFAULTABLE:  # the request's, else the model's, else SamplingParams'
             value = getattr(self, name)

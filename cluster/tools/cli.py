@@ -186,7 +186,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 _ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
-                 "block_size", "seed", "pooler_config")
+                 "block_size", "seed", "pooler_config", "scheduling_policy")
 """Scheduler and cache flags that stay unset (None) unless given."""
 _ROLE_FLAGS = ("max_num_seqs", "max_num_batched_tokens")
 """Of those, the per-role settings of a cluster (every prefill and decode worker's)."""
@@ -362,6 +362,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help='draft-free speculative decoding on the decode workers (or the single engine), '
              'e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (default: off)',
     )
+    srv.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                     help="fcfs (default) or priority: requests' priority (lower first) "
+                          "orders admission and preemption on every worker")
     srv.add_argument(
         "--pooler-config", type=_json_object, default=None, metavar="JSON",
         help='/v1/embeddings\' pooling on every worker, vLLM\'s keys, e.g. '

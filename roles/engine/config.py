@@ -17,6 +17,8 @@ _QUANTIZATIONS = ("auto", "none", "int4", "int8", "w4a8")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 """``kv_cache_dtype`` values, as vLLM's: auto (the model's dtype), fp8 = fp8_e4m3."""
 _INT4_GROUP_SIZES = (32, 64, 128, 256)
+SCHEDULING_POLICIES = ("fcfs", "priority")
+"""vLLM's ``scheduling_policy`` values."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,14 @@ class SchedulerConfig:
     """Token budget of one step (prefill chunks + decodes)."""
     enable_chunked_prefill: bool = True
     """Split prompts longer than the remaining budget across steps."""
+    policy: str = "fcfs"
+    """fcfs: first come, first served; priority: by ``SamplingParams.priority`` (lower
+    first), then arrival."""
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ConfigError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -85,6 +93,8 @@ class EngineConfig:
     """Most samples (``n``) one request may ask for; more is refused (field ``n``)."""
     enable_chunked_prefill: bool = True
     """Split long prompts across steps."""
+    scheduling_policy: str = "fcfs"
+    """fcfs (arrival order) or priority (``SamplingParams.priority``, lower first; vLLM's)."""
     seed: int = 0
     """Seed for requests that give none (their per-request seed is drawn from it)."""
     num_threads: int | None = None
@@ -124,7 +134,8 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_n < 1:
             raise ConfigError(f"max_n must be >= 1, got {self.max_n}")
-        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)  # validates
+        SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens,  # validates
+                        policy=self.scheduling_policy)
         object.__setattr__(self, "pooler_config", check_pooler_config(self.pooler_config))
         spec = SpeculativeConfig.from_any(self.speculative_config)  # a dict becomes a config
         object.__setattr__(self, "speculative_config", spec)
@@ -132,7 +143,8 @@ class EngineConfig:
     @property
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(
-            self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill
+            self.max_num_seqs, self.max_num_batched_tokens, self.enable_chunked_prefill,
+            self.scheduling_policy,
         )
 
 

@@ -225,6 +225,11 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         check_n(params.n, self.config.max_n)
+        if params.priority != 0 and self.config.scheduling_policy != "priority":
+            raise InvalidRequestError(
+                f"priority {params.priority} needs priority scheduling (scheduling_policy "
+                "priority, serve --scheduling-policy priority); this engine serves fcfs",
+                field="priority")
         check_token_ids(params, self.model_config.vocab_size)
         remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
         pool = (pooling.resolve(params.pooling, self.pooler, self.model_config.hidden_size)

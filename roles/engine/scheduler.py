@@ -4,7 +4,11 @@ Owns the waiting queue and the running list. Each step it gives every running
 request its next tokens (one for decode, the next chunk for a long prefill)
 under a token budget, preempting the most recently admitted requests when the
 KV pool runs dry, then admits waiting requests while budget, sequence slots and
-blocks last. It never touches tensors: the runner executes its plan.
+blocks last. It never touches tensors: the runner executes its plan. Under priority
+scheduling (``SchedulerConfig.policy``, vLLM's ``scheduling_policy="priority"``) the waiting
+request of the lowest ``SamplingParams.priority`` value is admitted first, the running ones
+are kept in priority order, and preemption takes the lowest priority first; fairness between
+groups applies within a priority level.
 
 On a disaggregated (P/D) role every transfer decision belongs to the KV connector's
 scheduler half (kvtransfer/connector_scheduler.py), called at a few hooks: a new request
@@ -156,6 +160,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self._by_priority:  # higher priority first: what runs short of KV preempts later
+            self.running.sort(key=_priority)  # stable: admission order within a level
         self._share_seq_slots(out)
         budget, kv_short = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not kv_short:
@@ -194,15 +200,21 @@ class Scheduler:
             self.num_fair_preemptions += 1
             free += 1
 
-    @staticmethod
-    def _victim(candidates: list[Request], counts: Counter[str], above: int = 0) -> Request | None:
+    @property
+    def _by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
+    def _victim(self, candidates: list[Request], counts: Counter[str],
+                above: int = 0) -> Request | None:
         """The most recently admitted sequence of the group holding the most slots (only a
-        group holding more than ``above``), or None."""
+        group holding more than ``above``), or None; under priority scheduling, of the
+        lowest priority (highest value) first."""
+        def key(req: Request) -> tuple[int, int]:
+            return (_priority(req) if self._by_priority else 0, counts[req.group_id])
+
         best: Request | None = None
         for req in reversed(candidates):
-            if counts[req.group_id] > above and (
-                best is None or counts[req.group_id] > counts[best.group_id]
-            ):
+            if counts[req.group_id] > above and (best is None or key(req) > key(best)):
                 best = req
         return best
 
@@ -263,7 +275,9 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         counts = self._seqs_by_group()
         while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
-            req = min(self.waiting, key=lambda r: counts[r.group_id])  # first of the least served
+            # first of the least served (of the highest priority, under priority scheduling)
+            req = min(self.waiting, key=lambda r: (
+                _priority(r) if self._by_priority else 0, counts[r.group_id]))
             hits, num_hit = self.kv.get_computed_blocks(req)
             match = self._remote_match(req, num_hit)
             if match is not None:  # its prompt KV comes from a remote KV source
@@ -518,3 +532,7 @@ class Scheduler:
             self.speculator.finish(req)
         return req
 
+
+def _priority(req: Request) -> int:
+    """A request's priority (``SamplingParams.priority``: lower runs first)."""
+    return req.sampling_params.priority

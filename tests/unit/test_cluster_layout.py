@@ -155,6 +155,33 @@ def test_pooler_config_reaches_every_worker_and_the_single_engine(tiny_model_dir
         ClusterConfig.local(pooler_config={"normalise": True})
 
 
+def test_scheduling_policy_reaches_every_worker_and_the_cluster_frontend(
+        tiny_model_dir: Path) -> None:
+    """``--scheduling-policy priority`` (vLLM's) sets every worker's policy, the frontend's
+    check of a request's priority and the single engine's; a bad value is refused."""
+    from splitserve.cluster.launcher import Launcher
+    from splitserve.cluster.tools.cli import _engine_kwargs
+    from splitserve.errors import ConfigError
+    from splitserve.roles.engine.config import EngineConfig
+
+    assert _config("--prefill-workers", "1")[0].scheduling_policy == "fcfs"
+    config = _config("--prefill-workers", "1", "--scheduling-policy", "priority")[0]
+    assert config.scheduling_policy == "priority"
+    launcher = Launcher.__new__(Launcher)  # its engine configs, without starting Ray
+    launcher.config = config
+    assert {launcher.engine_config(r).scheduling_policy for r in ("prefill", "decode")} == {
+        "priority"}
+    args = build_parser().parse_args(["serve", "--model", str(tiny_model_dir),
+                                      "--scheduling-policy", "priority"])
+    assert EngineConfig(**_engine_kwargs(args)).scheduling_policy == "priority"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--scheduling-policy", "lifo"])
+    with pytest.raises(ConfigError, match="scheduling_policy"):
+        from splitserve.cluster.config import ClusterConfig
+
+        ClusterConfig.local(scheduling_policy="lifo")
+
+
 def test_vllms_tool_choice_switch_and_log_level_name_are_taken() -> None:
     """``--enable-auto-tool-choice`` (vLLM needs it for tool_choice auto; here the parser is
     enough) is taken with a parser and refused without one, as vLLM refuses it;

@@ -193,6 +193,20 @@ static inline __m512i dot4(__m512i acc, __m512i u, __m512i v) {
 #endif
 }
 
+/* f32_to_bf16 (common.h) of 16 lanes, the same integer steps: round to nearest even, NaN
+ * quieted. GCC left store_row's bf16 loop scalar (~10 instructions a value): a quarter of
+ * this kernel's time at 2,048 rows, 4 x 2 tiles, before this. */
+static inline __m256i bf16x16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan));
+}
+
 static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
     return _mm512_dpwssd_epi32(acc, w, x);
@@ -362,9 +376,18 @@ static inline __attribute__((always_inline)) void tile(
     }
     for (int r = 0; r < R; r++)
         for (int b = 0; b < NB; b++) {
+            const int64_t n0 = (b0 + b) * QB, at = (m0 + r) * y_stride + n0;
+            if (n0 + QB <= n_end && ydt == BF16) { /* whole block: f32_to_bf16 on 16 lanes */
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + at), bf16x16(acc[r][b]));
+                continue;
+            }
+            if (n0 + QB <= n_end && ydt == F32) {
+                _mm512_storeu_ps((float *)y + at, acc[r][b]);
+                continue;
+            }
             float out[QB];
             _mm512_storeu_ps(out, acc[r][b]);
-            store_row(y, ydt, y_stride, n_end, m0 + r, (b0 + b) * QB, out);
+            store_row(y, ydt, y_stride, n_end, m0 + r, n0, out);
         }
 }
 

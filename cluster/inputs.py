@@ -23,6 +23,7 @@ from splitserve.roles.models.image import image_hash, load_image
 from splitserve.sampling_params import SamplingParams
 from splitserve.validation import (
     check_n,
+    check_priority,
     check_prompt_length,
     check_token_ids,
     prompt_token_ids,
@@ -75,10 +76,7 @@ class InputPreparer:
         and ``allowed_token_ids`` within the vocabulary), made here."""
         check_n(params.n, self.max_n)
         check_token_ids(params, self.model_config.vocab_size)
-        if params.priority != 0 and self.scheduling_policy != "priority":
-            raise InvalidRequestError(
-                f"priority {params.priority} needs priority scheduling (scheduling_policy "
-                "priority); this cluster serves fcfs", field="priority")
+        check_priority(params.priority, self.scheduling_policy, "this cluster")
 
     def _with_images(self, ids: list[int], data: Any) -> PreparedInput:
         """Check and hash a multimodal prompt's images on the frontend (a malformed image

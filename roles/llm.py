@@ -17,7 +17,7 @@ from splitserve.outputs import (
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
 from splitserve.roles.models import generation_config as gen_config
-from splitserve.sampling_params import PoolingParams, SamplingParams
+from splitserve.sampling_params import PoolingParams, SamplingParams, embedding_request
 
 Messages = list[dict[str, Any]]
 
@@ -152,8 +152,7 @@ def embedding_params(
         if len(pools) != count:
             raise InvalidRequestError(f"got {len(pools)} pooling params for {count} prompts",
                                       field="pooling_params")
-    return [SamplingParams(max_tokens=1, temperature=0.0, pooling=pool,
-                           truncate_prompt_tokens=truncate_prompt_tokens) for pool in pools]
+    return [embedding_request(pool, truncate_prompt_tokens) for pool in pools]
 
 
 def embedding_outputs(outs: Sequence[RequestOutput]) -> list[EmbeddingRequestOutput]:

@@ -397,3 +397,11 @@ def _structured_from_dict(data: dict[str, Any]) -> StructuredOutputsParams:
             field=f"structured_outputs.{unknown[0]}",
         )
     return StructuredOutputsParams(**data)
+
+
+def embedding_request(pooling: PoolingParams | None = None,
+                      truncate_prompt_tokens: int | None = None) -> SamplingParams:
+    """The parameters of an embedding request (``LLM.embed``, ``/v1/embeddings``, gRPC
+    ``Embed``, score / rerank): one greedy token, dropped, after the pooled prompt."""
+    return SamplingParams(max_tokens=1, temperature=0.0, pooling=pooling or PoolingParams(),
+                          truncate_prompt_tokens=truncate_prompt_tokens)

@@ -75,6 +75,15 @@ def check_prompt_length(num_tokens: int, max_model_len: int) -> None:
         )
 
 
+def check_priority(priority: int, scheduling_policy: str, who: str) -> None:
+    """A non-zero ``priority`` needs priority scheduling (as vLLM refuses it under fcfs);
+    ``who``: what refuses it (this engine, this cluster)."""
+    if priority != 0 and scheduling_policy != "priority":
+        raise InvalidRequestError(
+            f"priority {priority} needs priority scheduling (scheduling_policy priority, serve "
+            f"--scheduling-policy priority); {who} serves fcfs", field="priority")
+
+
 def check_n(n: int, max_n: int) -> None:
     """At most ``max_n`` samples per request (each is a sequence the scheduler must run)."""
     if n > max_n:

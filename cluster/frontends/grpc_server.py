@@ -54,7 +54,12 @@ from splitserve.proto.splitserve.v1 import inference_pb2_grpc as pb_grpc
 from splitserve.roles.engine.structured import check_structured
 from splitserve.roles.models import generation_config as gen_config
 from splitserve.roles.models.image import load_image
-from splitserve.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
+from splitserve.sampling_params import (
+    PoolingParams,
+    SamplingParams,
+    StructuredOutputsParams,
+    embedding_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -329,13 +334,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 check_client_request_id(request.request_id, "request_id")
             self._check_model(request.model)
             inputs = await off_loop(self._embed_inputs, request)
-            params = SamplingParams(
-                max_tokens=1, temperature=0.0,
-                truncate_prompt_tokens=(request.truncate_prompt_tokens
-                                        if request.HasField("truncate_prompt_tokens") else None),
-                pooling=PoolingParams(
+            params = embedding_request(
+                PoolingParams(
                     normalize=request.normalize if request.HasField("normalize") else None,
-                    dimensions=request.dimensions if request.HasField("dimensions") else None))
+                    dimensions=request.dimensions if request.HasField("dimensions") else None),
+                request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens")
+                else None)
             vectors, tokens = await embed_all(self.backend, inputs, params, rid)
         except _NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))

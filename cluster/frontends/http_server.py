@@ -70,7 +70,7 @@ from splitserve.errors import (
 from splitserve.offload import off_loop
 from splitserve.outputs import Logprob, RequestOutput
 from splitserve.roles.models import generation_config as gen_config
-from splitserve.sampling_params import StructuredOutputsParams
+from splitserve.sampling_params import StructuredOutputsParams, embedding_request
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -675,8 +675,7 @@ async def _similarities(front: _Frontend, pairs: list[tuple[str, str]],
                         fields: tuple[str, str]) -> tuple[list[float], int]:
     """Cosine similarity of each pair's embeddings (each distinct text embedded once; the two
     sides at once), and the prompt tokens used. An error names the side at fault."""
-    params = EmbeddingRequest(input="x", truncate_prompt_tokens=truncate_prompt_tokens)\
-        .to_sampling_params()
+    params = embedding_request(truncate_prompt_tokens=truncate_prompt_tokens)
     sides = [list(dict.fromkeys(pair[k] for pair in pairs)) for k in (0, 1)]
     recorder = front.metrics.recorder()
 

@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from splitserve.cluster.frontends import tool_parsers
 from splitserve.errors import InvalidRequestError
-from splitserve.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
+from splitserve.sampling_params import (
+    PoolingParams,
+    SamplingParams,
+    StructuredOutputsParams,
+    embedding_request,
+)
 
 PromptField = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
@@ -515,9 +520,9 @@ class EmbeddingRequest(BaseModel):
     """vLLM extra: the response's ``id``."""
 
     def to_sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=1, temperature=0.0, truncate_prompt_tokens=self.truncate_prompt_tokens,
-            pooling=PoolingParams(normalize=self.normalize, dimensions=self.dimensions))
+        return embedding_request(PoolingParams(normalize=self.normalize,
+                                               dimensions=self.dimensions),
+                                 self.truncate_prompt_tokens)
 
 
 class ScoreRequest(BaseModel):

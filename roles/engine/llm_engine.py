@@ -55,6 +55,7 @@ from splitserve.roles.models.quantize import WeightFormat
 from splitserve.sampling_params import PoolingParams, SamplingParams
 from splitserve.validation import (
     check_n,
+    check_priority,
     check_prompt_length,
     check_token_ids,
     prompt_token_ids,
@@ -225,11 +226,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         check_n(params.n, self.config.max_n)
-        if params.priority != 0 and self.config.scheduling_policy != "priority":
-            raise InvalidRequestError(
-                f"priority {params.priority} needs priority scheduling (scheduling_policy "
-                "priority, serve --scheduling-policy priority); this engine serves fcfs",
-                field="priority")
+        check_priority(params.priority, self.config.scheduling_policy, "this engine")
         check_token_ids(params, self.model_config.vocab_size)
         remote_kv_source, remote_kv_sink = self._transfer_role(kv_transfer_params, params)
         pool = (pooling.resolve(params.pooling, self.pooler, self.model_config.hidden_size)

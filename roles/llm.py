@@ -14,6 +14,7 @@ from splitserve.outputs import (
     EmbeddingRequestOutput,
     RequestOutput,
 )
+from splitserve.roles.engine.async_engine import heap_frozen_while
 from splitserve.roles.engine.config import EngineConfig
 from splitserve.roles.engine.llm_engine import LLMEngine, PromptType
 from splitserve.roles.models import generation_config as gen_config
@@ -130,10 +131,11 @@ class LLM:
     def _collect(self, ids: list[str]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        while self.engine.has_unfinished_requests():
-            for delta in self.engine.step():
-                if delta.request_id in wanted:
-                    _merge(results, delta)
+        with heap_frozen_while():
+            while self.engine.has_unfinished_requests():
+                for delta in self.engine.step():
+                    if delta.request_id in wanted:
+                        _merge(results, delta)
         for delta in self.engine.step():  # outputs produced by the last update
             if delta.request_id in wanted:
                 _merge(results, delta)

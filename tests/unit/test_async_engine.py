@@ -170,3 +170,49 @@ print(json.dumps(out))
     assert out["stats"] == out["stats_again"] >= out["frozen"] > 10_000
     assert out["stats"] - out["frozen"] < 1_000
     assert out["tokens"] == 4
+
+
+def test_llm_freezes_the_heap_only_while_it_steps(tiny_model_dir) -> None:
+    """``LLM.generate`` steps its engine with the heap as it was frozen (``gc.freeze()``: the
+    collector's full passes skip the model's objects) and unfreezes it when done, so a
+    process that builds engine after engine keeps nothing frozen; a heap the process froze
+    itself stays frozen (not undone), and SPLITSERVE_GC_FREEZE=0 freezes nothing. In a child
+    process: the frozen generation is the process's."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, json, os
+from splitserve import LLM, SamplingParams
+llm = LLM(model={str(tiny_model_dir)!r}, num_kv_blocks=64)
+seen = []
+real_step = llm.engine.step
+def step():
+    seen.append(gc.get_freeze_count())
+    return real_step()
+llm.engine.step = step
+p = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+out = {{}}
+out["tokens"] = len(llm.generate([[5, 6, 7]], p)[0].outputs[0].token_ids)
+out["during"], out["after"] = seen[:-1], gc.get_freeze_count()
+seen.clear()
+os.environ["SPLITSERVE_GC_FREEZE"] = "0"
+llm.generate([[5, 6, 7]], p); out["off"] = seen[:-1]
+del os.environ["SPLITSERVE_GC_FREEZE"]
+gc.freeze(); mine = gc.get_freeze_count(); seen.clear()
+llm.generate([[5, 6, 7]], p); out["own"], out["own_after"], out["mine"] = seen[:-1], gc.get_freeze_count(), mine
+print(json.dumps(out))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == 3 and len(out["during"]) >= 3
+    assert all(n > 10_000 for n in out["during"]), out["during"]  # the model's objects
+    assert out["after"] == 0
+    assert out["off"] and all(n == 0 for n in out["off"])
+    # the process's own freeze: left as it was, neither unfrozen nor frozen again (frozen
+    # objects freed by reference counting leave the count: a few)
+    assert out["own"] and all(abs(n - out["mine"]) < 100 for n in out["own"]), out
+    assert abs(out["own_after"] - out["mine"]) < 100, out

@@ -456,6 +456,22 @@ static inline __attribute__((always_inline)) void tile(
 }
 
 #elif QM_LANES == 8
+/* f32_to_bf16 (common.h) of 8 lanes, the same integer steps (as the AVX-512 tile's bf16x16):
+ * GCC left store_row's loop scalar here too. */
+static inline __m128i bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    /* |u| as a signed int32 is never negative: the signed compare is the unsigned one */
+    const __m256i is_nan = _mm256_cmpgt_epi32(
+        _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    const __m256i r = _mm256_blendv_epi8(rounded, nan, is_nan); /* every lane <= 0xffff */
+    /* per 128-bit half: its 4 words twice; quadwords 0 and 2 are the 8 in order */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
     const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,
@@ -544,10 +560,21 @@ static inline __attribute__((always_inline)) void tile(
             }
         }
         for (int r = 0; r < R; r++) {
+            const int64_t n0 = (b0 + b) * QB, at = (m0 + r) * y_stride + n0;
+            if (n0 + QB <= n_end && ydt == BF16) { /* whole block: f32_to_bf16 on 8 lanes */
+                _mm_storeu_si128((__m128i *)((uint16_t *)y + at), bf16x8(acc[r][0]));
+                _mm_storeu_si128((__m128i *)((uint16_t *)y + at + 8), bf16x8(acc[r][1]));
+                continue;
+            }
+            if (n0 + QB <= n_end && ydt == F32) {
+                _mm256_storeu_ps((float *)y + at, acc[r][0]);
+                _mm256_storeu_ps((float *)y + at + 8, acc[r][1]);
+                continue;
+            }
             float out[QB];
             _mm256_storeu_ps(out, acc[r][0]);
             _mm256_storeu_ps(out + 8, acc[r][1]);
-            store_row(y, ydt, y_stride, n_end, m0 + r, (b0 + b) * QB, out);
+            store_row(y, ydt, y_stride, n_end, m0 + r, n0, out);
         }
     }
 }

@@ -327,6 +327,19 @@ def quant_results() -> dict[str, list]:  # type: ignore[type-arg]
     for name, (bits, w) in weights.items():
         out[name] = native.quant_matmul(bits, x, w, 40)[0].tolist()
         out[name + "a8"] = native.quant_matmul(bits | native.ACT8, x, w, 40)[0].tolist()
+        # bfloat16 rows: outputs rounded to bfloat16 by each build's own vector store
+        out[name + "a8_bf16"] = native.quant_matmul(
+            bits | native.ACT8, x.bfloat16(), w, 40)[0].float().tolist()
+    # exact integer outputs in [256, 754] (scales 1, dx 127 / 127): half of them ties of
+    # bfloat16's rounding (round to even), which random outputs almost never are
+    codes = torch.randint(-128, 128, (40, 96), generator=torch.Generator().manual_seed(5),
+                          dtype=torch.int8)
+    codes[:, 0], codes[:, 1] = 2, torch.arange(40, dtype=torch.int8) % 99 + 2
+    xt = torch.zeros(5, 96)
+    xt[:, 0], xt[:, 1] = 127.0, torch.arange(1, 6, dtype=torch.float32)
+    out["ties_bf16"] = native.quant_matmul(
+        8 | native.ACT8, xt.bfloat16(), native.pack_int8_weight(codes, torch.ones(40, 3), 32),
+        40)[0].float().tolist()
     return out
 
 
@@ -368,7 +381,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
     assert out["lanes"] == 8 and native.int4_lanes() in (8, 16), out["lanes"]
     here = quant_results()
-    assert len(here) == 10 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
+    assert len(here) == 16 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

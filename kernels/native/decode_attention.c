@@ -442,6 +442,78 @@ static inline __attribute__((always_inline)) void fp8_words64(const uint8_t *src
 }
 #endif
 
+#ifdef FP8_VBMI
+/* A decode step's fp8 values on VBMI, without putting the words back in order: per row, the
+ * two table lookups, then unpacklo / unpackhi of the low and high bytes give the bfloat16
+ * words of elements 16k + 0..7 (wa) and 16k + 8..15 (wb) in 128-bit lane k, and each word
+ * widens to float32 in place, the low words of the dwords by a shift and the high ones by a
+ * mask: 4 shuffles a row instead of widen_fp8's 6 and loadn's 4 more (shuffles, 2 a cycle
+ * here, were what bounded the value pass: 9.5 instead of ~14 cycles a row for 3 heads, one
+ * core of a Zen 5, hot in L1). Accumulator vector v (of 4 per 64 elements) lane d then holds
+ * element fp8_perm_elem(v, d): the item's sums stay in that order until fp8_unpermute puts
+ * them back, once. Each element's sum is accumulate_rows_group's: the same products, in row
+ * order, multiplied then added, so the same bits. */
+static inline int fp8_perm_elem(int v, int d) {
+    return 16 * (d / 4) + 8 * (v / 2) + 2 * (d % 4) + (v % 2);
+}
+
+/* The rows fit: whole 64-element chunks, the G heads' sums all in registers. */
+static inline int fp8_perm_fits(int64_t D, int64_t group) {
+    return D % 64 == 0 && group >= 1 && group <= 4 && group * (D / 16) <= ACC_VECS;
+}
+
+static inline __attribute__((always_inline)) void accumulate_fp8_perm_group(
+    float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
+    int64_t stride, int64_t count, const int t, const int64_t D, const int G)
+{
+    const int64_t C = D / 16;
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u), sign = _mm512_set1_epi8((char)0x80);
+    vn a[ACC_VECS];
+    for (int64_t i = 0; i < G * C; i++) memcpy(&a[i], acc + (i / C) * D + (i % C) * 16, sizeof a[0]);
+    for (int64_t j = 0; j < count; j++) {
+        vn r[ACC_VECS];
+        for (int64_t d = 0; d < D; d += 64) {
+            const __m512i x = _mm512_loadu_si512(v + j * stride + d);
+            const __m512i lo = _mm512_permutex2var_epi8(fp8_lo[t][0], x, fp8_lo[t][1]);
+            const __m512i hi = _mm512_or_si512(
+                _mm512_permutex2var_epi8(fp8_hi[t][0], x, fp8_hi[t][1]), _mm512_and_si512(x, sign));
+            const __m512i wa = _mm512_unpacklo_epi8(lo, hi), wb = _mm512_unpackhi_epi8(lo, hi);
+            const __m512i f[4] = {_mm512_slli_epi32(wa, 16), _mm512_and_si512(wa, high),
+                                  _mm512_slli_epi32(wb, 16), _mm512_and_si512(wb, high)};
+            for (int h = 0; h < 4; h++) memcpy(&r[d / 16 + h], &f[h], sizeof r[0]);
+        }
+        for (int g = 0; g < G; g++) {
+            const float pj = p[g * p_stride + j];
+            for (int64_t c = 0; c < C; c++) a[g * C + c] += pj * r[c];
+        }
+    }
+    for (int64_t i = 0; i < G * C; i++) memcpy(acc + (i / C) * D + (i % C) * 16, &a[i], sizeof a[0]);
+}
+
+/* accumulate_fp8_perm_group with G a constant (fp8_perm_fits(D, G) holds). */
+static inline __attribute__((always_inline)) void accumulate_fp8_perm(
+    float *restrict acc, const float *restrict p, int64_t p_stride, const char *v,
+    int64_t stride, int64_t count, const int t, const int64_t D, int64_t group)
+{
+    switch (group) {
+    case 1: accumulate_fp8_perm_group(acc, p, p_stride, v, stride, count, t, D, 1); break;
+    case 2: accumulate_fp8_perm_group(acc, p, p_stride, v, stride, count, t, D, 2); break;
+    case 3: accumulate_fp8_perm_group(acc, p, p_stride, v, stride, count, t, D, 3); break;
+    default: accumulate_fp8_perm_group(acc, p, p_stride, v, stride, count, t, D, 4); break;
+    }
+}
+
+/* nq heads' sums (D apart) from accumulate_fp8_perm's order back to element order. */
+static void fp8_unpermute(float *acc, int64_t nq, int64_t D) {
+    for (int64_t i = 0; i < nq * D; i += 64) {
+        float tmp[64];
+        memcpy(tmp, acc + i, sizeof tmp);
+        for (int v = 0; v < 4; v++)
+            for (int d = 0; d < 16; d++) acc[i + fp8_perm_elem(v, d)] = tmp[16 * v + d];
+    }
+}
+#endif
+
 /* Filled when the library loads (fp8_to_f32 of every byte), before any call can read them. */
 __attribute__((constructor)) static void fp8_tables(void) {
     for (int i = 0; i < 256; i++)
@@ -493,10 +565,11 @@ static __attribute__((noinline)) void widen_fp8(const char *rows, int64_t stride
 /* fp8 rows as float32 at out[r * D], exactly (the float32 cache's code then reads them: the
  * same bits as a float32 cache holding these values). Used wherever the rows would otherwise
  * go fp8 -> bfloat16 -> float32: float32 queries, and values (one pass instead of two), but
- * a decode step's values on AVX-512 VBMI: there widen_fp8's words, half the bytes, are read
- * as a bfloat16 cache's values (each widened exactly in registers, so the same products):
- * 30 layers x 64 sequences of ~340 tokens in 22.2-23.2 ms a step against 23.8-25.4 (2-core
- * Zen 5, alternated). A prompt tile reads each block's values once for 16 rows: float32 there. */
+ * a decode step's values on AVX-512 VBMI: there accumulate_fp8_perm widens each row in
+ * registers (where its heads fit, else widen_fp8's words, half the bytes, are read as a
+ * bfloat16 cache's values: 22.2-23.2 ms a step against 23.8-25.4 this way, 30 layers x 64
+ * sequences of ~340 tokens, 2-core Zen 5). A prompt tile reads each block's values once for
+ * 16 rows: float32 there. */
 static __attribute__((noinline)) void widen_fp8_f32(const char *rows, int64_t stride,
                                                     int64_t count, float *restrict out, int dtype,
                                                     int64_t D) {
@@ -651,6 +724,10 @@ static inline __attribute__((always_inline)) int run_item(
     for (int64_t i = 0; i < nq; i++) softmax(scores + i * n, n, c->soft_cap);
     /* pass 2: the weighted sum of the values, the same way */
     memset(acc, 0, sizeof(float) * (size_t)(nq * D));
+#ifdef FP8_VBMI
+    /* fp8 values by fp8_vbmi's tables: summed in a permuted order, put back at the end */
+    const int vperm = fp8 && fp8_vbmi[c->kv_src == E5M2] && fp8_perm_fits(D, group);
+#endif
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
@@ -662,6 +739,11 @@ static inline __attribute__((always_inline)) int run_item(
             float *const ah = acc + kh * group * D; /* this KV head's query heads */
             const float *const ph = scores + kh * group * n + (lo - start);
 #ifdef FP8_VBMI
+            if (vperm) {
+                accumulate_fp8_perm(ah, ph, n, rows, row_stride, hi - lo, c->kv_src == E5M2, D,
+                                    group);
+                continue;
+            }
             if (fp8 && fp8_vbmi[c->kv_src == E5M2]) { /* as a bfloat16 cache's values */
                 widen_fp8(rows, row_stride, hi - lo, w8, c->kv_src, D);
                 accumulate_heads(ah, ph, n, (const char *)w8, w8_stride, hi - lo, BF16, D, group);
@@ -686,6 +768,9 @@ static inline __attribute__((always_inline)) int run_item(
             }
         }
     }
+#ifdef FP8_VBMI
+    if (vperm) fp8_unpermute(acc, nq, D);
+#endif
     store_heads(o, c->q_dtype, acc, nq, D);
     return 0;
 }

@@ -134,11 +134,13 @@ static inline __attribute__((always_inline)) void quantize_row_t(
 }
 
 #if QM_LANES == 16
-/* quantize_row_t on AVX-512, a group's 32 values in two registers: the same integer max, the
- * same float multiply then add of the 1.5 * 2^23 trick (as separate roundings: the _round
- * forms, which GCC never fuses into an FMA), the same clamps, exact integer sums, so the same
- * codes, scales and sums. GCC's code for quantize_row_t kept each group's reductions and
- * stores scalar: ~4% of the 64-request run. */
+/* quantize_row_t on AVX-512: the same integer max, the same float multiply then add of the
+ * 1.5 * 2^23 trick (as separate roundings: the _round forms, which GCC never fuses into an
+ * FMA), the same clamps, exact integer sums, and the same IEEE divisions and products for the
+ * scales, so the same codes, scales and sums. 16 groups at a time: their maxima first, then
+ * one vector division each for id and dx (two scalar divisions a group were the loop's
+ * longest chain), the codes a group at a time, then sx and sxl as vectors. GCC's code for
+ * quantize_row_t kept each group's reductions and stores scalar: ~4% of the 64-request run. */
 static inline __attribute__((always_inline)) void quantize_row_16(
     const void *x, const int dtype, int64_t K, const int A8, int16_t *restrict qx,
     uint8_t *restrict xhl, float *restrict dx, float *restrict sx, float *restrict sxl)
@@ -146,50 +148,79 @@ static inline __attribute__((always_inline)) void quantize_row_16(
     const int32_t qmax = A8 ? QMAX8 : QMAX;
     const __m512i mag = _mm512_set1_epi32(0x7fffffff), hiq = _mm512_set1_epi32(qmax);
     const __m512i loq = _mm512_set1_epi32(-qmax), bias = _mm512_set1_epi32(0x4b400000);
-    const __m512 magic = _mm512_set1_ps(12582912.0f);
-    for (int64_t g = 0; g < K / QG; g++) {
-        __m512 v[2];
-        if (dtype == BF16) {
-            const __m512i h = _mm512_loadu_si512((const uint16_t *)x + g * QG);
-            v[0] = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-            v[1] = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-        } else {
-            v[0] = _mm512_loadu_ps((const float *)x + g * QG);
-            v[1] = _mm512_loadu_ps((const float *)x + g * QG + 16);
+    const __m512 magic = _mm512_set1_ps(12582912.0f), qmaxf = _mm512_set1_ps((float)qmax);
+    const int64_t G = K / QG;
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+        const int n = G - g0 < 16 ? (int)(G - g0) : 16;
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        __m512 v[16][2];
+        uint32_t tops[16] = {0};
+        for (int i = 0; i < n; i++) {
+            const int64_t g = g0 + i;
+            if (dtype == BF16) {
+                const __m512i h = _mm512_loadu_si512((const uint16_t *)x + g * QG);
+                v[i][0] = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+                v[i][1] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            } else {
+                v[i][0] = _mm512_loadu_ps((const float *)x + g * QG);
+                v[i][1] = _mm512_loadu_ps((const float *)x + g * QG + 16);
+            }
+            tops[i] = _mm512_reduce_max_epu32(
+                _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v[i][0]), mag),
+                                 _mm512_and_si512(_mm512_castps_si512(v[i][1]), mag)));
         }
-        const uint32_t top = _mm512_reduce_max_epu32(
-            _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(v[0]), mag),
-                             _mm512_and_si512(_mm512_castps_si512(v[1]), mag)));
-        const float amax = bits_f32(top);
-        const float id = amax > 0.0f && top < 0x7f800000u ? (float)qmax / amax : 0.0f;
-        const __m512 vid = _mm512_set1_ps(id);
-        __m512i q[2];
-        for (int h = 0; h < 2; h++) {
-            const __m512 m = _mm512_mul_round_ps(v[h], vid,
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m512 r = _mm512_add_round_ps(m, magic,
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q[h] = _mm512_max_epi32(
-                _mm512_min_epi32(_mm512_sub_epi32(_mm512_castps_si512(r), bias), hiq), loq);
-            _mm256_storeu_si256((__m256i *)(qx + g * QG + 16 * h), _mm512_cvtepi32_epi16(q[h]));
-            /* xh: signed high byte, xl: unsigned low byte; 8-bit: xh is the code itself */
-            _mm_storeu_si128((__m128i *)(xhl + 2 * g * QG + 16 * h),
-                             _mm512_cvtepi32_epi8(A8 ? q[h] : _mm512_srai_epi32(q[h], 8)));
-            _mm_storeu_si128((__m128i *)(xhl + 2 * g * QG + QG + 16 * h),
-                             A8 ? _mm_setzero_si128() : _mm512_cvtepi32_epi8(q[h]));
+        /* id = amax > 0 && finite ? qmax / amax : 0, and dx = amax / qmax, per group */
+        const __m512i top = _mm512_loadu_si512(tops);
+        const __m512 amax = _mm512_castsi512_ps(top);
+        const __mmask16 ok = _mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ)
+            & _mm512_cmplt_epu32_mask(top, _mm512_set1_epi32(0x7f800000));
+        const __m512 idv = _mm512_maskz_div_ps(ok, qmaxf, amax);
+        const __m512 dxv = _mm512_div_ps(amax, qmaxf);
+        float ids[16];
+        int32_t sums[16], los[16];
+        _mm512_storeu_ps(ids, idv);
+        for (int i = 0; i < n; i++) {
+            const int64_t g = g0 + i;
+            const __m512 vid = _mm512_set1_ps(ids[i]);
+            __m512i q[2];
+            for (int h = 0; h < 2; h++) {
+                const __m512 m = _mm512_mul_round_ps(v[i][h], vid,
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m512 r = _mm512_add_round_ps(m, magic,
+                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[h] = _mm512_max_epi32(
+                    _mm512_min_epi32(_mm512_sub_epi32(_mm512_castps_si512(r), bias), hiq), loq);
+                _mm256_storeu_si256((__m256i *)(qx + g * QG + 16 * h), _mm512_cvtepi32_epi16(q[h]));
+                /* xh: signed high byte, xl: unsigned low byte; 8-bit: xh is the code itself */
+                _mm_storeu_si128((__m128i *)(xhl + 2 * g * QG + 16 * h),
+                                 _mm512_cvtepi32_epi8(A8 ? q[h] : _mm512_srai_epi32(q[h], 8)));
+                _mm_storeu_si128((__m128i *)(xhl + 2 * g * QG + QG + 16 * h),
+                                 A8 ? _mm_setzero_si128() : _mm512_cvtepi32_epi8(q[h]));
+            }
+            los[i] = _mm512_reduce_add_epi32(q[0]);
+            sums[i] = los[i] + _mm512_reduce_add_epi32(q[1]);
+            if (A8) { /* S and the first half's S: see tile's int8 x 8-bit */
+                memcpy(xhl + 2 * g * QG + QG, &sums[i], sizeof(sums[i]));
+                memcpy(xhl + 2 * g * QG + QG + 4, &los[i], sizeof(los[i]));
+            }
         }
-        const int32_t s_lo = _mm512_reduce_add_epi32(q[0]);
-        const int32_t s = s_lo + _mm512_reduce_add_epi32(q[1]);
-        if (A8) { /* S and the first half's S: see tile's int8 x 8-bit */
-            memcpy(xhl + 2 * g * QG + QG, &s, sizeof(s));
-            memcpy(xhl + 2 * g * QG + QG + 4, &s_lo, sizeof(s_lo));
-        }
-        dx[g] = amax / (float)qmax;
-        sx[g] = dx[g] * (float)s;
-        sxl[2 * g] = dx[g] * (float)s_lo; /* QM_HALF | QM_ZERO: each half's zero term */
-        sxl[2 * g + 1] = dx[g] * (float)(s - s_lo);
+        /* dx, sx = dx S, and per half dx S_lo, dx (S - S_lo) (QM_HALF | QM_ZERO's zero terms) */
+        const __m512i sv = _mm512_maskz_loadu_epi32(live, sums), lv = _mm512_maskz_loadu_epi32(live, los);
+        const __m512 sxv = _mm512_mul_ps(dxv, _mm512_cvtepi32_ps(sv));
+        const __m512 a = _mm512_mul_ps(dxv, _mm512_cvtepi32_ps(lv));
+        const __m512 b = _mm512_mul_ps(dxv, _mm512_cvtepi32_ps(_mm512_sub_epi32(sv, lv)));
+        _mm512_mask_storeu_ps(dx + g0, live, dxv);
+        _mm512_mask_storeu_ps(sx + g0, live, sxv);
+        const __m512 i0 = _mm512_permutex2var_ps(
+            a, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0), b);
+        const __m512 i1 = _mm512_permutex2var_ps(
+            a, _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8), b);
+        const __mmask16 live0 = (__mmask16)(n >= 8 ? 0xffffu : (1u << (2 * n)) - 1);
+        const __mmask16 live1 = (__mmask16)(n <= 8 ? 0u : n == 16 ? 0xffffu : (1u << (2 * (n - 8))) - 1);
+        _mm512_mask_storeu_ps(sxl + 2 * g0, live0, i0);
+        _mm512_mask_storeu_ps(sxl + 2 * g0 + 16, live1, i1);
     }
 }
 #define QUANTIZE_ROW quantize_row_16

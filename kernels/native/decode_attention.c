@@ -44,6 +44,40 @@ static inline void load_row(const void *p, int dtype, int64_t D, float *restrict
 
 /* max / sum of n floats in LANES partial results combined pairwise: a fixed order for a
  * given n, and no serial dependency chain. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* The same on 16 lanes in one register: maxps(a, b) is a > b ? a : b, the scalar select
+ * (NaN and signed zeros included); the tail's values into lane 0 one by one, then the tree
+ * (l, l + 8), (l, l + 4), (l, l + 2), (l, l + 1) by shuffles instead of through memory: a
+ * prompt row's ~128 scores made the scalar tails and trees about half of softmax. */
+static inline float max_lanes(const float *restrict s, int64_t n) {
+    __m512 p = _mm512_set1_ps(s[0]);
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) p = _mm512_max_ps(_mm512_loadu_ps(s + j), p);
+    float p0 = _mm512_cvtss_f32(p);
+    for (; j < n; j++) p0 = s[j] > p0 ? s[j] : p0;
+    p = _mm512_mask_mov_ps(p, 1, _mm512_set1_ps(p0));
+    p = _mm512_max_ps(_mm512_shuffle_f32x4(p, p, 0xee), p); /* lanes 8-15 onto 0-7 */
+    p = _mm512_max_ps(_mm512_shuffle_f32x4(p, p, 0x55), p); /* 4-7 onto 0-3 */
+    p = _mm512_max_ps(_mm512_permute_ps(p, 0xee), p);       /* 2-3 onto 0-1 */
+    p = _mm512_max_ps(_mm512_permute_ps(p, 0x55), p);       /* 1 onto 0 */
+    return _mm512_cvtss_f32(p);
+}
+
+static inline float sum_lanes(const float *restrict s, int64_t n) {
+    __m512 p = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) p = _mm512_add_ps(p, _mm512_loadu_ps(s + j));
+    float p0 = _mm512_cvtss_f32(p);
+    for (; j < n; j++) p0 += s[j];
+    p = _mm512_mask_mov_ps(p, 1, _mm512_set1_ps(p0));
+    p = _mm512_add_ps(p, _mm512_shuffle_f32x4(p, p, 0xee));
+    p = _mm512_add_ps(p, _mm512_shuffle_f32x4(p, p, 0x55));
+    p = _mm512_add_ps(p, _mm512_permute_ps(p, 0xee));
+    p = _mm512_add_ps(p, _mm512_permute_ps(p, 0x55));
+    return _mm512_cvtss_f32(p);
+}
+#else
 static inline float max_lanes(const float *restrict s, int64_t n) {
     float part[LANES];
     for (int l = 0; l < LANES; l++) part[l] = s[0];
@@ -66,6 +100,7 @@ static inline float sum_lanes(const float *restrict s, int64_t n) {
         for (int l = 0; l < w; l++) part[l] += part[l + w];
     return part[0];
 }
+#endif
 
 /* Softmax of n scores in place (after the optional soft cap). */
 static void softmax(float *restrict s, int64_t n, float soft_cap) {

@@ -635,8 +635,7 @@ static inline void store_heads(char *o, int q_dtype, const float *acc, int64_t n
     for (int64_t i = 0; i < nq; i++) {
         const float *a = acc + i * D;
         if (q_dtype == BF16) {
-            uint16_t *h = (uint16_t *)o + i * D;
-            for (int64_t d = 0; d < D; d++) h[d] = f32_to_bf16(a[d]);
+            store_bf16_row((uint16_t *)o + i * D, a, D);
         } else {
             memcpy((float *)o + i * D, a, sizeof(float) * (size_t)D);
         }

@@ -147,7 +147,7 @@ static int rope_token(const struct rope_call *c, int64_t t) {
         rope_row(c, (const char *)c->q + (size_t)(t * c->q_st + h * c->q_sh) * esize, c->q_norm,
                  cs, tmp, row);
         char *o = (char *)c->q_out + (size_t)((t * c->NH + h) * D) * esize;
-        for (int64_t i = 0; i < D; i++) store_elem(o, c->dtype, i, row[i]);
+        store_values(o, c->dtype, row, D);
     }
     const int64_t slot = c->slots[t];
     if (slot < 0) return 0;

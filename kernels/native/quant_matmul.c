@@ -288,20 +288,6 @@ static inline __m512i dot4(__m512i acc, __m512i u, __m512i v) {
 #endif
 }
 
-/* f32_to_bf16 (common.h) of 16 lanes, the same integer steps: round to nearest even, NaN
- * quieted. GCC left store_row's bf16 loop scalar (~10 instructions a value): a quarter of
- * this kernel's time at 2,048 rows, 4 x 2 tiles, before this. */
-static inline __m256i bf16x16(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(
-        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, nan));
-}
-
 static inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
     return _mm512_dpwssd_epi32(acc, w, x);
@@ -487,22 +473,6 @@ static inline __attribute__((always_inline)) void tile(
 }
 
 #elif QM_LANES == 8
-/* f32_to_bf16 (common.h) of 8 lanes, the same integer steps (as the AVX-512 tile's bf16x16):
- * GCC left store_row's loop scalar here too. */
-static inline __m128i bf16x8(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(
-        _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    /* |u| as a signed int32 is never negative: the signed compare is the unsigned one */
-    const __m256i is_nan = _mm256_cmpgt_epi32(
-        _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
-    const __m256i r = _mm256_blendv_epi8(rounded, nan, is_nan); /* every lane <= 0xffff */
-    /* per 128-bit half: its 4 words twice; quadwords 0 and 2 are the 8 in order */
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
-}
-
 /* The same over the two 8-row halves of each block. */
 static inline __attribute__((always_inline)) void tile(
     const int BITS, const int A8, const int EXT, const int16_t *qx, const uint8_t *xhl, const float *dx, const float *sx, const float *sxl, int64_t K,

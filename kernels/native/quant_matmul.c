@@ -688,7 +688,7 @@ typedef void (*rows_blocks_fn)(const int16_t *, const uint8_t *, const float *, 
                                const float *, int64_t, const uint8_t *, void *, int, int64_t,
                                int64_t, int64_t, int64_t, int64_t, int64_t);
 
-#define ROW_CHUNK 32 /* rows of x per work item */
+#define ROW_CHUNK 64 /* rows of x per work item */
 
 enum { PRO_NONE = 0, PRO_RMS_NORM = 1, PRO_SILU_MUL = 2, PRO_GELU_TANH_MUL = 3 };
 

@@ -435,6 +435,15 @@ static inline void prefetch_part(const char *p, int64_t bytes, int64_t part, int
         __builtin_prefetch(p + off, 0, 2);
 }
 
+/* prefetch_part with the part's byte range [lo, hi) worked out once per work item (two
+ * 64-bit divisions a call, three calls a block and KV head, were ~2.5% of the decode pass). */
+static inline void prefetch_range(const char *p, int64_t lo, int64_t hi) {
+    if (p == NULL) return;
+    for (int64_t off = lo; off < hi; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
+
+#define PF_PARTS 16 /* KV heads per item whose ranges run_item keeps (more: computed each time) */
+
 /* One KV head's bfloat16 rows [0, count) of a block (`stride` bytes apart) as float32 at
  * out[r * D]: exact, so using the converted rows gives the bits of using the bfloat16 ones.
  * A GQA group's query heads then share one conversion (a block of one head stays in L1)
@@ -716,6 +725,11 @@ static inline __attribute__((always_inline)) int run_item(
     /* bytes of a block's rows of this item's heads (one run when the item has every head) */
     const int64_t span = (bs - 1) * row_stride
         + ((per_item - 1) * c->stride_head + D) * (int64_t)kv_esize;
+    int64_t pf_lo[PF_PARTS], pf_hi[PF_PARTS]; /* prefetch_part's range of each KV head */
+    for (int64_t kh = 0; kh < per_item && kh < PF_PARTS; kh++) {
+        pf_lo[kh] = span * kh / per_item / 64 * 64;
+        pf_hi[kh] = span * (kh + 1) / per_item;
+    }
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
@@ -728,9 +742,11 @@ static inline __attribute__((always_inline)) int run_item(
             ? kv_row(c, c->key_cache, table[t0 / bs + 2], 0, h0, kv_esize) : NULL;
         const char *vnext = kv_row(c, c->value_cache, table[t0 / bs], 0, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            prefetch_part(next, span, kh, per_item); /* NULL past the first block */
-            prefetch_part(next2, span, kh, per_item);
-            prefetch_part(vnext, span, kh, per_item);
+            const int64_t plo = kh < PF_PARTS ? pf_lo[kh] : span * kh / per_item / 64 * 64;
+            const int64_t phi = kh < PF_PARTS ? pf_hi[kh] : span * (kh + 1) / per_item;
+            prefetch_range(next, plo, phi); /* NULL past the first block */
+            prefetch_range(next2, plo, phi);
+            prefetch_range(vnext, plo, phi);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
             int64_t rs = row_stride;
             if (f8keys) {
@@ -767,7 +783,8 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         const char *next = next_block(c, c->value_cache, table, t0, ctx, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            prefetch_part(next, span, kh, per_item);
+            if (kh < PF_PARTS) prefetch_range(next, pf_lo[kh], pf_hi[kh]);
+            else prefetch_part(next, span, kh, per_item);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
             int64_t rs = row_stride;
             float *const ah = acc + kh * group * D; /* this KV head's query heads */

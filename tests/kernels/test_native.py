@@ -340,6 +340,14 @@ def quant_results() -> dict[str, list]:  # type: ignore[type-arg]
     out["ties_bf16"] = native.quant_matmul(
         8 | native.ACT8, xt.bfloat16(), native.pack_int8_weight(codes, torch.ones(40, 3), 32),
         40)[0].float().tolist()
+    # 18 groups a row: AVX-512 quantizes rows 16 groups at a time, so a second, partial batch
+    g18 = torch.Generator().manual_seed(9)
+    x18 = torch.randn(3, 576, generator=g18) * torch.rand(1, 576, generator=g18) * 4
+    w18 = native.pack_int4_weight(
+        torch.randint(0, 16, (24, 576), generator=g18, dtype=torch.uint8),
+        torch.rand(24, 18, generator=g18) * 0.01, torch.randn(24, 18, generator=g18) * 0.05, 32)
+    out["int4_k576"] = native.quant_matmul(4, x18, w18, 24)[0].tolist()
+    out["int4_k576a8"] = native.quant_matmul(4 | native.ACT8, x18.bfloat16(), w18, 24)[0].float().tolist()
     return out
 
 
@@ -381,7 +389,7 @@ def test_the_avx2_build_agrees_with_the_reference_too(tmp_path: Path) -> None:
     # the quantized matmuls' exact integer sums and per-group FMAs: the same bits too
     assert out["lanes"] == 8 and native.int4_lanes() in (8, 16), out["lanes"]
     here = quant_results()
-    assert len(here) == 16 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
+    assert len(here) == 18 and here == out["quant"], [k for k in here if here[k] != out["quant"][k]]
     assert not _zmm(out["path"])  # AVX2 code: no 512-bit registers
     if "avx512f" in cpu_flags():  # and this machine's own build does use them
         assert _zmm(native.status().reason.split()[1])

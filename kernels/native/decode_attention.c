@@ -423,26 +423,31 @@ static inline __attribute__((always_inline)) void accumulate_heads(
             accumulate_rows(acc + g * D, p + g * p_stride, v, stride, count, dtype, D);
 }
 
-/* Ask for part `part` of `parts` of the next block's rows of this item (`bytes` from p) while
- * the current block is computed: blocks sit at random places in the pool, beyond what the
- * hardware prefetchers guess. Into L2 (prefetcht1), and one KV head's share at a time: a
+/* Ask for bytes [lo, hi) from p, one KV head's part of the next block's rows of this item
+ * (part_bounds), while the current block is computed: blocks sit at random places in the
+ * pool, beyond what the hardware prefetchers guess. Into L2 (prefetcht1), and one KV head's share at a time: a
  * whole block asked for into L1 at once (96 lines for 3 heads x 64) stalled on the full miss
  * queue, and decode attention over a 30-layer pool ran at ~9 GB/s; this way at ~16 GB/s
  * (2.1 -> 1.2 ms a layer at 64 sequences of ~400 tokens; the bits do not change). */
-static inline void prefetch_part(const char *p, int64_t bytes, int64_t part, int64_t parts) {
-    if (p == NULL) return;
-    for (int64_t off = bytes * part / parts / 64 * 64; off < bytes * (part + 1) / parts; off += 64)
-        __builtin_prefetch(p + off, 0, 2);
-}
-
-/* prefetch_part with the part's byte range [lo, hi) worked out once per work item (two
- * 64-bit divisions a call, three calls a block and KV head, were ~2.5% of the decode pass). */
 static inline void prefetch_range(const char *p, int64_t lo, int64_t hi) {
     if (p == NULL) return;
     for (int64_t off = lo; off < hi; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
-#define PF_PARTS 16 /* KV heads per item whose ranges run_item keeps (more: computed each time) */
+/* Bytes [lo, hi) of part `part` of `parts` of a block's `bytes` (lo down to a cache line).
+ * run_item works them out once per work item for its first PF_PARTS KV heads (two 64-bit
+ * divisions a call, three calls a block and KV head, were ~2.5% of the decode pass; lo_of /
+ * hi_of: those, or NULL to compute). */
+#define PF_PARTS 16
+static inline void part_bounds(int64_t bytes, int64_t part, int64_t parts, const int64_t *lo_of,
+                               const int64_t *hi_of, int64_t *lo, int64_t *hi) {
+    if (part < PF_PARTS && lo_of != NULL) {
+        *lo = lo_of[part], *hi = hi_of[part];
+        return;
+    }
+    *lo = bytes * part / parts / 64 * 64;
+    *hi = bytes * (part + 1) / parts;
+}
 
 /* One KV head's bfloat16 rows [0, count) of a block (`stride` bytes apart) as float32 at
  * out[r * D]: exact, so using the converted rows gives the bits of using the bfloat16 ones.
@@ -725,11 +730,9 @@ static inline __attribute__((always_inline)) int run_item(
     /* bytes of a block's rows of this item's heads (one run when the item has every head) */
     const int64_t span = (bs - 1) * row_stride
         + ((per_item - 1) * c->stride_head + D) * (int64_t)kv_esize;
-    int64_t pf_lo[PF_PARTS], pf_hi[PF_PARTS]; /* prefetch_part's range of each KV head */
-    for (int64_t kh = 0; kh < per_item && kh < PF_PARTS; kh++) {
-        pf_lo[kh] = span * kh / per_item / 64 * 64;
-        pf_hi[kh] = span * (kh + 1) / per_item;
-    }
+    int64_t pf_lo[PF_PARTS], pf_hi[PF_PARTS]; /* each KV head's part of a block's span */
+    for (int64_t kh = 0; kh < per_item && kh < PF_PARTS; kh++)
+        part_bounds(span, kh, per_item, NULL, NULL, &pf_lo[kh], &pf_hi[kh]);
     for (int64_t t0 = start - start % bs; t0 < ctx; t0 += bs) {
         const int64_t lo = t0 < start ? start : t0, hi = t0 + bs < ctx ? t0 + bs : ctx;
         const char *blk = kv_row(c, c->key_cache, table[t0 / bs], lo - t0, h0, kv_esize);
@@ -742,8 +745,8 @@ static inline __attribute__((always_inline)) int run_item(
             ? kv_row(c, c->key_cache, table[t0 / bs + 2], 0, h0, kv_esize) : NULL;
         const char *vnext = kv_row(c, c->value_cache, table[t0 / bs], 0, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            const int64_t plo = kh < PF_PARTS ? pf_lo[kh] : span * kh / per_item / 64 * 64;
-            const int64_t phi = kh < PF_PARTS ? pf_hi[kh] : span * (kh + 1) / per_item;
+            int64_t plo, phi;
+            part_bounds(span, kh, per_item, pf_lo, pf_hi, &plo, &phi);
             prefetch_range(next, plo, phi); /* NULL past the first block */
             prefetch_range(next2, plo, phi);
             prefetch_range(vnext, plo, phi);
@@ -783,8 +786,9 @@ static inline __attribute__((always_inline)) int run_item(
         const char *blk = kv_row(c, c->value_cache, table[t0 / bs], lo - t0, h0, kv_esize);
         const char *next = next_block(c, c->value_cache, table, t0, ctx, h0, kv_esize);
         for (int64_t kh = 0; kh < per_item; kh++) {
-            if (kh < PF_PARTS) prefetch_range(next, pf_lo[kh], pf_hi[kh]);
-            else prefetch_part(next, span, kh, per_item);
+            int64_t plo, phi;
+            part_bounds(span, kh, per_item, pf_lo, pf_hi, &plo, &phi);
+            prefetch_range(next, plo, phi);
             const char *rows = blk + (size_t)(kh * c->stride_head) * kv_esize;
             int64_t rs = row_stride;
             float *const ah = acc + kh * group * D; /* this KV head's query heads */

@@ -71,8 +71,8 @@ def heap_frozen_while() -> Iterator[None]:
     during the loop then skip the model's objects and everything else alive before it;
     objects made inside it are collected as usual, and nothing stays frozen afterwards.
     Measured on the 64-request run of ``bench/engine_throughput.py`` (2-core Zen 5): full
-    passes over the unfrozen heap were ~2% of the run's samples (``gc_collect_main``, more
-    in its decode steps). Nothing is done when ``SPLITSERVE_GC_FREEZE=0`` or when the
+    passes over the unfrozen heap were 1.5-2.6% of its profile's samples (``gc_collect_main``;
+    the run ~1% faster frozen, within its noise). Nothing is done when ``SPLITSERVE_GC_FREEZE=0`` or when the
     process already froze objects (``freeze_startup_heap``, or its own ``gc.freeze()``:
     unfreezing would undo that; ``gc.get_freeze_count()`` is O(1) on an empty frozen set)."""
     if not env.SPLITSERVE_GC_FREEZE.get() or _frozen_objects or gc.get_freeze_count():
